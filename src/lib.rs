@@ -1,5 +1,357 @@
 //! livetable: Debezium change streams from Kafka -> a materialised table (sled + a compacted
 //! changelog topic) -> live WebSocket/SSE screens.
+//!
+//! [`start`] brings the service up on the configured address (port 0 picks one, for tests) and
+//! returns a [`Service`]; cancelling its token shuts it down gracefully.
 
 pub mod cdc;
 pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cdc::decode::DecodeSettings;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::table::changelog::Changelog;
+use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter, PendingRow};
+use crate::table::ingest::{new_epoch, Ingest, Readiness, TableUpdate};
+use crate::table::state::Tables;
+use crate::table::store::{Loaded, Store, WriteBatch};
+
+/// Errors that stop the service from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("store in {dir}: {source}")]
+    Store {
+        dir: String,
+        source: table::store::StoreError,
+    },
+    #[error("restore: {0}")]
+    Restore(#[from] table::restore::RestoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("changelog: {0}")]
+    Changelog(#[from] table::changelog::ChangelogError),
+    #[error("ingest: {0}")]
+    Ingest(#[from] table::ingest::IngestError),
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// A running livetable.
+pub struct Service {
+    pub local_addr: SocketAddr,
+    pub tables: Arc<Tables>,
+    pub readiness: Arc<Readiness>,
+    pub updates: broadcast::Sender<Arc<TableUpdate>>,
+    cancel: CancellationToken,
+    server: JoinHandle<()>,
+    pipeline: JoinHandle<Result<(), ServiceError>>,
+    grace: Duration,
+    /// Dropping the service (e.g. a panicking test) stops it.
+    _stop_on_drop: tokio_util::sync::DropGuard,
+}
+
+impl Service {
+    /// Asks the service to stop (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the service stopped (after [`Service::shutdown`] or a fatal error).
+    pub async fn wait(self) -> Result<(), ServiceError> {
+        let result = match self.pipeline.await {
+            Ok(r) => r,
+            Err(e) => Err(ServiceError::Task(e.to_string())),
+        };
+        self.cancel.cancel();
+        if tokio::time::timeout(self.grace, self.server).await.is_err() {
+            tracing::warn!("http server did not stop within the grace period");
+        }
+        result
+    }
+}
+
+/// Starts livetable: HTTP first (health and readiness answer during restore), then the store,
+/// restore if the data directory is empty, the durability task and the ingest thread.
+pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service, ServiceError> {
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    readiness.healthy.store(true, Ordering::Release);
+
+    let store = {
+        let dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
+            .map_err(|source| ServiceError::Store {
+                dir: config.data_dir.display().to_string(),
+                source,
+            })?
+    };
+    let store_err = |source| ServiceError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    };
+    let mut loaded = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.load())
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
+            .map_err(store_err)?
+    };
+    if !loaded.initialized {
+        loaded = restore(&config, &store, &metrics, &cancel).await?;
+    }
+    let tables = Arc::new(Tables::from_loaded(&mut loaded));
+    for info in tables.list() {
+        metrics
+            .table_rows
+            .with_label_values(&[&info.name])
+            .set(info.rows as i64);
+        metrics
+            .table_seq
+            .with_label_values(&[&info.name])
+            .set(info.seq as i64);
+    }
+    readiness.restored.store(true, Ordering::Release);
+
+    let (updates, _) = broadcast::channel(1024);
+    let state = http::AppState {
+        tables: tables.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServiceError::Bind(config.listen, e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| ServiceError::Bind(config.listen, e))?;
+    let server = {
+        let cancel = cancel.clone();
+        let app = http::router(state);
+        tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "http server failed");
+            }
+        })
+    };
+    tracing::info!(%local_addr, "http listening");
+
+    let changelog = Arc::new(Changelog::new(&config)?);
+    let positions = Arc::new(Mutex::new(loaded.positions.clone()));
+    let consumer = cdc::source::subscribe(&config, positions.clone())?;
+    let (checkpoint_tx, checkpoint_rx) = mpsc::channel::<Checkpoint>(64);
+    let checkpointer = Checkpointer {
+        store: store.clone(),
+        tables: tables.clone(),
+        changelog: changelog.clone(),
+        consumer: Some(consumer.clone()),
+        metrics: metrics.clone(),
+    };
+    let replay = replay_outbox(&checkpointer, &loaded).await;
+    let checkpoint_task = tokio::spawn(checkpointer.run(checkpoint_rx));
+    if !replay.rows.is_empty() || !replay.letters.is_empty() {
+        tracing::info!(
+            rows = replay.rows.len(),
+            dead_letters = replay.letters.len(),
+            "re-producing the outbox left by the last run"
+        );
+        let _ = checkpoint_tx.send(replay).await;
+    }
+    {
+        let changelog = changelog.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while let Err(e) = changelog.ensure_dlq().await {
+                tracing::warn!(error = %e, "cannot create the dead-letter topic; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    let next_letter_id = loaded
+        .dead_letters
+        .iter()
+        .map(|(id, _)| id + 1)
+        .max()
+        .unwrap_or(0)
+        .max(now_micros());
+    let ingest = Ingest {
+        consumer,
+        store: store.clone(),
+        tables: tables.clone(),
+        changelog,
+        metrics: metrics.clone(),
+        positions,
+        settings: DecodeSettings {
+            key_columns: config.key_columns.clone(),
+            max_record_bytes: config.max_record_bytes,
+        },
+        max_batch: config.max_batch,
+        max_record_bytes: config.max_record_bytes,
+        checkpoint_tx,
+        updates_tx: updates.clone(),
+        readiness: readiness.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        cancel: cancel.clone(),
+        next_letter_id,
+        topics: config.topics.clone(),
+    };
+    let ingest_thread = std::thread::Builder::new()
+        .name("livetable-ingest".into())
+        .spawn(move || ingest.run())
+        .map_err(|e| ServiceError::Task(e.to_string()))?;
+
+    let pipeline = {
+        let cancel = cancel.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let ingest_result = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
+            let result = match ingest_result {
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(ServiceError::Ingest(e)),
+                _ => Err(ServiceError::Task("the ingest thread panicked".into())),
+            };
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "ingest stopped");
+                readiness.healthy.store(false, Ordering::Release);
+                cancel.cancel();
+            }
+            if let Err(e) = checkpoint_task.await {
+                tracing::error!(error = %e, "durability task failed");
+            }
+            if let Err(e) = tokio::task::spawn_blocking(move || store.flush_blocking()).await {
+                tracing::error!(error = %e, "final flush failed");
+            }
+            tracing::info!("pipeline stopped");
+            result
+        })
+    };
+    let _stop_on_drop = cancel.clone().drop_guard();
+    Ok(Service {
+        local_addr,
+        tables,
+        readiness,
+        updates,
+        cancel,
+        server,
+        pipeline,
+        grace: config.shutdown_grace,
+        _stop_on_drop,
+    })
+}
+
+/// Runs until `cancel` is cancelled or a fatal error.
+pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), ServiceError> {
+    start(config, cancel).await?.wait().await
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Rebuilds an empty data directory from the changelog topics, then marks it initialized.
+async fn restore(
+    config: &Config,
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    cancel: &CancellationToken,
+) -> Result<Loaded, ServiceError> {
+    let started = Instant::now();
+    let (cfg, m, c, s) = (
+        config.clone(),
+        metrics.clone(),
+        cancel.clone(),
+        store.clone(),
+    );
+    let result = tokio::task::spawn_blocking(move || -> Result<Loaded, ServiceError> {
+        s.clear().map_err(|source| ServiceError::Store {
+            dir: cfg.data_dir.display().to_string(),
+            source,
+        })?;
+        let tables = table::restore::read_changelogs(&cfg, &m, Duration::from_secs(600), &|| {
+            c.is_cancelled()
+        })?;
+        let mut rows = 0usize;
+        for (name, t) in &tables {
+            let mut b = WriteBatch::default();
+            for (key, row) in &t.rows {
+                b.put_row(name, key, row);
+            }
+            rows += t.rows.len();
+            b.set_seq(name, t.seq);
+            b.set_epoch(name, &new_epoch());
+            s.apply(b).map_err(|source| ServiceError::Store {
+                dir: cfg.data_dir.display().to_string(),
+                source,
+            })?;
+        }
+        let mut b = WriteBatch::default();
+        b.set_initialized();
+        s.apply(b).map_err(|source| ServiceError::Store {
+            dir: cfg.data_dir.display().to_string(),
+            source,
+        })?;
+        s.flush_blocking().map_err(|source| ServiceError::Store {
+            dir: cfg.data_dir.display().to_string(),
+            source,
+        })?;
+        tracing::info!(tables = tables.len(), rows, "restore finished");
+        s.load().map_err(|source| ServiceError::Store {
+            dir: cfg.data_dir.display().to_string(),
+            source,
+        })
+    })
+    .await
+    .map_err(|e| ServiceError::Task(e.to_string()))?;
+    metrics.restore_seconds.set(started.elapsed().as_secs_f64());
+    result
+}
+
+/// The outbox a previous run left: produce the current value of each key and each dead letter.
+async fn replay_outbox(checkpointer: &Checkpointer, loaded: &Loaded) -> Checkpoint {
+    let mut cp = Checkpoint::default();
+    for (table, key) in &loaded.outbox {
+        let seq = checkpointer.tables.position(table).map_or(0, |(s, _)| s);
+        let delivery = checkpointer.resend_row(table, key).await;
+        cp.rows.push(PendingRow {
+            table: table.clone(),
+            key: key.clone(),
+            seq,
+            delivery,
+        });
+    }
+    for (id, letter) in &loaded.dead_letters {
+        cp.letters.push(PendingLetter {
+            id: *id,
+            letter: letter.clone(),
+            delivery: checkpointer.changelog.send_dead_letter(letter).ok(),
+        });
+    }
+    cp
+}

@@ -3,3 +3,4 @@
 
 pub mod decimal;
 pub mod decode;
+pub mod source;

@@ -1,0 +1,189 @@
+//! Every metric livetable exports, defined once with its help text, in one registry.
+//! Labels come only from small sets: table, topic, partition, op, outcome, reason.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The metrics of one livetable process.
+pub struct Metrics {
+    registry: Registry,
+    pub records_consumed: IntCounterVec,
+    pub changes_applied: IntCounterVec,
+    pub dead_lettered: IntCounter,
+    pub decode_errors: IntCounterVec,
+    pub skipped: IntCounterVec,
+    pub undecodable_decimals: IntCounterVec,
+    pub batch_size: Histogram,
+    pub apply_seconds: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub last_record_unixtime: Gauge,
+    pub changelog_produce_errors: IntCounter,
+    pub changelog_produce_seconds: Histogram,
+    pub commit_errors: IntCounter,
+    pub flush_seconds: Histogram,
+    pub restore_records: IntCounter,
+    pub restore_seconds: Gauge,
+    pub table_rows: IntGaugeVec,
+    pub table_seq: IntGaugeVec,
+    pub store_bytes: IntGauge,
+    pub ready: IntGauge,
+    pub http_requests: IntCounterVec,
+    pub http_seconds: HistogramVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let m = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(m.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    m
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(m.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    m
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let m = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(m.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    m
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0,
+    ]
+}
+
+impl Metrics {
+    /// Creates and registers every metric. Panics only on a programming error (duplicate name),
+    /// which the unit test below catches.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let m = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            r.register(Box::new(m.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            m
+        };
+        let dead_lettered = counter(
+            "livetable_dead_lettered_total",
+            "Records sent to the dead-letter topic.",
+        );
+        let changelog_produce_errors = counter(
+            "livetable_changelog_produce_errors_total",
+            "Changelog or dead-letter records the broker did not acknowledge (retried).",
+        );
+        let commit_errors = counter(
+            "livetable_offset_commit_errors_total",
+            "Failed commits of consumer group offsets (retried with the next checkpoint).",
+        );
+        let restore_records = counter(
+            "livetable_restore_records_total",
+            "Changelog records read while restoring an empty data directory.",
+        );
+        let gauge = |name: &str, help: &str| {
+            let m = Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            r.register(Box::new(m.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            m
+        };
+        let last_record_unixtime = gauge(
+            "livetable_last_record_timestamp_seconds",
+            "Unix time when the last record was consumed.",
+        );
+        let restore_seconds = gauge(
+            "livetable_restore_duration_seconds",
+            "Duration of the last restore from the changelog (0 if none).",
+        );
+        let int_gauge = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            r.register(Box::new(m.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            m
+        };
+        let store_bytes = int_gauge(
+            "livetable_store_size_bytes",
+            "Size of the sled store on disk.",
+        );
+        let ready = int_gauge(
+            "livetable_ready",
+            "1 when restored and caught up with the stream as it was at start-up.",
+        );
+        let m = Metrics {
+            records_consumed: counter_vec(&r, "livetable_records_consumed_total", "Kafka records consumed, by topic and outcome (applied, unchanged, skipped, dead_lettered, duplicate).", &["topic", "outcome"]),
+            changes_applied: counter_vec(&r, "livetable_changes_applied_total", "Row changes applied to a table, by table and op.", &["table", "op"]),
+            decode_errors: counter_vec(&r, "livetable_decode_errors_total", "Records that could not be decoded, by reason.", &["reason"]),
+            skipped: counter_vec(&r, "livetable_records_skipped_total", "Well-formed records that carry no row change, by reason.", &["reason"]),
+            undecodable_decimals: counter_vec(&r, "livetable_undecodable_decimals_total", "Column values that look like base64 decimals without a schema to decode them, by table.", &["table"]),
+            batch_size: histogram(&r, "livetable_apply_batch_records", "Records per applied batch.", vec![1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0]),
+            apply_seconds: histogram(&r, "livetable_apply_seconds", "Time to decode, stage and write one batch to sled.", latency_buckets()),
+            consumer_lag: gauge_vec(&r, "livetable_consumer_lag", "High watermark minus the next offset to apply, by topic and partition.", &["topic", "partition"]),
+            last_record_unixtime,
+            changelog_produce_errors,
+            changelog_produce_seconds: histogram(&r, "livetable_changelog_ack_seconds", "Time from a checkpoint to the broker's acknowledgement of all its changelog records.", latency_buckets()),
+            commit_errors,
+            flush_seconds: histogram(&r, "livetable_store_flush_seconds", "Time of a sled flush that makes a checkpoint durable.", latency_buckets()),
+            restore_records,
+            restore_seconds,
+            table_rows: gauge_vec(&r, "livetable_table_rows", "Rows per table.", &["table"]),
+            table_seq: gauge_vec(&r, "livetable_table_seq", "The change sequence number per table.", &["table"]),
+            store_bytes,
+            ready,
+            http_requests: counter_vec(&r, "livetable_http_requests_total", "HTTP requests by route and status.", &["route", "status"]),
+            http_seconds: {
+                let m = HistogramVec::new(HistogramOpts::new("livetable_http_request_seconds", "HTTP request durations by route.").buckets(latency_buckets()), &["route"])
+                    .unwrap_or_else(|e| panic!("metric http: {e}"));
+                r.register(Box::new(m.clone())).unwrap_or_else(|e| panic!("metric http: {e}"));
+                m
+            },
+            dead_lettered,
+            registry: r,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// The text exposition format of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn registers_and_renders() {
+        let m = super::Metrics::new();
+        m.records_consumed
+            .with_label_values(&["t", "applied"])
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains("livetable_records_consumed_total{outcome=\"applied\",topic=\"t\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes"));
+    }
+}

@@ -1,0 +1,215 @@
+//! Checkpoints: after a batch is applied, make it durable and tell Kafka.
+//!
+//! For each checkpoint, in order: flush sled (the batch and its positions become durable), wait
+//! until the broker acknowledged its changelog and dead-letter records (re-producing the current
+//! value of a key whose record failed), clear those outbox entries, then commit the positions as
+//! the consumer group's offsets. A node that lost its data directory restores from the changelog
+//! and resumes from those offsets, so nothing acknowledged is lost and nothing is skipped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::DeliveryFuture;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::cdc::source::SourceContext;
+use crate::metrics::Metrics;
+use crate::table::changelog::Changelog;
+use crate::table::state::Tables;
+use crate::table::store::{DeadLetter, Store};
+
+/// A changelog record in flight for (table, key) at `seq`.
+pub struct PendingRow {
+    pub table: String,
+    pub key: String,
+    pub seq: u64,
+    pub delivery: Option<DeliveryFuture>,
+}
+
+/// A dead letter in flight.
+pub struct PendingLetter {
+    pub id: u64,
+    pub letter: DeadLetter,
+    pub delivery: Option<DeliveryFuture>,
+}
+
+/// What one applied batch still needs before its offsets can be committed.
+#[derive(Default)]
+pub struct Checkpoint {
+    pub rows: Vec<PendingRow>,
+    pub letters: Vec<PendingLetter>,
+    pub positions: HashMap<(String, i32), i64>,
+}
+
+/// The durability task's dependencies.
+pub struct Checkpointer {
+    pub store: Store,
+    pub tables: Arc<Tables>,
+    pub changelog: Arc<Changelog>,
+    pub consumer: Option<Arc<BaseConsumer<SourceContext>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Checkpointer {
+    /// Runs until the sender side is dropped and every checkpoint is done, then commits synchronously.
+    pub async fn run(self, mut rx: mpsc::Receiver<Checkpoint>) {
+        let mut committed: HashMap<(String, i32), i64> = HashMap::new();
+        while let Some(first) = rx.recv().await {
+            let mut group = vec![first];
+            while group.len() < 64 {
+                match rx.try_recv() {
+                    Ok(cp) => group.push(cp),
+                    Err(_) => break,
+                }
+            }
+            self.flush().await;
+            let started = Instant::now();
+            let mut positions = HashMap::new();
+            for cp in group {
+                self.settle(cp.rows, cp.letters).await;
+                for (tp, next) in cp.positions {
+                    let slot = positions.entry(tp).or_insert(next);
+                    *slot = (*slot).max(next);
+                }
+            }
+            self.metrics
+                .changelog_produce_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.commit(&positions, CommitMode::Async);
+            committed.extend(positions);
+            self.metrics
+                .store_bytes
+                .set(i64::try_from(self.store.size_on_disk()).unwrap_or(i64::MAX));
+        }
+        self.commit(&committed, CommitMode::Sync);
+    }
+
+    async fn flush(&self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match self.store.flush().await {
+                Ok(()) => {
+                    self.metrics
+                        .flush_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sled flush failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Waits for every delivery; re-produces what failed until the broker takes it; clears the outbox.
+    async fn settle(&self, rows: Vec<PendingRow>, letters: Vec<PendingLetter>) {
+        for mut row in rows {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if let Some(d) = row.delivery.take() {
+                    match d.await {
+                        Ok(Ok(_)) => break,
+                        Ok(Err((e, _))) => {
+                            tracing::warn!(table = %row.table, key = %row.key, error = %e, "changelog record not acknowledged; retrying")
+                        }
+                        Err(_) => {
+                            tracing::warn!(table = %row.table, key = %row.key, "changelog delivery cancelled; retrying")
+                        }
+                    }
+                    self.metrics.changelog_produce_errors.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                row.delivery = self.resend_row(&row.table, &row.key).await;
+                if row.delivery.is_none() {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            if let Err(e) = self.store.clear_dirty(&row.table, &row.key, row.seq) {
+                tracing::error!(error = %e, "clearing the outbox failed; the key will be produced again");
+            }
+        }
+        for mut letter in letters {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                if let Some(d) = letter.delivery.take() {
+                    match d.await {
+                        Ok(Ok(_)) => break,
+                        Ok(Err((e, _))) => {
+                            tracing::warn!(error = %e, "dead letter not acknowledged; retrying")
+                        }
+                        Err(_) => tracing::warn!("dead letter delivery cancelled; retrying"),
+                    }
+                    self.metrics.changelog_produce_errors.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                let changelog = self.changelog.clone();
+                let l = letter.letter.clone();
+                letter.delivery =
+                    tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l).ok())
+                        .await
+                        .ok()
+                        .flatten();
+            }
+            if let Err(e) = self.store.clear_dead_letter(letter.id) {
+                tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
+            }
+        }
+    }
+
+    /// Produces the current value of a key (the newest, whatever seq failed).
+    pub async fn resend_row(&self, table: &str, key: &str) -> Option<DeliveryFuture> {
+        let row = self.tables.row(table, key);
+        let seq = self.tables.position(table).map_or(0, |(s, _)| s);
+        let changelog = self.changelog.clone();
+        let (table, key) = (table.to_string(), key.to_string());
+        let sent = tokio::task::spawn_blocking(move || {
+            if let Err(e) = futures::executor::block_on(changelog.ensure_table(&table)) {
+                tracing::warn!(table, error = %e, "cannot create the changelog topic");
+            }
+            changelog.send_row(&table, &key, row.as_ref(), seq, None)
+        })
+        .await;
+        match sent {
+            Ok(Ok(d)) => Some(d),
+            Ok(Err(e)) => {
+                self.metrics.changelog_produce_errors.inc();
+                tracing::warn!(error = %e, "changelog produce failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn commit(&self, positions: &HashMap<(String, i32), i64>, mode: CommitMode) {
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        if positions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in positions {
+            if tpl
+                .add_partition_offset(topic, *partition, Offset::Offset(*next))
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            self.metrics.commit_errors.inc();
+            tracing::warn!(error = %e, "committing group offsets failed; the next checkpoint retries");
+        }
+    }
+}

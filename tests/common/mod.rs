@@ -1,0 +1,237 @@
+//! Shared helpers of the integration tests: the real local broker (started by `dev/broker`),
+//! unique topic names, fixture replay, polling with deadlines. No mocks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+
+/// The broker the tests use: `LIVETABLE_TEST_BROKERS`, default the one `dev/broker start` runs.
+pub fn brokers() -> String {
+    std::env::var("LIVETABLE_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    format!("{prefix}{}x{t}x{n}", std::process::id())
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    [
+        here.join("../shared/fixtures/debezium"),
+        here.join("../../shared/fixtures/debezium"),
+    ]
+    .into_iter()
+    .find(|p| p.is_dir())
+    .expect("shared/fixtures/debezium beside the repository")
+}
+
+/// One record of a fixture file.
+#[derive(Clone, Debug)]
+pub struct FixtureRecord {
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+pub fn load_fixture(name: &str) -> Vec<FixtureRecord> {
+    let text = std::fs::read_to_string(fixtures_dir().join(name)).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let headers = v["headers"]
+                .as_object()
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            FixtureRecord {
+                key: v["key"].as_str().map(String::from),
+                value: v["value"].as_str().map(String::from),
+                headers,
+            }
+        })
+        .collect()
+}
+
+pub fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap()
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let r = admin()
+        .create_topics(
+            [&NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &opts,
+        )
+        .await
+        .unwrap();
+    for x in r {
+        if let Err((t, e)) = x {
+            assert_eq!(
+                e,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "create {t}"
+            );
+        }
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "2")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap()
+}
+
+/// Produces records to `topic` in order and waits for every acknowledgement.
+pub async fn produce(producer: &FutureProducer, topic: &str, records: &[FixtureRecord]) {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut rec: FutureRecord<'_, str, str> =
+            FutureRecord::to(topic).headers(headers).partition(0);
+        if let Some(k) = &r.key {
+            rec = rec.key(k);
+        }
+        if let Some(v) = &r.value {
+            rec = rec.payload(v);
+        }
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((_, back)) => {
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+    for f in pending {
+        f.await.unwrap().unwrap();
+    }
+}
+
+/// A consumed record: key, value, headers (as UTF-8, lossily).
+pub type ReadRecord = (Option<String>, Option<String>, Vec<(String, String)>);
+
+/// Reads a topic from the beginning until `expected` records arrived or the deadline passed.
+pub fn read_topic(topic: &str, expected: usize, deadline: Duration) -> Vec<ReadRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader-"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let until = Instant::now() + deadline;
+    while out.len() < expected && Instant::now() < until {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let s = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| (x.key.to_string(), s(x.value).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((s(m.key()), s(m.payload()), headers));
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn get_json(url: &str) -> (u16, Value) {
+    let resp = reqwest::get(url).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until `GET /api/tables/{table}` reports `seq` and returns the body.
+pub async fn table_at_seq(base: &str, table: &str, seq: u64) -> Value {
+    eventually(
+        &format!("{table} at seq {seq}"),
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = get_json(&format!("{base}/api/tables/{table}")).await;
+            (status == 200 && body["seq"].as_u64() == Some(seq)).then_some(body)
+        },
+    )
+    .await
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+pub fn data_dir(dir: &tempfile::TempDir) -> &Path {
+    dir.path()
+}
+
+/// Logs of the service under test, shown by `cargo test -- --nocapture` (filter: RUST_LOG).
+pub fn init_logs() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
