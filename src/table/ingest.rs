@@ -78,6 +78,8 @@ pub struct Ingest {
 struct LoopState {
     warned_decimals: HashSet<(String, String)>,
     targets: HashMap<(String, i32), i64>,
+    /// Committed group offsets of partitions that have no position in the store.
+    committed: HashMap<(String, i32), i64>,
     last_lag_check: Instant,
 }
 
@@ -87,6 +89,7 @@ impl Ingest {
         let mut st = LoopState {
             warned_decimals: HashSet::new(),
             targets: HashMap::new(),
+            committed: HashMap::new(),
             last_lag_check: Instant::now(),
         };
         let consumer = self.consumer.clone();
@@ -373,9 +376,16 @@ impl Ingest {
         } else {
             HashMap::new()
         };
+        if !self.readiness.caught_up.load(Ordering::Acquire) {
+            self.learn_committed(&assignment, &positions, st);
+        }
         let mut caught_up = true;
         for tp in &assignment {
-            let applied = positions.get(tp).copied().max(fetched.get(tp).copied());
+            let applied = positions
+                .get(tp)
+                .copied()
+                .max(fetched.get(tp).copied())
+                .max(st.committed.get(tp).copied());
             let hi = source::cached_high_watermark(&self.consumer, &tp.0, tp.1);
             if let (Some(hi), Some(applied)) = (hi, applied) {
                 self.metrics
@@ -402,6 +412,37 @@ impl Ingest {
 }
 
 impl Ingest {
+    /// A partition with no position in the store starts at its committed group offset (e.g. after
+    /// a restore): everything before it is already reflected in the state.
+    fn learn_committed(
+        &self,
+        assignment: &std::collections::BTreeSet<(String, i32)>,
+        positions: &HashMap<(String, i32), i64>,
+        st: &mut LoopState,
+    ) {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for (topic, partition) in assignment
+            .iter()
+            .filter(|tp| !positions.contains_key(*tp) && !st.committed.contains_key(*tp))
+        {
+            tpl.add_partition(topic, *partition);
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match self.consumer.committed_offsets(tpl, Duration::from_secs(2)) {
+            Ok(list) => {
+                for e in list.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        st.committed
+                            .insert((e.topic().to_string(), e.partition()), o);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read committed offsets yet"),
+        }
+    }
+
     fn subscription_matches_any(&self) -> bool {
         let Ok(metadata) = self.consumer.fetch_metadata(None, Duration::from_secs(2)) else {
             return true;
