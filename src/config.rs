@@ -93,6 +93,18 @@ pub struct Args {
     /// Log format: `text` or `json` [default: text].
     #[arg(long, env = "LIVETABLE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Changes kept per table in memory so reconnecting clients resume with a patch [default: 10000].
+    #[arg(long, env = "LIVETABLE_REPLAY_BUFFER", value_name = "N")]
+    pub replay_buffer: Option<usize>,
+    /// Most concurrent WebSocket and SSE connections [default: 10000].
+    #[arg(long, env = "LIVETABLE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may stay unable to take its pending patch before it is closed [default: 10].
+    #[arg(long, env = "LIVETABLE_SLOW_CLIENT_SECS", value_name = "SECS")]
+    pub slow_client_secs: Option<u64>,
+    /// Format of WebSocket connections that do not ask for one (`patch` or `rows`) [default: patch].
+    #[arg(long, env = "LIVETABLE_DEFAULT_FORMAT", value_name = "FORMAT")]
+    pub default_format: Option<String>,
     /// Seconds allowed for a graceful shutdown before the process gives up waiting [default: 10].
     #[arg(long, env = "LIVETABLE_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -117,6 +129,10 @@ struct FileConfig {
     log: Option<String>,
     log_format: Option<String>,
     shutdown_grace_secs: Option<u64>,
+    replay_buffer: Option<usize>,
+    max_connections: Option<usize>,
+    slow_client_secs: Option<u64>,
+    default_format: Option<String>,
 }
 
 /// Which Debezium topics to consume.
@@ -195,6 +211,10 @@ pub struct Config {
     pub log: String,
     pub log_json: bool,
     pub shutdown_grace: Duration,
+    pub replay_buffer: usize,
+    pub max_connections: usize,
+    pub slow_client: Duration,
+    pub default_format: crate::fanout::protocol::Format,
 }
 
 impl Config {
@@ -294,6 +314,35 @@ impl Config {
             .shutdown_grace_secs
             .or(file.shutdown_grace_secs)
             .unwrap_or(10);
+        let replay_buffer = args.replay_buffer.or(file.replay_buffer).unwrap_or(10_000);
+        if !(1..=10_000_000).contains(&replay_buffer) {
+            return Err(invalid("replay-buffer", "must be between 1 and 10000000"));
+        }
+        let max_connections = args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(invalid("max-connections", "must be at least 1"));
+        }
+        let slow_client_secs = args
+            .slow_client_secs
+            .or(file.slow_client_secs)
+            .unwrap_or(10);
+        if slow_client_secs == 0 {
+            return Err(invalid("slow-client-secs", "must be at least 1"));
+        }
+        let format_text = args
+            .default_format
+            .or(file.default_format)
+            .unwrap_or_else(|| "patch".into());
+        let default_format =
+            crate::fanout::protocol::Format::parse(&format_text).ok_or_else(|| {
+                invalid(
+                    "default-format",
+                    format!("`{format_text}` is not `patch` or `rows`"),
+                )
+            })?;
         Ok(Config {
             brokers,
             topics,
@@ -309,6 +358,10 @@ impl Config {
             log,
             log_json,
             shutdown_grace: Duration::from_secs(grace),
+            replay_buffer,
+            max_connections,
+            slow_client: Duration::from_secs(slow_client_secs),
+            default_format,
         })
     }
 
@@ -329,6 +382,10 @@ impl Config {
             log: "info".into(),
             log_json: false,
             shutdown_grace: Duration::from_secs(10),
+            replay_buffer: 10_000,
+            max_connections: 10_000,
+            slow_client: Duration::from_secs(10),
+            default_format: crate::fanout::protocol::Format::Patch,
         }
     }
 }

@@ -22,6 +22,9 @@ pub struct AppState {
     pub tables: Arc<Tables>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
+    pub hub: Arc<crate::fanout::hub::Hub>,
+    pub fanout: Arc<crate::fanout::FanoutLimits>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An API error: a status and a message safe to show to clients.
@@ -42,6 +45,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(index))
+        .route("/ws", get(crate::fanout::ws::handler))
+        .route("/sse", get(crate::fanout::sse::handler))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -108,6 +114,26 @@ async fn get_row(
         )
     })?;
     Ok(Json(serde_json::Value::Object(row)))
+}
+
+/// `/`: a WebSocket upgrade here is a `/ws` connection with the default format (clients of the seed
+/// system connect to `ws://host:port/`); a plain GET lists the endpoints.
+async fn index(
+    state: State<AppState>,
+    q: axum::extract::Query<crate::fanout::protocol::SubscribeQuery>,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Response {
+    match ws {
+        Ok(ws) => crate::fanout::ws::handler(state, q, ws).await,
+        Err(_) => Json(json!({
+            "service": "livetable",
+            "endpoints": ["/api/tables", "/api/tables/{table}", "/api/tables/{table}/rows/{key}", "/ws", "/sse", "/healthz", "/readyz", "/metrics"]
+        }))
+        .into_response(),
+    }
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

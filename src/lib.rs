@@ -6,6 +6,7 @@
 
 pub mod cdc;
 pub mod config;
+pub mod fanout;
 pub mod http;
 pub mod metrics;
 pub mod table;
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +25,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::table::changelog::Changelog;
 use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter, PendingRow};
-use crate::table::ingest::{new_epoch, Ingest, Readiness, TableUpdate};
+use crate::table::ingest::{new_epoch, Ingest, Readiness};
 use crate::table::state::Tables;
 use crate::table::store::{Loaded, Store, WriteBatch};
 
@@ -55,7 +56,7 @@ pub struct Service {
     pub local_addr: SocketAddr,
     pub tables: Arc<Tables>,
     pub readiness: Arc<Readiness>,
-    pub updates: broadcast::Sender<Arc<TableUpdate>>,
+    pub hub: Arc<fanout::hub::Hub>,
     cancel: CancellationToken,
     server: JoinHandle<()>,
     pipeline: JoinHandle<Result<(), ServiceError>>,
@@ -128,11 +129,18 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     }
     readiness.restored.store(true, Ordering::Release);
 
-    let (updates, _) = broadcast::channel(1024);
+    let hub = Arc::new(fanout::hub::Hub::new(
+        tables.clone(),
+        config.replay_buffer,
+        4096,
+    ));
     let state = http::AppState {
         tables: tables.clone(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
+        hub: hub.clone(),
+        fanout: Arc::new(fanout::FanoutLimits::from_config(&config)),
+        connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -212,7 +220,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         max_batch: config.max_batch,
         max_record_bytes: config.max_record_bytes,
         checkpoint_tx,
-        updates_tx: updates.clone(),
+        hub: hub.clone(),
         readiness: readiness.clone(),
         runtime: tokio::runtime::Handle::current(),
         cancel: cancel.clone(),
@@ -254,7 +262,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         local_addr,
         tables,
         readiness,
-        updates,
+        hub,
         cancel,
         server,
         pipeline,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::Offset;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cdc::decode::{self, DecodeSettings, Decoded, RawRecord};
@@ -67,7 +67,7 @@ pub struct Ingest {
     pub max_batch: usize,
     pub max_record_bytes: usize,
     pub checkpoint_tx: mpsc::Sender<Checkpoint>,
-    pub updates_tx: broadcast::Sender<Arc<TableUpdate>>,
+    pub hub: Arc<crate::fanout::hub::Hub>,
     pub readiness: Arc<Readiness>,
     pub runtime: tokio::runtime::Handle,
     pub cancel: CancellationToken,
@@ -199,7 +199,7 @@ impl Ingest {
                 epoch: d.epoch.clone(),
                 changes: d.changes.clone(),
             };
-            let _ = self.updates_tx.send(Arc::new(update));
+            self.hub.publish(update);
             self.metrics
                 .table_seq
                 .with_label_values(&[table])

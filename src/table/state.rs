@@ -39,6 +39,11 @@ pub struct AppliedChange {
     pub ts_ms: Option<i64>,
     /// For a truncate: the keys it removed.
     pub truncated: Vec<String>,
+    /// The RFC 7386 patch of this row: the whole row when new, only the changed columns when
+    /// updated, `null` when deleted. Computed once, shared by every client.
+    pub patch: serde_json::Value,
+    /// For a delete: the row as it was (clients of `format=rows` get its columns back).
+    pub before: Option<Row>,
 }
 
 /// All tables in memory.
@@ -218,12 +223,17 @@ impl Staged {
                 row: None,
                 ts_ms: change.ts_ms,
                 truncated: visible,
+                patch: serde_json::Value::Null,
+                before: None,
             });
             return delta.changes.last();
         }
-        if current(delta, &change.key) == change.row {
+        let before = current(delta, &change.key);
+        if before == change.row {
             return None;
         }
+        let patch = crate::fanout::patch::row_diff(before.as_ref(), change.row.as_ref());
+        let before = if change.row.is_none() { before } else { None };
         delta.seq += 1;
         delta
             .rows
@@ -235,6 +245,8 @@ impl Staged {
             row: change.row,
             ts_ms: change.ts_ms,
             truncated: Vec::new(),
+            patch,
+            before,
         });
         delta.changes.last()
     }

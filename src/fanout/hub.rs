@@ -1,0 +1,336 @@
+//! The hub: publishes applied changes to live subscribers and keeps a bounded replay buffer per
+//! table for resumes. A [`Subscription`] turns the stream of changes into what one client gets:
+//! a snapshot, then merge patches; while the client is slow, changes compose into one pending
+//! patch (memory bounded by the rows it subscribes to), sent with the newest seq when it drains.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use tokio::sync::broadcast;
+
+use crate::fanout::patch::{client_row, compose};
+use crate::fanout::protocol::{Format, Outgoing};
+use crate::table::ingest::TableUpdate;
+use crate::table::state::Tables;
+
+/// Why a subscription cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("unknown table `{0}`")]
+    UnknownTable(String),
+}
+
+struct ReplayBuffer {
+    epoch: String,
+    changes: usize,
+    updates: VecDeque<Arc<TableUpdate>>,
+}
+
+/// Fan-out of applied changes.
+pub struct Hub {
+    tables: Arc<Tables>,
+    tx: broadcast::Sender<Arc<TableUpdate>>,
+    replay: Mutex<HashMap<String, ReplayBuffer>>,
+    replay_capacity: usize,
+}
+
+/// How a subscription started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Snapshot,
+    ResumeHit,
+    ResumeMiss,
+}
+
+impl Hub {
+    /// `replay_capacity`: changes kept per table for resumes; `channel`: updates buffered for
+    /// subscribers before a slow one must re-snapshot.
+    pub fn new(tables: Arc<Tables>, replay_capacity: usize, channel: usize) -> Self {
+        let (tx, _) = broadcast::channel(channel.max(16));
+        Hub {
+            tables,
+            tx,
+            replay: Mutex::new(HashMap::new()),
+            replay_capacity,
+        }
+    }
+
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
+    }
+
+    /// Publishes a batch's changes of one table (after the tables show them).
+    pub fn publish(&self, update: TableUpdate) {
+        let update = Arc::new(update);
+        {
+            let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            let buf = replay
+                .entry(update.table.clone())
+                .or_insert_with(|| ReplayBuffer {
+                    epoch: update.epoch.clone(),
+                    changes: 0,
+                    updates: VecDeque::new(),
+                });
+            if buf.epoch != update.epoch {
+                buf.epoch = update.epoch.clone();
+                buf.updates.clear();
+                buf.changes = 0;
+            }
+            buf.changes += update.changes.len();
+            buf.updates.push_back(update.clone());
+            while buf.changes > self.replay_capacity && buf.updates.len() > 1 {
+                if let Some(old) = buf.updates.pop_front() {
+                    buf.changes -= old.changes.len();
+                }
+            }
+        }
+        let _ = self.tx.send(update);
+    }
+
+    /// A receiver of every update from now on.
+    pub fn updates(&self) -> broadcast::Receiver<Arc<TableUpdate>> {
+        self.tx.subscribe()
+    }
+
+    /// Starts a subscription: a resume from `since` when the replay buffer still covers it, else
+    /// a snapshot. Call [`Hub::updates`] BEFORE this, so no change falls between the two.
+    pub fn subscribe(
+        &self,
+        table: &str,
+        keys: Option<HashSet<String>>,
+        since: Option<(String, u64)>,
+        format: Format,
+    ) -> Result<(Subscription, Vec<Outgoing>, Start), SubscribeError> {
+        let t = self
+            .tables
+            .get(table)
+            .ok_or_else(|| SubscribeError::UnknownTable(table.to_string()))?;
+        let mut sub = Subscription {
+            table: table.to_string(),
+            keys,
+            epoch: String::new(),
+            seq: 0,
+            format,
+            pending: Pending::default(),
+        };
+        if let Some((epoch, since_seq)) = &since {
+            if let Some(out) = self.resume(&mut sub, epoch, *since_seq) {
+                return Ok((sub, out, Start::ResumeHit));
+            }
+        }
+        let t = t.read().unwrap_or_else(|e| e.into_inner());
+        sub.epoch = t.epoch.clone();
+        sub.seq = t.seq;
+        let rows: Map<String, Value> = t
+            .rows
+            .iter()
+            .filter(|(k, _)| sub.wants(k))
+            .map(|(k, r)| {
+                (
+                    k.clone(),
+                    if format == Format::Rows {
+                        Value::Object(r.clone())
+                    } else {
+                        client_row(r)
+                    },
+                )
+            })
+            .collect();
+        let out = match format {
+            Format::Patch => vec![Outgoing::Snapshot {
+                table: sub.table.clone(),
+                epoch: sub.epoch.clone(),
+                seq: sub.seq,
+                rows,
+            }],
+            Format::Rows => rows.into_values().map(Outgoing::Row).collect(),
+        };
+        let start = if since.is_some() {
+            Start::ResumeMiss
+        } else {
+            Start::Snapshot
+        };
+        Ok((sub, out, start))
+    }
+
+    /// Replays `since_seq`+1.. from the buffer into `sub` if the buffer still holds all of it.
+    fn resume(&self, sub: &mut Subscription, epoch: &str, since_seq: u64) -> Option<Vec<Outgoing>> {
+        let replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let (current_seq, current_epoch) = {
+            let t = self.tables.get(&sub.table)?;
+            let t = t.read().unwrap_or_else(|e| e.into_inner());
+            (t.seq, t.epoch.clone())
+        };
+        if current_epoch != epoch || since_seq > current_seq {
+            return None;
+        }
+        sub.epoch = current_epoch;
+        sub.seq = since_seq;
+        let buf = replay.get(&sub.table);
+        let oldest = buf
+            .and_then(|b| b.updates.front())
+            .and_then(|u| u.changes.first())
+            .map(|c| c.seq);
+        let newest = buf
+            .and_then(|b| b.updates.back())
+            .and_then(|u| u.changes.last())
+            .map(|c| c.seq)
+            .unwrap_or(0);
+        match oldest {
+            Some(oldest) if since_seq + 1 >= oldest => {}
+            // nothing changed since then and nothing buffered (e.g. after a restart): in sync
+            _ if since_seq == current_seq && newest <= since_seq => {}
+            _ => return None,
+        }
+        if let Some(buf) = buf {
+            if buf.epoch != sub.epoch {
+                return None;
+            }
+            for u in &buf.updates {
+                sub.absorb(u);
+            }
+        }
+        let mut out = sub.take();
+        if out.is_empty() && sub.format == Format::Patch {
+            // confirm the resume: an empty patch at the client's seq
+            out.push(Outgoing::Patch {
+                table: sub.table.clone(),
+                epoch: sub.epoch.clone(),
+                seq: sub.seq,
+                ts_ms: None,
+                patch: Map::new(),
+            });
+        }
+        Some(out)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Composed patch per key (format=patch) or newest full row per key (format=rows).
+    rows: Map<String, Value>,
+    seq: u64,
+    ts_ms: Option<i64>,
+}
+
+/// One client's subscription to one table.
+#[derive(Debug)]
+pub struct Subscription {
+    pub table: String,
+    pub keys: Option<HashSet<String>>,
+    pub epoch: String,
+    /// Every change up to this seq has been absorbed.
+    pub seq: u64,
+    pub format: Format,
+    pending: Pending,
+}
+
+/// What absorbing an update found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Absorbed {
+    Ok,
+    /// The table's epoch changed under the subscription: re-snapshot.
+    EpochChanged,
+}
+
+impl Subscription {
+    fn wants(&self, key: &str) -> bool {
+        self.keys.as_ref().is_none_or(|k| k.contains(key))
+    }
+
+    /// Composes the changes of `update` newer than the subscription into its pending output.
+    pub fn absorb(&mut self, update: &TableUpdate) -> Absorbed {
+        if update.table != self.table {
+            return Absorbed::Ok;
+        }
+        if update.epoch != self.epoch {
+            return Absorbed::EpochChanged;
+        }
+        for c in &update.changes {
+            if c.seq <= self.seq {
+                continue;
+            }
+            self.seq = c.seq;
+            let touched: Vec<(&String, Value)> = if c.truncated.is_empty() {
+                if !self.wants(&c.key) {
+                    continue;
+                }
+                let v = match self.format {
+                    Format::Patch => c.patch.clone(),
+                    Format::Rows => match (&c.row, &c.before) {
+                        (Some(r), _) => Value::Object(r.clone()),
+                        (None, before) => deleted_row(&c.key, before.as_ref()),
+                    },
+                };
+                vec![(&c.key, v)]
+            } else {
+                c.truncated
+                    .iter()
+                    .filter(|k| self.wants(k))
+                    .map(|k| {
+                        (
+                            k,
+                            if self.format == Format::Rows {
+                                deleted_row(k, None)
+                            } else {
+                                Value::Null
+                            },
+                        )
+                    })
+                    .collect()
+            };
+            if touched.is_empty() {
+                continue;
+            }
+            for (key, v) in touched {
+                match (self.format, self.pending.rows.get_mut(key)) {
+                    (Format::Patch, Some(existing)) => compose(existing, &v),
+                    _ => {
+                        self.pending.rows.insert(key.clone(), v);
+                    }
+                }
+            }
+            self.pending.seq = c.seq;
+            self.pending.ts_ms = c.ts_ms.or(self.pending.ts_ms);
+        }
+        Absorbed::Ok
+    }
+
+    /// Whether output is waiting.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.rows.is_empty()
+    }
+
+    /// Takes the pending output: one composed patch, or one message per changed row.
+    pub fn take(&mut self) -> Vec<Outgoing> {
+        if self.pending.rows.is_empty() {
+            return Vec::new();
+        }
+        let p = std::mem::take(&mut self.pending);
+        match self.format {
+            Format::Patch => vec![Outgoing::Patch {
+                table: self.table.clone(),
+                epoch: self.epoch.clone(),
+                seq: p.seq,
+                ts_ms: p.ts_ms,
+                patch: p.rows,
+            }],
+            Format::Rows => p.rows.into_values().map(Outgoing::Row).collect(),
+        }
+    }
+
+    /// Number of composed rows waiting (for the conflation metric).
+    pub fn pending_rows(&self) -> usize {
+        self.pending.rows.len()
+    }
+}
+
+fn deleted_row(key: &str, before: Option<&Map<String, Value>>) -> Value {
+    let mut row = before.cloned().unwrap_or_default();
+    if row.is_empty() {
+        row.insert("__key".into(), Value::String(key.to_string()));
+    }
+    row.insert("__deleted".into(), Value::Bool(true));
+    Value::Object(row)
+}

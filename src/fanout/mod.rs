@@ -1,0 +1,103 @@
+//! Live fan-out: merge patches (`patch`), the hub with its bounded replay buffer and per-client
+//! conflation (`hub`), the wire protocol (`protocol`), WebSocket (`ws`) and SSE (`sse`) endpoints.
+
+pub mod hub;
+pub mod patch;
+pub mod protocol;
+pub mod sse;
+pub mod ws;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use protocol::{Format, Outgoing};
+
+/// Limits that protect the server from clients.
+#[derive(Debug, Clone)]
+pub struct FanoutLimits {
+    pub max_connections: usize,
+    pub slow_client: Duration,
+    pub default_format: Format,
+    pub max_subscriptions: usize,
+    pub max_message_bytes: usize,
+    /// Client messages per second allowed (burst: twice that).
+    pub messages_per_sec: f64,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl FanoutLimits {
+    pub fn from_config(c: &Config) -> Self {
+        FanoutLimits {
+            max_connections: c.max_connections,
+            slow_client: c.slow_client,
+            default_format: c.default_format,
+            max_subscriptions: 64,
+            max_message_bytes: 64 * 1024,
+            messages_per_sec: 50.0,
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts a connection against the global cap for as long as it lives.
+pub struct ConnectionSlot {
+    count: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnectionSlot {
+    /// Takes a slot, or `None` when the cap is reached.
+    pub fn acquire(count: &Arc<AtomicUsize>, max: usize, metrics: &Arc<Metrics>) -> Option<Self> {
+        let prev = count.fetch_add(1, Ordering::AcqRel);
+        if prev >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics.connections.inc();
+        Some(ConnectionSlot {
+            count: count.clone(),
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.dec();
+    }
+}
+
+/// Records the metrics of a message about to be written.
+pub fn record_sent(metrics: &Metrics, out: &Outgoing, bytes: usize) {
+    metrics.sent_bytes.inc_by(bytes as u64);
+    match out {
+        Outgoing::Snapshot { rows, .. } => {
+            metrics.snapshots_sent.inc();
+            metrics.snapshot_rows.inc_by(rows.len() as u64);
+        }
+        Outgoing::Patch { ts_ms, .. } => {
+            metrics.patches_sent.inc();
+            if let Some(ts) = ts_ms {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                metrics
+                    .freshness_seconds
+                    .observe(((now - ts).max(0) as f64) / 1000.0);
+            }
+        }
+        Outgoing::Row(_) => metrics.patches_sent.inc(),
+        Outgoing::Error { code, .. } => metrics
+            .protocol_errors
+            .with_label_values(&[code.as_str()])
+            .inc(),
+        Outgoing::Pong => {}
+    }
+}

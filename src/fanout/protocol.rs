@@ -1,0 +1,232 @@
+//! The wire protocol (a public contract, documented in `docs/protocol.md`): JSON text frames.
+
+use std::collections::HashSet;
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// What a client receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    Snapshot {
+        table: String,
+        epoch: String,
+        seq: u64,
+        rows: Map<String, Value>,
+    },
+    Patch {
+        table: String,
+        epoch: String,
+        seq: u64,
+        ts_ms: Option<i64>,
+        patch: Map<String, Value>,
+    },
+    /// `format=rows`: one flat row per message.
+    Row(Value),
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong,
+}
+
+impl Outgoing {
+    /// The JSON text of the frame.
+    pub fn to_json(&self) -> String {
+        let v = match self {
+            Outgoing::Snapshot {
+                table,
+                epoch,
+                seq,
+                rows,
+            } => {
+                json!({"type": "snapshot", "table": table, "epoch": epoch, "seq": seq, "rows": rows})
+            }
+            Outgoing::Patch {
+                table,
+                epoch,
+                seq,
+                ts_ms,
+                patch,
+            } => {
+                json!({"type": "patch", "table": table, "epoch": epoch, "seq": seq, "ts_ms": ts_ms, "patch": patch})
+            }
+            Outgoing::Row(row) => return row.to_string(),
+            Outgoing::Error { code, message } => {
+                json!({"type": "error", "code": code.as_str(), "message": message, "fatal": code.is_fatal()})
+            }
+            Outgoing::Pong => json!({"type": "pong"}),
+        };
+        v.to_string()
+    }
+
+    /// `E:S` for SSE event ids.
+    pub fn event_id(&self) -> Option<String> {
+        match self {
+            Outgoing::Snapshot { epoch, seq, .. } | Outgoing::Patch { epoch, seq, .. } => {
+                Some(format!("{epoch}:{seq}"))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn event_name(&self) -> &'static str {
+        match self {
+            Outgoing::Snapshot { .. } => "snapshot",
+            Outgoing::Patch { .. } => "patch",
+            Outgoing::Row(_) => "row",
+            Outgoing::Error { .. } => "error",
+            Outgoing::Pong => "pong",
+        }
+    }
+}
+
+/// Error codes sent to clients; fatal ones are followed by a close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    BadMessage,
+    UnknownTable,
+    TooManySubscriptions,
+    RateLimited,
+    SlowConsumer,
+    ServerBusy,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::BadMessage => "bad_message",
+            ErrorCode::UnknownTable => "unknown_table",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::ServerBusy => "server_busy",
+        }
+    }
+
+    pub fn is_fatal(self) -> bool {
+        matches!(self, ErrorCode::SlowConsumer | ErrorCode::ServerBusy)
+    }
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Snapshot, then merge patches.
+    #[default]
+    Patch,
+    /// One flat row object per message (drop-in for the seed system's clients).
+    Rows,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "patch" => Some(Format::Patch),
+            "rows" => Some(Format::Rows),
+            _ => None,
+        }
+    }
+}
+
+/// What a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ClientMessage {
+    Subscribe {
+        table: String,
+        #[serde(default)]
+        keys: Option<Vec<String>>,
+        #[serde(default)]
+        since: Option<String>,
+    },
+    Unsubscribe {
+        table: String,
+    },
+    Ping,
+}
+
+/// The query of `/ws`, `/sse` and `/`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SubscribeQuery {
+    pub table: Option<String>,
+    pub keys: Option<String>,
+    pub since: Option<String>,
+    pub format: Option<String>,
+}
+
+/// `E:S` -> (epoch, seq).
+pub fn parse_since(s: &str) -> Option<(String, u64)> {
+    let (e, n) = s.rsplit_once(':')?;
+    if e.is_empty() {
+        return None;
+    }
+    Some((e.to_string(), n.parse().ok()?))
+}
+
+/// `k1,k2` -> key set; empty means the whole table.
+pub fn parse_keys(s: Option<&str>) -> Option<HashSet<String>> {
+    let keys: HashSet<String> = s?
+        .split(',')
+        .filter(|k| !k.is_empty())
+        .map(String::from)
+        .collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse_strictly() {
+        assert_eq!(
+            serde_json::from_str::<ClientMessage>(r#"{"type":"ping"}"#).unwrap(),
+            ClientMessage::Ping
+        );
+        let m: ClientMessage =
+            serde_json::from_str(r#"{"type":"subscribe","table":"t","keys":["a"]}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Subscribe {
+                table: "t".into(),
+                keys: Some(vec!["a".into()]),
+                since: None
+            }
+        );
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe"}"#).is_err());
+        assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"nope"}"#).is_err());
+        // unknown fields are ignored, so newer clients keep working
+        assert_eq!(
+            serde_json::from_str::<ClientMessage>(r#"{"type":"ping","x":1}"#).unwrap(),
+            ClientMessage::Ping
+        );
+    }
+
+    #[test]
+    fn since_and_keys() {
+        assert_eq!(parse_since("ab12:42"), Some(("ab12".into(), 42)));
+        assert_eq!(parse_since("ab12"), None);
+        assert_eq!(parse_since(":4"), None);
+        assert_eq!(parse_keys(Some("a,b,")).unwrap().len(), 2);
+        assert!(parse_keys(Some("")).is_none());
+    }
+
+    #[test]
+    fn frames() {
+        let p = Outgoing::Patch {
+            table: "t".into(),
+            epoch: "e".into(),
+            seq: 3,
+            ts_ms: Some(9),
+            patch: Map::new(),
+        };
+        assert_eq!(
+            p.to_json(),
+            r#"{"type":"patch","table":"t","epoch":"e","seq":3,"ts_ms":9,"patch":{}}"#
+        );
+        assert_eq!(p.event_id().unwrap(), "e:3");
+    }
+}

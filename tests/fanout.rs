@@ -1,0 +1,431 @@
+//! Live fan-out with real clients over real sockets: tokio-tungstenite WebSockets and an SSE
+//! stream read with reqwest, against the real broker and service.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use livetable::config::{Config, TopicSelection};
+use livetable::fanout::patch::merge;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn setup(
+    first: usize,
+    tweak: impl FnOnce(&mut Config),
+) -> (
+    livetable::Service,
+    String,
+    String,
+    Vec<FixtureRecord>,
+    tempfile::TempDir,
+) {
+    init_logs();
+    let u = unique("fan");
+    let topic = format!("{u}.public.game_odds");
+    create_topic(&topic, 1).await;
+    let records = load_fixture("pg_f_decimal_string.jsonl");
+    produce(&producer(), &topic, &records[..first]).await;
+    let dir = tempdir();
+    let mut c = Config::for_tests(
+        &brokers(),
+        TopicSelection::Names(vec![topic.clone()]),
+        dir.path(),
+        &u,
+    );
+    c.kafka_props
+        .push(("session.timeout.ms".into(), "6000".into()));
+    tweak(&mut c);
+    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
+    let base = format!("http://{}", svc.local_addr);
+    if first > 0 {
+        table_at_seq(&base, "game_odds", first as u64).await;
+    }
+    (svc, base, topic, records, dir)
+}
+
+async fn connect(base: &str, path_query: &str) -> Ws {
+    let url = format!("{}{path_query}", base.replace("http://", "ws://"));
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a message within 20 s")
+            .unwrap()
+            .unwrap();
+        match msg {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Applies messages until the client's state is at `seq`; returns the state and the messages seen.
+async fn follow_to(
+    ws: &mut Ws,
+    mut state: Value,
+    mut seq: u64,
+    target: u64,
+) -> (Value, u64, usize) {
+    let mut n = 0;
+    while seq < target {
+        let m = next_json(ws).await;
+        n += 1;
+        match m["type"].as_str().unwrap() {
+            "snapshot" => state = m["rows"].clone(),
+            "patch" => merge(&mut state, &m["patch"]),
+            other => panic!("unexpected message {other}: {m}"),
+        }
+        seq = m["seq"].as_u64().unwrap();
+    }
+    (state, seq, n)
+}
+
+/// The API's rows as a client sees them (NULL columns absent).
+async fn api_rows(base: &str, keys: Option<&[&str]>) -> (Value, u64) {
+    let (_, body) = get_json(&format!("{base}/api/tables/game_odds")).await;
+    let mut rows = serde_json::Map::new();
+    for (k, row) in body["rows"].as_object().unwrap() {
+        if keys.is_none_or(|ks| ks.contains(&k.as_str())) {
+            let r: serde_json::Map<String, Value> = row
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect();
+            rows.insert(k.clone(), Value::Object(r));
+        }
+    }
+    (Value::Object(rows), body["seq"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_patches_equal_the_api_and_keys_filter() {
+    let (svc, base, topic, records, _dir) = setup(5, |_| {}).await;
+    let mut all = connect(&base, "/ws?table=game_odds").await;
+    let mut some = connect(&base, "/ws?table=game_odds&keys=g1,g5").await;
+    let snap = next_json(&mut all).await;
+    assert_eq!(
+        (snap["type"].as_str(), snap["seq"].as_u64()),
+        (Some("snapshot"), Some(5))
+    );
+    assert_eq!(snap["rows"], api_rows(&base, None).await.0);
+    let snap_some = next_json(&mut some).await;
+    assert_eq!(
+        snap_some["rows"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["g1"],
+        "g5 does not exist yet"
+    );
+    let epoch = snap["epoch"].clone();
+
+    produce(&producer(), &topic, &records[5..]).await;
+    let (state, seq, _) = follow_to(&mut all, snap["rows"].clone(), 5, 12).await;
+    assert_eq!(seq, 12);
+    assert_eq!(
+        state,
+        api_rows(&base, None).await.0,
+        "snapshot + patches == API at the same seq"
+    );
+
+    // the filtered client only ever sees its keys, and ends equal to the filtered API
+    let mut fstate = snap_some["rows"].clone();
+    loop {
+        let m = next_json(&mut some).await;
+        assert_eq!(m["type"], "patch");
+        assert_eq!(m["epoch"], epoch);
+        assert!(
+            m["ts_ms"].as_i64().is_some(),
+            "patches carry the commit time"
+        );
+        for k in m["patch"].as_object().unwrap().keys() {
+            assert!(k == "g1" || k == "g5", "unsubscribed key {k} in {m}");
+        }
+        merge(&mut fstate, &m["patch"]);
+        if fstate == api_rows(&base, Some(&["g1", "g5"])).await.0 {
+            break;
+        }
+    }
+    // a changed row carries only its changed columns
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_gets_a_patch_within_the_buffer_and_a_snapshot_outside() {
+    let (svc, base, topic, records, _dir) = setup(4, |c| c.replay_buffer = 4).await;
+    let mut ws = connect(&base, "/ws?table=game_odds").await;
+    let snap = next_json(&mut ws).await;
+    let (epoch, seq) = (
+        snap["epoch"].as_str().unwrap().to_string(),
+        snap["seq"].as_u64().unwrap(),
+    );
+    ws.close(None).await.unwrap();
+
+    // 3 more changes: within a buffer of 4
+    produce(&producer(), &topic, &records[4..7]).await;
+    table_at_seq(&base, "game_odds", 7).await;
+    let mut ws = connect(&base, &format!("/ws?table=game_odds&since={epoch}:{seq}")).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64()),
+        (Some("patch"), Some(7)),
+        "resume hit: one patch, {m}"
+    );
+    let mut state = snap["rows"].clone();
+    merge(&mut state, &m["patch"]);
+    assert_eq!(state, api_rows(&base, None).await.0);
+    ws.close(None).await.unwrap();
+
+    // 5 more changes: the buffer (4 changes, whole batches) now starts after seq 7, so a client
+    // still at the first snapshot's seq cannot resume
+    produce(&producer(), &topic, &records[7..]).await;
+    table_at_seq(&base, "game_odds", 12).await;
+    let mut ws = connect(&base, &format!("/ws?table=game_odds&since={epoch}:{seq}")).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64()),
+        (Some("snapshot"), Some(12)),
+        "resume miss: {m}"
+    );
+    // a foreign epoch also gets a snapshot
+    let mut ws2 = connect(&base, "/ws?table=game_odds&since=other:3").await;
+    assert_eq!(next_json(&mut ws2).await["type"], "snapshot");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"livetable_resumes_total{result="hit"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"livetable_resumes_total{result="miss"} 2"#));
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_errors_and_others_keep_being_served() {
+    let (svc, base, topic, records, _dir) = setup(3, |_| {}).await;
+    let mut bad = connect(&base, "/ws?table=game_odds").await;
+    let mut good = connect(&base, "/ws?table=game_odds").await;
+    next_json(&mut bad).await;
+    let snap = next_json(&mut good).await;
+
+    bad.send(Message::text("{not json")).await.unwrap();
+    let e = next_json(&mut bad).await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_message"))
+    );
+    bad.send(Message::text(r#"{"type":"subscribe","table":"nope"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut bad).await["code"], "unknown_table");
+    bad.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(next_json(&mut bad).await["code"], "bad_message");
+    bad.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+    assert_eq!(
+        next_json(&mut bad).await["type"],
+        "pong",
+        "still usable after errors"
+    );
+    // an oversized frame: the server closes that connection (1009) and only that one
+    let _ = bad.send(Message::text("x".repeat(200_000))).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match bad.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "oversized frame closes the connection");
+
+    produce(&producer(), &topic, &records[3..]).await;
+    let (state, _, _) = follow_to(&mut good, snap["rows"].clone(), 3, 12).await;
+    assert_eq!(state, api_rows(&base, None).await.0);
+    let (status, body) = get_json(&format!("{base}/sse?table=nope")).await;
+    assert_eq!((status, body["error"].as_str().is_some()), (404, true));
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_format_on_the_root_path_like_the_seed_clients() {
+    let (svc, base, topic, records, _dir) = setup(3, |c| {
+        c.default_format = livetable::fanout::protocol::Format::Rows
+    })
+    .await;
+    let mut ws = connect(&base, "/").await; // one table served: no ?table needed
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let row = next_json(&mut ws).await;
+        seen.insert(row["game_id"].as_str().unwrap().to_string(), row);
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["g1", "g2", "g3"]);
+    assert_eq!(seen["g1"]["odd1"], "1.500", "a flat row per message");
+    produce(&producer(), &topic, &records[3..9]).await; // c g4, u g1, u g2, u g4, d g3, tombstone
+    let mut deleted = None;
+    for _ in 0..20 {
+        let row = next_json(&mut ws).await;
+        assert!(
+            row.get("type").is_none(),
+            "no envelope in rows format: {row}"
+        );
+        if row["__deleted"] == json!(true) {
+            deleted = Some(row);
+            break;
+        }
+        assert!(row["odd1"].is_string(), "changed rows come in full: {row}");
+    }
+    let deleted = deleted.expect("a delete message");
+    assert_eq!(deleted["game_id"], "g3");
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
+    init_logs();
+    let u = unique("slow");
+    let topic = format!("{u}.ticks");
+    create_topic(&topic, 1).await;
+    let dir = tempdir();
+    let mut c = Config::for_tests(
+        &brokers(),
+        TopicSelection::Names(vec![topic.clone()]),
+        dir.path(),
+        &u,
+    );
+    c.kafka_props
+        .push(("session.timeout.ms".into(), "6000".into()));
+    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
+    let base = format!("http://{}", svc.local_addr);
+    let tick = |i: usize| FixtureRecord {
+        key: Some(format!(r#"{{"id":"k{}"}}"#, i % 100)),
+        value: Some(format!(
+            r#"{{"id":"k{}","n":{i},"pad":"{}","__op":"u","__table":"ticks"}}"#,
+            i % 100,
+            "p".repeat(200)
+        )),
+        headers: vec![],
+    };
+    let p = producer();
+    produce(&p, &topic, &(0..100).map(tick).collect::<Vec<_>>()).await;
+    table_at_seq(&base, "ticks", 100).await;
+    let mut slow = connect(&base, "/ws?table=ticks").await;
+    let mut fast = connect(&base, "/ws?table=ticks").await;
+    let snap = next_json(&mut slow).await;
+    let fsnap = next_json(&mut fast).await;
+    // 10k changes flow while `slow` reads nothing
+    produce(&p, &topic, &(100..10_100).map(tick).collect::<Vec<_>>()).await;
+    let (fstate, _, fast_msgs) = follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await;
+    let (state, seq, slow_msgs) = follow_to(&mut slow, snap["rows"].clone(), 100, 10_100).await;
+    let (api, api_seq) = {
+        let (_, body) = get_json(&format!("{base}/api/tables/ticks")).await;
+        (body["rows"].clone(), body["seq"].as_u64().unwrap())
+    };
+    assert_eq!((seq, api_seq), (10_100, 10_100));
+    assert_eq!(state, api);
+    assert_eq!(fstate, api);
+    eprintln!(
+        "fast client: {fast_msgs} messages, slow client: {slow_msgs} messages for 10000 changes"
+    );
+    assert!(
+        slow_msgs < 10_000,
+        "the slow client got composed patches ({slow_msgs} messages)"
+    );
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_snapshot_patches_and_last_event_id_resume() {
+    let (svc, base, topic, records, _dir) = setup(5, |_| {}).await;
+    let resp = reqwest::get(format!("{base}/sse?table=game_odds"))
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events: Vec<(String, String, Value)> = Vec::new();
+    let mut state = Value::Null;
+    let mut produced = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while state.is_null() || events.last().map(|e| e.2["seq"].as_u64()) != Some(Some(12)) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("sse events in time")
+            .unwrap()
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut ev, mut id, mut data) = (String::new(), String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event: ").or(line.strip_prefix("event:")) {
+                    ev = v.to_string();
+                }
+                if let Some(v) = line.strip_prefix("id: ").or(line.strip_prefix("id:")) {
+                    id = v.to_string();
+                }
+                if let Some(v) = line.strip_prefix("data: ").or(line.strip_prefix("data:")) {
+                    data.push_str(v);
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&data).unwrap();
+            match ev.as_str() {
+                "snapshot" => state = v["rows"].clone(),
+                "patch" => merge(&mut state, &v["patch"]),
+                other => panic!("unexpected event {other}"),
+            }
+            assert_eq!(id, format!("{}:{}", v["epoch"].as_str().unwrap(), v["seq"]));
+            events.push((ev, id, v));
+        }
+        if !produced && !state.is_null() {
+            produce(&producer(), &topic, &records[5..]).await;
+            produced = true;
+        }
+    }
+    assert_eq!(events[0].0, "snapshot");
+    assert_eq!(state, api_rows(&base, None).await.0);
+    // reconnect with Last-Event-ID from the snapshot: a patch, not a snapshot
+    let first_id = events[0].1.clone();
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/sse?table=game_odds"))
+        .header("Last-Event-ID", first_id)
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let text = std::str::from_utf8(&chunk).unwrap().to_string();
+    assert!(text.contains("event: patch"), "resume over SSE: {text}");
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
