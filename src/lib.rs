@@ -85,8 +85,8 @@ impl Service {
     }
 }
 
-/// Starts livetable: HTTP first (health and readiness answer during restore), then the store,
-/// restore if the data directory is empty, the durability task and the ingest thread.
+/// Starts livetable: the store, a restore from the changelog if the data directory is empty, then
+/// HTTP (so nothing is served before the state is complete), the durability task and the ingest thread.
 pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service, ServiceError> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
