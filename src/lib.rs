@@ -298,10 +298,12 @@ async fn restore(
         store.clone(),
     );
     let result = tokio::task::spawn_blocking(move || -> Result<Loaded, ServiceError> {
-        s.clear().map_err(|source| ServiceError::Store {
-            dir: cfg.data_dir.display().to_string(),
+        let dir = cfg.data_dir.display().to_string();
+        let store_err = |source| ServiceError::Store {
+            dir: dir.clone(),
             source,
-        })?;
+        };
+        s.clear().map_err(store_err)?;
         let tables = table::restore::read_changelogs(&cfg, &m, Duration::from_secs(600), &|| {
             c.is_cancelled()
         })?;
@@ -314,26 +316,14 @@ async fn restore(
             rows += t.rows.len();
             b.set_seq(name, t.seq);
             b.set_epoch(name, &new_epoch());
-            s.apply(b).map_err(|source| ServiceError::Store {
-                dir: cfg.data_dir.display().to_string(),
-                source,
-            })?;
+            s.apply(b).map_err(store_err)?;
         }
         let mut b = WriteBatch::default();
         b.set_initialized();
-        s.apply(b).map_err(|source| ServiceError::Store {
-            dir: cfg.data_dir.display().to_string(),
-            source,
-        })?;
-        s.flush_blocking().map_err(|source| ServiceError::Store {
-            dir: cfg.data_dir.display().to_string(),
-            source,
-        })?;
+        s.apply(b).map_err(store_err)?;
+        s.flush_blocking().map_err(store_err)?;
         tracing::info!(tables = tables.len(), rows, "restore finished");
-        s.load().map_err(|source| ServiceError::Store {
-            dir: cfg.data_dir.display().to_string(),
-            source,
-        })
+        s.load().map_err(store_err)
     })
     .await
     .map_err(|e| ServiceError::Task(e.to_string()))?;
