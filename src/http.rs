@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/", get(index))
+        .route("/livetable.js", get(client_js))
         .route("/ws", get(crate::fanout::ws::handler))
         .route("/sse", get(crate::fanout::sse::handler))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -116,8 +117,20 @@ async fn get_row(
     Ok(Json(serde_json::Value::Object(row)))
 }
 
+/// The live page and its client, embedded in the binary (no build step).
+const INDEX_HTML: &str = include_str!("../web/index.html");
+const CLIENT_JS: &str = include_str!("../web/livetable.js");
+
+async fn client_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CLIENT_JS,
+    )
+        .into_response()
+}
+
 /// `/`: a WebSocket upgrade here is a `/ws` connection with the default format (clients of the seed
-/// system connect to `ws://host:port/`); a plain GET lists the endpoints.
+/// system connect to `ws://host:port/`); a plain GET serves the live page.
 async fn index(
     state: State<AppState>,
     q: axum::extract::Query<crate::fanout::protocol::SubscribeQuery>,
@@ -128,11 +141,11 @@ async fn index(
 ) -> Response {
     match ws {
         Ok(ws) => crate::fanout::ws::handler(state, q, ws).await,
-        Err(_) => Json(json!({
-            "service": "livetable",
-            "endpoints": ["/api/tables", "/api/tables/{table}", "/api/tables/{table}/rows/{key}", "/ws", "/sse", "/healthz", "/readyz", "/metrics"]
-        }))
-        .into_response(),
+        Err(_) => (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            INDEX_HTML,
+        )
+            .into_response(),
     }
 }
 

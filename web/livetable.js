@@ -1,0 +1,120 @@
+// livetable.js: a small client for livetable's WebSocket protocol (docs/protocol.md).
+// An ES module with no dependencies; works the same in a plain page, React or Angular.
+//
+//   import { LiveTable } from "/livetable.js";
+//   const lt = new LiveTable("ws://host:8080/ws", { table: "game_odds", keys: ["g1"] });
+//   lt.addEventListener("change", (e) => render(e.detail.rows, e.detail.changed));
+//   lt.addEventListener("status", (e) => showStatus(e.detail));   // connecting | open | closed
+//   lt.connect();
+//
+// Events (CustomEvent, data in .detail):
+//   status   "connecting" | "open" | "closed"
+//   snapshot {table, rows, epoch, seq}
+//   change   {table, rows, changed: Set of keys, patch, seq, tsMs}   (after a snapshot or a patch)
+//   error    {code, message, fatal}
+// Reconnects with exponential backoff and resumes from the last (epoch, seq) it saw.
+
+/** RFC 7386 JSON Merge Patch: returns target with patch applied (target is modified in place). */
+export function mergePatch(target, patch) {
+  if (patch === null || typeof patch !== "object" || Array.isArray(patch)) return patch;
+  if (target === null || typeof target !== "object" || Array.isArray(target)) target = {};
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === null) delete target[k];
+    else target[k] = mergePatch(target[k], v);
+  }
+  return target;
+}
+
+export class LiveTable extends EventTarget {
+  /**
+   * @param {string} url  ws://host:port/ws
+   * @param {{table?: string, keys?: string[], minBackoffMs?: number, maxBackoffMs?: number}} opts
+   */
+  constructor(url, opts = {}) {
+    super();
+    this.url = url;
+    this.table = opts.table ?? null;
+    this.keys = opts.keys ?? null;
+    this.rows = {};
+    this.epoch = null;
+    this.seq = null;
+    this.lastTsMs = null;
+    this.minBackoff = opts.minBackoffMs ?? 250;
+    this.maxBackoff = opts.maxBackoffMs ?? 10000;
+    this.backoff = this.minBackoff;
+    this.ws = null;
+    this.closedByUser = false;
+  }
+
+  connect() {
+    this.closedByUser = false;
+    const q = new URLSearchParams();
+    if (this.table) q.set("table", this.table);
+    if (this.keys && this.keys.length) q.set("keys", this.keys.join(","));
+    if (this.epoch !== null && this.seq !== null) q.set("since", `${this.epoch}:${this.seq}`);
+    this._emit("status", "connecting");
+    const ws = new WebSocket(`${this.url}?${q}`);
+    this.ws = ws;
+    ws.onopen = () => {
+      this.backoff = this.minBackoff;
+      this._emit("status", "open");
+    };
+    ws.onmessage = (ev) => this._onMessage(ev.data);
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      this._emit("status", "closed");
+      if (!this.closedByUser) {
+        setTimeout(() => this.connect(), this.backoff);
+        this.backoff = Math.min(this.backoff * 2, this.maxBackoff);
+      }
+    };
+  }
+
+  /** Changes the subscription (table and key filter) on the open connection. */
+  subscribe(table, keys = null) {
+    this.table = table;
+    this.keys = keys && keys.length ? keys : null;
+    this.rows = {};
+    this.epoch = this.seq = null;
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      const msg = { type: "subscribe", table };
+      if (this.keys) msg.keys = this.keys;
+      this.ws.send(JSON.stringify(msg));
+    }
+  }
+
+  close() {
+    this.closedByUser = true;
+    if (this.ws) this.ws.close();
+  }
+
+  _onMessage(text) {
+    let m;
+    try {
+      m = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (m.type === "snapshot") {
+      if (this.table && m.table !== this.table) return;
+      this.rows = m.rows;
+      this.epoch = m.epoch;
+      this.seq = m.seq;
+      this._emit("snapshot", { table: m.table, rows: this.rows, epoch: m.epoch, seq: m.seq });
+      this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.rows)), patch: null, seq: m.seq, tsMs: null });
+    } else if (m.type === "patch") {
+      if (this.table && m.table !== this.table) return;
+      this.rows = mergePatch(this.rows, m.patch);
+      this.epoch = m.epoch;
+      this.seq = m.seq;
+      if (m.ts_ms !== null && m.ts_ms !== undefined) this.lastTsMs = m.ts_ms;
+      this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.patch)), patch: m.patch, seq: m.seq, tsMs: m.ts_ms });
+    } else if (m.type === "error") {
+      this._emit("error", { code: m.code, message: m.message, fatal: !!m.fatal });
+    }
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
