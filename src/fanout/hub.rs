@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
-use crate::fanout::patch::{client_row, compose};
+use crate::fanout::patch::{client_row, compose_row};
 use crate::fanout::protocol::{Format, Outgoing};
 use crate::table::ingest::TableUpdate;
 use crate::table::state::Tables;
@@ -61,7 +61,10 @@ impl Hub {
     }
 
     /// Publishes a batch's changes of one table (after the tables show them).
-    pub fn publish(&self, update: TableUpdate) {
+    pub fn publish(&self, mut update: TableUpdate) {
+        if self.tx.receiver_count() > 0 {
+            update.frame = Some(whole_table_frame(&update).into());
+        }
         let update = Arc::new(update);
         {
             let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
@@ -206,6 +209,31 @@ impl Hub {
     }
 }
 
+/// The patch frame of all changes of an update, for whole-table subscribers.
+fn whole_table_frame(update: &TableUpdate) -> String {
+    let mut patch = Map::new();
+    let mut ts_ms = None;
+    for c in &update.changes {
+        if c.truncated.is_empty() {
+            compose_row(&mut patch, &c.key, c.patch.clone());
+        } else {
+            for k in &c.truncated {
+                compose_row(&mut patch, k, Value::Null);
+            }
+        }
+        ts_ms = c.ts_ms.or(ts_ms);
+    }
+    let seq = update.changes.last().map_or(0, |c| c.seq);
+    Outgoing::Patch {
+        table: update.table.clone(),
+        epoch: update.epoch.clone(),
+        seq,
+        ts_ms,
+        patch,
+    }
+    .to_json()
+}
+
 #[derive(Debug, Default)]
 struct Pending {
     /// Composed patch per key (format=patch) or newest full row per key (format=rows).
@@ -237,6 +265,32 @@ pub enum Absorbed {
 impl Subscription {
     fn wants(&self, key: &str) -> bool {
         self.keys.as_ref().is_none_or(|k| k.contains(key))
+    }
+
+    /// For an up-to-date whole-table patch subscription: the update's shared frame (and its
+    /// `ts_ms`), so nothing is composed or serialised per client. `None`: use [`Subscription::absorb`].
+    pub fn forward(
+        &mut self,
+        update: &TableUpdate,
+    ) -> Option<(axum::extract::ws::Utf8Bytes, Option<i64>)> {
+        if self.format != Format::Patch
+            || self.keys.is_some()
+            || self.has_pending()
+            || update.table != self.table
+            || update.epoch != self.epoch
+        {
+            return None;
+        }
+        let frame = update.frame.as_ref()?;
+        let (first, last) = (update.changes.first()?, update.changes.last()?);
+        if first.seq != self.seq + 1 {
+            return None;
+        }
+        self.seq = last.seq;
+        Some((
+            frame.clone(),
+            update.changes.iter().rev().find_map(|c| c.ts_ms),
+        ))
     }
 
     /// Composes the changes of `update` newer than the subscription into its pending output.
@@ -284,9 +338,9 @@ impl Subscription {
                 continue;
             }
             for (key, v) in touched {
-                match (self.format, self.pending.rows.get_mut(key)) {
-                    (Format::Patch, Some(existing)) => compose(existing, &v),
-                    _ => {
+                match self.format {
+                    Format::Patch => compose_row(&mut self.pending.rows, key, v),
+                    Format::Rows => {
                         self.pending.rows.insert(key.clone(), v);
                     }
                 }

@@ -55,6 +55,17 @@ pub fn compose(first: &mut Value, next: &Value) {
     }
 }
 
+/// Adds the patch of one row (`value` for `key`) to a table-level patch, composing with what the
+/// patch already holds for that key.
+pub fn compose_row(patch: &mut Map<String, Value>, key: &str, value: Value) {
+    match patch.get_mut(key) {
+        Some(existing) => compose(existing, &value),
+        None => {
+            patch.insert(key.to_string(), value);
+        }
+    }
+}
+
 /// A merged value never contains nulls; when a patch replaces a value by an object, nulls inside
 /// it would mean "delete" to the client, so they are removed.
 fn strip_nulls(v: Value) -> Value {

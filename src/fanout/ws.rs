@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -56,7 +56,9 @@ pub async fn handler(
     let max = state.fanout.max_message_bytes;
     ws.read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(4 * 1024 * 1024)
+        // a snapshot is one message: the write buffer must hold the largest one (100k rows ~ 15 MB).
+        // Memory stays bounded by the loop, which writes one batch and waits for the flush.
+        .max_write_buffer_size(512 * 1024 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
@@ -78,6 +80,8 @@ struct Connection {
     violations: u32,
     /// Whole messages waiting to be written before the subscriptions' pending patches.
     queued: Vec<Outgoing>,
+    /// Shared, already serialised patch frames (with their `ts_ms`), written as they are.
+    frames: Vec<(Utf8Bytes, Option<i64>)>,
 }
 
 enum Step {
@@ -95,6 +99,7 @@ impl Connection {
             last_refill: Instant::now(),
             violations: 0,
             queued: Vec::new(),
+            frames: Vec::new(),
         }
     }
 
@@ -144,13 +149,13 @@ impl Connection {
         loop {
             let mut pending: Vec<Outgoing> = std::mem::take(&mut self.queued);
             pending.extend(self.subs.iter_mut().flat_map(Subscription::take));
-            if !pending.is_empty() {
-                match tokio::time::timeout(
-                    self.state.fanout.slow_client,
-                    self.send(&mut socket, pending),
-                )
-                .await
-                {
+            let frames = std::mem::take(&mut self.frames);
+            if !pending.is_empty() || !frames.is_empty() {
+                let write = async {
+                    self.send_frames(&mut socket, frames).await?;
+                    self.send(&mut socket, pending).await
+                };
+                match tokio::time::timeout(self.state.fanout.slow_client, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(())) => return "write_error",
                     Err(_) => {
@@ -173,10 +178,8 @@ impl Connection {
                         Some(Ok(Message::Binary(_))) => self.reply(&mut socket, error(ErrorCode::BadMessage, "binary frames are not supported".into())).await,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
                         Some(Ok(Message::Close(_))) | None => Step::Close("client_closed"),
-                        Some(Err(_)) => {
-                            self.state.metrics.protocol_errors.with_label_values(&["bad_frame"]).inc();
-                            Step::Close("bad_frame")
-                        }
+                        // a reset connection, or a frame over the size limit (the WebSocket layer refuses it)
+                        Some(Err(_)) => Step::Close("read_error"),
                     };
                     if let Step::Close(reason) = step {
                         return reason;
@@ -219,6 +222,10 @@ impl Connection {
     fn absorb(&mut self, u: &crate::table::ingest::TableUpdate) {
         let mut stale = Vec::new();
         for (i, s) in self.subs.iter_mut().enumerate() {
+            if let Some(frame) = s.forward(u) {
+                self.frames.push(frame);
+                continue;
+            }
             let before = s.pending_rows();
             if s.absorb(u) == Absorbed::EpochChanged {
                 stale.push(i);
@@ -382,6 +389,33 @@ impl Connection {
         } else {
             false
         }
+    }
+
+    /// Writes shared frames (no flush: [`Connection::send`] follows).
+    async fn send_frames(
+        &self,
+        socket: &mut WebSocket,
+        frames: Vec<(Utf8Bytes, Option<i64>)>,
+    ) -> Result<(), ()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let m = &self.state.metrics;
+        let flush = !frames.is_empty();
+        for (frame, ts) in frames {
+            m.patches_sent.inc();
+            m.sent_bytes.inc_by(frame.len() as u64);
+            if let Some(ts) = ts {
+                m.freshness_seconds
+                    .observe(((now - ts).max(0) as f64) / 1000.0);
+            }
+            socket.feed(Message::Text(frame)).await.map_err(|_| ())?;
+        }
+        if flush {
+            socket.flush().await.map_err(|_| ())?;
+        }
+        Ok(())
     }
 
     /// Writes frames with one flush.

@@ -30,6 +30,9 @@ pub struct TableUpdate {
     pub table: String,
     pub epoch: String,
     pub changes: Vec<AppliedChange>,
+    /// The whole-table patch frame of these changes, serialised once by the hub and shared by
+    /// every up-to-date whole-table subscriber (`None` when nobody listened).
+    pub frame: Option<axum::extract::ws::Utf8Bytes>,
 }
 
 /// Errors that stop ingestion.
@@ -198,6 +201,7 @@ impl Ingest {
                 table: table.clone(),
                 epoch: d.epoch.clone(),
                 changes: d.changes.clone(),
+                frame: None,
             };
             self.hub.publish(update);
             self.metrics
