@@ -317,14 +317,19 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
     );
     c.kafka_props
         .push(("session.timeout.ms".into(), "6000".into()));
+    // the slow client is stalled far longer than the socket buffers last; it must not be dropped
+    c.slow_client = Duration::from_secs(120);
+    c.max_batch = 200;
     let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
     let base = format!("http://{}", svc.local_addr);
+    // every change rewrites a 4 KB column, so 10k changes (~40 MB of patches) overflow the
+    // kernel's socket buffers of a client that does not read
     let tick = |i: usize| FixtureRecord {
         key: Some(format!(r#"{{"id":"k{}"}}"#, i % 100)),
         value: Some(format!(
             r#"{{"id":"k{}","n":{i},"pad":"{}","__op":"u","__table":"ticks"}}"#,
             i % 100,
-            "p".repeat(200)
+            format!("{i:06}").repeat(700)
         )),
         headers: vec![],
     };
@@ -335,8 +340,16 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
     let mut fast = connect(&base, "/ws?table=ticks").await;
     let snap = next_json(&mut slow).await;
     let fsnap = next_json(&mut fast).await;
-    // 10k changes flow while `slow` reads nothing
-    produce(&p, &topic, &(100..10_100).map(tick).collect::<Vec<_>>()).await;
+    // 10k changes flow, in 50 bursts, while `slow` reads nothing
+    for chunk in (100..10_100).collect::<Vec<_>>().chunks(200) {
+        produce(
+            &p,
+            &topic,
+            &chunk.iter().map(|i| tick(*i)).collect::<Vec<_>>(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (fstate, _, fast_msgs) = follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await;
     let (state, seq, slow_msgs) = follow_to(&mut slow, snap["rows"].clone(), 100, 10_100).await;
     let (api, api_seq) = {
@@ -350,9 +363,21 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
         "fast client: {fast_msgs} messages, slow client: {slow_msgs} messages for 10000 changes"
     );
     assert!(
-        slow_msgs < 10_000,
-        "the slow client got composed patches ({slow_msgs} messages)"
+        slow_msgs < fast_msgs,
+        "the slow client got composed patches ({slow_msgs} vs {fast_msgs} messages)"
     );
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let conflated = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("livetable_conflated_changes_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(conflated > 0, "changes were composed into a pending patch");
     svc.shutdown();
     svc.wait().await.unwrap();
 }

@@ -72,6 +72,9 @@ pub async fn handler(
         })
 }
 
+/// Shared frames a connection queues before it switches to composing.
+const MAX_QUEUED_FRAMES: usize = 16;
+
 struct Connection {
     state: AppState,
     subs: Vec<Subscription>,
@@ -222,9 +225,13 @@ impl Connection {
     fn absorb(&mut self, u: &crate::table::ingest::TableUpdate) {
         let mut stale = Vec::new();
         for (i, s) in self.subs.iter_mut().enumerate() {
-            if let Some(frame) = s.forward(u) {
-                self.frames.push(frame);
-                continue;
+            // up to date: forward the shared frame; once a few frames wait for the socket,
+            // compose further changes into one pending patch instead (bounded by the rows)
+            if self.frames.len() < MAX_QUEUED_FRAMES {
+                if let Some(frame) = s.forward(u) {
+                    self.frames.push(frame);
+                    continue;
+                }
             }
             let before = s.pending_rows();
             if s.absorb(u) == Absorbed::EpochChanged {
