@@ -131,6 +131,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
 
     let hub = Arc::new(fanout::hub::Hub::new(
         tables.clone(),
+        metrics.clone(),
         config.replay_buffer,
         4096,
     ));

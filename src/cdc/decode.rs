@@ -65,6 +65,8 @@ pub struct Change {
     pub row: Option<Row>,
     /// The database commit time (`source.ts_ms`), else the event time, else the Kafka timestamp.
     pub ts_ms: Option<i64>,
+    /// The Kafka record's timestamp (for the Kafka-to-socket latency metric).
+    pub kafka_ts_ms: Option<i64>,
 }
 
 /// Why a well-formed record carries no row change.
@@ -273,6 +275,7 @@ fn envelope(
             op,
             row: None,
             ts_ms,
+            kafka_ts_ms: rec.timestamp_ms,
         };
         return Ok(DecodeOutput {
             decoded: Decoded::Change(change),
@@ -305,6 +308,7 @@ fn envelope(
             op,
             row,
             ts_ms,
+            kafka_ts_ms: rec.timestamp_ms,
         }),
         undecodable_decimals: undecodable,
     })
@@ -351,6 +355,7 @@ fn unwrapped(
             op,
             row: None,
             ts_ms,
+            kafka_ts_ms: rec.timestamp_ms,
         };
         return Ok(DecodeOutput {
             decoded: Decoded::Change(change),
@@ -367,6 +372,7 @@ fn unwrapped(
             op,
             row,
             ts_ms,
+            kafka_ts_ms: rec.timestamp_ms,
         }),
         undecodable_decimals: undecodable,
     })
@@ -381,6 +387,7 @@ fn tombstone(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOut
         op: Op::Delete,
         row: None,
         ts_ms: rec.timestamp_ms,
+        kafka_ts_ms: rec.timestamp_ms,
     };
     Ok(DecodeOutput {
         decoded: Decoded::Change(change),

@@ -30,6 +30,7 @@ struct ReplayBuffer {
 /// Fan-out of applied changes.
 pub struct Hub {
     tables: Arc<Tables>,
+    metrics: Arc<crate::metrics::Metrics>,
     tx: broadcast::Sender<Arc<TableUpdate>>,
     replay: Mutex<HashMap<String, ReplayBuffer>>,
     replay_capacity: usize,
@@ -46,10 +47,16 @@ pub enum Start {
 impl Hub {
     /// `replay_capacity`: changes kept per table for resumes; `channel`: updates buffered for
     /// subscribers before a slow one must re-snapshot.
-    pub fn new(tables: Arc<Tables>, replay_capacity: usize, channel: usize) -> Self {
+    pub fn new(
+        tables: Arc<Tables>,
+        metrics: Arc<crate::metrics::Metrics>,
+        replay_capacity: usize,
+        channel: usize,
+    ) -> Self {
         let (tx, _) = broadcast::channel(channel.max(16));
         Hub {
             tables,
+            metrics,
             tx,
             replay: Mutex::new(HashMap::new()),
             replay_capacity,
@@ -109,6 +116,9 @@ impl Hub {
             .tables
             .get(table)
             .ok_or_else(|| SubscribeError::UnknownTable(table.to_string()))?;
+        let started = std::time::Instant::now();
+        let gauge = self.metrics.subscriptions.with_label_values(&[table]);
+        gauge.inc();
         let mut sub = Subscription {
             table: table.to_string(),
             keys,
@@ -116,9 +126,13 @@ impl Hub {
             seq: 0,
             format,
             pending: Pending::default(),
+            gauge,
         };
         if let Some((epoch, since_seq)) = &since {
             if let Some(out) = self.resume(&mut sub, epoch, *since_seq) {
+                self.metrics
+                    .snapshot_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 return Ok((sub, out, Start::ResumeHit));
             }
         }
@@ -149,6 +163,9 @@ impl Hub {
             }],
             Format::Rows => rows.into_values().map(Outgoing::Row).collect(),
         };
+        self.metrics
+            .snapshot_seconds
+            .observe(started.elapsed().as_secs_f64());
         let start = if since.is_some() {
             Start::ResumeMiss
         } else {
@@ -202,6 +219,7 @@ impl Hub {
                 epoch: sub.epoch.clone(),
                 seq: sub.seq,
                 ts_ms: None,
+                kafka_ts_ms: None,
                 patch: Map::new(),
             });
         }
@@ -229,6 +247,7 @@ fn whole_table_frame(update: &TableUpdate) -> String {
         epoch: update.epoch.clone(),
         seq,
         ts_ms,
+        kafka_ts_ms: None,
         patch,
     }
     .to_json()
@@ -240,6 +259,15 @@ struct Pending {
     rows: Map<String, Value>,
     seq: u64,
     ts_ms: Option<i64>,
+    kafka_ts_ms: Option<i64>,
+}
+
+/// An already serialised patch frame shared by many clients, with its times for the metrics.
+#[derive(Debug, Clone)]
+pub struct SharedFrame {
+    pub text: axum::extract::ws::Utf8Bytes,
+    pub ts_ms: Option<i64>,
+    pub kafka_ts_ms: Option<i64>,
 }
 
 /// One client's subscription to one table.
@@ -252,6 +280,14 @@ pub struct Subscription {
     pub seq: u64,
     pub format: Format,
     pending: Pending,
+    /// `livetable_subscriptions{table}`: +1 while this subscription lives.
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// What absorbing an update found.
@@ -269,10 +305,7 @@ impl Subscription {
 
     /// For an up-to-date whole-table patch subscription: the update's shared frame (and its
     /// `ts_ms`), so nothing is composed or serialised per client. `None`: use [`Subscription::absorb`].
-    pub fn forward(
-        &mut self,
-        update: &TableUpdate,
-    ) -> Option<(axum::extract::ws::Utf8Bytes, Option<i64>)> {
+    pub fn forward(&mut self, update: &TableUpdate) -> Option<SharedFrame> {
         if self.format != Format::Patch
             || self.keys.is_some()
             || self.has_pending()
@@ -287,10 +320,11 @@ impl Subscription {
             return None;
         }
         self.seq = last.seq;
-        Some((
-            frame.clone(),
-            update.changes.iter().rev().find_map(|c| c.ts_ms),
-        ))
+        Some(SharedFrame {
+            text: frame.clone(),
+            ts_ms: update.changes.iter().rev().find_map(|c| c.ts_ms),
+            kafka_ts_ms: update.changes.iter().rev().find_map(|c| c.kafka_ts_ms),
+        })
     }
 
     /// Composes the changes of `update` newer than the subscription into its pending output.
@@ -347,6 +381,7 @@ impl Subscription {
             }
             self.pending.seq = c.seq;
             self.pending.ts_ms = c.ts_ms.or(self.pending.ts_ms);
+            self.pending.kafka_ts_ms = c.kafka_ts_ms.or(self.pending.kafka_ts_ms);
         }
         Absorbed::Ok
     }
@@ -368,6 +403,7 @@ impl Subscription {
                 epoch: self.epoch.clone(),
                 seq: p.seq,
                 ts_ms: p.ts_ms,
+                kafka_ts_ms: p.kafka_ts_ms,
                 patch: p.rows,
             }],
             Format::Rows => p.rows.into_values().map(Outgoing::Row).collect(),

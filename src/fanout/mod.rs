@@ -73,31 +73,55 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// Observes the end-to-end latencies of a patch written now: from the database commit
+/// (`source.ts_ms`) and from the Kafka record's timestamp.
+pub fn record_latency(metrics: &Metrics, ts_ms: Option<i64>, kafka_ts_ms: Option<i64>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    if let Some(ts) = ts_ms {
+        metrics
+            .freshness_seconds
+            .observe(((now - ts).max(0) as f64) / 1000.0);
+    }
+    if let Some(ts) = kafka_ts_ms {
+        metrics
+            .kafka_to_socket_seconds
+            .observe(((now - ts).max(0) as f64) / 1000.0);
+    }
+}
+
 /// Records the metrics of a message about to be written.
 pub fn record_sent(metrics: &Metrics, out: &Outgoing, bytes: usize) {
-    metrics.sent_bytes.inc_by(bytes as u64);
-    match out {
+    let kind = match out {
         Outgoing::Snapshot { rows, .. } => {
             metrics.snapshots_sent.inc();
             metrics.snapshot_rows.inc_by(rows.len() as u64);
+            "snapshot"
         }
-        Outgoing::Patch { ts_ms, .. } => {
+        Outgoing::Patch {
+            ts_ms, kafka_ts_ms, ..
+        } => {
             metrics.patches_sent.inc();
-            if let Some(ts) = ts_ms {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
-                metrics
-                    .freshness_seconds
-                    .observe(((now - ts).max(0) as f64) / 1000.0);
-            }
+            record_latency(metrics, *ts_ms, *kafka_ts_ms);
+            "patch"
         }
-        Outgoing::Row(_) => metrics.patches_sent.inc(),
-        Outgoing::Error { code, .. } => metrics
-            .protocol_errors
-            .with_label_values(&[code.as_str()])
-            .inc(),
-        Outgoing::Pong => {}
-    }
+        Outgoing::Row(_) => {
+            metrics.patches_sent.inc();
+            "row"
+        }
+        Outgoing::Error { code, .. } => {
+            metrics
+                .protocol_errors
+                .with_label_values(&[code.as_str()])
+                .inc();
+            "control"
+        }
+        Outgoing::Pong => "control",
+    };
+    metrics
+        .sent_bytes
+        .with_label_values(&[kind])
+        .inc_by(bytes as u64);
 }

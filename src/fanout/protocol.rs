@@ -14,11 +14,13 @@ pub enum Outgoing {
         seq: u64,
         rows: Map<String, Value>,
     },
+    /// `kafka_ts_ms` is not sent: it feeds the Kafka-to-socket latency metric.
     Patch {
         table: String,
         epoch: String,
         seq: u64,
         ts_ms: Option<i64>,
+        kafka_ts_ms: Option<i64>,
         patch: Map<String, Value>,
     },
     /// `format=rows`: one flat row per message.
@@ -48,6 +50,7 @@ impl Outgoing {
                 seq,
                 ts_ms,
                 patch,
+                ..
             } => {
                 json!({"type": "patch", "table": table, "epoch": epoch, "seq": seq, "ts_ms": ts_ms, "patch": patch})
             }
@@ -221,6 +224,7 @@ mod tests {
             epoch: "e".into(),
             seq: 3,
             ts_ms: Some(9),
+            kafka_ts_ms: None,
             patch: Map::new(),
         };
         assert_eq!(

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use futures::SinkExt;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::hub::{Absorbed, Start, Subscription};
+use super::hub::{Absorbed, SharedFrame, Start, Subscription};
 use super::protocol::{
     parse_keys, parse_since, ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery,
 };
@@ -84,7 +84,7 @@ struct Connection {
     /// Whole messages waiting to be written before the subscriptions' pending patches.
     queued: Vec<Outgoing>,
     /// Shared, already serialised patch frames (with their `ts_ms`), written as they are.
-    frames: Vec<(Utf8Bytes, Option<i64>)>,
+    frames: Vec<SharedFrame>,
 }
 
 enum Step {
@@ -162,6 +162,7 @@ impl Connection {
                     Ok(Ok(())) => {}
                     Ok(Err(())) => return "write_error",
                     Err(_) => {
+                        self.state.metrics.slow_client_disconnects.inc();
                         let _ = socket
                             .send(close(
                                 1008,
@@ -402,22 +403,17 @@ impl Connection {
     async fn send_frames(
         &self,
         socket: &mut WebSocket,
-        frames: Vec<(Utf8Bytes, Option<i64>)>,
+        frames: Vec<SharedFrame>,
     ) -> Result<(), ()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
         let m = &self.state.metrics;
         let flush = !frames.is_empty();
-        for (frame, ts) in frames {
+        for f in frames {
             m.patches_sent.inc();
-            m.sent_bytes.inc_by(frame.len() as u64);
-            if let Some(ts) = ts {
-                m.freshness_seconds
-                    .observe(((now - ts).max(0) as f64) / 1000.0);
-            }
-            socket.feed(Message::Text(frame)).await.map_err(|_| ())?;
+            m.sent_bytes
+                .with_label_values(&["patch"])
+                .inc_by(f.text.len() as u64);
+            super::record_latency(m, f.ts_ms, f.kafka_ts_ms);
+            socket.feed(Message::Text(f.text)).await.map_err(|_| ())?;
         }
         if flush {
             socket.flush().await.map_err(|_| ())?;

@@ -37,6 +37,8 @@ pub struct AppliedChange {
     /// The full row after the change; `None` when deleted.
     pub row: Option<Row>,
     pub ts_ms: Option<i64>,
+    /// The Kafka timestamp of the record that carried the change.
+    pub kafka_ts_ms: Option<i64>,
     /// For a truncate: the keys it removed.
     pub truncated: Vec<String>,
     /// The RFC 7386 patch of this row: the whole row when new, only the changed columns when
@@ -222,6 +224,7 @@ impl Staged {
                 op: Op::Truncate,
                 row: None,
                 ts_ms: change.ts_ms,
+                kafka_ts_ms: change.kafka_ts_ms,
                 truncated: visible,
                 patch: serde_json::Value::Null,
                 before: None,
@@ -244,6 +247,7 @@ impl Staged {
             op: change.op,
             row: change.row,
             ts_ms: change.ts_ms,
+            kafka_ts_ms: change.kafka_ts_ms,
             truncated: Vec::new(),
             patch,
             before,
@@ -307,6 +311,7 @@ mod tests {
             op,
             row: row.map(|v| v.as_object().unwrap().clone()),
             ts_ms: None,
+            kafka_ts_ms: None,
         }
     }
 

@@ -370,7 +370,8 @@ fn truncate_clears_the_table() {
             key: String::new(),
             op: Op::Truncate,
             row: None,
-            ts_ms: Some(5)
+            ts_ms: Some(5),
+            kafka_ts_ms: Some(7),
         })
     );
 }
