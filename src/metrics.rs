@@ -181,6 +181,55 @@ impl Metrics {
             dead_lettered,
             registry: r,
         };
+        // series of the fixed label sets exist from the start, so rate() and alerts see zeros
+        let init = |v: &IntCounterVec, values: &[&str]| {
+            for x in values {
+                v.with_label_values(&[x]);
+            }
+        };
+        init(
+            &m.decode_errors,
+            &[
+                "oversized",
+                "invalid_json",
+                "not_an_object",
+                "bad_shape",
+                "unknown_op",
+                "no_key",
+                "no_table",
+            ],
+        );
+        init(
+            &m.skipped,
+            &["schema_change", "heartbeat", "transaction", "message"],
+        );
+        init(&m.resumes, &["hit", "miss"]);
+        init(
+            &m.protocol_errors,
+            &[
+                "bad_request",
+                "bad_message",
+                "unknown_table",
+                "too_many_subscriptions",
+                "rate_limited",
+                "slow_consumer",
+                "server_busy",
+            ],
+        );
+        init(&m.connections_opened, &["ws", "sse"]);
+        init(
+            &m.connections_closed,
+            &[
+                "client_closed",
+                "read_error",
+                "write_error",
+                "slow_client",
+                "idle",
+                "shutdown",
+                "rate_limited",
+            ],
+        );
+        init(&m.sent_bytes, &["snapshot", "patch", "row", "control"]);
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
