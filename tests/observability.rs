@@ -249,13 +249,10 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
     eventually(
         "prometheus scraped livetable a few times",
         Duration::from_secs(60),
-        || {
-            let query = query.clone();
-            async move {
-                let v = query("count_over_time(up{job=\"livetable\"}[1m])".into()).await?;
-                let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
-                (n >= 5.0).then_some(())
-            }
+        || async move {
+            let v = query("count_over_time(up{job=\"livetable\"}[1m])".into()).await?;
+            let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (n >= 5.0).then_some(())
         },
     )
     .await;
