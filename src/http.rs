@@ -38,20 +38,43 @@ impl IntoResponse for ApiError {
 
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // the data routes answer only once the tables are complete (after a restore)
+    let data = Router::new()
         .route("/api/tables", get(list_tables))
         .route("/api/tables/{table}", get(get_table))
         .route("/api/tables/{table}/rows/{key}", get(get_row))
+        .route("/ws", get(crate::fanout::ws::handler))
+        .route("/sse", get(crate::fanout::sse::handler))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_restored,
+        ));
+    Router::new()
+        .merge(data)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/", get(index))
         .route("/livetable.js", get(client_js))
-        .route("/ws", get(crate::fanout::ws::handler))
-        .route("/sse", get(crate::fanout::sse::handler))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+async fn require_restored(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state
+        .readiness
+        .restored
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "restoring the tables from the changelog; retry shortly".into(),
+        )
+        .into_response()
+    }
 }
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -140,6 +163,18 @@ async fn index(
     >,
 ) -> Response {
     match ws {
+        Ok(_)
+            if !state
+                .readiness
+                .restored
+                .load(std::sync::atomic::Ordering::Acquire) =>
+        {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "restoring the tables from the changelog; retry shortly".into(),
+            )
+            .into_response()
+        }
         Ok(ws) => crate::fanout::ws::handler(state, q, ws).await,
         Err(_) => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],

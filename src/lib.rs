@@ -85,8 +85,9 @@ impl Service {
     }
 }
 
-/// Starts livetable: the store, a restore from the changelog if the data directory is empty, then
-/// HTTP (so nothing is served before the state is complete), the durability task and the ingest thread.
+/// Starts livetable: the store, HTTP (health, readiness and metrics answer at once; the data routes
+/// answer 503 until the state is complete), a restore from the changelog if the data directory is
+/// empty, the durability task and the ingest thread.
 pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service, ServiceError> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
@@ -102,33 +103,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 source,
             })?
     };
-    let store_err = |source| ServiceError::Store {
-        dir: config.data_dir.display().to_string(),
-        source,
-    };
-    let mut loaded = {
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.load())
-            .await
-            .map_err(|e| ServiceError::Task(e.to_string()))?
-            .map_err(store_err)?
-    };
-    if !loaded.initialized {
-        loaded = restore(&config, &store, &metrics, &cancel).await?;
-    }
-    let tables = Arc::new(Tables::from_loaded(&mut loaded));
-    for info in tables.list() {
-        metrics
-            .table_rows
-            .with_label_values(&[&info.name])
-            .set(info.rows as i64);
-        metrics
-            .table_seq
-            .with_label_values(&[&info.name])
-            .set(info.seq as i64);
-    }
-    readiness.restored.store(true, Ordering::Release);
-
+    // HTTP first: health, readiness (503 while restoring) and metrics answer during a restore;
+    // the data routes answer 503 until the tables are complete
+    let tables = Arc::new(Tables::default());
     let hub = Arc::new(fanout::hub::Hub::new(
         tables.clone(),
         metrics.clone(),
@@ -162,6 +139,39 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         })
     };
     tracing::info!(%local_addr, "http listening");
+
+    let store_err = |source| ServiceError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    };
+    let mut loaded = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.load())
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
+            .map_err(store_err)?
+    };
+    if !loaded.initialized {
+        loaded = match restore(&config, &store, &metrics, &cancel).await {
+            Ok(l) => l,
+            Err(e) => {
+                cancel.cancel();
+                return Err(e);
+            }
+        };
+    }
+    tables.fill(&mut loaded);
+    for info in tables.list() {
+        metrics
+            .table_rows
+            .with_label_values(&[&info.name])
+            .set(info.rows as i64);
+        metrics
+            .table_seq
+            .with_label_values(&[&info.name])
+            .set(info.seq as i64);
+    }
+    readiness.restored.store(true, Ordering::Release);
 
     let changelog = Arc::new(Changelog::new(&config)?);
     let positions = Arc::new(Mutex::new(loaded.positions.clone()));

@@ -63,21 +63,24 @@ impl Tables {
     /// Builds the in-memory tables from what the store loaded.
     pub fn from_loaded(loaded: &mut Loaded) -> Self {
         let tables = Tables::default();
-        {
-            let mut map = tables.inner.write().unwrap_or_else(|e| e.into_inner());
-            for (name, t) in loaded.tables.drain() {
-                let rows = t.rows.into_iter().collect();
-                map.insert(
-                    name,
-                    Arc::new(RwLock::new(TableState {
-                        seq: t.seq,
-                        epoch: t.epoch,
-                        rows,
-                    })),
-                );
-            }
-        }
+        tables.fill(loaded);
         tables
+    }
+
+    /// Adds every table the store loaded (start-up, before ingestion begins).
+    pub fn fill(&self, loaded: &mut Loaded) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        for (name, t) in loaded.tables.drain() {
+            let rows = t.rows.into_iter().collect();
+            map.insert(
+                name,
+                Arc::new(RwLock::new(TableState {
+                    seq: t.seq,
+                    epoch: t.epoch,
+                    rows,
+                })),
+            );
+        }
     }
 
     /// The table named `name`, if it exists.
