@@ -189,18 +189,22 @@ impl Ingest {
         }
         self.ensure_topics(&staged);
         self.store.apply(staged.write_batch())?;
-        self.tables.publish(&staged);
+        // produce reads the staged rows; publish then moves them into the tables
+        let checkpoint = self.produce(&staged);
+        self.tables.publish(&mut staged);
         self.positions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(staged.positions.iter().map(|(k, v)| (k.clone(), *v)));
-        let checkpoint = self.produce(&staged);
-        for delta in staged.deltas.iter().filter(|(_, d)| !d.changes.is_empty()) {
-            let (table, d) = delta;
+        for (table, d) in staged
+            .deltas
+            .iter_mut()
+            .filter(|(_, d)| !d.changes.is_empty())
+        {
             let update = TableUpdate {
                 table: table.clone(),
                 epoch: d.epoch.clone(),
-                changes: d.changes.clone(),
+                changes: std::mem::take(&mut d.changes),
                 frame: None,
             };
             self.hub.publish(update);

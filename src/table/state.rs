@@ -122,8 +122,9 @@ impl Tables {
     }
 
     /// Makes a staged batch visible (after it was written to the store).
-    pub fn publish(&self, staged: &Staged) {
-        for (name, delta) in &staged.deltas {
+    /// The staged rows are moved, not copied: call it after everything that reads them.
+    pub fn publish(&self, staged: &mut Staged) {
+        for (name, delta) in staged.deltas.iter_mut() {
             let table = {
                 let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
                 map.entry(name.clone())
@@ -136,10 +137,10 @@ impl Tables {
                     .clone()
             };
             let mut t = table.write().unwrap_or_else(|e| e.into_inner());
-            for (key, (row, _)) in &delta.rows {
+            for (key, (row, _)) in delta.rows.drain() {
                 match row {
-                    Some(row) => t.rows.insert(key.clone(), row.clone()),
-                    None => t.rows.remove(key),
+                    Some(row) => t.rows.insert(key, row),
+                    None => t.rows.remove(&key),
                 };
             }
             t.seq = delta.seq;
@@ -196,12 +197,6 @@ impl Staged {
                 v.insert(delta)
             }
         };
-        let current = |delta: &Delta, key: &str| -> Option<Row> {
-            match delta.rows.get(key) {
-                Some((row, _)) => row.clone(),
-                None => tables.row(&change.table, key),
-            }
-        };
         if change.op == Op::Truncate {
             let mut visible: BTreeSet<String> = tables
                 .get(&change.table)
@@ -234,12 +229,29 @@ impl Staged {
             });
             return delta.changes.last();
         }
-        let before = current(delta, &change.key);
-        if before == change.row {
-            return None;
-        }
-        let patch = crate::fanout::patch::row_diff(before.as_ref(), change.row.as_ref());
-        let before = if change.row.is_none() { before } else { None };
+        // compare and diff against the current row by reference: no copy of it per change
+        let table = tables.get(&change.table);
+        let guard = table.as_ref().map(|t| read(t));
+        let (patch, before) = {
+            let current: Option<&Row> = match delta.rows.get(&change.key) {
+                Some((row, _)) => row.as_ref(),
+                None => guard.as_ref().and_then(|g| g.rows.get(&change.key)),
+            };
+            if current == change.row.as_ref() {
+                return None;
+            }
+            let patch = crate::fanout::patch::row_diff(current, change.row.as_ref());
+            // a delete keeps the row it removed, for `format=rows` clients
+            (
+                patch,
+                if change.row.is_none() {
+                    current.cloned()
+                } else {
+                    None
+                },
+            )
+        };
+        drop(guard);
         delta.seq += 1;
         delta
             .rows
@@ -295,11 +307,6 @@ impl Staged {
         }
         b
     }
-
-    /// Number of applied changes in the batch.
-    pub fn applied(&self) -> usize {
-        self.deltas.values().map(|d| d.changes.len()).sum()
-    }
 }
 
 #[cfg(test)]
@@ -353,7 +360,7 @@ mod tests {
             .seq,
             2
         );
-        tables.publish(&s);
+        tables.publish(&mut s);
         assert_eq!(tables.position("t"), Some((2, "e1".to_string())));
 
         let mut s = Staged::default();
@@ -379,7 +386,7 @@ mod tests {
             .seq,
             4
         );
-        tables.publish(&s);
+        tables.publish(&mut s);
         let t = tables.get("t").unwrap();
         let t = t.read().unwrap();
         assert_eq!(t.rows.keys().collect::<Vec<_>>(), ["c"]);
