@@ -26,8 +26,16 @@ wait_port() {
   die "$name did not accept connections on $host:$port within ${secs}s (log: $LIVETABLE_RUN/logs/$name.log)"
 }
 
-# pid_alive FILE: true when the pid in FILE names a running process.
-pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# pid_alive FILE: true when the pid in FILE names a running process (a zombie, killed but not yet
+# reaped, does not count).
+pid_alive() {
+  [[ -f $1 ]] || return 1
+  local pid state
+  pid=$(cat "$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  state=$(ps -o stat= -p "$pid" 2>/dev/null)
+  [[ -n $state && $state != Z* ]]
+}
 
 # stop_pid NAME [GRACE_SECONDS]: SIGTERM the process in $LIVETABLE_RUN/NAME.pid, SIGKILL after the grace.
 stop_pid() {

@@ -1,0 +1,238 @@
+//! End to end with real parts, PostgreSQL flavour: a private PostgreSQL (dev/postgres) -> real
+//! Debezium on Kafka Connect (dev/connect) -> the broker -> livetable -> a WebSocket client.
+//! Inserts, updates (one in a multi-row transaction), a delete and a primary-key change; then a
+//! kill -9 of Connect mid-stream. The client's state must equal the database, row for row, and so
+//! must the HTTP API. Also prints (does not assert) commit -> WebSocket latency over 200 commits.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use livetable::config::{Config, TopicSelection};
+use livetable::fanout::patch::merge;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const PG_PORT: &str = "55439";
+
+fn dev(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("dev").join(script))
+        .args(args)
+        .env("PG_PORT", PG_PORT)
+        .env("BROKER_ADDR", brokers())
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "dev/{script} {args:?} failed:\n{text}"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn sql(q: &str) -> String {
+    dev("postgres", &["psql", "-tAc", q], &[])
+}
+
+/// The table as the database has it, in the client's shape (numeric as text, NULL columns absent).
+fn db_state(table: &str) -> Value {
+    let q = format!(
+        "select coalesce(json_object_agg(game_id, json_strip_nulls(json_build_object('game_id', game_id, 'odd1', odd1::text, \
+         'odd2', odd2::text, 'odd3', odd3::text, 'odd4', odd4::text, 'odd5', odd5::text))), '{{}}') from {table}"
+    );
+    serde_json::from_str(&sql(&q)).unwrap()
+}
+
+/// Client or API rows projected on the columns compared with the database.
+fn project(rows: &Value) -> Value {
+    let Some(rows) = rows.as_object() else {
+        return Value::Null;
+    };
+    let mut out = serde_json::Map::new();
+    for (k, row) in rows {
+        let r: serde_json::Map<String, Value> = row
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(c, v)| *c != "updated_at" && !v.is_null())
+            .map(|(c, v)| (c.clone(), v.clone()))
+            .collect();
+        out.insert(k.clone(), Value::Object(r));
+    }
+    Value::Object(out)
+}
+
+struct Client {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    state: Value,
+}
+
+impl Client {
+    /// Applies messages until the projected state equals `want` (or panics after the deadline).
+    async fn until_equal(&mut self, want: &Value, what: &str) {
+        let until = Instant::now() + Duration::from_secs(60);
+        while project(&self.state) != *want {
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{what}: client {} != database {want}",
+                project(&self.state)
+            );
+            if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(left, self.ws.next()).await
+            {
+                let m: Value = serde_json::from_str(t.as_str()).unwrap();
+                match m["type"].as_str() {
+                    Some("snapshot") => self.state = m["rows"].clone(),
+                    Some("patch") => merge(&mut self.state, &m["patch"]),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_debezium_livetable_websocket_equals_the_database() {
+    init_logs();
+    let u = unique("pg").replace('x', "_");
+    let table = format!("odds_{u}");
+    let prefix = format!("e2e{u}").replace('_', "");
+    let name = format!("e2e_{u}");
+    dev("postgres", &["start"], &[]);
+    sql(&format!(
+        "create table {table} (like game_odds including all); alter table {table} replica identity full; \
+         insert into {table}(game_id, odd1, odd2, odd3, odd4, odd5) values ('g1', 1.5, 2.25, 3.125, 4, 5.5), ('g2', 1.1, 1.2, 1.3, 1.4, 1.5), ('g3', 9.999, 8.888, 7.777, 6.666, 5.555)"
+    ));
+    let env = [
+        ("CONNECT_NAME", name.as_str()),
+        ("TOPIC_PREFIX", prefix.as_str()),
+        ("PG_TABLE", &format!("public.{table}")),
+        ("SLOT_NAME", name.as_str()),
+    ];
+    let dir = tempdir();
+    let mut c = Config::for_tests(
+        &brokers(),
+        TopicSelection::Pattern(format!(r"^{prefix}\..*")),
+        dir.path(),
+        &u,
+    );
+    c.kafka_props
+        .push(("session.timeout.ms".into(), "6000".into()));
+    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
+    let base = format!("http://{}", svc.local_addr);
+    dev("connect", &["start"], &env);
+
+    // the snapshot of the table arrives through Debezium
+    let api = table_at_seq(&base, &table, 3).await;
+    assert_eq!(project(&api["rows"]), db_state(&table));
+    let (ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/ws?table={table}",
+        base.replace("http://", "ws://")
+    ))
+    .await
+    .unwrap();
+    let mut client = Client {
+        ws,
+        state: Value::Null,
+    };
+    client.until_equal(&db_state(&table), "snapshot").await;
+
+    // insert, update, a 2-row transaction, delete, NULL and 6 decimals, primary-key change
+    sql(&format!(
+        "insert into {table}(game_id, odd1, odd2, odd3, odd4, odd5) values ('g4', 2, 3, 4, 5, 6)"
+    ));
+    sql(&format!(
+        "update {table} set odd1 = 1.75, updated_at = now() where game_id = 'g1'"
+    ));
+    sql(&format!(
+        "begin; update {table} set odd2 = odd2 + 0.1 where game_id in ('g2', 'g4'); commit;"
+    ));
+    sql(&format!("delete from {table} where game_id = 'g3'"));
+    sql(&format!("insert into {table}(game_id, odd1, odd2, odd3, odd4, odd5) values ('g5', null, 1, 1, 1, 123456.789012)"));
+    sql(&format!(
+        "update {table} set game_id = 'g6' where game_id = 'g4'"
+    ));
+    let want = db_state(&table);
+    assert_eq!(
+        want.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["g1", "g2", "g5", "g6"]
+    );
+    assert_eq!(
+        want["g5"],
+        json!({"game_id": "g5", "odd2": "1.000", "odd3": "1.000", "odd4": "1.000", "odd5": "123456.789012"})
+    );
+    client.until_equal(&want, "after the workload").await;
+    let (_, api) = get_json(&format!("{base}/api/tables/{table}")).await;
+    assert_eq!(
+        project(&api["rows"]),
+        want,
+        "the HTTP API equals the database too"
+    );
+
+    // kill -9 Kafka Connect in the middle of a stream of updates, start it again
+    let pidfile = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!(".run/connect-{name}.pid"));
+    for i in 0..20 {
+        sql(&format!(
+            "update {table} set odd3 = {}.{i:03}, updated_at = now() where game_id = 'g{}'",
+            2 + i % 3,
+            [1, 2, 5, 6][i % 4]
+        ));
+        if i == 8 {
+            let pid = std::fs::read_to_string(&pidfile).unwrap();
+            Command::new("kill")
+                .args(["-9", pid.trim()])
+                .status()
+                .unwrap();
+            dev("connect", &["start"], &env);
+        }
+    }
+    let want = db_state(&table);
+    client.until_equal(&want, "after the Connect restart").await;
+
+    // commit -> WebSocket receipt latency over 200 single-row commits (printed, not asserted)
+    let mut lat = Vec::with_capacity(200);
+    for i in 0..200 {
+        let value = format!("7.{i:03}");
+        sql(&format!(
+            "update {table} set odd4 = {value} where game_id = 'g1'"
+        ));
+        let committed = Instant::now(); // psql returns after the commit
+        loop {
+            let Ok(Some(Ok(Message::Text(t)))) =
+                tokio::time::timeout(Duration::from_secs(10), client.ws.next()).await
+            else {
+                panic!("no patch for commit {i}")
+            };
+            let m: Value = serde_json::from_str(t.as_str()).unwrap();
+            merge(&mut client.state, &m["patch"]);
+            if client.state["g1"]["odd4"] == json!(value) {
+                break;
+            }
+        }
+        lat.push(committed.elapsed());
+    }
+    lat.sort();
+    eprintln!(
+        "commit -> websocket over 200 commits: p50 {:?}, p99 {:?} (after psql returned)",
+        lat[100], lat[197]
+    );
+
+    dev("connect", &["stop"], &env);
+    sql(&format!("select pg_drop_replication_slot('{name}')"));
+    sql(&format!("drop table {table}"));
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
