@@ -28,14 +28,12 @@ async fn the_page_shows_a_change_within_two_seconds() {
     let p = producer();
     produce(&p, &topic, &records[..4]).await;
     let dir = tempdir();
-    let mut c = Config::for_tests(
+    let c = Config::for_tests(
         &brokers(),
         TopicSelection::Names(vec![topic.clone()]),
         dir.path(),
         &u,
     );
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
     let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
     let base = format!("http://{}", svc.local_addr);
     table_at_seq(&base, "game_odds", 4).await;

@@ -122,14 +122,12 @@ async fn postgres_debezium_livetable_websocket_equals_the_database() {
         ("SLOT_NAME", name.as_str()),
     ];
     let dir = tempdir();
-    let mut c = Config::for_tests(
+    let c = Config::for_tests(
         &brokers(),
         TopicSelection::Pattern(format!(r"^{prefix}\..*")),
         dir.path(),
         &u,
     );
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
     let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
     let base = format!("http://{}", svc.local_addr);
     dev("connect", &["start"], &env);

@@ -39,8 +39,6 @@ async fn setup(
         dir.path(),
         &u,
     );
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
     tweak(&mut c);
     let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
     let base = format!("http://{}", svc.local_addr);
@@ -315,8 +313,6 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
         dir.path(),
         &u,
     );
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
     // the slow client is stalled far longer than the socket buffers last; it must not be dropped
     c.slow_client = Duration::from_secs(120);
     c.max_batch = 200;

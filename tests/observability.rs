@@ -103,14 +103,12 @@ async fn service_under_load() -> (livetable::Service, String, String) {
     });
     produce(&producer(), &topic, &records).await;
     let dir = tempdir();
-    let mut c = Config::for_tests(
+    let c = Config::for_tests(
         &brokers(),
         TopicSelection::Names(vec![topic.clone()]),
         dir.path(),
         &u,
     );
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
     let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
     std::mem::forget(dir); // the data directory outlives this helper; the OS cleans /tmp
     let base = format!("http://{}", svc.local_addr);

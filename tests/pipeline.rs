@@ -12,10 +12,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 fn config(topics: TopicSelection, dir: &std::path::Path, u: &str) -> Config {
-    let mut c = Config::for_tests(&brokers(), topics, dir, u);
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
-    c
+    Config::for_tests(&brokers(), topics, dir, u)
 }
 
 async fn start(c: Config) -> (livetable::Service, String) {

@@ -46,14 +46,12 @@ async fn cdc_gen_and_ws_swarm_run_and_agree_with_the_api() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    let mut c = Config::for_tests(
+    let c = Config::for_tests(
         &brokers(),
         TopicSelection::Names(vec![topic.clone()]),
         dir.path(),
         &u,
     );
-    c.kafka_props
-        .push(("session.timeout.ms".into(), "6000".into()));
     let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
     let base = format!("http://{}", svc.local_addr);
     let until = std::time::Instant::now() + Duration::from_secs(30);
