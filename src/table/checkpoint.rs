@@ -111,58 +111,68 @@ impl Checkpointer {
 
     /// Waits for every delivery; re-produces what failed until the broker takes it; clears the outbox.
     async fn settle(&self, rows: Vec<PendingRow>, letters: Vec<PendingLetter>) {
-        for mut row in rows {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                if let Some(d) = row.delivery.take() {
-                    match d.await {
-                        Ok(Ok(_)) => break,
-                        Ok(Err((e, _))) => {
-                            tracing::warn!(table = %row.table, key = %row.key, error = %e, "changelog record not acknowledged; retrying")
-                        }
-                        Err(_) => {
-                            tracing::warn!(table = %row.table, key = %row.key, "changelog delivery cancelled; retrying")
-                        }
-                    }
-                    self.metrics.changelog_produce_errors.inc();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                row.delivery = self.resend_row(&row.table, &row.key).await;
-                if row.delivery.is_none() {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
+        for row in rows {
+            let what = || format!("changelog record {}/{}", row.table, row.key);
+            self.until_acknowledged(row.delivery, what, || self.resend_row(&row.table, &row.key))
+                .await;
             if let Err(e) = self.store.clear_dirty(&row.table, &row.key, row.seq) {
                 tracing::error!(error = %e, "clearing the outbox failed; the key will be produced again");
             }
         }
-        for mut letter in letters {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                if let Some(d) = letter.delivery.take() {
-                    match d.await {
-                        Ok(Ok(_)) => break,
-                        Ok(Err((e, _))) => {
-                            tracing::warn!(error = %e, "dead letter not acknowledged; retrying")
-                        }
-                        Err(_) => tracing::warn!("dead letter delivery cancelled; retrying"),
-                    }
-                    self.metrics.changelog_produce_errors.inc();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+        for letter in letters {
+            let what = || {
+                format!(
+                    "dead letter {}/{}/{}",
+                    letter.letter.topic, letter.letter.partition, letter.letter.offset
+                )
+            };
+            let resend = || {
                 let changelog = self.changelog.clone();
                 let l = letter.letter.clone();
-                letter.delivery =
+                async move {
                     tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l).ok())
                         .await
                         .ok()
-                        .flatten();
-            }
+                        .flatten()
+                }
+            };
+            self.until_acknowledged(letter.delivery, what, resend).await;
             if let Err(e) = self.store.clear_dead_letter(letter.id) {
                 tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
+            }
+        }
+    }
+
+    /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
+    /// `resend` for a new delivery (a missing one is produced at once). `what` names the record in
+    /// logs; it is only built when something goes wrong.
+    async fn until_acknowledged<F, Fut>(
+        &self,
+        mut delivery: Option<DeliveryFuture>,
+        what: impl Fn() -> String,
+        mut resend: F,
+    ) where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<DeliveryFuture>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Some(d) = delivery.take() {
+                match d.await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err((e, _))) => {
+                        tracing::warn!(what = %what(), error = %e, "not acknowledged by the broker; retrying")
+                    }
+                    Err(_) => tracing::warn!(what = %what(), "delivery cancelled; retrying"),
+                }
+                self.metrics.changelog_produce_errors.inc();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            delivery = resend().await;
+            if delivery.is_none() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
