@@ -9,8 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use livetable::config::{Config, TopicSelection};
-use tokio_util::sync::CancellationToken;
+use livetable::config::TopicSelection;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_a_change_within_two_seconds() {
@@ -28,14 +27,8 @@ async fn the_page_shows_a_change_within_two_seconds() {
     let p = producer();
     produce(&p, &topic, &records[..4]).await;
     let dir = tempdir();
-    let c = Config::for_tests(
-        &brokers(),
-        TopicSelection::Names(vec![topic.clone()]),
-        dir.path(),
-        &u,
-    );
-    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
-    let base = format!("http://{}", svc.local_addr);
+    let c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let (svc, base) = start_service(c).await;
     table_at_seq(&base, "game_odds", 4).await;
 
     let artifacts = root.join("target/browser-artifacts");

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
-use livetable::config::{Config, TopicSelection};
+use livetable::config::TopicSelection;
 use livetable::fanout::patch::merge;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 const PG_PORT: &str = "55439";
 
@@ -122,14 +121,12 @@ async fn postgres_debezium_livetable_websocket_equals_the_database() {
         ("SLOT_NAME", name.as_str()),
     ];
     let dir = tempdir();
-    let c = Config::for_tests(
-        &brokers(),
+    let c = test_config(
         TopicSelection::Pattern(format!(r"^{prefix}\..*")),
         dir.path(),
         &u,
     );
-    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
-    let base = format!("http://{}", svc.local_addr);
+    let (svc, base) = start_service(c).await;
     dev("connect", &["start"], &env);
 
     // the snapshot of the table arrives through Debezium

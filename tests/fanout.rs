@@ -11,7 +11,6 @@ use livetable::config::{Config, TopicSelection};
 use livetable::fanout::patch::merge;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -33,15 +32,9 @@ async fn setup(
     let records = load_fixture("pg_f_decimal_string.jsonl");
     produce(&producer(), &topic, &records[..first]).await;
     let dir = tempdir();
-    let mut c = Config::for_tests(
-        &brokers(),
-        TopicSelection::Names(vec![topic.clone()]),
-        dir.path(),
-        &u,
-    );
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
     tweak(&mut c);
-    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
-    let base = format!("http://{}", svc.local_addr);
+    let (svc, base) = start_service(c).await;
     if first > 0 {
         table_at_seq(&base, "game_odds", first as u64).await;
     }
@@ -307,17 +300,11 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
     let topic = format!("{u}.ticks");
     create_topic(&topic, 1).await;
     let dir = tempdir();
-    let mut c = Config::for_tests(
-        &brokers(),
-        TopicSelection::Names(vec![topic.clone()]),
-        dir.path(),
-        &u,
-    );
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
     // the slow client is stalled far longer than the socket buffers last; it must not be dropped
     c.slow_client = Duration::from_secs(120);
     c.max_batch = 200;
-    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
-    let base = format!("http://{}", svc.local_addr);
+    let (svc, base) = start_service(c).await;
     // every change rewrites a 4 KB column, so 10k changes (~40 MB of patches) overflow the
     // kernel's socket buffers of a client that does not read
     let tick = |i: usize| FixtureRecord {

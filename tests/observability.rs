@@ -13,10 +13,9 @@ use std::time::Duration;
 
 use common::*;
 use futures::{SinkExt, StreamExt};
-use livetable::config::{Config, TopicSelection};
+use livetable::config::TopicSelection;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -103,15 +102,9 @@ async fn service_under_load() -> (livetable::Service, String, String) {
     });
     produce(&producer(), &topic, &records).await;
     let dir = tempdir();
-    let c = Config::for_tests(
-        &brokers(),
-        TopicSelection::Names(vec![topic.clone()]),
-        dir.path(),
-        &u,
-    );
-    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
+    let c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let (svc, base) = start_service(c).await;
     std::mem::forget(dir); // the data directory outlives this helper; the OS cleans /tmp
-    let base = format!("http://{}", svc.local_addr);
     table_at_seq(&base, "game_odds", 12).await;
     let ws_url = format!("{}/ws?table=game_odds", base.replace("http://", "ws://"));
     let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();

@@ -7,20 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use livetable::config::{Config, TopicSelection};
+use livetable::config::TopicSelection;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-fn config(topics: TopicSelection, dir: &std::path::Path, u: &str) -> Config {
-    Config::for_tests(&brokers(), topics, dir, u)
-}
-
-async fn start(c: Config) -> (livetable::Service, String) {
-    init_logs();
-    let svc = livetable::start(c, CancellationToken::new()).await.unwrap();
-    let base = format!("http://{}", svc.local_addr);
-    (svc, base)
-}
+use common::{start_service as start, test_config as config};
 
 /// The final rows of the captured workload, with odds as exact decimal strings.
 fn final_rows_exact(odd5_g6: &str) -> Value {

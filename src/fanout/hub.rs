@@ -63,10 +63,6 @@ impl Hub {
         }
     }
 
-    pub fn tables(&self) -> &Arc<Tables> {
-        &self.tables
-    }
-
     /// Publishes a batch's changes of one table (after the tables show them).
     pub fn publish(&self, mut update: TableUpdate) {
         if self.tx.receiver_count() > 0 {

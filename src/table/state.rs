@@ -60,13 +60,6 @@ fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 }
 
 impl Tables {
-    /// Builds the in-memory tables from what the store loaded.
-    pub fn from_loaded(loaded: &mut Loaded) -> Self {
-        let tables = Tables::default();
-        tables.fill(loaded);
-        tables
-    }
-
     /// Adds every table the store loaded (start-up, before ingestion begins).
     pub fn fill(&self, loaded: &mut Loaded) {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());

@@ -73,7 +73,6 @@ pub struct Store {
 #[derive(Default)]
 pub struct WriteBatch {
     batch: sled::Batch,
-    len: usize,
 }
 
 impl WriteBatch {
@@ -81,11 +80,9 @@ impl WriteBatch {
         // serialising a Map of Values cannot fail
         let bytes = serde_json::to_vec(row).unwrap_or_default();
         self.batch.insert(two(b'r', table, key), bytes);
-        self.len += 1;
     }
     pub fn remove_row(&mut self, table: &str, key: &str) {
         self.batch.remove(two(b'r', table, key));
-        self.len += 1;
     }
     pub fn set_seq(&mut self, table: &str, seq: u64) {
         self.batch
@@ -110,10 +107,6 @@ impl WriteBatch {
     }
     pub fn set_initialized(&mut self) {
         self.batch.insert(INITIALIZED, b"1".to_vec());
-    }
-    /// Row writes in the batch (for metrics).
-    pub fn row_writes(&self) -> usize {
-        self.len
     }
 }
 

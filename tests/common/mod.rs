@@ -222,10 +222,6 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-pub fn data_dir(dir: &tempfile::TempDir) -> &Path {
-    dir.path()
-}
-
 /// Logs of the service under test, shown by `cargo test -- --nocapture` (filter: RUST_LOG).
 pub fn init_logs() {
     let filter =
@@ -234,4 +230,23 @@ pub fn init_logs() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
+}
+
+/// The test configuration of a livetable reading `topics` (unique group, changelog and DLQ names).
+pub fn test_config(
+    topics: livetable::config::TopicSelection,
+    dir: &Path,
+    u: &str,
+) -> livetable::config::Config {
+    livetable::config::Config::for_tests(&brokers(), topics, dir, u)
+}
+
+/// Starts livetable in-process on a free port; returns it and its `http://` base URL.
+pub async fn start_service(c: livetable::config::Config) -> (livetable::Service, String) {
+    init_logs();
+    let svc = livetable::start(c, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    let base = format!("http://{}", svc.local_addr);
+    (svc, base)
 }
