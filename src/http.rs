@@ -175,7 +175,14 @@ async fn index(
             )
             .into_response()
         }
-        Ok(ws) => crate::fanout::ws::handler(state, q, ws).await,
+        Ok(ws) => {
+            // an upgrade on `/` (the seed system's clients) speaks the configured default format
+            let mut q = q;
+            if q.format.is_none() {
+                q.format = Some(state.fanout.default_format.as_str().to_string());
+            }
+            crate::fanout::ws::handler(state, q, ws).await
+        }
         Err(_) => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
             INDEX_HTML,

@@ -289,6 +289,9 @@ async fn rows_format_on_the_root_path_like_the_seed_clients() {
     }
     let deleted = deleted.expect("a delete message");
     assert_eq!(deleted["game_id"], "g3");
+    // --default-format is for `/` only: `/ws` (the live page's endpoint) still speaks patches
+    let mut page = connect(&base, "/ws").await;
+    assert_eq!(next_json(&mut page).await["type"], "snapshot");
     svc.shutdown();
     svc.wait().await.unwrap();
 }

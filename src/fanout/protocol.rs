@@ -132,6 +132,13 @@ impl Format {
             _ => None,
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Patch => "patch",
+            Format::Rows => "rows",
+        }
+    }
 }
 
 /// What a client sends.

@@ -109,7 +109,8 @@ impl Connection {
     async fn run(mut self, mut socket: WebSocket, q: SubscribeQuery) -> &'static str {
         let mut updates = self.state.hub.updates();
         let format = match q.format.as_deref() {
-            None => self.state.fanout.default_format,
+            // `/ws` speaks patches unless asked; `/` resolves --default-format before it gets here
+            None => Format::Patch,
             Some(f) => match Format::parse(f) {
                 Some(f) => f,
                 None => {
