@@ -1,0 +1,275 @@
+//! End to end with real parts, MySQL flavour (the seed system's layout): a private MariaDB
+//! (dev/mariadb) -> real Debezium's MySQL connector on Kafka Connect (dev/connect, unwrap +
+//! RegexRouter) -> the broker -> livetable -> a `format=rows` WebSocket client and the live page in
+//! headless Chromium. Two games are created through the odds feed's API while livetable runs (each
+//! a new `game_<id>` table, so a new topic that livetable's pattern subscription must pick up), odds
+//! are sent to both, and the client and the page show both games with the latest odds.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use livetable::config::TopicSelection;
+use livetable::fanout::protocol::Format;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const MARIADB_PORT: &str = "33319";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn dev(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = Command::new(root().join("dev").join(script))
+        .args(args)
+        .env("MARIADB_PORT", MARIADB_PORT)
+        .env("BROKER_ADDR", brokers())
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "dev/{script} {args:?} failed:\n{text}"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn sql(q: &str) -> String {
+    dev("mariadb", &["sql", "-N", "-B", "-e", q], &[])
+}
+
+/// Stops the feed process when the test ends, also on a failed assertion.
+struct Feed(std::process::Child);
+impl Drop for Feed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops the test's Connect worker when the test ends, also on a failed assertion.
+struct Connect(Vec<(&'static str, String)>);
+impl Connect {
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.0.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+}
+impl Drop for Connect {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("dev/connect"))
+            .arg("stop")
+            .envs(self.env())
+            .output();
+    }
+}
+
+async fn post(http: &reqwest::Client, url: &str) -> (u16, Value) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        match http.post(url).send().await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                return (status, r.json().await.unwrap_or(Value::Null));
+            }
+            Err(e) => {
+                assert!(Instant::now() < until, "odds-feed did not answer: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Reads flat rows (format=rows) until every game shows `want`'s odds.
+async fn rows_until(ws: &mut Ws, seen: &mut HashMap<String, Value>, want: &HashMap<String, Value>) {
+    let until = Instant::now() + Duration::from_secs(60);
+    let odds = |r: &Value| json!([r["game_id"], r["odd1"], r["odd2"], r["odd3"], r["odd4"]]);
+    while want
+        .iter()
+        .any(|(g, w)| seen.get(g).map(odds) != Some(odds(w)))
+    {
+        let left = until.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "rows client saw {seen:?}, the feed returned {want:?}"
+        );
+        if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(left, ws.next()).await {
+            let row: Value = serde_json::from_str(t.as_str()).unwrap();
+            assert!(row.get("type").is_none(), "a flat row, no envelope: {row}");
+            if let Some(g) = row["game_id"].as_str() {
+                seen.insert(g.to_string(), row.clone());
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
+    let driver_dir = root().join("tests/browser");
+    assert!(
+        driver_dir.join("node_modules/playwright-core").is_dir() && std::path::Path::new("/usr/bin/chromium").exists(),
+        "this test needs Debian's chromium and `npm ci` in tests/browser: run ./dev/test, which installs both"
+    );
+    dev("mariadb", &["start"], &[]);
+    // games of earlier runs against this test database: the seed layout has one table per game
+    let old = sql("select table_name from information_schema.tables where table_schema = 'gameodds' and table_name like 'game\\_%'");
+    for t in old.lines().filter(|t| !t.is_empty()) {
+        sql(&format!("drop table `{t}`"));
+    }
+    sql("delete from available_games");
+
+    let u = unique("my");
+    let prefix = format!("e2e{}", u.replace('x', ""));
+    let name = format!("e2emy{}", u.replace('x', ""));
+    let server_id = (6000 + std::process::id() % 50_000).to_string();
+    let connect = Connect(vec![
+        ("CONNECT_SOURCE", "mysql".into()),
+        ("CONNECT_NAME", name),
+        ("TOPIC_PREFIX", prefix.clone()),
+        ("DBZ_SERVER_ID", server_id),
+    ]);
+    let dir = tempdir();
+    let mut c = test_config(
+        TopicSelection::Pattern(format!(r"^{prefix}\..*")),
+        dir.path(),
+        &u,
+    );
+    // the seed's clients connect to ws://host/ and expect flat rows
+    c.default_format = Format::Rows;
+    let (svc, base) = start_service(c).await;
+    dev("connect", &["start"], &connect.env());
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _feed = Feed(
+        Command::new(env!("CARGO_BIN_EXE_odds-feed"))
+            .args([
+                "--mysql",
+                &format!("mysql://root@127.0.0.1:{MARIADB_PORT}/gameodds"),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let feed = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    // game one, while livetable runs: a new table game_alpha, a new topic
+    let (status, _) = post(&http, &format!("{feed}/games/alpha")).await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        sql("select game_id from available_games"),
+        "alpha",
+        "created as the seed did"
+    );
+    table_at_seq(&base, "game_alpha", 1).await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(base.replace("http://", "ws://") + "/?table=game_alpha")
+            .await
+            .unwrap();
+
+    // game two, and new odds for both
+    let (status, _) = post(&http, &format!("{feed}/games/beta")).await;
+    assert_eq!(status, 201);
+    let mut latest = HashMap::new();
+    for game in ["alpha", "beta", "alpha", "beta"] {
+        let (status, odds) = post(&http, &format!("{feed}/sendodd/{game}")).await;
+        assert_eq!(status, 200, "{odds}");
+        latest.insert(game.to_string(), odds);
+    }
+    // unknown games and hostile ids touch nothing
+    assert_eq!(post(&http, &format!("{feed}/sendodd/gamma")).await.0, 404);
+    let hostile = format!("{feed}/games/x%60%3B%20drop%20table%20available_games%3B--");
+    assert_eq!(post(&http, &hostile).await.0, 400);
+    assert_eq!(
+        sql("select group_concat(game_id order by game_id) from available_games"),
+        "alpha,beta"
+    );
+    assert_eq!(
+        sql("select count(*) from information_schema.tables where table_schema = 'gameodds'"),
+        "3"
+    );
+    // the API has both games' latest odds (create + 2 updates each: seq 3, 2 updates may be equal)
+    for g in ["alpha", "beta"] {
+        let want = json!([
+            latest[g]["odd1"],
+            latest[g]["odd2"],
+            latest[g]["odd3"],
+            latest[g]["odd4"]
+        ]);
+        eventually(
+            &format!("game_{g} with the latest odds on the API"),
+            Duration::from_secs(30),
+            || async {
+                let (_, t) = get_json(&format!("{base}/api/tables/game_{g}")).await;
+                let r = &t["rows"][g];
+                (json!([r["odd1"], r["odd2"], r["odd3"], r["odd4"]]) == want).then_some(())
+            },
+        )
+        .await;
+    }
+    ws.send(Message::text(
+        json!({"type": "subscribe", "table": "game_beta"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut seen = HashMap::new();
+    rows_until(&mut ws, &mut seen, &latest).await;
+
+    // the page: both games in the table selector, each showing its latest odds
+    let spec: Vec<Value> = ["alpha", "beta"]
+        .iter()
+        .map(|g| {
+            let o = &latest[*g];
+            json!({"table": format!("game_{g}"), "key": g,
+                   "cells": {"odd1": o["odd1"], "odd2": o["odd2"], "odd3": o["odd3"], "odd4": o["odd4"]}})
+        })
+        .collect();
+    let artifacts = root().join("target/browser-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let out = tokio::task::spawn_blocking({
+        let (base, driver_dir) = (base.clone(), driver_dir.clone());
+        let shots = artifacts.join("mysql-games");
+        move || {
+            Command::new("node")
+                .arg(driver_dir.join("shows.mjs"))
+                .arg(&base)
+                .arg(&shots)
+                .arg(serde_json::to_string(&spec).unwrap())
+                .current_dir(&driver_dir)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK game_alpha") && stdout.contains("OK game_beta"),
+        "page: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    drop(connect);
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
