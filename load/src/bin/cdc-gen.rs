@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
             match producer.send(BaseRecord::to(&a.topic).key(&key).payload(&value)) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    std::thread::sleep(Duration::from_millis(1))
+                    tokio::time::sleep(Duration::from_millis(1)).await
                 }
                 Err((e, _)) => anyhow::bail!("produce: {e}"),
             }

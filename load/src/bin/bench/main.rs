@@ -1,0 +1,219 @@
+//! bench: runs livetable's benchmark scenarios end to end against the local stack (the broker is
+//! started with dev/broker when none answers; every livetable is the release binary beside this
+//! one, with its own data directory and topics), records the machine, the git revision and the
+//! exact commands, and writes the results as JSON and as a Markdown table into BENCHMARKS.md.
+//!
+//!   cargo build --release --workspace && target/release/bench            # full run (~15 min)
+//!   target/release/bench --quick --markdown-out /tmp/b.md                 # seconds, for CI
+
+mod measure;
+mod probe;
+mod report;
+mod scenarios;
+mod stack;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use measure::Scenario;
+use scenarios::{Live, Sizes};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "livetable's benchmark scenarios, end to end, into BENCHMARKS.md"
+)]
+struct Args {
+    /// Small sizes: every scenario in seconds (a smoke run; the figures mean little).
+    #[arg(long)]
+    quick: bool,
+    /// Kafka-protocol broker on loopback; started with dev/broker if nothing answers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency, connections.
+    #[arg(
+        long,
+        default_value = "ingest,snapshot,recovery,fanout,latency,connections"
+    )]
+    scenarios: String,
+    /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
+    #[arg(long, default_value = "0")]
+    server_cpu: String,
+    /// CPU list the load tools are pinned to; empty = not pinned.
+    #[arg(long, default_value = "1")]
+    tools_cpu: String,
+    /// JSON results file [default: target/bench/bench-<time>.json in the repository].
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Markdown file whose results section is replaced [default: BENCHMARKS.md for a full run;
+    /// none for --quick].
+    #[arg(long)]
+    markdown_out: Option<PathBuf>,
+}
+
+/// Open files: tens of thousands of connections need more than the usual 1024 or 20000.
+fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < want {
+            let new = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: lim.rlim_max.max(want),
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &new) != 0 {
+                let soft = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+            }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let mut z = if a.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
+    let nofile = raise_nofile(2 * z.idle_connections + 10_000);
+    if nofile < 2 * z.idle_connections + 1000 {
+        let n = (nofile.saturating_sub(1000) / 2).max(100);
+        eprintln!("bench: open-file limit {nofile}: idle connections lowered to {n}");
+        z.idle_connections = n;
+    }
+    let cpu = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let env = stack::Env::new(&a.brokers, cpu(&a.server_cpu), cpu(&a.tools_cpu))?;
+    let wanted: Vec<&str> = a.scenarios.split(',').map(str::trim).collect();
+    let started = std::time::Instant::now();
+    let mut results: Vec<Scenario> = Vec::new();
+    let run = |name: &'static str,
+               setup: String,
+               results: &mut Vec<Scenario>,
+               f: &mut dyn FnMut(&mut Scenario) -> anyhow::Result<()>| {
+        if !wanted.contains(&name) {
+            return;
+        }
+        eprintln!("bench: --- {name}: {setup}");
+        let mut sc = Scenario::new(name, setup);
+        if let Err(e) = f(&mut sc) {
+            eprintln!("bench: {name} failed: {e:#}");
+            sc.error = Some(format!("{e:#}"));
+        }
+        results.push(sc);
+    };
+
+    let mut ingest_lt = None;
+    run("ingest", format!("{} changes (full Debezium envelopes) over {} keys, in the topic before livetable starts", z.ingest_changes, z.ingest_keys), &mut results, &mut |sc| {
+        ingest_lt = Some(scenarios::ingest(&env, &z, sc)?);
+        Ok(())
+    });
+    run("snapshot", String::new(), &mut results, &mut |sc| {
+        let lt = ingest_lt
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("needs the ingest scenario's table"))?;
+        scenarios::snapshot(&env, &z, lt, sc)
+    });
+    drop(ingest_lt.take());
+    run(
+        "recovery",
+        format!("{} distinct rows (1 change each)", z.recovery_rows),
+        &mut results,
+        &mut |sc| scenarios::recovery(&env, &z, sc),
+    );
+    run(
+        "fanout",
+        format!(
+            "{} WebSocket clients on a {}-row table, {} changes/s for {} s",
+            z.fanout_clients, z.fanout_rows, z.fanout_rate, z.fanout_secs
+        ),
+        &mut results,
+        &mut |sc| {
+            scenarios::live(
+                &env,
+                "fanout",
+                Live {
+                    clients: z.fanout_clients,
+                    rows: z.fanout_rows,
+                    rate: z.fanout_rate,
+                    secs: z.fanout_secs,
+                },
+                &z,
+                sc,
+            )
+        },
+    );
+    run(
+        "latency",
+        format!(
+            "{} WebSocket clients on a 1000-row table, {} changes/s for {} s",
+            z.latency_clients, z.latency_rate, z.latency_secs
+        ),
+        &mut results,
+        &mut |sc| {
+            scenarios::live(
+                &env,
+                "latency",
+                Live {
+                    clients: z.latency_clients,
+                    rows: 1000,
+                    rate: z.latency_rate,
+                    secs: z.latency_secs,
+                },
+                &z,
+                sc,
+            )
+        },
+    );
+    run(
+        "connections",
+        format!(
+            "{} idle WebSocket clients on a 1-row table",
+            z.idle_connections
+        ),
+        &mut results,
+        &mut |sc| scenarios::connections(&env, &z, sc),
+    );
+
+    let rep = report::Report::new(&env, &a.quick, started.elapsed().as_secs_f64(), results);
+    let json_out = a.json_out.unwrap_or_else(|| {
+        env.repo
+            .join(format!("target/bench/bench-{}.json", env.run_id))
+    });
+    if let Some(dir) = json_out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&json_out, serde_json::to_string_pretty(&rep)?)?;
+    eprintln!("bench: results in {}", json_out.display());
+    let md = rep.markdown();
+    let md_out = a
+        .markdown_out
+        .or_else(|| (!a.quick).then(|| env.repo.join("BENCHMARKS.md")));
+    match md_out {
+        Some(p) => {
+            report::write_section(&p, &md)?;
+            eprintln!("bench: results section of {} updated", p.display());
+        }
+        None => println!("{md}"),
+    }
+    let failed: Vec<&str> = rep
+        .scenarios
+        .iter()
+        .filter(|s| s.error.is_some())
+        .map(|s| s.name)
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "scenarios failed: {}", failed.join(", "));
+    Ok(())
+}

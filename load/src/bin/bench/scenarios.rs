@@ -1,0 +1,555 @@
+//! The scenarios of the benchmark report. Each starts the livetable processes it needs, drives
+//! them with the load tools and returns its measures; goals are reported, never asserted.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::measure::{median, Goal, Scenario};
+use crate::probe;
+use crate::stack::{Env, Livetable};
+
+const TABLE: &str = "game_odds";
+
+/// Sizes of a run: the figures, or seconds-long ones for `--quick`.
+pub struct Sizes {
+    pub ingest_changes: u64,
+    pub ingest_keys: u64,
+    pub recovery_rows: u64,
+    pub snapshot_runs: usize,
+    pub storm_clients: u64,
+    pub storm_secs: u64,
+    pub fanout_clients: u64,
+    pub fanout_rows: u64,
+    pub fanout_rate: u64,
+    pub fanout_secs: u64,
+    pub latency_clients: u64,
+    pub latency_rate: u64,
+    pub latency_secs: u64,
+    pub idle_connections: u64,
+    pub local_addrs: u8,
+}
+
+impl Sizes {
+    pub fn full() -> Sizes {
+        Sizes {
+            ingest_changes: 1_000_000,
+            ingest_keys: 100_000,
+            recovery_rows: 1_000_000,
+            snapshot_runs: 5,
+            storm_clients: 1_000,
+            storm_secs: 30,
+            fanout_clients: 10_000,
+            fanout_rows: 1_000,
+            fanout_rate: 100,
+            fanout_secs: 10,
+            latency_clients: 1_000,
+            latency_rate: 1_000,
+            latency_secs: 10,
+            idle_connections: 50_000,
+            local_addrs: 4,
+        }
+    }
+
+    pub fn quick() -> Sizes {
+        Sizes {
+            ingest_changes: 20_000,
+            ingest_keys: 2_000,
+            recovery_rows: 5_000,
+            snapshot_runs: 3,
+            storm_clients: 50,
+            storm_secs: 3,
+            fanout_clients: 100,
+            fanout_rows: 100,
+            fanout_rate: 50,
+            fanout_secs: 3,
+            latency_clients: 20,
+            latency_rate: 100,
+            latency_secs: 3,
+            idle_connections: 300,
+            local_addrs: 2,
+        }
+    }
+}
+
+fn s<T: ToString>(v: T) -> String {
+    v.to_string()
+}
+
+/// Produces `count` changes over `keys` keys as fast as possible; returns cdc-gen's summary.
+fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<Value> {
+    env.tool(
+        "cdc-gen",
+        &[
+            s("--brokers"),
+            env.brokers.clone(),
+            s("--topic"),
+            s(topic),
+            s("--keys"),
+            s(keys),
+            s("--count"),
+            s(count),
+        ],
+    )
+}
+
+/// Starts livetable on a prefilled topic and waits until it holds `seq` changes.
+fn loaded(
+    env: &Env,
+    name: &str,
+    topic: &str,
+    seq: u64,
+    extra: &[&str],
+) -> anyhow::Result<Livetable> {
+    let lt = env.livetable(name, topic, extra)?;
+    let (_, _, got) = probe::until_seq(
+        &lt.base,
+        TABLE,
+        seq,
+        Duration::from_secs(20),
+        Instant::now(),
+    );
+    anyhow::ensure!(
+        got >= seq,
+        "{name}: livetable reached seq {got} of {seq} ({})",
+        lt.log_tail()
+    );
+    Ok(lt)
+}
+
+/// Ingest: N changes over K keys are in the topic before livetable starts; changes/s from the
+/// first applied change to the last.
+pub fn ingest(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<Livetable> {
+    let topic = env.topic("ingest");
+    let gen = prefill(env, &topic, z.ingest_keys, z.ingest_changes)?;
+    sc.add(
+        "cdc-gen produce rate (context)",
+        gen["rate_per_sec"].as_f64().unwrap_or(0.0),
+        "changes/s",
+        None,
+    );
+    let t0 = Instant::now();
+    let lt = env.livetable("ingest", &topic, &["--max-connections", "20000"])?;
+    let (first, last, seq) = probe::until_seq(
+        &lt.base,
+        TABLE,
+        z.ingest_changes,
+        Duration::from_secs(20),
+        t0,
+    );
+    anyhow::ensure!(seq > 0, "nothing ingested ({})", lt.log_tail());
+    let rate = seq as f64 / (last - first).max(1e-3);
+    sc.add(
+        "changes/s (decode -> sled -> changelog)",
+        rate,
+        "changes/s",
+        Some(Goal::AtLeast(150_000.0)),
+    );
+    sc.add("changes applied", seq as f64, "changes", None);
+    sc.add("start -> all applied", last, "s", None);
+    let m = probe::metrics(&lt.base);
+    sc.add(
+        "server CPU during the run",
+        lt.cpu_secs().unwrap_or(f64::NAN),
+        "s",
+        None,
+    );
+    sc.add(
+        "store size",
+        probe::metric(&m, "livetable_store_size_bytes") / 1e6,
+        "MB",
+        None,
+    );
+    if seq < z.ingest_changes {
+        sc.note(format!("stalled at seq {seq} of {}", z.ingest_changes));
+    }
+    Ok(lt)
+}
+
+/// Snapshot: first byte and complete on the ingest table, then a storm of clients at once.
+pub fn snapshot(env: &Env, z: &Sizes, lt: &Livetable, sc: &mut Scenario) -> anyhow::Result<()> {
+    let rows = probe::table_seq(&lt.base, TABLE).map_or(0, |t| t.1);
+    sc.setup = format!(
+        "{rows}-row table (the ingest table); {} runs each; then {} WebSocket clients at once",
+        z.snapshot_runs, z.storm_clients
+    );
+    let (mut first, mut done, mut ws) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..z.snapshot_runs {
+        let (f, d) = probe::sse_snapshot_timing(&lt.base, TABLE)?;
+        first.push(f);
+        done.push(d);
+        let one = env.tool(
+            "ws-swarm",
+            &[
+                s("--base"),
+                lt.base.clone(),
+                s("--table"),
+                s(TABLE),
+                s("--clients"),
+                s(1),
+                s("--duration-secs"),
+                s(1),
+                s("--no-state"),
+            ],
+        )?;
+        ws.push(
+            one["time_to_snapshot_ms"]["max"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+    }
+    sc.add(
+        "SSE first byte (median)",
+        median(first),
+        "ms",
+        Some(Goal::AtMost(50.0)),
+    );
+    sc.add(
+        "SSE snapshot complete (median)",
+        median(done),
+        "ms",
+        Some(Goal::AtMost(500.0)),
+    );
+    sc.add(
+        "WebSocket connect -> snapshot received (median)",
+        median(ws),
+        "ms",
+        Some(Goal::AtMost(500.0)),
+    );
+    let storm = env.tool(
+        "ws-swarm",
+        &[
+            s("--base"),
+            lt.base.clone(),
+            s("--table"),
+            s(TABLE),
+            s("--clients"),
+            s(z.storm_clients),
+            s("--duration-secs"),
+            s(z.storm_secs),
+            s("--no-state"),
+            s("--local-addrs"),
+            s(z.local_addrs),
+        ],
+    )?;
+    let served = storm["connected"].as_u64().unwrap_or(0);
+    sc.add(
+        "storm: clients served",
+        served as f64,
+        "clients",
+        Some(Goal::AtLeast(z.storm_clients as f64)),
+    );
+    sc.add(
+        "storm: time to snapshot p50",
+        storm["time_to_snapshot_ms"]["p50"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        "ms",
+        None,
+    );
+    sc.add(
+        "storm: all served (max time to snapshot)",
+        storm["time_to_snapshot_ms"]["max"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+            / 1000.0,
+        "s",
+        Some(Goal::AtMost(5.0)),
+    );
+    Ok(())
+}
+
+/// Recovery: N distinct rows; graceful restart -> ready; data dir deleted -> restored and ready.
+pub fn recovery(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
+    let topic = env.topic("recovery");
+    prefill(env, &topic, z.recovery_rows, z.recovery_rows)?;
+    let t0 = Instant::now();
+    let mut lt = env.livetable("recovery", &topic, &[])?;
+    let (first, last, seq) = probe::until_seq(
+        &lt.base,
+        TABLE,
+        z.recovery_rows,
+        Duration::from_secs(20),
+        t0,
+    );
+    anyhow::ensure!(
+        seq >= z.recovery_rows,
+        "recovery: reached seq {seq} ({})",
+        lt.log_tail()
+    );
+    if last - first > 1.0 {
+        sc.add(
+            "ingest of distinct rows (context)",
+            seq as f64 / (last - first),
+            "changes/s",
+            None,
+        );
+    }
+    probe::time_to_ready(&lt.base, Instant::now(), Duration::from_secs(120))?;
+    lt.stop()?;
+    let t0 = Instant::now();
+    env.start(&mut lt)?;
+    let restart = probe::time_to_ready(&lt.base, t0, Duration::from_secs(300))?;
+    sc.add(
+        "restart -> ready (graceful stop before)",
+        restart,
+        "s",
+        Some(Goal::AtMost(2.0)),
+    );
+    let rows = probe::table_seq(&lt.base, TABLE).map_or(0, |t| t.1);
+    anyhow::ensure!(rows == z.recovery_rows, "after restart {rows} rows");
+    lt.stop()?;
+    std::fs::remove_dir_all(&lt.data_dir).context("removing the data dir")?;
+    let t0 = Instant::now();
+    env.start(&mut lt)?;
+    let restore = probe::time_to_ready(&lt.base, t0, Duration::from_secs(600))?;
+    sc.add(
+        "empty data dir -> restored from the changelog and ready",
+        restore,
+        "s",
+        Some(Goal::AtMost(10.0)),
+    );
+    let m = probe::metrics(&lt.base);
+    sc.add(
+        "restore phase (livetable_restore_duration_seconds)",
+        probe::metric(&m, "livetable_restore_duration_seconds"),
+        "s",
+        None,
+    );
+    let rows = probe::table_seq(&lt.base, TABLE).map_or(0, |t| t.1);
+    anyhow::ensure!(rows == z.recovery_rows, "after restore {rows} rows");
+    Ok(())
+}
+
+/// Live load on a table watched by many clients: row updates delivered, freshness, server view.
+/// A live load: `clients` watch a `rows`-row table while `rate` changes/s arrive for `secs`.
+pub struct Live {
+    pub clients: u64,
+    pub rows: u64,
+    pub rate: u64,
+    pub secs: u64,
+}
+
+pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
+    let Live {
+        clients,
+        rows,
+        rate,
+        secs,
+    } = l;
+    let topic = env.topic(name);
+    prefill(env, &topic, rows, rows)?;
+    let max = (clients + 100).to_string();
+    let lt = loaded(env, name, &topic, rows, &["--max-connections", &max])?;
+    let ramp = 2_000u64;
+    let ramp_secs = clients / ramp + 1;
+    let swarm = env.spawn_tool(
+        "ws-swarm",
+        &[
+            s("--base"),
+            lt.base.clone(),
+            s("--table"),
+            s(TABLE),
+            s("--clients"),
+            s(clients),
+            s("--ramp-per-sec"),
+            s(ramp),
+            s("--duration-secs"),
+            s(ramp_secs + secs + 8),
+            s("--local-addrs"),
+            s(z.local_addrs),
+            s("--no-state"),
+        ],
+    )?;
+    let until = Instant::now() + Duration::from_secs(ramp_secs + 60);
+    let mut connected = 0.0;
+    while Instant::now() < until {
+        connected = probe::metric(&probe::metrics(&lt.base), "livetable_connections");
+        if connected >= clients as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sc.add(
+        "clients connected before the load",
+        connected,
+        "clients",
+        None,
+    );
+    let m0 = probe::metrics(&lt.base);
+    let cpu0 = lt.cpu_secs().unwrap_or(0.0);
+    let t0 = Instant::now();
+    let gen = env.tool(
+        "cdc-gen",
+        &[
+            s("--brokers"),
+            env.brokers.clone(),
+            s("--topic"),
+            topic.clone(),
+            s("--keys"),
+            s(rows),
+            s("--count"),
+            s(rate * secs),
+            s("--rate"),
+            s(rate),
+            s("--duration-secs"),
+            s(secs + 5),
+        ],
+    )?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let m1 = probe::metrics(&lt.base);
+    let cpu = lt.cpu_secs().unwrap_or(0.0) - cpu0;
+    let out = swarm.finish()?;
+    let row_updates = out["row_updates"].as_f64().unwrap_or(0.0);
+    sc.add(
+        "changes/s produced",
+        gen["rate_per_sec"].as_f64().unwrap_or(0.0),
+        "changes/s",
+        None,
+    );
+    let delivered = row_updates / load_secs;
+    let fresh = &out["freshness_ms"];
+    let p = |k: &str| fresh[k].as_f64().unwrap_or(f64::NAN);
+    if name == "fanout" {
+        sc.add(
+            "row updates/s delivered (received by the clients)",
+            delivered,
+            "rows/s",
+            Some(Goal::AtLeast(1_000_000.0)),
+        );
+        sc.add(
+            "freshness p99 (client receipt - source ts_ms)",
+            p("p99"),
+            "ms",
+            Some(Goal::AtMost(50.0)),
+        );
+        sc.add("freshness p50", p("p50"), "ms", None);
+    } else {
+        sc.add(
+            "row updates/s delivered (context)",
+            delivered,
+            "rows/s",
+            None,
+        );
+        sc.add(
+            "latency p50 (client receipt - source ts_ms)",
+            p("p50"),
+            "ms",
+            Some(Goal::AtMost(12.0)),
+        );
+        sc.add("latency p99", p("p99"), "ms", Some(Goal::AtMost(20.0)));
+        sc.add("latency p99.9", p("p99_9"), "ms", None);
+    }
+    let sent = probe::metric(&m1, "livetable_patches_sent_total")
+        - probe::metric(&m0, "livetable_patches_sent_total");
+    sc.add(
+        "server: patch messages written/s",
+        sent / load_secs,
+        "msgs/s",
+        None,
+    );
+    let (b0, b1) = (
+        probe::buckets(&m0, "livetable_kafka_to_socket_seconds"),
+        probe::buckets(&m1, "livetable_kafka_to_socket_seconds"),
+    );
+    if let Some(q) = probe::bucket_quantile(&b0, &b1, 0.99) {
+        sc.add(
+            "server: Kafka timestamp -> socket write p99 (bucket bound)",
+            q * 1000.0,
+            "ms",
+            None,
+        );
+    }
+    sc.add(
+        "server CPU used during the load",
+        cpu / load_secs * 100.0,
+        "% of a core",
+        None,
+    );
+    sc.add(
+        "client-side messages received",
+        out["messages"].as_f64().unwrap_or(0.0),
+        "msgs",
+        None,
+    );
+    let closed = probe::metric(&m1, "livetable_slow_client_disconnects_total");
+    if closed > 0.0 {
+        sc.note(format!(
+            "{closed} clients closed by the server as slow consumers"
+        ));
+    }
+    if out["errors"].as_u64().unwrap_or(0) > 0 || out["reconnects"].as_u64().unwrap_or(0) > 0 {
+        sc.note(format!(
+            "swarm: {} errors, {} reconnects",
+            out["errors"], out["reconnects"]
+        ));
+    }
+    Ok(())
+}
+
+/// Idle connections: RSS growth per connection with N clients on a 1-row table.
+pub fn connections(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
+    let n = z.idle_connections;
+    let topic = env.topic("connections");
+    prefill(env, &topic, 1, 1)?;
+    let max = (n + 100).to_string();
+    let lt = loaded(env, "connections", &topic, 1, &["--max-connections", &max])?;
+    std::thread::sleep(Duration::from_secs(1));
+    let before = lt.rss()?;
+    let ramp = 5_000u64;
+    let hold = n / ramp + 15;
+    let swarm = env.spawn_tool(
+        "ws-swarm",
+        &[
+            s("--base"),
+            lt.base.clone(),
+            s("--table"),
+            s(TABLE),
+            s("--clients"),
+            s(n),
+            s("--ramp-per-sec"),
+            s(ramp),
+            s("--duration-secs"),
+            s(hold),
+            s("--local-addrs"),
+            s(z.local_addrs),
+            s("--no-state"),
+        ],
+    )?;
+    let until = Instant::now() + Duration::from_secs(n / ramp + 60);
+    let mut open = 0.0;
+    while Instant::now() < until {
+        open = probe::metric(&probe::metrics(&lt.base), "livetable_connections");
+        if open >= n as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = lt.rss()?;
+    let out = swarm.finish()?;
+    sc.add(
+        "connections open at the measurement",
+        open,
+        "connections",
+        Some(Goal::AtLeast(n as f64)),
+    );
+    sc.add("RSS before", before as f64 / 1e6, "MB", None);
+    sc.add("RSS with the connections", after as f64 / 1e6, "MB", None);
+    let per = (after.saturating_sub(before)) as f64 / open.max(1.0) / 1024.0;
+    sc.add(
+        "RSS per idle connection",
+        per,
+        "KiB",
+        Some(Goal::AtMost(8.0)),
+    );
+    if out["errors"].as_u64().unwrap_or(0) > 0 {
+        sc.note(format!(
+            "swarm: {} clients failed to connect",
+            out["errors"]
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! Smoke run of `bench --quick` against the real broker: every scenario runs end to end (real
+//! livetable processes, cdc-gen, ws-swarm) without error and reports non-zero figures, so the
+//! benchmark keeps working as the code changes. The figures themselves are not asserted.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn brokers() -> String {
+    std::env::var("LIVETABLE_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn measure(report: &Value, scenario: &str, name: &str) -> f64 {
+    let sc = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == scenario)
+        .unwrap_or_else(|| panic!("scenario {scenario} missing"));
+    assert!(sc["error"].is_null(), "{scenario} failed: {}", sc["error"]);
+    sc["measures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"].as_str().unwrap().starts_with(name))
+        .unwrap_or_else(|| panic!("{scenario}: no measure {name}: {sc}"))["value"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn bench_quick_runs_every_scenario_with_nonzero_results() {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let livetable = bin.with_file_name("livetable");
+    assert!(
+        livetable.exists(),
+        "{} missing: bench runs the livetable binary beside it (cargo test --workspace builds it)",
+        livetable.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (json, md) = (dir.path().join("b.json"), dir.path().join("B.md"));
+    let out = Command::new(&bin)
+        .args(["--quick", "--brokers", &brokers()])
+        .arg("--json-out")
+        .arg(&json)
+        .arg("--markdown-out")
+        .arg(&md)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench --quick failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(report["machine"]["cores"].as_u64().unwrap() > 0);
+    assert!(!report["revision"].as_str().unwrap().is_empty());
+    assert!(report["commands"].as_array().unwrap().len() > 5);
+    for (scenario, name) in [
+        ("ingest", "changes/s"),
+        ("snapshot", "SSE first byte"),
+        ("snapshot", "WebSocket connect"),
+        ("snapshot", "storm: clients served"),
+        ("recovery", "restart -> ready"),
+        ("recovery", "empty data dir"),
+        ("fanout", "row updates/s delivered"),
+        ("fanout", "server: patch messages"),
+        ("latency", "latency p50"),
+        ("connections", "connections open"),
+        ("connections", "RSS per idle connection"),
+    ] {
+        let v = measure(&report, scenario, name);
+        assert!(v > 0.0 && v.is_finite(), "{scenario}/{name} = {v}");
+    }
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(text.contains("| ingest | changes/s"), "{text}");
+}
