@@ -440,3 +440,24 @@ async fn sse_snapshot_patches_and_last_event_id_resume() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_client_gets_the_shared_snapshot_plus_the_changes_since() {
+    let (svc, base, topic, records, _dir) = setup(5, |_| {}).await;
+    let mut first = connect(&base, "/ws?table=game_odds").await;
+    assert_eq!(next_json(&mut first).await["seq"], 5);
+    produce(&producer(), &topic, &records[5..]).await;
+    table_at_seq(&base, "game_odds", 12).await;
+    // the snapshot built for the first client is reused: at seq 5, then one patch to seq 12
+    let mut late = connect(&base, "/ws?table=game_odds").await;
+    let snap = next_json(&mut late).await;
+    assert_eq!(
+        (snap["type"].as_str(), snap["seq"].as_u64()),
+        (Some("snapshot"), Some(5))
+    );
+    let (state, seq, n) = follow_to(&mut late, snap["rows"].clone(), 5, 12).await;
+    assert_eq!((seq, n), (12, 1), "one catch-up patch");
+    assert_eq!(state, api_rows(&base, None).await.0);
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

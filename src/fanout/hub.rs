@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
-use crate::fanout::patch::{client_row, compose_row};
+use crate::fanout::patch::compose_row;
 use crate::fanout::protocol::{Format, Outgoing};
 use crate::table::ingest::TableUpdate;
 use crate::table::state::Tables;
@@ -19,6 +19,25 @@ use crate::table::state::Tables;
 pub enum SubscribeError {
     #[error("unknown table `{0}`")]
     UnknownTable(String),
+}
+
+/// The newest whole-table snapshot frame of a table.
+struct CachedSnapshot {
+    epoch: String,
+    seq: u64,
+    rows: usize,
+    text: axum::extract::ws::Utf8Bytes,
+}
+
+impl CachedSnapshot {
+    fn outgoing(&self) -> Outgoing {
+        Outgoing::Snapshot {
+            epoch: self.epoch.clone(),
+            seq: self.seq,
+            rows: self.rows,
+            text: self.text.clone(),
+        }
+    }
 }
 
 struct ReplayBuffer {
@@ -34,6 +53,11 @@ pub struct Hub {
     tx: broadcast::Sender<Arc<TableUpdate>>,
     replay: Mutex<HashMap<String, ReplayBuffer>>,
     replay_capacity: usize,
+    /// Whole-table snapshot frames: a storm of clients connecting at once costs one build; a
+    /// client connecting later gets the cached frame plus the replay buffer's changes since.
+    snapshots: Mutex<HashMap<String, Arc<CachedSnapshot>>>,
+    /// Held while a whole-table snapshot is built, so concurrent subscribers wait and share it.
+    building: Mutex<()>,
 }
 
 /// How a subscription started.
@@ -60,6 +84,8 @@ impl Hub {
             tx,
             replay: Mutex::new(HashMap::new()),
             replay_capacity,
+            snapshots: Mutex::new(HashMap::new()),
+            building: Mutex::new(()),
         }
     }
 
@@ -132,32 +158,30 @@ impl Hub {
                 return Ok((sub, out, Start::ResumeHit));
             }
         }
-        let t = t.read().unwrap_or_else(|e| e.into_inner());
-        sub.epoch = t.epoch.clone();
-        sub.seq = t.seq;
-        let rows: Map<String, Value> = t
-            .rows
-            .iter()
-            .filter(|(k, _)| sub.wants(k))
-            .map(|(k, r)| {
-                (
-                    k.clone(),
-                    if format == Format::Rows {
-                        Value::Object(r.clone())
-                    } else {
-                        client_row(r)
-                    },
-                )
-            })
-            .collect();
         let out = match format {
-            Format::Patch => vec![Outgoing::Snapshot {
-                table: sub.table.clone(),
-                epoch: sub.epoch.clone(),
-                seq: sub.seq,
-                rows,
-            }],
-            Format::Rows => rows.into_values().map(Outgoing::Row).collect(),
+            Format::Patch if sub.keys.is_none() => self.shared_snapshot(&mut sub, &t),
+            Format::Patch => {
+                let t = t.read().unwrap_or_else(|e| e.into_inner());
+                sub.epoch = t.epoch.clone();
+                sub.seq = t.seq;
+                let (rows, text) = snapshot_text(&sub.table, &t, sub.keys.as_ref());
+                vec![Outgoing::Snapshot {
+                    epoch: sub.epoch.clone(),
+                    seq: sub.seq,
+                    rows,
+                    text: text.into(),
+                }]
+            }
+            Format::Rows => {
+                let t = t.read().unwrap_or_else(|e| e.into_inner());
+                sub.epoch = t.epoch.clone();
+                sub.seq = t.seq;
+                t.rows
+                    .iter()
+                    .filter(|(k, _)| sub.wants(k))
+                    .map(|(_, r)| Outgoing::Row(Value::Object(r.clone())))
+                    .collect()
+            }
         };
         self.metrics
             .snapshot_seconds
@@ -168,6 +192,51 @@ impl Hub {
             Start::Snapshot
         };
         Ok((sub, out, start))
+    }
+
+    /// A whole-table snapshot for `sub`: the cached frame plus the buffered changes since it when
+    /// the replay buffer covers them, else a new frame built under the table's read lock.
+    fn shared_snapshot(
+        &self,
+        sub: &mut Subscription,
+        t: &std::sync::RwLock<crate::table::state::TableState>,
+    ) -> Vec<Outgoing> {
+        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let cached = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sub.table)
+            .cloned();
+        if let Some(c) = cached {
+            if let Some(rest) = self.resume(sub, &c.epoch, c.seq) {
+                let mut out = vec![c.outgoing()];
+                // resume() confirms an unchanged state with an empty patch: not needed here
+                out.extend(
+                    rest.into_iter().filter(
+                        |o| !matches!(o, Outgoing::Patch { patch, .. } if patch.is_empty()),
+                    ),
+                );
+                return out;
+            }
+        }
+        let snap = {
+            let t = t.read().unwrap_or_else(|e| e.into_inner());
+            let (rows, text) = snapshot_text(&sub.table, &t, None);
+            Arc::new(CachedSnapshot {
+                epoch: t.epoch.clone(),
+                seq: t.seq,
+                rows,
+                text: text.into(),
+            })
+        };
+        sub.epoch = snap.epoch.clone();
+        sub.seq = snap.seq;
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sub.table.clone(), snap.clone());
+        vec![snap.outgoing()]
     }
 
     /// Replays `since_seq`+1.. from the buffer into `sub` if the buffer still holds all of it.
@@ -221,6 +290,64 @@ impl Hub {
         }
         Some(out)
     }
+}
+
+/// The snapshot frame of a table (only the keys in `keys` when given), serialised straight from
+/// its rows: `{"type":"snapshot","table":T,"epoch":E,"seq":N,"rows":{...}}`, NULL columns left
+/// out. Returns the number of rows with the text.
+fn snapshot_text(
+    table: &str,
+    t: &crate::table::state::TableState,
+    keys: Option<&HashSet<String>>,
+) -> (usize, String) {
+    use serde::ser::{SerializeMap, Serializer};
+    struct NonNull<'a>(&'a Map<String, Value>);
+    impl serde::Serialize for NonNull<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(None)?;
+            for (k, v) in self.0.iter().filter(|(_, v)| !v.is_null()) {
+                m.serialize_entry(k, v)?;
+            }
+            m.end()
+        }
+    }
+    struct Rows<'a>(
+        &'a crate::table::state::TableState,
+        Option<&'a HashSet<String>>,
+    );
+    impl serde::Serialize for Rows<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(None)?;
+            for (k, r) in &self.0.rows {
+                if self.1.is_none_or(|keys| keys.contains(k)) {
+                    m.serialize_entry(k, &NonNull(r))?;
+                }
+            }
+            m.end()
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct Frame<'a> {
+        r#type: &'static str,
+        table: &'a str,
+        epoch: &'a str,
+        seq: u64,
+        rows: Rows<'a>,
+    }
+    let rows = match keys {
+        None => t.rows.len(),
+        Some(k) => k.iter().filter(|k| t.rows.contains_key(*k)).count(),
+    };
+    let frame = Frame {
+        r#type: "snapshot",
+        table,
+        epoch: &t.epoch,
+        seq: t.seq,
+        rows: Rows(t, keys),
+    };
+    // serialising maps of strings and JSON values cannot fail
+    let text = serde_json::to_string(&frame).unwrap_or_default();
+    (rows, text)
 }
 
 /// The patch frame of all changes of an update, for whole-table subscribers.

@@ -97,7 +97,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, bytes: usize) {
     let kind = match out {
         Outgoing::Snapshot { rows, .. } => {
             metrics.snapshots_sent.inc();
-            metrics.snapshot_rows.inc_by(rows.len() as u64);
+            metrics.snapshot_rows.inc_by(*rows as u64);
             "snapshot"
         }
         Outgoing::Patch {

@@ -113,18 +113,18 @@ pub fn row_diff(old: Option<&Map<String, Value>>, new: Option<&Map<String, Value
     }
 }
 
-/// A row as clients see it: NULL columns are absent (merge patches cannot carry a null value).
-pub fn client_row(row: &Map<String, Value>) -> Value {
-    Value::Object(
-        row.iter()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    /// A row as clients see it: NULL columns are absent (merge patches cannot carry a null value).
+    fn client_row(row: &Map<String, Value>) -> Value {
+        Value::Object(
+            row.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;

@@ -2,17 +2,20 @@
 
 use std::collections::HashSet;
 
+use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 /// What a client receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
+    /// Serialised once (straight from the table, no copy of its rows) and shared by every client
+    /// that subscribes while it is current.
     Snapshot {
-        table: String,
         epoch: String,
         seq: u64,
-        rows: Map<String, Value>,
+        rows: usize,
+        text: Utf8Bytes,
     },
     /// `kafka_ts_ms` is not sent: it feeds the Kafka-to-socket latency metric.
     Patch {
@@ -36,14 +39,7 @@ impl Outgoing {
     /// The JSON text of the frame.
     pub fn to_json(&self) -> String {
         let v = match self {
-            Outgoing::Snapshot {
-                table,
-                epoch,
-                seq,
-                rows,
-            } => {
-                json!({"type": "snapshot", "table": table, "epoch": epoch, "seq": seq, "rows": rows})
-            }
+            Outgoing::Snapshot { text, .. } => return text.as_str().to_owned(),
             Outgoing::Patch {
                 table,
                 epoch,
@@ -61,6 +57,14 @@ impl Outgoing {
             Outgoing::Pong => json!({"type": "pong"}),
         };
         v.to_string()
+    }
+
+    /// The frame to send: shared without a copy for snapshots.
+    pub fn frame(&self) -> Utf8Bytes {
+        match self {
+            Outgoing::Snapshot { text, .. } => text.clone(),
+            o => o.to_json().into(),
+        }
     }
 
     /// `E:S` for SSE event ids.

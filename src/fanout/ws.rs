@@ -428,12 +428,9 @@ impl Connection {
             return Ok(());
         }
         for o in &out {
-            let text = o.to_json();
+            let text = o.frame();
             record_sent(&self.state.metrics, o, text.len());
-            socket
-                .feed(Message::Text(text.into()))
-                .await
-                .map_err(|_| ())?;
+            socket.feed(Message::Text(text)).await.map_err(|_| ())?;
         }
         socket.flush().await.map_err(|_| ())
     }
