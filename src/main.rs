@@ -1,6 +1,11 @@
 //! The livetable binary: parse configuration, install logging, run until SIGINT/SIGTERM.
 
 use tokio_util::sync::CancellationToken;
+
+// glibc malloc spent ~45% of ingest CPU (arena lock contention between the ingest thread, sled's
+// and librdkafka's threads, and fragmentation): see BENCHMARKS.md
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
