@@ -27,7 +27,7 @@ use crate::table::changelog::Changelog;
 use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter, PendingRow};
 use crate::table::ingest::{new_epoch, Ingest, Readiness};
 use crate::table::state::Tables;
-use crate::table::store::{Loaded, Store, WriteBatch};
+use crate::table::store::{Loaded, LoadedTable, Store, WriteBatch};
 
 /// Errors that stop the service from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -318,23 +318,41 @@ async fn restore(
         let tables = table::restore::read_changelogs(&cfg, &m, Duration::from_secs(600), &|| {
             c.is_cancelled()
         })?;
+        // written in chunks (the `initialized` mark comes last: a crash before it restores
+        // again); the state is served from what was read, not read back from sled
         let mut rows = 0usize;
-        for (name, t) in &tables {
+        let mut loaded = Loaded {
+            initialized: true,
+            ..Loaded::default()
+        };
+        for (name, t) in tables {
+            let epoch = new_epoch();
             let mut b = WriteBatch::default();
-            for (key, row) in &t.rows {
-                b.put_row(name, key, row);
+            for (i, (key, row)) in t.rows.iter().enumerate() {
+                if i > 0 && i % 20_000 == 0 {
+                    s.apply(std::mem::take(&mut b)).map_err(store_err)?;
+                }
+                b.put_row(&name, key, row);
             }
             rows += t.rows.len();
-            b.set_seq(name, t.seq);
-            b.set_epoch(name, &new_epoch());
+            b.set_seq(&name, t.seq);
+            b.set_epoch(&name, &epoch);
             s.apply(b).map_err(store_err)?;
+            loaded.tables.insert(
+                name,
+                LoadedTable {
+                    seq: t.seq,
+                    epoch,
+                    rows: t.rows.into_iter().collect(),
+                },
+            );
         }
         let mut b = WriteBatch::default();
         b.set_initialized();
         s.apply(b).map_err(store_err)?;
         s.flush_blocking().map_err(store_err)?;
-        tracing::info!(tables = tables.len(), rows, "restore finished");
-        s.load().map_err(store_err)
+        tracing::info!(tables = loaded.tables.len(), rows, "restore finished");
+        Ok(loaded)
     })
     .await
     .map_err(|e| ServiceError::Task(e.to_string()))?;

@@ -8,8 +8,23 @@ use tokio_util::sync::CancellationToken;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Transparent huge pages turn every fresh or re-committed allocator page into a 2 MiB zeroing
+    // fault: half of a 1M-row restore's CPU was clear_page_erms (BENCHMARKS.md). Opt out.
+    // SAFETY: prctl(PR_SET_THP_DISABLE) only sets a flag of the calling process.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("livetable: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let config = match livetable::config::Config::load() {
         Ok(c) => c,
         Err(e) => {
