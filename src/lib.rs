@@ -332,11 +332,12 @@ async fn restore(
                 if i > 0 && i % 20_000 == 0 {
                     s.apply(std::mem::take(&mut b)).map_err(store_err)?;
                 }
-                b.put_row(&name, key, row);
+                b.put_row(&name, key, &table::store::encode_row(row), 0);
             }
             rows += t.rows.len();
             b.set_seq(&name, t.seq);
             b.set_epoch(&name, &epoch);
+            b.set_acked(&name, t.seq);
             s.apply(b).map_err(store_err)?;
             loaded.tables.insert(
                 name,
@@ -363,16 +364,22 @@ async fn restore(
 /// The outbox a previous run left: produce the current value of each key and each dead letter.
 async fn replay_outbox(checkpointer: &Checkpointer, loaded: &Loaded) -> Checkpoint {
     let mut cp = Checkpoint::default();
-    for (table, key) in &loaded.outbox {
-        let seq = checkpointer.tables.position(table).map_or(0, |(s, _)| s);
-        let delivery = checkpointer.resend_row(table, key).await;
+    for e in &loaded.outbox {
+        let delivery = checkpointer.resend_row(&e.table, &e.key).await;
         cp.rows.push(PendingRow {
-            table: table.clone(),
-            key: key.clone(),
-            seq,
+            table: e.table.clone(),
+            key: e.key.clone(),
+            seq: e.seq,
+            deleted: e.deleted,
             delivery,
         });
     }
+    // once re-produced, every table is acknowledged up to the seq it was loaded at
+    cp.acked = loaded
+        .tables
+        .iter()
+        .map(|(name, t)| (name.clone(), t.seq))
+        .collect();
     for (id, letter) in &loaded.dead_letters {
         cp.letters.push(PendingLetter {
             id: *id,

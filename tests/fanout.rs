@@ -326,7 +326,9 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
     let mut fast = connect(&base, "/ws?table=ticks").await;
     let snap = next_json(&mut slow).await;
     let fsnap = next_json(&mut fast).await;
-    // 10k changes flow, in 50 bursts, while `slow` reads nothing
+    // `fast` reads all along; 10k changes flow, in 50 bursts, while `slow` reads nothing
+    let fast_reader =
+        tokio::spawn(async move { follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await });
     for chunk in (100..10_100).collect::<Vec<_>>().chunks(200) {
         produce(
             &p,
@@ -336,7 +338,7 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
         .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (fstate, _, fast_msgs) = follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await;
+    let (fstate, _, fast_msgs) = fast_reader.await.unwrap();
     let (state, seq, slow_msgs) = follow_to(&mut slow, snap["rows"].clone(), 100, 10_100).await;
     let (api, api_seq) = {
         let (_, body) = get_json(&format!("{base}/api/tables/ticks")).await;

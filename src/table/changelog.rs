@@ -137,8 +137,20 @@ impl Changelog {
         seq: u64,
         ts_ms: Option<i64>,
     ) -> Result<DeliveryFuture, KafkaError> {
+        let payload = row.map(crate::table::store::encode_row);
+        self.send_row_json(table, key, payload.as_deref(), seq, ts_ms)
+    }
+
+    /// [`Changelog::send_row`] with the row already serialised (`None`: a tombstone).
+    pub fn send_row_json(
+        &self,
+        table: &str,
+        key: &str,
+        payload: Option<&[u8]>,
+        seq: u64,
+        ts_ms: Option<i64>,
+    ) -> Result<DeliveryFuture, KafkaError> {
         let topic = self.topic_for(table);
-        let payload = row.map(|r| serde_json::to_vec(r).unwrap_or_default());
         let seq_text = seq.to_string();
         let ts_text = ts_ms.map(|t| t.to_string());
         let mut headers = OwnedHeaders::new()
@@ -157,7 +169,7 @@ impl Changelog {
             });
         }
         let mut record = FutureRecord::to(&topic).key(key).headers(headers);
-        if let Some(p) = &payload {
+        if let Some(p) = payload {
             record = record.payload(p);
         }
         send_retrying_queue_full(&self.producer, record)

@@ -2,7 +2,8 @@
 //!
 //! For each checkpoint, in order: flush sled (the batch and its positions become durable), wait
 //! until the broker acknowledged its changelog and dead-letter records (re-producing the current
-//! value of a key whose record failed), clear those outbox entries, then commit the positions as
+//! value of a key whose record failed), record how far each table's changelog is acknowledged
+//! (and clear the outbox marks of deletes), then commit the positions as
 //! the consumer group's offsets. A node that lost its data directory restores from the changelog
 //! and resumes from those offsets, so nothing acknowledged is lost and nothing is skipped.
 
@@ -26,6 +27,8 @@ pub struct PendingRow {
     pub table: String,
     pub key: String,
     pub seq: u64,
+    /// A tombstone: its outbox mark is cleared once acknowledged.
+    pub deleted: bool,
     pub delivery: Option<DeliveryFuture>,
 }
 
@@ -42,6 +45,8 @@ pub struct Checkpoint {
     pub rows: Vec<PendingRow>,
     pub letters: Vec<PendingLetter>,
     pub positions: HashMap<(String, i32), i64>,
+    /// Per table, the seq up to which the changelog holds every change once `rows` are settled.
+    pub acked: Vec<(String, u64)>,
 }
 
 /// The durability task's dependencies.
@@ -72,6 +77,12 @@ impl Checkpointer {
             let mut positions = HashMap::new();
             for cp in group {
                 self.settle(cp.rows, cp.letters).await;
+                // checkpoints settle in order: everything up to this batch is in the changelog
+                for (table, seq) in cp.acked {
+                    if let Err(e) = self.store.set_acked(&table, seq) {
+                        tracing::error!(error = %e, "recording the changelog acknowledgement failed; rows will be produced again");
+                    }
+                }
                 for (tp, next) in cp.positions {
                     let slot = positions.entry(tp).or_insert(next);
                     *slot = (*slot).max(next);
@@ -115,8 +126,10 @@ impl Checkpointer {
             let what = || format!("changelog record {}/{}", row.table, row.key);
             self.until_acknowledged(row.delivery, what, || self.resend_row(&row.table, &row.key))
                 .await;
-            if let Err(e) = self.store.clear_dirty(&row.table, &row.key, row.seq) {
-                tracing::error!(error = %e, "clearing the outbox failed; the key will be produced again");
+            if row.deleted {
+                if let Err(e) = self.store.clear_deleted(&row.table, &row.key, row.seq) {
+                    tracing::error!(error = %e, "clearing the outbox failed; the key will be produced again");
+                }
             }
         }
         for letter in letters {

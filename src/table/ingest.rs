@@ -21,7 +21,7 @@ use crate::config::TopicSelection;
 use crate::metrics::Metrics;
 use crate::table::changelog::Changelog;
 use crate::table::checkpoint::{Checkpoint, PendingLetter, PendingRow};
-use crate::table::state::{AppliedChange, Staged, Tables};
+use crate::table::state::{AppliedChange, Encoded, Staged, Tables};
 use crate::table::store::{DeadLetter, Store, StoreError};
 
 /// Changes applied to one table in one batch, published to live subscribers.
@@ -188,9 +188,10 @@ impl Ingest {
             staged.advance(topic, partition, offset);
         }
         self.ensure_topics(&staged);
-        self.store.apply(staged.write_batch())?;
-        // produce reads the staged rows; publish then moves them into the tables
-        let checkpoint = self.produce(&staged);
+        let (write, encoded) = staged.write_batch();
+        self.store.apply(write)?;
+        // the changelog gets the bytes sled got; publish then moves the rows into the tables
+        let checkpoint = self.produce(&staged, encoded);
         self.tables.publish(&mut staged);
         self.positions
             .lock()
@@ -263,29 +264,39 @@ impl Ingest {
         }
     }
 
-    fn produce(&self, staged: &Staged) -> Checkpoint {
+    fn produce(&self, staged: &Staged, encoded: Vec<Encoded<'_>>) -> Checkpoint {
         let mut cp = Checkpoint {
             positions: staged.positions.clone(),
+            acked: staged
+                .deltas
+                .iter()
+                .filter(|(_, d)| !d.changes.is_empty())
+                .map(|(t, d)| (t.clone(), d.seq))
+                .collect(),
             ..Default::default()
         };
-        for (table, delta) in &staged.deltas {
-            let ts = delta.changes.last().and_then(|c| c.ts_ms);
-            for (key, (row, seq)) in &delta.rows {
-                let delivery = match self.changelog.send_row(table, key, row.as_ref(), *seq, ts) {
-                    Ok(d) => Some(d),
-                    Err(e) => {
-                        self.metrics.changelog_produce_errors.inc();
-                        tracing::warn!(table, key, error = %e, "changelog produce failed; will retry");
-                        None
-                    }
-                };
-                cp.rows.push(PendingRow {
-                    table: table.clone(),
-                    key: key.clone(),
-                    seq: *seq,
-                    delivery,
-                });
-            }
+        for e in encoded {
+            let delivery = match self.changelog.send_row_json(
+                e.table,
+                e.key,
+                e.json.as_deref(),
+                e.seq,
+                e.ts_ms,
+            ) {
+                Ok(d) => Some(d),
+                Err(err) => {
+                    self.metrics.changelog_produce_errors.inc();
+                    tracing::warn!(table = e.table, key = e.key, error = %err, "changelog produce failed; will retry");
+                    None
+                }
+            };
+            cp.rows.push(PendingRow {
+                table: e.table.to_string(),
+                key: e.key.to_string(),
+                seq: e.seq,
+                deleted: e.json.is_none(),
+                delivery,
+            });
         }
         for (id, letter) in &staged.dead_letters {
             let delivery = self.changelog.send_dead_letter(letter).ok();

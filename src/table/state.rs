@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::cdc::decode::{Change, Op, Row};
-use crate::table::store::{DeadLetter, Loaded, WriteBatch};
+use crate::table::store::{encode_row, DeadLetter, Loaded, WriteBatch};
 
 /// One table: its rows by key, its change counter and the lineage of its state.
 #[derive(Debug, Default, Clone)]
@@ -154,6 +154,15 @@ pub struct Delta {
     pub changes: Vec<AppliedChange>,
 }
 
+/// One touched row of a staged batch, serialised: `json` is `None` for a delete.
+pub struct Encoded<'a> {
+    pub table: &'a str,
+    pub key: &'a str,
+    pub json: Option<Vec<u8>>,
+    pub seq: u64,
+    pub ts_ms: Option<i64>,
+}
+
 /// A batch of changes staged against the current tables, not yet durable nor visible.
 #[derive(Debug, Default)]
 pub struct Staged {
@@ -273,19 +282,33 @@ impl Staged {
         *slot = (*slot).max(next);
     }
 
-    /// The sled batch that makes this staged batch durable: rows, seqs, epochs, outbox, positions.
-    pub fn write_batch(&self) -> WriteBatch {
+    /// The sled batch that makes this staged batch durable (rows with their seqs, table seqs,
+    /// epochs, the outbox of deletes, positions), and every touched row serialised once: the same
+    /// bytes go to the changelog.
+    pub fn write_batch(&self) -> (WriteBatch, Vec<Encoded<'_>>) {
         let mut b = WriteBatch::default();
+        let mut encoded = Vec::new();
         for (table, delta) in &self.deltas {
             if delta.changes.is_empty() && !delta.new_table {
                 continue;
             }
+            let ts_ms = delta.changes.last().and_then(|c| c.ts_ms);
             for (key, (row, seq)) in &delta.rows {
-                match row {
-                    Some(row) => b.put_row(table, key, row),
-                    None => b.remove_row(table, key),
+                let json = row.as_ref().map(encode_row);
+                match &json {
+                    Some(json) => b.put_row(table, key, json, *seq),
+                    None => {
+                        b.remove_row(table, key);
+                        b.mark_deleted(table, key, *seq);
+                    }
                 }
-                b.mark_dirty(table, key, *seq);
+                encoded.push(Encoded {
+                    table,
+                    key,
+                    json,
+                    seq: *seq,
+                    ts_ms,
+                });
             }
             b.set_seq(table, delta.seq);
             if delta.new_table {
@@ -298,7 +321,7 @@ impl Staged {
         for (id, letter) in &self.dead_letters {
             b.add_dead_letter(*id, letter);
         }
-        b
+        (b, encoded)
     }
 }
 

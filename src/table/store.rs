@@ -2,16 +2,21 @@
 //! tree so that one `apply_batch` makes a whole applied batch durable atomically.
 //!
 //! Key layout (one byte of kind, then the parts; `\0` separates strings):
-//! - `r table \0 key`          -> row JSON
+//! - `r table \0 key`          -> seq of the row's last change (u64 BE) + row JSON
+//!   (a value starting with `{` is a row of an older store: seq 0)
 //! - `s table`                 -> seq (u64 BE)
 //! - `e table`                 -> epoch (UTF-8)
 //! - `p topic \0 partition`    -> next offset to consume (i64 BE; partition as i32 BE)
-//! - `o table \0 key`          -> outbox: the key must be (re)produced to the changelog; value = seq
+//! - `a table`                 -> changelog acknowledged up to this seq (u64 BE)
+//!   (every change up to it is in the changelog topic; rows with a higher seq are the outbox)
+//! - `o table \0 key`          -> outbox of deletes: the tombstone must be (re)produced; value = seq
 //! - `d id`                    -> outbox: a dead letter not yet acknowledged by the broker (JSON)
 //! - `m initialized`           -> the store holds a complete state (restore finished)
 //!
 //! Invariant: a position is stored in the same batch as the rows, seqs and outbox entries of the
-//! records before it, so after any crash the store is a prefix of the applied stream.
+//! records before it, so after any crash the store is a prefix of the applied stream. The outbox
+//! costs no write per change: a row carries its seq, and one `a` entry per table and checkpoint
+//! says how far the changelog is acknowledged.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,9 +54,20 @@ pub struct DeadLetter {
 pub struct Loaded {
     pub tables: HashMap<String, LoadedTable>,
     pub positions: HashMap<(String, i32), i64>,
-    pub outbox: Vec<(String, String)>,
+    pub outbox: Vec<OutboxEntry>,
     pub dead_letters: Vec<(u64, DeadLetter)>,
     pub initialized: bool,
+}
+
+/// A key whose changelog record is not known to be acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub table: String,
+    pub key: String,
+    /// The seq of the change (the row's, or the delete mark's).
+    pub seq: u64,
+    /// From a delete mark (cleared by compare-and-swap on `seq` once acknowledged).
+    pub deleted: bool,
 }
 
 /// One table as stored.
@@ -76,10 +92,12 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    pub fn put_row(&mut self, table: &str, key: &str, row: &Row) {
-        // serialising a Map of Values cannot fail
-        let bytes = serde_json::to_vec(row).unwrap_or_default();
-        self.batch.insert(two(b'r', table, key), bytes);
+    /// `json`: the row serialised (see [`encode_row`]); `seq`: of the row's last change.
+    pub fn put_row(&mut self, table: &str, key: &str, json: &[u8], seq: u64) {
+        let mut v = Vec::with_capacity(8 + json.len());
+        v.extend_from_slice(&seq.to_be_bytes());
+        v.extend_from_slice(json);
+        self.batch.insert(two(b'r', table, key), v);
     }
     pub fn remove_row(&mut self, table: &str, key: &str) {
         self.batch.remove(two(b'r', table, key));
@@ -97,7 +115,8 @@ impl WriteBatch {
             next_offset.to_be_bytes().to_vec(),
         );
     }
-    pub fn mark_dirty(&mut self, table: &str, key: &str, seq: u64) {
+    /// A deleted key whose tombstone is not yet acknowledged by the changelog.
+    pub fn mark_deleted(&mut self, table: &str, key: &str, seq: u64) {
         self.batch
             .insert(two(b'o', table, key), seq.to_be_bytes().to_vec());
     }
@@ -105,9 +124,19 @@ impl WriteBatch {
         let bytes = serde_json::to_vec(letter).unwrap_or_default();
         self.batch.insert(dead_letter_key(id), bytes);
     }
+    pub fn set_acked(&mut self, table: &str, seq: u64) {
+        self.batch
+            .insert(one(b'a', table), seq.to_be_bytes().to_vec());
+    }
     pub fn set_initialized(&mut self) {
         self.batch.insert(INITIALIZED, b"1".to_vec());
     }
+}
+
+/// A row as stored and as produced to the changelog: its JSON.
+pub fn encode_row(row: &Row) -> Vec<u8> {
+    // serialising a Map of Values cannot fail
+    serde_json::to_vec(row).unwrap_or_default()
 }
 
 impl Store {
@@ -139,8 +168,16 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the outbox mark of `table/key` if it still names `seq` (a newer change keeps it).
-    pub fn clear_dirty(&self, table: &str, key: &str, seq: u64) -> Result<(), StoreError> {
+    /// Every change of `table` up to `seq` is acknowledged by the changelog.
+    pub fn set_acked(&self, table: &str, seq: u64) -> Result<(), StoreError> {
+        self.tree
+            .insert(one(b'a', table), seq.to_be_bytes().to_vec())?;
+        Ok(())
+    }
+
+    /// Removes the outbox mark of a deleted `table/key` if it still names `seq` (a newer delete
+    /// keeps it).
+    pub fn clear_deleted(&self, table: &str, key: &str, seq: u64) -> Result<(), StoreError> {
         let k = two(b'o', table, key);
         let _ = self.tree.compare_and_swap(
             k,
@@ -170,6 +207,8 @@ impl Store {
     /// Reads the whole store (start-up only: it scans every entry).
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let mut out = Loaded::default();
+        // `a` sorts before `r`: every table's acknowledged seq is known before its rows
+        let mut acked: HashMap<String, u64> = HashMap::new();
         for item in self.tree.iter() {
             let (k, v) = item?;
             let corrupt = |reason| StoreError::Corrupt {
@@ -177,9 +216,32 @@ impl Store {
                 reason,
             };
             match k.first() {
+                Some(b'a') => {
+                    let table = utf8(&k[1..]).ok_or_else(|| corrupt("acked key"))?;
+                    let seq = u64::from_be_bytes(
+                        v.as_ref().try_into().map_err(|_| corrupt("acked value"))?,
+                    );
+                    acked.insert(table, seq);
+                }
                 Some(b'r') => {
                     let (table, key) = split_two(&k[1..]).ok_or_else(|| corrupt("row key"))?;
-                    let row: Row = serde_json::from_slice(&v).map_err(|_| corrupt("row json"))?;
+                    let (seq, json) = match v.first() {
+                        Some(b'{') => (0, v.as_ref()),
+                        _ if v.len() >= 8 => (
+                            u64::from_be_bytes(v[..8].try_into().map_err(|_| corrupt("row seq"))?),
+                            &v[8..],
+                        ),
+                        _ => return Err(corrupt("row value")),
+                    };
+                    let row: Row = serde_json::from_slice(json).map_err(|_| corrupt("row json"))?;
+                    if seq > acked.get(&table).copied().unwrap_or(0) {
+                        out.outbox.push(OutboxEntry {
+                            table: table.clone(),
+                            key: key.clone(),
+                            seq,
+                            deleted: false,
+                        });
+                    }
                     out.tables.entry(table).or_default().rows.push((key, row));
                 }
                 Some(b's') => {
@@ -213,9 +275,18 @@ impl Store {
                     );
                     out.positions.insert((topic, partition), offset);
                 }
-                Some(b'o') => out
-                    .outbox
-                    .push(split_two(&k[1..]).ok_or_else(|| corrupt("outbox key"))?),
+                Some(b'o') => {
+                    let (table, key) = split_two(&k[1..]).ok_or_else(|| corrupt("outbox key"))?;
+                    let seq = u64::from_be_bytes(
+                        v.as_ref().try_into().map_err(|_| corrupt("outbox value"))?,
+                    );
+                    out.outbox.push(OutboxEntry {
+                        table,
+                        key,
+                        seq,
+                        deleted: true,
+                    });
+                }
                 Some(b'd') => {
                     let id = u64::from_be_bytes(
                         k[1..].try_into().map_err(|_| corrupt("dead letter key"))?,
@@ -279,18 +350,32 @@ mod tests {
         v.as_object().unwrap().clone()
     }
 
+    /// sled's background flusher may hold the directory's lock for a moment after a drop.
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(s) = Store::open(dir) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Store::open(dir).unwrap()
+    }
+
     #[test]
     fn batch_round_trips_and_outbox_cas() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut b = WriteBatch::default();
-        b.put_row("odds", "g1", &row(json!({"game_id": "g1", "odd1": "1.5"})));
-        b.put_row("odds", "g2", &row(json!({"game_id": "g2"})));
-        b.set_seq("odds", 2);
+        let g1 = row(json!({"game_id": "g1", "odd1": "1.5"}));
+        b.put_row("odds", "g1", &encode_row(&g1), 4);
+        b.put_row("odds", "g2", &encode_row(&row(json!({"game_id": "g2"}))), 5);
+        b.put_row("odds", "g3", &encode_row(&row(json!({"game_id": "g3"}))), 2);
+        b.set_seq("odds", 7);
         b.set_epoch("odds", "ep1");
         b.set_position("cdc.odds", 3, 42);
-        b.mark_dirty("odds", "g1", 1);
-        b.mark_dirty("odds", "g2", 2);
+        b.mark_deleted("odds", "g8", 6);
+        b.mark_deleted("odds", "g9", 7);
+        b.set_acked("odds", 3);
         let letter = DeadLetter {
             topic: "t".into(),
             partition: 0,
@@ -304,27 +389,44 @@ mod tests {
         b.add_dead_letter(9, &letter);
         b.set_initialized();
         store.apply(b).unwrap();
-        store.clear_dirty("odds", "g1", 1).unwrap();
-        store.clear_dirty("odds", "g2", 1).unwrap(); // stale seq: kept
+        store.clear_deleted("odds", "g8", 6).unwrap();
+        store.clear_deleted("odds", "g9", 6).unwrap(); // stale seq: kept
+        store.set_acked("odds", 4).unwrap(); // g1 acknowledged, g2 (seq 5) not yet
         store.flush_blocking().unwrap();
         drop(store);
 
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let l = store.load().unwrap();
         let t = &l.tables["odds"];
-        assert_eq!((t.seq, t.epoch.as_str(), t.rows.len()), (2, "ep1", 2));
-        assert_eq!(
-            t.rows[0],
-            (
-                "g1".to_string(),
-                row(json!({"game_id": "g1", "odd1": "1.5"}))
-            )
-        );
+        assert_eq!((t.seq, t.epoch.as_str(), t.rows.len()), (7, "ep1", 3));
+        assert_eq!(t.rows[0], ("g1".to_string(), g1));
         assert_eq!(l.positions[&("cdc.odds".to_string(), 3)], 42);
-        assert_eq!(l.outbox, vec![("odds".to_string(), "g2".to_string())]);
+        let outbox: Vec<(&str, &str, u64, bool)> = l
+            .outbox
+            .iter()
+            .map(|e| (e.table.as_str(), e.key.as_str(), e.seq, e.deleted))
+            .collect();
+        assert_eq!(
+            outbox,
+            [("odds", "g9", 7, true), ("odds", "g2", 5, false)],
+            "unacknowledged rows and deletes"
+        );
         assert_eq!(l.dead_letters, vec![(9, letter)]);
         assert!(l.initialized);
         store.clear_dead_letter(9).unwrap();
         assert!(store.load().unwrap().dead_letters.is_empty());
+    }
+
+    #[test]
+    fn rows_of_an_older_store_load_as_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .tree
+            .insert(two(b'r', "odds", "g1"), br#"{"game_id":"g1"}"#.to_vec())
+            .unwrap();
+        let l = store.load().unwrap();
+        assert_eq!(l.tables["odds"].rows[0].1, row(json!({"game_id": "g1"})));
+        assert!(l.outbox.is_empty());
     }
 }
