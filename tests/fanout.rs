@@ -463,3 +463,75 @@ async fn a_late_client_gets_the_shared_snapshot_plus_the_changes_since() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_snapshot_comes_in_bounded_frames_and_equals_the_api() {
+    init_logs();
+    let u = unique("big");
+    let topic = format!("{u}.wide");
+    create_topic(&topic, 1).await;
+    let dir = tempdir();
+    let c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let (svc, base) = start_service(c).await;
+    // 3000 rows of ~300 bytes: ~1 MB of snapshot, several 128 KiB frames
+    let rows: Vec<FixtureRecord> = (0..3000)
+        .map(|i| FixtureRecord {
+            key: Some(format!(r#"{{"id":"k{i}"}}"#)),
+            value: Some(format!(
+                r#"{{"id":"k{i}","pad":"{}","__op":"c","__table":"wide"}}"#,
+                "x".repeat(280)
+            )),
+            headers: vec![],
+        })
+        .collect();
+    produce(&producer(), &topic, &rows).await;
+    table_at_seq(&base, "wide", 3000).await;
+    let (_, api) = get_json(&format!("{base}/api/tables/wide")).await;
+
+    let mut ws = connect(&base, "/ws?table=wide").await;
+    let mut state = Value::Null;
+    let mut frames = 0;
+    loop {
+        let m = next_json(&mut ws).await;
+        frames += 1;
+        assert_eq!(m["seq"], 3000);
+        match m["type"].as_str() {
+            Some("snapshot") => state = m["rows"].clone(),
+            Some("patch") => merge(&mut state, &m["patch"]),
+            other => panic!("unexpected {other:?}"),
+        }
+        if m.get("more").is_none() {
+            break;
+        }
+        assert_eq!(m["more"], true);
+    }
+    assert!(frames >= 5, "~1 MB in frames of 128 KiB: {frames} frames");
+    assert_eq!(state, api["rows"], "the frames together are the table");
+
+    // SSE: the same frames as events; only the last carries the id to resume from
+    let mut resp = reqwest::get(format!("{base}/sse?table=wide"))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("\nid: ") && !text.starts_with("id: ") {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), resp.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    let ids = events
+        .iter()
+        .filter(|e| e.lines().any(|l| l.starts_with("id: ")))
+        .count();
+    assert_eq!(ids, 1, "one id, on the last frame");
+    assert!(events.len() >= 5, "{} events", events.len());
+    assert!(events[0].contains("event: snapshot") && events[1].contains("event: patch"));
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

@@ -98,15 +98,16 @@ export class LiveTable extends EventTarget {
     if (m.type === "snapshot") {
       if (this.table && m.table !== this.table) return;
       this.rows = m.rows;
-      this.epoch = m.epoch;
-      this.seq = m.seq;
+      // a big snapshot continues in patch frames flagged `more`: resume only from a complete state
+      this.epoch = m.more ? null : m.epoch;
+      this.seq = m.more ? null : m.seq;
       this._emit("snapshot", { table: m.table, rows: this.rows, epoch: m.epoch, seq: m.seq });
       this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.rows)), patch: null, seq: m.seq, tsMs: null });
     } else if (m.type === "patch") {
       if (this.table && m.table !== this.table) return;
       this.rows = mergePatch(this.rows, m.patch);
-      this.epoch = m.epoch;
-      this.seq = m.seq;
+      this.epoch = m.more ? null : m.epoch;
+      this.seq = m.more ? null : m.seq;
       if (m.ts_ms !== null && m.ts_ms !== undefined) this.lastTsMs = m.ts_ms;
       this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.patch)), patch: m.patch, seq: m.seq, tsMs: m.ts_ms });
     } else if (m.type === "error") {

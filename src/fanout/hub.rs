@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use crate::fanout::patch::compose_row;
-use crate::fanout::protocol::{Format, Outgoing};
+use crate::fanout::protocol::{Format, Outgoing, SNAPSHOT_PART_BYTES};
 use crate::table::ingest::TableUpdate;
 use crate::table::state::Tables;
 
@@ -26,7 +26,7 @@ struct CachedSnapshot {
     epoch: String,
     seq: u64,
     rows: usize,
-    text: axum::extract::ws::Utf8Bytes,
+    parts: Arc<[axum::extract::ws::Utf8Bytes]>,
 }
 
 impl CachedSnapshot {
@@ -35,7 +35,7 @@ impl CachedSnapshot {
             epoch: self.epoch.clone(),
             seq: self.seq,
             rows: self.rows,
-            text: self.text.clone(),
+            parts: self.parts.clone(),
         }
     }
 }
@@ -164,12 +164,12 @@ impl Hub {
                 let t = t.read().unwrap_or_else(|e| e.into_inner());
                 sub.epoch = t.epoch.clone();
                 sub.seq = t.seq;
-                let (rows, text) = snapshot_text(&sub.table, &t, sub.keys.as_ref());
+                let (rows, parts) = snapshot_parts(&sub.table, &t, sub.keys.as_ref());
                 vec![Outgoing::Snapshot {
                     epoch: sub.epoch.clone(),
                     seq: sub.seq,
                     rows,
-                    text: text.into(),
+                    parts,
                 }]
             }
             Format::Rows => {
@@ -222,12 +222,12 @@ impl Hub {
         }
         let snap = {
             let t = t.read().unwrap_or_else(|e| e.into_inner());
-            let (rows, text) = snapshot_text(&sub.table, &t, None);
+            let (rows, parts) = snapshot_parts(&sub.table, &t, None);
             Arc::new(CachedSnapshot {
                 epoch: t.epoch.clone(),
                 seq: t.seq,
                 rows,
-                text: text.into(),
+                parts,
             })
         };
         sub.epoch = snap.epoch.clone();
@@ -292,14 +292,16 @@ impl Hub {
     }
 }
 
-/// The snapshot frame of a table (only the keys in `keys` when given), serialised straight from
-/// its rows: `{"type":"snapshot","table":T,"epoch":E,"seq":N,"rows":{...}}`, NULL columns left
-/// out. Returns the number of rows with the text.
-fn snapshot_text(
+/// The snapshot frames of a table (only the keys in `keys` when given), serialised straight from
+/// its rows, NULL columns left out: `{"type":"snapshot","table":T,"epoch":E,"seq":N,"rows":{...}}`
+/// with the first rows, and when they exceed [`SNAPSHOT_PART_BYTES`], `"more":true` and further
+/// `{"type":"patch",...,"seq":N,"ts_ms":null,"patch":{...}}` frames adding the other rows (all but
+/// the last with `"more":true`). Returns the number of rows with the frames.
+fn snapshot_parts(
     table: &str,
     t: &crate::table::state::TableState,
     keys: Option<&HashSet<String>>,
-) -> (usize, String) {
+) -> (usize, Arc<[axum::extract::ws::Utf8Bytes]>) {
     use serde::ser::{SerializeMap, Serializer};
     struct NonNull<'a>(&'a Map<String, Value>);
     impl serde::Serialize for NonNull<'_> {
@@ -311,43 +313,52 @@ fn snapshot_text(
             m.end()
         }
     }
-    struct Rows<'a>(
-        &'a crate::table::state::TableState,
-        Option<&'a HashSet<String>>,
-    );
-    impl serde::Serialize for Rows<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_map(None)?;
-            for (k, r) in &self.0.rows {
-                if self.1.is_none_or(|keys| keys.contains(k)) {
-                    m.serialize_entry(k, &NonNull(r))?;
-                }
-            }
-            m.end()
+    // the rows as `"key":{row}` entries, cut into chunks of about SNAPSHOT_PART_BYTES
+    let mut chunks: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut rows = 0;
+    for (k, r) in t
+        .rows
+        .iter()
+        .filter(|(k, _)| keys.is_none_or(|keys| keys.contains(*k)))
+    {
+        let mut chunk = chunks.last_mut().filter(|c| c.len() < SNAPSHOT_PART_BYTES);
+        if chunk.is_none() {
+            chunks.push(Vec::new());
+            chunk = chunks.last_mut();
         }
+        let Some(c) = chunk else { break };
+        if !c.is_empty() {
+            c.push(b',');
+        }
+        // serialising strings and JSON values into a Vec cannot fail
+        let _ = serde_json::to_writer(&mut *c, k);
+        c.push(b':');
+        let _ = serde_json::to_writer(&mut *c, &NonNull(r));
+        rows += 1;
     }
-    #[derive(serde::Serialize)]
-    struct Frame<'a> {
-        r#type: &'static str,
-        table: &'a str,
-        epoch: &'a str,
-        seq: u64,
-        rows: Rows<'a>,
-    }
-    let rows = match keys {
-        None => t.rows.len(),
-        Some(k) => k.iter().filter(|k| t.rows.contains_key(*k)).count(),
-    };
-    let frame = Frame {
-        r#type: "snapshot",
-        table,
-        epoch: &t.epoch,
-        seq: t.seq,
-        rows: Rows(t, keys),
-    };
-    // serialising maps of strings and JSON values cannot fail
-    let text = serde_json::to_string(&frame).unwrap_or_default();
-    (rows, text)
+    let (table, epoch) = (
+        serde_json::to_string(table).unwrap_or_default(),
+        serde_json::to_string(&t.epoch).unwrap_or_default(),
+    );
+    let last = chunks.len() - 1;
+    let parts: Vec<axum::extract::ws::Utf8Bytes> = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let head = if i == 0 {
+                format!(r#"{{"type":"snapshot","table":{table},"epoch":{epoch},"seq":{},"rows":{{"#, t.seq)
+            } else {
+                format!(r#"{{"type":"patch","table":{table},"epoch":{epoch},"seq":{},"ts_ms":null,"patch":{{"#, t.seq)
+            };
+            let tail = if i < last { r#"},"more":true}"# } else { "}}" };
+            let mut text = String::with_capacity(head.len() + c.len() + tail.len());
+            text.push_str(&head);
+            text.push_str(&String::from_utf8_lossy(&c));
+            text.push_str(tail);
+            text.into()
+        })
+        .collect();
+    (rows, parts.into())
 }
 
 /// The patch frame of all changes of an update, for whole-table subscribers.

@@ -10,12 +10,14 @@ use serde_json::{json, Map, Value};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
     /// Serialised once (straight from the table, no copy of its rows) and shared by every client
-    /// that subscribes while it is current.
+    /// that subscribes while it is current. A big snapshot is several frames of about
+    /// [`SNAPSHOT_PART_BYTES`]: a `snapshot` message with the first rows and `"more":true`, then
+    /// `patch` messages at the same seq adding the other rows, the last one without `more`.
     Snapshot {
         epoch: String,
         seq: u64,
         rows: usize,
-        text: Utf8Bytes,
+        parts: std::sync::Arc<[Utf8Bytes]>,
     },
     /// `kafka_ts_ms` is not sent: it feeds the Kafka-to-socket latency metric.
     Patch {
@@ -35,11 +37,21 @@ pub enum Outgoing {
     Pong,
 }
 
+/// Target size of one frame of a snapshot: a client's and the server's per-connection buffers
+/// stay about this big however large the table is.
+pub const SNAPSHOT_PART_BYTES: usize = 128 * 1024;
+
 impl Outgoing {
-    /// The JSON text of the frame.
+    /// The JSON text of the message (a snapshot's frames, one per line: send [`Outgoing::frames`]).
     pub fn to_json(&self) -> String {
         let v = match self {
-            Outgoing::Snapshot { text, .. } => return text.as_str().to_owned(),
+            Outgoing::Snapshot { parts, .. } => {
+                return parts
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
             Outgoing::Patch {
                 table,
                 epoch,
@@ -59,11 +71,11 @@ impl Outgoing {
         v.to_string()
     }
 
-    /// The frame to send: shared without a copy for snapshots.
-    pub fn frame(&self) -> Utf8Bytes {
+    /// The frames to send, in order: shared without a copy for snapshots.
+    pub fn frames(&self) -> Vec<Utf8Bytes> {
         match self {
-            Outgoing::Snapshot { text, .. } => text.clone(),
-            o => o.to_json().into(),
+            Outgoing::Snapshot { parts, .. } => parts.to_vec(),
+            o => vec![o.to_json().into()],
         }
     }
 

@@ -26,6 +26,8 @@ struct StreamState {
     updates: broadcast::Receiver<std::sync::Arc<TableUpdate>>,
     sub: Subscription,
     queue: VecDeque<Outgoing>,
+    /// Events of the message being sent (a snapshot may be several).
+    events: VecDeque<Event>,
     _slot: ConnectionSlot,
 }
 
@@ -114,18 +116,35 @@ pub async fn handler(
         updates,
         sub,
         queue: initial.into(),
+        events: VecDeque::new(),
         _slot: slot,
     };
     let stream = futures::stream::unfold(st, |mut st| async move {
         loop {
-            if let Some(out) = st.queue.pop_front() {
-                let data = out.to_json();
-                record_sent(&st.state.metrics, &out, data.len());
-                let mut event = Event::default().event(out.event_name()).data(data);
-                if let Some(id) = out.event_id() {
-                    event = event.id(id);
-                }
+            if let Some(event) = st.events.pop_front() {
                 return Some((Ok::<Event, Infallible>(event), st));
+            }
+            if let Some(out) = st.queue.pop_front() {
+                let frames = out.frames();
+                record_sent(
+                    &st.state.metrics,
+                    &out,
+                    frames.iter().map(|f| f.len()).sum(),
+                );
+                let last = frames.len().saturating_sub(1);
+                for (i, f) in frames.into_iter().enumerate() {
+                    // a snapshot's further frames are patches; only the last frame carries the id,
+                    // so a browser that reconnects mid-snapshot does not resume from a partial state
+                    let name = if i == 0 { out.event_name() } else { "patch" };
+                    let mut event = Event::default().event(name).data(f.as_str());
+                    if i == last {
+                        if let Some(id) = out.event_id() {
+                            event = event.id(id);
+                        }
+                    }
+                    st.events.push_back(event);
+                }
+                continue;
             }
             match st.updates.recv().await {
                 Ok(u) => {

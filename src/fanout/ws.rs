@@ -428,9 +428,16 @@ impl Connection {
             return Ok(());
         }
         for o in &out {
-            let text = o.frame();
-            record_sent(&self.state.metrics, o, text.len());
-            socket.feed(Message::Text(text)).await.map_err(|_| ())?;
+            let frames = o.frames();
+            record_sent(&self.state.metrics, o, frames.iter().map(|f| f.len()).sum());
+            let many = frames.len() > 1;
+            for f in frames {
+                socket.feed(Message::Text(f)).await.map_err(|_| ())?;
+                if many {
+                    // a big snapshot goes out frame by frame: the socket's buffer stays small
+                    socket.flush().await.map_err(|_| ())?;
+                }
+            }
         }
         socket.flush().await.map_err(|_| ())
     }
