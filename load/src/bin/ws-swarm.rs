@@ -121,12 +121,18 @@ struct View {
     rows: u64,
     fresh: Histogram<u64>,
     no_state: bool,
+    /// Inside a snapshot sent in several frames.
+    in_snapshot: bool,
 }
 
 impl View {
     fn apply(&mut self, text: &str) {
         self.msgs += 1;
-        if self.no_state && text.starts_with(r#"{"type":"snapshot""#) {
+        // a big snapshot is a `snapshot` frame and patch frames, all but the last with `more`
+        let starts = text.starts_with(r#"{"type":"snapshot""#);
+        let continues = self.in_snapshot && !starts;
+        self.in_snapshot = (starts || continues) && text.ends_with(r#","more":true}"#);
+        if self.no_state && (starts || continues) {
             return;
         }
         let Ok(m) = serde_json::from_str::<Value>(text) else {
@@ -134,6 +140,7 @@ impl View {
         };
         match m["type"].as_str() {
             Some("snapshot") => self.state = m["rows"].clone(),
+            Some("patch") if continues => merge(&mut self.state, &m["patch"]),
             Some("patch") => {
                 self.rows += m["patch"].as_object().map_or(0, |p| p.len()) as u64;
                 if let Some(ts) = m["ts_ms"].as_i64() {
@@ -248,6 +255,7 @@ async fn client(s: Arc<Shared>, i: usize) {
         rows: 0,
         fresh: hist(),
         no_state: a.no_state,
+        in_snapshot: false,
     };
     let mut first = true;
     let mut conn = None;

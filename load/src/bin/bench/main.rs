@@ -88,11 +88,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         Sizes::full()
     };
-    let nofile = raise_nofile(2 * z.idle_connections + 10_000);
-    if nofile < 2 * z.idle_connections + 1000 {
-        let n = (nofile.saturating_sub(1000) / 2).max(100);
-        eprintln!("bench: open-file limit {nofile}: idle connections lowered to {n}");
+    // livetable and ws-swarm each hold one descriptor per connection, and inherit this limit
+    let nofile = raise_nofile(z.idle_connections + 10_000);
+    if nofile < z.idle_connections + 1000 {
+        let n = nofile.saturating_sub(1000).max(100);
+        eprintln!("bench: open-file limit {nofile} (hard limit; raising it needs CAP_SYS_RESOURCE): idle connections lowered to {n}");
         z.idle_connections = n;
+        z.idle_capped_by = Some(nofile);
     }
     let cpu = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let env = stack::Env::new(&a.brokers, cpu(&a.server_cpu), cpu(&a.tools_cpu))?;

@@ -28,6 +28,8 @@ pub struct Sizes {
     pub latency_rate: u64,
     pub latency_secs: u64,
     pub idle_connections: u64,
+    /// The open-file limit when it lowered `idle_connections`.
+    pub idle_capped_by: Option<u64>,
     pub local_addrs: u8,
 }
 
@@ -48,6 +50,7 @@ impl Sizes {
             latency_rate: 1_000,
             latency_secs: 10,
             idle_connections: 50_000,
+            idle_capped_by: None,
             local_addrs: 4,
         }
     }
@@ -68,6 +71,7 @@ impl Sizes {
             latency_rate: 100,
             latency_secs: 3,
             idle_connections: 300,
+            idle_capped_by: None,
             local_addrs: 2,
         }
     }
