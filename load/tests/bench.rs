@@ -63,6 +63,7 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("fanout", "row updates/s delivered"),
         ("fanout", "server: patch messages"),
         ("latency", "latency p50"),
+        ("latency-few-clients", "latency p50"),
         ("connections", "connections open"),
         ("connections", "RSS per idle connection"),
     ] {

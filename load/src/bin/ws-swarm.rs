@@ -113,6 +113,17 @@ async fn api_state(base: &str, table: &str) -> anyhow::Result<(Value, u64)> {
     Ok((Value::Object(rows), body["seq"].as_u64().unwrap_or(0)))
 }
 
+/// What `--no-state` reads of a message: its values are skipped, not built.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    seq: Option<u64>,
+    ts_ms: Option<i64>,
+    #[serde(borrow)]
+    patch: Option<std::collections::HashMap<std::borrow::Cow<'a, str>, serde::de::IgnoredAny>>,
+}
+
 /// One client's view: its table copy, seq, counters and freshness histogram.
 struct View {
     state: Value,
@@ -133,6 +144,19 @@ impl View {
         let continues = self.in_snapshot && !starts;
         self.in_snapshot = (starts || continues) && text.ends_with(r#","more":true}"#);
         if self.no_state && (starts || continues) {
+            return;
+        }
+        if self.no_state {
+            // no table copy: read the type, seq, ts_ms and the patch's keys, skip the values
+            if let Ok(h) = serde_json::from_str::<Head<'_>>(text) {
+                if h.kind == "patch" {
+                    self.rows += h.patch.map_or(0, |p| p.len()) as u64;
+                    if let Some(ts) = h.ts_ms {
+                        let _ = self.fresh.record((now_ms() - ts).max(0) as u64 * 1000);
+                    }
+                }
+                self.seq = h.seq.unwrap_or(self.seq);
+            }
             return;
         }
         let Ok(m) = serde_json::from_str::<Value>(text) else {

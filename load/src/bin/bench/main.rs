@@ -31,10 +31,11 @@ struct Args {
     /// Kafka-protocol broker on loopback; started with dev/broker if nothing answers.
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency, connections.
+    /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
+    /// latency-few-clients, connections.
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,connections"
+        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections"
     )]
     scenarios: String,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
@@ -177,6 +178,23 @@ fn main() -> anyhow::Result<()> {
                 &z,
                 sc,
             )
+        },
+    );
+    run(
+        "latency-few-clients",
+        format!(
+            "{} WebSocket clients on a 1000-row table, {} changes/s for {} s (the pipeline without a saturated client process)",
+            z.latency_few_clients, z.latency_rate, z.latency_secs
+        ),
+        &mut results,
+        &mut |sc| {
+            let l = Live {
+                clients: z.latency_few_clients,
+                rows: 1000,
+                rate: z.latency_rate,
+                secs: z.latency_secs,
+            };
+            scenarios::live(&env, "latency-few-clients", l, &z, sc)
         },
     );
     run(

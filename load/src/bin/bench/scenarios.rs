@@ -25,6 +25,7 @@ pub struct Sizes {
     pub fanout_rate: u64,
     pub fanout_secs: u64,
     pub latency_clients: u64,
+    pub latency_few_clients: u64,
     pub latency_rate: u64,
     pub latency_secs: u64,
     pub idle_connections: u64,
@@ -47,6 +48,7 @@ impl Sizes {
             fanout_rate: 100,
             fanout_secs: 10,
             latency_clients: 1_000,
+            latency_few_clients: 10,
             latency_rate: 1_000,
             latency_secs: 10,
             idle_connections: 50_000,
@@ -68,6 +70,7 @@ impl Sizes {
             fanout_rate: 50,
             fanout_secs: 3,
             latency_clients: 20,
+            latency_few_clients: 5,
             latency_rate: 100,
             latency_secs: 3,
             idle_connections: 300,
@@ -458,13 +461,15 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
         probe::buckets(&m0, "livetable_kafka_to_socket_seconds"),
         probe::buckets(&m1, "livetable_kafka_to_socket_seconds"),
     );
-    if let Some(q) = probe::bucket_quantile(&b0, &b1, 0.99) {
-        sc.add(
-            "server: Kafka timestamp -> socket write p99 (bucket bound)",
-            q * 1000.0,
-            "ms",
-            None,
-        );
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        if let Some(v) = probe::bucket_quantile(&b0, &b1, q) {
+            sc.add(
+                &format!("server: Kafka timestamp -> socket write {name} (bucket upper bound)"),
+                v * 1000.0,
+                "ms",
+                None,
+            );
+        }
     }
     sc.add(
         "server CPU used during the load",
