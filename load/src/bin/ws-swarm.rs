@@ -376,8 +376,13 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     for i in 0..a.clients {
-        if a.ramp_per_sec > 0 && i > 0 {
-            tokio::time::sleep(Duration::from_secs_f64(1.0 / a.ramp_per_sec as f64)).await;
+        // the ramp: client i starts at i / rate seconds (bursts per timer tick, as the timer
+        // cannot sleep less than a millisecond)
+        if a.ramp_per_sec > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / a.ramp_per_sec as f64);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
         }
         // every client ends by itself: listening time (+ reconnects), then at most 10 s verifying
         let bound = Duration::from_secs(a.duration_secs + 55);

@@ -143,8 +143,8 @@ pub fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> O
         .map(|(le, _)| *le)
 }
 
-/// One raw SSE request: (first body byte, end of the snapshot event) in ms. The first event is
-/// the snapshot; its end is the first blank line after it.
+/// One raw SSE request: (first body byte, end of the snapshot) in ms. The snapshot is the first
+/// event, or several (a big one comes in frames); only its last frame carries an `id:` line.
 pub fn sse_snapshot_timing(base: &str, table: &str) -> anyhow::Result<(f64, f64)> {
     let addr = base.trim_start_matches("http://");
     let t0 = Instant::now();
@@ -168,9 +168,9 @@ pub fn sse_snapshot_timing(base: &str, table: &str) -> anyhow::Result<(f64, f64)
         if first_body.is_none() && !body.is_empty() {
             first_body = Some(t0.elapsed());
         }
-        // the event ends with "\n\n"; search only the newest bytes plus a small overlap
+        // the snapshot's last frame carries the id; search the newest bytes plus a small overlap
         let from = body.len().saturating_sub(n + 8);
-        if body[from..].windows(2).any(|w| w == b"\n\n") {
+        if body[from..].windows(5).any(|w| w == b"\nid: ") {
             let first = first_body.context("no body")?;
             return Ok((
                 first.as_secs_f64() * 1000.0,

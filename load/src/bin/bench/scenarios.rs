@@ -508,7 +508,8 @@ pub fn connections(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()
     std::thread::sleep(Duration::from_secs(1));
     let before = lt.rss()?;
     let ramp = 5_000u64;
-    let hold = n / ramp + 15;
+    // every client stays connected until well after the last one connected
+    let hold = 2 * (n / ramp) + 30;
     let swarm = env.spawn_tool(
         "ws-swarm",
         &[
