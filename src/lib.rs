@@ -140,6 +140,11 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     };
     tracing::info!(%local_addr, "http listening");
 
+    // join the consumer group before loading: the broker's join delay (Kafka's
+    // group.initial.rebalance.delay.ms, 3 s by default) passes while the store loads
+    let positions = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let consumer = cdc::source::subscribe(&config, positions.clone())?;
+
     let store_err = |source| ServiceError::Store {
         dir: config.data_dir.display().to_string(),
         source,
@@ -174,8 +179,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     readiness.restored.store(true, Ordering::Release);
 
     let changelog = Arc::new(Changelog::new(&config)?);
-    let positions = Arc::new(Mutex::new(loaded.positions.clone()));
-    let consumer = cdc::source::subscribe(&config, positions.clone())?;
+    // the rebalance callback runs inside the ingest loop's polls, which start below: it seeks the
+    // assigned partitions to these positions
+    *positions.lock().unwrap_or_else(|e| e.into_inner()) = loaded.positions.clone();
     let (checkpoint_tx, checkpoint_rx) = mpsc::channel::<Checkpoint>(64);
     let checkpointer = Checkpointer {
         store: store.clone(),
