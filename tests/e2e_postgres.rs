@@ -19,24 +19,9 @@ use tokio_tungstenite::tungstenite::Message;
 const PG_PORT: &str = "55439";
 
 fn dev(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("dev").join(script))
-        .args(args)
-        .env("PG_PORT", PG_PORT)
-        .env("BROKER_ADDR", brokers())
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "dev/{script} {args:?} failed:\n{text}"
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let mut all = vec![("PG_PORT", PG_PORT)];
+    all.extend_from_slice(envs);
+    dev_script(script, args, &all)
 }
 
 fn sql(q: &str) -> String {
@@ -177,8 +162,7 @@ async fn postgres_debezium_livetable_websocket_equals_the_database() {
     );
 
     // kill -9 Kafka Connect in the middle of a stream of updates, start it again
-    let pidfile = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!(".run/connect-{name}.pid"));
+    let pidfile = repo_root().join(format!(".run/connect-{name}.pid"));
     for i in 0..20 {
         sql(&format!(
             "update {table} set odd3 = {}.{i:03}, updated_at = now() where game_id = 'g{}'",

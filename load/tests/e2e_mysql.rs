@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,28 +21,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 const MARIADB_PORT: &str = "33319";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn dev(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
-    let out = Command::new(root().join("dev").join(script))
-        .args(args)
-        .env("MARIADB_PORT", MARIADB_PORT)
-        .env("BROKER_ADDR", brokers())
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "dev/{script} {args:?} failed:\n{text}"
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let mut all = vec![("MARIADB_PORT", MARIADB_PORT)];
+    all.extend_from_slice(envs);
+    dev_script(script, args, &all)
 }
 
 fn sql(q: &str) -> String {
@@ -68,7 +49,7 @@ impl Connect {
 }
 impl Drop for Connect {
     fn drop(&mut self) {
-        let _ = Command::new(root().join("dev/connect"))
+        let _ = Command::new(repo_root().join("dev/connect"))
             .arg("stop")
             .envs(self.env())
             .output();
@@ -119,7 +100,7 @@ async fn rows_until(ws: &mut Ws, seen: &mut HashMap<String, Value>, want: &HashM
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
-    let driver_dir = root().join("tests/browser");
+    let driver_dir = repo_root().join("tests/browser");
     assert!(
         driver_dir.join("node_modules/playwright-core").is_dir() && std::path::Path::new("/usr/bin/chromium").exists(),
         "this test needs Debian's chromium and `npm ci` in tests/browser: run ./dev/test, which installs both"
@@ -244,7 +225,7 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
                    "cells": {"odd1": o["odd1"], "odd2": o["odd2"], "odd3": o["odd3"], "odd4": o["odd4"]}})
         })
         .collect();
-    let artifacts = root().join("target/browser-artifacts");
+    let artifacts = repo_root().join("target/browser-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let out = tokio::task::spawn_blocking({
         let (base, driver_dir) = (base.clone(), driver_dir.clone());

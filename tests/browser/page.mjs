@@ -3,18 +3,14 @@
 // Protocol with the Rust test on stdin/stdout: prints "READY <g1.odd1>" once row g1 is shown,
 // waits for a line "GO" (the test has produced a change into Kafka), then waits up to 2 s for the
 // new value on the page and prints "OK <ms>" or "FAIL <reason>".
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 import { createInterface } from "node:readline";
 
 const [base, shot] = process.argv.slice(2);
 const lines = createInterface({ input: process.stdin });
 const nextLine = () => new Promise((resolve) => lines.once("line", resolve));
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 let page;
 try {
   page = await browser.newPage({ viewport: { width: 1100, height: 420 } });

@@ -2,15 +2,11 @@
 // row, picks its table in the page's table selector and waits until the row shows the expected cells.
 // usage: node shows.mjs BASE_URL SCREENSHOT_PREFIX '[{"table":T,"key":K,"cells":{"col":"text",...}},...]'
 // Prints "OK <table>" per row, or "FAIL <reason>" (exit code 1). Screenshots SCREENSHOT_PREFIX-<table>.png.
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const [base, shotPrefix, spec] = process.argv.slice(2);
 const want = JSON.parse(spec);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 let page;
 try {
   page = await browser.newPage({ viewport: { width: 1100, height: 420 } });

@@ -30,6 +30,33 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{t}x{n}", std::process::id())
 }
 
+/// The repository (tests of the root crate and of `load/` share this module).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|p| p.join("dev/broker").is_file())
+        .expect("dev/broker above the crate")
+        .to_path_buf()
+}
+
+/// Runs `dev/<script> args` with the tests' broker and `envs`; panics with its output when it
+/// fails; returns its stdout, trimmed.
+pub fn dev_script(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(repo_root().join("dev").join(script))
+        .args(args)
+        .env("BROKER_ADDR", brokers())
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dev/{script} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 pub fn fixtures_dir() -> PathBuf {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     [

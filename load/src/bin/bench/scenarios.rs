@@ -84,6 +84,23 @@ fn s<T: ToString>(v: T) -> String {
     v.to_string()
 }
 
+/// ws-swarm's arguments for `clients` no-state clients of the table listening `secs`, then `extra`.
+fn swarm_args(base: &str, clients: u64, secs: u64, extra: &[String]) -> Vec<String> {
+    let mut v = vec![
+        s("--base"),
+        s(base),
+        s("--table"),
+        s(TABLE),
+        s("--clients"),
+        s(clients),
+        s("--duration-secs"),
+        s(secs),
+        s("--no-state"),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// Produces `count` changes over `keys` keys as fast as possible; returns cdc-gen's summary.
 fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<Value> {
     env.tool(
@@ -99,6 +116,36 @@ fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<Valu
             s(count),
         ],
     )
+}
+
+/// Starts ws-swarm with `clients` no-state clients ramped at `ramp`/s, each listening `secs`, and
+/// waits until livetable counts them all (at most the ramp + 60 s); returns the running swarm and
+/// the connections livetable counted.
+fn swarm_connected(
+    env: &Env,
+    lt: &Livetable,
+    clients: u64,
+    ramp: u64,
+    secs: u64,
+    z: &Sizes,
+) -> anyhow::Result<(crate::stack::Tool, f64)> {
+    let extra = [
+        s("--ramp-per-sec"),
+        s(ramp),
+        s("--local-addrs"),
+        s(z.local_addrs),
+    ];
+    let swarm = env.spawn_tool("ws-swarm", &swarm_args(&lt.base, clients, secs, &extra))?;
+    let until = Instant::now() + Duration::from_secs(clients / ramp + 60);
+    let mut connected = 0.0;
+    while Instant::now() < until {
+        connected = probe::metric(&probe::metrics(&lt.base), "livetable_connections");
+        if connected >= clients as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok((swarm, connected))
 }
 
 /// Starts livetable on a prefilled topic and waits until it holds `seq` changes.
@@ -186,20 +233,7 @@ pub fn snapshot(env: &Env, z: &Sizes, lt: &Livetable, sc: &mut Scenario) -> anyh
         let (f, d) = probe::sse_snapshot_timing(&lt.base, TABLE)?;
         first.push(f);
         done.push(d);
-        let one = env.tool(
-            "ws-swarm",
-            &[
-                s("--base"),
-                lt.base.clone(),
-                s("--table"),
-                s(TABLE),
-                s("--clients"),
-                s(1),
-                s("--duration-secs"),
-                s(1),
-                s("--no-state"),
-            ],
-        )?;
+        let one = env.tool("ws-swarm", &swarm_args(&lt.base, 1, 1, &[]))?;
         ws.push(
             one["time_to_snapshot_ms"]["max"]
                 .as_f64()
@@ -226,19 +260,12 @@ pub fn snapshot(env: &Env, z: &Sizes, lt: &Livetable, sc: &mut Scenario) -> anyh
     );
     let storm = env.tool(
         "ws-swarm",
-        &[
-            s("--base"),
-            lt.base.clone(),
-            s("--table"),
-            s(TABLE),
-            s("--clients"),
-            s(z.storm_clients),
-            s("--duration-secs"),
-            s(z.storm_secs),
-            s("--no-state"),
-            s("--local-addrs"),
-            s(z.local_addrs),
-        ],
+        &swarm_args(
+            &lt.base,
+            z.storm_clients,
+            z.storm_secs,
+            &[s("--local-addrs"), s(z.local_addrs)],
+        ),
     )?;
     let served = storm["connected"].as_u64().unwrap_or(0);
     sc.add(
@@ -351,33 +378,7 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
     let lt = loaded(env, name, &topic, rows, &["--max-connections", &max])?;
     let ramp = 2_000u64;
     let ramp_secs = clients / ramp + 1;
-    let swarm = env.spawn_tool(
-        "ws-swarm",
-        &[
-            s("--base"),
-            lt.base.clone(),
-            s("--table"),
-            s(TABLE),
-            s("--clients"),
-            s(clients),
-            s("--ramp-per-sec"),
-            s(ramp),
-            s("--duration-secs"),
-            s(ramp_secs + secs + 8),
-            s("--local-addrs"),
-            s(z.local_addrs),
-            s("--no-state"),
-        ],
-    )?;
-    let until = Instant::now() + Duration::from_secs(ramp_secs + 60);
-    let mut connected = 0.0;
-    while Instant::now() < until {
-        connected = probe::metric(&probe::metrics(&lt.base), "livetable_connections");
-        if connected >= clients as f64 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (swarm, connected) = swarm_connected(env, &lt, clients, ramp, ramp_secs + secs + 8, z)?;
     sc.add(
         "clients connected before the load",
         connected,
@@ -510,33 +511,7 @@ pub fn connections(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()
     let ramp = 5_000u64;
     // every client stays connected until well after the last one connected
     let hold = 2 * (n / ramp) + 30;
-    let swarm = env.spawn_tool(
-        "ws-swarm",
-        &[
-            s("--base"),
-            lt.base.clone(),
-            s("--table"),
-            s(TABLE),
-            s("--clients"),
-            s(n),
-            s("--ramp-per-sec"),
-            s(ramp),
-            s("--duration-secs"),
-            s(hold),
-            s("--local-addrs"),
-            s(z.local_addrs),
-            s("--no-state"),
-        ],
-    )?;
-    let until = Instant::now() + Duration::from_secs(n / ramp + 60);
-    let mut open = 0.0;
-    while Instant::now() < until {
-        open = probe::metric(&probe::metrics(&lt.base), "livetable_connections");
-        if open >= n as f64 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let (swarm, open) = swarm_connected(env, &lt, n, ramp, hold, z)?;
     std::thread::sleep(Duration::from_secs(2));
     let after = lt.rss()?;
     let out = swarm.finish()?;
