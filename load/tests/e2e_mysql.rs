@@ -250,6 +250,34 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // commit -> WebSocket receipt over 200 single-row commits (printed, not asserted); MySQL's
+    // source.ts_ms has whole seconds, so the clock starts when the client's commit returned
+    let mut lat = Vec::with_capacity(200);
+    for i in 0..200 {
+        let value = format!("7.{i:03}");
+        sql(&format!(
+            "update game_alpha set odd4 = {value} where game_id = 'alpha'"
+        ));
+        let committed = Instant::now();
+        let until = committed + Duration::from_secs(10);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(left, ws.next()).await else {
+                panic!("no row for commit {i}")
+            };
+            let row: Value = serde_json::from_str(t.as_str()).unwrap();
+            if row["game_id"] == "alpha" && row["odd4"] == json!(value) {
+                break;
+            }
+        }
+        lat.push(committed.elapsed());
+    }
+    lat.sort();
+    eprintln!(
+        "MariaDB commit -> websocket (format=rows) over 200 commits: p50 {:?}, p99 {:?} (after the client returned)",
+        lat[100], lat[197]
+    );
+
     drop(connect);
     svc.shutdown();
     svc.wait().await.unwrap();
