@@ -196,12 +196,7 @@ async fn resume_gets_a_patch_within_the_buffer_and_a_snapshot_outside() {
     // a foreign epoch also gets a snapshot
     let mut ws2 = connect(&base, "/ws?table=game_odds&since=other:3").await;
     assert_eq!(next_json(&mut ws2).await["type"], "snapshot");
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         metrics.contains(r#"livetable_resumes_total{result="hit"} 1"#),
         "{metrics}"
@@ -354,12 +349,7 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
         slow_msgs < fast_msgs,
         "the slow client got composed patches ({slow_msgs} vs {fast_msgs} messages)"
     );
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     let conflated = metrics
         .lines()
         .find_map(|l| l.strip_prefix("livetable_conflated_changes_total "))

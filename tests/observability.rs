@@ -159,12 +159,7 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
     let (svc, base, topic) = service_under_load().await;
 
     // docs/metrics.md <-> /metrics, both ways
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&base).await;
     let exposed: BTreeSet<String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -211,12 +211,7 @@ async fn a_malformed_record_is_dead_lettered_and_the_stream_goes_on() {
         ("invalid_json".into(), "1".into(), topic.clone())
     );
     assert_eq!(h(1, "livetable.dlq.reason"), "bad_shape");
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         metrics.contains("livetable_dead_lettered_total 2"),
         "{metrics}"

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use crate::fanout::patch::compose_row;
-use crate::fanout::protocol::{Format, Outgoing, SNAPSHOT_PART_BYTES};
+use crate::fanout::protocol::{patch_json, Format, Outgoing, SNAPSHOT_PART_BYTES};
 use crate::table::ingest::TableUpdate;
 use crate::table::state::Tables;
 
@@ -314,28 +314,27 @@ fn snapshot_parts(
         }
     }
     // the rows as `"key":{row}` entries, cut into chunks of about SNAPSHOT_PART_BYTES
-    let mut chunks: Vec<Vec<u8>> = vec![Vec::new()];
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut current: Vec<u8> = Vec::new();
     let mut rows = 0;
     for (k, r) in t
         .rows
         .iter()
         .filter(|(k, _)| keys.is_none_or(|keys| keys.contains(*k)))
     {
-        let mut chunk = chunks.last_mut().filter(|c| c.len() < SNAPSHOT_PART_BYTES);
-        if chunk.is_none() {
-            chunks.push(Vec::new());
-            chunk = chunks.last_mut();
+        if current.len() >= SNAPSHOT_PART_BYTES {
+            chunks.push(std::mem::take(&mut current));
         }
-        let Some(c) = chunk else { break };
-        if !c.is_empty() {
-            c.push(b',');
+        if !current.is_empty() {
+            current.push(b',');
         }
         // serialising strings and JSON values into a Vec cannot fail
-        let _ = serde_json::to_writer(&mut *c, k);
-        c.push(b':');
-        let _ = serde_json::to_writer(&mut *c, &NonNull(r));
+        let _ = serde_json::to_writer(&mut current, k);
+        current.push(b':');
+        let _ = serde_json::to_writer(&mut current, &NonNull(r));
         rows += 1;
     }
+    chunks.push(current);
     let (table, epoch) = (
         serde_json::to_string(table).unwrap_or_default(),
         serde_json::to_string(&t.epoch).unwrap_or_default(),
@@ -376,15 +375,7 @@ fn whole_table_frame(update: &TableUpdate) -> String {
         ts_ms = c.ts_ms.or(ts_ms);
     }
     let seq = update.changes.last().map_or(0, |c| c.seq);
-    Outgoing::Patch {
-        table: update.table.clone(),
-        epoch: update.epoch.clone(),
-        seq,
-        ts_ms,
-        kafka_ts_ms: None,
-        patch,
-    }
-    .to_json()
+    patch_json(&update.table, &update.epoch, seq, ts_ms, &patch)
 }
 
 #[derive(Debug, Default)]

@@ -7,6 +7,7 @@ pub mod protocol;
 pub mod sse;
 pub mod ws;
 
+use axum::extract::ws::Utf8Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,7 +94,8 @@ pub fn record_latency(metrics: &Metrics, ts_ms: Option<i64>, kafka_ts_ms: Option
 }
 
 /// Records the metrics of a message about to be written.
-pub fn record_sent(metrics: &Metrics, out: &Outgoing, bytes: usize) {
+pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
+    let bytes: usize = frames.iter().map(|f| f.len()).sum();
     let kind = match out {
         Outgoing::Snapshot { rows, .. } => {
             metrics.snapshots_sent.inc();

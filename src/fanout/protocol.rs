@@ -37,21 +37,28 @@ pub enum Outgoing {
     Pong,
 }
 
+/// The text of a patch message.
+pub fn patch_json(
+    table: &str,
+    epoch: &str,
+    seq: u64,
+    ts_ms: Option<i64>,
+    patch: &Map<String, Value>,
+) -> String {
+    json!({"type": "patch", "table": table, "epoch": epoch, "seq": seq, "ts_ms": ts_ms, "patch": patch})
+        .to_string()
+}
+
 /// Target size of one frame of a snapshot: a client's and the server's per-connection buffers
 /// stay about this big however large the table is.
 pub const SNAPSHOT_PART_BYTES: usize = 128 * 1024;
 
 impl Outgoing {
-    /// The JSON text of the message (a snapshot's frames, one per line: send [`Outgoing::frames`]).
-    pub fn to_json(&self) -> String {
-        let v = match self {
-            Outgoing::Snapshot { parts, .. } => {
-                return parts
-                    .iter()
-                    .map(|p| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }
+    /// The frames to send, in order: a snapshot's shared frames without a copy, every other
+    /// message as one JSON text.
+    pub fn frames(&self) -> Vec<Utf8Bytes> {
+        let text = match self {
+            Outgoing::Snapshot { parts, .. } => return parts.to_vec(),
             Outgoing::Patch {
                 table,
                 epoch,
@@ -59,24 +66,15 @@ impl Outgoing {
                 ts_ms,
                 patch,
                 ..
-            } => {
-                json!({"type": "patch", "table": table, "epoch": epoch, "seq": seq, "ts_ms": ts_ms, "patch": patch})
-            }
-            Outgoing::Row(row) => return row.to_string(),
+            } => patch_json(table, epoch, *seq, *ts_ms, patch),
+            Outgoing::Row(row) => row.to_string(),
             Outgoing::Error { code, message } => {
                 json!({"type": "error", "code": code.as_str(), "message": message, "fatal": code.is_fatal()})
+                    .to_string()
             }
-            Outgoing::Pong => json!({"type": "pong"}),
+            Outgoing::Pong => json!({"type": "pong"}).to_string(),
         };
-        v.to_string()
-    }
-
-    /// The frames to send, in order: shared without a copy for snapshots.
-    pub fn frames(&self) -> Vec<Utf8Bytes> {
-        match self {
-            Outgoing::Snapshot { parts, .. } => parts.to_vec(),
-            o => vec![o.to_json().into()],
-        }
+        vec![text.into()]
     }
 
     /// `E:S` for SSE event ids.
@@ -251,7 +249,7 @@ mod tests {
             patch: Map::new(),
         };
         assert_eq!(
-            p.to_json(),
+            p.frames()[0].as_str(),
             r#"{"type":"patch","table":"t","epoch":"e","seq":3,"ts_ms":9,"patch":{}}"#
         );
         assert_eq!(p.event_id().unwrap(), "e:3");

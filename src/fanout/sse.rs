@@ -126,11 +126,7 @@ pub async fn handler(
             }
             if let Some(out) = st.queue.pop_front() {
                 let frames = out.frames();
-                record_sent(
-                    &st.state.metrics,
-                    &out,
-                    frames.iter().map(|f| f.len()).sum(),
-                );
+                record_sent(&st.state.metrics, &out, &frames);
                 let last = frames.len().saturating_sub(1);
                 for (i, f) in frames.into_iter().enumerate() {
                     // a snapshot's further frames are patches; only the last frame carries the id,

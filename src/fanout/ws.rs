@@ -432,7 +432,7 @@ impl Connection {
         }
         for o in &out {
             let frames = o.frames();
-            record_sent(&self.state.metrics, o, frames.iter().map(|f| f.len()).sum());
+            record_sent(&self.state.metrics, o, &frames);
             let many = frames.len() > 1;
             for f in frames {
                 socket.feed(Message::Text(f)).await.map_err(|_| ())?;

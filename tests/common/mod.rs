@@ -232,6 +232,16 @@ pub async fn get_json(url: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// The text of `GET /metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits until `GET /api/tables/{table}` reports `seq` and returns the body.
 pub async fn table_at_seq(base: &str, table: &str, seq: u64) -> Value {
     eventually(

@@ -6,11 +6,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap_or_else(|_| reqwest::blocking::Client::new())
+/// One blocking client for every probe (each client owns a runtime thread and a connection pool:
+/// building one per poll was needless work on the tools' core).
+fn client() -> &'static reqwest::blocking::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_else(|_| reqwest::blocking::Client::new())
+    })
 }
 
 /// `seq` and `rows` of a table from `GET /api/tables` (None before it exists).
