@@ -57,15 +57,9 @@ pub fn dev_script(script: &str, args: &[&str], envs: &[(&str, &str)]) -> String 
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The real Debezium captures (with the connector settings that produced them), in the repository.
 pub fn fixtures_dir() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [
-        here.join("../shared/fixtures/debezium"),
-        here.join("../../shared/fixtures/debezium"),
-    ]
-    .into_iter()
-    .find(|p| p.is_dir())
-    .expect("shared/fixtures/debezium beside the repository")
+    repo_root().join("tests/fixtures/debezium")
 }
 
 /// One record of a fixture file.

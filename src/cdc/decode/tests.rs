@@ -1,4 +1,4 @@
-//! The decoder against the real Debezium captures in `../shared/fixtures/debezium/`.
+//! The decoder against the real Debezium captures in `tests/fixtures/debezium/`.
 //! Expectations are written by hand from the captured workload (`db/workload-pg.sql`): 3 snapshot
 //! rows, an insert, updates (one in a 2-row transaction), a delete (+ tombstone), an insert with a
 //! NULL and a 6-decimal value, an update of it, and a primary-key change g4 -> g6.
@@ -20,15 +20,7 @@ struct FixtureRecord {
 }
 
 pub(crate) fn fixtures_dir() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        here.join("../shared/fixtures/debezium"),
-        here.join("../../shared/fixtures/debezium"),
-    ];
-    candidates
-        .into_iter()
-        .find(|p| p.is_dir())
-        .expect("shared/fixtures/debezium beside the repository")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium")
 }
 
 fn load(name: &str) -> Vec<FixtureRecord> {
