@@ -1,30 +1,42 @@
-//! The HTTP API (axum): tables and rows, health, readiness and metrics.
+//! The HTTP API (axum): tables and rows, health, readiness and metrics, the live page.
 //! Errors are JSON `{"error": "..."}` with a status, and never leak internals.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{json, Map, Value};
+use tokio_util::sync::CancellationToken;
 
+use crate::config::Role;
+use crate::fanout::hub::{union_key, Hub};
+use crate::fanout::protocol::SubscribeQuery;
+use crate::fanout::FanoutLimits;
 use crate::metrics::Metrics;
-use crate::table::ingest::Readiness;
-use crate::table::state::Tables;
+use crate::table::readiness::Readiness;
+use crate::table::state::{without_nulls, Tables};
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
+    pub role: Role,
     pub tables: Arc<Tables>,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    pub hub: Arc<crate::fanout::hub::Hub>,
-    pub fanout: Arc<crate::fanout::FanoutLimits>,
-    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    pub hub: Arc<Hub>,
+    pub fanout: Arc<FanoutLimits>,
+    pub connections: Arc<AtomicUsize>,
+    /// Cancelled on shutdown: live connections close (WebSocket 1001, SSE ends).
+    pub shutdown: CancellationToken,
 }
 
 /// An API error: a status and a message safe to show to clients.
@@ -38,40 +50,47 @@ impl IntoResponse for ApiError {
 
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
-    // the data routes answer only once the tables are complete (after a restore)
-    let data = Router::new()
-        .route("/api/tables", get(list_tables))
-        .route("/api/tables/{table}", get(get_table))
-        .route("/api/tables/{table}/rows/{key}", get(get_row))
-        .route("/ws", get(crate::fanout::ws::handler))
-        .route("/sse", get(crate::fanout::sse::handler))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_restored,
-        ));
-    Router::new()
-        .merge(data)
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/", get(index))
-        .route("/livetable.js", get(client_js))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .route("/metrics", get(metrics));
+    if state.role.serves() {
+        // the data routes answer once the local store is loaded
+        let data = Router::new()
+            .route("/api/tables", get(list_tables))
+            .route("/api/tables/{table}", get(get_table))
+            .route("/api/tables/{table}/rows/{key}", get(get_row))
+            .route("/ws", get(ws))
+            .route("/sse", get(crate::fanout::sse::handler))
+            .route("/", get(index))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_loaded,
+            ));
+        app = app.merge(data).route("/livetable.js", get(client_js));
+    } else {
+        app = app.route(
+            "/",
+            get(|| async {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    "this node is a materialiser: clients connect to a gateway".into(),
+                )
+            }),
+        );
+    }
+    app.fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
 
-async fn require_restored(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state
-        .readiness
-        .restored
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
+async fn require_loaded(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.readiness.loaded.load(Ordering::Acquire) {
         next.run(req).await
     } else {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            "restoring the tables from the changelog; retry shortly".into(),
+            "loading the local store; retry shortly".into(),
         )
         .into_response()
     }
@@ -98,33 +117,96 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-async fn list_tables(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "tables": state.tables.list() }))
+async fn list_tables(State(state): State<AppState>) -> Json<Value> {
+    let tables = state.tables.list();
+    let unions: Vec<Value> = state
+        .fanout
+        .unions
+        .iter()
+        .map(|u| {
+            let members: Vec<&str> = tables
+                .iter()
+                .map(|t| t.name.as_str())
+                .filter(|n| u.pattern.is_match(n))
+                .collect();
+            json!({"name": u.name, "pattern": u.pattern.as_str(), "tables": members})
+        })
+        .collect();
+    Json(json!({ "tables": tables, "unions": unions }))
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        format!("bad path: {}", e.body_text()),
+    )
 }
 
 async fn get_table(
     State(state): State<AppState>,
-    Path(table): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(table) = path.map_err(path_error)?;
+    if let Some(u) = state
+        .fanout
+        .unions
+        .iter()
+        .find(|u| u.name == table)
+        .cloned()
+    {
+        let tables = state.tables.clone();
+        let body = tokio::task::spawn_blocking(move || {
+            let mut rows = Map::new();
+            for name in tables.names().into_iter().filter(|n| u.pattern.is_match(n)) {
+                if let Some(t) = tables.get(&name) {
+                    for (k, e) in &t.read().rows {
+                        rows.insert(union_key(&name, k), Value::Object((*e.row).clone()));
+                    }
+                }
+            }
+            serde_json::to_vec(&json!({"table": u.name, "union": true, "rows": rows}))
+        })
+        .await
+        .map_err(|_| internal())?
+        .map_err(|_| internal())?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+    }
     let t = state
         .tables
         .get(&table)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")))?;
     // a large table takes milliseconds to serialise: keep it off the async workers
     let body = tokio::task::spawn_blocking(move || {
-        let t = t.read().unwrap_or_else(|e| e.into_inner());
-        serde_json::to_vec(&json!({"table": table, "seq": t.seq, "epoch": t.epoch, "rows": t.rows}))
+        let t = t.read();
+        let rows: Map<String, Value> = t
+            .rows
+            .iter()
+            .map(|(k, e)| (k.clone(), Value::Object((*e.row).clone())))
+            .collect();
+        serde_json::to_vec(&json!({
+            "table": table,
+            "seq": t.seq(),
+            "epoch": &*t.epoch,
+            "pos": t.token().to_string(),
+            "complete": t.complete(),
+            "rows": rows,
+        }))
     })
     .await
-    .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()))?
-    .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()))?;
+    .map_err(|_| internal())?
+    .map_err(|_| internal())?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn internal() -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
 }
 
 async fn get_row(
     State(state): State<AppState>,
-    Path((table, key)): Path<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path((table, key)) = path.map_err(path_error)?;
     if state.tables.get(&table).is_none() {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -137,7 +219,23 @@ async fn get_row(
             format!("no row `{key}` in table `{table}`"),
         )
     })?;
-    Ok(Json(serde_json::Value::Object(row)))
+    Ok(Json(Value::Object((*row).clone())))
+}
+
+/// `/ws`: a WebSocket upgrade; a plain GET gets a JSON error.
+async fn ws(
+    State(state): State<AppState>,
+    Query(q): Query<SubscribeQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(ws) => crate::fanout::ws::upgrade(state, q, ws, false),
+        Err(e) => ApiError(
+            e.status(),
+            format!("a WebSocket upgrade is required here: {}", e.body_text()),
+        )
+        .into_response(),
+    }
 }
 
 /// The live page and its client, embedded in the binary (no build step).
@@ -152,37 +250,15 @@ async fn client_js() -> Response {
         .into_response()
 }
 
-/// `/`: a WebSocket upgrade here is a `/ws` connection with the default format (clients of the seed
-/// system connect to `ws://host:port/`); a plain GET serves the live page.
+/// `/`: a WebSocket upgrade here is a live connection with the default format (clients of the
+/// seed system connect to `ws://host:port/`); a plain GET serves the live page.
 async fn index(
-    state: State<AppState>,
-    q: axum::extract::Query<crate::fanout::protocol::SubscribeQuery>,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    State(state): State<AppState>,
+    Query(q): Query<SubscribeQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match ws {
-        Ok(_)
-            if !state
-                .readiness
-                .restored
-                .load(std::sync::atomic::Ordering::Acquire) =>
-        {
-            ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "restoring the tables from the changelog; retry shortly".into(),
-            )
-            .into_response()
-        }
-        Ok(ws) => {
-            // an upgrade on `/` (the seed system's clients) speaks the configured default format
-            let mut q = q;
-            if q.format.is_none() {
-                q.format = Some(state.fanout.default_format.as_str().to_string());
-            }
-            crate::fanout::ws::handler(state, q, ws).await
-        }
+    match upgrade {
+        Ok(ws) => crate::fanout::ws::upgrade(state, q, ws, true),
         Err(_) => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
             INDEX_HTML,
@@ -192,11 +268,7 @@ async fn index(
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {
-    if state
-        .readiness
-        .healthy
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
+    if state.readiness.is_healthy() {
         Json(json!({"status": "ok"})).into_response()
     } else {
         (
@@ -209,11 +281,16 @@ async fn healthz(State(state): State<AppState>) -> Response {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let r = &state.readiness;
-    let restored = r.restored.load(std::sync::atomic::Ordering::Acquire);
-    let caught_up = r.caught_up.load(std::sync::atomic::Ordering::Acquire);
-    let body =
-        Json(json!({"ready": restored && caught_up, "restored": restored, "caught_up": caught_up}));
-    if r.is_ready() {
+    let ready = r.is_ready();
+    let body = Json(json!({
+        "ready": ready,
+        "role": state.role.as_str(),
+        "loaded": r.loaded.load(Ordering::Acquire),
+        "ingest": r.needs_ingest.then(|| r.ingest.load(Ordering::Acquire)),
+        "follower": r.needs_follower.then(|| r.follower.load(Ordering::Acquire)),
+        "reason": r.reason(),
+    }));
+    if ready {
         body.into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
@@ -230,4 +307,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// The NULL-free row a patch client sees (for tests and tools).
+pub fn client_row(row: &crate::cdc::decode::Row) -> Value {
+    Value::Object(without_nulls(row))
 }

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub freshness_seconds: Histogram,
     pub http_requests: IntCounterVec,
     pub http_seconds: HistogramVec,
+    pub role: IntGaugeVec,
+    pub fences_written: IntCounter,
+    pub fenced_records: IntCounter,
+    pub follower_lag: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -105,7 +109,7 @@ impl Metrics {
         );
         let restore_records = counter(
             "livetable_restore_records_total",
-            "Changelog records read while restoring an empty data directory.",
+            "Changelog records read while taking slices over (restores on assignment).",
         );
         let gauge = |name: &str, help: &str| {
             let m = Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -133,7 +137,15 @@ impl Metrics {
         );
         let ready = int_gauge(
             "livetable_ready",
-            "1 when restored and caught up with the stream as it was at start-up.",
+            "1 when every partition this node consumes or follows is restored and caught up.",
+        );
+        let fences_written = counter(
+            "livetable_fences_written_total",
+            "Fence records written when this node took a changelog partition over.",
+        );
+        let fenced_records = counter(
+            "livetable_fenced_records_total",
+            "Changelog records ignored because a newer owner had fenced their partition (a former owner's late writes).",
         );
         let m = Metrics {
             records_consumed: counter_vec(&r, "livetable_records_consumed_total", "Kafka records consumed, by topic and outcome (applied, unchanged, skipped, dead_lettered, duplicate).", &["topic", "outcome"]),
@@ -179,6 +191,10 @@ impl Metrics {
                 m
             },
             dead_lettered,
+            role: gauge_vec(&r, "livetable_role", "1 for the role of this process (all, materialiser, gateway).", &["role"]),
+            fences_written,
+            fenced_records,
+            follower_lag: gauge_vec(&r, "livetable_follower_lag", "Largest changelog lag (records) of the partitions the follower reads, by table.", &["table"]),
             registry: r,
         };
         // series of the fixed label sets exist from the start, so rate() and alerts see zeros

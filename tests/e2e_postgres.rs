@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use livetable::config::TopicSelection;
-use livetable::fanout::patch::merge;
+use livetable::patch::merge;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 

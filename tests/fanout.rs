@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures::{SinkExt, StreamExt};
 use livetable::config::{Config, TopicSelection};
-use livetable::fanout::patch::merge;
+use livetable::patch::merge;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -161,16 +161,17 @@ async fn resume_gets_a_patch_within_the_buffer_and_a_snapshot_outside() {
     let (svc, base, topic, records, _dir) = setup(4, |c| c.replay_buffer = 4).await;
     let mut ws = connect(&base, "/ws?table=game_odds").await;
     let snap = next_json(&mut ws).await;
-    let (epoch, seq) = (
+    let (epoch, seq, pos) = (
         snap["epoch"].as_str().unwrap().to_string(),
         snap["seq"].as_u64().unwrap(),
+        snap["pos"].as_str().unwrap().to_string(),
     );
     ws.close(None).await.unwrap();
 
     // 3 more changes: within a buffer of 4
     produce(&producer(), &topic, &records[4..7]).await;
     table_at_seq(&base, "game_odds", 7).await;
-    let mut ws = connect(&base, &format!("/ws?table=game_odds&since={epoch}:{seq}")).await;
+    let mut ws = connect(&base, &format!("/ws?table=game_odds&since={pos}")).await;
     let m = next_json(&mut ws).await;
     assert_eq!(
         (m["type"].as_str(), m["seq"].as_u64()),
@@ -186,22 +187,28 @@ async fn resume_gets_a_patch_within_the_buffer_and_a_snapshot_outside() {
     // still at the first snapshot's seq cannot resume
     produce(&producer(), &topic, &records[7..]).await;
     table_at_seq(&base, "game_odds", 12).await;
-    let mut ws = connect(&base, &format!("/ws?table=game_odds&since={epoch}:{seq}")).await;
+    let mut ws = connect(&base, &format!("/ws?table=game_odds&since={pos}")).await;
     let m = next_json(&mut ws).await;
     assert_eq!(
         (m["type"].as_str(), m["seq"].as_u64()),
         (Some("snapshot"), Some(12)),
         "resume miss: {m}"
     );
-    // a foreign epoch also gets a snapshot
-    let mut ws2 = connect(&base, "/ws?table=game_odds&since=other:3").await;
-    assert_eq!(next_json(&mut ws2).await["type"], "snapshot");
+    // a foreign lineage, and a token of protocol version 1 (EPOCH:SEQ), get snapshots
+    for since in ["other~3".to_string(), format!("{epoch}:{seq}")] {
+        let mut ws2 = connect(&base, &format!("/ws?table=game_odds&since={since}")).await;
+        assert_eq!(
+            next_json(&mut ws2).await["type"],
+            "snapshot",
+            "since={since}"
+        );
+    }
     let metrics = metrics_text(&base).await;
     assert!(
         metrics.contains(r#"livetable_resumes_total{result="hit"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains(r#"livetable_resumes_total{result="miss"} 2"#));
+    assert!(metrics.contains(r#"livetable_resumes_total{result="miss"} 3"#));
     svc.shutdown();
     svc.wait().await.unwrap();
 }
@@ -220,10 +227,16 @@ async fn bad_frames_get_errors_and_others_keep_being_served() {
         (e["type"].as_str(), e["code"].as_str()),
         (Some("error"), Some("bad_message"))
     );
+    // a table that does not exist (yet): the subscription waits for it, and says so
     bad.send(Message::text(r#"{"type":"subscribe","table":"nope"}"#))
         .await
         .unwrap();
-    assert_eq!(next_json(&mut bad).await["code"], "unknown_table");
+    let w = next_json(&mut bad).await;
+    assert_eq!(
+        (w["type"].as_str(), w["table"].as_str()),
+        (Some("waiting"), Some("nope")),
+        "{w}"
+    );
     bad.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     assert_eq!(next_json(&mut bad).await["code"], "bad_message");
     bad.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
@@ -248,8 +261,20 @@ async fn bad_frames_get_errors_and_others_keep_being_served() {
     produce(&producer(), &topic, &records[3..]).await;
     let (state, _, _) = follow_to(&mut good, snap["rows"].clone(), 3, 12).await;
     assert_eq!(state, api_rows(&base, None).await.0);
-    let (status, body) = get_json(&format!("{base}/sse?table=nope")).await;
-    assert_eq!((status, body["error"].as_str().is_some()), (404, true));
+    // over SSE too, a table that does not exist yet is waited for
+    let resp = reqwest::get(format!("{base}/sse?table=nope"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(std::str::from_utf8(&chunk)
+        .unwrap()
+        .contains("event: waiting"));
     svc.shutdown();
     svc.wait().await.unwrap();
 }
@@ -403,7 +428,12 @@ async fn sse_snapshot_patches_and_last_event_id_resume() {
                 "patch" => merge(&mut state, &v["patch"]),
                 other => panic!("unexpected event {other}"),
             }
-            assert_eq!(id, format!("{}:{}", v["epoch"].as_str().unwrap(), v["seq"]));
+            assert_eq!(
+                id,
+                v["pos"].as_str().unwrap(),
+                "the event id is the resume token"
+            );
+            assert!(id.starts_with(&format!("{}~", v["epoch"].as_str().unwrap())));
             events.push((ev, id, v));
         }
         if !produced && !state.is_null() {

@@ -9,18 +9,28 @@
 //
 // Events (CustomEvent, data in .detail):
 //   status   "connecting" | "open" | "closed"
-//   snapshot {table, rows, epoch, seq}
-//   change   {table, rows, changed: Set of keys, patch, seq, tsMs}   (after a snapshot or a patch)
+//   snapshot {table, rows, epoch, seq, pos}
+//   change   {table, rows, changed: Set of keys, patch, seq, pos, tsMs}   (after a snapshot or a patch)
+//   waiting  {table}   the table does not exist yet; its snapshot follows when it appears
 //   error    {code, message, fatal}
-// Reconnects with exponential backoff and resumes from the last (epoch, seq) it saw.
+// Reconnects with exponential backoff and resumes from the last position (`pos`) it saw, on the
+// same server or any other of the deployment (protocol version 2).
 
-/** RFC 7386 JSON Merge Patch: returns target with patch applied (target is modified in place). */
+const own = Object.prototype.hasOwnProperty;
+
+/** RFC 7386 JSON Merge Patch: returns target with patch applied (target is modified in place).
+ * Keys such as `__proto__` are ordinary data keys: they never reach an object's prototype. */
 export function mergePatch(target, patch) {
   if (patch === null || typeof patch !== "object" || Array.isArray(patch)) return patch;
   if (target === null || typeof target !== "object" || Array.isArray(target)) target = {};
-  for (const [k, v] of Object.entries(patch)) {
-    if (v === null) delete target[k];
-    else target[k] = mergePatch(target[k], v);
+  for (const k of Object.keys(patch)) {
+    const v = patch[k];
+    if (v === null) {
+      if (own.call(target, k)) delete target[k];
+    } else {
+      const merged = mergePatch(own.call(target, k) ? target[k] : undefined, v);
+      Object.defineProperty(target, k, { value: merged, writable: true, enumerable: true, configurable: true });
+    }
   }
   return target;
 }
@@ -38,6 +48,7 @@ export class LiveTable extends EventTarget {
     this.rows = {};
     this.epoch = null;
     this.seq = null;
+    this.pos = null;
     this.lastTsMs = null;
     this.minBackoff = opts.minBackoffMs ?? 250;
     this.maxBackoff = opts.maxBackoffMs ?? 10000;
@@ -51,7 +62,7 @@ export class LiveTable extends EventTarget {
     const q = new URLSearchParams();
     if (this.table) q.set("table", this.table);
     if (this.keys && this.keys.length) q.set("keys", this.keys.join(","));
-    if (this.epoch !== null && this.seq !== null) q.set("since", `${this.epoch}:${this.seq}`);
+    if (this.pos) q.set("since", this.pos);
     this._emit("status", "connecting");
     const ws = new WebSocket(`${this.url}?${q}`);
     this.ws = ws;
@@ -75,7 +86,7 @@ export class LiveTable extends EventTarget {
     this.table = table;
     this.keys = keys && keys.length ? keys : null;
     this.rows = {};
-    this.epoch = this.seq = null;
+    this.epoch = this.seq = this.pos = null;
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
       const msg = { type: "subscribe", table };
       if (this.keys) msg.keys = this.keys;
@@ -97,19 +108,23 @@ export class LiveTable extends EventTarget {
     }
     if (m.type === "snapshot") {
       if (this.table && m.table !== this.table) return;
-      this.rows = m.rows;
+      this.rows = mergePatch({}, m.rows);
       // a big snapshot continues in patch frames flagged `more`: resume only from a complete state
-      this.epoch = m.more ? null : m.epoch;
-      this.seq = m.more ? null : m.seq;
-      this._emit("snapshot", { table: m.table, rows: this.rows, epoch: m.epoch, seq: m.seq });
-      this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.rows)), patch: null, seq: m.seq, tsMs: null });
+      this.epoch = m.epoch;
+      this.seq = m.seq;
+      this.pos = m.more ? null : m.pos || null;
+      this._emit("snapshot", { table: m.table, rows: this.rows, epoch: m.epoch, seq: m.seq, pos: m.pos });
+      this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.rows)), patch: null, seq: m.seq, pos: m.pos, tsMs: null });
     } else if (m.type === "patch") {
       if (this.table && m.table !== this.table) return;
       this.rows = mergePatch(this.rows, m.patch);
-      this.epoch = m.more ? null : m.epoch;
-      this.seq = m.more ? null : m.seq;
+      this.epoch = m.epoch;
+      this.seq = m.seq;
+      this.pos = m.more ? null : m.pos || null;
       if (m.ts_ms !== null && m.ts_ms !== undefined) this.lastTsMs = m.ts_ms;
-      this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.patch)), patch: m.patch, seq: m.seq, tsMs: m.ts_ms });
+      this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.patch)), patch: m.patch, seq: m.seq, pos: m.pos, tsMs: m.ts_ms });
+    } else if (m.type === "waiting") {
+      this._emit("waiting", { table: m.table });
     } else if (m.type === "error") {
       this._emit("error", { code: m.code, message: m.message, fatal: !!m.fatal });
     }

@@ -1,13 +1,14 @@
-//! The Kafka consumer of the Debezium topics and its positions.
+//! The Kafka clients of the input side: the group consumer of the Debezium topics (with its
+//! rebalance callbacks), readers outside any group, the producer configuration.
 //!
-//! Positions live in sled, next to the state they describe. When the group assigns a partition,
-//! the rebalance callback starts it from the position stored in sled (if any), so a restart neither
-//! loses nor re-applies records; without one it starts from the committed group offset, else from
-//! the earliest record. Group offsets are committed only after the state is durable.
+//! The consumer uses incremental cooperative rebalancing (`cooperative-sticky`): when a topic
+//! appears or a member joins, only the partitions that move are revoked; the others keep flowing.
+//! Assigned partitions start paused at the position the listener gives (the local store's, else
+//! the group's committed offset): the listener restores their state, then resumes them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ffi::CString;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -18,21 +19,41 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 
-/// Partition positions (next offset to apply) shared between the ingest loop and the callbacks.
-pub type Positions = Arc<Mutex<HashMap<(String, i32), i64>>>;
+/// What the owner of the consumer does when partitions move. Called on the thread that polls the
+/// consumer, inside the poll.
+pub trait RebalanceListener: Send + Sync {
+    /// Where an assigned partition starts (`None`: the group's committed offset).
+    fn start_offset(&self, topic: &str, partition: i32) -> Option<i64>;
+    /// Partitions were assigned (and paused) in group generation `generation`.
+    fn assigned(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        parts: &[(String, i32)],
+        generation: i32,
+    );
+    /// Partitions are about to be revoked: finish and make durable what was applied from them.
+    fn revoking(&self, consumer: &BaseConsumer<SourceContext>, parts: &[(String, i32)]);
+}
 
-/// Consumer callbacks: seek assigned partitions to the sled positions, track the assignment.
+/// Consumer callbacks: log through tracing, hand rebalances to the listener, track the assignment.
 pub struct SourceContext {
-    positions: Positions,
+    listener: OnceLock<Arc<dyn RebalanceListener>>,
     assignment: Mutex<Option<BTreeSet<(String, i32)>>>,
+    brokers: String,
 }
 
 impl SourceContext {
-    pub fn new(positions: Positions) -> Self {
+    pub fn new(brokers: &str) -> Self {
         SourceContext {
-            positions,
+            listener: OnceLock::new(),
             assignment: Mutex::new(None),
+            brokers: brokers.to_string(),
         }
+    }
+
+    /// Sets the listener (before the first poll).
+    pub fn set_listener(&self, listener: Arc<dyn RebalanceListener>) {
+        let _ = self.listener.set(listener);
     }
 
     /// The partitions assigned to this member; `None` before the first assignment.
@@ -44,18 +65,49 @@ impl SourceContext {
     }
 }
 
+/// librdkafka's log callback, shared by every client livetable makes.
+pub fn log_librdkafka(brokers: &str, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+    // a subscription pattern matching no topic yet is normal before Debezium created the topics
+    let expected = log_message.contains("Subscribed topic not available")
+        || log_message.contains("Unknown topic or partition");
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error
+            if !expected =>
+        {
+            tracing::error!(facility = fac, brokers, "librdkafka: {log_message}")
+        }
+        RDKafkaLogLevel::Warning if !expected => {
+            tracing::warn!(facility = fac, brokers, "librdkafka: {log_message}")
+        }
+        _ if expected => tracing::info!(facility = fac, "librdkafka: {log_message}"),
+        _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+    }
+}
+
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(facility = fac, "librdkafka: {log_message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
-            _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
-        }
+        log_librdkafka(&self.brokers, level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        error_librdkafka(&self.brokers, error, reason);
+    }
+}
+
+/// librdkafka's error callback: topics that do not exist yet (a subscription pattern before
+/// Debezium created its topics, a registry before the first table) are normal, not errors.
+pub fn error_librdkafka(brokers: &str, error: rdkafka::error::KafkaError, reason: &str) {
+    let expected = reason.contains("Subscribed topic not available")
+        || reason.contains("topic does not exist")
+        || error.rdkafka_error_code()
+            == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition);
+    if expected {
+        tracing::info!(brokers, "librdkafka: {error}: {reason}");
+    } else {
+        tracing::error!(brokers, "librdkafka: {error}: {reason}");
     }
 }
 
@@ -75,17 +127,16 @@ impl ConsumerContext for SourceContext {
             .iter()
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
+        let listener = self.listener.get();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                {
-                    let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(l) = listener {
                     for (topic, partition) in &parts {
-                        if let Some(next) = positions.get(&(topic.clone(), *partition)) {
-                            if let Err(e) =
-                                tpl.set_partition_offset(topic, *partition, Offset::Offset(*next))
-                            {
-                                tracing::warn!(topic, partition, error = %e, "cannot set the start offset from the store");
-                            }
+                        let start = l
+                            .start_offset(topic, *partition)
+                            .map_or(Offset::Stored, Offset::Offset);
+                        if let Err(e) = tpl.set_partition_offset(topic, *partition, start) {
+                            tracing::warn!(topic, partition, error = %e, "cannot set the start offset");
                         }
                     }
                 }
@@ -97,15 +148,29 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "partition assignment failed");
                 }
-                let mut a = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
-                let set = a.get_or_insert_with(BTreeSet::new);
-                if !cooperative {
-                    set.clear();
+                // paused until their state is restored
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::error!(error = %e, "pausing assigned partitions failed");
                 }
-                set.extend(parts.iter().cloned());
-                tracing::info!(partitions = ?parts, "partitions assigned");
+                {
+                    let mut a = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+                    let set = a.get_or_insert_with(BTreeSet::new);
+                    if !cooperative {
+                        set.clear();
+                    }
+                    set.extend(parts.iter().cloned());
+                }
+                let generation = generation(consumer);
+                tracing::info!(partitions = ?parts, generation, "partitions assigned");
+                if let Some(l) = listener {
+                    l.assigned(consumer, &parts, generation);
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = ?parts, "partitions revoked");
+                if let Some(l) = listener {
+                    l.revoking(consumer, &parts);
+                }
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -120,15 +185,41 @@ impl ConsumerContext for SourceContext {
                         set.remove(p);
                     }
                 }
-                tracing::info!(partitions = ?parts, "partitions revoked");
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
+                if let Some(l) = listener {
+                    l.revoking(consumer, &parts);
+                }
                 if let Err(e) = consumer.unassign() {
                     tracing::error!(error = %e, "unassign after a rebalance error failed");
                 }
+                if let Some(set) = self
+                    .assignment
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    set.clear();
+                }
             }
         }
+    }
+}
+
+/// The consumer group generation this member is in (`-1` outside a group).
+pub fn generation<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> i32 {
+    // SAFETY: the client pointer is valid for the consumer's lifetime; the metadata object
+    // returned is owned by us and destroyed right after reading it.
+    unsafe {
+        let md =
+            rdkafka::bindings::rd_kafka_consumer_group_metadata(consumer.client().native_ptr());
+        if md.is_null() {
+            return -1;
+        }
+        let g = rdkafka::bindings::rd_kafka_consumer_group_metadata_generation_id(md);
+        rdkafka::bindings::rd_kafka_consumer_group_metadata_destroy(md);
+        g
     }
 }
 
@@ -136,7 +227,7 @@ impl ConsumerContext for SourceContext {
 pub fn client_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
-    c.set("client.id", "livetable");
+    c.set("client.id", format!("livetable-{}", config.group_id));
     c
 }
 
@@ -146,17 +237,16 @@ fn apply_overrides(c: &mut ClientConfig, config: &Config) {
     }
 }
 
-/// The consumer of the Debezium topics, subscribed.
-pub fn subscribe(
-    config: &Config,
-    positions: Positions,
-) -> KafkaResult<Arc<BaseConsumer<SourceContext>>> {
+/// The consumer of the Debezium topics (not yet subscribed: set its listener first).
+pub fn consumer(config: &Config) -> KafkaResult<Arc<BaseConsumer<SourceContext>>> {
     let mut c = client_config(config);
     c.set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // only the partitions that move are revoked when a topic appears or a member joins
+        .set("partition.assignment.strategy", "cooperative-sticky")
         // latency: hand records over as soon as they exist
         .set("fetch.wait.max.ms", "10")
         .set("fetch.queue.backoff.ms", "1")
@@ -166,23 +256,51 @@ pub fn subscribe(
         .set("heartbeat.interval.ms", "1000");
     apply_overrides(&mut c, config);
     let consumer: BaseConsumer<SourceContext> =
-        c.create_with_context(SourceContext::new(positions))?;
-    consumer.subscribe(&config.topics.subscription())?;
+        c.create_with_context(SourceContext::new(&config.brokers))?;
     Ok(Arc::new(consumer))
 }
 
-/// A consumer outside any group, for reading topics from the beginning (restore).
-pub fn reader(config: &Config) -> KafkaResult<BaseConsumer> {
-    let mut c = client_config(config);
-    c.set("group.id", format!("{}-restore", config.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "10");
-    apply_overrides(&mut c, config);
-    c.create()
+/// Subscribes the consumer to the configured topics.
+pub fn subscribe(consumer: &BaseConsumer<SourceContext>, config: &Config) -> KafkaResult<()> {
+    consumer.subscribe(&config.topics.subscription())
 }
 
-/// The producer of the changelog and dead-letter topics.
+/// A consumer outside any group.
+pub type Reader = BaseConsumer<ReaderContext>;
+
+/// A consumer outside any group, for reading topics (restores, the registry, the follower).
+pub fn reader(config: &Config) -> KafkaResult<Reader> {
+    let mut c = client_config(config);
+    c.set("group.id", format!("{}-reader", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", "1");
+    apply_overrides(&mut c, config);
+    c.create_with_context(ReaderContext {
+        brokers: config.brokers.clone(),
+    })
+}
+
+/// Callbacks of readers: logs through tracing.
+pub struct ReaderContext {
+    brokers: String,
+}
+
+impl ClientContext for ReaderContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_librdkafka(&self.brokers, level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        error_librdkafka(&self.brokers, error, reason);
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// The producer of the changelog, registry and dead-letter topics.
 pub fn producer_config(config: &Config) -> ClientConfig {
     let mut c = client_config(config);
     c.set("enable.idempotence", "true")
@@ -195,13 +313,14 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// The high watermark librdkafka last saw in a fetch response (no request is sent; `None` until a
-/// fetch for the partition returned). ListOffsets is not used: some brokers answer it wrongly.
-pub fn cached_high_watermark<C: ConsumerContext>(
+/// The low and high watermarks librdkafka last saw in a fetch response (no request is sent;
+/// `None` until a fetch for the partition returned). ListOffsets is not used: some brokers answer
+/// it wrongly.
+pub fn cached_watermarks<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     partition: i32,
-) -> Option<i64> {
+) -> Option<(i64, i64)> {
     let topic = CString::new(topic).ok()?;
     let (mut lo, mut hi) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid for the consumer's lifetime; the topic is a valid C
@@ -215,5 +334,14 @@ pub fn cached_high_watermark<C: ConsumerContext>(
             &mut hi,
         )
     };
-    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0).then_some(hi)
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && hi >= 0).then_some((lo.max(0), hi))
+}
+
+/// The high watermark librdkafka last saw in a fetch response.
+pub fn cached_high_watermark<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    cached_watermarks(consumer, topic, partition).map(|(_, hi)| hi)
 }

@@ -1,63 +1,35 @@
-//! The hub: publishes applied changes to live subscribers and keeps a bounded replay buffer per
-//! table for resumes. A [`Subscription`] turns the stream of changes into what one client gets:
-//! a snapshot, then merge patches; while the client is slow, changes compose into one pending
-//! patch (memory bounded by the rows it subscribes to), sent with the newest seq when it drains.
+//! The hub: receives every committed table update (it is the tables' [`UpdateSink`]), keeps a
+//! bounded replay buffer per table for resumes, and broadcasts updates on one channel per table.
+//! Subscriptions start with a resume (only the changes a client missed) or a snapshot.
+//!
+//! A resume token names a position defined by Kafka offsets (see `table::position`), so it means
+//! the same on every node: a client cut from one gateway resumes on another. A node that has not
+//! reached the client's position yet says so ([`SubscribeError::Behind`]); the caller waits a
+//! little, then falls back to a snapshot.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
+use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
-use crate::fanout::patch::compose_row;
-use crate::fanout::protocol::{patch_json, Format, Outgoing, SNAPSHOT_PART_BYTES};
-use crate::table::ingest::TableUpdate;
-use crate::table::state::Tables;
+use super::protocol::{patch_json, Format, Outgoing};
+use super::snapshot::{snapshot_parts, CachedSnapshot};
+use super::subscription::{row_message, Subscription};
+use crate::metrics::Metrics;
+use crate::patch::compose_row;
+use crate::table::position::{Position, Token};
+use crate::table::state::{TableUpdate, Tables, UpdateSink};
 
-/// Why a subscription cannot start.
+/// Why a subscription cannot start (yet).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
     #[error("unknown table `{0}`")]
     UnknownTable(String),
-}
-
-/// The newest whole-table snapshot frame of a table.
-struct CachedSnapshot {
-    epoch: String,
-    seq: u64,
-    rows: usize,
-    parts: Arc<[axum::extract::ws::Utf8Bytes]>,
-}
-
-impl CachedSnapshot {
-    fn outgoing(&self) -> Outgoing {
-        Outgoing::Snapshot {
-            epoch: self.epoch.clone(),
-            seq: self.seq,
-            rows: self.rows,
-            parts: self.parts.clone(),
-        }
-    }
-}
-
-struct ReplayBuffer {
-    epoch: String,
-    changes: usize,
-    updates: VecDeque<Arc<TableUpdate>>,
-}
-
-/// Fan-out of applied changes.
-pub struct Hub {
-    tables: Arc<Tables>,
-    metrics: Arc<crate::metrics::Metrics>,
-    tx: broadcast::Sender<Arc<TableUpdate>>,
-    replay: Mutex<HashMap<String, ReplayBuffer>>,
-    replay_capacity: usize,
-    /// Whole-table snapshot frames: a storm of clients connecting at once costs one build; a
-    /// client connecting later gets the cached frame plus the replay buffer's changes since.
-    snapshots: Mutex<HashMap<String, Arc<CachedSnapshot>>>,
-    /// Held while a whole-table snapshot is built, so concurrent subscribers wait and share it.
-    building: Mutex<()>,
+    /// The client's resume position is ahead of this node (it was served by a node further on).
+    #[error("this node has not reached the resume position yet")]
+    Behind,
 }
 
 /// How a subscription started.
@@ -68,90 +40,172 @@ pub enum Start {
     ResumeMiss,
 }
 
+/// An update as broadcast: the table update and, when anyone listened, its whole-table patch
+/// frame serialised once for every up-to-date whole-table subscriber.
+#[derive(Debug)]
+pub struct HubUpdate {
+    pub update: TableUpdate,
+    pub frame: Option<Utf8Bytes>,
+    /// The resume token of the state after this update.
+    pub token: Arc<str>,
+}
+
+struct ReplayBuffer {
+    epoch: Arc<str>,
+    changes: usize,
+    updates: VecDeque<Arc<HubUpdate>>,
+    /// Per partition, the offset up to which changes may be missing from the buffer (evicted, or
+    /// older than the buffer).
+    floor: Position,
+    /// The state after the last update published (or when the channel was made).
+    last: Mark,
+}
+
+/// A table state as this node's update order names it.
+#[derive(Debug, Clone)]
+struct Mark {
+    useq: u64,
+    seq: u64,
+    pos: Position,
+}
+
+/// One table's channel.
+struct Channel {
+    tx: broadcast::Sender<Arc<HubUpdate>>,
+    replay: Mutex<ReplayBuffer>,
+    snapshot: Mutex<Option<Arc<CachedSnapshot>>>,
+    /// Held while a whole-table snapshot is built, so concurrent subscribers share it.
+    building: Mutex<()>,
+}
+
+/// Fan-out of applied changes.
+pub struct Hub {
+    tables: Arc<Tables>,
+    metrics: Arc<Metrics>,
+    channels: RwLock<HashMap<String, Arc<Channel>>>,
+    /// Names of tables as their channels appear (for subscriptions waiting for a table).
+    created: broadcast::Sender<String>,
+    replay_capacity: usize,
+    channel_capacity: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Hub {
-    /// `replay_capacity`: changes kept per table for resumes; `channel`: updates buffered for
-    /// subscribers before a slow one must re-snapshot.
+    /// `replay_capacity`: changes kept per table for resumes; `channel`: updates buffered per
+    /// table for subscribers before a slow one must re-snapshot.
     pub fn new(
         tables: Arc<Tables>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<Metrics>,
         replay_capacity: usize,
         channel: usize,
     ) -> Self {
-        let (tx, _) = broadcast::channel(channel.max(16));
+        let (created, _) = broadcast::channel(1024);
         Hub {
             tables,
             metrics,
-            tx,
-            replay: Mutex::new(HashMap::new()),
+            channels: RwLock::new(HashMap::new()),
+            created,
             replay_capacity,
-            snapshots: Mutex::new(HashMap::new()),
-            building: Mutex::new(()),
+            channel_capacity: channel.max(16),
         }
     }
 
-    /// Publishes a batch's changes of one table (after the tables show them).
-    pub fn publish(&self, mut update: TableUpdate) {
-        if self.tx.receiver_count() > 0 {
-            update.frame = Some(whole_table_frame(&update).into());
-        }
-        let update = Arc::new(update);
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
+    }
+
+    /// The channel of `table`, created when the table exists.
+    fn channel(&self, table: &str) -> Option<Arc<Channel>> {
+        if let Some(c) = self
+            .channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(table)
         {
-            let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
-            let buf = replay
-                .entry(update.table.clone())
-                .or_insert_with(|| ReplayBuffer {
-                    epoch: update.epoch.clone(),
-                    changes: 0,
-                    updates: VecDeque::new(),
-                });
-            if buf.epoch != update.epoch {
-                buf.epoch = update.epoch.clone();
-                buf.updates.clear();
-                buf.changes = 0;
-            }
-            buf.changes += update.changes.len();
-            buf.updates.push_back(update.clone());
-            while buf.changes > self.replay_capacity && buf.updates.len() > 1 {
-                if let Some(old) = buf.updates.pop_front() {
-                    buf.changes -= old.changes.len();
-                }
-            }
+            return Some(c.clone());
         }
-        let _ = self.tx.send(update);
+        let t = self.tables.get(table)?;
+        let (epoch, last) = {
+            let s = t.read();
+            if !s
+                .slices
+                .iter()
+                .any(|s| s.mode != crate::table::state::SliceMode::Absent)
+            {
+                return None;
+            }
+            (
+                s.epoch.clone(),
+                Mark {
+                    useq: s.useq,
+                    seq: s.seq(),
+                    pos: s.position(),
+                },
+            )
+        };
+        let mut map = self.channels.write().unwrap_or_else(|e| e.into_inner());
+        let created = !map.contains_key(table);
+        let c = map
+            .entry(table.to_string())
+            .or_insert_with(|| {
+                let (tx, _) = broadcast::channel(self.channel_capacity);
+                Arc::new(Channel {
+                    tx,
+                    replay: Mutex::new(ReplayBuffer {
+                        epoch,
+                        changes: 0,
+                        updates: VecDeque::new(),
+                        floor: last.pos.clone(),
+                        last,
+                    }),
+                    snapshot: Mutex::new(None),
+                    building: Mutex::new(()),
+                })
+            })
+            .clone();
+        drop(map);
+        if created {
+            let gauge = self.metrics.subscriptions.with_label_values(&[table]);
+            gauge.add(0);
+            let _ = self.created.send(table.to_string());
+        }
+        Some(c)
     }
 
-    /// A receiver of every update from now on.
-    pub fn updates(&self) -> broadcast::Receiver<Arc<TableUpdate>> {
-        self.tx.subscribe()
+    /// A receiver of every update of `table` from now on (`None`: no such table).
+    pub fn updates(&self, table: &str) -> Option<broadcast::Receiver<Arc<HubUpdate>>> {
+        self.channel(table).map(|c| c.tx.subscribe())
     }
 
-    /// Starts a subscription: a resume from `since` when the replay buffer still covers it, else
-    /// a snapshot. Call [`Hub::updates`] BEFORE this, so no change falls between the two.
+    /// A receiver of the names of tables as they appear.
+    pub fn created(&self) -> broadcast::Receiver<String> {
+        self.created.subscribe()
+    }
+
+    /// Starts a subscription: a resume from `since` when the replay buffer covers it, else a
+    /// snapshot. Take [`Hub::updates`] BEFORE this, so no change falls between the two.
     pub fn subscribe(
         &self,
         table: &str,
         keys: Option<HashSet<String>>,
-        since: Option<(String, u64)>,
+        since: Option<&str>,
         format: Format,
     ) -> Result<(Subscription, Vec<Outgoing>, Start), SubscribeError> {
+        let channel = self
+            .channel(table)
+            .ok_or_else(|| SubscribeError::UnknownTable(table.to_string()))?;
         let t = self
             .tables
             .get(table)
             .ok_or_else(|| SubscribeError::UnknownTable(table.to_string()))?;
         let started = std::time::Instant::now();
         let gauge = self.metrics.subscriptions.with_label_values(&[table]);
-        gauge.inc();
-        let mut sub = Subscription {
-            table: table.to_string(),
-            keys,
-            epoch: String::new(),
-            seq: 0,
-            format,
-            pending: Pending::default(),
-            gauge,
-        };
-        if let Some((epoch, since_seq)) = &since {
-            if let Some(out) = self.resume(&mut sub, epoch, *since_seq) {
+        let mut sub = Subscription::new(table, keys, format, gauge);
+        if let Some(token) = since.and_then(Token::parse) {
+            if let Some(out) = self.replay_from(&channel, &mut sub, &token, None)? {
                 self.metrics
                     .snapshot_seconds
                     .observe(started.elapsed().as_secs_f64());
@@ -159,28 +213,40 @@ impl Hub {
             }
         }
         let out = match format {
-            Format::Patch if sub.keys.is_none() => self.shared_snapshot(&mut sub, &t),
+            Format::Patch if sub.keys.is_none() => self.shared_snapshot(&channel, &t, &mut sub),
             Format::Patch => {
-                let t = t.read().unwrap_or_else(|e| e.into_inner());
-                sub.epoch = t.epoch.clone();
-                sub.seq = t.seq;
-                let (rows, parts) = snapshot_parts(&sub.table, &t, sub.keys.as_ref());
+                let s = t.read();
+                sub.epoch = s.epoch.clone();
+                sub.useq = s.useq;
+                sub.seq = s.seq();
+                sub.pos = s.position();
+                let (rows, parts) = snapshot_parts(&s, sub.keys.as_ref());
                 vec![Outgoing::Snapshot {
-                    epoch: sub.epoch.clone(),
+                    table: table.to_string(),
+                    epoch: s.epoch.to_string(),
                     seq: sub.seq,
+                    pos: sub.token(),
                     rows,
                     parts,
                 }]
             }
             Format::Rows => {
-                let t = t.read().unwrap_or_else(|e| e.into_inner());
-                sub.epoch = t.epoch.clone();
-                sub.seq = t.seq;
-                t.rows
-                    .iter()
-                    .filter(|(k, _)| sub.wants(k))
-                    .map(|(_, r)| Outgoing::Row(Value::Object(r.clone())))
-                    .collect()
+                let s = t.read();
+                sub.epoch = s.epoch.clone();
+                sub.useq = s.useq;
+                sub.seq = s.seq();
+                sub.pos = s.position();
+                match &sub.keys {
+                    Some(keys) => {
+                        let mut keys: Vec<&String> = keys.iter().collect();
+                        keys.sort();
+                        keys.into_iter()
+                            .filter_map(|k| s.rows.get(k))
+                            .map(|e| row_message(&e.row))
+                            .collect()
+                    }
+                    None => s.rows.values().map(|e| row_message(&e.row)).collect(),
+                }
             }
         };
         self.metrics
@@ -194,24 +260,29 @@ impl Hub {
         Ok((sub, out, start))
     }
 
-    /// A whole-table snapshot for `sub`: the cached frame plus the buffered changes since it when
-    /// the replay buffer covers them, else a new frame built under the table's read lock.
+    /// A whole-table snapshot for `sub`: the cached frames plus the buffered changes since them
+    /// when the buffer covers them, else new frames built under the table's read lock.
     fn shared_snapshot(
         &self,
+        channel: &Channel,
+        t: &crate::table::state::Table,
         sub: &mut Subscription,
-        t: &std::sync::RwLock<crate::table::state::TableState>,
     ) -> Vec<Outgoing> {
-        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
-        let cached = self
-            .snapshots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&sub.table)
-            .cloned();
+        let _building = lock(&channel.building);
+        let cached = lock(&channel.snapshot).clone();
         if let Some(c) = cached {
-            if let Some(rest) = self.resume(sub, &c.epoch, c.seq) {
-                let mut out = vec![c.outgoing()];
-                // resume() confirms an unchanged state with an empty patch: not needed here
+            let token = Token {
+                epoch: c.epoch.to_string(),
+                pos: c.pos.clone(),
+            };
+            // the cached frames, then what changed since them
+            let base = Mark {
+                useq: c.useq,
+                seq: c.seq,
+                pos: c.pos.clone(),
+            };
+            if let Ok(Some(rest)) = self.replay_from(channel, sub, &token, Some(base)) {
+                let mut out = vec![c.outgoing(&sub.table)];
                 out.extend(
                     rest.into_iter().filter(
                         |o| !matches!(o, Outgoing::Patch { patch, .. } if patch.is_empty()),
@@ -221,331 +292,143 @@ impl Hub {
             }
         }
         let snap = {
-            let t = t.read().unwrap_or_else(|e| e.into_inner());
-            let (rows, parts) = snapshot_parts(&sub.table, &t, None);
+            let s = t.read();
+            let (rows, parts) = snapshot_parts(&s, None);
             Arc::new(CachedSnapshot {
-                epoch: t.epoch.clone(),
-                seq: t.seq,
+                epoch: s.epoch.clone(),
+                useq: s.useq,
+                seq: s.seq(),
+                pos: s.position(),
                 rows,
                 parts,
             })
         };
         sub.epoch = snap.epoch.clone();
+        sub.useq = snap.useq;
         sub.seq = snap.seq;
-        self.snapshots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(sub.table.clone(), snap.clone());
-        vec![snap.outgoing()]
+        sub.pos = snap.pos.clone();
+        *lock(&channel.snapshot) = Some(snap.clone());
+        vec![snap.outgoing(&sub.table)]
     }
 
-    /// Replays `since_seq`+1.. from the buffer into `sub` if the buffer still holds all of it.
-    fn resume(&self, sub: &mut Subscription, epoch: &str, since_seq: u64) -> Option<Vec<Outgoing>> {
-        let replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
-        let (current_seq, current_epoch) = {
-            let t = self.tables.get(&sub.table)?;
-            let t = t.read().unwrap_or_else(|e| e.into_inner());
-            (t.seq, t.epoch.clone())
+    /// Composes into `sub` every buffered change after `token`. `Ok(None)`: the buffer does not
+    /// hold all of them (another lineage, or evicted). `base`: the state `token` names when it is
+    /// a cached snapshot of this node (else the token is a client's, and a node that has not
+    /// published its position yet is [`SubscribeError::Behind`]).
+    fn replay_from(
+        &self,
+        channel: &Channel,
+        sub: &mut Subscription,
+        token: &Token,
+        base: Option<Mark>,
+    ) -> Result<Option<Vec<Outgoing>>, SubscribeError> {
+        let buf = lock(&channel.replay);
+        if *buf.epoch != *token.epoch || !token.pos.covers(&buf.floor) {
+            return Ok(None);
+        }
+        if base.is_none() && !buf.last.pos.covers(&token.pos) {
+            return Err(SubscribeError::Behind);
+        }
+        for u in &buf.updates {
+            for c in &u.update.changes {
+                if c.off > token.pos.get(c.part) {
+                    sub.absorb_change(c);
+                }
+            }
+        }
+        let mark = match base {
+            Some(b) if b.useq > buf.last.useq => b,
+            _ => buf.last.clone(),
         };
-        if current_epoch != epoch || since_seq > current_seq {
-            return None;
-        }
-        sub.epoch = current_epoch;
-        sub.seq = since_seq;
-        let buf = replay.get(&sub.table);
-        let oldest = buf
-            .and_then(|b| b.updates.front())
-            .and_then(|u| u.changes.first())
-            .map(|c| c.seq);
-        let newest = buf
-            .and_then(|b| b.updates.back())
-            .and_then(|u| u.changes.last())
-            .map(|c| c.seq)
-            .unwrap_or(0);
-        match oldest {
-            Some(oldest) if since_seq + 1 >= oldest => {}
-            // nothing changed since then and nothing buffered (e.g. after a restart): in sync
-            _ if since_seq == current_seq && newest <= since_seq => {}
-            _ => return None,
-        }
-        if let Some(buf) = buf {
-            if buf.epoch != sub.epoch {
-                return None;
-            }
-            for u in &buf.updates {
-                sub.absorb(u);
-            }
-        }
+        sub.epoch = buf.epoch.clone();
+        sub.useq = mark.useq;
+        sub.seq = mark.seq;
+        sub.pos = mark.pos;
         let mut out = sub.take();
         if out.is_empty() && sub.format == Format::Patch {
-            // confirm the resume: an empty patch at the client's seq
-            out.push(Outgoing::Patch {
-                table: sub.table.clone(),
-                epoch: sub.epoch.clone(),
-                seq: sub.seq,
-                ts_ms: None,
-                kafka_ts_ms: None,
-                patch: Map::new(),
-            });
+            out.push(sub.confirmation());
         }
-        Some(out)
+        Ok(Some(out))
     }
 }
 
-/// The snapshot frames of a table (only the keys in `keys` when given), serialised straight from
-/// its rows, NULL columns left out: `{"type":"snapshot","table":T,"epoch":E,"seq":N,"rows":{...}}`
-/// with the first rows, and when they exceed [`SNAPSHOT_PART_BYTES`], `"more":true` and further
-/// `{"type":"patch",...,"seq":N,"ts_ms":null,"patch":{...}}` frames adding the other rows (all but
-/// the last with `"more":true`). Returns the number of rows with the frames.
-fn snapshot_parts(
-    table: &str,
-    t: &crate::table::state::TableState,
-    keys: Option<&HashSet<String>>,
-) -> (usize, Arc<[axum::extract::ws::Utf8Bytes]>) {
-    use serde::ser::{SerializeMap, Serializer};
-    struct NonNull<'a>(&'a Map<String, Value>);
-    impl serde::Serialize for NonNull<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_map(None)?;
-            for (k, v) in self.0.iter().filter(|(_, v)| !v.is_null()) {
-                m.serialize_entry(k, v)?;
-            }
-            m.end()
-        }
-    }
-    // the rows as `"key":{row}` entries, cut into chunks of about SNAPSHOT_PART_BYTES
-    let mut chunks: Vec<Vec<u8>> = Vec::new();
-    let mut current: Vec<u8> = Vec::new();
-    let mut rows = 0;
-    for (k, r) in t
-        .rows
-        .iter()
-        .filter(|(k, _)| keys.is_none_or(|keys| keys.contains(*k)))
-    {
-        if current.len() >= SNAPSHOT_PART_BYTES {
-            chunks.push(std::mem::take(&mut current));
-        }
-        if !current.is_empty() {
-            current.push(b',');
-        }
-        // serialising strings and JSON values into a Vec cannot fail
-        let _ = serde_json::to_writer(&mut current, k);
-        current.push(b':');
-        let _ = serde_json::to_writer(&mut current, &NonNull(r));
-        rows += 1;
-    }
-    chunks.push(current);
-    let (table, epoch) = (
-        serde_json::to_string(table).unwrap_or_default(),
-        serde_json::to_string(&t.epoch).unwrap_or_default(),
-    );
-    let last = chunks.len() - 1;
-    let parts: Vec<axum::extract::ws::Utf8Bytes> = chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let head = if i == 0 {
-                format!(r#"{{"type":"snapshot","table":{table},"epoch":{epoch},"seq":{},"rows":{{"#, t.seq)
-            } else {
-                format!(r#"{{"type":"patch","table":{table},"epoch":{epoch},"seq":{},"ts_ms":null,"patch":{{"#, t.seq)
-            };
-            let tail = if i < last { r#"},"more":true}"# } else { "}}" };
-            let mut text = String::with_capacity(head.len() + c.len() + tail.len());
-            text.push_str(&head);
-            text.push_str(&String::from_utf8_lossy(&c));
-            text.push_str(tail);
-            text.into()
-        })
-        .collect();
-    (rows, parts.into())
-}
-
-/// The patch frame of all changes of an update, for whole-table subscribers.
-fn whole_table_frame(update: &TableUpdate) -> String {
-    let mut patch = Map::new();
-    let mut ts_ms = None;
-    for c in &update.changes {
-        if c.truncated.is_empty() {
-            compose_row(&mut patch, &c.key, c.patch.clone());
-        } else {
-            for k in &c.truncated {
-                compose_row(&mut patch, k, Value::Null);
-            }
-        }
-        ts_ms = c.ts_ms.or(ts_ms);
-    }
-    let seq = update.changes.last().map_or(0, |c| c.seq);
-    patch_json(&update.table, &update.epoch, seq, ts_ms, &patch)
-}
-
-#[derive(Debug, Default)]
-struct Pending {
-    /// Composed patch per key (format=patch) or newest full row per key (format=rows).
-    rows: Map<String, Value>,
-    seq: u64,
-    ts_ms: Option<i64>,
-    kafka_ts_ms: Option<i64>,
-}
-
-/// An already serialised patch frame shared by many clients, with its times for the metrics.
-#[derive(Debug, Clone)]
-pub struct SharedFrame {
-    pub text: axum::extract::ws::Utf8Bytes,
-    pub ts_ms: Option<i64>,
-    pub kafka_ts_ms: Option<i64>,
-}
-
-/// One client's subscription to one table.
-#[derive(Debug)]
-pub struct Subscription {
-    pub table: String,
-    pub keys: Option<HashSet<String>>,
-    pub epoch: String,
-    /// Every change up to this seq has been absorbed.
-    pub seq: u64,
-    pub format: Format,
-    pending: Pending,
-    /// `livetable_subscriptions{table}`: +1 while this subscription lives.
-    gauge: prometheus::IntGauge,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
-/// What absorbing an update found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Absorbed {
-    Ok,
-    /// The table's epoch changed under the subscription: re-snapshot.
-    EpochChanged,
-}
-
-impl Subscription {
-    fn wants(&self, key: &str) -> bool {
-        self.keys.as_ref().is_none_or(|k| k.contains(key))
-    }
-
-    /// For an up-to-date whole-table patch subscription: the update's shared frame (and its
-    /// `ts_ms`), so nothing is composed or serialised per client. `None`: use [`Subscription::absorb`].
-    pub fn forward(&mut self, update: &TableUpdate) -> Option<SharedFrame> {
-        if self.format != Format::Patch
-            || self.keys.is_some()
-            || self.has_pending()
-            || update.table != self.table
-            || update.epoch != self.epoch
+impl UpdateSink for Hub {
+    fn publish(&self, update: TableUpdate) {
+        let Some(channel) = self.channel(&update.table) else {
+            return;
+        };
+        let token: Arc<str> = update.token().to_string().into();
+        let frame = (channel.tx.receiver_count() > 0)
+            .then(|| Utf8Bytes::from(whole_table_frame(&update, &token)));
+        let update = Arc::new(HubUpdate {
+            update,
+            frame,
+            token,
+        });
         {
-            return None;
-        }
-        let frame = update.frame.as_ref()?;
-        let (first, last) = (update.changes.first()?, update.changes.last()?);
-        if first.seq != self.seq + 1 {
-            return None;
-        }
-        self.seq = last.seq;
-        Some(SharedFrame {
-            text: frame.clone(),
-            ts_ms: update.changes.iter().rev().find_map(|c| c.ts_ms),
-            kafka_ts_ms: update.changes.iter().rev().find_map(|c| c.kafka_ts_ms),
-        })
-    }
-
-    /// Composes the changes of `update` newer than the subscription into its pending output.
-    pub fn absorb(&mut self, update: &TableUpdate) -> Absorbed {
-        if update.table != self.table {
-            return Absorbed::Ok;
-        }
-        if update.epoch != self.epoch {
-            return Absorbed::EpochChanged;
-        }
-        for c in &update.changes {
-            if c.seq <= self.seq {
-                continue;
-            }
-            self.seq = c.seq;
-            let touched: Vec<(&String, Value)> = if c.truncated.is_empty() {
-                if !self.wants(&c.key) {
-                    continue;
-                }
-                let v = match self.format {
-                    Format::Patch => c.patch.clone(),
-                    Format::Rows => match (&c.row, &c.before) {
-                        (Some(r), _) => Value::Object(r.clone()),
-                        (None, before) => deleted_row(&c.key, before.as_ref()),
-                    },
+            let mut buf = lock(&channel.replay);
+            if buf.epoch != update.update.epoch {
+                // a new lineage: nothing before it can be resumed
+                buf.epoch = update.update.epoch.clone();
+                buf.updates.clear();
+                buf.changes = 0;
+                buf.floor = update.update.pos.clone();
+                buf.last = Mark {
+                    useq: 0,
+                    seq: 0,
+                    pos: Position::default(),
                 };
-                vec![(&c.key, v)]
-            } else {
-                c.truncated
-                    .iter()
-                    .filter(|k| self.wants(k))
-                    .map(|k| {
-                        (
-                            k,
-                            if self.format == Format::Rows {
-                                deleted_row(k, None)
-                            } else {
-                                Value::Null
-                            },
-                        )
-                    })
-                    .collect()
-            };
-            if touched.is_empty() {
-                continue;
+                *lock(&channel.snapshot) = None;
             }
-            for (key, v) in touched {
-                match self.format {
-                    Format::Patch => compose_row(&mut self.pending.rows, key, v),
-                    Format::Rows => {
-                        self.pending.rows.insert(key.clone(), v);
+            buf.changes += update.update.changes.len();
+            if update.update.useq > buf.last.useq {
+                buf.last = Mark {
+                    useq: update.update.useq,
+                    seq: update.update.seq,
+                    pos: update.update.pos.clone(),
+                };
+            }
+            buf.updates.push_back(update.clone());
+            while buf.changes > self.replay_capacity && buf.updates.len() > 1 {
+                if let Some(old) = buf.updates.pop_front() {
+                    buf.changes -= old.update.changes.len();
+                    for c in &old.update.changes {
+                        buf.floor.raise(c.part, c.off);
                     }
                 }
             }
-            self.pending.seq = c.seq;
-            self.pending.ts_ms = c.ts_ms.or(self.pending.ts_ms);
-            self.pending.kafka_ts_ms = c.kafka_ts_ms.or(self.pending.kafka_ts_ms);
         }
-        Absorbed::Ok
-    }
-
-    /// Whether output is waiting.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.rows.is_empty()
-    }
-
-    /// Takes the pending output: one composed patch, or one message per changed row.
-    pub fn take(&mut self) -> Vec<Outgoing> {
-        if self.pending.rows.is_empty() {
-            return Vec::new();
-        }
-        let p = std::mem::take(&mut self.pending);
-        match self.format {
-            Format::Patch => vec![Outgoing::Patch {
-                table: self.table.clone(),
-                epoch: self.epoch.clone(),
-                seq: p.seq,
-                ts_ms: p.ts_ms,
-                kafka_ts_ms: p.kafka_ts_ms,
-                patch: p.rows,
-            }],
-            Format::Rows => p.rows.into_values().map(Outgoing::Row).collect(),
-        }
-    }
-
-    /// Number of composed rows waiting (for the conflation metric).
-    pub fn pending_rows(&self) -> usize {
-        self.pending.rows.len()
+        let _ = channel.tx.send(update);
     }
 }
 
-fn deleted_row(key: &str, before: Option<&Map<String, Value>>) -> Value {
-    let mut row = before.cloned().unwrap_or_default();
-    if row.is_empty() {
-        row.insert("__key".into(), Value::String(key.to_string()));
+/// The patch frame of all changes of an update, for whole-table subscribers.
+fn whole_table_frame(update: &TableUpdate, token: &str) -> String {
+    let mut patch = Map::new();
+    let mut ts_ms = None;
+    for c in &update.changes {
+        compose_row(&mut patch, &c.key, c.patch());
+        ts_ms = c.ts_ms.or(ts_ms);
     }
-    row.insert("__deleted".into(), Value::Bool(true));
-    Value::Object(row)
+    patch_json(
+        &update.table,
+        &update.epoch,
+        update.seq,
+        token,
+        ts_ms,
+        &patch,
+    )
+}
+
+/// Rows of a union: `table/key` -> row, from every member's snapshot.
+pub fn union_key(table: &str, key: &str) -> String {
+    format!("{table}/{key}")
+}
+
+/// Rekeys a member's patch for a union.
+pub fn rekey(table: &str, patch: Map<String, Value>) -> Map<String, Value> {
+    patch
+        .into_iter()
+        .map(|(k, v)| (union_key(table, &k), v))
+        .collect()
 }

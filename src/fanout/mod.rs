@@ -1,10 +1,14 @@
-//! Live fan-out: merge patches (`patch`), the hub with its bounded replay buffer and per-client
-//! conflation (`hub`), the wire protocol (`protocol`), WebSocket (`ws`) and SSE (`sse`) endpoints.
+//! Live fan-out: the hub with its per-table channels and replay buffers (`hub`), one client's
+//! subscriptions (`subscription`, `session`), snapshot frames (`snapshot`), the wire protocol
+//! (`protocol`), WebSocket (`ws`) and SSE (`sse`) endpoints. It takes the tables' updates through
+//! [`crate::table::state::UpdateSink`] and imports nothing the table layer depends on.
 
 pub mod hub;
-pub mod patch;
 pub mod protocol;
+pub mod session;
+pub mod snapshot;
 pub mod sse;
+pub mod subscription;
 pub mod ws;
 
 use axum::extract::ws::Utf8Bytes;
@@ -28,6 +32,11 @@ pub struct FanoutLimits {
     pub messages_per_sec: f64,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// How long a resume waits for this node to reach the client's position.
+    pub resume_wait: Duration,
+    /// Tables a `format=rows` client on `/` gets (all when `None`).
+    pub root_tables: Option<regex::Regex>,
+    pub unions: Arc<[crate::config::UnionDef]>,
 }
 
 impl FanoutLimits {
@@ -41,6 +50,9 @@ impl FanoutLimits {
             messages_per_sec: 50.0,
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
+            resume_wait: c.resume_wait,
+            root_tables: c.root_tables.clone(),
+            unions: c.unions.clone().into(),
         }
     }
 }
@@ -113,6 +125,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
             metrics.patches_sent.inc();
             "row"
         }
+        Outgoing::Waiting { .. } => "control",
         Outgoing::Error { code, .. } => {
             metrics
                 .protocol_errors

@@ -1,4 +1,5 @@
-//! The wire protocol (a public contract, documented in `docs/protocol.md`): JSON text frames.
+//! The wire protocol, version 2 (a public contract, documented in `docs/protocol.md`): JSON text
+//! frames over WebSocket, the same JSON in server-sent events.
 
 use std::collections::HashSet;
 
@@ -6,16 +7,23 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+pub use crate::config::Format;
+
+/// The protocol version this server speaks (sent in `hello`).
+pub const PROTOCOL_VERSION: u32 = 2;
+
 /// What a client receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
     /// Serialised once (straight from the table, no copy of its rows) and shared by every client
     /// that subscribes while it is current. A big snapshot is several frames of about
     /// [`SNAPSHOT_PART_BYTES`]: a `snapshot` message with the first rows and `"more":true`, then
-    /// `patch` messages at the same seq adding the other rows, the last one without `more`.
+    /// `patch` messages at the same position adding the other rows, the last one without `more`.
     Snapshot {
+        table: String,
         epoch: String,
         seq: u64,
+        pos: String,
         rows: usize,
         parts: std::sync::Arc<[Utf8Bytes]>,
     },
@@ -24,12 +32,17 @@ pub enum Outgoing {
         table: String,
         epoch: String,
         seq: u64,
+        pos: String,
         ts_ms: Option<i64>,
         kafka_ts_ms: Option<i64>,
         patch: Map<String, Value>,
     },
     /// `format=rows`: one flat row per message.
     Row(Value),
+    /// A subscription waits for its table to exist.
+    Waiting {
+        table: String,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -42,10 +55,11 @@ pub fn patch_json(
     table: &str,
     epoch: &str,
     seq: u64,
+    pos: &str,
     ts_ms: Option<i64>,
     patch: &Map<String, Value>,
 ) -> String {
-    json!({"type": "patch", "table": table, "epoch": epoch, "seq": seq, "ts_ms": ts_ms, "patch": patch})
+    json!({"type": "patch", "table": table, "epoch": epoch, "seq": seq, "pos": pos, "ts_ms": ts_ms, "patch": patch})
         .to_string()
 }
 
@@ -63,11 +77,18 @@ impl Outgoing {
                 table,
                 epoch,
                 seq,
+                pos,
                 ts_ms,
                 patch,
                 ..
-            } => patch_json(table, epoch, *seq, *ts_ms, patch),
+            } => patch_json(table, epoch, *seq, pos, *ts_ms, patch),
             Outgoing::Row(row) => row.to_string(),
+            Outgoing::Waiting { table } => json!({
+                "type": "waiting",
+                "table": table,
+                "message": "the table does not exist yet; its snapshot follows when it appears"
+            })
+            .to_string(),
             Outgoing::Error { code, message } => {
                 json!({"type": "error", "code": code.as_str(), "message": message, "fatal": code.is_fatal()})
                     .to_string()
@@ -77,11 +98,11 @@ impl Outgoing {
         vec![text.into()]
     }
 
-    /// `E:S` for SSE event ids.
+    /// The resume token, for SSE event ids.
     pub fn event_id(&self) -> Option<String> {
         match self {
-            Outgoing::Snapshot { epoch, seq, .. } | Outgoing::Patch { epoch, seq, .. } => {
-                Some(format!("{epoch}:{seq}"))
+            Outgoing::Snapshot { pos, .. } | Outgoing::Patch { pos, .. } if !pos.is_empty() => {
+                Some(pos.clone())
             }
             _ => None,
         }
@@ -92,6 +113,7 @@ impl Outgoing {
             Outgoing::Snapshot { .. } => "snapshot",
             Outgoing::Patch { .. } => "patch",
             Outgoing::Row(_) => "row",
+            Outgoing::Waiting { .. } => "waiting",
             Outgoing::Error { .. } => "error",
             Outgoing::Pong => "pong",
         }
@@ -128,33 +150,6 @@ impl ErrorCode {
     }
 }
 
-/// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
-    /// Snapshot, then merge patches.
-    #[default]
-    Patch,
-    /// One flat row object per message (drop-in for the seed system's clients).
-    Rows,
-}
-
-impl Format {
-    pub fn parse(s: &str) -> Option<Format> {
-        match s {
-            "patch" => Some(Format::Patch),
-            "rows" => Some(Format::Rows),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Patch => "patch",
-            Format::Rows => "rows",
-        }
-    }
-}
-
 /// What a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -179,15 +174,6 @@ pub struct SubscribeQuery {
     pub keys: Option<String>,
     pub since: Option<String>,
     pub format: Option<String>,
-}
-
-/// `E:S` -> (epoch, seq).
-pub fn parse_since(s: &str) -> Option<(String, u64)> {
-    let (e, n) = s.rsplit_once(':')?;
-    if e.is_empty() {
-        return None;
-    }
-    Some((e.to_string(), n.parse().ok()?))
 }
 
 /// `k1,k2` -> key set; empty means the whole table.
@@ -230,10 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn since_and_keys() {
-        assert_eq!(parse_since("ab12:42"), Some(("ab12".into(), 42)));
-        assert_eq!(parse_since("ab12"), None);
-        assert_eq!(parse_since(":4"), None);
+    fn keys() {
         assert_eq!(parse_keys(Some("a,b,")).unwrap().len(), 2);
         assert!(parse_keys(Some("")).is_none());
     }
@@ -244,14 +227,15 @@ mod tests {
             table: "t".into(),
             epoch: "e".into(),
             seq: 3,
+            pos: "e~3".into(),
             ts_ms: Some(9),
             kafka_ts_ms: None,
             patch: Map::new(),
         };
         assert_eq!(
             p.frames()[0].as_str(),
-            r#"{"type":"patch","table":"t","epoch":"e","seq":3,"ts_ms":9,"patch":{}}"#
+            r#"{"type":"patch","table":"t","epoch":"e","seq":3,"pos":"e~3","ts_ms":9,"patch":{}}"#
         );
-        assert_eq!(p.event_id().unwrap(), "e:3");
+        assert_eq!(p.event_id().unwrap(), "e~3");
     }
 }

@@ -1,7 +1,8 @@
-//! Server-sent events: `GET /sse?table=T[&keys=..]` with `text/event-stream`; events `snapshot` and
-//! `patch` carry the same JSON as the WebSocket, with `id: EPOCH:SEQ`. A reconnect with the
-//! standard `Last-Event-ID` header (what `EventSource` sends) resumes from the replay buffer.
-//! The stream is pulled by the socket: when the client is slow, changes compose into one patch.
+//! Server-sent events: `GET /sse?table=T[&keys=..][&since=TOKEN]` with `text/event-stream`; events
+//! `snapshot` and `patch` carry the same JSON as the WebSocket, with `id:` the resume token. A
+//! reconnect with the standard `Last-Event-ID` header (what `EventSource` sends) resumes, on this
+//! node or any other of the deployment. The stream is pulled by the socket: when the client is
+//! slow, changes compose into one patch. It ends on shutdown.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -13,18 +14,15 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::hub::{Absorbed, Start, Subscription};
-use super::protocol::{parse_keys, parse_since, ErrorCode, Format, Outgoing, SubscribeQuery};
+use super::protocol::{parse_keys, ErrorCode, Format, Outgoing, SubscribeQuery};
+use super::session::Session;
 use super::{record_sent, ConnectionSlot};
 use crate::http::AppState;
-use crate::table::ingest::TableUpdate;
 
 struct StreamState {
     state: AppState,
-    updates: broadcast::Receiver<std::sync::Arc<TableUpdate>>,
-    sub: Subscription,
+    session: Session,
     queue: VecDeque<Outgoing>,
     /// Events of the message being sent (a snapshot may be several).
     events: VecDeque<Event>,
@@ -59,22 +57,11 @@ pub async fn handler(
             list[0].name.clone()
         }
     };
-    let since_text = headers
+    let since = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(String::from)
         .or(q.since.clone());
-    let since = match since_text.as_deref().map(|s| (s, parse_since(s))) {
-        Some((raw, None)) => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                format!("`{raw}` is not EPOCH:SEQ"),
-            )
-        }
-        Some((_, parsed)) => parsed,
-        None => None,
-    };
     let Some(slot) = ConnectionSlot::acquire(
         &state.connections,
         state.fanout.max_connections,
@@ -86,26 +73,21 @@ pub async fn handler(
             "too many connections".into(),
         );
     };
-    let updates = state.hub.updates();
-    let (sub, initial, start) =
-        match state
-            .hub
-            .subscribe(&table, parse_keys(q.keys.as_deref()), since, Format::Patch)
-        {
-            Ok(x) => x,
-            Err(e) => {
-                return bad(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::UnknownTable,
-                    e.to_string(),
-                )
-            }
-        };
-    match start {
-        Start::ResumeHit => state.metrics.resumes.with_label_values(&["hit"]).inc(),
-        Start::ResumeMiss => state.metrics.resumes.with_label_values(&["miss"]).inc(),
-        Start::Snapshot => {}
-    }
+    let mut session = Session::new(
+        state.hub.clone(),
+        state.metrics.clone(),
+        state.fanout.resume_wait,
+        1,
+        state.fanout.unions.clone(),
+    );
+    let initial = session
+        .subscribe(
+            &table,
+            parse_keys(q.keys.as_deref()),
+            since.as_deref(),
+            Format::Patch,
+        )
+        .await;
     state
         .metrics
         .connections_opened
@@ -113,8 +95,7 @@ pub async fn handler(
         .inc();
     let st = StreamState {
         state,
-        updates,
-        sub,
+        session,
         queue: initial.into(),
         events: VecDeque::new(),
         _slot: slot,
@@ -142,25 +123,28 @@ pub async fn handler(
                 }
                 continue;
             }
-            match st.updates.recv().await {
-                Ok(u) => {
-                    let mut updates = vec![u];
-                    while let Ok(u) = st.updates.try_recv() {
-                        updates.push(u);
-                        if updates.len() >= 1024 {
-                            break;
-                        }
-                    }
-                    for u in updates {
-                        if st.sub.absorb(&u) == Absorbed::EpochChanged {
-                            resnapshot(&mut st);
-                        }
-                    }
-                    let pending = st.sub.take();
-                    st.queue.extend(pending);
+            let (pending, frames) = st.session.take();
+            if !pending.is_empty() || !frames.is_empty() {
+                for f in frames {
+                    st.state.metrics.patches_sent.inc();
+                    st.state
+                        .metrics
+                        .sent_bytes
+                        .with_label_values(&["patch"])
+                        .inc_by(f.text.len() as u64);
+                    super::record_latency(&st.state.metrics, f.ts_ms, f.kafka_ts_ms);
+                    let event = Event::default()
+                        .event("patch")
+                        .data(f.text.as_str())
+                        .id(&*f.pos);
+                    st.events.push_back(event);
                 }
-                Err(RecvError::Lagged(_)) => resnapshot(&mut st),
-                Err(RecvError::Closed) => {
+                st.queue.extend(pending);
+                continue;
+            }
+            tokio::select! {
+                event = st.session.next() => st.session.on_event(event).await,
+                _ = st.state.shutdown.cancelled() => {
                     st.state
                         .metrics
                         .connections_closed
@@ -174,17 +158,4 @@ pub async fn handler(
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
-}
-
-fn resnapshot(st: &mut StreamState) {
-    st.state.metrics.resnapshots.inc();
-    if let Ok((sub, snap, _)) =
-        st.state
-            .hub
-            .subscribe(&st.sub.table, st.sub.keys.clone(), None, Format::Patch)
-    {
-        st.sub = sub;
-        st.queue.clear();
-        st.queue.extend(snap);
-    }
 }

@@ -1,11 +1,11 @@
-//! WebSocket endpoint: `GET /ws?table=T[&keys=..][&since=E:S][&format=patch|rows]`, and `GET /`
-//! with an upgrade (the seed system's clients connect to `ws://host:port/`).
+//! WebSocket endpoint: `GET /ws?table=T[&keys=..][&since=TOKEN][&format=patch|rows]`, and `GET /`
+//! with an upgrade (the seed system's clients connect to `ws://host:port/`: in `format=rows`
+//! without `?table=`, they get every table's rows).
 //!
-//! One task per connection. It subscribes to the hub's updates before taking a snapshot, absorbs
-//! every update into its subscriptions (composing while the socket is busy), and writes what is
-//! pending whenever the socket takes it. A client that cannot take its pending output within the
-//! slow-client deadline is closed with 1008; one that falls behind the shared update channel gets a
-//! fresh snapshot. Nothing a client sends can panic the server.
+//! One task per connection, holding a [`Session`]. It writes what is pending whenever the socket
+//! takes it. A client that cannot take its pending output within the slow-client deadline is
+//! closed with 1008; one that falls behind a table's update channel gets a fresh snapshot of it.
+//! Nothing a client sends can panic the server.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -17,12 +17,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::SinkExt;
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
 
-use super::hub::{Absorbed, SharedFrame, Start, Subscription};
-use super::protocol::{
-    parse_keys, parse_since, ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery,
-};
+use super::protocol::{parse_keys, ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
+use super::session::{error, Session};
+use super::subscription::SharedFrame;
 use super::{record_sent, ConnectionSlot};
 use crate::http::AppState;
 
@@ -32,6 +30,11 @@ pub async fn handler(
     Query(q): Query<SubscribeQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    upgrade(state, q, ws, false)
+}
+
+/// The upgrade; `root`: the connection came to `/` (the seed system's clients).
+pub fn upgrade(state: AppState, q: SubscribeQuery, ws: WebSocketUpgrade, root: bool) -> Response {
     let Some(slot) = ConnectionSlot::acquire(
         &state.connections,
         state.fanout.max_connections,
@@ -65,7 +68,7 @@ pub async fn handler(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let reason = Connection::new(state.clone()).run(socket, q).await;
+            let reason = Connection::new(state.clone()).run(socket, q, root).await;
             state
                 .metrics
                 .connections_closed
@@ -75,19 +78,12 @@ pub async fn handler(
         })
 }
 
-/// Shared frames a connection queues before it switches to composing.
-const MAX_QUEUED_FRAMES: usize = 16;
-
 struct Connection {
     state: AppState,
-    subs: Vec<Subscription>,
+    session: Session,
     tokens: f64,
     last_refill: Instant,
     violations: u32,
-    /// Whole messages waiting to be written before the subscriptions' pending patches.
-    queued: Vec<Outgoing>,
-    /// Shared, already serialised patch frames (with their `ts_ms`), written as they are.
-    frames: Vec<SharedFrame>,
 }
 
 enum Step {
@@ -98,55 +94,66 @@ enum Step {
 impl Connection {
     fn new(state: AppState) -> Self {
         let tokens = state.fanout.messages_per_sec * 2.0;
+        let session = Session::new(
+            state.hub.clone(),
+            state.metrics.clone(),
+            state.fanout.resume_wait,
+            state.fanout.max_subscriptions,
+            state.fanout.unions.clone(),
+        );
         Connection {
             state,
-            subs: Vec::new(),
+            session,
             tokens,
             last_refill: Instant::now(),
             violations: 0,
-            queued: Vec::new(),
-            frames: Vec::new(),
         }
     }
 
-    async fn run(mut self, mut socket: WebSocket, q: SubscribeQuery) -> &'static str {
-        let mut updates = self.state.hub.updates();
+    async fn run(mut self, mut socket: WebSocket, q: SubscribeQuery, root: bool) -> &'static str {
+        let mut initial = Vec::new();
         let format = match q.format.as_deref() {
-            // `/ws` speaks patches unless asked; `/` resolves --default-format before it gets here
+            // `/ws` speaks patches unless asked; `/` uses --default-format
+            None if root => self.state.fanout.default_format,
             None => Format::Patch,
             Some(f) => match Format::parse(f) {
                 Some(f) => f,
                 None => {
-                    let _ = self
-                        .send(
-                            &mut socket,
-                            vec![error(
-                                ErrorCode::BadRequest,
-                                format!("unknown format `{f}`: use patch or rows"),
-                            )],
-                        )
-                        .await;
-                    self.state.fanout.default_format
+                    initial.push(error(
+                        ErrorCode::BadRequest,
+                        format!("unknown format `{f}`: use patch or rows"),
+                    ));
+                    Format::Patch
                 }
             },
         };
         let table = q.table.clone().or_else(|| {
             let list = self.state.tables.list();
-            (list.len() == 1).then(|| list[0].name.clone())
+            (list.len() == 1 && !(root && format == Format::Rows)).then(|| list[0].name.clone())
         });
-        let initial = match table {
-            Some(table) => self.subscribe(
-                &table,
-                parse_keys(q.keys.as_deref()),
-                q.since.as_deref(),
-                format,
+        match table {
+            Some(table) => initial.extend(
+                self.session
+                    .subscribe(
+                        &table,
+                        parse_keys(q.keys.as_deref()),
+                        q.since.as_deref(),
+                        format,
+                    )
+                    .await,
             ),
-            None if q.table.is_none() && self.state.tables.list().is_empty() => Vec::new(),
-            None => vec![error(
+            // the seed system's clients: every table's rows, as tables appear
+            None if format == Format::Rows => initial.extend(
+                self.session
+                    .subscribe_all_rows(self.state.fanout.root_tables.clone())
+                    .await,
+            ),
+            None if self.state.tables.list().is_empty() => {}
+            None => initial.push(error(
                 ErrorCode::BadRequest,
                 "several tables are served: pass ?table= or send a subscribe message".into(),
-            )],
-        };
+            )),
+        }
         if self.send(&mut socket, initial).await.is_err() {
             return "write_error";
         }
@@ -154,9 +161,7 @@ impl Connection {
         ping.tick().await;
         let mut last_seen = Instant::now();
         loop {
-            let mut pending: Vec<Outgoing> = std::mem::take(&mut self.queued);
-            pending.extend(self.subs.iter_mut().flat_map(Subscription::take));
-            let frames = std::mem::take(&mut self.frames);
+            let (pending, frames) = self.session.take();
             if !pending.is_empty() || !frames.is_empty() {
                 let write = async {
                     self.send_frames(&mut socket, frames).await?;
@@ -182,38 +187,28 @@ impl Connection {
                 msg = socket.recv() => {
                     last_seen = Instant::now();
                     let step = match msg {
-                        Some(Ok(Message::Text(text))) => self.on_text(&mut socket, text.as_str()).await,
-                        Some(Ok(Message::Binary(_))) => self.reply(&mut socket, error(ErrorCode::BadMessage, "binary frames are not supported".into())).await,
+                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.session.queued.push(error(ErrorCode::BadMessage, "binary frames are not supported".into()));
+                            Step::Continue
+                        }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
                         Some(Ok(Message::Close(_))) | None => Step::Close("client_closed"),
                         // a reset connection, or a frame over the size limit (the WebSocket layer refuses it)
                         Some(Err(_)) => Step::Close("read_error"),
                     };
                     if let Step::Close(reason) = step {
+                        if reason == "rate_limited" {
+                            let _ = socket.send(close(1008, "message rate limit exceeded")).await;
+                        }
                         return reason;
                     }
                 }
-                update = updates.recv() => match update {
-                    Ok(u) => {
-                        self.absorb(&u);
-                        for _ in 0..1024 {
-                            match updates.try_recv() {
-                                Ok(u) => self.absorb(&u),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    Err(RecvError::Lagged(_)) => {
-                        let out = self.resnapshot();
-                        if self.send(&mut socket, out).await.is_err() {
-                            return "write_error";
-                        }
-                    }
-                    Err(RecvError::Closed) => {
-                        let _ = socket.send(close(1001, "server shutting down")).await;
-                        return "shutdown";
-                    }
-                },
+                event = self.session.next() => self.session.on_event(event).await,
+                _ = self.state.shutdown.cancelled() => {
+                    let _ = socket.send(close(1001, "server shutting down")).await;
+                    return "shutdown";
+                }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > self.state.fanout.idle_timeout {
                         let _ = socket.send(close(1001, "idle timeout")).await;
@@ -227,125 +222,17 @@ impl Connection {
         }
     }
 
-    fn absorb(&mut self, u: &crate::table::ingest::TableUpdate) {
-        let mut stale = Vec::new();
-        for (i, s) in self.subs.iter_mut().enumerate() {
-            // up to date: forward the shared frame; once a few frames wait for the socket,
-            // compose further changes into one pending patch instead (bounded by the rows)
-            if self.frames.len() < MAX_QUEUED_FRAMES {
-                if let Some(frame) = s.forward(u) {
-                    self.frames.push(frame);
-                    continue;
-                }
-            }
-            let before = s.pending_rows();
-            if s.absorb(u) == Absorbed::EpochChanged {
-                stale.push(i);
-            } else if before > 0 {
-                self.state
-                    .metrics
-                    .conflated_changes
-                    .inc_by(u.changes.len() as u64);
-            }
-        }
-        // the table was restored or reset: a new lineage, so a new snapshot
-        for i in stale {
-            let (table, keys, format) = (
-                self.subs[i].table.clone(),
-                self.subs[i].keys.clone(),
-                self.subs[i].format,
-            );
-            if let Ok((sub, snapshot, _)) = self.state.hub.subscribe(&table, keys, None, format) {
-                self.state.metrics.resnapshots.inc();
-                self.subs[i] = sub;
-                self.queued.extend(snapshot);
-            }
-        }
-    }
-
-    /// Fresh snapshots for every subscription (after falling behind the update channel).
-    fn resnapshot(&mut self) -> Vec<Outgoing> {
-        self.state.metrics.resnapshots.inc();
-        let mut out = Vec::new();
-        for s in &mut self.subs {
-            if let Ok((sub, snap, _)) =
-                self.state
-                    .hub
-                    .subscribe(&s.table, s.keys.clone(), None, s.format)
-            {
-                *s = sub;
-                out.extend(snap);
-            }
-        }
-        out
-    }
-
-    fn subscribe(
-        &mut self,
-        table: &str,
-        keys: Option<HashSet<String>>,
-        since: Option<&str>,
-        format: Format,
-    ) -> Vec<Outgoing> {
-        let since = match since.map(|s| (s, parse_since(s))) {
-            Some((raw, None)) => {
-                return vec![error(
-                    ErrorCode::BadRequest,
-                    format!("since `{raw}` is not EPOCH:SEQ"),
-                )]
-            }
-            Some((_, parsed)) => parsed,
-            None => None,
-        };
-        self.subs.retain(|s| s.table != table);
-        if self.subs.len() >= self.state.fanout.max_subscriptions {
-            return vec![error(
-                ErrorCode::TooManySubscriptions,
-                format!(
-                    "at most {} subscriptions per connection",
-                    self.state.fanout.max_subscriptions
-                ),
-            )];
-        }
-        match self.state.hub.subscribe(table, keys, since, format) {
-            Ok((sub, out, start)) => {
-                match start {
-                    Start::ResumeHit => {
-                        self.state.metrics.resumes.with_label_values(&["hit"]).inc()
-                    }
-                    Start::ResumeMiss => self
-                        .state
-                        .metrics
-                        .resumes
-                        .with_label_values(&["miss"])
-                        .inc(),
-                    Start::Snapshot => {}
-                }
-                self.subs.push(sub);
-                out
-            }
-            Err(e) => vec![error(ErrorCode::UnknownTable, e.to_string())],
-        }
-    }
-
-    async fn on_text(&mut self, socket: &mut WebSocket, text: &str) -> Step {
+    async fn on_text(&mut self, text: &str) -> Step {
         if !self.take_token() {
             self.violations += 1;
             if self.violations > 100 {
-                let _ = socket
-                    .send(close(1008, "message rate limit exceeded"))
-                    .await;
                 return Step::Close("rate_limited");
             }
-            return self
-                .reply(
-                    socket,
-                    error(
-                        ErrorCode::RateLimited,
-                        "too many messages; this one was dropped".into(),
-                    ),
-                )
-                .await;
+            self.session.queued.push(error(
+                ErrorCode::RateLimited,
+                "too many messages; this one was dropped".into(),
+            ));
+            return Step::Continue;
         }
         let out = match serde_json::from_str::<ClientMessage>(text) {
             Ok(ClientMessage::Ping) => vec![Outgoing::Pong],
@@ -354,21 +241,21 @@ impl Connection {
                     .map(|k| k.into_iter().collect::<HashSet<_>>())
                     .filter(|k| !k.is_empty());
                 let format = self
-                    .subs
-                    .first()
-                    .map_or(self.state.fanout.default_format, |s| s.format);
-                self.subscribe(&table, keys, since.as_deref(), format)
+                    .session
+                    .format()
+                    .unwrap_or(self.state.fanout.default_format);
+                self.session
+                    .subscribe(&table, keys, since.as_deref(), format)
+                    .await
             }
             Ok(ClientMessage::Unsubscribe { table }) => {
-                let before = self.subs.len();
-                self.subs.retain(|s| s.table != table);
-                if before == self.subs.len() {
+                if self.session.unsubscribe(&table) {
+                    Vec::new()
+                } else {
                     vec![error(
                         ErrorCode::BadRequest,
                         format!("not subscribed to `{table}`"),
                     )]
-                } else {
-                    Vec::new()
                 }
             }
             Err(e) => vec![error(
@@ -376,17 +263,8 @@ impl Connection {
                 format!("invalid message: {e}"),
             )],
         };
-        match self.send(socket, out).await {
-            Ok(()) => Step::Continue,
-            Err(()) => Step::Close("write_error"),
-        }
-    }
-
-    async fn reply(&mut self, socket: &mut WebSocket, out: Outgoing) -> Step {
-        match self.send(socket, vec![out]).await {
-            Ok(()) => Step::Continue,
-            Err(()) => Step::Close("write_error"),
-        }
+        self.session.queued.extend(out);
+        Step::Continue
     }
 
     fn take_token(&mut self) -> bool {
@@ -425,7 +303,7 @@ impl Connection {
         Ok(())
     }
 
-    /// Writes frames with one flush.
+    /// Writes messages with one flush.
     async fn send(&self, socket: &mut WebSocket, out: Vec<Outgoing>) -> Result<(), ()> {
         if out.is_empty() {
             return Ok(());
@@ -444,10 +322,6 @@ impl Connection {
         }
         socket.flush().await.map_err(|_| ())
     }
-}
-
-fn error(code: ErrorCode, message: String) -> Outgoing {
-    Outgoing::Error { code, message }
 }
 
 fn close(code: u16, reason: &'static str) -> Message {

@@ -1,24 +1,29 @@
-//! The compacted changelog topic per table (the KTable) and the dead-letter topic.
+//! The changelog topics (one compacted topic per table, co-partitioned with its input topic: the
+//! changes of input partition p go to changelog partition p), the deployment's table registry and
+//! the dead-letter topic.
 //!
-//! Every applied change is produced as key = row key, value = the full latest row as JSON (or a
-//! tombstone), with headers `livetable.table`, `livetable.seq`, `livetable.ts_ms`. Delivery is
-//! at-least-once and idempotent by key: the outbox in sled remembers every key until the broker
-//! acknowledged its latest value. Topic definitions are kept in `topics/`.
+//! A changelog record: key = row key, value = the full row as JSON (a tombstone on delete),
+//! headers `livetable.table`, `livetable.offset` (input offset of the change), `livetable.seq`
+//! (the slice's change count), `livetable.acked` (every change up to this input offset is in the
+//! changelog before this record), `livetable.owner` (who wrote it) and `livetable.ts_ms`. A fence
+//! record (header `livetable.fence`) opens an owner's tenure of a partition. Topic definitions live
+//! in `topics/`.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use serde::Deserialize;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
 use crate::cdc::source;
 use crate::config::Config;
+use crate::table::position::Owner;
 use crate::table::store::DeadLetter;
 
 /// Errors talking to the broker about topics.
@@ -31,6 +36,19 @@ pub enum ChangelogError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error(
+        "changelog topic {topic} has {have} partitions but its input topic {source_topic} has {want}: \
+         the changelog must be co-partitioned with its input. Delete the changelog topic (the \
+         materialisers recreate and refill it) or repartition both alike"
+    )]
+    PartitionMismatch {
+        topic: String,
+        source_topic: String,
+        have: usize,
+        want: usize,
+    },
+    #[error("topic {0} is not in the broker's metadata")]
+    UnknownTopic(String),
     #[error("topic definition {file}: {source}")]
     Definition {
         file: &'static str,
@@ -38,9 +56,20 @@ pub enum ChangelogError {
     },
 }
 
+impl ChangelogError {
+    /// Errors that retrying cannot fix: the service must stop and say why.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ChangelogError::PartitionMismatch { .. } | ChangelogError::Definition { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct TopicDef {
-    partitions: i32,
+    #[serde(default)]
+    partitions: Option<usize>,
     replication_factor: i32,
     #[serde(default)]
     config: BTreeMap<String, String>,
@@ -48,21 +77,140 @@ struct TopicDef {
 
 const CHANGELOG_DEF: &str = include_str!("../../topics/changelog.toml");
 const DLQ_DEF: &str = include_str!("../../topics/dlq.toml");
+const REGISTRY_DEF: &str = include_str!("../../topics/registry.toml");
 
 /// Header names of changelog records.
 pub const HEADER_TABLE: &str = "livetable.table";
+pub const HEADER_OFFSET: &str = "livetable.offset";
 pub const HEADER_SEQ: &str = "livetable.seq";
+pub const HEADER_ACKED: &str = "livetable.acked";
+pub const HEADER_OWNER: &str = "livetable.owner";
 pub const HEADER_TS: &str = "livetable.ts_ms";
+pub const HEADER_FENCE: &str = "livetable.fence";
+/// The key of fence records (never a row: readers recognise fences by their header).
+pub const FENCE_KEY: &str = "\u{0}livetable.fence";
 
-/// Producer of changelog and dead-letter records.
+/// What a changelog record says besides its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// Input offset of the change (`-1` for a fence).
+    pub off: i64,
+    /// The slice's change count when the record was produced.
+    pub count: u64,
+    /// Every change up to this input offset was acknowledged before this record.
+    pub acked: i64,
+    pub owner: Owner,
+    pub ts_ms: Option<i64>,
+}
+
+/// One changelog record as read back.
+#[derive(Debug, Clone)]
+pub struct ChangelogRecord {
+    pub table: String,
+    pub part: u32,
+    /// The record's offset in the changelog partition.
+    pub cl_offset: i64,
+    pub key: String,
+    /// `None`: a tombstone.
+    pub row: Option<Row>,
+    pub meta: RecordMeta,
+    pub fence: bool,
+}
+
+/// Why a changelog record could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadRecord {
+    NoKey,
+    NotARow,
+}
+
+/// Parses a changelog record of `topic` (the table comes from the header, else from the topic).
+pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, BadRecord> {
+    let header = |name: &str| {
+        m.headers().and_then(|h| {
+            h.iter()
+                .find(|x| x.key == name)
+                .and_then(|x| x.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        })
+    };
+    let table = header(HEADER_TABLE).map(String::from).unwrap_or_else(|| {
+        m.topic()
+            .strip_prefix(prefix)
+            .unwrap_or(m.topic())
+            .to_string()
+    });
+    let num = |name| header(name).and_then(|s| s.parse::<i64>().ok());
+    let meta = RecordMeta {
+        off: num(HEADER_OFFSET).unwrap_or(-1),
+        count: header(HEADER_SEQ).and_then(|s| s.parse().ok()).unwrap_or(0),
+        acked: num(HEADER_ACKED).unwrap_or(-1),
+        owner: header(HEADER_OWNER)
+            .and_then(Owner::parse)
+            .unwrap_or_default(),
+        ts_ms: num(HEADER_TS),
+    };
+    let part = u32::try_from(m.partition()).unwrap_or(0);
+    if header(HEADER_FENCE).is_some() {
+        return Ok(ChangelogRecord {
+            table,
+            part,
+            cl_offset: m.offset(),
+            key: String::new(),
+            row: None,
+            meta,
+            fence: true,
+        });
+    }
+    let key = m
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .ok_or(BadRecord::NoKey)?
+        .to_string();
+    let row = match m.payload() {
+        None => None,
+        Some(bytes) => Some(serde_json::from_slice::<Row>(bytes).map_err(|_| BadRecord::NotARow)?),
+    };
+    Ok(ChangelogRecord {
+        table,
+        part,
+        cl_offset: m.offset(),
+        key,
+        row,
+        meta,
+        fence: false,
+    })
+}
+
+/// A table as the deployment's registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    pub table: String,
+    /// The input topic that feeds the table.
+    pub source: String,
+    pub partitions: u32,
+    /// The table's lineage: fixed by the first registration.
+    pub epoch: String,
+    /// The consumer group of the deployment that registered it.
+    pub deployment: String,
+    pub changelog: String,
+}
+
+/// Producer of changelog, registry and dead-letter records; creator of their topics.
 pub struct Changelog {
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
     prefix: String,
     dlq_topic: String,
+    registry_topic: String,
     changelog_def: TopicDef,
     dlq_def: TopicDef,
-    known: Mutex<HashSet<String>>,
+    registry_def: TopicDef,
+    /// Topics known to exist, with their partition counts.
+    known: Mutex<HashMap<String, usize>>,
+    /// Held while a batch's records or a resend are produced: records of a key reach the broker
+    /// in the order its values were applied.
+    order: Mutex<()>,
 }
 
 impl Changelog {
@@ -75,103 +223,174 @@ impl Changelog {
             admin: source::client_config(config).create()?,
             prefix: config.changelog_prefix.clone(),
             dlq_topic: config.dlq_topic.clone(),
+            registry_topic: config.registry_topic(),
             changelog_def: parse("topics/changelog.toml", CHANGELOG_DEF)?,
             dlq_def: parse("topics/dlq.toml", DLQ_DEF)?,
-            known: Mutex::new(HashSet::new()),
+            registry_def: parse("topics/registry.toml", REGISTRY_DEF)?,
+            known: Mutex::new(HashMap::new()),
+            order: Mutex::new(()),
         })
     }
 
-    /// The changelog topic of `table` (characters Kafka does not allow become `_`).
+    /// The changelog topic of `table`.
     pub fn topic_for(&self, table: &str) -> String {
         topic_name(&self.prefix, table)
     }
 
-    /// Creates the changelog topic of `table` if this process has not seen it yet.
-    pub async fn ensure_table(&self, table: &str) -> Result<(), ChangelogError> {
+    pub fn registry_topic(&self) -> &str {
+        &self.registry_topic
+    }
+
+    /// Orders produces: hold the guard while producing a batch, or while reading a row's current
+    /// value and producing it again.
+    pub fn ordered(&self) -> MutexGuard<'_, ()> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the changelog topic of `table` with `partitions` partitions, or checks that the
+    /// existing one has that many (blocking: call from a thread outside the async workers).
+    pub fn ensure_table(
+        &self,
+        table: &str,
+        source_topic: &str,
+        partitions: usize,
+    ) -> Result<(), ChangelogError> {
         let topic = self.topic_for(table);
-        self.ensure(&topic, &self.changelog_def).await
+        let have = self.ensure(&topic, partitions, &self.changelog_def)?;
+        if have != partitions {
+            return Err(ChangelogError::PartitionMismatch {
+                topic,
+                source_topic: source_topic.to_string(),
+                have,
+                want: partitions,
+            });
+        }
+        Ok(())
     }
 
     /// Creates the dead-letter topic if missing.
-    pub async fn ensure_dlq(&self) -> Result<(), ChangelogError> {
-        self.ensure(&self.dlq_topic.clone(), &self.dlq_def).await
+    pub fn ensure_dlq(&self) -> Result<(), ChangelogError> {
+        self.ensure(
+            &self.dlq_topic.clone(),
+            self.dlq_def.partitions.unwrap_or(1),
+            &self.dlq_def,
+        )
+        .map(|_| ())
     }
 
-    async fn ensure(&self, topic: &str, def: &TopicDef) -> Result<(), ChangelogError> {
-        if self
+    /// Creates the registry topic if missing.
+    pub fn ensure_registry(&self) -> Result<(), ChangelogError> {
+        self.ensure(&self.registry_topic.clone(), 1, &self.registry_def)
+            .map(|_| ())
+    }
+
+    /// Creates `topic` if needed; returns its partition count.
+    fn ensure(
+        &self,
+        topic: &str,
+        partitions: usize,
+        def: &TopicDef,
+    ) -> Result<usize, ChangelogError> {
+        if let Some(n) = self
             .known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(topic)
+            .get(topic)
         {
-            return Ok(());
+            return Ok(*n);
         }
         let mut new = NewTopic::new(
             topic,
-            def.partitions,
+            i32::try_from(partitions).unwrap_or(i32::MAX),
             TopicReplication::Fixed(def.replication_factor),
         );
         for (k, v) in &def.config {
             new = new.set(k, v);
         }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in self.admin.create_topics([&new], &opts).await? {
+        let created = futures::executor::block_on(self.admin.create_topics([&new], &opts))?;
+        let mut count = partitions;
+        for result in created {
             match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    count = self.partition_count(topic)?;
+                }
                 Err((topic, code)) => return Err(ChangelogError::CreateTopic { topic, code }),
             }
         }
         self.known
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(topic.to_string());
-        Ok(())
+            .insert(topic.to_string(), count);
+        Ok(count)
     }
 
-    /// Produces the latest value of one key (a tombstone when `row` is `None`).
+    /// The partition count of an existing topic (blocking).
+    pub fn partition_count(&self, topic: &str) -> Result<usize, ChangelogError> {
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        md.topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len())
+            .ok_or_else(|| ChangelogError::UnknownTopic(topic.to_string()))
+    }
+
+    /// Produces the latest value of one key to its partition (a tombstone when `payload` is None).
     pub fn send_row(
         &self,
         table: &str,
-        key: &str,
-        row: Option<&Row>,
-        seq: u64,
-        ts_ms: Option<i64>,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        let payload = row.map(crate::table::store::encode_row);
-        self.send_row_json(table, key, payload.as_deref(), seq, ts_ms)
-    }
-
-    /// [`Changelog::send_row`] with the row already serialised (`None`: a tombstone).
-    pub fn send_row_json(
-        &self,
-        table: &str,
+        part: u32,
         key: &str,
         payload: Option<&[u8]>,
-        seq: u64,
-        ts_ms: Option<i64>,
+        meta: RecordMeta,
     ) -> Result<DeliveryFuture, KafkaError> {
         let topic = self.topic_for(table);
-        let seq_text = seq.to_string();
-        let ts_text = ts_ms.map(|t| t.to_string());
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_TABLE,
-                value: Some(table),
-            })
-            .insert(Header {
-                key: HEADER_SEQ,
-                value: Some(&seq_text),
-            });
-        if let Some(ts) = &ts_text {
-            headers = headers.insert(Header {
-                key: HEADER_TS,
-                value: Some(ts),
-            });
-        }
-        let mut record = FutureRecord::to(&topic).key(key).headers(headers);
+        let mut record = FutureRecord::to(&topic)
+            .key(key)
+            .partition(i32::try_from(part).unwrap_or(0))
+            .headers(headers(table, &meta, false));
         if let Some(p) = payload {
             record = record.payload(p);
         }
+        send_retrying_queue_full(&self.producer, record)
+    }
+
+    /// Produces a fence record: from here on, records of smaller owners are ignored by readers.
+    pub fn send_fence(
+        &self,
+        table: &str,
+        part: u32,
+        owner: Owner,
+        member: &str,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let topic = self.topic_for(table);
+        let meta = RecordMeta {
+            off: -1,
+            count: 0,
+            acked: -1,
+            owner,
+            ts_ms: None,
+        };
+        let value = serde_json::json!({"owner": owner.to_header(), "member": member}).to_string();
+        let record = FutureRecord::to(&topic)
+            .key(FENCE_KEY)
+            .payload(&value)
+            .partition(i32::try_from(part).unwrap_or(0))
+            .headers(headers(table, &meta, true));
+        send_retrying_queue_full(&self.producer, record)
+    }
+
+    /// Produces a registry entry.
+    pub fn send_registry(&self, entry: &RegistryEntry) -> Result<DeliveryFuture, KafkaError> {
+        let value = serde_json::to_string(entry).unwrap_or_default();
+        let record = FutureRecord::to(&self.registry_topic)
+            .key(&entry.table)
+            .payload(&value)
+            .partition(0);
         send_retrying_queue_full(&self.producer, record)
     }
 
@@ -214,6 +433,56 @@ impl Changelog {
         }
         send_retrying_queue_full(&self.producer, record)
     }
+
+    /// Waits until every record produced so far was acknowledged or failed (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+fn headers(table: &str, meta: &RecordMeta, fence: bool) -> OwnedHeaders {
+    let owner = meta.owner.to_header();
+    let mut h = OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_TABLE,
+            value: Some(table),
+        })
+        .insert(Header {
+            key: HEADER_OWNER,
+            value: Some(&owner),
+        });
+    if fence {
+        return h.insert(Header {
+            key: HEADER_FENCE,
+            value: Some("1"),
+        });
+    }
+    let (off, count, acked) = (
+        meta.off.to_string(),
+        meta.count.to_string(),
+        meta.acked.to_string(),
+    );
+    h = h
+        .insert(Header {
+            key: HEADER_OFFSET,
+            value: Some(&off),
+        })
+        .insert(Header {
+            key: HEADER_SEQ,
+            value: Some(&count),
+        })
+        .insert(Header {
+            key: HEADER_ACKED,
+            value: Some(&acked),
+        });
+    if let Some(ts) = meta.ts_ms {
+        let ts = ts.to_string();
+        h = h.insert(Header {
+            key: HEADER_TS,
+            value: Some(&ts),
+        });
+    }
+    h
 }
 
 /// Enqueues a record; when librdkafka's queue is full, waits for it to drain (bounded memory).
@@ -238,9 +507,13 @@ where
     }
 }
 
-/// `prefix + table`, with characters Kafka does not accept in topic names replaced by `_`.
+/// `prefix + table`, with characters Kafka does not accept in topic names replaced by `_` (a
+/// table named like the registry gets a `t` in front, so the two never meet).
 pub fn topic_name(prefix: &str, table: &str) -> String {
     let mut name: String = prefix.to_string();
+    if table.starts_with("__") {
+        name.push('t');
+    }
     name.extend(table.chars().map(|c| {
         if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
             c
@@ -262,6 +535,7 @@ mod tests {
         );
         assert_eq!(super::topic_name("p.", "spiel äöü/1"), "p.spiel_____1");
         assert_eq!(super::topic_name("p.", &"x".repeat(400)).len(), 249);
+        assert_eq!(super::topic_name("p.", "__registry"), "p.t__registry");
     }
 
     #[test]
@@ -270,5 +544,7 @@ mod tests {
         assert_eq!(c.config["cleanup.policy"], "compact");
         let d: super::TopicDef = toml::from_str(super::DLQ_DEF).unwrap();
         assert_eq!(d.config["cleanup.policy"], "delete");
+        let r: super::TopicDef = toml::from_str(super::REGISTRY_DEF).unwrap();
+        assert_eq!(r.config["cleanup.policy"], "compact");
     }
 }

@@ -2,10 +2,13 @@
 //!
 //! For each checkpoint, in order: flush sled (the batch and its positions become durable), wait
 //! until the broker acknowledged its changelog and dead-letter records (re-producing the current
-//! value of a key whose record failed), record how far each table's changelog is acknowledged
-//! (and clear the outbox marks of deletes), then commit the positions as
-//! the consumer group's offsets. A node that lost its data directory restores from the changelog
-//! and resumes from those offsets, so nothing acknowledged is lost and nothing is skipped.
+//! value of a key whose record failed), record how far each slice's changelog is acknowledged
+//! (and clear the outbox marks of deletes), then commit the positions as the consumer group's
+//! offsets. A node that lost its data directory restores from the changelog and resumes from those
+//! offsets, so nothing acknowledged is lost and nothing is skipped.
+//!
+//! A barrier (sent when partitions are revoked) is answered once every checkpoint before it is
+//! settled, with the revoked partitions' offsets committed synchronously.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,19 +17,21 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::cdc::source::SourceContext;
 use crate::metrics::Metrics;
-use crate::table::changelog::Changelog;
-use crate::table::state::Tables;
-use crate::table::store::{DeadLetter, Store};
+use crate::table::changelog::{Changelog, RecordMeta};
+use crate::table::state::{SliceMode, Tables};
+use crate::table::store::{AckMeta, DeadLetter, Store};
 
-/// A changelog record in flight for (table, key) at `seq`.
+/// A changelog record in flight for (table, partition, key) reflecting input offset `off`.
 pub struct PendingRow {
     pub table: String,
+    pub part: u32,
     pub key: String,
-    pub seq: u64,
+    pub off: i64,
     /// A tombstone: its outbox mark is cleared once acknowledged.
     pub deleted: bool,
     pub delivery: Option<DeliveryFuture>,
@@ -45,8 +50,18 @@ pub struct Checkpoint {
     pub rows: Vec<PendingRow>,
     pub letters: Vec<PendingLetter>,
     pub positions: HashMap<(String, i32), i64>,
-    /// Per table, the seq up to which the changelog holds every change once `rows` are settled.
-    pub acked: Vec<(String, u64)>,
+    /// Per slice, the input offset up to which the changelog holds every change once `rows` are
+    /// settled.
+    pub acked: Vec<(String, u32, i64)>,
+    /// Answered once this checkpoint and every one before it are settled; the positions of the
+    /// listed partitions are then committed synchronously.
+    pub barrier: Option<Barrier>,
+}
+
+/// A revoke waiting for everything before it to be durable.
+pub struct Barrier {
+    pub commit: Vec<(String, i32)>,
+    pub done: oneshot::Sender<()>,
 }
 
 /// The durability task's dependencies.
@@ -56,9 +71,20 @@ pub struct Checkpointer {
     pub changelog: Arc<Changelog>,
     pub consumer: Option<Arc<BaseConsumer<SourceContext>>>,
     pub metrics: Arc<Metrics>,
+    /// Retries stop when it is cancelled (shutdown); what was not settled is produced again after
+    /// the restart (the outbox).
+    pub cancel: CancellationToken,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What re-producing a key found.
+pub enum Resent {
+    Sent(DeliveryFuture),
+    /// The slice is no longer this node's (revoked): its new owner produces it.
+    NotOwned,
+    Failed,
+}
 
 impl Checkpointer {
     /// Runs until the sender side is dropped and every checkpoint is done, then commits synchronously.
@@ -66,7 +92,7 @@ impl Checkpointer {
         let mut committed: HashMap<(String, i32), i64> = HashMap::new();
         while let Some(first) = rx.recv().await {
             let mut group = vec![first];
-            while group.len() < 64 {
+            while group.len() < 64 && group.last().is_some_and(|c| c.barrier.is_none()) {
                 match rx.try_recv() {
                     Ok(cp) => group.push(cp),
                     Err(_) => break,
@@ -75,24 +101,30 @@ impl Checkpointer {
             self.flush().await;
             let started = Instant::now();
             let mut positions = HashMap::new();
+            let mut barriers = Vec::new();
             for cp in group {
-                self.settle(cp.rows, cp.letters).await;
+                let cl_next = self.settle(cp.rows, cp.letters).await;
                 // checkpoints settle in order: everything up to this batch is in the changelog
-                for (table, seq) in cp.acked {
-                    if let Err(e) = self.store.set_acked(&table, seq) {
-                        tracing::error!(error = %e, "recording the changelog acknowledgement failed; rows will be produced again");
-                    }
-                }
+                self.record_acks(cp.acked, cl_next);
                 for (tp, next) in cp.positions {
                     let slot = positions.entry(tp).or_insert(next);
                     *slot = (*slot).max(next);
                 }
+                barriers.extend(cp.barrier);
             }
             self.metrics
                 .changelog_produce_seconds
                 .observe(started.elapsed().as_secs_f64());
-            self.commit(&positions, CommitMode::Async);
+            if barriers.is_empty() {
+                self.commit(&positions, CommitMode::Async);
+            } else {
+                self.flush().await;
+                self.commit(&positions, CommitMode::Sync);
+            }
             committed.extend(positions);
+            for b in barriers {
+                let _ = b.done.send(());
+            }
             self.metrics
                 .store_bytes
                 .set(i64::try_from(self.store.size_on_disk()).unwrap_or(i64::MAX));
@@ -113,21 +145,73 @@ impl Checkpointer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "sled flush failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    if self.sleep(backoff).await {
+                        return;
+                    }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
     }
 
-    /// Waits for every delivery; re-produces what failed until the broker takes it; clears the outbox.
-    async fn settle(&self, rows: Vec<PendingRow>, letters: Vec<PendingLetter>) {
+    /// Sleeps; true when cancelled meanwhile.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+
+    /// Raises each slice's acknowledged offset and changelog position, in memory and in the store.
+    fn record_acks(&self, acked: Vec<(String, u32, i64)>, cl_next: HashMap<(String, u32), i64>) {
+        let mut touched: HashMap<(String, u32), i64> = HashMap::new();
+        for (table, part, off) in acked {
+            let slot = touched.entry((table, part)).or_insert(off);
+            *slot = (*slot).max(off);
+        }
+        for k in cl_next.keys() {
+            touched.entry(k.clone()).or_insert(-1);
+        }
+        for ((table, part), off) in touched {
+            let Some(t) = self.tables.get(&table) else {
+                continue;
+            };
+            let next = cl_next.get(&(table.clone(), part)).copied().unwrap_or(0);
+            let mut meta = None;
+            t.update_slices(|s| {
+                let slice = s.slice_mut(part);
+                slice.raise_acked(off);
+                slice.cl_next = slice.cl_next.max(next);
+                meta = Some(AckMeta::of(slice));
+            });
+            if let Some(meta) = meta {
+                if let Err(e) = self.store.put_acks(&table, part, &meta) {
+                    tracing::error!(error = %e, "recording the changelog acknowledgement failed; rows will be produced again");
+                }
+            }
+        }
+    }
+
+    /// Waits for every delivery; re-produces what failed until the broker takes it; clears the
+    /// outbox. Returns the changelog position after the acknowledged records per slice.
+    async fn settle(
+        &self,
+        rows: Vec<PendingRow>,
+        letters: Vec<PendingLetter>,
+    ) -> HashMap<(String, u32), i64> {
+        let mut cl_next: HashMap<(String, u32), i64> = HashMap::new();
         for row in rows {
-            let what = || format!("changelog record {}/{}", row.table, row.key);
-            self.until_acknowledged(row.delivery, what, || self.resend_row(&row.table, &row.key))
-                .await;
+            let what = || format!("changelog record {}/{}/{}", row.table, row.part, row.key);
+            let resend = || self.resend_row(&row.table, row.part, &row.key);
+            if let Some(offset) = self.until_acknowledged(row.delivery, what, resend).await {
+                let slot = cl_next.entry((row.table.clone(), row.part)).or_insert(0);
+                *slot = (*slot).max(offset + 1);
+            }
             if row.deleted {
-                if let Err(e) = self.store.clear_deleted(&row.table, &row.key, row.seq) {
+                if let Err(e) = self
+                    .store
+                    .clear_deleted(&row.table, &row.key, row.part, row.off)
+                {
                     tracing::error!(error = %e, "clearing the outbox failed; the key will be produced again");
                 }
             }
@@ -143,10 +227,11 @@ impl Checkpointer {
                 let changelog = self.changelog.clone();
                 let l = letter.letter.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l).ok())
-                        .await
-                        .ok()
-                        .flatten()
+                    match tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l)).await
+                    {
+                        Ok(Ok(d)) => Resent::Sent(d),
+                        _ => Resent::Failed,
+                    }
                 }
             };
             self.until_acknowledged(letter.delivery, what, resend).await;
@@ -154,63 +239,69 @@ impl Checkpointer {
                 tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
             }
         }
+        cl_next
     }
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
-    /// `resend` for a new delivery (a missing one is produced at once). `what` names the record in
-    /// logs; it is only built when something goes wrong.
+    /// `resend` for a new delivery. Returns the record's offset once acknowledged (`None` when
+    /// the record is no longer this node's to produce, or on shutdown).
     async fn until_acknowledged<F, Fut>(
         &self,
         mut delivery: Option<DeliveryFuture>,
         what: impl Fn() -> String,
         mut resend: F,
-    ) where
+    ) -> Option<i64>
+    where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<DeliveryFuture>>,
+        Fut: std::future::Future<Output = Resent>,
     {
         let mut backoff = Duration::from_millis(100);
         loop {
             if let Some(d) = delivery.take() {
                 match d.await {
-                    Ok(Ok(_)) => return,
+                    Ok(Ok(d)) => return Some(d.offset),
                     Ok(Err((e, _))) => {
                         tracing::warn!(what = %what(), error = %e, "not acknowledged by the broker; retrying")
                     }
                     Err(_) => tracing::warn!(what = %what(), "delivery cancelled; retrying"),
                 }
                 self.metrics.changelog_produce_errors.inc();
-                tokio::time::sleep(backoff).await;
+                if self.sleep(backoff).await {
+                    return None;
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            delivery = resend().await;
-            if delivery.is_none() {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+            match resend().await {
+                Resent::Sent(d) => delivery = Some(d),
+                Resent::NotOwned => return None,
+                Resent::Failed => {
+                    if self.sleep(backoff).await {
+                        return None;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
         }
     }
 
-    /// Produces the current value of a key (the newest, whatever seq failed).
-    pub async fn resend_row(&self, table: &str, key: &str) -> Option<DeliveryFuture> {
-        let row = self.tables.row(table, key);
-        let seq = self.tables.position(table).map_or(0, |(s, _)| s);
-        let changelog = self.changelog.clone();
+    /// Produces the current value of a key (the newest, whatever change failed), in order with
+    /// the ingest loop's produces.
+    pub async fn resend_row(&self, table: &str, part: u32, key: &str) -> Resent {
+        let (tables, changelog) = (self.tables.clone(), self.changelog.clone());
         let (table, key) = (table.to_string(), key.to_string());
         let sent = tokio::task::spawn_blocking(move || {
-            if let Err(e) = futures::executor::block_on(changelog.ensure_table(&table)) {
-                tracing::warn!(table, error = %e, "cannot create the changelog topic");
-            }
-            changelog.send_row(&table, &key, row.as_ref(), seq, None)
+            resend_current(&tables, &changelog, &table, part, &key)
         })
         .await;
         match sent {
-            Ok(Ok(d)) => Some(d),
+            Ok(Ok(Some(d))) => Resent::Sent(d),
+            Ok(Ok(None)) => Resent::NotOwned,
             Ok(Err(e)) => {
                 self.metrics.changelog_produce_errors.inc();
                 tracing::warn!(error = %e, "changelog produce failed");
-                None
+                Resent::Failed
             }
-            Err(_) => None,
+            Err(_) => Resent::Failed,
         }
     }
 
@@ -235,4 +326,46 @@ impl Checkpointer {
             tracing::warn!(error = %e, "committing group offsets failed; the next checkpoint retries");
         }
     }
+}
+
+/// Produces the current value of `table/key` in slice `part` (blocking). `Ok(None)` when the
+/// slice is not owned here, or the key now lives in another slice.
+pub fn resend_current(
+    tables: &Tables,
+    changelog: &Changelog,
+    table: &str,
+    part: u32,
+    key: &str,
+) -> Result<Option<DeliveryFuture>, rdkafka::error::KafkaError> {
+    let Some(t) = tables.get(table) else {
+        return Ok(None);
+    };
+    let _order = changelog.ordered();
+    let (payload, meta) = {
+        let s = t.read();
+        let Some(slice) = s.slice(part).filter(|s| s.mode == SliceMode::Owned) else {
+            return Ok(None);
+        };
+        let entry = s.rows.get(key);
+        if entry.is_some_and(|e| e.part != part) {
+            return Ok(None);
+        }
+        let off = entry.map_or_else(
+            || slice.tombs.get(key).copied().unwrap_or(slice.last_off),
+            |e| e.off,
+        );
+        (
+            entry.map(|e| crate::table::store::encode_row(&e.row)),
+            RecordMeta {
+                off,
+                count: slice.count,
+                acked: slice.acked,
+                owner: slice.owner,
+                ts_ms: None,
+            },
+        )
+    };
+    changelog
+        .send_row(table, part, key, payload.as_deref(), meta)
+        .map(Some)
 }

@@ -1,9 +1,23 @@
-//! The materialised state: the sled store (rows + positions + outbox, atomic), the in-memory
-//! tables served to clients, the changelog topic and the restore from it.
+//! The materialised state, partitioned like the input topics: the sled store (rows, slices,
+//! positions, outbox; atomic per batch), the in-memory tables served to clients, the changelog
+//! topics and the deployment's registry, the ingest loop of the partitions this node owns, the
+//! restore of a slice when its partition is assigned, and the follower of the changelog slices
+//! this node does not own.
 
 pub mod changelog;
 pub mod checkpoint;
+pub mod fold;
+pub mod follower;
 pub mod ingest;
+pub mod position;
+pub mod reader;
+pub mod readiness;
+pub mod registry;
 pub mod restore;
 pub mod state;
 pub mod store;
+
+/// A new lineage id for a table (12 hex digits).
+pub fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}

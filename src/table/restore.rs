@@ -1,140 +1,422 @@
-//! Restore: a node with an empty data directory rebuilds every table from its changelog topic
-//! before it serves. The last record per key wins; livetable does not rely on the broker having
-//! compacted the topic. The end of each partition is the high watermark seen in fetch responses.
+//! Restore on assignment: before this node applies records of an input partition it was just
+//! assigned, it takes over the slices of that partition (one per table fed by the topic).
+//!
+//! For each slice:
+//! 1. the changelog partition is read from where this node's copy ends (`cl_next` of the local
+//!    store or of the follower that held it; the beginning when it holds nothing) to its high
+//!    watermark, folding every record (see [`crate::table::fold`]);
+//! 2. a fence record with an owner greater than any seen is written and the partition is read up
+//!    to it: from then on a former owner's late writes are ignored by every reader;
+//! 3. the slice becomes owned, and the keys of the local store's outbox (changes this node applied
+//!    but whose records were never acknowledged) are produced again.
+//!
+//! The input partition then starts at the largest of: the position in the local store, the
+//! group's committed offset and the lowest `acked + 1` of its slices. Records between that start
+//! and a slice's last offset are re-applied only when they are newer than what the slice holds for
+//! their key, so nothing goes back and a gap the former owner left in the changelog is filled.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use crate::cdc::source::Reader;
 
-use crate::cdc::decode::Row;
 use crate::cdc::source;
-use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::table::changelog::{HEADER_SEQ, HEADER_TABLE};
+use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
+use crate::table::checkpoint::{resend_current, PendingRow};
+use crate::table::fold::{fold, Folded};
+use crate::table::position::Owner;
+use crate::table::reader::{self, End, ReadError, Span};
+use crate::table::registry::{Registry, RegistryError};
+use crate::table::state::{Delta, SliceMode, Table, Tables, UpdateSink};
+use crate::table::store::{encode_row, AckMeta, SliceMeta, Store, StoreError, WriteBatch};
 
 /// Errors of a restore.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    #[error("{0}")]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    #[error("{0}")]
+    Changelog(#[from] ChangelogError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error(
-        "restore did not reach the end of the changelog topics within {0:?} (partitions left: {1})"
-    )]
-    Timeout(Duration, usize),
-    #[error("restore interrupted by shutdown")]
-    Cancelled,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the fence of {0}/{1} was not acknowledged: {2}")]
+    Fence(String, u32, String),
+    #[error("{0}/{1} was fenced by a newer owner while this node took it over")]
+    Superseded(String, u32),
+    #[error("table `{table}` is fed by topic {registered}, not {topic}: pass table names that differ (schema-qualified) or route the topics apart")]
+    SourceConflict {
+        table: String,
+        registered: String,
+        topic: String,
+    },
 }
 
-/// One restored table: its rows and the highest seq found in its changelog.
-#[derive(Debug, Default)]
-pub struct RestoredTable {
-    pub seq: u64,
-    pub rows: BTreeMap<String, Row>,
+impl RestoreError {
+    /// Errors that retrying cannot fix.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            RestoreError::Changelog(e) => e.is_fatal(),
+            RestoreError::Registry(RegistryError::OtherDeployment { .. }) => true,
+            _ => false,
+        }
+    }
 }
 
-/// Reads every `<prefix>*` topic from the beginning to its high watermark.
-pub fn read_changelogs(
-    config: &Config,
-    metrics: &Metrics,
-    timeout: Duration,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<HashMap<String, RestoredTable>, RestoreError> {
-    let reader = source::reader(config)?;
-    let metadata = reader.fetch_metadata(None, Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    for topic in metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name().starts_with(&config.changelog_prefix) && t.error().is_none())
-    {
-        for p in topic.partitions() {
-            tpl.add_partition_offset(topic.name(), p.id(), Offset::Beginning)?;
-        }
+/// Lets a restore take a slice over from the changelog follower (all-in-one nodes).
+pub trait SliceHandover: Send + Sync {
+    /// Stops following (`table`, `part`); returns once the follower let go of it.
+    fn release(&self, table: &str, part: u32);
+}
+
+/// A restored slice.
+pub struct SliceTaken {
+    pub table: String,
+    pub acked: i64,
+    /// Outbox records produced again.
+    pub replay: Vec<PendingRow>,
+}
+
+/// Everything a restore needs.
+pub struct Restorer {
+    pub changelog: Arc<Changelog>,
+    pub registry: Arc<Registry>,
+    pub tables: Arc<Tables>,
+    pub sink: Arc<dyn UpdateSink>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub handover: Option<Arc<dyn SliceHandover>>,
+    /// Names this node in fence records.
+    pub member: String,
+    pub deployment: String,
+    pub brokers: String,
+    pub stall: Duration,
+    pub config: crate::config::Config,
+}
+
+/// Records folded per commit while reading a changelog partition.
+const FOLD_CHUNK: usize = 20_000;
+
+impl Restorer {
+    /// A consumer for reading changelog and registry partitions (one per restore thread).
+    pub fn reader(&self) -> Result<Reader, RestoreError> {
+        Ok(source::reader(&self.config)?)
     }
-    let mut tables: HashMap<String, RestoredTable> = HashMap::new();
-    let mut next: HashMap<(String, i32), i64> = tpl
-        .elements()
-        .iter()
-        .map(|e| ((e.topic().to_string(), e.partition()), 0))
-        .collect();
-    if next.is_empty() {
-        return Ok(tables);
+
+    /// Reads the registry to its end.
+    pub fn catch_up_registry(
+        &self,
+        reader: &Reader,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), RestoreError> {
+        self.registry
+            .catch_up(reader, self.stall, &self.brokers, cancelled)?;
+        Ok(())
     }
-    tracing::info!(
-        partitions = next.len(),
-        "restoring tables from the changelog"
-    );
-    reader.assign(&tpl)?;
-    let deadline = Instant::now() + timeout;
-    while !next.is_empty() {
-        if cancelled() {
-            return Err(RestoreError::Cancelled);
-        }
-        if Instant::now() > deadline {
-            return Err(RestoreError::Timeout(timeout, next.len()));
-        }
-        match reader.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => {
-                metrics.restore_records.inc();
-                let tp = (m.topic().to_string(), m.partition());
-                if let Some(n) = next.get_mut(&tp) {
-                    *n = m.offset() + 1;
-                }
-                apply_record(&config.changelog_prefix, &m, &mut tables);
+
+    /// The registry entry of `table` fed by `topic`, registering the table when it is new.
+    pub fn entry_for(
+        &self,
+        reader: &Reader,
+        table: &str,
+        topic: &str,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<RegistryEntry, RestoreError> {
+        let entry = match self.registry.get(table) {
+            Some(e) => e,
+            None => {
+                self.changelog.ensure_registry()?;
+                let partitions = self.changelog.partition_count(topic)?;
+                let candidate = RegistryEntry {
+                    table: table.to_string(),
+                    source: topic.to_string(),
+                    partitions: u32::try_from(partitions).unwrap_or(u32::MAX),
+                    epoch: crate::table::new_epoch(),
+                    deployment: self.deployment.clone(),
+                    changelog: self.changelog.topic_for(table),
+                };
+                self.registry.register(
+                    &self.changelog,
+                    reader,
+                    candidate,
+                    self.stall,
+                    &self.brokers,
+                    cancelled,
+                )?
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "restore: consumer error"),
-            None => {}
+        };
+        if entry.source != topic {
+            return Err(RestoreError::SourceConflict {
+                table: table.to_string(),
+                registered: entry.source,
+                topic: topic.to_string(),
+            });
         }
-        next.retain(|(topic, partition), n| !reached_end(&reader, topic, *partition, *n));
+        Ok(entry)
     }
-    Ok(tables)
-}
 
-fn reached_end(reader: &BaseConsumer, topic: &str, partition: i32, next: i64) -> bool {
-    source::cached_high_watermark(reader, topic, partition).is_some_and(|hi| next >= hi)
-}
-
-fn apply_record<M: Message>(prefix: &str, m: &M, tables: &mut HashMap<String, RestoredTable>) {
-    let header = |name: &str| {
-        m.headers().and_then(|h| {
-            h.iter()
-                .find(|x| x.key == name)
-                .and_then(|x| x.value)
-                .and_then(|v| std::str::from_utf8(v).ok().map(String::from))
-        })
-    };
-    let table = header(HEADER_TABLE).unwrap_or_else(|| {
-        m.topic()
-            .strip_prefix(prefix)
-            .unwrap_or(m.topic())
-            .to_string()
-    });
-    let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-        tracing::warn!(
-            topic = m.topic(),
-            offset = m.offset(),
-            "restore: changelog record without a UTF-8 key skipped"
+    /// Takes over slice `part` of `entry`'s table for a member of group generation `generation`.
+    pub fn take_slice(
+        &self,
+        reader: &Reader,
+        entry: &RegistryEntry,
+        part: u32,
+        generation: i32,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<SliceTaken, RestoreError> {
+        self.changelog
+            .ensure_table(&entry.table, &entry.source, entry.partitions as usize)?;
+        let table = self
+            .tables
+            .ensure(&entry.table, &entry.epoch, &entry.source, entry.partitions);
+        let mode = table.read().slice(part).map(|s| s.mode).unwrap_or_default();
+        if mode == SliceMode::Followed {
+            if let Some(h) = &self.handover {
+                h.release(&entry.table, part);
+            }
+        }
+        let (from, own) = {
+            let t = table.read();
+            let s = t.slice(part);
+            match mode {
+                SliceMode::Owned => (s.map_or(0, |s| s.cl_next), s.map(|s| s.owner)),
+                SliceMode::Followed => (s.map_or(0, |s| s.cl_next), None),
+                SliceMode::Absent => (0, None),
+            }
+        };
+        if mode == SliceMode::Absent {
+            // whatever the store holds of this slice is from an earlier tenure: read it anew
+            self.store.clear_slice(&entry.table, part)?;
+        }
+        let topic = self.changelog.topic_for(&entry.table);
+        let started = std::time::Instant::now();
+        let end = self.fold_span(
+            reader,
+            &table,
+            &topic,
+            part,
+            from,
+            End::HighWatermark,
+            own,
+            cancelled,
+        )?;
+        // the fence: from here on, a former owner's late writes are ignored
+        let seen = table
+            .read()
+            .slice(part)
+            .map(|s| s.owner)
+            .unwrap_or_default();
+        let owner = Owner::next(seen, generation);
+        let fence = self
+            .changelog
+            .send_fence(&entry.table, part, owner, &self.member)?;
+        let fence_off = futures::executor::block_on(fence)
+            .map_err(|_| RestoreError::Fence(entry.table.clone(), part, "cancelled".into()))?
+            .map_err(|(e, _)| RestoreError::Fence(entry.table.clone(), part, e.to_string()))?
+            .offset;
+        self.fold_span(
+            reader,
+            &table,
+            &topic,
+            part,
+            end,
+            End::Through(fence_off),
+            own,
+            cancelled,
+        )?;
+        let mut superseded = false;
+        let mut metas = None;
+        table.update_slices(|s| {
+            let slice = s.slice_mut(part);
+            if slice.owner > owner {
+                superseded = true;
+                return;
+            }
+            slice.owner = owner;
+            slice.mode = SliceMode::Owned;
+            slice.cl_next = slice.cl_next.max(fence_off + 1);
+            metas = Some((SliceMeta::of(slice), AckMeta::of(slice)));
+        });
+        if superseded {
+            return Err(RestoreError::Superseded(entry.table.clone(), part));
+        }
+        if let Some((s, a)) = metas {
+            let mut b = WriteBatch::default();
+            b.put_slice(&entry.table, part, &s);
+            b.put_acks(&entry.table, part, &a);
+            self.store.apply(b)?;
+        }
+        self.metrics.fences_written.inc();
+        self.metrics
+            .restore_seconds
+            .set(started.elapsed().as_secs_f64());
+        let replay = if own.is_some() {
+            self.replay_outbox(&table, part)?
+        } else {
+            Vec::new()
+        };
+        let acked = table.read().slice(part).map_or(-1, |s| s.acked);
+        tracing::info!(
+            table = %entry.table,
+            partition = part,
+            owner = %owner.to_header(),
+            from_changelog_offset = from,
+            fence_offset = fence_off,
+            replayed = replay.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "slice taken over"
         );
-        return;
-    };
-    let t = tables.entry(table).or_default();
-    if let Some(seq) = header(HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()) {
-        t.seq = t.seq.max(seq);
+        Ok(SliceTaken {
+            table: entry.table.clone(),
+            acked,
+            replay,
+        })
     }
-    match m.payload() {
-        None => {
-            t.rows.remove(key);
+
+    /// Reads changelog partition `part` of `topic` from `from` to `end`, folding into `table`;
+    /// returns the next changelog offset.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_span(
+        &self,
+        reader: &Reader,
+        table: &Arc<Table>,
+        topic: &str,
+        part: u32,
+        from: i64,
+        end: End,
+        own: Option<Owner>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<i64, RestoreError> {
+        let prefix = self.changelog.topic_for("");
+        let span = Span {
+            topic: topic.to_string(),
+            partition: i32::try_from(part).unwrap_or(0),
+            from: Some(from),
+            end,
+        };
+        let mut delta = Delta::new(table.clone());
+        let mut folded = 0usize;
+        let mut failure: Option<RestoreError> = None;
+        let next = reader::read_spans(
+            reader,
+            &[span],
+            self.stall,
+            &self.brokers,
+            cancelled,
+            |m| {
+                if failure.is_some() {
+                    return;
+                }
+                self.metrics.restore_records.inc();
+                match changelog::parse_record(&prefix, m) {
+                    Ok(rec) => {
+                        if fold(&mut delta, rec, own) == Folded::Fenced {
+                            self.metrics.fenced_records.inc();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic, offset = rdkafka::Message::offset(m), error = ?e, "restore: not a changelog record; skipped")
+                    }
+                }
+                folded += 1;
+                if folded % FOLD_CHUNK == 0 {
+                    let full = std::mem::replace(&mut delta, Delta::new(table.clone()));
+                    if let Err(e) = self.commit(full) {
+                        failure = Some(e);
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e);
         }
-        Some(bytes) => match serde_json::from_slice::<Row>(bytes) {
-            Ok(row) => {
-                t.rows.insert(key.to_string(), row);
-            }
-            Err(e) => {
-                tracing::warn!(topic = m.topic(), offset = m.offset(), error = %e, "restore: changelog record is not a JSON row; skipped")
-            }
-        },
+        self.commit(delta)?;
+        Ok(next
+            .get(&(topic.to_string(), i32::try_from(part).unwrap_or(0)))
+            .copied()
+            .unwrap_or(from))
     }
+
+    /// Makes folded records visible and durable (not yet owned: a crash restores again).
+    fn commit(&self, delta: Delta) -> Result<(), RestoreError> {
+        let name = delta.table.read().name.to_string();
+        let batch = delta_batch(&name, &delta, false);
+        self.store.apply(batch)?;
+        self.tables.commit(delta, &*self.sink);
+        Ok(())
+    }
+
+    /// Produces again every key of slice `part` this node changed but whose changelog record was
+    /// never acknowledged.
+    fn replay_outbox(
+        &self,
+        table: &Arc<Table>,
+        part: u32,
+    ) -> Result<Vec<PendingRow>, RestoreError> {
+        let (name, keys) = {
+            let t = table.read();
+            let Some(s) = t.slice(part) else {
+                return Ok(Vec::new());
+            };
+            let mut keys: Vec<(String, i64, bool)> = t
+                .rows
+                .iter()
+                .filter(|(_, e)| e.part == part && e.off > s.acked)
+                .map(|(k, e)| (k.clone(), e.off, false))
+                .collect();
+            keys.extend(s.tombs.iter().map(|(k, off)| (k.clone(), *off, true)));
+            (t.name.to_string(), keys)
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, off, deleted) in keys {
+            let delivery = resend_current(&self.tables, &self.changelog, &name, part, &key)?;
+            out.push(PendingRow {
+                table: name.clone(),
+                part,
+                key,
+                off,
+                deleted,
+                delivery,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The sled batch of a delta: its rows and the bookkeeping of its slices.
+pub fn delta_batch(table: &str, delta: &Delta, owned: bool) -> WriteBatch {
+    let mut b = WriteBatch::default();
+    for (key, entry) in &delta.rows {
+        match entry {
+            Some(e) => b.put_row(table, key, e.part, e.off, &encode_row(&e.row)),
+            None => b.remove_row(table, key),
+        }
+    }
+    for (part, s) in &delta.slices {
+        b.put_slice(
+            table,
+            *part,
+            &SliceMeta {
+                last_off: s.last_off,
+                count: s.count,
+                owner: s.owner.to_header(),
+                owned,
+            },
+        );
+        if !owned {
+            b.put_acks(
+                table,
+                *part,
+                &AckMeta {
+                    acked: s.acked,
+                    cl_next: s.cl_next,
+                },
+            );
+        }
+    }
+    b
 }

@@ -1,22 +1,148 @@
-//! The materialised tables in memory (what the API and the fanout serve) and the staging of a
-//! batch of decoded changes against them.
+//! The materialised tables in memory: what the API and the fan-out serve.
 //!
-//! The ingest task is the only writer: it stages a batch ([`Staged`]), writes it to sled in one
-//! atomic batch, then publishes it here with [`Tables::publish`]. Readers take a table's read lock
-//! and always see a state that matches the table's `seq` exactly.
+//! A table's rows are partitioned like its input topic: every row belongs to the *slice* of the
+//! partition its last change came from and carries that change's input offset. A slice is written
+//! by one writer at a time: the ingest loop while this node owns the partition, the changelog
+//! follower while another node does (or while this node is a gateway).
+//!
+//! Writers stage a [`Delta`] against the current state (lock-free for readers), then
+//! [`Tables::commit`] applies it under the table's write lock and hands the resulting
+//! [`TableUpdate`] to the [`UpdateSink`] while holding the table's order lock, so that updates
+//! reach the sink in exactly the order they were applied (`useq` increases by one per update).
+//! Readers take the read lock and always see a state that matches the table's `useq`, `seq` and
+//! position exactly.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::cdc::decode::{Change, Op, Row};
-use crate::table::store::{encode_row, DeadLetter, Loaded, WriteBatch};
+use serde_json::{Map, Value};
 
-/// One table: its rows by key, its change counter and the lineage of its state.
-#[derive(Debug, Default, Clone)]
+use crate::cdc::decode::{Op, Row};
+use crate::table::position::{Owner, Position, Token};
+
+/// One row in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub row: Arc<Row>,
+    /// The input partition (= changelog partition) of the row's last change.
+    pub part: u32,
+    /// The input offset of the row's last change.
+    pub off: i64,
+}
+
+/// Who writes a slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SliceMode {
+    /// Nobody here: the slice is empty and not served (a materialiser's unassigned partitions).
+    #[default]
+    Absent,
+    /// This node's ingest loop: it owns the input partition.
+    Owned,
+    /// This node's changelog follower.
+    Followed,
+}
+
+/// The state of one partition of a table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Slice {
+    /// Input offset of the last change applied (-1: none).
+    pub last_off: i64,
+    /// Number of changes that altered the slice (the table's `seq` is the sum over slices).
+    pub count: u64,
+    /// The largest owner seen writing this slice's changelog partition (or this node's own).
+    pub owner: Owner,
+    /// Every change with an input offset up to this is in the changelog topic.
+    pub acked: i64,
+    /// Changelog offset up to which this slice's state is known to reflect the changelog partition.
+    pub cl_next: i64,
+    pub mode: SliceMode,
+    /// Keys deleted by changes newer than `acked`, with the offset of the delete: re-delivered
+    /// older changes of those keys must not bring them back. Pruned as `acked` advances.
+    pub tombs: HashMap<String, i64>,
+}
+
+impl Slice {
+    pub fn empty(mode: SliceMode) -> Self {
+        Slice {
+            last_off: -1,
+            count: 0,
+            owner: Owner::default(),
+            acked: -1,
+            cl_next: 0,
+            mode,
+            tombs: HashMap::new(),
+        }
+    }
+
+    /// Raises `acked` and forgets the tombstones it covers.
+    pub fn raise_acked(&mut self, acked: i64) {
+        if acked > self.acked {
+            self.acked = acked;
+            self.tombs.retain(|_, off| *off > acked);
+        }
+    }
+}
+
+/// One table: its rows by key, its slices, its lineage.
+#[derive(Debug, Clone)]
 pub struct TableState {
-    pub seq: u64,
-    pub epoch: String,
-    pub rows: BTreeMap<String, Row>,
+    pub name: Arc<str>,
+    /// The lineage of the table across the deployment (from the registry).
+    pub epoch: Arc<str>,
+    /// The input topic that feeds it.
+    pub source: Arc<str>,
+    pub rows: BTreeMap<String, Entry>,
+    pub slices: Vec<Slice>,
+    /// Node-local number of the last update applied (orders updates for subscribers).
+    pub useq: u64,
+}
+
+impl TableState {
+    pub fn new(name: &str, epoch: &str, source: &str, partitions: u32) -> Self {
+        TableState {
+            name: name.into(),
+            epoch: epoch.into(),
+            source: source.into(),
+            rows: BTreeMap::new(),
+            slices: (0..partitions)
+                .map(|_| Slice::empty(SliceMode::Absent))
+                .collect(),
+            useq: 0,
+        }
+    }
+
+    /// The table's change count: the same on every node at the same position.
+    pub fn seq(&self) -> u64 {
+        self.slices.iter().map(|s| s.count).sum()
+    }
+
+    pub fn position(&self) -> Position {
+        Position(self.slices.iter().map(|s| s.last_off).collect())
+    }
+
+    pub fn token(&self) -> Token {
+        Token {
+            epoch: self.epoch.to_string(),
+            pos: self.position(),
+        }
+    }
+
+    /// Whether every slice is held here (owned or followed): the table is complete.
+    pub fn complete(&self) -> bool {
+        self.slices.iter().all(|s| s.mode != SliceMode::Absent)
+    }
+
+    pub fn slice(&self, part: u32) -> Option<&Slice> {
+        self.slices.get(part as usize)
+    }
+
+    pub fn slice_mut(&mut self, part: u32) -> &mut Slice {
+        let i = part as usize;
+        if self.slices.len() <= i {
+            self.slices.resize(i + 1, Slice::empty(SliceMode::Absent));
+        }
+        &mut self.slices[i]
+    }
 }
 
 /// Summary of one table for listings.
@@ -26,303 +152,413 @@ pub struct TableInfo {
     pub rows: usize,
     pub seq: u64,
     pub epoch: String,
+    pub pos: String,
+    pub partitions: usize,
+    /// Slices held here (owned or followed): `partitions` when the table is complete.
+    pub held: usize,
 }
 
-/// A change as applied: numbered with the table's `seq`.
+/// A change as applied to a table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AppliedChange {
-    pub seq: u64,
     pub key: String,
     pub op: Op,
-    /// The full row after the change; `None` when deleted.
-    pub row: Option<Row>,
+    /// The row after the change; `None` when deleted.
+    pub row: Option<Arc<Row>>,
+    /// The row before the change; `None` when it did not exist.
+    pub before: Option<Arc<Row>>,
+    pub part: u32,
+    pub off: i64,
+    /// The database commit time (`source.ts_ms`).
     pub ts_ms: Option<i64>,
     /// The Kafka timestamp of the record that carried the change.
     pub kafka_ts_ms: Option<i64>,
-    /// For a truncate: the keys it removed.
-    pub truncated: Vec<String>,
-    /// The RFC 7386 patch of this row: the whole row when new, only the changed columns when
-    /// updated, `null` when deleted. Computed once, shared by every client.
-    pub patch: serde_json::Value,
-    /// For a delete: the row as it was (clients of `format=rows` get its columns back).
-    pub before: Option<Row>,
+}
+
+impl AppliedChange {
+    /// The RFC 7386 patch of this row: the whole row when new (NULL columns left out), only the
+    /// changed columns when updated, `null` when deleted.
+    pub fn patch(&self) -> Value {
+        crate::patch::row_diff(self.before.as_deref(), self.row.as_deref())
+    }
+}
+
+/// What one commit to a table changed, in application order.
+#[derive(Debug, Clone)]
+pub struct TableUpdate {
+    pub table: Arc<str>,
+    pub epoch: Arc<str>,
+    /// Node-local, +1 per update of this table: subscribers skip updates their snapshot holds.
+    pub useq: u64,
+    /// The table's change count after this update.
+    pub seq: u64,
+    /// The table's position after this update.
+    pub pos: Position,
+    pub changes: Vec<AppliedChange>,
+}
+
+impl TableUpdate {
+    pub fn token(&self) -> Token {
+        Token {
+            epoch: self.epoch.to_string(),
+            pos: self.pos.clone(),
+        }
+    }
+}
+
+/// Where committed updates go (the fan-out implements it): called in application order per table,
+/// while the table's order lock is held, so it must be quick and must not call back into the
+/// table's writers.
+pub trait UpdateSink: Send + Sync {
+    fn publish(&self, update: TableUpdate);
+}
+
+/// A sink that drops updates (tools, and roles that serve no live clients).
+pub struct NoSink;
+
+impl UpdateSink for NoSink {
+    fn publish(&self, _update: TableUpdate) {}
+}
+
+/// A table in memory: its state, and the lock that orders its commits.
+#[derive(Debug)]
+pub struct Table {
+    state: RwLock<TableState>,
+    order: Mutex<()>,
+}
+
+impl Table {
+    pub fn read(&self) -> RwLockReadGuard<'_, TableState> {
+        // a poisoned lock means a writer panicked mid-update; the data is still the last full state
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, TableState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes slice bookkeeping (modes, owners, acknowledgements) without changing rows.
+    pub fn update_slices(&self, f: impl FnOnce(&mut TableState)) {
+        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut self.write());
+    }
+
+    /// Forgets a slice this node no longer holds (a materialiser's revoked partition): its rows
+    /// leave memory (not the store) and it becomes absent. Nothing is published: the rows were
+    /// not deleted, they moved to another node.
+    pub fn drop_slice(&self, part: u32) {
+        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.write();
+        t.rows.retain(|_, e| e.part != part);
+        *t.slice_mut(part) = Slice::empty(SliceMode::Absent);
+    }
 }
 
 /// All tables in memory.
 #[derive(Default)]
 pub struct Tables {
-    inner: RwLock<HashMap<String, Arc<RwLock<TableState>>>>,
-}
-
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    // a poisoned lock means a writer panicked mid-update; the data is still the last full state
-    lock.read().unwrap_or_else(|e| e.into_inner())
+    inner: RwLock<HashMap<String, Arc<Table>>>,
 }
 
 impl Tables {
-    /// Adds every table the store loaded (start-up, before ingestion begins).
-    pub fn fill(&self, loaded: &mut Loaded) {
-        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        for (name, t) in loaded.tables.drain() {
-            let rows = t.rows.into_iter().collect();
-            map.insert(
-                name,
-                Arc::new(RwLock::new(TableState {
-                    seq: t.seq,
-                    epoch: t.epoch,
-                    rows,
-                })),
-            );
-        }
-    }
-
     /// The table named `name`, if it exists.
-    pub fn get(&self, name: &str) -> Option<Arc<RwLock<TableState>>> {
-        read(&self.inner).get(name).cloned()
+    pub fn get(&self, name: &str) -> Option<Arc<Table>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
-    /// Sorted summaries of every table.
+    /// The table, created empty (every slice absent) if it does not exist. A table whose lineage
+    /// changed (a different epoch) is replaced.
+    pub fn ensure(&self, name: &str, epoch: &str, source: &str, partitions: u32) -> Arc<Table> {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = map.get(name) {
+            if &*t.read().epoch == epoch {
+                return t.clone();
+            }
+        }
+        let t = Arc::new(Table {
+            state: RwLock::new(TableState::new(name, epoch, source, partitions)),
+            order: Mutex::new(()),
+        });
+        map.insert(name.to_string(), t.clone());
+        t
+    }
+
+    /// Inserts a whole table (start-up, from the store).
+    pub fn insert(&self, state: TableState) -> Arc<Table> {
+        let name = state.name.to_string();
+        let t = Arc::new(Table {
+            state: RwLock::new(state),
+            order: Mutex::new(()),
+        });
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, t.clone());
+        t
+    }
+
+    /// Names of every table.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Sorted summaries of every table that holds at least one slice.
     pub fn list(&self) -> Vec<TableInfo> {
-        let map = read(&self.inner);
-        let mut out: Vec<TableInfo> = map
+        let tables: Vec<Arc<Table>> = self
+            .inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<TableInfo> = tables
             .iter()
-            .map(|(name, t)| {
-                let t = read(t);
-                TableInfo {
-                    name: name.clone(),
+            .filter_map(|t| {
+                let t = t.read();
+                let held = t
+                    .slices
+                    .iter()
+                    .filter(|s| s.mode != SliceMode::Absent)
+                    .count();
+                (held > 0).then(|| TableInfo {
+                    name: t.name.to_string(),
                     rows: t.rows.len(),
-                    seq: t.seq,
-                    epoch: t.epoch.clone(),
-                }
+                    seq: t.seq(),
+                    epoch: t.epoch.to_string(),
+                    pos: t.token().to_string(),
+                    partitions: t.slices.len(),
+                    held,
+                })
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
-    /// One row, cloned.
-    pub fn row(&self, table: &str, key: &str) -> Option<Row> {
+    /// One row, shared.
+    pub fn row(&self, table: &str, key: &str) -> Option<Arc<Row>> {
         let t = self.get(table)?;
-        let t = read(&t);
-        t.rows.get(key).cloned()
+        let t = t.read();
+        t.rows.get(key).map(|e| e.row.clone())
     }
 
-    /// (seq, epoch) of a table.
-    pub fn position(&self, table: &str) -> Option<(u64, String)> {
-        let t = self.get(table)?;
-        let t = read(&t);
-        Some((t.seq, t.epoch.clone()))
-    }
-
-    /// Makes a staged batch visible (after it was written to the store).
-    /// The staged rows are moved, not copied: call it after everything that reads them.
-    pub fn publish(&self, staged: &mut Staged) {
-        for (name, delta) in staged.deltas.iter_mut() {
-            let table = {
-                let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
-                map.entry(name.clone())
-                    .or_insert_with(|| {
-                        Arc::new(RwLock::new(TableState {
-                            epoch: delta.epoch.clone(),
-                            ..Default::default()
-                        }))
-                    })
-                    .clone()
-            };
-            let mut t = table.write().unwrap_or_else(|e| e.into_inner());
-            for (key, (row, _)) in delta.rows.drain() {
-                match row {
-                    Some(row) => t.rows.insert(key, row),
-                    None => t.rows.remove(&key),
-                };
+    /// Applies a staged delta and publishes its update (if it changed rows) to `sink`, in order.
+    /// Returns the update's `useq`.
+    pub fn commit(&self, delta: Delta, sink: &dyn UpdateSink) -> u64 {
+        let table = delta.table.clone();
+        let _order = table.order.lock().unwrap_or_else(|e| e.into_inner());
+        let update = {
+            let mut t = table.write();
+            for (key, entry) in delta.rows {
+                match entry {
+                    Some(e) => {
+                        t.rows.insert(key, e);
+                    }
+                    None => {
+                        t.rows.remove(&key);
+                    }
+                }
             }
-            t.seq = delta.seq;
-        }
+            for (part, s) in delta.slices {
+                let slice = t.slice_mut(part);
+                slice.last_off = s.last_off;
+                slice.count = s.count;
+                slice.owner = s.owner;
+                slice.tombs.extend(s.tombs);
+                slice.raise_acked(s.acked);
+                if s.cl_next > slice.cl_next {
+                    slice.cl_next = s.cl_next;
+                }
+            }
+            if delta.changes.is_empty() {
+                return t.useq;
+            }
+            t.useq += 1;
+            TableUpdate {
+                table: t.name.clone(),
+                epoch: t.epoch.clone(),
+                useq: t.useq,
+                seq: t.seq(),
+                pos: t.position(),
+                changes: delta.changes,
+            }
+        };
+        let useq = update.useq;
+        sink.publish(update);
+        useq
     }
 }
 
-/// The changes of one batch to one table.
-#[derive(Debug, Default)]
+/// Bookkeeping of one slice after a delta.
+#[derive(Debug, Clone)]
+pub struct SliceDelta {
+    pub last_off: i64,
+    pub count: u64,
+    pub owner: Owner,
+    pub acked: i64,
+    pub cl_next: i64,
+    /// Deletes newer than `acked` in this delta.
+    pub tombs: HashMap<String, i64>,
+}
+
+/// Changes to one table, staged against its current state by one writer.
 pub struct Delta {
-    /// The epoch (set when the table is new in this batch, else its current epoch).
-    pub epoch: String,
-    pub new_table: bool,
-    /// The table's seq after this batch.
-    pub seq: u64,
-    /// Final state per touched key in this batch, with the seq of the last change to it.
-    pub rows: HashMap<String, (Option<Row>, u64)>,
+    pub table: Arc<Table>,
+    /// Final state per touched key (`None`: removed).
+    pub rows: HashMap<String, Option<Entry>>,
+    pub slices: HashMap<u32, SliceDelta>,
     pub changes: Vec<AppliedChange>,
 }
 
-/// One touched row of a staged batch, serialised: `json` is `None` for a delete.
-pub struct Encoded<'a> {
-    pub table: &'a str,
-    pub key: &'a str,
-    pub json: Option<Vec<u8>>,
-    pub seq: u64,
+/// What staging one row write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// The row changed.
+    Applied,
+    /// The row already had this value (or the key was already absent).
+    Unchanged,
+    /// An older change than the one the row (or its delete) already reflects: skipped.
+    Stale,
+}
+
+/// One row write: the new row (`None` deletes), from input partition `part` at offset `off`.
+#[derive(Debug, Clone)]
+pub struct RowWrite {
+    pub key: String,
+    pub row: Option<Arc<Row>>,
+    pub op: Op,
+    pub part: u32,
+    pub off: i64,
     pub ts_ms: Option<i64>,
+    pub kafka_ts_ms: Option<i64>,
 }
 
-/// A batch of changes staged against the current tables, not yet durable nor visible.
-#[derive(Debug, Default)]
-pub struct Staged {
-    pub deltas: HashMap<String, Delta>,
-    /// Next offset per (topic, partition) after this batch.
-    pub positions: HashMap<(String, i32), i64>,
-    pub dead_letters: Vec<(u64, DeadLetter)>,
-}
-
-impl Staged {
-    /// Stages one change. Returns the applied change, or `None` when it changes nothing (a
-    /// duplicate delivery, a delete of an absent key, a truncate of an empty table).
-    pub fn stage(
-        &mut self,
-        tables: &Tables,
-        change: Change,
-        new_epoch: impl FnOnce() -> String,
-    ) -> Option<&AppliedChange> {
-        let delta = match self.deltas.entry(change.table.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let delta = match tables.position(&change.table) {
-                    Some((seq, epoch)) => Delta {
-                        epoch,
-                        seq,
-                        ..Default::default()
-                    },
-                    None => Delta {
-                        epoch: new_epoch(),
-                        new_table: true,
-                        ..Default::default()
-                    },
-                };
-                v.insert(delta)
-            }
-        };
-        if change.op == Op::Truncate {
-            let mut visible: BTreeSet<String> = tables
-                .get(&change.table)
-                .map(|t| read(&t).rows.keys().cloned().collect())
-                .unwrap_or_default();
-            for (key, (row, _)) in &delta.rows {
-                match row {
-                    Some(_) => visible.insert(key.clone()),
-                    None => visible.remove(key),
-                };
-            }
-            if visible.is_empty() {
-                return None;
-            }
-            delta.seq += 1;
-            for key in &visible {
-                delta.rows.insert(key.clone(), (None, delta.seq));
-            }
-            let visible: Vec<String> = visible.into_iter().collect();
-            delta.changes.push(AppliedChange {
-                seq: delta.seq,
-                key: String::new(),
-                op: Op::Truncate,
-                row: None,
-                ts_ms: change.ts_ms,
-                kafka_ts_ms: change.kafka_ts_ms,
-                truncated: visible,
-                patch: serde_json::Value::Null,
-                before: None,
-            });
-            return delta.changes.last();
+impl Delta {
+    pub fn new(table: Arc<Table>) -> Self {
+        Delta {
+            table,
+            rows: HashMap::new(),
+            slices: HashMap::new(),
+            changes: Vec::new(),
         }
-        // compare and diff against the current row by reference: no copy of it per change
-        let table = tables.get(&change.table);
-        let guard = table.as_ref().map(|t| read(t));
-        let (patch, before) = {
-            let current: Option<&Row> = match delta.rows.get(&change.key) {
-                Some((row, _)) => row.as_ref(),
-                None => guard.as_ref().and_then(|g| g.rows.get(&change.key)),
-            };
-            if current == change.row.as_ref() {
-                return None;
+    }
+
+    /// The current entry of `key`: staged in this delta, else the table's.
+    pub fn current(&self, key: &str) -> Option<Entry> {
+        match self.rows.get(key) {
+            Some(e) => e.clone(),
+            None => self.table.read().rows.get(key).cloned(),
+        }
+    }
+
+    /// The slice bookkeeping as staged so far.
+    pub fn slice(&mut self, part: u32) -> &mut SliceDelta {
+        let table = &self.table;
+        self.slices.entry(part).or_insert_with(|| {
+            let t = table.read();
+            let s = t
+                .slice(part)
+                .cloned()
+                .unwrap_or_else(|| Slice::empty(SliceMode::Absent));
+            SliceDelta {
+                last_off: s.last_off,
+                count: s.count,
+                owner: s.owner,
+                acked: s.acked,
+                cl_next: s.cl_next,
+                tombs: HashMap::new(),
             }
-            let patch = crate::fanout::patch::row_diff(current, change.row.as_ref());
-            // a delete keeps the row it removed, for `format=rows` clients
-            (
-                patch,
-                if change.row.is_none() {
-                    current.cloned()
-                } else {
-                    None
-                },
-            )
+        })
+    }
+
+    /// Whether a change of `key` from (`part`, `off`) is older than what the state reflects: the
+    /// row's last change (same partition) or its delete is at `off` or later.
+    pub fn is_stale(&mut self, key: &str, part: u32, off: i64) -> bool {
+        if let Some(e) = self.current(key) {
+            return e.part == part && e.off >= off;
+        }
+        if let Some(t) = self.slices.get(&part).and_then(|s| s.tombs.get(key)) {
+            return *t >= off;
+        }
+        let t = self.table.read();
+        t.slice(part)
+            .and_then(|s| s.tombs.get(key))
+            .is_some_and(|t| *t >= off)
+    }
+
+    /// Stages one row write. `count_change`: a change newer than the slice's last one is counted
+    /// (and moves the slice's position); a re-applied older one (a gap filled after a restore) is
+    /// not, so that counts stay the same on every node.
+    pub fn stage(&mut self, w: RowWrite) -> Staged {
+        let current = self.current(&w.key);
+        let before = current.as_ref().map(|e| e.row.clone());
+        let unchanged = match (&before, &w.row) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+            _ => false,
         };
-        drop(guard);
-        delta.seq += 1;
-        delta
-            .rows
-            .insert(change.key.clone(), (change.row.clone(), delta.seq));
-        delta.changes.push(AppliedChange {
-            seq: delta.seq,
-            key: change.key,
-            op: change.op,
-            row: change.row,
-            ts_ms: change.ts_ms,
-            kafka_ts_ms: change.kafka_ts_ms,
-            truncated: Vec::new(),
-            patch,
-            before,
-        });
-        delta.changes.last()
-    }
-
-    /// Records that everything up to `offset` of a partition has been handled.
-    pub fn advance(&mut self, topic: &str, partition: i32, offset: i64) {
-        let next = offset + 1;
-        let slot = self
-            .positions
-            .entry((topic.to_string(), partition))
-            .or_insert(next);
-        *slot = (*slot).max(next);
-    }
-
-    /// The sled batch that makes this staged batch durable (rows with their seqs, table seqs,
-    /// epochs, the outbox of deletes, positions), and every touched row serialised once: the same
-    /// bytes go to the changelog.
-    pub fn write_batch(&self) -> (WriteBatch, Vec<Encoded<'_>>) {
-        let mut b = WriteBatch::default();
-        let mut encoded = Vec::new();
-        for (table, delta) in &self.deltas {
-            if delta.changes.is_empty() && !delta.new_table {
-                continue;
-            }
-            let ts_ms = delta.changes.last().and_then(|c| c.ts_ms);
-            for (key, (row, seq)) in &delta.rows {
-                let json = row.as_ref().map(encode_row);
-                match &json {
-                    Some(json) => b.put_row(table, key, json, *seq),
-                    None => {
-                        b.remove_row(table, key);
-                        b.mark_deleted(table, key, *seq);
-                    }
+        {
+            let s = self.slice(w.part);
+            if w.off > s.last_off {
+                s.last_off = w.off;
+                if !unchanged {
+                    s.count += 1;
                 }
-                encoded.push(Encoded {
-                    table,
-                    key,
-                    json,
-                    seq: *seq,
-                    ts_ms,
-                });
             }
-            b.set_seq(table, delta.seq);
-            if delta.new_table {
-                b.set_epoch(table, &delta.epoch);
+            if unchanged {
+                return Staged::Unchanged;
+            }
+            if w.row.is_none() && w.off > s.acked {
+                s.tombs.insert(w.key.clone(), w.off);
             }
         }
-        for ((topic, partition), next) in &self.positions {
-            b.set_position(topic, *partition, *next);
+        match &w.row {
+            Some(row) => {
+                self.rows.insert(
+                    w.key.clone(),
+                    Some(Entry {
+                        row: row.clone(),
+                        part: w.part,
+                        off: w.off,
+                    }),
+                );
+            }
+            None => {
+                self.rows.insert(w.key.clone(), None);
+            }
         }
-        for (id, letter) in &self.dead_letters {
-            b.add_dead_letter(*id, letter);
-        }
-        (b, encoded)
+        self.changes.push(AppliedChange {
+            key: w.key,
+            op: w.op,
+            row: w.row,
+            before,
+            part: w.part,
+            off: w.off,
+            ts_ms: w.ts_ms,
+            kafka_ts_ms: w.kafka_ts_ms,
+        });
+        Staged::Applied
     }
+}
+
+/// A row as clients see it: NULL columns left out.
+pub fn without_nulls(row: &Row) -> Map<String, Value> {
+    row.iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -330,82 +566,93 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn ch(op: Op, key: &str, row: Option<serde_json::Value>) -> Change {
-        Change {
-            table: "t".into(),
+    struct Collect(Mutex<Vec<TableUpdate>>);
+    impl UpdateSink for Collect {
+        fn publish(&self, update: TableUpdate) {
+            self.0.lock().unwrap().push(update);
+        }
+    }
+
+    fn w(key: &str, row: Option<Value>, part: u32, off: i64) -> RowWrite {
+        RowWrite {
             key: key.into(),
-            op,
-            row: row.map(|v| v.as_object().unwrap().clone()),
+            row: row.map(|v| Arc::new(v.as_object().unwrap().clone())),
+            op: Op::Update,
+            part,
+            off,
             ts_ms: None,
             kafka_ts_ms: None,
         }
     }
 
     #[test]
-    fn stage_numbers_changes_and_skips_no_ops() {
+    fn stage_counts_changes_per_slice_and_skips_no_ops() {
         let tables = Tables::default();
-        let mut s = Staged::default();
+        let t = tables.ensure("t", "e1", "topic", 2);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let mut d = Delta::new(t.clone());
         assert_eq!(
-            s.stage(&tables, ch(Op::Create, "a", Some(json!({"v": 1}))), || "e1"
-                .into())
-                .unwrap()
-                .seq,
-            1
+            d.stage(w("a", Some(json!({"v": 1})), 0, 10)),
+            Staged::Applied
         );
-        assert!(
-            s.stage(
-                &tables,
-                ch(Op::Update, "a", Some(json!({"v": 1}))),
-                || unreachable!()
-            )
-            .is_none(),
-            "duplicate"
+        assert_eq!(
+            d.stage(w("a", Some(json!({"v": 1})), 0, 11)),
+            Staged::Unchanged
         );
-        assert!(
-            s.stage(&tables, ch(Op::Delete, "zz", None), || unreachable!())
-                .is_none(),
+        assert_eq!(
+            d.stage(w("zz", None, 1, 3)),
+            Staged::Unchanged,
             "absent key"
         );
         assert_eq!(
-            s.stage(
-                &tables,
-                ch(Op::Create, "b", Some(json!({"v": 2}))),
-                || unreachable!()
-            )
-            .unwrap()
-            .seq,
-            2
+            d.stage(w("b", Some(json!({"v": 2})), 1, 4)),
+            Staged::Applied
         );
-        tables.publish(&mut s);
-        assert_eq!(tables.position("t"), Some((2, "e1".to_string())));
+        assert_eq!(tables.commit(d, &sink), 1);
+        {
+            let s = t.read();
+            assert_eq!(s.seq(), 2);
+            assert_eq!(s.position(), Position(vec![11, 4]));
+            assert_eq!(
+                s.rows["a"].off, 10,
+                "an unchanged value keeps its change's offset"
+            );
+        }
+        let updates = sink.0.lock().unwrap();
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].changes.len(), 2);
+        assert_eq!(updates[0].seq, 2);
+        assert_eq!(updates[0].token().to_string(), "e1~11.4");
+    }
 
-        let mut s = Staged::default();
-        let t = s
-            .stage(&tables, ch(Op::Truncate, "", None), || unreachable!())
-            .unwrap();
+    #[test]
+    fn stale_changes_are_recognised_by_row_offset_and_tombstone() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e1", "topic", 1);
+        let sink = NoSink;
+        let mut d = Delta::new(t.clone());
+        d.stage(w("a", Some(json!({"v": 1})), 0, 10));
+        d.stage(w("gone", Some(json!({"v": 1})), 0, 11));
+        d.stage(w("gone", None, 0, 12));
+        tables.commit(d, &sink);
+        let mut d = Delta::new(t.clone());
+        assert!(d.is_stale("a", 0, 9));
+        assert!(d.is_stale("a", 0, 10));
+        assert!(!d.is_stale("a", 0, 13));
+        assert!(!d.is_stale("a", 1, 5), "another partition: not comparable");
+        assert!(d.is_stale("gone", 0, 11), "deleted at 12");
+        assert!(!d.is_stale("new", 0, 1));
+        // a gap filled after a restore: applied, not counted
+        let before = t.read().seq();
         assert_eq!(
-            (t.seq, t.truncated.clone()),
-            (3, vec!["a".to_string(), "b".to_string()])
+            d.stage(w("c", Some(json!({"v": 3})), 0, 5)),
+            Staged::Applied
         );
-        assert!(
-            s.stage(&tables, ch(Op::Truncate, "", None), || unreachable!())
-                .is_none(),
-            "already empty"
-        );
-        assert_eq!(
-            s.stage(
-                &tables,
-                ch(Op::Create, "c", Some(json!({"v": 3}))),
-                || unreachable!()
-            )
-            .unwrap()
-            .seq,
-            4
-        );
-        tables.publish(&mut s);
-        let t = tables.get("t").unwrap();
-        let t = t.read().unwrap();
-        assert_eq!(t.rows.keys().collect::<Vec<_>>(), ["c"]);
-        assert_eq!(t.seq, 4);
+        tables.commit(d, &sink);
+        assert_eq!(t.read().seq(), before);
+        assert_eq!(t.read().position(), Position(vec![12]));
+        // tombstones older than the acknowledged offset are forgotten
+        t.update_slices(|s| s.slice_mut(0).raise_acked(12));
+        assert!(t.read().slices[0].tombs.is_empty());
     }
 }

@@ -1,29 +1,33 @@
-//! The sled store: rows, per-table `seq` and `epoch`, Kafka positions and the outbox, all in one
-//! tree so that one `apply_batch` makes a whole applied batch durable atomically.
+//! The sled store: rows, slices, Kafka positions and the outbox, all in one tree so that one
+//! `apply_batch` makes a whole applied batch durable atomically.
 //!
-//! Key layout (one byte of kind, then the parts; `\0` separates strings):
-//! - `r table \0 key`          -> seq of the row's last change (u64 BE) + row JSON
-//!   (a value starting with `{` is a row of an older store: seq 0)
-//! - `s table`                 -> seq (u64 BE)
-//! - `e table`                 -> epoch (UTF-8)
-//! - `p topic \0 partition`    -> next offset to consume (i64 BE; partition as i32 BE)
-//! - `a table`                 -> changelog acknowledged up to this seq (u64 BE)
-//!   (every change up to it is in the changelog topic; rows with a higher seq are the outbox)
-//! - `o table \0 key`          -> outbox of deletes: the tombstone must be (re)produced; value = seq
-//! - `d id`                    -> outbox: a dead letter not yet acknowledged by the broker (JSON)
-//! - `m initialized`           -> the store holds a complete state (restore finished)
+//! Key layout (one byte of kind, then the parts; `\0` separates strings; integers big-endian):
+//! - `m version`              -> `2`
+//! - `t table`                -> table meta JSON (lineage `epoch`, `source` topic, `partitions`)
+//! - `r table \0 key`         -> partition (u32) + input offset (i64) of the row's last change + row JSON
+//! - `s table \0 partition`   -> slice meta JSON (last offset, count, owner, owned or followed):
+//!   written with the rows by the slice's writer
+//! - `a table \0 partition`   -> acknowledgement JSON (every change up to `acked` is in the changelog;
+//!   the changelog partition is folded up to `cl_next`): written once records are acknowledged
+//! - `p topic \0 partition`   -> next input offset to consume (i64; partitions this node owns)
+//! - `o table \0 key`         -> outbox of deletes: partition + offset of a delete whose tombstone
+//!   is not yet acknowledged by the changelog
+//! - `d id`                   -> outbox: a dead letter not yet acknowledged by the broker (JSON)
 //!
-//! Invariant: a position is stored in the same batch as the rows, seqs and outbox entries of the
-//! records before it, so after any crash the store is a prefix of the applied stream. The outbox
-//! costs no write per change: a row carries its seq, and one `a` entry per table and checkpoint
-//! says how far the changelog is acknowledged.
+//! Invariant: a position is stored in the same batch as the rows, slices and outbox entries of the
+//! records before it, so after any crash the store is a prefix of the applied stream. A row whose
+//! offset is above its slice's acknowledged offset is in the outbox: its current value is produced
+//! to the changelog again after a restart.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
+use crate::table::position::Owner;
+use crate::table::state::{Entry, Slice, SliceMode, TableState};
 
 /// Errors of the sled store.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +38,8 @@ pub enum StoreError {
     Corrupt { key: String, reason: &'static str },
 }
 
-const INITIALIZED: &[u8] = b"minitialized";
+const TREE: &str = "state.v2";
+const VERSION_KEY: &[u8] = b"mversion";
 
 /// A record that could not be decoded, waiting in the outbox for the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,33 +54,70 @@ pub struct DeadLetter {
     pub truncated: bool,
 }
 
+/// What the store keeps about a table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableMeta {
+    pub epoch: String,
+    pub source: String,
+    pub partitions: u32,
+}
+
+/// What the store keeps about a slice, written with its rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceMeta {
+    pub last_off: i64,
+    pub count: u64,
+    pub owner: String,
+    pub owned: bool,
+}
+
+/// How far a slice's changelog is acknowledged and folded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckMeta {
+    pub acked: i64,
+    pub cl_next: i64,
+}
+
+impl SliceMeta {
+    pub fn of(s: &Slice) -> Self {
+        SliceMeta {
+            last_off: s.last_off,
+            count: s.count,
+            owner: s.owner.to_header(),
+            owned: s.mode == SliceMode::Owned,
+        }
+    }
+}
+
+impl AckMeta {
+    pub fn of(s: &Slice) -> Self {
+        AckMeta {
+            acked: s.acked,
+            cl_next: s.cl_next,
+        }
+    }
+}
+
+/// A delete whose tombstone was not acknowledged by the changelog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDelete {
+    pub table: String,
+    pub key: String,
+    pub part: u32,
+    pub off: i64,
+}
+
 /// Everything read back from the store at start-up.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    pub tables: HashMap<String, LoadedTable>,
+    /// Tables with their rows and slices; slice modes are `Owned` for slices this node owned,
+    /// `Followed` for the others it held.
+    pub tables: Vec<TableState>,
     pub positions: HashMap<(String, i32), i64>,
-    pub outbox: Vec<OutboxEntry>,
+    pub deletes: Vec<PendingDelete>,
     pub dead_letters: Vec<(u64, DeadLetter)>,
-    pub initialized: bool,
-}
-
-/// A key whose changelog record is not known to be acknowledged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxEntry {
-    pub table: String,
-    pub key: String,
-    /// The seq of the change (the row's, or the delete mark's).
-    pub seq: u64,
-    /// From a delete mark (cleared by compare-and-swap on `seq` once acknowledged).
-    pub deleted: bool,
-}
-
-/// One table as stored.
-#[derive(Debug, Default)]
-pub struct LoadedTable {
-    pub seq: u64,
-    pub epoch: String,
-    pub rows: Vec<(String, Row)>,
+    /// The store was written by an older layout and ignored.
+    pub ignored_old_layout: bool,
 }
 
 /// The durable store. Cheap to clone (sled handles are reference-counted).
@@ -89,47 +131,72 @@ pub struct Store {
 #[derive(Default)]
 pub struct WriteBatch {
     batch: sled::Batch,
+    len: usize,
 }
 
 impl WriteBatch {
-    /// `json`: the row serialised (see [`encode_row`]); `seq`: of the row's last change.
-    pub fn put_row(&mut self, table: &str, key: &str, json: &[u8], seq: u64) {
-        let mut v = Vec::with_capacity(8 + json.len());
-        v.extend_from_slice(&seq.to_be_bytes());
+    /// `json`: the row serialised (see [`encode_row`]).
+    pub fn put_row(&mut self, table: &str, key: &str, part: u32, off: i64, json: &[u8]) {
+        let mut v = Vec::with_capacity(12 + json.len());
+        v.extend_from_slice(&part.to_be_bytes());
+        v.extend_from_slice(&off.to_be_bytes());
         v.extend_from_slice(json);
         self.batch.insert(two(b'r', table, key), v);
+        self.len += 1;
     }
     pub fn remove_row(&mut self, table: &str, key: &str) {
         self.batch.remove(two(b'r', table, key));
+        self.len += 1;
     }
-    pub fn set_seq(&mut self, table: &str, seq: u64) {
-        self.batch
-            .insert(one(b's', table), seq.to_be_bytes().to_vec());
+    pub fn put_table(&mut self, table: &str, meta: &TableMeta) {
+        self.batch.insert(
+            one(b't', table),
+            serde_json::to_vec(meta).unwrap_or_default(),
+        );
+        self.len += 1;
     }
-    pub fn set_epoch(&mut self, table: &str, epoch: &str) {
-        self.batch.insert(one(b'e', table), epoch.as_bytes());
+    pub fn put_slice(&mut self, table: &str, part: u32, meta: &SliceMeta) {
+        self.batch.insert(
+            slice_key(b's', table, part),
+            serde_json::to_vec(meta).unwrap_or_default(),
+        );
+        self.len += 1;
+    }
+    pub fn put_acks(&mut self, table: &str, part: u32, meta: &AckMeta) {
+        self.batch.insert(
+            slice_key(b'a', table, part),
+            serde_json::to_vec(meta).unwrap_or_default(),
+        );
+        self.len += 1;
     }
     pub fn set_position(&mut self, topic: &str, partition: i32, next_offset: i64) {
         self.batch.insert(
             position_key(topic, partition),
             next_offset.to_be_bytes().to_vec(),
         );
+        self.len += 1;
+    }
+    pub fn remove_position(&mut self, topic: &str, partition: i32) {
+        self.batch.remove(position_key(topic, partition));
+        self.len += 1;
     }
     /// A deleted key whose tombstone is not yet acknowledged by the changelog.
-    pub fn mark_deleted(&mut self, table: &str, key: &str, seq: u64) {
+    pub fn mark_deleted(&mut self, table: &str, key: &str, part: u32, off: i64) {
         self.batch
-            .insert(two(b'o', table, key), seq.to_be_bytes().to_vec());
+            .insert(two(b'o', table, key), part_off(part, off));
+        self.len += 1;
     }
     pub fn add_dead_letter(&mut self, id: u64, letter: &DeadLetter) {
         let bytes = serde_json::to_vec(letter).unwrap_or_default();
         self.batch.insert(dead_letter_key(id), bytes);
+        self.len += 1;
     }
-    pub fn set_acked(&mut self, table: &str, seq: u64) {
-        self.batch
-            .insert(one(b'a', table), seq.to_be_bytes().to_vec());
+    /// Entries in the batch.
+    pub fn len(&self) -> usize {
+        self.len
     }
-    pub fn set_initialized(&mut self) {
-        self.batch.insert(INITIALIZED, b"1".to_vec());
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -146,13 +213,15 @@ impl Store {
             .path(dir)
             .flush_every_ms(Some(200))
             .open()?;
-        let tree = db.open_tree("state")?;
+        let tree = db.open_tree(TREE)?;
         Ok(Store { db, tree })
     }
 
     /// Applies a batch atomically (not yet flushed: see [`Store::flush`]).
     pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.tree.apply_batch(batch.batch)?;
+        if batch.len > 0 {
+            self.tree.apply_batch(batch.batch)?;
+        }
         Ok(())
     }
 
@@ -168,21 +237,28 @@ impl Store {
         Ok(())
     }
 
-    /// Every change of `table` up to `seq` is acknowledged by the changelog.
-    pub fn set_acked(&self, table: &str, seq: u64) -> Result<(), StoreError> {
-        self.tree
-            .insert(one(b'a', table), seq.to_be_bytes().to_vec())?;
+    /// Removes the outbox mark of a deleted `table/key` if it still names `off` (a newer delete
+    /// keeps it).
+    pub fn clear_deleted(
+        &self,
+        table: &str,
+        key: &str,
+        part: u32,
+        off: i64,
+    ) -> Result<(), StoreError> {
+        let _ = self.tree.compare_and_swap(
+            two(b'o', table, key),
+            Some(part_off(part, off)),
+            None as Option<Vec<u8>>,
+        )?;
         Ok(())
     }
 
-    /// Removes the outbox mark of a deleted `table/key` if it still names `seq` (a newer delete
-    /// keeps it).
-    pub fn clear_deleted(&self, table: &str, key: &str, seq: u64) -> Result<(), StoreError> {
-        let k = two(b'o', table, key);
-        let _ = self.tree.compare_and_swap(
-            k,
-            Some(seq.to_be_bytes().to_vec()),
-            None as Option<Vec<u8>>,
+    /// Records how far a slice's changelog is acknowledged (the checkpointer's part).
+    pub fn put_acks(&self, table: &str, part: u32, meta: &AckMeta) -> Result<(), StoreError> {
+        self.tree.insert(
+            slice_key(b'a', table, part),
+            serde_json::to_vec(meta).unwrap_or_default(),
         )?;
         Ok(())
     }
@@ -193,9 +269,24 @@ impl Store {
         Ok(())
     }
 
-    /// Removes everything (before a restore from the changelog).
-    pub fn clear(&self) -> Result<(), StoreError> {
-        self.tree.clear()?;
+    /// Removes every row, the slice and the outbox marks of one slice (before reading it again).
+    pub fn clear_slice(&self, table: &str, part: u32) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for item in self.tree.scan_prefix(prefix(b'r', table)) {
+            let (k, v) = item?;
+            if v.len() >= 4 && v[..4] == part.to_be_bytes() {
+                b.remove(k);
+            }
+        }
+        for item in self.tree.scan_prefix(prefix(b'o', table)) {
+            let (k, v) = item?;
+            if v.len() >= 4 && v[..4] == part.to_be_bytes() {
+                b.remove(k);
+            }
+        }
+        b.remove(slice_key(b's', table, part));
+        b.remove(slice_key(b'a', table, part));
+        self.tree.apply_batch(b)?;
         Ok(())
     }
 
@@ -206,9 +297,15 @@ impl Store {
 
     /// Reads the whole store (start-up only: it scans every entry).
     pub fn load(&self) -> Result<Loaded, StoreError> {
-        let mut out = Loaded::default();
-        // `a` sorts before `r`: every table's acknowledged seq is known before its rows
-        let mut acked: HashMap<String, u64> = HashMap::new();
+        let mut out = Loaded {
+            ignored_old_layout: self.db.tree_names().iter().any(|n| n.as_ref() == b"state")
+                && self.db.open_tree("state")?.first()?.is_some(),
+            ..Loaded::default()
+        };
+        let mut metas: HashMap<String, TableMeta> = HashMap::new();
+        let mut rows: HashMap<String, Vec<(String, Entry)>> = HashMap::new();
+        let mut slices: HashMap<String, Vec<(u32, SliceMeta)>> = HashMap::new();
+        let mut acks: HashMap<String, Vec<(u32, AckMeta)>> = HashMap::new();
         for item in self.tree.iter() {
             let (k, v) = item?;
             let corrupt = |reason| StoreError::Corrupt {
@@ -216,45 +313,47 @@ impl Store {
                 reason,
             };
             match k.first() {
-                Some(b'a') => {
-                    let table = utf8(&k[1..]).ok_or_else(|| corrupt("acked key"))?;
-                    let seq = u64::from_be_bytes(
-                        v.as_ref().try_into().map_err(|_| corrupt("acked value"))?,
-                    );
-                    acked.insert(table, seq);
+                Some(b't') => {
+                    let table = utf8(&k[1..]).ok_or_else(|| corrupt("table key"))?;
+                    let meta = serde_json::from_slice(&v).map_err(|_| corrupt("table meta"))?;
+                    metas.insert(table, meta);
                 }
                 Some(b'r') => {
                     let (table, key) = split_two(&k[1..]).ok_or_else(|| corrupt("row key"))?;
-                    let (seq, json) = match v.first() {
-                        Some(b'{') => (0, v.as_ref()),
-                        _ if v.len() >= 8 => (
-                            u64::from_be_bytes(v[..8].try_into().map_err(|_| corrupt("row seq"))?),
-                            &v[8..],
-                        ),
-                        _ => return Err(corrupt("row value")),
-                    };
-                    let row: Row = serde_json::from_slice(json).map_err(|_| corrupt("row json"))?;
-                    if seq > acked.get(&table).copied().unwrap_or(0) {
-                        out.outbox.push(OutboxEntry {
-                            table: table.clone(),
-                            key: key.clone(),
-                            seq,
-                            deleted: false,
-                        });
+                    if v.len() < 12 {
+                        return Err(corrupt("row value"));
                     }
-                    out.tables.entry(table).or_default().rows.push((key, row));
+                    let (part, off) = read_part_off(&v).ok_or_else(|| corrupt("row value"))?;
+                    let row: Row =
+                        serde_json::from_slice(&v[12..]).map_err(|_| corrupt("row json"))?;
+                    rows.entry(table).or_default().push((
+                        key,
+                        Entry {
+                            row: Arc::new(row),
+                            part,
+                            off,
+                        },
+                    ));
                 }
-                Some(b's') => {
-                    let table = utf8(&k[1..]).ok_or_else(|| corrupt("seq key"))?;
-                    let seq = u64::from_be_bytes(
-                        v.as_ref().try_into().map_err(|_| corrupt("seq value"))?,
+                Some(kind @ (b's' | b'a')) => {
+                    let rest = &k[1..];
+                    let split = rest
+                        .len()
+                        .checked_sub(5)
+                        .ok_or_else(|| corrupt("slice key"))?;
+                    let table = utf8(&rest[..split]).ok_or_else(|| corrupt("slice table"))?;
+                    let part = u32::from_be_bytes(
+                        rest[split + 1..]
+                            .try_into()
+                            .map_err(|_| corrupt("slice partition"))?,
                     );
-                    out.tables.entry(table).or_default().seq = seq;
-                }
-                Some(b'e') => {
-                    let table = utf8(&k[1..]).ok_or_else(|| corrupt("epoch key"))?;
-                    out.tables.entry(table).or_default().epoch =
-                        utf8(&v).ok_or_else(|| corrupt("epoch value"))?;
+                    if *kind == b's' {
+                        let meta = serde_json::from_slice(&v).map_err(|_| corrupt("slice meta"))?;
+                        slices.entry(table).or_default().push((part, meta));
+                    } else {
+                        let meta = serde_json::from_slice(&v).map_err(|_| corrupt("ack meta"))?;
+                        acks.entry(table).or_default().push((part, meta));
+                    }
                 }
                 Some(b'p') => {
                     let rest = &k[1..];
@@ -277,14 +376,12 @@ impl Store {
                 }
                 Some(b'o') => {
                     let (table, key) = split_two(&k[1..]).ok_or_else(|| corrupt("outbox key"))?;
-                    let seq = u64::from_be_bytes(
-                        v.as_ref().try_into().map_err(|_| corrupt("outbox value"))?,
-                    );
-                    out.outbox.push(OutboxEntry {
+                    let (part, off) = read_part_off(&v).ok_or_else(|| corrupt("outbox value"))?;
+                    out.deletes.push(PendingDelete {
                         table,
                         key,
-                        seq,
-                        deleted: true,
+                        part,
+                        off,
                     });
                 }
                 Some(b'd') => {
@@ -295,11 +392,45 @@ impl Store {
                         serde_json::from_slice(&v).map_err(|_| corrupt("dead letter json"))?;
                     out.dead_letters.push((id, letter));
                 }
-                Some(b'm') if k.as_ref() == INITIALIZED => out.initialized = true,
+                Some(b'm') => {}
                 _ => return Err(corrupt("unknown kind")),
             }
         }
+        for (name, meta) in metas {
+            let mut t = TableState::new(&name, &meta.epoch, &meta.source, meta.partitions);
+            for (part, m) in slices.remove(&name).unwrap_or_default() {
+                let s = t.slice_mut(part);
+                s.last_off = m.last_off;
+                s.count = m.count;
+                s.owner = Owner::parse(&m.owner).unwrap_or_default();
+                s.mode = if m.owned {
+                    SliceMode::Owned
+                } else {
+                    SliceMode::Followed
+                };
+            }
+            for (part, a) in acks.remove(&name).unwrap_or_default() {
+                let s = t.slice_mut(part);
+                s.acked = a.acked;
+                s.cl_next = a.cl_next;
+            }
+            for (key, e) in rows.remove(&name).unwrap_or_default() {
+                t.rows.insert(key, e);
+            }
+            out.tables.push(t);
+        }
+        for d in &out.deletes {
+            if let Some(t) = out.tables.iter_mut().find(|t| *t.name == *d.table) {
+                t.slice_mut(d.part).tombs.insert(d.key.clone(), d.off);
+            }
+        }
         Ok(out)
+    }
+
+    /// Marks the store with its layout version.
+    pub fn stamp(&self) -> Result<(), StoreError> {
+        self.tree.insert(VERSION_KEY, b"2".to_vec())?;
+        Ok(())
     }
 }
 
@@ -307,6 +438,12 @@ fn one(kind: u8, a: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + a.len());
     k.push(kind);
     k.extend_from_slice(a.as_bytes());
+    k
+}
+
+fn prefix(kind: u8, table: &str) -> Vec<u8> {
+    let mut k = one(kind, table);
+    k.push(0);
     k
 }
 
@@ -319,9 +456,14 @@ fn two(kind: u8, a: &str, b: &str) -> Vec<u8> {
     k
 }
 
+fn slice_key(kind: u8, table: &str, part: u32) -> Vec<u8> {
+    let mut k = prefix(kind, table);
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
 fn position_key(topic: &str, partition: i32) -> Vec<u8> {
-    let mut k = one(b'p', topic);
-    k.push(0);
+    let mut k = prefix(b'p', topic);
     k.extend_from_slice(&partition.to_be_bytes());
     k
 }
@@ -330,6 +472,20 @@ fn dead_letter_key(id: u64) -> Vec<u8> {
     let mut k = vec![b'd'];
     k.extend_from_slice(&id.to_be_bytes());
     k
+}
+
+fn part_off(part: u32, off: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&part.to_be_bytes());
+    v.extend_from_slice(&off.to_be_bytes());
+    v
+}
+
+fn read_part_off(v: &[u8]) -> Option<(u32, i64)> {
+    Some((
+        u32::from_be_bytes(v.get(..4)?.try_into().ok()?),
+        i64::from_be_bytes(v.get(4..12)?.try_into().ok()?),
+    ))
 }
 
 fn utf8(b: &[u8]) -> Option<String> {
@@ -362,20 +518,53 @@ mod tests {
     }
 
     #[test]
-    fn batch_round_trips_and_outbox_cas() {
+    fn batch_round_trips_with_slices_positions_and_outbox() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut b = WriteBatch::default();
+        b.put_table(
+            "odds",
+            &TableMeta {
+                epoch: "ep1".into(),
+                source: "cdc.odds".into(),
+                partitions: 2,
+            },
+        );
         let g1 = row(json!({"game_id": "g1", "odd1": "1.5"}));
-        b.put_row("odds", "g1", &encode_row(&g1), 4);
-        b.put_row("odds", "g2", &encode_row(&row(json!({"game_id": "g2"}))), 5);
-        b.put_row("odds", "g3", &encode_row(&row(json!({"game_id": "g3"}))), 2);
-        b.set_seq("odds", 7);
-        b.set_epoch("odds", "ep1");
-        b.set_position("cdc.odds", 3, 42);
-        b.mark_deleted("odds", "g8", 6);
-        b.mark_deleted("odds", "g9", 7);
-        b.set_acked("odds", 3);
+        b.put_row("odds", "g1", 0, 41, &encode_row(&g1));
+        b.put_row(
+            "odds",
+            "g2",
+            1,
+            7,
+            &encode_row(&row(json!({"game_id": "g2"}))),
+        );
+        let s0 = SliceMeta {
+            last_off: 41,
+            count: 30,
+            owner: "0.3".into(),
+            owned: true,
+        };
+        b.put_slice("odds", 0, &s0);
+        b.put_acks(
+            "odds",
+            0,
+            &AckMeta {
+                acked: 40,
+                cl_next: 12,
+            },
+        );
+        b.put_slice(
+            "odds",
+            1,
+            &SliceMeta {
+                owned: false,
+                ..s0.clone()
+            },
+        );
+        b.set_position("cdc.odds", 0, 42);
+        b.mark_deleted("odds", "g8", 0, 39);
+        b.mark_deleted("odds", "g9", 0, 41);
         let letter = DeadLetter {
             topic: "t".into(),
             partition: 0,
@@ -387,46 +576,36 @@ mod tests {
             truncated: false,
         };
         b.add_dead_letter(9, &letter);
-        b.set_initialized();
         store.apply(b).unwrap();
-        store.clear_deleted("odds", "g8", 6).unwrap();
-        store.clear_deleted("odds", "g9", 6).unwrap(); // stale seq: kept
-        store.set_acked("odds", 4).unwrap(); // g1 acknowledged, g2 (seq 5) not yet
+        store.clear_deleted("odds", "g8", 0, 39).unwrap();
+        store.clear_deleted("odds", "g9", 0, 40).unwrap(); // another offset: kept
         store.flush_blocking().unwrap();
         drop(store);
 
         let store = reopen(dir.path());
         let l = store.load().unwrap();
-        let t = &l.tables["odds"];
-        assert_eq!((t.seq, t.epoch.as_str(), t.rows.len()), (7, "ep1", 3));
-        assert_eq!(t.rows[0], ("g1".to_string(), g1));
-        assert_eq!(l.positions[&("cdc.odds".to_string(), 3)], 42);
-        let outbox: Vec<(&str, &str, u64, bool)> = l
-            .outbox
-            .iter()
-            .map(|e| (e.table.as_str(), e.key.as_str(), e.seq, e.deleted))
-            .collect();
+        assert!(!l.ignored_old_layout);
+        assert_eq!(l.tables.len(), 1);
+        let t = &l.tables[0];
         assert_eq!(
-            outbox,
-            [("odds", "g9", 7, true), ("odds", "g2", 5, false)],
-            "unacknowledged rows and deletes"
+            (&*t.epoch, &*t.source, t.slices.len()),
+            ("ep1", "cdc.odds", 2)
         );
+        assert_eq!(*t.rows["g1"].row, g1);
+        assert_eq!((t.rows["g1"].part, t.rows["g1"].off), (0, 41));
+        assert_eq!(t.slices[0].mode, SliceMode::Owned);
+        assert_eq!(t.slices[1].mode, SliceMode::Followed);
+        assert_eq!((t.slices[0].count, t.slices[0].acked), (30, 40));
+        assert_eq!(t.slices[0].tombs.get("g9"), Some(&41));
+        assert_eq!(l.positions[&("cdc.odds".to_string(), 0)], 42);
+        assert_eq!(l.deletes.len(), 1);
         assert_eq!(l.dead_letters, vec![(9, letter)]);
-        assert!(l.initialized);
         store.clear_dead_letter(9).unwrap();
-        assert!(store.load().unwrap().dead_letters.is_empty());
-    }
-
-    #[test]
-    fn rows_of_an_older_store_load_as_acknowledged() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
-            .tree
-            .insert(two(b'r', "odds", "g1"), br#"{"game_id":"g1"}"#.to_vec())
-            .unwrap();
+        store.clear_slice("odds", 0).unwrap();
         let l = store.load().unwrap();
-        assert_eq!(l.tables["odds"].rows[0].1, row(json!({"game_id": "g1"})));
-        assert!(l.outbox.is_empty());
+        assert!(l.dead_letters.is_empty());
+        assert_eq!(l.tables[0].rows.len(), 1, "only partition 1's row is left");
+        assert_eq!(l.tables[0].slices[0].mode, SliceMode::Absent);
+        assert!(l.deletes.is_empty());
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use livetable::fanout::patch::merge;
+use livetable::patch::merge;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 

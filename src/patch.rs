@@ -1,4 +1,5 @@
-//! RFC 7386 JSON Merge Patch: apply, compose, and the diff of two rows (pure).
+//! RFC 7386 JSON Merge Patch: apply, compose, and the diff of two rows (pure). Used by the table
+//! layer (the patch of each change) and the fan-out (composing patches for slow clients).
 //!
 //! The state of a table is `{key: row}`; every diff sent to clients is a merge patch against it,
 //! so a client keeps its copy with `state = merge(state, patch)`. Patches compose:

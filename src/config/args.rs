@@ -1,0 +1,237 @@
+//! The settings as given: one definition per setting, read from the command line, the
+//! environment (`LIVETABLE_*`) and a TOML file, merged (flag > environment > file) before
+//! validation.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// livetable: Debezium change streams -> a materialised table -> live WebSocket/SSE screens.
+#[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "livetable", version, about, long_about = None)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the long flags, with `_` for `-`).
+    #[arg(long, env = "LIVETABLE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Role of this process: `all` (consume, materialise and serve), `materialiser` (consume and
+    /// materialise its share of the partitions; serves health, readiness and metrics only) or
+    /// `gateway` (serve every table from the changelog topics) [default: all].
+    #[arg(long, env = "LIVETABLE_ROLE", value_name = "ROLE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
+    #[arg(long, env = "LIVETABLE_BROKERS", value_name = "HOST:PORT,..")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    /// Debezium topics: comma-separated names, or one regex when it starts with `^` (e.g. `^odds\..*`)
+    /// [default: ^odds\..*].
+    #[arg(long, env = "LIVETABLE_TOPICS", value_name = "TOPICS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topics: Option<String>,
+    /// Kafka consumer group id; it also names the deployment (its changelog topics, registry and
+    /// dead-letter topic derive from it) [default: livetable].
+    #[arg(long, env = "LIVETABLE_GROUP_ID", value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// HTTP listen address for the API, WebSocket and metrics [default: 127.0.0.1:8080].
+    #[arg(long, env = "LIVETABLE_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Directory of the sled store [default: ./data].
+    #[arg(long, env = "LIVETABLE_DATA_DIR", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Row key columns per table, `table=col[+col..]` separated by commas; `*` matches every table
+    /// (e.g. `game_odds=game_id,*=game_id`). Without an entry the Kafka message key is used.
+    #[arg(long, env = "LIVETABLE_KEY_COLUMNS", value_name = "SPEC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_columns: Option<String>,
+    /// Prefix of the compacted changelog topic of each table [default: <group-id>.table.].
+    #[arg(long, env = "LIVETABLE_CHANGELOG_PREFIX", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changelog_prefix: Option<String>,
+    /// Dead-letter topic for records that cannot be decoded [default: <group-id>.dlq].
+    #[arg(long, env = "LIVETABLE_DLQ_TOPIC", value_name = "TOPIC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dlq_topic: Option<String>,
+    /// Extra librdkafka property `key=value` for the consumers and producers (repeatable; values
+    /// may contain commas). Environment: `LIVETABLE_KAFKA_PROPS`, one property per line (or
+    /// comma-separated when no value contains a comma).
+    #[arg(long = "kafka-prop", value_name = "KEY=VALUE")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kafka_prop: Vec<String>,
+    /// Largest record value accepted, in bytes; larger records go to the dead-letter topic
+    /// [default: 1000000, librdkafka's message.max.bytes].
+    #[arg(long, env = "LIVETABLE_MAX_RECORD_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_record_bytes: Option<usize>,
+    /// Most records applied in one sled batch [default: 5000].
+    #[arg(long, env = "LIVETABLE_MAX_BATCH", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
+    /// A node is ready once every partition it consumes or follows is at most this many records
+    /// behind its high watermark; it is not ready again while it is further behind [default: 1000].
+    #[arg(long, env = "LIVETABLE_MAX_READY_LAG", value_name = "RECORDS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ready_lag: Option<i64>,
+    /// A restore or registry read gives up when no record arrived for this long (it is retried)
+    /// [default: 60].
+    #[arg(long, env = "LIVETABLE_RESTORE_STALL_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_stall_secs: Option<u64>,
+    /// Log filter in `tracing` syntax [default: info].
+    #[arg(long, env = "LIVETABLE_LOG", value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long, env = "LIVETABLE_LOG_FORMAT", value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    /// Changes kept per table in memory so reconnecting clients resume with a patch [default: 10000].
+    #[arg(long, env = "LIVETABLE_REPLAY_BUFFER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_buffer: Option<usize>,
+    /// A client resuming from a position this node has not reached yet waits this long for it
+    /// before it gets a snapshot instead [default: 2000].
+    #[arg(long, env = "LIVETABLE_RESUME_WAIT_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_wait_ms: Option<u64>,
+    /// Most concurrent WebSocket and SSE connections [default: 10000].
+    #[arg(long, env = "LIVETABLE_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may stay unable to take its pending patch before it is closed [default: 10].
+    #[arg(long, env = "LIVETABLE_SLOW_CLIENT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_client_secs: Option<u64>,
+    /// Format of WebSocket connections on `/` that do not ask for one (`patch` or `rows`) [default: patch].
+    #[arg(long, env = "LIVETABLE_DEFAULT_FORMAT", value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_format: Option<String>,
+    /// Tables a `format=rows` client on `/` without `?table=` receives: a regex over table names
+    /// [default: every table].
+    #[arg(long, env = "LIVETABLE_ROOT_TABLES", value_name = "REGEX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_tables: Option<String>,
+    /// Live tables made of every table whose name matches a regex, rows keyed `table/key`:
+    /// `name=regex`, comma-separated (e.g. `games=^game_`).
+    #[arg(long, env = "LIVETABLE_UNION", value_name = "NAME=REGEX,..")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub union: Option<String>,
+    /// Seconds allowed for a graceful shutdown before the process gives up waiting [default: 10].
+    #[arg(long, env = "LIVETABLE_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+impl Args {
+    /// Parses the command line and the environment.
+    pub fn from_process() -> Self {
+        let mut args = Args::parse();
+        if let Ok(env) = std::env::var("LIVETABLE_KAFKA_PROPS") {
+            let mut from_env = split_props(&env);
+            from_env.append(&mut args.kafka_prop);
+            args.kafka_prop = from_env;
+        }
+        args
+    }
+
+    /// `self` over the settings of a TOML file: every setting given here wins.
+    pub fn over_file(self, path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.into(),
+            source,
+        })?;
+        let file: Args = toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
+        let invalid = |e: serde_json::Error| ConfigError::Invalid {
+            setting: "config",
+            reason: e.to_string(),
+        };
+        let mut merged = serde_json::to_value(&file).map_err(invalid)?;
+        let over = serde_json::to_value(&self).map_err(invalid)?;
+        if let (Some(m), serde_json::Value::Object(o)) = (merged.as_object_mut(), over) {
+            for (k, v) in o {
+                if k == "kafka_prop" {
+                    // the file's properties first, then the ones given here (later ones win)
+                    if let (Some(serde_json::Value::Array(a)), serde_json::Value::Array(b)) =
+                        (m.get_mut("kafka_prop"), &v)
+                    {
+                        a.extend(b.iter().cloned());
+                        continue;
+                    }
+                }
+                m.insert(k, v);
+            }
+        }
+        let mut out: Args = serde_json::from_value(merged).map_err(invalid)?;
+        out.config = self.config;
+        Ok(out)
+    }
+}
+
+/// `LIVETABLE_KAFKA_PROPS`: one property per line; without newlines, split at commas that start a
+/// new `key=` (so `sasl.jaas.config=... a="x",b="y"` keeps its commas when it is the last one).
+pub fn split_props(s: &str) -> Vec<String> {
+    if s.contains('\n') {
+        return s
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    let key_start = |rest: &str| {
+        let key: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .collect();
+        !key.is_empty() && rest[key.len()..].starts_with('=')
+    };
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(',') {
+        current.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if key_start(rest.trim_start()) {
+            out.push(std::mem::take(&mut current).trim().to_string());
+        } else {
+            current.push(',');
+        }
+    }
+    current.push_str(rest);
+    if !current.trim().is_empty() {
+        out.push(current.trim().to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn props_keep_commas_inside_values() {
+        assert_eq!(
+            split_props("a=1,b.c=2"),
+            vec!["a=1".to_string(), "b.c=2".to_string()]
+        );
+        let jaas = r#"sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="u,1" password="p";"#;
+        assert_eq!(
+            split_props(&format!("security.protocol=SASL_SSL,{jaas}")),
+            vec!["security.protocol=SASL_SSL".to_string(), jaas.to_string()]
+        );
+        assert_eq!(
+            split_props("x=a,b\ny=c\n"),
+            vec!["x=a,b".to_string(), "y=c".to_string()]
+        );
+    }
+}

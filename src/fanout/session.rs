@@ -1,0 +1,562 @@
+//! The subscriptions of one live connection, whatever its transport: tables (or keys of them),
+//! unions of tables, every table (`format=rows` on `/`), and subscriptions waiting for a table
+//! that does not exist yet. It absorbs updates from the hub (one broadcast channel per table) and
+//! hands out what is pending for the client.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Map, Value};
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamMap;
+
+use super::hub::{rekey, union_key, Hub, HubUpdate, Start, SubscribeError};
+use super::protocol::{ErrorCode, Format, Outgoing};
+use super::snapshot::frames;
+use super::subscription::{Absorbed, SharedFrame, Subscription};
+use crate::config::UnionDef;
+use crate::metrics::Metrics;
+
+/// Shared frames a connection queues before it switches to composing.
+pub const MAX_QUEUED_FRAMES: usize = 16;
+
+/// A subscription's place in the session.
+struct Member {
+    sub: Subscription,
+    /// The union it belongs to (rows rekeyed `table/key`, sent as the union's).
+    union: Option<String>,
+}
+
+/// A subscription waiting for its table.
+struct Waiter {
+    table: String,
+    keys: Option<HashSet<String>>,
+    format: Format,
+}
+
+/// What happened on the session's channels.
+pub enum Event {
+    Update(String, Result<Arc<HubUpdate>, u64>),
+    Created(String),
+    /// Table creations were missed (the notification channel lagged): look at every table.
+    Rescan,
+}
+
+/// One connection's subscriptions.
+pub struct Session {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    resume_wait: Duration,
+    max_subscriptions: usize,
+    unions: Arc<[UnionDef]>,
+    members: Vec<Member>,
+    streams: StreamMap<String, BroadcastStream<Arc<HubUpdate>>>,
+    waiting: Vec<Waiter>,
+    /// Unions this session subscribed to, with their format.
+    open_unions: Vec<(String, Format)>,
+    /// `Some`: every table (matching the pattern) in `format=rows`.
+    all_rows: Option<Option<regex::Regex>>,
+    created: Option<broadcast::Receiver<String>>,
+    /// Whole messages waiting to be written before the pending patches.
+    pub queued: Vec<Outgoing>,
+    /// Shared, already serialised patch frames, written as they are.
+    pub frames: Vec<SharedFrame>,
+}
+
+impl Session {
+    pub fn new(
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        resume_wait: Duration,
+        max_subscriptions: usize,
+        unions: Arc<[UnionDef]>,
+    ) -> Self {
+        Session {
+            hub,
+            metrics,
+            resume_wait,
+            max_subscriptions,
+            unions,
+            members: Vec::new(),
+            streams: StreamMap::new(),
+            waiting: Vec::new(),
+            open_unions: Vec::new(),
+            all_rows: None,
+            created: None,
+            queued: Vec::new(),
+            frames: Vec::new(),
+        }
+    }
+
+    fn watch_created(&mut self) {
+        if self.created.is_none() {
+            self.created = Some(self.hub.created());
+        }
+    }
+
+    /// Subscribes to every table (matching `pattern`), now and as they appear, in rows format.
+    pub async fn subscribe_all_rows(&mut self, pattern: Option<regex::Regex>) -> Vec<Outgoing> {
+        self.watch_created();
+        self.all_rows = Some(pattern);
+        let mut out = Vec::new();
+        for info in self.hub.tables().list() {
+            if self.all_rows_wants(&info.name) {
+                out.extend(self.start(&info.name, None, None, Format::Rows, None).await);
+            }
+        }
+        out
+    }
+
+    fn all_rows_wants(&self, table: &str) -> bool {
+        match &self.all_rows {
+            Some(Some(p)) => p.is_match(table),
+            Some(None) => true,
+            None => false,
+        }
+    }
+
+    /// Subscribes to `table` (a table or a union), replacing an earlier subscription to it.
+    pub async fn subscribe(
+        &mut self,
+        table: &str,
+        keys: Option<HashSet<String>>,
+        since: Option<&str>,
+        format: Format,
+    ) -> Vec<Outgoing> {
+        self.unsubscribe(table);
+        if self.members.len() + self.waiting.len() >= self.max_subscriptions {
+            return vec![error(
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.max_subscriptions
+                ),
+            )];
+        }
+        if let Some(u) = self.unions.iter().find(|u| u.name == table).cloned() {
+            return self.subscribe_union(&u, format).await;
+        }
+        self.start(table, keys, since, format, None).await
+    }
+
+    async fn subscribe_union(&mut self, u: &UnionDef, format: Format) -> Vec<Outgoing> {
+        self.watch_created();
+        self.open_unions.push((u.name.clone(), format));
+        let tables: Vec<String> = self
+            .hub
+            .tables()
+            .list()
+            .into_iter()
+            .map(|i| i.name)
+            .filter(|n| u.pattern.is_match(n))
+            .collect();
+        let mut rows: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut out = Vec::new();
+        for t in tables {
+            for o in self.start(&t, None, None, format, Some(&u.name)).await {
+                match o {
+                    Outgoing::Snapshot { parts, .. } => {
+                        // the member's rows, rekeyed into the union's snapshot
+                        for p in parts.iter() {
+                            if let Ok(v) = serde_json::from_str::<Value>(p.as_str()) {
+                                let m = v
+                                    .get("rows")
+                                    .or_else(|| v.get("patch"))
+                                    .and_then(Value::as_object)
+                                    .cloned()
+                                    .unwrap_or_default();
+                                append_rows(&mut rows, &t, m);
+                            }
+                        }
+                    }
+                    other => out.push(other),
+                }
+            }
+        }
+        if format == Format::Patch {
+            let head = format!(
+                r#""table":{},"epoch":"","seq":0,"pos":"""#,
+                serde_json::to_string(&u.name).unwrap_or_default()
+            );
+            let parts = frames(&head, rows);
+            let n = self
+                .members
+                .iter()
+                .filter(|m| m.union.as_deref() == Some(&u.name))
+                .count();
+            out.insert(
+                0,
+                Outgoing::Snapshot {
+                    table: u.name.clone(),
+                    epoch: String::new(),
+                    seq: 0,
+                    pos: String::new(),
+                    rows: n,
+                    parts,
+                },
+            );
+        }
+        out
+    }
+
+    /// Starts one table subscription (waiting for the table when it does not exist).
+    async fn start(
+        &mut self,
+        table: &str,
+        keys: Option<HashSet<String>>,
+        since: Option<&str>,
+        format: Format,
+        union: Option<&str>,
+    ) -> Vec<Outgoing> {
+        let Some(rx) = self.hub.updates(table) else {
+            if union.is_some() {
+                return Vec::new();
+            }
+            self.watch_created();
+            self.waiting.push(Waiter {
+                table: table.to_string(),
+                keys,
+                format,
+            });
+            return vec![Outgoing::Waiting {
+                table: table.to_string(),
+            }];
+        };
+        match start_subscription(
+            self.hub.clone(),
+            table,
+            keys,
+            since.map(String::from),
+            format,
+            self.resume_wait,
+        )
+        .await
+        {
+            Ok((sub, out, start)) => {
+                match start {
+                    Start::ResumeHit => self.metrics.resumes.with_label_values(&["hit"]).inc(),
+                    Start::ResumeMiss => self.metrics.resumes.with_label_values(&["miss"]).inc(),
+                    Start::Snapshot => {}
+                }
+                self.streams
+                    .insert(table.to_string(), BroadcastStream::new(rx));
+                self.members.push(Member {
+                    sub,
+                    union: union.map(String::from),
+                });
+                out
+            }
+            Err(e) => vec![error(ErrorCode::UnknownTable, e.to_string())],
+        }
+    }
+
+    /// Stops a subscription (a table or a union); false when there was none.
+    pub fn unsubscribe(&mut self, table: &str) -> bool {
+        let before = self.members.len() + self.waiting.len() + self.open_unions.len();
+        self.members
+            .retain(|m| m.sub.table != table && m.union.as_deref() != Some(table));
+        self.waiting.retain(|w| w.table != table);
+        self.open_unions.retain(|(u, _)| u != table);
+        let live: HashSet<String> = self.members.iter().map(|m| m.sub.table.clone()).collect();
+        let gone: Vec<String> = self
+            .streams
+            .keys()
+            .filter(|k| !live.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.streams.remove(&k);
+        }
+        before != self.members.len() + self.waiting.len() + self.open_unions.len()
+    }
+
+    /// The format of the first subscription (what a `subscribe` message without one uses).
+    pub fn format(&self) -> Option<Format> {
+        self.members.first().map(|m| m.sub.format)
+    }
+
+    /// Waits for the next update or table creation (forever when nothing can come).
+    pub async fn next(&mut self) -> Event {
+        let created = self.created.as_mut();
+        let created = async {
+            match created {
+                Some(c) => c.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some((table, item)) = self.streams.next(), if !self.streams.is_empty() => {
+                Event::Update(table, item.map_err(|BroadcastStreamRecvError::Lagged(n)| n))
+            }
+            r = created => match r {
+                Ok(name) => Event::Created(name),
+                Err(broadcast::error::RecvError::Lagged(_)) => Event::Rescan,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            },
+        }
+    }
+
+    /// Takes an event into the session's pending output.
+    pub async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Update(table, Ok(u)) => {
+                self.absorb(&table, &u).await;
+                // drain what else is ready on that channel
+                for _ in 0..1024 {
+                    let Some(Some((t, item))) =
+                        futures::FutureExt::now_or_never(self.streams.next())
+                    else {
+                        break;
+                    };
+                    match item {
+                        Ok(u) => self.absorb(&t, &u).await,
+                        Err(_) => {
+                            self.resnapshot(&t).await;
+                        }
+                    }
+                }
+            }
+            Event::Update(table, Err(_)) => self.resnapshot(&table).await,
+            Event::Created(name) => self.on_created(&name).await,
+            Event::Rescan => {
+                for info in self.hub.tables().list() {
+                    self.on_created(&info.name).await;
+                }
+            }
+        }
+    }
+
+    async fn on_created(&mut self, name: &str) {
+        let waiters: Vec<Waiter> = {
+            let (now, later): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiting)
+                .into_iter()
+                .partition(|w| w.table == name);
+            self.waiting = later;
+            now
+        };
+        for w in waiters {
+            let out = self.start(&w.table, w.keys, None, w.format, None).await;
+            self.queued.extend(out);
+        }
+        if self.all_rows_wants(name) && !self.members.iter().any(|m| m.sub.table == name) {
+            let out = self.start(name, None, None, Format::Rows, None).await;
+            self.queued.extend(out);
+        }
+        let unions: Vec<(String, Format)> = self
+            .open_unions
+            .iter()
+            .filter(|(u, _)| {
+                self.unions
+                    .iter()
+                    .any(|d| &d.name == u && d.pattern.is_match(name))
+            })
+            .cloned()
+            .collect();
+        for (u, format) in unions {
+            if self
+                .members
+                .iter()
+                .any(|m| m.sub.table == name && m.union.as_deref() == Some(u.as_str()))
+            {
+                continue;
+            }
+            for o in self.start(name, None, None, format, Some(&u)).await {
+                self.queued.push(into_union(&u, name, o));
+            }
+        }
+    }
+
+    async fn absorb(&mut self, table: &str, u: &HubUpdate) {
+        let mut stale = Vec::new();
+        for (i, m) in self.members.iter_mut().enumerate() {
+            if m.sub.table != table {
+                continue;
+            }
+            // up to date: forward the shared frame; once a few frames wait for the socket,
+            // compose further changes into one pending patch instead (bounded by the rows)
+            if m.union.is_none() && self.frames.len() < MAX_QUEUED_FRAMES {
+                if let Some(frame) = m.sub.forward(u) {
+                    self.frames.push(frame);
+                    continue;
+                }
+            }
+            let before = m.sub.pending_rows();
+            if m.sub.absorb(u) == Absorbed::EpochChanged {
+                stale.push(i);
+            } else if before > 0 {
+                self.metrics
+                    .conflated_changes
+                    .inc_by(u.update.changes.len() as u64);
+            }
+        }
+        // the table's lineage changed: a new snapshot
+        for i in stale.into_iter().rev() {
+            let m = self.members.remove(i);
+            self.metrics.resnapshots.inc();
+            let out = self
+                .start(
+                    &m.sub.table,
+                    m.sub.keys.clone(),
+                    None,
+                    m.sub.format,
+                    m.union.as_deref(),
+                )
+                .await;
+            match &m.union {
+                Some(u) => self
+                    .queued
+                    .extend(out.into_iter().map(|o| into_union(u, &m.sub.table, o))),
+                None => self.queued.extend(out),
+            }
+        }
+    }
+
+    /// Fresh snapshots for the subscriptions of `table` (after falling behind its channel).
+    async fn resnapshot(&mut self, table: &str) {
+        self.metrics.resnapshots.inc();
+        let (mine, rest): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
+            .into_iter()
+            .partition(|m| m.sub.table == table);
+        self.members = rest;
+        self.streams.remove(table);
+        for m in mine {
+            let out = self
+                .start(
+                    &m.sub.table,
+                    m.sub.keys.clone(),
+                    None,
+                    m.sub.format,
+                    m.union.as_deref(),
+                )
+                .await;
+            match &m.union {
+                Some(u) => self
+                    .queued
+                    .extend(out.into_iter().map(|o| into_union(u, table, o))),
+                None => self.queued.extend(out),
+            }
+        }
+    }
+
+    /// What is pending: queued messages, then each subscription's composed output.
+    pub fn take(&mut self) -> (Vec<Outgoing>, Vec<SharedFrame>) {
+        let mut out = std::mem::take(&mut self.queued);
+        for m in &mut self.members {
+            for o in m.sub.take() {
+                match &m.union {
+                    Some(u) => out.push(into_union(u, &m.sub.table, o)),
+                    None => out.push(o),
+                }
+            }
+        }
+        (out, std::mem::take(&mut self.frames))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.waiting.is_empty() && self.all_rows.is_none()
+    }
+}
+
+/// Starts a subscription off the async workers (a snapshot of a big table takes milliseconds);
+/// when this node has not reached the client's resume position, waits for it up to `wait`, then
+/// falls back to a snapshot.
+pub async fn start_subscription(
+    hub: Arc<Hub>,
+    table: &str,
+    keys: Option<HashSet<String>>,
+    since: Option<String>,
+    format: Format,
+    wait: Duration,
+) -> Result<(Subscription, Vec<Outgoing>, Start), SubscribeError> {
+    let deadline = Instant::now() + wait;
+    let mut since = since;
+    loop {
+        let (h, t, k, s) = (hub.clone(), table.to_string(), keys.clone(), since.clone());
+        let result = tokio::task::spawn_blocking(move || h.subscribe(&t, k, s.as_deref(), format))
+            .await
+            .map_err(|_| SubscribeError::UnknownTable(table.to_string()))?;
+        match result {
+            Err(SubscribeError::Behind) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(SubscribeError::Behind) => since = None,
+            other => return other,
+        }
+    }
+}
+
+/// A member's message as the union's: keys become `table/key`.
+fn into_union(union: &str, table: &str, o: Outgoing) -> Outgoing {
+    match o {
+        Outgoing::Patch {
+            ts_ms,
+            kafka_ts_ms,
+            patch,
+            ..
+        } => Outgoing::Patch {
+            table: union.to_string(),
+            epoch: String::new(),
+            seq: 0,
+            pos: String::new(),
+            ts_ms,
+            kafka_ts_ms,
+            patch: rekey(table, patch),
+        },
+        Outgoing::Snapshot { parts, .. } => {
+            // a member that appeared later: its rows arrive as a patch of the union
+            let mut patch = Map::new();
+            for p in parts.iter() {
+                if let Ok(v) = serde_json::from_str::<Value>(p.as_str()) {
+                    if let Some(m) = v
+                        .get("rows")
+                        .or_else(|| v.get("patch"))
+                        .and_then(Value::as_object)
+                    {
+                        for (k, r) in m {
+                            patch.insert(union_key(table, k), r.clone());
+                        }
+                    }
+                }
+            }
+            Outgoing::Patch {
+                table: union.to_string(),
+                epoch: String::new(),
+                seq: 0,
+                pos: String::new(),
+                ts_ms: None,
+                kafka_ts_ms: None,
+                patch,
+            }
+        }
+        Outgoing::Row(Value::Object(mut row)) => {
+            row.insert("__table".into(), Value::String(table.to_string()));
+            Outgoing::Row(Value::Object(row))
+        }
+        other => other,
+    }
+}
+
+fn append_rows(chunks: &mut Vec<Vec<u8>>, table: &str, rows: Map<String, Value>) {
+    for (k, r) in rows {
+        let current = chunks.last_mut().map(|c| c.len()).unwrap_or(0);
+        if current >= super::protocol::SNAPSHOT_PART_BYTES {
+            chunks.push(Vec::new());
+        }
+        if let Some(c) = chunks.last_mut() {
+            if !c.is_empty() {
+                c.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *c, &union_key(table, &k));
+            c.push(b':');
+            let _ = serde_json::to_writer(&mut *c, &r);
+        }
+    }
+}
+
+pub fn error(code: ErrorCode, message: String) -> Outgoing {
+    Outgoing::Error { code, message }
+}

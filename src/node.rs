@@ -1,0 +1,481 @@
+//! One livetable process: the parts its role needs, started in order, stopped together.
+//!
+//! - all-in-one: HTTP + store + ingest (group member) + follower of the slices it does not own;
+//! - materialiser: HTTP (health, readiness, metrics) + store + ingest;
+//! - gateway: HTTP + store (a cache) + follower of every slice.
+//!
+//! Nothing here waits for the broker: a broker that starts late leaves the node unready (and says
+//! why on `/readyz`) until it answers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cdc::decode::DecodeSettings;
+use crate::cdc::source;
+use crate::config::{Config, Role};
+use crate::fanout::hub::Hub;
+use crate::metrics::Metrics;
+use crate::table::changelog::Changelog;
+use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter};
+use crate::table::follower::{Follower, FollowerHandle, Scope};
+use crate::table::ingest::partitions::{self, FollowControl, Partitions};
+use crate::table::ingest::Ingest;
+use crate::table::readiness::Readiness;
+use crate::table::registry::Registry;
+use crate::table::restore::{Restorer, SliceHandover};
+use crate::table::state::{NoSink, SliceMode, Tables, UpdateSink};
+use crate::table::store::{Loaded, Store};
+use crate::{fanout, http, table};
+
+/// Errors that stop the service from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("store in {dir}: {source}")]
+    Store {
+        dir: String,
+        source: table::store::StoreError,
+    },
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("changelog: {0}")]
+    Changelog(#[from] table::changelog::ChangelogError),
+    #[error("ingest: {0}")]
+    Ingest(#[from] table::ingest::IngestError),
+    #[error("follower: {0}")]
+    Follower(#[from] table::follower::FollowerError),
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// A running livetable.
+pub struct Service {
+    pub local_addr: SocketAddr,
+    pub tables: Arc<Tables>,
+    pub readiness: Arc<Readiness>,
+    pub hub: Arc<Hub>,
+    cancel: CancellationToken,
+    server: JoinHandle<()>,
+    pipeline: JoinHandle<Result<(), ServiceError>>,
+    grace: Duration,
+    /// Dropping the service (e.g. a panicking test) stops it.
+    _stop_on_drop: tokio_util::sync::DropGuard,
+}
+
+impl Service {
+    /// Asks the service to stop (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the service stopped (after [`Service::shutdown`] or a fatal error), at most
+    /// the grace period after the stop was asked.
+    pub async fn wait(self) -> Result<(), ServiceError> {
+        let cancel = self.cancel.clone();
+        let grace = self.grace;
+        let mut pipeline = self.pipeline;
+        let result = tokio::select! {
+            r = &mut pipeline => r,
+            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("the pipeline did not stop within the grace period");
+                pipeline.abort();
+                return Err(ServiceError::Task("shutdown grace period exceeded".into()));
+            }
+        };
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => Err(ServiceError::Task(e.to_string())),
+        };
+        self.cancel.cancel();
+        if tokio::time::timeout(self.grace, self.server).await.is_err() {
+            tracing::warn!("http server did not stop within the grace period");
+        }
+        result
+    }
+}
+
+/// Runs until `cancel` is cancelled or a fatal error.
+pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), ServiceError> {
+    start(config, cancel).await?.wait().await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::Task(e.to_string()))
+}
+
+/// Starts livetable in its role: HTTP first (health, readiness and metrics answer at once), then
+/// the store, then the parts that talk to the broker.
+pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service, ServiceError> {
+    let role = config.role;
+    let metrics = Arc::new(Metrics::new());
+    metrics.role.with_label_values(&[role.as_str()]).set(1);
+    let readiness = Arc::new(Readiness::new(role.ingests(), role != Role::Materialiser));
+    let store_err = |dir: &std::path::Path| {
+        let dir = dir.display().to_string();
+        move |source| ServiceError::Store { dir, source }
+    };
+    let store = {
+        let dir = config.data_dir.clone();
+        blocking(move || Store::open(&dir))
+            .await?
+            .map_err(store_err(&config.data_dir))?
+    };
+    let tables = Arc::new(Tables::default());
+    let hub = Arc::new(Hub::new(
+        tables.clone(),
+        metrics.clone(),
+        config.replay_buffer,
+        4096,
+    ));
+    let sink: Arc<dyn UpdateSink> = if role.serves() {
+        hub.clone()
+    } else {
+        Arc::new(NoSink)
+    };
+    let state = http::AppState {
+        role,
+        tables: tables.clone(),
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        hub: hub.clone(),
+        fanout: Arc::new(fanout::FanoutLimits::from_config(&config)),
+        connections: Arc::new(AtomicUsize::new(0)),
+        shutdown: cancel.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServiceError::Bind(config.listen, e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| ServiceError::Bind(config.listen, e))?;
+    let server = {
+        let cancel = cancel.clone();
+        let app = http::router(state);
+        tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "http server failed");
+            }
+        })
+    };
+    tracing::info!(%local_addr, role = role.as_str(), "http listening");
+
+    let loaded = {
+        let s = store.clone();
+        blocking(move || -> Result<Loaded, table::store::StoreError> {
+            s.stamp()?;
+            s.load()
+        })
+        .await?
+        .map_err(store_err(&config.data_dir))?
+    };
+    if loaded.ignored_old_layout {
+        tracing::warn!("the data directory holds a store of an older layout; it is ignored and the tables are read from the changelog topics");
+    }
+    let next_letter_id = loaded
+        .dead_letters
+        .iter()
+        .map(|(id, _)| id + 1)
+        .max()
+        .unwrap_or(0)
+        .max(now_micros());
+    let positions = loaded.positions.clone();
+    for mut t in loaded.tables {
+        for (p, s) in t.slices.iter_mut().enumerate() {
+            match (role, s.mode) {
+                // a gateway owns nothing; a materialiser follows nothing
+                (Role::Gateway, SliceMode::Owned) => s.mode = SliceMode::Followed,
+                (Role::Materialiser, SliceMode::Followed) => {
+                    s.mode = SliceMode::Absent;
+                    let part = p as u32;
+                    t.rows.retain(|_, e| e.part != part);
+                }
+                _ => {}
+            }
+        }
+        let name = t.name.to_string();
+        metrics
+            .table_rows
+            .with_label_values(&[&name])
+            .set(i64::try_from(t.rows.len()).unwrap_or(i64::MAX));
+        metrics
+            .table_seq
+            .with_label_values(&[&name])
+            .set(i64::try_from(t.seq()).unwrap_or(i64::MAX));
+        metrics.subscriptions.with_label_values(&[&name]).set(0);
+        tables.insert(t);
+    }
+    readiness.loaded.store(true, Ordering::Release);
+
+    let registry = Arc::new(Registry::new(&config.group_id, &config.registry_topic()));
+    let changelog = Arc::new(Changelog::new(&config)?);
+    // the registry (and, for nodes that consume, the dead-letter topic) exist before anything
+    // reads them; a broker that is not there yet is retried
+    {
+        let changelog = changelog.clone();
+        let cancel = cancel.clone();
+        let dlq = role.ingests();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let c = changelog.clone();
+                let r = tokio::task::spawn_blocking(move || {
+                    c.ensure_registry()?;
+                    if dlq {
+                        c.ensure_dlq()?;
+                    }
+                    Ok::<(), table::changelog::ChangelogError>(())
+                })
+                .await;
+                match r {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot create the registry or dead-letter topic; retrying")
+                    }
+                    Err(_) => return,
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+    let mut threads: Vec<(
+        &'static str,
+        std::thread::JoinHandle<Result<(), ServiceError>>,
+    )> = Vec::new();
+    let follower = if role != Role::Materialiser {
+        let f = Follower {
+            config: config.clone(),
+            registry: registry.clone(),
+            tables: tables.clone(),
+            sink: sink.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            cancel: cancel.clone(),
+            scope: if role == Role::Gateway {
+                Scope::All
+            } else {
+                Scope::NotOwned
+            },
+        };
+        let (handle, thread) = f.spawn().map_err(|e| ServiceError::Task(e.to_string()))?;
+        let stop = cancel.clone();
+        let thread = std::thread::spawn(move || {
+            let r = match thread.join() {
+                Ok(r) => r.map_err(ServiceError::from),
+                Err(_) => Err(ServiceError::Task("the follower thread panicked".into())),
+            };
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        });
+        threads.push(("follower", thread));
+        Some(handle)
+    } else {
+        None
+    };
+
+    let mut checkpoint_task = None;
+    let mut workers = Vec::new();
+    let mut consumer = None;
+    let mut partitions_set = None;
+    if role.ingests() {
+        let c = source::consumer(&config)?;
+        let (checkpoint_tx, checkpoint_rx) = mpsc::channel::<Checkpoint>(64);
+        let checkpointer = Checkpointer {
+            store: store.clone(),
+            tables: tables.clone(),
+            changelog: changelog.clone(),
+            consumer: Some(c.clone()),
+            metrics: metrics.clone(),
+            cancel: cancel.clone(),
+        };
+        checkpoint_task = Some(tokio::spawn(checkpointer.run(checkpoint_rx)));
+        let handover: Option<Arc<dyn SliceHandover>> = follower
+            .clone()
+            .map(|h: FollowerHandle| Arc::new(h) as Arc<dyn SliceHandover>);
+        let follow: Option<Arc<dyn FollowControl>> = follower
+            .clone()
+            .map(|h: FollowerHandle| Arc::new(h) as Arc<dyn FollowControl>);
+        let restorer = Arc::new(Restorer {
+            changelog: changelog.clone(),
+            registry: registry.clone(),
+            tables: tables.clone(),
+            sink: sink.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            handover,
+            member: format!("{}-{}", config.group_id, &table::new_epoch()[..8]),
+            deployment: config.group_id.clone(),
+            brokers: config.brokers.clone(),
+            stall: config.restore_stall,
+            config: config.clone(),
+        });
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(256);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(256);
+        let parts = Arc::new(Partitions::new(
+            tables.clone(),
+            store.clone(),
+            restorer.clone(),
+            jobs_tx,
+            checkpoint_tx.clone(),
+            follow,
+            positions,
+            config.shutdown_grace,
+        ));
+        c.context().set_listener(parts.clone());
+        workers =
+            partitions::spawn_workers(restorer, c.clone(), jobs_rx, done_tx, 4, cancel.clone());
+        source::subscribe(&c, &config)?;
+        // dead letters the last run left in the outbox
+        if !loaded.dead_letters.is_empty() {
+            let letters = loaded
+                .dead_letters
+                .iter()
+                .map(|(id, letter)| PendingLetter {
+                    id: *id,
+                    letter: letter.clone(),
+                    delivery: changelog.send_dead_letter(letter).ok(),
+                })
+                .collect();
+            let _ = checkpoint_tx
+                .send(Checkpoint {
+                    letters,
+                    ..Default::default()
+                })
+                .await;
+        }
+        let ingest = Ingest {
+            consumer: c.clone(),
+            partitions: parts.clone(),
+            done_rx,
+            store: store.clone(),
+            tables: tables.clone(),
+            registry: registry.clone(),
+            changelog,
+            sink: sink.clone(),
+            metrics: metrics.clone(),
+            settings: DecodeSettings {
+                key_columns: config.key_columns.clone(),
+                max_record_bytes: config.max_record_bytes,
+            },
+            max_batch: config.max_batch,
+            max_record_bytes: config.max_record_bytes,
+            checkpoint_tx,
+            readiness: readiness.clone(),
+            cancel: cancel.clone(),
+            next_letter_id,
+            topics: config.topics.clone(),
+            max_ready_lag: config.max_ready_lag,
+            brokers: config.brokers.clone(),
+        };
+        let stop = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("livetable-ingest".into())
+            .spawn(move || {
+                let r = ingest.run().map_err(ServiceError::from);
+                if r.is_err() {
+                    stop.cancel();
+                }
+                r
+            })
+            .map_err(|e| ServiceError::Task(e.to_string()))?;
+        threads.push(("ingest", thread));
+        consumer = Some(c);
+        partitions_set = Some(parts);
+    }
+
+    let pipeline = {
+        let cancel = cancel.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let mut result = Ok(());
+            // the first part to stop (an error, or shutdown) stops the others
+            let mut pending = threads;
+            while !pending.is_empty() {
+                let (name, thread) = pending.remove(0);
+                let r = blocking(move || thread.join()).await;
+                let r = match r {
+                    Ok(Ok(r)) => r,
+                    _ => Err(ServiceError::Task(format!("the {name} thread panicked"))),
+                };
+                if let Err(e) = r {
+                    tracing::error!(part = name, error = %e, "stopped with an error");
+                    readiness.healthy.store(false, Ordering::Release);
+                    cancel.cancel();
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+            if let Some(parts) = &partitions_set {
+                parts.closing();
+            }
+            // the restore workers stop within a moment of the cancellation
+            let _ = blocking(move || {
+                for w in workers {
+                    let _ = w.join();
+                }
+            })
+            .await;
+            if let Some(task) = checkpoint_task {
+                if let Err(e) = task.await {
+                    tracing::error!(error = %e, "durability task failed");
+                }
+            }
+            if let (Some(c), Some(_parts)) = (consumer, partitions_set) {
+                // leave the group now that every offset is committed
+                let _ = blocking(move || {
+                    c.unsubscribe();
+                    for _ in 0..10 {
+                        let _ = c.poll(Duration::from_millis(20));
+                    }
+                })
+                .await;
+            }
+            if let Err(e) = blocking(move || store.flush_blocking()).await {
+                tracing::error!(error = %e, "final flush failed");
+            }
+            tracing::info!("pipeline stopped");
+            result
+        })
+    };
+    let _stop_on_drop = cancel.clone().drop_guard();
+    Ok(Service {
+        local_addr,
+        tables,
+        readiness,
+        hub,
+        cancel,
+        server,
+        pipeline,
+        grace: config.shutdown_grace,
+        _stop_on_drop,
+    })
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

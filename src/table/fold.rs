@@ -1,0 +1,190 @@
+//! Folding changelog records into a slice: the rules every reader of a changelog partition follows
+//! (restores on assignment and the follower of a gateway alike).
+//!
+//! - A fence record opens the tenure of a new owner: from then on, records of smaller owners are a
+//!   former owner's late writes (it had not yet noticed its revoke) and are ignored.
+//! - A record whose change is not newer than what the slice already reflects for its key (the row's
+//!   last change, or its delete) is ignored: a value never goes back.
+//! - Records written by this node's own previous tenure (`own`) are skipped: the local store already
+//!   holds them, or something newer.
+//! - The slice's position and change count follow the record headers, so that a reader ends at the
+//!   same `seq` and position as the writer.
+
+use std::sync::Arc;
+
+use crate::cdc::decode::Op;
+use crate::table::changelog::ChangelogRecord;
+use crate::table::position::Owner;
+use crate::table::state::{Delta, RowWrite, Staged};
+
+/// What folding one record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folded {
+    Fence,
+    /// A record of an owner older than the partition's latest fence: ignored.
+    Fenced,
+    /// A record of this node's own earlier tenure: the store has it already.
+    Own,
+    Applied,
+    Unchanged,
+    /// Older than what the slice reflects for its key.
+    Stale,
+}
+
+/// Folds one record of slice `rec.part` into `delta`.
+pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Owner>) -> Folded {
+    let part = rec.part;
+    {
+        let s = delta.slice(part);
+        s.cl_next = s.cl_next.max(rec.cl_offset + 1);
+        if rec.fence {
+            if rec.meta.owner > s.owner {
+                s.owner = rec.meta.owner;
+            }
+            return Folded::Fence;
+        }
+        if rec.meta.owner < s.owner {
+            return Folded::Fenced;
+        }
+        // a writer whose fence this reader did not see (compacted away): its tenure began
+        s.owner = rec.meta.owner;
+        if own == Some(rec.meta.owner) {
+            return Folded::Own;
+        }
+        s.acked = s.acked.max(rec.meta.acked);
+    }
+    let off = rec.meta.off;
+    if off >= 0 && delta.is_stale(&rec.key, part, off) {
+        return Folded::Stale;
+    }
+    let count = rec.meta.count;
+    let newest = off >= delta.slice(part).last_off;
+    let deleted = rec.row.is_none();
+    let staged = delta.stage(RowWrite {
+        key: rec.key,
+        row: rec.row.map(Arc::new),
+        op: if deleted { Op::Delete } else { Op::Update },
+        part,
+        off,
+        ts_ms: rec.meta.ts_ms,
+        kafka_ts_ms: None,
+    });
+    if newest && count > 0 {
+        // the writer's count is authoritative: every reader ends at the writer's seq
+        delta.slice(part).count = count;
+    }
+    match staged {
+        Staged::Applied => Folded::Applied,
+        Staged::Unchanged => Folded::Unchanged,
+        Staged::Stale => Folded::Stale,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::changelog::RecordMeta;
+    use crate::table::state::{NoSink, Tables};
+    use serde_json::json;
+
+    fn rec(key: &str, v: Option<i64>, off: i64, owner: (u32, i32), cl: i64) -> ChangelogRecord {
+        ChangelogRecord {
+            table: "t".into(),
+            part: 0,
+            cl_offset: cl,
+            key: key.into(),
+            row: v.map(|v| json!({"v": v}).as_object().unwrap().clone()),
+            meta: RecordMeta {
+                off,
+                count: (off + 1) as u64,
+                acked: off - 2,
+                owner: Owner {
+                    epoch: owner.0,
+                    generation: owner.1,
+                },
+                ts_ms: None,
+            },
+            fence: false,
+        }
+    }
+
+    fn fence(owner: (u32, i32), cl: i64) -> ChangelogRecord {
+        ChangelogRecord {
+            fence: true,
+            ..rec("", None, -1, owner, cl)
+        }
+    }
+
+    #[test]
+    fn fences_stop_former_owners_and_values_never_go_back() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e", "in", 1);
+        let mut d = Delta::new(t.clone());
+        assert_eq!(
+            fold(&mut d, rec("a", Some(1), 10, (0, 1), 0), None),
+            Folded::Applied
+        );
+        assert_eq!(fold(&mut d, fence((0, 2), 1), None), Folded::Fence);
+        assert_eq!(
+            fold(&mut d, rec("a", Some(2), 12, (0, 2), 2), None),
+            Folded::Applied
+        );
+        // the former owner's late write of a newer input offset: ignored all the same
+        assert_eq!(
+            fold(&mut d, rec("a", Some(9), 13, (0, 1), 3), None),
+            Folded::Fenced
+        );
+        // an older value of the current owner (a resend that raced): ignored
+        assert_eq!(
+            fold(&mut d, rec("a", Some(1), 10, (0, 2), 4), None),
+            Folded::Stale
+        );
+        assert_eq!(
+            fold(&mut d, rec("b", None, 14, (0, 2), 5), None),
+            Folded::Unchanged
+        );
+        assert_eq!(
+            fold(&mut d, rec("c", Some(3), 15, (0, 2), 6), None),
+            Folded::Applied
+        );
+        assert_eq!(
+            fold(&mut d, rec("c", None, 16, (0, 2), 7), None),
+            Folded::Applied
+        );
+        assert_eq!(
+            fold(&mut d, rec("c", Some(3), 15, (0, 2), 8), None),
+            Folded::Stale,
+            "deleted at 16"
+        );
+        tables.commit(d, &NoSink);
+        let s = t.read();
+        assert_eq!(s.rows["a"].row.get("v"), Some(&json!(2)));
+        assert!(!s.rows.contains_key("c"));
+        assert_eq!(s.slices[0].cl_next, 9);
+        assert_eq!(s.slices[0].last_off, 16);
+        assert_eq!(s.seq(), 17, "the writer's count");
+        assert_eq!(
+            s.slices[0].owner,
+            Owner {
+                epoch: 0,
+                generation: 2
+            }
+        );
+    }
+
+    #[test]
+    fn own_records_are_skipped() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e", "in", 1);
+        let mine = Owner {
+            epoch: 0,
+            generation: 3,
+        };
+        let mut d = Delta::new(t);
+        assert_eq!(
+            fold(&mut d, rec("a", Some(1), 10, (0, 3), 0), Some(mine)),
+            Folded::Own
+        );
+        assert!(d.changes.is_empty());
+    }
+}

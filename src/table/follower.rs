@@ -1,0 +1,403 @@
+//! The changelog follower: keeps slices this node does not own up to date by reading their
+//! changelog partitions (a GlobalKTable). A gateway follows every slice of every table of its
+//! deployment; an all-in-one node follows the slices whose input partitions other members own, so
+//! it can serve whole tables too, and hands a slice to its ingest loop when it is assigned.
+//!
+//! It also reads the deployment's registry, so that new tables appear without a restart. Folded
+//! records are written to the local store with their changelog position, so a restart reads only
+//! the tail. Records are folded by the rules of [`crate::table::fold`]: a former owner's late
+//! writes and stale values are ignored.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::cdc::source::{self, Reader};
+use crate::config::{Config, TopicSelection};
+use crate::metrics::Metrics;
+use crate::table::changelog::{parse_record, RegistryEntry};
+use crate::table::fold::{fold, Folded};
+use crate::table::ingest::partitions::FollowControl;
+use crate::table::readiness::Readiness;
+use crate::table::registry::{Registry, RegistryError};
+use crate::table::restore::{delta_batch, SliceHandover};
+use crate::table::state::{Delta, SliceMode, Tables, UpdateSink};
+use crate::table::store::Store;
+
+enum Command {
+    Follow {
+        table: String,
+        part: u32,
+    },
+    Release {
+        table: String,
+        part: u32,
+        done: SyncSender<()>,
+    },
+}
+
+/// Controls a running follower.
+#[derive(Clone)]
+pub struct FollowerHandle {
+    tx: SyncSender<Command>,
+}
+
+impl FollowControl for FollowerHandle {
+    fn follow(&self, table: &str, part: u32) {
+        let _ = self.tx.send(Command::Follow {
+            table: table.to_string(),
+            part,
+        });
+    }
+}
+
+impl SliceHandover for FollowerHandle {
+    fn release(&self, table: &str, part: u32) {
+        let (done, wait) = sync_channel(1);
+        if self
+            .tx
+            .send(Command::Release {
+                table: table.to_string(),
+                part,
+                done,
+            })
+            .is_ok()
+        {
+            let _ = wait.recv_timeout(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Errors that stop the follower.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowerError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// Which slices to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every slice (gateway).
+    All,
+    /// The slices that are not owned here (all-in-one).
+    NotOwned,
+}
+
+/// The follower's dependencies.
+pub struct Follower {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub tables: Arc<Tables>,
+    pub sink: Arc<dyn UpdateSink>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub cancel: CancellationToken,
+    pub scope: Scope,
+}
+
+/// One followed changelog partition.
+struct Followed {
+    table: String,
+    next: i64,
+    since: Instant,
+}
+
+/// Records folded per commit.
+const MAX_BATCH: usize = 5000;
+
+impl Follower {
+    /// Starts the follower thread.
+    pub fn spawn(
+        self,
+    ) -> std::io::Result<(
+        FollowerHandle,
+        std::thread::JoinHandle<Result<(), FollowerError>>,
+    )> {
+        let (tx, rx) = sync_channel(1024);
+        let handle = std::thread::Builder::new()
+            .name("livetable-follower".into())
+            .spawn(move || self.run(rx))?;
+        Ok((FollowerHandle { tx }, handle))
+    }
+
+    fn run(self, rx: Receiver<Command>) -> Result<(), FollowerError> {
+        let reader = source::reader(&self.config)?;
+        let prefix = self.config.changelog_prefix.clone();
+        let registry_topic = self.registry.topic().to_string();
+        let mut followed: HashMap<(String, i32), Followed> = HashMap::new();
+        let mut registry_next = self.registry.next_offset();
+        // tables of the registry this follower has set up
+        let mut considered: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut registry_changed = true;
+        let mut assigned: BTreeSet<(String, i32, i64)> = BTreeSet::new();
+        let mut last_check = Instant::now();
+        while !self.cancel.is_cancelled() {
+            if registry_changed {
+                registry_changed = false;
+                for entry in self.registry.all() {
+                    if considered.insert(entry.table.clone()) {
+                        self.add_table(&entry, &mut followed);
+                    }
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.command(cmd, &mut followed);
+            }
+            self.reassign(
+                &reader,
+                &registry_topic,
+                registry_next,
+                &followed,
+                &mut assigned,
+            );
+            let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+            if let Some(r) = reader.poll(Duration::from_millis(20)) {
+                match r {
+                    Ok(m) => batch.push(m),
+                    Err(e) => tracing::debug!(error = %e, "follower: consumer error"),
+                }
+            }
+            while !batch.is_empty() && batch.len() < MAX_BATCH {
+                match reader.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => tracing::debug!(error = %e, "follower: consumer error"),
+                    None => break,
+                }
+            }
+            let mut deltas: HashMap<String, Delta> = HashMap::new();
+            for m in &batch {
+                if m.topic() == registry_topic {
+                    registry_next = registry_next.max(m.offset() + 1);
+                    match self.registry.absorb(m.offset(), m.payload()) {
+                        Ok(_) => registry_changed = true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "registry conflict");
+                            self.readiness
+                                .healthy
+                                .store(false, std::sync::atomic::Ordering::Release);
+                            return Err(e.into());
+                        }
+                    }
+                    continue;
+                }
+                let key = (m.topic().to_string(), m.partition());
+                let Some(f) = followed.get_mut(&key) else {
+                    continue;
+                };
+                if m.offset() < f.next {
+                    continue;
+                }
+                f.next = m.offset() + 1;
+                let Some(table) = self.tables.get(&f.table) else {
+                    continue;
+                };
+                match parse_record(&prefix, m) {
+                    Ok(rec) => {
+                        let delta = deltas
+                            .entry(f.table.clone())
+                            .or_insert_with(|| Delta::new(table));
+                        if fold(delta, rec, None) == Folded::Fenced {
+                            self.metrics.fenced_records.inc();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = m.topic(), offset = m.offset(), error = ?e, "follower: not a changelog record; skipped")
+                    }
+                }
+            }
+            drop(batch);
+            for (name, delta) in deltas {
+                let b = delta_batch(&name, &delta, false);
+                if let Err(e) = self.store.apply(b) {
+                    tracing::error!(error = %e, "follower: writing the local cache failed");
+                }
+                self.tables.commit(delta, &*self.sink);
+            }
+            if last_check.elapsed() > Duration::from_millis(250) {
+                last_check = Instant::now();
+                self.check_lag(&reader, &registry_topic, registry_next, &followed);
+            }
+        }
+        Ok(())
+    }
+
+    fn command(&self, cmd: Command, followed: &mut HashMap<(String, i32), Followed>) {
+        match cmd {
+            Command::Follow { table, part } => {
+                if let Some(entry) = self.registry.get(&table) {
+                    self.follow_slice(&entry, part, followed);
+                }
+            }
+            Command::Release { table, part, done } => {
+                let topic =
+                    crate::table::changelog::topic_name(&self.config.changelog_prefix, &table);
+                followed.remove(&(topic, i32::try_from(part).unwrap_or(0)));
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Follows the slices of a table that this node should follow.
+    fn add_table(&self, entry: &RegistryEntry, followed: &mut HashMap<(String, i32), Followed>) {
+        if !covered(&self.config.topics, &entry.source) {
+            return;
+        }
+        self.tables
+            .ensure(&entry.table, &entry.epoch, &entry.source, entry.partitions);
+        self.metrics
+            .follower_lag
+            .with_label_values(&[&entry.table])
+            .set(0);
+        for part in 0..entry.partitions {
+            self.follow_slice(entry, part, followed);
+        }
+    }
+
+    fn follow_slice(
+        &self,
+        entry: &RegistryEntry,
+        part: u32,
+        followed: &mut HashMap<(String, i32), Followed>,
+    ) {
+        let Some(t) = self.tables.get(&entry.table) else {
+            return;
+        };
+        let mut next = None;
+        let scope = self.scope;
+        t.update_slices(|s| {
+            let slice = s.slice_mut(part);
+            let follow = match slice.mode {
+                SliceMode::Owned => scope == Scope::All,
+                SliceMode::Followed | SliceMode::Absent => true,
+            };
+            if follow {
+                slice.mode = SliceMode::Followed;
+                next = Some(slice.cl_next);
+            }
+        });
+        if let Some(next) = next {
+            let topic =
+                crate::table::changelog::topic_name(&self.config.changelog_prefix, &entry.table);
+            followed.insert(
+                (topic, i32::try_from(part).unwrap_or(0)),
+                Followed {
+                    table: entry.table.clone(),
+                    next,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Assigns the registry and every followed partition at its position, when the set changed.
+    fn reassign(
+        &self,
+        reader: &Reader,
+        registry_topic: &str,
+        registry_next: i64,
+        followed: &HashMap<(String, i32), Followed>,
+        assigned: &mut BTreeSet<(String, i32, i64)>,
+    ) {
+        let wanted: BTreeSet<(String, i32)> = followed
+            .keys()
+            .cloned()
+            .chain(std::iter::once((registry_topic.to_string(), 0)))
+            .collect();
+        let current: BTreeSet<(String, i32)> =
+            assigned.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
+        if wanted == current {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        let mut next = BTreeSet::new();
+        for (topic, p) in &wanted {
+            let offset = if topic == registry_topic {
+                registry_next
+            } else {
+                followed.get(&(topic.clone(), *p)).map_or(0, |f| f.next)
+            };
+            if tpl
+                .add_partition_offset(topic, *p, Offset::Offset(offset))
+                .is_ok()
+            {
+                next.insert((topic.clone(), *p, offset));
+            }
+        }
+        match reader.assign(&tpl) {
+            Ok(()) => *assigned = next,
+            Err(e) => tracing::warn!(error = %e, "follower: assign failed"),
+        }
+    }
+
+    /// Lag per followed partition and readiness: the registry and every followed partition read
+    /// to within the ready lag of their high watermarks.
+    fn check_lag(
+        &self,
+        reader: &Reader,
+        registry_topic: &str,
+        registry_next: i64,
+        followed: &HashMap<(String, i32), Followed>,
+    ) {
+        let mut ready = true;
+        let mut why = String::new();
+        match source::cached_watermarks(reader, registry_topic, 0) {
+            Some((lo, hi)) if registry_next.max(lo) >= hi => {}
+            Some(_) => {
+                ready = false;
+                why = "reading the table registry".into();
+            }
+            None => {
+                ready = false;
+                why = format!(
+                    "no answer yet from the broker at {} for the registry",
+                    self.config.brokers
+                );
+            }
+        }
+        let mut max_lag: HashMap<&str, i64> = HashMap::new();
+        for ((topic, p), f) in followed {
+            match source::cached_watermarks(reader, topic, *p) {
+                Some((lo, hi)) => {
+                    let lag = (hi - f.next.max(lo)).max(0);
+                    let slot = max_lag.entry(f.table.as_str()).or_insert(0);
+                    *slot = (*slot).max(lag);
+                    if lag > self.config.max_ready_lag {
+                        ready = false;
+                        why = format!("{topic}/{p} is {lag} records behind");
+                    }
+                }
+                // a partition that was just added gets its first fetch response in milliseconds
+                None if f.since.elapsed() < Duration::from_secs(2) => {}
+                None => {
+                    ready = false;
+                    why = format!("no fetch response yet for {topic}/{p}");
+                }
+            }
+        }
+        for (table, lag) in max_lag {
+            self.metrics
+                .follower_lag
+                .with_label_values(&[table])
+                .set(lag);
+        }
+        self.readiness.set_follower(ready, &why);
+    }
+}
+
+/// Whether a table fed by `topic` belongs to this node's subscription.
+pub fn covered(topics: &TopicSelection, topic: &str) -> bool {
+    match topics {
+        TopicSelection::Names(names) => names.iter().any(|n| n == topic),
+        TopicSelection::Pattern(p) => regex::Regex::new(p).is_ok_and(|re| re.is_match(topic)),
+    }
+}

@@ -1,0 +1,266 @@
+//! The ingest loop: the one writer of the slices this node owns. Runs on its own thread
+//! (librdkafka's poll and sled's batch apply are blocking calls) and, per batch of records:
+//! poll -> skip what the slices already reflect -> decode -> stage per table -> commit to memory
+//! (clients see it) -> ONE sled batch (rows, slices, outbox, positions) -> produce the changelog
+//! records and dead letters -> hand the checkpoint to the durability task.
+//!
+//! Clients may see a batch before sled and the changelog hold it: positions are Kafka offsets,
+//! so a node that restarts after kill -9 re-applies the same records to the same state and a
+//! client's resume token stays valid (see `table::position`).
+
+pub mod partitions;
+mod stage;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::Offset;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cdc::decode::DecodeSettings;
+use crate::cdc::source::{self, SourceContext};
+use crate::config::TopicSelection;
+use crate::metrics::Metrics;
+use crate::table::changelog::Changelog;
+use crate::table::checkpoint::Checkpoint;
+use crate::table::readiness::Readiness;
+use crate::table::registry::Registry;
+use crate::table::restore::RestoreError;
+use crate::table::state::{Tables, UpdateSink};
+use crate::table::store::{Store, StoreError};
+use partitions::{Done, PartState, Partitions};
+use stage::BatchStage;
+
+/// Errors that stop ingestion.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the durability task stopped")]
+    CheckpointerGone,
+    #[error("{0}")]
+    Restore(#[from] RestoreError),
+}
+
+/// Everything the loop needs.
+pub struct Ingest {
+    pub consumer: Arc<BaseConsumer<SourceContext>>,
+    pub partitions: Arc<Partitions>,
+    pub done_rx: Receiver<Done>,
+    pub store: Store,
+    pub tables: Arc<Tables>,
+    pub registry: Arc<Registry>,
+    pub changelog: Arc<Changelog>,
+    pub sink: Arc<dyn UpdateSink>,
+    pub metrics: Arc<Metrics>,
+    pub settings: DecodeSettings,
+    pub max_batch: usize,
+    pub max_record_bytes: usize,
+    pub checkpoint_tx: mpsc::Sender<Checkpoint>,
+    pub readiness: Arc<Readiness>,
+    pub cancel: CancellationToken,
+    pub next_letter_id: u64,
+    pub topics: TopicSelection,
+    pub max_ready_lag: i64,
+    /// Named in errors.
+    pub brokers: String,
+}
+
+impl Ingest {
+    /// Runs until cancelled. Returns an error only when the store, the durability task or a
+    /// restore fails for good.
+    pub fn run(mut self) -> Result<(), IngestError> {
+        let consumer = self.consumer.clone();
+        let mut last_lag_check = Instant::now();
+        let mut warned_decimals = HashSet::new();
+        while !self.cancel.is_cancelled() {
+            let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+            match consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, brokers = %self.brokers, "consumer error")
+                }
+                None => {}
+            }
+            while !batch.is_empty() && batch.len() < self.max_batch {
+                match consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    None => break,
+                }
+            }
+            while let Ok(done) = self.done_rx.try_recv() {
+                if let Some(cp) = self.partitions.finish(&consumer, done)? {
+                    self.checkpoint_tx
+                        .blocking_send(cp)
+                        .map_err(|_| IngestError::CheckpointerGone)?;
+                }
+            }
+            let idle = batch.is_empty();
+            if !idle {
+                self.apply(&batch, &mut warned_decimals)?;
+            }
+            drop(batch);
+            if idle || last_lag_check.elapsed() > Duration::from_millis(250) {
+                last_lag_check = Instant::now();
+                self.check_lag(idle);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        batch: &[BorrowedMessage<'_>],
+        warned: &mut HashSet<(String, String)>,
+    ) -> Result<(), IngestError> {
+        let started = Instant::now();
+        let (states, positions, names) = {
+            let inner = self.partitions.lock();
+            (
+                inner.states.clone(),
+                inner.positions.clone(),
+                inner.names.clone(),
+            )
+        };
+        let mut st = BatchStage::new(positions, names);
+        for m in batch {
+            st.record(self, m, &states, warned);
+        }
+        let (checkpoint, touched) = st.finish(self)?;
+        {
+            let mut inner = self.partitions.lock();
+            for (tp, next) in &checkpoint.positions {
+                if matches!(inner.states.get(tp), Some(PartState::Active { .. })) {
+                    let slot = inner.positions.entry(tp.clone()).or_insert(*next);
+                    *slot = (*slot).max(*next);
+                }
+            }
+        }
+        self.checkpoint_tx
+            .blocking_send(checkpoint)
+            .map_err(|_| IngestError::CheckpointerGone)?;
+        for table in touched {
+            if let Some(t) = self.tables.get(&table) {
+                let t = t.read();
+                self.metrics
+                    .table_seq
+                    .with_label_values(&[&table])
+                    .set(i64::try_from(t.seq()).unwrap_or(i64::MAX));
+                self.metrics
+                    .table_rows
+                    .with_label_values(&[&table])
+                    .set(i64::try_from(t.rows.len()).unwrap_or(i64::MAX));
+            }
+        }
+        self.metrics.batch_size.observe(batch.len() as f64);
+        self.metrics
+            .apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.last_record_unixtime.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        Ok(())
+    }
+
+    /// Updates lag gauges and readiness: every assigned partition restored and within
+    /// `max_ready_lag` records of its high watermark.
+    fn check_lag(&self, idle: bool) {
+        let Some(assignment) = self.consumer.context().assignment() else {
+            // no group assignment yet: if the subscription matches no topic at all, there is
+            // nothing to catch up with (some brokers never complete a join for an empty match)
+            match self.subscription_matches_any() {
+                Some(false) => self
+                    .readiness
+                    .set_ingest(true, "no topic matches the subscription yet"),
+                Some(true) => self
+                    .readiness
+                    .set_ingest(false, "waiting for the consumer group's assignment"),
+                None => self.readiness.set_ingest(
+                    false,
+                    &format!("cannot reach the broker at {}", self.brokers),
+                ),
+            }
+            return;
+        };
+        let (states, positions) = {
+            let inner = self.partitions.lock();
+            (inner.states.clone(), inner.positions.clone())
+        };
+        // after an idle poll nothing fetched is waiting: the fetch position is the applied position
+        let fetched: HashMap<(String, i32), i64> = if idle {
+            self.consumer
+                .position()
+                .map(|tpl| {
+                    tpl.elements()
+                        .iter()
+                        .filter_map(|e| match e.offset() {
+                            Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            HashMap::new()
+        };
+        let mut ready = true;
+        let mut why = String::new();
+        for tp in &assignment {
+            if !matches!(states.get(tp), Some(PartState::Active { .. })) {
+                ready = false;
+                why = format!("restoring {}/{}", tp.0, tp.1);
+                continue;
+            }
+            let applied = positions.get(tp).copied().max(fetched.get(tp).copied());
+            let hi = source::cached_watermarks(&self.consumer, &tp.0, tp.1);
+            match (hi, applied) {
+                (Some((lo, hi)), applied) => {
+                    let applied = applied.unwrap_or(lo).max(lo);
+                    let lag = (hi - applied).max(0);
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[&tp.0, &tp.1.to_string()])
+                        .set(lag);
+                    if lag > self.max_ready_lag {
+                        ready = false;
+                        why = format!("{}/{} is {lag} records behind", tp.0, tp.1);
+                    }
+                }
+                (None, _) => {
+                    ready = false;
+                    why = format!("no fetch response yet for {}/{}", tp.0, tp.1);
+                }
+            }
+        }
+        self.readiness.set_ingest(ready, &why);
+    }
+
+    /// Whether any topic matches the subscription (`None`: the broker did not answer).
+    fn subscription_matches_any(&self) -> Option<bool> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(None, Duration::from_secs(2))
+            .ok()?;
+        let names: Vec<&str> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.name())
+            .collect();
+        Some(match &self.topics {
+            TopicSelection::Names(wanted) => wanted.iter().any(|w| names.contains(&w.as_str())),
+            TopicSelection::Pattern(p) => regex::Regex::new(p)
+                .map(|re| names.iter().any(|n| re.is_match(n)))
+                .unwrap_or(true),
+        })
+    }
+}

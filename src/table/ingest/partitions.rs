@@ -1,0 +1,688 @@
+//! Which input partitions this node owns, and the handover of their slices on rebalances.
+//!
+//! Assigned partitions start paused and `Restoring`: a restore worker takes over their slices
+//! (see [`crate::table::restore`]) and the ingest loop resumes them at the start offset it
+//! returns. A record of a table whose slice this node does not own yet (a new table, or one first
+//! seen in this partition) pauses its partition the same way while the slice is created.
+//! On revoke, everything applied from the partition is made durable and its offsets committed
+//! before the partition is let go; its slices go to the follower (all-in-one) or are dropped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::cdc::source::{RebalanceListener, SourceContext};
+use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow};
+use crate::table::restore::{RestoreError, Restorer};
+use crate::table::state::{SliceMode, Tables};
+use crate::table::store::{SliceMeta, Store, WriteBatch};
+
+/// Takes slices over from the follower, and gives them back.
+pub trait FollowControl: Send + Sync {
+    /// Starts following (`table`, `part`) from the slice's changelog position.
+    fn follow(&self, table: &str, part: u32);
+}
+
+/// State of an assigned partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartState {
+    /// Paused while restore job `job` takes its slices over.
+    Restoring {
+        generation: i32,
+        job: u64,
+    },
+    Active {
+        generation: i32,
+    },
+}
+
+/// Work for the restore workers.
+pub enum Job {
+    /// Take over every slice of an assigned input partition.
+    Take {
+        id: u64,
+        topic: String,
+        partition: i32,
+        generation: i32,
+        stored: Option<i64>,
+    },
+    /// Create (or take over) the slice of a table first seen in an owned partition.
+    Slice {
+        id: u64,
+        topic: String,
+        partition: i32,
+        generation: i32,
+        table: String,
+        schema: Option<String>,
+    },
+}
+
+/// A finished job.
+pub struct Done {
+    pub id: u64,
+    pub topic: String,
+    pub partition: i32,
+    pub result: Result<Taken, RestoreError>,
+}
+
+/// What a job took over.
+pub struct Taken {
+    /// Where the partition starts (`None`: the beginning); only for `Job::Take`.
+    pub start: Option<i64>,
+    pub replay: Vec<PendingRow>,
+    /// `(short name, chosen name)` of a `Job::Slice`.
+    pub named: Option<(String, String)>,
+    /// Slices taken over, with their acknowledged offsets.
+    pub slices: Vec<(String, u32, i64)>,
+}
+
+/// The partition set, shared by the rebalance callbacks and the ingest loop (same thread).
+pub struct Partitions {
+    inner: Mutex<Inner>,
+    tables: Arc<Tables>,
+    store: Store,
+    restorer: Arc<Restorer>,
+    jobs_tx: SyncSender<Job>,
+    /// Taken away at shutdown, so the durability task sees its queue close.
+    checkpoint_tx: Mutex<Option<mpsc::Sender<Checkpoint>>>,
+    follow: Option<Arc<dyn FollowControl>>,
+    revoke_timeout: Duration,
+    /// Set at shutdown: revokes no longer wait for the durability task (it settles everything).
+    closing: std::sync::atomic::AtomicBool,
+}
+
+pub struct Inner {
+    pub states: HashMap<(String, i32), PartState>,
+    /// Next input offset to apply per owned partition (initially from the store).
+    pub positions: HashMap<(String, i32), i64>,
+    pub assigned_once: bool,
+    /// Owned slices loaded from the store and not yet confirmed by an assignment.
+    pub unconfirmed: HashSet<(String, u32)>,
+    pub next_job: u64,
+    /// Resolved table names per (topic, name in the records).
+    pub names: HashMap<(String, String), String>,
+}
+
+impl Partitions {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tables: Arc<Tables>,
+        store: Store,
+        restorer: Arc<Restorer>,
+        jobs_tx: SyncSender<Job>,
+        checkpoint_tx: mpsc::Sender<Checkpoint>,
+        follow: Option<Arc<dyn FollowControl>>,
+        positions: HashMap<(String, i32), i64>,
+        revoke_timeout: Duration,
+    ) -> Self {
+        let mut unconfirmed = HashSet::new();
+        for name in tables.names() {
+            if let Some(t) = tables.get(&name) {
+                let t = t.read();
+                for (p, s) in t.slices.iter().enumerate() {
+                    if s.mode == SliceMode::Owned {
+                        unconfirmed.insert((name.clone(), p as u32));
+                    }
+                }
+            }
+        }
+        Partitions {
+            inner: Mutex::new(Inner {
+                states: HashMap::new(),
+                positions,
+                assigned_once: false,
+                unconfirmed,
+                next_job: 1,
+                names: HashMap::new(),
+            }),
+            tables,
+            store,
+            restorer,
+            jobs_tx,
+            checkpoint_tx: Mutex::new(Some(checkpoint_tx)),
+            follow,
+            revoke_timeout,
+            closing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The node is shutting down: revokes release their slices without waiting.
+    pub fn closing(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.checkpoint_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job (the queue is bounded; a full queue waits).
+    fn submit(&self, job: Job) {
+        let mut job = job;
+        loop {
+            match self.jobs_tx.try_send(job) {
+                Ok(()) => return,
+                Err(TrySendError::Full(j)) => {
+                    job = j;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+
+    /// Pauses `tp` and creates the slice of `table` in it; the partition resumes at its position.
+    pub fn create_slice(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        topic: &str,
+        partition: i32,
+        table: &str,
+        schema: Option<String>,
+    ) {
+        let id = {
+            let mut inner = self.lock();
+            let tp = (topic.to_string(), partition);
+            let Some(PartState::Active { generation }) = inner.states.get(&tp).copied() else {
+                return;
+            };
+            let id = inner.next_job;
+            inner.next_job += 1;
+            inner.states.insert(
+                tp,
+                PartState::Restoring {
+                    generation,
+                    job: id,
+                },
+            );
+            (id, generation)
+        };
+        pause(consumer, topic, partition);
+        self.submit(Job::Slice {
+            id: id.0,
+            topic: topic.to_string(),
+            partition,
+            generation: id.1,
+            table: table.to_string(),
+            schema,
+        });
+    }
+
+    /// Installs a finished job: resumes its partition at the right offset. Returns the replay
+    /// checkpoint to settle, or the error when the job failed for good.
+    pub fn finish(
+        &self,
+        consumer: &BaseConsumer<SourceContext>,
+        done: Done,
+    ) -> Result<Option<Checkpoint>, RestoreError> {
+        let tp = (done.topic.clone(), done.partition);
+        let current = {
+            let inner = self.lock();
+            matches!(inner.states.get(&tp), Some(PartState::Restoring { job, .. }) if *job == done.id)
+        };
+        let taken = match done.result {
+            Ok(t) => t,
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                if current {
+                    tracing::warn!(topic = %done.topic, partition = done.partition, error = %e, "taking the partition over failed; retrying");
+                    self.retry(consumer, &tp);
+                }
+                return Ok(None);
+            }
+        };
+        if !current {
+            // revoked (or re-assigned) while the job ran: let its slices go again
+            for (table, part, _) in &taken.slices {
+                self.release_slice(table, *part);
+            }
+            return Ok(None);
+        }
+        let start = {
+            let mut inner = self.lock();
+            if let Some((short, name)) = &taken.named {
+                inner
+                    .names
+                    .insert((done.topic.clone(), short.clone()), name.clone());
+            }
+            for (table, part, _) in &taken.slices {
+                inner.unconfirmed.remove(&(table.clone(), *part));
+            }
+            let generation = match inner.states.get(&tp) {
+                Some(PartState::Restoring { generation, .. }) => *generation,
+                _ => -1,
+            };
+            inner
+                .states
+                .insert(tp.clone(), PartState::Active { generation });
+            let start = match taken.start {
+                Some(s) => {
+                    inner.positions.insert(tp.clone(), s);
+                    Some(s)
+                }
+                None => inner.positions.get(&tp).copied(),
+            };
+            start
+        };
+        let offset = start.map_or(Offset::Beginning, Offset::Offset);
+        if let Err(e) = consumer.seek(&done.topic, done.partition, offset, Duration::from_secs(5)) {
+            tracing::warn!(topic = %done.topic, partition = done.partition, error = %e, "seek failed");
+        }
+        resume(consumer, &done.topic, done.partition);
+        tracing::info!(topic = %done.topic, partition = done.partition, start = ?start, slices = taken.slices.len(), "partition active");
+        let acked = taken.slices.clone();
+        Ok(Some(Checkpoint {
+            rows: taken.replay,
+            acked,
+            ..Default::default()
+        }))
+    }
+
+    fn retry(&self, _consumer: &BaseConsumer<SourceContext>, tp: &(String, i32)) {
+        let job = {
+            let mut inner = self.lock();
+            let Some(PartState::Restoring { generation, .. }) = inner.states.get(tp).copied()
+            else {
+                return;
+            };
+            let id = inner.next_job;
+            inner.next_job += 1;
+            inner.states.insert(
+                tp.clone(),
+                PartState::Restoring {
+                    generation,
+                    job: id,
+                },
+            );
+            Job::Take {
+                id,
+                topic: tp.0.clone(),
+                partition: tp.1,
+                generation,
+                stored: inner.positions.get(tp).copied(),
+            }
+        };
+        self.submit(job);
+    }
+
+    /// A slice this node no longer owns: the follower takes it (all-in-one), or it leaves memory.
+    fn release_slice(&self, table: &str, part: u32) {
+        let Some(t) = self.tables.get(table) else {
+            return;
+        };
+        let mut meta = None;
+        match &self.follow {
+            Some(_) => t.update_slices(|s| {
+                let slice = s.slice_mut(part);
+                slice.mode = SliceMode::Followed;
+                meta = Some(SliceMeta::of(slice));
+            }),
+            None => {
+                t.drop_slice(part);
+                meta = t.read().slice(part).map(SliceMeta::of);
+            }
+        }
+        if let Some(m) = meta {
+            let mut b = WriteBatch::default();
+            b.put_slice(table, part, &m);
+            if let Err(e) = self.store.apply(b) {
+                tracing::error!(table, part, error = %e, "recording a released slice failed");
+            }
+        }
+        if let Some(f) = &self.follow {
+            f.follow(table, part);
+        }
+    }
+
+    /// The slices of tables fed by `topic` in `partition` that this node owns.
+    fn owned_slices(&self, topic: &str, partition: i32) -> Vec<(String, u32)> {
+        let part = u32::try_from(partition).unwrap_or(0);
+        self.restorer
+            .registry
+            .tables_of(topic)
+            .into_iter()
+            .filter(|e| {
+                self.tables.get(&e.table).is_some_and(|t| {
+                    t.read()
+                        .slice(part)
+                        .is_some_and(|s| s.mode == SliceMode::Owned)
+                })
+            })
+            .map(|e| (e.table, part))
+            .collect()
+    }
+}
+
+impl RebalanceListener for Partitions {
+    fn start_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.lock()
+            .positions
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+
+    fn assigned(
+        &self,
+        _consumer: &BaseConsumer<SourceContext>,
+        parts: &[(String, i32)],
+        generation: i32,
+    ) {
+        let (jobs, released) = {
+            let mut inner = self.lock();
+            let mut jobs = Vec::new();
+            for tp in parts {
+                let id = inner.next_job;
+                inner.next_job += 1;
+                inner.states.insert(
+                    tp.clone(),
+                    PartState::Restoring {
+                        generation,
+                        job: id,
+                    },
+                );
+                jobs.push(Job::Take {
+                    id,
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    generation,
+                    stored: inner.positions.get(tp).copied(),
+                });
+            }
+            let mut released = Vec::new();
+            if !inner.assigned_once {
+                inner.assigned_once = true;
+                // owned slices of the last run whose partitions went elsewhere
+                let assigned: HashSet<(String, u32)> = parts
+                    .iter()
+                    .flat_map(|(topic, p)| {
+                        self.restorer
+                            .registry
+                            .tables_of(topic)
+                            .into_iter()
+                            .map(|e| (e.table, u32::try_from(*p).unwrap_or(0)))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let unconfirmed = std::mem::take(&mut inner.unconfirmed);
+                for s in unconfirmed {
+                    if assigned.contains(&s) {
+                        inner.unconfirmed.insert(s);
+                    } else {
+                        released.push(s);
+                    }
+                }
+            }
+            (jobs, released)
+        };
+        for (table, part) in released {
+            self.release_slice(&table, part);
+        }
+        for job in jobs {
+            self.submit(job);
+        }
+    }
+
+    fn revoking(&self, _consumer: &BaseConsumer<SourceContext>, parts: &[(String, i32)]) {
+        let commit: Vec<(String, i32)> = {
+            let mut inner = self.lock();
+            parts
+                .iter()
+                .filter(|tp| matches!(inner.states.remove(*tp), Some(PartState::Active { .. })))
+                .cloned()
+                .collect()
+        };
+        // everything applied from these partitions becomes durable and committed first
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let positions = {
+            let inner = self.lock();
+            commit
+                .iter()
+                .filter_map(|tp| inner.positions.get(tp).map(|p| (tp.clone(), *p)))
+                .collect()
+        };
+        let barrier = Checkpoint {
+            positions,
+            barrier: Some(Barrier {
+                commit: commit.clone(),
+                done: done_tx,
+            }),
+            ..Default::default()
+        };
+        let tx = self
+            .checkpoint_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !self.closing.load(std::sync::atomic::Ordering::Acquire)
+            && tx.is_some_and(|tx| tx.blocking_send(barrier).is_ok())
+        {
+            let deadline = std::time::Instant::now() + self.revoke_timeout;
+            let mut done_rx = done_rx;
+            loop {
+                match done_rx.try_recv() {
+                    Ok(()) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                        if std::time::Instant::now() > deadline {
+                            tracing::warn!(partitions = ?commit, "revoked partitions not durable within the timeout; their outbox is produced again by the next owner's restore");
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        }
+        for (topic, partition) in parts {
+            for (table, part) in self.owned_slices(topic, *partition) {
+                self.release_slice(&table, part);
+            }
+        }
+    }
+}
+
+/// Runs restore jobs until the job channel closes; `workers` threads share the queue.
+pub fn spawn_workers(
+    restorer: Arc<Restorer>,
+    consumer: Arc<BaseConsumer<SourceContext>>,
+    jobs_rx: Receiver<Job>,
+    done_tx: SyncSender<Done>,
+    workers: usize,
+    cancel: tokio_util::sync::CancellationToken,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    (0..workers)
+        .filter_map(|i| {
+            let (restorer, consumer, jobs_rx, done_tx, cancel) = (
+                restorer.clone(),
+                consumer.clone(),
+                jobs_rx.clone(),
+                done_tx.clone(),
+                cancel.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("livetable-restore-{i}"))
+                .spawn(move || {
+                    let mut reader = None;
+                    loop {
+                        let job = {
+                            let rx = jobs_rx.lock().unwrap_or_else(|e| e.into_inner());
+                            rx.recv_timeout(Duration::from_millis(200))
+                        };
+                        let job = match job {
+                            Ok(j) => j,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                if cancel.is_cancelled() {
+                                    return;
+                                }
+                                continue;
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        };
+                        if reader.is_none() {
+                            match restorer.reader() {
+                                Ok(r) => reader = Some(r),
+                                Err(e) => tracing::error!(error = %e, "cannot create a reader"),
+                            }
+                        }
+                        let Some(r) = reader.as_ref() else {
+                            continue;
+                        };
+                        let cancelled = || cancel.is_cancelled();
+                        let done = run_job(&restorer, &consumer, r, job, &cancelled);
+                        if done.result.is_err() && !cancel.is_cancelled() {
+                            // a broker that is not there yet: do not spin
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                        if done_tx.send(done).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .ok()
+        })
+        .collect()
+}
+
+fn run_job(
+    restorer: &Restorer,
+    consumer: &BaseConsumer<SourceContext>,
+    reader: &crate::cdc::source::Reader,
+    job: Job,
+    cancelled: &dyn Fn() -> bool,
+) -> Done {
+    match job {
+        Job::Take {
+            id,
+            topic,
+            partition,
+            generation,
+            stored,
+        } => {
+            let result = take_partition(
+                restorer, consumer, reader, &topic, partition, generation, stored, cancelled,
+            );
+            Done {
+                id,
+                topic,
+                partition,
+                result,
+            }
+        }
+        Job::Slice {
+            id,
+            topic,
+            partition,
+            generation,
+            table,
+            schema,
+        } => {
+            let part = u32::try_from(partition).unwrap_or(0);
+            let result = (|| {
+                restorer.catch_up_registry(reader, cancelled)?;
+                let entry = match restorer.entry_for(reader, &table, &topic, cancelled) {
+                    Err(RestoreError::SourceConflict { .. }) if schema.is_some() => {
+                        let qualified =
+                            format!("{}.{}", schema.as_deref().unwrap_or_default(), table);
+                        restorer.entry_for(reader, &qualified, &topic, cancelled)?
+                    }
+                    other => other?,
+                };
+                let taken = restorer.take_slice(reader, &entry, part, generation, cancelled)?;
+                Ok(Taken {
+                    start: None,
+                    replay: taken.replay,
+                    named: Some((table.clone(), entry.table.clone())),
+                    slices: vec![(entry.table, part, taken.acked)],
+                })
+            })();
+            Done {
+                id,
+                topic,
+                partition,
+                result,
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn take_partition(
+    restorer: &Restorer,
+    consumer: &BaseConsumer<SourceContext>,
+    reader: &crate::cdc::source::Reader,
+    topic: &str,
+    partition: i32,
+    generation: i32,
+    stored: Option<i64>,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Taken, RestoreError> {
+    restorer.catch_up_registry(reader, cancelled)?;
+    let part = u32::try_from(partition).unwrap_or(0);
+    let mut floor: Option<i64> = None;
+    let mut replay = Vec::new();
+    let mut slices = Vec::new();
+    for entry in restorer.registry.tables_of(topic) {
+        let taken = restorer.take_slice(reader, &entry, part, generation, cancelled)?;
+        floor = Some(floor.map_or(taken.acked + 1, |f: i64| f.min(taken.acked + 1)));
+        replay.extend(taken.replay);
+        slices.push((entry.table, part, taken.acked));
+    }
+    let committed = committed_offset(consumer, topic, partition);
+    let start = [stored, committed, floor].into_iter().flatten().max();
+    Ok(Taken {
+        start,
+        replay,
+        named: None,
+        slices,
+    })
+}
+
+/// The group's committed offset of a partition (`None` when there is none or it cannot be read).
+fn committed_offset(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    for _ in 0..5 {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(5)) {
+            Ok(list) => {
+                return list.elements().first().and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(topic, partition, error = %e, "reading the committed offset failed; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    None
+}
+
+fn pause(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: i32) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(topic, partition, error = %e, "pause failed");
+    }
+}
+
+fn resume(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: i32) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.resume(&tpl) {
+        tracing::warn!(topic, partition, error = %e, "resume failed");
+    }
+}

@@ -1,0 +1,388 @@
+//! Staging one batch of input records into per-table deltas, then committing it: memory first
+//! (clients), then one sled batch, then the changelog records and dead letters.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use rdkafka::message::{BorrowedMessage, Message};
+
+use super::partitions::PartState;
+use super::{Ingest, IngestError};
+use crate::cdc::decode::{self, Change, Decoded, Op, RawRecord};
+use crate::table::changelog::RecordMeta;
+use crate::table::checkpoint::{Checkpoint, PendingLetter, PendingRow};
+use crate::table::state::{Delta, RowWrite, SliceMode, Staged};
+use crate::table::store::{encode_row, DeadLetter, SliceMeta, WriteBatch};
+
+type Tp = (String, i32);
+
+/// A changelog record to produce: table, partition, key, row JSON (`None`: tombstone), headers.
+type Record = (String, u32, String, Option<Vec<u8>>, RecordMeta);
+
+/// One batch being staged.
+pub struct BatchStage {
+    /// Next offset to apply per partition: records below were applied already.
+    positions: HashMap<Tp, i64>,
+    names: HashMap<(String, String), String>,
+    deltas: HashMap<String, Delta>,
+    /// Positions this batch moved.
+    advanced: HashMap<Tp, i64>,
+    letters: Vec<(u64, DeadLetter)>,
+    outcomes: HashMap<(String, &'static str), u64>,
+    applied: HashMap<(String, &'static str), u64>,
+    /// Partitions paused in this batch (a slice is being created): their later records wait.
+    paused: HashSet<Tp>,
+}
+
+impl BatchStage {
+    pub fn new(positions: HashMap<Tp, i64>, names: HashMap<(String, String), String>) -> Self {
+        BatchStage {
+            positions,
+            names,
+            deltas: HashMap::new(),
+            advanced: HashMap::new(),
+            letters: Vec::new(),
+            outcomes: HashMap::new(),
+            applied: HashMap::new(),
+            paused: HashSet::new(),
+        }
+    }
+
+    /// Stages one record.
+    pub fn record(
+        &mut self,
+        ing: &mut Ingest,
+        m: &BorrowedMessage<'_>,
+        states: &HashMap<Tp, PartState>,
+        warned: &mut HashSet<(String, String)>,
+    ) {
+        let tp: Tp = (m.topic().to_string(), m.partition());
+        if self.paused.contains(&tp) || !matches!(states.get(&tp), Some(PartState::Active { .. })) {
+            return;
+        }
+        if self
+            .positions
+            .get(&tp)
+            .is_some_and(|next| m.offset() < *next)
+        {
+            self.count(m.topic(), "duplicate");
+            return;
+        }
+        let rec = RawRecord {
+            topic: m.topic(),
+            key: m.key(),
+            value: m.payload(),
+            timestamp_ms: m.timestamp().to_millis(),
+        };
+        let outcome = match decode::decode(&rec, &ing.settings) {
+            Ok(out) => {
+                if let Decoded::Change(c) = &out.decoded {
+                    for column in &out.undecodable_decimals {
+                        undecodable_decimal(ing, &c.table, column, warned);
+                    }
+                }
+                match out.decoded {
+                    Decoded::Change(change) => match self.stage_change(ing, m, change) {
+                        Some(outcome) => outcome,
+                        None => return,
+                    },
+                    Decoded::Skip(reason) => {
+                        ing.metrics
+                            .skipped
+                            .with_label_values(&[reason.as_str()])
+                            .inc();
+                        "skipped"
+                    }
+                }
+            }
+            Err(e) => {
+                self.dead_letter(ing, m, &e);
+                "dead_lettered"
+            }
+        };
+        self.count(m.topic(), outcome);
+        let next = m.offset() + 1;
+        self.positions.insert(tp.clone(), next);
+        self.advanced.insert(tp, next);
+    }
+
+    fn count(&mut self, topic: &str, outcome: &'static str) {
+        *self
+            .outcomes
+            .entry((topic.to_string(), outcome))
+            .or_default() += 1;
+    }
+
+    /// The table a record of `topic` naming `table` belongs to, if this deployment has it.
+    fn resolve(&mut self, ing: &Ingest, topic: &str, table: &str) -> Option<String> {
+        if let Some(n) = self.names.get(&(topic.to_string(), table.to_string())) {
+            return Some(n.clone());
+        }
+        let e = ing.registry.get(table)?;
+        (e.source == topic).then(|| {
+            self.names
+                .insert((topic.to_string(), table.to_string()), table.to_string());
+            table.to_string()
+        })
+    }
+
+    /// Stages a change; `None` when its partition had to pause for a new slice.
+    fn stage_change(
+        &mut self,
+        ing: &mut Ingest,
+        m: &BorrowedMessage<'_>,
+        c: Change,
+    ) -> Option<&'static str> {
+        let (topic, partition, off) = (m.topic(), m.partition(), m.offset());
+        let part = u32::try_from(partition).unwrap_or(0);
+        let owned = |name: &str| {
+            ing.tables.get(name).filter(|t| {
+                t.read()
+                    .slice(part)
+                    .is_some_and(|s| s.mode == SliceMode::Owned)
+            })
+        };
+        let table = match self.resolve(ing, topic, &c.table).and_then(|n| owned(&n)) {
+            Some(t) => t,
+            None => {
+                ing.partitions
+                    .create_slice(&ing.consumer, topic, partition, &c.table, None);
+                self.paused.insert((topic.to_string(), partition));
+                return None;
+            }
+        };
+        let name = table.read().name.to_string();
+        let delta = self
+            .deltas
+            .entry(name.clone())
+            .or_insert_with(|| Delta::new(table.clone()));
+        let (acked, last_off) = {
+            let s = delta.slice(part);
+            (s.acked, s.last_off)
+        };
+        if off <= acked {
+            // the slice's changelog already holds this change (re-read after a takeover)
+            return Some("duplicate");
+        }
+        let write = |key: String, row| RowWrite {
+            key,
+            row,
+            op: c.op,
+            part,
+            off,
+            ts_ms: c.ts_ms,
+            kafka_ts_ms: c.kafka_ts_ms,
+        };
+        let mut outcome = "unchanged";
+        if c.op == Op::Truncate {
+            // a truncate clears the rows this partition holds (the other partitions' owners
+            // clear theirs when the truncate reaches them)
+            let mut keys: Vec<String> = table
+                .read()
+                .rows
+                .iter()
+                .filter(|(_, e)| e.part == part)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for (k, e) in &delta.rows {
+                match e {
+                    Some(e) if e.part == part => keys.push(k.clone()),
+                    _ => {}
+                }
+            }
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                if off <= last_off && delta.is_stale(&key, part, off) {
+                    continue;
+                }
+                if delta.stage(write(key, None)) == Staged::Applied {
+                    outcome = "applied";
+                }
+            }
+        } else {
+            if off <= last_off && delta.is_stale(&c.key, part, off) {
+                return Some("duplicate");
+            }
+            outcome = match delta.stage(write(c.key.clone(), c.row.map(Arc::new))) {
+                Staged::Applied => "applied",
+                Staged::Unchanged => "unchanged",
+                Staged::Stale => "duplicate",
+            };
+        }
+        if outcome == "applied" {
+            *self.applied.entry((name, c.op.as_str())).or_default() += 1;
+        }
+        Some(outcome)
+    }
+
+    fn dead_letter(&mut self, ing: &mut Ingest, m: &BorrowedMessage<'_>, e: &decode::DecodeError) {
+        let id = ing.next_letter_id;
+        ing.next_letter_id += 1;
+        let limit = ing.max_record_bytes;
+        let truncated = m.payload().is_some_and(|p| p.len() > limit);
+        let letter = DeadLetter {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| k[..k.len().min(limit)].to_vec()),
+            value: m.payload().map(|p| p[..p.len().min(limit)].to_vec()),
+            reason: e.reason().to_string(),
+            error: e.to_string(),
+            truncated,
+        };
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), reason = e.reason(), error = %e, "record dead-lettered");
+        ing.metrics
+            .decode_errors
+            .with_label_values(&[e.reason()])
+            .inc();
+        ing.metrics.dead_lettered.inc();
+        self.letters.push((id, letter));
+    }
+
+    /// Commits the batch: memory (clients see it), then one sled batch, then the changelog
+    /// records and dead letters. Returns the checkpoint and the tables touched.
+    pub fn finish(self, ing: &Ingest) -> Result<(Checkpoint, Vec<String>), IngestError> {
+        let mut wb = WriteBatch::default();
+        let mut records: Vec<Record> = Vec::new();
+        let mut acked = Vec::new();
+        let mut touched = Vec::new();
+        for (name, delta) in &self.deltas {
+            let mut seen: HashSet<&str> = HashSet::new();
+            for c in delta.changes.iter().rev() {
+                if !seen.insert(c.key.as_str()) {
+                    continue;
+                }
+                let Some(s) = delta.slices.get(&c.part) else {
+                    continue;
+                };
+                let meta = RecordMeta {
+                    off: c.off,
+                    count: s.count,
+                    acked: s.acked,
+                    owner: s.owner,
+                    ts_ms: c.ts_ms,
+                };
+                match &c.row {
+                    Some(row) => {
+                        let json = encode_row(row);
+                        wb.put_row(name, &c.key, c.part, c.off, &json);
+                        records.push((name.clone(), c.part, c.key.clone(), Some(json), meta));
+                    }
+                    None => {
+                        wb.remove_row(name, &c.key);
+                        wb.mark_deleted(name, &c.key, c.part, c.off);
+                        records.push((name.clone(), c.part, c.key.clone(), None, meta));
+                    }
+                }
+            }
+            for (part, s) in &delta.slices {
+                wb.put_slice(
+                    name,
+                    *part,
+                    &SliceMeta {
+                        last_off: s.last_off,
+                        count: s.count,
+                        owner: s.owner.to_header(),
+                        owned: true,
+                    },
+                );
+                acked.push((name.clone(), *part, s.last_off));
+            }
+            if !delta.changes.is_empty() {
+                touched.push(name.clone());
+            }
+        }
+        for ((topic, partition), next) in &self.advanced {
+            wb.set_position(topic, *partition, *next);
+        }
+        for (id, letter) in &self.letters {
+            wb.add_dead_letter(*id, letter);
+        }
+        // clients first: a node that crashes before the store holds this batch re-applies the
+        // same records to the same state after its restart
+        for (_, delta) in self.deltas {
+            ing.tables.commit(delta, &*ing.sink);
+        }
+        ing.store.apply(wb)?;
+        let rows: Vec<PendingRow> = {
+            let _order = ing.changelog.ordered();
+            records
+                .into_iter()
+                .map(|(table, part, key, payload, meta)| {
+                    let delivery =
+                        match ing
+                            .changelog
+                            .send_row(&table, part, &key, payload.as_deref(), meta)
+                        {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                ing.metrics.changelog_produce_errors.inc();
+                                tracing::warn!(table, key, error = %e, "changelog produce failed; will retry");
+                                None
+                            }
+                        };
+                    PendingRow {
+                        table,
+                        part,
+                        key,
+                        off: meta.off,
+                        deleted: payload.is_none(),
+                        delivery,
+                    }
+                })
+                .collect()
+        };
+        let letters = self
+            .letters
+            .into_iter()
+            .map(|(id, letter)| PendingLetter {
+                id,
+                delivery: ing.changelog.send_dead_letter(&letter).ok(),
+                letter,
+            })
+            .collect();
+        for ((topic, outcome), n) in self.outcomes {
+            ing.metrics
+                .records_consumed
+                .with_label_values(&[&topic, outcome])
+                .inc_by(n);
+        }
+        for ((table, op), n) in self.applied {
+            ing.metrics
+                .changes_applied
+                .with_label_values(&[&table, op])
+                .inc_by(n);
+        }
+        Ok((
+            Checkpoint {
+                rows,
+                letters,
+                positions: self.advanced,
+                acked,
+                barrier: None,
+            },
+            touched,
+        ))
+    }
+}
+
+fn undecodable_decimal(
+    ing: &Ingest,
+    table: &str,
+    column: &str,
+    warned: &mut HashSet<(String, String)>,
+) {
+    ing.metrics
+        .undecodable_decimals
+        .with_label_values(&[table])
+        .inc();
+    if warned.insert((table.to_string(), column.to_string())) {
+        tracing::warn!(
+            table,
+            column,
+            "column looks like a base64 Decimal without a schema; kept as is. Set decimal.handling.mode=string \
+             (or double) on the Debezium connector, or enable value.converter.schemas.enable"
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! Reading topic partitions to a known end, outside any consumer group (restores, the registry).
+//!
+//! The end of a partition is either an offset (read until that record was seen) or the high
+//! watermark librdkafka saw in its last fetch response (no ListOffsets: some brokers answer it
+//! wrongly). A read gives up when no partition made progress for the stall timeout, not after a
+//! fixed total time: a big restore that keeps moving is never cut short.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+
+use crate::cdc::source::Reader;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::cdc::source;
+
+/// Errors of a read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("no progress for {0:?} reading {1} (broker {2})")]
+    Stalled(Duration, String, String),
+    #[error("interrupted by shutdown")]
+    Cancelled,
+}
+
+/// Where a read of a partition ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// After the record at this offset was read.
+    Through(i64),
+    /// At the high watermark of the partition (seen in fetch responses).
+    HighWatermark,
+}
+
+/// One partition to read.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub topic: String,
+    pub partition: i32,
+    /// Offset to start at (`None`: the beginning).
+    pub from: Option<i64>,
+    pub end: End,
+}
+
+/// Reads every span to its end, calling `f` for each record; returns the next offset of each
+/// partition (what was read up to). `brokers` only names the broker in errors.
+pub fn read_spans(
+    consumer: &Reader,
+    spans: &[Span],
+    stall: Duration,
+    brokers: &str,
+    cancelled: &dyn Fn() -> bool,
+    mut f: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<HashMap<(String, i32), i64>, ReadError> {
+    let mut tpl = TopicPartitionList::new();
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    let mut ends: HashMap<(String, i32), End> = HashMap::new();
+    for s in spans {
+        let start = s.from.map_or(Offset::Beginning, Offset::Offset);
+        tpl.add_partition_offset(&s.topic, s.partition, start)?;
+        next.insert((s.topic.clone(), s.partition), s.from.unwrap_or(0));
+        ends.insert((s.topic.clone(), s.partition), s.end);
+    }
+    if spans.is_empty() {
+        return Ok(next);
+    }
+    consumer.assign(&tpl)?;
+    let mut open: Vec<(String, i32)> = next.keys().cloned().collect();
+    let mut progress = Instant::now();
+    let result = loop {
+        if cancelled() {
+            break Err(ReadError::Cancelled);
+        }
+        open.retain(|tp| !done(consumer, tp, next[tp], ends[tp]));
+        if open.is_empty() {
+            break Ok(());
+        }
+        if progress.elapsed() > stall {
+            let what = open
+                .iter()
+                .take(3)
+                .map(|(t, p)| format!("{t}/{p}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            break Err(ReadError::Stalled(stall, what, brokers.to_string()));
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let tp = (m.topic().to_string(), m.partition());
+                if let Some(n) = next.get_mut(&tp) {
+                    if m.offset() >= *n {
+                        *n = m.offset() + 1;
+                        progress = Instant::now();
+                        f(&m);
+                    }
+                }
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "reader: consumer error"),
+            None => {}
+        }
+    };
+    let _ = consumer.unassign();
+    result.map(|()| next)
+}
+
+fn done(consumer: &Reader, tp: &(String, i32), next: i64, end: End) -> bool {
+    match end {
+        End::Through(o) => next > o,
+        // an empty partition (or one whose head was compacted or expired) has lo == hi
+        End::HighWatermark => source::cached_watermarks(consumer, &tp.0, tp.1)
+            .is_some_and(|(lo, hi)| next >= hi || lo >= hi),
+    }
+}

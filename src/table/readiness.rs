@@ -1,0 +1,88 @@
+//! Health and readiness of a node.
+//!
+//! Ready = the local store is loaded, and every part this node's role needs is caught up: the
+//! ingest loop (every assigned input partition restored and within `--max-ready-lag` records of
+//! its high watermark) and the changelog follower (the registry and every followed changelog
+//! partition within that lag). Readiness is re-evaluated continuously: a node that falls behind
+//! (a broker outage, a burst it cannot keep up with) says so again.
+//! Healthy = nothing failed for good (the store, a fatal configuration conflict).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// The parts of readiness.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub loaded: AtomicBool,
+    pub healthy: AtomicBool,
+    pub ingest: AtomicBool,
+    pub follower: AtomicBool,
+    pub needs_ingest: bool,
+    pub needs_follower: bool,
+    /// Why the node is not ready (for `/readyz`).
+    pub reason: Mutex<String>,
+}
+
+impl Readiness {
+    pub fn new(needs_ingest: bool, needs_follower: bool) -> Self {
+        let r = Readiness {
+            needs_ingest,
+            needs_follower,
+            ..Default::default()
+        };
+        r.healthy.store(true, Ordering::Release);
+        r
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+            && self.healthy.load(Ordering::Acquire)
+            && (!self.needs_ingest || self.ingest.load(Ordering::Acquire))
+            && (!self.needs_follower || self.follower.load(Ordering::Acquire))
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Sets the ingest part; logs transitions.
+    pub fn set_ingest(&self, ready: bool, why: &str) {
+        self.set(&self.ingest, ready, "ingest", why);
+    }
+
+    /// Sets the follower part; logs transitions.
+    pub fn set_follower(&self, ready: bool, why: &str) {
+        self.set(&self.follower, ready, "follower", why);
+    }
+
+    fn set(&self, flag: &AtomicBool, ready: bool, part: &str, why: &str) {
+        let was = flag.swap(ready, Ordering::AcqRel);
+        if !ready {
+            *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = format!("{part}: {why}");
+        }
+        if was != ready {
+            if ready {
+                tracing::info!(part, "caught up");
+            } else {
+                tracing::warn!(part, reason = why, "not caught up");
+            }
+        }
+    }
+
+    /// The last reason the node was not ready.
+    pub fn reason(&self) -> String {
+        if self.is_ready() {
+            return String::new();
+        }
+        if !self.loaded.load(Ordering::Acquire) {
+            return "loading the local store".into();
+        }
+        if !self.healthy.load(Ordering::Acquire) {
+            return "failed: see the log".into();
+        }
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
