@@ -51,6 +51,7 @@ pub struct Metrics {
     pub fences_written: IntCounter,
     pub fenced_records: IntCounter,
     pub follower_lag: IntGaugeVec,
+    pub follower_records: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -143,6 +144,10 @@ impl Metrics {
             "livetable_fences_written_total",
             "Fence records written when this node took a changelog partition over.",
         );
+        let follower_records = counter(
+            "livetable_follower_records_total",
+            "Changelog records read by the follower (a gateway restarted from its cache reads only the tail).",
+        );
         let fenced_records = counter(
             "livetable_fenced_records_total",
             "Changelog records ignored because a newer owner had fenced their partition (a former owner's late writes).",
@@ -194,6 +199,7 @@ impl Metrics {
             role: gauge_vec(&r, "livetable_role", "1 for the role of this process (all, materialiser, gateway).", &["role"]),
             fences_written,
             fenced_records,
+            follower_records,
             follower_lag: gauge_vec(&r, "livetable_follower_lag", "Largest changelog lag (records) of the partitions the follower reads, by table.", &["table"]),
             registry: r,
         };

@@ -67,9 +67,11 @@ impl SourceContext {
 
 /// librdkafka's log callback, shared by every client livetable makes.
 pub fn log_librdkafka(brokers: &str, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-    // a subscription pattern matching no topic yet is normal before Debezium created the topics
+    // a subscription pattern matching no topic yet is normal before Debezium created the topics;
+    // --kafka-prop goes to consumers and producers alike, which ignore the other's properties
     let expected = log_message.contains("Subscribed topic not available")
-        || log_message.contains("Unknown topic or partition");
+        || log_message.contains("Unknown topic or partition")
+        || (fac == "CONFWARN" && log_message.contains("will be ignored by this"));
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert

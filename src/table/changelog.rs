@@ -196,6 +196,17 @@ pub struct RegistryEntry {
     pub changelog: String,
 }
 
+impl RegistryEntry {
+    /// What the local store keeps of the table.
+    pub fn meta(&self) -> crate::table::store::TableMeta {
+        crate::table::store::TableMeta {
+            epoch: self.epoch.clone(),
+            source: self.source.clone(),
+            partitions: self.partitions,
+        }
+    }
+}
+
 /// Producer of changelog, registry and dead-letter records; creator of their topics.
 pub struct Changelog {
     producer: FutureProducer,

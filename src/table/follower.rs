@@ -141,6 +141,8 @@ impl Follower {
         let mut registry_changed = true;
         let mut assigned: BTreeSet<(String, i32, i64)> = BTreeSet::new();
         let mut last_check = Instant::now();
+        // until the first time it is caught up, every followed partition must have answered
+        let mut starting = true;
         while !self.cancel.is_cancelled() {
             if registry_changed {
                 registry_changed = false;
@@ -198,6 +200,7 @@ impl Follower {
                     continue;
                 }
                 f.next = m.offset() + 1;
+                self.metrics.follower_records.inc();
                 let Some(table) = self.tables.get(&f.table) else {
                     continue;
                 };
@@ -223,9 +226,12 @@ impl Follower {
                 }
                 self.tables.commit(delta, &*self.sink);
             }
-            if last_check.elapsed() > Duration::from_millis(250) {
+            // (tables announced by records just read are followed from the next round on)
+            if !registry_changed && last_check.elapsed() > Duration::from_millis(250) {
                 last_check = Instant::now();
-                self.check_lag(&reader, &registry_topic, registry_next, &followed);
+                if self.check_lag(&reader, &registry_topic, registry_next, &followed, starting) {
+                    starting = false;
+                }
             }
         }
         Ok(())
@@ -254,6 +260,9 @@ impl Follower {
         }
         self.tables
             .ensure(&entry.table, &entry.epoch, &entry.source, entry.partitions);
+        if let Err(e) = self.store.put_table(&entry.table, &entry.meta()) {
+            tracing::error!(table = %entry.table, error = %e, "follower: recording the table in the local cache failed");
+        }
         self.metrics
             .follower_lag
             .with_label_values(&[&entry.table])
@@ -340,14 +349,15 @@ impl Follower {
     }
 
     /// Lag per followed partition and readiness: the registry and every followed partition read
-    /// to within the ready lag of their high watermarks.
+    /// to within the ready lag of their high watermarks. Returns the readiness.
     fn check_lag(
         &self,
         reader: &Reader,
         registry_topic: &str,
         registry_next: i64,
         followed: &HashMap<(String, i32), Followed>,
-    ) {
+        starting: bool,
+    ) -> bool {
         let mut ready = true;
         let mut why = String::new();
         match source::cached_watermarks(reader, registry_topic, 0) {
@@ -376,8 +386,8 @@ impl Follower {
                         why = format!("{topic}/{p} is {lag} records behind");
                     }
                 }
-                // a partition that was just added gets its first fetch response in milliseconds
-                None if f.since.elapsed() < Duration::from_secs(2) => {}
+                // a partition added to a running node gets its first fetch response in milliseconds
+                None if !starting && f.since.elapsed() < Duration::from_secs(2) => {}
                 None => {
                     ready = false;
                     why = format!("no fetch response yet for {topic}/{p}");
@@ -391,6 +401,7 @@ impl Follower {
                 .set(lag);
         }
         self.readiness.set_follower(ready, &why);
+        ready
     }
 }
 

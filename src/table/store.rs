@@ -254,6 +254,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records a table (its lineage, input topic and partition count), so a restart knows it.
+    pub fn put_table(&self, table: &str, meta: &TableMeta) -> Result<(), StoreError> {
+        self.tree.insert(
+            one(b't', table),
+            serde_json::to_vec(meta).unwrap_or_default(),
+        )?;
+        Ok(())
+    }
+
     /// Records how far a slice's changelog is acknowledged (the checkpointer's part).
     pub fn put_acks(&self, table: &str, part: u32, meta: &AckMeta) -> Result<(), StoreError> {
         self.tree.insert(

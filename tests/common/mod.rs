@@ -2,6 +2,8 @@
 //! unique topic names, fixture replay, polling with deadlines. No mocks.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -122,6 +124,8 @@ pub async fn create_topic(name: &str, partitions: i32) {
 pub fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers())
+        // the key decides the partition, as with Kafka Connect's producer
+        .set("partitioner", "murmur2_random")
         .set("linger.ms", "2")
         .set("enable.idempotence", "true")
         .set("queue.buffering.max.messages", "1000000")
@@ -129,8 +133,23 @@ pub fn producer() -> FutureProducer {
         .unwrap()
 }
 
-/// Produces records to `topic` in order and waits for every acknowledgement.
+/// Produces records to partition 0 of `topic` in order and waits for every acknowledgement.
 pub async fn produce(producer: &FutureProducer, topic: &str, records: &[FixtureRecord]) {
+    produce_to(producer, topic, records, Some(0)).await
+}
+
+/// Produces records to `topic`, each to the partition its key hashes to (as Debezium's producer
+/// does), and waits for every acknowledgement.
+pub async fn produce_keyed(producer: &FutureProducer, topic: &str, records: &[FixtureRecord]) {
+    produce_to(producer, topic, records, None).await
+}
+
+async fn produce_to(
+    producer: &FutureProducer,
+    topic: &str,
+    records: &[FixtureRecord],
+    partition: Option<i32>,
+) {
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
         let mut headers = OwnedHeaders::new();
@@ -140,8 +159,10 @@ pub async fn produce(producer: &FutureProducer, topic: &str, records: &[FixtureR
                 value: Some(v),
             });
         }
-        let mut rec: FutureRecord<'_, str, str> =
-            FutureRecord::to(topic).headers(headers).partition(0);
+        let mut rec: FutureRecord<'_, str, str> = FutureRecord::to(topic).headers(headers);
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
         if let Some(k) = &r.key {
             rec = rec.key(k);
         }
@@ -171,6 +192,17 @@ pub type ReadRecord = (Option<String>, Option<String>, Vec<(String, String)>);
 
 /// Reads a topic from the beginning until `expected` records arrived or the deadline passed.
 pub fn read_topic(topic: &str, expected: usize, deadline: Duration) -> Vec<ReadRecord> {
+    read_partitions(topic, &[0], expected, deadline)
+}
+
+/// Reads partitions of a topic from the beginning until `expected` records arrived or the
+/// deadline passed.
+pub fn read_partitions(
+    topic: &str,
+    partitions: &[i32],
+    expected: usize,
+    deadline: Duration,
+) -> Vec<ReadRecord> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique("reader-"))
@@ -179,8 +211,10 @@ pub fn read_topic(topic: &str, expected: usize, deadline: Duration) -> Vec<ReadR
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let until = Instant::now() + deadline;
