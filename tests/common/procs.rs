@@ -13,6 +13,15 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::{brokers, eventually, get_json};
 
+/// The livetable binary cargo built for these tests.
+pub fn livetable_bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_livetable") {
+        Some(p) => PathBuf::from(p),
+        // a test of another crate of the workspace: the binary of the same profile
+        None => super::repo_root().join("target/debug/livetable"),
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -80,7 +89,7 @@ impl Node {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_livetable"))
+        let child = Command::new(livetable_bin())
             .args(&self.args)
             .env("LIVETABLE_LOG", "info")
             .env_remove("RUST_LOG")
