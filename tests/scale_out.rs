@@ -210,7 +210,7 @@ async fn materialisers_fail_over_and_rebalance_while_clients_watch_two_gateways(
     for n in [&mat1, &mat2, &gw1, &gw2] {
         n.wait_ready(Duration::from_secs(90)).await;
     }
-    let watchers = vec![
+    let watchers = [
         Watcher::connect_when_ready(&gw1.base, TABLE).await,
         Watcher::connect_when_ready(&gw1.base, TABLE).await,
         Watcher::connect_when_ready(&gw2.base, TABLE).await,
