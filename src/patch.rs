@@ -2,9 +2,13 @@
 //! layer (the patch of each change) and the fan-out (composing patches for slow clients).
 //!
 //! The state of a table is `{key: row}`; every diff sent to clients is a merge patch against it,
-//! so a client keeps its copy with `state = merge(state, patch)`. Patches compose:
-//! `merge(merge(s, a), b) == merge(s, compose(a, b))`, which is what lets a slow client receive
-//! one patch for many changes.
+//! so a client keeps its copy with `state = merge(state, patch)`. A slow client gets one patch for
+//! many changes: the diff between the row it holds and the row it should hold.
+//!
+//! Limits of merge patches, and how livetable lives with them: a `null` means "remove", so NULL
+//! columns are absent on the wire, and so are `null` values inside object columns; an object
+//! column is diffed recursively (a key removed inside it arrives as `null`), never sent as a new
+//! object that the client would merge into the old one.
 
 use serde_json::{Map, Value};
 
@@ -28,47 +32,54 @@ pub fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-/// Composes `next` onto `first` so that applying the result equals applying both in order.
-pub fn compose(first: &mut Value, next: &Value) {
-    match (first, next) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                match a.get_mut(k) {
-                    // a nested object patch onto an existing object patch: compose deeper
-                    Some(existing @ Value::Object(_)) if v.is_object() => compose(existing, v),
-                    // onto a replacement value (or null = delete): the result is that value patched
-                    Some(existing) if v.is_object() => {
-                        let mut base = if existing.is_null() {
-                            Value::Object(Map::new())
-                        } else {
-                            existing.clone()
-                        };
-                        merge(&mut base, v);
-                        *existing = strip_nulls(base);
-                    }
-                    _ => {
-                        a.insert(k.clone(), v.clone());
-                    }
+/// The patch that turns row `old` into row `new` (`None` = absent): a new row in full, only the
+/// changed columns of an updated row (a column that became NULL or disappeared is `null`; an
+/// object column that changed is diffed recursively), `null` for a deleted row.
+pub fn row_diff(old: Option<&Map<String, Value>>, new: Option<&Map<String, Value>>) -> Value {
+    match (old, new) {
+        (_, None) => Value::Null,
+        (None, Some(new)) => Value::Object(without_nulls(new)),
+        (Some(old), Some(new)) => Value::Object(map_diff(old, new)),
+    }
+}
+
+fn map_diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let mut d = Map::new();
+    for (k, v) in new {
+        let before = old.get(k).filter(|o| !o.is_null());
+        match (before, v) {
+            (None, Value::Null) => {}
+            (Some(_), Value::Null) => {
+                d.insert(k.clone(), Value::Null);
+            }
+            (Some(Value::Object(a)), Value::Object(b)) => {
+                let inner = map_diff(a, b);
+                if !inner.is_empty() {
+                    d.insert(k.clone(), Value::Object(inner));
                 }
             }
-        }
-        (first, next) => *first = next.clone(),
-    }
-}
-
-/// Adds the patch of one row (`value` for `key`) to a table-level patch, composing with what the
-/// patch already holds for that key.
-pub fn compose_row(patch: &mut Map<String, Value>, key: &str, value: Value) {
-    match patch.get_mut(key) {
-        Some(existing) => compose(existing, &value),
-        None => {
-            patch.insert(key.to_string(), value);
+            (Some(o), v) if o == v => {}
+            (_, v) => {
+                d.insert(k.clone(), strip_nulls(v.clone()));
+            }
         }
     }
+    for (k, o) in old {
+        if !new.contains_key(k) && !o.is_null() {
+            d.insert(k.clone(), Value::Null);
+        }
+    }
+    d
 }
 
-/// A merged value never contains nulls; when a patch replaces a value by an object, nulls inside
-/// it would mean "delete" to the client, so they are removed.
+fn without_nulls(row: &Map<String, Value>) -> Map<String, Value> {
+    row.iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), strip_nulls(v.clone())))
+        .collect()
+}
+
+/// A value as a merge patch carries it: `null`s inside objects mean "remove", so they are dropped.
 fn strip_nulls(v: Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
@@ -81,49 +92,11 @@ fn strip_nulls(v: Value) -> Value {
     }
 }
 
-/// The patch that turns row `old` into row `new` (`None` = absent): a new row in full, only the
-/// changed columns of an updated row (a column that became NULL or disappeared is `null`), `null`
-/// for a deleted row.
-pub fn row_diff(old: Option<&Map<String, Value>>, new: Option<&Map<String, Value>>) -> Value {
-    match (old, new) {
-        (_, None) => Value::Null,
-        (None, Some(new)) => Value::Object(
-            new.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        ),
-        (Some(old), Some(new)) => {
-            let mut d = Map::new();
-            for (k, v) in new {
-                if v.is_null() {
-                    if old.get(k).is_some_and(|o| !o.is_null()) {
-                        d.insert(k.clone(), Value::Null);
-                    }
-                } else if old.get(k) != Some(v) {
-                    d.insert(k.clone(), v.clone());
-                }
-            }
-            for k in old.keys() {
-                if !new.contains_key(k) {
-                    d.insert(k.clone(), Value::Null);
-                }
-            }
-            Value::Object(d)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    /// A row as clients see it: NULL columns are absent (merge patches cannot carry a null value).
+    /// A row as clients see it: NULL columns (and nulls inside objects) are absent.
     fn client_row(row: &Map<String, Value>) -> Value {
-        Value::Object(
-            row.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        super::strip_nulls(Value::Object(row.clone()))
     }
 
     use super::*;
@@ -178,40 +151,61 @@ mod tests {
         assert_eq!(state, json!({"g1": client_row(new.as_object().unwrap())}));
     }
 
+    fn arb_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            (0i64..4).prop_map(|n| json!(n)),
+            Just(json!({"n": 1, "m": null})),
+            Just(json!({"n": 2, "o": {"p": 1}})),
+            Just(json!({"o": {"q": 2}})),
+            Just(json!([1, {"a": null}])),
+        ]
+    }
+
     fn arb_row() -> impl Strategy<Value = Option<Map<String, Value>>> {
-        proptest::option::of(proptest::collection::btree_map(
-            "[a-d]",
-            prop_oneof![
-                Just(Value::Null),
-                (0i64..4).prop_map(|n| json!(n)),
-                Just(json!({"n": 1, "m": null}))
-            ],
-            0..4,
-        ))
-        .prop_map(|o| o.map(|m| m.into_iter().collect()))
+        proptest::option::of(proptest::collection::btree_map("[a-d]", arb_value(), 0..4))
+            .prop_map(|o| o.map(|m| m.into_iter().collect()))
     }
 
     proptest! {
-        /// Composed patches applied once == the patches applied one by one, from any state.
+        /// From any state, the diffs of a sequence of row states applied one by one, and the one
+        /// diff from the first to the last state, both give the last state as clients see it.
         #[test]
-        fn composition_equals_sequential_application(rows in proptest::collection::vec((0usize..3, arb_row()), 1..12)) {
+        fn diffs_take_any_state_to_any_state(steps in proptest::collection::vec((0usize..3, arb_row()), 1..12), start in proptest::collection::vec(arb_row(), 3)) {
             let keys = ["k0", "k1", "k2"];
-            let mut truth: Vec<Option<Map<String, Value>>> = vec![None, None, None];
-            let mut state = json!({});
-            let mut composed = json!({});
-            let start = state.clone();
-            for (k, row) in rows {
+            let mut truth = start.clone();
+            let client = |rows: &[Option<Map<String, Value>>]| -> Value {
+                Value::Object(rows.iter().enumerate()
+                    .filter_map(|(i, r)| r.as_ref().map(|r| (keys[i].to_string(), client_row(r)))).collect())
+            };
+            let mut state = client(&start);
+            for (k, row) in steps {
                 let patch = json!({keys[k]: row_diff(truth[k].as_ref(), row.as_ref())});
                 merge(&mut state, &patch);
-                compose(&mut composed, &patch);
                 truth[k] = row;
             }
-            let mut via_composed = start;
-            merge(&mut via_composed, &composed);
-            prop_assert_eq!(&via_composed, &state);
-            let expected: Map<String, Value> = truth.iter().enumerate()
-                .filter_map(|(i, r)| r.as_ref().map(|r| (keys[i].to_string(), client_row(r)))).collect();
-            prop_assert_eq!(state, strip_nulls(Value::Object(expected)));
+            prop_assert_eq!(&state, &client(&truth));
+            let mut once = client(&start);
+            for k in 0..3 {
+                if start[k].is_some() || truth[k].is_some() {
+                    merge(&mut once, &json!({keys[k]: row_diff(start[k].as_ref(), truth[k].as_ref())}));
+                }
+            }
+            prop_assert_eq!(once, client(&truth));
         }
+    }
+
+    #[test]
+    fn object_columns_are_diffed_not_merged() {
+        let old = json!({"id": 1, "meta": {"a": 1, "b": 2}});
+        let new = json!({"id": 1, "meta": {"a": 1, "c": 3}});
+        let d = row_diff(old.as_object(), new.as_object());
+        assert_eq!(d, json!({"meta": {"b": null, "c": 3}}));
+        let mut state = old.clone();
+        merge(&mut state, &d);
+        assert_eq!(
+            state, new,
+            "a key removed inside an object column is removed on the client"
+        );
     }
 }

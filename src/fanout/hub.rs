@@ -7,7 +7,7 @@
 //! reached the client's position yet says so ([`SubscribeError::Behind`]); the caller waits a
 //! little, then falls back to a snapshot.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -15,10 +15,11 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use super::protocol::{patch_json, Format, Outgoing};
+use super::selector::Selector;
 use super::snapshot::{snapshot_parts, CachedSnapshot};
 use super::subscription::{row_message, Subscription};
 use crate::metrics::Metrics;
-use crate::patch::compose_row;
+use crate::patch::row_diff;
 use crate::table::position::{Position, Token};
 use crate::table::state::{TableUpdate, Tables, UpdateSink};
 
@@ -190,7 +191,7 @@ impl Hub {
     pub fn subscribe(
         &self,
         table: &str,
-        keys: Option<HashSet<String>>,
+        selector: Selector,
         since: Option<&str>,
         format: Format,
     ) -> Result<(Subscription, Vec<Outgoing>, Start), SubscribeError> {
@@ -203,7 +204,7 @@ impl Hub {
             .ok_or_else(|| SubscribeError::UnknownTable(table.to_string()))?;
         let started = std::time::Instant::now();
         let gauge = self.metrics.subscriptions.with_label_values(&[table]);
-        let mut sub = Subscription::new(table, keys, format, gauge);
+        let mut sub = Subscription::new(table, selector, format, gauge);
         if let Some(token) = since.and_then(Token::parse) {
             if let Some(out) = self.replay_from(&channel, &mut sub, &token, None)? {
                 self.metrics
@@ -213,14 +214,16 @@ impl Hub {
             }
         }
         let out = match format {
-            Format::Patch if sub.keys.is_none() => self.shared_snapshot(&channel, &t, &mut sub),
+            Format::Patch if sub.selector.is_whole() => {
+                self.shared_snapshot(&channel, &t, &mut sub)
+            }
             Format::Patch => {
                 let s = t.read();
                 sub.epoch = s.epoch.clone();
                 sub.useq = s.useq;
                 sub.seq = s.seq();
                 sub.pos = s.position();
-                let (rows, parts) = snapshot_parts(&s, sub.keys.as_ref());
+                let (rows, parts) = snapshot_parts(&s, &sub.selector);
                 vec![Outgoing::Snapshot {
                     table: table.to_string(),
                     epoch: s.epoch.to_string(),
@@ -236,16 +239,23 @@ impl Hub {
                 sub.useq = s.useq;
                 sub.seq = s.seq();
                 sub.pos = s.position();
-                match &sub.keys {
+                let sel = &sub.selector;
+                match &sel.keys {
                     Some(keys) => {
                         let mut keys: Vec<&String> = keys.iter().collect();
                         keys.sort();
                         keys.into_iter()
-                            .filter_map(|k| s.rows.get(k))
-                            .map(|e| row_message(&e.row))
+                            .filter_map(|k| s.rows.get(k).map(|e| (k, e)))
+                            .filter(|(k, e)| sel.wants(k, Some(&e.row)))
+                            .map(|(_, e)| row_message(&e.row))
                             .collect()
                     }
-                    None => s.rows.values().map(|e| row_message(&e.row)).collect(),
+                    None => s
+                        .rows
+                        .iter()
+                        .filter(|(k, e)| sel.filters.is_empty() || sel.wants(k, Some(&e.row)))
+                        .map(|(_, e)| row_message(&e.row))
+                        .collect(),
                 }
             }
         };
@@ -293,7 +303,7 @@ impl Hub {
         }
         let snap = {
             let s = t.read();
-            let (rows, parts) = snapshot_parts(&s, None);
+            let (rows, parts) = snapshot_parts(&s, &Selector::default());
             Arc::new(CachedSnapshot {
                 epoch: s.epoch.clone(),
                 useq: s.useq,
@@ -404,11 +414,33 @@ impl UpdateSink for Hub {
 
 /// The patch frame of all changes of an update, for whole-table subscribers.
 fn whole_table_frame(update: &TableUpdate, token: &str) -> String {
-    let mut patch = Map::new();
+    // per key: the row before the update's first change of it -> after its last one
+    let mut rows: HashMap<
+        &str,
+        (
+            Option<&crate::cdc::decode::Row>,
+            Option<&crate::cdc::decode::Row>,
+        ),
+    > = HashMap::new();
+    let mut order = Vec::new();
     let mut ts_ms = None;
     for c in &update.changes {
-        compose_row(&mut patch, &c.key, c.patch());
+        match rows.get_mut(c.key.as_str()) {
+            Some(r) => r.1 = c.row.as_deref(),
+            None => {
+                order.push(c.key.as_str());
+                rows.insert(&c.key, (c.before.as_deref(), c.row.as_deref()));
+            }
+        }
         ts_ms = c.ts_ms.or(ts_ms);
+    }
+    let mut patch = Map::new();
+    for k in order {
+        let (before, after) = rows[k];
+        if before.is_none() && after.is_none() {
+            continue;
+        }
+        patch.insert(k.to_string(), row_diff(before, after));
     }
     patch_json(
         &update.table,

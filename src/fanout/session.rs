@@ -16,6 +16,7 @@ use tokio_stream::StreamMap;
 
 use super::hub::{rekey, union_key, Hub, HubUpdate, Start, SubscribeError};
 use super::protocol::{ErrorCode, Format, Outgoing};
+use super::selector::Selector;
 use super::snapshot::frames;
 use super::subscription::{Absorbed, SharedFrame, Subscription};
 use crate::config::UnionDef;
@@ -34,7 +35,7 @@ struct Member {
 /// A subscription waiting for its table.
 struct Waiter {
     table: String,
-    keys: Option<HashSet<String>>,
+    selector: Selector,
     format: Format,
 }
 
@@ -105,7 +106,10 @@ impl Session {
         let mut out = Vec::new();
         for info in self.hub.tables().list() {
             if self.all_rows_wants(&info.name) {
-                out.extend(self.start(&info.name, None, None, Format::Rows, None).await);
+                out.extend(
+                    self.start(&info.name, Selector::default(), None, Format::Rows, None)
+                        .await,
+                );
             }
         }
         out
@@ -123,7 +127,7 @@ impl Session {
     pub async fn subscribe(
         &mut self,
         table: &str,
-        keys: Option<HashSet<String>>,
+        selector: Selector,
         since: Option<&str>,
         format: Format,
     ) -> Vec<Outgoing> {
@@ -140,7 +144,7 @@ impl Session {
         if let Some(u) = self.unions.iter().find(|u| u.name == table).cloned() {
             return self.subscribe_union(&u, format).await;
         }
-        self.start(table, keys, since, format, None).await
+        self.start(table, selector, since, format, None).await
     }
 
     async fn subscribe_union(&mut self, u: &UnionDef, format: Format) -> Vec<Outgoing> {
@@ -157,7 +161,10 @@ impl Session {
         let mut rows: Vec<Vec<u8>> = vec![Vec::new()];
         let mut out = Vec::new();
         for t in tables {
-            for o in self.start(&t, None, None, format, Some(&u.name)).await {
+            for o in self
+                .start(&t, Selector::default(), None, format, Some(&u.name))
+                .await
+            {
                 match o {
                     Outgoing::Snapshot { parts, .. } => {
                         // the member's rows, rekeyed into the union's snapshot
@@ -207,7 +214,7 @@ impl Session {
     async fn start(
         &mut self,
         table: &str,
-        keys: Option<HashSet<String>>,
+        selector: Selector,
         since: Option<&str>,
         format: Format,
         union: Option<&str>,
@@ -219,7 +226,7 @@ impl Session {
             self.watch_created();
             self.waiting.push(Waiter {
                 table: table.to_string(),
-                keys,
+                selector,
                 format,
             });
             return vec![Outgoing::Waiting {
@@ -229,7 +236,7 @@ impl Session {
         match start_subscription(
             self.hub.clone(),
             table,
-            keys,
+            selector,
             since.map(String::from),
             format,
             self.resume_wait,
@@ -339,11 +346,13 @@ impl Session {
             now
         };
         for w in waiters {
-            let out = self.start(&w.table, w.keys, None, w.format, None).await;
+            let out = self.start(&w.table, w.selector, None, w.format, None).await;
             self.queued.extend(out);
         }
         if self.all_rows_wants(name) && !self.members.iter().any(|m| m.sub.table == name) {
-            let out = self.start(name, None, None, Format::Rows, None).await;
+            let out = self
+                .start(name, Selector::default(), None, Format::Rows, None)
+                .await;
             self.queued.extend(out);
         }
         let unions: Vec<(String, Format)> = self
@@ -364,7 +373,10 @@ impl Session {
             {
                 continue;
             }
-            for o in self.start(name, None, None, format, Some(&u)).await {
+            for o in self
+                .start(name, Selector::default(), None, format, Some(&u))
+                .await
+            {
                 self.queued.push(into_union(&u, name, o));
             }
         }
@@ -400,7 +412,7 @@ impl Session {
             let out = self
                 .start(
                     &m.sub.table,
-                    m.sub.keys.clone(),
+                    m.sub.selector.clone(),
                     None,
                     m.sub.format,
                     m.union.as_deref(),
@@ -427,7 +439,7 @@ impl Session {
             let out = self
                 .start(
                     &m.sub.table,
-                    m.sub.keys.clone(),
+                    m.sub.selector.clone(),
                     None,
                     m.sub.format,
                     m.union.as_deref(),
@@ -467,7 +479,7 @@ impl Session {
 pub async fn start_subscription(
     hub: Arc<Hub>,
     table: &str,
-    keys: Option<HashSet<String>>,
+    selector: Selector,
     since: Option<String>,
     format: Format,
     wait: Duration,
@@ -475,7 +487,12 @@ pub async fn start_subscription(
     let deadline = Instant::now() + wait;
     let mut since = since;
     loop {
-        let (h, t, k, s) = (hub.clone(), table.to_string(), keys.clone(), since.clone());
+        let (h, t, k, s) = (
+            hub.clone(),
+            table.to_string(),
+            selector.clone(),
+            since.clone(),
+        );
         let result = tokio::task::spawn_blocking(move || h.subscribe(&t, k, s.as_deref(), format))
             .await
             .map_err(|_| SubscribeError::UnknownTable(table.to_string()))?;

@@ -3,7 +3,6 @@
 //! [`SNAPSHOT_PART_BYTES`], `"more":true` and further `{"type":"patch",...,"patch":{...}}` frames
 //! adding the other rows at the same position (all but the last with `"more":true`).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -11,6 +10,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use super::protocol::{Outgoing, SNAPSHOT_PART_BYTES};
+use super::selector::Selector;
 use crate::table::position::{Position, Token};
 use crate::table::state::TableState;
 
@@ -57,11 +57,14 @@ impl serde::Serialize for NonNull<'_> {
 
 /// The snapshot frames of a table (only the keys in `keys` when given: looked up, not scanned).
 /// Returns the number of rows with the frames.
-pub fn snapshot_parts(t: &TableState, keys: Option<&HashSet<String>>) -> (usize, Arc<[Utf8Bytes]>) {
+pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8Bytes]>) {
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut current: Vec<u8> = Vec::new();
     let mut rows = 0;
     let mut add = |k: &str, r: &Map<String, Value>| {
+        if !selector.filters.iter().all(|f| f.matches(k, r)) {
+            return;
+        }
         if current.len() >= SNAPSHOT_PART_BYTES {
             chunks.push(std::mem::take(&mut current));
         }
@@ -74,7 +77,7 @@ pub fn snapshot_parts(t: &TableState, keys: Option<&HashSet<String>>) -> (usize,
         let _ = serde_json::to_writer(&mut current, &NonNull(r));
         rows += 1;
     };
-    match keys {
+    match &selector.keys {
         Some(keys) => {
             let mut keys: Vec<&String> = keys.iter().collect();
             keys.sort();

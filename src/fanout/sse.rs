@@ -16,6 +16,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::protocol::{parse_keys, ErrorCode, Format, Outgoing, SubscribeQuery};
+use super::selector::Selector;
 use super::session::Session;
 use super::{record_sent, ConnectionSlot};
 use crate::http::AppState;
@@ -83,7 +84,7 @@ pub async fn handler(
     let initial = session
         .subscribe(
             &table,
-            parse_keys(q.keys.as_deref()),
+            Selector::keys(parse_keys(q.keys.as_deref())),
             since.as_deref(),
             Format::Patch,
         )

@@ -2,23 +2,40 @@
 //! update order, `seq` and `pos` for the client), and what is pending for it. While the client is
 //! slow, changes compose into one pending patch (memory bounded by the rows it subscribes to).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use super::hub::HubUpdate;
 use super::protocol::{Format, Outgoing};
-use crate::patch::compose_row;
+use super::selector::Selector;
+use crate::cdc::decode::Row;
+use crate::patch::row_diff;
 use crate::table::position::{Position, Token};
 use crate::table::state::{without_nulls, AppliedChange};
 
+/// What a client has of a key, and what it should have once the pending output is sent.
+#[derive(Debug)]
+struct PendingRow {
+    has: Option<Arc<Row>>,
+    want: Option<Arc<Row>>,
+}
+
 #[derive(Debug, Default)]
 struct Pending {
-    /// Composed patch per key (format=patch) or newest full row per key (format=rows).
-    rows: Map<String, Value>,
+    /// format=patch: per key, the row the client holds and the row it should hold; the patch is
+    /// their diff, so any sequence of changes (a delete and a re-create included) arrives exact.
+    rows: std::collections::HashMap<String, PendingRow>,
+    /// format=rows: the newest full row per key.
+    messages: Map<String, Value>,
     ts_ms: Option<i64>,
     kafka_ts_ms: Option<i64>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.messages.is_empty()
+    }
 }
 
 /// An already serialised patch frame shared by many clients, with its times for the metrics.
@@ -35,7 +52,7 @@ pub struct SharedFrame {
 #[derive(Debug)]
 pub struct Subscription {
     pub table: String,
-    pub keys: Option<HashSet<String>>,
+    pub selector: Selector,
     pub epoch: Arc<str>,
     /// Every update of this node up to this one has been absorbed.
     pub useq: u64,
@@ -65,14 +82,14 @@ pub enum Absorbed {
 impl Subscription {
     pub fn new(
         table: &str,
-        keys: Option<HashSet<String>>,
+        selector: Selector,
         format: Format,
         gauge: prometheus::IntGauge,
     ) -> Self {
         gauge.inc();
         Subscription {
             table: table.to_string(),
-            keys,
+            selector,
             epoch: "".into(),
             useq: 0,
             seq: 0,
@@ -81,10 +98,6 @@ impl Subscription {
             pending: Pending::default(),
             gauge,
         }
-    }
-
-    pub fn wants(&self, key: &str) -> bool {
-        self.keys.as_ref().is_none_or(|k| k.contains(key))
     }
 
     pub fn token(&self) -> String {
@@ -99,7 +112,7 @@ impl Subscription {
     /// is composed or serialised per client. `None`: use [`Subscription::absorb`].
     pub fn forward(&mut self, u: &HubUpdate) -> Option<SharedFrame> {
         if self.format != Format::Patch
-            || self.keys.is_some()
+            || !self.selector.is_whole()
             || self.has_pending()
             || u.update.epoch != self.epoch
             || u.update.useq != self.useq + 1
@@ -135,19 +148,43 @@ impl Subscription {
         Absorbed::Ok
     }
 
-    /// Composes one change (a resume replays buffered changes this way).
+    /// Composes one change (a resume replays buffered changes this way): an update of a selected
+    /// row as its patch, a row that starts being selected whole, one that stops as a delete.
     pub fn absorb_change(&mut self, c: &AppliedChange) {
-        if !self.wants(&c.key) {
+        if !self.selector.wants_key(&c.key) {
+            return;
+        }
+        let (was, is) = if self.selector.filters.is_empty() {
+            (c.before.is_some(), c.row.is_some())
+        } else {
+            (
+                self.selector.wants(&c.key, c.before.as_deref()),
+                self.selector.wants(&c.key, c.row.as_deref()),
+            )
+        };
+        if !was && !is {
             return;
         }
         match self.format {
-            Format::Patch => compose_row(&mut self.pending.rows, &c.key, c.patch()),
+            Format::Patch => {
+                let want = if is { c.row.clone() } else { None };
+                match self.pending.rows.get_mut(&c.key) {
+                    Some(p) => p.want = want,
+                    None => {
+                        let has = if was { c.before.clone() } else { None };
+                        self.pending
+                            .rows
+                            .insert(c.key.clone(), PendingRow { has, want });
+                    }
+                }
+            }
             Format::Rows => {
                 let v = match (&c.row, &c.before) {
-                    (Some(r), _) => Value::Object((**r).clone()),
+                    (Some(r), _) if is => Value::Object((**r).clone()),
+                    (Some(_), before) => deleted_row(&c.key, before.as_deref()),
                     (None, before) => deleted_row(&c.key, before.as_deref()),
                 };
-                self.pending.rows.insert(c.key.clone(), v);
+                self.pending.messages.insert(c.key.clone(), v);
             }
         }
         self.pending.ts_ms = c.ts_ms.or(self.pending.ts_ms);
@@ -156,26 +193,44 @@ impl Subscription {
 
     /// Whether output is waiting.
     pub fn has_pending(&self) -> bool {
-        !self.pending.rows.is_empty()
+        !self.pending.is_empty()
     }
 
-    /// Takes the pending output: one composed patch, or one message per changed row.
+    /// Takes the pending output: one patch (what the client holds -> what it should hold), or
+    /// one message per changed row.
     pub fn take(&mut self) -> Vec<Outgoing> {
-        if self.pending.rows.is_empty() {
+        if self.pending.is_empty() {
             return Vec::new();
         }
         let p = std::mem::take(&mut self.pending);
         match self.format {
-            Format::Patch => vec![Outgoing::Patch {
-                table: self.table.clone(),
-                epoch: self.epoch.to_string(),
-                seq: self.seq,
-                pos: self.token(),
-                ts_ms: p.ts_ms,
-                kafka_ts_ms: p.kafka_ts_ms,
-                patch: p.rows,
-            }],
-            Format::Rows => p.rows.into_values().map(Outgoing::Row).collect(),
+            Format::Patch => {
+                let mut patch = Map::new();
+                for (key, r) in p.rows {
+                    match (&r.has, &r.want) {
+                        (None, None) => {}
+                        (has, want) => {
+                            let d = row_diff(has.as_deref(), want.as_deref());
+                            if !(d.is_object() && d.as_object().is_some_and(Map::is_empty)) {
+                                patch.insert(key, d);
+                            }
+                        }
+                    }
+                }
+                if patch.is_empty() {
+                    return Vec::new();
+                }
+                vec![Outgoing::Patch {
+                    table: self.table.clone(),
+                    epoch: self.epoch.to_string(),
+                    seq: self.seq,
+                    pos: self.token(),
+                    ts_ms: p.ts_ms,
+                    kafka_ts_ms: p.kafka_ts_ms,
+                    patch,
+                }]
+            }
+            Format::Rows => p.messages.into_values().map(Outgoing::Row).collect(),
         }
     }
 
@@ -194,7 +249,7 @@ impl Subscription {
 
     /// Number of composed rows waiting (for the conflation metric).
     pub fn pending_rows(&self) -> usize {
-        self.pending.rows.len()
+        self.pending.rows.len() + self.pending.messages.len()
     }
 }
 
@@ -216,4 +271,123 @@ pub fn row_message(row: &crate::cdc::decode::Row) -> Outgoing {
 /// The row as a patch client sees it.
 pub fn patch_row(row: &crate::cdc::decode::Row) -> Value {
     Value::Object(without_nulls(row))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdc::decode::{Op, Row};
+    use crate::fanout::selector::RowFilter;
+    use serde_json::json;
+
+    #[derive(Debug)]
+    struct Above(i64);
+    impl RowFilter for Above {
+        fn matches(&self, _key: &str, row: &Row) -> bool {
+            row.get("n")
+                .and_then(Value::as_i64)
+                .is_some_and(|n| n > self.0)
+        }
+    }
+
+    fn change(key: &str, before: Option<Value>, after: Option<Value>) -> AppliedChange {
+        let row = |v: Value| Arc::new(v.as_object().unwrap().clone());
+        AppliedChange {
+            key: key.into(),
+            op: Op::Update,
+            row: after.map(row),
+            before: before.map(row),
+            part: 0,
+            off: 0,
+            ts_ms: None,
+            kafka_ts_ms: None,
+        }
+    }
+
+    fn sub(format: Format) -> Subscription {
+        let selector = Selector {
+            keys: None,
+            filters: vec![Arc::new(Above(5))],
+        };
+        let gauge = prometheus::IntGauge::new("t", "t").unwrap();
+        Subscription::new("t", selector, format, gauge)
+    }
+
+    fn patch_of(s: &mut Subscription) -> Value {
+        match s.take().pop() {
+            Some(Outgoing::Patch { patch, .. }) => Value::Object(patch),
+            None => Value::Null,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rows_move_in_whole_and_move_out_as_deletes() {
+        let mut s = sub(Format::Patch);
+        s.absorb_change(&change("a", None, Some(json!({"n": 3, "x": 1}))));
+        assert!(!s.has_pending(), "never selected: nothing");
+        s.absorb_change(&change(
+            "a",
+            Some(json!({"n": 3, "x": 1})),
+            Some(json!({"n": 7, "x": 1})),
+        ));
+        assert_eq!(
+            patch_of(&mut s),
+            json!({"a": {"n": 7, "x": 1}}),
+            "moved in: whole"
+        );
+        s.absorb_change(&change(
+            "a",
+            Some(json!({"n": 7, "x": 1})),
+            Some(json!({"n": 8, "x": 1})),
+        ));
+        assert_eq!(
+            patch_of(&mut s),
+            json!({"a": {"n": 8}}),
+            "selected both times: the diff"
+        );
+        s.absorb_change(&change(
+            "a",
+            Some(json!({"n": 8, "x": 1})),
+            Some(json!({"n": 2, "x": 1})),
+        ));
+        assert_eq!(patch_of(&mut s), json!({"a": null}), "moved out: a delete");
+        s.absorb_change(&change("a", Some(json!({"n": 2, "x": 1})), None));
+        assert!(!s.has_pending(), "deleted while not selected: nothing");
+        // composed: a client holding b sees it move out, then in again with another shape: the
+        // patch takes it from what it holds to what it should hold (y removed)
+        s.absorb_change(&change("b", None, Some(json!({"n": 9, "y": 1}))));
+        assert_eq!(patch_of(&mut s), json!({"b": {"n": 9, "y": 1}}));
+        s.absorb_change(&change(
+            "b",
+            Some(json!({"n": 9, "y": 1})),
+            Some(json!({"n": 1, "y": 1})),
+        ));
+        s.absorb_change(&change(
+            "b",
+            Some(json!({"n": 1, "y": 1})),
+            Some(json!({"n": 6})),
+        ));
+        assert_eq!(patch_of(&mut s), json!({"b": {"n": 6, "y": null}}));
+        // deleted and created again: exact too
+        let mut s = Subscription::new(
+            "t",
+            Selector::default(),
+            Format::Patch,
+            prometheus::IntGauge::new("u", "u").unwrap(),
+        );
+        s.absorb_change(&change("c", Some(json!({"a": 1, "b": 2})), None));
+        s.absorb_change(&change("c", None, Some(json!({"a": 3}))));
+        assert_eq!(patch_of(&mut s), json!({"c": {"a": 3, "b": null}}));
+    }
+
+    #[test]
+    fn rows_format_sends_a_deleted_row_on_move_out() {
+        let mut s = sub(Format::Rows);
+        s.absorb_change(&change("a", Some(json!({"n": 8})), Some(json!({"n": 2}))));
+        match s.take().pop() {
+            Some(Outgoing::Row(v)) => assert_eq!(v, json!({"n": 8, "__deleted": true})),
+            other => panic!("{other:?}"),
+        }
+    }
 }

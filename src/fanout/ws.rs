@@ -19,6 +19,7 @@ use futures::SinkExt;
 use serde_json::json;
 
 use super::protocol::{parse_keys, ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
+use super::selector::Selector;
 use super::session::{error, Session};
 use super::subscription::SharedFrame;
 use super::{record_sent, ConnectionSlot};
@@ -136,7 +137,7 @@ impl Connection {
                 self.session
                     .subscribe(
                         &table,
-                        parse_keys(q.keys.as_deref()),
+                        Selector::keys(parse_keys(q.keys.as_deref())),
                         q.since.as_deref(),
                         format,
                     )
@@ -245,7 +246,7 @@ impl Connection {
                     .format()
                     .unwrap_or(self.state.fanout.default_format);
                 self.session
-                    .subscribe(&table, keys, since.as_deref(), format)
+                    .subscribe(&table, Selector::keys(keys), since.as_deref(), format)
                     .await
             }
             Ok(ClientMessage::Unsubscribe { table }) => {
