@@ -65,6 +65,35 @@ impl SourceContext {
     }
 }
 
+/// Whether a message of this kind may be logged now: at most one every `every` per kind (a broker
+/// that is down makes every client report every retry).
+pub fn throttled(kind: &str, every: std::time::Duration) -> bool {
+    static LAST: OnceLock<Mutex<std::collections::HashMap<String, std::time::Instant>>> =
+        OnceLock::new();
+    let mut last = LAST
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    match last.get(kind) {
+        Some(t) if now.duration_since(*t) < every => false,
+        _ => {
+            last.insert(kind.to_string(), now);
+            true
+        }
+    }
+}
+
+/// A broker that cannot be reached: a warning, repeated at most every 10 s.
+fn unreachable(message: &str) -> bool {
+    message.contains("Connect to ")
+        || message.contains("brokers are down")
+        || message.contains("Broker transport failure")
+        || message.contains("Connection refused")
+        || message.contains("Disconnected")
+        || message.contains("timed out")
+}
+
 /// librdkafka's log callback, shared by every client livetable makes.
 pub fn log_librdkafka(brokers: &str, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
     // a subscription pattern matching no topic yet is normal before Debezium created the topics;
@@ -72,6 +101,12 @@ pub fn log_librdkafka(brokers: &str, level: RDKafkaLogLevel, fac: &str, log_mess
     let expected = log_message.contains("Subscribed topic not available")
         || log_message.contains("Unknown topic or partition")
         || (fac == "CONFWARN" && log_message.contains("will be ignored by this"));
+    if unreachable(log_message) && (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+        if throttled("librdkafka-unreachable", std::time::Duration::from_secs(10)) {
+            tracing::warn!(brokers, "cannot reach the broker (retrying): {log_message}");
+        }
+        return;
+    }
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -106,6 +141,15 @@ pub fn error_librdkafka(brokers: &str, error: rdkafka::error::KafkaError, reason
         || reason.contains("topic does not exist")
         || error.rdkafka_error_code()
             == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition);
+    if unreachable(reason) || unreachable(&error.to_string()) {
+        if throttled("librdkafka-unreachable", std::time::Duration::from_secs(10)) {
+            tracing::warn!(
+                brokers,
+                "cannot reach the broker (retrying): {error}: {reason}"
+            );
+        }
+        return;
+    }
     if expected {
         tracing::info!(brokers, "librdkafka: {error}: {reason}");
     } else {
@@ -285,9 +329,17 @@ pub fn reader(config: &Config) -> KafkaResult<Reader> {
     })
 }
 
-/// Callbacks of readers: logs through tracing.
+/// Callbacks of readers, producers and admin clients: logs through tracing.
 pub struct ReaderContext {
     brokers: String,
+}
+
+impl ReaderContext {
+    pub fn new(brokers: &str) -> Self {
+        ReaderContext {
+            brokers: brokers.to_string(),
+        }
+    }
 }
 
 impl ClientContext for ReaderContext {

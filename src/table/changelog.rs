@@ -14,14 +14,13 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
-use crate::cdc::source;
+use crate::cdc::source::{self, ReaderContext};
 use crate::config::Config;
 use crate::table::position::Owner;
 use crate::table::store::DeadLetter;
@@ -209,8 +208,8 @@ impl RegistryEntry {
 
 /// Producer of changelog, registry and dead-letter records; creator of their topics.
 pub struct Changelog {
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    producer: FutureProducer<ReaderContext>,
+    admin: AdminClient<ReaderContext>,
     prefix: String,
     dlq_topic: String,
     registry_topic: String,
@@ -230,8 +229,10 @@ impl Changelog {
             toml::from_str(text).map_err(|source| ChangelogError::Definition { file, source })
         };
         Ok(Changelog {
-            producer: source::producer_config(config).create()?,
-            admin: source::client_config(config).create()?,
+            producer: source::producer_config(config)
+                .create_with_context(ReaderContext::new(&config.brokers))?,
+            admin: source::client_config(config)
+                .create_with_context(ReaderContext::new(&config.brokers))?,
             prefix: config.changelog_prefix.clone(),
             dlq_topic: config.dlq_topic.clone(),
             registry_topic: config.registry_topic(),
@@ -498,7 +499,7 @@ fn headers(table: &str, meta: &RecordMeta, fence: bool) -> OwnedHeaders {
 
 /// Enqueues a record; when librdkafka's queue is full, waits for it to drain (bounded memory).
 fn send_retrying_queue_full<K, P>(
-    producer: &FutureProducer,
+    producer: &FutureProducer<ReaderContext>,
     mut record: FutureRecord<'_, K, P>,
 ) -> Result<DeliveryFuture, KafkaError>
 where

@@ -82,15 +82,13 @@ impl Ingest {
             let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
             match consumer.poll(Duration::from_millis(20)) {
                 Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, brokers = %self.brokers, "consumer error")
-                }
+                Some(Err(e)) => self.consumer_error(&e),
                 None => {}
             }
             while !batch.is_empty() && batch.len() < self.max_batch {
                 match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => batch.push(m),
-                    Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    Some(Err(e)) => self.consumer_error(&e),
                     None => break,
                 }
             }
@@ -112,6 +110,21 @@ impl Ingest {
             }
         }
         Ok(())
+    }
+
+    /// A consumer error: a broker that is down is reported by the client's log already; others are
+    /// warned about at most every 10 s.
+    fn consumer_error(&self, e: &rdkafka::error::KafkaError) {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        match e.rdkafka_error_code() {
+            Some(C::BrokerTransportFailure | C::AllBrokersDown) => {
+                tracing::debug!(error = %e, "consumer error")
+            }
+            _ if source::throttled("ingest-consumer-error", Duration::from_secs(10)) => {
+                tracing::warn!(error = %e, brokers = %self.brokers, "consumer error (repeated at most every 10 s)")
+            }
+            _ => {}
+        }
     }
 
     fn apply(
