@@ -52,6 +52,11 @@ pub struct Metrics {
     pub fenced_records: IntCounter,
     pub follower_lag: IntGaugeVec,
     pub follower_records: IntCounter,
+    pub changelog_rejected: IntCounter,
+    pub dead_letters_dropped: IntCounter,
+    pub last_commit_unixtime: Gauge,
+    pub checkpoint_pending_seconds: Gauge,
+    pub offset_resets: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -148,6 +153,22 @@ impl Metrics {
             "livetable_follower_records_total",
             "Changelog records read by the follower (a gateway restarted from its cache reads only the tail).",
         );
+        let changelog_rejected = counter(
+            "livetable_changelog_rejected_total",
+            "Changelog records the broker refused for good (too large, not allowed): dead-lettered; the changelog keeps the previous value of the key.",
+        );
+        let dead_letters_dropped = counter(
+            "livetable_dead_letters_dropped_total",
+            "Dead letters the dead-letter topic refused for good (even shortened): dropped, logged as errors.",
+        );
+        let last_commit_unixtime = gauge(
+            "livetable_last_commit_timestamp_seconds",
+            "Unix time of the last successful commit of consumer-group offsets (time() - x: its age).",
+        );
+        let checkpoint_pending_seconds = gauge(
+            "livetable_checkpoint_pending_seconds",
+            "How long the oldest checkpoint has waited for the broker's acknowledgements (0: none waits).",
+        );
         let fenced_records = counter(
             "livetable_fenced_records_total",
             "Changelog records ignored because a newer owner had fenced their partition (a former owner's late writes).",
@@ -200,6 +221,11 @@ impl Metrics {
             fences_written,
             fenced_records,
             follower_records,
+            changelog_rejected,
+            dead_letters_dropped,
+            last_commit_unixtime,
+            checkpoint_pending_seconds,
+            offset_resets: counter_vec(&r, "livetable_offset_resets_total", "Input partitions whose position no longer existed on the broker (retention passed, topic recreated): consumption went on from the earliest offset; changes in between were lost.", &["topic", "partition"]),
             follower_lag: gauge_vec(&r, "livetable_follower_lag", "Largest changelog lag (records) of the partitions the follower reads, by table.", &["table"]),
             registry: r,
         };

@@ -23,7 +23,7 @@ use crate::config::{Config, Role};
 use crate::fanout::hub::Hub;
 use crate::metrics::Metrics;
 use crate::table::changelog::Changelog;
-use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter};
+use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter, Progress};
 use crate::table::follower::{Follower, FollowerHandle, Scope};
 use crate::table::ingest::partitions::{self, FollowControl, Partitions};
 use crate::table::ingest::Ingest;
@@ -301,6 +301,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     if role.ingests() {
         let c = source::consumer(&config)?;
         let (checkpoint_tx, checkpoint_rx) = mpsc::channel::<Checkpoint>(64);
+        let progress = Arc::new(Progress::default());
         let checkpointer = Checkpointer {
             store: store.clone(),
             tables: tables.clone(),
@@ -308,7 +309,16 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             consumer: Some(c.clone()),
             metrics: metrics.clone(),
             cancel: cancel.clone(),
+            progress: progress.clone(),
         };
+        watch_checkpoints(
+            progress,
+            readiness.clone(),
+            metrics.clone(),
+            config.checkpoint_stuck,
+            config.checkpoint_fatal,
+            cancel.clone(),
+        );
         checkpoint_task = Some(tokio::spawn(checkpointer.run(checkpoint_rx)));
         let handover: Option<Arc<dyn SliceHandover>> = follower
             .clone()
@@ -471,6 +481,45 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         grace: config.shutdown_grace,
         _stop_on_drop,
     })
+}
+
+/// Readiness, health and metrics from the durability task's progress: a checkpoint waiting for the
+/// broker past `stuck` makes the node not ready, past `fatal` unhealthy.
+fn watch_checkpoints(
+    progress: Arc<Progress>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    stuck: Duration,
+    fatal: Duration,
+    cancel: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let waiting = progress.pending_for();
+            metrics
+                .checkpoint_pending_seconds
+                .set(waiting.as_secs_f64());
+            readiness.set_checkpoint(
+                waiting < stuck,
+                &format!(
+                    "the changelog has not acknowledged a checkpoint for {} s",
+                    waiting.as_secs()
+                ),
+            );
+            if waiting >= fatal && readiness.is_healthy() {
+                tracing::error!(
+                    waiting_secs = waiting.as_secs(),
+                    "the changelog has not acknowledged a checkpoint for too long: unhealthy"
+                );
+                readiness.healthy.store(false, Ordering::Release);
+            }
+        }
+    });
 }
 
 fn now_micros() -> u64 {

@@ -300,6 +300,9 @@ pub fn consumer(config: &Config) -> KafkaResult<Arc<BaseConsumer<SourceContext>>
         .set("topic.metadata.refresh.interval.ms", "2000")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000");
+    if let Some(id) = &config.instance_id {
+        c.set("group.instance.id", id);
+    }
     apply_overrides(&mut c, config);
     let consumer: BaseConsumer<SourceContext> =
         c.create_with_context(SourceContext::new(&config.brokers))?;
@@ -362,7 +365,15 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "1000000")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        // whatever livetable accepts must fit: a record up to --max-record-bytes, plus its key and
+        // headers (a dead letter keeps the original record)
+        .set(
+            "message.max.bytes",
+            (config.max_record_bytes + 64 * 1024)
+                .max(1_000_000)
+                .to_string(),
+        );
     apply_overrides(&mut c, config);
     c
 }

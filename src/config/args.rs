@@ -84,6 +84,21 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_RESTORE_STALL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_stall_secs: Option<u64>,
+    /// A checkpoint whose changelog records wait this long for the broker makes the node not ready
+    /// (what it serves is not durable) [default: 30].
+    #[arg(long, env = "LIVETABLE_CHECKPOINT_STUCK_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_stuck_secs: Option<u64>,
+    /// ... and unhealthy (`/healthz` 503) after this long [default: 600].
+    #[arg(long, env = "LIVETABLE_CHECKPOINT_FATAL_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_fatal_secs: Option<u64>,
+    /// Consumer-group static membership id (`group.instance.id`), e.g. the pod name: a member that
+    /// restarts with the same id gets its partitions back without a rebalance where the broker
+    /// supports it [default: none].
+    #[arg(long, env = "LIVETABLE_INSTANCE_ID", value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
     /// Log filter in `tracing` syntax [default: info].
     #[arg(long, env = "LIVETABLE_LOG", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -118,6 +118,9 @@ pub struct Config {
     pub max_batch: usize,
     pub max_ready_lag: i64,
     pub restore_stall: Duration,
+    pub checkpoint_stuck: Duration,
+    pub checkpoint_fatal: Duration,
+    pub instance_id: Option<String>,
     pub log: String,
     pub log_json: bool,
     pub shutdown_grace: Duration,
@@ -215,6 +218,15 @@ impl Config {
         if restore_stall_secs == 0 {
             return Err(invalid("restore-stall-secs", "must be at least 1"));
         }
+        let checkpoint_stuck = a.checkpoint_stuck_secs.unwrap_or(30);
+        let checkpoint_fatal = a.checkpoint_fatal_secs.unwrap_or(600);
+        if checkpoint_stuck == 0 || checkpoint_fatal < checkpoint_stuck {
+            return Err(invalid(
+                "checkpoint-fatal-secs",
+                "must be at least --checkpoint-stuck-secs, which must be at least 1",
+            ));
+        }
+        let instance_id = a.instance_id.filter(|s| !s.trim().is_empty());
         let log = a.log.unwrap_or_else(|| "info".into());
         let log_json = match a.log_format.as_deref() {
             None | Some("text") => false,
@@ -294,6 +306,9 @@ impl Config {
             max_batch,
             max_ready_lag,
             restore_stall: Duration::from_secs(restore_stall_secs),
+            checkpoint_stuck: Duration::from_secs(checkpoint_stuck),
+            checkpoint_fatal: Duration::from_secs(checkpoint_fatal),
+            instance_id,
             log,
             log_json,
             shutdown_grace: Duration::from_secs(grace),

@@ -11,10 +11,12 @@
 //! settled, with the revoked partitions' offsets committed synchronously.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
@@ -64,6 +66,52 @@ pub struct Barrier {
     pub done: oneshot::Sender<()>,
 }
 
+/// How the durability task is doing, for readiness, health and metrics.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Unix ms since when the oldest checkpoint in hand waits (0: none waits).
+    pub pending_since_ms: AtomicI64,
+    /// Unix ms of the last successful offset commit (0: none yet).
+    pub last_commit_ms: AtomicI64,
+}
+
+impl Progress {
+    /// How long the oldest checkpoint has waited.
+    pub fn pending_for(&self) -> Duration {
+        match self.pending_since_ms.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(u64::try_from(now_ms() - since).unwrap_or(0)),
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Errors a record can never overcome by being produced again (too large for the broker or the
+/// producer, not allowed, refused by a topic policy): such a record is dead-lettered, not retried
+/// forever.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidRecord
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::PolicyViolation
+                | C::InvalidTopic
+                | C::InvalidRequiredAcks
+        )
+    )
+}
+
 /// The durability task's dependencies.
 pub struct Checkpointer {
     pub store: Store,
@@ -74,6 +122,7 @@ pub struct Checkpointer {
     /// Retries stop when it is cancelled (shutdown); what was not settled is produced again after
     /// the restart (the outbox).
     pub cancel: CancellationToken,
+    pub progress: Arc<Progress>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -84,6 +133,16 @@ pub enum Resent {
     /// The slice is no longer this node's (revoked): its new owner produces it.
     NotOwned,
     Failed,
+    /// The record can never be produced (see [`is_permanent`]).
+    Rejected(KafkaError),
+}
+
+/// How waiting for a record ended.
+enum Settled {
+    Acknowledged(i64),
+    /// Not this node's to produce any more, or shutdown.
+    Dropped,
+    Rejected(KafkaError),
 }
 
 impl Checkpointer {
@@ -100,6 +159,9 @@ impl Checkpointer {
             }
             self.flush().await;
             let started = Instant::now();
+            self.progress
+                .pending_since_ms
+                .store(now_ms(), Ordering::Release);
             let mut positions = HashMap::new();
             let mut barriers = Vec::new();
             for cp in group {
@@ -115,6 +177,7 @@ impl Checkpointer {
             self.metrics
                 .changelog_produce_seconds
                 .observe(started.elapsed().as_secs_f64());
+            self.progress.pending_since_ms.store(0, Ordering::Release);
             if barriers.is_empty() {
                 self.commit(&positions, CommitMode::Async);
             } else {
@@ -200,12 +263,17 @@ impl Checkpointer {
         letters: Vec<PendingLetter>,
     ) -> HashMap<(String, u32), i64> {
         let mut cl_next: HashMap<(String, u32), i64> = HashMap::new();
-        for row in rows {
+        for mut row in rows {
+            let delivery = row.delivery.take();
             let what = || format!("changelog record {}/{}/{}", row.table, row.part, row.key);
             let resend = || self.resend_row(&row.table, row.part, &row.key);
-            if let Some(offset) = self.until_acknowledged(row.delivery, what, resend).await {
-                let slot = cl_next.entry((row.table.clone(), row.part)).or_insert(0);
-                *slot = (*slot).max(offset + 1);
+            match self.until_acknowledged(delivery, what, resend).await {
+                Settled::Acknowledged(offset) => {
+                    let slot = cl_next.entry((row.table.clone(), row.part)).or_insert(0);
+                    *slot = (*slot).max(offset + 1);
+                }
+                Settled::Dropped => {}
+                Settled::Rejected(e) => self.reject_row(&row, &e).await,
             }
             if row.deleted {
                 if let Err(e) = self
@@ -223,18 +291,34 @@ impl Checkpointer {
                     letter.letter.topic, letter.letter.partition, letter.letter.offset
                 )
             };
-            let resend = || {
+            let resend = |l: DeadLetter| {
                 let changelog = self.changelog.clone();
-                let l = letter.letter.clone();
                 async move {
                     match tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l)).await
                     {
                         Ok(Ok(d)) => Resent::Sent(d),
+                        Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
                         _ => Resent::Failed,
                     }
                 }
             };
-            self.until_acknowledged(letter.delivery, what, resend).await;
+            let first = letter.letter.clone();
+            if let Settled::Rejected(e) = self
+                .until_acknowledged(letter.delivery, &what, || resend(first.clone()))
+                .await
+            {
+                // too large, or not allowed: a shorter copy once, else it is dropped loudly
+                let mut short = letter.letter.clone();
+                short.value = short.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
+                short.truncated = true;
+                let again = self
+                    .until_acknowledged(None, &what, || resend(short.clone()))
+                    .await;
+                if let Settled::Rejected(e2) = again {
+                    self.metrics.dead_letters_dropped.inc();
+                    tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
+                }
+            }
             if let Err(e) = self.store.clear_dead_letter(letter.id) {
                 tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
             }
@@ -243,14 +327,14 @@ impl Checkpointer {
     }
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
-    /// `resend` for a new delivery. Returns the record's offset once acknowledged (`None` when
-    /// the record is no longer this node's to produce, or on shutdown).
+    /// `resend` for a new delivery (a retriable error is retried for as long as it takes, a
+    /// permanent one is handed back).
     async fn until_acknowledged<F, Fut>(
         &self,
         mut delivery: Option<DeliveryFuture>,
         what: impl Fn() -> String,
         mut resend: F,
-    ) -> Option<i64>
+    ) -> Settled
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Resent>,
@@ -259,28 +343,68 @@ impl Checkpointer {
         loop {
             if let Some(d) = delivery.take() {
                 match d.await {
-                    Ok(Ok(d)) => return Some(d.offset),
+                    Ok(Ok(d)) => return Settled::Acknowledged(d.offset),
+                    Ok(Err((e, _))) if is_permanent(&e) => return Settled::Rejected(e),
                     Ok(Err((e, _))) => {
-                        tracing::warn!(what = %what(), error = %e, "not acknowledged by the broker; retrying")
+                        if crate::cdc::source::throttled(
+                            "changelog-not-acknowledged",
+                            Duration::from_secs(10),
+                        ) {
+                            tracing::warn!(what = %what(), error = %e, "not acknowledged by the broker; retrying (repeated at most every 10 s)")
+                        }
                     }
                     Err(_) => tracing::warn!(what = %what(), "delivery cancelled; retrying"),
                 }
                 self.metrics.changelog_produce_errors.inc();
                 if self.sleep(backoff).await {
-                    return None;
+                    return Settled::Dropped;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             match resend().await {
                 Resent::Sent(d) => delivery = Some(d),
-                Resent::NotOwned => return None,
+                Resent::NotOwned => return Settled::Dropped,
+                Resent::Rejected(e) => return Settled::Rejected(e),
                 Resent::Failed => {
                     if self.sleep(backoff).await {
-                        return None;
+                        return Settled::Dropped;
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// A changelog record the broker can never take: the row goes to the dead-letter topic (with
+    /// the reason) and the checkpoint moves on, so nothing else waits behind it. The changelog
+    /// lacks this value: a restore or a gateway serves the key's previous value until it changes
+    /// again (counted in `livetable_changelog_rejected_total`, logged as an error).
+    async fn reject_row(&self, row: &PendingRow, e: &KafkaError) {
+        self.metrics.changelog_rejected.inc();
+        tracing::error!(table = %row.table, partition = row.part, key = %row.key, error = %e, "the changelog refuses this row for good (too large or not allowed); it goes to the dead-letter topic and the changelog keeps the previous value");
+        let value = self
+            .tables
+            .row(&row.table, &row.key)
+            .map(|r| crate::table::store::encode_row(&r));
+        let letter = DeadLetter {
+            topic: self.changelog.topic_for(&row.table),
+            partition: i32::try_from(row.part).unwrap_or(0),
+            offset: row.off,
+            key: Some(row.key.as_bytes().to_vec()),
+            value: value.map(|v| v[..v.len().min(64 * 1024)].to_vec()),
+            reason: "changelog_rejected".into(),
+            error: e.to_string(),
+            truncated: true,
+        };
+        let changelog = self.changelog.clone();
+        let sent = tokio::task::spawn_blocking(move || changelog.send_dead_letter(&letter)).await;
+        match sent {
+            Ok(Ok(d)) => {
+                if !matches!(d.await, Ok(Ok(_))) {
+                    self.metrics.dead_letters_dropped.inc();
+                }
+            }
+            _ => self.metrics.dead_letters_dropped.inc(),
         }
     }
 
@@ -296,6 +420,7 @@ impl Checkpointer {
         match sent {
             Ok(Ok(Some(d))) => Resent::Sent(d),
             Ok(Ok(None)) => Resent::NotOwned,
+            Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
             Ok(Err(e)) => {
                 self.metrics.changelog_produce_errors.inc();
                 tracing::warn!(error = %e, "changelog produce failed");
@@ -321,9 +446,16 @@ impl Checkpointer {
                 return;
             }
         }
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            self.metrics.commit_errors.inc();
-            tracing::warn!(error = %e, "committing group offsets failed; the next checkpoint retries");
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => {
+                let now = now_ms();
+                self.progress.last_commit_ms.store(now, Ordering::Release);
+                self.metrics.last_commit_unixtime.set(now as f64 / 1000.0);
+            }
+            Err(e) => {
+                self.metrics.commit_errors.inc();
+                tracing::warn!(error = %e, "committing group offsets failed; the next checkpoint retries");
+            }
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct Readiness {
     pub healthy: AtomicBool,
     pub ingest: AtomicBool,
     pub follower: AtomicBool,
+    /// The durability task keeps up (no checkpoint waits past the stuck threshold).
+    pub checkpoint: AtomicBool,
     pub needs_ingest: bool,
     pub needs_follower: bool,
     /// Why the node is not ready (for `/readyz`).
@@ -31,13 +33,15 @@ impl Readiness {
             ..Default::default()
         };
         r.healthy.store(true, Ordering::Release);
+        r.checkpoint.store(true, Ordering::Release);
         r
     }
 
     pub fn is_ready(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
             && self.healthy.load(Ordering::Acquire)
-            && (!self.needs_ingest || self.ingest.load(Ordering::Acquire))
+            && (!self.needs_ingest
+                || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
             && (!self.needs_follower || self.follower.load(Ordering::Acquire))
     }
 
@@ -48,6 +52,11 @@ impl Readiness {
     /// Sets the ingest part; logs transitions.
     pub fn set_ingest(&self, ready: bool, why: &str) {
         self.set(&self.ingest, ready, "ingest", why);
+    }
+
+    /// Sets the durability part; logs transitions.
+    pub fn set_checkpoint(&self, ok: bool, why: &str) {
+        self.set(&self.checkpoint, ok, "checkpoint", why);
     }
 
     /// Sets the follower part; logs transitions.

