@@ -23,6 +23,17 @@ const STALL: Duration = Duration::from_secs(5);
 /// How long the latency loop waits for one commit at most.
 const GIVE_UP: Duration = Duration::from_secs(60);
 
+/// `2026-11-30T17:15:13.695654Z`: an ISO-8601 UTC timestamp, as a string.
+fn iso_timestamp(v: &Value) -> bool {
+    let Some(s) = v.as_str() else { return false };
+    let b = s.as_bytes();
+    let digits = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    b.len() >= 20
+        && digits.iter().all(|&i| b[i].is_ascii_digit())
+        && (b[4], b[7], b[10], b[13], b[16]) == (b'-', b'-', b'T', b':', b':')
+        && s.ends_with('Z')
+}
+
 /// Wall-clock time of day (UTC, as in the service's logs) of `t`.
 fn utc_time_of_day(t: std::time::SystemTime) -> String {
     let ms = t
@@ -206,6 +217,14 @@ async fn postgres_debezium_livetable_websocket_equals_the_database() {
         want,
         "the HTTP API equals the database too"
     );
+    // timestamptz arrives as an ISO-8601 string (Debezium's ZonedTimestamp), on the API and the client
+    for ts in [
+        &api["rows"]["g1"]["updated_at"],
+        &client.state["g1"]["updated_at"],
+    ] {
+        assert!(iso_timestamp(ts), "updated_at is an ISO-8601 string: {ts}");
+    }
+
     // kill -9 Kafka Connect in the middle of a stream of updates, start it again
     let pidfile = repo_root().join(format!(".run/connect-{name}.pid"));
     for i in 0..20 {

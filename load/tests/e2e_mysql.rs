@@ -27,6 +27,17 @@ const STALL: Duration = Duration::from_secs(5);
 /// How long the latency loop waits for one commit at most.
 const GIVE_UP: Duration = Duration::from_secs(60);
 
+/// `2026-11-30T17:15:13.695654Z`: an ISO-8601 UTC timestamp, as a string.
+fn iso_timestamp(v: &Value) -> bool {
+    let Some(s) = v.as_str() else { return false };
+    let b = s.as_bytes();
+    let digits = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    b.len() >= 20
+        && digits.iter().all(|&i| b[i].is_ascii_digit())
+        && (b[4], b[7], b[10], b[13], b[16]) == (b'-', b'-', b'T', b':', b':')
+        && s.ends_with('Z')
+}
+
 /// Wall-clock time of day (UTC, as in the service's logs) of `t`.
 fn utc_time_of_day(t: std::time::SystemTime) -> String {
     let ms = t
@@ -262,6 +273,30 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
     .unwrap();
     let mut seen = HashMap::new();
     rows_until(&mut ws, &mut seen, &latest).await;
+    // DATETIME(6) columns arrive as ISO-8601 strings (time.precision.mode=isostring), not as
+    // Debezium's MicroTimestamp numbers
+    for g in ["alpha", "beta"] {
+        let ts = &seen[g]["updated_at"];
+        assert!(
+            iso_timestamp(ts),
+            "game_{g}.updated_at is an ISO-8601 string: {ts}"
+        );
+    }
+    let created_at = eventually(
+        "alpha in available_games on the API",
+        Duration::from_secs(30),
+        || async {
+            let (_, games) = get_json(&format!("{base}/api/tables/available_games")).await;
+            let ts = games["rows"]["alpha"]["created_at"].clone();
+            (!ts.is_null()).then_some(ts)
+        },
+    )
+    .await;
+    assert!(
+        iso_timestamp(&created_at),
+        "available_games.created_at is an ISO-8601 string: {created_at}"
+    );
+
     // the page: both games in the table selector, each showing its latest odds
     let spec: Vec<Value> = ["alpha", "beta"]
         .iter()
