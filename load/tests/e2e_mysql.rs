@@ -136,7 +136,16 @@ type Ws =
 /// Reads flat rows (format=rows) until every game shows `want`'s odds.
 async fn rows_until(ws: &mut Ws, seen: &mut HashMap<String, Value>, want: &HashMap<String, Value>) {
     let until = Instant::now() + Duration::from_secs(60);
-    let odds = |r: &Value| json!([r["game_id"], r["odd1"], r["odd2"], r["odd3"], r["odd4"]]);
+    let odds = |r: &Value| {
+        json!([
+            r["game_id"],
+            r["odd1"],
+            r["odd2"],
+            r["odd3"],
+            r["odd4"],
+            r["odd5"]
+        ])
+    };
     while want
         .iter()
         .any(|(g, w)| seen.get(g).map(odds) != Some(odds(w)))
@@ -248,20 +257,20 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
         "3"
     );
     // the API has both games' latest odds (create + 2 updates each: seq 3, 2 updates may be equal)
+    let odds = |r: &Value| json!([r["odd1"], r["odd2"], r["odd3"], r["odd4"], r["odd5"]]);
     for g in ["alpha", "beta"] {
-        let want = json!([
-            latest[g]["odd1"],
-            latest[g]["odd2"],
-            latest[g]["odd3"],
-            latest[g]["odd4"]
-        ]);
+        assert!(
+            latest[g]["odd5"].is_string(),
+            "a game created by the feed has every odd column of the seed: {}",
+            latest[g]
+        );
+        let want = odds(&latest[g]);
         eventually(
             &format!("game_{g} with the latest odds on the API"),
             Duration::from_secs(30),
             || async {
                 let (_, t) = get_json(&format!("{base}/api/tables/game_{g}")).await;
-                let r = &t["rows"][g];
-                (json!([r["odd1"], r["odd2"], r["odd3"], r["odd4"]]) == want).then_some(())
+                (odds(&t["rows"][g]) == want).then_some(())
             },
         )
         .await;
@@ -303,7 +312,7 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
         .map(|g| {
             let o = &latest[*g];
             json!({"table": format!("game_{g}"), "key": g,
-                   "cells": {"odd1": o["odd1"], "odd2": o["odd2"], "odd3": o["odd3"], "odd4": o["odd4"]}})
+                   "cells": {"odd1": o["odd1"], "odd2": o["odd2"], "odd3": o["odd3"], "odd4": o["odd4"], "odd5": o["odd5"]}})
         })
         .collect();
     let artifacts = repo_root().join("target/browser-artifacts");
