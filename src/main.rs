@@ -1,5 +1,7 @@
 //! The livetable binary: parse configuration, install logging, run until SIGINT/SIGTERM.
 
+use std::io::IsTerminal;
+
 use tokio_util::sync::CancellationToken;
 
 // glibc malloc spent ~45% of ingest CPU (arena lock contention between the ingest thread, sled's
@@ -39,7 +41,11 @@ async fn run() -> std::process::ExitCode {
             .json()
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        // colour codes only on a terminal: a log redirected to a file (dev/up's .run/logs) stays plain
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::stdout().is_terminal())
+            .init();
     }
     let cancel = CancellationToken::new();
     {

@@ -5,13 +5,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::procs::{api_state, Node, Watcher};
+use common::procs::api_state;
 use common::*;
 use livetable::config::TopicSelection;
-use serde_json::Value;
 
 fn row_change(key: &str, n: usize, pad: usize) -> FixtureRecord {
     FixtureRecord {

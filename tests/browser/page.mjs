@@ -16,16 +16,23 @@ try {
   page = await browser.newPage({ viewport: { width: 1100, height: 420 } });
   page.on("console", (m) => console.error(`[page] ${m.text()}`));
   await page.goto(base);
-  const cell = page.locator('tr[data-key="g1"] td:nth-child(3)');
-  await cell.waitFor({ timeout: 20000 });
+  // g1's odd1 cell, found by its column header (the page shows a key column only when no column
+  // holds the key: here game_id does); with `want`, whether it shows that value
+  const odd1 = (want) => {
+    const head = [...document.querySelectorAll("#head th")].map((th) => th.textContent);
+    const tr = document.querySelector('tr[data-key="g1"]');
+    const v = tr && head.includes("odd1") ? tr.querySelectorAll("td")[head.indexOf("odd1")]?.textContent ?? null : null;
+    return want === undefined ? v : v === want;
+  };
+  await page.waitForFunction(odd1, undefined, { timeout: 20000, polling: 20 });
+  const heads = await page.locator("#head th").allTextContents();
+  if (heads.includes("key")) throw new Error(`a key column next to game_id: ${heads.join(",")}`);
   const status = await page.locator("#status").textContent();
   if (status !== "open") throw new Error(`status is ${status}`);
-  console.log(`READY ${await cell.textContent()}`);
+  console.log(`READY ${await page.evaluate(odd1)}`);
   if ((await nextLine()) !== "GO") throw new Error("no GO from the test");
   const t0 = Date.now();
-  await page.waitForFunction(
-    () => document.querySelector('tr[data-key="g1"] td:nth-child(3)')?.textContent === "1.750",
-    null, { timeout: 2000, polling: 10 });
+  await page.waitForFunction(odd1, "1.750", { timeout: 2000, polling: 10 });
   const ms = Date.now() - t0;
   await page.waitForTimeout(150); // let the highlight show in the screenshot
   await page.screenshot({ path: shot });

@@ -6,6 +6,8 @@
 //! API:
 //!   POST /games/{game_id}    create a game with random odds (201; 200 with its odds if it exists)
 //!   POST /sendodd/{game_id}  write new random odds for a game and return them (404 if unknown)
+//! Every error, of these routes or of any other path or method, is a JSON `{"error": "..."}` with a
+//! 4xx/5xx status; a missing or invalid id is a 400 naming the rule for ids.
 //! With `--games N --rate R` it also creates games g1..gN and moves their odds as a random walk,
 //! R updates/s in total.
 //! Game ids are validated (`[A-Za-z0-9_-]{1,32}`); values are always bound parameters. The MySQL
@@ -19,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -54,16 +57,17 @@ struct Args {
     rate: f64,
 }
 
-/// Four decimal odds, kept as numbers for the random walk and written with 3 decimals.
-pub type Odds = [f64; 4];
+/// The odds of a game, odd1..odd5 (every odd column of the seed's rows), kept as numbers for the
+/// random walk and written with 3 decimals.
+pub type Odds = [f64; 5];
 
 /// A game's row as the API returns it (odds as decimal strings, like Debezium delivers them).
-pub fn row_json(game_id: &str, odds: [Option<String>; 4]) -> Value {
-    let [odd1, odd2, odd3, odd4] = odds;
-    json!({"game_id": game_id, "odd1": odd1, "odd2": odd2, "odd3": odd3, "odd4": odd4})
+pub fn row_json(game_id: &str, odds: [Option<String>; 5]) -> Value {
+    let [odd1, odd2, odd3, odd4, odd5] = odds;
+    json!({"game_id": game_id, "odd1": odd1, "odd2": odd2, "odd3": odd3, "odd4": odd4, "odd5": odd5})
 }
 
-pub fn fmt_odds(o: &Odds) -> [String; 4] {
+pub fn fmt_odds(o: &Odds) -> [String; 5] {
     o.map(|v| format!("{v:.3}"))
 }
 
@@ -110,7 +114,7 @@ impl Rng {
     }
 
     fn odds(&mut self) -> Odds {
-        [(); 4].map(|_| 1.01 + self.next() * 9.0)
+        [(); 5].map(|_| 1.01 + self.next() * 9.0)
     }
 
     /// One random-walk step: each odd moves by up to +-3 %, kept within [1.01, 50].
@@ -132,10 +136,37 @@ fn error(status: StatusCode, msg: &str) -> Response {
 
 const BAD_ID: &str = "game id must be 1-32 of [A-Za-z0-9_-]";
 
-async fn create_game(State(db): State<Arc<Db>>, Path(id): Path<String>) -> Response {
-    if !valid(&id) {
+/// The game id of the path when it is valid (`None` also for a path that is not UTF-8).
+fn game_id(path: Result<Path<String>, PathRejection>) -> Option<String> {
+    path.ok().map(|Path(id)| id).filter(|id| valid(id))
+}
+
+/// `POST /games/` and `POST /sendodd/`: the id is missing.
+async fn missing_id() -> Response {
+    error(StatusCode::BAD_REQUEST, BAD_ID)
+}
+
+async fn no_route() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such route: POST /games/{game_id} or POST /sendodd/{game_id}",
+    )
+}
+
+async fn no_method() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: use POST /games/{game_id} or POST /sendodd/{game_id}",
+    )
+}
+
+async fn create_game(
+    State(db): State<Arc<Db>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Some(id) = game_id(path) else {
         return error(StatusCode::BAD_REQUEST, BAD_ID);
-    }
+    };
     match db.create(&id, &Rng::new().odds()).await {
         Ok((true, row)) => (StatusCode::CREATED, Json(row)).into_response(),
         Ok((false, row)) => Json(row).into_response(),
@@ -146,10 +177,13 @@ async fn create_game(State(db): State<Arc<Db>>, Path(id): Path<String>) -> Respo
     }
 }
 
-async fn send_odd(State(db): State<Arc<Db>>, Path(id): Path<String>) -> Response {
-    if !valid(&id) {
+async fn send_odd(
+    State(db): State<Arc<Db>>,
+    path: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Some(id) = game_id(path) else {
         return error(StatusCode::BAD_REQUEST, BAD_ID);
-    }
+    };
     match db.update(&id, &Rng::new().odds()).await {
         Ok(Some(v)) => Json(v).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "unknown game"),
@@ -208,6 +242,12 @@ async fn main() -> anyhow::Result<()> {
     let app = Router::new()
         .route("/games/{game_id}", post(create_game))
         .route("/sendodd/{game_id}", post(send_odd))
+        .route("/games", post(missing_id))
+        .route("/games/", post(missing_id))
+        .route("/sendodd", post(missing_id))
+        .route("/sendodd/", post(missing_id))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .with_state(db);
     let listener = tokio::net::TcpListener::bind(&a.listen).await?;
     eprintln!("odds-feed: listening on http://{}", listener.local_addr()?);

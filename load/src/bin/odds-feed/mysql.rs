@@ -9,8 +9,9 @@ use crate::{fmt_odds, row_json, Odds};
 
 pub struct Mysql(Pool);
 
-/// The four odds of a game's row, as exact decimal text.
+/// The five odds of a game's row, as exact decimal text.
 type OddsRow = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -26,11 +27,11 @@ fn table(id: &str) -> String {
 
 async fn select(conn: &mut Conn, id: &str) -> anyhow::Result<Option<Value>> {
     let q = format!(
-        "SELECT CAST(odd1 AS CHAR), CAST(odd2 AS CHAR), CAST(odd3 AS CHAR), CAST(odd4 AS CHAR) FROM {} WHERE game_id = ?",
+        "SELECT CAST(odd1 AS CHAR), CAST(odd2 AS CHAR), CAST(odd3 AS CHAR), CAST(odd4 AS CHAR), CAST(odd5 AS CHAR) FROM {} WHERE game_id = ?",
         table(id)
     );
     let row: Option<OddsRow> = conn.exec_first(q, (id,)).await?;
-    Ok(row.map(|(a, b, c, d)| row_json(id, [a, b, c, d])))
+    Ok(row.map(|(a, b, c, d, e)| row_json(id, [a, b, c, d, e])))
 }
 
 impl Mysql {
@@ -47,7 +48,7 @@ impl Mysql {
         conn.query_drop(format!(
             "CREATE TABLE IF NOT EXISTS {} (\
                game_id VARCHAR(32) NOT NULL PRIMARY KEY, \
-               odd1 DECIMAL(10,3), odd2 DECIMAL(10,3), odd3 DECIMAL(10,3), odd4 DECIMAL(10,3), \
+               odd1 DECIMAL(10,3), odd2 DECIMAL(10,3), odd3 DECIMAL(10,3), odd4 DECIMAL(10,3), odd5 DECIMAL(10,3), \
                updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6)\
              ) ENGINE = InnoDB",
             table(id)
@@ -65,10 +66,10 @@ impl Mysql {
         let created = tx.affected_rows() == 1;
         tx.exec_drop(
             format!(
-                "INSERT IGNORE INTO {} (game_id, odd1, odd2, odd3, odd4) VALUES (?, ?, ?, ?, ?)",
+                "INSERT IGNORE INTO {} (game_id, odd1, odd2, odd3, odd4, odd5) VALUES (?, ?, ?, ?, ?, ?)",
                 table(id)
             ),
-            (id, &o[0], &o[1], &o[2], &o[3]),
+            (id, &o[0], &o[1], &o[2], &o[3], &o[4]),
         )
         .await?;
         tx.commit().await?;
@@ -92,10 +93,10 @@ impl Mysql {
         let o = fmt_odds(odds);
         conn.exec_drop(
             format!(
-                "UPDATE {} SET odd1 = ?, odd2 = ?, odd3 = ?, odd4 = ? WHERE game_id = ?",
+                "UPDATE {} SET odd1 = ?, odd2 = ?, odd3 = ?, odd4 = ?, odd5 = ? WHERE game_id = ?",
                 table(id)
             ),
-            (&o[0], &o[1], &o[2], &o[3], id),
+            (&o[0], &o[1], &o[2], &o[3], &o[4], id),
         )
         .await?;
         select(&mut conn, id).await

@@ -7,10 +7,10 @@ use crate::{fmt_odds, row_json, Odds};
 
 pub struct Pg(Client);
 
-const ROW: &str = "game_id, odd1::text, odd2::text, odd3::text, odd4::text";
+const ROW: &str = "game_id, odd1::text, odd2::text, odd3::text, odd4::text, odd5::text";
 
 fn to_json(r: &Row) -> Value {
-    row_json(&r.get::<_, String>(0), [1, 2, 3, 4].map(|i| r.get(i)))
+    row_json(&r.get::<_, String>(0), [1, 2, 3, 4, 5].map(|i| r.get(i)))
 }
 
 impl Pg {
@@ -27,10 +27,10 @@ impl Pg {
 
     pub async fn create(&self, id: &str, odds: &Odds) -> anyhow::Result<(bool, Value)> {
         let o = fmt_odds(odds);
-        let q = format!("insert into game_odds (game_id, odd1, odd2, odd3, odd4) values ($1, $2::text::numeric, $3::text::numeric, $4::text::numeric, $5::text::numeric) on conflict (game_id) do nothing returning {ROW}");
+        let q = format!("insert into game_odds (game_id, odd1, odd2, odd3, odd4, odd5) values ($1, $2::text::numeric, $3::text::numeric, $4::text::numeric, $5::text::numeric, $6::text::numeric) on conflict (game_id) do nothing returning {ROW}");
         if let Some(r) = self
             .0
-            .query_opt(&q, &[&id, &o[0], &o[1], &o[2], &o[3]])
+            .query_opt(&q, &[&id, &o[0], &o[1], &o[2], &o[3], &o[4]])
             .await?
         {
             return Ok((true, to_json(&r)));
@@ -41,10 +41,10 @@ impl Pg {
 
     pub async fn update(&self, id: &str, odds: &Odds) -> anyhow::Result<Option<Value>> {
         let o = fmt_odds(odds);
-        let q = format!("update game_odds set odd1 = $2::text::numeric, odd2 = $3::text::numeric, odd3 = $4::text::numeric, odd4 = $5::text::numeric, updated_at = now() where game_id = $1 returning {ROW}");
+        let q = format!("update game_odds set odd1 = $2::text::numeric, odd2 = $3::text::numeric, odd3 = $4::text::numeric, odd4 = $5::text::numeric, odd5 = $6::text::numeric, updated_at = now() where game_id = $1 returning {ROW}");
         let row = self
             .0
-            .query_opt(&q, &[&id, &o[0], &o[1], &o[2], &o[3]])
+            .query_opt(&q, &[&id, &o[0], &o[1], &o[2], &o[3], &o[4]])
             .await?;
         Ok(row.as_ref().map(to_json))
     }
