@@ -95,3 +95,54 @@ async fn a_row_the_changelog_refuses_is_dead_lettered_and_nothing_wedges() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// Issue 12 hole 5: an input position that no longer exists (here: the topic was deleted and
+/// created again while livetable was down) used to reset to `earliest` silently. Now it is
+/// detected, counted and logged, and the new records are applied, not taken for old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_that_no_longer_exists_is_detected_and_counted() {
+    let u = unique("oor");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 1).await;
+    let p = producer();
+    let first: Vec<FixtureRecord> = (0..10)
+        .map(|i| row_change(&format!("k{i}"), i, 1))
+        .collect();
+    produce(&p, &topic, &first).await;
+    let dir = tempdir();
+    let c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let (svc, base) = start_service(c.clone()).await;
+    table_at_seq(&base, "t", 10).await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+
+    // the topic is recreated with fewer records than the stored position
+    delete_topic(&topic).await;
+    create_topic(&topic, 1).await;
+    let again: Vec<FixtureRecord> = (0..3)
+        .map(|i| row_change(&format!("k{i}"), 100 + i, 1))
+        .collect();
+    produce(&p, &topic, &again).await;
+    let (svc, base) = start_service(c).await;
+    eventually(
+        "the new records are applied",
+        Duration::from_secs(60),
+        || async {
+            let s = api_state(&base, "t").await?;
+            (s.get("k0") == Some(&100) && s.get("k2") == Some(&102)).then_some(())
+        },
+    )
+    .await;
+    let m = metrics_text(&base).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("livetable_offset_resets_total{") && l.ends_with(" 1")),
+        "the reset is counted:\n{}",
+        m.lines()
+            .filter(|l| l.contains("offset_resets"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

@@ -198,8 +198,19 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
     );
     // the seed's clients connect to ws://host/ and expect flat rows
     c.default_format = Format::Rows;
+    // the seed broadcast the game rows (not available_games) to every client on `/`
+    c.root_tables = Some(regex::Regex::new("^game_").unwrap());
+    c.unions = vec![livetable::config::UnionDef {
+        name: "games".into(),
+        pattern: regex::Regex::new("^game_").unwrap(),
+    }];
     let (svc, base) = start_service(c).await;
     dev("connect", &["start"], &connect.env());
+    // the seed's own client: connects to `/` with no query before any game exists, and keeps a map
+    // by game_id of the flat rows it receives
+    let (mut seed, _) = tokio_tungstenite::connect_async(base.replace("http://", "ws://") + "/")
+        .await
+        .unwrap();
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -246,6 +257,17 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
     }
     // unknown games and hostile ids touch nothing
     assert_eq!(post(&http, &format!("{feed}/sendodd/gamma")).await.0, 404);
+    // every game's row reaches the seed's client, each message one flat row
+    let mut seed_seen = HashMap::new();
+    let want_games: HashMap<String, Value> = latest
+        .iter()
+        .map(|(g, o)| {
+            let mut row = o.clone();
+            row["game_id"] = json!(g);
+            (g.clone(), row)
+        })
+        .collect();
+    rows_until(&mut seed, &mut seed_seen, &want_games).await;
     let hostile = format!("{feed}/games/x%60%3B%20drop%20table%20available_games%3B--");
     assert_eq!(post(&http, &hostile).await.0, 400);
     assert_eq!(
@@ -306,15 +328,19 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
         "available_games.created_at is an ISO-8601 string: {created_at}"
     );
 
-    // the page: both games in the table selector, each showing its latest odds
-    let spec: Vec<Value> = ["alpha", "beta"]
+    // the page: both games in one live table (the union of every game_ table), each row showing
+    // its game's latest odds; then one game's own table
+    let mut spec: Vec<Value> = ["alpha", "beta"]
         .iter()
         .map(|g| {
             let o = &latest[*g];
-            json!({"table": format!("game_{g}"), "key": g,
+            json!({"table": "games", "key": format!("game_{g}/{g}"),
                    "cells": {"odd1": o["odd1"], "odd2": o["odd2"], "odd3": o["odd3"], "odd4": o["odd4"], "odd5": o["odd5"]}})
         })
         .collect();
+    let o = &latest["beta"];
+    spec.push(json!({"table": "game_beta", "key": "beta",
+        "cells": {"odd1": o["odd1"], "odd2": o["odd2"], "odd3": o["odd3"], "odd4": o["odd4"], "odd5": o["odd5"]}}));
     let artifacts = repo_root().join("target/browser-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
     let out = tokio::task::spawn_blocking({
@@ -335,7 +361,7 @@ async fn games_created_through_the_feed_show_on_a_rows_client_and_the_page() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("OK game_alpha") && stdout.contains("OK game_beta"),
+        out.status.success() && stdout.contains("OK games") && stdout.contains("OK game_beta"),
         "page: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -101,6 +101,13 @@ pub fn admin() -> AdminClient<DefaultClientContext> {
         .unwrap()
 }
 
+pub async fn delete_topic(name: &str) {
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for x in admin().delete_topics(&[name], &opts).await.unwrap() {
+        x.unwrap_or_else(|(t, e)| panic!("delete {t}: {e}"));
+    }
+}
+
 pub async fn create_topic(name: &str, partitions: i32) {
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let r = admin()

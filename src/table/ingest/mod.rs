@@ -204,10 +204,32 @@ impl Ingest {
             }
             return;
         };
-        let (states, positions) = {
+        let (states, positions, checks) = {
             let inner = self.partitions.lock();
-            (inner.states.clone(), inner.positions.clone())
+            (
+                inner.states.clone(),
+                inner.positions.clone(),
+                inner.check_start.clone(),
+            )
         };
+        for (tp, start) in checks {
+            if let Some((lo, hi)) = source::cached_watermarks(&self.consumer, &tp.0, tp.1) {
+                self.partitions.lock().check_start.remove(&tp);
+                if start < lo || start > hi {
+                    self.check_reset(&tp, start, lo, hi);
+                }
+                if start > hi {
+                    // some brokers answer a fetch past the end with nothing rather than an
+                    // out-of-range error: go to the start of the (new) partition ourselves
+                    if let Err(e) =
+                        self.consumer
+                            .seek(&tp.0, tp.1, Offset::Offset(lo), Duration::from_secs(5))
+                    {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek failed");
+                    }
+                }
+            }
+        }
         // after an idle poll nothing fetched is waiting: the fetch position is the applied position
         let fetched: HashMap<(String, i32), i64> = if idle {
             self.consumer
@@ -255,6 +277,55 @@ impl Ingest {
             }
         }
         self.readiness.set_ingest(ready, &why);
+    }
+
+    /// A partition's position is gone from the broker: below its first offset (retention passed
+    /// while this node was away) or past its end (the topic was recreated). Consumption goes on from
+    /// the earliest offset; what was in between is lost, deletes included: counted and logged for
+    /// the operator (README, "Operations").
+    pub fn check_reset(&self, tp: &(String, i32), expected: i64, lo: i64, hi: i64) {
+        let (lost, why) = if expected < lo {
+            (
+                lo - expected,
+                "the records were removed by retention before they were applied",
+            )
+        } else if expected > hi {
+            (
+                expected - hi,
+                "the partition ends before this position: the topic was recreated or truncated",
+            )
+        } else {
+            return;
+        };
+        self.metrics
+            .offset_resets
+            .with_label_values(&[&tp.0, &tp.1.to_string()])
+            .inc();
+        tracing::error!(
+            topic = %tp.0,
+            partition = tp.1,
+            position = expected,
+            first_offset = lo,
+            end_offset = hi,
+            records = lost,
+            "input position no longer exists: {why}; consuming from the earliest offset. Changes in between are lost; see README, Operations, 'Input offsets out of range'"
+        );
+        if expected > hi {
+            // offsets restart: the slices must not take the new records for ones they reflect
+            let part = u32::try_from(tp.1).unwrap_or(0);
+            for e in self.registry.tables_of(&tp.0) {
+                if let Some(t) = self.tables.get(&e.table) {
+                    t.update_slices(|s| {
+                        let slice = s.slice_mut(part);
+                        slice.last_off = -1;
+                        slice.acked = -1;
+                        slice.tombs.clear();
+                    });
+                }
+            }
+            let mut inner = self.partitions.lock();
+            inner.positions.insert(tp.clone(), lo);
+        }
     }
 
     /// Whether any topic matches the subscription (`None`: the broker did not answer).

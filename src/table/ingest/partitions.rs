@@ -106,6 +106,9 @@ pub struct Inner {
     pub next_job: u64,
     /// Resolved table names per (topic, name in the records).
     pub names: HashMap<(String, String), String>,
+    /// Partitions just resumed at a known offset: once the broker told their watermarks, an
+    /// offset that no longer exists there (retention passed, topic recreated) is reported.
+    pub check_start: HashMap<(String, i32), i64>,
 }
 
 impl Partitions {
@@ -139,6 +142,7 @@ impl Partitions {
                 unconfirmed,
                 next_job: 1,
                 names: HashMap::new(),
+                check_start: HashMap::new(),
             }),
             tables,
             store,
@@ -271,6 +275,9 @@ impl Partitions {
                 }
                 None => inner.positions.get(&tp).copied(),
             };
+            if let Some(s) = start {
+                inner.check_start.insert(tp.clone(), s);
+            }
             start
         };
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
