@@ -146,3 +146,133 @@ async fn a_position_that_no_longer_exists_is_detected_and_counted() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// Issue 12 hole 8: shutdown ends within the grace period in every state: live WebSocket clients
+/// get the 1001 close, SSE streams end, and a broker that is gone does not hold anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_in_time_with_clients_attached_and_with_the_broker_gone() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    // clients attached
+    let u = unique("down");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 1).await;
+    produce(&producer(), &topic, &[row_change("a", 1, 1)]).await;
+    let dir = tempdir();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.shutdown_grace = Duration::from_secs(5);
+    let (svc, base) = start_service(c).await;
+    table_at_seq(&base, "t", 1).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/ws?table=t",
+        base.replace("http://", "ws://")
+    ))
+    .await
+    .unwrap();
+    let sse = reqwest::get(format!("{base}/sse?table=t")).await.unwrap();
+    let mut sse = sse.bytes_stream();
+    let _ = sse.next().await; // the snapshot
+    let asked = std::time::Instant::now();
+    svc.shutdown();
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return Some(u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("the WebSocket is closed in time");
+    assert_eq!(close, Some(1001), "going away");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = sse.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the SSE stream ends");
+    tokio::time::timeout(Duration::from_secs(6), svc.wait())
+        .await
+        .expect("stopped within the grace period")
+        .unwrap();
+    eprintln!("shutdown with clients attached: {:?}", asked.elapsed());
+
+    // the broker gone: SIGTERM still ends within the grace period
+    let port = common::procs::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    dev_script("broker", &["start"], &[("BROKER_ADDR", addr.as_str())]);
+    let dir = tempdir();
+    let mut c = test_config(
+        TopicSelection::Names(vec![topic.clone()]),
+        dir.path(),
+        &unique("down2"),
+    );
+    c.brokers = addr.clone();
+    c.shutdown_grace = Duration::from_secs(5);
+    let (svc, base) = start_service(c).await;
+    eventually(
+        "ready on the private broker",
+        Duration::from_secs(60),
+        || async { (get_json(&format!("{base}/readyz")).await.0 == 200).then_some(()) },
+    )
+    .await;
+    dev_script("broker", &["stop"], &[("BROKER_ADDR", addr.as_str())]);
+    eventually(
+        "not ready without the broker",
+        Duration::from_secs(30),
+        || async { (get_json(&format!("{base}/readyz")).await.0 == 503).then_some(()) },
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    svc.shutdown();
+    tokio::time::timeout(Duration::from_secs(6), svc.wait())
+        .await
+        .expect("stopped within the grace period with the broker gone")
+        .unwrap();
+    eprintln!("shutdown with the broker gone: {:?}", asked.elapsed());
+}
+
+/// Issue 12 hole 9: a restore used to give up after a fixed total time (600 s), so a table that
+/// took longer restart-looped forever. Now it gives up only when nothing arrives for
+/// `--restore-stall-secs`: here a restore longer than that window completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_longer_than_the_stall_window_completes() {
+    let u = unique("stall");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 1).await;
+    let n = 60_000usize;
+    let p = producer();
+    let records: Vec<FixtureRecord> = (0..n)
+        .map(|i| row_change(&format!("k{i}"), i, 20))
+        .collect();
+    for chunk in records.chunks(10_000) {
+        produce(&p, &topic, chunk).await;
+    }
+    let dir = tempdir();
+    let c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let (svc, base) = start_service(c.clone()).await;
+    table_at_seq(&base, "t", n as u64).await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+    // the same deployment with an empty data directory and a 1 s stall window
+    let dir = tempdir();
+    let mut c = c;
+    c.data_dir = dir.path().to_path_buf();
+    c.restore_stall = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let (svc, base) = start_service(c).await;
+    table_at_seq(&base, "t", n as u64).await;
+    let took = metric(&base, "livetable_restore_duration_seconds").await;
+    eprintln!(
+        "restore of {n} rows: the slice takeover took {took:.2} s (ready after {:?}) with a 1 s stall window",
+        started.elapsed()
+    );
+    assert_eq!(api_state(&base, "t").await.unwrap().len(), n);
+    assert!(
+        took > 1.0,
+        "the restore outlasted the stall window ({took} s), so the test shows something"
+    );
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

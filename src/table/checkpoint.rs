@@ -192,7 +192,30 @@ impl Checkpointer {
                 .store_bytes
                 .set(i64::try_from(self.store.size_on_disk()).unwrap_or(i64::MAX));
         }
-        self.commit(&committed, CommitMode::Sync);
+        // the last commit waits for the broker, but not longer than a moment: a broker that is
+        // down must not hold the shutdown (what is not committed is re-read and recognised)
+        let (Some(consumer), false) = (self.consumer.clone(), committed.is_empty()) else {
+            return;
+        };
+        let metrics = self.metrics.clone();
+        let last = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), next) in &committed {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                metrics.commit_errors.inc();
+                tracing::warn!(error = %e, "the last offset commit failed; the next start re-reads from the previous one");
+            }
+        });
+        if tokio::time::timeout(Duration::from_secs(3), last)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the last offset commit did not finish within 3 s (broker unreachable?)"
+            );
+        }
     }
 
     async fn flush(&self) {
