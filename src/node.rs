@@ -218,6 +218,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             .set(i64::try_from(t.seq()).unwrap_or(i64::MAX));
         metrics.subscriptions.with_label_values(&[&name]).set(0);
         tables.insert(t);
+        if role.serves() {
+            hub.open(&name);
+        }
     }
     readiness.loaded.store(true, Ordering::Release);
 

@@ -118,6 +118,13 @@ impl Hub {
         &self.tables
     }
 
+    /// Opens the channel of a table now (at start-up, for the tables of the local store): its
+    /// replay buffer then covers every change from the state the node started with, so a client
+    /// whose position is at or after it resumes with a patch after a restart.
+    pub fn open(&self, table: &str) {
+        let _ = self.channel(table);
+    }
+
     /// The channel of `table`, created when the table exists.
     fn channel(&self, table: &str) -> Option<Arc<Channel>> {
         if let Some(c) = self
