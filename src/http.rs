@@ -132,7 +132,13 @@ async fn list_tables(State(state): State<AppState>) -> Json<Value> {
             json!({"name": u.name, "pattern": u.pattern.as_str(), "tables": members})
         })
         .collect();
-    Json(json!({ "tables": tables, "unions": unions }))
+    let r = &state.readiness;
+    Json(json!({
+        "tables": tables,
+        "unions": unions,
+        "caught_up": r.is_ready(),
+        "reason": r.reason(),
+    }))
 }
 
 fn path_error(e: PathRejection) -> ApiError {

@@ -223,6 +223,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         }
     }
     readiness.loaded.store(true, Ordering::Release);
+    readiness.publish();
 
     let registry = Arc::new(Registry::new(&config.group_id, &config.registry_topic()));
     let changelog = Arc::new(Changelog::new(&config)?);

@@ -54,7 +54,14 @@ async fn next_json(ws: &mut Ws) -> Value {
             .unwrap()
             .unwrap();
         match msg {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                // freshness notices may come at any time (a burst puts the node behind)
+                if v["type"] == "status" {
+                    continue;
+                }
+                return v;
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("unexpected {other:?}"),
         }

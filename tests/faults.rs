@@ -381,3 +381,65 @@ async fn a_client_resuming_across_kill9_ends_exact_and_never_goes_back() {
         "the replay buffer covers the changes since the restart: the resume is a patch"
     );
 }
+
+/// Issue 12 hole 3: a node that falls behind its input (a backlog after an outage, a burst) used
+/// to serve old values as current. Now readiness and the API say so, and live clients get a
+/// `status` message when the node stops and starts again being caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_its_input_tells_its_clients() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let u = unique("stale");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 1).await;
+    let p = producer();
+    produce(&p, &topic, &[row_change("a", 0, 1)]).await;
+    let dir = tempdir();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.max_ready_lag = 100;
+    c.max_batch = 50;
+    let (svc, base) = start_service(c).await;
+    table_at_seq(&base, "t", 1).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "{}/ws?table=t",
+        base.replace("http://", "ws://")
+    ))
+    .await
+    .unwrap();
+    // a burst far beyond the ready lag
+    let burst: Vec<FixtureRecord> = (1..=30_000)
+        .map(|i| row_change(&format!("k{}", i % 500), i, 200))
+        .collect();
+    let producing = tokio::spawn(async move { produce(&producer(), &topic, &burst).await });
+    let mut seen = Vec::new();
+    let mut behind_api = false;
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    while !(seen.contains(&false) && seen.last() == Some(&true)) {
+        assert!(
+            std::time::Instant::now() < until,
+            "status messages seen: {seen:?}"
+        );
+        if let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+        {
+            let m: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+            if m["type"] == "status" {
+                let caught_up = m["caught_up"].as_bool().unwrap();
+                if !caught_up {
+                    assert!(m["reason"].as_str().unwrap().contains("behind"), "{m}");
+                    let (_, tables) = get_json(&format!("{base}/api/tables")).await;
+                    behind_api |= tables["caught_up"] == false;
+                }
+                seen.push(caught_up);
+            }
+        }
+    }
+    producing.await.unwrap();
+    assert!(behind_api, "the API said the node was behind while it was");
+    eventually("ready at the end", Duration::from_secs(60), || async {
+        (get_json(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

@@ -12,6 +12,7 @@
 //   snapshot {table, rows, epoch, seq, pos}
 //   change   {table, rows, changed: Set of keys, patch, seq, pos, tsMs}   (after a snapshot or a patch)
 //   waiting  {table}   the table does not exist yet; its snapshot follows when it appears
+//   freshness {caughtUp, reason}   the server stopped (or started again) being caught up
 //   error    {code, message, fatal}
 // Reconnects with exponential backoff and resumes from the last position (`pos`) it saw, on the
 // same server or any other of the deployment (protocol version 2).
@@ -125,6 +126,9 @@ export class LiveTable extends EventTarget {
       this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.patch)), patch: m.patch, seq: m.seq, pos: m.pos, tsMs: m.ts_ms });
     } else if (m.type === "waiting") {
       this._emit("waiting", { table: m.table });
+    } else if (m.type === "status") {
+      this.caughtUp = !!m.caught_up;
+      this._emit("freshness", { caughtUp: this.caughtUp, reason: m.reason });
     } else if (m.type === "error") {
       this._emit("error", { code: m.code, message: m.message, fatal: !!m.fatal });
     }

@@ -126,7 +126,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
             metrics.patches_sent.inc();
             "row"
         }
-        Outgoing::Waiting { .. } => "control",
+        Outgoing::Waiting { .. } | Outgoing::Status { .. } => "control",
         Outgoing::Error { code, .. } => {
             metrics
                 .protocol_errors

@@ -43,6 +43,12 @@ pub enum Outgoing {
     Waiting {
         table: String,
     },
+    /// The node stopped (or started again) being caught up with its input: while not, what it
+    /// sends may be behind the database.
+    Status {
+        caught_up: bool,
+        reason: String,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -89,6 +95,9 @@ impl Outgoing {
                 "message": "the table does not exist yet; its snapshot follows when it appears"
             })
             .to_string(),
+            Outgoing::Status { caught_up, reason } => {
+                json!({"type": "status", "caught_up": caught_up, "reason": reason}).to_string()
+            }
             Outgoing::Error { code, message } => {
                 json!({"type": "error", "code": code.as_str(), "message": message, "fatal": code.is_fatal()})
                     .to_string()
@@ -114,6 +123,7 @@ impl Outgoing {
             Outgoing::Patch { .. } => "patch",
             Outgoing::Row(_) => "row",
             Outgoing::Waiting { .. } => "waiting",
+            Outgoing::Status { .. } => "status",
             Outgoing::Error { .. } => "error",
             Outgoing::Pong => "pong",
         }

@@ -41,6 +41,8 @@ struct Waiter {
 
 /// What happened on the session's channels.
 pub enum Event {
+    /// The node became caught up, or stopped being.
+    Freshness(crate::table::readiness::Freshness),
     Update(String, Result<Arc<HubUpdate>, u64>),
     Created(String),
     /// Table creations were missed (the notification channel lagged): look at every table.
@@ -62,6 +64,8 @@ pub struct Session {
     /// `Some`: every table (matching the pattern) in `format=rows`.
     all_rows: Option<Option<regex::Regex>>,
     created: Option<broadcast::Receiver<String>>,
+    /// Whether the node is caught up (patch-format sessions are told when it changes).
+    freshness: Option<tokio::sync::watch::Receiver<crate::table::readiness::Freshness>>,
     /// Whole messages waiting to be written before the pending patches.
     pub queued: Vec<Outgoing>,
     /// Shared, already serialised patch frames, written as they are.
@@ -88,9 +92,24 @@ impl Session {
             open_unions: Vec::new(),
             all_rows: None,
             created: None,
+            freshness: None,
             queued: Vec::new(),
             frames: Vec::new(),
         }
+    }
+
+    /// Tells this (patch-format) session when the node stops or starts being caught up; returns
+    /// a status message when it is not caught up now.
+    pub fn watch_freshness(
+        &mut self,
+        mut rx: tokio::sync::watch::Receiver<crate::table::readiness::Freshness>,
+    ) -> Option<Outgoing> {
+        let now = rx.borrow_and_update().clone();
+        self.freshness = Some(rx);
+        (!now.caught_up).then_some(Outgoing::Status {
+            caught_up: false,
+            reason: now.reason,
+        })
     }
 
     fn watch_created(&mut self) {
@@ -295,7 +314,18 @@ impl Session {
                 None => std::future::pending().await,
             }
         };
+        let fresh = self.freshness.as_mut();
+        let fresh = async {
+            match fresh {
+                Some(f) => match f.changed().await {
+                    Ok(()) => f.borrow_and_update().clone(),
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            f = fresh => Event::Freshness(f),
             Some((table, item)) = self.streams.next(), if !self.streams.is_empty() => {
                 Event::Update(table, item.map_err(|BroadcastStreamRecvError::Lagged(n)| n))
             }
@@ -329,6 +359,10 @@ impl Session {
             }
             Event::Update(table, Err(_)) => self.resnapshot(&table).await,
             Event::Created(name) => self.on_created(&name).await,
+            Event::Freshness(f) => self.queued.push(Outgoing::Status {
+                caught_up: f.caught_up,
+                reason: f.reason,
+            }),
             Event::Rescan => {
                 for info in self.hub.tables().list() {
                     self.on_created(&info.name).await;

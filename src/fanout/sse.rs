@@ -81,7 +81,7 @@ pub async fn handler(
         1,
         state.fanout.unions.clone(),
     );
-    let initial = session
+    let mut initial = session
         .subscribe(
             &table,
             Selector::keys(parse_keys(q.keys.as_deref())),
@@ -89,6 +89,7 @@ pub async fn handler(
             Format::Patch,
         )
         .await;
+    initial.extend(session.watch_freshness(state.readiness.freshness()));
     state
         .metrics
         .connections_opened

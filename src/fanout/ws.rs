@@ -155,6 +155,14 @@ impl Connection {
                 "several tables are served: pass ?table= or send a subscribe message".into(),
             )),
         }
+        // patch clients are told whether what they get is current (rows clients, the seed's, get
+        // rows only)
+        if format == Format::Patch {
+            initial.extend(
+                self.session
+                    .watch_freshness(self.state.readiness.freshness()),
+            );
+        }
         if self.send(&mut socket, initial).await.is_err() {
             return "write_error";
         }

@@ -10,8 +10,17 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use tokio::sync::watch;
+
+/// Whether what the node serves is current: sent to live clients when it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Freshness {
+    pub caught_up: bool,
+    pub reason: String,
+}
+
 /// The parts of readiness.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readiness {
     pub loaded: AtomicBool,
     pub healthy: AtomicBool,
@@ -23,14 +32,22 @@ pub struct Readiness {
     pub needs_follower: bool,
     /// Why the node is not ready (for `/readyz`).
     pub reason: Mutex<String>,
+    /// The readiness as live clients see it.
+    freshness: watch::Sender<Freshness>,
 }
 
 impl Readiness {
     pub fn new(needs_ingest: bool, needs_follower: bool) -> Self {
         let r = Readiness {
+            loaded: AtomicBool::new(false),
+            healthy: AtomicBool::new(false),
+            ingest: AtomicBool::new(false),
+            follower: AtomicBool::new(false),
+            checkpoint: AtomicBool::new(false),
             needs_ingest,
             needs_follower,
-            ..Default::default()
+            reason: Mutex::new(String::new()),
+            freshness: watch::Sender::new(Freshness::default()),
         };
         r.healthy.store(true, Ordering::Release);
         r.checkpoint.store(true, Ordering::Release);
@@ -76,6 +93,28 @@ impl Readiness {
                 tracing::warn!(part, reason = why, "not caught up");
             }
         }
+        self.publish();
+    }
+
+    /// Tells live clients when the node becomes current or stops being so.
+    pub fn publish(&self) {
+        let now = Freshness {
+            caught_up: self.is_ready(),
+            reason: self.reason(),
+        };
+        self.freshness.send_if_modified(|f| {
+            if f.caught_up != now.caught_up {
+                *f = now;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// A receiver of freshness changes (for a live connection).
+    pub fn freshness(&self) -> watch::Receiver<Freshness> {
+        self.freshness.subscribe()
     }
 
     /// The last reason the node was not ready.

@@ -190,7 +190,11 @@ async fn produce_to(
         }
     }
     for f in pending {
-        f.await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(120), f)
+            .await
+            .expect("the broker acknowledges a produced record within 120 s")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -261,15 +265,30 @@ where
     }
 }
 
+/// An HTTP client whose requests give up after 30 s: a server that does not answer fails the test
+/// at the request, it does not hang it.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
 pub async fn get_json(url: &str) -> (u16, Value) {
-    let resp = reqwest::get(url).await.unwrap();
+    let resp = http()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// The text of `GET /metrics`.
 pub async fn metrics_text(base: &str) -> String {
-    reqwest::get(format!("{base}/metrics"))
+    http()
+        .get(format!("{base}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
