@@ -321,27 +321,28 @@ async fn a_client_resuming_across_kill9_ends_exact_and_never_goes_back() {
         .await;
         node.kill9();
         produce_keyed(&p, &topic, second).await;
-        let s = w.seen.lock().unwrap();
-        assert!(
-            s.regressions.is_empty(),
-            "round {round}: {:?}",
-            s.regressions
-        );
-        // what the client holds now: what it held before plus what it received
-        if s.snapshots > 0 {
-            held.clear();
-        }
-        for (k, v) in &s.state {
-            if let Some(n) = v["n"].as_i64() {
-                let old = held.insert(k.clone(), n);
-                assert!(
-                    old.is_none_or(|o| o <= n),
-                    "round {round}: {k} went back {old:?} -> {n}"
-                );
+        {
+            let s = w.seen.lock().unwrap();
+            assert!(
+                s.regressions.is_empty(),
+                "round {round}: {:?}",
+                s.regressions
+            );
+            // what the client holds now: what it held before plus what it received
+            if s.snapshots > 0 {
+                held.clear();
             }
+            for (k, v) in &s.state {
+                if let Some(n) = v["n"].as_i64() {
+                    let old = held.insert(k.clone(), n);
+                    assert!(
+                        old.is_none_or(|o| o <= n),
+                        "round {round}: {k} went back {old:?} -> {n}"
+                    );
+                }
+            }
+            pos = s.pos.clone();
         }
-        pos = s.pos.clone();
-        drop(s);
         w.abort();
         node.start();
         node.wait_ready(Duration::from_secs(90)).await;
