@@ -449,12 +449,19 @@ async fn two_deployments_never_touch_each_others_topics() {
     }
     // each registry names only its own deployment, each changelog only its own owner's fences
     for (_, c, _) in &nodes {
-        let registry = read_topic(
-            &format!("{}__registry", c.changelog_prefix),
-            usize::MAX,
-            Duration::from_secs(3),
-        );
-        assert!(!registry.is_empty());
+        let topic = format!("{}__registry", c.changelog_prefix);
+        let registry = eventually("the registry is read", Duration::from_secs(60), || {
+            let topic = topic.clone();
+            async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    read_topic(&topic, usize::MAX, Duration::from_secs(3))
+                })
+                .await
+                .unwrap();
+                (!r.is_empty()).then_some(r)
+            }
+        })
+        .await;
         for (_, v, _) in &registry {
             let e: Value = serde_json::from_str(v.as_deref().unwrap()).unwrap();
             assert_eq!(e["deployment"], c.group_id.as_str());

@@ -194,40 +194,49 @@ impl Restorer {
         }
         let topic = self.changelog.topic_for(&entry.table);
         let started = std::time::Instant::now();
-        let end = self.fold_span(
-            reader,
-            &table,
-            &topic,
-            part,
-            from,
-            End::HighWatermark,
-            own,
-            cancelled,
-        )?;
-        // the fence: from here on, a former owner's late writes are ignored
-        let seen = table
-            .read()
-            .slice(part)
-            .map(|s| s.owner)
-            .unwrap_or_default();
-        let owner = Owner::next(seen, generation);
-        let fence = self
-            .changelog
-            .send_fence(&entry.table, part, owner, &self.member)?;
-        let fence_off = futures::executor::block_on(fence)
-            .map_err(|_| RestoreError::Fence(entry.table.clone(), part, "cancelled".into()))?
-            .map_err(|(e, _)| RestoreError::Fence(entry.table.clone(), part, e.to_string()))?
-            .offset;
-        self.fold_span(
-            reader,
-            &table,
-            &topic,
-            part,
-            end,
-            End::Through(fence_off),
-            own,
-            cancelled,
-        )?;
+        // the fence first (with an owner above every one this node knows), then one read up to it;
+        // an owner above it found on the way means a newer fence is due (bounded)
+        let mut next = from;
+        let mut owner = Owner::next(
+            table
+                .read()
+                .slice(part)
+                .map(|s| s.owner)
+                .unwrap_or_default(),
+            generation,
+        );
+        let mut fence_off = -1;
+        for attempt in 0..3 {
+            let fence = self
+                .changelog
+                .send_fence(&entry.table, part, owner, &self.member)?;
+            fence_off = futures::executor::block_on(fence)
+                .map_err(|_| RestoreError::Fence(entry.table.clone(), part, "cancelled".into()))?
+                .map_err(|(e, _)| RestoreError::Fence(entry.table.clone(), part, e.to_string()))?
+                .offset;
+            next = self.fold_span(
+                reader,
+                &table,
+                &topic,
+                part,
+                next,
+                End::Through(fence_off),
+                own,
+                cancelled,
+            )?;
+            let seen = table
+                .read()
+                .slice(part)
+                .map(|s| s.owner)
+                .unwrap_or_default();
+            if seen <= owner {
+                break;
+            }
+            if attempt == 2 {
+                return Err(RestoreError::Superseded(entry.table.clone(), part));
+            }
+            owner = Owner::next(seen, generation);
+        }
         let mut superseded = false;
         let mut metas = None;
         table.update_slices(|s| {

@@ -518,7 +518,8 @@ pub fn spawn_workers(
             std::thread::Builder::new()
                 .name(format!("livetable-restore-{i}"))
                 .spawn(move || {
-                    let mut reader = None;
+                    // connected before the first job: a restore at start-up does not wait for it
+                    let mut reader = restorer.reader().ok();
                     loop {
                         let job = {
                             let rx = jobs_rx.lock().unwrap_or_else(|e| e.into_inner());
