@@ -7,6 +7,7 @@
 pub mod cdc;
 pub mod config;
 pub mod fanout;
+pub mod filter;
 pub mod http;
 pub mod metrics;
 pub mod table;
