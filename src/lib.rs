@@ -11,6 +11,7 @@ pub mod filter;
 pub mod http;
 pub mod metrics;
 pub mod table;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
