@@ -255,6 +255,18 @@ impl Decimal {
             self.scale = min_scale.min(self.scale);
             return;
         }
+        if let Some(mut small) = self.unscaled.to_i64() {
+            // the common case, without a big-integer division per digit
+            let start = self.scale;
+            while self.scale > min_scale && small % 10 == 0 {
+                small /= 10;
+                self.scale -= 1;
+            }
+            if self.scale != start {
+                self.unscaled = BigInt::from(small);
+            }
+            return;
+        }
         let ten = BigInt::from(10u8);
         while self.scale > min_scale {
             let (q, r) = num_integer::Integer::div_rem(&self.unscaled, &ten);
@@ -283,6 +295,33 @@ impl Decimal {
         let mut out = self.clone();
         out.strip_zeros_down_to(i64::MIN);
         out
+    }
+
+    /// Appends a byte string whose lexicographic order is the numeric order, and that is never a
+    /// prefix of another number's (so encodings can be concatenated): a sign byte (1 negative,
+    /// 2 zero, 3 positive), then for `0.DIGITS x 10^E` the exponent `E` as 4 order-preserving
+    /// bytes, each digit as `digit + 1` and a 0 terminator; all inverted for negatives.
+    pub fn write_order_bytes(&self, out: &mut Vec<u8>) {
+        let n = self.normalized();
+        let sign = n.unscaled.sign();
+        if sign == Sign::NoSign {
+            out.push(2);
+            return;
+        }
+        let digits = match n.unscaled.to_i64() {
+            Some(small) => small.unsigned_abs().to_string(),
+            None => n.unscaled.magnitude().to_string(),
+        };
+        let exponent = digits.len() as i64 - n.scale;
+        let exponent =
+            i32::try_from(exponent).unwrap_or(if exponent < 0 { i32::MIN } else { i32::MAX });
+        let biased = (exponent as u32) ^ 0x8000_0000;
+        let negative = sign == Sign::Minus;
+        let flip = |b: u8| if negative { 255 - b } else { b };
+        out.push(if negative { 1 } else { 3 });
+        out.extend(biased.to_be_bytes().into_iter().map(flip));
+        out.extend(digits.bytes().map(|d| flip(d - b'0' + 1)));
+        out.push(flip(0));
     }
 
     /// Plain notation with exactly `scale` fractional digits (`"3.750"`, `"-0.5"`, `"500"`).

@@ -6,7 +6,9 @@
 //! Over a table, an update retracts the old row from its group and adds the new row to its group
 //! (the same group or another), a delete retracts, exactly as a KTable aggregation does; a group
 //! whose last row is retracted is deleted. Over events every event is added, nothing is retracted,
-//! and groups are never deleted. A change that leaves a group's output row as it was emits nothing.
+//! and groups are never deleted. A table change that leaves a group's output row as it was emits
+//! nothing, and so does an event that changes no aggregate (e.g. NULL in every aggregated column
+//! of a view without `count()`).
 //!
 //! Aggregates skip NULL and absent values (`count()` counts rows, `count(col)` non-null values):
 //! - `sum(col)`, `avg(col)`: over the values that are numbers or plain decimal strings (other
@@ -149,12 +151,12 @@ impl GroupBy {
             .collect();
         Group {
             rows: 0,
-            by_values: self.by_values(row),
+            by_values: self.initial_by_values(row),
             aggs,
         }
     }
 
-    fn by_values(&self, row: &Row) -> Vec<Value> {
+    fn initial_by_values(&self, row: &Row) -> Vec<Value> {
         self.spec
             .by
             .iter()
@@ -212,19 +214,27 @@ impl GroupBy {
         self.state.groups.get(key).map(|g| self.render(g))
     }
 
-    fn add(&mut self, group_key: &str, row_key: &str, row: &Row) {
+    /// Adds `row` to its group; false when no output column can have changed.
+    fn add(&mut self, group_key: &str, row_key: &str, row: &Row) -> bool {
+        let seq = self.state.next_seq;
+        self.state.next_seq += 1;
+        let mut changed = false;
         if !self.state.groups.contains_key(group_key) {
             let group = self.new_group(row);
             self.state.groups.insert(group_key.to_string(), group);
+            changed = true;
         }
-        let by_values = self.by_values(row);
-        let seq = self.state.next_seq;
-        self.state.next_seq += 1;
         let Some(group) = self.state.groups.get_mut(group_key) else {
-            return;
+            return changed;
         };
         group.rows += 1;
-        group.by_values = by_values;
+        for (value, column) in group.by_values.iter_mut().zip(&self.spec.by) {
+            let new = row.get(column).unwrap_or(&Value::Null);
+            if value != new {
+                *value = new.clone();
+                changed = true;
+            }
+        }
         for (spec, agg) in self.spec.aggregates.iter().zip(group.aggs.iter_mut()) {
             let value = spec.column.as_ref().and_then(|c| row.get(c));
             let value = value.filter(|v| !v.is_null());
@@ -232,6 +242,7 @@ impl GroupBy {
                 Agg::Count { n } => {
                     if spec.column.is_none() || value.is_some() {
                         *n += 1;
+                        changed = true;
                     }
                 }
                 Agg::Sum {
@@ -243,6 +254,7 @@ impl GroupBy {
                     if let Some(d) = value.and_then(Decimal::from_json) {
                         *sum = sum.add(&d);
                         *n += 1;
+                        changed = true;
                         *scales.entry(d.scale()).or_default() += 1;
                         if value.is_some_and(Value::is_string) {
                             *strings += 1;
@@ -252,6 +264,7 @@ impl GroupBy {
                 Agg::Extreme { values } => {
                     if let Some((v, s)) = value.and_then(|v| SortValue::of(v).map(|s| (v, s))) {
                         values.entry(s).or_insert_with(|| (v.clone(), 0)).1 += 1;
+                        changed = true;
                     }
                 }
                 Agg::ExtremeOfEvents { best } => {
@@ -268,6 +281,7 @@ impl GroupBy {
                         };
                         if better {
                             *best = Some((s, v.clone()));
+                            changed = true;
                         }
                     }
                 }
@@ -275,15 +289,20 @@ impl GroupBy {
                     if let Some(v) = value {
                         order.insert(seq, v.clone());
                         seq_of.insert(row_key.to_string(), seq);
+                        changed = true;
                     }
                 }
                 Agg::LatestOfEvents { value: latest } => {
                     if let Some(v) = value {
-                        *latest = Some(v.clone());
+                        if latest.as_ref() != Some(v) {
+                            *latest = Some(v.clone());
+                            changed = true;
+                        }
                     }
                 }
             }
         }
+        changed
     }
 
     fn retract(&mut self, group_key: &str, row_key: &str, row: &Row) {
@@ -366,7 +385,8 @@ impl GroupBy {
             self.retract(g, key, r);
         }
         if let (Some(g), Some(r)) = (&new_group, new) {
-            self.add(g, key, r);
+            // the table path compares whole output rows below, so the hint is not needed
+            let _ = self.add(g, key, r);
         }
         let mut out = Vec::new();
         for (g, before) in touched.into_iter().zip(before) {
@@ -383,13 +403,11 @@ impl GroupBy {
         let Some(g) = group_key(row, &self.spec.by) else {
             return Vec::new();
         };
-        let before = self.rendered(&g);
-        self.add(&g, "", row);
-        let after = self.rendered(&g);
-        if after == before {
-            Vec::new()
-        } else {
+        if self.add(&g, "", row) {
+            let after = self.rendered(&g);
             vec![(g, after)]
+        } else {
+            Vec::new()
         }
     }
 

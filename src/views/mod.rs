@@ -70,6 +70,9 @@
 //!
 //! # Wiring ([`ViewOperator`])
 //!
+//! Records of `upsert` and `events` topics decode with [`input::decode_upsert`] and
+//! [`input::decode_event`] (a Debezium topic decodes as it does for a CDC table).
+//!
 //! Build one [`ViewOperator`] per [`ViewDef`] (in the file's order, which puts inputs first), and
 //! feed it [`Input::Change`] (table input: the row key and its old and new row, as the table
 //! layer applies it; `old` is used by `group_by` to retract and by `history`/`delta` for deletes)
@@ -94,6 +97,7 @@ pub mod delta;
 pub mod extreme;
 pub mod group_by;
 pub mod history;
+pub mod input;
 mod pairs;
 pub mod top_n;
 pub mod value;
@@ -326,4 +330,4 @@ enum SavedStateRef<'a> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
