@@ -6,7 +6,7 @@
 //! emit up to `limit + 1` output changes; without a rank column only the rows that enter, leave or
 //! change are sent).
 //!
-//! Order: the `order_by` columns in turn ([`SortCell`]: NULL/absent last in both directions),
+//! Order: the `order_by` columns in turn ([`super::value::SortCell`]: NULL/absent last in both directions),
 //! ties broken by the row key, ascending. Rows whose group columns are NULL are not ranked.
 //!
 //! Cost: every row lives in an ordered set per group (`BTreeSet`), so a change costs O(log n)
