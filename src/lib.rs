@@ -8,10 +8,12 @@
 pub mod cdc;
 pub mod config;
 pub mod fanout;
+pub mod filter;
 pub mod http;
 pub mod metrics;
 pub mod patch;
 pub mod table;
+pub mod views;
 
 mod node;
 
