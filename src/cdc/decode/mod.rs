@@ -1,0 +1,255 @@
+//! Debezium JSON -> [`Change`] (pure: no I/O, no clocks, no globals).
+//!
+//! Handles every shape a Debezium/Kafka Connect JSON pipeline produces: the full envelope
+//! (`before`/`after`/`op`/`source`) with or without `schemas.enable` (`schema` + `payload`), the
+//! `ExtractNewRecordState` output (`__deleted`, `__op`, `__table`, `__source_ts_ms`) in rewrite and
+//! tombstone modes, tombstones (null value), ops `r c u d t`, and the records that are not row
+//! changes (schema changes, heartbeats, transaction markers, logical messages), which are skipped.
+//! Invariant: for any input bytes `decode` returns, it never panics.
+
+use serde_json::{Map, Value};
+
+use crate::config::KeyColumns;
+
+mod columns;
+mod envelope;
+mod key;
+mod unwrapped;
+
+use envelope::{envelope, tombstone};
+use unwrapped::unwrapped;
+
+/// A row: column name -> JSON value, in the source's column order.
+pub type Row = Map<String, Value>;
+
+/// The kind of a change, as Debezium names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `r`: a snapshot read.
+    Read,
+    /// `c`: an insert.
+    Create,
+    /// `u`: an update.
+    Update,
+    /// `d`: a delete (also a tombstone, and `__deleted=true`).
+    Delete,
+    /// `t`: a truncate; clears the table.
+    Truncate,
+}
+
+impl Op {
+    /// The Debezium letter, used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Read => "r",
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Truncate => "t",
+        }
+    }
+
+    fn from_letter(s: &str) -> Option<Op> {
+        Some(match s {
+            "r" => Op::Read,
+            "c" => Op::Create,
+            "u" => Op::Update,
+            "d" => Op::Delete,
+            "t" => Op::Truncate,
+            _ => return None,
+        })
+    }
+}
+
+/// One row change of one table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub table: String,
+    /// The row key (empty for a truncate).
+    pub key: String,
+    pub op: Op,
+    /// The row after the change; `None` for deletes and truncates.
+    pub row: Option<Row>,
+    /// The database commit time (`source.ts_ms`), else the event time, else the Kafka timestamp.
+    pub ts_ms: Option<i64>,
+    /// The Kafka record's timestamp (for the Kafka-to-socket latency metric).
+    pub kafka_ts_ms: Option<i64>,
+}
+
+/// Why a well-formed record carries no row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    SchemaChange,
+    Heartbeat,
+    Transaction,
+    Message,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::SchemaChange => "schema_change",
+            SkipReason::Heartbeat => "heartbeat",
+            SkipReason::Transaction => "transaction",
+            SkipReason::Message => "message",
+        }
+    }
+}
+
+/// What one record decodes to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Change(Change),
+    Skip(SkipReason),
+}
+
+/// The decoded record plus the columns whose values look like base64 decimals that could not be
+/// decoded (no schema): the caller counts and warns about them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeOutput {
+    pub decoded: Decoded,
+    pub undecodable_decimals: Vec<String>,
+}
+
+/// Why a record cannot be decoded; it goes to the dead-letter topic with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    Oversized { size: usize, limit: usize },
+    #[error("value is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("value is not a JSON object")]
+    NotAnObject,
+    #[error("not a Debezium change event: {0}")]
+    BadShape(&'static str),
+    #[error("unknown op `{0}`")]
+    UnknownOp(String),
+    #[error("no row key: the message key is empty and no key columns are configured or present")]
+    NoKey,
+    #[error("no table name in the record or topic")]
+    NoTable,
+}
+
+impl DecodeError {
+    /// A short fixed label for metrics and the `livetable.dlq.reason` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::InvalidJson(_) => "invalid_json",
+            DecodeError::NotAnObject => "not_an_object",
+            DecodeError::BadShape(_) => "bad_shape",
+            DecodeError::UnknownOp(_) => "unknown_op",
+            DecodeError::NoKey => "no_key",
+            DecodeError::NoTable => "no_table",
+        }
+    }
+}
+
+/// A Kafka record as the decoder sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRecord<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Settings that change how records decode.
+#[derive(Debug, Clone)]
+pub struct DecodeSettings {
+    pub key_columns: KeyColumns,
+    pub max_record_bytes: usize,
+}
+
+/// Decodes one record.
+pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOutput, DecodeError> {
+    let size = rec.value.map_or(0, <[u8]>::len) + rec.key.map_or(0, <[u8]>::len);
+    if size > settings.max_record_bytes {
+        return Err(DecodeError::Oversized {
+            size,
+            limit: settings.max_record_bytes,
+        });
+    }
+    if rec.topic.starts_with("__debezium-heartbeat") {
+        return Ok(skip(SkipReason::Heartbeat));
+    }
+    let Some(value) = rec.value else {
+        return tombstone(rec, settings);
+    };
+    let parsed: Value =
+        serde_json::from_slice(value).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+    let (schema, payload) = split_schema(parsed);
+    let payload = match payload {
+        Value::Object(map) => map,
+        Value::Null => return tombstone(rec, settings),
+        _ => return Err(DecodeError::NotAnObject),
+    };
+    if let Some(reason) = non_change(rec.topic, &payload) {
+        return Ok(skip(reason));
+    }
+    if payload.get("op").is_some_and(Value::is_string)
+        && (payload.contains_key("after") || payload.contains_key("before"))
+    {
+        envelope(rec, settings, schema.as_ref(), payload)
+    } else if let Some(op) = payload
+        .get("op")
+        .and_then(Value::as_str)
+        .filter(|op| matches!(*op, "t" | "m"))
+    {
+        if op == "m" {
+            return Ok(skip(SkipReason::Message));
+        }
+        envelope(rec, settings, schema.as_ref(), payload)
+    } else {
+        unwrapped(rec, settings, schema.as_ref(), payload)
+    }
+}
+
+fn skip(reason: SkipReason) -> DecodeOutput {
+    DecodeOutput {
+        decoded: Decoded::Skip(reason),
+        undecodable_decimals: Vec::new(),
+    }
+}
+
+/// `{"schema": .., "payload": ..}` -> (schema, payload); anything else is its own payload.
+pub(super) fn split_schema(v: Value) -> (Option<Value>, Value) {
+    match v {
+        Value::Object(mut map)
+            if map.len() == 2 && map.contains_key("schema") && map.contains_key("payload") =>
+        {
+            let payload = map.remove("payload").unwrap_or(Value::Null);
+            (map.remove("schema").filter(|s| !s.is_null()), payload)
+        }
+        other => (None, other),
+    }
+}
+
+/// Records on change topics that are not row changes.
+fn non_change(topic: &str, payload: &Row) -> Option<SkipReason> {
+    if payload.contains_key("ddl") || payload.contains_key("tableChanges") {
+        return Some(SkipReason::SchemaChange);
+    }
+    if payload.contains_key("databaseName")
+        && payload.contains_key("source")
+        && !payload.contains_key("op")
+    {
+        return Some(SkipReason::SchemaChange);
+    }
+    let status = payload.get("status").and_then(Value::as_str);
+    if matches!(status, Some("BEGIN" | "END"))
+        && payload.contains_key("id")
+        && !payload.contains_key("op")
+    {
+        return Some(SkipReason::Transaction);
+    }
+    if payload.len() == 1 && payload.contains_key("ts_ms")
+        || topic.contains("heartbeat") && !payload.contains_key("op")
+    {
+        return Some(SkipReason::Heartbeat);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,72 @@
+//! `ExtractNewRecordState` output: the row itself, with metadata fields starting with `__`
+//! (`__op`, `__deleted`, `__table`, `__source_ts_ms`) that are read and then stripped.
+
+use serde_json::Value;
+
+use super::columns::{decode_columns, struct_fields};
+use super::key::{row_key, topic_table};
+use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
+
+pub(super) fn unwrapped(
+    rec: &RawRecord<'_>,
+    settings: &DecodeSettings,
+    schema: Option<&Value>,
+    mut row: Row,
+) -> Result<DecodeOutput, DecodeError> {
+    let deleted = match row.get("__deleted") {
+        Some(Value::String(s)) => s == "true",
+        Some(Value::Bool(b)) => *b,
+        _ => false,
+    };
+    let op = match row.get("__op").and_then(Value::as_str) {
+        Some(letter) => {
+            Op::from_letter(letter).ok_or_else(|| DecodeError::UnknownOp(letter.to_string()))?
+        }
+        None if deleted => Op::Delete,
+        None => Op::Update,
+    };
+    let op = if deleted { Op::Delete } else { op };
+    let table = row
+        .get("__table")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| topic_table(rec.topic))
+        .ok_or(DecodeError::NoTable)?;
+    let ts_ms = row
+        .get("__source_ts_ms")
+        .and_then(Value::as_i64)
+        .or_else(|| row.get("__ts_ms").and_then(Value::as_i64))
+        .or(rec.timestamp_ms);
+    row.retain(|column, _| !column.starts_with("__"));
+    if row.is_empty() && op != Op::Truncate {
+        return Err(DecodeError::BadShape("the row has no columns"));
+    }
+    if op == Op::Truncate {
+        let change = Change {
+            table,
+            key: String::new(),
+            op,
+            row: None,
+            ts_ms,
+            kafka_ts_ms: rec.timestamp_ms,
+        };
+        return Ok(DecodeOutput {
+            decoded: Decoded::Change(change),
+            undecodable_decimals: Vec::new(),
+        });
+    }
+    let undecodable = decode_columns(&mut row, schema.and_then(|s| struct_fields(s, None)));
+    let key = row_key(rec, settings, &table, Some(&row))?;
+    let row = if op == Op::Delete { None } else { Some(row) };
+    Ok(DecodeOutput {
+        decoded: Decoded::Change(Change {
+            table,
+            key,
+            op,
+            row,
+            ts_ms,
+            kafka_ts_ms: rec.timestamp_ms,
+        }),
+        undecodable_decimals: undecodable,
+    })
+}
