@@ -3,7 +3,8 @@
 
 use serde_json::Value;
 
-use super::Row;
+use super::limits::quote;
+use super::{DecodeError, Row, DECIMAL_SLACK_BYTES};
 use crate::cdc::decimal;
 
 /// The `fields` of a struct schema; with `side`, of the named field (`after`/`before`).
@@ -22,12 +23,29 @@ pub(super) fn struct_fields<'a>(schema: &'a Value, side: Option<&str>) -> Option
 const DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
 
 /// Turns binary decimals into exact decimal strings in place; returns the columns that look like
-/// base64 decimals but cannot be decoded (no schema tells their scale).
-pub(super) fn decode_columns(row: &mut Row, fields: Option<&Vec<Value>>) -> Vec<String> {
+/// base64 decimals but cannot be decoded (no schema tells their scale). A decimal past the bounds
+/// of [`decimal`], or decimals that together would pass `decimal_budget` bytes, are errors.
+pub(super) fn decode_columns(
+    row: &mut Row,
+    fields: Option<&Vec<Value>>,
+    decimal_budget: &mut usize,
+) -> Result<Vec<String>, DecodeError> {
     let mut undecodable = Vec::new();
     for (column, value) in row.iter_mut() {
-        if let Some(text) = variable_scale(value) {
-            *value = Value::String(text);
+        let out_of_range = |error| DecodeError::DecimalOutOfRange {
+            column: quote(column),
+            error,
+        };
+        if let Some((scale, b64)) = variable_scale(value) {
+            match decimal::decode_base64(b64, scale) {
+                Ok(text) => {
+                    spend(decimal_budget, &text)?;
+                    *value = Value::String(text);
+                }
+                Err(e) if e.out_of_range() => return Err(out_of_range(e)),
+                // not base64: not a decimal, kept as it is
+                Err(_) => {}
+            }
             continue;
         }
         let Value::String(b64) = value else { continue };
@@ -43,11 +61,15 @@ pub(super) fn decode_columns(row: &mut Row, fields: Option<&Vec<Value>>) -> Vec<
                     .and_then(|s| {
                         s.as_str()
                             .and_then(|t| t.parse().ok())
-                            .or_else(|| s.as_i64().map(|n| n as i32))
+                            .or_else(|| s.as_i64())
                     });
-                match scale.and_then(|scale| decimal::decode_base64(b64, scale)) {
-                    Some(text) => *value = Value::String(text),
-                    None => undecodable.push(column.clone()),
+                match scale.map(|scale| decimal::decode_base64(b64, scale)) {
+                    Some(Ok(text)) => {
+                        spend(decimal_budget, &text)?;
+                        *value = Value::String(text);
+                    }
+                    Some(Err(e)) if e.out_of_range() => return Err(out_of_range(e)),
+                    Some(Err(_)) | None => undecodable.push(column.clone()),
                 }
             }
             Some(_) => {}
@@ -57,15 +79,24 @@ pub(super) fn decode_columns(row: &mut Row, fields: Option<&Vec<Value>>) -> Vec<
             None => {}
         }
     }
-    undecodable
+    Ok(undecodable)
 }
 
-/// `{"scale": n, "value": base64}` (VariableScaleDecimal) -> decimal string.
-fn variable_scale(value: &Value) -> Option<String> {
+/// Takes a decoded decimal's size from the record's budget.
+fn spend(budget: &mut usize, text: &str) -> Result<(), DecodeError> {
+    *budget = budget
+        .checked_sub(text.len())
+        .ok_or(DecodeError::DecimalsTooLarge {
+            slack: DECIMAL_SLACK_BYTES,
+        })?;
+    Ok(())
+}
+
+/// `{"scale": n, "value": base64}` (VariableScaleDecimal) -> (scale, base64).
+fn variable_scale(value: &Value) -> Option<(i64, &str)> {
     let obj = value.as_object()?;
     if obj.len() != 2 {
         return None;
     }
-    let scale = i32::try_from(obj.get("scale")?.as_i64()?).ok()?;
-    decimal::decode_base64(obj.get("value")?.as_str()?, scale)
+    Some((obj.get("scale")?.as_i64()?, obj.get("value")?.as_str()?))
 }

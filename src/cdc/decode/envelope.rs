@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use super::columns::{decode_columns, struct_fields};
 use super::key::{row_key, topic_table};
+use super::limits::{check_name, quote};
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
 pub(super) fn envelope(
@@ -12,13 +13,14 @@ pub(super) fn envelope(
     settings: &DecodeSettings,
     schema: Option<&Value>,
     mut payload: Row,
+    decimal_budget: &mut usize,
 ) -> Result<DecodeOutput, DecodeError> {
     let op_text = payload
         .get("op")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let op = Op::from_letter(&op_text).ok_or(DecodeError::UnknownOp(op_text))?;
+    let op = Op::from_letter(&op_text).ok_or_else(|| DecodeError::UnknownOp(quote(&op_text)))?;
     let source = payload.get("source").and_then(Value::as_object);
     let table = source
         .and_then(|s| s.get("table"))
@@ -26,6 +28,7 @@ pub(super) fn envelope(
         .map(String::from)
         .or_else(|| topic_table(rec.topic))
         .ok_or(DecodeError::NoTable)?;
+    check_name(&table)?;
     let ts_ms = source
         .and_then(|s| s.get("ts_ms"))
         .and_then(Value::as_i64)
@@ -59,7 +62,7 @@ pub(super) fn envelope(
     };
     let field_schemas = schema.and_then(|s| struct_fields(s, Some(side)));
     let undecodable = match row.as_mut() {
-        Some(row) => decode_columns(row, field_schemas),
+        Some(row) => decode_columns(row, field_schemas, decimal_budget)?,
         None => Vec::new(),
     };
     let key = row_key(rec, settings, &table, row.as_ref())?;

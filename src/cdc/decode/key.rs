@@ -2,11 +2,23 @@
 
 use serde_json::Value;
 
+use super::limits::check_key;
 use super::{split_schema, DecodeError, DecodeSettings, RawRecord, Row};
 
 /// The row key: configured key columns from the row (or the message key's fields of those names),
 /// else every field of the message key, joined with `:`.
 pub(super) fn row_key(
+    rec: &RawRecord<'_>,
+    settings: &DecodeSettings,
+    table: &str,
+    row: Option<&Row>,
+) -> Result<String, DecodeError> {
+    let key = compose_key(rec, settings, table, row)?;
+    check_key(&key)?;
+    Ok(key)
+}
+
+fn compose_key(
     rec: &RawRecord<'_>,
     settings: &DecodeSettings,
     table: &str,

@@ -5,19 +5,26 @@
 //! `ExtractNewRecordState` output (`__deleted`, `__op`, `__table`, `__source_ts_ms`) in rewrite and
 //! tombstone modes, tombstones (null value), ops `r c u d t`, and the records that are not row
 //! changes (schema changes, heartbeats, transaction markers, logical messages), which are skipped.
-//! Invariant: for any input bytes `decode` returns, it never panics.
+//! Invariants: for any input bytes `decode` returns, it never panics, and it never allocates
+//! more than a bounded multiple of the record's size: every size a record can ask for (decimal
+//! scales and digits, nesting, key and name lengths) is bounded (`limits`, [`crate::cdc::decimal`])
+//! and a record past a bound is a [`DecodeError`] with its own reason.
 
 use serde_json::{Map, Value};
 
+use crate::cdc::decimal::DecimalError;
 use crate::config::KeyColumns;
 
 mod columns;
 mod envelope;
 mod key;
+mod limits;
 mod unwrapped;
 
 use envelope::{envelope, tombstone};
 use unwrapped::unwrapped;
+
+pub use limits::{DECIMAL_SLACK_BYTES, MAX_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES};
 
 /// A row: column name -> JSON value, in the source's column order.
 pub type Row = Map<String, Value>;
@@ -128,6 +135,16 @@ pub enum DecodeError {
     NoKey,
     #[error("no table name in the record or topic")]
     NoTable,
+    #[error("column `{column}`: {error}")]
+    DecimalOutOfRange { column: String, error: DecimalError },
+    #[error("the decimals of the record expand to more than twice its size plus {slack} bytes")]
+    DecimalsTooLarge { slack: usize },
+    #[error("JSON nested deeper than {limit} levels")]
+    TooDeep { limit: usize },
+    #[error("row key of {size} bytes exceeds the limit of {limit} bytes")]
+    KeyTooLong { size: usize, limit: usize },
+    #[error("table or schema name `{0}` is longer than 255 bytes or has control characters")]
+    BadName(String),
 }
 
 impl DecodeError {
@@ -141,6 +158,11 @@ impl DecodeError {
             DecodeError::UnknownOp(_) => "unknown_op",
             DecodeError::NoKey => "no_key",
             DecodeError::NoTable => "no_table",
+            DecodeError::DecimalOutOfRange { .. } => "decimal_out_of_range",
+            DecodeError::DecimalsTooLarge { .. } => "decimals_too_large",
+            DecodeError::TooDeep { .. } => "too_deep",
+            DecodeError::KeyTooLong { .. } => "key_too_long",
+            DecodeError::BadName(_) => "bad_name",
         }
     }
 }
@@ -176,6 +198,10 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
     let Some(value) = rec.value else {
         return tombstone(rec, settings);
     };
+    if limits::nests_deeper_than(value, MAX_DEPTH) {
+        return Err(DecodeError::TooDeep { limit: MAX_DEPTH });
+    }
+    let mut decimal_budget = size.saturating_mul(2).saturating_add(DECIMAL_SLACK_BYTES);
     let parsed: Value =
         serde_json::from_slice(value).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
     let (schema, payload) = split_schema(parsed);
@@ -190,7 +216,7 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
     if payload.get("op").is_some_and(Value::is_string)
         && (payload.contains_key("after") || payload.contains_key("before"))
     {
-        envelope(rec, settings, schema.as_ref(), payload)
+        envelope(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
     } else if let Some(op) = payload
         .get("op")
         .and_then(Value::as_str)
@@ -199,9 +225,9 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
         if op == "m" {
             return Ok(skip(SkipReason::Message));
         }
-        envelope(rec, settings, schema.as_ref(), payload)
+        envelope(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
     } else {
-        unwrapped(rec, settings, schema.as_ref(), payload)
+        unwrapped(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
     }
 }
 

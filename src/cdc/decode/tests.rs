@@ -576,3 +576,5 @@ fn arb_json() -> impl Strategy<Value = Value> {
         ]
     })
 }
+
+mod bounds;

@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use super::columns::{decode_columns, struct_fields};
 use super::key::{row_key, topic_table};
+use super::limits::{check_name, quote};
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
 pub(super) fn unwrapped(
@@ -12,6 +13,7 @@ pub(super) fn unwrapped(
     settings: &DecodeSettings,
     schema: Option<&Value>,
     mut row: Row,
+    decimal_budget: &mut usize,
 ) -> Result<DecodeOutput, DecodeError> {
     let deleted = match row.get("__deleted") {
         Some(Value::String(s)) => s == "true",
@@ -20,7 +22,7 @@ pub(super) fn unwrapped(
     };
     let op = match row.get("__op").and_then(Value::as_str) {
         Some(letter) => {
-            Op::from_letter(letter).ok_or_else(|| DecodeError::UnknownOp(letter.to_string()))?
+            Op::from_letter(letter).ok_or_else(|| DecodeError::UnknownOp(quote(letter)))?
         }
         None if deleted => Op::Delete,
         None => Op::Update,
@@ -32,6 +34,7 @@ pub(super) fn unwrapped(
         .map(String::from)
         .or_else(|| topic_table(rec.topic))
         .ok_or(DecodeError::NoTable)?;
+    check_name(&table)?;
     let ts_ms = row
         .get("__source_ts_ms")
         .and_then(Value::as_i64)
@@ -55,7 +58,11 @@ pub(super) fn unwrapped(
             undecodable_decimals: Vec::new(),
         });
     }
-    let undecodable = decode_columns(&mut row, schema.and_then(|s| struct_fields(s, None)));
+    let undecodable = decode_columns(
+        &mut row,
+        schema.and_then(|s| struct_fields(s, None)),
+        decimal_budget,
+    )?;
     let key = row_key(rec, settings, &table, Some(&row))?;
     let row = if op == Op::Delete { None } else { Some(row) };
     Ok(DecodeOutput {
