@@ -15,16 +15,12 @@ pub(super) fn envelope(
     mut payload: Row,
     decimal_budget: &mut usize,
 ) -> Result<DecodeOutput, DecodeError> {
-    let op_text = payload
-        .get("op")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let op = Op::from_letter(&op_text).ok_or_else(|| DecodeError::UnknownOp(quote(&op_text)))?;
+    let op = op_of(payload.get("op"))?;
     let source = payload.get("source").and_then(Value::as_object);
     let table = source
         .and_then(|s| s.get("table"))
         .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
         .map(String::from)
         .or_else(|| topic_table(rec.topic))
         .ok_or(DecodeError::NoTable)?;
@@ -98,4 +94,15 @@ pub(super) fn tombstone(
         decoded: Decoded::Change(change),
         undecodable_decimals: Vec::new(),
     })
+}
+
+/// An op letter (`r c u d t`); anything else, a string or not, is an unknown op.
+pub(super) fn op_of(op: Option<&Value>) -> Result<Op, DecodeError> {
+    match op {
+        Some(Value::String(letter)) => {
+            Op::from_letter(letter).ok_or_else(|| DecodeError::UnknownOp(quote(letter)))
+        }
+        Some(other) => Err(DecodeError::UnknownOp(quote(&other.to_string()))),
+        None => Err(DecodeError::UnknownOp(String::new())),
+    }
 }

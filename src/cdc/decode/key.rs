@@ -14,6 +14,9 @@ pub(super) fn row_key(
     row: Option<&Row>,
 ) -> Result<String, DecodeError> {
     let key = compose_key(rec, settings, table, row)?;
+    if key.is_empty() {
+        return Err(DecodeError::NoKey);
+    }
     check_key(&key)?;
     Ok(key)
 }

@@ -210,25 +210,29 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
         Value::Null => return tombstone(rec, settings),
         _ => return Err(DecodeError::NotAnObject),
     };
-    if let Some(reason) = non_change(rec.topic, &payload) {
+    if let Some(reason) = non_change(&payload) {
         return Ok(skip(reason));
     }
-    if payload.get("op").is_some_and(Value::is_string)
-        && (payload.contains_key("after") || payload.contains_key("before"))
-    {
-        envelope(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
-    } else if let Some(op) = payload
-        .get("op")
-        .and_then(Value::as_str)
-        .filter(|op| matches!(*op, "t" | "m"))
-    {
-        if op == "m" {
+    if is_envelope(&payload) {
+        if payload.get("op").and_then(Value::as_str) == Some("m") {
             return Ok(skip(SkipReason::Message));
         }
         envelope(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
     } else {
         unwrapped(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
     }
+}
+
+/// A Debezium envelope: `op` with `before` or `after`, or with a `source` block. A row of
+/// `ExtractNewRecordState` output has metadata fields (`__op`, `__table`, ...) that an envelope
+/// never has at its top level, so such a row stays a row whatever its columns are called. A
+/// record that is plainly an envelope with a bad `op` or row is then an error, not a row.
+fn is_envelope(payload: &Row) -> bool {
+    payload.contains_key("op")
+        && (payload.contains_key("before")
+            || payload.contains_key("after")
+            || payload.get("source").is_some_and(Value::is_object))
+        && !payload.keys().any(|k| k.starts_with("__"))
 }
 
 fn skip(reason: SkipReason) -> DecodeOutput {
@@ -238,11 +242,17 @@ fn skip(reason: SkipReason) -> DecodeOutput {
     }
 }
 
-/// `{"schema": .., "payload": ..}` -> (schema, payload); anything else is its own payload.
+/// `{"schema": .., "payload": ..}` -> (schema, payload); anything else is its own payload. The
+/// schema must be null or a Kafka Connect schema (an object with a `type`): a row whose only
+/// columns are `schema` and `payload` stays a row.
 pub(super) fn split_schema(v: Value) -> (Option<Value>, Value) {
     match v {
         Value::Object(mut map)
-            if map.len() == 2 && map.contains_key("schema") && map.contains_key("payload") =>
+            if map.len() == 2
+                && map.contains_key("payload")
+                && map.get("schema").is_some_and(|s| {
+                    s.is_null() || s.get("type").is_some_and(Value::is_string)
+                }) =>
         {
             let payload = map.remove("payload").unwrap_or(Value::Null);
             (map.remove("schema").filter(|s| !s.is_null()), payload)
@@ -251,27 +261,31 @@ pub(super) fn split_schema(v: Value) -> (Option<Value>, Value) {
     }
 }
 
-/// Records on change topics that are not row changes.
-fn non_change(topic: &str, payload: &Row) -> Option<SkipReason> {
-    if payload.contains_key("ddl") || payload.contains_key("tableChanges") {
-        return Some(SkipReason::SchemaChange);
+/// Records on change topics that are not row changes, by their exact Debezium shapes, so that a
+/// row with a column called `ddl` or `status` is still a row: schema changes carry a `source`
+/// block and `ddl`/`tableChanges`/`databaseName`; transaction markers `status` BEGIN/END, `id`,
+/// `event_count` and `data_collections`; heartbeats are `{"ts_ms": n}` alone (on any topic: the
+/// heartbeat topic prefix is configurable).
+fn non_change(payload: &Row) -> Option<SkipReason> {
+    if payload.contains_key("op") {
+        return None;
     }
-    if payload.contains_key("databaseName")
-        && payload.contains_key("source")
-        && !payload.contains_key("op")
+    if payload.get("source").is_some_and(Value::is_object)
+        && (payload.contains_key("ddl")
+            || payload.contains_key("tableChanges")
+            || payload.contains_key("databaseName"))
     {
         return Some(SkipReason::SchemaChange);
     }
     let status = payload.get("status").and_then(Value::as_str);
     if matches!(status, Some("BEGIN" | "END"))
         && payload.contains_key("id")
-        && !payload.contains_key("op")
+        && payload.contains_key("event_count")
+        && payload.contains_key("data_collections")
     {
         return Some(SkipReason::Transaction);
     }
-    if payload.len() == 1 && payload.contains_key("ts_ms")
-        || topic.contains("heartbeat") && !payload.contains_key("op")
-    {
+    if payload.len() == 1 && payload.get("ts_ms").is_some_and(Value::is_i64) {
         return Some(SkipReason::Heartbeat);
     }
     None

@@ -578,3 +578,4 @@ fn arb_json() -> impl Strategy<Value = Value> {
 }
 
 mod bounds;
+mod shapes;

@@ -1,11 +1,13 @@
 //! `ExtractNewRecordState` output: the row itself, with metadata fields starting with `__`
-//! (`__op`, `__deleted`, `__table`, `__source_ts_ms`) that are read and then stripped.
+//! (`__op`, `__deleted`, `__table` or `__source_table`, `__source_ts_ms`) that are read and then
+//! stripped.
 
 use serde_json::Value;
 
 use super::columns::{decode_columns, struct_fields};
+use super::envelope::op_of;
 use super::key::{row_key, topic_table};
-use super::limits::{check_name, quote};
+use super::limits::check_name;
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
 pub(super) fn unwrapped(
@@ -16,21 +18,26 @@ pub(super) fn unwrapped(
     decimal_budget: &mut usize,
 ) -> Result<DecodeOutput, DecodeError> {
     let deleted = match row.get("__deleted") {
-        Some(Value::String(s)) => s == "true",
+        Some(Value::String(s)) if s == "true" => true,
+        Some(Value::String(s)) if s == "false" => false,
         Some(Value::Bool(b)) => *b,
-        _ => false,
+        None | Some(Value::Null) => false,
+        Some(_) => return Err(DecodeError::BadShape("`__deleted` is not true or false")),
     };
-    let op = match row.get("__op").and_then(Value::as_str) {
-        Some(letter) => {
-            Op::from_letter(letter).ok_or_else(|| DecodeError::UnknownOp(quote(letter)))?
-        }
+    let op = match row.get("__op") {
+        Some(op) => op_of(Some(op))?,
         None if deleted => Op::Delete,
         None => Op::Update,
     };
     let op = if deleted { Op::Delete } else { op };
-    let table = row
-        .get("__table")
-        .and_then(Value::as_str)
+    // `add.fields=table` names it `__table`, `add.fields=source.table` `__source_table`
+    let table = ["__table", "__source_table"]
+        .iter()
+        .find_map(|f| {
+            row.get(*f)
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+        })
         .map(String::from)
         .or_else(|| topic_table(rec.topic))
         .ok_or(DecodeError::NoTable)?;
