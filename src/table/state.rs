@@ -338,6 +338,10 @@ mod tests {
             row: row.map(|v| v.as_object().unwrap().clone()),
             ts_ms: None,
             kafka_ts_ms: None,
+            schema: None,
+            old_key: None,
+            table_from_topic: false,
+            key_from_message_key: false,
         }
     }
 

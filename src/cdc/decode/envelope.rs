@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::columns::{decode_columns, struct_fields};
-use super::key::{row_key, topic_table};
+use super::key::{key_names, old_key, row_key, topic_table, MessageKey};
 use super::limits::{check_name, quote};
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
@@ -17,28 +17,32 @@ pub(super) fn envelope(
 ) -> Result<DecodeOutput, DecodeError> {
     let op = op_of(payload.get("op"))?;
     let source = payload.get("source").and_then(Value::as_object);
-    let table = source
-        .and_then(|s| s.get("table"))
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty())
-        .map(String::from)
-        .or_else(|| topic_table(rec.topic))
-        .ok_or(DecodeError::NoTable)?;
-    check_name(&table)?;
+    let (table, table_from_topic) = table_name(
+        source.and_then(|s| s.get("table")).and_then(Value::as_str),
+        rec.topic,
+    )?;
+    let schema_name = source_schema(
+        source.and_then(|s| s.get("schema")).and_then(Value::as_str),
+        source.and_then(|s| s.get("db")).and_then(Value::as_str),
+    )?;
     let ts_ms = source
         .and_then(|s| s.get("ts_ms"))
         .and_then(Value::as_i64)
         .or_else(|| payload.get("ts_ms").and_then(Value::as_i64))
         .or(rec.timestamp_ms);
+    let mut change = Change {
+        table,
+        schema: schema_name,
+        table_from_topic,
+        key: String::new(),
+        old_key: None,
+        key_from_message_key: false,
+        op,
+        row: None,
+        ts_ms,
+        kafka_ts_ms: rec.timestamp_ms,
+    };
     if op == Op::Truncate {
-        let change = Change {
-            table,
-            key: String::new(),
-            op,
-            row: None,
-            ts_ms,
-            kafka_ts_ms: rec.timestamp_ms,
-        };
         return Ok(DecodeOutput {
             decoded: Decoded::Change(change),
             undecodable_decimals: Vec::new(),
@@ -61,17 +65,25 @@ pub(super) fn envelope(
         Some(row) => decode_columns(row, field_schemas, decimal_budget)?,
         None => Vec::new(),
     };
-    let key = row_key(rec, settings, &table, row.as_ref())?;
-    let row = if op == Op::Delete { None } else { row };
+    let message_key = MessageKey::parse(rec.key);
+    let key = row_key(&message_key, settings, &change.table, row.as_ref(), op)?;
+    if op == Op::Update {
+        if let Some(Value::Object(before)) = payload.get("before") {
+            // only the key's columns of `before`, decoded as the row's are (a Decimal key)
+            let mut old: Row = key_names(&message_key, settings, &change.table)
+                .into_iter()
+                .filter_map(|c| before.get(&c).map(|v| (c, v.clone())))
+                .collect();
+            let before_schemas = schema.and_then(|s| struct_fields(s, Some("before")));
+            decode_columns(&mut old, before_schemas, decimal_budget)?;
+            change.old_key = old_key(&message_key, settings, &change.table, &old, &key.key);
+        }
+    }
+    change.key = key.key;
+    change.key_from_message_key = key.from_message_key;
+    change.row = if op == Op::Delete { None } else { row };
     Ok(DecodeOutput {
-        decoded: Decoded::Change(Change {
-            table,
-            key,
-            op,
-            row,
-            ts_ms,
-            kafka_ts_ms: rec.timestamp_ms,
-        }),
+        decoded: Decoded::Change(change),
         undecodable_decimals: undecodable,
     })
 }
@@ -81,10 +93,20 @@ pub(super) fn tombstone(
     settings: &DecodeSettings,
 ) -> Result<DecodeOutput, DecodeError> {
     let table = topic_table(rec.topic).ok_or(DecodeError::NoTable)?;
-    let key = row_key(rec, settings, &table, None)?;
+    let key = row_key(
+        &MessageKey::parse(rec.key),
+        settings,
+        &table,
+        None,
+        Op::Delete,
+    )?;
     let change = Change {
         table,
-        key,
+        schema: None,
+        table_from_topic: true,
+        key: key.key,
+        old_key: None,
+        key_from_message_key: key.from_message_key,
         op: Op::Delete,
         row: None,
         ts_ms: rec.timestamp_ms,
@@ -104,5 +126,32 @@ pub(super) fn op_of(op: Option<&Value>) -> Result<Op, DecodeError> {
         }
         Some(other) => Err(DecodeError::UnknownOp(quote(&other.to_string()))),
         None => Err(DecodeError::UnknownOp(String::new())),
+    }
+}
+
+/// The table named by the record, else the topic's last segment (then `true`); checked.
+pub(super) fn table_name(named: Option<&str>, topic: &str) -> Result<(String, bool), DecodeError> {
+    let (table, from_topic) = match named.filter(|t| !t.is_empty()) {
+        Some(t) => (t.to_string(), false),
+        None => (topic_table(topic).ok_or(DecodeError::NoTable)?, true),
+    };
+    check_name(&table)?;
+    Ok((table, from_topic))
+}
+
+/// The schema, else the database, when the record names one; checked.
+pub(super) fn source_schema(
+    schema: Option<&str>,
+    db: Option<&str>,
+) -> Result<Option<String>, DecodeError> {
+    match schema
+        .filter(|s| !s.is_empty())
+        .or(db.filter(|d| !d.is_empty()))
+    {
+        Some(name) => {
+            check_name(name)?;
+            Ok(Some(name.to_string()))
+        }
+        None => Ok(None),
     }
 }

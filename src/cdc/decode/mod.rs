@@ -71,9 +71,35 @@ impl Op {
 /// One row change of one table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
+    /// The table's short name: `source.table`, else `__table`/`__source_table`, else the topic's
+    /// last dot-separated segment (then [`Change::table_from_topic`] is true).
     pub table: String,
-    /// The row key (empty for a truncate).
+    /// The source schema or database the table belongs to: `source.schema`, else `source.db`
+    /// (unwrapped rows: `__schema`, `__source_schema`, `__db`, `__source_db`), so that
+    /// `public.users` and `auth.users` can be told apart; `None` when the record does not say
+    /// (tombstones, unwrapped rows without those fields). The naming policy is the table layer's.
+    pub schema: Option<String>,
+    /// True when `table` was inferred from the topic's last segment (tombstones, and records
+    /// without `source.table`/`__table`): on a topic routed to another name it need not be the
+    /// table's real name, so the table layer can resolve it, e.g. a tombstone to the table its
+    /// key had on that topic.
+    pub table_from_topic: bool,
+    /// The row key (empty for a truncate, never empty otherwise, at most
+    /// [`MAX_KEY_BYTES`] bytes).
     pub key: String,
+    /// For an update whose row key changed: the key the row had before (from `before`), so the
+    /// old row can be deleted. It arises with `--key-columns` when an update changes a key
+    /// column; with message keys Debezium sends a primary-key change as a delete and a create,
+    /// but an update whose `before` holds the message key's fields with other values sets it too.
+    /// Needs `before` to carry the key columns (PostgreSQL: `REPLICA IDENTITY FULL`, or key
+    /// columns in the replica identity); `None` otherwise.
+    pub old_key: Option<String>,
+    /// True when `--key-columns` apply to the table but the record does not carry them, so `key`
+    /// is the message key (its fields joined with `:`) instead. Only deletes fall back: under
+    /// PostgreSQL's default replica identity a delete's `before` holds only the primary-key
+    /// columns, and a tombstone has no row. Such a key names the row only when the key columns
+    /// and the message key agree; otherwise the table layer must map it (or ignore the delete).
+    pub key_from_message_key: bool,
     pub op: Op,
     /// The row after the change; `None` for deletes and truncates.
     pub row: Option<Row>,
@@ -105,6 +131,8 @@ impl SkipReason {
 
 /// What one record decodes to.
 #[derive(Debug, Clone, PartialEq)]
+// a Change is moved once, into the batch; boxing it would cost an allocation per record
+#[allow(clippy::large_enum_variant)]
 pub enum Decoded {
     Change(Change),
     Skip(SkipReason),

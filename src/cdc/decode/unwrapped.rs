@@ -5,9 +5,8 @@
 use serde_json::Value;
 
 use super::columns::{decode_columns, struct_fields};
-use super::envelope::op_of;
-use super::key::{row_key, topic_table};
-use super::limits::check_name;
+use super::envelope::{op_of, source_schema, table_name};
+use super::key::{row_key, MessageKey};
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
 pub(super) fn unwrapped(
@@ -31,17 +30,18 @@ pub(super) fn unwrapped(
     };
     let op = if deleted { Op::Delete } else { op };
     // `add.fields=table` names it `__table`, `add.fields=source.table` `__source_table`
-    let table = ["__table", "__source_table"]
-        .iter()
-        .find_map(|f| {
+    let text = |fields: &[&str]| {
+        fields.iter().find_map(|f| {
             row.get(*f)
                 .and_then(Value::as_str)
                 .filter(|t| !t.is_empty())
         })
-        .map(String::from)
-        .or_else(|| topic_table(rec.topic))
-        .ok_or(DecodeError::NoTable)?;
-    check_name(&table)?;
+    };
+    let (table, table_from_topic) = table_name(text(&["__table", "__source_table"]), rec.topic)?;
+    let schema_name = source_schema(
+        text(&["__schema", "__source_schema"]),
+        text(&["__db", "__source_db"]),
+    )?;
     let ts_ms = row
         .get("__source_ts_ms")
         .and_then(Value::as_i64)
@@ -51,15 +51,19 @@ pub(super) fn unwrapped(
     if row.is_empty() && op != Op::Truncate {
         return Err(DecodeError::BadShape("the row has no columns"));
     }
+    let mut change = Change {
+        table,
+        schema: schema_name,
+        table_from_topic,
+        key: String::new(),
+        old_key: None,
+        key_from_message_key: false,
+        op,
+        row: None,
+        ts_ms,
+        kafka_ts_ms: rec.timestamp_ms,
+    };
     if op == Op::Truncate {
-        let change = Change {
-            table,
-            key: String::new(),
-            op,
-            row: None,
-            ts_ms,
-            kafka_ts_ms: rec.timestamp_ms,
-        };
         return Ok(DecodeOutput {
             decoded: Decoded::Change(change),
             undecodable_decimals: Vec::new(),
@@ -70,17 +74,18 @@ pub(super) fn unwrapped(
         schema.and_then(|s| struct_fields(s, None)),
         decimal_budget,
     )?;
-    let key = row_key(rec, settings, &table, Some(&row))?;
-    let row = if op == Op::Delete { None } else { Some(row) };
+    let key = row_key(
+        &MessageKey::parse(rec.key),
+        settings,
+        &change.table,
+        Some(&row),
+        op,
+    )?;
+    change.key = key.key;
+    change.key_from_message_key = key.from_message_key;
+    change.row = if op == Op::Delete { None } else { Some(row) };
     Ok(DecodeOutput {
-        decoded: Decoded::Change(Change {
-            table,
-            key,
-            op,
-            row,
-            ts_ms,
-            kafka_ts_ms: rec.timestamp_ms,
-        }),
+        decoded: Decoded::Change(change),
         undecodable_decimals: undecodable,
     })
 }
