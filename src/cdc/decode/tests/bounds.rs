@@ -49,8 +49,8 @@ fn price(out: DecodeOutput) -> String {
     c.row.unwrap()["price"].as_str().unwrap().to_string()
 }
 
-/// Decodes and asserts the error reason, and that it came back quickly (the unbounded code took
-/// seconds and gigabytes, or died).
+/// Decodes and asserts the error reason, and that it came back in seconds at most, debug build on
+/// a loaded machine included (the unbounded code took seconds and gigabytes per record, or died).
 fn refused(topic: &str, key: Option<&str>, value: &str, reason: &str) {
     let started = Instant::now();
     let Err(err) = decode_value(topic, key, value) else {
@@ -58,7 +58,7 @@ fn refused(topic: &str, key: Option<&str>, value: &str, reason: &str) {
     };
     assert_eq!(err.reason(), reason, "{err}");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "took {:?}",
         started.elapsed()
     );
