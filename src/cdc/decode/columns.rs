@@ -4,30 +4,16 @@
 use serde_json::Value;
 
 use super::limits::quote;
+use super::schema::FieldList;
 use super::{DecodeError, Row, DECIMAL_SLACK_BYTES};
 use crate::cdc::decimal;
-
-/// The `fields` of a struct schema; with `side`, of the named field (`after`/`before`).
-pub(super) fn struct_fields<'a>(schema: &'a Value, side: Option<&str>) -> Option<&'a Vec<Value>> {
-    let fields = schema.get("fields")?.as_array()?;
-    match side {
-        None => Some(fields),
-        Some(side) => fields
-            .iter()
-            .find(|f| f.get("field").and_then(Value::as_str) == Some(side))
-            .and_then(|f| f.get("fields"))
-            .and_then(Value::as_array),
-    }
-}
-
-const DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
 
 /// Turns binary decimals into exact decimal strings in place; returns the columns that look like
 /// base64 decimals but cannot be decoded (no schema tells their scale). A decimal past the bounds
 /// of [`decimal`], or decimals that together would pass `decimal_budget` bytes, are errors.
 pub(super) fn decode_columns(
     row: &mut Row,
-    fields: Option<&Vec<Value>>,
+    fields: Option<&FieldList<'_>>,
     decimal_budget: &mut usize,
 ) -> Result<Vec<String>, DecodeError> {
     let mut undecodable = Vec::new();
@@ -49,21 +35,13 @@ pub(super) fn decode_columns(
             continue;
         }
         let Value::String(b64) = value else { continue };
-        let field = fields.and_then(|fs| {
-            fs.iter()
-                .find(|f| f.get("field").and_then(Value::as_str) == Some(column))
-        });
-        match field {
-            Some(f) if f.get("name").and_then(Value::as_str) == Some(DECIMAL) => {
-                let scale = f
-                    .get("parameters")
-                    .and_then(|p| p.get("scale"))
-                    .and_then(|s| {
-                        s.as_str()
-                            .and_then(|t| t.parse().ok())
-                            .or_else(|| s.as_i64())
-                    });
-                match scale.map(|scale| decimal::decode_base64(b64, scale)) {
+        match fields.map(|fs| fs.find(column)) {
+            Some(Some(f)) if f.decimal_scale().is_some() => {
+                match f
+                    .decimal_scale()
+                    .flatten()
+                    .map(|scale| decimal::decode_base64(b64, scale))
+                {
                     Some(Ok(text)) => {
                         spend(decimal_budget, &text)?;
                         *value = Value::String(text);
@@ -73,9 +51,7 @@ pub(super) fn decode_columns(
                 }
             }
             Some(_) => {}
-            None if fields.is_none() && decimal::looks_like_base64_decimal(b64) => {
-                undecodable.push(column.clone())
-            }
+            None if decimal::looks_like_base64_decimal(b64) => undecodable.push(column.clone()),
             None => {}
         }
     }

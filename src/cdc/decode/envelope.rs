@@ -1,35 +1,46 @@
 //! The full Debezium envelope (`before`/`after`/`op`/`source`, with or without a schema) and
-//! tombstones (a null value: a delete of the message key's row).
+//! tombstones (a null value: a delete of the message key's row). Only what a change needs is
+//! built: the row side the op names, the few `source` fields, and `before`'s key columns for an
+//! update; the rest of the envelope is skipped unparsed.
 
 use serde_json::Value;
 
-use super::columns::{decode_columns, struct_fields};
+use super::columns::decode_columns;
 use super::key::{key_names, old_key, row_key, topic_table, MessageKey};
 use super::limits::{check_name, quote};
+use super::raw::{self, Fields};
+use super::schema::Schema;
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
 pub(super) fn envelope(
     rec: &RawRecord<'_>,
     settings: &DecodeSettings,
-    schema: Option<&Value>,
-    mut payload: Row,
+    schema: Option<&Schema<'_>>,
+    payload: &Fields<'_>,
     decimal_budget: &mut usize,
 ) -> Result<DecodeOutput, DecodeError> {
-    let op = op_of(payload.get("op"))?;
-    let source = payload.get("source").and_then(Value::as_object);
-    let (table, table_from_topic) = table_name(
-        source.and_then(|s| s.get("table")).and_then(Value::as_str),
-        rec.topic,
-    )?;
+    let op = op_of(payload.value("op")?.as_ref())?;
+    let source = payload
+        .get("source")
+        .map(raw::object)
+        .transpose()?
+        .flatten();
+    let source_str = |name| source.as_ref().map(|s| s.str(name)).transpose();
+    let (table, table_from_topic) =
+        table_name(source_str("table")?.flatten().as_deref(), rec.topic)?;
     let schema_name = source_schema(
-        source.and_then(|s| s.get("schema")).and_then(Value::as_str),
-        source.and_then(|s| s.get("db")).and_then(Value::as_str),
+        source_str("schema")?.flatten().as_deref(),
+        source_str("db")?.flatten().as_deref(),
     )?;
-    let ts_ms = source
-        .and_then(|s| s.get("ts_ms"))
-        .and_then(Value::as_i64)
-        .or_else(|| payload.get("ts_ms").and_then(Value::as_i64))
-        .or(rec.timestamp_ms);
+    let source_ts = match &source {
+        Some(s) => s.i64("ts_ms")?,
+        None => None,
+    };
+    let ts_ms = match source_ts {
+        Some(ts) => Some(ts),
+        None => payload.i64("ts_ms")?,
+    }
+    .or(rec.timestamp_ms);
     let mut change = Change {
         table,
         schema: schema_name,
@@ -49,9 +60,13 @@ pub(super) fn envelope(
         });
     }
     let side = if op == Op::Delete { "before" } else { "after" };
-    let mut row = match payload.remove(side) {
-        Some(Value::Object(row)) => Some(row),
-        Some(Value::Null) | None if op == Op::Delete => None,
+    let mut row = match payload.get(side) {
+        Some(r) if raw::is_object(r) => Some(
+            serde_json::from_str::<Row>(r.get())
+                .map_err(|e| DecodeError::InvalidJson(e.to_string()))?,
+        ),
+        Some(r) if raw::is_null(r) && op == Op::Delete => None,
+        None if op == Op::Delete => None,
         _ => {
             return Err(DecodeError::BadShape(if op == Op::Delete {
                 "`before` is not an object"
@@ -60,22 +75,35 @@ pub(super) fn envelope(
             }))
         }
     };
-    let field_schemas = schema.and_then(|s| struct_fields(s, Some(side)));
+    let field_schemas = match schema {
+        Some(s) => s.struct_fields(Some(side))?,
+        None => None,
+    };
     let undecodable = match row.as_mut() {
-        Some(row) => decode_columns(row, field_schemas, decimal_budget)?,
+        Some(row) => decode_columns(row, field_schemas.as_ref(), decimal_budget)?,
         None => Vec::new(),
     };
     let message_key = MessageKey::parse(rec.key);
     let key = row_key(&message_key, settings, &change.table, row.as_ref(), op)?;
     if op == Op::Update {
-        if let Some(Value::Object(before)) = payload.get("before") {
+        if let Some(before) = payload
+            .get("before")
+            .map(raw::object)
+            .transpose()?
+            .flatten()
+        {
             // only the key's columns of `before`, decoded as the row's are (a Decimal key)
-            let mut old: Row = key_names(&message_key, settings, &change.table)
-                .into_iter()
-                .filter_map(|c| before.get(&c).map(|v| (c, v.clone())))
-                .collect();
-            let before_schemas = schema.and_then(|s| struct_fields(s, Some("before")));
-            decode_columns(&mut old, before_schemas, decimal_budget)?;
+            let mut old = Row::new();
+            for column in key_names(&message_key, settings, &change.table) {
+                if let Some(v) = before.get(&column) {
+                    old.insert(column, raw::value(v)?);
+                }
+            }
+            let before_schemas = match schema {
+                Some(s) => s.struct_fields(Some("before"))?,
+                None => None,
+            };
+            decode_columns(&mut old, before_schemas.as_ref(), decimal_budget)?;
             change.old_key = old_key(&message_key, settings, &change.table, &old, &key.key);
         }
     }

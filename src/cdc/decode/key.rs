@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use super::limits::{check_key, MAX_KEY_BYTES};
-use super::{split_schema, DecodeError, DecodeSettings, Op, Row};
+use super::{DecodeError, DecodeSettings, Op, Row};
 
 /// A record's message key, parsed once: JSON (schema-wrapped or not), or the raw text when it is
 /// not JSON; `None` when absent, empty or null.
@@ -127,13 +127,30 @@ fn parse_key(bytes: &[u8]) -> Option<Value> {
         return None;
     }
     match serde_json::from_slice::<Value>(bytes) {
-        Ok(v) => match split_schema(v) {
-            (_, Value::Null) => None,
-            (_, v) => Some(v),
+        Ok(v) => match unwrap_schema(v) {
+            Value::Null => None,
+            v => Some(v),
         },
         Err(_) => std::str::from_utf8(bytes)
             .ok()
             .map(|s| Value::String(s.to_string())),
+    }
+}
+
+/// `{"schema": .., "payload": ..}` -> payload (as for values: the schema must be null or a Kafka
+/// Connect schema); anything else is itself.
+fn unwrap_schema(v: Value) -> Value {
+    match v {
+        Value::Object(mut map)
+            if map.len() == 2
+                && map.contains_key("payload")
+                && map.get("schema").is_some_and(|s| {
+                    s.is_null() || s.get("type").is_some_and(Value::is_string)
+                }) =>
+        {
+            map.remove("payload").unwrap_or(Value::Null)
+        }
+        other => other,
     }
 }
 

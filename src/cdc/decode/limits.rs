@@ -25,21 +25,19 @@ const MAX_QUOTED_CHARS: usize = 64;
 /// True when the JSON text nests deeper than `limit` (brackets inside strings do not count).
 /// Linear, no allocation; the bytes need not be valid JSON.
 pub(super) fn nests_deeper_than(bytes: &[u8], limit: usize) -> bool {
+    // cheap first (vectorised): fewer opening brackets than the limit cannot nest past it
+    let opening: usize = bytes
+        .iter()
+        .map(|&b| usize::from(b == b'{' || b == b'['))
+        .sum();
+    if opening <= limit {
+        return false;
+    }
     let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => {
-                // skip the string: to the next quote that is not escaped
-                i += 1;
-                while i < bytes.len() {
-                    match bytes[i] {
-                        b'\\' => i += 2,
-                        b'"' => break,
-                        _ => i += 1,
-                    }
-                }
-            }
+            b'"' => i = string_end(bytes, i + 1),
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -52,6 +50,40 @@ pub(super) fn nests_deeper_than(bytes: &[u8], limit: usize) -> bool {
         i += 1;
     }
     false
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The bytes of `word` equal to `c` (their high bits); exact for the lowest one, which is all
+/// that is used.
+fn bytes_equal(word: u64, c: u8) -> u64 {
+    let x = word ^ (ONES * u64::from(c));
+    x.wrapping_sub(ONES) & !x & HIGHS
+}
+
+/// The index of the quote that ends the string starting at `i` (or `bytes.len()`). Most of a
+/// record is inside strings: they are skipped 8 bytes at a time.
+fn string_end(bytes: &[u8], mut i: usize) -> usize {
+    while i < bytes.len() {
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let word = u64::from_le_bytes(word);
+            let special = bytes_equal(word, b'"') | bytes_equal(word, b'\\');
+            if special == 0 {
+                i += 8;
+                continue;
+            }
+            i += (special.trailing_zeros() / 8) as usize;
+        }
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    bytes.len()
 }
 
 /// At most [`MAX_QUOTED_CHARS`] characters of `s`, for error messages.
@@ -94,6 +126,20 @@ mod tests {
         assert!(nests_deeper_than(br#"{"a":"\\","b":{"c":{}}}"#, 2));
         // unterminated strings and stray escapes end the scan
         assert!(!nests_deeper_than(br#"{"a":"\"#, 1));
+    }
+
+    #[test]
+    fn long_strings_are_skipped_word_by_word_exactly() {
+        for pad in 0..20 {
+            let s = "x".repeat(pad);
+            let text = format!(r#"{{"a":"{s}[{s}\"{s}\\","b":{{}}}}"#);
+            assert!(!nests_deeper_than(text.as_bytes(), 2), "{text}");
+            assert!(nests_deeper_than(text.as_bytes(), 1), "{text}");
+            let unicode = format!(r#"["{s}é\"ü[[[[","#);
+            assert!(!nests_deeper_than(unicode.as_bytes(), 1), "{unicode}");
+            assert_eq!(string_end(format!("{s}\"").as_bytes(), 0), pad);
+            assert_eq!(string_end(format!("{s}\\\"\"").as_bytes(), 0), pad + 2);
+        }
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! more than a bounded multiple of the record's size: every size a record can ask for (decimal
 //! scales and digits, nesting, key and name lengths) is bounded (`limits`, [`crate::cdc::decimal`])
 //! and a record past a bound is a [`DecodeError`] with its own reason.
+//!
+//! Decoding is lazy (issue 14): the record is read one level at a time with its members borrowed
+//! and unparsed (`raw`), the Connect schema only for what it says of decimals (`schema`), and only
+//! what a change needs is built into `Value`s: the row side its op names, a few `source` fields,
+//! and for an update the key columns of `before`. The output is the one a full `Value` parse gave
+//! (`tests/same_output.rs` checks it against that decoder, kept as `tests/reference.rs`).
 
 use serde_json::{Map, Value};
 
@@ -19,9 +25,13 @@ mod columns;
 mod envelope;
 mod key;
 mod limits;
+mod raw;
+mod schema;
 mod unwrapped;
 
 use envelope::{envelope, tombstone};
+use raw::{Fields, Json};
+use schema::Schema;
 use unwrapped::unwrapped;
 
 pub use limits::{DECIMAL_SLACK_BYTES, MAX_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES};
@@ -230,24 +240,35 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
         return Err(DecodeError::TooDeep { limit: MAX_DEPTH });
     }
     let mut decimal_budget = size.saturating_mul(2).saturating_add(DECIMAL_SLACK_BYTES);
-    let parsed: Value =
-        serde_json::from_slice(value).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
-    let (schema, payload) = split_schema(parsed);
+    let text = std::str::from_utf8(value).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+    let (schema, payload) = split_schema(raw::parse(text)?)?;
     let payload = match payload {
-        Value::Object(map) => map,
-        Value::Null => return tombstone(rec, settings),
-        _ => return Err(DecodeError::NotAnObject),
+        Json::Object(fields) => fields,
+        Json::Null => return tombstone(rec, settings),
+        Json::Other => return Err(DecodeError::NotAnObject),
     };
-    if let Some(reason) = non_change(&payload) {
+    if let Some(reason) = non_change(&payload)? {
         return Ok(skip(reason));
     }
     if is_envelope(&payload) {
-        if payload.get("op").and_then(Value::as_str) == Some("m") {
+        if payload.str("op")?.as_deref() == Some("m") {
             return Ok(skip(SkipReason::Message));
         }
-        envelope(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
+        envelope(
+            rec,
+            settings,
+            schema.as_ref(),
+            &payload,
+            &mut decimal_budget,
+        )
     } else {
-        unwrapped(rec, settings, schema.as_ref(), payload, &mut decimal_budget)
+        unwrapped(
+            rec,
+            settings,
+            schema.as_ref(),
+            &payload,
+            &mut decimal_budget,
+        )
     }
 }
 
@@ -255,11 +276,11 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
 /// `ExtractNewRecordState` output has metadata fields (`__op`, `__table`, ...) that an envelope
 /// never has at its top level, so such a row stays a row whatever its columns are called. A
 /// record that is plainly an envelope with a bad `op` or row is then an error, not a row.
-fn is_envelope(payload: &Row) -> bool {
+fn is_envelope(payload: &Fields<'_>) -> bool {
     payload.contains_key("op")
         && (payload.contains_key("before")
             || payload.contains_key("after")
-            || payload.get("source").is_some_and(Value::is_object))
+            || payload.get("source").is_some_and(raw::is_object))
         && !payload.keys().any(|k| k.starts_with("__"))
 }
 
@@ -273,19 +294,22 @@ fn skip(reason: SkipReason) -> DecodeOutput {
 /// `{"schema": .., "payload": ..}` -> (schema, payload); anything else is its own payload. The
 /// schema must be null or a Kafka Connect schema (an object with a `type`): a row whose only
 /// columns are `schema` and `payload` stays a row.
-pub(super) fn split_schema(v: Value) -> (Option<Value>, Value) {
-    match v {
-        Value::Object(mut map)
-            if map.len() == 2
-                && map.contains_key("payload")
-                && map.get("schema").is_some_and(|s| {
-                    s.is_null() || s.get("type").is_some_and(Value::is_string)
-                }) =>
-        {
-            let payload = map.remove("payload").unwrap_or(Value::Null);
-            (map.remove("schema").filter(|s| !s.is_null()), payload)
-        }
-        other => (None, other),
+fn split_schema(top: Json<'_>) -> Result<(Option<Schema<'_>>, Json<'_>), DecodeError> {
+    let Json::Object(fields) = top else {
+        return Ok((None, top));
+    };
+    if fields.len() != 2 {
+        return Ok((None, Json::Object(fields)));
+    }
+    let (Some(schema), Some(payload)) = (fields.get("schema"), fields.get("payload")) else {
+        return Ok((None, Json::Object(fields)));
+    };
+    if raw::is_null(schema) {
+        return Ok((None, raw::parse(payload.get())?));
+    }
+    match Schema::read(schema)? {
+        Some(s) if s.typed => Ok((Some(s), raw::parse(payload.get())?)),
+        _ => Ok((None, Json::Object(fields))),
     }
 }
 
@@ -294,29 +318,28 @@ pub(super) fn split_schema(v: Value) -> (Option<Value>, Value) {
 /// block and `ddl`/`tableChanges`/`databaseName`; transaction markers `status` BEGIN/END, `id`,
 /// `event_count` and `data_collections`; heartbeats are `{"ts_ms": n}` alone (on any topic: the
 /// heartbeat topic prefix is configurable).
-fn non_change(payload: &Row) -> Option<SkipReason> {
+fn non_change(payload: &Fields<'_>) -> Result<Option<SkipReason>, DecodeError> {
     if payload.contains_key("op") {
-        return None;
+        return Ok(None);
     }
-    if payload.get("source").is_some_and(Value::is_object)
+    if payload.get("source").is_some_and(raw::is_object)
         && (payload.contains_key("ddl")
             || payload.contains_key("tableChanges")
             || payload.contains_key("databaseName"))
     {
-        return Some(SkipReason::SchemaChange);
+        return Ok(Some(SkipReason::SchemaChange));
     }
-    let status = payload.get("status").and_then(Value::as_str);
-    if matches!(status, Some("BEGIN" | "END"))
+    if matches!(payload.str("status")?.as_deref(), Some("BEGIN" | "END"))
         && payload.contains_key("id")
         && payload.contains_key("event_count")
         && payload.contains_key("data_collections")
     {
-        return Some(SkipReason::Transaction);
+        return Ok(Some(SkipReason::Transaction));
     }
-    if payload.len() == 1 && payload.get("ts_ms").is_some_and(Value::is_i64) {
-        return Some(SkipReason::Heartbeat);
+    if payload.len() == 1 && payload.value("ts_ms")?.is_some_and(|v| v.is_i64()) {
+        return Ok(Some(SkipReason::Heartbeat));
     }
-    None
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -539,7 +539,7 @@ proptest! {
     }
 }
 
-fn arb_json() -> impl Strategy<Value = Value> {
+pub(super) fn arb_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -583,4 +583,6 @@ fn arb_json() -> impl Strategy<Value = Value> {
 
 mod bounds;
 mod keys;
+mod reference;
+mod same_output;
 mod shapes;
