@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::*;
 
-struct FixtureRecord {
+pub(super) struct FixtureRecord {
     topic: String,
     key: Option<String>,
     value: Option<String>,
@@ -23,7 +23,7 @@ pub(crate) fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debezium")
 }
 
-fn load(name: &str) -> Vec<FixtureRecord> {
+pub(super) fn load(name: &str) -> Vec<FixtureRecord> {
     let text = std::fs::read_to_string(fixtures_dir().join(name)).unwrap();
     text.lines()
         .map(|line| {
@@ -44,7 +44,7 @@ fn settings() -> DecodeSettings {
     }
 }
 
-fn decode_all(name: &str) -> Vec<DecodeOutput> {
+pub(super) fn decode_all(name: &str) -> Vec<DecodeOutput> {
     load(name)
         .iter()
         .map(|r| {
@@ -359,7 +359,11 @@ fn truncate_clears_the_table() {
         out.decoded,
         Decoded::Change(Change {
             table: "game_odds".into(),
+            schema: None,
+            table_from_topic: false,
             key: String::new(),
+            old_key: None,
+            key_from_message_key: false,
             op: Op::Truncate,
             row: None,
             ts_ms: Some(5),
@@ -535,7 +539,7 @@ proptest! {
     }
 }
 
-fn arb_json() -> impl Strategy<Value = Value> {
+pub(super) fn arb_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
@@ -576,3 +580,9 @@ fn arb_json() -> impl Strategy<Value = Value> {
         ]
     })
 }
+
+mod bounds;
+mod keys;
+mod reference;
+mod same_output;
+mod shapes;
