@@ -327,8 +327,9 @@ impl Decimal {
     /// Plain notation with exactly `scale` fractional digits (`"3.750"`, `"-0.5"`, `"500"`).
     pub fn to_plain_string(&self) -> String {
         if self.scale >= 0 {
-            let scale = i32::try_from(self.scale).unwrap_or(i32::MAX);
-            crate::cdc::decimal::format_unscaled(&self.unscaled, scale)
+            // a filter literal's exponent is bounded far below the decoder's limits
+            crate::cdc::decimal::format_unscaled(&self.unscaled, self.scale)
+                .unwrap_or_else(|_| self.unscaled.to_string())
         } else {
             (&self.unscaled * pow10(-self.scale)).to_string()
         }

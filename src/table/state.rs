@@ -582,10 +582,6 @@ mod tests {
             off,
             ts_ms: None,
             kafka_ts_ms: None,
-            schema: None,
-            old_key: None,
-            table_from_topic: false,
-            key_from_message_key: false,
         }
     }
 

@@ -149,7 +149,9 @@ impl Ingest {
         {
             let mut inner = self.partitions.lock();
             for (tp, next) in &checkpoint.positions {
-                if matches!(inner.states.get(tp), Some(PartState::Active { .. })) {
+                // still assigned (a partition this batch paused for a new slice is `Restoring`
+                // and resumes from here, so records before the pause are not read again)
+                if inner.states.contains_key(tp) {
                     let slot = inner.positions.entry(tp.clone()).or_insert(*next);
                     *slot = (*slot).max(*next);
                 }
