@@ -24,6 +24,7 @@ pub struct Metrics {
     pub commit_errors: IntCounter,
     pub flush_seconds: Histogram,
     pub restore_records: IntCounter,
+    pub restore_retries: IntCounter,
     pub restore_seconds: Gauge,
     pub table_rows: IntGaugeVec,
     pub table_seq: IntGaugeVec,
@@ -117,6 +118,10 @@ impl Metrics {
             "livetable_restore_records_total",
             "Changelog records read while taking slices over (restores on assignment).",
         );
+        let restore_retries = counter(
+            "livetable_restore_retries_total",
+            "Slice takeovers that failed for now (broker unreachable, no progress within --restore-stall-secs) and were started again.",
+        );
         let gauge = |name: &str, help: &str| {
             let m = Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
             r.register(Box::new(m.clone()))
@@ -188,6 +193,7 @@ impl Metrics {
             commit_errors,
             flush_seconds: histogram(&r, "livetable_store_flush_seconds", "Time of a sled flush that makes a checkpoint durable.", latency_buckets()),
             restore_records,
+            restore_retries,
             restore_seconds,
             table_rows: gauge_vec(&r, "livetable_table_rows", "Rows per table.", &["table"]),
             table_seq: gauge_vec(&r, "livetable_table_seq", "The change sequence number per table.", &["table"]),

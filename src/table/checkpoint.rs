@@ -47,6 +47,16 @@ pub struct PendingLetter {
 }
 
 /// What one applied batch still needs before its offsets can be committed.
+/// A slice's changelog holds every change up to input offset `acked`, as of its `resets`-th
+/// incarnation of the input partition (an acknowledgement from before a reset is ignored).
+#[derive(Debug, Clone)]
+pub struct SliceAck {
+    pub table: String,
+    pub part: u32,
+    pub acked: i64,
+    pub resets: u32,
+}
+
 #[derive(Default)]
 pub struct Checkpoint {
     pub rows: Vec<PendingRow>,
@@ -54,7 +64,7 @@ pub struct Checkpoint {
     pub positions: HashMap<(String, i32), i64>,
     /// Per slice, the input offset up to which the changelog holds every change once `rows` are
     /// settled.
-    pub acked: Vec<(String, u32, i64)>,
+    pub acked: Vec<SliceAck>,
     /// Answered once this checkpoint and every one before it are settled; the positions of the
     /// listed partitions are then committed synchronously.
     pub barrier: Option<Barrier>,
@@ -249,16 +259,23 @@ impl Checkpointer {
     }
 
     /// Raises each slice's acknowledged offset and changelog position, in memory and in the store.
-    fn record_acks(&self, acked: Vec<(String, u32, i64)>, cl_next: HashMap<(String, u32), i64>) {
-        let mut touched: HashMap<(String, u32), i64> = HashMap::new();
-        for (table, part, off) in acked {
-            let slot = touched.entry((table, part)).or_insert(off);
-            *slot = (*slot).max(off);
+    fn record_acks(&self, acked: Vec<SliceAck>, cl_next: HashMap<(String, u32), i64>) {
+        let mut touched: HashMap<(String, u32), (i64, Option<u32>)> = HashMap::new();
+        for a in acked {
+            let slot = touched.entry((a.table, a.part)).or_insert((a.acked, None));
+            if slot.1.is_some_and(|r| r != a.resets) {
+                // acknowledgements across a reset in one checkpoint: keep the newer incarnation's
+                if a.resets > slot.1.unwrap_or(0) {
+                    *slot = (a.acked, Some(a.resets));
+                }
+                continue;
+            }
+            *slot = (slot.0.max(a.acked), Some(a.resets));
         }
         for k in cl_next.keys() {
-            touched.entry(k.clone()).or_insert(-1);
+            touched.entry(k.clone()).or_insert((-1, None));
         }
-        for ((table, part), off) in touched {
+        for ((table, part), (off, resets)) in touched {
             let Some(t) = self.tables.get(&table) else {
                 continue;
             };
@@ -266,7 +283,9 @@ impl Checkpointer {
             let mut meta = None;
             t.update_slices(|s| {
                 let slice = s.slice_mut(part);
-                slice.raise_acked(off);
+                if resets.is_none_or(|r| r == slice.resets) {
+                    slice.raise_acked(off);
+                }
                 slice.cl_next = slice.cl_next.max(next);
                 meta = Some(AckMeta::of(slice));
             });

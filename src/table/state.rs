@@ -59,6 +59,9 @@ pub struct Slice {
     /// Keys deleted by changes newer than `acked`, with the offset of the delete: re-delivered
     /// older changes of those keys must not bring them back. Pruned as `acked` advances.
     pub tombs: HashMap<String, i64>,
+    /// Times the input partition's offsets restarted (the topic was recreated) in this process:
+    /// acknowledgements taken before a restart are ignored.
+    pub resets: u32,
 }
 
 impl Slice {
@@ -71,6 +74,7 @@ impl Slice {
             cl_next: 0,
             mode,
             tombs: HashMap::new(),
+            resets: 0,
         }
     }
 
@@ -409,6 +413,7 @@ pub struct SliceDelta {
     pub owner: Owner,
     pub acked: i64,
     pub cl_next: i64,
+    pub resets: u32,
     /// Deletes newer than `acked` in this delta.
     pub tombs: HashMap<String, i64>,
 }
@@ -478,6 +483,7 @@ impl Delta {
                 owner: s.owner,
                 acked: s.acked,
                 cl_next: s.cl_next,
+                resets: s.resets,
                 tombs: HashMap::new(),
             }
         })

@@ -27,6 +27,16 @@ impl MessageKey {
     }
 }
 
+/// The fields of a record's message key (`{"id": 5}`, schema-wrapped or not) as a row: what a
+/// delete whose key fell back to the message key ([`super::Change::key_from_message_key`]) can
+/// still be matched with, column by column. `None` when the key is not a JSON object.
+pub fn message_key_fields(bytes: Option<&[u8]>) -> Option<Row> {
+    match MessageKey::parse(bytes).0 {
+        Some(Value::Object(fields)) if !fields.is_empty() => Some(fields.into_iter().collect()),
+        _ => None,
+    }
+}
+
 /// A row key and where it came from.
 pub(super) struct RowKey {
     pub key: String,

@@ -34,6 +34,7 @@ use raw::{Fields, Json};
 use schema::Schema;
 use unwrapped::unwrapped;
 
+pub use key::message_key_fields;
 pub use limits::{DECIMAL_SLACK_BYTES, MAX_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES};
 
 /// A row: column name -> JSON value, in the source's column order.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::Offset;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -133,6 +133,7 @@ impl Ingest {
         warned: &mut HashSet<(String, String)>,
     ) -> Result<(), IngestError> {
         let started = Instant::now();
+        self.detect_resets(batch);
         let (states, positions, names) = {
             let inner = self.partitions.lock();
             (
@@ -184,6 +185,34 @@ impl Ingest {
                 .unwrap_or(0.0),
         );
         Ok(())
+    }
+
+    /// A partition just resumed at a known position that delivers a record below it was reset by
+    /// the client (the position was past the end: the topic was recreated). Handled before the
+    /// batch is staged, or its records would be taken for ones the slices already reflect.
+    fn detect_resets(&self, batch: &[BorrowedMessage<'_>]) {
+        let mut found: Vec<((String, i32), i64, i64)> = Vec::new();
+        {
+            let mut inner = self.partitions.lock();
+            if inner.check_start.is_empty() {
+                return;
+            }
+            for m in batch {
+                let tp = (m.topic().to_string(), m.partition());
+                if let Some(&start) = inner.check_start.get(&tp) {
+                    if m.offset() < start {
+                        inner.check_start.remove(&tp);
+                        found.push((tp, start, m.offset()));
+                    }
+                }
+            }
+        }
+        for (tp, start, offset) in found {
+            let (lo, hi) = source::cached_watermarks(&self.consumer, &tp.0, tp.1)
+                .filter(|&(lo, hi)| lo <= offset && hi < start)
+                .unwrap_or((offset, offset));
+            self.check_reset(&tp, start, lo, hi);
+        }
     }
 
     /// Updates lag gauges and readiness: every assigned partition restored and within
@@ -263,10 +292,14 @@ impl Ingest {
                 (Some((lo, hi)), applied) => {
                     let applied = applied.unwrap_or(lo).max(lo);
                     let lag = (hi - applied).max(0);
+                    let labels = [tp.0.as_str(), &tp.1.to_string()];
                     self.metrics
                         .consumer_lag
-                        .with_label_values(&[&tp.0, &tp.1.to_string()])
+                        .with_label_values(&labels)
                         .set(lag);
+                    // every owned partition has a reset series (0 until one happens), so that
+                    // alerts on increase() see the first reset
+                    self.metrics.offset_resets.with_label_values(&labels);
                     if lag > self.max_ready_lag {
                         ready = false;
                         why = format!("{}/{} is {lag} records behind", tp.0, tp.1);
@@ -322,6 +355,7 @@ impl Ingest {
                         slice.last_off = -1;
                         slice.acked = -1;
                         slice.tombs.clear();
+                        slice.resets = slice.resets.wrapping_add(1);
                     });
                 }
             }

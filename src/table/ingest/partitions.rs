@@ -17,7 +17,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::cdc::source::{RebalanceListener, SourceContext};
-use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow};
+use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow, SliceAck};
 use crate::table::restore::{RestoreError, Restorer};
 use crate::table::state::{SliceMode, Tables};
 use crate::table::store::{SliceMeta, Store, WriteBatch};
@@ -238,6 +238,7 @@ impl Partitions {
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
                 if current {
+                    self.restorer.metrics.restore_retries.inc();
                     tracing::warn!(topic = %done.topic, partition = done.partition, error = %e, "taking the partition over failed; retrying");
                     self.retry(consumer, &tp);
                 }
@@ -286,7 +287,20 @@ impl Partitions {
         }
         resume(consumer, &done.topic, done.partition);
         tracing::info!(topic = %done.topic, partition = done.partition, start = ?start, slices = taken.slices.len(), "partition active");
-        let acked = taken.slices.clone();
+        let acked = taken
+            .slices
+            .iter()
+            .map(|(table, part, acked)| SliceAck {
+                table: table.clone(),
+                part: *part,
+                acked: *acked,
+                resets: self
+                    .tables
+                    .get(table)
+                    .and_then(|t| t.read().slice(*part).map(|s| s.resets))
+                    .unwrap_or(0),
+            })
+            .collect();
         Ok(Some(Checkpoint {
             rows: taken.replay,
             acked,

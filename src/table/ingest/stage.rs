@@ -10,7 +10,7 @@ use super::partitions::PartState;
 use super::{Ingest, IngestError};
 use crate::cdc::decode::{self, Change, Decoded, Op, RawRecord};
 use crate::table::changelog::RecordMeta;
-use crate::table::checkpoint::{Checkpoint, PendingLetter, PendingRow};
+use crate::table::checkpoint::{Checkpoint, PendingLetter, PendingRow, SliceAck};
 use crate::table::state::{Delta, RowWrite, SliceMode, Staged};
 use crate::table::store::{encode_row, DeadLetter, SliceMeta, WriteBatch};
 
@@ -126,6 +126,47 @@ impl BatchStage {
         })
     }
 
+    /// The table a delete without a table name (a tombstone) belongs to: the one its inferred
+    /// name resolves to on this topic, else the only table this topic feeds, else the one of
+    /// those holding the key in this partition. `None`: no table has the row (nothing to delete).
+    fn resolve_delete(
+        &mut self,
+        ing: &Ingest,
+        topic: &str,
+        part: u32,
+        c: &Change,
+    ) -> Option<String> {
+        if let Some(n) = self.resolve(ing, topic, &c.table) {
+            return Some(n);
+        }
+        let mut fed: Vec<String> = ing
+            .registry
+            .tables_of(topic)
+            .into_iter()
+            .map(|e| e.table)
+            .collect();
+        fed.sort();
+        fed.dedup();
+        if fed.len() == 1 {
+            return fed.pop();
+        }
+        fed.into_iter().find(|name| {
+            self.deltas
+                .get(name)
+                .and_then(|d| {
+                    d.rows
+                        .get(&c.key)
+                        .map(|e| e.as_ref().is_some_and(|e| e.part == part))
+                })
+                .or_else(|| {
+                    ing.tables
+                        .get(name)
+                        .map(|t| t.read().rows.get(&c.key).is_some_and(|e| e.part == part))
+                })
+                .unwrap_or(false)
+        })
+    }
+
     /// Stages a change; `None` when its partition had to pause for a new slice.
     fn stage_change(
         &mut self,
@@ -142,11 +183,27 @@ impl BatchStage {
                     .is_some_and(|s| s.mode == SliceMode::Owned)
             })
         };
-        let table = match self.resolve(ing, topic, &c.table).and_then(|n| owned(&n)) {
+        let resolved = if c.table_from_topic && c.op == Op::Delete {
+            // a tombstone names no table: delete the row its key has on this topic (never
+            // create a table for it)
+            match self.resolve_delete(ing, topic, part, &c) {
+                Some(n) => Some(n),
+                None => return Some("unchanged"),
+            }
+        } else {
+            self.resolve(ing, topic, &c.table)
+        };
+        let table = match resolved.as_deref().and_then(owned) {
             Some(t) => t,
             None => {
-                ing.partitions
-                    .create_slice(&ing.consumer, topic, partition, &c.table, None);
+                let name = resolved.unwrap_or_else(|| c.table.clone());
+                ing.partitions.create_slice(
+                    &ing.consumer,
+                    topic,
+                    partition,
+                    &name,
+                    c.schema.clone(),
+                );
                 self.paused.insert((topic.to_string(), partition));
                 return None;
             }
@@ -204,9 +261,28 @@ impl BatchStage {
             if off <= last_off && delta.is_stale(&c.key, part, off) {
                 return Some("duplicate");
             }
-            outcome = match delta.stage(write(c.key.clone(), c.row.map(Arc::new))) {
+            let mut key = c.key.clone();
+            if c.op == Op::Delete && c.key_from_message_key && delta.current(&key).is_none() {
+                // the delete carries the message key, not the key columns (PostgreSQL's default
+                // replica identity): find the row of this partition whose columns match it
+                match decode::message_key_fields(m.key())
+                    .and_then(|fields| find_by_columns(delta, part, &fields))
+                {
+                    Some(k) => key = k,
+                    None => return Some("unchanged"),
+                }
+            }
+            if let Some(old) = c.old_key.as_ref().filter(|o| **o != key) {
+                // an update that changed the key: the row under the old key goes
+                if delta.current(old).is_some_and(|e| e.part == part)
+                    && delta.stage(write(old.clone(), None)) == Staged::Applied
+                {
+                    outcome = "applied";
+                }
+            }
+            outcome = match delta.stage(write(key, c.row.map(Arc::new))) {
                 Staged::Applied => "applied",
-                Staged::Unchanged => "unchanged",
+                Staged::Unchanged => outcome,
                 Staged::Stale => "duplicate",
             };
         }
@@ -287,7 +363,12 @@ impl BatchStage {
                         owned: true,
                     },
                 );
-                acked.push((name.clone(), *part, s.last_off));
+                acked.push(SliceAck {
+                    table: name.clone(),
+                    part: *part,
+                    acked: s.last_off,
+                    resets: s.resets,
+                });
             }
             if !delta.changes.is_empty() {
                 touched.push(name.clone());
@@ -385,4 +466,23 @@ fn undecodable_decimal(
              (or double) on the Debezium connector, or enable value.converter.schemas.enable"
         );
     }
+}
+
+/// The key of the row of partition `part` whose columns equal every field of `fields` (staged
+/// rows first, then the table's). A scan: only deletes that name their row by the message key
+/// under `--key-columns` come here.
+fn find_by_columns(delta: &Delta, part: u32, fields: &crate::cdc::decode::Row) -> Option<String> {
+    let matches = |row: &crate::cdc::decode::Row| fields.iter().all(|(k, v)| row.get(k) == Some(v));
+    for (k, e) in &delta.rows {
+        if let Some(e) = e {
+            if e.part == part && matches(&e.row) {
+                return Some(k.clone());
+            }
+        }
+    }
+    let t = delta.table.read();
+    t.rows
+        .iter()
+        .find(|(k, e)| e.part == part && !delta.rows.contains_key(*k) && matches(&e.row))
+        .map(|(k, _)| k.clone())
 }
