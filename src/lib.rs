@@ -9,6 +9,7 @@ pub mod config;
 pub mod fanout;
 pub mod http;
 pub mod metrics;
+pub mod publish;
 pub mod table;
 
 use std::net::SocketAddr;
