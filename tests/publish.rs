@@ -14,7 +14,7 @@ use common::*;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use livetable::metrics::Metrics;
-use livetable::publish::store::{Entry, IdStore, Scope};
+use livetable::publish::store::{Entry, IdLog, Scope};
 use livetable::publish::{
     Ack, NackCode, PublishConfig, PublishContext, PublishRequest, Publisher, Reply,
 };
@@ -615,21 +615,24 @@ async fn ids_a_crash_left_pending_are_settled_by_reading_the_partition() {
         producer().send(rec, Duration::from_secs(10)).await.unwrap()
     };
     {
-        let store = IdStore::open(db.open_tree("publish").unwrap()).unwrap();
+        let (log, _) = IdLog::open(db.open_tree("publish").unwrap()).unwrap();
+        let created_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let entry = Entry::Pending {
+            created_ms,
+            hash,
+            partition,
+            floor: -1,
+        };
+        let changes: Vec<_> = ["\"x1\"", "\"x2\""]
+            .iter()
+            .map(|id| (Scope::new(&topic, None, id), Some(entry)))
+            .collect();
         let mut batch = sled::Batch::default();
-        for id in ["\"x1\"", "\"x2\""] {
-            let entry = Entry::Pending {
-                created_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis() as u64,
-                hash,
-                partition,
-                floor: -1,
-            };
-            store.stage_pending(&mut batch, &Scope::new(&topic, None, id), &entry, true);
-        }
-        store.apply(batch).unwrap();
+        log.stage(&mut batch, created_ms, &changes);
+        log.apply(batch).unwrap();
     }
     let toml = format!("[[publish.topic]]\nname = \"{topic}\"\n");
     let m = Arc::new(Metrics::new());

@@ -6,7 +6,7 @@
 //! max_in_flight = 64             # unanswered publishes per connection
 //! max_in_flight_total = 10000    # unanswered publishes in the process (bounds memory)
 //! dedup_window_secs = 600        # how long an id is remembered
-//! dedup_max_entries = 1000000    # most ids remembered (the oldest go first)
+//! dedup_max_entries = 200000     # most ids remembered (the oldest go first; ~200 B each)
 //!
 //! [[publish.topic]]
 //! name = "bets"
@@ -145,7 +145,7 @@ pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: usize = 10_000;
 pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 600;
-pub const DEFAULT_DEDUP_MAX_ENTRIES: usize = 1_000_000;
+pub const DEFAULT_DEDUP_MAX_ENTRIES: usize = 200_000;
 pub const DEFAULT_MAX_BYTES: usize = 65_536;
 pub const DEFAULT_RATE_PER_SEC: u32 = 50;
 /// Kafka's default `message.max.bytes` is about 1 MB; larger records would be refused anyway.

@@ -13,7 +13,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 
-use super::store::{Entry, IdStore, Scope};
+use super::store::{Change, Entry, IdIndex, IdLog, Scope};
 use crate::metrics::Metrics;
 
 /// The last offset the broker acknowledged per (topic, partition): the floor of records produced
@@ -22,12 +22,22 @@ pub(super) type Floors = HashMap<(Arc<str>, i32), i64>;
 /// Floors and the (topic, partition)s whose floor changed since the writer last stored them.
 pub(super) type FloorState = (Floors, HashSet<(Arc<str>, i32)>);
 
-/// State shared by sessions, the writer and the delivery callback (which runs on librdkafka's
-/// polling thread, where blocking on sled is fine).
-pub(super) struct Shared {
-    pub store: IdStore,
+/// The ids: in flight, remembered, and the changes not yet written to the log. One lock, so "in
+/// flight, or else remembered" is one decision and an outcome moves from one to the other at once.
+#[derive(Default)]
+pub(super) struct Ids {
     /// Ids handed over and not yet answered by the broker: a second publish of one waits here.
-    pub inflight: Mutex<HashMap<Scope, Arc<Slot>>>,
+    pub inflight: HashMap<Scope, Arc<Slot>>,
+    pub index: IdIndex,
+    /// Outcomes recorded in the index since the writer last wrote them to the log.
+    pub changes: Vec<Change>,
+}
+
+/// State shared by sessions, the writer and the delivery callback (which runs on librdkafka's
+/// polling thread).
+pub(super) struct Shared {
+    pub log: IdLog,
+    pub ids: Mutex<Ids>,
     /// Floors, and which of them changed since the writer last stored them.
     pub floors: Mutex<FloorState>,
     /// Partition counts of the writable topics that exist on the broker.
@@ -89,18 +99,22 @@ impl Answer {
         }
     }
 
-    fn send(&mut self, outcome: Outcome) {
+    /// Records `change` in the index (unless aborted), takes the id out of flight, answers.
+    fn send(&mut self, outcome: Outcome, change: Option<Option<Entry>>) {
         if let Some(id) = &self.id {
-            let mut map = self
-                .shared
+            let mut ids = self.shared.ids.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = change {
+                if !self.shared.stopped.load(Ordering::Acquire) {
+                    ids.index.apply(&id.scope, entry);
+                    ids.changes.push((id.scope.clone(), entry));
+                }
+            }
+            if ids
                 .inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if map
                 .get(&id.scope)
                 .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
             {
-                map.remove(&id.scope);
+                ids.inflight.remove(&id.scope);
             }
         }
         self.slot.tx.send_replace(Some(outcome));
@@ -111,14 +125,14 @@ impl Answer {
 impl Drop for Answer {
     fn drop(&mut self) {
         if !self.answered {
-            self.send(Outcome::Failed("the publish was abandoned".into()));
+            self.send(Outcome::Failed("the publish was abandoned".into()), None);
         }
     }
 }
 
 pub(super) enum JobKind {
     Produce,
-    /// The store holds `Pending` for this id from before: find the record, or produce it.
+    /// The index holds `Pending` for this id from before: find the record, or produce it.
     Recover(Entry),
 }
 
@@ -138,29 +152,23 @@ pub(super) struct Job {
 }
 
 impl Job {
-    /// Records the outcome in the store (unless aborted), then answers everyone waiting.
+    /// Records the outcome of the id (if it has one): `Done` when written, forgotten when
+    /// certainly not written (a retry produces it), still `Pending` when unknown; then answers
+    /// everyone waiting.
     pub fn finish(mut self, outcome: Outcome, certainly_not_written: bool) {
-        let shared = self.answer.shared.clone();
-        if let (Some(id), Some(p)) = (&self.answer.id, &self.pending) {
-            if !shared.stopped.load(Ordering::Acquire) {
-                let r = match &outcome {
-                    Outcome::Written {
-                        partition, offset, ..
-                    } => shared
-                        .store
-                        .mark_done(&id.scope, p, *partition, *offset)
-                        .map(|_| ()),
-                    Outcome::Failed(_) if certainly_not_written => {
-                        shared.store.forget(&id.scope, p)
-                    }
-                    Outcome::Failed(_) => Ok(()),
-                };
-                if let Err(e) = r {
-                    tracing::error!(topic = %self.topic, error = %e, "cannot record a publish outcome");
-                }
-            }
-        }
-        self.answer.send(outcome);
+        let change = self.pending.and_then(|p| match &outcome {
+            Outcome::Written {
+                partition, offset, ..
+            } => Some(Some(Entry::Done {
+                created_ms: p.created_ms(),
+                hash: p.hash(),
+                partition: *partition,
+                offset: *offset,
+            })),
+            Outcome::Failed(_) if certainly_not_written => Some(None),
+            Outcome::Failed(_) => None,
+        });
+        self.answer.send(outcome, change);
     }
 }
 

@@ -4,7 +4,8 @@
 //! - `config`: the `[publish]` section (writable topics, schemas, limits).
 //! - `wire`: the publish message and its ack/nack, the same over WebSocket and HTTP.
 //! - `publisher` / `session`: the idempotent producer of the process and the per-connection handle.
-//! - `store`: publish ids in sled, so a retry gets the original ack (also after a restart).
+//! - `store`: publish ids in memory and in a log in sled, so a retry gets the original ack (also
+//!   after a restart).
 //! - `recover`: reading a partition back to settle an id whose outcome a crash left unknown.
 //! - `partition`: Kafka's default partitioner (murmur2), so the store knows a record's partition.
 //!
@@ -27,3 +28,6 @@ pub use config::{PublishConfig, PublishConfigError, PublishSection, TopicPolicy}
 pub use publisher::{PublishError, Publisher};
 pub use session::{PublishContext, PublishFuture, Session};
 pub use wire::{Ack, HttpPublishBody, Nack, NackCode, PublishRequest, Reply};
+
+/// The sled crate whose `Tree` [`Publisher::open`] takes (tools outside the service open one).
+pub use sled;

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::PublishConfig;
-use super::job::{Floors, Job, Shared};
+use super::job::{Floors, Ids, Job, Shared};
 use super::session::{PublishContext, Session};
-use super::store::{IdStore, StoreError};
+use super::store::{IdLog, StoreError};
 use super::writer::{now_ms, Metadata, Producers, Writer};
 use crate::metrics::{Metrics, PUBLISH_UNLISTED_TOPIC};
 
@@ -76,14 +76,14 @@ impl Publisher {
         tree: sled::Tree,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PublishError> {
-        let (store, stored_floors) = tokio::task::spawn_blocking(move || {
-            let store = IdStore::open(tree)?;
-            let floors = store.floors()?;
-            Ok::<_, StoreError>((store, floors))
+        let (log, index, stored_floors) = tokio::task::spawn_blocking(move || {
+            let (log, index) = IdLog::open(tree)?;
+            let floors = log.floors()?;
+            Ok::<_, StoreError>((log, index, floors))
         })
         .await
         .map_err(|e| PublishError::Task(e.to_string()))??;
-        metrics.publish.ids.set(store.len());
+        metrics.publish.ids.set(index.len() as i64);
         metrics.publish.init_topic(PUBLISH_UNLISTED_TOPIC);
         for t in config.topics.keys() {
             metrics.publish.init_topic(t);
@@ -93,8 +93,11 @@ impl Publisher {
             .map(|((t, p), o)| ((Arc::from(t.as_str()), p), o))
             .collect();
         let shared = Arc::new(Shared {
-            store,
-            inflight: Mutex::new(HashMap::new()),
+            log,
+            ids: Mutex::new(Ids {
+                index,
+                ..Ids::default()
+            }),
             floors: Mutex::new((floors, HashSet::new())),
             partitions: RwLock::new(HashMap::new()),
             metrics: metrics.clone(),
@@ -208,8 +211,25 @@ impl Publisher {
         }
         self.stop_tasks_and_producer(Some(inner.config.ack_timeout))
             .await;
-        if let Err(e) = inner.shared.store.flush().await {
-            tracing::error!(error = %e, "cannot flush the publish id store");
+        // the outcomes of the last acknowledgements, then durable
+        let changes = std::mem::take(
+            &mut inner
+                .shared
+                .ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .changes,
+        );
+        let s = inner.shared.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut batch = sled::Batch::default();
+            s.log.stage(&mut batch, now_ms(), &changes);
+            s.log.apply(batch)?;
+            s.log.flush_blocking()
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(|e| StoreError::Task(e.to_string())) {
+            tracing::error!(error = %e, "cannot write the last publish outcomes");
         }
     }
 
@@ -264,7 +284,8 @@ fn producer_config(base: &ClientConfig, c: &PublishConfig) -> ClientConfig {
     p
 }
 
-/// Expires ids after the window (and beyond the entry cap), every tenth of the window (1-30 s).
+/// Expires ids after the window (and beyond the entry cap), every tenth of the window (1-30 s),
+/// and deletes the log records nothing remembered refers to.
 async fn sweep(
     shared: Arc<Shared>,
     window: Duration,
@@ -277,12 +298,29 @@ async fn sweep(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let s = shared.clone();
         let cutoff = now_ms().saturating_sub(window.as_millis() as u64);
+        let (expired, oldest, len) = {
+            let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
+            let mut expired = 0;
+            loop {
+                // bounded steps per lock hold, so publishes are not held up
+                let n = ids.index.expire(cutoff, max_entries, SWEEP_LIMIT);
+                expired += n;
+                if n < SWEEP_LIMIT {
+                    break;
+                }
+            }
+            (expired, ids.index.oldest_ms(), ids.index.len())
+        };
+        shared.metrics.publish.ids.set(len as i64);
+        // records older than the oldest id remembered hold nothing remembered (the writer puts
+        // its new ids in the index before it writes their record)
+        let records_cutoff = oldest.map_or(cutoff, |o| o.max(cutoff));
+        let s = shared.clone();
         let r = tokio::task::spawn_blocking(move || {
             let mut total = 0;
             loop {
-                let n = s.store.sweep(cutoff, max_entries, SWEEP_LIMIT)?;
+                let n = s.log.sweep(records_cutoff, SWEEP_LIMIT)?;
                 total += n;
                 if n < SWEEP_LIMIT {
                     return Ok::<_, StoreError>(total);
@@ -291,10 +329,11 @@ async fn sweep(
         })
         .await;
         match r {
-            Ok(Ok(n)) if n > 0 => tracing::debug!(expired = n, "publish ids expired"),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot expire publish ids"),
+            Ok(Ok(records)) if expired + records > 0 => {
+                tracing::debug!(expired, records, "publish ids expired")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot delete old publish id records"),
             _ => {}
         }
-        shared.metrics.publish.ids.set(shared.store.len());
     }
 }

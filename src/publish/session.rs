@@ -286,30 +286,25 @@ impl Session {
         };
 
         let scope = Scope::new(&label, self.ctx.principal.as_deref(), &id_json);
-        // the map's lock makes "in flight, or else in the store" one decision: the delivery
-        // callback records the outcome in the store before it leaves the map
-        let mut map = shared.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = map.get(&scope) {
+        // one lock makes "in flight, or else remembered" one decision: the delivery callback
+        // records an outcome in the index and takes the id out of flight under it
+        let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = ids.inflight.get(&scope) {
             if slot.hash != c.hash {
                 return Err(conflict(&c.id));
             }
             let rx = slot.tx.subscribe();
-            drop(map);
+            drop(ids);
             return Ok(self.answer(rx, Role::Concurrent, label, c.id, c.permit, start, deadline));
         }
-        let kind = match shared.store.get(&scope) {
-            Err(e) => {
-                drop(map);
-                tracing::error!(error = %e, "cannot read the publish id store");
-                return Err(unavailable(&c.id, "the id store failed"));
-            }
-            Ok(Some(Entry::Done {
+        let kind = match ids.index.get(&scope) {
+            Some(Entry::Done {
                 hash,
                 partition,
                 offset,
                 ..
-            })) => {
-                drop(map);
+            }) => {
+                drop(ids);
                 if hash != c.hash {
                     return Err(conflict(&c.id));
                 }
@@ -329,13 +324,13 @@ impl Session {
                 };
                 return Ok(futures::future::ready(Reply::Ack(ack)).boxed());
             }
-            Ok(Some(e @ Entry::Pending { hash, .. })) => {
+            Some(e @ Entry::Pending { hash, .. }) => {
                 if hash != c.hash {
                     return Err(conflict(&c.id));
                 }
                 JobKind::Recover(e)
             }
-            Ok(None) => JobKind::Produce,
+            None => JobKind::Produce,
         };
         let in_flight = self.in_flight(&label, &c.id)?;
         let partition = match &kind {
@@ -344,8 +339,8 @@ impl Session {
         };
         let (tx, rx) = watch::channel(None);
         let slot = Arc::new(Slot { hash: c.hash, tx });
-        map.insert(scope.clone(), slot.clone());
-        drop(map);
+        ids.inflight.insert(scope.clone(), slot.clone());
+        drop(ids);
         let tracked = TrackedId {
             scope,
             id_json,

@@ -1,25 +1,29 @@
-//! The memory of publish ids in a sled tree: what makes retries exactly-once, across disconnects
-//! and restarts of livetable.
+//! The memory of publish ids: what makes retries exactly-once across disconnects and restarts.
 //!
-//! Keys of the tree (which belongs to publishing alone):
-//! - `i` + scope -> [`Entry`]: `Pending` is written (and flushed) before the record is handed to
-//!   the producer; `Done` replaces it when the broker acknowledged (compare-and-swap, so an entry
-//!   that expired meanwhile is not resurrected). A `Pending` left by a crash or an uncertain
-//!   delivery is resolved by reading the partition from its `floor` (see `recover`).
-//! - `t` + created (ms, big-endian) + scope -> empty: the time index that expiry walks in order,
-//!   so sweeping costs the expired entries only.
-//! - `f` + topic + 0 + partition -> offset: the last acknowledged offset per partition, a lower
-//!   bound for the offset of anything produced later (the floor of a pending entry).
+//! Two halves:
+//! - [`IdIndex`], in memory: scope -> [`Entry`] for every remembered id, with a creation-ordered
+//!   queue for expiry and the entry cap. Lookups never touch the disk.
+//! - [`IdLog`], in a sled tree of its own: the index's changes as an append-only log of records,
+//!   one record per writer batch (`r` + seq -> many entries), so one sled insert carries a whole
+//!   batch of ids; replayed at start-up. `f` + topic + 0 + partition -> offset keeps the last
+//!   acknowledged offset per partition (the floor of later records).
+//!
+//! An id's `Pending` entry is in a flushed record before its record is produced; `Done` (or the
+//! removal of an id whose record was certainly not written) follows in a later record. A `Pending`
+//! without its `Done` (a crash, an uncertain delivery) is settled by reading the partition back
+//! (see `recover`). Records older than the window (or than the oldest id still remembered) are
+//! deleted whole.
 //!
 //! The scope of an id is (topic, principal, id): without tokens ids are shared by every client of
 //! a topic (use UUIDs); with tokens each principal has its own ids.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde_json::Value;
 
-/// Errors of the id store.
+/// Errors of the id log.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sled: {0}")]
@@ -28,9 +32,9 @@ pub enum StoreError {
     Task(String),
 }
 
-/// An id's place in the store: (topic, principal, id as JSON text), length-prefixed.
+/// An id's place: (topic, principal, id as JSON text), length-prefixed. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Scope(Vec<u8>);
+pub struct Scope(Arc<[u8]>);
 
 impl Scope {
     pub fn new(topic: &str, principal: Option<&str>, id_json: &str) -> Self {
@@ -41,26 +45,11 @@ impl Scope {
         b.extend_from_slice(&(p.len() as u16).to_be_bytes());
         b.extend_from_slice(p.as_bytes());
         b.extend_from_slice(id_json.as_bytes());
-        Scope(b)
-    }
-
-    fn id_key(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(1 + self.0.len());
-        k.push(b'i');
-        k.extend_from_slice(&self.0);
-        k
-    }
-
-    fn time_key(&self, created_ms: u64) -> Vec<u8> {
-        let mut k = Vec::with_capacity(9 + self.0.len());
-        k.push(b't');
-        k.extend_from_slice(&created_ms.to_be_bytes());
-        k.extend_from_slice(&self.0);
-        k
+        Scope(b.into())
     }
 }
 
-/// What the store knows about an id.
+/// What is known about an id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry {
     /// Handed (or about to be handed) to the producer; the record, if written, is in `partition`
@@ -143,6 +132,10 @@ impl Entry {
     }
 }
 
+/// A change of the index: an id's new entry, or `None` when it is forgotten (its record was
+/// certainly not written, so a retry produces it).
+pub type Change = (Scope, Option<Entry>);
+
 /// A stable 64-bit digest of a record's key and value (FNV-1a over a canonical form: object keys
 /// sorted), so a retry with the same content in another key order is still the same record.
 pub fn content_hash(key: Option<&str>, value: &Value) -> u64 {
@@ -205,6 +198,88 @@ fn canonical(h: &mut Fnv, v: &Value) {
     }
 }
 
+/// The remembered ids, in memory, with their creation order for expiry.
+#[derive(Debug, Default)]
+pub struct IdIndex {
+    entries: HashMap<Scope, Entry>,
+    /// (created, scope) of every id in creation order; an item whose id was forgotten or
+    /// re-created since is skipped when it reaches the front.
+    order: VecDeque<(u64, Scope)>,
+}
+
+impl IdIndex {
+    pub fn get(&self, scope: &Scope) -> Option<Entry> {
+        self.entries.get(scope).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Applies a change (a new id joins the creation order).
+    pub fn apply(&mut self, scope: &Scope, entry: Option<Entry>) {
+        match entry {
+            Some(e) => {
+                let created = e.created_ms();
+                let fresh = self
+                    .entries
+                    .insert(scope.clone(), e)
+                    .is_none_or(|old| old.created_ms() != created);
+                if fresh {
+                    self.order.push_back((created, scope.clone()));
+                }
+            }
+            None => {
+                self.entries.remove(scope);
+            }
+        }
+    }
+
+    /// Forgets ids created before `cutoff_ms`, then the oldest while more than `max_entries`
+    /// remain (or the order queue holds more than twice that); at most `limit` per call.
+    /// Returns how many ids were forgotten.
+    pub fn expire(&mut self, cutoff_ms: u64, max_entries: usize, limit: usize) -> usize {
+        let mut removed = 0;
+        let mut steps = 0;
+        while let Some((created, scope)) = self.order.front() {
+            let over = self.entries.len() > max_entries || self.order.len() > 2 * max_entries;
+            if (*created >= cutoff_ms && !over) || steps >= limit {
+                break;
+            }
+            steps += 1;
+            if self
+                .entries
+                .get(scope)
+                .is_some_and(|e| e.created_ms() == *created)
+            {
+                self.entries.remove(scope);
+                removed += 1;
+            }
+            self.order.pop_front();
+        }
+        removed
+    }
+
+    /// The creation time of the oldest id still remembered.
+    pub fn oldest_ms(&mut self) -> Option<u64> {
+        while let Some((created, scope)) = self.order.front() {
+            if self
+                .entries
+                .get(scope)
+                .is_some_and(|e| e.created_ms() == *created)
+            {
+                return Some(*created);
+            }
+            self.order.pop_front();
+        }
+        None
+    }
+}
+
 fn floor_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + topic.len());
     k.push(b'f');
@@ -214,50 +289,90 @@ fn floor_key(topic: &str, partition: i32) -> Vec<u8> {
     k
 }
 
-/// The id store over one sled tree. Its methods block (sled): call them from a blocking context
-/// or keep them to single small operations.
-pub struct IdStore {
-    tree: sled::Tree,
-    entries: AtomicI64,
+fn record_key(seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'r';
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
 }
 
-impl IdStore {
-    /// Opens the store over `tree`, counting its entries (O(entries): at start-up, blocking).
-    pub fn open(tree: sled::Tree) -> Result<Self, StoreError> {
-        let mut n = 0i64;
-        for kv in tree.scan_prefix(b"t") {
-            kv?;
-            n += 1;
+fn encode_record(time_ms: u64, changes: &[Change]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + changes.len() * 80);
+    b.extend_from_slice(&time_ms.to_be_bytes());
+    for (scope, entry) in changes {
+        b.extend_from_slice(&(scope.0.len() as u32).to_be_bytes());
+        b.extend_from_slice(&scope.0);
+        match entry {
+            Some(e) => b.extend_from_slice(&e.encode()),
+            None => b.push(0),
         }
-        Ok(IdStore {
-            tree,
-            entries: AtomicI64::new(n),
-        })
     }
+    b
+}
 
-    /// Ids remembered.
-    pub fn len(&self) -> i64 {
-        self.entries.load(Ordering::Relaxed)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() <= 0
-    }
-
-    pub fn get(&self, scope: &Scope) -> Result<Option<Entry>, StoreError> {
-        Ok(self
-            .tree
-            .get(scope.id_key())?
-            .and_then(|v| Entry::decode(&v)))
-    }
-
-    /// Adds a pending entry to `batch`; `new` when the id had no entry (adds it to the time index).
-    pub fn stage_pending(&self, batch: &mut sled::Batch, scope: &Scope, entry: &Entry, new: bool) {
-        batch.insert(scope.id_key(), &entry.encode()[..]);
-        if new {
-            batch.insert(scope.time_key(entry.created_ms()), &[][..]);
-            self.entries.fetch_add(1, Ordering::Relaxed);
+/// The changes of a record (a damaged tail is ignored: it cannot be half-written, sled writes a
+/// value whole).
+fn decode_record(b: &[u8]) -> Option<(u64, Vec<Change>)> {
+    let time = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+    let mut out = Vec::new();
+    let mut i = 8;
+    while i < b.len() {
+        let n = u32::from_be_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize;
+        let scope = Scope(b.get(i + 4..i + 4 + n)?.into());
+        i += 4 + n;
+        if *b.get(i)? == 0 {
+            out.push((scope, None));
+            i += 1;
+        } else {
+            out.push((scope, Some(Entry::decode(b.get(i..i + 29)?)?)));
+            i += 29;
         }
+    }
+    Some((time, out))
+}
+
+/// The log of index changes in a sled tree. Its methods block (sled): call them from a blocking
+/// context, except single small operations.
+pub struct IdLog {
+    tree: sled::Tree,
+    next_seq: AtomicU64,
+}
+
+impl IdLog {
+    /// Opens the log over `tree` and replays it into an index (O(records): at start-up, blocking).
+    pub fn open(tree: sled::Tree) -> Result<(Self, IdIndex), StoreError> {
+        let mut index = IdIndex::default();
+        let mut next = 0;
+        for kv in tree.scan_prefix(b"r") {
+            let (k, v) = kv?;
+            if let Ok(seq) = <[u8; 8]>::try_from(&k[1..]) {
+                next = u64::from_be_bytes(seq) + 1;
+            }
+            match decode_record(&v) {
+                Some((_, changes)) => {
+                    for (scope, entry) in changes {
+                        index.apply(&scope, entry);
+                    }
+                }
+                None => tracing::warn!("skipping an unreadable publish id record"),
+            }
+        }
+        Ok((
+            IdLog {
+                tree,
+                next_seq: AtomicU64::new(next),
+            },
+            index,
+        ))
+    }
+
+    /// Adds a record of `changes` to `batch`.
+    pub fn stage(&self, batch: &mut sled::Batch, time_ms: u64, changes: &[Change]) {
+        if changes.is_empty() {
+            return;
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        batch.insert(&record_key(seq)[..], encode_record(time_ms, changes));
     }
 
     /// Adds the last acknowledged offset of a partition to `batch`.
@@ -276,48 +391,9 @@ impl IdStore {
         Ok(())
     }
 
-    /// [`IdStore::flush`] for blocking contexts.
+    /// [`IdLog::flush`] for blocking contexts.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.tree.flush()?;
-        Ok(())
-    }
-
-    /// Replaces `pending` with its acknowledgement; false when the entry is no longer `pending`
-    /// (expired meanwhile).
-    pub fn mark_done(
-        &self,
-        scope: &Scope,
-        pending: &Entry,
-        partition: i32,
-        offset: i64,
-    ) -> Result<bool, StoreError> {
-        let done = Entry::Done {
-            created_ms: pending.created_ms(),
-            hash: pending.hash(),
-            partition,
-            offset,
-        };
-        let r = self
-            .tree
-            .compare_and_swap(
-                scope.id_key(),
-                Some(&pending.encode()[..]),
-                Some(&done.encode()[..]),
-            )
-            .map_err(StoreError::Sled)?;
-        Ok(r.is_ok())
-    }
-
-    /// Removes `pending` (the record was certainly not written: a retry produces it again).
-    pub fn forget(&self, scope: &Scope, pending: &Entry) -> Result<(), StoreError> {
-        let r = self
-            .tree
-            .compare_and_swap(scope.id_key(), Some(&pending.encode()[..]), None::<&[u8]>)
-            .map_err(StoreError::Sled)?;
-        if r.is_ok() {
-            self.tree.remove(scope.time_key(pending.created_ms()))?;
-            self.entries.fetch_sub(1, Ordering::Relaxed);
-        }
         Ok(())
     }
 
@@ -346,43 +422,26 @@ impl IdStore {
         Ok(out)
     }
 
-    /// Removes entries created before `cutoff_ms`, then the oldest ones while more than
-    /// `max_entries` remain; at most `limit` per call. Returns how many were removed.
-    pub fn sweep(
-        &self,
-        cutoff_ms: u64,
-        max_entries: usize,
-        limit: usize,
-    ) -> Result<usize, StoreError> {
+    /// Deletes the records written before `cutoff_ms` (every id in them was created before it);
+    /// at most `limit` per call. Returns how many were deleted.
+    pub fn sweep(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
-        let mut removed = 0usize;
-        let excess = (self.len() - max_entries as i64).max(0) as usize;
-        for kv in self.tree.scan_prefix(b"t") {
-            if removed >= limit {
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(b"r") {
+            let (k, v) = kv?;
+            let time = v
+                .get(..8)
+                .and_then(|t| <[u8; 8]>::try_from(t).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if time >= cutoff_ms || n >= limit {
                 break;
-            }
-            let (k, _) = kv?;
-            if k.len() < 9 {
-                batch.remove(k);
-                continue;
-            }
-            let created = u64::from_be_bytes(k[1..9].try_into().unwrap_or([0; 8]));
-            if created >= cutoff_ms && removed >= excess {
-                break;
-            }
-            let scope = Scope(k[9..].to_vec());
-            // the id key goes only if it is this generation of the id
-            if let Some(e) = self.get(&scope)? {
-                if e.created_ms() == created {
-                    batch.remove(scope.id_key());
-                }
             }
             batch.remove(k);
-            removed += 1;
+            n += 1;
         }
         self.tree.apply_batch(batch)?;
-        self.entries.fetch_sub(removed as i64, Ordering::Relaxed);
-        Ok(removed)
+        Ok(n)
     }
 }
 
@@ -391,11 +450,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn store() -> (tempfile::TempDir, IdStore) {
+    fn tree() -> (tempfile::TempDir, sled::Tree) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let s = IdStore::open(db.open_tree("publish").unwrap()).unwrap();
-        (dir, s)
+        let t = db.open_tree("publish").unwrap();
+        (dir, t)
     }
 
     fn pending(created_ms: u64) -> Entry {
@@ -407,20 +466,30 @@ mod tests {
         }
     }
 
+    fn done(created_ms: u64, offset: i64) -> Entry {
+        Entry::Done {
+            created_ms,
+            hash: 7,
+            partition: 1,
+            offset,
+        }
+    }
+
     #[test]
-    fn entries_round_trip() {
-        for e in [
-            pending(5),
-            Entry::Done {
-                created_ms: u64::MAX,
-                hash: 1,
-                partition: 0,
-                offset: -1,
-            },
-        ] {
+    fn entries_and_records_round_trip() {
+        for e in [pending(5), done(u64::MAX, -1)] {
             assert_eq!(Entry::decode(&e.encode()), Some(e));
         }
         assert_eq!(Entry::decode(b"short"), None);
+        let changes = vec![
+            (Scope::new("t", None, "\"a\""), Some(pending(1))),
+            (Scope::new("t", Some("u"), "2"), None),
+            (Scope::new("t", None, "\"c\""), Some(done(3, 9))),
+        ];
+        assert_eq!(
+            decode_record(&encode_record(42, &changes)),
+            Some((42, changes))
+        );
     }
 
     #[test]
@@ -454,53 +523,72 @@ mod tests {
     }
 
     #[test]
-    fn pending_done_forget_and_expiry() {
-        let (_dir, s) = store();
-        let (a, b, c) = (
+    fn the_index_expires_by_time_and_by_count() {
+        let mut ix = IdIndex::default();
+        let s = |i: u64| Scope::new("t", None, &i.to_string());
+        for i in 0..10 {
+            ix.apply(&s(i), Some(pending(100 + i)));
+        }
+        // a pending id acknowledged keeps its place; a forgotten one leaves a stale queue item
+        ix.apply(&s(0), Some(done(100, 5)));
+        ix.apply(&s(1), None);
+        assert_eq!(ix.len(), 9);
+        assert_eq!(ix.oldest_ms(), Some(100));
+        assert_eq!(
+            ix.expire(103, 100, 1000),
+            2,
+            "ids 0 and 2 (1 was forgotten)"
+        );
+        assert_eq!(ix.get(&s(0)), None);
+        assert_eq!(ix.get(&s(3)), Some(pending(103)));
+        assert_eq!(ix.expire(0, 5, 1000), 2, "the cap keeps the newest 5");
+        assert_eq!(ix.oldest_ms(), Some(105));
+        assert_eq!(ix.len(), 5);
+        assert_eq!(ix.expire(0, 0, 2), 2, "at most `limit` steps per call");
+    }
+
+    #[test]
+    fn the_log_replays_into_the_index_and_sweeps_whole_records() {
+        let (_dir, tree) = tree();
+        let (log, ix) = IdLog::open(tree.clone()).unwrap();
+        assert!(ix.is_empty());
+        let (a, b) = (
             Scope::new("t", None, "\"a\""),
             Scope::new("t", None, "\"b\""),
-            Scope::new("t", None, "\"c\""),
         );
         let mut batch = sled::Batch::default();
-        s.stage_pending(&mut batch, &a, &pending(100), true);
-        s.stage_pending(&mut batch, &b, &pending(200), true);
-        s.stage_pending(&mut batch, &c, &pending(300), true);
-        s.stage_floor(&mut batch, "t", 1, 42);
-        s.apply(batch).unwrap();
-        assert_eq!(s.len(), 3);
-        assert_eq!(s.floors().unwrap()[&("t".to_string(), 1)], 42);
-
-        assert!(s.mark_done(&a, &pending(100), 1, 50).unwrap());
-        assert!(
-            !s.mark_done(&a, &pending(100), 1, 51).unwrap(),
-            "no longer pending"
+        log.stage(
+            &mut batch,
+            100,
+            &[
+                (a.clone(), Some(pending(100))),
+                (b.clone(), Some(pending(100))),
+            ],
         );
+        log.stage_floor(&mut batch, "t", 1, 42);
+        log.apply(batch).unwrap();
+        let mut batch = sled::Batch::default();
+        log.stage(
+            &mut batch,
+            200,
+            &[(a.clone(), Some(done(100, 50))), (b.clone(), None)],
+        );
+        log.apply(batch).unwrap();
+        let (log2, ix) = IdLog::open(tree.clone()).unwrap();
+        assert_eq!(ix.get(&a), Some(done(100, 50)));
+        assert_eq!(ix.get(&b), None);
+        assert_eq!(log2.floors().unwrap()[&("t".to_string(), 1)], 42);
+        // a reopened log continues the sequence: its records replay after the old ones
+        let mut batch = sled::Batch::default();
+        log2.stage(&mut batch, 300, &[(a.clone(), None)]);
+        log2.apply(batch).unwrap();
+        assert_eq!(IdLog::open(tree.clone()).unwrap().1.get(&a), None);
         assert_eq!(
-            s.get(&a).unwrap(),
-            Some(Entry::Done {
-                created_ms: 100,
-                hash: 7,
-                partition: 1,
-                offset: 50
-            })
+            log2.sweep(250, 100).unwrap(),
+            2,
+            "the records of 100 and 200"
         );
-        s.forget(&b, &pending(200)).unwrap();
-        assert_eq!(s.get(&b).unwrap(), None);
-        assert_eq!(s.len(), 2);
-
-        // expiry walks the time index: a (100) goes, c (300) stays
-        assert_eq!(s.sweep(250, 100, 1000).unwrap(), 1);
-        assert_eq!(s.get(&a).unwrap(), None);
-        assert!(s.get(&c).unwrap().is_some());
-        assert_eq!(s.len(), 1);
-        // the cap evicts the oldest even inside the window
-        assert_eq!(s.sweep(0, 0, 1000).unwrap(), 1);
-        assert_eq!(s.get(&c).unwrap(), None);
-        assert_eq!(s.len(), 0);
-        // a reopened store counts what is left
-        let mut batch = sled::Batch::default();
-        s.stage_pending(&mut batch, &a, &pending(400), true);
-        s.apply(batch).unwrap();
-        assert_eq!(IdStore::open(s.tree.clone()).unwrap().len(), 1);
+        assert_eq!(log2.sweep(250, 100).unwrap(), 0);
+        assert_eq!(tree.scan_prefix(b"r").count(), 1);
     }
 }

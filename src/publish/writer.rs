@@ -96,8 +96,10 @@ impl Producers {
     }
 }
 
-/// Publishes the writer takes in one batch (one sled write and flush).
-const WRITER_BATCH: usize = 1024;
+/// Publishes the writer takes in one batch (one log record and flush).
+const WRITER_BATCH: usize = 4096;
+/// How often an idle writer writes the outcomes recorded meanwhile.
+const IDLE_WRITE: Duration = Duration::from_millis(100);
 /// How long a metadata request may take (the broker may be down).
 pub(super) const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,13 +119,16 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Runs until cancelled, or until `drain` is cancelled and the queue is empty.
+    /// Runs until cancelled, or until `drain` is cancelled and the queue is empty. While idle,
+    /// writes the outcomes recorded since its last batch every `IDLE_WRITE`.
     pub async fn run(
         self,
         mut rx: mpsc::Receiver<Job>,
         drain: CancellationToken,
         cancel: CancellationToken,
     ) {
+        let mut idle = tokio::time::interval(IDLE_WRITE);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 biased;
@@ -131,8 +136,15 @@ impl Writer {
                 j = rx.recv() => match j { Some(j) => j, None => return },
                 _ = drain.cancelled() => match rx.try_recv() {
                     Ok(j) => j,
-                    Err(_) => return,
+                    Err(_) => {
+                        self.batch(Vec::new()).await;
+                        return;
+                    }
                 },
+                _ = idle.tick() => {
+                    self.batch(Vec::new()).await;
+                    continue;
+                }
             };
             let mut jobs = Vec::with_capacity(64);
             jobs.push(first);
@@ -150,6 +162,9 @@ impl Writer {
         }
     }
 
+    /// One batch: settles recovering ids, records the new ids `Pending` together with the
+    /// outcomes recorded since the last batch (one log record, flushed when it holds new ids),
+    /// then hands the records to librdkafka in queue order.
     async fn batch(&self, jobs: Vec<Job>) {
         let now = Instant::now();
         let created = now_ms();
@@ -165,19 +180,22 @@ impl Writer {
         let shared = &self.shared;
         let mut batch = sled::Batch::default();
         // floors as they are now: every record of this batch will land above them
+        let mut floors_changed = false;
         let floors = {
             let mut f = shared.floors.lock().unwrap_or_else(|e| e.into_inner());
             for (topic, partition) in std::mem::take(&mut f.1) {
                 if let Some(o) = f.0.get(&(topic.clone(), partition)) {
-                    shared.store.stage_floor(&mut batch, &topic, partition, *o);
+                    shared.log.stage_floor(&mut batch, &topic, partition, *o);
+                    floors_changed = true;
                 }
             }
             f.0.clone()
         };
         let mut to_send = Vec::with_capacity(jobs.len());
+        let mut settled = Vec::new();
         for mut j in jobs {
-            let (new, created) = match &j.kind {
-                JobKind::Produce => (true, created),
+            let created = match &j.kind {
+                JobKind::Produce => created,
                 JobKind::Recover(old) => {
                     let old = *old;
                     let wanted = j
@@ -187,30 +205,21 @@ impl Writer {
                         .map(|t| (t.id_json.clone(), t.principal.clone()));
                     match wanted.and_then(|w| found.get(&w)) {
                         Some(Ok(offset)) => {
-                            let (partition, offset) = (j.partition, *offset);
                             j.pending = Some(old);
-                            j.finish(
-                                Outcome::Written {
-                                    partition,
-                                    offset,
-                                    recovered: true,
-                                },
-                                false,
-                            );
+                            settled.push((j, Ok(*offset)));
                             continue;
                         }
                         Some(Err(message)) => {
-                            j.finish(Outcome::Failed(message.clone()), false);
+                            settled.push((j, Err(message.clone())));
                             continue;
                         }
-                        // not in its partition: produce it now; the entry keeps its creation
-                        // time (and so its place in the time index)
-                        None => (false, old.created_ms()),
+                        // not in its partition: produce it now; the id keeps its creation time
+                        None => old.created_ms(),
                     }
                 }
             };
-            if let Some(t) = &j.answer.id {
-                let entry = Entry::Pending {
+            if j.answer.id.is_some() {
+                j.pending = Some(Entry::Pending {
                     created_ms: created,
                     hash: j.hash,
                     partition: j.partition,
@@ -218,30 +227,77 @@ impl Writer {
                         .get(&(j.topic.clone(), j.partition))
                         .copied()
                         .unwrap_or(-1),
-                };
-                shared
-                    .store
-                    .stage_pending(&mut batch, &t.scope, &entry, new);
-                j.pending = Some(entry);
+                });
             }
             to_send.push(j);
         }
-        // durable before any of these records can reach the broker
+        // outcomes recorded since the last batch first, then this batch's new ids (an id
+        // forgotten and published again appears in that order)
+        let mut changes = {
+            let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
+            let mut changes = std::mem::take(&mut ids.changes);
+            if !shared.stopped.load(Ordering::Acquire) {
+                for j in &to_send {
+                    if let (Some(t), Some(p)) = (&j.answer.id, j.pending) {
+                        ids.index.apply(&t.scope, Some(p));
+                        changes.push((t.scope.clone(), Some(p)));
+                    }
+                }
+            }
+            changes
+        };
+        for (j, r) in settled {
+            let partition = j.partition;
+            match r {
+                Ok(offset) => j.finish(
+                    Outcome::Written {
+                        partition,
+                        offset,
+                        recovered: true,
+                    },
+                    false,
+                ),
+                Err(message) => j.finish(Outcome::Failed(message), false),
+            }
+        }
+        // what settling recorded goes in this record too
+        changes.extend(std::mem::take(
+            &mut shared.ids.lock().unwrap_or_else(|e| e.into_inner()).changes,
+        ));
+        if changes.is_empty() && to_send.is_empty() && !floors_changed {
+            return;
+        }
+        let new_ids = to_send.iter().any(|j| j.pending.is_some());
+        shared.log.stage(&mut batch, created, &changes);
+        // new ids are durable before any of these records can reach the broker
         let s = shared.clone();
         let stored = tokio::task::spawn_blocking(move || {
-            s.store.apply(batch)?;
-            s.store.flush_blocking()
+            s.log.apply(batch)?;
+            if new_ids {
+                s.log.flush_blocking()?;
+            }
+            Ok(())
         })
         .await
         .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())));
         if let Err(e) = stored {
-            tracing::error!(error = %e, "cannot record publishes in the id store");
+            tracing::error!(error = %e, "cannot record publishes in the id log");
             for j in to_send {
-                j.finish(Outcome::Failed("the id store failed".into()), false);
+                j.finish(Outcome::Failed("the id log failed".into()), false);
             }
             return;
         }
-        shared.metrics.publish.ids.set(shared.store.len());
+        shared.metrics.publish.ids.set(
+            shared
+                .ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .index
+                .len() as i64,
+        );
+        if to_send.is_empty() {
+            return;
+        }
         let Some(producer) = self.producers.healthy().await else {
             for j in to_send {
                 j.finish(Outcome::Failed("shutting down".into()), true);
