@@ -673,6 +673,20 @@ async fn ids_a_crash_left_pending_are_settled_by_reading_the_partition() {
     p.close().await;
 }
 
+/// Publishes, retrying the same id while the answer is `unavailable` (as a client does).
+async fn publish_retrying(s: &livetable::publish::Session, r: PublishRequest) -> Ack {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match s.submit(r.clone()).await {
+            Reply::Ack(a) => return a,
+            Reply::Nack(n) if n.code == NackCode::Unavailable && Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Reply::Nack(n) => panic!("{r:?}: {n:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_expire_after_the_window_and_the_store_stays_bounded() {
     init_logs();
@@ -680,21 +694,15 @@ async fn ids_expire_after_the_window_and_the_store_stays_bounded() {
     let topic = unique("expiry-");
     create_topic(&topic, 1).await;
     let toml = format!(
-        "[publish]\nack_timeout_ms = 1000\ndedup_window_secs = 1\ndedup_max_entries = 5\n\
+        "[publish]\nack_timeout_ms = 2000\ndedup_window_secs = 2\ndedup_max_entries = 5\n\
          [[publish.topic]]\nname = \"{topic}\"\nrate_per_sec = 1000\n"
     );
     let db = open_db(&dir.path().join("db"));
     let m = Arc::new(Metrics::new());
     let p = open(config(dir.path(), &toml), &brokers(), &db, &m).await;
     let s = p.session(PublishContext::default());
-    let first = s
-        .publish(req(&topic, "k", json!({"n": 1}), "e1"))
-        .await
-        .unwrap();
-    let again = s
-        .publish(req(&topic, "k", json!({"n": 1}), "e1"))
-        .await
-        .unwrap();
+    let first = publish_retrying(&s, req(&topic, "k", json!({"n": 1}), "e1")).await;
+    let again = publish_retrying(&s, req(&topic, "k", json!({"n": 1}), "e1")).await;
     assert_eq!((again.offset, again.duplicate), (first.offset, true));
     eventually(
         "e1 forgotten after the window",
@@ -702,16 +710,11 @@ async fn ids_expire_after_the_window_and_the_store_stays_bounded() {
         || async { (metric(&m, "livetable_publish_ids ") == 0.0).then_some(()) },
     )
     .await;
-    let later = s
-        .publish(req(&topic, "k", json!({"n": 1}), "e1"))
-        .await
-        .unwrap();
+    let later = publish_retrying(&s, req(&topic, "k", json!({"n": 1}), "e1")).await;
     assert!(!later.duplicate && later.offset > first.offset, "{later:?}");
     // the cap: 20 ids in well under the window, at most 5 remembered after a sweep
     for i in 0..20 {
-        s.publish(req(&topic, "k", json!({"n": i}), &format!("f{i}")))
-            .await
-            .unwrap();
+        publish_retrying(&s, req(&topic, "k", json!({"n": i}), &format!("f{i}"))).await;
     }
     eventually(
         "the store back under its cap",

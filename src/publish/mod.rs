@@ -3,7 +3,9 @@
 //!
 //! - `config`: the `[publish]` section (writable topics, schemas, limits).
 //! - `wire`: the publish message and its ack/nack, the same over WebSocket and HTTP.
-//! - `publisher` / `session`: the idempotent producer of the process and the per-connection handle.
+//! - `publisher` / `session`: the publisher of the process and the per-connection handle.
+//! - `writer`, `job`, `producer`, `metadata` (private): the writer task, a publish in flight and
+//!   the delivery callback, the idempotent producer, the writable topics' partitions.
 //! - `store`: publish ids in memory and in a log in sled, so a retry gets the original ack (also
 //!   after a restart).
 //! - `recover`: reading a partition back to settle an id whose outcome a crash left unknown.
@@ -16,7 +18,9 @@
 
 pub mod config;
 mod job;
+mod metadata;
 pub mod partition;
+mod producer;
 pub mod publisher;
 pub mod recover;
 pub mod session;

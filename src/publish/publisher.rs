@@ -20,9 +20,11 @@ use tokio_util::task::TaskTracker;
 
 use super::config::PublishConfig;
 use super::job::{Floors, Ids, Job, Shared};
+use super::metadata::Metadata;
+use super::producer::Producers;
 use super::session::{PublishContext, Session};
 use super::store::{IdLog, StoreError};
-use super::writer::{now_ms, Metadata, Producers, Writer};
+use super::writer::{now_ms, Writer};
 use crate::metrics::{Metrics, PUBLISH_UNLISTED_TOPIC};
 
 /// Errors that stop the publisher from starting.

@@ -1,107 +1,27 @@
-//! The writer task, which takes queued publishes in order, records them `Pending` (one sled batch
-//! and flush per batch), resolves recovering ids by reading their partitions back, and hands the
-//! records to librdkafka; and the metadata task, which keeps the writable topics' partition counts
-//! (creating topics configured with `partitions` when they are missing).
+//! The writer task: takes queued publishes in order, settles recovering ids by reading their
+//! partitions back, writes one log record per batch (the outcomes recorded since the last batch,
+//! then the new ids `Pending`), flushes it, and hands the records to librdkafka.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::BaseRecord;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::job::{DeliveryContext, Job, JobKind, Outcome, Shared};
+use super::job::{Job, JobKind, Outcome, Shared};
+use super::producer::{Producers, PublishProducer};
 use super::recover::{self, Wanted, HEADER_ID, HEADER_PRINCIPAL};
 use super::store::{Entry, StoreError};
-
-pub(super) type PublishProducer = ThreadedProducer<DeliveryContext>;
-
-/// The producer in use, replaced when librdkafka reports a fatal error (as the idempotent
-/// producer does when a broker that lost its state answers "unknown producer id").
-pub(super) struct Producers {
-    current: Mutex<Option<Arc<PublishProducer>>>,
-    config: ClientConfig,
-    shared: Arc<Shared>,
-}
-
-impl Producers {
-    pub fn new(config: ClientConfig, shared: Arc<Shared>) -> Result<Self, KafkaError> {
-        let p = config.create_with_context(DeliveryContext {
-            shared: shared.clone(),
-        })?;
-        Ok(Producers {
-            current: Mutex::new(Some(Arc::new(p))),
-            config,
-            shared,
-        })
-    }
-
-    /// Takes the producer out (at shutdown); publishing stops.
-    pub fn take(&self) -> Option<Arc<PublishProducer>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
-    /// The producer, a new one if the current one failed fatally; `None` after shutdown.
-    async fn healthy(&self) -> Option<Arc<PublishProducer>> {
-        let p = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
-        if let Some((code, reason)) = p.client().fatal_error() {
-            tracing::error!(%code, reason, "the publish producer failed; starting a new one");
-        } else if self.shared.replace_producer.swap(false, Ordering::AcqRel) {
-            tracing::warn!(
-                "records timed out while the broker answers: starting a new publish producer"
-            );
-        } else {
-            return Some(p);
-        }
-        let (config, shared) = (self.config.clone(), self.shared.clone());
-        let created = tokio::task::spawn_blocking(move || {
-            config.create_with_context::<_, PublishProducer>(DeliveryContext { shared })
-        })
-        .await;
-        let fresh = match created {
-            Ok(Ok(f)) => Arc::new(f),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot start a new publish producer");
-                return Some(p);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start a new publish producer");
-                return Some(p);
-            }
-        };
-        {
-            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-            if current.is_none() {
-                return None;
-            }
-            *current = Some(fresh.clone());
-        }
-        // dropping librdkafka's producer blocks (it purges and reports what it still held)
-        drop(tokio::task::spawn_blocking(move || drop(p)));
-        Some(fresh)
-    }
-}
 
 /// Publishes the writer takes in one batch (one log record and flush).
 const WRITER_BATCH: usize = 4096;
 /// How often an idle writer writes the outcomes recorded meanwhile.
 const IDLE_WRITE: Duration = Duration::from_millis(100);
-/// How long a metadata request may take (the broker may be down).
-pub(super) const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -401,125 +321,5 @@ impl Writer {
         })
         .await
         .unwrap_or_default()
-    }
-}
-
-/// Keeps the partition counts of the writable topics, creating those configured with
-/// `partitions` when they are missing (as after a broker lost its data).
-pub(super) struct Metadata {
-    pub shared: Arc<Shared>,
-    pub admin: Arc<AdminClient<DefaultClientContext>>,
-    pub topics: Vec<(String, Option<i32>)>,
-}
-
-impl Metadata {
-    pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            let all_known = {
-                let p = self
-                    .shared
-                    .partitions
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner());
-                self.topics.iter().all(|(t, _)| p.contains_key(t))
-            };
-            let pause = if all_known {
-                Duration::from_secs(30)
-            } else {
-                Duration::from_secs(1)
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
-                _ = self.shared.refresh.notified() => {}
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = self.refresh() => {}
-            }
-            // at most one round a second, however many publishes ask for one
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
-    }
-
-    /// One round: every writable topic's partition count, creating missing ones if configured.
-    pub async fn refresh(&self) {
-        for (topic, create) in &self.topics {
-            let admin = self.admin.clone();
-            let t = topic.clone();
-            let count = tokio::task::spawn_blocking(move || {
-                admin
-                    .inner()
-                    .fetch_metadata(Some(&t), METADATA_TIMEOUT)
-                    .map(|m| {
-                        m.topics()
-                            .iter()
-                            .find(|x| x.name() == t && x.error().is_none())
-                            .map(|x| x.partitions().len() as i32)
-                            .filter(|n| *n > 0)
-                    })
-            })
-            .await;
-            let count = match count {
-                Ok(Ok(c)) => {
-                    // the broker answers: records that timed out meanwhile mean a stuck producer
-                    if self.shared.producer_suspect.swap(false, Ordering::AcqRel) {
-                        self.shared.replace_producer.store(true, Ordering::Release);
-                    }
-                    c
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(topic, error = %e, "no metadata for a writable topic");
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            if count.is_none() {
-                if let Some(n) = create {
-                    self.create(topic, *n).await;
-                }
-            }
-            let mut p = self
-                .shared
-                .partitions
-                .write()
-                .unwrap_or_else(|e| e.into_inner());
-            match count {
-                Some(n) => {
-                    if p.insert(topic.clone(), n) != Some(n) {
-                        tracing::info!(topic, partitions = n, "writable topic available");
-                    }
-                }
-                None => {
-                    if p.remove(topic).is_some() {
-                        tracing::warn!(topic, "writable topic missing on the broker");
-                    }
-                }
-            }
-        }
-    }
-
-    async fn create(&self, topic: &str, partitions: i32) {
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-        let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
-        match self.admin.create_topics([&new], &opts).await {
-            Ok(results) => {
-                for r in results {
-                    match r {
-                        Ok(t) => tracing::info!(topic = t, partitions, "created a writable topic"),
-                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((t, code)) => {
-                            tracing::warn!(topic = t, %code, "cannot create a writable topic")
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(topic, error = %e, "cannot create a writable topic"),
-        }
-        // the next round sees its partitions
-        self.shared.refresh.notify_one();
     }
 }
