@@ -317,6 +317,8 @@ impl PublishMetrics {
         for x in PUBLISH_SCAN_RESULTS {
             m.recovery_scans.with_label_values(&[x]);
         }
+        // every publishing series exists from start-up, with or without writable topics
+        m.init_topic(PUBLISH_UNLISTED_TOPIC);
         m
     }
 
