@@ -12,6 +12,7 @@ pub mod filter;
 pub mod http;
 pub mod metrics;
 pub mod patch;
+pub mod publish;
 pub mod table;
 pub mod views;
 

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub last_commit_unixtime: Gauge,
     pub checkpoint_pending_seconds: Gauge,
     pub offset_resets: IntCounterVec,
+    /// Publishing (src/publish), defined in its own block below.
+    pub publish: PublishMetrics,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -233,6 +235,7 @@ impl Metrics {
             checkpoint_pending_seconds,
             offset_resets: counter_vec(&r, "livetable_offset_resets_total", "Input partitions whose position no longer existed on the broker (retention passed, topic recreated): consumption went on from the earliest offset; changes in between were lost.", &["topic", "partition"]),
             follower_lag: gauge_vec(&r, "livetable_follower_lag", "Largest changelog lag (records) of the partitions the follower reads, by table.", &["table"]),
+            publish: PublishMetrics::register(&r),
             registry: r,
         };
         // series of the fixed label sets exist from the start, so rate() and alerts see zeros
@@ -303,6 +306,85 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing (src/publish): clients writing records to Kafka. Documented in docs/publish.md.
+
+/// Outcomes of `livetable_publishes_total`: the answer a client got.
+pub const PUBLISH_OUTCOMES: [&str; 9] = [
+    "ack",
+    "duplicate",
+    "invalid",
+    "forbidden",
+    "too_large",
+    "rate_limited",
+    "unavailable",
+    "bad_request",
+    "too_many_in_flight",
+];
+/// Results of `livetable_publish_duplicates_total`.
+pub const PUBLISH_DUPLICATE_RESULTS: [&str; 3] = ["stored", "concurrent", "recovered"];
+/// Results of `livetable_publish_recovery_scans_total`.
+pub const PUBLISH_SCAN_RESULTS: [&str; 3] = ["found", "not_found", "error"];
+/// The `topic` label of publishes to a topic that is not writable (never the client's string).
+pub const PUBLISH_UNLISTED_TOPIC: &str = "_unlisted";
+
+/// The metrics of publishing.
+pub struct PublishMetrics {
+    pub publishes: IntCounterVec,
+    pub ack_seconds: HistogramVec,
+    pub duplicates: IntCounterVec,
+    pub recovery_scans: IntCounterVec,
+    pub in_flight: IntGauge,
+    pub ids: IntGauge,
+}
+
+impl PublishMetrics {
+    fn register(r: &Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            r.register(Box::new(m.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            m
+        };
+        let ack_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "livetable_publish_ack_seconds",
+                "Time from a publish to the broker's acknowledgement, by topic (first answers only, not duplicates).",
+            )
+            .buckets(latency_buckets()),
+            &["topic"],
+        )
+        .unwrap_or_else(|e| panic!("metric livetable_publish_ack_seconds: {e}"));
+        r.register(Box::new(ack_seconds.clone()))
+            .unwrap_or_else(|e| panic!("metric livetable_publish_ack_seconds: {e}"));
+        let m = PublishMetrics {
+            publishes: counter_vec(r, "livetable_publishes_total", "Publishes answered, by topic and outcome (ack, duplicate, or the nack code).", &["topic", "outcome"]),
+            ack_seconds,
+            duplicates: counter_vec(r, "livetable_publish_duplicates_total", "Publishes answered with the ack of an earlier publish of the same id, by topic and result (stored, concurrent, recovered).", &["topic", "result"]),
+            recovery_scans: counter_vec(r, "livetable_publish_recovery_scans_total", "Partitions read back to resolve publishes whose outcome was unknown (after a crash or an unconfirmed delivery), by result.", &["result"]),
+            in_flight: gauge("livetable_publish_in_flight", "Publishes handed to the producer or waiting for it, not yet answered by the broker."),
+            ids: gauge("livetable_publish_ids", "Publish ids remembered for exactly-once retries."),
+        };
+        for x in PUBLISH_SCAN_RESULTS {
+            m.recovery_scans.with_label_values(&[x]);
+        }
+        // every publishing series exists from start-up, with or without writable topics
+        m.init_topic(PUBLISH_UNLISTED_TOPIC);
+        m
+    }
+
+    /// Creates the series of a writable topic (and of unlisted topics) with value 0.
+    pub fn init_topic(&self, topic: &str) {
+        for o in PUBLISH_OUTCOMES {
+            self.publishes.with_label_values(&[topic, o]);
+        }
+        for x in PUBLISH_DUPLICATE_RESULTS {
+            self.duplicates.with_label_values(&[topic, x]);
+        }
+        self.ack_seconds.with_label_values(&[topic]);
     }
 }
 

@@ -341,3 +341,125 @@ pub async fn start_service(c: livetable::config::Config) -> (livetable::Service,
     let base = format!("http://{}", svc.local_addr);
     (svc, base)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Publishing (tests/publish.rs): a broker of a test's own, reading every partition back.
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A broker of the test's own on `addr` (started and stopped by `dev/broker`), stopped on drop.
+pub struct OwnBroker {
+    pub addr: String,
+}
+
+impl OwnBroker {
+    pub fn start(addr: &str) -> Self {
+        dev_script("broker", &["start"], &[("BROKER_ADDR", addr)]);
+        OwnBroker {
+            addr: addr.to_string(),
+        }
+    }
+
+    pub fn stop(&self) {
+        dev_script("broker", &["stop"], &[("BROKER_ADDR", &self.addr)]);
+    }
+
+    pub fn restart(&self) {
+        dev_script("broker", &["start"], &[("BROKER_ADDR", &self.addr)]);
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_root().join("dev/broker"))
+            .arg("stop")
+            .env("BROKER_ADDR", &self.addr)
+            .output();
+    }
+}
+
+/// A record read back with its position.
+#[derive(Debug, Clone)]
+pub struct PositionedRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads partitions `0..partitions` of `topic` on `brokers` from the beginning to their ends.
+pub fn read_to_end(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    deadline: Duration,
+) -> Vec<PositionedRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader-"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut at_end = std::collections::HashSet::new();
+    let until = Instant::now() + deadline;
+    while at_end.len() < partitions as usize {
+        assert!(
+            Instant::now() < until,
+            "reading {topic} did not reach the end of every partition in {deadline:?}"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let s = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), s(x.value).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                at_end.remove(&m.partition());
+                out.push(PositionedRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: s(m.key()),
+                    value: s(m.payload()),
+                    headers,
+                });
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// This process's resident memory.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
