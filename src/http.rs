@@ -9,10 +9,10 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,8 @@ pub struct AppState {
     pub connections: Arc<AtomicUsize>,
     /// Cancelled on shutdown: live connections close (WebSocket 1001, SSE ends).
     pub shutdown: CancellationToken,
+    /// Writable topics (`[publish]`), when configured.
+    pub publisher: Option<Arc<crate::publish::Publisher>>,
 }
 
 /// An API error: a status and a message safe to show to clients.
@@ -67,7 +69,10 @@ pub fn router(state: AppState) -> Router {
                 state.clone(),
                 require_loaded,
             ));
-        app = app.merge(data).route("/livetable.js", get(client_js));
+        app = app
+            .merge(data)
+            .route("/livetable.js", get(client_js))
+            .route("/api/topics/{topic}", post(publish));
     } else {
         app = app.route(
             "/",
@@ -82,6 +87,47 @@ pub fn router(state: AppState) -> Router {
     app.fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// `POST /api/topics/{topic}`: publishes `{"key":K,"value":{...}}`; the `Idempotency-Key`
+/// header is the publish id. Answers the `ack`/`nack` JSON of the WebSocket protocol with the
+/// status of docs/publish.md.
+async fn publish(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::publish::{HttpPublishBody, Nack, NackCode, PublishContext, PublishRequest, Reply};
+    let Some(publisher) = &state.publisher else {
+        return ApiError(
+            StatusCode::NOT_FOUND,
+            "publishing is not enabled on this server (no [publish] topics)".into(),
+        )
+        .into_response();
+    };
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let reply = match serde_json::from_slice::<HttpPublishBody>(&body) {
+        Ok(body) => {
+            // one session per request: the process-wide in-flight bound applies; the
+            // per-connection rate limit and in-flight bound are WebSocket's
+            publisher
+                .session(PublishContext::default())
+                .submit(PublishRequest::from_http(&topic, key, body))
+                .await
+        }
+        Err(e) => Reply::Nack(Nack::new(
+            key.map(|k| serde_json::Value::String(k.to_string())),
+            NackCode::BadRequest,
+            format!("the body is not {{\"key\":K,\"value\":{{...}}}}: {e}"),
+        )),
+    };
+    (
+        StatusCode::from_u16(reply.http_status()).unwrap_or(StatusCode::OK),
+        [(header::CONTENT_TYPE, "application/json")],
+        reply.to_json(),
+    )
+        .into_response()
 }
 
 async fn require_loaded(State(state): State<AppState>, req: Request, next: Next) -> Response {

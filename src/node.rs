@@ -54,6 +54,8 @@ pub enum ServiceError {
     Follower(#[from] table::follower::FollowerError),
     #[error("a background task failed: {0}")]
     Task(String),
+    #[error("publishing: {0}")]
+    Publish(#[from] crate::publish::PublishError),
 }
 
 /// A running livetable.
@@ -144,7 +146,29 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     } else {
         Arc::new(NoSink)
     };
+    // writable topics: a serving node opens the publisher (its ids in a tree of the store)
+    let publisher = match (&config.publish, role.serves()) {
+        (Some(pc), true) => {
+            let tree = {
+                let s = store.clone();
+                blocking(move || s.db().open_tree("publish"))
+                    .await?
+                    .map_err(|e| store_err(&config.data_dir)(e.into()))?
+            };
+            Some(Arc::new(
+                crate::publish::Publisher::open(
+                    pc.clone(),
+                    crate::cdc::source::client_config(&config),
+                    tree,
+                    metrics.clone(),
+                )
+                .await?,
+            ))
+        }
+        _ => None,
+    };
     let state = http::AppState {
+        publisher: publisher.clone(),
         role,
         tables: tables.clone(),
         metrics: metrics.clone(),
@@ -169,6 +193,10 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "http server failed");
+            }
+            // no new publishes: produce what is queued, wait for the acks, flush the ids
+            if let Some(p) = publisher {
+                p.close().await;
             }
         })
     };

@@ -138,6 +138,11 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_UNION", value_name = "NAME=REGEX,..")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub union: Option<String>,
+    /// The `[publish]` table of the configuration file: writable topics (docs/publish.md). Only in
+    /// the file.
+    #[arg(skip)]
+    #[serde(default, skip_serializing)]
+    pub publish: Option<crate::publish::PublishSection>,
     /// Seconds allowed for a graceful shutdown before the process gives up waiting [default: 10].
     #[arg(long, env = "LIVETABLE_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +175,7 @@ impl Args {
             setting: "config",
             reason: e.to_string(),
         };
+        let publish = file.publish.clone();
         let mut merged = serde_json::to_value(&file).map_err(invalid)?;
         let over = serde_json::to_value(&self).map_err(invalid)?;
         if let (Some(m), serde_json::Value::Object(o)) = (merged.as_object_mut(), over) {
@@ -188,6 +194,7 @@ impl Args {
         }
         let mut out: Args = serde_json::from_value(merged).map_err(invalid)?;
         out.config = self.config;
+        out.publish = publish;
         Ok(out)
     }
 }

@@ -131,6 +131,8 @@ pub struct Config {
     pub default_format: Format,
     pub root_tables: Option<regex::Regex>,
     pub unions: Vec<UnionDef>,
+    /// Writable topics (the `[publish]` table of the configuration file).
+    pub publish: Option<crate::publish::PublishConfig>,
 }
 
 impl Config {
@@ -269,6 +271,22 @@ impl Config {
                     invalid("root-tables", format!("`{p}` is not a valid regex: {e}"))
                 })?),
             };
+        let publish = match a.publish.clone() {
+            None => None,
+            Some(section) => {
+                // schema paths are relative to the configuration file
+                let base = a
+                    .config
+                    .as_deref()
+                    .and_then(std::path::Path::parent)
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default();
+                Some(
+                    crate::publish::PublishConfig::from_section(section, &base)
+                        .map_err(|e| invalid("publish", e.to_string()))?,
+                )
+            }
+        };
         let mut unions = Vec::new();
         for entry in a
             .union
@@ -319,6 +337,7 @@ impl Config {
             default_format,
             root_tables,
             unions,
+            publish,
         })
     }
 
@@ -467,5 +486,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn the_publish_table_of_the_file_configures_writable_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("bet.json"),
+            r#"{"type":"object","required":["stake"]}"#,
+        )
+        .unwrap();
+        let path = dir.path().join("lt.toml");
+        std::fs::write(
+            &path,
+            "brokers = \"k1:9092\"\n[publish]\nmax_in_flight = 8\n[[publish.topic]]\nname = \"bets\"\nschema = \"bet.json\"\n",
+        )
+        .unwrap();
+        let c = Config::from_args(args(&["--config", path.to_str().unwrap()])).unwrap();
+        let p = c.publish.expect("publishing configured");
+        assert_eq!(p.max_in_flight, 8);
+        let bets = &p.topics["bets"];
+        assert!(bets.check_schema(&serde_json::json!({"stake": 1})).is_ok());
+        assert!(bets.check_schema(&serde_json::json!({})).is_err());
+        // a schema that does not exist is refused at start, naming the setting
+        std::fs::write(
+            &path,
+            "[publish]\n[[publish.topic]]\nname = \"bets\"\nschema = \"missing.json\"\n",
+        )
+        .unwrap();
+        let err = Config::from_args(args(&["--config", path.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("publish") && err.contains("schema"), "{err}");
+        assert!(Config::from_args(Args::default())
+            .unwrap()
+            .publish
+            .is_none());
     }
 }

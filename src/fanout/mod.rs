@@ -134,7 +134,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
                 .inc();
             "control"
         }
-        Outgoing::Pong => "control",
+        Outgoing::Pong | Outgoing::Publish(_) => "control",
     };
     metrics
         .sent_bytes

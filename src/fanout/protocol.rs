@@ -54,6 +54,8 @@ pub enum Outgoing {
         message: String,
     },
     Pong,
+    /// The answer to a publish (`ack` or `nack`), already JSON.
+    Publish(String),
 }
 
 /// The text of a patch message.
@@ -103,6 +105,7 @@ impl Outgoing {
                     .to_string()
             }
             Outgoing::Pong => json!({"type": "pong"}).to_string(),
+            Outgoing::Publish(text) => text.clone(),
         };
         vec![text.into()]
     }
@@ -126,6 +129,7 @@ impl Outgoing {
             Outgoing::Status { .. } => "status",
             Outgoing::Error { .. } => "error",
             Outgoing::Pong => "pong",
+            Outgoing::Publish(_) => "publish",
         }
     }
 }
@@ -161,7 +165,7 @@ impl ErrorCode {
 }
 
 /// What a client sends.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ClientMessage {
     Subscribe {
@@ -175,6 +179,8 @@ pub enum ClientMessage {
         table: String,
     },
     Ping,
+    /// Write a record to a writable topic (docs/publish.md).
+    Publish(crate::publish::PublishRequest),
 }
 
 /// The query of `/ws`, `/sse` and `/`.

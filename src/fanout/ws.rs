@@ -15,7 +15,8 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::SinkExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 
 use super::protocol::{parse_keys, ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
@@ -24,6 +25,8 @@ use super::session::{error, Session};
 use super::subscription::SharedFrame;
 use super::{record_sent, ConnectionSlot};
 use crate::http::AppState;
+use crate::metrics::Metrics;
+use crate::publish::{Nack, NackCode, PublishContext, PublishFuture, Reply};
 
 /// Upgrades to a WebSocket connection, within the global connection cap.
 pub async fn handler(
@@ -82,10 +85,17 @@ pub fn upgrade(state: AppState, q: SubscribeQuery, ws: WebSocketUpgrade, root: b
 struct Connection {
     state: AppState,
     session: Session,
+    /// Publishing, when the server has writable topics.
+    publish: Option<crate::publish::Session>,
+    /// Answers of the publishes not yet answered (at most `max_in_flight`: more are nacked).
+    answers: FuturesUnordered<PublishFuture>,
     tokens: f64,
     last_refill: Instant,
     violations: u32,
 }
+
+/// Publishes of one connection whose answers are not yet written; beyond, the socket is not read.
+const MAX_UNANSWERED: usize = 1024;
 
 enum Step {
     Continue,
@@ -102,9 +112,15 @@ impl Connection {
             state.fanout.max_subscriptions,
             state.fanout.unions.clone(),
         );
+        let publish = state
+            .publisher
+            .as_ref()
+            .map(|p| p.session(PublishContext::default()));
         Connection {
             state,
             session,
+            publish,
+            answers: FuturesUnordered::new(),
             tokens,
             last_refill: Instant::now(),
             violations: 0,
@@ -163,7 +179,10 @@ impl Connection {
                     .watch_freshness(self.state.readiness.freshness()),
             );
         }
-        if self.send(&mut socket, initial).await.is_err() {
+        if send(&self.state.metrics, &mut socket, initial)
+            .await
+            .is_err()
+        {
             return "write_error";
         }
         let mut ping = tokio::time::interval(self.state.fanout.ping_interval);
@@ -173,8 +192,8 @@ impl Connection {
             let (pending, frames) = self.session.take();
             if !pending.is_empty() || !frames.is_empty() {
                 let write = async {
-                    self.send_frames(&mut socket, frames).await?;
-                    self.send(&mut socket, pending).await
+                    send_frames(&self.state.metrics, &mut socket, frames).await?;
+                    send(&self.state.metrics, &mut socket, pending).await
                 };
                 match tokio::time::timeout(self.state.fanout.slow_client, write).await {
                     Ok(Ok(())) => {}
@@ -193,7 +212,9 @@ impl Connection {
             }
             tokio::select! {
                 biased;
-                msg = socket.recv() => {
+                // unanswered publishes are bounded: past the bound the socket is not read until
+                // answers went out (the client is slowed down by TCP, nothing grows)
+                msg = socket.recv(), if self.answers.len() < MAX_UNANSWERED => {
                     last_seen = Instant::now();
                     let step = match msg {
                         Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
@@ -214,6 +235,9 @@ impl Connection {
                     }
                 }
                 event = self.session.next() => self.session.on_event(event).await,
+                Some(reply) = self.answers.next(), if !self.answers.is_empty() => {
+                    self.session.queued.push(Outgoing::Publish(reply.to_json()));
+                }
                 _ = self.state.shutdown.cancelled() => {
                     let _ = socket.send(close(1001, "server shutting down")).await;
                     return "shutdown";
@@ -232,6 +256,21 @@ impl Connection {
     }
 
     async fn on_text(&mut self, text: &str) -> Step {
+        let parsed = serde_json::from_str::<ClientMessage>(text);
+        if let Ok(ClientMessage::Publish(req)) = parsed {
+            // publishing has its own per-topic rate limits and in-flight bound
+            let answer = match &self.publish {
+                Some(p) => p.submit(req),
+                None => futures::future::ready(Reply::Nack(Nack::new(
+                    req.id,
+                    NackCode::Forbidden,
+                    "publishing is not enabled on this server (no [publish] topics)",
+                )))
+                .boxed(),
+            };
+            self.answers.push(answer);
+            return Step::Continue;
+        }
         if !self.take_token() {
             self.violations += 1;
             if self.violations > 100 {
@@ -243,8 +282,9 @@ impl Connection {
             ));
             return Step::Continue;
         }
-        let out = match serde_json::from_str::<ClientMessage>(text) {
+        let out = match parsed {
             Ok(ClientMessage::Ping) => vec![Outgoing::Pong],
+            Ok(ClientMessage::Publish(_)) => Vec::new(),
             Ok(ClientMessage::Subscribe { table, keys, since }) => {
                 let keys = keys
                     .map(|k| k.into_iter().collect::<HashSet<_>>())
@@ -289,48 +329,47 @@ impl Connection {
             false
         }
     }
+}
 
-    /// Writes shared frames (no flush: [`Connection::send`] follows).
-    async fn send_frames(
-        &self,
-        socket: &mut WebSocket,
-        frames: Vec<SharedFrame>,
-    ) -> Result<(), ()> {
-        let m = &self.state.metrics;
-        let flush = !frames.is_empty();
-        for f in frames {
-            m.patches_sent.inc();
-            m.sent_bytes
-                .with_label_values(&["patch"])
-                .inc_by(f.text.len() as u64);
-            super::record_latency(m, f.ts_ms, f.kafka_ts_ms);
-            socket.feed(Message::Text(f.text)).await.map_err(|_| ())?;
-        }
-        if flush {
-            socket.flush().await.map_err(|_| ())?;
-        }
-        Ok(())
+/// Writes shared frames (no flush: [`send`] follows).
+async fn send_frames(
+    m: &Metrics,
+    socket: &mut WebSocket,
+    frames: Vec<SharedFrame>,
+) -> Result<(), ()> {
+    let flush = !frames.is_empty();
+    for f in frames {
+        m.patches_sent.inc();
+        m.sent_bytes
+            .with_label_values(&["patch"])
+            .inc_by(f.text.len() as u64);
+        super::record_latency(m, f.ts_ms, f.kafka_ts_ms);
+        socket.feed(Message::Text(f.text)).await.map_err(|_| ())?;
     }
+    if flush {
+        socket.flush().await.map_err(|_| ())?;
+    }
+    Ok(())
+}
 
-    /// Writes messages with one flush.
-    async fn send(&self, socket: &mut WebSocket, out: Vec<Outgoing>) -> Result<(), ()> {
-        if out.is_empty() {
-            return Ok(());
-        }
-        for o in &out {
-            let frames = o.frames();
-            record_sent(&self.state.metrics, o, &frames);
-            let many = frames.len() > 1;
-            for f in frames {
-                socket.feed(Message::Text(f)).await.map_err(|_| ())?;
-                if many {
-                    // a big snapshot goes out frame by frame: the socket's buffer stays small
-                    socket.flush().await.map_err(|_| ())?;
-                }
+/// Writes messages with one flush.
+async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> Result<(), ()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    for o in &out {
+        let frames = o.frames();
+        record_sent(metrics, o, &frames);
+        let many = frames.len() > 1;
+        for f in frames {
+            socket.feed(Message::Text(f)).await.map_err(|_| ())?;
+            if many {
+                // a big snapshot goes out frame by frame: the socket's buffer stays small
+                socket.flush().await.map_err(|_| ())?;
             }
         }
-        socket.flush().await.map_err(|_| ())
     }
+    socket.flush().await.map_err(|_| ())
 }
 
 fn close(code: u16, reason: &'static str) -> Message {

@@ -127,6 +127,13 @@ pub struct Store {
     tree: sled::Tree,
 }
 
+impl Store {
+    /// The sled database, for trees of other modules (publishing's id store).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
 /// One atomic write: build it with the methods, then [`Store::apply`].
 #[derive(Default)]
 pub struct WriteBatch {
