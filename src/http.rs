@@ -197,8 +197,13 @@ fn path_error(e: PathRejection) -> ApiError {
 async fn get_table(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    Query(q): Query<SubscribeQuery>,
 ) -> Result<Response, ApiError> {
     let Path(table) = path.map_err(path_error)?;
+    // `keys`, `where` and `columns` select as they do for live clients
+    let selector = q
+        .selector()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     if let Some(u) = state
         .fanout
         .unions
@@ -212,7 +217,11 @@ async fn get_table(
             for name in tables.names().into_iter().filter(|n| u.pattern.is_match(n)) {
                 if let Some(t) = tables.get(&name) {
                     for (k, e) in &t.read().rows {
-                        rows.insert(union_key(&name, k), Value::Object((*e.row).clone()));
+                        let key = union_key(&name, k);
+                        if selector.wants(&key, Some(&e.row)) {
+                            let row = selector.project(&e.row).into_owned();
+                            rows.insert(key, Value::Object(row));
+                        }
                     }
                 }
             }
@@ -233,7 +242,13 @@ async fn get_table(
         let rows: Map<String, Value> = t
             .rows
             .iter()
-            .map(|(k, e)| (k.clone(), Value::Object((*e.row).clone())))
+            .filter(|(k, e)| selector.wants(k, Some(&e.row)))
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    Value::Object(selector.project(&e.row).into_owned()),
+                )
+            })
             .collect();
         serde_json::to_vec(&json!({
             "table": table,

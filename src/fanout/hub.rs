@@ -254,14 +254,14 @@ impl Hub {
                         keys.into_iter()
                             .filter_map(|k| s.rows.get(k).map(|e| (k, e)))
                             .filter(|(k, e)| sel.wants(k, Some(&e.row)))
-                            .map(|(_, e)| row_message(&e.row))
+                            .map(|(_, e)| row_message(&sel.project(&e.row)))
                             .collect()
                     }
                     None => s
                         .rows
                         .iter()
                         .filter(|(k, e)| sel.filters.is_empty() || sel.wants(k, Some(&e.row)))
-                        .map(|(_, e)| row_message(&e.row))
+                        .map(|(_, e)| row_message(&sel.project(&e.row)))
                         .collect(),
                 }
             }

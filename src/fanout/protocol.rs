@@ -174,6 +174,12 @@ pub enum ClientMessage {
         keys: Option<Vec<String>>,
         #[serde(default)]
         since: Option<String>,
+        /// A filter expression (docs/protocol.md, "Filters and columns").
+        #[serde(default, rename = "where")]
+        filter: Option<String>,
+        /// The columns to receive: `["a","b"]` or `"a,b"`.
+        #[serde(default)]
+        columns: Option<Columns>,
     },
     Unsubscribe {
         table: String,
@@ -183,6 +189,24 @@ pub enum ClientMessage {
     Publish(crate::publish::PublishRequest),
 }
 
+/// A `columns` list in a subscribe message: an array of names or one comma-separated string.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Columns {
+    List(Vec<String>),
+    Text(String),
+}
+
+impl Columns {
+    /// As `a,b` (names with a comma cannot be listed).
+    pub fn spec(&self) -> String {
+        match self {
+            Columns::List(v) => v.join(","),
+            Columns::Text(s) => s.clone(),
+        }
+    }
+}
+
 /// The query of `/ws`, `/sse` and `/`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SubscribeQuery {
@@ -190,6 +214,22 @@ pub struct SubscribeQuery {
     pub keys: Option<String>,
     pub since: Option<String>,
     pub format: Option<String>,
+    /// A filter expression over the row's columns (`where=price > 2.5 AND league = 'EPL'`).
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+    /// The columns to receive, comma-separated.
+    pub columns: Option<String>,
+}
+
+impl SubscribeQuery {
+    /// The selection the query asks for, or the error for the client.
+    pub fn selector(&self) -> Result<super::selector::Selector, String> {
+        super::selector::Selector::build(
+            parse_keys(self.keys.as_deref()),
+            self.filter.as_deref(),
+            self.columns.as_deref(),
+        )
+    }
 }
 
 /// `k1,k2` -> key set; empty means the whole table.
@@ -219,9 +259,23 @@ mod tests {
             ClientMessage::Subscribe {
                 table: "t".into(),
                 keys: Some(vec!["a".into()]),
-                since: None
+                since: None,
+                filter: None,
+                columns: None,
             }
         );
+        let m: ClientMessage = serde_json::from_str(
+            r#"{"type":"subscribe","table":"t","where":"a > 1","columns":["a","b"]}"#,
+        )
+        .unwrap();
+        let ClientMessage::Subscribe {
+            filter, columns, ..
+        } = m
+        else {
+            panic!("a subscribe message");
+        };
+        assert_eq!(filter.as_deref(), Some("a > 1"));
+        assert_eq!(columns.map(|c| c.spec()).as_deref(), Some("a,b"));
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"subscribe"}"#).is_err());
         assert!(serde_json::from_str::<ClientMessage>(r#"{"type":"nope"}"#).is_err());
         // unknown fields are ignored, so newer clients keep working

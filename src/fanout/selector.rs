@@ -1,11 +1,14 @@
 //! What a subscription selects from its table: some keys, and/or the rows a predicate accepts (a
-//! token's row claims, a `where=` filter). A row that starts matching reaches the client whole (a
-//! move-in); a row that stops matching reaches it as a delete (a move-out).
+//! token's row claims, a `where=` filter), and maybe only some columns (`columns=`). A row that
+//! starts matching reaches the client whole (a move-in); a row that stops matching reaches it as a
+//! delete (a move-out); a change of columns the client does not get is no change for it.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::cdc::decode::Row;
+use crate::filter::{Filter, Projection};
 
 /// A predicate over rows.
 pub trait RowFilter: Send + Sync + std::fmt::Debug {
@@ -19,19 +22,62 @@ pub struct Selector {
     pub keys: Option<HashSet<String>>,
     /// Only the rows this accepts (`None`: every row). Several filters all apply.
     pub filters: Vec<Arc<dyn RowFilter>>,
+    /// Only these columns of each row (`None`: every column).
+    pub columns: Option<Arc<Projection>>,
+}
+
+impl RowFilter for Filter {
+    fn matches(&self, _key: &str, row: &Row) -> bool {
+        Filter::matches(self, row)
+    }
 }
 
 impl Selector {
     pub fn keys(keys: Option<HashSet<String>>) -> Self {
         Selector {
             keys,
-            filters: Vec::new(),
+            ..Selector::default()
         }
     }
 
-    /// Every row of the table: the shared snapshot and frames apply.
+    /// A client's selection: keys, a `where` expression and a `columns` list, each optional. The
+    /// error is for the client (it names what is wrong and where).
+    pub fn build(
+        keys: Option<HashSet<String>>,
+        filter: Option<&str>,
+        columns: Option<&str>,
+    ) -> Result<Self, String> {
+        let mut s = Selector::keys(keys);
+        if let Some(text) = filter.filter(|t| !t.trim().is_empty()) {
+            let f = Filter::parse(text).map_err(|e| format!("where: {e}"))?;
+            s.filters.push(Arc::new(f));
+        }
+        if let Some(spec) = columns {
+            let p = Projection::parse(spec).map_err(|e| format!("columns: {e}"))?;
+            s.columns = Some(Arc::new(p));
+        }
+        Ok(s)
+    }
+
+    /// Every row of the table, whole: the shared snapshot and frames apply.
     pub fn is_whole(&self) -> bool {
-        self.keys.is_none() && self.filters.is_empty()
+        self.keys.is_none() && self.filters.is_empty() && self.columns.is_none()
+    }
+
+    /// The row as this subscription sees it (its columns).
+    pub fn project<'a>(&self, row: &'a Row) -> Cow<'a, Row> {
+        match &self.columns {
+            None => Cow::Borrowed(row),
+            Some(p) => Cow::Owned(p.apply(row)),
+        }
+    }
+
+    /// [`Selector::project`] for a shared row: no copy without a projection.
+    pub fn project_arc(&self, row: &Arc<Row>) -> Arc<Row> {
+        match &self.columns {
+            None => row.clone(),
+            Some(p) => Arc::new(p.apply(row)),
+        }
     }
 
     pub fn wants_key(&self, key: &str) -> bool {

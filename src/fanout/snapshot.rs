@@ -74,7 +74,7 @@ pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8B
         // serialising strings and JSON values into a Vec cannot fail
         let _ = serde_json::to_writer(&mut current, k);
         current.push(b':');
-        let _ = serde_json::to_writer(&mut current, &NonNull(r));
+        let _ = serde_json::to_writer(&mut current, &NonNull(&selector.project(r)));
         rows += 1;
     };
     match &selector.keys {

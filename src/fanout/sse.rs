@@ -15,8 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::protocol::{parse_keys, ErrorCode, Format, Outgoing, SubscribeQuery};
-use super::selector::Selector;
+use super::protocol::{ErrorCode, Format, Outgoing, SubscribeQuery};
 use super::session::Session;
 use super::{record_sent, ConnectionSlot};
 use crate::http::AppState;
@@ -58,6 +57,10 @@ pub async fn handler(
             list[0].name.clone()
         }
     };
+    let selector = match q.selector() {
+        Ok(s) => s,
+        Err(e) => return bad(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
+    };
     let since = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -82,12 +85,7 @@ pub async fn handler(
         state.fanout.unions.clone(),
     );
     let mut initial = session
-        .subscribe(
-            &table,
-            Selector::keys(parse_keys(q.keys.as_deref())),
-            since.as_deref(),
-            Format::Patch,
-        )
+        .subscribe(&table, selector, since.as_deref(), Format::Patch)
         .await;
     initial.extend(session.watch_freshness(state.readiness.freshness()));
     state

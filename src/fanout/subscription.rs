@@ -165,13 +165,22 @@ impl Subscription {
         if !was && !is {
             return;
         }
+        let sel = &self.selector;
         match self.format {
             Format::Patch => {
-                let want = if is { c.row.clone() } else { None };
+                let want = if is {
+                    c.row.as_ref().map(|r| sel.project_arc(r))
+                } else {
+                    None
+                };
                 match self.pending.rows.get_mut(&c.key) {
                     Some(p) => p.want = want,
                     None => {
-                        let has = if was { c.before.clone() } else { None };
+                        let has = if was {
+                            c.before.as_ref().map(|r| sel.project_arc(r))
+                        } else {
+                            None
+                        };
                         self.pending
                             .rows
                             .insert(c.key.clone(), PendingRow { has, want });
@@ -179,10 +188,19 @@ impl Subscription {
                 }
             }
             Format::Rows => {
-                let v = match (&c.row, &c.before) {
-                    (Some(r), _) if is => Value::Object((**r).clone()),
-                    (Some(_), before) => deleted_row(&c.key, before.as_deref()),
-                    (None, before) => deleted_row(&c.key, before.as_deref()),
+                if was
+                    && is
+                    && sel.columns.as_ref().is_some_and(
+                        |p| matches!((&c.before, &c.row), (Some(b), Some(r)) if !p.changed(b, r)),
+                    )
+                {
+                    // only columns this client does not get changed
+                    return;
+                }
+                let before = c.before.as_ref().map(|b| sel.project(b));
+                let v = match &c.row {
+                    Some(r) if is => Value::Object(sel.project(r).into_owned()),
+                    _ => deleted_row(&c.key, before.as_deref()),
                 };
                 self.pending.messages.insert(c.key.clone(), v);
             }
@@ -308,6 +326,7 @@ mod tests {
         let selector = Selector {
             keys: None,
             filters: vec![Arc::new(Above(5))],
+            columns: None,
         };
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         Subscription::new("t", selector, format, gauge)

@@ -19,7 +19,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
 
-use super::protocol::{parse_keys, ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
+use super::protocol::{ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
 use super::selector::Selector;
 use super::session::{error, Session};
 use super::subscription::SharedFrame;
@@ -148,25 +148,22 @@ impl Connection {
             let list = self.state.tables.list();
             (list.len() == 1 && !(root && format == Format::Rows)).then(|| list[0].name.clone())
         });
-        match table {
-            Some(table) => initial.extend(
+        let selector = q.selector();
+        match (table, selector) {
+            (_, Err(e)) => initial.push(error(ErrorCode::BadRequest, e)),
+            (Some(table), Ok(selector)) => initial.extend(
                 self.session
-                    .subscribe(
-                        &table,
-                        Selector::keys(parse_keys(q.keys.as_deref())),
-                        q.since.as_deref(),
-                        format,
-                    )
+                    .subscribe(&table, selector, q.since.as_deref(), format)
                     .await,
             ),
             // the seed system's clients: every table's rows, as tables appear
-            None if format == Format::Rows => initial.extend(
+            (None, Ok(_)) if format == Format::Rows => initial.extend(
                 self.session
                     .subscribe_all_rows(self.state.fanout.root_tables.clone())
                     .await,
             ),
-            None if self.state.tables.list().is_empty() => {}
-            None => initial.push(error(
+            (None, Ok(_)) if self.state.tables.list().is_empty() => {}
+            (None, Ok(_)) => initial.push(error(
                 ErrorCode::BadRequest,
                 "several tables are served: pass ?table= or send a subscribe message".into(),
             )),
@@ -285,7 +282,13 @@ impl Connection {
         let out = match parsed {
             Ok(ClientMessage::Ping) => vec![Outgoing::Pong],
             Ok(ClientMessage::Publish(_)) => Vec::new(),
-            Ok(ClientMessage::Subscribe { table, keys, since }) => {
+            Ok(ClientMessage::Subscribe {
+                table,
+                keys,
+                since,
+                filter,
+                columns,
+            }) => {
                 let keys = keys
                     .map(|k| k.into_iter().collect::<HashSet<_>>())
                     .filter(|k| !k.is_empty());
@@ -293,9 +296,15 @@ impl Connection {
                     .session
                     .format()
                     .unwrap_or(self.state.fanout.default_format);
-                self.session
-                    .subscribe(&table, Selector::keys(keys), since.as_deref(), format)
-                    .await
+                let columns = columns.map(|c| c.spec());
+                match Selector::build(keys, filter.as_deref(), columns.as_deref()) {
+                    Ok(selector) => {
+                        self.session
+                            .subscribe(&table, selector, since.as_deref(), format)
+                            .await
+                    }
+                    Err(e) => vec![error(ErrorCode::BadRequest, e)],
+                }
             }
             Ok(ClientMessage::Unsubscribe { table }) => {
                 if self.session.unsubscribe(&table) {
