@@ -46,7 +46,7 @@ fn promtool_accepts_the_config_and_the_rules() {
         .arg("check")
         .arg("rules")
         .arg(d.join("livetable.rules.yml")));
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
 }
 
 #[test]
@@ -293,7 +293,7 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().clone())
         .collect();
-    assert_eq!(list.len(), 6);
+    assert_eq!(list.len(), 7);
     let comparison = regex::Regex::new(r"\s*(==|!=|>=|<=|>|<)\s*[0-9.]+\s*$").unwrap();
     for r in &list {
         let name = r["name"].as_str().unwrap();
