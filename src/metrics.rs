@@ -254,6 +254,11 @@ impl Metrics {
                 "unknown_op",
                 "no_key",
                 "no_table",
+                "decimal_out_of_range",
+                "decimals_too_large",
+                "too_deep",
+                "key_too_long",
+                "bad_name",
             ],
         );
         init(

@@ -458,7 +458,19 @@ fn undecodable_decimal(
         .undecodable_decimals
         .with_label_values(&[table])
         .inc();
-    if warned.insert((table.to_string(), column.to_string())) {
+    // warned once per column; the set is bounded (hostile input may invent columns without end)
+    const MAX_WARNED: usize = 4096;
+    let key = (table.to_string(), column.to_string());
+    let first = if warned.len() < MAX_WARNED {
+        warned.insert(key)
+    } else {
+        !warned.contains(&key)
+            && crate::cdc::source::throttled(
+                "undecodable-decimal",
+                std::time::Duration::from_secs(60),
+            )
+    };
+    if first {
         tracing::warn!(
             table,
             column,
