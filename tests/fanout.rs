@@ -76,7 +76,12 @@ async fn follow_to(
     target: u64,
 ) -> (Value, u64, usize) {
     let mut n = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(240);
     while seq < target {
+        assert!(
+            std::time::Instant::now() < until,
+            "the client is at seq {seq} of {target} after 240 s ({n} messages)"
+        );
         let m = next_json(ws).await;
         n += 1;
         match m["type"].as_str().unwrap() {

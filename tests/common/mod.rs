@@ -176,13 +176,18 @@ async fn produce_to(
         if let Some(v) = &r.value {
             rec = rec.payload(v);
         }
+        let until = Instant::now() + Duration::from_secs(120);
         loop {
             match producer.send_result(rec) {
                 Ok(f) => {
                     pending.push(f);
                     break;
                 }
-                Err((_, back)) => {
+                Err((e, back)) => {
+                    assert!(
+                        Instant::now() < until,
+                        "the producer refused a record for 120 s: {e}"
+                    );
                     rec = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
