@@ -419,6 +419,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             settings: DecodeSettings {
                 key_columns: config.key_columns.clone(),
                 max_record_bytes: config.max_record_bytes,
+                upsert: config.upsert.clone(),
             },
             max_batch: config.max_batch,
             max_record_bytes: config.max_record_bytes,

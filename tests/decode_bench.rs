@@ -78,6 +78,7 @@ fn decode_throughput() {
     let settings = DecodeSettings {
         key_columns: KeyColumns::default(),
         max_record_bytes: 1 << 20,
+        upsert: Default::default(),
     };
     let kinds: [(&str, &[&str]); 4] = [
         (

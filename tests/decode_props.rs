@@ -473,6 +473,7 @@ fn settings(key_columns: &str) -> DecodeSettings {
     DecodeSettings {
         key_columns: KeyColumns::parse(key_columns).unwrap(),
         max_record_bytes: 1 << 20,
+        upsert: Default::default(),
     }
 }
 

@@ -138,6 +138,10 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_UNION", value_name = "NAME=REGEX,..")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub union: Option<String>,
+    /// Views file (TOML, docs/views.md): input topics with their format (`debezium`, `upsert`).
+    #[arg(long, env = "LIVETABLE_VIEWS", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub views: Option<PathBuf>,
     /// The `[publish]` table of the configuration file: writable topics (docs/publish.md). Only in
     /// the file.
     #[arg(skip)]

@@ -5,8 +5,10 @@
 pub mod args;
 mod topics;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use args::Args;
@@ -133,6 +135,8 @@ pub struct Config {
     pub unions: Vec<UnionDef>,
     /// Writable topics (the `[publish]` table of the configuration file).
     pub publish: Option<crate::publish::PublishConfig>,
+    /// Topics read as row states (`upsert` in the views file), by topic.
+    pub upsert: Arc<HashMap<String, crate::cdc::decode::UpsertInput>>,
 }
 
 impl Config {
@@ -167,7 +171,12 @@ impl Config {
         if brokers.trim().is_empty() {
             return Err(invalid("brokers", "must not be empty"));
         }
-        let topics = parse_topics(a.topics.as_deref().unwrap_or(r"^odds\..*"))?;
+        let mut topics = parse_topics(a.topics.as_deref().unwrap_or(r"^odds\..*"))?;
+        let upsert = match &a.views {
+            None => HashMap::new(),
+            Some(path) => views_inputs(path)?,
+        };
+        topics = topics.with_topics(upsert.keys());
         let group_id = a.group_id.unwrap_or_else(|| "livetable".into());
         if group_id.trim().is_empty() {
             return Err(invalid("group-id", "must not be empty"));
@@ -338,6 +347,7 @@ impl Config {
             root_tables,
             unions,
             publish,
+            upsert: Arc::new(upsert),
         })
     }
 
@@ -357,6 +367,54 @@ impl Config {
         c.topics = topics;
         c
     }
+}
+
+/// The input topics a views file declares. Declared views and `events` topics are refused: this
+/// version serves tables of `debezium` and `upsert` topics only, and starting with part of a file
+/// applied would be worse than a clear error.
+fn views_inputs(
+    path: &std::path::Path,
+) -> Result<HashMap<String, crate::cdc::decode::UpsertInput>, ConfigError> {
+    use crate::views::config::{TopicFormat, ViewsFile};
+    let file = ViewsFile::load(path).map_err(|e| invalid("views", e.to_string()))?;
+    if let Some(v) = file.views.first() {
+        return Err(invalid(
+            "views",
+            format!(
+                "{}: view `{}` (line {}): declared views are not computed by this version yet; only [topics.*] entries with format `debezium` or `upsert` can be used",
+                path.display(),
+                v.name,
+                v.line
+            ),
+        ));
+    }
+    let mut out = HashMap::new();
+    for t in file.topics {
+        match t.format {
+            TopicFormat::Debezium => {}
+            TopicFormat::Upsert => {
+                out.insert(
+                    t.topic.clone(),
+                    crate::cdc::decode::UpsertInput {
+                        table: t.name,
+                        key: t.key,
+                    },
+                );
+            }
+            TopicFormat::Events => {
+                return Err(invalid(
+                    "views",
+                    format!(
+                        "{}: topic `{}` (line {}): `events` topics are inputs of views, which this version does not compute yet",
+                        path.display(),
+                        t.topic,
+                        t.line
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

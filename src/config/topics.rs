@@ -23,6 +23,36 @@ impl TopicSelection {
             TopicSelection::Pattern(p) => vec![p.as_str()],
         }
     }
+
+    /// The selection plus these exact topics (a pattern that does not match them gets them as
+    /// alternatives: `^(pattern|t1$|t2$)`; Kafka topic names need only `.` escaped).
+    pub fn with_topics<'a>(self, extra: impl Iterator<Item = &'a String>) -> Self {
+        let mut extra: Vec<&String> = extra.collect();
+        extra.sort();
+        match self {
+            TopicSelection::Names(mut names) => {
+                for t in extra {
+                    if !names.contains(t) {
+                        names.push(t.clone());
+                    }
+                }
+                TopicSelection::Names(names)
+            }
+            TopicSelection::Pattern(p) => {
+                let re = Regex::new(&p).ok();
+                let missing: Vec<String> = extra
+                    .into_iter()
+                    .filter(|t| !re.as_ref().is_some_and(|re| re.is_match(t)))
+                    .map(|t| format!("{}$", t.replace('.', "\\.")))
+                    .collect();
+                if missing.is_empty() {
+                    return TopicSelection::Pattern(p);
+                }
+                let rest = p.strip_prefix('^').unwrap_or(&p);
+                TopicSelection::Pattern(format!("^({rest}|{})", missing.join("|")))
+            }
+        }
+    }
 }
 
 /// Key columns per table, with an optional `*` fallback.

@@ -28,6 +28,7 @@ mod limits;
 mod raw;
 mod schema;
 mod unwrapped;
+mod upsert;
 
 use envelope::{envelope, tombstone};
 use raw::{Fields, Json};
@@ -36,6 +37,7 @@ use unwrapped::unwrapped;
 
 pub use key::message_key_fields;
 pub use limits::{DECIMAL_SLACK_BYTES, MAX_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES};
+pub use upsert::UpsertInput;
 
 /// A row: column name -> JSON value, in the source's column order.
 pub type Row = Map<String, Value>;
@@ -220,6 +222,8 @@ pub struct RawRecord<'a> {
 pub struct DecodeSettings {
     pub key_columns: KeyColumns,
     pub max_record_bytes: usize,
+    /// Topics whose records are row states (`upsert` in the views file), by topic.
+    pub upsert: std::sync::Arc<std::collections::HashMap<String, UpsertInput>>,
 }
 
 /// Decodes one record.
@@ -230,6 +234,9 @@ pub fn decode(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOu
             size,
             limit: settings.max_record_bytes,
         });
+    }
+    if let Some(input) = settings.upsert.get(rec.topic) {
+        return upsert::decode(rec, input);
     }
     if rec.topic.starts_with("__debezium-heartbeat") {
         return Ok(skip(SkipReason::Heartbeat));

@@ -41,6 +41,7 @@ fn settings() -> DecodeSettings {
     DecodeSettings {
         key_columns: KeyColumns::default(),
         max_record_bytes: 1 << 20,
+        upsert: Default::default(),
     }
 }
 
@@ -461,6 +462,7 @@ fn key_columns_and_composite_keys() {
     let s = DecodeSettings {
         key_columns: KeyColumns::parse("game_1=game_id,multi=a+b").unwrap(),
         max_record_bytes: 1 << 20,
+        upsert: Default::default(),
     };
     let v = r#"{"id":9,"game_id":"123121","odd1":0.32,"__op":"c","__table":"game_1"}"#;
     let rec = RawRecord {

@@ -206,6 +206,7 @@ fn key_length_is_bounded() {
     let s = DecodeSettings {
         key_columns: KeyColumns::parse("items=id").unwrap(),
         max_record_bytes: 1 << 20,
+        upsert: Default::default(),
     };
     let v = json!({"id": over, "v": 1}).to_string();
     let rec = RawRecord {

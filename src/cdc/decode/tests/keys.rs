@@ -11,6 +11,7 @@ fn with_keys(spec: &str) -> DecodeSettings {
     DecodeSettings {
         key_columns: KeyColumns::parse(spec).unwrap(),
         max_record_bytes: 1 << 20,
+        upsert: Default::default(),
     }
 }
 
