@@ -66,10 +66,26 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("latency-few-clients", "latency p50"),
         ("connections", "connections open"),
         ("connections", "RSS per idle connection"),
+        ("scale-out-ingest", "1 materialiser: changes/s"),
+        ("scale-out-ingest", "2 materialisers on one core: changes/s"),
+        ("scale-out-clients", "1 gateway: row updates/s delivered"),
+        ("scale-out-clients", "2 gateways: row updates/s delivered"),
+        ("scale-out-clients", "2 gateways: CPU of gateway 2"),
+        ("scale-out-failover", "kill -9 -> every key"),
+        ("scale-out-failover", "part: kill -> the survivor assigned"),
+        ("scale-out-failover", "keys that waited"),
+        ("scale-out-resume", "connect with since="),
+        ("scale-out-resume", "resume hits"),
     ] {
         let v = measure(&report, scenario, name);
         assert!(v > 0.0 && v.is_finite(), "{scenario}/{name} = {v}");
     }
+    // a resume on the other gateway is a hit: no snapshot
+    assert_eq!(
+        measure(&report, "scale-out-resume", "snapshots sent"),
+        0.0,
+        "a resume on another gateway sent a snapshot"
+    );
     let text = std::fs::read_to_string(&md).unwrap();
     assert!(text.contains("| ingest | changes/s"), "{text}");
 }

@@ -102,6 +102,17 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Sum of a counter or gauge over the label sets that contain `label` (e.g. `result="hit"`).
+pub fn metric_where(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') && r.contains(label))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Cumulative buckets (le, count) of a histogram, summed over label sets.
 pub fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{");
