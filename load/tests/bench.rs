@@ -74,6 +74,15 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("scale-out-failover", "kill -9 -> every key"),
         ("scale-out-failover", "part: kill -> the survivor assigned"),
         ("scale-out-failover", "keys that waited"),
+        ("scale-out-failover", "join: a member starts -> it is ready"),
+        (
+            "scale-out-failover",
+            "kill -9 + restart without --instance-id -> the restarted member ready",
+        ),
+        (
+            "scale-out-failover",
+            "kill -9 + restart with --instance-id -> the restarted member ready",
+        ),
         ("scale-out-resume", "connect with since="),
         ("scale-out-resume", "resume hits"),
     ] {
@@ -86,6 +95,14 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         0.0,
         "a resume on another gateway sent a snapshot"
     );
+    // clients attached during the rebalances: nothing goes back, they end with the gateway's rows
+    for name in [
+        "clients during the rebalances (",
+        "clients during the rebalances: seq went back",
+        "clients during the rebalances: keys whose final value differs",
+    ] {
+        assert_eq!(measure(&report, "scale-out-failover", name), 0.0, "{name}");
+    }
     let text = std::fs::read_to_string(&md).unwrap();
     assert!(text.contains("| ingest | changes/s"), "{text}");
 }

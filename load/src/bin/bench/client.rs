@@ -34,10 +34,14 @@ fn ws_url(base: &str, table: &str, since: Option<&str>) -> String {
 struct Msg {
     kind: String,
     pos: Option<String>,
+    seq: Option<u64>,
     /// A frame of a snapshot that more frames follow.
     more: bool,
     /// The keys of a patch (or of a snapshot's rows).
     keys: Vec<String>,
+    /// Per key, the row's `updated_at` (cdc-gen's produce time in ms, which never goes back for a
+    /// key) when the message carries it; None for a delete.
+    stamps: Vec<(String, Option<String>)>,
 }
 
 fn parse(text: &str) -> anyhow::Result<Msg> {
@@ -46,13 +50,25 @@ fn parse(text: &str) -> anyhow::Result<Msg> {
         Some("patch") => "patch",
         _ => "rows",
     };
+    let rows = v[field].as_object();
     Ok(Msg {
         kind: v["type"].as_str().unwrap_or_default().to_string(),
         pos: v["pos"].as_str().map(str::to_string),
+        seq: v["seq"].as_u64(),
         more: v["more"].as_bool().unwrap_or(false),
-        keys: v[field]
-            .as_object()
+        keys: rows
             .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default(),
+        stamps: rows
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, row)| match &row["updated_at"] {
+                        Value::String(t) => Some((k.clone(), Some(t.clone()))),
+                        _ if row.is_null() => Some((k.clone(), None)),
+                        _ => None,
+                    })
+                    .collect()
+            })
             .unwrap_or_default(),
     })
 }
@@ -73,12 +89,27 @@ async fn next_msg(ws: &mut Ws, wait: Duration) -> anyhow::Result<Option<Msg>> {
 
 /// Reads until the snapshot is complete (its last frame); returns the snapshot's position.
 async fn snapshot(ws: &mut Ws) -> anyhow::Result<Option<String>> {
+    snapshot_into(ws, &mut HashMap::new()).await
+}
+
+/// `snapshot`, keeping every row's `updated_at` in `stamps`.
+async fn snapshot_into(
+    ws: &mut Ws,
+    stamps: &mut HashMap<String, String>,
+) -> anyhow::Result<Option<String>> {
     let mut started = false;
     loop {
         let m = next_msg(ws, Duration::from_secs(30))
             .await?
             .context("no snapshot within 30 s")?;
         started |= m.kind == "snapshot";
+        if started {
+            for (k, t) in m.stamps {
+                if let Some(t) = t {
+                    stamps.insert(k, t);
+                }
+            }
+        }
         if started && !m.more {
             return Ok(m.pos);
         }
@@ -92,7 +123,28 @@ struct Seen {
     mark: Option<Instant>,
     /// Per key, when the first patch that changed it at or after `mark` arrived.
     first_after: HashMap<String, Instant>,
+    /// Per key, when its last patch arrived (the mark when none since).
+    last: HashMap<String, Instant>,
+    /// Since the mark, the longest time a key went without a patch (to its next patch).
+    max_gap: Duration,
+    /// The client's state: per key, the `updated_at` it holds.
+    stamps: HashMap<String, String>,
+    /// Since the start: a key's `updated_at` went back (a change older than one already seen),
+    /// `seq` went back, snapshots after the first.
+    went_back: u64,
+    seq_back: u64,
+    resnapshots: u64,
+    seq: u64,
     error: Option<String>,
+}
+
+/// What a watcher saw of gaps and order since its start (and, for `max_gap`, since its mark).
+#[derive(Debug, Clone, Copy)]
+pub struct Order {
+    pub max_gap: Duration,
+    pub went_back: u64,
+    pub seq_back: u64,
+    pub resnapshots: u64,
 }
 
 /// A client of one table on a thread of its own, recording when each key changes.
@@ -114,19 +166,54 @@ impl Watcher {
             std::thread::spawn(move || {
                 let run = async {
                     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
-                    snapshot(&mut ws).await?;
+                    let mut stamps = HashMap::new();
+                    snapshot_into(&mut ws, &mut stamps).await?;
+                    if let Ok(mut s) = seen.lock() {
+                        s.stamps = stamps;
+                    }
                     let _ = ready_tx.send(Ok(()));
                     while !stop.load(Ordering::Relaxed) {
                         let Some(m) = next_msg(&mut ws, Duration::from_millis(100)).await? else {
                             continue;
                         };
+                        let mut s = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                        if m.kind == "snapshot" {
+                            // a new snapshot replaces the client's state
+                            s.resnapshots += 1;
+                            s.stamps.clear();
+                        }
+                        if m.kind != "patch" && m.kind != "snapshot" {
+                            continue;
+                        }
+                        if let Some(q) = m.seq {
+                            if q < s.seq {
+                                s.seq_back += 1;
+                            }
+                            s.seq = q;
+                        }
+                        for (k, t) in m.stamps {
+                            match t {
+                                // fixed-width ms timestamps: the string order is the time order
+                                Some(t) => {
+                                    let old = s.stamps.insert(k, t.clone());
+                                    if old.is_some_and(|o| o.len() == t.len() && o > t) {
+                                        s.went_back += 1;
+                                    }
+                                }
+                                None => {
+                                    s.stamps.remove(&k);
+                                }
+                            }
+                        }
                         if m.kind != "patch" || m.more {
                             continue;
                         }
                         let now = Instant::now();
-                        let mut s = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                        if s.mark.is_some_and(|mark| now >= mark) {
+                        if let Some(mark) = s.mark.filter(|mark| now >= *mark) {
                             for k in m.keys {
+                                let since = s.last.get(&k).copied().unwrap_or(mark).max(mark);
+                                s.max_gap = s.max_gap.max(now - since);
+                                s.last.insert(k.clone(), now);
                                 s.first_after.entry(k).or_insert(now);
                             }
                         }
@@ -159,7 +246,35 @@ impl Watcher {
         if let Ok(mut s) = self.seen.lock() {
             s.mark = Some(at);
             s.first_after.clear();
+            s.last.clear();
+            s.max_gap = Duration::ZERO;
         }
+    }
+
+    /// How many keys changed at or after `at` (and after the mark).
+    pub fn updated_since(&self, at: Instant) -> anyhow::Result<usize> {
+        let s = self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok(s.last.values().filter(|t| **t >= at).count())
+    }
+
+    /// Gaps and order (see `Order`).
+    pub fn order(&self) -> anyhow::Result<Order> {
+        let s = self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        Ok(Order {
+            max_gap: s.max_gap,
+            went_back: s.went_back,
+            seq_back: s.seq_back,
+            resnapshots: s.resnapshots,
+        })
+    }
+
+    /// The client's state: per key, the `updated_at` it holds.
+    pub fn stamps(&self) -> anyhow::Result<HashMap<String, String>> {
+        let s = self.seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        if let Some(e) = &s.error {
+            bail!("watcher: {e}");
+        }
+        Ok(s.stamps.clone())
     }
 
     /// Per key, when it first changed at or after the mark.

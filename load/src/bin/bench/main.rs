@@ -236,7 +236,7 @@ fn main() -> anyhow::Result<()> {
     run(
         "scale-out-failover",
         format!(
-            "2 materialisers + 1 gateway, {} keys of a {}-partition topic changed {} times/s; kill -9 of one materialiser; a WebSocket client in bench (not pinned) on the gateway; session.timeout.ms=6000; {cores}",
+            "2 materialisers + 1 gateway, {} keys of a {}-partition topic changed {} times/s; one materialiser goes: kill -9, SIGTERM then a restart (a join), kill -9 and an immediate restart without and with --instance-id; a WebSocket client in bench (not pinned) on the gateway; session.timeout.ms=6000; {cores}",
             z.fo_keys, scale_out::PARTITIONS, z.fo_rate
         ),
         &mut results,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::client::{self, Watcher};
+use crate::client::{self, Order, Watcher};
 use crate::measure::{median, Goal, Scenario};
 use crate::probe;
 use crate::scenarios::{s, swarm_args, Sizes, TABLE};
@@ -388,58 +388,80 @@ fn serve(
     })
 }
 
-/// kill -9 of one of 2 materialisers while changes flow, `fo_runs` times; then once a graceful
-/// stop (the member leaves the group: no session timeout), which shows the rebalance alone.
+/// How the member goes in a failover run.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// kill -9; the survivor takes its partitions after the session timeout.
+    Kill,
+    /// SIGTERM (the member leaves the group); then it starts again: a node joins.
+    Graceful,
+    /// kill -9 and an immediate restart on the same data directory, with or without a static
+    /// membership id (`--instance-id`).
+    KillRestart { static_id: bool },
+}
+
+/// kill -9 of one of 2 materialisers while changes flow, `fo_runs` times; a graceful stop and a
+/// join; kill -9 and restart with and without `--instance-id`, `fo_runs` times each. A client
+/// watches throughout: its changes never go back and it ends with the gateway's rows.
 pub fn failover(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
+    let mut order = Vec::new();
     let mut runs = Vec::new();
     for r in 0..z.fo_runs {
-        let run = failover_run(env, z, r, false)?;
+        let run = failover_run(env, z, &format!("so-failover-{r}"), Stop::Kill)?;
         sc.note(format!(
-            "kill -9 run {}: the killed member held partitions {:?}, {} of {} keys waited for the failover; {:.1} s = {:.1} s to the assignment + {:.1} s takeover + {:.1} s catch-up",
+            "kill -9 run {}: the killed member held partitions {:?}, {} of {} keys waited for the failover; {:.1} s = {:.1} s to the assignment + {:.1} s takeover + {:.1} s catch-up; longest pause of a key on the client {:.1} s",
             r + 1,
             run.victim_parts,
             run.waiting_keys,
             z.fo_keys,
             run.total,
-            run.assigned,
-            run.active - run.assigned,
-            run.total - run.active
+            run.assigned.unwrap_or(f64::NAN),
+            run.active - run.assigned.unwrap_or(f64::NAN),
+            run.total - run.active,
+            run.max_gap
         ));
+        order.push((run.order, run.mismatched));
         runs.push(run);
     }
     let n = runs.len();
-    let m = |f: &dyn Fn(&Failover) -> f64| median(runs.iter().map(f).collect());
+    let m = |runs: &[Failover], f: &dyn Fn(&Failover) -> f64| median(runs.iter().map(f).collect());
     sc.add(
         &format!("kill -9 -> every key of the killed materialiser updated again on a gateway's client (median of {n})"),
-        m(&|r| r.total),
+        m(&runs, &|r| r.total),
         "s",
         Some(Goal::AtMost(10.0)),
     );
     sc.add(
         "part: kill -> the survivor assigned the partitions (session timeout 6 s + rebalance; median)",
-        m(&|r| r.assigned),
+        m(&runs, &|r| r.assigned.unwrap_or(f64::NAN)),
         "s",
         None,
     );
     sc.add(
         "part: takeover of the partitions (changelog read, fence; median)",
-        m(&|r| r.active - r.assigned),
+        m(&runs, &|r| r.active - r.assigned.unwrap_or(f64::NAN)),
         "s",
         None,
     );
     sc.add(
         "part: catch-up (input backlog applied, changelog -> gateway -> client; median)",
-        m(&|r| r.total - r.active),
+        m(&runs, &|r| r.total - r.active),
         "s",
         None,
     );
     sc.add(
         "keys that waited for the failover (median)",
-        m(&|r| r.waiting_keys as f64),
+        m(&runs, &|r| r.waiting_keys as f64),
         "keys",
         None,
     );
-    let g = failover_run(env, z, z.fo_runs, true)?;
+    let g = failover_run(
+        env,
+        z,
+        &format!("so-failover-{}", z.fo_runs),
+        Stop::Graceful,
+    )?;
+    order.push((g.order, g.mismatched));
     sc.add(
         "graceful stop (SIGTERM) -> every key updated again (context, 1 run)",
         g.total,
@@ -448,141 +470,352 @@ pub fn failover(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
     );
     sc.add(
         "graceful stop: member exited (left the group) -> the survivor assigned (the rebalance alone)",
-        g.assigned - g.stop_secs,
+        g.assigned.unwrap_or(f64::NAN) - g.stop_secs,
         "s",
         None,
     );
     sc.note(format!(
-        "graceful stop: the member took {:.1} s to exit; {:.1} s = {:.1} s to the assignment + {:.1} s takeover + {:.1} s catch-up",
+        "graceful stop: the member took {:.1} s to exit; {:.1} s = {:.1} s to the assignment + {:.1} s takeover + {:.1} s catch-up; longest pause of a key on the client {:.1} s",
         g.stop_secs,
         g.total,
-        g.assigned,
-        g.active - g.assigned,
-        g.total - g.active
+        g.assigned.unwrap_or(f64::NAN),
+        g.active - g.assigned.unwrap_or(f64::NAN),
+        g.total - g.active,
+        g.max_gap
     ));
+    if let Some(j) = &g.join {
+        sc.add(
+            "join: a member starts -> it is ready with its partitions taken over (1 run)",
+            j.ready,
+            "s",
+            None,
+        );
+        sc.add(
+            "join: a member starts -> every key updated after it is ready (1 run)",
+            j.all_keys,
+            "s",
+            None,
+        );
+        sc.add(
+            "join: longest pause of a key on the client during the join (1 run)",
+            j.max_gap,
+            "s",
+            None,
+        );
+    }
+    for static_id in [false, true] {
+        let label = if static_id {
+            "with --instance-id"
+        } else {
+            "without --instance-id"
+        };
+        let mut rs = Vec::new();
+        for r in 0..z.fo_runs {
+            let dep = format!("so-restart-{}-{r}", u8::from(static_id));
+            let run = failover_run(env, z, &dep, Stop::KillRestart { static_id })?;
+            sc.note(format!(
+                "kill -9 + restart {label}, run {}: the member held {:?}; ready again {:.1} s after the kill, every key updated again {:.1} s; longest pause of a key on the client {:.1} s",
+                r + 1,
+                run.victim_parts,
+                run.ready.unwrap_or(f64::NAN),
+                run.total,
+                run.max_gap
+            ));
+            order.push((run.order, run.mismatched));
+            rs.push(run);
+        }
+        let n = rs.len();
+        sc.add(
+            &format!("kill -9 + restart {label} -> the restarted member ready (median of {n})"),
+            m(&rs, &|r| r.ready.unwrap_or(f64::NAN)),
+            "s",
+            None,
+        );
+        sc.add(
+            &format!("kill -9 + restart {label} -> every key updated again on the client (median of {n})"),
+            m(&rs, &|r| r.total),
+            "s",
+            None,
+        );
+    }
+    let runs = order.len();
+    let sum = |f: &dyn Fn(&(Order, usize)) -> u64| order.iter().map(f).sum::<u64>() as f64;
+    sc.add(
+        &format!("clients during the rebalances ({runs} runs): a key's change older than one already received"),
+        sum(&|o| o.0.went_back),
+        "changes",
+        Some(Goal::AtMost(0.0)),
+    );
+    sc.add(
+        "clients during the rebalances: seq went back",
+        sum(&|o| o.0.seq_back),
+        "messages",
+        Some(Goal::AtMost(0.0)),
+    );
+    sc.add(
+        "clients during the rebalances: snapshots after the first (state replaced)",
+        sum(&|o| o.0.resnapshots),
+        "snapshots",
+        None,
+    );
+    sc.add(
+        "clients during the rebalances: keys whose final value differs from the gateway's",
+        sum(&|o| o.1 as u64),
+        "keys",
+        Some(Goal::AtMost(0.0)),
+    );
     Ok(())
+}
+
+/// A node joining (in the graceful run).
+struct Join {
+    /// From its start until it is ready with partitions taken over (s).
+    ready: f64,
+    /// From its start until every key changed again after it was ready (s).
+    all_keys: f64,
+    /// The longest a key went without a change on the client from the start of the join (s).
+    max_gap: f64,
 }
 
 struct Failover {
     /// From the kill (or SIGTERM) until every key changed again on the client (s).
     total: f64,
-    /// From the kill until the survivor logged the assignment of the victim's partitions (s).
-    assigned: f64,
-    /// From the kill until the last of them was active again on the survivor (s).
+    /// From the kill until the survivor logged an assignment (s); None when it logged none (a
+    /// restarted member may get its partitions back).
+    assigned: Option<f64>,
+    /// From the kill until the last partition became active again on the survivor (s).
     active: f64,
     /// A graceful stop: from SIGTERM to the exit (s); 0 for kill -9.
     stop_secs: f64,
+    /// KillRestart: from the kill until the restarted member is ready again with partitions (s).
+    ready: Option<f64>,
+    /// Graceful: the member started again afterwards.
+    join: Option<Join>,
+    /// The longest a key went without a change on the client from the stop (s).
+    max_gap: f64,
+    order: Order,
+    /// Keys whose value on the client differs from the gateway's once the stream stopped.
+    mismatched: usize,
     waiting_keys: usize,
     victim_parts: Vec<i32>,
 }
 
-/// 2 materialisers and a gateway with a client; one materialiser is killed with -9 (or stopped
-/// with SIGTERM when `graceful`) while changes flow; when do its keys move again on the client?
-fn failover_run(env: &Env, z: &Sizes, r: usize, graceful: bool) -> anyhow::Result<Failover> {
-    let dep = format!("so-failover-{r}");
-    let topic = env.topic(&dep);
-    let keys = z.fo_keys;
-    env.tool("cdc-gen", &gen_args(env, &topic, keys, keys, 0, 3600))?;
-    let mut victim = materialiser(env, &dep, "mat1", &topic)?;
-    let survivor = materialiser(env, &dep, "mat2", &topic)?;
-    let gw = gateway(env, &dep, "gw1", &topic, 100)?;
-    // both members hold partitions and are caught up, the gateway serves every key
-    let until = Instant::now() + Duration::from_secs(90);
+/// Ready, holding partitions it took over (a member without partitions is ready too).
+fn member_ready(m: &Livetable) -> bool {
+    let t = probe::metrics(&m.base);
+    probe::metric(&t, "livetable_ready") == 1.0
+        && probe::metric(&t, "livetable_fences_written_total") >= 1.0
+}
+
+/// Polls until `cond` holds; fails after `limit` with `what`.
+fn poll(
+    limit: Duration,
+    what: &dyn Fn() -> String,
+    cond: &mut dyn FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + limit;
+    while !cond()? {
+        anyhow::ensure!(Instant::now() < until, "{} within {limit:?}", what());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Once the stream stopped: polls until the client holds the gateway's rows (the gateway's seq
+/// unchanged across the comparison) or `limit` passes; the keys that still differ.
+fn converge(watcher: &Watcher, gw: &Livetable, limit: Duration) -> anyhow::Result<usize> {
+    let until = Instant::now() + limit;
     loop {
-        let members_ready = [&victim, &survivor].iter().all(|m| {
-            let t = probe::metrics(&m.base);
-            probe::metric(&t, "livetable_ready") == 1.0
-                && probe::metric(&t, "livetable_fences_written_total") >= 1.0
-        });
-        let rows = probe::table_seq(&gw.base, TABLE).map_or(0, |t| t.1);
-        if members_ready && rows >= keys && probe::ready(&gw.base) {
-            break;
+        let (seq, rows) = probe::table_stamps(&gw.base, TABLE).context("the gateway's rows")?;
+        let held = watcher.stamps()?;
+        let differ = rows
+            .iter()
+            .filter(|(k, v)| held.get(*k) != Some(*v))
+            .count()
+            + held.keys().filter(|k| !rows.contains_key(*k)).count();
+        let settled = seq_of(&gw.base) == seq;
+        if (differ == 0 && settled) || Instant::now() > until {
+            return Ok(differ);
         }
-        anyhow::ensure!(
-            Instant::now() < until,
-            "{dep}: not ready within 90 s (materialiser 1: {}; materialiser 2: {}; gateway: {})",
-            victim.log_tail(),
-            survivor.log_tail(),
-            gw.log_tail()
-        );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// 2 materialisers and a gateway with a client; one materialiser goes (`how`) while changes
+/// flow; when do its keys move again on the client?
+fn failover_run(env: &Env, z: &Sizes, dep: &str, how: Stop) -> anyhow::Result<Failover> {
+    let topic = env.topic(dep);
+    let keys = z.fo_keys;
+    env.tool("cdc-gen", &gen_args(env, &topic, keys, keys, 0, 3600))?;
+    let (id1, id2) = (format!("{dep}-mat1"), format!("{dep}-mat2"));
+    let static_id = matches!(how, Stop::KillRestart { static_id: true });
+    let ids = |id: &str| -> Vec<String> {
+        if static_id {
+            vec![s("--instance-id"), s(id)]
+        } else {
+            Vec::new()
+        }
+    };
+    let a1 = ids(&id1);
+    let a2 = ids(&id2);
+    let cpu = env.server_cpu.clone();
+    let mut victim = env.node(
+        dep,
+        "mat1",
+        "materialiser",
+        &topic,
+        cpu.clone(),
+        &a1.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let survivor = env.node(
+        dep,
+        "mat2",
+        "materialiser",
+        &topic,
+        cpu,
+        &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let gw = gateway(env, dep, "gw1", &topic, 100)?;
+    // both members hold partitions and are caught up, the gateway serves every key
+    poll(
+        Duration::from_secs(90),
+        &|| {
+            format!(
+                "{dep}: not ready (materialiser 1: {}; materialiser 2: {}; gateway: {})",
+                victim.log_tail(),
+                survivor.log_tail(),
+                gw.log_tail()
+            )
+        },
+        &mut || {
+            let rows = probe::table_seq(&gw.base, TABLE).map_or(0, |t| t.1);
+            Ok(member_ready(&victim)
+                && member_ready(&survivor)
+                && rows >= keys
+                && probe::ready(&gw.base))
+        },
+    )?;
     let watcher = Watcher::start(&gw.base, TABLE)?;
     let secs = 120;
     let feed = env.spawn_tool(
         "cdc-gen",
         &gen_args(env, &topic, keys, z.fo_rate * secs, z.fo_rate, secs),
     )?;
-    // the stream flows: every key changed on the client after 2 s of it
-    watcher.mark(Instant::now() + Duration::from_secs(2));
-    let until = Instant::now() + Duration::from_secs(30);
-    while (watcher.first_after()?.len() as u64) < keys {
-        if Instant::now() > until {
-            feed.kill();
-            anyhow::bail!("{dep}: the stream did not reach the client");
+    let result = (|| -> anyhow::Result<Failover> {
+        // the stream flows: every key changed on the client after 2 s of it
+        watcher.mark(Instant::now() + Duration::from_secs(2));
+        poll(
+            Duration::from_secs(30),
+            &|| format!("{dep}: the stream did not reach the client"),
+            &mut || Ok(watcher.first_after()?.len() as u64 >= keys),
+        )?;
+        let victim_parts = held_partitions(&victim.log)?;
+        let t_wall = unix_now();
+        let t = Instant::now();
+        let mut stop_secs = 0.0;
+        match how {
+            Stop::Graceful => {
+                victim.stop()?;
+                stop_secs = t.elapsed().as_secs_f64();
+            }
+            Stop::Kill => victim.kill9(),
+            Stop::KillRestart { .. } => {
+                victim.kill9();
+                env.start(&mut victim)?;
+            }
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let victim_parts = held_partitions(&victim.log)?;
-    let t_wall = unix_now();
-    let t = Instant::now();
-    let mut stop_secs = 0.0;
-    if graceful {
-        victim.stop()?;
-        stop_secs = t.elapsed().as_secs_f64();
-    } else {
-        victim.kill9();
-    }
-    // a change already on its way when the member went may still arrive: count from 1 s after
-    // (or from its exit)
-    let grace = Duration::from_secs(1).max(t.elapsed());
-    watcher.mark(t + grace);
-    let limit = Duration::from_secs(60);
-    let firsts = loop {
-        let f = watcher.first_after()?;
-        if f.len() as u64 >= keys {
-            break f;
-        }
-        if t.elapsed() > limit {
-            feed.kill();
-            anyhow::bail!(
-                "{dep}: {} of {keys} keys updated again within {limit:?} of the kill (survivor: {})",
-                f.len(),
-                survivor.log_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        // a change already on its way when the member went may still arrive: count from 1 s
+        // after (or from its exit)
+        let grace = Duration::from_secs(1).max(t.elapsed());
+        watcher.mark(t + grace);
+        let restarted = matches!(how, Stop::KillRestart { .. });
+        let mut ready = None;
+        let mut firsts = Default::default();
+        poll(
+            Duration::from_secs(60),
+            &|| {
+                format!(
+                    "{dep}: every key updated again and the restarted member ready after the stop (survivor: {})",
+                    survivor.log_tail()
+                )
+            },
+            &mut || {
+                if restarted && ready.is_none() && member_ready(&victim) {
+                    ready = Some(t.elapsed().as_secs_f64());
+                }
+                firsts = watcher.first_after()?;
+                Ok(firsts.len() as u64 >= keys && (!restarted || ready.is_some()))
+            },
+        )?;
+        let max_gap = watcher.order()?.max_gap.as_secs_f64();
+        let last = firsts.values().max().copied().unwrap_or(t);
+        // a key of the survivor changes every keys/rate seconds; the others waited
+        let waiting_keys = firsts
+            .values()
+            .filter(|at| **at > t + grace + Duration::from_secs(1))
+            .count();
+        let join = if how == Stop::Graceful {
+            let tj = Instant::now();
+            watcher.mark(tj);
+            env.start(&mut victim)?;
+            poll(
+                Duration::from_secs(60),
+                &|| {
+                    format!(
+                        "{dep}: the joining member not ready ({})",
+                        victim.log_tail()
+                    )
+                },
+                &mut || Ok(member_ready(&victim)),
+            )?;
+            let ready_at = Instant::now();
+            let ready = (ready_at - tj).as_secs_f64();
+            poll(
+                Duration::from_secs(60),
+                &|| format!("{dep}: keys not updated after the join"),
+                &mut || Ok(watcher.updated_since(ready_at)? as u64 >= keys),
+            )?;
+            Some(Join {
+                ready,
+                all_keys: tj.elapsed().as_secs_f64(),
+                max_gap: watcher.order()?.max_gap.as_secs_f64(),
+            })
+        } else {
+            None
+        };
+        let events = log_events(&survivor.log)?;
+        let assigned = events
+            .iter()
+            .find(|e| e.at >= t_wall && e.message == "partitions assigned" && !e.parts.is_empty())
+            .map(|e| e.at - t_wall);
+        anyhow::ensure!(
+            restarted || assigned.is_some(),
+            "{dep}: the survivor logged no assignment after the stop (the stopped member held {victim_parts:?})"
+        );
+        let active = events
+            .iter()
+            .filter(|e| e.at >= t_wall && e.message == "partition active")
+            .map(|e| e.at - t_wall)
+            .fold(f64::NAN, f64::max);
+        Ok(Failover {
+            total: (last - t).as_secs_f64(),
+            assigned,
+            active,
+            stop_secs,
+            ready,
+            join,
+            max_gap,
+            order: watcher.order()?,
+            mismatched: 0,
+            waiting_keys,
+            victim_parts,
+        })
+    })();
     feed.kill();
-    let last = firsts.values().max().copied().unwrap_or(t);
-    // a key of the survivor changes every keys/rate seconds; the others waited for the failover
-    let waiting_keys = firsts
-        .values()
-        .filter(|at| **at > t + grace + Duration::from_secs(1))
-        .count();
-    let events = log_events(&survivor.log)?;
-    let assigned = events
-        .iter()
-        .find(|e| e.at >= t_wall && e.message == "partitions assigned" && !e.parts.is_empty())
-        .map(|e| e.at - t_wall)
-        .with_context(|| {
-            format!(
-                "{dep}: the survivor logged no assignment after the stop (the stopped member held {victim_parts:?})"
-            )
-        })?;
-    let active = events
-        .iter()
-        .filter(|e| e.at >= t_wall && e.message == "partition active")
-        .map(|e| e.at - t_wall)
-        .fold(f64::NAN, f64::max);
-    Ok(Failover {
-        total: (last - t).as_secs_f64(),
-        assigned,
-        active,
-        stop_secs,
-        waiting_keys,
-        victim_parts,
-    })
+    let mut run = result?;
+    run.mismatched = converge(&watcher, &gw, Duration::from_secs(20))?;
+    run.order = watcher.order()?;
+    Ok(run)
 }
 
 fn unix_now() -> f64 {
