@@ -66,9 +66,42 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("latency-few-clients", "latency p50"),
         ("connections", "connections open"),
         ("connections", "RSS per idle connection"),
+        ("scale-out-ingest", "1 materialiser: changes/s"),
+        ("scale-out-ingest", "2 materialisers on one core: changes/s"),
+        ("scale-out-clients", "1 gateway: row updates/s delivered"),
+        ("scale-out-clients", "2 gateways: row updates/s delivered"),
+        ("scale-out-clients", "2 gateways: CPU of gateway 2"),
+        ("scale-out-failover", "kill -9 -> every key"),
+        ("scale-out-failover", "part: kill -> the survivor assigned"),
+        ("scale-out-failover", "keys that waited"),
+        ("scale-out-failover", "join: a member starts -> it is ready"),
+        (
+            "scale-out-failover",
+            "kill -9 + restart without --instance-id -> the restarted member ready",
+        ),
+        (
+            "scale-out-failover",
+            "kill -9 + restart with --instance-id -> the restarted member ready",
+        ),
+        ("scale-out-resume", "connect with since="),
+        ("scale-out-resume", "resume hits"),
     ] {
         let v = measure(&report, scenario, name);
         assert!(v > 0.0 && v.is_finite(), "{scenario}/{name} = {v}");
+    }
+    // a resume on the other gateway is a hit: no snapshot
+    assert_eq!(
+        measure(&report, "scale-out-resume", "snapshots sent"),
+        0.0,
+        "a resume on another gateway sent a snapshot"
+    );
+    // clients attached during the rebalances: nothing goes back, they end with the gateway's rows
+    for name in [
+        "clients during the rebalances (",
+        "clients during the rebalances: seq went back",
+        "clients during the rebalances: keys whose final value differs",
+    ] {
+        assert_eq!(measure(&report, "scale-out-failover", name), 0.0, "{name}");
     }
     let text = std::fs::read_to_string(&md).unwrap();
     assert!(text.contains("| ingest | changes/s"), "{text}");

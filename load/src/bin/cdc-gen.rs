@@ -22,9 +22,14 @@ use rdkafka::types::RDKafkaErrorCode;
 struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// Topic (created with 1 partition if missing); the table name is its last segment.
+    /// Topic (created with `--partitions` partitions if missing); the table name is its last
+    /// segment.
     #[arg(long, default_value = "odds.public.game_odds")]
     topic: String,
+    /// Partitions of the topic when cdc-gen creates it; keys spread over them by the producer's
+    /// partitioner (a hash of the message key). An existing topic is used as it is.
+    #[arg(long, default_value_t = 1)]
+    partitions: i32,
     /// Number of distinct row keys.
     #[arg(long, default_value_t = 1000)]
     keys: u64,
@@ -90,7 +95,11 @@ async fn main() -> anyhow::Result<()> {
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for r in admin
         .create_topics(
-            [&NewTopic::new(&a.topic, 1, TopicReplication::Fixed(1))],
+            [&NewTopic::new(
+                &a.topic,
+                a.partitions.max(1),
+                TopicReplication::Fixed(1),
+            )],
             &opts,
         )
         .await?

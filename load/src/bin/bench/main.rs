@@ -6,9 +6,11 @@
 //!   cargo build --release --workspace && target/release/bench            # full run (~15 min)
 //!   target/release/bench --quick --markdown-out /tmp/b.md                 # seconds, for CI
 
+mod client;
 mod measure;
 mod probe;
 mod report;
+mod scale_out;
 mod scenarios;
 mod stack;
 
@@ -32,10 +34,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
-    /// latency-few-clients, connections.
+    /// latency-few-clients, connections, scale-out (= scale-out-ingest, scale-out-clients,
+    /// scale-out-failover, scale-out-resume, each also by its own name).
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections"
+        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,scale-out"
     )]
     scenarios: String,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
@@ -106,7 +109,8 @@ fn main() -> anyhow::Result<()> {
                setup: String,
                results: &mut Vec<Scenario>,
                f: &mut dyn FnMut(&mut Scenario) -> anyhow::Result<()>| {
-        if !wanted.contains(&name) {
+        let group = name.starts_with("scale-out-") && wanted.contains(&"scale-out");
+        if !wanted.contains(&name) && !group {
             return;
         }
         eprintln!("bench: --- {name}: {setup}");
@@ -205,6 +209,47 @@ fn main() -> anyhow::Result<()> {
         ),
         &mut results,
         &mut |sc| scenarios::connections(&env, &z, sc),
+    );
+
+    let cores = match (&env.server_cpu, &env.tools_cpu) {
+        (Some(a), Some(b)) => format!("every livetable process on CPU {a}, the tools on CPU {b}"),
+        _ => "processes not pinned".to_string(),
+    };
+    run(
+        "scale-out-ingest",
+        format!(
+            "{} changes over {} keys in a {}-partition topic before the materialisers start; {cores}, except \"one core each\": materialiser 1 on the server CPU, 2 on the tools' CPU (nothing else runs then but the broker); a deployment per run",
+            z.so_ingest_changes, z.so_ingest_keys, scale_out::PARTITIONS
+        ),
+        &mut results,
+        &mut |sc| scale_out::ingest(&env, &z, sc),
+    );
+    run(
+        "scale-out-clients",
+        format!(
+            "{} WebSocket clients (one ws-swarm per gateway, clients split evenly) on a {}-row table of a {}-partition topic, {} changes/s for {} s; 1 materialiser; {cores}",
+            z.so_clients, z.so_rows, scale_out::PARTITIONS, z.so_rate, z.so_secs
+        ),
+        &mut results,
+        &mut |sc| scale_out::clients(&env, &z, sc),
+    );
+    run(
+        "scale-out-failover",
+        format!(
+            "2 materialisers + 1 gateway, {} keys of a {}-partition topic changed {} times/s; one materialiser goes: kill -9, SIGTERM then a restart (a join), kill -9 and an immediate restart without and with --instance-id; a WebSocket client in bench (not pinned) on the gateway; session.timeout.ms=6000; {cores}",
+            z.fo_keys, scale_out::PARTITIONS, z.fo_rate
+        ),
+        &mut results,
+        &mut |sc| scale_out::failover(&env, &z, sc),
+    );
+    run(
+        "scale-out-resume",
+        format!(
+            "1 materialiser + 2 gateways, 1000-row table; a client (in bench) takes the snapshot on one gateway and disconnects, {} keys change, it reconnects to the other with since=<pos>; {} runs, alternating gateways; {cores}",
+            z.resume_missed, z.resume_runs
+        ),
+        &mut results,
+        &mut |sc| scale_out::resume(&env, &z, sc),
     );
 
     let rep = report::Report::new(&env, &a.quick, started.elapsed().as_secs_f64(), results);

@@ -33,6 +33,26 @@ pub fn table_seq(base: &str, table: &str) -> Option<(u64, u64)> {
     Some((t["seq"].as_u64()?, t["rows"].as_u64()?))
 }
 
+/// Per key, the `updated_at` column of every row of `table` from `GET /api/tables/{table}`, and
+/// the table's `seq` then.
+pub fn table_stamps(
+    base: &str,
+    table: &str,
+) -> Option<(u64, std::collections::HashMap<String, String>)> {
+    let v: Value = client()
+        .get(format!("{base}/api/tables/{table}"))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    let rows = v["rows"]
+        .as_object()?
+        .iter()
+        .filter_map(|(k, r)| Some((k.clone(), r["updated_at"].as_str()?.to_string())))
+        .collect();
+    Some((v["seq"].as_u64()?, rows))
+}
+
 pub fn ready(base: &str) -> bool {
     client()
         .get(format!("{base}/readyz"))
@@ -97,6 +117,17 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter(|l| {
             l.strip_prefix(name)
                 .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sum of a counter or gauge over the label sets that contain `label` (e.g. `result="hit"`).
+pub fn metric_where(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') && r.contains(label))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

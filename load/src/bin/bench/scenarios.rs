@@ -10,7 +10,7 @@ use crate::measure::{median, Goal, Scenario};
 use crate::probe;
 use crate::stack::{Env, Livetable};
 
-const TABLE: &str = "game_odds";
+pub const TABLE: &str = "game_odds";
 
 /// Sizes of a run: the figures, or seconds-long ones for `--quick`.
 pub struct Sizes {
@@ -32,6 +32,22 @@ pub struct Sizes {
     /// The open-file limit when it lowered `idle_connections`.
     pub idle_capped_by: Option<u64>,
     pub local_addrs: u8,
+    /// scale-out: ingest by 1 and 2 materialisers (changes, keys), runs per configuration
+    pub so_ingest_changes: u64,
+    pub so_ingest_keys: u64,
+    pub so_runs: usize,
+    /// scale-out: clients served by 1 and 2 gateways
+    pub so_clients: u64,
+    pub so_rows: u64,
+    pub so_rate: u64,
+    pub so_secs: u64,
+    /// scale-out: failover (keys, changes/s while one materialiser is killed, runs)
+    pub fo_keys: u64,
+    pub fo_rate: u64,
+    pub fo_runs: usize,
+    /// scale-out: resumes on the other gateway, changes missed by each
+    pub resume_runs: usize,
+    pub resume_missed: u64,
 }
 
 impl Sizes {
@@ -54,6 +70,18 @@ impl Sizes {
             idle_connections: 50_000,
             idle_capped_by: None,
             local_addrs: 4,
+            so_ingest_changes: 400_000,
+            so_ingest_keys: 40_000,
+            so_runs: 3,
+            so_clients: 1_000,
+            so_rows: 1_000,
+            so_rate: 200,
+            so_secs: 10,
+            fo_keys: 200,
+            fo_rate: 1_000,
+            fo_runs: 3,
+            resume_runs: 5,
+            resume_missed: 50,
         }
     }
 
@@ -76,16 +104,28 @@ impl Sizes {
             idle_connections: 300,
             idle_capped_by: None,
             local_addrs: 2,
+            so_ingest_changes: 10_000,
+            so_ingest_keys: 1_000,
+            so_runs: 1,
+            so_clients: 40,
+            so_rows: 100,
+            so_rate: 50,
+            so_secs: 3,
+            fo_keys: 40,
+            fo_rate: 200,
+            fo_runs: 1,
+            resume_runs: 2,
+            resume_missed: 10,
         }
     }
 }
 
-fn s<T: ToString>(v: T) -> String {
+pub fn s<T: ToString>(v: T) -> String {
     v.to_string()
 }
 
 /// ws-swarm's arguments for `clients` no-state clients of the table listening `secs`, then `extra`.
-fn swarm_args(base: &str, clients: u64, secs: u64, extra: &[String]) -> Vec<String> {
+pub fn swarm_args(base: &str, clients: u64, secs: u64, extra: &[String]) -> Vec<String> {
     let mut v = vec![
         s("--base"),
         s(base),

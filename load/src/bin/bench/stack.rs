@@ -145,6 +145,51 @@ impl Env {
 
     /// Starts livetable for `topic` with a data directory of its own; waits until HTTP answers.
     pub fn livetable(&self, name: &str, topic: &str, extra: &[&str]) -> anyhow::Result<Livetable> {
+        let mut args: Vec<String> = vec!["--log".into(), "warn".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_livetable(name, name, topic, self.server_cpu.clone(), args)
+    }
+
+    /// Starts node `name` of deployment `deployment` (its group id and topics derive from the
+    /// deployment) in `--role role`, pinned to `cpu`; logs at info level as JSON lines (the
+    /// scale-out scenarios read the rebalance times from them); waits until HTTP answers.
+    pub fn node(
+        &self,
+        deployment: &str,
+        name: &str,
+        role: &str,
+        topic: &str,
+        cpu: Option<String>,
+        extra: &[&str],
+    ) -> anyhow::Result<Livetable> {
+        let mut args: Vec<String> = vec![
+            "--role".into(),
+            role.into(),
+            "--kafka-prop".into(),
+            "session.timeout.ms=6000".into(),
+            "--log".into(),
+            "info".into(),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_livetable(
+            deployment,
+            &format!("{deployment}-{name}"),
+            topic,
+            cpu,
+            args,
+        )
+    }
+
+    fn spawn_livetable(
+        &self,
+        deployment: &str,
+        name: &str,
+        topic: &str,
+        cpu: Option<String>,
+        extra: Vec<String>,
+    ) -> anyhow::Result<Livetable> {
         let port = free_port()?;
         let data_dir = self.work.path().join(format!("data-{name}"));
         let mut l = Livetable {
@@ -156,36 +201,35 @@ impl Env {
                 "--topics".into(),
                 topic.into(),
                 "--group-id".into(),
-                format!("{}-{name}", self.run_id),
+                format!("{}-{deployment}", self.run_id),
                 "--listen".into(),
                 format!("127.0.0.1:{port}"),
                 "--changelog-prefix".into(),
-                format!("{}.{name}.table.", self.run_id),
+                format!("{}.{deployment}.table.", self.run_id),
                 "--dlq-topic".into(),
-                format!("{}.{name}.dlq", self.run_id),
-                "--log".into(),
-                "warn".into(),
+                format!("{}.{deployment}.dlq", self.run_id),
             ],
+            cpu,
             child: None,
             log: self.work.path().join(format!("livetable-{name}.log")),
         };
-        l.args.extend(extra.iter().map(|s| s.to_string()));
+        l.args.extend(extra);
         self.start(&mut l)?;
         Ok(l)
     }
 
     pub fn start(&self, l: &mut Livetable) -> anyhow::Result<()> {
-        let mut c = self.pinned(&self.server_cpu, &self.bin_dir.join("livetable"));
+        let mut c = self.pinned(&l.cpu, &self.bin_dir.join("livetable"));
+        // livetable logs to stdout (tracing's default), start-up errors go to stderr
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&l.log)?;
         c.args(&l.args)
             .arg("--data-dir")
             .arg(&l.data_dir)
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::options()
-                    .create(true)
-                    .append(true)
-                    .open(&l.log)?,
-            );
+            .stdout(log.try_clone()?)
+            .stderr(log);
         self.record(&c);
         l.child = Some(
             c.spawn()
@@ -230,6 +274,12 @@ pub struct Tool {
 }
 
 impl Tool {
+    /// Ends the tool before it finishes (SIGKILL), its summary discarded.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn finish(self) -> anyhow::Result<Value> {
         let out = self.child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -259,8 +309,10 @@ pub struct Livetable {
     pub base: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    /// The CPU list it is pinned to (taskset -c); None = not pinned.
+    cpu: Option<String>,
     child: Option<Child>,
-    log: PathBuf,
+    pub log: PathBuf,
 }
 
 impl Livetable {
@@ -308,6 +360,14 @@ impl Livetable {
             }
         }
         Ok(())
+    }
+
+    /// SIGKILL, and the exit reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn log_tail(&self) -> String {
