@@ -3,6 +3,7 @@
 //! default, then validated here into a [`Config`]. Every error names the setting at fault.
 
 pub mod args;
+pub mod security;
 mod topics;
 
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use args::Args;
+pub use security::SecurityConfig;
 pub use topics::{check_topic_chars, parse_topics, KeyColumns, TopicSelection};
 
 /// Errors found while loading or validating configuration.
@@ -133,6 +135,8 @@ pub struct Config {
     pub unions: Vec<UnionDef>,
     /// Writable topics (the `[publish]` table of the configuration file).
     pub publish: Option<crate::publish::PublishConfig>,
+    /// Authentication, origins, TLS, the admin listener and client limits.
+    pub security: SecurityConfig,
 }
 
 impl Config {
@@ -152,6 +156,7 @@ impl Config {
             Some(path) => args.over_file(&path)?,
             None => args,
         };
+        let security = SecurityConfig::from_args(&a)?;
         let role = match a.role.as_deref() {
             None | Some("all") => Role::All,
             Some("materialiser" | "materializer") => Role::Materialiser,
@@ -338,6 +343,7 @@ impl Config {
             root_tables,
             unions,
             publish,
+            security,
         })
     }
 
