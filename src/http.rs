@@ -129,9 +129,14 @@ pub fn router(state: AppState) -> Router {
 async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
+    creds: Credentials,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    // with --auth jwt a publish needs a valid token (topic claims are not defined yet)
+    if let Err(d) = creds.require(&state.auth) {
+        return Refused(d).into_response();
+    }
     use crate::publish::{HttpPublishBody, Nack, NackCode, PublishContext, PublishRequest, Reply};
     let Some(publisher) = &state.publisher else {
         return ApiError(

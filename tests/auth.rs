@@ -472,6 +472,14 @@ async fn tokens_are_checked_and_exp_is_enforced_during_the_connection() {
     let expired = env.token(all.clone(), -10);
     let (s, e) = env.get("/api/tables", Some(&expired)).await;
     assert_eq!((s, e["code"].as_str()), (401, Some("token_expired")), "{e}");
+    // an HTTP publish without a token is refused before anything else (401, not 404)
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/topics/any.topic", env.base))
+        .body(r#"{"key":"k","value":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
     let typo = env.token(json!({"livetable": {"tables": ["*"], "row": {}}}), 600);
     let (s, e) = env.get("/api/tables", Some(&typo)).await;
     assert_eq!(s, 401, "a misspelt claim refuses the token: {e}");
