@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
@@ -17,9 +17,12 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Auth, Credentials, Refused};
+use crate::config::security::Origins;
 use crate::config::Role;
 use crate::fanout::hub::{union_key, Hub};
 use crate::fanout::protocol::SubscribeQuery;
+use crate::fanout::selector::Selector;
 use crate::fanout::FanoutLimits;
 use crate::metrics::Metrics;
 use crate::table::readiness::Readiness;
@@ -39,6 +42,12 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Writable topics (`[publish]`), when configured.
     pub publisher: Option<Arc<crate::publish::Publisher>>,
+    /// Token verification (`--auth`).
+    pub auth: Arc<Auth>,
+    /// Browser origins allowed on the live routes and by CORS (`--allowed-origins`).
+    pub origins: Arc<Origins>,
+    /// `/metrics`, `/healthz`, `/readyz` are served by the admin listener instead.
+    pub admin_separate: bool,
 }
 
 /// An API error: a status and a message safe to show to clients.
@@ -50,21 +59,46 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The router with every route.
-pub fn router(state: AppState) -> Router {
-    let mut app = Router::new()
+/// `/metrics`, `/healthz`, `/readyz`: on the public router, or on their own with `--admin-listen`.
+fn admin_routes() -> Router<AppState> {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+}
+
+/// The router of the admin listener.
+pub fn admin_router(state: AppState) -> Router {
+    admin_routes()
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .with_state(state)
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    let mut app = if state.admin_separate {
+        Router::new()
+    } else {
+        admin_routes()
+    };
     if state.role.serves() {
         // the data routes answer once the local store is loaded
-        let data = Router::new()
+        let mut api = Router::new()
             .route("/api/tables", get(list_tables))
             .route("/api/tables/{table}", get(get_table))
             .route("/api/tables/{table}/rows/{key}", get(get_row))
+            .route("/api/explain", get(crate::auth::explain));
+        if let Some(cors) = crate::auth::origin::cors(&state.origins) {
+            api = api.layer(cors);
+        }
+        let data = api
             .route("/ws", get(ws))
             .route("/sse", get(crate::fanout::sse::handler))
             .route("/", get(index))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                crate::auth::origin::guard,
+            ))
             .route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_loaded,
@@ -95,9 +129,14 @@ pub fn router(state: AppState) -> Router {
 async fn publish(
     State(state): State<AppState>,
     Path(topic): Path<String>,
+    creds: Credentials,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    // with --auth jwt a publish needs a valid token (topic claims are not defined yet)
+    if let Err(d) = creds.require(&state.auth) {
+        return Refused(d).into_response();
+    }
     use crate::publish::{HttpPublishBody, Nack, NackCode, PublishContext, PublishRequest, Reply};
     let Some(publisher) = &state.publisher else {
         return ApiError(
@@ -163,8 +202,14 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     resp
 }
 
-async fn list_tables(State(state): State<AppState>) -> Json<Value> {
-    let tables = state.tables.list();
+async fn list_tables(
+    State(state): State<AppState>,
+    creds: Credentials,
+) -> Result<Json<Value>, Refused> {
+    let access = creds.require(&state.auth)?;
+    // only the tables the caller may read
+    let mut tables = state.tables.list();
+    tables.retain(|t| access.check_table(&t.name).is_ok());
     let unions: Vec<Value> = state
         .fanout
         .unions
@@ -179,12 +224,20 @@ async fn list_tables(State(state): State<AppState>) -> Json<Value> {
         })
         .collect();
     let r = &state.readiness;
-    Json(json!({
+    Ok(Json(json!({
         "tables": tables,
         "unions": unions,
         "caught_up": r.is_ready(),
         "reason": r.reason(),
-    }))
+    })))
+}
+
+/// A query string that does not parse (a repeated or malformed parameter): a JSON 400.
+pub(crate) fn query_error(e: QueryRejection) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        format!("bad query: {}", e.body_text()),
+    )
 }
 
 fn path_error(e: PathRejection) -> ApiError {
@@ -196,14 +249,19 @@ fn path_error(e: PathRejection) -> ApiError {
 
 async fn get_table(
     State(state): State<AppState>,
+    creds: Credentials,
     path: Result<Path<String>, PathRejection>,
-    Query(q): Query<SubscribeQuery>,
-) -> Result<Response, ApiError> {
-    let Path(table) = path.map_err(path_error)?;
+    q: Result<Query<SubscribeQuery>, QueryRejection>,
+) -> Result<Response, Response> {
+    let access = creds
+        .require(&state.auth)
+        .map_err(|d| Refused(d).into_response())?;
+    let Path(table) = path.map_err(|e| path_error(e).into_response())?;
+    let Query(q) = q.map_err(|e| query_error(e).into_response())?;
     // `keys`, `where` and `columns` select as they do for live clients
     let selector = q
         .selector()
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e).into_response())?;
     if let Some(u) = state
         .fanout
         .unions
@@ -215,10 +273,14 @@ async fn get_table(
         let body = tokio::task::spawn_blocking(move || {
             let mut rows = Map::new();
             for name in tables.names().into_iter().filter(|n| u.pattern.is_match(n)) {
+                // each member as the caller may read it (members it may not are left out)
+                let Ok(sel) = access.selector(&name, Selector::default()) else {
+                    continue;
+                };
                 if let Some(t) = tables.get(&name) {
                     for (k, e) in &t.read().rows {
                         let key = union_key(&name, k);
-                        if selector.wants(&key, Some(&e.row)) {
+                        if sel.wants(k, Some(&e.row)) && selector.wants(&key, Some(&e.row)) {
                             let row = selector.project(&e.row).into_owned();
                             rows.insert(key, Value::Object(row));
                         }
@@ -228,27 +290,25 @@ async fn get_table(
             serde_json::to_vec(&json!({"table": u.name, "union": true, "rows": rows}))
         })
         .await
-        .map_err(|_| internal())?
-        .map_err(|_| internal())?;
+        .map_err(|_| internal().into_response())?
+        .map_err(|_| internal().into_response())?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
     }
-    let t = state
-        .tables
-        .get(&table)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")))?;
+    let sel = access.selector(&table, selector).map_err(|d| {
+        crate::auth::log_refusal(&access, &table, &d);
+        Refused(d).into_response()
+    })?;
+    let t = state.tables.get(&table).ok_or_else(|| {
+        ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")).into_response()
+    })?;
     // a large table takes milliseconds to serialise: keep it off the async workers
     let body = tokio::task::spawn_blocking(move || {
         let t = t.read();
         let rows: Map<String, Value> = t
             .rows
             .iter()
-            .filter(|(k, e)| selector.wants(k, Some(&e.row)))
-            .map(|(k, e)| {
-                (
-                    k.clone(),
-                    Value::Object(selector.project(&e.row).into_owned()),
-                )
-            })
+            .filter(|(k, e)| sel.wants(k, Some(&e.row)))
+            .map(|(k, e)| (k.clone(), Value::Object(sel.project(&e.row).into_owned())))
             .collect();
         serde_json::to_vec(&json!({
             "table": table,
@@ -260,8 +320,8 @@ async fn get_table(
         }))
     })
     .await
-    .map_err(|_| internal())?
-    .map_err(|_| internal())?;
+    .map_err(|_| internal().into_response())?
+    .map_err(|_| internal().into_response())?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -271,32 +331,51 @@ fn internal() -> ApiError {
 
 async fn get_row(
     State(state): State<AppState>,
+    creds: Credentials,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Path((table, key)) = path.map_err(path_error)?;
+) -> Result<Json<Value>, Response> {
+    let access = creds
+        .require(&state.auth)
+        .map_err(|d| Refused(d).into_response())?;
+    let Path((table, key)) = path.map_err(|e| path_error(e).into_response())?;
+    // a key outside the token's key patterns is refused (403, saying so); a row its row filter
+    // hides is answered like a row that does not exist (404), so other rows' existence stays
+    // private
+    let sel = access
+        .selector(&table, Selector::keys(Some([key.clone()].into())))
+        .map_err(|d| Refused(d).into_response())?;
     if state.tables.get(&table).is_none() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("unknown table `{table}`"),
-        ));
+        return Err(
+            ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")).into_response(),
+        );
     }
-    let row = state.tables.row(&table, &key).ok_or_else(|| {
+    let no_row = || {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("no row `{key}` in table `{table}`"),
         )
-    })?;
+        .into_response()
+    };
+    let row = state.tables.row(&table, &key).ok_or_else(no_row)?;
+    if !sel.wants(&key, Some(&row)) {
+        return Err(no_row());
+    }
     Ok(Json(Value::Object((*row).clone())))
 }
 
 /// `/ws`: a WebSocket upgrade; a plain GET gets a JSON error.
 async fn ws(
     State(state): State<AppState>,
-    Query(q): Query<SubscribeQuery>,
+    q: Result<Query<SubscribeQuery>, QueryRejection>,
+    creds: Credentials,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return query_error(e).into_response(),
+    };
     match upgrade {
-        Ok(ws) => crate::fanout::ws::upgrade(state, q, ws, false),
+        Ok(ws) => crate::fanout::ws::upgrade(state, q, ws, false, creds),
         Err(e) => ApiError(
             e.status(),
             format!("a WebSocket upgrade is required here: {}", e.body_text()),
@@ -321,11 +400,16 @@ async fn client_js() -> Response {
 /// seed system connect to `ws://host:port/`); a plain GET serves the live page.
 async fn index(
     State(state): State<AppState>,
-    Query(q): Query<SubscribeQuery>,
+    q: Result<Query<SubscribeQuery>, QueryRejection>,
+    creds: Credentials,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return query_error(e).into_response(),
+    };
     match upgrade {
-        Ok(ws) => crate::fanout::ws::upgrade(state, q, ws, true),
+        Ok(ws) => crate::fanout::ws::upgrade(state, q, ws, true, creds),
         Err(_) => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
             INDEX_HTML,

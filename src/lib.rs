@@ -5,12 +5,14 @@
 //! restore, follower) -> `fanout` (hub, subscriptions, WebSocket/SSE) -> clients. [`start`] wires
 //! the parts a role needs and returns a [`Service`]; cancelling its token shuts it down.
 
+pub mod auth;
 pub mod cdc;
 pub mod config;
 pub mod fanout;
 pub mod filter;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod patch;
 pub mod publish;
 pub mod table;

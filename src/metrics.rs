@@ -60,6 +60,8 @@ pub struct Metrics {
     pub offset_resets: IntCounterVec,
     /// Publishing (src/publish), defined in its own block below.
     pub publish: PublishMetrics,
+    /// Connections, authentication and reloads (`net`, `auth`).
+    pub security: SecurityMetrics,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -236,6 +238,7 @@ impl Metrics {
             offset_resets: counter_vec(&r, "livetable_offset_resets_total", "Input partitions whose position no longer existed on the broker (retention passed, topic recreated): consumption went on from the earliest offset; changes in between were lost.", &["topic", "partition"]),
             follower_lag: gauge_vec(&r, "livetable_follower_lag", "Largest changelog lag (records) of the partitions the follower reads, by table.", &["table"]),
             publish: PublishMetrics::register(&r),
+            security: SecurityMetrics::register(&r),
             registry: r,
         };
         // series of the fixed label sets exist from the start, so rate() and alerts see zeros
@@ -276,6 +279,9 @@ impl Metrics {
                 "rate_limited",
                 "slow_consumer",
                 "server_busy",
+                "unauthorized",
+                "token_expired",
+                "forbidden",
             ],
         );
         init(&m.connections_opened, &["ws", "sse"]);
@@ -289,6 +295,10 @@ impl Metrics {
                 "idle",
                 "shutdown",
                 "rate_limited",
+                "invalid_utf8",
+                "too_big",
+                "unauthorized",
+                "token_expired",
             ],
         );
         init(&m.sent_bytes, &["snapshot", "patch", "row", "control"]);
@@ -305,6 +315,58 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The metrics of the listeners and of authentication.
+pub struct SecurityMetrics {
+    pub tcp_connections: IntGauge,
+    pub tcp_refused: IntCounterVec,
+    pub tcp_timeouts: IntCounterVec,
+    pub tls_handshake_errors: IntCounter,
+    pub access_denied: IntCounterVec,
+    pub reloads: IntCounterVec,
+}
+
+impl SecurityMetrics {
+    fn register(r: &Registry) -> Self {
+        let tcp_connections = IntGauge::new(
+            "livetable_tcp_connections",
+            "Open connections of the public listener, of every kind (HTTP, WebSocket, SSE).",
+        )
+        .unwrap_or_else(|e| panic!("metric tcp_connections: {e}"));
+        r.register(Box::new(tcp_connections.clone()))
+            .unwrap_or_else(|e| panic!("metric tcp_connections: {e}"));
+        let tls_handshake_errors = IntCounter::new(
+            "livetable_tls_handshake_errors_total",
+            "TLS handshakes that failed (not TLS, no common cipher, reset).",
+        )
+        .unwrap_or_else(|e| panic!("metric tls_handshake_errors: {e}"));
+        r.register(Box::new(tls_handshake_errors.clone()))
+            .unwrap_or_else(|e| panic!("metric tls_handshake_errors: {e}"));
+        let m = SecurityMetrics {
+            tcp_connections,
+            tcp_refused: counter_vec(r, "livetable_tcp_refused_total", "Connections refused at accept, by reason (max_connections, per_ip).", &["reason"]),
+            tcp_timeouts: counter_vec(r, "livetable_tcp_timeouts_total", "Connections closed by a timeout, by phase (handshake: TLS or a request head too slow; idle: no byte for the idle timeout).", &["phase"]),
+            tls_handshake_errors,
+            access_denied: counter_vec(r, "livetable_access_denied_total", "Requests, connections or subscriptions refused, by reason (unauthorized, token_expired, forbidden, origin).", &["reason"]),
+            reloads: counter_vec(r, "livetable_reloads_total", "Reloads of files that changed, by file (tls, jwt_keys) and result (ok, error).", &["file", "result"]),
+        };
+        for x in ["max_connections", "per_ip"] {
+            m.tcp_refused.with_label_values(&[x]);
+        }
+        for x in ["handshake", "idle"] {
+            m.tcp_timeouts.with_label_values(&[x]);
+        }
+        for x in ["unauthorized", "token_expired", "forbidden", "origin"] {
+            m.access_denied.with_label_values(&[x]);
+        }
+        for f in ["tls", "jwt_keys"] {
+            for x in ["ok", "error"] {
+                m.reloads.with_label_values(&[f, x]);
+            }
+        }
+        m
     }
 }
 

@@ -56,11 +56,17 @@ pub enum ServiceError {
     Task(String),
     #[error("publishing: {0}")]
     Publish(#[from] crate::publish::PublishError),
+    #[error("token keys: {0}")]
+    AuthKeys(#[from] crate::auth::keys::KeyError),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::net::tls::TlsError),
 }
 
 /// A running livetable.
 pub struct Service {
     pub local_addr: SocketAddr,
+    /// The admin listener's address (`--admin-listen`).
+    pub admin_addr: Option<SocketAddr>,
     pub tables: Arc<Tables>,
     pub readiness: Arc<Readiness>,
     pub hub: Arc<Hub>,
@@ -167,6 +173,14 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         }
         _ => None,
     };
+    let auth = Arc::new(crate::auth::Auth::from_config(
+        &config.security.auth,
+        metrics.clone(),
+    )?);
+    let tls = match &config.security.tls {
+        Some(files) => Some(Arc::new(crate::net::tls::Tls::load(files)?)),
+        None => None,
+    };
     let state = http::AppState {
         publisher: publisher.clone(),
         role,
@@ -177,6 +191,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         fanout: Arc::new(fanout::FanoutLimits::from_config(&config)),
         connections: Arc::new(AtomicUsize::new(0)),
         shutdown: cancel.clone(),
+        auth: auth.clone(),
+        origins: Arc::new(config.security.origins.clone()),
+        admin_separate: config.security.admin_listen.is_some(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -184,15 +201,50 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let local_addr = listener
         .local_addr()
         .map_err(|e| ServiceError::Bind(config.listen, e))?;
+    let admin = match config.security.admin_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServiceError::Bind(addr, e))?;
+            let a = l.local_addr().map_err(|e| ServiceError::Bind(addr, e))?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|(_, a)| *a);
     let server = {
-        let cancel = cancel.clone();
-        let app = http::router(state);
+        let limits = &config.security.limits;
+        let app = crate::net::http_layers(
+            http::router(state.clone()),
+            limits.request_timeout,
+            limits.max_concurrent_requests,
+        );
+        let public = crate::net::serve(
+            listener,
+            app,
+            crate::net::ListenerOptions::public(config.max_connections, limits, tls.clone()),
+            metrics.clone(),
+            cancel.clone(),
+        );
+        let admin = admin.map(|(l, _)| {
+            crate::net::serve(
+                l,
+                crate::net::http_layers(
+                    http::admin_router(state.clone()),
+                    limits.request_timeout,
+                    64,
+                ),
+                crate::net::ListenerOptions::admin(limits),
+                metrics.clone(),
+                cancel.clone(),
+            )
+        });
         tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { cancel.cancelled().await })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "http server failed");
+            match admin {
+                Some(admin) => {
+                    tokio::join!(public, admin);
+                }
+                None => public.await,
             }
             // no new publishes: produce what is queued, wait for the acks, flush the ids
             if let Some(p) = publisher {
@@ -200,7 +252,17 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             }
         })
     };
-    tracing::info!(%local_addr, role = role.as_str(), "http listening");
+    auth.watch(RELOAD_EVERY, cancel.clone());
+    if let Some(tls) = &tls {
+        tls.watch(RELOAD_EVERY, cancel.clone(), metrics.clone());
+    }
+    crate::net::warn_if_exposed(
+        local_addr,
+        auth.enabled(),
+        tls.is_some(),
+        admin_addr.is_some(),
+    );
+    tracing::info!(%local_addr, ?admin_addr, tls = tls.is_some(), auth = auth.enabled(), role = role.as_str(), "http listening");
 
     let loaded = {
         let s = store.clone();
@@ -505,6 +567,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let _stop_on_drop = cancel.clone().drop_guard();
     Ok(Service {
         local_addr,
+        admin_addr,
         tables,
         readiness,
         hub,
@@ -554,6 +617,9 @@ fn watch_checkpoints(
         }
     });
 }
+
+/// How often certificate and key files are looked at for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 fn now_micros() -> u64 {
     std::time::SystemTime::now()

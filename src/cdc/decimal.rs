@@ -101,7 +101,7 @@ pub fn format_unscaled(unscaled: &BigInt, scale: i64) -> Result<String, DecimalE
 /// short mixed-case token. A heuristic, used only to count and warn; the value is kept unchanged.
 pub fn looks_like_base64_decimal(s: &str) -> bool {
     let len = s.len();
-    if !(4..=44).contains(&len) || len % 4 != 0 {
+    if !(4..=44).contains(&len) || !len.is_multiple_of(4) {
         return false;
     }
     let body = s.trim_end_matches('=');

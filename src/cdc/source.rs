@@ -269,11 +269,14 @@ pub fn generation<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> i32 {
     }
 }
 
-/// Common client settings: brokers, then the user's `--kafka-prop` overrides.
+/// Common client settings: brokers, then the user's `--kafka-prop` overrides (so the admin client
+/// speaks TLS/SASL too; the consumer and producers apply them again after their own settings, so
+/// the user's value wins there as well).
 pub fn client_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
     c.set("client.id", format!("livetable-{}", config.group_id));
+    apply_overrides(&mut c, config);
     c
 }
 

@@ -116,7 +116,8 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_RESUME_WAIT_MS", value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume_wait_ms: Option<u64>,
-    /// Most concurrent WebSocket and SSE connections [default: 10000].
+    /// Most open connections on `--listen`, of every kind (HTTP, WebSocket, SSE); more are answered
+    /// 503 and closed [default: 10000].
     #[arg(long, env = "LIVETABLE_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
@@ -151,6 +152,102 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_secs: Option<u64>,
+
+    // --- exposure: authentication, origins, TLS, the admin listener, limits (docs/security.md) ---
+    /// Client authentication: `none` (anyone who reaches the port reads every table) or `jwt`
+    /// (a signed token with the tables, keys and rows it may read) [default: none].
+    #[arg(long, env = "LIVETABLE_AUTH", value_name = "MODE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    /// `--auth jwt`: file with the HS256 shared secret (its bytes, a trailing newline removed);
+    /// re-read when it changes.
+    #[arg(long, env = "LIVETABLE_JWT_SECRET_FILE", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// `--auth jwt`: PEM file with the RS256 (RSA) or ES256 (P-256) public key; re-read when it
+    /// changes.
+    #[arg(long, env = "LIVETABLE_JWT_PUBLIC_KEY_FILE", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// `--auth jwt`: JWKS file (RS256 and ES256 keys chosen by the token's `kid`); re-read when it
+    /// changes.
+    #[arg(long, env = "LIVETABLE_JWT_JWKS_FILE", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// `--auth jwt`: the `iss` a token must carry (not checked when unset).
+    #[arg(long, env = "LIVETABLE_JWT_ISSUER", value_name = "ISS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// `--auth jwt`: the `aud` a token must carry (not checked when unset).
+    #[arg(long, env = "LIVETABLE_JWT_AUDIENCE", value_name = "AUD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// `--auth jwt`: the claim holding livetable's grants (`tables`, `keys`, `rows`)
+    /// [default: livetable].
+    #[arg(long, env = "LIVETABLE_JWT_CLAIM", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_claim: Option<String>,
+    /// `--auth jwt`: clock skew tolerated on `exp` and `nbf` at verification, in seconds
+    /// [default: 5].
+    #[arg(long, env = "LIVETABLE_JWT_LEEWAY_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_leeway_secs: Option<u64>,
+    /// Origins allowed to open WebSocket and SSE connections and to read the HTTP API from a
+    /// browser (CORS): comma-separated `scheme://host[:port]`, or `*` for any. Requests without an
+    /// `Origin` header (non-browser clients) and same-origin requests are always allowed
+    /// [default: same origin only].
+    #[arg(long, env = "LIVETABLE_ALLOWED_ORIGINS", value_name = "ORIGINS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<String>,
+    /// PEM certificate chain: serve HTTPS/WSS on `--listen` (with `--tls-key`); re-read when it
+    /// changes.
+    #[arg(long, env = "LIVETABLE_TLS_CERT", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`; re-read when it changes.
+    #[arg(long, env = "LIVETABLE_TLS_KEY", value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Address for `/metrics`, `/healthz` and `/readyz` (plain HTTP); when set they are not served
+    /// on `--listen`.
+    #[arg(long, env = "LIVETABLE_ADMIN_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
+    /// Most open connections from one IP address, of every kind; 0: no limit [default: 1000].
+    #[arg(long, env = "LIVETABLE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Most subscriptions on one WebSocket connection [default: 64].
+    #[arg(long, env = "LIVETABLE_MAX_SUBSCRIPTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions: Option<usize>,
+    /// Messages per second a WebSocket client may send (bursts of twice that) [default: 50].
+    #[arg(long, env = "LIVETABLE_MAX_MESSAGES_PER_SEC", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages_per_sec: Option<u32>,
+    /// Largest WebSocket frame or message a client may send, in bytes (larger: close 1009)
+    /// [default: 65536].
+    #[arg(long, env = "LIVETABLE_MAX_FRAME_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<usize>,
+    /// Seconds a new connection has for its TLS handshake, and any connection for each request
+    /// head (a WebSocket upgrade included) and between requests [default: 10].
+    #[arg(long, env = "LIVETABLE_HANDSHAKE_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_secs: Option<u64>,
+    /// Seconds without a byte in either direction (or, on a WebSocket, without a frame from the
+    /// client) after which a connection is closed [default: 60].
+    #[arg(long, env = "LIVETABLE_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Seconds an HTTP API request may take before it is answered 503 [default: 30].
+    #[arg(long, env = "LIVETABLE_REQUEST_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_timeout_secs: Option<u64>,
+    /// HTTP requests handled at once; more are answered 503 at once [default: 512].
+    #[arg(long, env = "LIVETABLE_MAX_CONCURRENT_REQUESTS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<usize>,
 }
 
 impl Args {

@@ -3,6 +3,7 @@
 //! default, then validated here into a [`Config`]. Every error names the setting at fault.
 
 pub mod args;
+pub mod security;
 mod topics;
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use args::Args;
+pub use security::SecurityConfig;
 pub use topics::{check_topic_chars, parse_topics, KeyColumns, TopicSelection};
 
 /// Errors found while loading or validating configuration.
@@ -137,6 +139,8 @@ pub struct Config {
     pub publish: Option<crate::publish::PublishConfig>,
     /// Topics read as row states (`upsert` in the views file), by topic.
     pub upsert: Arc<HashMap<String, crate::cdc::decode::UpsertInput>>,
+    /// Authentication, origins, TLS, the admin listener and client limits.
+    pub security: SecurityConfig,
 }
 
 impl Config {
@@ -156,6 +160,7 @@ impl Config {
             Some(path) => args.over_file(&path)?,
             None => args,
         };
+        let security = SecurityConfig::from_args(&a)?;
         let role = match a.role.as_deref() {
             None | Some("all") => Role::All,
             Some("materialiser" | "materializer") => Role::Materialiser,
@@ -348,6 +353,7 @@ impl Config {
             unions,
             publish,
             upsert: Arc::new(upsert),
+            security,
         })
     }
 

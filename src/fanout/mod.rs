@@ -33,6 +33,8 @@ pub struct FanoutLimits {
     pub messages_per_sec: f64,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// How long a WebSocket without a token in its upgrade has to send its `auth` message.
+    pub auth_timeout: Duration,
     /// How long a resume waits for this node to reach the client's position.
     pub resume_wait: Duration,
     /// Tables a `format=rows` client on `/` gets (all when `None`).
@@ -46,11 +48,13 @@ impl FanoutLimits {
             max_connections: c.max_connections,
             slow_client: c.slow_client,
             default_format: c.default_format,
-            max_subscriptions: 64,
-            max_message_bytes: 64 * 1024,
-            messages_per_sec: 50.0,
-            ping_interval: Duration::from_secs(15),
-            idle_timeout: Duration::from_secs(60),
+            max_subscriptions: c.security.limits.max_subscriptions,
+            max_message_bytes: c.security.limits.max_frame_bytes,
+            messages_per_sec: f64::from(c.security.limits.max_messages_per_sec),
+            // pings (WebSocket) and keep-alives (SSE) keep a healthy connection from looking idle
+            ping_interval: (c.security.limits.idle_timeout / 4).min(Duration::from_secs(15)),
+            idle_timeout: c.security.limits.idle_timeout,
+            auth_timeout: c.security.limits.handshake_timeout,
             resume_wait: c.resume_wait,
             root_tables: c.root_tables.clone(),
             unions: c.unions.clone().into(),
@@ -134,7 +138,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
                 .inc();
             "control"
         }
-        Outgoing::Pong | Outgoing::Publish(_) => "control",
+        Outgoing::Pong | Outgoing::Publish(_) | Outgoing::Authenticated { .. } => "control",
     };
     metrics
         .sent_bytes

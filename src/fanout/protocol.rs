@@ -56,6 +56,10 @@ pub enum Outgoing {
     Pong,
     /// The answer to a publish (`ack` or `nack`), already JSON.
     Publish(String),
+    /// A token sent in an `auth` or `refresh` message was accepted; it expires at `exp`.
+    Authenticated {
+        exp: Option<u64>,
+    },
 }
 
 /// The text of a patch message.
@@ -106,6 +110,9 @@ impl Outgoing {
             }
             Outgoing::Pong => json!({"type": "pong"}).to_string(),
             Outgoing::Publish(text) => text.clone(),
+            Outgoing::Authenticated { exp } => {
+                json!({"type": "authenticated", "exp": exp}).to_string()
+            }
         };
         vec![text.into()]
     }
@@ -130,6 +137,7 @@ impl Outgoing {
             Outgoing::Error { .. } => "error",
             Outgoing::Pong => "pong",
             Outgoing::Publish(_) => "publish",
+            Outgoing::Authenticated { .. } => "authenticated",
         }
     }
 }
@@ -144,6 +152,12 @@ pub enum ErrorCode {
     RateLimited,
     SlowConsumer,
     ServerBusy,
+    /// No token, or one that does not verify (fatal before the connection is authenticated).
+    Unauthorized,
+    /// The token expired (fatal).
+    TokenExpired,
+    /// The token does not allow this subscription.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -156,11 +170,17 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::ServerBusy => "server_busy",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 
     pub fn is_fatal(self) -> bool {
-        matches!(self, ErrorCode::SlowConsumer | ErrorCode::ServerBusy)
+        matches!(
+            self,
+            ErrorCode::SlowConsumer | ErrorCode::ServerBusy | ErrorCode::TokenExpired
+        )
     }
 }
 
@@ -187,6 +207,14 @@ pub enum ClientMessage {
     Ping,
     /// Write a record to a writable topic (docs/publish.md).
     Publish(crate::publish::PublishRequest),
+    /// The token, as the first message when the upgrade request carried none.
+    Auth {
+        token: String,
+    },
+    /// A new token replacing the connection's (before the old one expires).
+    Refresh {
+        token: String,
+    },
 }
 
 /// A `columns` list in a subscribe message: an array of names or one comma-separated string.

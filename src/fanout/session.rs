@@ -19,6 +19,7 @@ use super::protocol::{ErrorCode, Format, Outgoing};
 use super::selector::Selector;
 use super::snapshot::frames;
 use super::subscription::{Absorbed, SharedFrame, Subscription};
+use crate::auth::{Access, Denied};
 use crate::config::UnionDef;
 use crate::metrics::Metrics;
 
@@ -30,6 +31,8 @@ struct Member {
     sub: Subscription,
     /// The union it belongs to (rows rekeyed `table/key`, sent as the union's).
     union: Option<String>,
+    /// What the client asked for, before the token's grants narrowed it (`sub.selector`).
+    requested: Selector,
 }
 
 /// A subscription waiting for its table.
@@ -66,6 +69,8 @@ pub struct Session {
     created: Option<broadcast::Receiver<String>>,
     /// Whether the node is caught up (patch-format sessions are told when it changes).
     freshness: Option<tokio::sync::watch::Receiver<crate::table::readiness::Freshness>>,
+    /// What the connection's token allows; every subscription is narrowed by it.
+    access: Access,
     /// Whole messages waiting to be written before the pending patches.
     pub queued: Vec<Outgoing>,
     /// Shared, already serialised patch frames, written as they are.
@@ -93,6 +98,7 @@ impl Session {
             all_rows: None,
             created: None,
             freshness: None,
+            access: Access::Open,
             queued: Vec::new(),
             frames: Vec::new(),
         }
@@ -110,6 +116,21 @@ impl Session {
             caught_up: false,
             reason: now.reason,
         })
+    }
+
+    /// The session of a connection holding `access`.
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Sets the access of a session that holds no subscription yet.
+    pub fn init_access(&mut self, access: Access) {
+        self.access = access;
+    }
+
+    pub fn access(&self) -> &Access {
+        &self.access
     }
 
     fn watch_created(&mut self) {
@@ -135,11 +156,62 @@ impl Session {
     }
 
     fn all_rows_wants(&self, table: &str) -> bool {
-        match &self.all_rows {
+        let wanted = match &self.all_rows {
             Some(Some(p)) => p.is_match(table),
             Some(None) => true,
             None => false,
+        };
+        // every table means every table the token may read
+        wanted && self.access.check_table(table).is_ok()
+    }
+
+    /// Sets the connection's access (a verified token). When a refreshed token changes the
+    /// grants, every subscription starts again under the new ones: a fresh snapshot, or an error
+    /// `forbidden` for a subscription they no longer allow.
+    pub async fn set_access(&mut self, access: Access) -> Vec<Outgoing> {
+        let changed = !self.access.same_grants(&access);
+        self.access = access;
+        if !changed {
+            return Vec::new();
         }
+        let mut out = Vec::new();
+        let members = std::mem::take(&mut self.members);
+        self.streams = StreamMap::new();
+        for m in members {
+            let table = m.sub.table.clone();
+            let format = m.sub.format;
+            drop(m.sub);
+            let o = self
+                .start(&table, m.requested, None, format, m.union.as_deref())
+                .await;
+            match &m.union {
+                Some(u) => out.extend(o.into_iter().map(|o| into_union(u, &table, o))),
+                None => out.extend(o),
+            }
+        }
+        let waiting = std::mem::take(&mut self.waiting);
+        for w in waiting {
+            match self.access.check_table(&w.table) {
+                Ok(()) => self.waiting.push(w),
+                Err(d) => out.push(self.refused(&w.table, d)),
+            }
+        }
+        // tables the new grants add to the every-table mode or to unions
+        for info in self.hub.tables().list() {
+            self.on_created(&info.name).await;
+        }
+        out.append(&mut self.queued);
+        out
+    }
+
+    fn refused(&self, table: &str, d: Denied) -> Outgoing {
+        crate::auth::log_refusal(&self.access, table, &d);
+        let code = match d.kind {
+            crate::auth::DenyKind::Forbidden => ErrorCode::Forbidden,
+            crate::auth::DenyKind::Expired => ErrorCode::TokenExpired,
+            crate::auth::DenyKind::Unauthorized => ErrorCode::Unauthorized,
+        };
+        error(code, d.reason)
     }
 
     /// Subscribes to `table` (a table or a union), replacing an earlier subscription to it.
@@ -238,6 +310,13 @@ impl Session {
         format: Format,
         union: Option<&str>,
     ) -> Vec<Outgoing> {
+        let requested = selector.clone();
+        let selector = match self.access.selector(table, selector) {
+            Ok(s) => s,
+            // a union's member the token does not allow is simply not part of it for this client
+            Err(_) if union.is_some() => return Vec::new(),
+            Err(d) => return vec![self.refused(table, d)],
+        };
         let Some(rx) = self.hub.updates(table) else {
             if union.is_some() {
                 return Vec::new();
@@ -245,7 +324,7 @@ impl Session {
             self.watch_created();
             self.waiting.push(Waiter {
                 table: table.to_string(),
-                selector,
+                selector: requested,
                 format,
             });
             return vec![Outgoing::Waiting {
@@ -273,6 +352,7 @@ impl Session {
                 self.members.push(Member {
                     sub,
                     union: union.map(String::from),
+                    requested,
                 });
                 out
             }
@@ -446,7 +526,7 @@ impl Session {
             let out = self
                 .start(
                     &m.sub.table,
-                    m.sub.selector.clone(),
+                    m.requested.clone(),
                     None,
                     m.sub.format,
                     m.union.as_deref(),
@@ -473,7 +553,7 @@ impl Session {
             let out = self
                 .start(
                     &m.sub.table,
-                    m.sub.selector.clone(),
+                    m.requested.clone(),
                     None,
                     m.sub.format,
                     m.union.as_deref(),

@@ -6,7 +6,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -18,6 +17,7 @@ use serde_json::json;
 use super::protocol::{ErrorCode, Format, Outgoing, SubscribeQuery};
 use super::session::Session;
 use super::{record_sent, ConnectionSlot};
+use crate::auth::{Credentials, Refused};
 use crate::http::AppState;
 
 struct StreamState {
@@ -26,15 +26,28 @@ struct StreamState {
     queue: VecDeque<Outgoing>,
     /// Events of the message being sent (a snapshot may be several).
     events: VecDeque<Event>,
+    /// When the token expires: the stream ends then with an `error` event.
+    expires: Option<tokio::time::Instant>,
+    /// The stream ends once the events queued are sent.
+    done: bool,
     _slot: ConnectionSlot,
 }
 
 /// Opens an event stream for one table.
 pub async fn handler(
     State(state): State<AppState>,
-    Query(q): Query<SubscribeQuery>,
+    q: Result<Query<SubscribeQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    creds: Credentials,
 ) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return crate::http::query_error(e).into_response(),
+    };
+    let access = match creds.require(&state.auth) {
+        Ok(a) => a,
+        Err(d) => return Refused(d).into_response(),
+    };
     let bad = |status: StatusCode, code: ErrorCode, msg: String| {
         state
             .metrics
@@ -61,6 +74,13 @@ pub async fn handler(
         Ok(s) => s,
         Err(e) => return bad(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
     };
+    // a subscription the token refuses is an HTTP 403 before the stream starts
+    if !state.fanout.unions.iter().any(|u| u.name == table) {
+        if let Err(d) = access.selector(&table, selector.clone()) {
+            crate::auth::log_refusal(&access, &table, &d);
+            return Refused(d).into_response();
+        }
+    }
     let since = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -77,13 +97,15 @@ pub async fn handler(
             "too many connections".into(),
         );
     };
+    let expires = state.auth.deadline(&access);
     let mut session = Session::new(
         state.hub.clone(),
         state.metrics.clone(),
         state.fanout.resume_wait,
         1,
         state.fanout.unions.clone(),
-    );
+    )
+    .with_access(access);
     let mut initial = session
         .subscribe(&table, selector, since.as_deref(), Format::Patch)
         .await;
@@ -98,12 +120,18 @@ pub async fn handler(
         session,
         queue: initial.into(),
         events: VecDeque::new(),
+        expires,
+        done: false,
         _slot: slot,
     };
+    let keep_alive = st.state.fanout.ping_interval;
     let stream = futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(event) = st.events.pop_front() {
                 return Some((Ok::<Event, Infallible>(event), st));
+            }
+            if st.done {
+                return None;
             }
             if let Some(out) = st.queue.pop_front() {
                 let frames = out.frames();
@@ -144,6 +172,29 @@ pub async fn handler(
             }
             tokio::select! {
                 event = st.session.next() => st.session.on_event(event).await,
+                _ = async {
+                    match st.expires {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    st.state.auth.count(&crate::auth::Denied::expired("the token expired"));
+                    st.state
+                        .metrics
+                        .connections_closed
+                        .with_label_values(&["token_expired"])
+                        .inc();
+                    st.expires = None;
+                    let bye = Outgoing::Error {
+                        code: ErrorCode::TokenExpired,
+                        message: "the token expired; reconnect with a new one".into(),
+                    };
+                    let data = bye.frames().pop().unwrap_or_default();
+                    st.events.push_back(Event::default().event("error").data(data.as_str()));
+                    st.queue.clear();
+                    st.done = true;
+                    continue;
+                }
                 _ = st.state.shutdown.cancelled() => {
                     st.state
                         .metrics
@@ -156,6 +207,6 @@ pub async fn handler(
         }
     });
     Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .keep_alive(KeepAlive::new().interval(keep_alive))
         .into_response()
 }

@@ -8,6 +8,7 @@
 //! Nothing a client sends can panic the server.
 
 use std::collections::HashSet;
+use std::num::NonZeroU32;
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -24,21 +25,40 @@ use super::selector::Selector;
 use super::session::{error, Session};
 use super::subscription::SharedFrame;
 use super::{record_sent, ConnectionSlot};
+use crate::auth::{Access, Credentials, Refused};
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::publish::{Nack, NackCode, PublishContext, PublishFuture, Reply};
+
+/// A client's message rate (`--max-messages-per-sec`, bursts of twice that).
+type RateLimiter = governor::DefaultDirectRateLimiter;
 
 /// Upgrades to a WebSocket connection, within the global connection cap.
 pub async fn handler(
     State(state): State<AppState>,
     Query(q): Query<SubscribeQuery>,
+    creds: Credentials,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, q, ws, false)
+    upgrade(state, q, ws, false, creds)
 }
 
-/// The upgrade; `root`: the connection came to `/` (the seed system's clients).
-pub fn upgrade(state: AppState, q: SubscribeQuery, ws: WebSocketUpgrade, root: bool) -> Response {
+/// The upgrade; `root`: the connection came to `/` (the seed system's clients). A token in the
+/// request that does not verify is refused here (401); without one, when auth is on, the client
+/// must send an `auth` message first.
+pub fn upgrade(
+    state: AppState,
+    q: SubscribeQuery,
+    ws: WebSocketUpgrade,
+    root: bool,
+    creds: Credentials,
+) -> Response {
+    let access = match creds.0 {
+        Some(Err(d)) => return Refused(d).into_response(),
+        Some(Ok(a)) => Some(a),
+        None if state.auth.enabled() => None,
+        None => Some(Access::Open),
+    };
     let Some(slot) = ConnectionSlot::acquire(
         &state.connections,
         state.fanout.max_connections,
@@ -72,7 +92,9 @@ pub fn upgrade(state: AppState, q: SubscribeQuery, ws: WebSocketUpgrade, root: b
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            let reason = Connection::new(state.clone()).run(socket, q, root).await;
+            let reason = Connection::new(state.clone())
+                .run(socket, q, root, access)
+                .await;
             state
                 .metrics
                 .connections_closed
@@ -89,9 +111,10 @@ struct Connection {
     publish: Option<crate::publish::Session>,
     /// Answers of the publishes not yet answered (at most `max_in_flight`: more are nacked).
     answers: FuturesUnordered<PublishFuture>,
-    tokens: f64,
-    last_refill: Instant,
+    limiter: RateLimiter,
     violations: u32,
+    /// When the token expires (with the leeway): the connection ends then unless refreshed.
+    expires: Option<tokio::time::Instant>,
 }
 
 /// Publishes of one connection whose answers are not yet written; beyond, the socket is not read.
@@ -104,7 +127,9 @@ enum Step {
 
 impl Connection {
     fn new(state: AppState) -> Self {
-        let tokens = state.fanout.messages_per_sec * 2.0;
+        let rate = NonZeroU32::new(state.fanout.messages_per_sec as u32).unwrap_or(NonZeroU32::MIN);
+        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        let limiter = RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
         let session = Session::new(
             state.hub.clone(),
             state.metrics.clone(),
@@ -121,14 +146,33 @@ impl Connection {
             session,
             publish,
             answers: FuturesUnordered::new(),
-            tokens,
-            last_refill: Instant::now(),
+            limiter,
             violations: 0,
+            expires: None,
         }
     }
 
-    async fn run(mut self, mut socket: WebSocket, q: SubscribeQuery, root: bool) -> &'static str {
+    async fn run(
+        mut self,
+        mut socket: WebSocket,
+        q: SubscribeQuery,
+        root: bool,
+        access: Option<Access>,
+    ) -> &'static str {
         let mut initial = Vec::new();
+        let access = match access {
+            Some(a) => a,
+            // the upgrade carried no token: the first message must be `auth`
+            None => match crate::auth::ws::first_message(&self.state, &mut socket).await {
+                Ok(a) => {
+                    initial.push(Outgoing::Authenticated { exp: a.expires() });
+                    a
+                }
+                Err(reason) => return reason,
+            },
+        };
+        self.expires = self.state.auth.deadline(&access);
+        self.session.init_access(access);
         let format = match q.format.as_deref() {
             // `/ws` speaks patches unless asked; `/` uses --default-format
             None if root => self.state.fanout.default_format,
@@ -221,15 +265,33 @@ impl Connection {
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
                         Some(Ok(Message::Close(_))) | None => Step::Close("client_closed"),
-                        // a reset connection, or a frame over the size limit (the WebSocket layer refuses it)
-                        Some(Err(_)) => Step::Close("read_error"),
+                        // a frame over the size limit (1009), a text frame that is not UTF-8
+                        // (1007), or a reset connection
+                        Some(Err(e)) => Step::Close(read_error(e)),
                     };
                     if let Step::Close(reason) = step {
-                        if reason == "rate_limited" {
-                            let _ = socket.send(close(1008, "message rate limit exceeded")).await;
+                        let frame = match reason {
+                            "rate_limited" => Some(close(1008, "message rate limit exceeded")),
+                            "too_big" => Some(close(1009, "message too big")),
+                            "invalid_utf8" => Some(close(1007, "text frame is not valid UTF-8")),
+                            _ => None,
+                        };
+                        if let Some(frame) = frame {
+                            let _ = tokio::time::timeout(
+                                std::time::Duration::from_secs(1),
+                                socket.send(frame),
+                            )
+                            .await;
                         }
                         return reason;
                     }
+                }
+                _ = expiry(self.expires) => {
+                    self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
+                    let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
+                    let _ = send(&self.state.metrics, &mut socket, vec![bye]).await;
+                    let _ = socket.send(close(4408, "token expired")).await;
+                    return "token_expired";
                 }
                 event = self.session.next() => self.session.on_event(event).await,
                 Some(reply) = self.answers.next(), if !self.answers.is_empty() => {
@@ -268,7 +330,7 @@ impl Connection {
             self.answers.push(answer);
             return Step::Continue;
         }
-        if !self.take_token() {
+        if self.limiter.check().is_err() {
             self.violations += 1;
             if self.violations > 100 {
                 return Step::Close("rate_limited");
@@ -316,6 +378,24 @@ impl Connection {
                     )]
                 }
             }
+            Ok(ClientMessage::Auth { token } | ClientMessage::Refresh { token }) => {
+                match self.state.auth.verify(&token) {
+                    Ok(access) => {
+                        self.expires = self.state.auth.deadline(&access);
+                        let mut out = vec![Outgoing::Authenticated {
+                            exp: access.expires(),
+                        }];
+                        out.extend(self.session.set_access(access).await);
+                        out
+                    }
+                    // a refresh that does not verify keeps the current token (it still
+                    // expires as before); one that names an expired token is refused alike
+                    Err(d) => vec![error(
+                        ErrorCode::Unauthorized,
+                        format!("token refused: {}", d.reason),
+                    )],
+                }
+            }
             Err(e) => vec![error(
                 ErrorCode::BadMessage,
                 format!("invalid message: {e}"),
@@ -323,20 +403,6 @@ impl Connection {
         };
         self.session.queued.extend(out);
         Step::Continue
-    }
-
-    fn take_token(&mut self) -> bool {
-        let rate = self.state.fanout.messages_per_sec;
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last_refill).as_secs_f64() * rate)
-            .min(rate * 2.0);
-        self.last_refill = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -379,6 +445,27 @@ async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> 
         }
     }
     socket.flush().await.map_err(|_| ())
+}
+
+/// Waits until the token expires (forever without one).
+async fn expiry(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The close reason of a failed read: a frame over the limit, a text frame that is not UTF-8,
+/// or the connection itself (reset, idle timeout).
+fn read_error(e: axum::Error) -> &'static str {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => "too_big",
+            tungstenite::Error::Utf8(_) => "invalid_utf8",
+            _ => "read_error",
+        },
+        Err(_) => "read_error",
+    }
 }
 
 fn close(code: u16, reason: &'static str) -> Message {

@@ -332,7 +332,7 @@ impl Restorer {
                     }
                 }
                 folded += 1;
-                if folded % FOLD_CHUNK == 0 {
+                if folded.is_multiple_of(FOLD_CHUNK) {
                     let full = std::mem::replace(&mut delta, Delta::new(table.clone()));
                     if let Err(e) = self.commit(full) {
                         failure = Some(e);

@@ -86,7 +86,7 @@ fn the_captures_decode_the_same() {
 /// becomes `replacement`.
 fn edit(value: &str, pick: usize, replacement: Value) -> String {
     let mut v: Value = serde_json::from_str(value).unwrap();
-    let target = if v.get("payload").is_some_and(Value::is_object) && pick % 3 == 0 {
+    let target = if v.get("payload").is_some_and(Value::is_object) && pick.is_multiple_of(3) {
         &mut v["schema"]
     } else if v.get("payload").is_some_and(Value::is_object) {
         &mut v["payload"]
@@ -99,7 +99,7 @@ fn edit(value: &str, pick: usize, replacement: Value) -> String {
             let k = &keys[pick % keys.len()];
             // sometimes one level down (a column of `after`, a source field, a schema field list)
             match obj.get_mut(k.as_str()) {
-                Some(Value::Object(inner)) if pick % 2 == 0 && !inner.is_empty() => {
+                Some(Value::Object(inner)) if pick.is_multiple_of(2) && !inner.is_empty() => {
                     let ik: Vec<String> = inner.keys().cloned().collect();
                     inner.insert(ik[(pick / 2) % ik.len()].clone(), replacement);
                 }

@@ -1,0 +1,667 @@
+//! Hostile clients while a well-behaved one watches a table with changes flowing, against the real
+//! binary (its own process, so its memory is its own): garbage and binary frames, 5,000
+//! subscribes on one connection, a 10 MB frame, a text frame that is not UTF-8, 1 MB query
+//! strings, `since` garbage, 500 slowloris handshakes, 2,000 idle sockets, silent WebSockets,
+//! junk keys in HTTP paths. Checked: the limits answer with their documented codes, idle and
+//! half-sent connections are closed within the documented timeouts (short ones set here), the
+//! server's RSS stays bounded, and the well-behaved client's freshness p99 under attack is within
+//! 2x of its baseline (measured before and after the attack, in the same test).
+//!
+//! A second test fills the connection caps (in total and per address) and checks the 503.
+
+mod common;
+mod secure;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::procs::Node;
+use common::*;
+use futures::{SinkExt, StreamExt};
+use secure::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const HANDSHAKE_SECS: u64 = 2;
+const IDLE_SECS: u64 = 4;
+
+/// A masked client frame (`opcode`: 1 text, 2 binary, 8 close) announcing `len` bytes, with
+/// `payload` (which may be shorter: the rest is never sent).
+fn frame(opcode: u8, len: usize, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    if len < 126 {
+        f.push(0x80 | len as u8);
+    } else if len <= 0xffff {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// A WebSocket by hand (so it can send what a library refuses to): the upgrade, then the socket.
+async fn raw_ws(addr: std::net::SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// The text frames the server sends until its close frame, and the close code.
+async fn frames_until_close(s: &mut TcpStream, within: Duration) -> (Vec<String>, Option<u16>) {
+    let until = tokio::time::Instant::now() + within;
+    let mut texts = Vec::new();
+    loop {
+        let mut h = [0u8; 2];
+        if !matches!(
+            tokio::time::timeout_at(until, s.read_exact(&mut h)).await,
+            Ok(Ok(_))
+        ) {
+            return (texts, None);
+        }
+        let mut len = (h[1] & 0x7f) as u64;
+        if len == 126 {
+            let mut l = [0u8; 2];
+            if s.read_exact(&mut l).await.is_err() {
+                return (texts, None);
+            }
+            len = u16::from_be_bytes(l) as u64;
+        } else if len == 127 {
+            let mut l = [0u8; 8];
+            if s.read_exact(&mut l).await.is_err() {
+                return (texts, None);
+            }
+            len = u64::from_be_bytes(l);
+        }
+        let mut payload = vec![0u8; len as usize];
+        if s.read_exact(&mut payload).await.is_err() {
+            return (texts, None);
+        }
+        match h[0] & 0x0f {
+            8 => {
+                let code =
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                return (texts, code);
+            }
+            1 => texts.push(String::from_utf8_lossy(&payload).into_owned()),
+            _ => {}
+        }
+    }
+}
+
+/// Reads server frames until a close frame: its code (`None`: the socket ended without one).
+async fn close_code(s: &mut TcpStream, within: Duration) -> Option<u16> {
+    frames_until_close(s, within).await.1
+}
+
+/// Waits until the server closes `s` (EOF or reset); the time it took, or `None` past `within`.
+async fn closed_after(mut s: TcpStream, since: Instant, within: Duration) -> Option<Duration> {
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn attack_started_or_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn p99(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 * 0.99).ceil() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_are_bounded_while_a_good_client_keeps_its_freshness() {
+    init_logs();
+    let u = unique("hostile");
+    let topic = format!("{u}.public.hot");
+    create_topic(&topic, 1).await;
+    let p = producer();
+    produce(
+        &p,
+        &topic,
+        &(0..50)
+            .map(|i| row_record(json!({"id": format!("k{i}"), "n": 0})))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let data = tempdir();
+    let logs = tempdir();
+    let hs = HANDSHAKE_SECS.to_string();
+    let idle = IDLE_SECS.to_string();
+    let mut node = Node::spawn(
+        "hostile",
+        "all",
+        &format!("livetable-{u}"),
+        &topic,
+        data.path(),
+        logs.path(),
+        &[
+            "--changelog-prefix",
+            &format!("lt.{u}.table."),
+            "--dlq-topic",
+            &format!("lt.{u}.dlq"),
+            "--handshake-timeout-secs",
+            &hs,
+            "--idle-timeout-secs",
+            &idle,
+            "--max-connections",
+            "8000",
+            "--max-connections-per-ip",
+            "0",
+        ],
+    );
+    node.wait_ready(Duration::from_secs(60)).await;
+    let base = node.base.clone();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", node.port).parse().unwrap();
+    let pid = node.child.as_ref().unwrap().id();
+    table_at_seq(&base, "hot", 50).await;
+
+    // the well-behaved client, and changes flowing at ~40/s for the whole test
+    let phase = Arc::new(AtomicUsize::new(0));
+    let samples: Arc<Mutex<Vec<(usize, f64)>>> = Arc::default();
+    let (mut good, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?table=hot"))
+        .await
+        .unwrap();
+    let snap: Value = match good.next().await.unwrap().unwrap() {
+        Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+        m => panic!("{m:?}"),
+    };
+    let good_state = Arc::new(Mutex::new(snap["rows"].clone()));
+    let good_task = {
+        let (phase, samples, state) = (phase.clone(), samples.clone(), good_state.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = good.next().await {
+                if let Message::Text(t) = m {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if let Some(ts) = v["ts_ms"].as_i64() {
+                        let f = (now_ms() - ts) as f64;
+                        samples
+                            .lock()
+                            .unwrap()
+                            .push((phase.load(Ordering::Relaxed), f));
+                    }
+                    livetable::patch::merge(&mut state.lock().unwrap(), &v["patch"]);
+                }
+            }
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let feeder = {
+        let (stop, sent, topic) = (stop.clone(), sent.clone(), topic.clone());
+        tokio::spawn(async move {
+            let p = producer();
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                i += 1;
+                let rec = row_record(json!({"id": format!("k{}", i % 50), "n": i}));
+                produce(&p, &topic, &[rec]).await;
+                sent.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+    let rss_before = rss_bytes(pid);
+    tokio::time::sleep(Duration::from_secs(8)).await; // phase 0: the baseline, measured
+    phase.store(1, Ordering::Relaxed);
+    let attack_started = Instant::now();
+    let peak_rss = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let peak = peak_rss.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(pid) as usize, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    eprintln!(
+        "hostile step: idle+slowloris at {:?}",
+        attack_started_or_now()
+    );
+    // 2,000 idle sockets and 500 slowloris handshakes: closed within the handshake timeout
+    let mut idle_conns = Vec::new();
+    for _ in 0..2000 {
+        let s = TcpStream::connect(addr).await.unwrap();
+        idle_conns.push(tokio::spawn(closed_after(
+            s,
+            Instant::now(),
+            Duration::from_secs(20),
+        )));
+    }
+    let mut slowloris = Vec::new();
+    for i in 0..500 {
+        slowloris.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let started = Instant::now();
+            let head = format!("GET /ws?table=hot&c={i} HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+            let (mut r, mut w) = s.split();
+            let mut buf = [0u8; 1024];
+            let writer = async {
+                for b in head.bytes().chain(std::iter::repeat(b'a')) {
+                    if w.write_all(&[b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                std::future::pending::<()>().await
+            };
+            let reader = async {
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            tokio::select! {
+                _ = writer => None,
+                _ = reader => Some(started.elapsed()),
+                _ = tokio::time::sleep(Duration::from_secs(20)) => None,
+            }
+        }));
+    }
+    eprintln!("hostile step: silent at {:?}", attack_started_or_now());
+    // silent WebSockets: upgraded, then nothing (no pong): closed with 1001 at the idle timeout
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        let s = raw_ws(addr, "/ws?table=hot").await;
+        silent.push(tokio::spawn(closed_after(
+            s,
+            Instant::now(),
+            Duration::from_secs(30),
+        )));
+    }
+
+    eprintln!("hostile step: frames at {:?}", attack_started_or_now());
+    // frames: garbage and binary get errors and the connection stays; invalid UTF-8 closes
+    // with 1007, a 10 MB frame with 1009
+    let (mut junk, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?table=hot"))
+        .await
+        .unwrap();
+    let _ = next_msg(&mut junk, Duration::from_secs(10)).await; // snapshot
+    junk.send(Message::text("{\"type\":\"subscribe\""))
+        .await
+        .unwrap();
+    junk.send(Message::text("\u{0}\u{1}garbage")).await.unwrap();
+    junk.send(Message::binary(vec![0xffu8; 1000]))
+        .await
+        .unwrap();
+    junk.send(Message::text(r#"{"type":"ping"}"#))
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    loop {
+        let m = next_msg(&mut junk, Duration::from_secs(10)).await;
+        if m["type"] == "pong" {
+            break;
+        }
+        if let Some(c) = m["code"].as_str() {
+            codes.push(c.to_string());
+        }
+    }
+    assert_eq!(
+        codes,
+        ["bad_message", "bad_message", "bad_message"],
+        "still open after garbage"
+    );
+    let mut bad_utf8 = raw_ws(addr, "/ws?table=hot").await;
+    bad_utf8
+        .write_all(&frame(1, 4, &[0xff, 0xfe, 0xc3, 0x28]))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut bad_utf8, Duration::from_secs(10)).await,
+        Some(1007)
+    );
+    let mut big = raw_ws(addr, "/ws?table=hot").await;
+    let _ = big
+        .write_all(&frame(1, 10 * 1024 * 1024, &vec![b'x'; 64 * 1024]))
+        .await;
+    assert_eq!(
+        close_code(&mut big, Duration::from_secs(10)).await,
+        Some(1009)
+    );
+
+    eprintln!("hostile step: greedy at {:?}", attack_started_or_now());
+    // 5,000 subscribes on one connection: 64 subscriptions at most, then the rate limit, then
+    // a close with 1008 after 100 messages over it
+    let mut greedy = raw_ws(addr, "/ws").await;
+    let mut burst = Vec::new();
+    for i in 0..5000 {
+        let msg = format!(r#"{{"type":"subscribe","table":"nope{i}"}}"#);
+        burst.extend(frame(1, msg.len(), msg.as_bytes()));
+    }
+    let _ = greedy.write_all(&burst).await;
+    let (texts, greedy_close) = frames_until_close(&mut greedy, Duration::from_secs(20)).await;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for t in &texts {
+        let v: Value = serde_json::from_str(t).unwrap();
+        let k = v["code"]
+            .as_str()
+            .or(v["type"].as_str())
+            .unwrap_or("?")
+            .to_string();
+        *seen.entry(k).or_default() += 1;
+    }
+    assert_eq!(
+        greedy_close,
+        Some(1008),
+        "rate limit exceeded: 1008 ({seen:?})"
+    );
+    assert_eq!(
+        seen.get("waiting").unwrap_or(&0) + seen.get("snapshot").unwrap_or(&0),
+        64,
+        "64 subscriptions at most: {seen:?}"
+    );
+    assert!(
+        seen.get("too_many_subscriptions").is_some_and(|n| *n > 0),
+        "{seen:?}"
+    );
+    assert_eq!(seen.get("rate_limited"), Some(&100), "{seen:?}");
+
+    eprintln!("hostile step: query at {:?}", attack_started_or_now());
+    // 1 MB query strings: refused at the head limit (431), the connection closed
+    let long = "k".repeat(1024 * 1024);
+    let (status, _, _) = raw_http(
+        addr,
+        format!("GET /api/tables/hot?keys={long} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 431);
+    let (status, _, _) = raw_http(
+        addr,
+        format!("GET /ws?table=hot&keys={long} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 431);
+
+    eprintln!("hostile step: since at {:?}", attack_started_or_now());
+    // `since` garbage: a snapshot, nothing else
+    for since in [
+        "garbage",
+        "%ZZ",
+        "x~",
+        "e~0:99999999999999999999999",
+        &"9".repeat(4000),
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+            "ws://{addr}/ws?table=hot&since={}",
+            since.replace('%', "%25")
+        ))
+        .await
+        .unwrap();
+        let m = next_msg(&mut ws, Duration::from_secs(10)).await;
+        assert_eq!(m["type"], "snapshot", "since={since}: {m}");
+        // an SSE response never ends: its status and first event only
+        let mut resp = reqwest::Client::new()
+            .get(format!("{base}/sse?table=hot"))
+            .header("last-event-id", since)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "sse since={since}");
+        let first = tokio::time::timeout(Duration::from_secs(10), resp.chunk())
+            .await
+            .expect("an sse event within 10 s")
+            .unwrap()
+            .unwrap_or_default();
+        let first = String::from_utf8_lossy(&first);
+        assert!(
+            first.contains("event: snapshot"),
+            "sse since={since}: {first}"
+        );
+    }
+
+    eprintln!("hostile step: junk at {:?}", attack_started_or_now());
+    // junk keys in HTTP paths: JSON errors, never a 5xx (no junk queries on /api/tables[/T]:
+    // those routes read no query parameter and ignore any)
+    for path in [
+        "/api/tables/hot/rows/%FF%FE",
+        "/api/tables/hot/rows/%zz",
+        "/api/tables/hot/rows/%",
+        "/api/tables/%00/rows/x",
+        "/api/tables/hot/rows/..%2F..%2Fetc%2Fpasswd",
+        "/api/tables/hot/rows/a%00b",
+        "/api/tables/hot/rows/k1/extra",
+        "/ws?table=a&table=b",
+        "/sse?table=a&table=b",
+    ] {
+        let (status, head, body) = raw_http(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!((400..500).contains(&status), "{path}: {status} {body}");
+        assert!(
+            head.to_lowercase()
+                .contains("content-type: application/json"),
+            "{path}: {head}"
+        );
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert!(v["error"].is_string(), "{path}: {v}");
+    }
+    let key = "k".repeat(30_000);
+    let (s, v) = get_json(&format!("{base}/api/tables/hot/rows/{key}")).await;
+    assert_eq!((s, v["error"].is_string()), (404, true));
+
+    eprintln!("hostile step: closes at {:?}", attack_started_or_now());
+    // every idle and half-sent connection was closed, within the handshake timeout
+    let limit = Duration::from_secs(HANDSHAKE_SECS + 3);
+    let mut worst = Duration::ZERO;
+    for (what, handles) in [("idle", idle_conns), ("slowloris", slowloris)] {
+        let n = handles.len();
+        let mut closed = 0;
+        for h in handles {
+            if let Some(d) = h.await.unwrap() {
+                closed += 1;
+                worst = worst.max(d);
+            }
+        }
+        assert_eq!(closed, n, "{what}: {closed} of {n} closed");
+    }
+    assert!(worst <= limit, "slowest close {worst:?} > {limit:?}");
+    let mut worst_ws = Duration::ZERO;
+    for h in silent {
+        let d = h.await.unwrap().expect("a silent WebSocket is closed");
+        worst_ws = worst_ws.max(d);
+    }
+    assert!(
+        worst_ws <= Duration::from_secs(IDLE_SECS + 3),
+        "silent WebSockets closed after {worst_ws:?}"
+    );
+    let attack = attack_started.elapsed();
+    sampler.abort();
+    let peak = peak_rss.load(Ordering::Relaxed) as u64;
+    phase.store(2, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(8)).await; // phase 2: the baseline again
+    stop.store(true, Ordering::Relaxed);
+    feeder.await.unwrap();
+
+    eprintln!("hostile step: final at {:?}", attack_started_or_now());
+    // the good client got every change, and stayed fresh
+    let last = sent.load(Ordering::Relaxed);
+    let want = api_state_rows(&base).await;
+    eventually(
+        "the good client has the final state",
+        Duration::from_secs(20),
+        || {
+            let st = good_state.lock().unwrap().clone();
+            let want = want.clone();
+            async move { (st == want).then_some(()) }
+        },
+    )
+    .await;
+    good_task.abort();
+    let s = samples.lock().unwrap().clone();
+    let mut by_phase: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for (ph, f) in s {
+        by_phase[ph].push(f);
+    }
+    let (n0, n1, n2) = (by_phase[0].len(), by_phase[1].len(), by_phase[2].len());
+    assert!(n0 > 100 && n1 > 100 && n2 > 100, "samples {n0} {n1} {n2}");
+    let base_p99 = p99(&mut by_phase[0]).max(p99(&mut by_phase[2]));
+    let attack_p99 = p99(&mut by_phase[1]);
+    let metrics = metrics_text(&base).await;
+    let m = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    };
+    eprintln!(
+        "hostile: {last} changes; attack {attack:?}; freshness p99 baseline {base_p99} ms, under attack {attack_p99} ms (samples {n0}/{n1}/{n2}); RSS before {} MB, peak {} MB; slowest idle/slowloris close {worst:?}, silent ws {worst_ws:?}; {} | {} | {}",
+        rss_before / 1_000_000,
+        peak / 1_000_000,
+        m(r#"livetable_tcp_timeouts_total{phase="handshake"}"#),
+        m(r#"livetable_tcp_timeouts_total{phase="idle"}"#),
+        m(r#"livetable_connections_closed_total{reason="idle"}"#),
+    );
+    assert!(
+        attack_p99 <= 2.0 * base_p99,
+        "freshness p99 under attack {attack_p99} ms > 2 x baseline {base_p99} ms"
+    );
+    assert!(
+        peak < rss_before + 200_000_000,
+        "RSS grew from {} MB to {} MB",
+        rss_before / 1_000_000,
+        peak / 1_000_000
+    );
+    assert!(node.exited().is_none(), "the server is up");
+    assert!(metrics.contains(r#"livetable_protocol_errors_total{code="too_many_subscriptions"}"#));
+    node.stop();
+}
+
+/// `{key: row}` of `hot` as a patch client holds it.
+async fn api_state_rows(base: &str) -> Value {
+    let (_, body) = get_json(&format!("{base}/api/tables/hot")).await;
+    body["rows"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_in_total_and_per_address_with_a_503() {
+    init_logs();
+    let u = unique("caps");
+    let dir = tempdir();
+    let mut c = test_config(
+        livetable::config::TopicSelection::Names(vec![format!("{u}.t")]),
+        dir.path(),
+        &u,
+    );
+    c.max_connections = 12;
+    c.security.limits.max_connections_per_ip = 5;
+    let (svc, _base) = start_service(c).await;
+    let port = svc.local_addr.port();
+    let a: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let b: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    // the listener is on 127.0.0.1: a second source address reaches it too
+    let from = |ip: &str| {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        sock
+    };
+    let _ = b;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(from("127.0.0.1").connect(a).await.unwrap());
+    }
+    let refused = |mut s: TcpStream| async move {
+        s.write_all(b"GET /api/tables HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let answer = refused(from("127.0.0.1").connect(a).await.unwrap()).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("too many connections from this address"),
+        "{answer}"
+    );
+    // another address still gets in, up to the total
+    for _ in 0..5 {
+        held.push(from("127.0.0.2").connect(a).await.unwrap());
+    }
+    let mut ok = from("127.0.0.3").connect(a).await.unwrap();
+    ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    ok.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    held.push(ok);
+    held.push(from("127.0.0.4").connect(a).await.unwrap());
+    let answer = refused(from("127.0.0.5").connect(a).await.unwrap()).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"too many connections\""), "{answer}");
+    // slots come back when connections close
+    held.truncate(0);
+    eventually("slots freed", Duration::from_secs(10), || async {
+        let (s, _) = get_json(&format!("http://{a}/healthz")).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    let m = metrics_text(&format!("http://{a}")).await;
+    assert!(
+        m.contains(r#"livetable_tcp_refused_total{reason="per_ip"} 1"#),
+        "{m}"
+    );
+    let refused_total: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"livetable_tcp_refused_total{reason="max_connections"} "#))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused_total >= 1.0, "{m}");
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
