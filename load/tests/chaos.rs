@@ -1,0 +1,121 @@
+//! The fault-injection suite (`chaos`) at CI size: both topologies (all-in-one; 2 materialisers +
+//! a gateway), 20 kill -9 of livetable, and once each: SIGSTOP of the broker for 10 s, the proxy
+//! cutting, blackholing and delaying the broker's traffic, the data filesystem full, kill -9 of
+//! Kafka Connect (when Java and PostgreSQL are here), the changelog topic deleted. The broker
+//! restart is skipped: the local broker keeps its topics in memory (see RELIABILITY.md).
+//!
+//! The seed comes from `CHAOS_SEED` (to replay a failure) or the clock; it is printed, and the
+//! reports (JSON, markdown, every process's log) stay in `target/chaos/ci-<seed>/`.
+//! Ports: `LIVETABLE_CHAOS_PORT_BASE` (default 19595) to +2.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("load/ is inside the repository")
+        .to_path_buf()
+}
+
+/// The livetable binary of this profile; built when a test of this crate alone runs first.
+fn livetable_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_chaos")).with_file_name("livetable");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--bin", "livetable"])
+            .current_dir(repo())
+            .status()
+            .unwrap();
+        assert!(st.success(), "cargo build --bin livetable failed");
+    }
+    bin
+}
+
+#[test]
+fn faults_at_random_moments_lose_nothing_and_never_go_back() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000_000
+        });
+    let port_base = std::env::var("LIVETABLE_CHAOS_PORT_BASE").unwrap_or_else(|_| "19595".into());
+    let out = repo().join(format!("target/chaos/ci-{seed}"));
+    eprintln!(
+        "chaos: seed {seed} (replay with CHAOS_SEED={seed}); reports and logs in {}",
+        out.display()
+    );
+    let started = std::time::Instant::now();
+    let run = Command::new(env!("CARGO_BIN_EXE_chaos"))
+        .args(["--seed", &seed.to_string()])
+        .args(["--kills", "20", "--rate", "300", "--keys", "1000"])
+        .args(["--port-base", &port_base])
+        .arg("--livetable")
+        .arg(livetable_bin())
+        .arg("--out-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|e| {
+        panic!(
+            "chaos printed no JSON report ({e}), exit {}:\n{stderr}",
+            run.status
+        )
+    });
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap_or_default();
+    eprintln!("{md}\nchaos ran {elapsed:?}");
+    let t = &report["totals"];
+    let by_kind = &report["faults_by_kind"];
+    let kills = by_kind["kill9"]["count"].as_u64().unwrap_or(0)
+        + by_kind["kill9-quick"]["count"].as_u64().unwrap_or(0);
+    assert!(kills >= 20, "at least 20 kill -9 ran: {kills}");
+    for kind in [
+        "broker-sigstop10s",
+        "proxy-cut",
+        "proxy-blackhole8s",
+        "proxy-delay2s",
+        "changelog-deleted",
+    ] {
+        assert!(
+            by_kind[kind]["count"].as_u64().unwrap_or(0) >= 1,
+            "fault {kind} ran: {by_kind}"
+        );
+    }
+    assert!(t["clients_checked"].as_u64().unwrap_or(0) >= 12, "{t}");
+    assert!(t["changes"].as_u64().unwrap_or(0) >= 10_000, "{t}");
+    let failures: Vec<String> = report["failures"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Known failures (bugs in src/, reported in RELIABILITY.md), expected here until fixed:
+    let known = |f: &str| {
+        // KNOWN-1: deleting the changelog topic while livetable runs loses its content for good:
+        // nothing re-produces the rows it held, so the folded changelog misses keys.
+        f.contains("changelog") && f.contains(".table.ticks") && f.contains("[split]")
+    };
+    let unexpected: Vec<&String> = failures.iter().filter(|f| !known(f)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "seed {seed}: {} failed checks (replay: CHAOS_SEED={seed} cargo test -p livetable-load --test chaos):\n{}\n\nlogs: {}",
+        unexpected.len(),
+        unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+        out.join("logs").display()
+    );
+    assert_eq!(t["lost"].as_u64(), Some(0), "{t}");
+    assert_eq!(t["reordered_visible"].as_u64(), Some(0), "{t}");
+    assert_eq!(t["stale_after_recovery"].as_u64(), Some(0), "{t}");
+}
