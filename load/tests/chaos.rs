@@ -56,7 +56,24 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
     let started = std::time::Instant::now();
     let run = Command::new(env!("CARGO_BIN_EXE_chaos"))
         .args(["--seed", &seed.to_string()])
-        .args(["--kills", "20", "--rate", "300", "--keys", "1000"])
+        .args([
+            "--kills",
+            "20",
+            "--quick-kill-pct",
+            "70",
+            "--rate",
+            "300",
+            "--keys",
+            "1000",
+        ])
+        .args([
+            "--gap-ms",
+            "300-1500",
+            "--recovery-secs",
+            "45",
+            "--settle-secs",
+            "45",
+        ])
         .args(["--port-base", &port_base])
         .arg("--livetable")
         .arg(livetable_bin())
@@ -103,9 +120,10 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
         .unwrap_or_default();
     // Known failures (bugs in src/, reported in RELIABILITY.md), expected here until fixed:
     let known = |f: &str| {
-        // KNOWN-1: deleting the changelog topic while livetable runs loses its content for good:
-        // nothing re-produces the rows it held, so the folded changelog misses keys.
-        f.contains("changelog") && f.contains(".table.ticks") && f.contains("[split]")
+        // BUG-1 (RELIABILITY.md): the changelog topic deleted while livetable runs is never
+        // recreated nor refilled; the gateway freezes on its last state (and stays ready), the
+        // folded changelog misses every key. Checked after the main checks, tagged apart.
+        f.contains("after the changelog was deleted") || f.contains("ChangelogDeleted on")
     };
     let unexpected: Vec<&String> = failures.iter().filter(|f| !known(f)).collect();
     assert!(

@@ -102,6 +102,17 @@ pub struct Args {
     /// The markdown report [default: <out-dir>/report.md].
     #[arg(long)]
     pub report_md: Option<PathBuf>,
+    /// Share of the kill -9 that strike again before recovery (percent); the others wait for
+    /// recovery and measure it.
+    #[arg(long, default_value_t = 50)]
+    pub quick_kill_pct: usize,
+    /// How long a fault may take to recover (fresh probe values on every serving node) before
+    /// it counts as not recovered.
+    #[arg(long, default_value_t = 120)]
+    pub recovery_secs: u64,
+    /// How long the final checks wait for the API, the changelog and the clients to converge.
+    #[arg(long, default_value_t = 120)]
+    pub settle_secs: u64,
     /// livetable=debug in the nodes' logs.
     #[arg(long)]
     pub verbose_nodes: bool,
@@ -314,16 +325,21 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         if *t == Topology::Split {
             kinds.retain(|k| !matches!(k, FaultKind::DiskFull | FaultKind::ConnectKill9));
+            if !args.long && n > 1 {
+                // the other kinds ran with the all-in-one node already
+                kinds.retain(|k| matches!(k, FaultKind::ProxyCut | FaultKind::ChangelogDeleted));
+            }
         }
         let plan = Plan {
-            kills: k - k / 2,
-            kills_quick: k / 2,
+            kills: k - k * args.quick_kill_pct.min(100) / 100,
+            kills_quick: k * args.quick_kill_pct.min(100) / 100,
             others: kinds,
             rate,
             keys,
             partitions: args.partitions,
             gap_ms: gap,
-            settle: std::time::Duration::from_secs(120),
+            settle: std::time::Duration::from_secs(args.settle_secs),
+            recovery: std::time::Duration::from_secs(args.recovery_secs),
         };
         match phase::run(&ctx, *t, &plan, &mut rng, fs.as_ref()).await {
             Ok(rep) => phases.push(rep),

@@ -308,6 +308,7 @@ pub struct Plan {
     pub partitions: i32,
     pub gap_ms: (u64, u64),
     pub settle: Duration,
+    pub recovery: Duration,
 }
 
 struct PgPart {
@@ -538,8 +539,8 @@ pub async fn run(
         }
     }
     rng.shuffle(&mut faults);
-    // deleting the changelog is the last fault: what it breaks stays broken for the checks
-    faults.extend(last);
+    // deleting the changelog comes after the main checks: what it breaks must not hide the rest
+    let delete_changelog = !last.is_empty();
     let total = faults.len();
     for (i, kind) in faults.into_iter().enumerate() {
         tokio::time::sleep(rng.millis(plan.gap_ms.0, plan.gap_ms.1)).await;
@@ -629,7 +630,7 @@ pub async fn run(
                 };
                 fault.target = format!("{} data dir ({} MiB tmpfs)", node.name, fs.mib);
                 let filled = fs.fill();
-                tokio::time::sleep(Duration::from_secs(8)).await;
+                tokio::time::sleep(Duration::from_secs(15)).await;
                 let health = node.status("/healthz").await.map(|(s, _)| s);
                 let exited = node.proc.exited();
                 fs.free();
@@ -668,13 +669,7 @@ pub async fn run(
                     rep.failures.push(format!("connect restart: {e}"));
                 }
             }
-            FaultKind::ChangelogDeleted => {
-                let cl = format!("{group}.table.ticks");
-                fault.target = cl.clone();
-                if let Err(e) = workload::delete_topic(&ctx.brokers, &cl).await {
-                    fault.note = format!("delete failed: {e}");
-                }
-            }
+            FaultKind::ChangelogDeleted => continue,
         }
         // a process that died by itself is restarted (as a supervisor would) and reported
         for n in nodes.iter_mut() {
@@ -686,8 +681,7 @@ pub async fn run(
             let ended = Instant::now();
             let probes = wl.probe(rng).await;
             let mut fresh =
-                fresh_everywhere(&nodes, &serving, "ticks", &probes, Duration::from_secs(120))
-                    .await;
+                fresh_everywhere(&nodes, &serving, "ticks", &probes, plan.recovery).await;
             if let (FaultKind::ConnectKill9, Some(p)) = (kind, pg.as_mut()) {
                 // the database's change through the restarted Connect
                 p.probe_n += 1;
@@ -700,16 +694,18 @@ pub async fn run(
                 let w = p.writer.clone();
                 let _ = pg_exec(&w, &q).await;
                 let want: State = [("probe".to_string(), p.probe_n)].into();
-                fresh = fresh.and(
-                    fresh_everywhere(&nodes, &serving, &t, &want, Duration::from_secs(120)).await,
-                );
+                fresh =
+                    fresh.and(fresh_everywhere(&nodes, &serving, &t, &want, plan.recovery).await);
             }
             match fresh {
                 Some(()) => fault.recovery_ms = Some(ended.elapsed().as_millis() as u64),
                 None => {
-                    let msg = format!("{kind:?} on {}: not fresh again within 120 s", fault.target);
+                    let msg = format!(
+                        "{kind:?} on {}: not fresh again within {:?}",
+                        fault.target, plan.recovery
+                    );
                     log(&msg);
-                    fault.note.push_str("; NOT RECOVERED within 120 s");
+                    fault.note.push_str("; NOT RECOVERED");
                     rep.failures.push(msg);
                 }
             }
@@ -761,11 +757,11 @@ pub async fn run(
         }
     }
     for n in &nodes {
-        if !wait_until(Duration::from_secs(120), || n.ready()).await {
+        if !wait_until(plan.settle, || n.ready()).await {
             let r = n.status("/readyz").await;
             rep.failures.push(format!(
-                "{} not ready 120 s after the last fault: {r:?}",
-                n.name
+                "{} not ready {:?} after the last fault: {r:?}",
+                n.name, plan.settle
             ));
         }
     }
@@ -773,100 +769,19 @@ pub async fn run(
         "phase {topology:?}: final checks ({} changes sent)",
         rep.changes
     ));
-    for (table, want) in &tables {
-        let mut tc = TableCheck {
-            table: table.clone(),
-            oracle_rows: want.len(),
-            ..Default::default()
-        };
-        // the API of every serving node
-        for i in &serving {
-            let n = &nodes[*i];
-            let until = Instant::now() + plan.settle;
-            let have = loop {
-                let have = n.api(table).await;
-                if have.as_ref() == Some(want) || Instant::now() > until {
-                    break have.unwrap_or_default();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
-            let d = diff(want, &have);
-            if !d.is_empty() {
-                tc.api_lost += d.len();
-                tc.details.push(format!(
-                    "API of {}: {} keys differ, e.g. {:?}",
-                    n.name,
-                    d.len(),
-                    &d[..d.len().min(5)]
-                ));
-            }
-        }
-        // the changelog, folded: last record per key, fences left out
-        let cl = format!("{group}.table.{table}");
-        let mut have;
-        let brokers = ctx.brokers.clone();
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (b, c) = (brokers.clone(), cl.clone());
-            have = tokio::task::spawn_blocking(move || fold_changelog(&b, &c))
-                .await?
-                .unwrap_or_default();
-            if have == *want || Instant::now() > until {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-        let d = diff(want, &have);
-        if !d.is_empty() {
-            tc.changelog_lost = d.len();
-            tc.details.push(format!(
-                "changelog {cl}: {} keys differ, e.g. {:?}",
-                d.len(),
-                &d[..d.len().min(5)]
-            ));
-        }
-        // every client of the table (one deadline for all of them)
-        let until = Instant::now() + Duration::from_secs(30);
-        for c in clients.iter().filter(|c| &c.table == table) {
-            let w = c.want(want);
-            let seen = c.seen.clone();
-            let left = until.saturating_duration_since(Instant::now());
-            wait_until(left, || {
-                let seen = seen.clone();
-                let w = w.clone();
-                async move { seen.lock().unwrap_or_else(|e| e.into_inner()).ns() == w }
-            })
-            .await;
-            let s = c.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let d = diff(&w, &s.ns());
-            tc.clients_lost += d.len();
-            let mut examples: Vec<String> = s.examples.iter().take(10).cloned().collect();
-            if !d.is_empty() {
-                examples.push(format!(
-                    "final state: {} keys differ, e.g. {:?}",
-                    d.len(),
-                    &d[..d.len().min(5)]
-                ));
-            }
-            rep.clients.push(ClientReport {
-                name: format!("{}:{}", c.name, table),
-                kind: Some(c.kind),
-                table: table.clone(),
-                keys: c.keys.as_ref().map(|k| k.len()),
-                connects: s.connects,
-                resumes: s.resumes,
-                snapshots: s.snapshots,
-                messages: s.messages,
-                values_checked: s.values_checked,
-                reordered_visible: s.reordered_visible,
-                stale_after_recovery: s.stale_after_recovery,
-                final_equal: d.is_empty(),
-                lost: d.len(),
-                examples,
-                errors: s.errors.iter().take(5).cloned().collect(),
-            });
-        }
-        rep.tables.push(tc);
+    let (checks, reports) =
+        check_tables(ctx, &nodes, &serving, &clients, &tables, plan, &group, "").await?;
+    rep.tables.extend(checks);
+    rep.clients.extend(reports);
+    if delete_changelog {
+        changelog_deleted(
+            ctx, &mut nodes, &serving, &clients, &wl, plan, rng, &group, &mut rep,
+        )
+        .await?;
+        let o = wl.oracle.lock().unwrap_or_else(|e| e.into_inner());
+        rep.changes = o.sent;
+        rep.deletes = o.deletes;
+        rep.recreates = o.recreates;
     }
     stop_clients.store(true, Ordering::Relaxed);
     for c in &clients {
@@ -910,6 +825,195 @@ pub async fn run(
     }
     rep.duration_secs = (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0;
     Ok(rep)
+}
+
+/// The final checks of some tables: every serving node's API, the changelog folded and every
+/// client's state against the oracle (`want`). Client reports only when `tag` is empty (the main
+/// round).
+#[allow(clippy::too_many_arguments)]
+async fn check_tables(
+    ctx: &Ctx,
+    nodes: &[Node],
+    serving: &[usize],
+    clients: &[Client],
+    tables: &[(String, State)],
+    plan: &Plan,
+    group: &str,
+    tag: &str,
+) -> anyhow::Result<(Vec<TableCheck>, Vec<ClientReport>)> {
+    let mut checks = Vec::new();
+    let mut reports = Vec::new();
+    for (table, want) in tables {
+        let mut tc = TableCheck {
+            table: format!("{table}{tag}"),
+            oracle_rows: want.len(),
+            ..Default::default()
+        };
+        // the API of every serving node
+        for i in serving {
+            let n = &nodes[*i];
+            let until = Instant::now() + plan.settle;
+            let have = loop {
+                let have = n.api(table).await;
+                if have.as_ref() == Some(want) || Instant::now() > until {
+                    break have.unwrap_or_default();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let d = diff(want, &have);
+            if !d.is_empty() {
+                tc.api_lost += d.len();
+                tc.details.push(format!(
+                    "API of {}: {} keys differ, e.g. {:?}",
+                    n.name,
+                    d.len(),
+                    &d[..d.len().min(5)]
+                ));
+            }
+        }
+        // the changelog, folded: last record per key, fences left out
+        let cl = format!("{group}.table.{table}");
+        let mut have;
+        let brokers = ctx.brokers.clone();
+        let until = Instant::now() + plan.settle.min(Duration::from_secs(60));
+        loop {
+            let (b, c) = (brokers.clone(), cl.clone());
+            have = tokio::task::spawn_blocking(move || fold_changelog(&b, &c))
+                .await?
+                .unwrap_or_default();
+            if have == *want || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let d = diff(want, &have);
+        if !d.is_empty() {
+            tc.changelog_lost = d.len();
+            tc.details.push(format!(
+                "changelog {cl}: {} keys differ, e.g. {:?}",
+                d.len(),
+                &d[..d.len().min(5)]
+            ));
+        }
+        // every client of the table (one deadline for all of them; short when the API did not
+        // converge: the clients cannot either)
+        let wait = if tc.api_lost == 0 { 30 } else { 5 };
+        let until = Instant::now() + Duration::from_secs(wait);
+        for c in clients.iter().filter(|c| &c.table == table) {
+            let w = c.want(want);
+            let seen = c.seen.clone();
+            let left = until.saturating_duration_since(Instant::now());
+            wait_until(left, || {
+                let seen = seen.clone();
+                let w = w.clone();
+                async move { seen.lock().unwrap_or_else(|e| e.into_inner()).ns() == w }
+            })
+            .await;
+            let s = c.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let d = diff(&w, &s.ns());
+            tc.clients_lost += d.len();
+            let mut examples: Vec<String> = s.examples.iter().take(10).cloned().collect();
+            if !d.is_empty() {
+                examples.push(format!(
+                    "final state: {} keys differ, e.g. {:?}",
+                    d.len(),
+                    &d[..d.len().min(5)]
+                ));
+            }
+            reports.push(ClientReport {
+                name: format!("{}:{}", c.name, table),
+                kind: Some(c.kind),
+                table: table.clone(),
+                keys: c.keys.as_ref().map(|k| k.len()),
+                connects: s.connects,
+                resumes: s.resumes,
+                snapshots: s.snapshots,
+                messages: s.messages,
+                values_checked: s.values_checked,
+                reordered_visible: s.reordered_visible,
+                stale_after_recovery: s.stale_after_recovery,
+                final_equal: d.is_empty(),
+                lost: d.len(),
+                examples,
+                errors: s.errors.iter().take(5).cloned().collect(),
+            });
+        }
+        checks.push(tc);
+    }
+    Ok((checks, if tag.is_empty() { reports } else { Vec::new() }))
+}
+
+/// The changelog topic deleted while the workload runs (after the main checks, so that what it
+/// breaks does not hide anything else); then the same checks again.
+#[allow(clippy::too_many_arguments)]
+async fn changelog_deleted(
+    ctx: &Ctx,
+    nodes: &mut [Node],
+    serving: &[usize],
+    clients: &[Client],
+    wl: &Arc<Workload>,
+    plan: &Plan,
+    rng: &mut Rng,
+    group: &str,
+    rep: &mut PhaseReport,
+) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(wl.clone().run(plan.rate, rng.next_u64(), 3, stop.clone()));
+    tokio::time::sleep(rng.millis(2000, 5000)).await;
+    let cl = format!("{group}.table.ticks");
+    log(format!(
+        "fault: ChangelogDeleted ({cl}), then the checks again"
+    ));
+    let mut fault = Fault {
+        kind: FaultKind::ChangelogDeleted,
+        phase: rep.topology.unwrap_or(Topology::Split),
+        at_secs: (ctx.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        target: cl.clone(),
+        recovery_ms: None,
+        note: String::new(),
+    };
+    if let Err(e) = workload::delete_topic(&ctx.brokers, &cl).await {
+        fault.note = format!("delete failed: {e}");
+    }
+    let ended = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = task.await;
+    let probes = wl.probe(rng).await;
+    if let Err(e) = wl.drain(Duration::from_secs(120)).await {
+        rep.failures.push(format!("workload: {e}"));
+    }
+    match fresh_everywhere(nodes, serving, "ticks", &probes, plan.recovery).await {
+        Some(()) => fault.recovery_ms = Some(ended.elapsed().as_millis() as u64),
+        None => {
+            fault.note.push_str("; NOT RECOVERED");
+            rep.failures.push(format!(
+                "ChangelogDeleted on {cl}: not fresh again within {:?}",
+                plan.recovery
+            ));
+        }
+    }
+    for n in nodes.iter_mut() {
+        if let Some(note) = n.revive("after ChangelogDeleted") {
+            rep.crashes.push(note);
+        }
+    }
+    rep.faults.push(fault);
+    let want = wl.oracle.lock().unwrap_or_else(|e| e.into_inner()).state();
+    let tables = vec![("ticks".to_string(), want)];
+    let (checks, _) = check_tables(
+        ctx,
+        nodes,
+        serving,
+        clients,
+        &tables,
+        plan,
+        group,
+        " (after the changelog was deleted)",
+    )
+    .await?;
+    rep.tables.extend(checks);
+    Ok(())
 }
 
 async fn pg_exec(w: &PgWriter, q: &str) -> anyhow::Result<()> {

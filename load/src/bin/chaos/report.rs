@@ -80,6 +80,7 @@ impl Report {
         let mut by_kind: BTreeMap<FaultKind, (usize, Vec<u64>, usize)> = BTreeMap::new();
         let mut failures: Vec<String> = Vec::new();
         let (mut lost, mut reordered, mut stale) = (0usize, 0u64, 0u64);
+        let mut lost_after_cl_deleted = 0usize;
         let (mut changes, mut clients, mut values) = (0u64, 0usize, 0u64);
         let mut crashes = Vec::new();
         for p in i.phases {
@@ -129,7 +130,13 @@ impl Report {
                 }
             }
             for tc in &p.tables {
-                lost += tc.api_lost.max(tc.changelog_lost).max(tc.clients_lost);
+                let l = tc.api_lost.max(tc.changelog_lost).max(tc.clients_lost);
+                // what deleting the changelog breaks is counted apart
+                if tc.table.contains("after the changelog was deleted") {
+                    lost_after_cl_deleted += l;
+                } else {
+                    lost += l;
+                }
                 for d in &tc.details {
                     failures.push(format!("[{t}] table {}: {d}", tc.table));
                 }
@@ -181,6 +188,7 @@ impl Report {
                 "clients_checked": clients,
                 "values_checked": values,
                 "lost": lost,
+                "lost_after_changelog_deleted": lost_after_cl_deleted,
                 "reordered_visible": reordered,
                 "stale_after_recovery": stale,
                 "crashes": crashes.len(),
@@ -227,6 +235,7 @@ impl Report {
             "clients_checked",
             "values_checked",
             "lost",
+            "lost_after_changelog_deleted",
             "reordered_visible",
             "stale_after_recovery",
             "crashes",
