@@ -5,8 +5,9 @@
 //! - `reordered_visible`: a live message (patch, or a row after the initial rows) shows a key at an
 //!   `n` smaller than one the client already showed, or shows a deleted key again with an `n` not
 //!   larger than before its delete;
-//! - `stale_after_recovery`: the same, carried by a snapshot (or the initial rows of a `rows`
-//!   connection): the state was replaced by one older than what the client had shown.
+//! - `stale_after_recovery`: the same, carried by a snapshot (or, for a `rows` connection, which
+//!   carries no position, its initial rows and anything in its first 10 s): the state was
+//!   replaced by one older than what the client had shown.
 //!
 //! Both must stay 0. The client's final state is compared with the oracle at the end.
 
@@ -157,6 +158,9 @@ impl Seen {
         }
     }
 }
+
+/// How long after a `rows` connection opens a regression counts as stale-after-recovery.
+const ROWS_RECOVERY_WINDOW: Duration = Duration::from_secs(10);
 
 /// One live client.
 pub struct Client {
@@ -317,7 +321,17 @@ async fn ws_session(
                 }
             }
         }
-        let at = if initial { "initial row" } else { "row" };
+        // a rows connection carries no position: a regression in its first seconds (the initial
+        // rows, or a node that is still restoring) counts as stale-after-recovery, later ones as
+        // reordered
+        let recovering = initial || connected.elapsed() < ROWS_RECOVERY_WINDOW;
+        let at = if initial {
+            "initial row"
+        } else if recovering {
+            "row soon after connecting"
+        } else {
+            "row"
+        };
         if initial {
             initial_keys.insert(key.clone());
             if let Some(st) = initial_state.as_mut() {
@@ -331,7 +345,7 @@ async fn ws_session(
             }
             r
         });
-        g.apply(&key, row, initial, at);
+        g.apply(&key, row, recovering, at);
     }
     Ok(())
 }

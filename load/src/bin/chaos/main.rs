@@ -61,7 +61,7 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub faults: Vec<String>,
-    /// Changes per second of the workload (default 300, --long 500).
+    /// Changes per second of the workload.
     #[arg(long)]
     pub rate: Option<u64>,
     /// Distinct keys of the workload (default 1000, --long 5000).
@@ -139,7 +139,15 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let ok = rt.block_on(run(args))?;
+    // Ctrl-C or SIGTERM: stop, and let every process, mount and worker be cleaned up
+    let ok = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(args) => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = term.recv() => anyhow::bail!("terminated"),
+        }
+    })?;
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(if ok { 0 } else { 1 });
 }
@@ -382,6 +390,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .clone()
         .unwrap_or_else(|| out.join("report.md"));
     std::fs::write(&md, report.markdown())?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report.json)?,
+    )?;
     println!("{}", serde_json::to_string_pretty(&report.json)?);
     log(format!(
         "done in {:.0} s: {} failures; markdown report {}",

@@ -42,6 +42,17 @@ pub struct MemStat {
     pub timeline: Vec<(u64, f64)>,
 }
 
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // a Kafka Connect worker started through dev/connect is not our child: stop it
+        if let Some(d) = &self.debezium {
+            if d.connect_pid().is_some() {
+                let _ = stack::dev_script(&d.repo, "connect", &["stop"], &d.connect_envs(), &d.log);
+            }
+        }
+    }
+}
+
 /// Samples the resident memory of every registered process once a second until `stop`.
 pub fn sample_memory(ctx: &Ctx, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     let pids = ctx.pids.clone();

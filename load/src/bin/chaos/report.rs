@@ -109,7 +109,7 @@ impl Report {
                         "[{t}] client {}: {} values went back in live patches, e.g. {:?}",
                         c.name,
                         c.reordered_visible,
-                        c.examples.first()
+                        c.examples.iter().find(|e| e.contains("reordered-visible"))
                     ));
                 }
                 if c.stale_after_recovery > 0 {

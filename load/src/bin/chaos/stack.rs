@@ -479,6 +479,10 @@ impl Debezium {
         None
     }
 
+    pub fn connect_envs(&self) -> Vec<(&'static str, String)> {
+        self.envs()
+    }
+
     fn envs(&self) -> Vec<(&'static str, String)> {
         vec![
             ("PG_PORT", self.pg_port.to_string()),
