@@ -139,6 +139,17 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
         unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
         out.join("logs").display()
     );
+    // a livetable process that exits by itself fails the test, except BUG-3 (RELIABILITY.md):
+    // the gateway dies of SIGSEGV when the changelog topic it follows is deleted
+    let crashes: Vec<&str> = report["crashes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let unexpected_crashes: Vec<&&str> = crashes
+        .iter()
+        .filter(|c| !(c.contains("SIGSEGV") && c.contains("after ChangelogDeleted")))
+        .collect();
+    assert!(unexpected_crashes.is_empty(), "{unexpected_crashes:?}");
     assert_eq!(t["lost"].as_u64(), Some(0), "{t}");
     assert_eq!(t["reordered_visible"].as_u64(), Some(0), "{t}");
     // stale_after_recovery: expected to fail until BUG-2 is fixed (see `known` above)
