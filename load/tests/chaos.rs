@@ -20,18 +20,20 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// The livetable binary of this profile; built when a test of this crate alone runs first.
+/// The livetable binary of this profile, built first (a no-op when fresh) so that the suite never
+/// runs a binary older than the source.
 fn livetable_bin() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_chaos")).with_file_name("livetable");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "--bin", "livetable"])
-            .current_dir(repo())
-            .status()
-            .unwrap();
-        assert!(st.success(), "cargo build --bin livetable failed");
+    let release = bin.components().any(|c| c.as_os_str() == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "livetable", "--bin", "livetable"]);
+    if release {
+        build.arg("--release");
     }
+    let st = build.current_dir(repo()).status().unwrap();
+    assert!(st.success(), "cargo build --bin livetable failed");
+    assert!(bin.is_file(), "no livetable binary at {}", bin.display());
     bin
 }
 
@@ -118,19 +120,40 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
                 .collect()
         })
         .unwrap_or_default();
-    // Known failures (bugs in src/, reported in RELIABILITY.md), expected here until fixed:
-    let known = |f: &str| {
-        // BUG-1 (RELIABILITY.md): the changelog topic deleted while livetable runs is never
-        // recreated nor refilled; the gateway freezes on its last state (and stays ready), the
-        // folded changelog misses every key. Checked after the main checks, tagged apart.
-        f.contains("after the changelog was deleted")
-            || f.contains("ChangelogDeleted on")
-            // BUG-2 (RELIABILITY.md): after a kill -9 a restarted node answers a client whose
-            // resume token is ahead of it with a snapshot of its older state (the position in the
-            // snapshot is behind the client's token), so values visibly go back, then forward.
-            // Issue 12, holes 2 and 3. Remove this line once fixed.
-            || f.contains("values went back in snapshots after a recovery")
+    // Known failures (bugs in src/, reported in RELIABILITY.md), expected here until fixed.
+    // BUG-1: the changelog topic deleted while livetable runs is never recreated nor refilled;
+    // the gateway freezes on its last state (and stays ready), the folded changelog misses every
+    // key. Checked after the main checks, tagged apart.
+    let bug1 = |f: &str| {
+        f.contains("after the changelog was deleted") || f.contains("] ChangelogDeleted on ")
     };
+    // BUG-2: after a kill -9 a restarted node reopens its store at an older state than it had
+    // already sent (same epoch); a client whose resume position is ahead of it gets, after
+    // --resume-wait-ms, a snapshot of that older state, so values visibly go back, then forward
+    // (live patches replay, up to the position the client held, values older than ones it
+    // showed). Only regressions in a snapshot behind the client's position, or in the patches
+    // after it until the node is back at that position, are this bug; a `rows` connection
+    // carries no position, so its regressions in the first 10 s of a connection are taken for
+    // the same bug. Issue 12, holes 2 and 3. Remove these lines once fixed.
+    let bug2 = |f: &str| {
+        f.contains("values went back in snapshots behind the client's position")
+            || f.contains("values went back in live patches replayed after a snapshot behind")
+            || f.contains("values went back in the rows of a new connection")
+    };
+    let known = |f: &str| bug1(f) || bug2(f);
+    let bug2: Vec<&String> = failures.iter().filter(|f| bug2(f)).collect();
+    if bug2.is_empty() {
+        eprintln!("BUG-2 did not show in this run (it does not in every run)");
+    } else {
+        eprintln!(
+            "BUG-2 (expected until fixed), {} clients:\n{}",
+            bug2.len(),
+            bug2.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     let unexpected: Vec<&String> = failures.iter().filter(|f| !known(f)).collect();
     assert!(
         unexpected.is_empty(),
@@ -152,11 +175,4 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
     assert!(unexpected_crashes.is_empty(), "{unexpected_crashes:?}");
     assert_eq!(t["lost"].as_u64(), Some(0), "{t}");
     assert_eq!(t["reordered_visible"].as_u64(), Some(0), "{t}");
-    // stale_after_recovery: expected to fail until BUG-2 is fixed (see `known` above)
-    if t["stale_after_recovery"].as_u64() != Some(0) {
-        eprintln!(
-            "BUG-2 still there: {} stale values after recovery",
-            t["stale_after_recovery"]
-        );
-    }
 }

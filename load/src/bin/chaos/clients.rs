@@ -45,6 +45,24 @@ pub struct Seen {
     pub errors: Vec<String>,
     pub reordered_visible: u64,
     pub stale_after_recovery: u64,
+    /// Of `stale_after_recovery`: carried by a snapshot whose position (same epoch) is behind the
+    /// highest position the client was shown, in some partition: the node knew it served an
+    /// older state (BUG-2 in RELIABILITY.md). The rest come from `rows` connections (no
+    /// position) or from a snapshot at or past that position, which no known bug explains.
+    pub stale_behind_position: u64,
+    /// Of `reordered_visible`: live patches whose position is still behind the highest position
+    /// the client was shown, showing again values older than ones it had shown: the node going
+    /// forward again over what it lost (the second half of BUG-2). A patch position tells no
+    /// partition apart, so while it is behind in one partition a regression of any key counts
+    /// here.
+    pub replay_after_stale: u64,
+    /// Whether the snapshot being applied is behind the client's position (see above).
+    snapshot_behind: bool,
+    /// Whether the patch being applied is behind the highest position the client was shown.
+    replaying: bool,
+    /// The highest position the client was shown: its epoch and, per partition, the largest
+    /// offset.
+    high: Option<(String, Vec<i64>)>,
     /// The first regressions of each kind (at most 20 each).
     pub examples: Vec<String>,
     pub values_checked: u64,
@@ -78,23 +96,64 @@ impl Seen {
                 };
                 if let Some(mut b) = back {
                     b.push_str(&format!(
-                        " [client at {} before, {} connects]",
+                        " [client at {} before, {} connects, at {} UTC]",
                         self.pos.as_deref().unwrap_or("-"),
-                        self.connects
+                        self.connects,
+                        time_of_day()
                     ));
                     if replacing {
                         self.stale_after_recovery += 1;
+                        if self.snapshot_behind {
+                            self.stale_behind_position += 1;
+                            b.push_str(" behind-position");
+                        }
                         b.push_str(" stale-after-recovery");
                     } else {
                         self.reordered_visible += 1;
+                        if self.replaying {
+                            self.replay_after_stale += 1;
+                            b.push_str(" replay-after-stale");
+                        }
                         b.push_str(" reordered-visible");
                     }
-                    if self.examples.len() < 40 {
+                    let kind = if b.contains("reordered-visible") {
+                        "reordered-visible"
+                    } else {
+                        "stale-after-recovery"
+                    };
+                    if self.examples.iter().filter(|e| e.contains(kind)).count() < 20 {
                         self.examples.push(b);
                     }
                 }
                 self.max_n.insert(key.to_string(), n.max(max));
                 self.state.insert(key.to_string(), r);
+            }
+        }
+    }
+
+    /// Whether message `m`'s position is behind the highest position this client was shown (same
+    /// epoch) in some partition; then raises that highest position with it.
+    fn behind_high(&mut self, m: &Value) -> bool {
+        let Some((epoch, offs)) = m["pos"].as_str().and_then(parse_pos) else {
+            return false;
+        };
+        match &mut self.high {
+            Some((e, high)) if *e == epoch => {
+                let back = high
+                    .iter()
+                    .enumerate()
+                    .any(|(i, h)| offs.get(i).is_none_or(|o| o < h));
+                for (i, o) in offs.iter().enumerate() {
+                    match high.get_mut(i) {
+                        Some(h) => *h = (*h).max(*o),
+                        None => high.push(*o),
+                    }
+                }
+                back
+            }
+            _ => {
+                self.high = Some((epoch, offs));
+                false
             }
         }
     }
@@ -114,6 +173,7 @@ impl Seen {
             Some("snapshot") => {
                 self.snapshots += 1;
                 *resumed = false;
+                self.snapshot_behind = self.behind_high(m);
                 let rows = m["rows"].as_object().cloned().unwrap_or_default();
                 // keys the snapshot does not carry are gone from the client's state
                 let gone: Vec<String> = self
@@ -134,6 +194,7 @@ impl Seen {
                 }
             }
             Some("patch") => {
+                self.replaying = self.behind_high(m);
                 if *resumed {
                     self.resumes += 1;
                     *resumed = false;
@@ -156,6 +217,46 @@ impl Seen {
             Some("error") => self.errors.push(m.to_string()),
             _ => {}
         }
+    }
+}
+
+/// The UTC time of day (`HH:MM:SS.mmm`), to match an example with the faults in the log.
+fn time_of_day() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 86_400_000)
+        .unwrap_or(0);
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
+/// A position token `epoch~o0.o1...` as its epoch and offsets.
+fn parse_pos(t: &str) -> Option<(String, Vec<i64>)> {
+    let (e, p) = t.split_once('~')?;
+    let offs = p
+        .split('.')
+        .map(|o| o.parse().ok())
+        .collect::<Option<Vec<i64>>>()?;
+    Some((e.to_string(), offs))
+}
+
+/// Whether position token `snap` (`epoch~o0.o1...`) is of the same epoch as `held` and behind it
+/// in some partition.
+#[cfg(test)]
+fn behind(snap: &str, held: &str) -> bool {
+    match (parse_pos(snap), parse_pos(held)) {
+        (Some((es, s)), Some((eh, h))) => {
+            es == eh
+                && h.iter()
+                    .enumerate()
+                    .any(|(i, o)| s.get(i).is_none_or(|x| x < o))
+        }
+        _ => false,
     }
 }
 
@@ -395,4 +496,20 @@ async fn sse_session(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::behind;
+
+    #[test]
+    fn a_snapshot_is_behind_when_one_partition_is_behind_in_the_same_epoch() {
+        assert!(behind("e~5.3", "e~5.4"));
+        assert!(behind("e~6.3", "e~5.4"));
+        assert!(behind("e~9", "e~9.1"));
+        assert!(!behind("e~5.4", "e~5.4"));
+        assert!(!behind("e~6.4", "e~5.4"));
+        assert!(!behind("f~1.1", "e~5.4"));
+        assert!(!behind("e~x", "e~5.4"));
+    }
 }

@@ -285,6 +285,8 @@ pub struct ClientReport {
     pub values_checked: u64,
     pub reordered_visible: u64,
     pub stale_after_recovery: u64,
+    pub stale_behind_position: u64,
+    pub replay_after_stale: u64,
     pub final_equal: bool,
     pub lost: usize,
     pub examples: Vec<String>,
@@ -923,7 +925,17 @@ async fn check_tables(
             let s = c.seen.lock().unwrap_or_else(|e| e.into_inner());
             let d = diff(&w, &s.ns());
             tc.clients_lost += d.len();
+            // the first examples, and the first of each kind among the others
             let mut examples: Vec<String> = s.examples.iter().take(10).cloned().collect();
+            for tag in [
+                "reordered-visible",
+                "replay-after-stale",
+                "stale-after-recovery",
+            ] {
+                if !examples.iter().any(|e| e.contains(tag)) {
+                    examples.extend(s.examples.iter().find(|e| e.contains(tag)).cloned());
+                }
+            }
             if !d.is_empty() {
                 examples.push(format!(
                     "final state: {} keys differ, e.g. {:?}",
@@ -943,6 +955,8 @@ async fn check_tables(
                 values_checked: s.values_checked,
                 reordered_visible: s.reordered_visible,
                 stale_after_recovery: s.stale_after_recovery,
+                stale_behind_position: s.stale_behind_position,
+                replay_after_stale: s.replay_after_stale,
                 final_equal: d.is_empty(),
                 lost: d.len(),
                 examples,
