@@ -1,0 +1,515 @@
+//! Live clients attached the whole run: WebSocket in `patch` and `rows` format, SSE; the whole
+//! table or some keys. Each reconnects when its connection ends (a patch or SSE client resumes
+//! from its last complete position) and checks every message it applies:
+//!
+//! - `reordered_visible`: a live message (patch, or a row after the initial rows) shows a key at an
+//!   `n` smaller than one the client already showed, or shows a deleted key again with an `n` not
+//!   larger than before its delete;
+//! - `stale_after_recovery`: the same, carried by a snapshot (or, for a `rows` connection, which
+//!   carries no position, its initial rows and anything in its first 10 s): the state was
+//!   replaced by one older than what the client had shown.
+//!
+//! Both must stay 0. The client's final state is compared with the oracle at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::workload::State;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    WsPatch,
+    WsRows,
+    Sse,
+}
+
+/// What a client saw and found.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub state: BTreeMap<String, Value>,
+    max_n: HashMap<String, i64>,
+    /// The largest `n` a key had when the client saw it deleted.
+    deleted_at: HashMap<String, i64>,
+    pub pos: Option<String>,
+    pub connects: u64,
+    pub messages: u64,
+    pub snapshots: u64,
+    pub resumes: u64,
+    pub errors: Vec<String>,
+    pub reordered_visible: u64,
+    pub stale_after_recovery: u64,
+    /// Of `stale_after_recovery`: carried by a snapshot whose position (same epoch) is behind the
+    /// highest position the client was shown, in some partition: the node knew it served an
+    /// older state (BUG-2 in RELIABILITY.md). The rest come from `rows` connections (no
+    /// position) or from a snapshot at or past that position, which no known bug explains.
+    pub stale_behind_position: u64,
+    /// Of `reordered_visible`: live patches whose position is still behind the highest position
+    /// the client was shown, showing again values older than ones it had shown: the node going
+    /// forward again over what it lost (the second half of BUG-2). A patch position tells no
+    /// partition apart, so while it is behind in one partition a regression of any key counts
+    /// here.
+    pub replay_after_stale: u64,
+    /// Whether the snapshot being applied is behind the client's position (see above).
+    snapshot_behind: bool,
+    /// Whether the patch being applied is behind the highest position the client was shown.
+    replaying: bool,
+    /// The highest position the client was shown: its epoch and, per partition, the largest
+    /// offset.
+    high: Option<(String, Vec<i64>)>,
+    /// The first regressions of each kind (at most 20 each).
+    pub examples: Vec<String>,
+    pub values_checked: u64,
+}
+
+impl Seen {
+    /// Applies one key's new row (`None`: deleted); `replacing` when it comes from a snapshot.
+    fn apply(&mut self, key: &str, row: Option<Value>, replacing: bool, at: &str) {
+        match row {
+            None => {
+                if let Some(r) = self.state.remove(key) {
+                    let n = r["n"].as_i64().unwrap_or(-1);
+                    let d = self.deleted_at.entry(key.to_string()).or_insert(n);
+                    *d = (*d).max(n);
+                }
+            }
+            Some(r) => {
+                let n = r["n"].as_i64().unwrap_or(-1);
+                self.values_checked += 1;
+                let was_absent = !self.state.contains_key(key);
+                let max = self.max_n.get(key).copied().unwrap_or(i64::MIN);
+                let back = if n < max {
+                    Some(format!("{key}: n {max} -> {n} ({at})"))
+                } else if was_absent && self.deleted_at.get(key).is_some_and(|d| n <= *d) {
+                    Some(format!(
+                        "{key}: deleted at n {} and back with n {n} ({at})",
+                        self.deleted_at[key]
+                    ))
+                } else {
+                    None
+                };
+                if let Some(mut b) = back {
+                    b.push_str(&format!(
+                        " [client at {} before, {} connects, at {} UTC]",
+                        self.pos.as_deref().unwrap_or("-"),
+                        self.connects,
+                        time_of_day()
+                    ));
+                    if replacing {
+                        self.stale_after_recovery += 1;
+                        if self.snapshot_behind {
+                            self.stale_behind_position += 1;
+                            b.push_str(" behind-position");
+                        }
+                        b.push_str(" stale-after-recovery");
+                    } else {
+                        self.reordered_visible += 1;
+                        if self.replaying {
+                            self.replay_after_stale += 1;
+                            b.push_str(" replay-after-stale");
+                        }
+                        b.push_str(" reordered-visible");
+                    }
+                    let kind = if b.contains("reordered-visible") {
+                        "reordered-visible"
+                    } else {
+                        "stale-after-recovery"
+                    };
+                    if self.examples.iter().filter(|e| e.contains(kind)).count() < 20 {
+                        self.examples.push(b);
+                    }
+                }
+                self.max_n.insert(key.to_string(), n.max(max));
+                self.state.insert(key.to_string(), r);
+            }
+        }
+    }
+
+    /// Whether message `m`'s position is behind the highest position this client was shown (same
+    /// epoch) in some partition; then raises that highest position with it.
+    fn behind_high(&mut self, m: &Value) -> bool {
+        let Some((epoch, offs)) = m["pos"].as_str().and_then(parse_pos) else {
+            return false;
+        };
+        match &mut self.high {
+            Some((e, high)) if *e == epoch => {
+                let back = high
+                    .iter()
+                    .enumerate()
+                    .any(|(i, h)| offs.get(i).is_none_or(|o| o < h));
+                for (i, o) in offs.iter().enumerate() {
+                    match high.get_mut(i) {
+                        Some(h) => *h = (*h).max(*o),
+                        None => high.push(*o),
+                    }
+                }
+                back
+            }
+            _ => {
+                self.high = Some((epoch, offs));
+                false
+            }
+        }
+    }
+
+    /// `{key: n}` of the client's state.
+    pub fn ns(&self) -> State {
+        self.state
+            .iter()
+            .filter_map(|(k, v)| v["n"].as_i64().map(|n| (k.clone(), n)))
+            .collect()
+    }
+
+    /// A snapshot (or its continuation frames) or a patch of the envelope protocol.
+    fn envelope(&mut self, m: &Value, in_snapshot: &mut bool, resumed: &mut bool) {
+        let at = format!("{} {}", m["type"].as_str().unwrap_or("?"), m["pos"]);
+        match m["type"].as_str() {
+            Some("snapshot") => {
+                self.snapshots += 1;
+                *resumed = false;
+                self.snapshot_behind = self.behind_high(m);
+                let rows = m["rows"].as_object().cloned().unwrap_or_default();
+                // keys the snapshot does not carry are gone from the client's state
+                let gone: Vec<String> = self
+                    .state
+                    .keys()
+                    .filter(|k| !rows.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    self.apply(&k, None, true, &at);
+                }
+                for (k, v) in rows {
+                    self.apply(&k, Some(v), true, &at);
+                }
+                *in_snapshot = m["more"] == Value::Bool(true);
+                if !*in_snapshot {
+                    self.pos = m["pos"].as_str().map(String::from);
+                }
+            }
+            Some("patch") => {
+                self.replaying = self.behind_high(m);
+                if *resumed {
+                    self.resumes += 1;
+                    *resumed = false;
+                }
+                let replacing = *in_snapshot;
+                for (k, v) in m["patch"].as_object().cloned().unwrap_or_default() {
+                    if v.is_null() {
+                        self.apply(&k, None, replacing, &at);
+                    } else {
+                        let mut row = self.state.get(&k).cloned().unwrap_or(Value::Null);
+                        livetable::patch::merge(&mut row, &v);
+                        self.apply(&k, Some(row), replacing, &at);
+                    }
+                }
+                *in_snapshot = m["more"] == Value::Bool(true);
+                if !*in_snapshot {
+                    self.pos = m["pos"].as_str().map(String::from);
+                }
+            }
+            Some("error") => self.errors.push(m.to_string()),
+            _ => {}
+        }
+    }
+}
+
+/// The UTC time of day (`HH:MM:SS.mmm`), to match an example with the faults in the log.
+fn time_of_day() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 86_400_000)
+        .unwrap_or(0);
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
+/// A position token `epoch~o0.o1...` as its epoch and offsets.
+fn parse_pos(t: &str) -> Option<(String, Vec<i64>)> {
+    let (e, p) = t.split_once('~')?;
+    let offs = p
+        .split('.')
+        .map(|o| o.parse().ok())
+        .collect::<Option<Vec<i64>>>()?;
+    Some((e.to_string(), offs))
+}
+
+/// Whether position token `snap` (`epoch~o0.o1...`) is of the same epoch as `held` and behind it
+/// in some partition.
+#[cfg(test)]
+fn behind(snap: &str, held: &str) -> bool {
+    match (parse_pos(snap), parse_pos(held)) {
+        (Some((es, s)), Some((eh, h))) => {
+            es == eh
+                && h.iter()
+                    .enumerate()
+                    .any(|(i, o)| s.get(i).is_none_or(|x| x < o))
+        }
+        _ => false,
+    }
+}
+
+/// How long after a `rows` connection opens a regression counts as stale-after-recovery.
+const ROWS_RECOVERY_WINDOW: Duration = Duration::from_secs(10);
+
+/// One live client.
+pub struct Client {
+    pub name: String,
+    pub kind: Kind,
+    pub table: String,
+    pub keys: Option<Vec<String>>,
+    pub seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Client {
+    pub fn start(
+        name: &str,
+        kind: Kind,
+        base: &str,
+        table: &str,
+        keys: Option<Vec<String>>,
+        stop: Arc<AtomicBool>,
+    ) -> Client {
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let (s, b, t, k) = (
+            seen.clone(),
+            base.to_string(),
+            table.to_string(),
+            keys.clone(),
+        );
+        let task = tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let since = s.lock().unwrap_or_else(|e| e.into_inner()).pos.clone();
+                let r = match kind {
+                    Kind::WsPatch | Kind::WsRows => ws_session(kind, &b, &t, &k, since, &s).await,
+                    Kind::Sse => sse_session(&b, &t, &k, since, &s).await,
+                };
+                if let Err(e) = r {
+                    let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
+                    if g.errors.len() < 1000 && !e.contains("Connection refused") {
+                        g.errors.push(e);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Client {
+            name: name.into(),
+            kind,
+            table: table.into(),
+            keys,
+            seen,
+            task,
+        }
+    }
+
+    /// The oracle restricted to this client's keys.
+    pub fn want(&self, oracle: &State) -> State {
+        match &self.keys {
+            None => oracle.clone(),
+            Some(keys) => oracle
+                .iter()
+                .filter(|(k, _)| keys.contains(k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn query(table: &str, keys: &Option<Vec<String>>) -> String {
+    let mut q = format!("table={table}");
+    if let Some(k) = keys {
+        q.push_str(&format!("&keys={}", k.join(",")));
+    }
+    q
+}
+
+async fn ws_session(
+    kind: Kind,
+    base: &str,
+    table: &str,
+    keys: &Option<Vec<String>>,
+    since: Option<String>,
+    seen: &Arc<Mutex<Seen>>,
+) -> Result<(), String> {
+    let mut url = format!(
+        "{}/ws?{}",
+        base.replace("http://", "ws://"),
+        query(table, keys)
+    );
+    let rows = kind == Kind::WsRows;
+    if rows {
+        url.push_str("&format=rows");
+    } else if let Some(s) = &since {
+        url.push_str(&format!("&since={s}"));
+    }
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    seen.lock().unwrap_or_else(|e| e.into_inner()).connects += 1;
+    let mut in_snapshot = false;
+    let mut resumed = since.is_some();
+    // rows format: the current rows come first, one message each, then the changes; the initial
+    // rows end when a key comes a second time or after a moment
+    let connected = Instant::now();
+    let mut initial_keys: std::collections::HashSet<String> = Default::default();
+    let mut initial = true;
+    let mut initial_state: Option<BTreeMap<String, Value>> = rows.then(BTreeMap::new);
+    while let Some(msg) = ws.next().await {
+        let text = match msg {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let m: Value = serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+        let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
+        g.messages += 1;
+        if !rows {
+            g.envelope(&m, &mut in_snapshot, &mut resumed);
+            continue;
+        }
+        if m.get("type").is_some() && m.get("id").is_none() {
+            if m["type"] == "error" {
+                g.errors.push(m.to_string());
+            }
+            continue;
+        }
+        let deleted = m["__deleted"] == Value::Bool(true);
+        let key = m["id"]
+            .as_str()
+            .or_else(|| m["__key"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if initial && (initial_keys.contains(&key) || connected.elapsed() > Duration::from_secs(3))
+        {
+            initial = false;
+            // keys the new connection's rows do not carry are gone
+            if let Some(st) = initial_state.take() {
+                let gone: Vec<String> = g
+                    .state
+                    .keys()
+                    .filter(|k| !st.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for k in gone {
+                    g.apply(&k, None, true, "rows reconnect");
+                }
+            }
+        }
+        // a rows connection carries no position: a regression in its first seconds (the initial
+        // rows, or a node that is still restoring) counts as stale-after-recovery, later ones as
+        // reordered
+        let recovering = initial || connected.elapsed() < ROWS_RECOVERY_WINDOW;
+        let at = if initial {
+            "initial row"
+        } else if recovering {
+            "row soon after connecting"
+        } else {
+            "row"
+        };
+        if initial {
+            initial_keys.insert(key.clone());
+            if let Some(st) = initial_state.as_mut() {
+                st.insert(key.clone(), Value::Null);
+            }
+        }
+        let row = (!deleted).then(|| {
+            let mut r = m.clone();
+            if let Some(o) = r.as_object_mut() {
+                o.retain(|_, v| !v.is_null());
+            }
+            r
+        });
+        g.apply(&key, row, recovering, at);
+    }
+    Ok(())
+}
+
+async fn sse_session(
+    base: &str,
+    table: &str,
+    keys: &Option<Vec<String>>,
+    since: Option<String>,
+    seen: &Arc<Mutex<Seen>>,
+) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut req = client.get(format!("{base}/sse?{}", query(table, keys)));
+    if let Some(s) = &since {
+        req = req.header("Last-Event-ID", s);
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("sse: http {}", resp.status()));
+    }
+    seen.lock().unwrap_or_else(|e| e.into_inner()).connects += 1;
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut data = String::new();
+    let mut in_snapshot = false;
+    let mut resumed = since.is_some();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(i) = buf.find('\n') {
+            let line = buf[..i].trim_end_matches('\r').to_string();
+            buf.drain(..=i);
+            if line.is_empty() {
+                if !data.is_empty() {
+                    let m: Value = serde_json::from_str(&data).map_err(|e| e.to_string())?;
+                    data.clear();
+                    let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    g.messages += 1;
+                    g.envelope(&m, &mut in_snapshot, &mut resumed);
+                }
+            } else if let Some(d) = line.strip_prefix("data:") {
+                data.push_str(d.trim_start());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::behind;
+
+    #[test]
+    fn a_snapshot_is_behind_when_one_partition_is_behind_in_the_same_epoch() {
+        assert!(behind("e~5.3", "e~5.4"));
+        assert!(behind("e~6.3", "e~5.4"));
+        assert!(behind("e~9", "e~9.1"));
+        assert!(!behind("e~5.4", "e~5.4"));
+        assert!(!behind("e~6.4", "e~5.4"));
+        assert!(!behind("f~1.1", "e~5.4"));
+        assert!(!behind("e~x", "e~5.4"));
+    }
+}

@@ -1,0 +1,178 @@
+//! The fault-injection suite (`chaos`) at CI size: both topologies (all-in-one; 2 materialisers +
+//! a gateway), 20 kill -9 of livetable, and once each: SIGSTOP of the broker for 10 s, the proxy
+//! cutting, blackholing and delaying the broker's traffic, the data filesystem full, kill -9 of
+//! Kafka Connect (when Java and PostgreSQL are here), the changelog topic deleted. The broker
+//! restart is skipped: the local broker keeps its topics in memory (see RELIABILITY.md).
+//!
+//! The seed comes from `CHAOS_SEED` (to replay a failure) or the clock; it is printed, and the
+//! reports (JSON, markdown, every process's log) stay in `target/chaos/ci-<seed>/`.
+//! Ports: `LIVETABLE_CHAOS_PORT_BASE` (default 19595) to +2.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("load/ is inside the repository")
+        .to_path_buf()
+}
+
+/// The livetable binary of this profile, built first (a no-op when fresh) so that the suite never
+/// runs a binary older than the source.
+fn livetable_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_chaos")).with_file_name("livetable");
+    let release = bin.components().any(|c| c.as_os_str() == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "livetable", "--bin", "livetable"]);
+    if release {
+        build.arg("--release");
+    }
+    let st = build.current_dir(repo()).status().unwrap();
+    assert!(st.success(), "cargo build --bin livetable failed");
+    assert!(bin.is_file(), "no livetable binary at {}", bin.display());
+    bin
+}
+
+#[test]
+fn faults_at_random_moments_lose_nothing_and_never_go_back() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000_000
+        });
+    let port_base = std::env::var("LIVETABLE_CHAOS_PORT_BASE").unwrap_or_else(|_| "19595".into());
+    let out = repo().join(format!("target/chaos/ci-{seed}"));
+    eprintln!(
+        "chaos: seed {seed} (replay with CHAOS_SEED={seed}); reports and logs in {}",
+        out.display()
+    );
+    let started = std::time::Instant::now();
+    let run = Command::new(env!("CARGO_BIN_EXE_chaos"))
+        .args(["--seed", &seed.to_string()])
+        .args([
+            "--kills",
+            "20",
+            "--quick-kill-pct",
+            "70",
+            "--rate",
+            "300",
+            "--keys",
+            "1000",
+        ])
+        .args([
+            "--gap-ms",
+            "300-1500",
+            "--recovery-secs",
+            "45",
+            "--settle-secs",
+            "45",
+        ])
+        .args(["--port-base", &port_base])
+        .arg("--livetable")
+        .arg(livetable_bin())
+        .arg("--out-dir")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|e| {
+        panic!(
+            "chaos printed no JSON report ({e}), exit {}:\n{stderr}",
+            run.status
+        )
+    });
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap_or_default();
+    eprintln!("{md}\nchaos ran {elapsed:?}");
+    let t = &report["totals"];
+    let by_kind = &report["faults_by_kind"];
+    let kills = by_kind["kill9"]["count"].as_u64().unwrap_or(0)
+        + by_kind["kill9-quick"]["count"].as_u64().unwrap_or(0);
+    assert!(kills >= 20, "at least 20 kill -9 ran: {kills}");
+    for kind in [
+        "broker-sigstop10s",
+        "proxy-cut",
+        "proxy-blackhole8s",
+        "proxy-delay2s",
+        "changelog-deleted",
+    ] {
+        assert!(
+            by_kind[kind]["count"].as_u64().unwrap_or(0) >= 1,
+            "fault {kind} ran: {by_kind}"
+        );
+    }
+    assert!(t["clients_checked"].as_u64().unwrap_or(0) >= 12, "{t}");
+    assert!(t["changes"].as_u64().unwrap_or(0) >= 10_000, "{t}");
+    let failures: Vec<String> = report["failures"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    // Known failures (bugs in src/, reported in RELIABILITY.md), expected here until fixed.
+    // BUG-1: the changelog topic deleted while livetable runs is never recreated nor refilled;
+    // the gateway freezes on its last state (and stays ready), the folded changelog misses every
+    // key. Checked after the main checks, tagged apart.
+    let bug1 = |f: &str| {
+        f.contains("after the changelog was deleted") || f.contains("] ChangelogDeleted on ")
+    };
+    // BUG-2: after a kill -9 a restarted node reopens its store at an older state than it had
+    // already sent (same epoch); a client whose resume position is ahead of it gets, after
+    // --resume-wait-ms, a snapshot of that older state, so values visibly go back, then forward
+    // (live patches replay, up to the position the client held, values older than ones it
+    // showed). Only regressions in a snapshot behind the client's position, or in the patches
+    // after it until the node is back at that position, are this bug; a `rows` connection
+    // carries no position, so its regressions in the first 10 s of a connection are taken for
+    // the same bug. Issue 12, holes 2 and 3. Remove these lines once fixed.
+    let bug2 = |f: &str| {
+        f.contains("values went back in snapshots behind the client's position")
+            || f.contains("values went back in live patches replayed after a snapshot behind")
+            || f.contains("values went back in the rows of a new connection")
+    };
+    let known = |f: &str| bug1(f) || bug2(f);
+    let bug2: Vec<&String> = failures.iter().filter(|f| bug2(f)).collect();
+    if bug2.is_empty() {
+        eprintln!("BUG-2 did not show in this run (it does not in every run)");
+    } else {
+        eprintln!(
+            "BUG-2 (expected until fixed), {} clients:\n{}",
+            bug2.len(),
+            bug2.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let unexpected: Vec<&String> = failures.iter().filter(|f| !known(f)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "seed {seed}: {} failed checks (replay: CHAOS_SEED={seed} cargo test -p livetable-load --test chaos):\n{}\n\nlogs: {}",
+        unexpected.len(),
+        unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
+        out.join("logs").display()
+    );
+    // a livetable process that exits by itself fails the test, except BUG-3 (RELIABILITY.md):
+    // the gateway dies of SIGSEGV when the changelog topic it follows is deleted
+    let crashes: Vec<&str> = report["crashes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let unexpected_crashes: Vec<&&str> = crashes
+        .iter()
+        .filter(|c| !(c.contains("SIGSEGV") && c.contains("after ChangelogDeleted")))
+        .collect();
+    assert!(unexpected_crashes.is_empty(), "{unexpected_crashes:?}");
+    assert_eq!(t["lost"].as_u64(), Some(0), "{t}");
+    assert_eq!(t["reordered_visible"].as_u64(), Some(0), "{t}");
+}
