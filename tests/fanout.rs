@@ -47,7 +47,12 @@ async fn connect(base: &str, path_query: &str) -> Ws {
 }
 
 async fn next_json(ws: &mut Ws) -> Value {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
     loop {
+        assert!(
+            std::time::Instant::now() < until,
+            "no message but status notices for 60 s"
+        );
         let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
             .await
             .expect("a message within 20 s")

@@ -377,9 +377,14 @@ impl Tables {
             }
             for (part, s) in delta.slices {
                 let slice = t.slice_mut(part);
-                slice.last_off = s.last_off;
-                slice.count = s.count;
-                slice.owner = s.owner;
+                // a delta's slice fields are its base (read when it was staged) plus its own
+                // changes: one staged before another writer's commit must not take the slice back
+                // (a follower folding this node's own changelog lost counts that way)
+                if s.last_off >= slice.last_off {
+                    slice.last_off = s.last_off;
+                    slice.count = s.count;
+                }
+                slice.owner = slice.owner.max(s.owner);
                 slice.tombs.extend(s.tombs);
                 slice.raise_acked(s.acked);
                 if s.cl_next > slice.cl_next {
