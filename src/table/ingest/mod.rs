@@ -77,7 +77,7 @@ pub struct Ingest {
 
 /// After an unclean stop, how long new subscriptions are held at most while the ingest re-applies
 /// the input.
-pub const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
+pub const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
 
 impl Ingest {
     /// Runs until cancelled. Returns an error only when the store, the durability task or a
