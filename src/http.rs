@@ -42,12 +42,47 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Writable topics (`[publish]`), when configured.
     pub publisher: Option<Arc<crate::publish::Publisher>>,
+    /// The writable topics as `GET /api/topics` lists them.
+    pub writable: Arc<Vec<WritableTopic>>,
     /// Token verification (`--auth`).
     pub auth: Arc<Auth>,
     /// Browser origins allowed on the live routes and by CORS (`--allowed-origins`).
     pub origins: Arc<Origins>,
     /// `/metrics`, `/healthz`, `/readyz` are served by the admin listener instead.
     pub admin_separate: bool,
+}
+
+/// A writable topic as `GET /api/topics` shows it: the table it is read back as, when the same
+/// topic is also an `upsert` input (a page publishes there and sees the result live).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WritableTopic {
+    pub name: String,
+    pub table: Option<String>,
+    pub max_bytes: usize,
+    /// Whether a JSON Schema checks the values.
+    pub schema: bool,
+    /// The value field that must equal a token claim.
+    pub pin: Option<crate::publish::Pin>,
+}
+
+impl WritableTopic {
+    /// The writable topics of `config`, with the table of each topic that is also an upsert input.
+    pub fn list(config: &crate::config::Config) -> Vec<WritableTopic> {
+        let Some(publish) = &config.publish else {
+            return Vec::new();
+        };
+        publish
+            .topics
+            .values()
+            .map(|t| WritableTopic {
+                name: t.name.clone(),
+                table: config.upsert.get(&t.name).map(|u| u.table.clone()),
+                max_bytes: t.max_bytes,
+                schema: t.schema.is_some(),
+                pin: t.pin.clone(),
+            })
+            .collect()
+    }
 }
 
 /// An API error: a status and a message safe to show to clients.
@@ -87,6 +122,7 @@ pub fn router(state: AppState) -> Router {
             .route("/api/tables", get(list_tables))
             .route("/api/tables/{table}", get(get_table))
             .route("/api/tables/{table}/rows/{key}", get(get_row))
+            .route("/api/topics", get(list_topics))
             .route("/api/explain", get(crate::auth::explain));
         if let Some(cors) = crate::auth::origin::cors(&state.origins) {
             api = api.layer(cors);
@@ -230,6 +266,15 @@ async fn list_tables(
         "caught_up": r.is_ready(),
         "reason": r.reason(),
     })))
+}
+
+/// `GET /api/topics`: the topics clients may publish to (empty without `[publish]`).
+async fn list_topics(
+    State(state): State<AppState>,
+    creds: Credentials,
+) -> Result<Json<Value>, Refused> {
+    creds.require(&state.auth)?;
+    Ok(Json(json!({ "topics": *state.writable })))
 }
 
 /// A query string that does not parse (a repeated or malformed parameter): a JSON 400.

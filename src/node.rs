@@ -183,6 +183,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     };
     let state = http::AppState {
         publisher: publisher.clone(),
+        writable: Arc::new(http::WritableTopic::list(&config)),
         role,
         tables: tables.clone(),
         metrics: metrics.clone(),

@@ -1,25 +1,80 @@
 //! The live page in a real browser: headless Chromium (Debian's package, driven by playwright-core
 //! from npm; `./dev/test` installs both) loads `/`, a change is produced into Kafka, and the row on
-//! the page shows the new value within 2 s. The screenshot is kept in `target/browser-artifacts/`.
+//! the page shows the new value within 2 s; a bet placed on one page's bet slip shows on another.
+//! Screenshots are kept in `target/browser-artifacts/`.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use livetable::config::TopicSelection;
+use livetable::config::{Config, TopicSelection};
+use livetable::publish::PublishConfig;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A node driver script of tests/browser with its arguments; its stdout lines arrive on the channel.
+struct Driver {
+    child: Child,
+    stdin: ChildStdin,
+    lines: tokio::sync::mpsc::Receiver<String>,
+}
+
+impl Driver {
+    fn start(script: &str, args: &[&str]) -> Driver {
+        let dir = repo().join("tests/browser");
+        assert!(
+            dir.join("node_modules/playwright-core").is_dir() && std::path::Path::new("/usr/bin/chromium").exists(),
+            "the browser test needs Debian's chromium and `npm ci` in tests/browser: run ./dev/test, which installs both"
+        );
+        let mut child = Command::new("node")
+            .arg(dir.join(script))
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node");
+        let stdin = child.stdin.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::channel::<String>(8);
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Driver {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The next line, within `secs`.
+    async fn line(&mut self, secs: u64, what: &str) -> String {
+        tokio::time::timeout(Duration::from_secs(secs), self.lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing from the browser in {secs} s"))
+            .unwrap_or_default()
+    }
+}
+
+fn artifacts() -> PathBuf {
+    let dir = repo().join("target/browser-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_a_change_within_two_seconds() {
     init_logs();
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let driver_dir = root.join("tests/browser");
-    assert!(
-        driver_dir.join("node_modules/playwright-core").is_dir() && std::path::Path::new("/usr/bin/chromium").exists(),
-        "the browser test needs Debian's chromium and `npm ci` in tests/browser: run ./dev/test, which installs both"
-    );
     let u = unique("page");
     let topic = format!("{u}.public.game_odds");
     create_topic(&topic, 1).await;
@@ -31,41 +86,16 @@ async fn the_page_shows_a_change_within_two_seconds() {
     let (svc, base) = start_service(c).await;
     table_at_seq(&base, "game_odds", 4).await;
 
-    let artifacts = root.join("target/browser-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("live-page.png");
-    let mut child = Command::new("node")
-        .arg(driver_dir.join("page.mjs"))
-        .arg(format!("{base}/?table=game_odds"))
-        .arg(&shot)
-        .current_dir(&driver_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("node");
-    let mut stdin = child.stdin.take().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(8);
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let ready = tokio::time::timeout(Duration::from_secs(60), rx.recv())
-        .await
-        .expect("the page loads")
-        .unwrap_or_default();
+    let shot = artifacts().join("live-page.png");
+    let page_url = format!("{base}/?table=game_odds");
+    let mut d = Driver::start("page.mjs", &[&page_url, shot.to_str().unwrap()]);
+    let ready = d.line(60, "the page loads").await;
     assert_eq!(ready, "READY 1.500", "row g1 shown with its snapshot value");
     // update g1.odd1 1.500 -> 1.750 through Kafka
     produce(&p, &topic, &records[4..5]).await;
-    writeln!(stdin, "GO").unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(30), rx.recv())
-        .await
-        .expect("a result")
-        .unwrap_or_default();
-    let status = child.wait().unwrap();
+    writeln!(d.stdin, "GO").unwrap();
+    let result = d.line(30, "a result").await;
+    let status = d.child.wait().unwrap();
     eprintln!("browser: {result} (screenshot {})", shot.display());
     assert!(result.starts_with("OK "), "{result}");
     assert!(status.success());
@@ -73,6 +103,88 @@ async fn the_page_shows_a_change_within_two_seconds() {
         std::fs::metadata(&shot).unwrap().len() > 1000,
         "a screenshot was saved"
     );
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+/// The bet slip (issue 16): the page publishes a bet to the writable `bets` topic over its
+/// WebSocket, livetable reads the topic back as an upsert table, and another visitor's page shows
+/// the stakes per game change; a bet the topic's JSON Schema refuses is shown as refused and
+/// changes nothing. The topic then holds exactly the two accepted bets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bet_placed_on_one_page_shows_on_another() {
+    init_logs();
+    let u = unique("slip");
+    let odds = format!("{u}.public.game_odds");
+    let bets = format!("{u}.bets");
+    create_topic(&odds, 1).await;
+    create_topic(&bets, 2).await;
+    produce(
+        &producer(),
+        &odds,
+        &load_fixture("pg_f_decimal_string.jsonl")[..4],
+    )
+    .await;
+    let dir = tempdir();
+    // the demo's own files: the bet schema of dev/up, the topic read back as table `bets`
+    let views = dir.path().join("views.toml");
+    std::fs::write(
+        &views,
+        format!("[topics.\"{bets}\"]\nformat = \"upsert\"\nname = \"bets\"\n"),
+    )
+    .unwrap();
+    let schema = repo().join("dev/demo/bet.schema.json");
+    let mut c = test_config(TopicSelection::Names(vec![odds.clone()]), dir.path(), &u);
+    c.upsert = Config::from_args(livetable::config::Args {
+        views: Some(views),
+        ..Default::default()
+    })
+    .unwrap()
+    .upsert;
+    c.topics = c.topics.with_topics(c.upsert.keys());
+    c.publish = PublishConfig::from_toml(
+        &format!(
+            "[publish]\n[[publish.topic]]\nname = \"{bets}\"\nschema = \"{}\"\n",
+            schema.display()
+        ),
+        dir.path(),
+    )
+    .unwrap();
+    let (svc, base) = start_service(c).await;
+    table_at_seq(&base, "game_odds", 4).await;
+    let topics: serde_json::Value = reqwest::get(format!("{base}/api/topics"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(topics["topics"][0]["name"], bets.as_str(), "{topics}");
+    assert_eq!(topics["topics"][0]["table"], "bets", "{topics}");
+    assert_eq!(topics["topics"][0]["schema"], true, "{topics}");
+
+    let prefix = artifacts().join("bet-slip");
+    let mut d = Driver::start("bet.mjs", &[&base, prefix.to_str().unwrap()]);
+    for step in ["ready", "first", "second", "refused"] {
+        let line = d.line(90, step).await;
+        eprintln!("browser: {line}");
+        assert!(line.starts_with(&format!("OK {step} ")), "{step}: {line}");
+    }
+    assert!(d.child.wait().unwrap().success());
+    // the table of bets (and so the topic) holds the two accepted bets, once each
+    let rows = table_at_seq(&base, "bets", 2).await;
+    let mut stakes: Vec<f64> = rows["rows"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|b| {
+            assert_eq!(b["game_id"], "g1");
+            assert_eq!(b["pick"], "odd1");
+            assert_eq!(b["odds"], "1.500");
+            b["stake"].as_f64().unwrap()
+        })
+        .collect();
+    stakes.sort_by(f64::total_cmp);
+    assert_eq!(stakes, vec![5.0, 25.0]);
     svc.shutdown();
     svc.wait().await.unwrap();
 }

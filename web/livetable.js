@@ -14,6 +14,11 @@
 //   waiting  {table}   the table does not exist yet; its snapshot follows when it appears
 //   freshness {caughtUp, reason}   the server stopped (or started again) being caught up
 //   error    {code, message, fatal}
+//
+// Publishing (docs/publish.md): `await lt.publish(topic, key, value, id)` resolves with the server's
+// answer, `{type: "ack", id, partition, offset, duplicate?}` or `{type: "nack", id, code, message}`.
+// A publish not yet answered when the connection drops is sent again, with the same id, once it is
+// back: the server remembers ids, so the topic holds it once and the answer is the original ack.
 // Reconnects with exponential backoff and resumes from the last position (`pos`) it saw, on the
 // same server or any other of the deployment (protocol version 2).
 
@@ -56,6 +61,7 @@ export class LiveTable extends EventTarget {
     this.backoff = this.minBackoff;
     this.ws = null;
     this.closedByUser = false;
+    this.pending = new Map(); // publish id -> {frame, resolve}
   }
 
   connect() {
@@ -70,6 +76,7 @@ export class LiveTable extends EventTarget {
     ws.onopen = () => {
       this.backoff = this.minBackoff;
       this._emit("status", "open");
+      for (const { frame } of this.pending.values()) ws.send(frame);
     };
     ws.onmessage = (ev) => this._onMessage(ev.data);
     ws.onclose = () => {
@@ -95,8 +102,21 @@ export class LiveTable extends EventTarget {
     }
   }
 
+  /** Publishes `value` under `key` to a writable `topic`; resolves with the ack or nack. */
+  publish(topic, key, value, id) {
+    const frame = JSON.stringify({ type: "publish", topic, key, value, id });
+    return new Promise((resolve) => {
+      const before = this.pending.get(id);
+      if (before) before.resolve({ type: "nack", id, code: "superseded", message: "published again with the same id" });
+      this.pending.set(id, { frame, resolve });
+      if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(frame);
+    });
+  }
+
   close() {
     this.closedByUser = true;
+    for (const [id, p] of this.pending) p.resolve({ type: "nack", id, code: "closed", message: "the client was closed before an answer" });
+    this.pending.clear();
     if (this.ws) this.ws.close();
   }
 
@@ -129,6 +149,12 @@ export class LiveTable extends EventTarget {
     } else if (m.type === "status") {
       this.caughtUp = !!m.caught_up;
       this._emit("freshness", { caughtUp: this.caughtUp, reason: m.reason });
+    } else if (m.type === "ack" || m.type === "nack") {
+      const p = this.pending.get(m.id);
+      if (p) {
+        this.pending.delete(m.id);
+        p.resolve(m);
+      }
     } else if (m.type === "error") {
       this._emit("error", { code: m.code, message: m.message, fatal: !!m.fatal });
     }

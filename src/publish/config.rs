@@ -92,7 +92,7 @@ pub struct TopicSection {
 }
 
 /// A field of the value that must equal a claim of the client's token (`user_id = sub`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pin {
     /// A top-level field name, or a JSON pointer when it starts with `/` (`/user/id`).

@@ -28,7 +28,7 @@ pub mod store;
 pub mod wire;
 mod writer;
 
-pub use config::{PublishConfig, PublishConfigError, PublishSection, TopicPolicy};
+pub use config::{Pin, PublishConfig, PublishConfigError, PublishSection, TopicPolicy};
 pub use publisher::{PublishError, Publisher};
 pub use session::{PublishContext, PublishFuture, Session};
 pub use wire::{Ack, HttpPublishBody, Nack, NackCode, PublishRequest, Reply};
