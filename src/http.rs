@@ -169,11 +169,12 @@ async fn publish(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    // with --auth jwt a publish needs a valid token (topic claims are not defined yet)
-    if let Err(d) = creds.require(&state.auth) {
-        return Refused(d).into_response();
-    }
-    use crate::publish::{HttpPublishBody, Nack, NackCode, PublishContext, PublishRequest, Reply};
+    // with --auth jwt a publish needs a valid token, and goes only to the topics it allows
+    let access = match creds.require(&state.auth) {
+        Ok(a) => a,
+        Err(d) => return Refused(d).into_response(),
+    };
+    use crate::publish::{HttpPublishBody, Nack, NackCode, PublishRequest, Reply};
     let Some(publisher) = &state.publisher else {
         return ApiError(
             StatusCode::NOT_FOUND,
@@ -187,7 +188,7 @@ async fn publish(
             // one session per request: the process-wide in-flight bound applies; the
             // per-connection rate limit and in-flight bound are WebSocket's
             publisher
-                .session(PublishContext::default())
+                .session(access.publish_context())
                 .submit(PublishRequest::from_http(&topic, key, body))
                 .await
         }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use livetable::auth::glob::Glob;
 use livetable::metrics::Metrics;
 use livetable::publish::store::{Entry, IdLog, Scope};
 use livetable::publish::{
@@ -178,7 +179,7 @@ async fn every_documented_answer_and_the_session_stays_usable() {
     let as_u1 = p.session(PublishContext {
         principal: Some("u1".into()),
         claims,
-        topics: Some(HashSet::from([bets.clone()])),
+        topics: Some(vec![Glob::new(&bets)]),
     });
     let (c, msg) = code(as_u1.submit(req(&bets, "g1", bet("u2", 1.0), "a5")).await);
     assert_eq!(c, NackCode::Forbidden, "{msg}");

@@ -1,7 +1,10 @@
 //! Publishing through the running service (issue 16): WebSocket `publish` messages and
-//! `POST /api/topics/{topic}`, against the real broker, with ids that survive a restart.
+//! `POST /api/topics/{topic}`, against the real broker, with ids that survive a restart; with
+//! tokens (`--auth jwt`), only to the topics a token's `publish` list allows, with pinned fields
+//! checked against its claims and ids scoped by its `sub`.
 
 mod common;
+mod secure;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,8 +14,10 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::*;
+use livetable::config::security::{AuthConfig, JwtConfig, KeySource};
 use livetable::config::{Config, TopicSelection};
 use livetable::publish::PublishConfig;
+use secure::{bearer, hs256, next_msg, secret_file, ws_with};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -260,6 +265,288 @@ async fn without_publish_topics_a_publish_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+/// A service with tokens (HS256) and two writable topics: `bets`, whose `user_id` is pinned to
+/// the token's `sub`, and `other`. Returns the config, the secret, and the two topic names.
+fn token_config(dir: &std::path::Path, u: &str) -> (Config, String, String, String) {
+    let bets = format!("{u}.bets");
+    let other = format!("{u}.other");
+    let mut c = test_config(TopicSelection::Names(vec![format!("{u}.in")]), dir, u);
+    let text = format!(
+        "[publish]\nack_timeout_ms = 10000\n\
+         [[publish.topic]]\nname = \"{bets}\"\npartitions = 2\npin = {{ field = \"user_id\", claim = \"sub\" }}\n\
+         [[publish.topic]]\nname = \"{other}\"\npartitions = 2\n"
+    );
+    c.publish = PublishConfig::from_toml(&text, dir).unwrap();
+    let (secret, path) = secret_file(dir);
+    c.security.auth = AuthConfig::Jwt(JwtConfig {
+        keys: KeySource::Secret(path),
+        issuer: None,
+        audience: None,
+        claim: "livetable".into(),
+        leeway: Duration::ZERO,
+    });
+    (c, secret, bets, other)
+}
+
+/// A WebSocket on `/ws` with `token` in the `Authorization` header.
+async fn connect_with(base: &str, token: &str) -> Ws {
+    let h = bearer(token);
+    ws_with(base, "/ws", &[("authorization", h.as_str())])
+        .await
+        .unwrap()
+}
+
+/// Publishes until the answer is not `unavailable` (a topic just created has no metadata yet:
+/// clients retry with the same id, docs/publish.md).
+async fn publish_when_available(
+    ws: &mut Ws,
+    topic: &str,
+    key: &str,
+    value: Value,
+    id: &str,
+) -> Value {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        publish(ws, topic, key, value.clone(), id).await;
+        let a = answers(ws, 1).await.remove(id).unwrap();
+        if a["code"] != "unavailable" || tokio::time::Instant::now() > until {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The records of `topic` (2 partitions) as (publish id, principal, value).
+async fn published(topic: &str) -> Vec<(String, Option<String>, Value)> {
+    let (brokers, topic) = (brokers(), topic.to_string());
+    let records = tokio::task::spawn_blocking(move || {
+        read_to_end(&brokers, &topic, 2, Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    records
+        .into_iter()
+        .map(|r| {
+            let header = |name: &str| {
+                r.headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            (
+                header("livetable.publish_id").unwrap_or_default(),
+                header("livetable.principal"),
+                serde_json::from_str(r.value.as_deref().unwrap_or("null")).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Reads until the `authenticated` answer of an `auth` or `refresh` message.
+async fn authenticated(ws: &mut Ws) {
+    loop {
+        let m = next_msg(ws, Duration::from_secs(10)).await;
+        match m["type"].as_str() {
+            Some("authenticated") => return,
+            Some("ack" | "nack" | "error") | None => panic!("before `authenticated`: {m}"),
+            _ => {}
+        }
+    }
+}
+
+fn bet(user: &str, stake: u32) -> Value {
+    json!({"user_id": user, "stake": stake})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_publishes_only_where_its_token_allows() {
+    let u = unique("pubtok");
+    let dir = tempdir();
+    let (c, secret, bets, other) = token_config(dir.path(), &u);
+    let (svc, base) = start_service(c).await;
+    let token = |claims: Value| hs256(&secret, claims, 600);
+
+    // `publish: [bets]`: bets is acknowledged with a position; the other writable topic and a
+    // pinned field that is not the token's `sub` are forbidden, each saying which rule
+    let u1 = token(json!({"sub": "u1", "livetable": {"publish": [bets]}}));
+    let mut ws1 = connect_with(&base, &u1).await;
+    let first = publish_when_available(&mut ws1, &bets, "g1", bet("u1", 5), "p-1").await;
+    assert_eq!(first["type"], "ack", "{first}");
+    assert_eq!(first["topic"], bets.as_str());
+    assert!(
+        first["partition"].is_i64() && first["offset"].is_i64(),
+        "{first}"
+    );
+    publish(&mut ws1, &other, "g1", json!({"stake": 5}), "p-2").await;
+    publish(&mut ws1, &bets, "g1", bet("u2", 5), "p-3").await;
+    let a = answers(&mut ws1, 2).await;
+    assert_eq!(a["p-2"]["code"], "forbidden", "{:?}", a["p-2"]);
+    let why = a["p-2"]["message"].as_str().unwrap();
+    assert!(why.contains(&other) && why.contains("`publish`"), "{why}");
+    assert_eq!(a["p-3"]["code"], "forbidden", "{:?}", a["p-3"]);
+    assert!(
+        a["p-3"]["message"].as_str().unwrap().contains("user_id"),
+        "{:?}",
+        a["p-3"]
+    );
+
+    // a token without `publish` may publish nothing
+    let reader = token(json!({"sub": "u2", "livetable": {"tables": ["*"]}}));
+    let mut ws2 = connect_with(&base, &reader).await;
+    publish(&mut ws2, &bets, "g1", bet("u2", 7), "p-1").await;
+    let a = answers(&mut ws2, 1).await;
+    assert_eq!(a["p-1"]["code"], "forbidden", "{:?}", a["p-1"]);
+    assert!(
+        a["p-1"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no `publish` list"),
+        "{:?}",
+        a["p-1"]
+    );
+
+    // a refresh that grants bets (by a glob) lets the same connection publish; u2's id `p-1` is
+    // not u1's: its own record and position, not u1's answer
+    let grant = token(json!({"sub": "u2", "livetable": {"publish": [format!("{u}.b*")]}}));
+    ws2.send(Message::Text(
+        json!({"type": "refresh", "token": grant})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    authenticated(&mut ws2).await;
+    publish(&mut ws2, &bets, "g1", bet("u2", 7), "p-1").await;
+    let a = answers(&mut ws2, 1).await;
+    let own = &a["p-1"];
+    assert_eq!(own["type"], "ack", "{own}");
+    assert!(own.get("duplicate").is_none(), "{own}");
+    assert!(
+        (own["partition"].clone(), own["offset"].clone())
+            != (first["partition"].clone(), first["offset"].clone()),
+        "{own} {first}"
+    );
+    // and a refresh that takes it away again stops it
+    ws2.send(Message::Text(
+        json!({"type": "refresh", "token": reader})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    authenticated(&mut ws2).await;
+    publish(&mut ws2, &bets, "g1", bet("u2", 8), "p-4").await;
+    let a = answers(&mut ws2, 1).await;
+    assert_eq!(a["p-4"]["code"], "forbidden", "{:?}", a["p-4"]);
+
+    // u1's retry of `p-1` is still u1's original answer
+    publish(&mut ws1, &bets, "g1", bet("u1", 5), "p-1").await;
+    let again = answers(&mut ws1, 1).await;
+    assert_eq!(again["p-1"]["duplicate"], true, "{:?}", again["p-1"]);
+    assert_eq!(again["p-1"]["offset"], first["offset"]);
+
+    // bets holds the two acknowledged records, one per principal; nothing reached `other`
+    let mut records = published(&bets).await;
+    records.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        records,
+        vec![
+            ("\"p-1\"".to_string(), Some("u1".to_string()), bet("u1", 5)),
+            ("\"p-1\"".to_string(), Some("u2".to_string()), bet("u2", 7)),
+        ]
+    );
+    assert!(published(&other).await.is_empty());
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_publish_goes_only_where_its_token_allows() {
+    let u = unique("pubtokh");
+    let dir = tempdir();
+    let (c, secret, bets, other) = token_config(dir.path(), &u);
+    let (svc, base) = start_service(c).await;
+    let token = |claims: Value| hs256(&secret, claims, 600);
+    let post = |topic: &str, token: Option<&str>, id: &str, value: Value| {
+        let mut r = http()
+            .post(format!("{base}/api/topics/{topic}"))
+            .header("Idempotency-Key", id)
+            .json(&json!({"key": "g1", "value": value}));
+        if let Some(t) = token {
+            r = r.header("authorization", bearer(t));
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let u1 = token(json!({"sub": "u1", "livetable": {"publish": [bets]}}));
+    // the topic was just created: `unavailable` until its metadata arrives
+    let first = {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, a) = post(&bets, Some(&u1), "h-1", bet("u1", 5)).await;
+            if s != 503 || tokio::time::Instant::now() > until {
+                break (s, a);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(first.0, 200, "{}", first.1);
+    let first = first.1;
+    assert_eq!(first["type"], "ack", "{first}");
+    assert!(first["offset"].is_i64(), "{first}");
+
+    let (s, a) = post(&other, Some(&u1), "h-2", json!({"stake": 1})).await;
+    assert_eq!((s, a["code"].as_str()), (403, Some("forbidden")), "{a}");
+    assert!(a["message"].as_str().unwrap().contains("`publish`"), "{a}");
+    let (s, a) = post(&bets, Some(&u1), "h-3", bet("u2", 1)).await;
+    assert_eq!((s, a["code"].as_str()), (403, Some("forbidden")), "{a}");
+    assert!(a["message"].as_str().unwrap().contains("user_id"), "{a}");
+    let reader = token(json!({"sub": "u2", "livetable": {"tables": ["*"]}}));
+    let (s, a) = post(&bets, Some(&reader), "h-4", bet("u2", 1)).await;
+    assert_eq!((s, a["code"].as_str()), (403, Some("forbidden")), "{a}");
+    assert!(
+        a["message"].as_str().unwrap().contains("no `publish` list"),
+        "{a}"
+    );
+    let (s, _) = post(&bets, None, "h-5", bet("u2", 1)).await;
+    assert_eq!(s, 401, "no token");
+
+    // another principal's `h-1` is its own record; u1's retry is u1's original answer
+    let u2 = token(json!({"sub": "u2", "livetable": {"publish": [format!("{u}.b*")]}}));
+    let (s, own) = post(&bets, Some(&u2), "h-1", bet("u2", 7)).await;
+    assert_eq!(s, 200, "{own}");
+    assert!(own.get("duplicate").is_none(), "{own}");
+    let (_, again) = post(&bets, Some(&u1), "h-1", bet("u1", 5)).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["offset"], first["offset"]);
+    assert_eq!(again["partition"], first["partition"]);
+
+    // the explain endpoint says what a token may publish to
+    let h = bearer(&u2);
+    let (s, x) = secure::get_with(
+        &format!("{base}/api/explain"),
+        &[("authorization", h.as_str())],
+    )
+    .await;
+    assert_eq!(s, 200, "{x}");
+    assert_eq!(x["token"]["publish"], json!([format!("{u}.b*")]), "{x}");
+
+    let mut records = published(&bets).await;
+    records.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        records,
+        vec![
+            ("\"h-1\"".to_string(), Some("u1".to_string()), bet("u1", 5)),
+            ("\"h-1\"".to_string(), Some("u2".to_string()), bet("u2", 7)),
+        ]
+    );
+    assert!(published(&other).await.is_empty());
     svc.shutdown();
     svc.wait().await.unwrap();
 }

@@ -1,11 +1,13 @@
 //! What a token allows: the tables it may read (names or globs), per table the keys (globs) and
-//! the rows (`column = claim`). A [`Grant`] turns a client's request into a [`Selector`] that can
-//! only narrow it: key patterns become a key set or a key filter, row claims become
-//! [`RowFilter`]s, so a row that moves out of a client's rows reaches it as a delete.
+//! the rows (`column = claim`), and the topics it may publish to (names or globs). A [`Grant`]
+//! turns a client's request into a [`Selector`] that can only narrow it: key patterns become a
+//! key set or a key filter, row claims become [`RowFilter`]s, so a row that moves out of a
+//! client's rows reaches it as a delete. What it allows to publish is read by `auth::publish`.
 //!
-//! Everything fails closed: a token without the grants claim reads nothing, an unknown field in
-//! it refuses the token (a typo such as `row` for `rows` must not open a table), and a row filter
-//! whose claim the token does not carry refuses the table.
+//! Everything fails closed: a token without the grants claim reads and publishes nothing, an
+//! unknown field in it refuses the token (a typo such as `row` for `rows` must not open a table,
+//! nor `publishes` for `publish` a topic), and a row filter whose claim the token does not carry
+//! refuses the table.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -78,6 +80,9 @@ struct GrantClaim {
     /// Per table: column -> name of the token claim whose value the column must equal.
     #[serde(default)]
     rows: BTreeMap<String, BTreeMap<String, String>>,
+    /// Names or globs of the writable topics the token may publish to; none listed: none.
+    #[serde(default)]
+    publish: Vec<String>,
 }
 
 /// A row condition: `column` equals the value of the token's claim `claim`.
@@ -98,7 +103,12 @@ pub struct Grant {
     tables: Vec<Glob>,
     keys: Vec<(Glob, Vec<Glob>)>,
     rows: Vec<(Glob, Vec<RowRule>)>,
-    /// Everything above but `exp`, to tell whether a refreshed token changes the grants.
+    /// The topics it may publish to.
+    publish: Vec<Glob>,
+    /// Every claim of the token, as verified: pinned fields of publishes compare with them.
+    claims: Map<String, Value>,
+    /// What the token allows to read (`sub`, tables, keys, rows), to tell whether a refreshed
+    /// token changes the subscriptions; publishing takes each token's grants as they are.
     fingerprint: String,
 }
 
@@ -162,7 +172,19 @@ impl Grant {
                 .map(|(t, ks)| (glob(t), ks.iter().map(|k| glob(k)).collect()))
                 .collect(),
             rows,
+            publish: g.publish.iter().map(|p| glob(p)).collect(),
+            claims: claims.clone(),
         })
+    }
+
+    /// The topics the token may publish to (names or globs; empty: none).
+    pub fn publish_topics(&self) -> &[Glob] {
+        &self.publish
+    }
+
+    /// The token's claims, as verified.
+    pub fn claims(&self) -> &Map<String, Value> {
+        &self.claims
     }
 
     fn check_table(&self, table: &str) -> Result<(), Denied> {
@@ -418,6 +440,51 @@ mod tests {
             grant(json!({"livetable": {"tables": ["a"]}})).is_err(),
             "no exp"
         );
+    }
+
+    #[test]
+    fn publish_topics_by_name_or_glob_and_none_without_them() {
+        let g = Grant::from_claims(
+            json!({"exp": 1, "sub": "u1", "livetable": {"publish": ["bets", "game_*"]}})
+                .as_object()
+                .unwrap(),
+            "livetable",
+        )
+        .unwrap();
+        let topics: Vec<&str> = g.publish_topics().iter().map(Glob::as_str).collect();
+        assert_eq!(topics, ["bets", "game_*"]);
+        assert!(g.publish_topics().iter().any(|p| p.matches("game_7")));
+        assert_eq!(g.claims()["sub"], "u1", "the claims are kept for pins");
+        // publishing grants nothing to read
+        assert!(Access::Token(Arc::new(g)).check_table("bets").is_err());
+        // without `publish`, or without the grants claim: no topic
+        for claims in [
+            json!({"exp": 1, "livetable": {"tables": ["*"]}}),
+            json!({"exp": 1}),
+        ] {
+            let g = Grant::from_claims(claims.as_object().unwrap(), "livetable").unwrap();
+            assert!(g.publish_topics().is_empty(), "{claims}");
+        }
+    }
+
+    #[test]
+    fn a_misspelt_or_mistyped_publish_refuses_the_token() {
+        for bad in [
+            json!({"exp": 1, "livetable": {"publishes": ["bets"]}}),
+            json!({"exp": 1, "livetable": {"publish": "bets"}}),
+            json!({"exp": 1, "livetable": {"publish": [1]}}),
+        ] {
+            let e = grant(bad.clone()).unwrap_err();
+            assert_eq!(e.kind, DenyKind::Unauthorized, "{bad}");
+            assert!(e.reason.contains("`livetable` claim"), "{}", e.reason);
+        }
+    }
+
+    #[test]
+    fn publish_grants_do_not_restart_subscriptions() {
+        let a = grant(json!({"exp": 1, "livetable": {"tables": ["t"], "publish": ["a"]}})).unwrap();
+        let b = grant(json!({"exp": 2, "livetable": {"tables": ["t"], "publish": ["b"]}})).unwrap();
+        assert!(a.same_grants(&b), "the read grants are the same");
     }
 
     #[test]

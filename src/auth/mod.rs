@@ -6,7 +6,8 @@
 //! A verified token becomes an [`Access`]; every route asks it for the [`Selector`] of what it
 //! serves, so a route cannot forget a rule: the table claims, key patterns and row filters apply
 //! to snapshots, patches, resumes, unions, the rows mode and the HTTP API alike. Refusals say
-//! which rule refused (`GET /api/explain` says it before a client subscribes).
+//! which rule refused (`GET /api/explain` says it before a client subscribes). Publishing asks it
+//! for the `PublishContext` (`publish`): the topics the token may write to, its `sub` and claims.
 //!
 //! [`Selector`]: crate::fanout::selector::Selector
 
@@ -14,6 +15,7 @@ pub mod claims;
 pub mod glob;
 pub mod keys;
 pub mod origin;
+pub mod publish;
 pub mod ws;
 
 use std::collections::HashSet;
@@ -256,6 +258,8 @@ pub async fn explain(
         "auth": if state.auth.enabled() { "jwt" } else { "none" },
         "sub": access.sub(),
         "exp": access.expires(),
+        // the topics it may publish to (`null`: auth is off, every writable topic)
+        "publish": access.publish_patterns(),
     });
     let tables: Vec<Value> = match q.table {
         Some(t) => vec![explain_one(&state, &access, &t, keys)],

@@ -5,6 +5,8 @@
 //! One task per connection, holding a [`Session`]. It writes what is pending whenever the socket
 //! takes it. A client that cannot take its pending output within the slow-client deadline is
 //! closed with 1008; one that falls behind a table's update channel gets a fresh snapshot of it.
+//! Its publishes go only where its current token allows (`Access::publish_context`), and none
+//! once the token expired.
 //! Nothing a client sends can panic the server.
 
 use std::collections::HashSet;
@@ -28,7 +30,7 @@ use super::{record_sent, ConnectionSlot};
 use crate::auth::{Access, Credentials, Refused};
 use crate::http::AppState;
 use crate::metrics::Metrics;
-use crate::publish::{Nack, NackCode, PublishContext, PublishFuture, Reply};
+use crate::publish::{Nack, NackCode, PublishFuture, PublishRequest, Reply};
 
 /// A client's message rate (`--max-messages-per-sec`, bursts of twice that).
 type RateLimiter = governor::DefaultDirectRateLimiter;
@@ -107,7 +109,8 @@ pub fn upgrade(
 struct Connection {
     state: AppState,
     session: Session,
-    /// Publishing, when the server has writable topics.
+    /// Publishing, when the server has writable topics: built once the connection's token is
+    /// known, and given each refreshed token's grants.
     publish: Option<crate::publish::Session>,
     /// Answers of the publishes not yet answered (at most `max_in_flight`: more are nacked).
     answers: FuturesUnordered<PublishFuture>,
@@ -137,14 +140,10 @@ impl Connection {
             state.fanout.max_subscriptions,
             state.fanout.unions.clone(),
         );
-        let publish = state
-            .publisher
-            .as_ref()
-            .map(|p| p.session(PublishContext::default()));
         Connection {
             state,
             session,
-            publish,
+            publish: None,
             answers: FuturesUnordered::new(),
             limiter,
             violations: 0,
@@ -172,6 +171,11 @@ impl Connection {
             },
         };
         self.expires = self.state.auth.deadline(&access);
+        self.publish = self
+            .state
+            .publisher
+            .as_ref()
+            .map(|p| p.session(access.publish_context()));
         self.session.init_access(access);
         let format = match q.format.as_deref() {
             // `/ws` speaks patches unless asked; `/` uses --default-format
@@ -314,18 +318,32 @@ impl Connection {
         }
     }
 
+    /// Whether the connection's token expired (its deadline, with the leeway, passed).
+    fn expired(&self) -> bool {
+        self.expires
+            .is_some_and(|at| tokio::time::Instant::now() >= at)
+    }
+
     async fn on_text(&mut self, text: &str) -> Step {
         let parsed = serde_json::from_str::<ClientMessage>(text);
         if let Ok(ClientMessage::Publish(req)) = parsed {
             // publishing has its own per-topic rate limits and in-flight bound
+            let refuse = |req: PublishRequest, why: &'static str| {
+                futures::future::ready(Reply::Nack(Nack::new(req.id, NackCode::Forbidden, why)))
+                    .boxed()
+            };
             let answer = match &self.publish {
-                Some(p) => p.submit(req),
-                None => futures::future::ready(Reply::Nack(Nack::new(
-                    req.id,
-                    NackCode::Forbidden,
+                None => refuse(
+                    req,
                     "publishing is not enabled on this server (no [publish] topics)",
-                )))
-                .boxed(),
+                ),
+                // the connection ends at its deadline; a publish read before that turn of the
+                // loop must not pass on the expired token
+                Some(_) if self.expired() => refuse(
+                    req,
+                    "the token expired; connect again with a new one (or send a refresh message before exp)",
+                ),
+                Some(p) => p.submit(req),
             };
             self.answers.push(answer);
             return Step::Continue;
@@ -382,6 +400,9 @@ impl Connection {
                 match self.state.auth.verify(&token) {
                     Ok(access) => {
                         self.expires = self.state.auth.deadline(&access);
+                        if let Some(p) = self.publish.as_mut() {
+                            p.set_context(access.publish_context());
+                        }
                         let mut out = vec![Outgoing::Authenticated {
                             exp: access.expires(),
                         }];

@@ -2,7 +2,7 @@
 //! entry (answered from the store, waiting for a publish of the same id in flight, or a new
 //! record), and the hand-over to the writer's queue.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,18 +19,44 @@ use super::job::{Answer, InFlight, Job, JobKind, Outcome, Slot, TrackedId};
 use super::publisher::Inner;
 use super::store::{content_hash, Entry, Scope};
 use super::wire::{Ack, Nack, NackCode, PublishRequest, Reply, MAX_ID_BYTES, MAX_KEY_BYTES};
+use crate::auth::glob::Glob;
 use crate::metrics::PUBLISH_UNLISTED_TOPIC;
 
 /// Who publishes on a connection. Without tokens: the default (no principal, no claims, every
-/// listed topic). With tokens the integrator fills it from the verified token.
+/// listed topic). With tokens it comes from the verified token (`Access::publish_context`).
 #[derive(Debug, Clone, Default)]
 pub struct PublishContext {
     /// Scopes the ids (two principals may use the same id) and is written in a header.
     pub principal: Option<String>,
-    /// The token's claims, for pinned fields.
+    /// The token's claims, for pinned fields (`None`: pins are not checked).
     pub claims: Option<serde_json::Map<String, Value>>,
-    /// The topics the token allows (`None`: every listed topic).
-    pub topics: Option<HashSet<String>>,
+    /// Names or globs of the listed topics the token allows (`None`: every listed topic; empty:
+    /// none).
+    pub topics: Option<Vec<Glob>>,
+}
+
+impl PublishContext {
+    /// Why `topic` (a listed topic) may not be published to; `None`: it may.
+    fn refuses(&self, topic: &str) -> Option<String> {
+        let allowed = self.topics.as_ref()?;
+        if allowed.iter().any(|p| p.matches(topic)) {
+            return None;
+        }
+        if allowed.is_empty() {
+            return Some(format!(
+                "the token allows publishing to no topic (its grants have no `publish` list), so not `{topic}`"
+            ));
+        }
+        let mut list = allowed
+            .iter()
+            .map(Glob::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        truncate(&mut list, 256);
+        Some(format!(
+            "topic `{topic}` is not among the topics the token may publish to (`publish`): {list}"
+        ))
+    }
 }
 
 /// The answer of one publish, to be written to the client. `'static + Send`, so a connection task
@@ -70,6 +96,13 @@ enum Role {
 }
 
 impl Session {
+    /// Replaces who publishes (a refreshed token): later publishes are checked and scoped with
+    /// `ctx`; those already handed over keep their answers. The rate limits and the in-flight
+    /// bound stay the connection's.
+    pub fn set_context(&mut self, ctx: PublishContext) {
+        self.ctx = ctx;
+    }
+
     /// Publishes and waits for the answer.
     pub async fn publish(&self, req: PublishRequest) -> Result<Ack, Nack> {
         self.submit(req).await.into_result()
@@ -154,14 +187,8 @@ impl Session {
             );
         };
         let label = policy.name.as_str();
-        if let Some(allowed) = &self.ctx.topics {
-            if !allowed.contains(label) {
-                return reject(
-                    label,
-                    NackCode::Forbidden,
-                    format!("the token does not allow publishing to `{label}`"),
-                );
-            }
+        if let Some(reason) = self.ctx.refuses(label) {
+            return reject(label, NackCode::Forbidden, reason);
         }
         if inner.closing.load(Ordering::Acquire) {
             return reject(label, NackCode::Unavailable, "shutting down".into());
@@ -485,5 +512,36 @@ impl Session {
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(topics: Option<&[&str]>) -> PublishContext {
+        PublishContext {
+            topics: topics.map(|t| t.iter().map(|p| Glob::new(p)).collect()),
+            ..PublishContext::default()
+        }
+    }
+
+    #[test]
+    fn the_token_topics_allow_by_name_or_glob_and_refusals_name_the_rule() {
+        assert_eq!(
+            ctx(None).refuses("bets"),
+            None,
+            "no token: every listed topic"
+        );
+        let c = ctx(Some(&["bets", "game_*"]));
+        assert_eq!(c.refuses("bets"), None);
+        assert_eq!(c.refuses("game_7"), None);
+        let r = c.refuses("balances").unwrap();
+        assert!(
+            r.contains("`balances`") && r.contains("`publish`") && r.contains("bets, game_*"),
+            "{r}"
+        );
+        let r = ctx(Some(&[])).refuses("bets").unwrap();
+        assert!(r.contains("no `publish` list"), "{r}");
     }
 }
