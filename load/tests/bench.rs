@@ -85,6 +85,9 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ),
         ("scale-out-resume", "connect with since="),
         ("scale-out-resume", "resume hits"),
+        ("publish", "acknowledged publishes/s"),
+        ("publish", "ack latency p99 at"),
+        ("publish", "sampled acks whose record"),
     ] {
         let v = measure(&report, scenario, name);
         assert!(v > 0.0 && v.is_finite(), "{scenario}/{name} = {v}");

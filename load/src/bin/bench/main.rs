@@ -9,6 +9,7 @@
 mod client;
 mod measure;
 mod probe;
+mod publish;
 mod report;
 mod scale_out;
 mod scenarios;
@@ -34,11 +35,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
-    /// latency-few-clients, connections, scale-out (= scale-out-ingest, scale-out-clients,
-    /// scale-out-failover, scale-out-resume, each also by its own name).
+    /// latency-few-clients, connections, publish, scale-out (= scale-out-ingest,
+    /// scale-out-clients, scale-out-failover, scale-out-resume, each also by its own name).
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,scale-out"
+        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,scale-out"
     )]
     scenarios: String,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
@@ -209,6 +210,24 @@ fn main() -> anyhow::Result<()> {
         ),
         &mut results,
         &mut |sc| scenarios::connections(&env, &z, sc),
+    );
+
+    run(
+        "publish",
+        format!(
+            "publishes over {} WebSocket connections (publish-load --ws, window {}, ~100-byte values, 16 keys per connection) to a {}-partition topic in livetable's [publish] table; {} s measured after {} s of warm-up; {} runs as fast as acks come back, then {} runs paced at {}/s; a fresh livetable, topic and id store per run; {} acks per run read back from the topic",
+            z.pub_connections,
+            publish::WINDOW,
+            publish::PARTITIONS,
+            z.pub_secs,
+            z.pub_warmup_secs,
+            z.pub_runs,
+            z.pub_runs,
+            z.pub_rate,
+            z.pub_verify
+        ),
+        &mut results,
+        &mut |sc| publish::publish(&env, &z, sc),
     );
 
     let cores = match (&env.server_cpu, &env.tools_cpu) {

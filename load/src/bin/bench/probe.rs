@@ -102,6 +102,33 @@ pub fn time_to_ready(base: &str, t0: Instant, limit: Duration) -> anyhow::Result
     Ok(t0.elapsed().as_secs_f64())
 }
 
+/// Publishes to `topic` over HTTP (`POST /api/topics/{topic}`, a new `Idempotency-Key` each try)
+/// until a publish is acknowledged: a topic livetable has just created answers `unavailable`
+/// until its metadata arrives. Returns the ack.
+pub fn until_publishable(base: &str, topic: &str, limit: Duration) -> anyhow::Result<Value> {
+    let until = Instant::now() + limit;
+    let mut i = 0u64;
+    loop {
+        i += 1;
+        let r = client()
+            .post(format!("{base}/api/topics/{topic}"))
+            .header("idempotency-key", format!("bench-probe-{i}"))
+            .json(&serde_json::json!({"key": "probe", "value": {"probe": i}}))
+            .send()
+            .and_then(|r| r.json::<Value>());
+        let last = match r {
+            Ok(v) if v["type"] == "ack" => return Ok(v),
+            Ok(v) => v,
+            Err(e) => Value::String(e.to_string()),
+        };
+        anyhow::ensure!(
+            Instant::now() < until,
+            "{topic} not writable after {limit:?}: last answer {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The metrics text.
 pub fn metrics(base: &str) -> String {
     client()

@@ -48,6 +48,14 @@ pub struct Sizes {
     /// scale-out: resumes on the other gateway, changes missed by each
     pub resume_runs: usize,
     pub resume_missed: u64,
+    /// publish: WebSocket connections, seconds measured (after a warm-up), runs per measure,
+    /// the paced rate of the latency runs, acks read back per run
+    pub pub_connections: usize,
+    pub pub_secs: u64,
+    pub pub_warmup_secs: u64,
+    pub pub_runs: usize,
+    pub pub_rate: u64,
+    pub pub_verify: usize,
 }
 
 impl Sizes {
@@ -82,6 +90,12 @@ impl Sizes {
             fo_runs: 3,
             resume_runs: 5,
             resume_missed: 50,
+            pub_connections: 100,
+            pub_secs: 10,
+            pub_warmup_secs: 2,
+            pub_runs: 3,
+            pub_rate: 10_000,
+            pub_verify: 500,
         }
     }
 
@@ -116,6 +130,12 @@ impl Sizes {
             fo_runs: 1,
             resume_runs: 2,
             resume_missed: 10,
+            pub_connections: 20,
+            pub_secs: 2,
+            pub_warmup_secs: 1,
+            pub_runs: 1,
+            pub_rate: 1_000,
+            pub_verify: 50,
         }
     }
 }
@@ -142,7 +162,7 @@ pub fn swarm_args(base: &str, clients: u64, secs: u64, extra: &[String]) -> Vec<
 }
 
 /// Produces `count` changes over `keys` keys as fast as possible; returns cdc-gen's summary.
-fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<Value> {
+pub fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<Value> {
     env.tool(
         "cdc-gen",
         &[

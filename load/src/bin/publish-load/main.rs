@@ -6,12 +6,16 @@
 //!   one `Session` per connection, against `--brokers` (the publishing core alone);
 //! - `--ws ws://HOST:PORT/ws`: real WebSocket connections sending
 //!   `{"type":"publish","topic":..,"key":..,"value":..,"id":..}` frames and reading the
-//!   `ack`/`nack` answers (once the service routes publish messages).
+//!   `ack`/`nack` answers: the service itself (bench's `publish` scenario runs this mode).
 //!
 //! `--rate 0` keeps `--window` publishes in flight per connection (throughput); `--rate R` sends
 //! R publishes/s in total, evenly spread over the connections (latency at a given load; the
 //! latency is measured from the actual send, so a connection whose window is full skips a tick,
-//! counted as `skipped`). Progress on stderr, a JSON summary on stdout.
+//! counted as `skipped`). `--verify N` reads N acknowledged publishes, sampled uniformly, back
+//! from the topic (the record at the ack's partition and offset must carry the publish's id).
+//! Progress on stderr, a JSON summary on stdout.
+
+mod verify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -69,34 +73,50 @@ struct Args {
     /// Publish without ids (nothing remembered: the cost of exactly-once, by difference).
     #[arg(long)]
     no_ids: bool,
+    /// Acknowledged publishes (a uniform sample of the measured ones) read back from the topic
+    /// at the end, read through `--brokers`; 0: none.
+    #[arg(long, default_value_t = 0)]
+    verify: usize,
 }
 
 /// What every connection adds up.
 struct Totals {
     acks: u64,
+    /// Acks of an earlier publish of the id (none expected: every id of a run is new).
+    duplicates: u64,
     nacks: BTreeMap<String, u64>,
     skipped: u64,
+    /// Connections that failed (could not connect, closed, publishes left unanswered).
+    failed: u64,
     latency_us: Histogram<u64>,
+    sample: verify::Sample,
 }
 
 impl Totals {
-    fn new() -> Self {
+    /// Totals sampling at most `sample` acks for `--verify`.
+    fn new(sample: usize, seed: u64) -> Self {
         Totals {
             acks: 0,
+            duplicates: 0,
             nacks: BTreeMap::new(),
             skipped: 0,
+            failed: 0,
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!())),
+            sample: verify::Sample::new(sample, seed),
         }
     }
 
-    fn merge(&mut self, o: &Totals) {
+    fn merge(&mut self, o: &mut Totals) {
         self.acks += o.acks;
+        self.duplicates += o.duplicates;
         self.skipped += o.skipped;
+        self.failed += o.failed;
         for (k, v) in &o.nacks {
             *self.nacks.entry(k.clone()).or_default() += v;
         }
         let _ = self.latency_us.add(&o.latency_us);
+        self.sample.acks.append(&mut o.sample.acks);
     }
 
     fn answer(&mut self, reply: &Reply, took: Duration, measured: bool) {
@@ -104,9 +124,11 @@ impl Totals {
             return;
         }
         match reply {
-            Reply::Ack(_) => {
+            Reply::Ack(a) => {
                 self.acks += 1;
+                self.duplicates += u64::from(a.duplicate);
                 let _ = self.latency_us.record((took.as_micros() as u64).max(1));
+                self.sample.offer(a);
             }
             Reply::Nack(n) => *self.nacks.entry(n.code.as_str().to_string()).or_default() += 1,
         }
@@ -135,6 +157,14 @@ impl Plan {
         sent >= self.start && sent < self.end
     }
 
+    /// The totals of connection `conn`: its share of the acks to verify.
+    fn totals(&self, conn: usize) -> Totals {
+        Totals::new(
+            self.a.verify.div_ceil(self.a.connections.max(1)),
+            conn as u64,
+        )
+    }
+
     /// The pause between two sends of one connection (None: window-bound).
     fn period(&self) -> Option<Duration> {
         (self.a.rate > 0)
@@ -150,7 +180,7 @@ async fn timed(sent: Instant, f: livetable::publish::PublishFuture) -> (Instant,
 /// One in-process connection: a session, `window` in flight, paced or not.
 async fn in_process_connection(plan: Arc<Plan>, publisher: Publisher, conn: usize) -> Totals {
     let session = publisher.session(PublishContext::default());
-    let mut t = Totals::new();
+    let mut t = plan.totals(conn);
     let mut in_flight = FuturesUnordered::new();
     let mut n = 0u64;
     let mut tick = plan.period().map(|p| {
@@ -208,7 +238,7 @@ async fn ws_connection(plan: Arc<Plan>, url: String, conn: usize) -> anyhow::Res
         .await
         .with_context(|| format!("connect {url}"))?;
     let (mut tx, mut rx) = ws.split();
-    let mut t = Totals::new();
+    let mut t = plan.totals(conn);
     let mut sent_at: HashMap<String, Instant> = HashMap::new();
     let mut n = 0u64;
     let period = plan.period();
@@ -307,7 +337,7 @@ async fn main() -> anyhow::Result<()> {
         end: start + Duration::from_secs(a.secs),
         a: a.clone(),
     });
-    let totals = Arc::new(Mutex::new(Totals::new()));
+    let totals = Arc::new(Mutex::new(Totals::new(0, 0)));
     let metrics = Arc::new(Metrics::new());
     let mut tasks = tokio::task::JoinSet::new();
     let mut publisher = None;
@@ -317,10 +347,19 @@ async fn main() -> anyhow::Result<()> {
             for conn in 0..a.connections {
                 let (plan, url, totals) = (plan.clone(), url.clone(), totals.clone());
                 tasks.spawn(async move {
-                    match ws_connection(plan, url, conn).await {
-                        Ok(t) => totals.lock().unwrap_or_else(|e| e.into_inner()).merge(&t),
-                        Err(e) => eprintln!("connection {conn}: {e:#}"),
-                    }
+                    let mut t = match ws_connection(plan.clone(), url, conn).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("connection {conn}: {e:#}");
+                            let mut t = plan.totals(conn);
+                            t.failed = 1;
+                            t
+                        }
+                    };
+                    totals
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .merge(&mut t);
                 });
             }
         }
@@ -363,8 +402,11 @@ async fn main() -> anyhow::Result<()> {
             for conn in 0..a.connections {
                 let (plan, p, totals) = (plan.clone(), p.clone(), totals.clone());
                 tasks.spawn(async move {
-                    let t = in_process_connection(plan, p, conn).await;
-                    totals.lock().unwrap_or_else(|e| e.into_inner()).merge(&t);
+                    let mut t = in_process_connection(plan, p, conn).await;
+                    totals
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .merge(&mut t);
                 });
             }
             publisher = Some(p);
@@ -388,7 +430,18 @@ async fn main() -> anyhow::Result<()> {
     if let Some(p) = publisher {
         p.close().await;
     }
-    let t = totals.lock().unwrap_or_else(|e| e.into_inner());
+    // every task ended: the totals are taken out (no lock held across the verification's await)
+    let mut t = std::mem::replace(
+        &mut *totals.lock().unwrap_or_else(|e| e.into_inner()),
+        Totals::new(0, 0),
+    );
+    let verified = if a.verify > 0 {
+        let sample = std::mem::take(&mut t.sample.acks);
+        let (brokers, topic) = (a.brokers.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || verify::verify(&brokers, &topic, sample)).await??
+    } else {
+        Value::Null
+    };
     let h = &t.latency_us;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let summary = json!({
@@ -400,8 +453,11 @@ async fn main() -> anyhow::Result<()> {
         "secs": a.secs,
         "acked": t.acks,
         "acked_per_sec": t.acks as f64 / a.secs as f64,
+        "duplicates": t.duplicates,
         "nacks": t.nacks,
         "skipped_ticks": t.skipped,
+        "failed_connections": t.failed,
+        "verified": verified,
         "rss_mib_at_end": rss_mib,
         "ack_latency_ms": {
             "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
