@@ -269,13 +269,23 @@ async fn list_tables(
     })))
 }
 
-/// `GET /api/topics`: the topics clients may publish to (empty without `[publish]`).
+/// `GET /api/topics`: the topics the caller may publish to (empty without `[publish]`).
 async fn list_topics(
     State(state): State<AppState>,
     creds: Credentials,
 ) -> Result<Json<Value>, Refused> {
-    creds.require(&state.auth)?;
-    Ok(Json(json!({ "topics": *state.writable })))
+    // only the topics the caller may publish to (a token's `publish` list)
+    let allowed = creds.require(&state.auth)?.publish_context().topics;
+    let topics: Vec<&WritableTopic> = state
+        .writable
+        .iter()
+        .filter(|t| {
+            allowed
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| p.matches(&t.name)))
+        })
+        .collect();
+    Ok(Json(json!({ "topics": topics })))
 }
 
 /// A query string that does not parse (a repeated or malformed parameter): a JSON 400.
