@@ -59,6 +59,27 @@ async fn answers(ws: &mut Ws, n: usize) -> HashMap<String, Value> {
     out
 }
 
+/// The names of the topics `GET /api/topics` lists for `token`, sorted.
+async fn listed_topics(base: &str, token: &str) -> Vec<String> {
+    let v: Value = http()
+        .get(format!("{base}/api/topics"))
+        .header("authorization", bearer(token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut names: Vec<String> = v["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 async fn publish(ws: &mut Ws, topic: &str, key: &str, value: Value, id: &str) {
     let m = json!({"type": "publish", "topic": topic, "key": key, "value": value, "id": id});
     ws.send(Message::Text(m.to_string().into())).await.unwrap();
@@ -394,33 +415,11 @@ async fn a_websocket_publishes_only_where_its_token_allows() {
         a["p-3"]
     );
 
-    // a token without `publish` may publish nothing
     // the listing of writable topics shows each token only what it may publish to
-    let listed = |t: String| {
-        let base = base.clone();
-        async move {
-            let v: Value = http()
-                .get(format!("{base}/api/topics"))
-                .header("authorization", bearer(&t))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let mut names: Vec<String> = v["topics"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["name"].as_str().unwrap().to_string())
-                .collect();
-            names.sort();
-            names
-        }
-    };
-    assert_eq!(listed(u1.clone()).await, vec![bets.clone()]);
+    assert_eq!(listed_topics(&base, &u1).await, vec![bets.clone()]);
     let reader = token(json!({"sub": "u2", "livetable": {"tables": ["*"]}}));
-    assert!(listed(reader.clone()).await.is_empty());
+    assert!(listed_topics(&base, &reader).await.is_empty());
+    // a token without `publish` may publish nothing
     let mut ws2 = connect_with(&base, &reader).await;
     publish(&mut ws2, &bets, "g1", bet("u2", 7), "p-1").await;
     let a = answers(&mut ws2, 1).await;
@@ -533,31 +532,9 @@ async fn an_http_publish_goes_only_where_its_token_allows() {
     assert_eq!((s, a["code"].as_str()), (403, Some("forbidden")), "{a}");
     assert!(a["message"].as_str().unwrap().contains("user_id"), "{a}");
     // the listing of writable topics shows each token only what it may publish to
-    let listed = |t: String| {
-        let base = base.clone();
-        async move {
-            let v: Value = http()
-                .get(format!("{base}/api/topics"))
-                .header("authorization", bearer(&t))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let mut names: Vec<String> = v["topics"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["name"].as_str().unwrap().to_string())
-                .collect();
-            names.sort();
-            names
-        }
-    };
-    assert_eq!(listed(u1.clone()).await, vec![bets.clone()]);
+    assert_eq!(listed_topics(&base, &u1).await, vec![bets.clone()]);
     let reader = token(json!({"sub": "u2", "livetable": {"tables": ["*"]}}));
-    assert!(listed(reader.clone()).await.is_empty());
+    assert!(listed_topics(&base, &reader).await.is_empty());
     let (s, a) = post(&bets, Some(&reader), "h-4", bet("u2", 1)).await;
     assert_eq!((s, a["code"].as_str()), (403, Some("forbidden")), "{a}");
     assert!(
