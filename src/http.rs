@@ -275,15 +275,11 @@ async fn list_topics(
     creds: Credentials,
 ) -> Result<Json<Value>, Refused> {
     // only the topics the caller may publish to (a token's `publish` list)
-    let allowed = creds.require(&state.auth)?.publish_context().topics;
+    let ctx = creds.require(&state.auth)?.publish_context();
     let topics: Vec<&WritableTopic> = state
         .writable
         .iter()
-        .filter(|t| {
-            allowed
-                .as_ref()
-                .is_none_or(|ps| ps.iter().any(|p| p.matches(&t.name)))
-        })
+        .filter(|t| ctx.allows(&t.name))
         .collect();
     Ok(Json(json!({ "topics": topics })))
 }

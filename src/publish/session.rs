@@ -36,12 +36,19 @@ pub struct PublishContext {
 }
 
 impl PublishContext {
+    /// Whether `topic` (a listed topic) may be published to.
+    pub fn allows(&self, topic: &str) -> bool {
+        self.topics
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|p| p.matches(topic)))
+    }
+
     /// Why `topic` (a listed topic) may not be published to; `None`: it may.
     fn refuses(&self, topic: &str) -> Option<String> {
-        let allowed = self.topics.as_ref()?;
-        if allowed.iter().any(|p| p.matches(topic)) {
+        if self.allows(topic) {
             return None;
         }
+        let allowed = self.topics.as_deref().unwrap_or_default();
         if allowed.is_empty() {
             return Some(format!(
                 "the token allows publishing to no topic (its grants have no `publish` list), so not `{topic}`"
