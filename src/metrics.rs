@@ -311,6 +311,17 @@ impl Metrics {
     }
 
     /// The text exposition format of every metric.
+    /// Sets the rows and seq gauges of table `name` (after ingest, a restore or the follower
+    /// changed it).
+    pub fn table_size(&self, name: &str, rows: usize, seq: u64) {
+        self.table_rows
+            .with_label_values(&[name])
+            .set(i64::try_from(rows).unwrap_or(i64::MAX));
+        self.table_seq
+            .with_label_values(&[name])
+            .set(i64::try_from(seq).unwrap_or(i64::MAX));
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

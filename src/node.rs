@@ -299,14 +299,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             }
         }
         let name = t.name.to_string();
-        metrics
-            .table_rows
-            .with_label_values(&[&name])
-            .set(i64::try_from(t.rows.len()).unwrap_or(i64::MAX));
-        metrics
-            .table_seq
-            .with_label_values(&[&name])
-            .set(i64::try_from(t.seq()).unwrap_or(i64::MAX));
+        metrics.table_size(&name, t.rows.len(), t.seq());
         metrics.subscriptions.with_label_values(&[&name]).set(0);
         tables.insert(t);
         if role.serves() {

@@ -224,7 +224,10 @@ impl Follower {
                 if let Err(e) = self.store.apply(b) {
                     tracing::error!(error = %e, "follower: writing the local cache failed");
                 }
+                let table = delta.table.clone();
                 self.tables.commit(delta, &*self.sink);
+                let t = table.read();
+                self.metrics.table_size(&name, t.rows.len(), t.seq());
             }
             // (tables announced by records just read are followed from the next round on)
             if !registry_changed && last_check.elapsed() > Duration::from_millis(250) {

@@ -94,8 +94,10 @@ pub fn read_spans(
                 if let Some(n) = next.get_mut(&tp) {
                     if m.offset() >= *n {
                         *n = m.offset() + 1;
-                        progress = Instant::now();
                         f(&m);
+                        // after `f`: the window measures the broker's silence, not local work (a
+                        // commit of a folded chunk to the store can outlast a short window)
+                        progress = Instant::now();
                     }
                 }
             }

@@ -355,7 +355,10 @@ impl Restorer {
         let name = delta.table.read().name.to_string();
         let batch = delta_batch(&name, &delta, false);
         self.store.apply(batch)?;
+        let table = delta.table.clone();
         self.tables.commit(delta, &*self.sink);
+        let t = table.read();
+        self.metrics.table_size(&name, t.rows.len(), t.seq());
         Ok(())
     }
 

@@ -164,14 +164,7 @@ impl Ingest {
         for table in touched {
             if let Some(t) = self.tables.get(&table) {
                 let t = t.read();
-                self.metrics
-                    .table_seq
-                    .with_label_values(&[&table])
-                    .set(i64::try_from(t.seq()).unwrap_or(i64::MAX));
-                self.metrics
-                    .table_rows
-                    .with_label_values(&[&table])
-                    .set(i64::try_from(t.rows.len()).unwrap_or(i64::MAX));
+                self.metrics.table_size(&table, t.rows.len(), t.seq());
             }
         }
         self.metrics.batch_size.observe(batch.len() as f64);
