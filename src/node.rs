@@ -267,8 +267,15 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
 
     let loaded = {
         let s = store.clone();
+        let r = readiness.clone();
+        let ingests = role.ingests();
         blocking(move || -> Result<Loaded, table::store::StoreError> {
+            let clean = s.begin_run()?;
             s.stamp()?;
+            if !clean && ingests {
+                tracing::warn!("the last run did not stop cleanly: new subscriptions wait until the input is applied again up to its end (clients may have seen changes that were not durable yet)");
+                r.set_recovering();
+            }
             s.load()
         })
         .await?
@@ -486,6 +493,8 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             topics: config.topics.clone(),
             max_ready_lag: config.max_ready_lag,
             brokers: config.brokers.clone(),
+            recover_targets: std::collections::HashMap::new(),
+            started: std::time::Instant::now(),
         };
         let stop = cancel.clone();
         let thread = std::thread::Builder::new()
@@ -551,8 +560,17 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 })
                 .await;
             }
-            if let Err(e) = blocking(move || store.flush_blocking()).await {
-                tracing::error!(error = %e, "final flush failed");
+            let ok = result.is_ok();
+            match blocking(move || {
+                store
+                    .flush_blocking()
+                    .and_then(|()| if ok { store.end_run() } else { Ok(()) })
+            })
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "final flush failed"),
+                Err(e) => tracing::error!(error = %e, "final flush failed"),
             }
             tracing::info!("pipeline stopped");
             result

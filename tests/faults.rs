@@ -465,3 +465,112 @@ async fn a_node_behind_its_input_tells_its_clients() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// Issue 12, BUG-2 of RELIABILITY.md: clients are sent a batch before it is durable, so after a
+/// kill -9 the store can be behind what they saw. A client that connects to the restarted node
+/// (no position to resume from, like the seed's rows clients) must not get a snapshot older than
+/// what a client saw before the kill: new subscriptions wait until the input is applied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill9_a_new_client_never_gets_older_values_than_clients_saw() {
+    use common::procs::{Node, Watcher};
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let u = unique("k9new");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 2).await;
+    let keys = 200usize;
+    let logs = tempdir();
+    let dir = tempdir();
+    let mut node = Node::spawn(
+        "node",
+        "all",
+        &format!("g-{u}"),
+        &topic,
+        dir.path(),
+        logs.path(),
+        &["--max-batch", "200"],
+    );
+    let p = producer();
+    let change = move |i: usize| row_change(&format!("k{}", i % keys), i, 200);
+    produce_keyed(&p, &topic, &(0..keys).map(change).collect::<Vec<_>>()).await;
+    node.wait_ready(Duration::from_secs(90)).await;
+    let mut worst: Vec<String> = Vec::new();
+    let mut next = keys;
+    for round in 0..3 {
+        let a = Watcher::connect(&node.base, "t", None).await;
+        // a steady stream; the node is killed while it flows
+        let (start, n) = (next, 30_000usize);
+        next += n;
+        let prod = {
+            let p = p.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for c in (start..start + n).collect::<Vec<_>>().chunks(500) {
+                    produce_keyed(
+                        &p,
+                        &topic,
+                        &c.iter().map(|i| change(*i)).collect::<Vec<_>>(),
+                    )
+                    .await;
+                }
+            })
+        };
+        eventually(
+            "the client sees the stream",
+            Duration::from_secs(60),
+            || async { (a.seen.lock().unwrap().patches > 20).then_some(()) },
+        )
+        .await;
+        node.kill9();
+        let before: std::collections::BTreeMap<String, i64> = {
+            let s = a.seen.lock().unwrap();
+            s.state
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v["n"].as_i64()?)))
+                .collect()
+        };
+        a.abort();
+        node.start();
+        // a new client as soon as the node takes connections
+        let url = format!("{}/ws?table=t", node.base.replace("http://", "ws://"));
+        let until = std::time::Instant::now() + Duration::from_secs(90);
+        let mut ws = loop {
+            match tokio_tungstenite::connect_async(&url).await {
+                Ok((ws, _)) => break ws,
+                Err(_) if std::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("round {round}: the restarted node takes no connection: {e}"),
+            }
+        };
+        let snapshot = loop {
+            let m = tokio::time::timeout(Duration::from_secs(90), ws.next())
+                .await
+                .expect("a snapshot")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = m {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["type"] == "snapshot" {
+                    assert_ne!(v["more"], true, "a small table is one frame");
+                    break v;
+                }
+            }
+        };
+        for (k, old) in &before {
+            let new = snapshot["rows"][k]["n"].as_i64().unwrap_or(-1);
+            if new < *old {
+                worst.push(format!("round {round}: {k} {old} -> {new}"));
+            }
+        }
+        drop(ws);
+        prod.await.unwrap();
+        node.wait_ready(Duration::from_secs(90)).await;
+    }
+    assert!(
+        worst.is_empty(),
+        "{} values older than a client saw before the kill, e.g. {:?}",
+        worst.len(),
+        &worst[..worst.len().min(5)]
+    );
+}

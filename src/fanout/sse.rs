@@ -106,6 +106,11 @@ pub async fn handler(
         state.fanout.unions.clone(),
     )
     .with_access(access);
+    // after an unclean stop, a snapshot could be older than what clients were sent before it
+    state
+        .readiness
+        .wait_recovered(crate::table::ingest::RECOVERY_LIMIT)
+        .await;
     let mut initial = session
         .subscribe(&table, selector, since.as_deref(), Format::Patch)
         .await;

@@ -197,6 +197,11 @@ impl Connection {
             (list.len() == 1 && !(root && format == Format::Rows)).then(|| list[0].name.clone())
         });
         let selector = q.selector();
+        // after an unclean stop, a snapshot could be older than what clients were sent before it
+        self.state
+            .readiness
+            .wait_recovered(crate::table::ingest::RECOVERY_LIMIT)
+            .await;
         match (table, selector) {
             (_, Err(e)) => initial.push(error(ErrorCode::BadRequest, e)),
             (Some(table), Ok(selector)) => initial.extend(
@@ -377,6 +382,10 @@ impl Connection {
                     .format()
                     .unwrap_or(self.state.fanout.default_format);
                 let columns = columns.map(|c| c.spec());
+                self.state
+                    .readiness
+                    .wait_recovered(crate::table::ingest::RECOVERY_LIMIT)
+                    .await;
                 match Selector::build(keys, filter.as_deref(), columns.as_deref()) {
                     Ok(selector) => {
                         self.session

@@ -34,6 +34,9 @@ pub struct Readiness {
     pub reason: Mutex<String>,
     /// The readiness as live clients see it.
     freshness: watch::Sender<Freshness>,
+    /// False after an unclean stop until the ingest re-applied what clients may have been sent
+    /// before it (every owned partition up to its end as first seen): new subscriptions wait.
+    recovered: watch::Sender<bool>,
 }
 
 impl Readiness {
@@ -48,6 +51,7 @@ impl Readiness {
             needs_follower,
             reason: Mutex::new(String::new()),
             freshness: watch::Sender::new(Freshness::default()),
+            recovered: watch::Sender::new(true),
         };
         r.healthy.store(true, Ordering::Release);
         r.checkpoint.store(true, Ordering::Release);
@@ -110,6 +114,26 @@ impl Readiness {
                 false
             }
         });
+    }
+
+    /// After an unclean stop: clients may have been sent changes that were not durable yet; until
+    /// the ingest applied them again, a snapshot would show older values than they saw.
+    pub fn set_recovering(&self) {
+        self.recovered.send_replace(false);
+    }
+
+    pub fn set_recovered(&self) {
+        self.recovered.send_replace(true);
+    }
+
+    pub fn is_recovered(&self) -> bool {
+        *self.recovered.borrow()
+    }
+
+    /// Waits until the node recovered from an unclean stop, at most `max`.
+    pub async fn wait_recovered(&self, max: std::time::Duration) {
+        let mut rx = self.recovered.subscribe();
+        let _ = tokio::time::timeout(max, rx.wait_for(|r| *r)).await;
     }
 
     /// A receiver of freshness changes (for a live connection).

@@ -40,6 +40,8 @@ pub enum StoreError {
 
 const TREE: &str = "state.v2";
 const VERSION_KEY: &[u8] = b"mversion";
+/// Present while no process runs on the store after a clean stop.
+const CLEAN_KEY: &[u8] = b"mclean";
 
 /// A record that could not be decoded, waiting in the outbox for the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -446,6 +448,22 @@ impl Store {
     /// Marks the store with its layout version.
     pub fn stamp(&self) -> Result<(), StoreError> {
         self.tree.insert(VERSION_KEY, b"2".to_vec())?;
+        Ok(())
+    }
+
+    /// Starts a run: whether the previous one stopped cleanly (a store that never ran counts as
+    /// clean). The mark is removed durably, so a crash from here on is an unclean stop.
+    pub fn begin_run(&self) -> Result<bool, StoreError> {
+        let never_ran = self.tree.get(VERSION_KEY)?.is_none();
+        let clean = self.tree.remove(CLEAN_KEY)?.is_some();
+        self.tree.flush()?;
+        Ok(never_ran || clean)
+    }
+
+    /// Ends a run cleanly: everything applied is flushed (call after the final flush).
+    pub fn end_run(&self) -> Result<(), StoreError> {
+        self.tree.insert(CLEAN_KEY, b"1".to_vec())?;
+        self.tree.flush()?;
         Ok(())
     }
 }

@@ -69,7 +69,15 @@ pub struct Ingest {
     pub max_ready_lag: i64,
     /// Named in errors.
     pub brokers: String,
+    /// After an unclean stop: per owned partition, the end offset first seen, which the ingest
+    /// must reach again before new subscriptions are served (see [`Readiness::set_recovering`]).
+    pub recover_targets: HashMap<(String, i32), i64>,
+    pub started: Instant,
 }
+
+/// After an unclean stop, how long new subscriptions are held at most while the ingest re-applies
+/// the input.
+pub const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
 
 impl Ingest {
     /// Runs until cancelled. Returns an error only when the store, the durability task or a
@@ -210,7 +218,7 @@ impl Ingest {
 
     /// Updates lag gauges and readiness: every assigned partition restored and within
     /// `max_ready_lag` records of its high watermark.
-    fn check_lag(&self, idle: bool) {
+    fn check_lag(&mut self, idle: bool) {
         let Some(assignment) = self.consumer.context().assignment() else {
             // no group assignment yet: if the subscription matches no topic at all, there is
             // nothing to catch up with (some brokers never complete a join for an empty match)
@@ -273,9 +281,12 @@ impl Ingest {
         };
         let mut ready = true;
         let mut why = String::new();
+        let recovering = !self.readiness.is_recovered();
+        let mut reached = true;
         for tp in &assignment {
             if !matches!(states.get(tp), Some(PartState::Active { .. })) {
                 ready = false;
+                reached = false;
                 why = format!("restoring {}/{}", tp.0, tp.1);
                 continue;
             }
@@ -285,6 +296,10 @@ impl Ingest {
                 (Some((lo, hi)), applied) => {
                     let applied = applied.unwrap_or(lo).max(lo);
                     let lag = (hi - applied).max(0);
+                    if recovering {
+                        let target = *self.recover_targets.entry(tp.clone()).or_insert(hi);
+                        reached &= applied >= target;
+                    }
                     let labels = [tp.0.as_str(), &tp.1.to_string()];
                     self.metrics
                         .consumer_lag
@@ -300,8 +315,18 @@ impl Ingest {
                 }
                 (None, _) => {
                     ready = false;
+                    reached = false;
                     why = format!("no fetch response yet for {}/{}", tp.0, tp.1);
                 }
+            }
+        }
+        if recovering {
+            if reached {
+                tracing::info!(partitions = assignment.len(), after_ms = self.started.elapsed().as_millis() as u64, "recovered from the unclean stop: the input is applied again up to where it ended");
+                self.readiness.set_recovered();
+            } else if self.started.elapsed() > RECOVERY_LIMIT {
+                tracing::warn!(limit_secs = RECOVERY_LIMIT.as_secs(), "still behind the input's end after an unclean stop; serving new subscriptions anyway (they may show older values than clients saw before the stop)");
+                self.readiness.set_recovered();
             }
         }
         self.readiness.set_ingest(ready, &why);
