@@ -66,6 +66,13 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("latency-few-clients", "latency p50"),
         ("connections", "connections open"),
         ("connections", "RSS per idle connection"),
+        (
+            "auth",
+            "connect -> snapshot (3 keys), jwt table + key claims",
+        ),
+        ("auth", "connect -> snapshot, jwt row filter"),
+        ("auth", "fan-out, jwt key claims: row updates/s delivered"),
+        ("auth", "fan-out: server CPU per row update, jwt / no auth"),
         ("scale-out-ingest", "1 materialiser: changes/s"),
         ("scale-out-ingest", "2 materialisers on one core: changes/s"),
         ("scale-out-clients", "1 gateway: row updates/s delivered"),

@@ -55,6 +55,9 @@ struct Args {
     /// At the end, compare every client's state with the HTTP API.
     #[arg(long)]
     verify: bool,
+    /// A token (`--auth jwt`) every client sends as `access_token=` in its URL.
+    #[arg(long)]
+    token: Option<String>,
 }
 
 #[derive(Default)]
@@ -196,6 +199,10 @@ impl Conn {
         if let Some(k) = keys {
             query.push_str("&keys=");
             query.push_str(k);
+        }
+        if let Some(t) = &a.token {
+            query.push_str("&access_token=");
+            query.push_str(t);
         }
         let host = a.base.trim_start_matches("http://").trim_end_matches('/');
         let local = IpAddr::V4(Ipv4Addr::new(

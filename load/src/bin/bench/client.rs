@@ -355,3 +355,30 @@ pub fn resume(base: &str, table: &str, pos: &str, idle: Duration) -> anyhow::Res
         })
     })
 }
+
+/// Opens `n` WebSocket connections one after another to `/ws?{query}` and times each from the
+/// TCP connect to the last frame of its snapshot (ms); each is closed before the next opens.
+pub fn connect_times(base: &str, query: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    let url = format!("{}/ws?{query}", base.replacen("http://", "ws://", 1));
+    runtime()?.block_on(async {
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
+            let mut started = false;
+            loop {
+                let m = next_msg(&mut ws, Duration::from_secs(10))
+                    .await?
+                    .context("no snapshot within 10 s of connecting")?;
+                anyhow::ensure!(m.kind != "error", "the server refused the subscription");
+                started |= m.kind == "snapshot";
+                if started && !m.more {
+                    break;
+                }
+            }
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+            let _ = ws.close(None).await;
+        }
+        Ok(times)
+    })
+}

@@ -6,6 +6,7 @@
 //!   cargo build --release --workspace && target/release/bench            # full run (~15 min)
 //!   target/release/bench --quick --markdown-out /tmp/b.md                 # seconds, for CI
 
+mod auth;
 mod client;
 mod measure;
 mod probe;
@@ -35,11 +36,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
-    /// latency-few-clients, connections, publish, scale-out (= scale-out-ingest,
+    /// latency-few-clients, connections, publish, auth, scale-out (= scale-out-ingest,
     /// scale-out-clients, scale-out-failover, scale-out-resume, each also by its own name).
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,scale-out"
+        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,auth,scale-out"
     )]
     scenarios: String,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
@@ -228,6 +229,16 @@ fn main() -> anyhow::Result<()> {
         ),
         &mut results,
         &mut |sc| publish::publish(&env, &z, sc),
+    );
+
+    run(
+        "auth",
+        format!(
+            "the same {}-row table on a livetable without auth and one with --auth jwt (HS256); connect: {} WebSocket connections one after another per configuration and run, each timed from the TCP connect to its snapshot (3 keys; with a token granting the table and the key glob g*, and with a row-filter token game_id = sub); fan-out: {} ws-swarm clients watch the table, {} changes/s for {} s, each with a token granting g* (every row passes the claim check), one livetable at a time; {} runs, configurations alternating, medians",
+            z.auth_rows, z.auth_connects, z.auth_clients, z.auth_rate, z.auth_secs, z.auth_runs
+        ),
+        &mut results,
+        &mut |sc| auth::auth(&env, &z, sc),
     );
 
     let cores = match (&env.server_cpu, &env.tools_cpu) {

@@ -56,6 +56,13 @@ pub struct Sizes {
     pub pub_runs: usize,
     pub pub_rate: u64,
     pub pub_verify: usize,
+    /// auth: rows, WebSocket connections timed per run, fan-out clients, changes/s, seconds, runs
+    pub auth_rows: u64,
+    pub auth_connects: usize,
+    pub auth_clients: u64,
+    pub auth_rate: u64,
+    pub auth_secs: u64,
+    pub auth_runs: usize,
 }
 
 impl Sizes {
@@ -96,6 +103,12 @@ impl Sizes {
             pub_runs: 3,
             pub_rate: 10_000,
             pub_verify: 500,
+            auth_rows: 1_000,
+            auth_connects: 3_000,
+            auth_clients: 1_000,
+            auth_rate: 200,
+            auth_secs: 10,
+            auth_runs: 3,
         }
     }
 
@@ -136,6 +149,12 @@ impl Sizes {
             pub_runs: 1,
             pub_rate: 1_000,
             pub_verify: 50,
+            auth_rows: 100,
+            auth_connects: 20,
+            auth_clients: 20,
+            auth_rate: 50,
+            auth_secs: 3,
+            auth_runs: 1,
         }
     }
 }
@@ -180,21 +199,23 @@ pub fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<
 
 /// Starts ws-swarm with `clients` no-state clients ramped at `ramp`/s, each listening `secs`, and
 /// waits until livetable counts them all (at most the ramp + 60 s); returns the running swarm and
-/// the connections livetable counted.
-fn swarm_connected(
+/// the connections livetable counted. `more`: further ws-swarm arguments.
+pub fn swarm_connected(
     env: &Env,
     lt: &Livetable,
     clients: u64,
     ramp: u64,
     secs: u64,
     z: &Sizes,
+    more: &[String],
 ) -> anyhow::Result<(crate::stack::Tool, f64)> {
-    let extra = [
+    let mut extra = vec![
         s("--ramp-per-sec"),
         s(ramp),
         s("--local-addrs"),
         s(z.local_addrs),
     ];
+    extra.extend_from_slice(more);
     let swarm = env.spawn_tool("ws-swarm", &swarm_args(&lt.base, clients, secs, &extra))?;
     let until = Instant::now() + Duration::from_secs(clients / ramp + 60);
     let mut connected = 0.0;
@@ -438,7 +459,8 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
     let lt = loaded(env, name, &topic, rows, &["--max-connections", &max])?;
     let ramp = 2_000u64;
     let ramp_secs = clients / ramp + 1;
-    let (swarm, connected) = swarm_connected(env, &lt, clients, ramp, ramp_secs + secs + 8, z)?;
+    let (swarm, connected) =
+        swarm_connected(env, &lt, clients, ramp, ramp_secs + secs + 8, z, &[])?;
     sc.add(
         "clients connected before the load",
         connected,
@@ -571,7 +593,7 @@ pub fn connections(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()
     let ramp = 5_000u64;
     // every client stays connected until well after the last one connected
     let hold = 2 * (n / ramp) + 30;
-    let (swarm, open) = swarm_connected(env, &lt, n, ramp, hold, z)?;
+    let (swarm, open) = swarm_connected(env, &lt, n, ramp, hold, z, &[])?;
     std::thread::sleep(Duration::from_secs(2));
     let after = lt.rss()?;
     let out = swarm.finish()?;
