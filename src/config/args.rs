@@ -153,7 +153,7 @@ pub struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_secs: Option<u64>,
 
-    // --- exposure: authentication, origins, TLS, the admin listener, limits (docs/security.md) ---
+    // --- exposure: authentication, origins, TLS, the admin listener, limits (README, "Deploying on the internet") ---
     /// Client authentication: `none` (anyone who reaches the port reads every table) or `jwt`
     /// (a signed token with the tables, keys and rows it may read) [default: none].
     #[arg(long, env = "LIVETABLE_AUTH", value_name = "MODE")]

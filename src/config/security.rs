@@ -1,5 +1,5 @@
 //! Validation of the settings that expose livetable: authentication, allowed origins, TLS, the
-//! admin listener and the limits on connections and messages (documented in `docs/security.md`).
+//! admin listener and the limits on connections and messages (documented in the README, "Deploying on the internet").
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

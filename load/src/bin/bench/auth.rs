@@ -1,4 +1,4 @@
-//! The auth scenario (issue 13, docs/security.md): what `--auth jwt` costs a client on connect and
+//! The auth scenario (issue 13; README, "Deploying on the internet"): what `--auth jwt` costs a client on connect and
 //! the server on fan-out. Every figure is paired: the same table and load on a livetable without
 //! auth and on one with `--auth jwt` (HS256), medians over `auth_runs` runs, configurations
 //! alternating within each run.
