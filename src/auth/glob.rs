@@ -24,31 +24,40 @@ impl Glob {
         if self.is_literal() {
             return self.0 == text;
         }
+        if self.0.is_ascii() && text.is_ascii() {
+            // the common case, per row of every filtered patch: no allocation
+            return wild(self.0.as_bytes(), text.as_bytes(), b'*', b'?');
+        }
         let p: Vec<char> = self.0.chars().collect();
         let t: Vec<char> = text.chars().collect();
-        // the classic two-pointer wildcard match: O(|p| * |t|) at worst, no recursion
-        let (mut i, mut j) = (0usize, 0usize);
-        let mut star: Option<(usize, usize)> = None;
-        while j < t.len() {
-            if i < p.len() && (p[i] == '?' || p[i] == t[j]) {
-                i += 1;
-                j += 1;
-            } else if i < p.len() && p[i] == '*' {
-                star = Some((i, j));
-                i += 1;
-            } else if let Some((si, sj)) = star {
-                i = si + 1;
-                j = sj + 1;
-                star = Some((si, sj + 1));
-            } else {
-                return false;
-            }
-        }
-        while i < p.len() && p[i] == '*' {
-            i += 1;
-        }
-        i == p.len()
+        wild(&p, &t, '*', '?')
     }
+}
+
+/// The classic two-pointer wildcard match of `t` against `p`: O(|p| * |t|) at worst, no
+/// recursion.
+fn wild<T: PartialEq + Copy>(p: &[T], t: &[T], any_run: T, one: T) -> bool {
+    let (mut i, mut j) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && (p[i] == one || p[i] == t[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == any_run {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    while i < p.len() && p[i] == any_run {
+        i += 1;
+    }
+    i == p.len()
 }
 
 #[cfg(test)]
@@ -70,6 +79,7 @@ mod tests {
         assert!(m("exact", "exact"));
         assert!(!m("exact", "exact2"));
         assert!(m("ü*", "über"));
+        assert!(m("?ber", "über"), "? is one character, not one byte");
         // a hostile pattern stays fast
         let long = "a".repeat(5000);
         assert!(!m("*a*a*a*a*a*a*a*a*b", &long));

@@ -420,7 +420,7 @@ impl UpdateSink for Hub {
 }
 
 /// The patch frame of all changes of an update, for whole-table subscribers.
-fn whole_table_frame(update: &TableUpdate, token: &str) -> String {
+pub(crate) fn whole_table_frame(update: &TableUpdate, token: &str) -> String {
     // per key: the row before the update's first change of it -> after its last one
     let mut rows: HashMap<
         &str,

@@ -108,11 +108,16 @@ impl Subscription {
         .to_string()
     }
 
-    /// For an up-to-date whole-table patch subscription: the update's shared frame, so nothing
+    /// For an up-to-date patch subscription of whole rows: the update's shared frame, so nothing
     /// is composed or serialised per client. `None`: use [`Subscription::absorb`].
+    ///
+    /// A subscription with row filters (a token's key globs or row claims, a `where`) takes it
+    /// too when its filters accept every changed row before and after the change: then the
+    /// client's patch is exactly the whole-table one.
     pub fn forward(&mut self, u: &HubUpdate) -> Option<SharedFrame> {
         if self.format != Format::Patch
-            || !self.selector.is_whole()
+            || self.selector.keys.is_some()
+            || self.selector.columns.is_some()
             || self.has_pending()
             || u.update.epoch != self.epoch
             || u.update.useq != self.useq + 1
@@ -120,6 +125,17 @@ impl Subscription {
             return None;
         }
         let frame = u.frame.as_ref()?;
+        if !self.selector.filters.is_empty() {
+            let sel = &self.selector;
+            let accepted = |key: &str, row: Option<&crate::cdc::decode::Row>| {
+                row.is_none_or(|r| sel.wants(key, Some(r)))
+            };
+            if !u.update.changes.iter().all(|c| {
+                accepted(&c.key, c.before.as_deref()) && accepted(&c.key, c.row.as_deref())
+            }) {
+                return None;
+            }
+        }
         self.useq = u.update.useq;
         self.seq = u.update.seq;
         self.pos = u.update.pos.clone();
@@ -398,6 +414,64 @@ mod tests {
         s.absorb_change(&change("c", Some(json!({"a": 1, "b": 2})), None));
         s.absorb_change(&change("c", None, Some(json!({"a": 3}))));
         assert_eq!(patch_of(&mut s), json!({"c": {"a": 3, "b": null}}));
+    }
+
+    fn hub_update(useq: u64, changes: Vec<AppliedChange>) -> HubUpdate {
+        let update = crate::table::state::TableUpdate {
+            table: "t".into(),
+            epoch: "".into(),
+            useq,
+            seq: useq,
+            pos: Position::default(),
+            changes,
+        };
+        let token: Arc<str> = update.token().to_string().into();
+        let frame = Some(crate::fanout::hub::whole_table_frame(&update, &token).into());
+        HubUpdate {
+            update,
+            frame,
+            token,
+        }
+    }
+
+    #[test]
+    fn a_filtered_subscription_takes_the_shared_frame_only_when_its_filter_accepts_every_row() {
+        let mut s = sub(Format::Patch);
+        // n 6 -> 7, selected before and after: the whole-table frame is this client's patch
+        let u = hub_update(
+            1,
+            vec![change("a", Some(json!({"n": 6})), Some(json!({"n": 7})))],
+        );
+        let shared = s.forward(&u).expect("every row accepted: the shared frame");
+        let v: Value = serde_json::from_str(shared.text.as_str()).unwrap();
+        assert_eq!(v["patch"], json!({"a": {"n": 7}}));
+        // n 7 -> 2 moves out: not the shared frame (it would send n: 2), a delete
+        let u = hub_update(
+            2,
+            vec![change("a", Some(json!({"n": 7})), Some(json!({"n": 2})))],
+        );
+        assert!(s.forward(&u).is_none());
+        s.absorb(&u);
+        assert_eq!(patch_of(&mut s), json!({"a": null}));
+        // one accepted row and one never selected in the same update: not shared either
+        let u = hub_update(
+            3,
+            vec![
+                change("b", Some(json!({"n": 8})), Some(json!({"n": 9}))),
+                change("c", None, Some(json!({"n": 1}))),
+            ],
+        );
+        assert!(s.forward(&u).is_none());
+        s.absorb(&u);
+        assert_eq!(patch_of(&mut s), json!({"b": {"n": 9}}));
+        // a key list or a projection never takes it
+        let mut k = sub(Format::Patch);
+        k.selector.keys = Some(["a".to_string()].into());
+        let u = hub_update(
+            1,
+            vec![change("a", Some(json!({"n": 6})), Some(json!({"n": 7})))],
+        );
+        assert!(k.forward(&u).is_none());
     }
 
     #[test]
