@@ -1,5 +1,5 @@
-//! The auth scenario (issue 13; README, "Deploying on the internet"): what `--auth jwt` costs a client on connect and
-//! the server on fan-out. Every figure is paired: the same table and load on a livetable without
+//! The auth scenario (issue 13; README, "Deploying on the internet"): what `--auth jwt` costs a
+//! client on connect and the server on fan-out. Every figure is paired: the same table and load on a livetable without
 //! auth and on one with `--auth jwt` (HS256), medians over `auth_runs` runs, configurations
 //! alternating within each run.
 //!
@@ -10,6 +10,7 @@
 //! - fan-out: `auth_clients` clients (ws-swarm, no state) watch the whole table while cdc-gen
 //!   changes it at `auth_rate`/s; with auth every client's token grants the key glob `g*`, so every
 //!   row of every patch passes the claim check and both configurations deliver the same rows.
+//!   Each run has a livetable and a topic of its own.
 
 use std::time::{Duration, Instant};
 
@@ -73,15 +74,19 @@ fn connects(lt: &Livetable, query: &str, n: usize) -> anyhow::Result<(f64, f64)>
 }
 
 /// One fan-out run against a fresh livetable: row updates/s delivered, freshness p50 and p99 (ms),
-/// server CPU per row update delivered (µs).
+/// server CPU per row update delivered (µs), snapshots sent again (a client fell behind its
+/// channel) and clients closed as slow consumers.
 fn fanout(
     env: &Env,
     z: &Sizes,
-    topic: &str,
     name: &str,
     lt_args: &[&str],
     token: Option<&str>,
-) -> anyhow::Result<[f64; 4]> {
+) -> anyhow::Result<[f64; 6]> {
+    // a topic per run: a fresh livetable on a topic earlier runs added to would still be applying
+    // their (old-stamped) changes while its clients connect
+    let topic = &env.topic(name);
+    prefill(env, topic, z.auth_rows, z.auth_rows)?;
     let max = (z.auth_clients + 100).to_string();
     let mut args = vec!["--max-connections", &max];
     args.extend_from_slice(lt_args);
@@ -130,7 +135,15 @@ fn fanout(
     let rows = out["row_updates"].as_f64().unwrap_or(0.0);
     anyhow::ensure!(rows > 0.0, "{name}: the clients received no row update");
     let p = |k: &str| out["freshness_ms"][k].as_f64().unwrap_or(f64::NAN);
-    Ok([rows / load_secs, p("p50"), p("p99"), cpu / rows * 1e6])
+    let m = probe::metrics(&lt.base);
+    Ok([
+        rows / load_secs,
+        p("p50"),
+        p("p99"),
+        cpu / rows * 1e6,
+        probe::metric(&m, "livetable_resnapshots_total"),
+        probe::metric(&m, "livetable_slow_client_disconnects_total"),
+    ])
 }
 
 pub fn auth(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
@@ -209,24 +222,16 @@ pub fn auth(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
     // fan-out: one livetable at a time, configurations alternating
     let (mut off, mut on) = (Vec::new(), Vec::new());
     for r in 0..z.auth_runs {
-        off.push(fanout(
-            env,
-            z,
-            &topic,
-            &format!("auth-fanout-none-{r}"),
-            &[],
-            None,
-        )?);
+        off.push(fanout(env, z, &format!("auth-fanout-none-{r}"), &[], None)?);
         on.push(fanout(
             env,
             z,
-            &topic,
             &format!("auth-fanout-jwt-{r}"),
             &jwt,
             Some(&keys_token),
         )?);
     }
-    let m = |v: &[[f64; 4]], i: usize| median(v.iter().map(|r| r[i]).collect());
+    let m = |v: &[[f64; 6]], i: usize| median(v.iter().map(|r| r[i]).collect());
     for (label, v) in [("no auth", &off), ("jwt key claims", &on)] {
         sc.add(
             &format!("fan-out, {label}: row updates/s delivered"),
@@ -250,6 +255,18 @@ pub fn auth(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
             &format!("fan-out, {label}: server CPU per row update delivered"),
             m(v, 3),
             "µs",
+            None,
+        );
+        sc.add(
+            &format!("fan-out, {label}: snapshots sent again (clients behind their channel)"),
+            m(v, 4),
+            "snapshots",
+            None,
+        );
+        sc.add(
+            &format!("fan-out, {label}: clients closed as slow consumers"),
+            m(v, 5),
+            "clients",
             None,
         );
     }
