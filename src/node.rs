@@ -292,7 +292,17 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         .unwrap_or(0)
         .max(now_micros());
     let positions = loaded.positions.clone();
+    // after an unclean stop: the slices this node owned, whose clients may have seen changes the
+    // store lost (new subscriptions wait until each is applied again here or taken over elsewhere)
+    let mut recover_slices = Vec::new();
     for mut t in loaded.tables {
+        if !readiness.is_recovered() {
+            for (p, s) in t.slices.iter().enumerate() {
+                if s.mode == SliceMode::Owned {
+                    recover_slices.push((t.name.to_string(), p as u32, s.owner));
+                }
+            }
+        }
         for (p, s) in t.slices.iter_mut().enumerate() {
             match (role, s.mode) {
                 // a gateway owns nothing; a materialiser follows nothing
@@ -494,6 +504,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             max_ready_lag: config.max_ready_lag,
             brokers: config.brokers.clone(),
             recover_targets: std::collections::HashMap::new(),
+            recover_slices,
             started: std::time::Instant::now(),
         };
         let stop = cancel.clone();

@@ -31,7 +31,7 @@ use crate::table::checkpoint::Checkpoint;
 use crate::table::readiness::Readiness;
 use crate::table::registry::Registry;
 use crate::table::restore::RestoreError;
-use crate::table::state::{Tables, UpdateSink};
+use crate::table::state::{SliceMode, Tables, UpdateSink};
 use crate::table::store::{Store, StoreError};
 use partitions::{Done, PartState, Partitions};
 use stage::BatchStage;
@@ -72,6 +72,11 @@ pub struct Ingest {
     /// After an unclean stop: per owned partition, the end offset first seen, which the ingest
     /// must reach again before new subscriptions are served (see [`Readiness::set_recovering`]).
     pub recover_targets: HashMap<(String, i32), i64>,
+    /// After an unclean stop: the slices (table, part, owner) this node owned before it. Each
+    /// must be assigned here again (and applied up to its target) or taken over by another
+    /// member before new subscriptions are served: until the group gives back the partitions of
+    /// the dead process, a partial assignment would let them serve the older stored state.
+    pub recover_slices: Vec<(String, u32, crate::table::position::Owner)>,
     pub started: Instant,
 }
 
@@ -320,6 +325,12 @@ impl Ingest {
                 }
             }
         }
+        if recovering && reached {
+            if let Some(why_not) = self.slice_not_recovered(&assignment) {
+                reached = false;
+                tracing::debug!(slice = %why_not, "unclean-stop hold: a slice owned before the stop is not back yet");
+            }
+        }
         if recovering {
             if reached {
                 tracing::info!(partitions = assignment.len(), after_ms = self.started.elapsed().as_millis() as u64, "recovered from the unclean stop: the input is applied again up to where it ended");
@@ -330,6 +341,30 @@ impl Ingest {
             }
         }
         self.readiness.set_ingest(ready, &why);
+    }
+
+    /// After an unclean stop: the first slice owned before it that is neither assigned here again
+    /// nor taken over by another member (a newer owner in its changelog), if any.
+    fn slice_not_recovered(
+        &self,
+        assignment: &std::collections::BTreeSet<(String, i32)>,
+    ) -> Option<String> {
+        self.recover_slices
+            .iter()
+            .find_map(|(table, part, before)| {
+                let t = self.tables.get(table)?;
+                let t = t.read();
+                let tp = (
+                    t.source.to_string(),
+                    i32::try_from(*part).unwrap_or(i32::MAX),
+                );
+                let back = match t.slice(*part) {
+                    Some(s) if s.mode == SliceMode::Owned => assignment.contains(&tp),
+                    Some(s) if s.mode == SliceMode::Followed => s.owner > *before,
+                    _ => false,
+                };
+                (!back).then(|| format!("{table}/{part}"))
+            })
     }
 
     /// A partition's position is gone from the broker: below its first offset (retention passed
