@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::client;
 use crate::measure::{median, Scenario};
 use crate::probe;
-use crate::scenarios::{prefill, s, swarm_connected, Sizes, TABLE};
+use crate::scenarios::{paced, prefill, s, swarm_connected, Sizes, TABLE};
 use crate::stack::{Env, Livetable};
 
 const SECRET: &str = "livetable-bench-hs256-secret-of-32-bytes!";
@@ -111,23 +111,7 @@ fn fanout(
     );
     let cpu0 = lt.cpu_secs()?;
     let t0 = Instant::now();
-    env.tool(
-        "cdc-gen",
-        &[
-            s("--brokers"),
-            env.brokers.clone(),
-            s("--topic"),
-            s(topic),
-            s("--keys"),
-            s(z.auth_rows),
-            s("--count"),
-            s(z.auth_rate * secs),
-            s("--rate"),
-            s(z.auth_rate),
-            s("--duration-secs"),
-            s(secs + 5),
-        ],
-    )?;
+    paced(env, topic, z.auth_rows, z.auth_rate, secs)?;
     let load_secs = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     let cpu = lt.cpu_secs()? - cpu0;

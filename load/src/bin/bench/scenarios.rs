@@ -197,6 +197,28 @@ pub fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<
     )
 }
 
+/// Produces `rate` changes/s over `keys` keys for `secs` seconds (cdc-gen gets 5 s of slack);
+/// returns cdc-gen's summary.
+pub fn paced(env: &Env, topic: &str, keys: u64, rate: u64, secs: u64) -> anyhow::Result<Value> {
+    env.tool(
+        "cdc-gen",
+        &[
+            s("--brokers"),
+            env.brokers.clone(),
+            s("--topic"),
+            s(topic),
+            s("--keys"),
+            s(keys),
+            s("--count"),
+            s(rate * secs),
+            s("--rate"),
+            s(rate),
+            s("--duration-secs"),
+            s(secs + 5),
+        ],
+    )
+}
+
 /// Starts ws-swarm with `clients` no-state clients ramped at `ramp`/s, each listening `secs`, and
 /// waits until livetable counts them all (at most the ramp + 60 s); returns the running swarm and
 /// the connections livetable counted. `more`: further ws-swarm arguments.
@@ -470,23 +492,7 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
     let m0 = probe::metrics(&lt.base);
     let cpu0 = lt.cpu_secs().unwrap_or(0.0);
     let t0 = Instant::now();
-    let gen = env.tool(
-        "cdc-gen",
-        &[
-            s("--brokers"),
-            env.brokers.clone(),
-            s("--topic"),
-            topic.clone(),
-            s("--keys"),
-            s(rows),
-            s("--count"),
-            s(rate * secs),
-            s("--rate"),
-            s(rate),
-            s("--duration-secs"),
-            s(secs + 5),
-        ],
-    )?;
+    let gen = paced(env, &topic, rows, rate, secs)?;
     let load_secs = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     let m1 = probe::metrics(&lt.base);
