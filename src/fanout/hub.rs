@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use super::protocol::{patch_json, Format, Outgoing};
+use super::route::{RouteSpec, RoutedFeed, Router};
 use super::selector::Selector;
 use super::snapshot::{snapshot_parts, CachedSnapshot};
 use super::subscription::{row_message, Subscription};
@@ -77,6 +78,8 @@ struct Channel {
     snapshot: Mutex<Option<Arc<CachedSnapshot>>>,
     /// Held while a whole-table snapshot is built, so concurrent subscribers share it.
     building: Mutex<()>,
+    /// Subscriptions sent only the updates their keys or indexed `where` may see.
+    router: Arc<Mutex<Router>>,
 }
 
 /// Fan-out of applied changes.
@@ -171,6 +174,7 @@ impl Hub {
                     }),
                     snapshot: Mutex::new(None),
                     building: Mutex::new(()),
+                    router: Arc::new(Mutex::new(Router::counted(&self.metrics))),
                 })
             })
             .clone();
@@ -186,6 +190,13 @@ impl Hub {
     /// A receiver of every update of `table` from now on (`None`: no such table).
     pub fn updates(&self, table: &str) -> Option<broadcast::Receiver<Arc<HubUpdate>>> {
         self.channel(table).map(|c| c.tx.subscribe())
+    }
+
+    /// A feed of the updates of `table` that `spec` may concern, from now on (`None`: no such
+    /// table). Like [`Hub::updates`], take it BEFORE [`Hub::subscribe`].
+    pub fn routed(&self, table: &str, spec: RouteSpec) -> Option<RoutedFeed> {
+        self.channel(table)
+            .map(|c| RoutedFeed::register(&c.router, spec, self.channel_capacity))
     }
 
     /// A receiver of the names of tables as they appear.
@@ -382,9 +393,11 @@ impl UpdateSink for Hub {
             frame,
             token,
         });
+        let new_lineage;
         {
             let mut buf = lock(&channel.replay);
-            if buf.epoch != update.update.epoch {
+            new_lineage = buf.epoch != update.update.epoch;
+            if new_lineage {
                 // a new lineage: nothing before it can be resumed
                 buf.epoch = update.update.epoch.clone();
                 buf.updates.clear();
@@ -415,7 +428,8 @@ impl UpdateSink for Hub {
                 }
             }
         }
-        let _ = channel.tx.send(update);
+        let _ = channel.tx.send(update.clone());
+        lock(&channel.router).route(&update, new_lineage);
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod hub;
 pub mod protocol;
+pub mod route;
 pub mod selector;
 pub mod session;
 pub mod snapshot;

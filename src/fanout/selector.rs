@@ -24,6 +24,9 @@ pub struct Selector {
     pub filters: Vec<Arc<dyn RowFilter>>,
     /// Only these columns of each row (`None`: every column).
     pub columns: Option<Arc<Projection>>,
+    /// The client's `where`, when it has an equality the hub can index (it is in `filters` too):
+    /// such a subscription is routed only the changes it may see, see `fanout::route`.
+    pub indexed: Option<Arc<Filter>>,
 }
 
 impl RowFilter for Filter {
@@ -49,8 +52,11 @@ impl Selector {
     ) -> Result<Self, String> {
         let mut s = Selector::keys(keys);
         if let Some(text) = filter.filter(|t| !t.trim().is_empty()) {
-            let f = Filter::parse(text).map_err(|e| format!("where: {e}"))?;
-            s.filters.push(Arc::new(f));
+            let f = Arc::new(Filter::parse(text).map_err(|e| format!("where: {e}"))?);
+            if crate::filter::FilterIndex::<u64>::indexable(&f) {
+                s.indexed = Some(f.clone());
+            }
+            s.filters.push(f);
         }
         if let Some(spec) = columns {
             let p = Projection::parse(spec).map_err(|e| format!("columns: {e}"))?;

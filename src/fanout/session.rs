@@ -1,7 +1,8 @@
 //! The subscriptions of one live connection, whatever its transport: tables (or keys of them),
 //! unions of tables, every table (`format=rows` on `/`), and subscriptions waiting for a table
-//! that does not exist yet. It absorbs updates from the hub (one broadcast channel per table) and
-//! hands out what is pending for the client.
+//! that does not exist yet. It absorbs updates from the hub (one broadcast channel per table, or
+//! for a subscription by keys or an indexed `where`, the updates routed to it) and hands out what
+//! is pending for the client.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamMap;
+
+use super::route::{RouteSpec, RoutedFeed};
 
 use super::hub::{rekey, union_key, Hub, HubUpdate, Start, SubscribeError};
 use super::protocol::{ErrorCode, Format, Outgoing};
@@ -33,6 +36,31 @@ struct Member {
     union: Option<String>,
     /// What the client asked for, before the token's grants narrowed it (`sub.selector`).
     requested: Selector,
+    /// Its own routed feed (`None`: the table's broadcast channel, shared by the session).
+    feed: Option<u64>,
+}
+
+/// A feed of a session: a table's broadcast channel (`None`) or one member's routed feed.
+type FeedKey = (String, Option<u64>);
+
+/// Where a session's updates come from.
+enum Feed {
+    Broadcast(BroadcastStream<Arc<HubUpdate>>),
+    Routed(RoutedFeed),
+}
+
+impl futures::Stream for Feed {
+    type Item = Result<Arc<HubUpdate>, BroadcastStreamRecvError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Feed::Broadcast(b) => b.poll_next_unpin(cx),
+            Feed::Routed(r) => r.poll_next_unpin(cx),
+        }
+    }
 }
 
 /// A subscription waiting for its table.
@@ -46,7 +74,7 @@ struct Waiter {
 pub enum Event {
     /// The node became caught up, or stopped being.
     Freshness(crate::table::readiness::Freshness),
-    Update(String, Result<Arc<HubUpdate>, u64>),
+    Update(FeedKey, Result<Arc<HubUpdate>, u64>),
     Created(String),
     /// Table creations were missed (the notification channel lagged): look at every table.
     Rescan,
@@ -60,7 +88,9 @@ pub struct Session {
     max_subscriptions: usize,
     unions: Arc<[UnionDef]>,
     members: Vec<Member>,
-    streams: StreamMap<String, BroadcastStream<Arc<HubUpdate>>>,
+    streams: StreamMap<FeedKey, Feed>,
+    /// The last routed feed id given out.
+    last_feed: u64,
     waiting: Vec<Waiter>,
     /// Unions this session subscribed to, with their format.
     open_unions: Vec<(String, Format)>,
@@ -93,6 +123,7 @@ impl Session {
             unions,
             members: Vec::new(),
             streams: StreamMap::new(),
+            last_feed: 0,
             waiting: Vec::new(),
             open_unions: Vec::new(),
             all_rows: None,
@@ -317,7 +348,16 @@ impl Session {
             Err(_) if union.is_some() => return Vec::new(),
             Err(d) => return vec![self.refused(table, d)],
         };
-        let Some(rx) = self.hub.updates(table) else {
+        // a subscription by keys or an indexed `where` gets only the updates it may see
+        let route = union.is_none().then(|| RouteSpec::of(&selector)).flatten();
+        let feed = match route {
+            Some(spec) => self.hub.routed(table, spec).map(Feed::Routed),
+            None => self
+                .hub
+                .updates(table)
+                .map(|rx| Feed::Broadcast(BroadcastStream::new(rx))),
+        };
+        let Some(feed) = feed else {
             if union.is_some() {
                 return Vec::new();
             }
@@ -347,12 +387,24 @@ impl Session {
                     Start::ResumeMiss => self.metrics.resumes.with_label_values(&["miss"]).inc(),
                     Start::Snapshot => {}
                 }
-                self.streams
-                    .insert(table.to_string(), BroadcastStream::new(rx));
+                let key = match feed {
+                    Feed::Routed(_) => {
+                        self.last_feed += 1;
+                        (table.to_string(), Some(self.last_feed))
+                    }
+                    Feed::Broadcast(_) => (table.to_string(), None),
+                };
+                // the table's broadcast receiver this session already has holds every update
+                // since before this subscription started (absorbing skips the older ones); a
+                // new one in its place would drop those the other members have not absorbed yet
+                if key.1.is_some() || !self.streams.contains_key(&key) {
+                    self.streams.insert(key.clone(), feed);
+                }
                 self.members.push(Member {
                     sub,
                     union: union.map(String::from),
                     requested,
+                    feed: key.1,
                 });
                 out
             }
@@ -367,8 +419,18 @@ impl Session {
             .retain(|m| m.sub.table != table && m.union.as_deref() != Some(table));
         self.waiting.retain(|w| w.table != table);
         self.open_unions.retain(|(u, _)| u != table);
-        let live: HashSet<String> = self.members.iter().map(|m| m.sub.table.clone()).collect();
-        let gone: Vec<String> = self
+        self.prune_feeds();
+        before != self.members.len() + self.waiting.len() + self.open_unions.len()
+    }
+
+    /// Drops the feeds no member reads any more (a routed feed's registration goes with it).
+    fn prune_feeds(&mut self) {
+        let live: HashSet<FeedKey> = self
+            .members
+            .iter()
+            .map(|m| (m.sub.table.clone(), m.feed))
+            .collect();
+        let gone: Vec<FeedKey> = self
             .streams
             .keys()
             .filter(|k| !live.contains(*k))
@@ -377,7 +439,6 @@ impl Session {
         for k in gone {
             self.streams.remove(&k);
         }
-        before != self.members.len() + self.waiting.len() + self.open_unions.len()
     }
 
     /// The format of the first subscription (what a `subscribe` message without one uses).
@@ -406,8 +467,8 @@ impl Session {
         };
         tokio::select! {
             f = fresh => Event::Freshness(f),
-            Some((table, item)) = self.streams.next(), if !self.streams.is_empty() => {
-                Event::Update(table, item.map_err(|BroadcastStreamRecvError::Lagged(n)| n))
+            Some((key, item)) = self.streams.next(), if !self.streams.is_empty() => {
+                Event::Update(key, item.map_err(|BroadcastStreamRecvError::Lagged(n)| n))
             }
             r = created => match r {
                 Ok(name) => Event::Created(name),
@@ -420,8 +481,8 @@ impl Session {
     /// Takes an event into the session's pending output.
     pub async fn on_event(&mut self, event: Event) {
         match event {
-            Event::Update(table, Ok(u)) => {
-                self.absorb(&table, &u).await;
+            Event::Update(key, Ok(u)) => {
+                self.absorb(&key, &u).await;
                 // drain what else is ready on that channel
                 for _ in 0..1024 {
                     let Some(Some((t, item))) =
@@ -437,7 +498,7 @@ impl Session {
                     }
                 }
             }
-            Event::Update(table, Err(_)) => self.resnapshot(&table).await,
+            Event::Update(key, Err(_)) => self.resnapshot(&key).await,
             Event::Created(name) => self.on_created(&name).await,
             Event::Freshness(f) => self.queued.push(Outgoing::Status {
                 caught_up: f.caught_up,
@@ -496,10 +557,10 @@ impl Session {
         }
     }
 
-    async fn absorb(&mut self, table: &str, u: &HubUpdate) {
+    async fn absorb(&mut self, key: &FeedKey, u: &HubUpdate) {
         let mut stale = Vec::new();
         for (i, m) in self.members.iter_mut().enumerate() {
-            if m.sub.table != table {
+            if m.sub.table != key.0 || m.feed != key.1 {
                 continue;
             }
             // up to date: forward the shared frame; once a few frames wait for the socket,
@@ -520,6 +581,7 @@ impl Session {
             }
         }
         // the table's lineage changed: a new snapshot
+        let restarted = !stale.is_empty();
         for i in stale.into_iter().rev() {
             let m = self.members.remove(i);
             self.metrics.resnapshots.inc();
@@ -539,16 +601,20 @@ impl Session {
                 None => self.queued.extend(out),
             }
         }
+        if restarted {
+            self.prune_feeds();
+        }
     }
 
-    /// Fresh snapshots for the subscriptions of `table` (after falling behind its channel).
-    async fn resnapshot(&mut self, table: &str) {
+    /// Fresh snapshots for the subscriptions reading feed `key` (after falling behind it).
+    async fn resnapshot(&mut self, key: &FeedKey) {
         self.metrics.resnapshots.inc();
+        let table = key.0.as_str();
         let (mine, rest): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
             .into_iter()
-            .partition(|m| m.sub.table == table);
+            .partition(|m| m.sub.table == table && m.feed == key.1);
         self.members = rest;
-        self.streams.remove(table);
+        self.streams.remove(key);
         for m in mine {
             let out = self
                 .start(

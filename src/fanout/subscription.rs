@@ -342,7 +342,7 @@ mod tests {
         let selector = Selector {
             keys: None,
             filters: vec![Arc::new(Above(5))],
-            columns: None,
+            ..Selector::default()
         };
         let gauge = prometheus::IntGauge::new("t", "t").unwrap();
         Subscription::new("t", selector, format, gauge)

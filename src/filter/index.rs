@@ -203,6 +203,12 @@ impl<I: Copy + Eq + Hash> FilterIndex<I> {
         self.subscriptions.is_empty()
     }
 
+    /// Whether `filter` has a conjunct the index files it under (else it would be evaluated on
+    /// every change).
+    pub fn indexable(filter: &Filter) -> bool {
+        indexable_conjunct(filter.expr()).is_some()
+    }
+
     /// Number of subscriptions evaluated on every change (no indexable conjunct).
     pub fn unindexed_len(&self) -> usize {
         self.unindexed.len()
