@@ -317,3 +317,63 @@ pub async fn api_state(base: &str, table: &str) -> Option<BTreeMap<String, i64>>
             .collect(),
     )
 }
+
+impl Node {
+    /// As [`Node::spawn`], against `brokers` instead of the tests' broker (a test's own
+    /// [`super::OwnBroker`]): `--brokers` may be given only once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with_brokers(
+        name: &str,
+        role: &str,
+        group: &str,
+        topics: &str,
+        data_dir: &Path,
+        logs: &Path,
+        brokers: &str,
+        extra: &[&str],
+    ) -> Node {
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "--role".into(),
+            role.into(),
+            "--brokers".into(),
+            brokers.into(),
+            "--topics".into(),
+            topics.into(),
+            "--group-id".into(),
+            group.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            data_dir.to_str().unwrap().into(),
+            "--kafka-prop".into(),
+            "session.timeout.ms=6000".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut n = Node {
+            name: name.into(),
+            child: None,
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            log: logs.join(format!("{name}.log")),
+            args,
+        };
+        n.start();
+        n
+    }
+
+    /// The process's resident memory (`VmRSS` of `/proc/<pid>/status`), when it runs.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+}
