@@ -17,8 +17,9 @@ use tokio::sync::broadcast;
 use super::protocol::{patch_json, Format, Outgoing};
 use super::route::{RouteSpec, RoutedFeed, Router};
 use super::selector::Selector;
-use super::snapshot::{snapshot_parts, CachedSnapshot};
+use super::snapshot::{candidates, snapshot_parts, CachedSnapshot};
 use super::subscription::{row_message, Subscription};
+use crate::filter::equality;
 use crate::metrics::Metrics;
 use crate::patch::row_diff;
 use crate::table::position::{Position, Token};
@@ -222,6 +223,12 @@ impl Hub {
             .ok_or_else(|| SubscribeError::UnknownTable(table.to_string()))?;
         let started = std::time::Instant::now();
         let gauge = self.metrics.subscriptions.with_label_values(&[table]);
+        // a where with an equality finds its snapshot rows through an index of that column
+        if selector.keys.is_none() {
+            if let Some((column, _)) = selector.indexed.as_deref().and_then(equality) {
+                t.ensure_index(&column);
+            }
+        }
         let mut sub = Subscription::new(table, selector, format, gauge);
         if let Some(token) = since.and_then(Token::parse) {
             if let Some(out) = self.replay_from(&channel, &mut sub, &token, None)? {
@@ -258,16 +265,13 @@ impl Hub {
                 sub.seq = s.seq();
                 sub.pos = s.position();
                 let sel = &sub.selector;
-                match &sel.keys {
-                    Some(keys) => {
-                        let mut keys: Vec<&String> = keys.iter().collect();
-                        keys.sort();
-                        keys.into_iter()
-                            .filter_map(|k| s.rows.get(k).map(|e| (k, e)))
-                            .filter(|(k, e)| sel.wants(k, Some(&e.row)))
-                            .map(|(_, e)| row_message(&sel.project(&e.row)))
-                            .collect()
-                    }
+                match candidates(&s, sel) {
+                    Some(keys) => keys
+                        .into_iter()
+                        .filter_map(|k| s.rows.get(k).map(|e| (k, e)))
+                        .filter(|(k, e)| sel.wants(k, Some(&e.row)))
+                        .map(|(_, e)| row_message(&sel.project(&e.row)))
+                        .collect(),
                     None => s
                         .rows
                         .iter()

@@ -77,10 +77,8 @@ pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8B
         let _ = serde_json::to_writer(&mut current, &NonNull(&selector.project(r)));
         rows += 1;
     };
-    match &selector.keys {
+    match candidates(t, selector) {
         Some(keys) => {
-            let mut keys: Vec<&String> = keys.iter().collect();
-            keys.sort();
             for k in keys {
                 if let Some(e) = t.rows.get(k) {
                     add(k, &e.row);
@@ -107,6 +105,19 @@ pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8B
         serde_json::to_string(&token).unwrap_or_default(),
     );
     (rows, frames(&head, chunks))
+}
+
+/// The keys of the rows a selector may select, sorted, when they can be looked up instead of
+/// scanned: its `keys`, or its indexed `where` on a column the table indexes
+/// ([`crate::table::state::Table::ensure_index`]). Every filter still applies to each of them.
+pub fn candidates<'a>(t: &'a TableState, selector: &'a Selector) -> Option<Vec<&'a String>> {
+    if let Some(keys) = &selector.keys {
+        let mut keys: Vec<&String> = keys.iter().collect();
+        keys.sort();
+        return Some(keys);
+    }
+    let (column, literals) = crate::filter::equality(selector.indexed.as_deref()?)?;
+    t.rows.lookup(&column, &literals)
 }
 
 /// Wraps row chunks into a snapshot frame and continuation patch frames.

@@ -33,8 +33,10 @@ pub enum Transition {
     Update,
 }
 
+/// A value as an equality index files it: a literal of a filter, or a row's column value (see
+/// [`value_keys`]); a row can equal a literal only when they share a key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum IndexKey {
+pub enum IndexKey {
     Str(String),
     Num(Decimal),
     Bool(bool),
@@ -274,6 +276,33 @@ impl<I: Copy + Eq + Hash> FilterIndex<I> {
             out.push((id, transition));
         }
     }
+}
+
+/// The keys a row's column value is found under: a string under itself and, when it reads as a
+/// number, under that number (`"2.50"` = `2.5`); a number and a boolean under themselves. The
+/// same lookups [`FilterIndex`] makes for a change.
+pub fn value_keys(value: Option<&Value>) -> Vec<IndexKey> {
+    match value {
+        Some(Value::String(s)) => {
+            let mut v = vec![IndexKey::Str(s.clone())];
+            if let Some(d) = Decimal::parse_plain(s) {
+                v.push(IndexKey::Num(d));
+            }
+            v
+        }
+        Some(Value::Number(n)) => Decimal::from_json_number(n)
+            .map(IndexKey::Num)
+            .into_iter()
+            .collect(),
+        Some(Value::Bool(b)) => vec![IndexKey::Bool(*b)],
+        _ => Vec::new(),
+    }
+}
+
+/// The equality `filter` can be looked up by: a column and the keys of its literals (a row it
+/// accepts has that column under one of them). `None`: no such conjunct at the top level.
+pub fn equality(filter: &Filter) -> Option<(String, Vec<IndexKey>)> {
+    indexable_conjunct(filter.expr())
 }
 
 /// The conjunct to index: an equality on a column with the fewest literals.

@@ -39,7 +39,7 @@ mod projection;
 
 pub use decimal::Decimal;
 pub use eval::compare_values;
-pub use index::{FilterIndex, Transition};
+pub use index::{equality, value_keys, FilterIndex, IndexKey, Transition};
 pub use projection::{Projection, ProjectionError, MAX_PROJECTED_COLUMNS};
 
 use crate::cdc::decode::Row;

@@ -14,6 +14,7 @@ pub mod reader;
 pub mod readiness;
 pub mod registry;
 pub mod restore;
+pub mod rows;
 pub mod state;
 pub mod store;
 

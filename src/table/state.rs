@@ -12,7 +12,7 @@
 //! Readers take the read lock and always see a state that matches the table's `useq`, `seq` and
 //! position exactly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde_json::{Map, Value};
@@ -95,7 +95,7 @@ pub struct TableState {
     pub epoch: Arc<str>,
     /// The input topic that feeds it.
     pub source: Arc<str>,
-    pub rows: BTreeMap<String, Entry>,
+    pub rows: super::rows::Rows,
     pub slices: Vec<Slice>,
     /// Node-local number of the last update applied (orders updates for subscribers).
     pub useq: u64,
@@ -107,7 +107,7 @@ impl TableState {
             name: name.into(),
             epoch: epoch.into(),
             source: source.into(),
-            rows: BTreeMap::new(),
+            rows: super::rows::Rows::default(),
             slices: (0..partitions)
                 .map(|_| Slice::empty(SliceMode::Absent))
                 .collect(),
@@ -245,6 +245,15 @@ impl Table {
     pub fn update_slices(&self, f: impl FnOnce(&mut TableState)) {
         let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut self.write());
+    }
+
+    /// Indexes `column` of the rows for equality lookups (once; see `table::rows`); false when
+    /// the table indexes too many columns already.
+    pub fn ensure_index(&self, column: &str) -> bool {
+        if self.read().rows.has_index(column) {
+            return true;
+        }
+        self.write().rows.ensure_index(column)
     }
 
     /// Forgets a slice this node no longer holds (a materialiser's revoked partition): its rows
