@@ -45,6 +45,10 @@ struct Args {
     /// ExtractNewRecordState output instead of the full envelope.
     #[arg(long)]
     unwrapped: bool,
+    /// Give each row a `league` column, `L{key number % N}` (0: no such column), for filtered
+    /// subscriptions (`where=league = 'L7'`).
+    #[arg(long, default_value_t = 0)]
+    leagues: u64,
 }
 
 fn now_ms() -> i64 {
@@ -54,7 +58,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn event(i: u64, keys: u64, table: &str, unwrapped: bool) -> (String, String) {
+fn event(i: u64, keys: u64, leagues: u64, table: &str, unwrapped: bool) -> (String, String) {
     let k = i % keys;
     let ts = now_ms();
     let odd = |salt: u64| {
@@ -65,8 +69,13 @@ fn event(i: u64, keys: u64, table: &str, unwrapped: bool) -> (String, String) {
         )
     };
     let key = format!(r#"{{"game_id":"g{k}"}}"#);
+    let league = if leagues > 0 {
+        format!(r#""league":"L{}","#, k % leagues)
+    } else {
+        String::new()
+    };
     let after = format!(
-        r#"{{"game_id":"g{k}","odd1":"{}","odd2":"{}","odd3":"{}","odd4":"{}","odd5":"{}","updated_at":"{ts}"}}"#,
+        r#"{{"game_id":"g{k}",{league}"odd1":"{}","odd2":"{}","odd3":"{}","odd4":"{}","odd5":"{}","updated_at":"{ts}"}}"#,
         odd(1),
         odd(2),
         odd(3),
@@ -133,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
         }
-        let (key, value) = event(sent, a.keys, &table, a.unwrapped);
+        let (key, value) = event(sent, a.keys, a.leagues, &table, a.unwrapped);
         loop {
             match producer.send(BaseRecord::to(&a.topic).key(&key).payload(&value)) {
                 Ok(()) => break,

@@ -55,6 +55,13 @@ struct Args {
     /// At the end, compare every client's state with the HTTP API.
     #[arg(long)]
     verify: bool,
+    /// A `where` filter each client subscribes with; `{n}` in it becomes the client's number
+    /// modulo `--where-values` (`--where "league = 'L{n}'"`: client i watches league L{i % N}).
+    #[arg(long = "where")]
+    filter: Option<String>,
+    /// How many distinct values `{n}` in `--where` takes.
+    #[arg(long, default_value_t = 1)]
+    where_values: usize,
     /// A token (`--auth jwt`) every client sends as `access_token=` in its URL.
     #[arg(long)]
     token: Option<String>,
@@ -87,6 +94,18 @@ fn now_ms() -> i64 {
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+/// Percent-encodes a query parameter's value.
+fn urlencode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A small xorshift for choosing keys.
@@ -199,6 +218,11 @@ impl Conn {
         if let Some(k) = keys {
             query.push_str("&keys=");
             query.push_str(k);
+        }
+        if let Some(f) = &a.filter {
+            let f = f.replace("{n}", &(i % a.where_values.max(1)).to_string());
+            query.push_str("&where=");
+            query.push_str(&urlencode(&f));
         }
         if let Some(t) = &a.token {
             query.push_str("&access_token=");

@@ -8,6 +8,7 @@
 
 mod auth;
 mod client;
+mod filters;
 mod measure;
 mod probe;
 mod publish;
@@ -36,11 +37,11 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
-    /// latency-few-clients, connections, publish, auth, scale-out (= scale-out-ingest,
+    /// latency-few-clients, connections, publish, auth, filters, scale-out (= scale-out-ingest,
     /// scale-out-clients, scale-out-failover, scale-out-resume, each also by its own name).
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,auth,scale-out"
+        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,auth,filters,scale-out"
     )]
     scenarios: String,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
@@ -239,6 +240,16 @@ fn main() -> anyhow::Result<()> {
         ),
         &mut results,
         &mut |sc| auth::auth(&env, &z, sc),
+    );
+
+    run(
+        "filters",
+        format!(
+            "{} WebSocket clients (ws-swarm, no state), each with its own where=league = 'L<n>' on a {}-row table ({} leagues of {} rows), {} changes/s for {} s (each change in one league); then {} such clients, indexed and with league >= 'L<n>' AND league <= 'L<n>' (the same rows, an expression the hub cannot index: every client wakes for every update and a snapshot scans the table); server CPU per change net of the idle process's; a livetable and a topic per run, {} runs, configurations alternating, medians",
+            z.filter_clients, z.filter_rows, z.filter_clients, z.filter_rows / z.filter_clients.max(1), z.filter_rate, z.filter_secs, z.filter_scan_clients, z.filter_runs
+        ),
+        &mut results,
+        &mut |sc| filters::filters(&env, &z, sc),
     );
 
     let cores = match (&env.server_cpu, &env.tools_cpu) {

@@ -63,6 +63,12 @@ pub struct Sizes {
     pub auth_rate: u64,
     pub auth_secs: u64,
     pub auth_runs: usize,
+    pub filter_rows: u64,
+    pub filter_clients: u64,
+    pub filter_scan_clients: u64,
+    pub filter_rate: u64,
+    pub filter_secs: u64,
+    pub filter_runs: usize,
 }
 
 impl Sizes {
@@ -109,6 +115,12 @@ impl Sizes {
             auth_rate: 200,
             auth_secs: 10,
             auth_runs: 3,
+            filter_rows: 100_000,
+            filter_clients: 10_000,
+            filter_scan_clients: 1_000,
+            filter_rate: 1_000,
+            filter_secs: 10,
+            filter_runs: 3,
         }
     }
 
@@ -155,6 +167,12 @@ impl Sizes {
             auth_rate: 50,
             auth_secs: 3,
             auth_runs: 1,
+            filter_rows: 2_000,
+            filter_clients: 100,
+            filter_scan_clients: 50,
+            filter_rate: 200,
+            filter_secs: 3,
+            filter_runs: 1,
         }
     }
 }

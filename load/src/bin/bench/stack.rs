@@ -208,6 +208,10 @@ impl Env {
                 format!("{}.{deployment}.table.", self.run_id),
                 "--dlq-topic".into(),
                 format!("{}.{deployment}.dlq", self.run_id),
+                // the load tools connect from a few loopback addresses: the per-IP cap (1,000
+                // by default) would refuse all but a few thousand of their clients
+                "--max-connections-per-ip".into(),
+                "0".into(),
             ],
             cpu,
             child: None,
