@@ -75,10 +75,12 @@ impl Router {
         }
     }
 
+    /// True when no subscription is routed.
     pub fn is_empty(&self) -> bool {
         self.sinks.is_empty()
     }
 
+    /// Number of routed subscriptions.
     pub fn len(&self) -> usize {
         self.sinks.len()
     }

@@ -148,12 +148,15 @@ impl Subscription {
     }
 
     /// Composes the changes of `u` newer than the subscription into its pending output.
+    ///
+    /// The lineage is compared first: a table of a new lineage counts its updates (`useq`) from
+    /// 0 again, and a routed subscription may be sent no other update of it for a long time.
     pub fn absorb(&mut self, u: &HubUpdate) -> Absorbed {
-        if u.update.useq <= self.useq {
-            return Absorbed::Ok;
-        }
         if u.update.epoch != self.epoch {
             return Absorbed::EpochChanged;
+        }
+        if u.update.useq <= self.useq {
+            return Absorbed::Ok;
         }
         self.useq = u.update.useq;
         self.seq = u.update.seq;
@@ -472,6 +475,21 @@ mod tests {
             vec![change("a", Some(json!({"n": 6})), Some(json!({"n": 7})))],
         );
         assert!(k.forward(&u).is_none());
+    }
+
+    #[test]
+    fn a_new_lineage_is_seen_even_when_its_update_count_starts_again() {
+        let mut s = sub(Format::Patch);
+        s.epoch = "old".into();
+        s.useq = 500;
+        let mut u = hub_update(1, vec![change("a", None, Some(json!({"n": 9})))]);
+        u.update.epoch = "new".into();
+        assert_eq!(s.absorb(&u), Absorbed::EpochChanged);
+        // the same lineage, an update already absorbed: nothing
+        let mut old = hub_update(7, vec![]);
+        old.update.epoch = "old".into();
+        assert_eq!(s.absorb(&old), Absorbed::Ok);
+        assert_eq!(s.useq, 500);
     }
 
     #[test]

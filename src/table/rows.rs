@@ -41,6 +41,7 @@ impl<'a> IntoIterator for &'a Rows {
 }
 
 impl Rows {
+    /// Sets the row of `key`, keeping the indexes.
     pub fn insert(&mut self, key: String, entry: Entry) {
         if self.indexes.is_empty() {
             self.map.insert(key, entry);
@@ -61,6 +62,7 @@ impl Rows {
         self.map.insert(key, entry);
     }
 
+    /// Removes the row of `key`, keeping the indexes.
     pub fn remove(&mut self, key: &str) -> Option<Entry> {
         let e = self.map.remove(key)?;
         for (column, index) in &mut self.indexes {
@@ -69,6 +71,7 @@ impl Rows {
         Some(e)
     }
 
+    /// Keeps the rows `f` accepts, keeping the indexes.
     pub fn retain(&mut self, mut f: impl FnMut(&String, &Entry) -> bool) {
         let gone: Vec<String> = self
             .map
@@ -84,6 +87,11 @@ impl Rows {
     /// Whether `column` is indexed.
     pub fn has_index(&self, column: &str) -> bool {
         self.indexes.contains_key(column)
+    }
+
+    /// Whether no further column can be indexed.
+    pub fn indexes_full(&self) -> bool {
+        self.indexes.len() >= MAX_INDEXED_COLUMNS
     }
 
     /// Indexes `column` (a scan of the rows, once); false when the table has

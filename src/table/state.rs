@@ -250,8 +250,15 @@ impl Table {
     /// Indexes `column` of the rows for equality lookups (once; see `table::rows`); false when
     /// the table indexes too many columns already.
     pub fn ensure_index(&self, column: &str) -> bool {
-        if self.read().rows.has_index(column) {
-            return true;
+        {
+            let t = self.read();
+            if t.rows.has_index(column) {
+                return true;
+            }
+            // no write lock (which stalls ingest) just to hear that no slot is left
+            if t.rows.indexes_full() {
+                return false;
+            }
         }
         self.write().rows.ensure_index(column)
     }
