@@ -52,34 +52,7 @@ impl Node {
         logs: &Path,
         extra: &[&str],
     ) -> Node {
-        let port = free_port();
-        let mut args: Vec<String> = vec![
-            "--role".into(),
-            role.into(),
-            "--brokers".into(),
-            brokers(),
-            "--topics".into(),
-            topics.into(),
-            "--group-id".into(),
-            group.into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--data-dir".into(),
-            data_dir.to_str().unwrap().into(),
-            "--kafka-prop".into(),
-            "session.timeout.ms=6000".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut n = Node {
-            name: name.into(),
-            child: None,
-            port,
-            base: format!("http://127.0.0.1:{port}"),
-            log: logs.join(format!("{name}.log")),
-            args,
-        };
-        n.start();
-        n
+        Node::spawn_with_brokers(name, role, group, topics, data_dir, logs, &brokers(), extra)
     }
 
     /// (Re)starts the process with the same arguments (appending to its log).
