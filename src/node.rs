@@ -24,6 +24,7 @@ use crate::fanout::hub::Hub;
 use crate::metrics::Metrics;
 use crate::table::changelog::Changelog;
 use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter, Progress};
+use crate::table::derived::Views;
 use crate::table::follower::{Follower, FollowerHandle, Scope};
 use crate::table::ingest::partitions::{self, FollowControl, Partitions};
 use crate::table::ingest::Ingest;
@@ -323,6 +324,17 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             hub.open(&name);
         }
     }
+    // declared views: computed here from the tables as loaded, then from every update of them
+    let sink: Arc<dyn UpdateSink> = if role.serves() && !config.views.is_empty() {
+        let views = Views::start(&config.views, tables.clone(), sink, metrics.clone());
+        for name in views.names() {
+            hub.open(&name);
+        }
+        tracing::info!(views = config.views.len(), "declared views computed");
+        views
+    } else {
+        sink
+    };
     readiness.loaded.store(true, Ordering::Release);
     readiness.publish();
 

@@ -139,6 +139,8 @@ pub struct Config {
     pub publish: Option<crate::publish::PublishConfig>,
     /// Topics read as row states (`upsert` in the views file), by topic.
     pub upsert: Arc<HashMap<String, crate::cdc::decode::UpsertInput>>,
+    /// Declared views (`--views`), in the file's order: computed on serving nodes.
+    pub views: Arc<Vec<crate::views::ViewDef>>,
     /// Authentication, origins, TLS, the admin listener and client limits.
     pub security: SecurityConfig,
 }
@@ -177,8 +179,8 @@ impl Config {
             return Err(invalid("brokers", "must not be empty"));
         }
         let mut topics = parse_topics(a.topics.as_deref().unwrap_or(r"^odds\..*"))?;
-        let upsert = match &a.views {
-            None => HashMap::new(),
+        let (upsert, views) = match &a.views {
+            None => (HashMap::new(), Vec::new()),
             Some(path) => views_inputs(path)?,
         };
         topics = topics.with_topics(upsert.keys());
@@ -353,6 +355,7 @@ impl Config {
             unions,
             publish,
             upsert: Arc::new(upsert),
+            views: Arc::new(views),
             security,
         })
     }
@@ -375,25 +378,18 @@ impl Config {
     }
 }
 
-/// The input topics a views file declares. Declared views and `events` topics are refused: this
-/// version serves tables of `debezium` and `upsert` topics only, and starting with part of a file
-/// applied would be worse than a clear error.
-fn views_inputs(
-    path: &std::path::Path,
-) -> Result<HashMap<String, crate::cdc::decode::UpsertInput>, ConfigError> {
+/// What a views file declares: the `upsert` input topics, and the views (in the file's order,
+/// inputs first). `events` topics are refused: this version computes views over tables (CDC
+/// tables, `upsert` topics, other views) only, and starting with part of a file applied would be
+/// worse than a clear error.
+type ViewsInputs = (
+    HashMap<String, crate::cdc::decode::UpsertInput>,
+    Vec<crate::views::ViewDef>,
+);
+
+fn views_inputs(path: &std::path::Path) -> Result<ViewsInputs, ConfigError> {
     use crate::views::config::{TopicFormat, ViewsFile};
     let file = ViewsFile::load(path).map_err(|e| invalid("views", e.to_string()))?;
-    if let Some(v) = file.views.first() {
-        return Err(invalid(
-            "views",
-            format!(
-                "{}: view `{}` (line {}): declared views are not computed by this version yet; only [topics.*] entries with format `debezium` or `upsert` can be used",
-                path.display(),
-                v.name,
-                v.line
-            ),
-        ));
-    }
     let mut out = HashMap::new();
     for t in file.topics {
         match t.format {
@@ -411,7 +407,7 @@ fn views_inputs(
                 return Err(invalid(
                     "views",
                     format!(
-                        "{}: topic `{}` (line {}): `events` topics are inputs of views, which this version does not compute yet",
+                        "{}: topic `{}` (line {}): `events` topics are not read by this version yet; declare the topic `upsert` (one row per key) or feed the view from a table",
                         path.display(),
                         t.topic,
                         t.line
@@ -420,7 +416,7 @@ fn views_inputs(
             }
         }
     }
-    Ok(out)
+    Ok((out, file.views))
 }
 
 #[cfg(test)]

@@ -291,6 +291,7 @@ impl Follower {
             let follow = match slice.mode {
                 SliceMode::Owned => scope == Scope::All,
                 SliceMode::Followed | SliceMode::Absent => true,
+                SliceMode::Derived => false,
             };
             if follow {
                 slice.mode = SliceMode::Followed;

@@ -6,6 +6,7 @@
 
 pub mod changelog;
 pub mod checkpoint;
+pub mod derived;
 pub mod fold;
 pub mod follower;
 pub mod ingest;

@@ -185,7 +185,7 @@ impl Restorer {
             match mode {
                 SliceMode::Owned => (s.map_or(0, |s| s.cl_next), s.map(|s| s.owner)),
                 SliceMode::Followed => (s.map_or(0, |s| s.cl_next), None),
-                SliceMode::Absent => (0, None),
+                SliceMode::Absent | SliceMode::Derived => (0, None),
             }
         };
         if mode == SliceMode::Absent {

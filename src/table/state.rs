@@ -40,6 +40,9 @@ pub enum SliceMode {
     Owned,
     /// This node's changelog follower.
     Followed,
+    /// A declared view computed here from its input table (`table::derived`): never owned,
+    /// followed, stored or checkpointed.
+    Derived,
 }
 
 /// The state of one partition of a table.
@@ -239,6 +242,11 @@ impl Table {
 
     fn write(&self) -> RwLockWriteGuard<'_, TableState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds the table's order lock: no commit to it runs until the guard drops.
+    pub(crate) fn order_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Changes slice bookkeeping (modes, owners, acknowledgements) without changing rows.

@@ -1,0 +1,254 @@
+//! Derived tables: the runtime of declared views (`--views`).
+//!
+//! A view is computed on every serving node from the table it reads, which such a node holds
+//! whole (owned and followed slices). [`Views`] sits between the table writers and the fan-out:
+//! every committed update of an input table is fed to its views' operators in commit order
+//! (while the input's order lock is held, so the order is exactly the table's), and their output
+//! is committed to the views' own tables, which the fan-out serves like any table: snapshot,
+//! diffs, keys, `where`, resume, the HTTP API. A view of a view is fed by that view's commits.
+//!
+//! A view's table has one slice and its own lineage, drawn anew by each process: its position
+//! counts the view's output changes in this process. A client that resumes across a restart (or
+//! across nodes) gets a fresh snapshot, never a patch against another computation.
+//!
+//! Continuity: the operator keeps the input's lineage and update number. When an update does not
+//! follow the last one fed (the process started, the table was restored or replaced, a slice was
+//! handed over without an update), the view is rebuilt from the input's current rows, in key
+//! order, and the difference to its current rows is committed as one update. `top_n`,
+//! `max_by`/`min_by` and `group_by` without `latest` are a function of the input rows and come
+//! back exact; `history`, `delta` and `latest` restart from the current rows (their past is not
+//! kept across a rebuild).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use crate::cdc::decode::{Op, Row};
+use crate::metrics::Metrics;
+use crate::table::state::{
+    Delta, RowWrite, SliceMode, Table, TableState, TableUpdate, Tables, UpdateSink,
+};
+use crate::views::{OutChange, ViewDef, ViewOperator};
+
+/// What the operator of a view was last fed.
+struct Fed {
+    table: Arc<Table>,
+    epoch: Arc<str>,
+    useq: u64,
+}
+
+struct ViewState {
+    op: ViewOperator,
+    fed: Option<Fed>,
+    /// The view table's position: its last output change in this process.
+    off: i64,
+}
+
+/// One declared view and its table.
+struct View {
+    def: ViewDef,
+    table: Arc<Table>,
+    state: Mutex<ViewState>,
+}
+
+/// The views of a node, as an [`UpdateSink`] in front of the fan-out.
+pub struct Views {
+    inner: Arc<dyn UpdateSink>,
+    tables: Arc<Tables>,
+    metrics: Arc<Metrics>,
+    /// Views by the name of the table they read.
+    by_input: HashMap<String, Vec<Arc<View>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Views {
+    /// Creates the views' tables (empty, each with a new lineage) in `tables` and computes each
+    /// view from its input as it is now. `defs` in the views file's order (inputs first).
+    pub fn start(
+        defs: &[ViewDef],
+        tables: Arc<Tables>,
+        inner: Arc<dyn UpdateSink>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Views> {
+        let mut by_input: HashMap<String, Vec<Arc<View>>> = HashMap::new();
+        let mut all = Vec::new();
+        for def in defs {
+            let mut state = TableState::new(&def.name, &super::new_epoch(), &def.from, 1);
+            state.slice_mut(0).mode = SliceMode::Derived;
+            let table = tables.insert(state);
+            metrics.table_size(&def.name, 0, 0);
+            let view = Arc::new(View {
+                def: def.clone(),
+                table,
+                state: Mutex::new(ViewState {
+                    op: ViewOperator::new(def),
+                    fed: None,
+                    off: -1,
+                }),
+            });
+            by_input
+                .entry(def.from.clone())
+                .or_default()
+                .push(view.clone());
+            all.push(view);
+        }
+        let views = Arc::new(Views {
+            inner,
+            tables,
+            metrics,
+            by_input,
+        });
+        for view in &all {
+            if let Some(input) = views.tables.get(&view.def.from) {
+                let mut st = lock(&view.state);
+                // holding the input's order lock: no commit to it runs while it is read
+                let _order = input.order_guard();
+                views.rebuild(view, &mut st, &input, None);
+            }
+        }
+        views
+    }
+
+    /// Names of the views' tables.
+    pub fn names(&self) -> Vec<String> {
+        self.by_input
+            .values()
+            .flatten()
+            .map(|v| v.def.name.clone())
+            .collect()
+    }
+
+    fn feed(&self, view: &View, update: &TableUpdate) {
+        let mut st = lock(&view.state);
+        let Some(input) = self.tables.get(&update.table) else {
+            return;
+        };
+        let follows = st.fed.as_ref().is_some_and(|f| {
+            Arc::ptr_eq(&f.table, &input) && f.epoch == update.epoch && f.useq + 1 == update.useq
+        });
+        if !follows {
+            self.rebuild(view, &mut st, &input, Some(update));
+            return;
+        }
+        let mut out: Vec<OutChange> = Vec::new();
+        for c in &update.changes {
+            out.extend(
+                st.op
+                    .apply_change(&c.key, c.before.as_deref(), c.row.as_deref()),
+            );
+        }
+        st.fed = Some(Fed {
+            table: input,
+            epoch: update.epoch.clone(),
+            useq: update.useq,
+        });
+        let ts = update.changes.last().map(|c| (c.ts_ms, c.kafka_ts_ms));
+        self.commit(view, &mut st, out, ts.unwrap_or((None, None)));
+    }
+
+    /// Recomputes `view` from the input's current rows (the caller holds the input's order lock,
+    /// so they are the rows of its last update) and commits the difference.
+    fn rebuild(
+        &self,
+        view: &View,
+        st: &mut ViewState,
+        input: &Arc<Table>,
+        update: Option<&TableUpdate>,
+    ) {
+        let mut op = ViewOperator::new(&view.def);
+        let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
+        let (epoch, useq) = {
+            let t = input.read();
+            let mut keys: Vec<(&String, &Arc<Row>)> =
+                t.rows.iter().map(|(k, e)| (k, &e.row)).collect();
+            keys.sort_by(|a, b| a.0.cmp(b.0));
+            for (key, row) in keys {
+                for (k, r) in op.apply_change(key, None, Some(row)) {
+                    result.insert(k, r);
+                }
+            }
+            (t.epoch.clone(), t.useq)
+        };
+        st.op = op;
+        st.fed = Some(Fed {
+            table: input.clone(),
+            epoch,
+            useq,
+        });
+        let mut out: Vec<OutChange> = {
+            let t = view.table.read();
+            t.rows
+                .keys()
+                .filter(|k| !matches!(result.get(*k), Some(Some(_))))
+                .map(|k| (k.clone(), None))
+                .collect()
+        };
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
+        self.metrics
+            .view_rebuilds
+            .with_label_values(&[&view.def.name])
+            .inc();
+        let ts = update
+            .and_then(|u| u.changes.last())
+            .map(|c| (c.ts_ms, c.kafka_ts_ms));
+        self.commit(view, st, out, ts.unwrap_or((None, None)));
+    }
+
+    /// Commits output changes to the view's table (in order; a later change of a key wins).
+    fn commit(
+        &self,
+        view: &View,
+        st: &mut ViewState,
+        out: Vec<OutChange>,
+        (ts_ms, kafka_ts_ms): (Option<i64>, Option<i64>),
+    ) {
+        if out.is_empty() {
+            return;
+        }
+        let mut delta = Delta::new(view.table.clone());
+        for (key, row) in out {
+            let op = match (&row, delta.current(&key)) {
+                (None, _) => Op::Delete,
+                (Some(_), Some(_)) => Op::Update,
+                (Some(_), None) => Op::Create,
+            };
+            st.off += 1;
+            delta.stage(RowWrite {
+                key,
+                row: row.map(Arc::new),
+                op,
+                part: 0,
+                off: st.off,
+                ts_ms,
+                kafka_ts_ms,
+            });
+        }
+        self.metrics
+            .view_changes
+            .with_label_values(&[&view.def.name])
+            .inc_by(delta.changes.len() as u64);
+        // a view's deletes need no tombstones: nothing older is ever re-applied to it
+        delta.slice(0).acked = st.off;
+        self.tables.commit(delta, self);
+        let t = view.table.read();
+        self.metrics
+            .table_size(&view.def.name, t.rows.len(), t.seq());
+    }
+}
+
+impl UpdateSink for Views {
+    fn publish(&self, update: TableUpdate) {
+        if let Some(views) = self.by_input.get(&*update.table) {
+            for view in views {
+                self.feed(view, &update);
+            }
+        }
+        self.inner.publish(update);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,257 @@
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::Views;
+use crate::cdc::decode::{Op, Row};
+use crate::metrics::Metrics;
+use crate::table::state::{Delta, RowWrite, TableState, TableUpdate, Tables, UpdateSink};
+use crate::views::ViewsFile;
+
+const FILE: &str = r#"
+[views.top3]
+from = "scores"
+top_n = { order_by = ["score desc", "player"], limit = 3 }
+
+[views.per_team]
+from = "scores"
+[views.per_team.group_by]
+by = ["team"]
+aggregates = { n = "count()", total = "sum(score)", best = "max(score)" }
+
+[views.best_team]
+from = "per_team"
+top_n = { order_by = ["total desc", "team"], limit = 1, rank = "" }
+"#;
+
+/// What a client holds: per table, the rows built from the updates it was sent.
+/// Per table: the last update number and the rows.
+type Held = HashMap<String, (u64, BTreeMap<String, Row>)>;
+
+#[derive(Default)]
+struct Client(Mutex<Held>);
+
+impl UpdateSink for Client {
+    fn publish(&self, update: TableUpdate) {
+        let mut all = self.0.lock().unwrap();
+        let (useq, rows) = all.entry(update.table.to_string()).or_default();
+        if &*update.table != "scores" {
+            // the test replaces the input table with a later useq; views count on their own
+            assert_eq!(
+                update.useq,
+                *useq + 1,
+                "updates of {} in order",
+                update.table
+            );
+        }
+        *useq = update.useq;
+        for c in update.changes {
+            match c.row {
+                Some(r) => rows.insert(c.key, (*r).clone()),
+                None => rows.remove(&c.key),
+            };
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn row(v: Value) -> Arc<Row> {
+    Arc::new(v.as_object().cloned().unwrap())
+}
+
+fn rows_of(tables: &Tables, name: &str) -> BTreeMap<String, Row> {
+    let t = tables.get(name).unwrap();
+    let t = t.read();
+    t.rows
+        .iter()
+        .map(|(k, e)| (k.clone(), (*e.row).clone()))
+        .collect()
+}
+
+/// The views computed by brute force from the input rows.
+fn oracle(input: &BTreeMap<String, Row>) -> HashMap<&'static str, BTreeMap<String, Row>> {
+    let score = |r: &Row| r["score"].as_i64().unwrap();
+    let mut ranked: Vec<(&String, &Row)> = input.iter().collect();
+    ranked.sort_by(|a, b| {
+        score(b.1)
+            .cmp(&score(a.1))
+            .then(a.1["player"].as_str().cmp(&b.1["player"].as_str()))
+    });
+    let top3 = ranked
+        .iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, (k, r))| {
+            let mut r = (*r).clone();
+            r.insert("rank".into(), json!(i + 1));
+            ((*k).clone(), r)
+        })
+        .collect();
+    let mut teams: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for r in input.values() {
+        let e = teams
+            .entry(r["team"].as_str().unwrap().to_string())
+            .or_insert((0, 0, i64::MIN));
+        e.0 += 1;
+        e.1 += score(r);
+        e.2 = e.2.max(score(r));
+    }
+    let per_team: BTreeMap<String, Row> = teams
+        .iter()
+        .map(|(t, (n, total, best))| {
+            let r = json!({"team": t, "n": n, "total": total, "best": best});
+            (t.clone(), r.as_object().cloned().unwrap())
+        })
+        .collect();
+    let best_team = teams
+        .iter()
+        .max_by(|a, b| a.1 .1.cmp(&b.1 .1).then(b.0.cmp(a.0)))
+        .map(|(t, _)| (t.clone(), per_team[t].clone()))
+        .into_iter()
+        .collect();
+    HashMap::from([
+        ("top3", top3),
+        ("per_team", per_team),
+        ("best_team", best_team),
+    ])
+}
+
+fn write(
+    tables: &Tables,
+    sink: &dyn UpdateSink,
+    changes: &[(String, Option<Arc<Row>>)],
+    off: &mut i64,
+) {
+    let t = tables.get("scores").unwrap();
+    let mut d = Delta::new(t);
+    for (key, r) in changes {
+        *off += 1;
+        d.stage(RowWrite {
+            key: key.clone(),
+            row: r.clone(),
+            op: Op::Update,
+            part: (*off % 2) as u32,
+            off: *off,
+            ts_ms: None,
+            kafka_ts_ms: None,
+        });
+    }
+    tables.commit(d, sink);
+}
+
+fn check(tables: &Tables, client: &Client) {
+    let want = oracle(&rows_of(tables, "scores"));
+    let held = client.0.lock().unwrap();
+    for (name, rows) in want {
+        assert_eq!(rows_of(tables, name), rows, "view {name} == oracle");
+        let sent = held.get(name).map(|(_, r)| r.clone()).unwrap_or_default();
+        assert_eq!(sent, rows, "what clients of {name} were sent == the view");
+    }
+}
+
+#[test]
+fn views_follow_their_input_through_updates_deletes_and_a_replaced_table() {
+    let defs = ViewsFile::parse(FILE).unwrap().views;
+    let tables = Arc::new(Tables::default());
+    tables.ensure("scores", "e1", "game.scores", 2);
+    let client = Arc::new(Client::default());
+    let metrics = Arc::new(Metrics::new());
+    let views = Views::start(&defs, tables.clone(), client.clone(), metrics.clone());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut off = 0;
+    for round in 0..400 {
+        let n = 1 + rng.below(4);
+        let changes: Vec<(String, Option<Arc<Row>>)> = (0..n)
+            .map(|_| {
+                let p = rng.below(25);
+                let r = (rng.below(5) > 0).then(|| {
+                    row(
+                        json!({"player": format!("p{p:02}"), "team": format!("t{}", p % 4),
+                               "score": rng.below(60) as i64}),
+                    )
+                });
+                (format!("p{p:02}"), r)
+            })
+            .collect();
+        write(&tables, &*views, &changes, &mut off);
+        if round % 50 == 0 {
+            check(&tables, &client);
+        }
+    }
+    check(&tables, &client);
+    let rebuilds = |v: &str| metrics.view_rebuilds.with_label_values(&[v]).get();
+    assert_eq!(rebuilds("top3"), 1, "built once at start, then followed");
+
+    // the input table replaced (a restore): the next update does not follow, the view is rebuilt
+    let mut state: TableState = tables.get("scores").unwrap().read().clone();
+    state.useq += 7;
+    tables.insert(state);
+    write(
+        &tables,
+        &*views,
+        &[(
+            "p01".into(),
+            Some(row(json!({"player": "p01", "team": "t1", "score": 99}))),
+        )],
+        &mut off,
+    );
+    check(&tables, &client);
+    assert_eq!(rebuilds("top3"), 2);
+    assert_eq!(
+        rebuilds("best_team"),
+        1,
+        "a view of a view follows its input's commits"
+    );
+    let top = rows_of(&tables, "top3");
+    assert_eq!(top["p01"]["rank"], json!(1));
+}
+
+#[test]
+fn a_view_starts_from_the_rows_its_input_holds() {
+    let defs = ViewsFile::parse(FILE).unwrap().views;
+    let tables = Arc::new(Tables::default());
+    let t = tables.ensure("scores", "e1", "game.scores", 2);
+    let mut d = Delta::new(t);
+    for (i, s) in [5, 9, 7, 1].iter().enumerate() {
+        d.stage(RowWrite {
+            key: format!("p{i}"),
+            row: Some(row(
+                json!({"player": format!("p{i}"), "team": "a", "score": s}),
+            )),
+            op: Op::Create,
+            part: 0,
+            off: i as i64,
+            ts_ms: None,
+            kafka_ts_ms: None,
+        });
+    }
+    tables.commit(d, &crate::table::state::NoSink);
+    let client = Arc::new(Client::default());
+    let _views = Views::start(
+        &defs,
+        tables.clone(),
+        client.clone(),
+        Arc::new(Metrics::new()),
+    );
+    check(&tables, &client);
+    let top = rows_of(&tables, "top3");
+    let ranks: Vec<(&str, &Value)> = top.iter().map(|(k, r)| (k.as_str(), &r["rank"])).collect();
+    assert_eq!(
+        ranks,
+        [("p0", &json!(3)), ("p1", &json!(1)), ("p2", &json!(2))]
+    );
+    let info = tables.list();
+    assert!(info
+        .iter()
+        .any(|i| i.name == "best_team" && i.rows == 1 && i.partitions == 1));
+}

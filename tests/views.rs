@@ -1,0 +1,474 @@
+//! Declared views (issue 15, part 3) through the real binary and the real broker: a views file
+//! with `top_n`, `group_by` (count, sum, min, max), `max_by`, a view of a view and a `where` on a
+//! view. A 3-partition Debezium topic goes through random inserts, updates (team moves), deletes
+//! of the current leaders and re-inserts; WebSocket clients of every view must hold exactly what
+//! an oracle computes by brute force from the same changes, and so must the HTTP API. Then the
+//! process is killed with kill -9, more changes are produced while it is down, and after the
+//! restart the views are right again and clients that present their old resume token get a
+//! snapshot (a view's lineage is drawn anew by each process), never a patch against another
+//! computation.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use common::procs::Node;
+use common::*;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const PLAYERS: u64 = 40;
+const TEAMS: u64 = 5;
+
+const VIEWS: &str = r#"
+[views.top5]
+from = "scores"
+top_n = { order_by = ["score desc", "player"], limit = 5 }
+
+[views.per_team]
+from = "scores"
+[views.per_team.group_by]
+by = ["team"]
+aggregates = { players = "count()", total = "sum(score)", best = "max(score)", worst = "min(score)" }
+
+[views.team_best]
+from = "scores"
+max_by = { key = ["team"], by = "score" }
+
+[views.leading_team]
+from = "per_team"
+top_n = { order_by = ["total desc", "team"], limit = 1, rank = "" }
+"#;
+
+#[derive(Debug, Clone, PartialEq)]
+struct Score {
+    team: u64,
+    score: i64,
+}
+
+fn row(player: &str, s: &Score) -> Value {
+    json!({"player": player, "team": format!("t{}", s.team), "score": s.score})
+}
+
+fn change(player: &str, s: Option<&Score>) -> FixtureRecord {
+    let (op, before, after) = match s {
+        Some(s) => ("u", Value::Null, row(player, s)),
+        None => ("d", json!({"player": player}), Value::Null),
+    };
+    FixtureRecord {
+        key: Some(json!({"player": player}).to_string()),
+        value: Some(
+            json!({"before": before, "after": after, "op": op, "source": {"table": "scores", "ts_ms": 1}})
+                .to_string(),
+        ),
+        headers: vec![],
+    }
+}
+
+/// Every view, computed by brute force from the table.
+fn oracle(table: &BTreeMap<String, Score>) -> BTreeMap<&'static str, BTreeMap<String, Value>> {
+    let mut ranked: Vec<(&String, &Score)> = table.iter().collect();
+    ranked.sort_by(|a, b| b.1.score.cmp(&a.1.score).then(a.0.cmp(b.0)));
+    let top5 = ranked
+        .iter()
+        .take(5)
+        .enumerate()
+        .map(|(i, (p, s))| {
+            let mut r = row(p, s);
+            r["rank"] = json!(i + 1);
+            ((*p).clone(), r)
+        })
+        .collect();
+    let mut teams: BTreeMap<String, Vec<(&String, &Score)>> = BTreeMap::new();
+    for (p, s) in table {
+        teams
+            .entry(format!("t{}", s.team))
+            .or_default()
+            .push((p, s));
+    }
+    let mut per_team = BTreeMap::new();
+    let mut team_best = BTreeMap::new();
+    for (t, members) in &teams {
+        let scores: Vec<i64> = members.iter().map(|(_, s)| s.score).collect();
+        per_team.insert(
+            t.clone(),
+            json!({"team": t, "players": members.len(), "total": scores.iter().sum::<i64>(),
+                   "best": scores.iter().max(), "worst": scores.iter().min()}),
+        );
+        // the highest score; ties go to the smallest player key
+        let (p, s) = members
+            .iter()
+            .max_by(|a, b| a.1.score.cmp(&b.1.score).then(b.0.cmp(a.0)))
+            .unwrap();
+        team_best.insert(t.clone(), row(p, s));
+    }
+    let leading_team = per_team
+        .iter()
+        .max_by(|a, b| {
+            a.1["total"]
+                .as_i64()
+                .cmp(&b.1["total"].as_i64())
+                .then(b.0.cmp(a.0))
+        })
+        .map(|(t, r)| (t.clone(), r.clone()))
+        .into_iter()
+        .collect();
+    BTreeMap::from([
+        ("top5", top5),
+        ("per_team", per_team),
+        ("team_best", team_best),
+        ("leading_team", leading_team),
+    ])
+}
+
+struct Client {
+    view: &'static str,
+    filter: Option<(&'static str, &'static str)>,
+    ws: Ws,
+    state: BTreeMap<String, Value>,
+    pos: Option<String>,
+    snapshots: usize,
+}
+
+async fn connect(
+    base: &str,
+    view: &'static str,
+    filter: Option<(&'static str, &'static str)>,
+    since: Option<&str>,
+) -> Client {
+    let mut url = reqwest::Url::parse(&format!("{}/ws", base.replace("http://", "ws://"))).unwrap();
+    url.query_pairs_mut().append_pair("table", view);
+    if let Some((_, w)) = filter {
+        url.query_pairs_mut().append_pair("where", w);
+    }
+    if let Some(s) = since {
+        url.query_pairs_mut().append_pair("since", s);
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    Client {
+        view,
+        filter,
+        ws,
+        state: BTreeMap::new(),
+        pos: None,
+        snapshots: 0,
+    }
+}
+
+/// The rows of `want` a client with `filter` (`team = 'tN'`) selects.
+fn selected(c: &Client, want: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    want.iter()
+        .filter(|(_, r)| c.filter.is_none_or(|(team, _)| r["team"] == team))
+        .map(|(k, r)| (k.clone(), r.clone()))
+        .collect()
+}
+
+/// Reads the client's messages until its rows equal `want` (bounded).
+async fn converge(c: &mut Client, want: &BTreeMap<String, Value>, what: &str) {
+    let want = selected(c, want);
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while c.state != want {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let msg = match tokio::time::timeout(left, c.ws.next()).await {
+            Ok(Some(Ok(m))) => m,
+            other => panic!(
+                "{what} ({}): no convergence ({other:?}):\n has  {:?}\n want {want:?}",
+                c.view, c.state
+            ),
+        };
+        let Message::Text(t) = msg else { continue };
+        let m: Value = serde_json::from_str(t.as_str()).unwrap();
+        let kind = m["type"].as_str().unwrap_or("");
+        assert_ne!(kind, "error", "{what} ({}): {m}", c.view);
+        let rows = match kind {
+            "snapshot" => {
+                c.state.clear();
+                c.snapshots += 1;
+                &m["rows"]
+            }
+            "patch" => &m["patch"],
+            _ => continue,
+        };
+        if let Some(p) = m["pos"].as_str() {
+            c.pos = Some(p.to_string());
+        }
+        for (k, v) in rows.as_object().unwrap() {
+            if v.is_null() {
+                c.state.remove(k);
+            } else {
+                let row = c.state.entry(k.clone()).or_insert_with(|| json!({}));
+                livetable::patch::merge(row, v);
+            }
+        }
+    }
+}
+
+async fn api_rows(base: &str, view: &str) -> BTreeMap<String, Value> {
+    let (status, body) = get_json(&format!("{base}/api/tables/{view}")).await;
+    assert_eq!(status, 200, "{view}: {body}");
+    body["rows"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+struct Gen(u64);
+impl Gen {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+
+    /// `n` random changes applied to `table`: updates (scores and team moves), deletes (often
+    /// of the current leader) and re-inserts.
+    fn changes(&mut self, table: &mut BTreeMap<String, Score>, n: usize) -> Vec<FixtureRecord> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let roll = self.below(10);
+            let player = if roll == 0 && !table.is_empty() {
+                // the leader
+                table
+                    .iter()
+                    .max_by(|a, b| a.1.score.cmp(&b.1.score).then(b.0.cmp(a.0)))
+                    .map(|(p, _)| p.clone())
+                    .unwrap()
+            } else {
+                format!("p{:02}", self.below(PLAYERS))
+            };
+            if roll <= 1 {
+                table.remove(&player);
+                out.push(change(&player, None));
+            } else {
+                let s = Score {
+                    team: self.below(TEAMS),
+                    score: self.below(1000) as i64,
+                };
+                out.push(change(&player, Some(&s)));
+                table.insert(player, s);
+            }
+        }
+        out
+    }
+}
+
+async fn check_all(
+    base: &str,
+    clients: &mut [Client],
+    table: &BTreeMap<String, Score>,
+    what: &str,
+) {
+    let want = oracle(table);
+    for c in clients.iter_mut() {
+        converge(c, &want[c.view], what).await;
+    }
+    if base.is_empty() {
+        return;
+    }
+    for (view, rows) in &want {
+        let api = eventually(
+            &format!("{what}: /api/tables/{view}"),
+            Duration::from_secs(30),
+            || {
+                let base = base.to_string();
+                let rows = rows.clone();
+                async move {
+                    let have = api_rows(&base, view).await;
+                    (have == rows).then_some(have)
+                }
+            },
+        )
+        .await;
+        assert_eq!(&api, rows);
+    }
+}
+
+fn views_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("views.toml");
+    std::fs::write(&path, VIEWS).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_equal_their_oracle_through_changes_and_a_kill_9() {
+    let u = unique("views");
+    let topic = format!("{u}.public.scores");
+    create_topic(&topic, 3).await;
+    let p = producer();
+    let seed = std::env::var("VIEWS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5c0_7e5_u64);
+    eprintln!("VIEWS_SEED={seed}");
+    let mut gen = Gen(seed);
+    let mut table = BTreeMap::new();
+    let first = gen.changes(&mut table, 60);
+    produce_keyed(&p, &topic, &first).await;
+
+    let data = tempdir();
+    let logs = tempdir();
+    let views = views_file(logs.path());
+    let mut node = Node::spawn(
+        "views",
+        "all",
+        &format!("g-{u}"),
+        &topic,
+        data.path(),
+        logs.path(),
+        &["--views", views.to_str().unwrap()],
+    );
+    node.wait_ready(Duration::from_secs(60)).await;
+    let base = node.base.clone();
+
+    let mut clients = vec![
+        connect(&base, "top5", None, None).await,
+        connect(&base, "per_team", None, None).await,
+        connect(&base, "per_team", Some(("t1", "team = 't1'")), None).await,
+        connect(&base, "team_best", None, None).await,
+        connect(&base, "team_best", Some(("t3", "team IN ('t3')")), None).await,
+        connect(&base, "leading_team", None, None).await,
+    ];
+    check_all(&base, &mut clients, &table, "at start").await;
+
+    for round in 0..6 {
+        let batch = gen.changes(&mut table, 50);
+        produce_keyed(&p, &topic, &batch).await;
+        check_all(&base, &mut clients, &table, &format!("round {round}")).await;
+    }
+    let metrics = metrics_text(&base).await;
+    assert!(
+        metrics.contains("livetable_view_changes_total{view=\"top5\"}"),
+        "view metrics exported"
+    );
+    let rebuilds: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("livetable_view_rebuilds_total{view=\"top5\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rebuild counter of top5");
+    assert!(
+        rebuilds <= 3.0,
+        "top5 follows the input's updates instead of recomputing ({rebuilds} rebuilds)"
+    );
+
+    // kill -9, changes while down, restart: the views are recomputed from the restored table
+    let tokens: Vec<Option<String>> = clients.iter().map(|c| c.pos.clone()).collect();
+    node.kill9();
+    let batch = gen.changes(&mut table, 80);
+    produce_keyed(&p, &topic, &batch).await;
+    node.start();
+    node.wait_ready(Duration::from_secs(60)).await;
+    let mut again = Vec::new();
+    for (c, token) in clients.iter().zip(&tokens) {
+        let token = token.as_deref().expect("clients had a position");
+        again.push(connect(&base, c.view, c.filter, Some(token)).await);
+    }
+    check_all(&base, &mut again, &table, "after kill -9").await;
+    for c in &again {
+        assert!(
+            c.snapshots >= 1,
+            "{}: an old process's token is answered with a snapshot",
+            c.view
+        );
+    }
+    let batch = gen.changes(&mut table, 50);
+    produce_keyed(&p, &topic, &batch).await;
+    check_all(&base, &mut again, &table, "after the restart").await;
+    node.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_views_file_stops_the_start_with_its_line() {
+    let logs = tempdir();
+    let path = logs.path().join("views.toml");
+    std::fs::write(
+        &path,
+        "[views.a]\nfrom = \"scores\"\n\n[views.b]\nfrom = \"a\"\ntop_n = { order_by = [\"x sideways\"], limit = 3 }\n",
+    )
+    .unwrap();
+    let data = tempdir();
+    let mut node = Node::spawn(
+        "bad-views",
+        "all",
+        &unique("g-bad"),
+        "nothing",
+        data.path(),
+        logs.path(),
+        &["--views", path.to_str().unwrap()],
+    );
+    let status = eventually("the process exits", Duration::from_secs(30), || {
+        let s = node.exited();
+        async move { s }
+    })
+    .await;
+    assert!(!status.success());
+    let log = node.log_text();
+    assert!(log.contains("line"), "the error names the line: {log}");
+}
+
+/// Two nodes of one deployment share the topic's partitions; each computes the views from the
+/// whole table it holds (owned slices and followed changelog slices), so both serve the same
+/// views, equal to the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_of_a_deployment_serves_the_whole_view() {
+    let u = unique("views2");
+    let topic = format!("{u}.public.scores");
+    create_topic(&topic, 3).await;
+    let p = producer();
+    let mut gen = Gen(0x2_0de5);
+    let mut table = BTreeMap::new();
+    let data = [tempdir(), tempdir()];
+    let logs = tempdir();
+    let views = views_file(logs.path());
+    let mut nodes: Vec<Node> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Node::spawn(
+                &format!("views-{i}"),
+                "all",
+                &format!("g-{u}"),
+                &topic,
+                d.path(),
+                logs.path(),
+                &["--views", views.to_str().unwrap()],
+            )
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_ready(Duration::from_secs(60)).await;
+    }
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(connect(&n.base, "top5", None, None).await);
+        clients.push(connect(&n.base, "leading_team", None, None).await);
+    }
+    for round in 0..4 {
+        let batch = gen.changes(&mut table, 60);
+        produce_keyed(&p, &topic, &batch).await;
+        for n in &nodes {
+            check_all(
+                &n.base,
+                &mut [],
+                &table,
+                &format!("{} round {round}", n.name),
+            )
+            .await;
+        }
+        check_all("", &mut clients, &table, &format!("clients round {round}")).await;
+    }
+    for n in &mut nodes {
+        n.stop();
+    }
+}
