@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::table::changelog::Changelog;
 use crate::table::checkpoint::{Checkpoint, Checkpointer, PendingLetter, Progress};
 use crate::table::derived::Views;
+use crate::table::events::EventsReader;
 use crate::table::follower::{Follower, FollowerHandle, Scope};
 use crate::table::ingest::partitions::{self, FollowControl, Partitions};
 use crate::table::ingest::Ingest;
@@ -325,16 +326,22 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         }
     }
     // declared views: computed here from the tables as loaded, then from every update of them
+    let mut views = None;
     let sink: Arc<dyn UpdateSink> = if role.serves() && !config.views.is_empty() {
-        let views = Views::start(&config.views, tables.clone(), sink, metrics.clone());
-        for name in views.names() {
+        let v = Views::start(&config.views, tables.clone(), sink, metrics.clone());
+        for name in v.names() {
             hub.open(&name);
         }
         tracing::info!(views = config.views.len(), "declared views computed");
-        views
+        views = Some(v.clone());
+        v
     } else {
         sink
     };
+    if views.is_some() && !config.events.is_empty() {
+        // not ready until the events topics were read once to their ends
+        readiness.events.store(false, Ordering::Release);
+    }
     readiness.loaded.store(true, Ordering::Release);
     readiness.publish();
 
@@ -377,6 +384,25 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         &'static str,
         std::thread::JoinHandle<Result<(), ServiceError>>,
     )> = Vec::new();
+    if let Some(views) = views.filter(|_| !config.events.is_empty()) {
+        let reader = EventsReader {
+            reader: source::reader(&config)?,
+            topics: config.events.to_vec(),
+            views,
+            readiness: readiness.clone(),
+            metrics: metrics.clone(),
+            cancel: cancel.clone(),
+            brokers: config.brokers.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("livetable-events".into())
+            .spawn(move || {
+                reader.run();
+                Ok(())
+            })
+            .map_err(|e| ServiceError::Task(e.to_string()))?;
+        threads.push(("events", thread));
+    }
     let follower = if role != Role::Materialiser {
         let f = Follower {
             config: config.clone(),

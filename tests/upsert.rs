@@ -122,8 +122,12 @@ fn views_files_are_validated_at_start() {
         .map(|_| ())
         .map_err(|e| e.to_string())
     };
-    let e = load("[topics.scores]\nformat = \"events\"\n").unwrap_err();
-    assert!(e.contains("scores") && e.contains("line"), "{e}");
+    load("[topics.scores]\nformat = \"events\"\n").expect("an events topic");
+    let e = load("[topics.\"odds.scores\"]\nformat = \"events\"\n").unwrap_err();
+    assert!(
+        e.contains("odds.scores") && e.contains("--topics"),
+        "an events topic the table ingest would also read: {e}"
+    );
     load(
         "[topics.scores]\nformat = \"upsert\"\n[views.best]\nfrom = \"scores\"\nmax_by = { key = [\"player\"], by = \"score\" }\n",
     )

@@ -270,14 +270,24 @@ async fn check_all(
     table: &BTreeMap<String, Score>,
     what: &str,
 ) {
-    let want = oracle(table);
+    check_want(base, clients, &oracle(table), what).await;
+}
+
+/// Every client holds its view's rows of `want`, and the HTTP API serves every view of it (an
+/// empty `base`: clients only).
+async fn check_want(
+    base: &str,
+    clients: &mut [Client],
+    want: &BTreeMap<&'static str, BTreeMap<String, Value>>,
+    what: &str,
+) {
     for c in clients.iter_mut() {
         converge(c, &want[c.view], what).await;
     }
     if base.is_empty() {
         return;
     }
-    for (view, rows) in &want {
+    for (view, rows) in want {
         let api = eventually(
             &format!("{what}: /api/tables/{view}"),
             Duration::from_secs(30),
@@ -471,4 +481,167 @@ async fn every_node_of_a_deployment_serves_the_whole_view() {
     for n in &mut nodes {
         n.stop();
     }
+}
+
+const EVENT_VIEWS: &str = r#"
+[topics.EVENTS]
+format = "events"
+name = "scores"
+key = ["player"]
+
+[views.high_scores]
+from = "scores"
+max_by = { key = ["player"], by = "score" }
+
+[views.leaderboard]
+from = "high_scores"
+top_n = { order_by = ["score desc", "player"], limit = 5 }
+
+[views.totals]
+from = "scores"
+[views.totals.group_by]
+by = ["player"]
+aggregates = { games = "count()", points = "sum(score)", last = "latest(score)" }
+"#;
+
+/// `(player, score, seq)` events -> the three event views, by brute force.
+fn event_oracle(events: &[(String, i64)]) -> BTreeMap<&'static str, BTreeMap<String, Value>> {
+    let mut best: BTreeMap<String, (i64, usize)> = BTreeMap::new();
+    let mut totals: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for (i, (p, s)) in events.iter().enumerate() {
+        // ties keep the earlier event
+        let b = best.entry(p.clone()).or_insert((*s, i));
+        if *s > b.0 {
+            *b = (*s, i);
+        }
+        let t = totals.entry(p.clone()).or_insert((0, 0, 0));
+        t.0 += 1;
+        t.1 += s;
+        t.2 = *s;
+    }
+    let event_row = |p: &str, (s, i): (i64, usize)| json!({"player": p, "score": s, "n": i});
+    let high_scores: BTreeMap<String, Value> = best
+        .iter()
+        .map(|(p, b)| (p.clone(), event_row(p, *b)))
+        .collect();
+    let mut ranked: Vec<(&String, &(i64, usize))> = best.iter().collect();
+    ranked.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
+    let leaderboard = ranked
+        .iter()
+        .take(5)
+        .enumerate()
+        .map(|(r, (p, b))| {
+            let mut row = event_row(p, **b);
+            row["rank"] = json!(r + 1);
+            ((*p).clone(), row)
+        })
+        .collect();
+    let totals = totals
+        .iter()
+        .map(|(p, (g, pts, last))| {
+            (
+                p.clone(),
+                json!({"player": p, "games": g, "points": pts, "last": last}),
+            )
+        })
+        .collect();
+    BTreeMap::from([
+        ("high_scores", high_scores),
+        ("leaderboard", leaderboard),
+        ("totals", totals),
+    ])
+}
+
+fn score_event(player: &str, score: i64, n: usize) -> FixtureRecord {
+    FixtureRecord {
+        key: Some(player.to_string()),
+        value: Some(json!({"player": player, "score": score, "n": n}).to_string()),
+        headers: vec![],
+    }
+}
+
+async fn check_events(base: &str, clients: &mut [Client], events: &[(String, i64)], what: &str) {
+    check_want(base, clients, &event_oracle(events), what).await;
+}
+
+/// Views over an `events` topic (the high-score board): each player's best score, the top 5 of
+/// those, and totals per player, equal to the oracle through new events, a malformed record and
+/// a kill -9 (the views are recomputed from the topic at the restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_over_an_events_topic_equal_their_oracle_across_a_kill_9() {
+    let u = unique("events");
+    let topic = format!("{u}.scores");
+    create_topic(&topic, 2).await;
+    let p = producer();
+    let mut gen = Gen(0xe7e_u64);
+    let mut events: Vec<(String, i64)> = Vec::new();
+    let more = |gen: &mut Gen, events: &mut Vec<(String, i64)>, n: usize| {
+        (0..n)
+            .map(|_| {
+                let player = format!("p{:02}", gen.below(30));
+                let score = gen.below(10_000) as i64;
+                events.push((player.clone(), score));
+                score_event(&player, score, events.len() - 1)
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = more(&mut gen, &mut events, 300);
+    // events of one player go to one partition (keyed): their order is the topic's
+    produce_keyed(&p, &topic, &first).await;
+    let logs = tempdir();
+    let path = logs.path().join("views.toml");
+    std::fs::write(
+        &path,
+        EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
+    )
+    .unwrap();
+    let data = tempdir();
+    let mut node = Node::spawn(
+        "events",
+        "all",
+        &format!("g-{u}"),
+        &format!("{u}.nothing"),
+        data.path(),
+        logs.path(),
+        &["--views", path.to_str().unwrap()],
+    );
+    node.wait_ready(Duration::from_secs(60)).await;
+    let base = node.base.clone();
+    let mut clients = vec![
+        connect(&base, "leaderboard", None, None).await,
+        connect(&base, "high_scores", None, None).await,
+        connect(&base, "totals", None, None).await,
+    ];
+    check_events(&base, &mut clients, &events, "at start").await;
+    for round in 0..3 {
+        let batch = more(&mut gen, &mut events, 100);
+        produce_keyed(&p, &topic, &batch).await;
+        check_events(&base, &mut clients, &events, &format!("round {round}")).await;
+    }
+    let bad = FixtureRecord {
+        key: Some("p01".into()),
+        value: Some("{not json".into()),
+        headers: vec![],
+    };
+    produce_keyed(&p, &topic, &[bad]).await;
+    let batch = more(&mut gen, &mut events, 20);
+    produce_keyed(&p, &topic, &batch).await;
+    check_events(&base, &mut clients, &events, "after a malformed record").await;
+    let m = metrics_text(&base).await;
+    assert!(
+        m.contains("livetable_decode_errors_total{reason=\"event_not_json\"} 1"),
+        "the malformed event is counted:\n{m}"
+    );
+
+    node.kill9();
+    let batch = more(&mut gen, &mut events, 50);
+    produce_keyed(&p, &topic, &batch).await;
+    node.start();
+    node.wait_ready(Duration::from_secs(60)).await;
+    let mut again = vec![
+        connect(&base, "leaderboard", None, None).await,
+        connect(&base, "totals", None, None).await,
+    ];
+    check_events(&base, &mut again, &events, "after kill -9").await;
+    node.stop();
 }

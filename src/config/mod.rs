@@ -141,6 +141,8 @@ pub struct Config {
     pub upsert: Arc<HashMap<String, crate::cdc::decode::UpsertInput>>,
     /// Declared views (`--views`), in the file's order: computed on serving nodes.
     pub views: Arc<Vec<crate::views::ViewDef>>,
+    /// `events` topics of the views file: read whole by every serving node for its views.
+    pub events: Arc<Vec<crate::table::events::EventsTopic>>,
     /// Authentication, origins, TLS, the admin listener and client limits.
     pub security: SecurityConfig,
 }
@@ -179,10 +181,19 @@ impl Config {
             return Err(invalid("brokers", "must not be empty"));
         }
         let mut topics = parse_topics(a.topics.as_deref().unwrap_or(r"^odds\..*"))?;
-        let (upsert, views) = match &a.views {
-            None => (HashMap::new(), Vec::new()),
+        let ViewsInputs {
+            upsert,
+            events,
+            views,
+        } = match &a.views {
+            None => ViewsInputs {
+                upsert: HashMap::new(),
+                events: Vec::new(),
+                views: Vec::new(),
+            },
             Some(path) => views_inputs(path)?,
         };
+        events_outside_ingest(&topics, &events)?;
         topics = topics.with_topics(upsert.keys());
         let group_id = a.group_id.unwrap_or_else(|| "livetable".into());
         if group_id.trim().is_empty() {
@@ -356,6 +367,7 @@ impl Config {
             publish,
             upsert: Arc::new(upsert),
             views: Arc::new(views),
+            events: Arc::new(events),
             security,
         })
     }
@@ -378,24 +390,27 @@ impl Config {
     }
 }
 
-/// What a views file declares: the `upsert` input topics, and the views (in the file's order,
-/// inputs first). `events` topics are refused: this version computes views over tables (CDC
-/// tables, `upsert` topics, other views) only, and starting with part of a file applied would be
-/// worse than a clear error.
-type ViewsInputs = (
-    HashMap<String, crate::cdc::decode::UpsertInput>,
-    Vec<crate::views::ViewDef>,
-);
+/// What a views file declares: the `upsert` input topics, the `events` topics and the views (in
+/// the file's order, inputs first).
+struct ViewsInputs {
+    upsert: HashMap<String, crate::cdc::decode::UpsertInput>,
+    events: Vec<crate::table::events::EventsTopic>,
+    views: Vec<crate::views::ViewDef>,
+}
 
 fn views_inputs(path: &std::path::Path) -> Result<ViewsInputs, ConfigError> {
     use crate::views::config::{TopicFormat, ViewsFile};
     let file = ViewsFile::load(path).map_err(|e| invalid("views", e.to_string()))?;
-    let mut out = HashMap::new();
+    let mut out = ViewsInputs {
+        upsert: HashMap::new(),
+        events: Vec::new(),
+        views: file.views,
+    };
     for t in file.topics {
         match t.format {
             TopicFormat::Debezium => {}
             TopicFormat::Upsert => {
-                out.insert(
+                out.upsert.insert(
                     t.topic.clone(),
                     crate::cdc::decode::UpsertInput {
                         table: t.name,
@@ -403,20 +418,40 @@ fn views_inputs(path: &std::path::Path) -> Result<ViewsInputs, ConfigError> {
                     },
                 );
             }
-            TopicFormat::Events => {
-                return Err(invalid(
-                    "views",
-                    format!(
-                        "{}: topic `{}` (line {}): `events` topics are not read by this version yet; declare the topic `upsert` (one row per key) or feed the view from a table",
-                        path.display(),
-                        t.topic,
-                        t.line
-                    ),
-                ))
-            }
+            TopicFormat::Events => out.events.push(crate::table::events::EventsTopic {
+                topic: t.topic,
+                name: t.name,
+                key: t.key,
+            }),
         }
     }
-    Ok((out, file.views))
+    Ok(out)
+}
+
+/// An events topic is read by the events reader only: the table ingest must not take it for a
+/// Debezium topic.
+fn events_outside_ingest(
+    topics: &TopicSelection,
+    events: &[crate::table::events::EventsTopic],
+) -> Result<(), ConfigError> {
+    for e in events {
+        let matched = match topics {
+            TopicSelection::Names(names) => names.contains(&e.topic),
+            TopicSelection::Pattern(p) => {
+                regex::Regex::new(p).is_ok_and(|re| re.is_match(&e.topic))
+            }
+        };
+        if matched {
+            return Err(invalid(
+                "views",
+                format!(
+                    "events topic `{}` is also selected by --topics, which would read it as a table; narrow --topics",
+                    e.topic
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

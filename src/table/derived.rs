@@ -27,7 +27,15 @@ use crate::metrics::Metrics;
 use crate::table::state::{
     Delta, RowWrite, SliceMode, Table, TableState, TableUpdate, Tables, UpdateSink,
 };
-use crate::views::{OutChange, ViewDef, ViewOperator};
+use crate::views::{InputKind, OutChange, ViewDef, ViewOperator};
+
+/// One event of an events topic, for the views that read it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub key: Option<String>,
+    pub row: Row,
+    pub kafka_ts_ms: Option<i64>,
+}
 
 /// What the operator of a view was last fed.
 struct Fed {
@@ -100,7 +108,7 @@ impl Views {
             metrics,
             by_input,
         });
-        for view in &all {
+        for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
             if let Some(input) = views.tables.get(&view.def.from) {
                 let mut st = lock(&view.state);
                 // holding the input's order lock: no commit to it runs while it is read
@@ -120,7 +128,26 @@ impl Views {
             .collect()
     }
 
+    /// Feeds events of the events topic named `input` (in the topic's order) to its views.
+    pub fn feed_events(&self, input: &str, events: &[Event]) {
+        let Some(views) = self.by_input.get(input) else {
+            return;
+        };
+        for view in views.iter().filter(|v| v.def.input == InputKind::Events) {
+            let mut st = lock(&view.state);
+            let mut out: Vec<OutChange> = Vec::new();
+            for e in events {
+                out.extend(st.op.apply_event(e.key.as_deref(), &e.row));
+            }
+            let ts = events.last().map(|e| (None, e.kafka_ts_ms));
+            self.commit(view, &mut st, out, ts.unwrap_or((None, None)));
+        }
+    }
+
     fn feed(&self, view: &View, update: &TableUpdate) {
+        if view.def.input != InputKind::Table {
+            return;
+        }
         let mut st = lock(&view.state);
         let Some(input) = self.tables.get(&update.table) else {
             return;

@@ -7,6 +7,7 @@
 pub mod changelog;
 pub mod checkpoint;
 pub mod derived;
+pub mod events;
 pub mod fold;
 pub mod follower;
 pub mod ingest;

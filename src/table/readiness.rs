@@ -26,6 +26,8 @@ pub struct Readiness {
     pub healthy: AtomicBool,
     pub ingest: AtomicBool,
     pub follower: AtomicBool,
+    /// The events topics were read to their ends as first seen (true when there are none).
+    pub events: AtomicBool,
     /// The durability task keeps up (no checkpoint waits past the stuck threshold).
     pub checkpoint: AtomicBool,
     pub needs_ingest: bool,
@@ -46,6 +48,7 @@ impl Readiness {
             healthy: AtomicBool::new(false),
             ingest: AtomicBool::new(false),
             follower: AtomicBool::new(false),
+            events: AtomicBool::new(true),
             checkpoint: AtomicBool::new(false),
             needs_ingest,
             needs_follower,
@@ -64,6 +67,7 @@ impl Readiness {
             && (!self.needs_ingest
                 || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
             && (!self.needs_follower || self.follower.load(Ordering::Acquire))
+            && self.events.load(Ordering::Acquire)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -83,6 +87,11 @@ impl Readiness {
     /// Sets the follower part; logs transitions.
     pub fn set_follower(&self, ready: bool, why: &str) {
         self.set(&self.follower, ready, "follower", why);
+    }
+
+    /// Sets the events part (views over events topics); logs transitions.
+    pub fn set_events(&self, ready: bool, why: &str) {
+        self.set(&self.events, ready, "events", why);
     }
 
     fn set(&self, flag: &AtomicBool, ready: bool, part: &str, why: &str) {

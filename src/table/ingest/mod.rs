@@ -228,9 +228,16 @@ impl Ingest {
             // no group assignment yet: if the subscription matches no topic at all, there is
             // nothing to catch up with (some brokers never complete a join for an empty match)
             match self.subscription_matches_any() {
-                Some(false) => self
-                    .readiness
-                    .set_ingest(true, "no topic matches the subscription yet"),
+                Some(false) => {
+                    // after an unclean stop with nothing owned before it, nothing can come back:
+                    // new subscriptions (of views over events, say) need not wait
+                    if !self.readiness.is_recovered() && self.recover_slices.is_empty() {
+                        tracing::info!("recovered from the unclean stop: no input partition was owned before it and none matches now");
+                        self.readiness.set_recovered();
+                    }
+                    self.readiness
+                        .set_ingest(true, "no topic matches the subscription yet")
+                }
                 Some(true) => self
                     .readiness
                     .set_ingest(false, "waiting for the consumer group's assignment"),

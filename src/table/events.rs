@@ -1,0 +1,228 @@
+//! The reader of `events` topics (views file `format = "events"`): every serving node reads every
+//! partition of each such topic from its beginning, outside any consumer group, and feeds the
+//! events to the views that read the topic ([`Views::feed_events`]). A view over events is thus
+//! recomputed from the topic at each start: it covers the events the topic retains (keep such
+//! topics' retention as long as the view must remember). Until every partition was read to the
+//! high watermark first seen, the node is not ready (`/readyz` says `events: ...`).
+//!
+//! A record that is not a JSON object is skipped and counted
+//! (`livetable_decode_errors_total{reason="event_not_an_object"|"event_not_json"}`); an events topic
+//! has no table and no dead-letter entry of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::cdc::source::{self, Reader};
+use crate::metrics::Metrics;
+use crate::table::derived::{Event, Views};
+use crate::table::readiness::Readiness;
+use crate::views::input::{decode_event, InputError};
+
+/// Most records fed to the views in one commit.
+const MAX_BATCH: usize = 2048;
+/// How often the topics' partition counts are looked up again.
+const METADATA_EVERY: Duration = Duration::from_secs(5);
+
+/// One declared events topic.
+#[derive(Debug, Clone)]
+pub struct EventsTopic {
+    pub topic: String,
+    /// The name views use in `from`.
+    pub name: String,
+    pub key: Option<Vec<String>>,
+}
+
+/// Reads the events topics until cancelled.
+pub struct EventsReader {
+    pub reader: Reader,
+    pub topics: Vec<EventsTopic>,
+    pub views: Arc<Views>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancellationToken,
+    pub brokers: String,
+}
+
+/// Per assigned partition: the next offset to read, and the end to reach before the first
+/// readiness (the high watermark first seen; `None` until a fetch answered).
+struct Part {
+    next: i64,
+    target: Option<i64>,
+}
+
+impl EventsReader {
+    pub fn run(self) {
+        let by_topic: HashMap<&str, &EventsTopic> =
+            self.topics.iter().map(|t| (t.topic.as_str(), t)).collect();
+        let mut parts: HashMap<(String, i32), Part> = HashMap::new();
+        let mut last_metadata: Option<Instant> = None;
+        let mut caught_up = false;
+        self.readiness
+            .set_events(false, "reading the events topics from their beginning");
+        while !self.cancel.is_cancelled() {
+            if last_metadata.is_none_or(|t| t.elapsed() > METADATA_EVERY) {
+                last_metadata = Some(Instant::now());
+                if self.discover(&mut parts) {
+                    self.assign(&parts);
+                }
+            }
+            let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+            match self.reader.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => tracing::debug!(error = %e, "events reader: consumer error"),
+                None => {}
+            }
+            while !batch.is_empty() && batch.len() < MAX_BATCH {
+                match self.reader.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => tracing::debug!(error = %e, "events reader: consumer error"),
+                    None => break,
+                }
+            }
+            self.apply(&batch, &by_topic, &mut parts);
+            drop(batch);
+            if !caught_up {
+                caught_up = self.check_caught_up(&mut parts);
+            }
+        }
+    }
+
+    /// Looks up each topic's partitions; true when new ones appeared.
+    fn discover(&self, parts: &mut HashMap<(String, i32), Part>) -> bool {
+        let mut added = false;
+        for t in &self.topics {
+            let md = match self
+                .reader
+                .fetch_metadata(Some(&t.topic), Duration::from_secs(2))
+            {
+                Ok(md) => md,
+                Err(e) => {
+                    if source::throttled("events-metadata", Duration::from_secs(10)) {
+                        tracing::warn!(topic = %t.topic, error = %e, brokers = %self.brokers, "events topic: no metadata yet");
+                    }
+                    continue;
+                }
+            };
+            for mt in md.topics() {
+                if mt.error().is_some() {
+                    if source::throttled("events-topic-missing", Duration::from_secs(30)) {
+                        tracing::warn!(topic = %t.topic, "events topic does not exist (yet); its views stay empty");
+                    }
+                    continue;
+                }
+                for p in mt.partitions() {
+                    let key = (t.topic.clone(), p.id());
+                    if let std::collections::hash_map::Entry::Vacant(e) = parts.entry(key) {
+                        e.insert(Part {
+                            next: 0,
+                            target: None,
+                        });
+                        added = true;
+                    }
+                }
+            }
+        }
+        added
+    }
+
+    fn assign(&self, parts: &HashMap<(String, i32), Part>) {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), part) in parts {
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(part.next));
+        }
+        if let Err(e) = self.reader.assign(&tpl) {
+            tracing::warn!(error = %e, "events reader: assign failed");
+        }
+    }
+
+    fn apply(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        by_topic: &HashMap<&str, &EventsTopic>,
+        parts: &mut HashMap<(String, i32), Part>,
+    ) {
+        // per input name, its events in order
+        let mut events: HashMap<&str, Vec<Event>> = HashMap::new();
+        for m in batch {
+            let Some(t) = by_topic.get(m.topic()) else {
+                continue;
+            };
+            let key = (m.topic().to_string(), m.partition());
+            let Some(part) = parts.get_mut(&key) else {
+                continue;
+            };
+            if m.offset() < part.next {
+                continue;
+            }
+            part.next = m.offset() + 1;
+            let outcome = match decode_event(m.key(), m.payload(), t.key.as_deref()) {
+                Ok(Some(e)) => {
+                    events.entry(t.name.as_str()).or_default().push(Event {
+                        key: e.key,
+                        row: e.row,
+                        kafka_ts_ms: m.timestamp().to_millis(),
+                    });
+                    "applied"
+                }
+                Ok(None) => "skipped",
+                Err(e) => {
+                    let reason = match e {
+                        InputError::NotJson => "event_not_json",
+                        InputError::NotAnObject | InputError::NoKey => "event_not_an_object",
+                    };
+                    self.metrics
+                        .decode_errors
+                        .with_label_values(&[reason])
+                        .inc();
+                    if source::throttled("events-decode", Duration::from_secs(10)) {
+                        tracing::warn!(topic = %m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "events topic: record skipped (repeated at most every 10 s)");
+                    }
+                    "skipped"
+                }
+            };
+            self.metrics
+                .records_consumed
+                .with_label_values(&[m.topic(), outcome])
+                .inc();
+        }
+        for (name, evs) in events {
+            self.views.feed_events(name, &evs);
+        }
+    }
+
+    /// Whether every partition was read to the high watermark first seen for it.
+    fn check_caught_up(&self, parts: &mut HashMap<(String, i32), Part>) -> bool {
+        if parts.is_empty() {
+            return false;
+        }
+        let mut behind = None;
+        for ((topic, p), part) in parts.iter_mut() {
+            if part.target.is_none() {
+                part.target = source::cached_high_watermark(&self.reader, topic, *p);
+            }
+            match part.target {
+                Some(end) if part.next >= end => {}
+                _ => {
+                    behind = Some(format!("{topic}[{p}] at {}", part.next));
+                }
+            }
+        }
+        match behind {
+            None => {
+                self.readiness.set_events(true, "");
+                true
+            }
+            Some(why) => {
+                self.readiness
+                    .set_events(false, &format!("reading events: {why}"));
+                false
+            }
+        }
+    }
+}
