@@ -188,3 +188,89 @@ async fn a_bet_placed_on_one_page_shows_on_another() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// The views of the demo (issue 15, dev/demo/views.toml, with this test's topic names): the page
+/// shows the biggest movers with an odds sparkline and the high-score board; a big move of g2's
+/// odd1 through Kafka puts g2 first among the movers, and a record score on the events topic puts
+/// its player first on the board.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_demo_views_live() {
+    init_logs();
+    let u = unique("viewspage");
+    let odds = format!("{u}.public.game_odds");
+    let scores = format!("{u}.scores");
+    create_topic(&odds, 1).await;
+    create_topic(&scores, 2).await;
+    let p = producer();
+    let records = load_fixture("pg_f_decimal_string.jsonl");
+    produce(&p, &odds, &records[..5]).await;
+    let score = |player: &str, s: u64| FixtureRecord {
+        key: Some(player.to_string()),
+        value: Some(serde_json::json!({"player": player, "score": s}).to_string()),
+        headers: vec![],
+    };
+    let first: Vec<FixtureRecord> = (0..24)
+        .map(|i| score(&format!("p{}", i % 8), 100 + (i * 37) % 800))
+        .collect();
+    produce_keyed(&p, &scores, &first).await;
+
+    let dir = tempdir();
+    let demo = std::fs::read_to_string(repo().join("dev/demo/views.toml")).unwrap();
+    let views = dir.path().join("views.toml");
+    std::fs::write(
+        &views,
+        demo.replace(
+            "[topics.scores]",
+            &format!("[topics.\"{scores}\"]\nname = \"scores\""),
+        )
+        .replace("[topics.bets]", &format!("[topics.\"{u}.bets\"]")),
+    )
+    .unwrap();
+    let from_file = Config::from_args(livetable::config::Args {
+        views: Some(views),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut c = test_config(TopicSelection::Names(vec![odds.clone()]), dir.path(), &u);
+    c.views = from_file.views;
+    c.events = from_file.events;
+    let (svc, base) = start_service(c).await;
+    table_at_seq(&base, "game_odds", 5).await;
+
+    let shot = artifacts().join("views-page.png");
+    let mut d = Driver::start(
+        "views.mjs",
+        &[
+            &base,
+            shot.to_str().unwrap(),
+            "g2",
+            "9.999",
+            "champion",
+            "99999",
+        ],
+    );
+    let line = d.line(60, "ready").await;
+    eprintln!("browser: {line}");
+    assert!(line.starts_with("OK ready "), "{line}");
+    // g2's odd1 1.100 -> 9.999: the biggest move; a record score for a new player
+    let mut moved: serde_json::Value =
+        serde_json::from_str(records[1].value.as_deref().unwrap()).unwrap();
+    moved["after"]["odd1"] = "9.999".into();
+    moved["op"] = "u".into();
+    let change = FixtureRecord {
+        key: records[1].key.clone(),
+        value: Some(moved.to_string()),
+        headers: vec![],
+    };
+    produce(&p, &odds, &[change]).await;
+    produce_keyed(&p, &scores, &[score("champion", 99999)]).await;
+    writeln!(d.stdin, "GO").unwrap();
+    for step in ["moved", "record"] {
+        let line = d.line(30, step).await;
+        eprintln!("browser: {line}");
+        assert!(line.starts_with(&format!("OK {step} ")), "{step}: {line}");
+    }
+    assert!(d.child.wait().unwrap().success());
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

@@ -152,9 +152,16 @@ impl Views {
         let Some(input) = self.tables.get(&update.table) else {
             return;
         };
-        let follows = st.fed.as_ref().is_some_and(|f| {
-            Arc::ptr_eq(&f.table, &input) && f.epoch == update.epoch && f.useq + 1 == update.useq
-        });
+        let follows = match &st.fed {
+            Some(f) => {
+                Arc::ptr_eq(&f.table, &input)
+                    && f.epoch == update.epoch
+                    && f.useq + 1 == update.useq
+            }
+            // a table created after the views started: its first update is its whole past, so
+            // the operator (still empty) takes it change by change (a delta or history keeps it)
+            None => update.useq == 1,
+        };
         if !follows {
             self.rebuild(view, &mut st, &input, Some(update));
             return;

@@ -63,12 +63,16 @@ impl EventsReader {
         let mut parts: HashMap<(String, i32), Part> = HashMap::new();
         let mut last_metadata: Option<Instant> = None;
         let mut caught_up = false;
+        // every topic's metadata answered once (a topic that does not exist is empty: read)
+        let mut known = false;
         self.readiness
             .set_events(false, "reading the events topics from their beginning");
         while !self.cancel.is_cancelled() {
             if last_metadata.is_none_or(|t| t.elapsed() > METADATA_EVERY) {
                 last_metadata = Some(Instant::now());
-                if self.discover(&mut parts) {
+                let (added, answered) = self.discover(&mut parts);
+                known |= answered;
+                if added {
                     self.assign(&parts);
                 }
             }
@@ -87,15 +91,17 @@ impl EventsReader {
             }
             self.apply(&batch, &by_topic, &mut parts);
             drop(batch);
-            if !caught_up {
+            if !caught_up && known {
                 caught_up = self.check_caught_up(&mut parts);
             }
         }
     }
 
-    /// Looks up each topic's partitions; true when new ones appeared.
-    fn discover(&self, parts: &mut HashMap<(String, i32), Part>) -> bool {
+    /// Looks up each topic's partitions: whether new ones appeared, and whether the broker
+    /// answered for every topic.
+    fn discover(&self, parts: &mut HashMap<(String, i32), Part>) -> (bool, bool) {
         let mut added = false;
+        let mut answered = true;
         for t in &self.topics {
             let md = match self
                 .reader
@@ -103,6 +109,7 @@ impl EventsReader {
             {
                 Ok(md) => md,
                 Err(e) => {
+                    answered = false;
                     if source::throttled("events-metadata", Duration::from_secs(10)) {
                         tracing::warn!(topic = %t.topic, error = %e, brokers = %self.brokers, "events topic: no metadata yet");
                     }
@@ -112,7 +119,7 @@ impl EventsReader {
             for mt in md.topics() {
                 if mt.error().is_some() {
                     if source::throttled("events-topic-missing", Duration::from_secs(30)) {
-                        tracing::warn!(topic = %t.topic, "events topic does not exist (yet); its views stay empty");
+                        tracing::warn!(topic = %t.topic, "events topic does not exist (yet); its views stay empty until it does");
                     }
                     continue;
                 }
@@ -128,7 +135,7 @@ impl EventsReader {
                 }
             }
         }
-        added
+        (added, answered)
     }
 
     fn assign(&self, parts: &HashMap<(String, i32), Part>) {
@@ -198,9 +205,6 @@ impl EventsReader {
 
     /// Whether every partition was read to the high watermark first seen for it.
     fn check_caught_up(&self, parts: &mut HashMap<(String, i32), Part>) -> bool {
-        if parts.is_empty() {
-            return false;
-        }
         let mut behind = None;
         for ((topic, p), part) in parts.iter_mut() {
             if part.target.is_none() {

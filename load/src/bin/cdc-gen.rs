@@ -49,6 +49,11 @@ struct Args {
     /// subscriptions (`where=league = 'L7'`).
     #[arg(long, default_value_t = 0)]
     leagues: u64,
+    /// Game score events instead of change events (an `events` topic of a views file, e.g. the
+    /// demo's high-score board): `{"player":"pN","score":S,"at":ms}` keyed by the player, with
+    /// `--keys` players.
+    #[arg(long)]
+    scores: bool,
 }
 
 fn now_ms() -> i64 {
@@ -56,6 +61,17 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// One score event: a pseudo-random player and score (most scores low, a few high).
+fn score_event(i: u64, players: u64) -> (String, String) {
+    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+    x ^= x >> 29;
+    let player = x % players.max(1);
+    let score = (x >> 20) % 1000 * ((x >> 40) % 10 + 1);
+    let key = format!("p{player}");
+    let value = format!(r#"{{"player":"{key}","score":{score},"at":{}}}"#, now_ms());
+    (key, value)
 }
 
 fn event(i: u64, keys: u64, leagues: u64, table: &str, unwrapped: bool) -> (String, String) {
@@ -142,7 +158,11 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
         }
-        let (key, value) = event(sent, a.keys, a.leagues, &table, a.unwrapped);
+        let (key, value) = if a.scores {
+            score_event(sent, a.keys)
+        } else {
+            event(sent, a.keys, a.leagues, &table, a.unwrapped)
+        };
         loop {
             match producer.send(BaseRecord::to(&a.topic).key(&key).payload(&value)) {
                 Ok(()) => break,

@@ -255,3 +255,43 @@ fn a_view_starts_from_the_rows_its_input_holds() {
         .iter()
         .any(|i| i.name == "best_team" && i.rows == 1 && i.partitions == 1));
 }
+
+#[test]
+fn a_table_created_after_the_views_started_is_taken_change_by_change() {
+    let defs = ViewsFile::parse(
+        "[views.hist]\nfrom = \"scores\"\nhistory = { limit = 5, columns = [\"score\"] }\n",
+    )
+    .unwrap()
+    .views;
+    let tables = Arc::new(Tables::default());
+    let client = Arc::new(Client::default());
+    let views = Views::start(
+        &defs,
+        tables.clone(),
+        client.clone(),
+        Arc::new(Metrics::new()),
+    );
+    tables.ensure("scores", "e1", "game.scores", 2);
+    let mut off = 0;
+    let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
+    write(
+        &tables,
+        &*views,
+        &[("p1".into(), s(1)), ("p1".into(), s(2))],
+        &mut off,
+    );
+    write(&tables, &*views, &[("p1".into(), s(3))], &mut off);
+    let hist = rows_of(&tables, "hist");
+    assert_eq!(
+        hist["p1"]["history"],
+        json!([{"score": 1}, {"score": 2}, {"score": 3}]),
+        "the first update's two changes are both in the history"
+    );
+    // deleting the input table's lineage (a new epoch) rebuilds from the rows: history restarts
+    tables.ensure("scores", "e2", "game.scores", 2);
+    write(&tables, &*views, &[("p1".into(), s(4))], &mut off);
+    assert_eq!(
+        rows_of(&tables, "hist")["p1"]["history"],
+        json!([{"score": 4}])
+    );
+}

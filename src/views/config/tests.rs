@@ -271,3 +271,21 @@ fn aggregates_parse() {
         assert_eq!(parse_aggregate(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn the_demo_views_file_is_valid() {
+    let file = ViewsFile::parse(include_str!("../../../dev/demo/views.toml")).unwrap();
+    let names: Vec<&str> = file.views.iter().map(|v| v.name.as_str()).collect();
+    for want in [
+        "biggest_movers",
+        "odds_history",
+        "leaderboard",
+        "stakes_per_game",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    assert!(file
+        .topics
+        .iter()
+        .any(|t| t.topic == "scores" && t.format == TopicFormat::Events));
+}
