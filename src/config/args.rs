@@ -139,7 +139,8 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_UNION", value_name = "NAME=REGEX,..")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub union: Option<String>,
-    /// Views file (TOML, docs/views.md): input topics with their format (`debezium`, `upsert`).
+    /// Views file (TOML, README "Views"): input topics (`debezium`, `upsert`, `events`) and
+    /// declared views (group_by, top_n, max_by, min_by, history, delta), computed on serving nodes.
     #[arg(long, env = "LIVETABLE_VIEWS", value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub views: Option<PathBuf>,

@@ -68,7 +68,7 @@
 //! 1..=[`MAX_HISTORY_LIMIT`], bad `order_by` entries and aggregates, more than [`MAX_VIEWS`] views,
 //! a file over [`MAX_VIEWS_FILE_BYTES`].
 //!
-//! # Wiring ([`ViewOperator`])
+//! # Wiring ([`ViewOperator`]; run by `table::derived` and `table::events`)
 //!
 //! Records of `upsert` and `events` topics decode with [`input::decode_upsert`] and
 //! [`input::decode_event`] (a Debezium topic decodes as it does for a CDC table).

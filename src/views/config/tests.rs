@@ -289,3 +289,18 @@ fn the_demo_views_file_is_valid() {
         .iter()
         .any(|t| t.topic == "scores" && t.format == TopicFormat::Events));
 }
+
+#[test]
+fn the_readme_views_example_is_valid() {
+    let readme = include_str!("../../../README.md");
+    let section = &readme[readme.find("\n## Views\n").expect("a Views section")..];
+    let start = section.find("```toml\n").expect("a toml example") + "```toml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    let file = ViewsFile::parse(text).unwrap();
+    let order: Vec<&str> = file.views.iter().map(|v| v.name.as_str()).collect();
+    let pos = |n: &str| order.iter().position(|v| *v == n).unwrap();
+    assert!(
+        pos("odds_moves") < pos("biggest_movers"),
+        "inputs first: {order:?}"
+    );
+}
