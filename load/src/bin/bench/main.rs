@@ -16,6 +16,7 @@ mod report;
 mod scale_out;
 mod scenarios;
 mod stack;
+mod views;
 
 use std::path::PathBuf;
 
@@ -37,11 +38,12 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
-    /// latency-few-clients, connections, publish, auth, filters, scale-out (= scale-out-ingest,
-    /// scale-out-clients, scale-out-failover, scale-out-resume, each also by its own name).
+    /// latency-few-clients, connections, publish, auth, filters, views (= views-events,
+    /// views-top-n), scale-out (= scale-out-ingest, scale-out-clients, scale-out-failover,
+    /// scale-out-resume); each also by its own name.
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,auth,filters,scale-out"
+        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,auth,filters,views,scale-out"
     )]
     scenarios: String,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
@@ -112,7 +114,8 @@ fn main() -> anyhow::Result<()> {
                setup: String,
                results: &mut Vec<Scenario>,
                f: &mut dyn FnMut(&mut Scenario) -> anyhow::Result<()>| {
-        let group = name.starts_with("scale-out-") && wanted.contains(&"scale-out");
+        let group = (name.starts_with("scale-out-") && wanted.contains(&"scale-out"))
+            || (name.starts_with("views-") && wanted.contains(&"views"));
         if !wanted.contains(&name) && !group {
             return;
         }
@@ -250,6 +253,25 @@ fn main() -> anyhow::Result<()> {
         ),
         &mut results,
         &mut |sc| filters::filters(&env, &z, sc),
+    );
+
+    run(
+        "views-events",
+        format!(
+            "{} score events of {} players waiting in a 1-partition events topic; a livetable with a group_by per player (count, sum, max) over it starts: events / seconds from the spawn to /readyz 200 (the events read to their end), start-up included; the view checked (counts sum to the events); {} runs, medians",
+            z.view_events, z.view_players, z.view_runs
+        ),
+        &mut results,
+        &mut |sc| views::events(&env, &z, sc),
+    );
+    run(
+        "views-top-n",
+        format!(
+            "a top 10 (order_by score desc) over {:?} rows: {} random updates of random rows applied to the operator in the bench process (no I/O), ns per update; {} runs, medians",
+            z.view_top_rows, z.view_top_updates, z.view_runs
+        ),
+        &mut results,
+        &mut |sc| views::top_n(&z, sc),
     );
 
     let cores = match (&env.server_cpu, &env.tools_cpu) {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// One blocking client for every probe (each client owns a runtime thread and a connection pool:
 /// building one per poll was needless work on the tools' core).
-fn client() -> &'static reqwest::blocking::Client {
+pub fn client() -> &'static reqwest::blocking::Client {
     static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
     CLIENT.get_or_init(|| {
         reqwest::blocking::Client::builder()

@@ -69,6 +69,11 @@ pub struct Sizes {
     pub filter_rate: u64,
     pub filter_secs: u64,
     pub filter_runs: usize,
+    pub view_events: u64,
+    pub view_players: u64,
+    pub view_runs: usize,
+    pub view_top_rows: Vec<u64>,
+    pub view_top_updates: u64,
 }
 
 impl Sizes {
@@ -121,6 +126,11 @@ impl Sizes {
             filter_rate: 1_000,
             filter_secs: 10,
             filter_runs: 3,
+            view_events: 1_000_000,
+            view_players: 10_000,
+            view_runs: 3,
+            view_top_rows: vec![10_000, 100_000, 1_000_000],
+            view_top_updates: 200_000,
         }
     }
 
@@ -173,6 +183,11 @@ impl Sizes {
             filter_rate: 200,
             filter_secs: 3,
             filter_runs: 1,
+            view_events: 20_000,
+            view_players: 1_000,
+            view_runs: 1,
+            view_top_rows: vec![1_000, 10_000],
+            view_top_updates: 20_000,
         }
     }
 }
