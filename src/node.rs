@@ -62,6 +62,8 @@ pub enum ServiceError {
     AuthKeys(#[from] crate::auth::keys::KeyError),
     #[error("tls: {0}")]
     Tls(#[from] crate::net::tls::TlsError),
+    #[error("views: {0}")]
+    Views(String),
 }
 
 /// A running livetable.
@@ -328,7 +330,8 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     // declared views: computed here from the tables as loaded, then from every update of them
     let mut views = None;
     let sink: Arc<dyn UpdateSink> = if role.serves() && !config.views.is_empty() {
-        let v = Views::start(&config.views, tables.clone(), sink, metrics.clone());
+        let v = Views::start(&config.views, tables.clone(), sink, metrics.clone())
+            .map_err(ServiceError::Views)?;
         for name in v.names() {
             hub.open(&name);
         }

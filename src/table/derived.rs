@@ -79,7 +79,13 @@ impl Views {
         tables: Arc<Tables>,
         inner: Arc<dyn UpdateSink>,
         metrics: Arc<Metrics>,
-    ) -> Arc<Views> {
+    ) -> Result<Arc<Views>, String> {
+        if let Some(def) = defs.iter().find(|d| tables.get(&d.name).is_some()) {
+            return Err(format!(
+                "view `{}` (line {}) has the name of a table this node holds; rename the view",
+                def.name, def.line
+            ));
+        }
         let mut by_input: HashMap<String, Vec<Arc<View>>> = HashMap::new();
         let mut all = Vec::new();
         for def in defs {
@@ -116,7 +122,7 @@ impl Views {
                 views.rebuild(view, &mut st, &input, None);
             }
         }
-        views
+        Ok(views)
     }
 
     /// Names of the views' tables.

@@ -166,7 +166,7 @@ fn views_follow_their_input_through_updates_deletes_and_a_replaced_table() {
     tables.ensure("scores", "e1", "game.scores", 2);
     let client = Arc::new(Client::default());
     let metrics = Arc::new(Metrics::new());
-    let views = Views::start(&defs, tables.clone(), client.clone(), metrics.clone());
+    let views = Views::start(&defs, tables.clone(), client.clone(), metrics.clone()).unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut off = 0;
     for round in 0..400 {
@@ -242,7 +242,8 @@ fn a_view_starts_from_the_rows_its_input_holds() {
         tables.clone(),
         client.clone(),
         Arc::new(Metrics::new()),
-    );
+    )
+    .unwrap();
     check(&tables, &client);
     let top = rows_of(&tables, "top3");
     let ranks: Vec<(&str, &Value)> = top.iter().map(|(k, r)| (k.as_str(), &r["rank"])).collect();
@@ -270,7 +271,8 @@ fn a_table_created_after_the_views_started_is_taken_change_by_change() {
         tables.clone(),
         client.clone(),
         Arc::new(Metrics::new()),
-    );
+    )
+    .unwrap();
     tables.ensure("scores", "e1", "game.scores", 2);
     let mut off = 0;
     let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
@@ -294,4 +296,20 @@ fn a_table_created_after_the_views_started_is_taken_change_by_change() {
         rows_of(&tables, "hist")["p1"]["history"],
         json!([{"score": 4}])
     );
+}
+
+#[test]
+fn a_view_with_a_table_name_is_refused() {
+    let defs = ViewsFile::parse(FILE).unwrap().views;
+    let tables = Arc::new(Tables::default());
+    tables.ensure("per_team", "e1", "t", 1);
+    let e = Views::start(
+        &defs,
+        tables,
+        Arc::new(Client::default()),
+        Arc::new(Metrics::new()),
+    )
+    .err()
+    .expect("refused");
+    assert!(e.contains("per_team") && e.contains("line"), "{e}");
 }
