@@ -329,8 +329,25 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     }
     // declared views: computed here from the tables as loaded, then from every update of them
     let mut views = None;
+    let mut views_tree = None;
     let sink: Arc<dyn UpdateSink> = if role.serves() && !config.views.is_empty() {
-        let v = Views::start(&config.views, tables.clone(), sink, metrics.clone())
+        // what the last clean stop kept of the views
+        let (tree, saved) = {
+            let s = store.clone();
+            blocking(move || {
+                let tree = s.db().open_tree("views")?;
+                let saved: std::collections::HashMap<String, Vec<u8>> = tree
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+                    .collect();
+                Ok::<_, sled::Error>((tree, saved))
+            })
+            .await?
+            .map_err(|e| store_err(&config.data_dir)(e.into()))?
+        };
+        views_tree = Some(tree);
+        let v = Views::start(&config.views, tables.clone(), sink, metrics.clone(), &saved)
             .map_err(ServiceError::Views)?;
         for name in v.names() {
             hub.open(&name);
@@ -387,7 +404,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         &'static str,
         std::thread::JoinHandle<Result<(), ServiceError>>,
     )> = Vec::new();
-    if let Some(views) = views.filter(|_| !config.events.is_empty()) {
+    if let Some(views) = views.clone().filter(|_| !config.events.is_empty()) {
         let reader = EventsReader {
             reader: source::reader(&config)?,
             topics: config.events.to_vec(),
@@ -613,6 +630,23 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 .await;
             }
             let ok = result.is_ok();
+            // a clean stop keeps the views (nothing writes the tables any more)
+            if let (true, Some(v), Some(tree)) = (ok, &views, views_tree) {
+                let saved = v.save();
+                let r = blocking(move || -> Result<usize, sled::Error> {
+                    tree.clear()?;
+                    for (name, bytes) in &saved {
+                        tree.insert(name.as_bytes(), bytes.as_slice())?;
+                    }
+                    Ok(saved.len())
+                })
+                .await;
+                match r {
+                    Ok(Ok(n)) => tracing::info!(views = n, "views saved for the next start"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "views not saved"),
+                    Err(e) => tracing::warn!(error = %e, "views not saved"),
+                }
+            }
             match blocking(move || {
                 store
                     .flush_blocking()

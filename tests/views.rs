@@ -645,3 +645,131 @@ async fn views_over_an_events_topic_equal_their_oracle_across_a_kill_9() {
     check_events(&base, &mut again, &events, "after kill -9").await;
     node.stop();
 }
+
+/// The inputs of the clean-restart test and its oracle.
+#[derive(Default)]
+struct Keep {
+    histories: BTreeMap<String, Vec<Value>>,
+    present: std::collections::BTreeSet<String>,
+    seq: i64,
+    plays: Vec<(String, i64)>,
+}
+
+impl Keep {
+    /// `n` changes of 12 players' scores (each score new, so each change adds a history entry)
+    /// and deletes of present players.
+    fn changes(&mut self, gen: &mut Gen, n: usize) -> Vec<FixtureRecord> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            self.seq += 1;
+            let player = format!("p{:02}", gen.below(12));
+            let h = self.histories.entry(player.clone()).or_default();
+            if gen.below(6) == 0 && self.present.contains(&player) {
+                self.present.remove(&player);
+                h.push(Value::Null);
+                out.push(change(&player, None));
+            } else {
+                self.present.insert(player.clone());
+                h.push(json!({"score": self.seq}));
+                let s = Score {
+                    team: 0,
+                    score: self.seq,
+                };
+                out.push(change(&player, Some(&s)));
+            }
+        }
+        out
+    }
+
+    fn plays(&mut self, gen: &mut Gen, n: usize) -> Vec<FixtureRecord> {
+        (0..n)
+            .map(|_| {
+                let player = format!("p{:02}", gen.below(12));
+                let score = gen.below(500) as i64;
+                self.plays.push((player.clone(), score));
+                score_event(&player, score, 0)
+            })
+            .collect()
+    }
+
+    fn want(&self) -> BTreeMap<&'static str, BTreeMap<String, Value>> {
+        let hist = self
+            .histories
+            .iter()
+            .map(|(k, h)| {
+                let last: Vec<Value> = h[h.len().saturating_sub(10)..].to_vec();
+                (k.clone(), json!({ "history": last }))
+            })
+            .collect();
+        let totals = event_oracle(&self.plays).remove("totals").unwrap();
+        BTreeMap::from([("hist", hist), ("totals", totals)])
+    }
+}
+
+/// A clean stop keeps what the views cannot recompute: after SIGTERM and a restart, a `history`
+/// view over a table holds every entry since the first change (not only the current rows), and
+/// the views over an events topic resume reading where they stopped (the topic is not read again)
+/// with the same totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_keeps_histories_and_resumes_events() {
+    let u = unique("keep");
+    let table_topic = format!("{u}.public.scores");
+    let events_topic = format!("{u}.plays");
+    create_topic(&table_topic, 3).await;
+    create_topic(&events_topic, 2).await;
+    let p = producer();
+    let mut gen = Gen(0x6ee9);
+    let mut k = Keep::default();
+    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 150)).await;
+    produce_keyed(&p, &events_topic, &k.plays(&mut gen, 200)).await;
+    let logs = tempdir();
+    let path = logs.path().join("views.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[topics.\"{events_topic}\"]\nformat = \"events\"\nname = \"plays\"\nkey = [\"player\"]\n\n\
+             [views.hist]\nfrom = \"scores\"\nhistory = {{ limit = 10, columns = [\"score\"] }}\n\n\
+             [views.totals]\nfrom = \"plays\"\n[views.totals.group_by]\nby = [\"player\"]\n\
+             aggregates = {{ games = \"count()\", points = \"sum(score)\", last = \"latest(score)\" }}\n"
+        ),
+    )
+    .unwrap();
+    let data = tempdir();
+    let mut node = Node::spawn(
+        "keep",
+        "all",
+        &format!("g-{u}"),
+        &table_topic,
+        data.path(),
+        logs.path(),
+        &["--views", path.to_str().unwrap()],
+    );
+    node.wait_ready(Duration::from_secs(60)).await;
+    let base = node.base.clone();
+    check_want(&base, &mut [], &k.want(), "before the stop").await;
+
+    assert!(node.stop().is_some_and(|s| s.success()), "a clean stop");
+    assert!(
+        node.log_text().contains("views saved for the next start"),
+        "the stop saved the views"
+    );
+    node.start();
+    node.wait_ready(Duration::from_secs(60)).await;
+    let mut clients = vec![
+        connect(&base, "hist", None, None).await,
+        connect(&base, "totals", None, None).await,
+    ];
+    check_want(&base, &mut clients, &k.want(), "after the restart").await;
+    let m = metrics_text(&base).await;
+    let read_again: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("livetable_records_consumed_total{") && l.contains(&events_topic))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(read_again, 0.0, "the events topic is not read again:\n{m}");
+
+    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 60)).await;
+    produce_keyed(&p, &events_topic, &k.plays(&mut gen, 40)).await;
+    check_want(&base, &mut clients, &k.want(), "after more changes").await;
+    node.stop();
+}

@@ -18,9 +18,17 @@
 //! `max_by`/`min_by` and `group_by` without `latest` are a function of the input rows and come
 //! back exact; `history`, `delta` and `latest` restart from the current rows (their past is not
 //! kept across a rebuild).
+//!
+//! Clean stops: [`Views::save`] gives each view's operator state and rows with the input's
+//! resume token (views over events: the events topics' positions), which the node keeps in its
+//! store. At the next start a view whose input table comes back at exactly that token (nothing
+//! changed it in between) is loaded instead of rebuilt, so a history survives a rolling restart;
+//! views over events resume reading where they stopped. Any other case rebuilds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::{Op, Row};
 use crate::metrics::Metrics;
@@ -65,6 +73,20 @@ pub struct Views {
     metrics: Arc<Metrics>,
     /// Views by the name of the table they read.
     by_input: HashMap<String, Vec<Arc<View>>>,
+    /// Next offset per (topic, partition) of the events topics, as far as the views took them.
+    events_next: Mutex<HashMap<(String, i32), i64>>,
+}
+
+/// What a clean stop keeps of one view.
+#[derive(Serialize, Deserialize)]
+struct SavedView {
+    /// The input table's resume token the state follows (views over tables).
+    input: Option<String>,
+    /// [`ViewOperator::save_state`].
+    state: Box<serde_json::value::RawValue>,
+    rows: Vec<(String, Row)>,
+    /// Views over events: the events topics' next offsets.
+    events_next: Vec<(String, i32, i64)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -73,12 +95,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Views {
     /// Creates the views' tables (empty, each with a new lineage) in `tables` and computes each
-    /// view from its input as it is now. `defs` in the views file's order (inputs first).
+    /// view from its input as it is now, or loads what the last clean stop saved (`saved`, by
+    /// view name, from [`Views::save`]) where it still applies. `defs` in the views file's order
+    /// (inputs first).
     pub fn start(
         defs: &[ViewDef],
         tables: Arc<Tables>,
         inner: Arc<dyn UpdateSink>,
         metrics: Arc<Metrics>,
+        saved: &HashMap<String, Vec<u8>>,
     ) -> Result<Arc<Views>, String> {
         if let Some(def) = defs.iter().find(|d| tables.get(&d.name).is_some()) {
             return Err(format!(
@@ -113,8 +138,26 @@ impl Views {
             tables,
             metrics,
             by_input,
+            events_next: Mutex::new(HashMap::new()),
         });
+        for view in &all {
+            let Some(bytes) = saved.get(&view.def.name) else {
+                continue;
+            };
+            match views.load(view, bytes) {
+                Ok(true) => {
+                    tracing::info!(view = %view.def.name, "view loaded as the last clean stop left it")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(view = %view.def.name, error = %e, "the saved view is not usable; it is computed again")
+                }
+            }
+        }
         for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
+            if lock(&view.state).fed.is_some() {
+                continue;
+            }
             if let Some(input) = views.tables.get(&view.def.from) {
                 let mut st = lock(&view.state);
                 // holding the input's order lock: no commit to it runs while it is read
@@ -134,6 +177,101 @@ impl Views {
             .collect()
     }
 
+    /// Loads a saved view when it still applies: a view over a table whose input is at exactly
+    /// the saved token (and not itself a view, whose lineage is new in each process); a view over
+    /// events always (the events reader resumes from the saved positions). Ok(false): not applied.
+    fn load(&self, view: &View, bytes: &[u8]) -> Result<bool, String> {
+        let saved: SavedView = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let input = match view.def.input {
+            InputKind::Table => {
+                let Some(input) = self.tables.get(&view.def.from) else {
+                    return Ok(false);
+                };
+                let t = input.read();
+                let derived = t.slices.iter().any(|s| s.mode == SliceMode::Derived);
+                if derived || saved.input.as_deref() != Some(t.token().to_string().as_str()) {
+                    return Ok(false);
+                }
+                Some(Fed {
+                    table: input.clone(),
+                    epoch: t.epoch.clone(),
+                    useq: t.useq,
+                })
+            }
+            InputKind::Events => None,
+        };
+        let op = ViewOperator::load_state(&view.def, saved.state.get().as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut st = lock(&view.state);
+        st.op = op;
+        st.fed = input;
+        if view.def.input == InputKind::Events {
+            let mut next = lock(&self.events_next);
+            for (topic, p, off) in saved.events_next {
+                next.insert((topic, p), off);
+            }
+        }
+        let rows = saved.rows.into_iter().map(|(k, r)| (k, Some(r))).collect();
+        self.commit(view, &mut st, rows, (None, None));
+        Ok(true)
+    }
+
+    /// What a clean stop keeps of each view (call it once nothing writes the tables any more):
+    /// `(view name, bytes for [`Views::start`])`. A view over a table whose state does not follow
+    /// its input's last update is left out.
+    pub fn save(&self) -> Vec<(String, Vec<u8>)> {
+        let next = lock(&self.events_next).clone();
+        let mut out = Vec::new();
+        for view in self.by_input.values().flatten() {
+            let st = lock(&view.state);
+            let input = match (&st.fed, view.def.input) {
+                (Some(f), InputKind::Table) => {
+                    let t = f.table.read();
+                    if t.useq != f.useq || t.epoch != f.epoch {
+                        continue;
+                    }
+                    Some(t.token().to_string())
+                }
+                (None, InputKind::Table) => continue,
+                (_, InputKind::Events) => None,
+            };
+            let Ok(state) = st.op.save_state() else {
+                continue;
+            };
+            let Ok(state) = serde_json::value::RawValue::from_string(
+                String::from_utf8_lossy(&state).into_owned(),
+            ) else {
+                continue;
+            };
+            let rows = view
+                .table
+                .read()
+                .rows
+                .iter()
+                .map(|(k, e)| (k.clone(), (*e.row).clone()))
+                .collect();
+            let events_next = next.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+            let saved = SavedView {
+                input,
+                state,
+                rows,
+                events_next,
+            };
+            if let Ok(bytes) = serde_json::to_vec(&saved) {
+                out.push((view.def.name.clone(), bytes));
+            }
+        }
+        out
+    }
+
+    /// Where the events reader starts `topic`'s partition `p` (0: its beginning).
+    pub fn events_start(&self, topic: &str, p: i32) -> i64 {
+        lock(&self.events_next)
+            .get(&(topic.to_string(), p))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Feeds events of the events topic named `input` (in the topic's order) to its views.
     pub fn feed_events(&self, input: &str, events: &[Event]) {
         let Some(views) = self.by_input.get(input) else {
@@ -147,6 +285,15 @@ impl Views {
             }
             let ts = events.last().map(|e| (None, e.kafka_ts_ms));
             self.commit(view, &mut st, out, ts.unwrap_or((None, None)));
+        }
+    }
+
+    /// The events reader fed every record before `next` of these partitions (to the views, or
+    /// skipped): the positions the views' states include, kept by [`Views::save`].
+    pub fn events_read(&self, next: impl Iterator<Item = ((String, i32), i64)>) {
+        let mut pos = lock(&self.events_next);
+        for (tp, off) in next {
+            pos.insert(tp, off);
         }
     }
 

@@ -126,8 +126,9 @@ impl EventsReader {
                 for p in mt.partitions() {
                     let key = (t.topic.clone(), p.id());
                     if let std::collections::hash_map::Entry::Vacant(e) = parts.entry(key) {
+                        // where the views' saved state left off (0: the beginning)
                         e.insert(Part {
-                            next: 0,
+                            next: self.views.events_start(&t.topic, p.id()),
                             target: None,
                         });
                         added = true;
@@ -198,9 +199,17 @@ impl EventsReader {
                 .with_label_values(&[m.topic(), outcome])
                 .inc();
         }
+        let mut touched: HashMap<(String, i32), i64> = HashMap::new();
+        for m in batch {
+            let key = (m.topic().to_string(), m.partition());
+            if let Some(part) = parts.get(&key) {
+                touched.insert(key, part.next);
+            }
+        }
         for (name, evs) in events {
             self.views.feed_events(name, &evs);
         }
+        self.views.events_read(touched.into_iter());
     }
 
     /// Whether every partition was read to the high watermark first seen for it.

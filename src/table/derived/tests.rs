@@ -166,7 +166,14 @@ fn views_follow_their_input_through_updates_deletes_and_a_replaced_table() {
     tables.ensure("scores", "e1", "game.scores", 2);
     let client = Arc::new(Client::default());
     let metrics = Arc::new(Metrics::new());
-    let views = Views::start(&defs, tables.clone(), client.clone(), metrics.clone()).unwrap();
+    let views = Views::start(
+        &defs,
+        tables.clone(),
+        client.clone(),
+        metrics.clone(),
+        &HashMap::new(),
+    )
+    .unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut off = 0;
     for round in 0..400 {
@@ -242,6 +249,7 @@ fn a_view_starts_from_the_rows_its_input_holds() {
         tables.clone(),
         client.clone(),
         Arc::new(Metrics::new()),
+        &HashMap::new(),
     )
     .unwrap();
     check(&tables, &client);
@@ -271,6 +279,7 @@ fn a_table_created_after_the_views_started_is_taken_change_by_change() {
         tables.clone(),
         client.clone(),
         Arc::new(Metrics::new()),
+        &HashMap::new(),
     )
     .unwrap();
     tables.ensure("scores", "e1", "game.scores", 2);
@@ -308,8 +317,68 @@ fn a_view_with_a_table_name_is_refused() {
         tables,
         Arc::new(Client::default()),
         Arc::new(Metrics::new()),
+        &HashMap::new(),
     )
     .err()
     .expect("refused");
     assert!(e.contains("per_team") && e.contains("line"), "{e}");
+}
+
+#[test]
+fn a_clean_stop_keeps_a_history_when_the_input_comes_back_unchanged() {
+    let defs = ViewsFile::parse(
+        "[views.hist]\nfrom = \"scores\"\nhistory = { limit = 5, columns = [\"score\"] }\n",
+    )
+    .unwrap()
+    .views;
+    let tables = Arc::new(Tables::default());
+    tables.ensure("scores", "e1", "game.scores", 2);
+    let none = HashMap::new();
+    let views = Views::start(
+        &defs,
+        tables.clone(),
+        Arc::new(Client::default()),
+        Arc::new(Metrics::new()),
+        &none,
+    )
+    .unwrap();
+    let mut off = 0;
+    let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
+    for n in 1..=3 {
+        write(&tables, &*views, &[("p1".into(), s(n))], &mut off);
+    }
+    let saved: HashMap<String, Vec<u8>> = views.save().into_iter().collect();
+    let input: TableState = tables.get("scores").unwrap().read().clone();
+    let want = json!([{"score": 1}, {"score": 2}, {"score": 3}]);
+
+    // the next process: the input restored at the same token -> the history is loaded
+    let restart = |input: TableState| {
+        let tables = Arc::new(Tables::default());
+        tables.insert(input);
+        let client = Arc::new(Client::default());
+        let views = Views::start(
+            &defs,
+            tables.clone(),
+            client.clone(),
+            Arc::new(Metrics::new()),
+            &saved,
+        )
+        .unwrap();
+        (tables, views, client)
+    };
+    let (t2, v2, c2) = restart(input.clone());
+    assert_eq!(rows_of(&t2, "hist")["p1"]["history"], want);
+    write(&t2, &*v2, &[("p1".into(), s(4))], &mut off);
+    assert_eq!(
+        rows_of(&t2, "hist")["p1"]["history"],
+        json!([{"score": 1}, {"score": 2}, {"score": 3}, {"score": 4}]),
+        "the loaded view follows the input's next update"
+    );
+    assert_eq!(c2.0.lock().unwrap()["hist"].1, rows_of(&t2, "hist"));
+
+    // the input moved on while the node was down (another token): rebuilt from its rows
+    let mut moved = input;
+    moved.slice_mut(1).last_off += 10;
+    let (t3, _, _) = restart(moved);
+    assert_eq!(rows_of(&t3, "hist")["p1"]["history"], json!([{"score": 3}]));
 }
