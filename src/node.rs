@@ -346,9 +346,16 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             .await?
             .map_err(|e| store_err(&config.data_dir)(e.into()))?
         };
-        views_tree = Some(tree);
         let v = Views::start(&config.views, tables.clone(), sink, metrics.clone(), &saved)
             .map_err(ServiceError::Views)?;
+        // what was saved is used once: after an unclean stop nothing saved is left to load
+        if !saved.is_empty() {
+            let t = tree.clone();
+            blocking(move || t.clear().and_then(|()| t.flush().map(|_| ())))
+                .await?
+                .map_err(|e| store_err(&config.data_dir)(e.into()))?;
+        }
+        views_tree = Some(tree);
         for name in v.names() {
             hub.open(&name);
         }

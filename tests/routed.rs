@@ -174,26 +174,12 @@ async fn converge(c: &mut Client, want: &BTreeMap<String, Value>, what: &str) ->
         };
         let Message::Text(t) = msg else { continue };
         let m: Value = serde_json::from_str(t.as_str()).unwrap();
-        let kind = m["type"].as_str().unwrap_or("").to_string();
-        assert_ne!(kind, "error", "{what}: {m}");
-        let rows = match kind.as_str() {
-            "snapshot" => {
-                c.state.clear();
-                &m["rows"]
-            }
-            "patch" => &m["patch"],
-            _ => continue,
+        assert_ne!(m["type"], "error", "{what}: {m}");
+        let Some(kind) = absorb(&mut c.state, &m) else {
+            continue;
         };
         if let Some(p) = m["pos"].as_str() {
             c.pos = Some(p.to_string());
-        }
-        for (k, v) in rows.as_object().unwrap() {
-            if v.is_null() {
-                c.state.remove(k);
-            } else {
-                let row = c.state.entry(k.clone()).or_insert_with(|| json!({}));
-                livetable::patch::merge(row, v);
-            }
         }
         types.push(kind);
     }

@@ -186,27 +186,13 @@ async fn converge(c: &mut Client, want: &BTreeMap<String, Value>, what: &str) {
         };
         let Message::Text(t) = msg else { continue };
         let m: Value = serde_json::from_str(t.as_str()).unwrap();
-        let kind = m["type"].as_str().unwrap_or("");
-        assert_ne!(kind, "error", "{what} ({}): {m}", c.view);
-        let rows = match kind {
-            "snapshot" => {
-                c.state.clear();
-                c.snapshots += 1;
-                &m["rows"]
-            }
-            "patch" => &m["patch"],
-            _ => continue,
+        assert_ne!(m["type"], "error", "{what} ({}): {m}", c.view);
+        let Some(kind) = absorb(&mut c.state, &m) else {
+            continue;
         };
+        c.snapshots += usize::from(kind == "snapshot");
         if let Some(p) = m["pos"].as_str() {
             c.pos = Some(p.to_string());
-        }
-        for (k, v) in rows.as_object().unwrap() {
-            if v.is_null() {
-                c.state.remove(k);
-            } else {
-                let row = c.state.entry(k.clone()).or_insert_with(|| json!({}));
-                livetable::patch::merge(row, v);
-            }
         }
     }
 }

@@ -73,20 +73,27 @@ pub struct Views {
     metrics: Arc<Metrics>,
     /// Views by the name of the table they read.
     by_input: HashMap<String, Vec<Arc<View>>>,
-    /// Next offset per (topic, partition) of the events topics, as far as the views took them.
+    /// Next offset per (events input name, partition), as far as the views took them.
     events_next: Mutex<HashMap<(String, i32), i64>>,
 }
 
 /// What a clean stop keeps of one view.
 #[derive(Serialize, Deserialize)]
 struct SavedView {
-    /// The input table's resume token the state follows (views over tables).
+    /// The view's definition when saved ([`fingerprint`]).
+    def: String,
+    /// The input table's resume token and change count the state follows (views over tables).
     input: Option<String>,
     /// [`ViewOperator::save_state`].
     state: Box<serde_json::value::RawValue>,
     rows: Vec<(String, Row)>,
-    /// Views over events: the events topics' next offsets.
-    events_next: Vec<(String, i32, i64)>,
+    /// Views over events: the next offset per partition of the view's events input.
+    events_next: Vec<(i32, i64)>,
+}
+
+/// What a saved state depends on: the input and the operator with its options (not the line).
+fn fingerprint(def: &ViewDef) -> String {
+    format!("{}|{:?}|{:?}", def.from, def.input, def.operator)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,6 +125,9 @@ impl Views {
             state.slice_mut(0).mode = SliceMode::Derived;
             let table = tables.insert(state);
             metrics.table_size(&def.name, 0, 0);
+            // every view's series exist from the start (alerts see their first increase)
+            metrics.view_rebuilds.with_label_values(&[&def.name]);
+            metrics.view_changes.with_label_values(&[&def.name]);
             let view = Arc::new(View {
                 def: def.clone(),
                 table,
@@ -140,28 +150,16 @@ impl Views {
             by_input,
             events_next: Mutex::new(HashMap::new()),
         });
-        for view in &all {
-            let Some(bytes) = saved.get(&view.def.name) else {
-                continue;
-            };
-            match views.load(view, bytes) {
-                Ok(true) => {
-                    tracing::info!(view = %view.def.name, "view loaded as the last clean stop left it")
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(view = %view.def.name, error = %e, "the saved view is not usable; it is computed again")
-                }
-            }
-        }
+        views.load_saved(&all, saved);
         for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
             if lock(&view.state).fed.is_some() {
                 continue;
             }
             if let Some(input) = views.tables.get(&view.def.from) {
-                let mut st = lock(&view.state);
-                // holding the input's order lock: no commit to it runs while it is read
+                // the input's order lock first, as on the publish path: no commit to it runs
+                // while it is read
                 let _order = input.order_guard();
+                let mut st = lock(&view.state);
                 views.rebuild(view, &mut st, &input, None);
             }
         }
@@ -177,43 +175,119 @@ impl Views {
             .collect()
     }
 
-    /// Loads a saved view when it still applies: a view over a table whose input is at exactly
-    /// the saved token (and not itself a view, whose lineage is new in each process); a view over
-    /// events always (the events reader resumes from the saved positions). Ok(false): not applied.
-    fn load(&self, view: &View, bytes: &[u8]) -> Result<bool, String> {
-        let saved: SavedView = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let input = match view.def.input {
-            InputKind::Table => {
-                let Some(input) = self.tables.get(&view.def.from) else {
-                    return Ok(false);
-                };
-                let t = input.read();
-                let derived = t.slices.iter().any(|s| s.mode == SliceMode::Derived);
-                if derived || saved.input.as_deref() != Some(t.token().to_string().as_str()) {
-                    return Ok(false);
+    /// Loads the saved views that still apply (the others are computed as if nothing was saved):
+    /// - the saved definition is the view's (`from`, input, operator and options);
+    /// - a view over a table: its input is at exactly the saved token and change count, and is not
+    ///   itself a view (whose lineage is new in each process);
+    /// - views over events: every view of that events input has a usable saved state at the same
+    ///   positions (else none is loaded, and the topic is read from its beginning for all).
+    fn load_saved(&self, all: &[Arc<View>], saved: &HashMap<String, Vec<u8>>) {
+        let mut usable: HashMap<&str, SavedView> = HashMap::new();
+        for view in all {
+            let Some(bytes) = saved.get(&view.def.name) else {
+                continue;
+            };
+            match serde_json::from_slice::<SavedView>(bytes) {
+                Ok(sv) if sv.def == fingerprint(&view.def) => {
+                    let current = match view.def.input {
+                        InputKind::Table => self.input_mark(&view.def.from),
+                        InputKind::Events => None,
+                    };
+                    if sv.input == current {
+                        usable.insert(view.def.name.as_str(), sv);
+                    }
                 }
-                Some(Fed {
-                    table: input.clone(),
-                    epoch: t.epoch.clone(),
-                    useq: t.useq,
-                })
-            }
-            InputKind::Events => None,
-        };
-        let op = ViewOperator::load_state(&view.def, saved.state.get().as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut st = lock(&view.state);
-        st.op = op;
-        st.fed = input;
-        if view.def.input == InputKind::Events {
-            let mut next = lock(&self.events_next);
-            for (topic, p, off) in saved.events_next {
-                next.insert((topic, p), off);
+                Ok(_) => {
+                    tracing::info!(view = %view.def.name, "the view's definition changed since it was saved; it is computed again")
+                }
+                Err(e) => {
+                    tracing::warn!(view = %view.def.name, error = %e, "the saved view is not readable; it is computed again")
+                }
             }
         }
+        // an events input resumes only if all its views do, from the same positions
+        for views in self.by_input.values() {
+            let events: Vec<&Arc<View>> = views
+                .iter()
+                .filter(|v| v.def.input == InputKind::Events)
+                .collect();
+            let Some(first) = events.first() else {
+                continue;
+            };
+            let positions = usable
+                .get(first.def.name.as_str())
+                .map(|sv| sv.events_next.clone());
+            let all_same = positions.is_some()
+                && events.iter().all(|v| {
+                    usable
+                        .get(v.def.name.as_str())
+                        .is_some_and(|sv| Some(&sv.events_next) == positions.as_ref())
+                });
+            if !all_same {
+                for v in &events {
+                    usable.remove(v.def.name.as_str());
+                }
+            }
+        }
+        for view in all {
+            let Some(sv) = usable.remove(view.def.name.as_str()) else {
+                continue;
+            };
+            match self.load(view, sv) {
+                Ok(()) => {
+                    tracing::info!(view = %view.def.name, "view loaded as the last clean stop left it")
+                }
+                Err(e) => {
+                    tracing::warn!(view = %view.def.name, error = %e, "the saved view is not usable; it is computed again")
+                }
+            }
+        }
+    }
+
+    /// The input table's saved-state mark: its resume token and change count (`None`: no such
+    /// table, or a view).
+    fn input_mark(&self, name: &str) -> Option<String> {
+        let input = self.tables.get(name)?;
+        let t = input.read();
+        if t.slices.iter().any(|s| s.mode == SliceMode::Derived) {
+            return None;
+        }
+        Some(format!("{}#{}", t.token(), t.seq()))
+    }
+
+    fn load(&self, view: &View, saved: SavedView) -> Result<(), String> {
+        let op = ViewOperator::load_state(&view.def, saved.state.get().as_bytes())
+            .map_err(|e| e.to_string())?;
+        let fed = match view.def.input {
+            InputKind::Table => {
+                let input = self
+                    .tables
+                    .get(&view.def.from)
+                    .ok_or("the input table is gone")?;
+                let (epoch, useq) = {
+                    let t = input.read();
+                    (t.epoch.clone(), t.useq)
+                };
+                Some(Fed {
+                    table: input,
+                    epoch,
+                    useq,
+                })
+            }
+            InputKind::Events => {
+                let mut next = lock(&self.events_next);
+                for (p, off) in saved.events_next {
+                    next.insert((view.def.from.clone(), p), off);
+                }
+                None
+            }
+        };
+        let mut st = lock(&view.state);
+        st.op = op;
+        st.fed = fed;
         let rows = saved.rows.into_iter().map(|(k, r)| (k, Some(r))).collect();
         self.commit(view, &mut st, rows, (None, None));
-        Ok(true)
+        Ok(())
     }
 
     /// What a clean stop keeps of each view (call it once nothing writes the tables any more):
@@ -226,11 +300,16 @@ impl Views {
             let st = lock(&view.state);
             let input = match (&st.fed, view.def.input) {
                 (Some(f), InputKind::Table) => {
-                    let t = f.table.read();
-                    if t.useq != f.useq || t.epoch != f.epoch {
-                        continue;
+                    {
+                        let t = f.table.read();
+                        if t.useq != f.useq || t.epoch != f.epoch {
+                            continue;
+                        }
                     }
-                    Some(t.token().to_string())
+                    match self.input_mark(&view.def.from) {
+                        Some(mark) => Some(mark),
+                        None => continue,
+                    }
                 }
                 (None, InputKind::Table) => continue,
                 (_, InputKind::Events) => None,
@@ -250,8 +329,14 @@ impl Views {
                 .iter()
                 .map(|(k, e)| (k.clone(), (*e.row).clone()))
                 .collect();
-            let events_next = next.iter().map(|((t, p), o)| (t.clone(), *p, *o)).collect();
+            let mut events_next: Vec<(i32, i64)> = next
+                .iter()
+                .filter(|((name, _), _)| *name == view.def.from)
+                .map(|((_, p), o)| (*p, *o))
+                .collect();
+            events_next.sort_unstable();
             let saved = SavedView {
+                def: fingerprint(&view.def),
                 input,
                 state,
                 rows,
@@ -264,10 +349,11 @@ impl Views {
         out
     }
 
-    /// Where the events reader starts `topic`'s partition `p` (0: its beginning).
-    pub fn events_start(&self, topic: &str, p: i32) -> i64 {
+    /// Where the events reader starts partition `p` of the events input `name` (0: its
+    /// beginning).
+    pub fn events_start(&self, name: &str, p: i32) -> i64 {
         lock(&self.events_next)
-            .get(&(topic.to_string(), p))
+            .get(&(name.to_string(), p))
             .copied()
             .unwrap_or(0)
     }
@@ -288,8 +374,9 @@ impl Views {
         }
     }
 
-    /// The events reader fed every record before `next` of these partitions (to the views, or
-    /// skipped): the positions the views' states include, kept by [`Views::save`].
+    /// The events reader fed every record before `next` of these partitions (`(events input
+    /// name, partition)`) to the views, or skipped it: the positions the views' states include,
+    /// kept by [`Views::save`].
     pub fn events_read(&self, next: impl Iterator<Item = ((String, i32), i64)>) {
         let mut pos = lock(&self.events_next);
         for (tp, off) in next {

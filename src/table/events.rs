@@ -1,8 +1,11 @@
 //! The reader of `events` topics (views file `format = "events"`): every serving node reads every
-//! partition of each such topic from its beginning, outside any consumer group, and feeds the
-//! events to the views that read the topic ([`Views::feed_events`]). A view over events is thus
-//! recomputed from the topic at each start: it covers the events the topic retains (keep such
-//! topics' retention as long as the view must remember). Until every partition was read to the
+//! partition of each such topic, outside any consumer group, and feeds the events to the views
+//! that read the topic ([`Views::feed_events`]). It starts where the views' state saved by the
+//! last clean stop left off, else at the beginning: a view over events then covers the events the
+//! topic retains (keep such topics' retention as long as the view must remember). The order of
+//! events across partitions is the order they are read in, which may differ between nodes and
+//! runs (`latest` and ties of `max_by`/`min_by` across partitions may differ; within a partition,
+//! hence for one key, the order is the topic's). Until every partition was read to the
 //! high watermark first seen, the node is not ready (`/readyz` says `events: ...`).
 //!
 //! A record that is not a JSON object is skipped and counted
@@ -89,8 +92,14 @@ impl EventsReader {
                     None => break,
                 }
             }
+            let idle = batch.is_empty();
             self.apply(&batch, &by_topic, &mut parts);
             drop(batch);
+            if idle {
+                // after an idle poll nothing fetched waits: the fetch position is what was read
+                // (past transaction markers, which are not records)
+                self.raise_to_position(&mut parts);
+            }
             if !caught_up && known {
                 caught_up = self.check_caught_up(&mut parts);
             }
@@ -128,7 +137,7 @@ impl EventsReader {
                     if let std::collections::hash_map::Entry::Vacant(e) = parts.entry(key) {
                         // where the views' saved state left off (0: the beginning)
                         e.insert(Part {
-                            next: self.views.events_start(&t.topic, p.id()),
+                            next: self.views.events_start(&t.name, p.id()),
                             target: None,
                         });
                         added = true;
@@ -201,15 +210,32 @@ impl EventsReader {
         }
         let mut touched: HashMap<(String, i32), i64> = HashMap::new();
         for m in batch {
-            let key = (m.topic().to_string(), m.partition());
-            if let Some(part) = parts.get(&key) {
-                touched.insert(key, part.next);
-            }
+            let (Some(t), Some(part)) = (
+                by_topic.get(m.topic()),
+                parts.get(&(m.topic().to_string(), m.partition())),
+            ) else {
+                continue;
+            };
+            touched.insert((t.name.clone(), m.partition()), part.next);
         }
         for (name, evs) in events {
             self.views.feed_events(name, &evs);
         }
         self.views.events_read(touched.into_iter());
+    }
+
+    fn raise_to_position(&self, parts: &mut HashMap<(String, i32), Part>) {
+        let Ok(tpl) = self.reader.position() else {
+            return;
+        };
+        for e in tpl.elements() {
+            if let (Offset::Offset(o), Some(part)) = (
+                e.offset(),
+                parts.get_mut(&(e.topic().to_string(), e.partition())),
+            ) {
+                part.next = part.next.max(o);
+            }
+        }
     }
 
     /// Whether every partition was read to the high watermark first seen for it.
@@ -219,8 +245,10 @@ impl EventsReader {
             if part.target.is_none() {
                 part.target = source::cached_high_watermark(&self.reader, topic, *p);
             }
+            // records before the low watermark are gone (retention): nothing to wait for
+            let lo = source::cached_watermarks(&self.reader, topic, *p).map_or(0, |(lo, _)| lo);
             match part.target {
-                Some(end) if part.next >= end => {}
+                Some(end) if part.next.max(lo) >= end => {}
                 _ => {
                     behind = Some(format!("{topic}[{p}] at {}", part.next));
                 }

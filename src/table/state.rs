@@ -303,8 +303,16 @@ impl Tables {
     pub fn ensure(&self, name: &str, epoch: &str, source: &str, partitions: u32) -> Arc<Table> {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = map.get(name) {
-            if &*t.read().epoch == epoch {
+            let (same, derived) = {
+                let s = t.read();
+                let derived = s.slices.iter().any(|s| s.mode == SliceMode::Derived);
+                (&*s.epoch == epoch, derived)
+            };
+            if same {
                 return t.clone();
+            }
+            if derived {
+                tracing::error!(table = name, "a table of the input takes the name of a declared view: the view is no longer served; rename the view");
             }
         }
         let t = Arc::new(Table {

@@ -468,3 +468,29 @@ pub fn rss_bytes() -> u64 {
         .unwrap_or(0);
     pages * 4096
 }
+
+/// Applies one server message to a client's rows: a `snapshot` replaces them, a `patch` merges
+/// into them (`null` deletes a row). Returns the message's type, or `None` for other messages.
+#[allow(dead_code)]
+pub fn absorb(state: &mut std::collections::BTreeMap<String, Value>, m: &Value) -> Option<String> {
+    let kind = m["type"].as_str()?.to_string();
+    let rows = match kind.as_str() {
+        "snapshot" => {
+            state.clear();
+            &m["rows"]
+        }
+        "patch" => &m["patch"],
+        _ => return None,
+    };
+    for (k, v) in rows.as_object()? {
+        if v.is_null() {
+            state.remove(k);
+        } else {
+            let row = state
+                .entry(k.clone())
+                .or_insert_with(|| Value::Object(Default::default()));
+            livetable::patch::merge(row, v);
+        }
+    }
+    Some(kind)
+}

@@ -7,7 +7,7 @@ use super::Views;
 use crate::cdc::decode::{Op, Row};
 use crate::metrics::Metrics;
 use crate::table::state::{Delta, RowWrite, TableState, TableUpdate, Tables, UpdateSink};
-use crate::views::ViewsFile;
+use crate::views::{ViewDef, ViewsFile};
 
 const FILE: &str = r#"
 [views.top3]
@@ -381,4 +381,54 @@ fn a_clean_stop_keeps_a_history_when_the_input_comes_back_unchanged() {
     moved.slice_mut(1).last_off += 10;
     let (t3, _, _) = restart(moved);
     assert_eq!(rows_of(&t3, "hist")["p1"]["history"], json!([{"score": 3}]));
+}
+
+#[test]
+fn a_saved_view_whose_definition_changed_is_computed_again() {
+    let file = |limit: u32| {
+        ViewsFile::parse(&format!(
+            "[views.top]\nfrom = \"scores\"\ntop_n = {{ order_by = [\"score desc\", \"player\"], limit = {limit} }}\n"
+        ))
+        .unwrap()
+        .views
+    };
+    let tables = Arc::new(Tables::default());
+    tables.ensure("scores", "e1", "game.scores", 2);
+    let none = HashMap::new();
+    let metrics = Arc::new(Metrics::new());
+    let views = Views::start(
+        &file(1),
+        tables.clone(),
+        Arc::new(Client::default()),
+        metrics,
+        &none,
+    )
+    .unwrap();
+    let mut off = 0;
+    let s = |p: &str, n: i64| (p.to_string(), Some(row(json!({"player": p, "score": n}))));
+    write(
+        &tables,
+        &*views,
+        &[s("a", 1), s("b", 2), s("c", 3)],
+        &mut off,
+    );
+    let saved: HashMap<String, Vec<u8>> = views.save().into_iter().collect();
+    let input: TableState = tables.get("scores").unwrap().read().clone();
+    let start = |defs: Vec<ViewDef>| {
+        let tables = Arc::new(Tables::default());
+        tables.insert(input.clone());
+        let metrics = Arc::new(Metrics::new());
+        let client = Arc::new(Client::default());
+        Views::start(&defs, tables.clone(), client, metrics.clone(), &saved).unwrap();
+        (
+            rows_of(&tables, "top").len(),
+            metrics.view_rebuilds.with_label_values(&["top"]).get(),
+        )
+    };
+    assert_eq!(start(file(1)), (1, 0), "unchanged: loaded, not rebuilt");
+    assert_eq!(
+        start(file(2)),
+        (2, 1),
+        "limit 1 -> 2: computed again with the new limit"
+    );
 }
