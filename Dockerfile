@@ -6,7 +6,8 @@ COPY src ./src
 COPY topics ./topics
 COPY web ./web
 COPY load ./load
-RUN cargo build --release --locked --bin livetable
+# cdc-gen: the score feed of the demo's high-score board (compose service `scores`)
+RUN cargo build --release --locked --bin livetable -p livetable-load --bin cdc-gen
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -15,6 +16,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --home-dir /data livetable \
  && mkdir -p /data && chown livetable /data
 COPY --from=build /src/target/release/livetable /usr/local/bin/livetable
+COPY --from=build /src/target/release/cdc-gen /usr/local/bin/cdc-gen
 USER livetable
 ENV LIVETABLE_LISTEN=0.0.0.0:8080 LIVETABLE_DATA_DIR=/data
 EXPOSE 8080
