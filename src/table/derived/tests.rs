@@ -55,6 +55,32 @@ impl UpdateSink for Client {
     }
 }
 
+/// Views started on `tables`, with a collecting client and their own metrics.
+struct Run {
+    views: Arc<Views>,
+    client: Arc<Client>,
+    metrics: Arc<Metrics>,
+}
+
+fn try_run(
+    defs: &[ViewDef],
+    tables: &Arc<Tables>,
+    saved: &HashMap<String, Vec<u8>>,
+) -> Result<Run, String> {
+    let client = Arc::new(Client::default());
+    let metrics = Arc::new(Metrics::new());
+    let views = Views::start(defs, tables.clone(), client.clone(), metrics.clone(), saved)?;
+    Ok(Run {
+        views,
+        client,
+        metrics,
+    })
+}
+
+fn run(defs: &[ViewDef], tables: &Arc<Tables>, saved: &HashMap<String, Vec<u8>>) -> Run {
+    try_run(defs, tables, saved).unwrap()
+}
+
 struct Rng(u64);
 impl Rng {
     fn below(&mut self, n: u64) -> u64 {
@@ -164,16 +190,11 @@ fn views_follow_their_input_through_updates_deletes_and_a_replaced_table() {
     let defs = ViewsFile::parse(FILE).unwrap().views;
     let tables = Arc::new(Tables::default());
     tables.ensure("scores", "e1", "game.scores", 2);
-    let client = Arc::new(Client::default());
-    let metrics = Arc::new(Metrics::new());
-    let views = Views::start(
-        &defs,
-        tables.clone(),
-        client.clone(),
-        metrics.clone(),
-        &HashMap::new(),
-    )
-    .unwrap();
+    let Run {
+        views,
+        client,
+        metrics,
+    } = run(&defs, &tables, &HashMap::new());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut off = 0;
     for round in 0..400 {
@@ -243,16 +264,8 @@ fn a_view_starts_from_the_rows_its_input_holds() {
         });
     }
     tables.commit(d, &crate::table::state::NoSink);
-    let client = Arc::new(Client::default());
-    let _views = Views::start(
-        &defs,
-        tables.clone(),
-        client.clone(),
-        Arc::new(Metrics::new()),
-        &HashMap::new(),
-    )
-    .unwrap();
-    check(&tables, &client);
+    let started = run(&defs, &tables, &HashMap::new());
+    check(&tables, &started.client);
     let top = rows_of(&tables, "top3");
     let ranks: Vec<(&str, &Value)> = top.iter().map(|(k, r)| (k.as_str(), &r["rank"])).collect();
     assert_eq!(
@@ -273,15 +286,7 @@ fn a_table_created_after_the_views_started_is_taken_change_by_change() {
     .unwrap()
     .views;
     let tables = Arc::new(Tables::default());
-    let client = Arc::new(Client::default());
-    let views = Views::start(
-        &defs,
-        tables.clone(),
-        client.clone(),
-        Arc::new(Metrics::new()),
-        &HashMap::new(),
-    )
-    .unwrap();
+    let views = run(&defs, &tables, &HashMap::new()).views;
     tables.ensure("scores", "e1", "game.scores", 2);
     let mut off = 0;
     let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
@@ -312,15 +317,9 @@ fn a_view_with_a_table_name_is_refused() {
     let defs = ViewsFile::parse(FILE).unwrap().views;
     let tables = Arc::new(Tables::default());
     tables.ensure("per_team", "e1", "t", 1);
-    let e = Views::start(
-        &defs,
-        tables,
-        Arc::new(Client::default()),
-        Arc::new(Metrics::new()),
-        &HashMap::new(),
-    )
-    .err()
-    .expect("refused");
+    let e = try_run(&defs, &tables, &HashMap::new())
+        .err()
+        .expect("refused");
     assert!(e.contains("per_team") && e.contains("line"), "{e}");
 }
 
@@ -334,14 +333,7 @@ fn a_clean_stop_keeps_a_history_when_the_input_comes_back_unchanged() {
     let tables = Arc::new(Tables::default());
     tables.ensure("scores", "e1", "game.scores", 2);
     let none = HashMap::new();
-    let views = Views::start(
-        &defs,
-        tables.clone(),
-        Arc::new(Client::default()),
-        Arc::new(Metrics::new()),
-        &none,
-    )
-    .unwrap();
+    let views = run(&defs, &tables, &none).views;
     let mut off = 0;
     let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
     for n in 1..=3 {
@@ -355,16 +347,8 @@ fn a_clean_stop_keeps_a_history_when_the_input_comes_back_unchanged() {
     let restart = |input: TableState| {
         let tables = Arc::new(Tables::default());
         tables.insert(input);
-        let client = Arc::new(Client::default());
-        let views = Views::start(
-            &defs,
-            tables.clone(),
-            client.clone(),
-            Arc::new(Metrics::new()),
-            &saved,
-        )
-        .unwrap();
-        (tables, views, client)
+        let r = run(&defs, &tables, &saved);
+        (tables, r.views, r.client)
     };
     let (t2, v2, c2) = restart(input.clone());
     assert_eq!(rows_of(&t2, "hist")["p1"]["history"], want);
@@ -395,15 +379,7 @@ fn a_saved_view_whose_definition_changed_is_computed_again() {
     let tables = Arc::new(Tables::default());
     tables.ensure("scores", "e1", "game.scores", 2);
     let none = HashMap::new();
-    let metrics = Arc::new(Metrics::new());
-    let views = Views::start(
-        &file(1),
-        tables.clone(),
-        Arc::new(Client::default()),
-        metrics,
-        &none,
-    )
-    .unwrap();
+    let views = run(&file(1), &tables, &none).views;
     let mut off = 0;
     let s = |p: &str, n: i64| (p.to_string(), Some(row(json!({"player": p, "score": n}))));
     write(
@@ -417,12 +393,10 @@ fn a_saved_view_whose_definition_changed_is_computed_again() {
     let start = |defs: Vec<ViewDef>| {
         let tables = Arc::new(Tables::default());
         tables.insert(input.clone());
-        let metrics = Arc::new(Metrics::new());
-        let client = Arc::new(Client::default());
-        Views::start(&defs, tables.clone(), client, metrics.clone(), &saved).unwrap();
+        let r = run(&defs, &tables, &saved);
         (
             rows_of(&tables, "top").len(),
-            metrics.view_rebuilds.with_label_values(&["top"]).get(),
+            r.metrics.view_rebuilds.with_label_values(&["top"]).get(),
         )
     };
     assert_eq!(start(file(1)), (1, 0), "unchanged: loaded, not rebuilt");
