@@ -102,7 +102,15 @@ async fn service_under_load() -> (livetable::Service, String, String) {
     });
     produce(&producer(), &topic, &records).await;
     let dir = tempdir();
-    let c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    // a declared view, so that the view metrics are exposed too
+    c.views = std::sync::Arc::new(
+        livetable::views::ViewsFile::parse(
+            "[views.top_odds]\nfrom = \"game_odds\"\ntop_n = { order_by = [\"odd1 desc\", \"game_id\"], limit = 3 }\n",
+        )
+        .unwrap()
+        .views,
+    );
     let (svc, base) = start_service(c).await;
     std::mem::forget(dir); // the data directory outlives this helper; the OS cleans /tmp
     table_at_seq(&base, "game_odds", 12).await;
