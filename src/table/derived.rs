@@ -483,7 +483,7 @@ impl Views {
             return;
         }
         let mut delta = Delta::new(view.table.clone());
-        for (key, row) in out {
+        for (key, row) in last_per_key(out) {
             let op = match (&row, delta.current(&key)) {
                 (None, _) => Op::Delete,
                 (Some(_), Some(_)) => Op::Update,
@@ -511,6 +511,23 @@ impl Views {
         self.metrics
             .table_size(&view.def.name, t.rows.len(), t.seq());
     }
+}
+
+/// The last change of each key, in the order of those last changes: one commit is applied whole,
+/// so a key's earlier changes in it are never seen (a batch of events over few keys stages each
+/// key once instead of once per event).
+fn last_per_key(out: Vec<OutChange>) -> Vec<OutChange> {
+    if out.len() < 2 {
+        return out;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(out.len());
+    let mut kept: Vec<OutChange> = out
+        .into_iter()
+        .rev()
+        .filter(|(key, _)| seen.insert(key.clone()))
+        .collect();
+    kept.reverse();
+    kept
 }
 
 impl UpdateSink for Views {

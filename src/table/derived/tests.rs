@@ -406,3 +406,27 @@ fn a_saved_view_whose_definition_changed_is_computed_again() {
         "limit 1 -> 2: computed again with the new limit"
     );
 }
+
+#[test]
+fn a_commit_stages_the_last_change_of_each_key() {
+    let r = |v: i64| json!({"v": v}).as_object().cloned();
+    let out = vec![
+        ("a".to_string(), r(1)),
+        ("b".to_string(), r(2)),
+        ("a".to_string(), None),
+        ("c".to_string(), r(3)),
+        ("b".to_string(), r(4)),
+    ];
+    let kept: Vec<(String, Option<i64>)> = super::last_per_key(out)
+        .into_iter()
+        .map(|(k, r)| (k, r.map(|r| r["v"].as_i64().unwrap())))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("a".into(), None),
+            ("c".into(), Some(3)),
+            ("b".into(), Some(4))
+        ]
+    );
+}
