@@ -46,18 +46,7 @@ fn game_row(key: &str, g: &Game) -> Value {
 
 /// A Debezium change of one `games` row (`None`: a delete).
 fn change(key: &str, g: Option<&Game>) -> FixtureRecord {
-    let (op, before, after) = match g {
-        Some(g) => ("u", Value::Null, game_row(key, g)),
-        None => ("d", json!({"id": key}), Value::Null),
-    };
-    FixtureRecord {
-        key: Some(json!({"id": key}).to_string()),
-        value: Some(
-            json!({"before": before, "after": after, "op": op, "source": {"table": "games", "ts_ms": 1}})
-                .to_string(),
-        ),
-        headers: vec![],
-    }
+    debezium_change("games", "id", key, g.map(|g| game_row(key, g)))
 }
 
 fn wants() -> Vec<Want> {

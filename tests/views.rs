@@ -57,18 +57,7 @@ fn row(player: &str, s: &Score) -> Value {
 }
 
 fn change(player: &str, s: Option<&Score>) -> FixtureRecord {
-    let (op, before, after) = match s {
-        Some(s) => ("u", Value::Null, row(player, s)),
-        None => ("d", json!({"player": player}), Value::Null),
-    };
-    FixtureRecord {
-        key: Some(json!({"player": player}).to_string()),
-        value: Some(
-            json!({"before": before, "after": after, "op": op, "source": {"table": "scores", "ts_ms": 1}})
-                .to_string(),
-        ),
-        headers: vec![],
-    }
+    debezium_change("scores", "player", player, s.map(|s| row(player, s)))
 }
 
 /// Every view, computed by brute force from the table.

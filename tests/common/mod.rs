@@ -494,3 +494,27 @@ pub fn absorb(state: &mut std::collections::BTreeMap<String, Value>, m: &Value) 
     }
     Some(kind)
 }
+
+/// A Debezium change event of table `table`'s row keyed by `{key_column: key}`: an update to
+/// `after`, or (`None`) a delete whose `before` holds only the key.
+#[allow(dead_code)]
+pub fn debezium_change(
+    table: &str,
+    key_column: &str,
+    key: &str,
+    after: Option<Value>,
+) -> FixtureRecord {
+    let id = serde_json::json!({ key_column: key });
+    let (op, before, after) = match after {
+        Some(row) => ("u", Value::Null, row),
+        None => ("d", id.clone(), Value::Null),
+    };
+    FixtureRecord {
+        key: Some(id.to_string()),
+        value: Some(
+            serde_json::json!({"before": before, "after": after, "op": op, "source": {"table": table, "ts_ms": 1}})
+                .to_string(),
+        ),
+        headers: vec![],
+    }
+}
