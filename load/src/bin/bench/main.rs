@@ -8,6 +8,7 @@
 
 mod auth;
 mod client;
+mod delivery;
 mod filters;
 mod measure;
 mod probe;
@@ -37,15 +38,19 @@ struct Args {
     /// Kafka-protocol broker on loopback; started with dev/broker if nothing answers.
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, latency,
+    /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, light, latency,
     /// latency-few-clients, connections, publish, auth, filters, views (= views-events,
     /// views-top-n), scale-out (= scale-out-ingest, scale-out-clients, scale-out-failover,
     /// scale-out-resume); each also by its own name.
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,latency,latency-few-clients,connections,publish,auth,filters,views,scale-out"
+        default_value = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,connections,publish,auth,filters,views,scale-out"
     )]
     scenarios: String,
+    /// `fetch.wait.max.ms` of livetable's consumer (and of the delivery probe) in the live
+    /// scenarios (fanout, light, latency, latency-few-clients); 10 is livetable's default.
+    #[arg(long, default_value_t = 10)]
+    fetch_wait_ms: u32,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
     #[arg(long, default_value = "0")]
     server_cpu: String,
@@ -97,6 +102,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         Sizes::full()
     };
+    z.fetch_wait_ms = a.fetch_wait_ms;
     // livetable and ws-swarm each hold one descriptor per connection, and inherit this limit
     let nofile = raise_nofile(z.idle_connections + 10_000);
     if nofile < z.idle_connections + 1000 {
@@ -162,10 +168,29 @@ fn main() -> anyhow::Result<()> {
                     rows: z.fanout_rows,
                     rate: z.fanout_rate,
                     secs: z.fanout_secs,
+                    partitions: 1,
                 },
                 &z,
                 sc,
             )
+        },
+    );
+    run(
+        "light",
+        format!(
+            "{} WebSocket clients on a 1000-row table of a 3-partition topic, {} changes/s for {} s, with a plain consumer timing the broker's delivery",
+            z.light_clients, z.light_rate, z.light_secs
+        ),
+        &mut results,
+        &mut |sc| {
+            let l = Live {
+                clients: z.light_clients,
+                rows: 1000,
+                rate: z.light_rate,
+                secs: z.light_secs,
+                partitions: 3,
+            };
+            scenarios::live(&env, "light", l, &z, sc)
         },
     );
     run(
@@ -184,6 +209,7 @@ fn main() -> anyhow::Result<()> {
                     rows: 1000,
                     rate: z.latency_rate,
                     secs: z.latency_secs,
+                    partitions: 1,
                 },
                 &z,
                 sc,
@@ -203,6 +229,7 @@ fn main() -> anyhow::Result<()> {
                 rows: 1000,
                 rate: z.latency_rate,
                 secs: z.latency_secs,
+                partitions: 1,
             };
             scenarios::live(&env, "latency-few-clients", l, &z, sc)
         },

@@ -7,13 +7,15 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::measure::{median, Goal, Scenario};
-use crate::probe;
 use crate::stack::{Env, Livetable};
+use crate::{delivery, probe};
 
 pub const TABLE: &str = "game_odds";
 
 /// Sizes of a run: the figures, or seconds-long ones for `--quick`.
 pub struct Sizes {
+    /// livetable's (and the delivery probe's) `fetch.wait.max.ms` in the live scenarios
+    pub fetch_wait_ms: u32,
     pub ingest_changes: u64,
     pub ingest_keys: u64,
     pub recovery_rows: u64,
@@ -24,6 +26,9 @@ pub struct Sizes {
     pub fanout_rows: u64,
     pub fanout_rate: u64,
     pub fanout_secs: u64,
+    pub light_clients: u64,
+    pub light_rate: u64,
+    pub light_secs: u64,
     pub latency_clients: u64,
     pub latency_few_clients: u64,
     pub latency_rate: u64,
@@ -89,6 +94,10 @@ impl Sizes {
             fanout_rows: 1_000,
             fanout_rate: 100,
             fanout_secs: 10,
+            fetch_wait_ms: 10,
+            light_clients: 10,
+            light_rate: 100,
+            light_secs: 20,
             latency_clients: 1_000,
             latency_few_clients: 10,
             latency_rate: 1_000,
@@ -146,6 +155,10 @@ impl Sizes {
             fanout_rows: 100,
             fanout_rate: 50,
             fanout_secs: 3,
+            fetch_wait_ms: 10,
+            light_clients: 5,
+            light_rate: 50,
+            light_secs: 3,
             latency_clients: 20,
             latency_few_clients: 5,
             latency_rate: 100,
@@ -215,6 +228,17 @@ pub fn swarm_args(base: &str, clients: u64, secs: u64, extra: &[String]) -> Vec<
 
 /// Produces `count` changes over `keys` keys as fast as possible; returns cdc-gen's summary.
 pub fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<Value> {
+    prefill_partitions(env, topic, keys, count, 1)
+}
+
+/// [`prefill`] into a topic of `partitions` partitions (when cdc-gen creates it).
+pub fn prefill_partitions(
+    env: &Env,
+    topic: &str,
+    keys: u64,
+    count: u64,
+    partitions: u32,
+) -> anyhow::Result<Value> {
     env.tool(
         "cdc-gen",
         &[
@@ -226,6 +250,8 @@ pub fn prefill(env: &Env, topic: &str, keys: u64, count: u64) -> anyhow::Result<
             s(keys),
             s("--count"),
             s(count),
+            s("--partitions"),
+            s(partitions),
         ],
     )
 }
@@ -499,6 +525,8 @@ pub struct Live {
     pub rows: u64,
     pub rate: u64,
     pub secs: u64,
+    /// of the input topic
+    pub partitions: u32,
 }
 
 pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
@@ -507,11 +535,32 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
         rows,
         rate,
         secs,
+        partitions,
     } = l;
     let topic = env.topic(name);
-    prefill(env, &topic, rows, rows)?;
+    prefill_partitions(env, &topic, rows, rows, partitions)?;
+    // the broker's own delivery time, measured in the same run (not while 1,000s of clients
+    // saturate the tools' core: there it would time the core, not the broker); started before
+    // livetable so that its group join is over before the clients' listening time starts
+    let delivery = if name == "fanout" {
+        None
+    } else {
+        Some(delivery::start(
+            &env.brokers,
+            &topic,
+            delivery::now_ms(),
+            z.fetch_wait_ms,
+        )?)
+    };
     let max = (clients + 100).to_string();
-    let lt = loaded(env, name, &topic, rows, &["--max-connections", &max])?;
+    let fetch = format!("fetch.wait.max.ms={}", z.fetch_wait_ms);
+    let lt = loaded(
+        env,
+        name,
+        &topic,
+        rows,
+        &["--max-connections", &max, "--kafka-prop", &fetch],
+    )?;
     let ramp = 2_000u64;
     let ramp_secs = clients / ramp + 1;
     let (swarm, connected) =
@@ -528,6 +577,10 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
     let gen = paced(env, &topic, rows, rate, secs)?;
     let load_secs = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
+    let broker = match delivery {
+        Some(d) => d.finish()?,
+        None => Value::Null,
+    };
     let m1 = probe::metrics(&lt.base);
     let cpu = lt.cpu_secs().unwrap_or(0.0) - cpu0;
     let out = swarm.finish()?;
@@ -570,6 +623,27 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
         );
         sc.add("latency p99", p("p99"), "ms", Some(Goal::AtMost(20.0)));
         sc.add("latency p99.9", p("p99_9"), "ms", None);
+        let b = |k: &str| broker[k].as_f64().unwrap_or(f64::NAN);
+        sc.add(
+            "broker delivery p50 (plain consumer receipt - source ts_ms)",
+            b("p50"),
+            "ms",
+            None,
+        );
+        sc.add("broker delivery p99", b("p99"), "ms", None);
+        let light = name == "light";
+        sc.add(
+            "latency beyond the broker p50 (client p50 - plain consumer p50)",
+            p("p50") - b("p50"),
+            "ms",
+            light.then_some(Goal::AtMost(2.0)),
+        );
+        sc.add(
+            "latency beyond the broker p99 (client p99 - plain consumer p99)",
+            p("p99") - b("p99"),
+            "ms",
+            light.then_some(Goal::AtMost(10.0)),
+        );
     }
     let sent = probe::metric(&m1, "livetable_patches_sent_total")
         - probe::metric(&m0, "livetable_patches_sent_total");
