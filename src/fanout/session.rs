@@ -333,7 +333,21 @@ impl Session {
     }
 
     /// Starts one table subscription (waiting for the table when it does not exist).
-    async fn start(
+    /// Starts a subscription. Boxed: a snapshot's future is large, and an async fn is as large as
+    /// the largest future it awaits, for its whole life: unboxed, every idle connection's task
+    /// would keep room for one (bench: connections-snapshot).
+    fn start<'a>(
+        &'a mut self,
+        table: &'a str,
+        selector: Selector,
+        since: Option<&'a str>,
+        format: Format,
+        union: Option<&'a str>,
+    ) -> futures::future::BoxFuture<'a, Vec<Outgoing>> {
+        Box::pin(self.start_unboxed(table, selector, since, format, union))
+    }
+
+    async fn start_unboxed(
         &mut self,
         table: &str,
         selector: Selector,
@@ -400,6 +414,9 @@ impl Session {
                 if key.1.is_some() || !self.streams.contains_key(&key) {
                     self.streams.insert(key.clone(), feed);
                 }
+                // most sessions hold one subscription: no room for four (464 bytes each) kept
+                // for the connection's life
+                self.members.reserve_exact(1);
                 self.members.push(Member {
                     sub,
                     union: union.map(String::from),
@@ -493,12 +510,13 @@ impl Session {
                     match item {
                         Ok(u) => self.absorb(&t, &u).await,
                         Err(_) => {
-                            self.resnapshot(&t).await;
+                            Box::pin(self.resnapshot(&t)).await;
                         }
                     }
                 }
             }
-            Event::Update(key, Err(_)) => self.resnapshot(&key).await,
+            // boxed, as `start`: rare, and large enough to double an idle connection's task
+            Event::Update(key, Err(_)) => Box::pin(self.resnapshot(&key)).await,
             Event::Created(name) => self.on_created(&name).await,
             Event::Freshness(f) => self.queued.push(Outgoing::Status {
                 caught_up: f.caught_up,

@@ -93,17 +93,32 @@ pub fn upgrade(
         .max_write_buffer_size(512 * 1024 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            let reason = Connection::new(state.clone())
-                .run(socket, q, root, access)
-                .await;
-            state
-                .metrics
-                .connections_closed
-                .with_label_values(&[reason])
-                .inc();
-            drop(slot);
+        .on_upgrade(move |socket| {
+            // boxed before the task's future is built: an async block keeps what it captures for
+            // its whole life, so an idle connection's task holds pointers, not the structs
+            // (bench: connections-snapshot)
+            let metrics = state.metrics.clone();
+            let conn = Box::new(Connection::new(state));
+            let socket = Box::new(socket);
+            let opening = Box::new(Opening { q, root, access });
+            async move {
+                let reason = conn.run(socket, opening).await;
+                metrics
+                    .connections_closed
+                    .with_label_values(&[reason])
+                    .inc();
+                drop(slot);
+            }
         })
+}
+
+/// What the upgrade request asked for, used once when the connection opens.
+struct Opening {
+    q: SubscribeQuery,
+    /// The connection came to `/` (the seed system's clients).
+    root: bool,
+    /// `None`: the first message must be `auth`.
+    access: Option<Access>,
 }
 
 struct Connection {
@@ -152,22 +167,32 @@ impl Connection {
     }
 
     async fn run(
-        mut self,
-        mut socket: WebSocket,
-        q: SubscribeQuery,
-        root: bool,
-        access: Option<Access>,
+        mut self: Box<Self>,
+        mut socket: Box<WebSocket>,
+        opening: Box<Opening>,
     ) -> &'static str {
+        // boxed: the opening's futures (a snapshot) are large and the loop below is where an
+        // idle connection rests; unboxed, its task would keep room for both
+        if let Err(reason) = Box::pin(self.open(&mut socket, *opening)).await {
+            return reason;
+        }
+        self.serve(&mut socket).await
+    }
+
+    /// The opening: authentication when the upgrade carried no token, the subscription the
+    /// request asked for, and what goes out first.
+    async fn open(&mut self, socket: &mut WebSocket, opening: Opening) -> Result<(), &'static str> {
+        let Opening { q, root, access } = opening;
         let mut initial = Vec::new();
         let access = match access {
             Some(a) => a,
             // the upgrade carried no token: the first message must be `auth`
-            None => match crate::auth::ws::first_message(&self.state, &mut socket).await {
+            None => match crate::auth::ws::first_message(&self.state, socket).await {
                 Ok(a) => {
                     initial.push(Outgoing::Authenticated { exp: a.expires() });
                     a
                 }
-                Err(reason) => return reason,
+                Err(reason) => return Err(reason),
             },
         };
         self.expires = self.state.auth.deadline(&access);
@@ -229,12 +254,15 @@ impl Connection {
                     .watch_freshness(self.state.readiness.freshness()),
             );
         }
-        if send(&self.state.metrics, &mut socket, initial)
-            .await
-            .is_err()
-        {
-            return "write_error";
+        if send(&self.state.metrics, socket, initial).await.is_err() {
+            return Err("write_error");
         }
+        Ok(())
+    }
+
+    /// The loop: writes what is pending, then waits for the client, the session's updates,
+    /// publish answers, the token's expiry, the shutdown and the ping timer.
+    async fn serve(&mut self, socket: &mut WebSocket) -> &'static str {
         let mut ping = tokio::time::interval(self.state.fanout.ping_interval);
         ping.tick().await;
         let mut last_seen = Instant::now();
@@ -242,8 +270,8 @@ impl Connection {
             let (pending, frames) = self.session.take();
             if !pending.is_empty() || !frames.is_empty() {
                 let write = async {
-                    send_frames(&self.state.metrics, &mut socket, frames).await?;
-                    send(&self.state.metrics, &mut socket, pending).await
+                    send_frames(&self.state.metrics, socket, frames).await?;
+                    send(&self.state.metrics, socket, pending).await
                 };
                 match tokio::time::timeout(self.state.fanout.slow_client, write).await {
                     Ok(Ok(())) => {}
@@ -298,7 +326,7 @@ impl Connection {
                 _ = expiry(self.expires) => {
                     self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
                     let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
-                    let _ = send(&self.state.metrics, &mut socket, vec![bye]).await;
+                    let _ = send(&self.state.metrics, socket, vec![bye]).await;
                     let _ = socket.send(close(4408, "token expired")).await;
                     return "token_expired";
                 }
@@ -329,8 +357,20 @@ impl Connection {
             .is_some_and(|at| tokio::time::Instant::now() >= at)
     }
 
+    /// A client's text message. A publish is taken at once; anything else is handled in a boxed
+    /// future (a subscription's snapshot is large, and rare next to publishes and updates).
     async fn on_text(&mut self, text: &str) -> Step {
-        let parsed = serde_json::from_str::<ClientMessage>(text);
+        match self.on_publish(serde_json::from_str::<ClientMessage>(text)) {
+            None => Step::Continue,
+            Some(parsed) => Box::pin(self.on_message(parsed)).await,
+        }
+    }
+
+    /// Takes a publish (`None`); gives back any other message.
+    fn on_publish(
+        &mut self,
+        parsed: Result<ClientMessage, serde_json::Error>,
+    ) -> Option<Result<ClientMessage, serde_json::Error>> {
         if let Ok(ClientMessage::Publish(req)) = parsed {
             // publishing has its own per-topic rate limits and in-flight bound
             let refuse = |req: PublishRequest, why: &'static str| {
@@ -351,8 +391,12 @@ impl Connection {
                 Some(p) => p.submit(req),
             };
             self.answers.push(answer);
-            return Step::Continue;
+            return None;
         }
+        Some(parsed)
+    }
+
+    async fn on_message(&mut self, parsed: Result<ClientMessage, serde_json::Error>) -> Step {
         if self.limiter.check().is_err() {
             self.violations += 1;
             if self.violations > 100 {

@@ -39,12 +39,12 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, light, latency,
-    /// latency-few-clients, connections, publish, auth, filters, views (= views-events,
+    /// latency-few-clients, connections, connections-snapshot, publish, auth, filters, views (= views-events,
     /// views-top-n), scale-out (= scale-out-ingest, scale-out-clients, scale-out-failover,
     /// scale-out-resume); each also by its own name.
     #[arg(
         long,
-        default_value = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,connections,publish,auth,filters,views,scale-out"
+        default_value = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,connections,connections-snapshot,publish,auth,filters,views,scale-out"
     )]
     scenarios: String,
     /// `fetch.wait.max.ms` of livetable's consumer (and of the delivery probe) in the live
@@ -241,7 +241,22 @@ fn main() -> anyhow::Result<()> {
             z.idle_connections
         ),
         &mut results,
-        &mut |sc| scenarios::connections(&env, &z, sc),
+        &mut |sc| {
+            let n = z.idle_connections;
+            scenarios::connections(&env, "connections", n, 1, 8.0, sc, &z)
+        },
+    );
+    run(
+        "connections-snapshot",
+        format!(
+            "{} idle WebSocket clients on a 100-row table, each after its snapshot",
+            z.snapshot_connections
+        ),
+        &mut results,
+        &mut |sc| {
+            let n = z.snapshot_connections;
+            scenarios::connections(&env, "connections-snapshot", n, 100, 4.0, sc, &z)
+        },
     );
 
     run(

@@ -34,6 +34,8 @@ pub struct Sizes {
     pub latency_rate: u64,
     pub latency_secs: u64,
     pub idle_connections: u64,
+    /// connections of the scenario connections-snapshot (on a 100-row table)
+    pub snapshot_connections: u64,
     /// The open-file limit when it lowered `idle_connections`.
     pub idle_capped_by: Option<u64>,
     pub local_addrs: u8,
@@ -103,6 +105,7 @@ impl Sizes {
             latency_rate: 1_000,
             latency_secs: 10,
             idle_connections: 50_000,
+            snapshot_connections: 10_000,
             idle_capped_by: None,
             local_addrs: 4,
             so_ingest_changes: 400_000,
@@ -164,6 +167,7 @@ impl Sizes {
             latency_rate: 100,
             latency_secs: 3,
             idle_connections: 300,
+            snapshot_connections: 300,
             idle_capped_by: None,
             local_addrs: 2,
             so_ingest_changes: 10_000,
@@ -694,13 +698,21 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
     Ok(())
 }
 
-/// Idle connections: RSS growth per connection with N clients on a 1-row table.
-pub fn connections(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
-    let n = z.idle_connections;
-    let topic = env.topic("connections");
-    prefill(env, &topic, 1, 1)?;
+/// Idle connections after their snapshot: RSS growth per connection with N clients on a table of
+/// `rows` rows (name: the scenario's).
+pub fn connections(
+    env: &Env,
+    name: &str,
+    n: u64,
+    rows: u64,
+    goal_kib: f64,
+    sc: &mut Scenario,
+    z: &Sizes,
+) -> anyhow::Result<()> {
+    let topic = env.topic(name);
+    prefill(env, &topic, rows, rows)?;
     let max = (n + 100).to_string();
-    let lt = loaded(env, "connections", &topic, 1, &["--max-connections", &max])?;
+    let lt = loaded(env, name, &topic, rows, &["--max-connections", &max])?;
     std::thread::sleep(Duration::from_secs(1));
     let before = lt.rss()?;
     let ramp = 5_000u64;
@@ -723,7 +735,7 @@ pub fn connections(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()
         "RSS per idle connection",
         per,
         "KiB",
-        Some(Goal::AtMost(8.0)),
+        Some(Goal::AtMost(goal_kib)),
     );
     if out["errors"].as_u64().unwrap_or(0) > 0 {
         sc.note(format!(
