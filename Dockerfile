@@ -6,6 +6,7 @@ COPY src ./src
 COPY topics ./topics
 COPY web ./web
 COPY load ./load
+COPY vendor ./vendor
 # cdc-gen: the score feed of the demo's high-score board (compose service `scores`)
 RUN cargo build --release --locked --bin livetable -p livetable-load --bin cdc-gen
 

@@ -83,6 +83,54 @@ for name, svc in doc["services"].items():
     }
 }
 
+/// The image is built from copied paths: every local path the workspace builds from (members,
+/// patched dependencies) must be among them, or `docker build` fails where no test here runs it.
+#[test]
+fn the_dockerfile_copies_every_local_path_the_workspace_builds_from() {
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.toml")).unwrap()).unwrap();
+    let mut needed: Vec<String> = manifest["workspace"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.as_str())
+        .filter(|m| *m != ".")
+        .map(String::from)
+        .collect();
+    needed.extend(["src".to_string(), "Cargo.lock".to_string()]);
+    if let Some(patches) = manifest.get("patch").and_then(|p| p.as_table()) {
+        for registry in patches.values() {
+            for dep in registry.as_table().unwrap().values() {
+                needed.push(dep["path"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert!(
+        needed.iter().any(|n| n.starts_with("vendor/")),
+        "{needed:?}"
+    );
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let copied: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .map(|p| p.trim_end_matches('/'))
+        .collect();
+    for path in &needed {
+        assert!(
+            copied
+                .iter()
+                .any(|c| path == c || path.starts_with(&format!("{c}/"))),
+            "the Dockerfile does not copy {path} (copies {copied:?})"
+        );
+        assert!(root().join(path).exists(), "{path} is missing");
+    }
+}
+
 /// Starts livetable and drives every code path that creates a labelled series.
 async fn service_under_load() -> (livetable::Service, String, String) {
     init_logs();

@@ -70,6 +70,8 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("latency-few-clients", "latency p50"),
         ("connections", "connections open"),
         ("connections", "RSS per idle connection"),
+        ("connections-snapshot", "connections open"),
+        ("connections-snapshot", "RSS per idle connection"),
         (
             "auth",
             "connect -> snapshot (3 keys), jwt table + key claims",
