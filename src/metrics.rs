@@ -26,6 +26,7 @@ pub struct Metrics {
     pub restore_records: IntCounter,
     pub restore_retries: IntCounter,
     pub restore_seconds: Gauge,
+    pub group_join_seconds: Gauge,
     pub table_rows: IntGaugeVec,
     pub table_seq: IntGaugeVec,
     pub store_bytes: IntGauge,
@@ -144,6 +145,10 @@ impl Metrics {
             "livetable_restore_duration_seconds",
             "Duration of the last restore from the changelog (0 if none).",
         );
+        let group_join_seconds = gauge(
+            "livetable_group_join_seconds",
+            "From the input consumer's creation to its first partitions: the consumer group's join, which the broker may delay (0 until then).",
+        );
         let int_gauge = |name: &str, help: &str| {
             let m = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
             r.register(Box::new(m.clone()))
@@ -203,6 +208,7 @@ impl Metrics {
             restore_records,
             restore_retries,
             restore_seconds,
+            group_join_seconds,
             table_rows: gauge_vec(&r, "livetable_table_rows", "Rows per table.", &["table"]),
             table_seq: gauge_vec(&r, "livetable_table_seq", "The change sequence number per table.", &["table"]),
             store_bytes,

@@ -233,6 +233,13 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
         missing.is_empty(),
         "in docs/metrics.md but not on /metrics after the load: {missing:?}"
     );
+    // the service ingested, so its consumer was given partitions after some time
+    let join: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("livetable_group_join_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(join > 0.0 && join < 60.0, "group join {join} s");
 
     // a real Prometheus on loopback scrapes livetable and evaluates the rules
     let dir = tempdir();

@@ -40,6 +40,9 @@ pub struct SourceContext {
     listener: OnceLock<Arc<dyn RebalanceListener>>,
     assignment: Mutex<Option<BTreeSet<(String, i32)>>>,
     brokers: String,
+    created: std::time::Instant,
+    /// From the consumer's creation to its first assignment (the group join).
+    first_assignment: OnceLock<std::time::Duration>,
 }
 
 impl SourceContext {
@@ -48,7 +51,14 @@ impl SourceContext {
             listener: OnceLock::new(),
             assignment: Mutex::new(None),
             brokers: brokers.to_string(),
+            created: std::time::Instant::now(),
+            first_assignment: OnceLock::new(),
         }
+    }
+
+    /// How long the group took to give this consumer its first partitions (`None` before).
+    pub fn group_join_time(&self) -> Option<std::time::Duration> {
+        self.first_assignment.get().copied()
     }
 
     /// Sets the listener (before the first poll).
@@ -201,6 +211,9 @@ impl ConsumerContext for SourceContext {
                 {
                     let mut a = self.assignment.lock().unwrap_or_else(|e| e.into_inner());
                     let set = a.get_or_insert_with(BTreeSet::new);
+                    if !parts.is_empty() {
+                        let _ = self.first_assignment.set(self.created.elapsed());
+                    }
                     if !cooperative {
                         set.clear();
                     }

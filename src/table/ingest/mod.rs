@@ -224,6 +224,9 @@ impl Ingest {
     /// Updates lag gauges and readiness: every assigned partition restored and within
     /// `max_ready_lag` records of its high watermark.
     fn check_lag(&mut self, idle: bool) {
+        if let Some(join) = self.consumer.context().group_join_time() {
+            self.metrics.group_join_seconds.set(join.as_secs_f64());
+        }
         let Some(assignment) = self.consumer.context().assignment() else {
             // no group assignment yet: if the subscription matches no topic at all, there is
             // nothing to catch up with (some brokers never complete a join for an empty match)

