@@ -332,10 +332,10 @@ impl Session {
         out
     }
 
-    /// Starts one table subscription (waiting for the table when it does not exist).
-    /// Starts a subscription. Boxed: a snapshot's future is large, and an async fn is as large as
-    /// the largest future it awaits, for its whole life: unboxed, every idle connection's task
-    /// would keep room for one (bench: connections-snapshot).
+    /// Starts one table subscription (waiting for the table when it does not exist). Boxed: a
+    /// snapshot's future is large, and an async fn is as large as the largest future it awaits,
+    /// for its whole life: unboxed, every idle connection's task would keep room for one (bench:
+    /// connections-snapshot).
     fn start<'a>(
         &'a mut self,
         table: &'a str,
@@ -510,13 +510,12 @@ impl Session {
                     match item {
                         Ok(u) => self.absorb(&t, &u).await,
                         Err(_) => {
-                            Box::pin(self.resnapshot(&t)).await;
+                            self.resnapshot(&t).await;
                         }
                     }
                 }
             }
-            // boxed, as `start`: rare, and large enough to double an idle connection's task
-            Event::Update(key, Err(_)) => Box::pin(self.resnapshot(&key)).await,
+            Event::Update(key, Err(_)) => self.resnapshot(&key).await,
             Event::Created(name) => self.on_created(&name).await,
             Event::Freshness(f) => self.queued.push(Outgoing::Status {
                 caught_up: f.caught_up,
@@ -625,7 +624,12 @@ impl Session {
     }
 
     /// Fresh snapshots for the subscriptions reading feed `key` (after falling behind it).
-    async fn resnapshot(&mut self, key: &FeedKey) {
+    /// Boxed, as [`Session::start`]: rare, and large enough to double an idle connection's task.
+    fn resnapshot<'a>(&'a mut self, key: &'a FeedKey) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(self.resnapshot_unboxed(key))
+    }
+
+    async fn resnapshot_unboxed(&mut self, key: &FeedKey) {
         self.metrics.resnapshots.inc();
         let table = key.0.as_str();
         let (mine, rest): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)

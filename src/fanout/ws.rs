@@ -410,6 +410,7 @@ impl Connection {
         }
         let out = match parsed {
             Ok(ClientMessage::Ping) => vec![Outgoing::Pong],
+            // taken by `on_publish` before this is called
             Ok(ClientMessage::Publish(_)) => Vec::new(),
             Ok(ClientMessage::Subscribe {
                 table,

@@ -152,88 +152,53 @@ fn main() -> anyhow::Result<()> {
         &mut results,
         &mut |sc| scenarios::recovery(&env, &z, sc),
     );
-    run(
-        "fanout",
-        format!(
-            "{} WebSocket clients on a {}-row table, {} changes/s for {} s",
-            z.fanout_clients, z.fanout_rows, z.fanout_rate, z.fanout_secs
+    // the live scenarios: clients watch a table while cdc-gen produces at a set rate
+    let live = |clients, rows, rate, secs, partitions| Live {
+        clients,
+        rows,
+        rate,
+        secs,
+        partitions,
+    };
+    let live_scenarios = [
+        (
+            "fanout",
+            format!(
+                "{} WebSocket clients on a {}-row table, {} changes/s for {} s",
+                z.fanout_clients, z.fanout_rows, z.fanout_rate, z.fanout_secs
+            ),
+            live(z.fanout_clients, z.fanout_rows, z.fanout_rate, z.fanout_secs, 1),
         ),
-        &mut results,
-        &mut |sc| {
-            scenarios::live(
-                &env,
-                "fanout",
-                Live {
-                    clients: z.fanout_clients,
-                    rows: z.fanout_rows,
-                    rate: z.fanout_rate,
-                    secs: z.fanout_secs,
-                    partitions: 1,
-                },
-                &z,
-                sc,
-            )
-        },
-    );
-    run(
-        "light",
-        format!(
-            "{} WebSocket clients on a 1000-row table of a 3-partition topic, {} changes/s for {} s, with a plain consumer timing the broker's delivery",
-            z.light_clients, z.light_rate, z.light_secs
+        (
+            "light",
+            format!(
+                "{} WebSocket clients on a 1000-row table of a 3-partition topic, {} changes/s for {} s, with a plain consumer timing the broker's delivery",
+                z.light_clients, z.light_rate, z.light_secs
+            ),
+            live(z.light_clients, 1000, z.light_rate, z.light_secs, 3),
         ),
-        &mut results,
-        &mut |sc| {
-            let l = Live {
-                clients: z.light_clients,
-                rows: 1000,
-                rate: z.light_rate,
-                secs: z.light_secs,
-                partitions: 3,
-            };
-            scenarios::live(&env, "light", l, &z, sc)
-        },
-    );
-    run(
-        "latency",
-        format!(
-            "{} WebSocket clients on a 1000-row table, {} changes/s for {} s",
-            z.latency_clients, z.latency_rate, z.latency_secs
+        (
+            "latency",
+            format!(
+                "{} WebSocket clients on a 1000-row table, {} changes/s for {} s",
+                z.latency_clients, z.latency_rate, z.latency_secs
+            ),
+            live(z.latency_clients, 1000, z.latency_rate, z.latency_secs, 1),
         ),
-        &mut results,
-        &mut |sc| {
-            scenarios::live(
-                &env,
-                "latency",
-                Live {
-                    clients: z.latency_clients,
-                    rows: 1000,
-                    rate: z.latency_rate,
-                    secs: z.latency_secs,
-                    partitions: 1,
-                },
-                &z,
-                sc,
-            )
-        },
-    );
-    run(
-        "latency-few-clients",
-        format!(
-            "{} WebSocket clients on a 1000-row table, {} changes/s for {} s (the pipeline without a saturated client process)",
-            z.latency_few_clients, z.latency_rate, z.latency_secs
+        (
+            "latency-few-clients",
+            format!(
+                "{} WebSocket clients on a 1000-row table, {} changes/s for {} s (the pipeline without a saturated client process)",
+                z.latency_few_clients, z.latency_rate, z.latency_secs
+            ),
+            live(z.latency_few_clients, 1000, z.latency_rate, z.latency_secs, 1),
         ),
-        &mut results,
-        &mut |sc| {
-            let l = Live {
-                clients: z.latency_few_clients,
-                rows: 1000,
-                rate: z.latency_rate,
-                secs: z.latency_secs,
-                partitions: 1,
-            };
-            scenarios::live(&env, "latency-few-clients", l, &z, sc)
-        },
-    );
+    ];
+    for (name, setup, l) in live_scenarios {
+        run(name, setup, &mut results, &mut |sc| {
+            scenarios::live(&env, name, l, &z, sc)
+        });
+    }
     run(
         "connections",
         format!(

@@ -537,6 +537,7 @@ pub fn recovery(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
 
 /// Live load on a table watched by many clients: row updates delivered, freshness, server view.
 /// A live load: `clients` watch a `rows`-row table while `rate` changes/s arrive for `secs`.
+#[derive(Clone, Copy)]
 pub struct Live {
     pub clients: u64,
     pub rows: u64,
