@@ -272,12 +272,12 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let loaded = {
         let s = store.clone();
         let r = readiness.clone();
-        let ingests = role.ingests();
         blocking(move || -> Result<Loaded, table::store::StoreError> {
             let clean = s.begin_run()?;
             s.stamp()?;
-            if !clean && ingests {
-                tracing::warn!("the last run did not stop cleanly: new subscriptions wait until the input is applied again up to its end (clients may have seen changes that were not durable yet)");
+            if !clean && role.serves() {
+                // all-in-one: the ingest ends the hold; gateway: the follower
+                tracing::warn!("the last run did not stop cleanly: new subscriptions wait until the input (or the changelog) is applied again up to its end (clients may have seen changes that were not durable yet)");
                 r.set_recovering();
             }
             s.load()

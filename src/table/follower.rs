@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::table::changelog::{parse_record, RegistryEntry};
 use crate::table::fold::{fold, Folded};
 use crate::table::ingest::partitions::FollowControl;
+use crate::table::ingest::RECOVERY_LIMIT;
 use crate::table::readiness::Readiness;
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::restore::{delta_batch, SliceHandover};
@@ -115,6 +116,25 @@ struct Followed {
 /// Records folded per commit.
 const MAX_BATCH: usize = 5000;
 
+/// A gateway after an unclean stop: its store may be older than what its clients were sent, so
+/// new subscriptions wait until every followed changelog partition (and the registry) is read
+/// again up to the end first seen after the restart; at most [`RECOVERY_LIMIT`].
+struct Recovery {
+    started: Instant,
+    /// The end of each partition when first seen (the registry's included).
+    ends: HashMap<(String, i32), i64>,
+}
+
+impl Recovery {
+    /// Whether `(topic, p)`, read up to `next`, has reached its first-seen end; `None`: no
+    /// watermarks yet.
+    fn reached(&mut self, reader: &Reader, topic: &str, p: i32, next: i64) -> Option<bool> {
+        let (lo, hi) = source::cached_watermarks(reader, topic, p)?;
+        let end = *self.ends.entry((topic.to_string(), p)).or_insert(hi);
+        Some(next.max(lo) >= end)
+    }
+}
+
 impl Follower {
     /// Starts the follower thread.
     pub fn spawn(
@@ -143,6 +163,11 @@ impl Follower {
         let mut last_check = Instant::now();
         // until the first time it is caught up, every followed partition must have answered
         let mut starting = true;
+        let mut recovery =
+            (self.scope == Scope::All && !self.readiness.is_recovered()).then(|| Recovery {
+                started: Instant::now(),
+                ends: HashMap::new(),
+            });
         while !self.cancel.is_cancelled() {
             if registry_changed {
                 registry_changed = false;
@@ -234,6 +259,11 @@ impl Follower {
                 last_check = Instant::now();
                 if self.check_lag(&reader, &registry_topic, registry_next, &followed, starting) {
                     starting = false;
+                }
+                if let Some(r) = recovery.as_mut() {
+                    if self.recovered(r, &reader, &registry_topic, registry_next, &followed) {
+                        recovery = None;
+                    }
                 }
             }
         }
@@ -350,6 +380,40 @@ impl Follower {
             Ok(()) => *assigned = next,
             Err(e) => tracing::warn!(error = %e, "follower: assign failed"),
         }
+    }
+
+    /// After an unclean stop: whether the registry, then every followed partition, is read up to
+    /// its end first seen after the restart (or the limit passed); then ends the hold.
+    fn recovered(
+        &self,
+        r: &mut Recovery,
+        reader: &Reader,
+        registry_topic: &str,
+        registry_next: i64,
+        followed: &HashMap<(String, i32), Followed>,
+    ) -> bool {
+        let mut done = r.reached(reader, registry_topic, 0, registry_next) == Some(true);
+        // only once the registry is read again is every table followed
+        if done {
+            for ((topic, p), f) in followed {
+                if r.reached(reader, topic, *p, f.next) != Some(true) {
+                    done = false;
+                }
+            }
+        }
+        if done {
+            tracing::info!(
+                partitions = followed.len(),
+                after_ms = r.started.elapsed().as_millis() as u64,
+                "recovered from the unclean stop: the changelog is read again up to where it ended"
+            );
+        } else if r.started.elapsed() > RECOVERY_LIMIT {
+            tracing::warn!(limit_secs = RECOVERY_LIMIT.as_secs(), "still behind the changelog's end after an unclean stop; serving new subscriptions anyway (they may show older values than clients saw before the stop)");
+        } else {
+            return false;
+        }
+        self.readiness.set_recovered();
+        true
     }
 
     /// Lag per followed partition and readiness: the registry and every followed partition read

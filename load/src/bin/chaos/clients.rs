@@ -376,8 +376,10 @@ async fn ws_session(
     let mut in_snapshot = false;
     let mut resumed = since.is_some();
     // rows format: the current rows come first, one message each, then the changes; the initial
-    // rows end when a key comes a second time or after a moment
+    // rows end when a key comes a second time or a moment after the first of them (not after the
+    // connect: a node recovering from an unclean stop holds a new subscription for seconds)
     let connected = Instant::now();
+    let mut first_row: Option<Instant> = None;
     let mut initial_keys: std::collections::HashSet<String> = Default::default();
     let mut initial = true;
     let mut initial_state: Option<BTreeMap<String, Value>> = rows.then(BTreeMap::new);
@@ -406,8 +408,8 @@ async fn ws_session(
             .or_else(|| m["__key"].as_str())
             .unwrap_or_default()
             .to_string();
-        if initial && (initial_keys.contains(&key) || connected.elapsed() > Duration::from_secs(3))
-        {
+        let since_first = first_row.get_or_insert_with(Instant::now).elapsed();
+        if initial && (initial_keys.contains(&key) || since_first > Duration::from_secs(3)) {
             initial = false;
             // keys the new connection's rows do not carry are gone
             if let Some(st) = initial_state.take() {
