@@ -319,15 +319,16 @@ impl Report {
                         c["final_equal"]
                     ));
                 }
-                s.push_str("\n| table | oracle rows | API keys differing | changelog keys differing | client keys differing |\n|---|---|---|---|---|\n");
+                s.push_str("\n| table | oracle rows | API keys differing | changelog keys differing | client keys differing | input topic keys differing |\n|---|---|---|---|---|---|\n");
                 for tc in p["tables"].as_array().into_iter().flatten() {
                     s.push_str(&format!(
-                        "| {} | {} | {} | {} | {} |\n",
+                        "| {} | {} | {} | {} | {} | {} |\n",
                         tc["table"].as_str().unwrap_or(""),
                         tc["oracle_rows"],
                         tc["api_lost"],
                         tc["changelog_lost"],
-                        tc["clients_lost"]
+                        tc["clients_lost"],
+                        tc["input_lost"]
                     ));
                 }
                 s.push_str("\nFaults in order:\n\n");
