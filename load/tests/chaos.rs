@@ -38,7 +38,7 @@ fn livetable_bin() -> PathBuf {
 }
 
 #[test]
-#[ignore = "opt-in (./dev/test --chaos, ~7-10 min): it still fails in some runs on BUG-2/BUG-4 (RELIABILITY.md)"]
+#[ignore = "opt-in (./dev/test --chaos, ~7-17 min): it still fails in some runs (RELIABILITY.md)"]
 fn faults_at_random_moments_lose_nothing_and_never_go_back() {
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
