@@ -877,16 +877,11 @@ async fn check_tables(
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             };
-            let d = diff(want, &have);
-            if !d.is_empty() {
-                tc.api_lost += d.len();
-                tc.details.push(format!(
-                    "API of {}: {} keys differ, e.g. {:?}",
-                    n.name,
-                    d.len(),
-                    &d[..d.len().min(5)]
-                ));
-            }
+            tc.api_lost += differing(
+                &mut tc.details,
+                &format!("API of {}", n.name),
+                &diff(want, &have),
+            );
         }
         // the changelog, folded: last record per key, fences left out
         let cl = format!("{group}.table.{table}");
@@ -903,15 +898,11 @@ async fn check_tables(
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        let d = diff(want, &have);
-        if !d.is_empty() {
-            tc.changelog_lost = d.len();
-            tc.details.push(format!(
-                "changelog {cl}: {} keys differ, e.g. {:?}",
-                d.len(),
-                &d[..d.len().min(5)]
-            ));
-        }
+        tc.changelog_lost = differing(
+            &mut tc.details,
+            &format!("changelog {cl}"),
+            &diff(want, &have),
+        );
         // the input topic itself, folded: what the broker serves of the acknowledged writes
         if tag.is_empty() {
             let prefix = group.strip_suffix("-g").unwrap_or(group);
@@ -920,15 +911,11 @@ async fn check_tables(
             let have = tokio::task::spawn_blocking(move || fold_input(&b, &i))
                 .await?
                 .unwrap_or_default();
-            let d = diff(want, &have);
-            if !d.is_empty() {
-                tc.input_lost = d.len();
-                tc.details.push(format!(
-                    "input topic {input} (read back whole): {} keys differ from the acknowledged writes, e.g. {:?}",
-                    d.len(),
-                    &d[..d.len().min(5)]
-                ));
-            }
+            tc.input_lost = differing(
+                &mut tc.details,
+                &format!("input topic {input} (read back whole, against the acknowledged writes)"),
+                &diff(want, &have),
+            );
         }
         // every client of the table (one deadline for all of them; short when the API did not
         // converge: the clients cannot either)
@@ -1075,6 +1062,18 @@ async fn pg_exec(w: &PgWriter, q: &str) -> anyhow::Result<()> {
 }
 
 /// Keys whose value differs: `key: want -> have` (`-` for absent).
+/// Records the keys that differ (`d`, from [`diff`]) of `what` in `details`; returns how many.
+fn differing(details: &mut Vec<String>, what: &str, d: &[String]) -> usize {
+    if !d.is_empty() {
+        details.push(format!(
+            "{what}: {} keys differ, e.g. {:?}",
+            d.len(),
+            &d[..d.len().min(5)]
+        ));
+    }
+    d.len()
+}
+
 pub fn diff(want: &State, have: &State) -> Vec<String> {
     let mut out = Vec::new();
     for (k, w) in want {
@@ -1143,15 +1142,20 @@ pub fn fold_input(brokers: &str, topic: &str) -> anyhow::Result<State> {
         };
         inner[name].clone()
     };
-    fold_topic(brokers, topic, |m, key, value| {
-        let Some(key) = key
+    use rdkafka::message::Message;
+    fold_topic_msgs(brokers, topic, |m, r| {
+        let Some(key) = r
+            .key()
             .and_then(|k| serde_json::from_slice::<Value>(k).ok())
             .and_then(|k| field(&k, "id").as_str().map(String::from))
         else {
             return;
         };
         // a tombstone follows its delete: nothing to do
-        let Some(v) = value.and_then(|v| serde_json::from_slice::<Value>(v).ok()) else {
+        let Some(v) = r
+            .payload()
+            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+        else {
             return;
         };
         if field(&v, "op") == "d" {
@@ -1188,16 +1192,6 @@ pub fn fold_changelog(brokers: &str, topic: &str) -> anyhow::Result<State> {
             }
         }
     })
-}
-
-/// Folds every record of `topic` from the beginning with `f(state, key, payload)`.
-fn fold_topic(
-    brokers: &str,
-    topic: &str,
-    mut f: impl FnMut(&mut State, Option<&[u8]>, Option<&[u8]>),
-) -> anyhow::Result<State> {
-    use rdkafka::message::Message;
-    fold_topic_msgs(brokers, topic, |m, r| f(m, r.key(), r.payload()))
 }
 
 /// Reads `topic` whole (every partition from its beginning, until 3 s pass with nothing new, at
