@@ -20,6 +20,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub last_record_unixtime: Gauge,
     pub changelog_produce_errors: IntCounter,
+    pub source_resends: IntCounter,
     pub changelog_produce_seconds: Histogram,
     pub commit_errors: IntCounter,
     pub flush_seconds: Histogram,
@@ -119,6 +120,10 @@ impl Metrics {
             "livetable_changelog_produce_errors_total",
             "Changelog or dead-letter records the broker did not acknowledge (retried).",
         );
+        let source_resends = counter(
+            "livetable_source_resends_skipped_total",
+            "Changes skipped because their connector sent them again (a source position below what their input partition reached; --source-resends).",
+        );
         let commit_errors = counter(
             "livetable_offset_commit_errors_total",
             "Failed commits of consumer group offsets (retried with the next checkpoint).",
@@ -192,7 +197,7 @@ impl Metrics {
             "Changelog records ignored because a newer owner had fenced their partition (a former owner's late writes).",
         );
         let m = Metrics {
-            records_consumed: counter_vec(&r, "livetable_records_consumed_total", "Kafka records consumed, by topic and outcome (applied, unchanged, skipped, dead_lettered, duplicate).", &["topic", "outcome"]),
+            records_consumed: counter_vec(&r, "livetable_records_consumed_total", "Kafka records consumed, by topic and outcome (applied, unchanged, skipped, dead_lettered, duplicate, resent).", &["topic", "outcome"]),
             changes_applied: counter_vec(&r, "livetable_changes_applied_total", "Row changes applied to a table, by table and op.", &["table", "op"]),
             decode_errors: counter_vec(&r, "livetable_decode_errors_total", "Records that could not be decoded, by reason.", &["reason"]),
             skipped: counter_vec(&r, "livetable_records_skipped_total", "Well-formed records that carry no row change, by reason.", &["reason"]),
@@ -202,6 +207,7 @@ impl Metrics {
             consumer_lag: gauge_vec(&r, "livetable_consumer_lag", "High watermark minus the next offset to apply, by topic and partition.", &["topic", "partition"]),
             last_record_unixtime,
             changelog_produce_errors,
+            source_resends,
             changelog_produce_seconds: histogram(&r, "livetable_changelog_ack_seconds", "Time from a checkpoint to the broker's acknowledgement of all its changelog records.", latency_buckets()),
             commit_errors,
             flush_seconds: histogram(&r, "livetable_store_flush_seconds", "Time of a sled flush that makes a checkpoint durable.", latency_buckets()),

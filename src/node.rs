@@ -269,7 +269,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     );
     tracing::info!(%local_addr, ?admin_addr, tls = tls.is_some(), auth = auth.enabled(), role = role.as_str(), "http listening");
 
-    let loaded = {
+    let mut loaded = {
         let s = store.clone();
         let r = readiness.clone();
         blocking(move || -> Result<Loaded, table::store::StoreError> {
@@ -296,6 +296,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         .unwrap_or(0)
         .max(now_micros());
     let positions = loaded.positions.clone();
+    let source_marks = std::mem::take(&mut loaded.source_marks);
     // after an unclean stop: the slices this node owned, whose clients may have seen changes the
     // store lost (new subscriptions wait until each is applied again here or taken over elsewhere)
     let mut recover_slices = Vec::new();
@@ -571,6 +572,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             recover_targets: std::collections::HashMap::new(),
             recover_slices,
             started: std::time::Instant::now(),
+            skip_source_resends: config.skip_source_resends,
+            source_marks,
+            resent_delete: std::collections::HashMap::new(),
         };
         let stop = cancel.clone();
         let thread = std::thread::Builder::new()

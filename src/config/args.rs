@@ -70,6 +70,13 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_MAX_RECORD_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_record_bytes: Option<usize>,
+    /// What to do with a change that a connector sends again after a crash (Kafka Connect is at
+    /// least once), told by a source position below the one its input partition already reached
+    /// (PostgreSQL's `source.sequence`): `skip` it, or `apply` it as any change (clients then see
+    /// older values for a moment, until the stream catches up again) [default: skip].
+    #[arg(long, env = "LIVETABLE_SOURCE_RESENDS", value_name = "skip|apply")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_resends: Option<String>,
     /// Most records applied in one sled batch [default: 5000].
     #[arg(long, env = "LIVETABLE_MAX_BATCH", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

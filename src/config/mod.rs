@@ -121,6 +121,8 @@ pub struct Config {
     pub max_record_bytes: usize,
     pub max_batch: usize,
     pub max_ready_lag: i64,
+    /// Skip changes that a connector sent again (`--source-resends skip`).
+    pub skip_source_resends: bool,
     pub restore_stall: Duration,
     pub checkpoint_stuck: Duration,
     pub checkpoint_fatal: Duration,
@@ -243,6 +245,11 @@ impl Config {
         if max_ready_lag < 0 {
             return Err(invalid("max-ready-lag", "must not be negative"));
         }
+        let skip_source_resends = match a.source_resends.as_deref().unwrap_or("skip") {
+            "skip" => true,
+            "apply" => false,
+            _ => return Err(invalid("source-resends", "must be `skip` or `apply`")),
+        };
         let restore_stall_secs = a.restore_stall_secs.unwrap_or(60);
         if restore_stall_secs == 0 {
             return Err(invalid("restore-stall-secs", "must be at least 1"));
@@ -350,6 +357,7 @@ impl Config {
             max_record_bytes,
             max_batch,
             max_ready_lag,
+            skip_source_resends,
             restore_stall: Duration::from_secs(restore_stall_secs),
             checkpoint_stuck: Duration::from_secs(checkpoint_stuck),
             checkpoint_fatal: Duration::from_secs(checkpoint_fatal),
@@ -514,12 +522,20 @@ mod tests {
             ("--role", "boss", "`role`"),
             ("--root-tables", "((", "`root-tables`"),
             ("--union", "games", "`union`"),
+            ("--source-resends", "drop", "`source-resends`"),
         ] {
             let err = Config::from_args(args(&[flag, value]))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(name), "{flag}: {err}");
         }
+    }
+
+    #[test]
+    fn source_resends_are_skipped_unless_asked() {
+        assert!(Config::from_args(args(&[])).unwrap().skip_source_resends);
+        let c = Config::from_args(args(&["--source-resends", "apply"])).unwrap();
+        assert!(!c.skip_source_resends);
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! - `o table \0 key`         -> outbox of deletes: partition + offset of a delete whose tombstone
 //!   is not yet acknowledged by the changelog
 //! - `d id`                   -> outbox: a dead letter not yet acknowledged by the broker (JSON)
+//! - `mseq topic \0 partition` -> the source positions the partition's changes reached, per
+//!   connector stream (JSON `{stream: [commit, lsn]}`, see [`SourceMarks`]): written with the
+//!   position. Under the `m` kind, which earlier versions skip, so a downgrade still opens the store.
 //!
 //! Invariant: a position is stored in the same batch as the rows, slices and outbox entries of the
 //! records before it, so after any crash the store is a prefix of the applied stream. A row whose
@@ -42,6 +45,10 @@ const TREE: &str = "state.v2";
 const VERSION_KEY: &[u8] = b"mversion";
 /// Present while no process runs on the store after a clean stop.
 const CLEAN_KEY: &[u8] = b"mclean";
+
+/// The source position each connector stream reached in one input partition (see
+/// [`crate::cdc::decode::SourcePos`]): a later change below it is a re-sent copy.
+pub type SourceMarks = std::collections::BTreeMap<String, (u64, u64)>;
 
 /// A record that could not be decoded, waiting in the outbox for the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +125,7 @@ pub struct Loaded {
     pub positions: HashMap<(String, i32), i64>,
     pub deletes: Vec<PendingDelete>,
     pub dead_letters: Vec<(u64, DeadLetter)>,
+    pub source_marks: HashMap<(String, i32), SourceMarks>,
     /// The store was written by an older layout and ignored.
     pub ignored_old_layout: bool,
 }
@@ -187,6 +195,14 @@ impl WriteBatch {
     }
     pub fn remove_position(&mut self, topic: &str, partition: i32) {
         self.batch.remove(position_key(topic, partition));
+        self.len += 1;
+    }
+    /// The source positions reached in an input partition, stored with its position.
+    pub fn set_source_marks(&mut self, topic: &str, partition: i32, marks: &SourceMarks) {
+        self.batch.insert(
+            marks_key(topic, partition),
+            serde_json::to_vec(marks).unwrap_or_default(),
+        );
         self.len += 1;
     }
     /// A deleted key whose tombstone is not yet acknowledged by the changelog.
@@ -410,6 +426,13 @@ impl Store {
                         serde_json::from_slice(&v).map_err(|_| corrupt("dead letter json"))?;
                     out.dead_letters.push((id, letter));
                 }
+                Some(b'm') if k.starts_with(MARKS_PREFIX) => {
+                    let (topic, partition) = split_topic_partition(&k[MARKS_PREFIX.len()..])
+                        .ok_or_else(|| corrupt("source marks key"))?;
+                    let marks =
+                        serde_json::from_slice(&v).map_err(|_| corrupt("source marks json"))?;
+                    out.source_marks.insert((topic, partition), marks);
+                }
                 Some(b'm') => {}
                 _ => return Err(corrupt("unknown kind")),
             }
@@ -500,6 +523,28 @@ fn position_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = prefix(b'p', topic);
     k.extend_from_slice(&partition.to_be_bytes());
     k
+}
+
+const MARKS_PREFIX: &[u8] = b"mseq";
+
+fn marks_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(MARKS_PREFIX.len() + topic.len() + 5);
+    k.extend_from_slice(MARKS_PREFIX);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// `topic \0 partition` (big-endian i32).
+fn split_topic_partition(rest: &[u8]) -> Option<(String, i32)> {
+    let split = rest.len().checked_sub(5)?;
+    if rest[split] != 0 {
+        return None;
+    }
+    let topic = utf8(&rest[..split])?;
+    let partition = i32::from_be_bytes(rest[split + 1..].try_into().ok()?);
+    Some((topic, partition))
 }
 
 fn dead_letter_key(id: u64) -> Vec<u8> {

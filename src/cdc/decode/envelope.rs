@@ -10,6 +10,7 @@ use super::key::{key_names, old_key, row_key, topic_table, MessageKey};
 use super::limits::{check_name, quote};
 use super::raw::{self, Fields};
 use super::schema::Schema;
+use super::sequence;
 use super::{Change, DecodeError, DecodeOutput, DecodeSettings, Decoded, Op, RawRecord, Row};
 
 pub(super) fn envelope(
@@ -52,6 +53,11 @@ pub(super) fn envelope(
         row: None,
         ts_ms,
         kafka_ts_ms: rec.timestamp_ms,
+        source_pos: sequence::postgres(
+            source_str("connector")?.flatten().as_deref(),
+            source_str("name")?.flatten().as_deref(),
+            source_str("sequence")?.flatten().as_deref(),
+        ),
     };
     if op == Op::Truncate {
         return Ok(DecodeOutput {
@@ -139,6 +145,7 @@ pub(super) fn tombstone(
         row: None,
         ts_ms: rec.timestamp_ms,
         kafka_ts_ms: rec.timestamp_ms,
+        source_pos: None,
     };
     Ok(DecodeOutput {
         decoded: Decoded::Change(change),

@@ -27,6 +27,7 @@ mod key;
 mod limits;
 mod raw;
 mod schema;
+mod sequence;
 mod unwrapped;
 mod upsert;
 
@@ -37,6 +38,7 @@ use unwrapped::unwrapped;
 
 pub use key::message_key_fields;
 pub use limits::{DECIMAL_SLACK_BYTES, MAX_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES};
+pub use sequence::SourcePos;
 pub use upsert::UpsertInput;
 
 /// A row: column name -> JSON value, in the source's column order.
@@ -120,6 +122,9 @@ pub struct Change {
     pub ts_ms: Option<i64>,
     /// The Kafka record's timestamp (for the Kafka-to-socket latency metric).
     pub kafka_ts_ms: Option<i64>,
+    /// The change's position in its connector's stream, when the connector states one that
+    /// orders its events (PostgreSQL's `source.sequence`): re-sent events are told by it.
+    pub source_pos: Option<SourcePos>,
 }
 
 /// Why a well-formed record carries no row change.

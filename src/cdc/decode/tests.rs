@@ -244,6 +244,33 @@ fn envelope_without_schema() {
 }
 
 #[test]
+fn postgres_changes_carry_their_source_position() {
+    for name in ["pg_a_envelope_noschema.jsonl", "pg_b_envelope_schema.jsonl"] {
+        let ch = changes(&decode_all(name));
+        // every event names the connector's stream; a tombstone has no source block
+        let streamed: Vec<_> = ch
+            .iter()
+            .filter(|c| c.op != Op::Read)
+            .filter_map(|c| c.source_pos.as_ref())
+            .collect();
+        assert!(streamed.len() >= 5, "{name}: {streamed:?}");
+        assert!(streamed.iter().all(|p| !p.stream.is_empty()));
+        // in the order Debezium wrote them, positions never decrease (a primary-key update is a
+        // delete and a create at one position)
+        assert!(
+            streamed.windows(2).all(|w| w[0].at <= w[1].at),
+            "{name}: {streamed:?}"
+        );
+        assert!(ch
+            .iter()
+            .filter(|c| c.op == Op::Read)
+            .all(|c| c.source_pos.is_some()));
+    }
+    let unwrapped = changes(&decode_all("pg_c_unwrap_rewrite.jsonl"));
+    assert!(unwrapped.iter().all(|c| c.source_pos.is_none()));
+}
+
+#[test]
 fn envelope_with_schema_gives_exact_decimals() {
     let out = decode_all("pg_b_envelope_schema.jsonl");
     let ch = changes(&out);
@@ -369,6 +396,7 @@ fn truncate_clears_the_table() {
             row: None,
             ts_ms: Some(5),
             kafka_ts_ms: Some(7),
+            source_pos: None,
         })
     );
 }

@@ -72,6 +72,7 @@ pub(super) fn unwrapped(
         row: None,
         ts_ms,
         kafka_ts_ms: rec.timestamp_ms,
+        source_pos: None,
     };
     if op == Op::Truncate {
         return Ok(DecodeOutput {

@@ -48,6 +48,7 @@ pub(super) fn decode(
             row: r.row,
             ts_ms: rec.timestamp_ms,
             kafka_ts_ms: rec.timestamp_ms,
+            source_pos: None,
         }),
         undecodable_decimals: Vec::new(),
     })

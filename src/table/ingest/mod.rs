@@ -32,7 +32,7 @@ use crate::table::readiness::Readiness;
 use crate::table::registry::Registry;
 use crate::table::restore::RestoreError;
 use crate::table::state::{SliceMode, Tables, UpdateSink};
-use crate::table::store::{Store, StoreError};
+use crate::table::store::{SourceMarks, Store, StoreError};
 use partitions::{Done, PartState, Partitions};
 use stage::BatchStage;
 
@@ -78,6 +78,14 @@ pub struct Ingest {
     /// the dead process, a partial assignment would let them serve the older stored state.
     pub recover_slices: Vec<(String, u32, crate::table::position::Owner)>,
     pub started: Instant,
+    /// `--source-resends skip`.
+    pub skip_source_resends: bool,
+    /// Per input partition, the source position each connector stream reached (stored with the
+    /// partition's position).
+    pub source_marks: HashMap<(String, i32), SourceMarks>,
+    /// Per input partition, the message key of a re-sent delete just skipped: its tombstone,
+    /// next in the partition, is skipped too.
+    pub resent_delete: HashMap<(String, i32), Vec<u8>>,
 }
 
 /// After an unclean stop, how long new subscriptions are held at most while the ingest re-applies

@@ -16,6 +16,9 @@ use crate::table::store::{encode_row, DeadLetter, SliceMeta, WriteBatch};
 
 type Tp = (String, i32);
 
+/// Connector streams whose source positions one input partition tracks (normally one).
+const MAX_STREAMS_PER_PARTITION: usize = 16;
+
 /// A changelog record to produce: table, partition, key, row JSON (`None`: tombstone), headers.
 type Record = (String, u32, String, Option<Vec<u8>>, RecordMeta);
 
@@ -32,6 +35,11 @@ pub struct BatchStage {
     applied: HashMap<(String, &'static str), u64>,
     /// Partitions paused in this batch (a slice is being created): their later records wait.
     paused: HashSet<Tp>,
+    /// Partitions whose source marks moved in this batch (stored with their positions).
+    marks_moved: HashSet<Tp>,
+    /// Re-sent changes skipped in this batch, and the first of them (for the log).
+    resent: u64,
+    first_resent: Option<String>,
 }
 
 impl BatchStage {
@@ -45,6 +53,9 @@ impl BatchStage {
             outcomes: HashMap::new(),
             applied: HashMap::new(),
             paused: HashSet::new(),
+            marks_moved: HashSet::new(),
+            resent: 0,
+            first_resent: None,
         }
     }
 
@@ -209,11 +220,11 @@ impl BatchStage {
             }
         };
         let name = table.read().name.to_string();
-        let delta = self
-            .deltas
-            .entry(name.clone())
-            .or_insert_with(|| Delta::new(table.clone()));
         let (acked, last_off) = {
+            let delta = self
+                .deltas
+                .entry(name.clone())
+                .or_insert_with(|| Delta::new(table.clone()));
             let s = delta.slice(part);
             (s.acked, s.last_off)
         };
@@ -221,6 +232,13 @@ impl BatchStage {
             // the slice's changelog already holds this change (re-read after a takeover)
             return Some("duplicate");
         }
+        if self.is_resent(ing, m, &c) {
+            return Some("resent");
+        }
+        let delta = self
+            .deltas
+            .entry(name.clone())
+            .or_insert_with(|| Delta::new(table.clone()));
         let write = |key: String, row| RowWrite {
             key,
             row,
@@ -290,6 +308,55 @@ impl BatchStage {
             *self.applied.entry((name, c.op.as_str())).or_default() += 1;
         }
         Some(outcome)
+    }
+
+    /// Whether `c` is a copy that its connector sent again: its source position is below the one
+    /// its input partition already reached on the same stream (a snapshot read is never one:
+    /// incremental snapshots interleave reads at older positions with the stream), or it is the
+    /// tombstone that follows such a copy of a delete. Moves the partition's mark otherwise.
+    fn is_resent(&mut self, ing: &mut Ingest, m: &BorrowedMessage<'_>, c: &Change) -> bool {
+        if !ing.skip_source_resends {
+            return false;
+        }
+        let tp: Tp = (m.topic().to_string(), m.partition());
+        let after_resent_delete = ing.resent_delete.remove(&tp);
+        let Some(pos) = c.source_pos.as_ref().filter(|_| c.op != Op::Read) else {
+            // Debezium writes a delete's tombstone right after the delete, in its partition
+            let tombstone = c.op == Op::Delete && m.payload().is_none();
+            return tombstone && after_resent_delete.is_some_and(|k| m.key() == Some(&k[..]));
+        };
+        let marks = ing.source_marks.entry(tp.clone()).or_default();
+        let Some(at) = marks.get(&pos.stream).copied() else {
+            if marks.len() < MAX_STREAMS_PER_PARTITION {
+                marks.insert(pos.stream.clone(), pos.at);
+                self.marks_moved.insert(tp);
+            }
+            return false;
+        };
+        if pos.at >= at {
+            if pos.at > at {
+                marks.insert(pos.stream.clone(), pos.at);
+                self.marks_moved.insert(tp);
+            }
+            return false;
+        }
+        self.resent += 1;
+        if self.first_resent.is_none() {
+            self.first_resent = Some(format!(
+                "{}/{} offset {} (stream {}, position {:?} < {:?})",
+                tp.0,
+                tp.1,
+                m.offset(),
+                pos.stream,
+                pos.at,
+                at
+            ));
+        }
+        if c.op == Op::Delete {
+            ing.resent_delete
+                .insert(tp, m.key().map(<[u8]>::to_vec).unwrap_or_default());
+        }
+        true
     }
 
     fn dead_letter(&mut self, ing: &mut Ingest, m: &BorrowedMessage<'_>, e: &decode::DecodeError) {
@@ -376,6 +443,21 @@ impl BatchStage {
         }
         for ((topic, partition), next) in &self.advanced {
             wb.set_position(topic, *partition, *next);
+        }
+        for tp in &self.marks_moved {
+            if let Some(marks) = ing.source_marks.get(tp) {
+                wb.set_source_marks(&tp.0, tp.1, marks);
+            }
+        }
+        if self.resent > 0 {
+            ing.metrics.source_resends.inc_by(self.resent);
+            if crate::cdc::source::throttled("ingest-resent", std::time::Duration::from_secs(10)) {
+                tracing::warn!(
+                    skipped = self.resent,
+                    first = self.first_resent.as_deref().unwrap_or(""),
+                    "skipped changes that the connector sent again (their source position is below what the partition reached; logged at most every 10 s)"
+                );
+            }
         }
         for (id, letter) in &self.letters {
             wb.add_dead_letter(*id, letter);

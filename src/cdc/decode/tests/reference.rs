@@ -156,6 +156,15 @@ fn envelope(
         row: None,
         ts_ms,
         kafka_ts_ms: rec.timestamp_ms,
+        source_pos: crate::cdc::decode::sequence::postgres(
+            source
+                .and_then(|s| s.get("connector"))
+                .and_then(Value::as_str),
+            source.and_then(|s| s.get("name")).and_then(Value::as_str),
+            source
+                .and_then(|s| s.get("sequence"))
+                .and_then(Value::as_str),
+        ),
     };
     if op == Op::Truncate {
         return Ok(DecodeOutput {
@@ -223,6 +232,7 @@ fn tombstone(rec: &RawRecord<'_>, settings: &DecodeSettings) -> Result<DecodeOut
         row: None,
         ts_ms: rec.timestamp_ms,
         kafka_ts_ms: rec.timestamp_ms,
+        source_pos: None,
     };
     Ok(DecodeOutput {
         decoded: Decoded::Change(change),
@@ -318,6 +328,7 @@ fn unwrapped(
         row: None,
         ts_ms,
         kafka_ts_ms: rec.timestamp_ms,
+        source_pos: None,
     };
     if op == Op::Truncate {
         return Ok(DecodeOutput {
