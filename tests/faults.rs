@@ -600,6 +600,15 @@ async fn new_clients_after_kill9(gateway: bool) {
         drop(ws);
         prod.await.unwrap();
         node.wait_ready(Duration::from_secs(90)).await;
+        // ready only once the hold ended: a load balancer sends no one to a node that holds
+        let recovered = node
+            .log_text()
+            .matches("recovered from the unclean stop")
+            .count();
+        assert!(
+            recovered > round,
+            "round {round}: /readyz said ready before the unclean-stop hold ended"
+        );
     }
     if let Some(m) = materialiser.as_mut() {
         m.stop();

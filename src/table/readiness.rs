@@ -68,6 +68,7 @@ impl Readiness {
                 || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
             && (!self.needs_follower || self.follower.load(Ordering::Acquire))
             && self.events.load(Ordering::Acquire)
+            && self.is_recovered()
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -127,12 +128,16 @@ impl Readiness {
 
     /// After an unclean stop: clients may have been sent changes that were not durable yet; until
     /// the ingest applied them again, a snapshot would show older values than they saw.
+    /// Not ready meanwhile: new subscriptions are held, so a load balancer should send clients
+    /// elsewhere.
     pub fn set_recovering(&self) {
         self.recovered.send_replace(false);
+        self.publish();
     }
 
     pub fn set_recovered(&self) {
         self.recovered.send_replace(true);
+        self.publish();
     }
 
     pub fn is_recovered(&self) -> bool {
@@ -161,9 +166,44 @@ impl Readiness {
         if !self.healthy.load(Ordering::Acquire) {
             return "failed: see the log".into();
         }
+        let parts_ready = (!self.needs_ingest
+            || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
+            && (!self.needs_follower || self.follower.load(Ordering::Acquire))
+            && self.events.load(Ordering::Acquire);
+        if parts_ready && !self.is_recovered() {
+            return "recovering from an unclean stop: new subscriptions wait until what clients may \
+                    have been sent before it is applied again"
+                .into();
+        }
         self.reason
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_holding_new_subscriptions_is_not_ready() {
+        let r = Readiness::new(true, false);
+        r.loaded.store(true, Ordering::Release);
+        r.set_ingest(true, "");
+        assert!(r.is_ready());
+        let fresh = r.freshness();
+        r.set_recovering();
+        assert!(!r.is_ready());
+        assert!(r.reason().contains("unclean stop"), "{}", r.reason());
+        assert!(!fresh.borrow().caught_up, "live clients are told");
+        // another part's reason comes first while it is not ready
+        r.set_ingest(false, "t/0 is 5000 records behind");
+        assert_eq!(r.reason(), "ingest: t/0 is 5000 records behind");
+        r.set_ingest(true, "");
+        r.set_recovered();
+        assert!(r.is_ready());
+        assert_eq!(r.reason(), "");
+        assert!(fresh.borrow().caught_up);
     }
 }
