@@ -257,6 +257,11 @@ async fn the_page_shows_the_demo_views_live() {
         serde_json::from_str(records[1].value.as_deref().unwrap()).unwrap();
     moved["after"]["odd1"] = "9.999".into();
     moved["op"] = "u".into();
+    // a later change than the captured stream's (whose events reached LSN 26752336), as
+    // Debezium would number it: an older position is a re-send, and skipped
+    moved["source"]["snapshot"] = "false".into();
+    moved["source"]["lsn"] = 26760000.into();
+    moved["source"]["sequence"] = r#"["26760000","26760000"]"#.into();
     let change = FixtureRecord {
         key: records[1].key.clone(),
         value: Some(moved.to_string()),

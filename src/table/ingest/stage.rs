@@ -315,7 +315,8 @@ impl BatchStage {
     /// incremental snapshots interleave reads at older positions with the stream), or it is the
     /// tombstone that follows such a copy of a delete. Moves the partition's mark otherwise.
     fn is_resent(&mut self, ing: &mut Ingest, m: &BorrowedMessage<'_>, c: &Change) -> bool {
-        if !ing.skip_source_resends {
+        if !ing.skip_source_resends || (c.source_pos.is_none() && ing.resent_delete.is_empty()) {
+            // nothing to compare, nothing to forget (the common case: no allocation)
             return false;
         }
         let tp: Tp = (m.topic().to_string(), m.partition());
