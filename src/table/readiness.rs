@@ -64,11 +64,16 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
             && self.healthy.load(Ordering::Acquire)
-            && (!self.needs_ingest
-                || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
+            && self.parts_ready()
+            && self.is_recovered()
+    }
+
+    /// Ingest (with durability), follower and events, each where this node needs it.
+    fn parts_ready(&self) -> bool {
+        (!self.needs_ingest
+            || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
             && (!self.needs_follower || self.follower.load(Ordering::Acquire))
             && self.events.load(Ordering::Acquire)
-            && self.is_recovered()
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -166,11 +171,7 @@ impl Readiness {
         if !self.healthy.load(Ordering::Acquire) {
             return "failed: see the log".into();
         }
-        let parts_ready = (!self.needs_ingest
-            || (self.ingest.load(Ordering::Acquire) && self.checkpoint.load(Ordering::Acquire)))
-            && (!self.needs_follower || self.follower.load(Ordering::Acquire))
-            && self.events.load(Ordering::Acquire);
-        if parts_ready && !self.is_recovered() {
+        if self.parts_ready() && !self.is_recovered() {
             return "recovering from an unclean stop: new subscriptions wait until what clients may \
                     have been sent before it is applied again"
                 .into();

@@ -390,17 +390,8 @@ impl Store {
                     }
                 }
                 Some(b'p') => {
-                    let rest = &k[1..];
-                    let split = rest
-                        .len()
-                        .checked_sub(5)
-                        .ok_or_else(|| corrupt("position key"))?;
-                    let topic = utf8(&rest[..split]).ok_or_else(|| corrupt("position topic"))?;
-                    let partition = i32::from_be_bytes(
-                        rest[split + 1..]
-                            .try_into()
-                            .map_err(|_| corrupt("position partition"))?,
-                    );
+                    let (topic, partition) =
+                        split_topic_partition(&k[1..]).ok_or_else(|| corrupt("position key"))?;
                     let offset = i64::from_be_bytes(
                         v.as_ref()
                             .try_into()
