@@ -10,14 +10,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::procs::{api_state, Node};
+use common::procs::{api_state, Node, Watcher};
 use common::*;
-use futures::StreamExt;
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::json;
 
 const KEYS: usize = 120;
 
@@ -77,63 +74,6 @@ fn oracle(end: usize) -> BTreeMap<String, i64> {
     t
 }
 
-/// What a WebSocket client saw: its rows, and every time a key showed a value older than one it
-/// had shown before, deletes in between included (`n` only grows along the stream, a re-created
-/// key's too).
-#[derive(Default)]
-struct Seen {
-    state: BTreeMap<String, i64>,
-    max_ever: BTreeMap<String, i64>,
-    older: Vec<String>,
-}
-
-async fn watch(base: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
-    let url = format!("{}/ws?table=t", base.replace("http://", "ws://"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let s = seen.clone();
-    let task = tokio::spawn(async move {
-        while let Some(Ok(msg)) = ws.next().await {
-            let Message::Text(t) = msg else { continue };
-            let m: Value = serde_json::from_str(t.as_str()).unwrap();
-            let rows = match m["type"].as_str() {
-                Some("snapshot") => &m["rows"],
-                Some("patch") => &m["patch"],
-                _ => continue,
-            };
-            let mut seen = s.lock().unwrap();
-            if m["type"] == "snapshot" {
-                seen.state.clear();
-            }
-            let Some(rows) = rows.as_object() else {
-                continue;
-            };
-            for (k, v) in rows {
-                if v.is_null() {
-                    seen.state.remove(k);
-                    continue;
-                }
-                let Some(n) = v["n"].as_i64() else { continue };
-                let max = seen.max_ever.get(k).copied().unwrap_or(-1);
-                if n < max {
-                    let what = format!("{k}: {max} -> {n} ({})", m["type"]);
-                    seen.older.push(what);
-                }
-                seen.max_ever.insert(k.clone(), n.max(max));
-                seen.state.insert(k.clone(), n);
-            }
-        }
-    });
-    (seen, task)
-}
-
-async fn until_client(seen: &Arc<Mutex<Seen>>, want: &BTreeMap<String, i64>, what: &str) {
-    eventually(what, Duration::from_secs(60), || async {
-        (seen.lock().unwrap().state == *want).then_some(())
-    })
-    .await;
-}
-
 async fn until_api(base: &str, want: &BTreeMap<String, i64>, what: &str) {
     eventually(what, Duration::from_secs(60), || async {
         (api_state(base, "t").await.as_ref() == Some(want)).then_some(())
@@ -171,18 +111,24 @@ async fn changes_a_connector_sends_again_never_take_a_key_back() {
     produce_keyed(&p, &topic, &changes(0..KEYS)).await;
     node.wait_ready(Duration::from_secs(90)).await;
     control.wait_ready(Duration::from_secs(90)).await;
-    let (seen, _task) = watch(&node.base).await;
-    let (seen_apply, _task_apply) = watch(&control.base).await;
+    let seen = Watcher::connect(&node.base, "t", None).await;
+    let seen_apply = Watcher::connect(&control.base, "t", None).await;
 
     // the stream, then Connect's crash: it sends again everything after its last flushed offset
     produce_keyed(&p, &topic, &changes(KEYS..first)).await;
-    until_client(&seen, &oracle(first), "the client holds the stream").await;
-    until_client(
-        &seen_apply,
+    seen.until_state(
         &oracle(first),
-        "the control's client holds the stream",
+        Duration::from_secs(60),
+        "the client holds the stream",
     )
     .await;
+    seen_apply
+        .until_state(
+            &oracle(first),
+            Duration::from_secs(60),
+            "the control's client holds the stream",
+        )
+        .await;
     let resent = first / 2..first;
     let half = resent.start + resent.len() / 2;
     produce_keyed(&p, &topic, &changes(resent.start..half)).await;
@@ -200,18 +146,25 @@ async fn changes_a_connector_sends_again_never_take_a_key_back() {
     produce_keyed(&p, &topic, &changes(half..first)).await;
     node.start();
     node.wait_ready(Duration::from_secs(90)).await;
-    let (seen_after, _task_after) = watch(&node.base).await;
+    let seen_after = Watcher::connect(&node.base, "t", None).await;
     // then the stream goes on
     produce_keyed(&p, &topic, &changes(first..end)).await;
     let want = oracle(end);
-    until_client(
-        &seen_after,
-        &want,
-        "the client after the restart holds the stream",
-    )
-    .await;
+    seen_after
+        .until_state(
+            &want,
+            Duration::from_secs(60),
+            "the client after the restart holds the stream",
+        )
+        .await;
     until_api(&node.base, &want, "the API holds the stream").await;
-    until_client(&seen_apply, &want, "the control's client holds the stream").await;
+    seen_apply
+        .until_state(
+            &want,
+            Duration::from_secs(60),
+            "the control's client holds the stream",
+        )
+        .await;
 
     let skipped = node
         .metric("livetable_source_resends_skipped_total")
@@ -219,11 +172,19 @@ async fn changes_a_connector_sends_again_never_take_a_key_back() {
         .unwrap_or(0.0);
     assert_eq!(api_state(&control.base, "t").await, Some(want));
     {
-        let after = seen_after.lock().unwrap();
-        assert!(after.older.is_empty(), "went back: {:?}", after.older);
+        let after = seen_after.seen.lock().unwrap();
+        assert!(
+            after.older_than_ever.is_empty(),
+            "went back: {:?}",
+            after.older_than_ever
+        );
         // what the first client showed before the kill, then the new one: never older
-        let before = seen.lock().unwrap();
-        assert!(before.older.is_empty(), "went back: {:?}", before.older);
+        let before = seen.seen.lock().unwrap();
+        assert!(
+            before.older_than_ever.is_empty(),
+            "went back: {:?}",
+            before.older_than_ever
+        );
         let back: Vec<String> = before
             .max_ever
             .iter()
@@ -239,16 +200,16 @@ async fn changes_a_connector_sends_again_never_take_a_key_back() {
     {
         // the control applied the copies: its client saw keys go back, so the stream above does
         // test the check
-        let control_seen = seen_apply.lock().unwrap();
+        let control_seen = seen_apply.seen.lock().unwrap();
         assert!(
-            control_seen.older.len() >= 10,
+            control_seen.older_than_ever.len() >= 10,
             "with --source-resends apply the copies show older values: {:?}",
-            control_seen.older
+            control_seen.older_than_ever
         );
         eprintln!(
             "skip: {skipped} copies skipped after the restart; apply: {} older values shown, e.g. {:?}",
-            control_seen.older.len(),
-            control_seen.older.first()
+            control_seen.older_than_ever.len(),
+            control_seen.older_than_ever.first()
         );
     }
     node.stop();

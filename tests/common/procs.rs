@@ -162,6 +162,11 @@ pub struct Seen {
     pub pos: Option<String>,
     /// Every time a key's `n` went back.
     pub regressions: Vec<String>,
+    /// The highest `n` each key ever showed, through deletes.
+    pub max_ever: BTreeMap<String, i64>,
+    /// Every time a key showed an `n` below one it had shown before, a delete in between or not
+    /// (where `n` grows along the stream, a re-created key's too).
+    pub older_than_ever: Vec<String>,
     pub closed: bool,
 }
 
@@ -215,6 +220,7 @@ impl Watcher {
                 } else {
                     seen.state.clone()
                 };
+                let touched: Vec<String> = rows.keys().cloned().collect();
                 for (k, v) in rows {
                     if v.is_null() {
                         next.remove(&k);
@@ -236,6 +242,17 @@ impl Watcher {
                         let r = format!("{k}: {old} -> {new} ({kind})");
                         seen.regressions.push(r);
                     }
+                }
+                for k in &touched {
+                    let Some(n) = next.get(k).and_then(|r| r["n"].as_i64()) else {
+                        continue;
+                    };
+                    let max = seen.max_ever.get(k).copied().unwrap_or(i64::MIN);
+                    if n < max {
+                        seen.older_than_ever
+                            .push(format!("{k}: {max} -> {n} ({kind})"));
+                    }
+                    seen.max_ever.insert(k.clone(), n.max(max));
                 }
                 seen.state = next;
                 if complete {
