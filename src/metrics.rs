@@ -232,7 +232,7 @@ impl Metrics {
             kafka_to_socket_seconds: histogram(&r, "livetable_kafka_to_socket_seconds", "Time from the Kafka record's timestamp to the patch being written to a socket.", vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             resumes: counter_vec(&r, "livetable_resumes_total", "Resume requests, by result (hit: one patch from the replay buffer; miss: a snapshot).", &["result"]),
             conflated_changes: counter("livetable_conflated_changes_total", "Row changes composed into an already pending patch of a client."),
-            resnapshots: counter("livetable_resnapshots_total", "Snapshots re-sent because a client fell behind the update channel or the epoch changed."),
+            resnapshots: counter("livetable_resnapshots_total", "Subscriptions started again because a client fell behind the update channel or the epoch changed (a new snapshot; format=rows: continued from the replay buffer, or the connection closed)."),
             routed_subscriptions: int_gauge("livetable_routed_subscriptions", "Live subscriptions routed by their keys or an indexed where (sent only the updates that may concern them)."),
             view_rebuilds: counter_vec(&r, "livetable_view_rebuilds_total", "Declared views recomputed from their input's rows (at start, and when the input's updates did not follow on), by view.", &["view"]),
             view_changes: counter_vec(&r, "livetable_view_changes_total", "Output row changes of declared views, by view.", &["view"]),
@@ -319,6 +319,7 @@ impl Metrics {
                 "too_big",
                 "unauthorized",
                 "token_expired",
+                "rows_resync",
             ],
         );
         init(&m.sent_bytes, &["snapshot", "patch", "row", "control"]);

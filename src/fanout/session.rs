@@ -105,6 +105,22 @@ pub struct Session {
     pub queued: Vec<Outgoing>,
     /// Shared, already serialised patch frames, written as they are.
     pub frames: Vec<SharedFrame>,
+    /// Set when the connection must be closed after what is pending: a `format=rows`
+    /// subscription could not be continued exactly (see [`Session::restart`]).
+    pub close: Option<RowsResync>,
+}
+
+/// Why a `format=rows` connection is closed: it fell behind its table further than the replay
+/// buffer reaches (or the table's lineage changed), and the format has no message that replaces
+/// what the client holds, so a list of the current rows would leave the rows deleted meanwhile
+/// on the client. Reconnecting starts it over with the current rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsResync;
+
+impl RowsResync {
+    /// The WebSocket close code (application range).
+    pub const CODE: u16 = 4409;
+    pub const REASON: &'static str = "fell behind the table: reconnect for its current rows";
 }
 
 impl Session {
@@ -132,6 +148,7 @@ impl Session {
             access: Access::Open,
             queued: Vec::new(),
             frames: Vec::new(),
+            close: None,
         }
     }
 
@@ -344,7 +361,17 @@ impl Session {
         format: Format,
         union: Option<&'a str>,
     ) -> futures::future::BoxFuture<'a, Vec<Outgoing>> {
-        Box::pin(self.start_unboxed(table, selector, since, format, union))
+        Box::pin(async move {
+            let (out, start) = self
+                .start_unboxed(table, selector, since, format, union)
+                .await;
+            match start {
+                Some(Start::ResumeHit) => self.metrics.resumes.with_label_values(&["hit"]).inc(),
+                Some(Start::ResumeMiss) => self.metrics.resumes.with_label_values(&["miss"]).inc(),
+                Some(Start::Snapshot) | None => {}
+            }
+            out
+        })
     }
 
     async fn start_unboxed(
@@ -354,13 +381,13 @@ impl Session {
         since: Option<&str>,
         format: Format,
         union: Option<&str>,
-    ) -> Vec<Outgoing> {
+    ) -> (Vec<Outgoing>, Option<Start>) {
         let requested = selector.clone();
         let selector = match self.access.selector(table, selector) {
             Ok(s) => s,
             // a union's member the token does not allow is simply not part of it for this client
-            Err(_) if union.is_some() => return Vec::new(),
-            Err(d) => return vec![self.refused(table, d)],
+            Err(_) if union.is_some() => return (Vec::new(), None),
+            Err(d) => return (vec![self.refused(table, d)], None),
         };
         // a subscription by keys or an indexed `where` gets only the updates it may see
         let route = union.is_none().then(|| RouteSpec::of(&selector)).flatten();
@@ -373,7 +400,7 @@ impl Session {
         };
         let Some(feed) = feed else {
             if union.is_some() {
-                return Vec::new();
+                return (Vec::new(), None);
             }
             self.watch_created();
             self.waiting.push(Waiter {
@@ -381,9 +408,12 @@ impl Session {
                 selector: requested,
                 format,
             });
-            return vec![Outgoing::Waiting {
-                table: table.to_string(),
-            }];
+            return (
+                vec![Outgoing::Waiting {
+                    table: table.to_string(),
+                }],
+                None,
+            );
         };
         match start_subscription(
             self.hub.clone(),
@@ -396,11 +426,6 @@ impl Session {
         .await
         {
             Ok((sub, out, start)) => {
-                match start {
-                    Start::ResumeHit => self.metrics.resumes.with_label_values(&["hit"]).inc(),
-                    Start::ResumeMiss => self.metrics.resumes.with_label_values(&["miss"]).inc(),
-                    Start::Snapshot => {}
-                }
                 let key = match feed {
                     Feed::Routed(_) => {
                         self.last_feed += 1;
@@ -423,9 +448,9 @@ impl Session {
                     requested,
                     feed: key.1,
                 });
-                out
+                (out, Some(start))
             }
-            Err(e) => vec![error(ErrorCode::UnknownTable, e.to_string())],
+            Err(e) => (vec![error(ErrorCode::UnknownTable, e.to_string())], None),
         }
     }
 
@@ -601,22 +626,7 @@ impl Session {
         let restarted = !stale.is_empty();
         for i in stale.into_iter().rev() {
             let m = self.members.remove(i);
-            self.metrics.resnapshots.inc();
-            let out = self
-                .start(
-                    &m.sub.table,
-                    m.requested.clone(),
-                    None,
-                    m.sub.format,
-                    m.union.as_deref(),
-                )
-                .await;
-            match &m.union {
-                Some(u) => self
-                    .queued
-                    .extend(out.into_iter().map(|o| into_union(u, &m.sub.table, o))),
-                None => self.queued.extend(out),
-            }
+            self.restart(m).await;
         }
         if restarted {
             self.prune_feeds();
@@ -630,7 +640,6 @@ impl Session {
     }
 
     async fn resnapshot_unboxed(&mut self, key: &FeedKey) {
-        self.metrics.resnapshots.inc();
         let table = key.0.as_str();
         let (mine, rest): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
             .into_iter()
@@ -638,21 +647,58 @@ impl Session {
         self.members = rest;
         self.streams.remove(key);
         for m in mine {
-            let out = self
-                .start(
-                    &m.sub.table,
-                    m.requested.clone(),
-                    None,
-                    m.sub.format,
-                    m.union.as_deref(),
-                )
-                .await;
-            match &m.union {
-                Some(u) => self
-                    .queued
-                    .extend(out.into_iter().map(|o| into_union(u, table, o))),
-                None => self.queued.extend(out),
+            self.restart(m).await;
+        }
+    }
+
+    /// Starts member `m` again: it fell behind its feed, or its table's lineage changed.
+    ///
+    /// A patch subscription gets a fresh snapshot, which replaces what the client holds. A
+    /// `format=rows` one has no such message: the current rows alone would leave the rows
+    /// deleted meanwhile on the client. So it goes on from its position through the replay
+    /// buffer, deletes included; when the buffer does not reach back that far (or the lineage
+    /// changed), the connection is closed ([`RowsResync`]) and the client's reconnect gets the
+    /// current rows as a new connection.
+    async fn restart(&mut self, mut m: Member) {
+        self.metrics.resnapshots.inc();
+        let table = m.sub.table.clone();
+        let format = m.sub.format;
+        let since = match format {
+            Format::Rows => {
+                // what it composed so far goes out first: the replay starts after it
+                let pending = m.sub.take();
+                self.queue(m.union.as_deref(), &table, pending);
+                Some(m.sub.token())
             }
+            Format::Patch => None,
+        };
+        let union = m.union.take();
+        let requested = std::mem::take(&mut m.requested);
+        drop(m);
+        let (out, start) = self
+            .start_unboxed(
+                &table,
+                requested,
+                since.as_deref(),
+                format,
+                union.as_deref(),
+            )
+            .await;
+        if format == Format::Rows && start.is_some_and(|s| s != Start::ResumeHit) {
+            self.unsubscribe(&table);
+            self.close = Some(RowsResync);
+            return;
+        }
+        self.queue(union.as_deref(), &table, out);
+    }
+
+    /// Queues a subscription's output, wrapped for its union when it is a member of one.
+    fn queue(&mut self, union: Option<&str>, table: &str, out: Vec<Outgoing>) {
+        match union {
+            Some(u) => self
+                .queued
+                .extend(out.into_iter().map(|o| into_union(u, table, o))),
+            None => self.queued.extend(out),
         }
     }
 
@@ -779,3 +825,6 @@ fn append_rows(chunks: &mut Vec<Vec<u8>>, table: &str, rows: Map<String, Value>)
 pub fn error(code: ErrorCode, message: String) -> Outgoing {
     Outgoing::Error { code, message }
 }
+
+#[cfg(test)]
+mod tests;

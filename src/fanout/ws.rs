@@ -288,6 +288,13 @@ impl Connection {
                     }
                 }
             }
+            if self.session.close.take().is_some() {
+                use crate::fanout::session::RowsResync;
+                let _ = socket
+                    .send(close(RowsResync::CODE, RowsResync::REASON))
+                    .await;
+                return "rows_resync";
+            }
             tokio::select! {
                 biased;
                 // unanswered publishes are bounded: past the bound the socket is not read until

@@ -383,7 +383,24 @@ async fn ws_session(
     let mut initial_keys: std::collections::HashSet<String> = Default::default();
     let mut initial = true;
     let mut initial_state: Option<BTreeMap<String, Value>> = rows.then(BTreeMap::new);
-    while let Some(msg) = ws.next().await {
+    loop {
+        // the initial rows also end when nothing follows them (the workload stopped)
+        let msg = if rows && initial {
+            match tokio::time::timeout(Duration::from_millis(250), ws.next()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    if first_row.is_some_and(|t| t.elapsed() > INITIAL_ROWS_QUIET) {
+                        initial = false;
+                        let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        forget_gone(&mut g, initial_state.take());
+                    }
+                    continue;
+                }
+            }
+        } else {
+            ws.next().await
+        };
+        let Some(msg) = msg else { break };
         let text = match msg {
             Ok(Message::Text(t)) => t,
             Ok(Message::Close(_)) | Err(_) => break,
@@ -409,20 +426,9 @@ async fn ws_session(
             .unwrap_or_default()
             .to_string();
         let since_first = first_row.get_or_insert_with(Instant::now).elapsed();
-        if initial && (initial_keys.contains(&key) || since_first > Duration::from_secs(3)) {
+        if initial && (initial_keys.contains(&key) || since_first > INITIAL_ROWS_QUIET) {
             initial = false;
-            // keys the new connection's rows do not carry are gone
-            if let Some(st) = initial_state.take() {
-                let gone: Vec<String> = g
-                    .state
-                    .keys()
-                    .filter(|k| !st.contains_key(*k))
-                    .cloned()
-                    .collect();
-                for k in gone {
-                    g.apply(&k, None, true, "rows reconnect");
-                }
-            }
+            forget_gone(&mut g, initial_state.take());
         }
         // a rows connection carries no position: a regression in its first seconds (the initial
         // rows, or a node that is still restoring) counts as stale-after-recovery, later ones as
@@ -451,6 +457,23 @@ async fn ws_session(
         g.apply(&key, row, recovering, at);
     }
     Ok(())
+}
+
+/// How long after the first row of a `rows` connection its initial rows are taken as complete.
+const INITIAL_ROWS_QUIET: Duration = Duration::from_secs(3);
+
+/// Removes the keys a new `rows` connection's initial rows do not carry: they are gone.
+fn forget_gone(g: &mut Seen, initial: Option<BTreeMap<String, Value>>) {
+    let Some(st) = initial else { return };
+    let gone: Vec<String> = g
+        .state
+        .keys()
+        .filter(|k| !st.contains_key(*k))
+        .cloned()
+        .collect();
+    for k in gone {
+        g.apply(&k, None, true, "rows reconnect");
+    }
 }
 
 async fn sse_session(

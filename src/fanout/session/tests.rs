@@ -1,0 +1,209 @@
+//! A `format=rows` subscription that falls behind its table's update channel.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{RowsResync, Session};
+use crate::cdc::decode::Op;
+use crate::fanout::hub::Hub;
+use crate::fanout::protocol::{Format, Outgoing};
+use crate::fanout::selector::Selector;
+use crate::metrics::Metrics;
+use crate::table::state::{Delta, RowWrite, SliceMode, Tables};
+
+struct Fixture {
+    tables: Arc<Tables>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    off: i64,
+}
+
+impl Fixture {
+    /// A one-partition table `t` with rows `k0..k9` (`n` = 0), and a hub whose update channel
+    /// holds 16 updates and whose replay buffer holds `replay` changes.
+    fn new(replay: usize) -> Self {
+        let tables = Arc::new(Tables::default());
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(tables.clone(), metrics.clone(), replay, 16));
+        tables
+            .ensure("t", "e1", "topic", 1)
+            .update_slices(|s| s.slice_mut(0).mode = SliceMode::Owned);
+        hub.open("t");
+        let mut f = Fixture {
+            tables,
+            hub,
+            metrics,
+            off: 0,
+        };
+        f.commit((0..10).map(|i| (format!("k{i}"), Some(0))).collect());
+        f
+    }
+
+    /// One update: each key's new `n` (`None`: deleted).
+    fn commit(&mut self, writes: Vec<(String, Option<i64>)>) {
+        let t = self.tables.get("t").expect("table");
+        let mut d = Delta::new(t);
+        for (key, n) in writes {
+            self.off += 1;
+            let row = n.map(|n| {
+                let v = json!({"id": key, "n": n});
+                Arc::new(v.as_object().cloned().unwrap_or_default())
+            });
+            d.stage(RowWrite {
+                key,
+                row,
+                op: Op::Update,
+                part: 0,
+                off: self.off,
+                ts_ms: None,
+                kafka_ts_ms: None,
+            });
+        }
+        self.tables.commit(d, &*self.hub);
+    }
+
+    /// The table's rows as `key -> n`.
+    fn table(&self) -> BTreeMap<String, i64> {
+        let t = self.tables.get("t").expect("table");
+        let s = t.read();
+        s.rows
+            .iter()
+            .map(|(k, e)| (k.clone(), e.row["n"].as_i64().unwrap_or(-1)))
+            .collect()
+    }
+
+    fn session(&self) -> Session {
+        Session::new(
+            self.hub.clone(),
+            self.metrics.clone(),
+            Duration::from_secs(1),
+            16,
+            Arc::from(Vec::new()),
+        )
+    }
+
+    /// 60 single-change updates (more than the channel holds): k0..k4 deleted, k5..k9 updated
+    /// and new keys n0..n9 created.
+    fn burst(&mut self) {
+        for i in 0..60 {
+            let w = match i % 3 {
+                0 if i / 3 < 5 => (format!("k{}", i / 3), None),
+                0 => (format!("n{}", i / 3 - 5), Some(i)),
+                1 => (format!("k{}", 5 + (i / 3) % 5), Some(i)),
+                _ => (format!("n{}", (i / 3) % 10), Some(i)),
+            };
+            self.commit(vec![w]);
+        }
+    }
+}
+
+/// Applies `format=rows` messages to a client's state.
+fn apply(state: &mut BTreeMap<String, i64>, out: Vec<Outgoing>) {
+    for o in out {
+        let Outgoing::Row(r) = o else {
+            panic!("a rows session sent {o:?}");
+        };
+        let key = r["id"].as_str().expect("id").to_string();
+        if r["__deleted"] == Value::Bool(true) {
+            state.remove(&key);
+        } else {
+            state.insert(key, r["n"].as_i64().expect("n"));
+        }
+    }
+}
+
+/// Runs the session's events until none comes for a moment.
+async fn drain(s: &mut Session, state: &mut BTreeMap<String, i64>) {
+    for _ in 0..1000 {
+        match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
+            Ok(event) => s.on_event(event).await,
+            Err(_) => break,
+        }
+        if s.close.is_some() {
+            break;
+        }
+        let (out, frames) = s.take();
+        assert!(frames.is_empty(), "rows sessions get no shared frames");
+        apply(state, out);
+    }
+    let (out, _) = s.take();
+    apply(state, out);
+}
+
+#[tokio::test]
+async fn a_rows_client_that_fell_behind_gets_the_deletes_it_missed() {
+    let mut f = Fixture::new(10_000);
+    let mut s = f.session();
+    let mut client = BTreeMap::new();
+    apply(
+        &mut client,
+        s.subscribe("t", Selector::default(), None, Format::Rows)
+            .await,
+    );
+    assert_eq!(client, f.table());
+    f.burst();
+    drain(&mut s, &mut client).await;
+    assert!(
+        f.metrics.resnapshots.get() >= 1,
+        "the session did not fall behind its channel: the test tests nothing"
+    );
+    assert_eq!(s.close, None, "the replay buffer covers the gap");
+    assert!(!client.contains_key("k0"), "k0 was deleted: {client:?}");
+    assert_eq!(client, f.table(), "the client's rows are the table's");
+    // and it goes on live
+    f.commit(vec![("k9".into(), Some(1000)), ("k5".into(), None)]);
+    drain(&mut s, &mut client).await;
+    assert_eq!(client, f.table());
+}
+
+#[tokio::test]
+async fn a_rows_client_behind_the_replay_buffer_is_closed_not_sent_a_partial_list() {
+    let mut f = Fixture::new(8);
+    let mut s = f.session();
+    let mut client = BTreeMap::new();
+    apply(
+        &mut client,
+        s.subscribe("t", Selector::default(), None, Format::Rows)
+            .await,
+    );
+    f.burst();
+    drain(&mut s, &mut client).await;
+    assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
+    assert_eq!(s.close, Some(RowsResync));
+    // nothing it was sent claims a state it does not have: every row it holds is a value the
+    // key really had, and no list of current rows followed
+    let (out, _) = s.take();
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_patch_client_that_fell_behind_gets_a_new_snapshot() {
+    let mut f = Fixture::new(8);
+    let mut s = f.session();
+    let first = s
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    assert!(
+        matches!(first[..], [Outgoing::Snapshot { .. }]),
+        "{first:?}"
+    );
+    f.burst();
+    let mut snapshots = 0;
+    for _ in 0..1000 {
+        match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
+            Ok(event) => s.on_event(event).await,
+            Err(_) => break,
+        }
+        let (out, _) = s.take();
+        snapshots += out
+            .iter()
+            .filter(|o| matches!(o, Outgoing::Snapshot { .. }))
+            .count();
+    }
+    assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
+    assert!(snapshots >= 1, "a patch client is sent a new snapshot");
+    assert_eq!(s.close, None);
+}
