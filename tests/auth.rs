@@ -647,6 +647,33 @@ async fn tokens_are_checked_and_exp_is_enforced_during_the_connection() {
         next_msg(&mut ws, Duration::from_secs(10)).await["code"],
         "unauthorized"
     );
+    // format=rows has no message that takes rows back: a refresh that changes the grants closes
+    // the connection (4409) rather than leave rows the new grants may not allow
+    let mut rows = ws_with(
+        &env.base,
+        "/ws?table=balances&format=rows",
+        &[("authorization", &bearer(&env.token(all.clone(), 600)))],
+    )
+    .await
+    .unwrap();
+    let first = next_msg(&mut rows, Duration::from_secs(10)).await;
+    assert!(first["account_id"].is_string(), "a balances row: {first}");
+    rows.send(Message::text(
+        json!({"type": "refresh", "token": narrow}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = rows.next().await {
+            if let Ok(Message::Close(f)) = m {
+                return f.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("the rows connection is closed after the refresh");
+    assert_eq!(closed, Some(4409));
     env.stop().await;
 }
 

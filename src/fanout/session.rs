@@ -110,17 +110,28 @@ pub struct Session {
     pub close: Option<RowsResync>,
 }
 
-/// Why a `format=rows` connection is closed: it fell behind its table further than the replay
-/// buffer reaches (or the table's lineage changed), and the format has no message that replaces
-/// what the client holds, so a list of the current rows would leave the rows deleted meanwhile
-/// on the client. Reconnecting starts it over with the current rows.
+/// Why a `format=rows` connection is closed. The format has no message that replaces what the
+/// client holds, so a list of the current rows on an open connection would leave on the client
+/// the rows it should no longer hold. Reconnecting starts it over with the current rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowsResync;
+pub enum RowsResync {
+    /// It fell behind its table further than the replay buffer reaches, or the table's lineage
+    /// changed.
+    Behind,
+    /// A refreshed token changed the grants: rows it may no longer read would stay.
+    Grants,
+}
 
 impl RowsResync {
     /// The WebSocket close code (application range).
     pub const CODE: u16 = 4409;
-    pub const REASON: &'static str = "fell behind the table: reconnect for its current rows";
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            RowsResync::Behind => "fell behind the table: reconnect for its current rows",
+            RowsResync::Grants => "the grants changed: reconnect for the rows they allow",
+        }
+    }
 }
 
 impl Session {
@@ -228,6 +239,10 @@ impl Session {
         for m in members {
             let table = m.sub.table.clone();
             let format = m.sub.format;
+            if format == Format::Rows {
+                self.close = Some(RowsResync::Grants);
+                continue;
+            }
             drop(m.sub);
             let o = self
                 .start(&table, m.requested, None, format, m.union.as_deref())
@@ -686,7 +701,7 @@ impl Session {
             .await;
         if format == Format::Rows && start.is_some_and(|s| s != Start::ResumeHit) {
             self.unsubscribe(&table);
-            self.close = Some(RowsResync);
+            self.close = Some(RowsResync::Behind);
             return;
         }
         self.queue(union.as_deref(), &table, out);

@@ -288,10 +288,12 @@ impl Connection {
                     }
                 }
             }
-            if self.session.close.take().is_some() {
-                use crate::fanout::session::RowsResync;
+            if let Some(why) = self.session.close.take() {
                 let _ = socket
-                    .send(close(RowsResync::CODE, RowsResync::REASON))
+                    .send(close(
+                        crate::fanout::session::RowsResync::CODE,
+                        why.reason(),
+                    ))
                     .await;
                 return "rows_resync";
             }

@@ -172,7 +172,7 @@ async fn a_rows_client_behind_the_replay_buffer_is_closed_not_sent_a_partial_lis
     f.burst();
     drain(&mut s, &mut client).await;
     assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
-    assert_eq!(s.close, Some(RowsResync));
+    assert_eq!(s.close, Some(RowsResync::Behind));
     // nothing it was sent claims a state it does not have: every row it holds is a value the
     // key really had, and no list of current rows followed
     let (out, _) = s.take();

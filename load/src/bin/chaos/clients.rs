@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::workload::State;
@@ -43,6 +44,8 @@ pub struct Seen {
     pub snapshots: u64,
     pub resumes: u64,
     pub errors: Vec<String>,
+    /// `format=rows` connections closed with 4409 (behind the replay buffer).
+    pub rows_resyncs: u64,
     pub reordered_visible: u64,
     pub stale_after_recovery: u64,
     /// Of `stale_after_recovery`: carried by a snapshot whose position (same epoch) is behind the
@@ -403,6 +406,11 @@ async fn ws_session(
         let Some(msg) = msg else { break };
         let text = match msg {
             Ok(Message::Text(t)) => t,
+            Ok(Message::Close(Some(f))) if f.code == CloseCode::Library(4409) => {
+                // fell behind further than the replay buffer: the rows start over
+                seen.lock().unwrap_or_else(|e| e.into_inner()).rows_resyncs += 1;
+                break;
+            }
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };

@@ -285,6 +285,8 @@ pub struct ClientReport {
     pub connects: u64,
     pub resumes: u64,
     pub snapshots: u64,
+    /// `format=rows` connections the server closed with 4409 (behind the replay buffer).
+    pub rows_resyncs: u64,
     pub messages: u64,
     pub values_checked: u64,
     pub reordered_visible: u64,
@@ -960,6 +962,7 @@ async fn check_tables(
                 connects: s.connects,
                 resumes: s.resumes,
                 snapshots: s.snapshots,
+                rows_resyncs: s.rows_resyncs,
                 messages: s.messages,
                 values_checked: s.values_checked,
                 reordered_visible: s.reordered_visible,

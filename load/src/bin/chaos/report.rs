@@ -305,14 +305,15 @@ impl Report {
                     p["pg_transactions"],
                     p["pg_rows_written"],
                 ));
-                s.push_str("| client | connects | resumes | snapshots | values checked | reordered | stale after recovery | final == oracle |\n|---|---|---|---|---|---|---|---|\n");
+                s.push_str("| client | connects | resumes | snapshots | rows closes (4409) | values checked | reordered | stale after recovery | final == oracle |\n|---|---|---|---|---|---|---|---|---|\n");
                 for c in p["clients"].as_array().into_iter().flatten() {
                     s.push_str(&format!(
-                        "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                         c["name"].as_str().unwrap_or(""),
                         c["connects"],
                         c["resumes"],
                         c["snapshots"],
+                        c["rows_resyncs"],
                         c["values_checked"],
                         c["reordered_visible"],
                         c["stale_after_recovery"],
