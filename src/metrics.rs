@@ -28,6 +28,7 @@ pub struct Metrics {
     pub restore_retries: IntCounter,
     pub restore_seconds: Gauge,
     pub group_join_seconds: Gauge,
+    pub store_load_seconds: Gauge,
     pub table_rows: IntGaugeVec,
     pub table_seq: IntGaugeVec,
     pub store_bytes: IntGauge,
@@ -152,7 +153,11 @@ impl Metrics {
         );
         let group_join_seconds = gauge(
             "livetable_group_join_seconds",
-            "From the input consumer's creation to its first partitions: the consumer group's join, which the broker may delay (0 until then).",
+            "From the input consumer's creation (before the store loads) to its first partitions (taken once the store is loaded): the consumer group's join, which the broker may delay, or the load when longer (0 until then).",
+        );
+        let store_load_seconds = gauge(
+            "livetable_store_load_seconds",
+            "Seconds the start spent reading the local store into memory.",
         );
         let int_gauge = |name: &str, help: &str| {
             let m = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -215,6 +220,7 @@ impl Metrics {
             restore_retries,
             restore_seconds,
             group_join_seconds,
+            store_load_seconds,
             table_rows: gauge_vec(&r, "livetable_table_rows", "Rows per table.", &["table"]),
             table_seq: gauge_vec(&r, "livetable_table_seq", "The change sequence number per table.", &["table"]),
             store_bytes,

@@ -269,6 +269,18 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     );
     tracing::info!(%local_addr, ?admin_addr, tls = tls.is_some(), auth = auth.enabled(), role = role.as_str(), "http listening");
 
+    // the input consumer joins its group while the store loads: a broker holds a new member for
+    // seconds (Kafka's group.initial.rebalance.delay.ms, Tansu's join), which then overlaps the
+    // load instead of following it. Nothing is taken before the ingest thread polls: the
+    // rebalance callbacks run in its poll.
+    let early_consumer = if role.ingests() {
+        let c = source::consumer(&config)?;
+        source::subscribe(&c, &config)?;
+        Some(c)
+    } else {
+        None
+    };
+    let load_started = std::time::Instant::now();
     let mut loaded = {
         let s = store.clone();
         let r = readiness.clone();
@@ -285,6 +297,15 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         .await?
         .map_err(store_err(&config.data_dir))?
     };
+    metrics
+        .store_load_seconds
+        .set(load_started.elapsed().as_secs_f64());
+    tracing::info!(
+        tables = loaded.tables.len(),
+        rows = loaded.tables.iter().map(|t| t.rows.len()).sum::<usize>(),
+        elapsed_ms = load_started.elapsed().as_millis() as u64,
+        "store loaded"
+    );
     if loaded.ignored_old_layout {
         tracing::warn!("the data directory holds a store of an older layout; it is ignored and the tables are read from the changelog topics");
     }
@@ -469,8 +490,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let mut workers = Vec::new();
     let mut consumer = None;
     let mut partitions_set = None;
-    if role.ingests() {
-        let c = source::consumer(&config)?;
+    if let Some(c) = early_consumer {
         let (checkpoint_tx, checkpoint_rx) = mpsc::channel::<Checkpoint>(64);
         let progress = Arc::new(Progress::default());
         let checkpointer = Checkpointer {
@@ -526,7 +546,6 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         c.context().set_listener(parts.clone());
         workers =
             partitions::spawn_workers(restorer, c.clone(), jobs_rx, done_tx, 4, cancel.clone());
-        source::subscribe(&c, &config)?;
         // dead letters the last run left in the outbox
         if !loaded.dead_letters.is_empty() {
             let letters = loaded

@@ -491,7 +491,9 @@ pub fn recovery(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
     let t0 = Instant::now();
     env.start(&mut lt)?;
     let restart = probe::time_to_ready(&lt.base, t0, Duration::from_secs(300))?;
-    let join = probe::metric(&probe::metrics(&lt.base), "livetable_group_join_seconds");
+    let m = probe::metrics(&lt.base);
+    let join = probe::metric(&m, "livetable_group_join_seconds");
+    let load = probe::metric(&m, "livetable_store_load_seconds");
     sc.add(
         "restart -> ready (graceful stop before)",
         restart,
@@ -499,14 +501,21 @@ pub fn recovery(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
         None,
     );
     sc.add(
-        "restart: the group join in it (livetable_group_join_seconds, the broker's delay)",
-        join,
+        "restart: the store load in it (livetable_store_load_seconds)",
+        load,
         "s",
         None,
     );
     sc.add(
-        "restart -> ready beyond the group join",
-        restart - join,
+        "restart: the group join in it (livetable_group_join_seconds; it overlaps the load)",
+        join,
+        "s",
+        None,
+    );
+    // the broker's delay counts only where it outlasted the load
+    sc.add(
+        "restart -> ready beyond the group join's wait past the load",
+        restart - (join - load).max(0.0),
         "s",
         Some(Goal::AtMost(2.0)),
     );

@@ -56,8 +56,10 @@ impl Env {
             brokers: brokers.to_string(),
             server_cpu: server_cpu.filter(|_| pin),
             tools_cpu: tools_cpu.filter(|_| pin),
+            // BENCH_KEEP=1 keeps the work directory (livetable's logs and data) after the run
             work: tempfile::Builder::new()
                 .prefix("livetable-bench")
+                .disable_cleanup(std::env::var_os("BENCH_KEEP").is_some())
                 .tempdir()?,
             run_id: format!("b{t}"),
             commands: std::sync::Mutex::new(Vec::new()),
@@ -145,7 +147,9 @@ impl Env {
 
     /// Starts livetable for `topic` with a data directory of its own; waits until HTTP answers.
     pub fn livetable(&self, name: &str, topic: &str, extra: &[&str]) -> anyhow::Result<Livetable> {
-        let mut args: Vec<String> = vec!["--log".into(), "warn".into()];
+        // BENCH_LOG=info (say) for the single-node scenarios' logs; warn by default
+        let level = std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into());
+        let mut args: Vec<String> = vec!["--log".into(), level];
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn_livetable(name, name, topic, self.server_cpu.clone(), args)
     }
