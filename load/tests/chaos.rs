@@ -5,7 +5,7 @@
 //! restart is skipped: the local broker keeps its topics in memory (see RELIABILITY.md).
 //!
 //! The seed comes from `CHAOS_SEED` (to replay a failure) or the clock; it is printed, and the
-//! reports (JSON, markdown, every process's log) stay in `target/chaos/ci-<seed>/`.
+//! reports (JSON, markdown, every process's log) stay in `target/chaos/ci-<seed>-<unix time>/`.
 //! Ports: `LIVETABLE_CHAOS_PORT_BASE` (default 19595) to +2.
 
 use std::path::PathBuf;
@@ -51,7 +51,11 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
                 % 1_000_000_000
         });
     let port_base = std::env::var("LIVETABLE_CHAOS_PORT_BASE").unwrap_or_else(|_| "19595".into());
-    let out = repo().join(format!("target/chaos/ci-{seed}"));
+    // a run of a seed run before does not overwrite that run's logs
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let out = repo().join(format!("target/chaos/ci-{seed}-{stamp}"));
     eprintln!(
         "chaos: seed {seed} (replay with CHAOS_SEED={seed}); reports and logs in {}",
         out.display()
