@@ -85,6 +85,18 @@ impl Fixture {
         )
     }
 
+    /// A session subscribed to `t` in `format=rows`, and the client state its rows make.
+    async fn rows_client(&self) -> (Session, BTreeMap<String, i64>) {
+        let mut s = self.session();
+        let mut client = BTreeMap::new();
+        apply(
+            &mut client,
+            s.subscribe("t", Selector::default(), None, Format::Rows)
+                .await,
+        );
+        (s, client)
+    }
+
     /// 60 single-change updates (more than the channel holds): k0..k4 deleted, k5..k9 updated
     /// and new keys n0..n9 created.
     fn burst(&mut self) {
@@ -136,13 +148,7 @@ async fn drain(s: &mut Session, state: &mut BTreeMap<String, i64>) {
 #[tokio::test]
 async fn a_rows_client_that_fell_behind_gets_the_deletes_it_missed() {
     let mut f = Fixture::new(10_000);
-    let mut s = f.session();
-    let mut client = BTreeMap::new();
-    apply(
-        &mut client,
-        s.subscribe("t", Selector::default(), None, Format::Rows)
-            .await,
-    );
+    let (mut s, mut client) = f.rows_client().await;
     assert_eq!(client, f.table());
     f.burst();
     drain(&mut s, &mut client).await;
@@ -162,13 +168,7 @@ async fn a_rows_client_that_fell_behind_gets_the_deletes_it_missed() {
 #[tokio::test]
 async fn a_rows_client_behind_the_replay_buffer_is_closed_not_sent_a_partial_list() {
     let mut f = Fixture::new(8);
-    let mut s = f.session();
-    let mut client = BTreeMap::new();
-    apply(
-        &mut client,
-        s.subscribe("t", Selector::default(), None, Format::Rows)
-            .await,
-    );
+    let (mut s, mut client) = f.rows_client().await;
     f.burst();
     drain(&mut s, &mut client).await;
     assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");

@@ -134,6 +134,14 @@ impl Seen {
         }
     }
 
+    /// Deletes (as a replacing state) every key `kept` says a new state does not carry.
+    fn forget_absent(&mut self, kept: impl Fn(&str) -> bool, at: &str) {
+        let gone: Vec<String> = self.state.keys().filter(|k| !kept(k)).cloned().collect();
+        for k in gone {
+            self.apply(&k, None, true, at);
+        }
+    }
+
     /// Whether message `m`'s position is behind the highest position this client was shown (same
     /// epoch) in some partition; then raises that highest position with it.
     fn behind_high(&mut self, m: &Value) -> bool {
@@ -179,15 +187,7 @@ impl Seen {
                 self.snapshot_behind = self.behind_high(m);
                 let rows = m["rows"].as_object().cloned().unwrap_or_default();
                 // keys the snapshot does not carry are gone from the client's state
-                let gone: Vec<String> = self
-                    .state
-                    .keys()
-                    .filter(|k| !rows.contains_key(*k))
-                    .cloned()
-                    .collect();
-                for k in gone {
-                    self.apply(&k, None, true, &at);
-                }
+                self.forget_absent(|k| rows.contains_key(k), &at);
                 for (k, v) in rows {
                     self.apply(&k, Some(v), true, &at);
                 }
@@ -385,7 +385,6 @@ async fn ws_session(
     let mut first_row: Option<Instant> = None;
     let mut initial_keys: std::collections::HashSet<String> = Default::default();
     let mut initial = true;
-    let mut initial_state: Option<BTreeMap<String, Value>> = rows.then(BTreeMap::new);
     loop {
         // the initial rows also end when nothing follows them (the workload stopped)
         let msg = if rows && initial {
@@ -395,7 +394,7 @@ async fn ws_session(
                     if first_row.is_some_and(|t| t.elapsed() > INITIAL_ROWS_QUIET) {
                         initial = false;
                         let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
-                        forget_gone(&mut g, initial_state.take());
+                        g.forget_absent(|k| initial_keys.contains(k), "rows reconnect");
                     }
                     continue;
                 }
@@ -436,7 +435,7 @@ async fn ws_session(
         let since_first = first_row.get_or_insert_with(Instant::now).elapsed();
         if initial && (initial_keys.contains(&key) || since_first > INITIAL_ROWS_QUIET) {
             initial = false;
-            forget_gone(&mut g, initial_state.take());
+            g.forget_absent(|k| initial_keys.contains(k), "rows reconnect");
         }
         // a rows connection carries no position: a regression in its first seconds (the initial
         // rows, or a node that is still restoring) counts as stale-after-recovery, later ones as
@@ -451,9 +450,6 @@ async fn ws_session(
         };
         if initial {
             initial_keys.insert(key.clone());
-            if let Some(st) = initial_state.as_mut() {
-                st.insert(key.clone(), Value::Null);
-            }
         }
         let row = (!deleted).then(|| {
             let mut r = m.clone();
@@ -469,20 +465,6 @@ async fn ws_session(
 
 /// How long after the first row of a `rows` connection its initial rows are taken as complete.
 const INITIAL_ROWS_QUIET: Duration = Duration::from_secs(3);
-
-/// Removes the keys a new `rows` connection's initial rows do not carry: they are gone.
-fn forget_gone(g: &mut Seen, initial: Option<BTreeMap<String, Value>>) {
-    let Some(st) = initial else { return };
-    let gone: Vec<String> = g
-        .state
-        .keys()
-        .filter(|k| !st.contains_key(*k))
-        .cloned()
-        .collect();
-    for k in gone {
-        g.apply(&k, None, true, "rows reconnect");
-    }
-}
 
 async fn sse_session(
     base: &str,
