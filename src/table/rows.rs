@@ -40,6 +40,17 @@ impl<'a> IntoIterator for &'a Rows {
     }
 }
 
+/// Rows from entries with distinct keys, in any order (sorted ones are built in linear time);
+/// no column is indexed yet.
+impl FromIterator<(String, Entry)> for Rows {
+    fn from_iter<I: IntoIterator<Item = (String, Entry)>>(iter: I) -> Self {
+        Rows {
+            map: iter.into_iter().collect(),
+            indexes: HashMap::new(),
+        }
+    }
+}
+
 impl Rows {
     /// Sets the row of `key`, keeping the indexes.
     pub fn insert(&mut self, key: String, entry: Entry) {

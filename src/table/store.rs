@@ -337,7 +337,9 @@ impl Store {
             ..Loaded::default()
         };
         let mut metas: HashMap<String, TableMeta> = HashMap::new();
-        let mut rows: HashMap<String, Vec<(String, Entry)>> = HashMap::new();
+        // rows arrive grouped by table and sorted by key (sled's order): the table's name is
+        // compared, not allocated and hashed, per row, and each table's map is bulk-built
+        let mut rows: Vec<(String, Vec<(String, Entry)>)> = Vec::new();
         let mut slices: HashMap<String, Vec<(u32, SliceMeta)>> = HashMap::new();
         let mut acks: HashMap<String, Vec<(u32, AckMeta)>> = HashMap::new();
         for item in self.tree.iter() {
@@ -353,21 +355,28 @@ impl Store {
                     metas.insert(table, meta);
                 }
                 Some(b'r') => {
-                    let (table, key) = split_two(&k[1..]).ok_or_else(|| corrupt("row key"))?;
+                    let (table, key) = split_at_nul(&k[1..]).ok_or_else(|| corrupt("row key"))?;
+                    let key = utf8(key).ok_or_else(|| corrupt("row key"))?;
                     if v.len() < 12 {
                         return Err(corrupt("row value"));
                     }
                     let (part, off) = read_part_off(&v).ok_or_else(|| corrupt("row value"))?;
                     let row: Row =
                         serde_json::from_slice(&v[12..]).map_err(|_| corrupt("row json"))?;
-                    rows.entry(table).or_default().push((
-                        key,
-                        Entry {
-                            row: Arc::new(row),
-                            part,
-                            off,
-                        },
-                    ));
+                    let entry = Entry {
+                        row: Arc::new(row),
+                        part,
+                        off,
+                    };
+                    let group = match rows.iter().rposition(|(t, _)| t.as_bytes() == table) {
+                        Some(i) => i,
+                        None => {
+                            let name = utf8(table).ok_or_else(|| corrupt("row key"))?;
+                            rows.push((name, Vec::new()));
+                            rows.len() - 1
+                        }
+                    };
+                    rows[group].1.push((key, entry));
                 }
                 Some(kind @ (b's' | b'a')) => {
                     let rest = &k[1..];
@@ -446,8 +455,8 @@ impl Store {
                 s.acked = a.acked;
                 s.cl_next = a.cl_next;
             }
-            for (key, e) in rows.remove(&name).unwrap_or_default() {
-                t.rows.insert(key, e);
+            if let Some(i) = rows.iter().position(|(t, _)| *t == name) {
+                t.rows = rows.swap_remove(i).1.into_iter().collect();
             }
             out.tables.push(t);
         }
@@ -562,9 +571,14 @@ fn utf8(b: &[u8]) -> Option<String> {
     std::str::from_utf8(b).ok().map(String::from)
 }
 
-fn split_two(b: &[u8]) -> Option<(String, String)> {
+fn split_at_nul(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let i = b.iter().position(|&c| c == 0)?;
-    Some((utf8(&b[..i])?, utf8(&b[i + 1..])?))
+    Some((&b[..i], &b[i + 1..]))
+}
+
+fn split_two(b: &[u8]) -> Option<(String, String)> {
+    let (a, b) = split_at_nul(b)?;
+    Some((utf8(a)?, utf8(b)?))
 }
 
 #[cfg(test)]
@@ -677,5 +691,44 @@ mod tests {
         assert_eq!(l.tables[0].rows.len(), 1, "only partition 1's row is left");
         assert_eq!(l.tables[0].slices[0].mode, SliceMode::Absent);
         assert!(l.deletes.is_empty());
+    }
+
+    /// Tables whose names prefix one another keep their own rows, every key once, in key order.
+    #[test]
+    fn load_groups_rows_by_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let names = ["odds", "odds2", "od", "odds.x"];
+        let mut b = WriteBatch::default();
+        for (i, name) in names.iter().enumerate() {
+            b.put_table(
+                name,
+                &TableMeta {
+                    epoch: format!("ep{i}"),
+                    source: format!("cdc.{name}"),
+                    partitions: 1,
+                },
+            );
+            // keys in no order, some of them prefixes of others
+            for n in (0..300).rev() {
+                let key = format!("k{}", (n * 7919) % 300);
+                let r = row(json!({"t": name, "k": key}));
+                b.put_row(name, &key, 0, n, &encode_row(&r));
+            }
+        }
+        store.apply(b).unwrap();
+        let l = store.load().unwrap();
+        assert_eq!(l.tables.len(), names.len());
+        for t in &l.tables {
+            assert_eq!(t.rows.len(), 300, "{}", t.name);
+            let keys: Vec<&String> = t.rows.keys().collect();
+            let mut sorted = keys.clone();
+            sorted.sort();
+            assert_eq!(keys, sorted);
+            for (k, e) in &t.rows {
+                assert_eq!(e.row["t"], json!(*t.name));
+                assert_eq!(e.row["k"], json!(k));
+            }
+        }
     }
 }
