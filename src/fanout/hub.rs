@@ -347,6 +347,17 @@ impl Hub {
     /// hold all of them (another lineage, or evicted). `base`: the state `token` names when it is
     /// a cached snapshot of this node (else the token is a client's, and a node that has not
     /// published its position yet is [`SubscribeError::Behind`]).
+    /// Whether a resume of `table` from `since` would be served from the replay buffer: the same
+    /// lineage, and the buffer reaching back to it. A `format=rows` subscription that fell behind
+    /// can only go on that way; when this says no, nothing needs to be built for it.
+    pub fn replay_reaches(&self, table: &str, since: &str) -> bool {
+        let (Some(channel), Some(token)) = (self.channel(table), Token::parse(since)) else {
+            return false;
+        };
+        let buf = lock(&channel.replay);
+        *buf.epoch == *token.epoch && token.pos.covers(&buf.floor)
+    }
+
     fn replay_from(
         &self,
         channel: &Channel,

@@ -683,7 +683,15 @@ impl Session {
                 // what it composed so far goes out first: the replay starts after it
                 let pending = m.sub.take();
                 self.queue(m.union.as_deref(), &table, pending);
-                Some(m.sub.token())
+                let token = m.sub.token();
+                if !self.hub.replay_reaches(&table, &token) {
+                    // closed without building anything: a lagging server has no time to spare
+                    drop(m);
+                    self.unsubscribe(&table);
+                    self.close = Some(RowsResync::Behind);
+                    return;
+                }
+                Some(token)
             }
             Format::Patch => None,
         };
@@ -699,6 +707,7 @@ impl Session {
                 union.as_deref(),
             )
             .await;
+        // the buffer can move on between the check above and the resume
         if format == Format::Rows && start.is_some_and(|s| s != Start::ResumeHit) {
             self.unsubscribe(&table);
             self.close = Some(RowsResync::Behind);

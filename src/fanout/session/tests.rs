@@ -169,10 +169,16 @@ async fn a_rows_client_that_fell_behind_gets_the_deletes_it_missed() {
 async fn a_rows_client_behind_the_replay_buffer_is_closed_not_sent_a_partial_list() {
     let mut f = Fixture::new(8);
     let (mut s, mut client) = f.rows_client().await;
+    let built = f.metrics.snapshot_seconds.get_sample_count();
     f.burst();
     drain(&mut s, &mut client).await;
     assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
     assert_eq!(s.close, Some(RowsResync::Behind));
+    assert_eq!(
+        f.metrics.snapshot_seconds.get_sample_count(),
+        built,
+        "a list of rows (or a resume) was built for a connection that is closed"
+    );
     // nothing it was sent claims a state it does not have: every row it holds is a value the
     // key really had, and no list of current rows followed
     let (out, _) = s.take();
