@@ -38,7 +38,7 @@ fn livetable_bin() -> PathBuf {
 }
 
 #[test]
-#[ignore = "opt-in (./dev/test --chaos, ~7-17 min): it still fails in some runs (RELIABILITY.md)"]
+#[ignore = "run by ./dev/test after the other tests (~8 min; RELIABILITY.md), not by a plain cargo test"]
 fn faults_at_random_moments_lose_nothing_and_never_go_back() {
     let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
