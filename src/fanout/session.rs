@@ -233,7 +233,6 @@ impl Session {
         if !changed {
             return Vec::new();
         }
-        let mut out = Vec::new();
         let members = std::mem::take(&mut self.members);
         self.streams = StreamMap::new();
         for m in members {
@@ -247,24 +246,23 @@ impl Session {
             let o = self
                 .start(&table, m.requested, None, format, m.union.as_deref())
                 .await;
-            match &m.union {
-                Some(u) => out.extend(o.into_iter().map(|o| into_union(u, &table, o))),
-                None => out.extend(o),
-            }
+            self.queue(m.union.as_deref(), &table, o);
         }
         let waiting = std::mem::take(&mut self.waiting);
         for w in waiting {
             match self.access.check_table(&w.table) {
                 Ok(()) => self.waiting.push(w),
-                Err(d) => out.push(self.refused(&w.table, d)),
+                Err(d) => {
+                    let refused = self.refused(&w.table, d);
+                    self.queued.push(refused);
+                }
             }
         }
         // tables the new grants add to the every-table mode or to unions
         for info in self.hub.tables().list() {
             self.on_created(&info.name).await;
         }
-        out.append(&mut self.queued);
-        out
+        std::mem::take(&mut self.queued)
     }
 
     fn refused(&self, table: &str, d: Denied) -> Outgoing {
