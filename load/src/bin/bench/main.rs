@@ -126,11 +126,17 @@ fn main() -> anyhow::Result<()> {
             return;
         }
         eprintln!("bench: --- {name}: {setup}");
+        let began = std::time::Instant::now();
         let mut sc = Scenario::new(name, setup);
         if let Err(e) = f(&mut sc) {
             eprintln!("bench: {name} failed: {e:#}");
             sc.error = Some(format!("{e:#}"));
         }
+        // where a run's time goes (the CI smoke run of every scenario takes minutes)
+        eprintln!(
+            "bench: --- {name} took {:.1} s",
+            began.elapsed().as_secs_f64()
+        );
         results.push(sc);
     };
 
