@@ -108,7 +108,7 @@ fn run(
         &lt,
         clients,
         ramp,
-        clients / ramp + 1 + secs + 50,
+        clients / ramp + 1 + secs + z.filter_swarm_slack_secs,
         z,
         &extra,
     )?;

@@ -76,6 +76,10 @@ pub struct Sizes {
     pub filter_rate: u64,
     pub filter_secs: u64,
     pub filter_runs: usize,
+    /// Seconds the filter runs' clients stay connected beyond the connect ramp and the load:
+    /// room for the snapshots, the idle CPU sample, cdc-gen's start and the settle (the run
+    /// waits for the clients to end).
+    pub filter_swarm_slack_secs: u64,
     pub view_events: u64,
     pub view_players: u64,
     pub view_runs: usize,
@@ -138,6 +142,7 @@ impl Sizes {
             filter_rate: 1_000,
             filter_secs: 10,
             filter_runs: 3,
+            filter_swarm_slack_secs: 50,
             view_events: 1_000_000,
             view_players: 10_000,
             view_runs: 3,
@@ -200,6 +205,7 @@ impl Sizes {
             filter_rate: 200,
             filter_secs: 3,
             filter_runs: 1,
+            filter_swarm_slack_secs: 20,
             view_events: 20_000,
             view_players: 1_000,
             view_runs: 1,
