@@ -64,6 +64,14 @@ struct ReplayBuffer {
     last: Mark,
 }
 
+impl ReplayBuffer {
+    /// Whether the buffer holds every change after `token`: the same lineage, and nothing
+    /// evicted past it.
+    fn reaches(&self, token: &Token) -> bool {
+        *self.epoch == *token.epoch && token.pos.covers(&self.floor)
+    }
+}
+
 /// A table state as this node's update order names it.
 #[derive(Debug, Clone)]
 struct Mark {
@@ -343,10 +351,6 @@ impl Hub {
         vec![snap.outgoing(&sub.table)]
     }
 
-    /// Composes into `sub` every buffered change after `token`. `Ok(None)`: the buffer does not
-    /// hold all of them (another lineage, or evicted). `base`: the state `token` names when it is
-    /// a cached snapshot of this node (else the token is a client's, and a node that has not
-    /// published its position yet is [`SubscribeError::Behind`]).
     /// Whether a resume of `table` from `since` would be served from the replay buffer: the same
     /// lineage, and the buffer reaching back to it. A `format=rows` subscription that fell behind
     /// can only go on that way; when this says no, nothing needs to be built for it.
@@ -354,10 +358,14 @@ impl Hub {
         let (Some(channel), Some(token)) = (self.channel(table), Token::parse(since)) else {
             return false;
         };
-        let buf = lock(&channel.replay);
-        *buf.epoch == *token.epoch && token.pos.covers(&buf.floor)
+        let reaches = lock(&channel.replay).reaches(&token);
+        reaches
     }
 
+    /// Composes into `sub` every buffered change after `token`. `Ok(None)`: the buffer does not
+    /// hold all of them (another lineage, or evicted). `base`: the state `token` names when it is
+    /// a cached snapshot of this node (else the token is a client's, and a node that has not
+    /// published its position yet is [`SubscribeError::Behind`]).
     fn replay_from(
         &self,
         channel: &Channel,
@@ -366,7 +374,7 @@ impl Hub {
         base: Option<Mark>,
     ) -> Result<Option<Vec<Outgoing>>, SubscribeError> {
         let buf = lock(&channel.replay);
-        if *buf.epoch != *token.epoch || !token.pos.covers(&buf.floor) {
+        if !buf.reaches(token) {
             return Ok(None);
         }
         if base.is_none() && !buf.last.pos.covers(&token.pos) {
