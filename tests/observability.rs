@@ -222,6 +222,28 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
         .filter_map(|l| l.split(' ').next())
         .map(String::from)
         .collect();
+    // the patch written to the open client was measured from the commit and from its poll
+    // (livetable's own share): both histograms counted it
+    eventually(
+        "the patch's latencies observed",
+        Duration::from_secs(20),
+        || {
+            let base = base.clone();
+            async move {
+                let text = metrics_text(&base).await;
+                let count = |name: &str| -> f64 {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0.0)
+                };
+                (count("livetable_ingest_to_socket_seconds_count ") >= 1.0
+                    && count("livetable_freshness_seconds_count ") >= 1.0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let documented = documented_metrics();
     let undocumented: Vec<_> = exposed.difference(&documented).collect();
     let missing: Vec<_> = documented.difference(&exposed).collect();

@@ -92,9 +92,20 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Observes the end-to-end latencies of a patch written now: from the database commit
-/// (`source.ts_ms`) and from the Kafka record's timestamp.
-pub fn record_latency(metrics: &Metrics, ts_ms: Option<i64>, kafka_ts_ms: Option<i64>) {
+/// Observes the latencies of a patch written now: from the database commit (`source.ts_ms`),
+/// from the Kafka record's timestamp, and from the ingest loop taking the record (livetable's own
+/// share).
+pub fn record_latency(
+    metrics: &Metrics,
+    ts_ms: Option<i64>,
+    kafka_ts_ms: Option<i64>,
+    polled: Option<std::time::Instant>,
+) {
+    if let Some(at) = polled {
+        metrics
+            .ingest_to_socket_seconds
+            .observe(at.elapsed().as_secs_f64());
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -121,10 +132,13 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
             "snapshot"
         }
         Outgoing::Patch {
-            ts_ms, kafka_ts_ms, ..
+            ts_ms,
+            kafka_ts_ms,
+            polled,
+            ..
         } => {
             metrics.patches_sent.inc();
-            record_latency(metrics, *ts_ms, *kafka_ts_ms);
+            record_latency(metrics, *ts_ms, *kafka_ts_ms, *polled);
             "patch"
         }
         Outgoing::Row(_) => {

@@ -27,7 +27,7 @@ pub enum Outgoing {
         rows: usize,
         parts: std::sync::Arc<[Utf8Bytes]>,
     },
-    /// `kafka_ts_ms` is not sent: it feeds the Kafka-to-socket latency metric.
+    /// `kafka_ts_ms` and `polled` are not sent: they feed the latency metrics.
     Patch {
         table: String,
         epoch: String,
@@ -35,6 +35,7 @@ pub enum Outgoing {
         pos: String,
         ts_ms: Option<i64>,
         kafka_ts_ms: Option<i64>,
+        polled: Option<std::time::Instant>,
         patch: Map<String, Value>,
     },
     /// `format=rows`: one flat row per message.
@@ -328,6 +329,7 @@ mod tests {
             pos: "e~3".into(),
             ts_ms: Some(9),
             kafka_ts_ms: None,
+            polled: None,
             patch: Map::new(),
         };
         assert_eq!(

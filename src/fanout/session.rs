@@ -782,6 +782,7 @@ fn into_union(union: &str, table: &str, o: Outgoing) -> Outgoing {
         Outgoing::Patch {
             ts_ms,
             kafka_ts_ms,
+            polled,
             patch,
             ..
         } => Outgoing::Patch {
@@ -791,6 +792,7 @@ fn into_union(union: &str, table: &str, o: Outgoing) -> Outgoing {
             pos: String::new(),
             ts_ms,
             kafka_ts_ms,
+            polled,
             patch: rekey(table, patch),
         },
         Outgoing::Snapshot { parts, .. } => {
@@ -816,6 +818,7 @@ fn into_union(union: &str, table: &str, o: Outgoing) -> Outgoing {
                 pos: String::new(),
                 ts_ms: None,
                 kafka_ts_ms: None,
+                polled: None,
                 patch,
             }
         }

@@ -165,7 +165,7 @@ pub async fn handler(
                         .sent_bytes
                         .with_label_values(&["patch"])
                         .inc_by(f.text.len() as u64);
-                    super::record_latency(&st.state.metrics, f.ts_ms, f.kafka_ts_ms);
+                    super::record_latency(&st.state.metrics, f.ts_ms, f.kafka_ts_ms, f.polled);
                     let event = Event::default()
                         .event("patch")
                         .data(f.text.as_str())

@@ -30,6 +30,7 @@ struct Pending {
     messages: Map<String, Value>,
     ts_ms: Option<i64>,
     kafka_ts_ms: Option<i64>,
+    polled: Option<std::time::Instant>,
 }
 
 impl Pending {
@@ -46,6 +47,7 @@ pub struct SharedFrame {
     pub pos: Arc<str>,
     pub ts_ms: Option<i64>,
     pub kafka_ts_ms: Option<i64>,
+    pub polled: Option<std::time::Instant>,
 }
 
 /// One client's subscription to one table.
@@ -144,6 +146,7 @@ impl Subscription {
             pos: u.token.clone(),
             ts_ms: u.update.changes.iter().rev().find_map(|c| c.ts_ms),
             kafka_ts_ms: u.update.changes.iter().rev().find_map(|c| c.kafka_ts_ms),
+            polled: u.update.changes.iter().rev().find_map(|c| c.polled),
         })
     }
 
@@ -226,6 +229,7 @@ impl Subscription {
         }
         self.pending.ts_ms = c.ts_ms.or(self.pending.ts_ms);
         self.pending.kafka_ts_ms = c.kafka_ts_ms.or(self.pending.kafka_ts_ms);
+        self.pending.polled = c.polled.or(self.pending.polled);
     }
 
     /// Whether output is waiting.
@@ -264,6 +268,7 @@ impl Subscription {
                     pos: self.token(),
                     ts_ms: p.ts_ms,
                     kafka_ts_ms: p.kafka_ts_ms,
+                    polled: p.polled,
                     patch,
                 }]
             }
@@ -280,6 +285,7 @@ impl Subscription {
             pos: self.token(),
             ts_ms: None,
             kafka_ts_ms: None,
+            polled: None,
             patch: Map::new(),
         }
     }
@@ -338,6 +344,7 @@ mod tests {
             off: 0,
             ts_ms: None,
             kafka_ts_ms: None,
+            polled: None,
         }
     }
 

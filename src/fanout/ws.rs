@@ -502,7 +502,7 @@ async fn send_frames(
         m.sent_bytes
             .with_label_values(&["patch"])
             .inc_by(f.text.len() as u64);
-        super::record_latency(m, f.ts_ms, f.kafka_ts_ms);
+        super::record_latency(m, f.ts_ms, f.kafka_ts_ms, f.polled);
         socket.feed(Message::Text(f.text)).await.map_err(|_| ())?;
     }
     if flush {

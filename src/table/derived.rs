@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,8 @@ pub struct Event {
     pub key: Option<String>,
     pub row: Row,
     pub kafka_ts_ms: Option<i64>,
+    /// When the events reader took the record.
+    pub polled: Option<Instant>,
 }
 
 /// What the operator of a view was last fed.
@@ -286,7 +289,7 @@ impl Views {
         st.op = op;
         st.fed = fed;
         let rows = saved.rows.into_iter().map(|(k, r)| (k, Some(r))).collect();
-        self.commit(view, &mut st, rows, (None, None));
+        self.commit(view, &mut st, rows, Default::default());
         Ok(())
     }
 
@@ -369,8 +372,8 @@ impl Views {
             for e in events {
                 out.extend(st.op.apply_event(e.key.as_deref(), &e.row));
             }
-            let ts = events.last().map(|e| (None, e.kafka_ts_ms));
-            self.commit(view, &mut st, out, ts.unwrap_or((None, None)));
+            let ts = events.last().map(|e| (None, e.kafka_ts_ms, e.polled));
+            self.commit(view, &mut st, out, ts.unwrap_or_default());
         }
     }
 
@@ -418,8 +421,11 @@ impl Views {
             epoch: update.epoch.clone(),
             useq: update.useq,
         });
-        let ts = update.changes.last().map(|c| (c.ts_ms, c.kafka_ts_ms));
-        self.commit(view, &mut st, out, ts.unwrap_or((None, None)));
+        let ts = update
+            .changes
+            .last()
+            .map(|c| (c.ts_ms, c.kafka_ts_ms, c.polled));
+        self.commit(view, &mut st, out, ts.unwrap_or_default());
     }
 
     /// Recomputes `view` from the input's current rows (the caller holds the input's order lock,
@@ -467,8 +473,8 @@ impl Views {
             .inc();
         let ts = update
             .and_then(|u| u.changes.last())
-            .map(|c| (c.ts_ms, c.kafka_ts_ms));
-        self.commit(view, st, out, ts.unwrap_or((None, None)));
+            .map(|c| (c.ts_ms, c.kafka_ts_ms, c.polled));
+        self.commit(view, st, out, ts.unwrap_or_default());
     }
 
     /// Commits output changes to the view's table (in order; a later change of a key wins).
@@ -477,7 +483,7 @@ impl Views {
         view: &View,
         st: &mut ViewState,
         out: Vec<OutChange>,
-        (ts_ms, kafka_ts_ms): (Option<i64>, Option<i64>),
+        (ts_ms, kafka_ts_ms, polled): (Option<i64>, Option<i64>, Option<Instant>),
     ) {
         if out.is_empty() {
             return;
@@ -498,6 +504,7 @@ impl Views {
                 off: st.off,
                 ts_ms,
                 kafka_ts_ms,
+                polled,
             });
         }
         self.metrics

@@ -184,6 +184,7 @@ impl EventsReader {
                         key: e.key,
                         row: e.row,
                         kafka_ts_ms: m.timestamp().to_millis(),
+                        polled: Some(std::time::Instant::now()),
                     });
                     "applied"
                 }

@@ -68,6 +68,7 @@ pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Owner>) -> Fold
         off,
         ts_ms: rec.meta.ts_ms,
         kafka_ts_ms: None,
+        polled: None,
     });
     if newest && count > 0 {
         // the writer's count is authoritative: every reader ends at the writer's seq

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use serde_json::{Map, Value};
 
@@ -180,6 +181,9 @@ pub struct AppliedChange {
     pub ts_ms: Option<i64>,
     /// The Kafka timestamp of the record that carried the change.
     pub kafka_ts_ms: Option<i64>,
+    /// When the ingest loop took the record from the consumer (livetable's own share of the
+    /// latency starts here).
+    pub polled: Option<Instant>,
 }
 
 impl AppliedChange {
@@ -485,6 +489,7 @@ pub struct RowWrite {
     pub off: i64,
     pub ts_ms: Option<i64>,
     pub kafka_ts_ms: Option<i64>,
+    pub polled: Option<Instant>,
 }
 
 impl Delta {
@@ -591,6 +596,7 @@ impl Delta {
             off: w.off,
             ts_ms: w.ts_ms,
             kafka_ts_ms: w.kafka_ts_ms,
+            polled: w.polled,
         });
         Staged::Applied
     }
@@ -625,6 +631,7 @@ mod tests {
             off,
             ts_ms: None,
             kafka_ts_ms: None,
+            polled: None,
         }
     }
 

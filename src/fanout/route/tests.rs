@@ -23,6 +23,7 @@ fn change(key: &str, before: Option<Value>, after: Option<Value>) -> AppliedChan
         off: 0,
         ts_ms: None,
         kafka_ts_ms: None,
+        polled: None,
     }
 }
 

@@ -60,6 +60,7 @@ impl Fixture {
                 off: self.off,
                 ts_ms: None,
                 kafka_ts_ms: None,
+                polled: None,
             });
         }
         self.tables.commit(d, &*self.hub);

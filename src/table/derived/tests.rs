@@ -170,6 +170,7 @@ fn write(
             off: *off,
             ts_ms: None,
             kafka_ts_ms: None,
+            polled: None,
         });
     }
     tables.commit(d, sink);
@@ -261,6 +262,7 @@ fn a_view_starts_from_the_rows_its_input_holds() {
             off: i as i64,
             ts_ms: None,
             kafka_ts_ms: None,
+            polled: None,
         });
     }
     tables.commit(d, &crate::table::state::NoSink);

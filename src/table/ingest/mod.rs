@@ -101,8 +101,12 @@ impl Ingest {
         let mut warned_decimals = HashSet::new();
         while !self.cancel.is_cancelled() {
             let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
+            let mut polled = Instant::now();
             match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(m)) => batch.push(m),
+                Some(Ok(m)) => {
+                    polled = Instant::now();
+                    batch.push(m)
+                }
                 Some(Err(e)) => self.consumer_error(&e),
                 None => {}
             }
@@ -122,7 +126,7 @@ impl Ingest {
             }
             let idle = batch.is_empty();
             if !idle {
-                self.apply(&batch, &mut warned_decimals)?;
+                self.apply(&batch, polled, &mut warned_decimals)?;
             }
             drop(batch);
             if idle || last_lag_check.elapsed() > Duration::from_millis(250) {
@@ -151,6 +155,7 @@ impl Ingest {
     fn apply(
         &mut self,
         batch: &[BorrowedMessage<'_>],
+        polled: Instant,
         warned: &mut HashSet<(String, String)>,
     ) -> Result<(), IngestError> {
         let started = Instant::now();
@@ -163,7 +168,7 @@ impl Ingest {
                 inner.names.clone(),
             )
         };
-        let mut st = BatchStage::new(positions, names);
+        let mut st = BatchStage::new(positions, names, polled);
         for m in batch {
             st.record(self, m, &states, warned);
         }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rdkafka::message::{BorrowedMessage, Message};
 
@@ -40,10 +41,16 @@ pub struct BatchStage {
     /// Re-sent changes skipped in this batch, and the first of them (for the log).
     resent: u64,
     first_resent: Option<String>,
+    /// When the batch's first record was taken from the consumer.
+    polled: Instant,
 }
 
 impl BatchStage {
-    pub fn new(positions: HashMap<Tp, i64>, names: HashMap<(String, String), String>) -> Self {
+    pub fn new(
+        positions: HashMap<Tp, i64>,
+        names: HashMap<(String, String), String>,
+        polled: Instant,
+    ) -> Self {
         BatchStage {
             positions,
             names,
@@ -56,6 +63,7 @@ impl BatchStage {
             marks_moved: HashSet::new(),
             resent: 0,
             first_resent: None,
+            polled,
         }
     }
 
@@ -247,6 +255,7 @@ impl BatchStage {
             off,
             ts_ms: c.ts_ms,
             kafka_ts_ms: c.kafka_ts_ms,
+            polled: Some(self.polled),
         };
         let mut outcome = "unchanged";
         if c.op == Op::Truncate {

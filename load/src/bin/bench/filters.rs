@@ -5,7 +5,8 @@
 //! 'L{n}'`) shows what the index saves: with it a change is queued only for the subscriptions of
 //! its league; without it every subscription wakes for every update and evaluates its filter.
 //! Server CPU per change, server freshness (commit -> socket, `livetable_freshness_seconds`)
-//! p99 and the clients' freshness; `filter_runs` runs, configurations alternating, medians, a
+//! p99, livetable's own share of it (poll -> socket, `livetable_ingest_to_socket_seconds`) p99
+//! and the clients' freshness; `filter_runs` runs, configurations alternating, medians, a
 //! livetable and a topic per run.
 
 use std::time::{Duration, Instant};
@@ -73,6 +74,8 @@ struct Run {
     connect_secs: f64,
     cpu_per_change_us: f64,
     server_p99_ms: f64,
+    /// livetable's own share: poll of the record -> socket.
+    share_p99_ms: f64,
     client_p50_ms: f64,
     client_p99_ms: f64,
     rows_delivered: f64,
@@ -135,6 +138,7 @@ fn run(
     let idle_per_sec = (lt.cpu_secs()? - idle0) / idle_t.elapsed().as_secs_f64();
     let m0 = probe::metrics(&lt.base);
     let before = probe::buckets(&m0, "livetable_freshness_seconds");
+    let share0 = probe::buckets(&m0, "livetable_ingest_to_socket_seconds");
     let routed0 = probe::metric(&m0, "livetable_routed_updates_total");
     let cpu0 = lt.cpu_secs()?;
     let t1 = Instant::now();
@@ -151,6 +155,7 @@ fn run(
     let cpu = lt.cpu_secs()? - cpu0 - idle_per_sec * t1.elapsed().as_secs_f64();
     let m1 = probe::metrics(&lt.base);
     let after = probe::buckets(&m1, "livetable_freshness_seconds");
+    let share1 = probe::buckets(&m1, "livetable_ingest_to_socket_seconds");
     let out = swarm.finish()?;
     let rows = out["row_updates"].as_f64().unwrap_or(0.0);
     anyhow::ensure!(rows > 0.0, "{name}: the clients received no row update");
@@ -159,6 +164,7 @@ fn run(
         connect_secs,
         cpu_per_change_us: cpu / changes as f64 * 1e6,
         server_p99_ms: probe::bucket_quantile(&before, &after, 0.99).unwrap_or(f64::NAN) * 1e3,
+        share_p99_ms: probe::bucket_quantile(&share0, &share1, 0.99).unwrap_or(f64::NAN) * 1e3,
         client_p50_ms: p("p50"),
         client_p99_ms: p("p99"),
         rows_delivered: rows,
@@ -205,6 +211,12 @@ pub fn filters(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
             m(v, |r| r.server_p99_ms),
             "ms",
             goal.then_some(Goal::AtMost(10.0)),
+        );
+        sc.add(
+            &format!("{label}: livetable's share p99 (poll -> socket, bucket bound)"),
+            m(v, |r| r.share_p99_ms),
+            "ms",
+            None,
         );
         sc.add(
             &format!("{label}: client freshness p50"),
