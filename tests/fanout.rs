@@ -326,6 +326,37 @@ async fn rows_format_on_the_root_path_like_the_seed_clients() {
     }
     let deleted = deleted.expect("a delete message");
     assert_eq!(deleted["game_id"], "g3");
+    // up_to_date=true: the rows sent on connect, then a marker saying they are complete (a client
+    // that reconnects drops what it held and is not among them), then the changes
+    let mut marked = connect(&base, "/?up_to_date=true").await;
+    let mut initial = std::collections::BTreeSet::new();
+    loop {
+        let m = next_json(&mut marked).await;
+        if m == json!({"__up_to_date": true}) {
+            break;
+        }
+        assert!(m["odd2"].is_string(), "a row before the marker: {m}");
+        initial.insert(m["game_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(initial.into_iter().collect::<Vec<_>>(), ["g1", "g2", "g4"]);
+    let mut one = connect(
+        &base,
+        "/ws?table=game_odds&format=rows&keys=g1&up_to_date=1",
+    )
+    .await;
+    assert_eq!(next_json(&mut one).await["game_id"], "g1");
+    assert_eq!(next_json(&mut one).await, json!({"__up_to_date": true}));
+    let mut bad = connect(&base, "/?up_to_date=maybe").await;
+    let m = next_json(&mut bad).await;
+    assert_eq!(
+        (m["type"].as_str(), m["code"].as_str()),
+        (Some("error"), Some("bad_request")),
+        "{m}"
+    );
+    produce(&producer(), &topic, &records[9..10]).await; // c g5
+    let row = next_json(&mut marked).await;
+    assert_eq!(row["game_id"], "g5", "a change after the marker: {row}");
+    assert!(row["odd1"].is_null(), "rows keep NULL columns: {row}");
     // --default-format is for `/` only: `/ws` (the live page's endpoint) still speaks patches
     let mut page = connect(&base, "/ws").await;
     assert_eq!(next_json(&mut page).await["type"], "snapshot");

@@ -145,7 +145,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
             metrics.patches_sent.inc();
             "row"
         }
-        Outgoing::Waiting { .. } | Outgoing::Status { .. } => "control",
+        Outgoing::Waiting { .. } | Outgoing::Status { .. } | Outgoing::UpToDate => "control",
         Outgoing::Error { code, .. } => {
             metrics
                 .protocol_errors

@@ -40,6 +40,9 @@ pub enum Outgoing {
     },
     /// `format=rows`: one flat row per message.
     Row(Value),
+    /// `format=rows` with `up_to_date=true`: the rows sent on connect are complete (every row the
+    /// subscription held then was sent); what follows are changes.
+    UpToDate,
     /// A subscription waits for its table to exist.
     Waiting {
         table: String,
@@ -96,6 +99,7 @@ impl Outgoing {
                 ..
             } => patch_json(table, epoch, *seq, pos, *ts_ms, patch),
             Outgoing::Row(row) => row.to_string(),
+            Outgoing::UpToDate => json!({"__up_to_date": true}).to_string(),
             Outgoing::Waiting { table } => json!({
                 "type": "waiting",
                 "table": table,
@@ -133,6 +137,7 @@ impl Outgoing {
             Outgoing::Snapshot { .. } => "snapshot",
             Outgoing::Patch { .. } => "patch",
             Outgoing::Row(_) => "row",
+            Outgoing::UpToDate => "up_to_date",
             Outgoing::Waiting { .. } => "waiting",
             Outgoing::Status { .. } => "status",
             Outgoing::Error { .. } => "error",
@@ -248,9 +253,21 @@ pub struct SubscribeQuery {
     pub filter: Option<String>,
     /// The columns to receive, comma-separated.
     pub columns: Option<String>,
+    /// `format=rows`: `true` sends `{"__up_to_date":true}` after the rows sent on connect.
+    pub up_to_date: Option<String>,
 }
 
 impl SubscribeQuery {
+    /// Whether the client asked for the end-of-initial-rows marker (`up_to_date=true` or `1`),
+    /// or the error for the client.
+    pub fn up_to_date(&self) -> Result<bool, String> {
+        match self.up_to_date.as_deref() {
+            None | Some("false" | "0") => Ok(false),
+            Some("true" | "1") => Ok(true),
+            Some(v) => Err(format!("up_to_date={v}: use true or false")),
+        }
+    }
+
     /// The selection the query asks for, or the error for the client.
     pub fn selector(&self) -> Result<super::selector::Selector, String> {
         super::selector::Selector::build(

@@ -222,6 +222,13 @@ impl Connection {
             (list.len() == 1 && !(root && format == Format::Rows)).then(|| list[0].name.clone())
         });
         let selector = q.selector();
+        let up_to_date = match q.up_to_date() {
+            Ok(on) => on && format == Format::Rows,
+            Err(e) => {
+                initial.push(error(ErrorCode::BadRequest, e));
+                false
+            }
+        };
         // after an unclean stop, a snapshot could be older than what clients were sent before it
         self.state
             .readiness
@@ -245,6 +252,11 @@ impl Connection {
                 ErrorCode::BadRequest,
                 "several tables are served: pass ?table= or send a subscribe message".into(),
             )),
+        }
+        // a rows client that asked is told where the rows sent on connect end (a patch client
+        // has its snapshot message)
+        if up_to_date {
+            initial.push(Outgoing::UpToDate);
         }
         // patch clients are told whether what they get is current (rows clients, the seed's, get
         // rows only)

@@ -690,10 +690,24 @@ pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> any
         probe::buckets(&m0, "livetable_kafka_to_socket_seconds"),
         probe::buckets(&m1, "livetable_kafka_to_socket_seconds"),
     );
+    let (s0, s1) = (
+        probe::buckets(&m0, "livetable_ingest_to_socket_seconds"),
+        probe::buckets(&m1, "livetable_ingest_to_socket_seconds"),
+    );
     for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
         if let Some(v) = probe::bucket_quantile(&b0, &b1, q) {
             sc.add(
                 &format!("server: Kafka timestamp -> socket write {name} (bucket upper bound)"),
+                v * 1000.0,
+                "ms",
+                None,
+            );
+        }
+        if let Some(v) = probe::bucket_quantile(&s0, &s1, q) {
+            sc.add(
+                &format!(
+                    "server: livetable's share, poll -> socket write {name} (bucket upper bound)"
+                ),
                 v * 1000.0,
                 "ms",
                 None,

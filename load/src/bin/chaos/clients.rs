@@ -364,7 +364,7 @@ async fn ws_session(
     );
     let rows = kind == Kind::WsRows;
     if rows {
-        url.push_str("&format=rows");
+        url.push_str("&format=rows&up_to_date=true");
     } else if let Some(s) = &since {
         url.push_str(&format!("&since={s}"));
     }
@@ -378,31 +378,13 @@ async fn ws_session(
     seen.lock().unwrap_or_else(|e| e.into_inner()).connects += 1;
     let mut in_snapshot = false;
     let mut resumed = since.is_some();
-    // rows format: the current rows come first, one message each, then the changes; the initial
-    // rows end when a key comes a second time or a moment after the first of them (not after the
-    // connect: a node recovering from an unclean stop holds a new subscription for seconds)
+    // rows format: the current rows come first, one message each, then `{"__up_to_date":true}`
+    // (asked for with up_to_date=true), then the changes
     let connected = Instant::now();
-    let mut first_row: Option<Instant> = None;
     let mut initial_keys: std::collections::HashSet<String> = Default::default();
     let mut initial = true;
     loop {
-        // the initial rows also end when nothing follows them (the workload stopped)
-        let msg = if rows && initial {
-            match tokio::time::timeout(Duration::from_millis(250), ws.next()).await {
-                Ok(m) => m,
-                Err(_) => {
-                    if first_row.is_some_and(|t| t.elapsed() > INITIAL_ROWS_QUIET) {
-                        initial = false;
-                        let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
-                        g.forget_absent(|k| initial_keys.contains(k), "rows reconnect");
-                    }
-                    continue;
-                }
-            }
-        } else {
-            ws.next().await
-        };
-        let Some(msg) = msg else { break };
+        let Some(msg) = ws.next().await else { break };
         let text = match msg {
             Ok(Message::Text(t)) => t,
             Ok(Message::Close(Some(f))) if f.code == CloseCode::Library(4409) => {
@@ -420,6 +402,17 @@ async fn ws_session(
             g.envelope(&m, &mut in_snapshot, &mut resumed);
             continue;
         }
+        if m["__up_to_date"] == Value::Bool(true) {
+            if !initial {
+                g.errors
+                    .push("rows connection: a second __up_to_date marker".to_string());
+            }
+            // the initial rows are complete: rows held before and not among them were deleted
+            // while the client was away
+            initial = false;
+            g.forget_absent(|k| initial_keys.contains(k), "rows reconnect");
+            continue;
+        }
         if m.get("type").is_some() && m.get("id").is_none() {
             if m["type"] == "error" {
                 g.errors.push(m.to_string());
@@ -432,11 +425,6 @@ async fn ws_session(
             .or_else(|| m["__key"].as_str())
             .unwrap_or_default()
             .to_string();
-        let since_first = first_row.get_or_insert_with(Instant::now).elapsed();
-        if initial && (initial_keys.contains(&key) || since_first > INITIAL_ROWS_QUIET) {
-            initial = false;
-            g.forget_absent(|k| initial_keys.contains(k), "rows reconnect");
-        }
         // a rows connection carries no position: a regression in its first seconds (the initial
         // rows, or a node that is still restoring) counts as stale-after-recovery, later ones as
         // reordered
@@ -462,9 +450,6 @@ async fn ws_session(
     }
     Ok(())
 }
-
-/// How long after the first row of a `rows` connection its initial rows are taken as complete.
-const INITIAL_ROWS_QUIET: Duration = Duration::from_secs(3);
 
 async fn sse_session(
     base: &str,
