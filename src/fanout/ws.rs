@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -21,6 +22,7 @@ use axum::Json;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
+use tokio::time::Sleep;
 
 use super::protocol::{ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
 use super::selector::Selector;
@@ -125,14 +127,17 @@ struct Connection {
     state: AppState,
     session: Session,
     /// Publishing, when the server has writable topics: built once the connection's token is
-    /// known, and given each refreshed token's grants.
-    publish: Option<crate::publish::Session>,
+    /// known, and given each refreshed token's grants. Boxed: most connections never publish,
+    /// and every byte here is kept by each idle connection (bench: connections-snapshot).
+    publish: Option<Box<crate::publish::Session>>,
     /// Answers of the publishes not yet answered (at most `max_in_flight`: more are nacked).
     answers: FuturesUnordered<PublishFuture>,
     limiter: RateLimiter,
     violations: u32,
     /// When the token expires (with the leeway): the connection ends then unless refreshed.
-    expires: Option<tokio::time::Instant>,
+    /// Boxed: the loop's resting state holds a reference to it, not the 112-byte timer, and a
+    /// connection without a token has none.
+    expiry: Option<Pin<Box<Sleep>>>,
 }
 
 /// Publishes of one connection whose answers are not yet written; beyond, the socket is not read.
@@ -162,7 +167,7 @@ impl Connection {
             answers: FuturesUnordered::new(),
             limiter,
             violations: 0,
-            expires: None,
+            expiry: None,
         }
     }
 
@@ -195,12 +200,12 @@ impl Connection {
                 Err(reason) => return Err(reason),
             },
         };
-        self.expires = self.state.auth.deadline(&access);
+        self.set_expiry(self.state.auth.deadline(&access));
         self.publish = self
             .state
             .publisher
             .as_ref()
-            .map(|p| p.session(access.publish_context()));
+            .map(|p| Box::new(p.session(access.publish_context())));
         self.session.init_access(access);
         let format = match q.format.as_deref() {
             // `/ws` speaks patches unless asked; `/` uses --default-format
@@ -344,7 +349,7 @@ impl Connection {
                         return reason;
                     }
                 }
-                _ = expiry(self.expires) => {
+                _ = expiry(&mut self.expiry) => {
                     self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
                     let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
                     let _ = send(&self.state.metrics, socket, vec![bye]).await;
@@ -374,8 +379,14 @@ impl Connection {
 
     /// Whether the connection's token expired (its deadline, with the leeway, passed).
     fn expired(&self) -> bool {
-        self.expires
-            .is_some_and(|at| tokio::time::Instant::now() >= at)
+        self.expiry
+            .as_ref()
+            .is_some_and(|s| tokio::time::Instant::now() >= s.deadline())
+    }
+
+    /// The token's deadline (with the leeway): the connection ends then unless refreshed.
+    fn set_expiry(&mut self, at: Option<tokio::time::Instant>) {
+        self.expiry = at.map(|at| Box::pin(tokio::time::sleep_until(at)));
     }
 
     /// A client's text message. A publish is taken at once; anything else is handled in a boxed
@@ -474,7 +485,7 @@ impl Connection {
             Ok(ClientMessage::Auth { token } | ClientMessage::Refresh { token }) => {
                 match self.state.auth.verify(&token) {
                     Ok(access) => {
-                        self.expires = self.state.auth.deadline(&access);
+                        self.set_expiry(self.state.auth.deadline(&access));
                         if let Some(p) = self.publish.as_mut() {
                             p.set_context(access.publish_context());
                         }
@@ -544,9 +555,9 @@ async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> 
 }
 
 /// Waits until the token expires (forever without one).
-async fn expiry(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+async fn expiry(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -570,3 +581,6 @@ fn close(code: u16, reason: &'static str) -> Message {
         reason: reason.into(),
     }))
 }
+
+#[cfg(test)]
+mod tests;

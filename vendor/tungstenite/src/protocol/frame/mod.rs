@@ -232,10 +232,25 @@ impl FrameCodec {
     /// Read into available `in_buffer` capacity.
     fn read_in(&mut self, stream: &mut impl Read) -> io::Result<usize> {
         let len = self.in_buffer.len();
+        // livetable patch: a buffer given back below is taken again at its full read size (not
+        // only the frame header's 14 bytes `read_frame` reserved), so reads stay as large
+        if len == 0 && self.in_buffer.capacity() < self.in_buf_max_read {
+            self.in_buffer.reserve(self.in_buf_max_read);
+        }
         debug_assert!(self.in_buffer.capacity() > len);
         self.in_buffer.resize(self.in_buffer.capacity().min(len + self.in_buf_max_read), 0);
         let size = stream.read(&mut self.in_buffer[len..]);
         self.in_buffer.truncate(len + size.as_ref().copied().unwrap_or(0));
+        // livetable patch: a connection waiting for its peer with nothing buffered and no frame
+        // begun gives its read buffer back: an idle server connection (clients send little)
+        // holds no read buffer between their messages. (A frame begun keeps the buffer
+        // `read_frame` reserved for its whole length.)
+        if self.in_buffer.is_empty()
+            && self.header.is_none()
+            && matches!(&size, Err(e) if e.kind() == IoErrorKind::WouldBlock)
+        {
+            self.in_buffer = BytesMut::new();
+        }
         size
     }
 
