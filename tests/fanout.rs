@@ -423,12 +423,11 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
         "the slow client got composed patches ({slow_msgs} vs {fast_msgs} messages)"
     );
     let metrics = metrics_text(&base).await;
-    let conflated = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("livetable_conflated_changes_total "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    assert!(conflated > 0, "changes were composed into a pending patch");
+    let conflated = metric_value(&metrics, "livetable_conflated_changes_total").unwrap_or(0.0);
+    assert!(
+        conflated > 0.0,
+        "changes were composed into a pending patch"
+    );
     svc.shutdown();
     svc.wait().await.unwrap();
 }

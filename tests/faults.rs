@@ -23,12 +23,7 @@ fn row_change(key: &str, n: usize, pad: usize) -> FixtureRecord {
 }
 
 async fn metric(base: &str, name: &str) -> f64 {
-    metrics_text(base)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric_value(&metrics_text(base).await, name).unwrap_or(0.0)
 }
 
 /// Issue 12 hole 4: a row the changelog can never take (here: over the producer's message size,

@@ -231,14 +231,9 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
             let base = base.clone();
             async move {
                 let text = metrics_text(&base).await;
-                let count = |name: &str| -> f64 {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(name))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0.0)
-                };
-                (count("livetable_ingest_to_socket_seconds_count ") >= 1.0
-                    && count("livetable_freshness_seconds_count ") >= 1.0)
+                let count = |name| metric_value(&text, name).unwrap_or(0.0);
+                (count("livetable_ingest_to_socket_seconds_count") >= 1.0
+                    && count("livetable_freshness_seconds_count") >= 1.0)
                     .then_some(())
             }
         },
@@ -256,11 +251,7 @@ async fn metrics_docs_match_metrics_and_prometheus_evaluates_every_expression() 
         "in docs/metrics.md but not on /metrics after the load: {missing:?}"
     );
     // the service ingested, so its consumer was given partitions after some time
-    let join: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("livetable_group_join_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let join = metric_value(&text, "livetable_group_join_seconds").unwrap_or(0.0);
     assert!(join > 0.0 && join < 60.0, "group join {join} s");
 
     // a real Prometheus on loopback scrapes livetable and evaluates the rules

@@ -301,6 +301,14 @@ pub async fn metrics_text(base: &str) -> String {
         .unwrap()
 }
 
+/// The value of the unlabelled sample `name` in a Prometheus text exposition (`None`: absent).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Waits until `GET /api/tables/{table}` reports `seq` and returns the body.
 pub async fn table_at_seq(base: &str, table: &str, seq: u64) -> Value {
     eventually(

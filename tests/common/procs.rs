@@ -128,9 +128,7 @@ impl Node {
             .text()
             .await
             .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
+        super::metric_value(&text, name)
     }
 
     pub fn log_text(&self) -> String {

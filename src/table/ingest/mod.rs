@@ -101,15 +101,13 @@ impl Ingest {
         let mut warned_decimals = HashSet::new();
         while !self.cancel.is_cancelled() {
             let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
-            let mut polled = Instant::now();
             match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(m)) => {
-                    polled = Instant::now();
-                    batch.push(m)
-                }
+                Some(Ok(m)) => batch.push(m),
                 Some(Err(e)) => self.consumer_error(&e),
                 None => {}
             }
+            // when the batch's first record was taken (the start of livetable's share)
+            let polled = Instant::now();
             while !batch.is_empty() && batch.len() < self.max_batch {
                 match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => batch.push(m),
