@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::procs::{api_state, Node, Watcher};
 use common::*;
+use livetable::table::follower::SECOND_WRITER;
 use serde_json::json;
 
 const KEYS: usize = 120;
@@ -214,4 +215,14 @@ async fn changes_a_connector_sends_again_never_take_a_key_back() {
     }
     node.stop();
     control.stop();
+    // each node owns every partition: its changelog follower must never have held one of them
+    // (it did when it saw the table's registry entry during a restore: a second writer that
+    // took keys back on CI)
+    for n in [&node, &control] {
+        assert!(
+            !n.log_text().contains(SECOND_WRITER),
+            "{SECOND_WRITER}: {}",
+            n.log_text()
+        );
+    }
 }

@@ -28,7 +28,7 @@ use crate::table::ingest::RECOVERY_LIMIT;
 use crate::table::readiness::Readiness;
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::restore::{delta_batch, SliceHandover};
-use crate::table::state::{Delta, SliceMode, Tables, UpdateSink};
+use crate::table::state::{Delta, Slice, SliceMode, Table, Tables, UpdateSink};
 use crate::table::store::Store;
 
 enum Command {
@@ -112,6 +112,10 @@ struct Followed {
     next: i64,
     since: Instant,
 }
+
+/// Logged when the follower of an all-in-one node finds a slice it follows owned by the ingest
+/// (a bug: two writers; the tests look for it).
+pub const SECOND_WRITER: &str = "the follower held a slice this node's ingest owns";
 
 /// Records folded per commit.
 const MAX_BATCH: usize = 5000;
@@ -202,6 +206,7 @@ impl Follower {
                 }
             }
             let mut deltas: HashMap<String, Delta> = HashMap::new();
+            let mut let_go: Vec<(String, i32)> = Vec::new();
             for m in &batch {
                 if m.topic() == registry_topic {
                     registry_next = registry_next.max(m.offset() + 1);
@@ -229,6 +234,18 @@ impl Follower {
                 let Some(table) = self.tables.get(&f.table) else {
                     continue;
                 };
+                if self.scope == Scope::NotOwned {
+                    match writer(&table, m.partition()) {
+                        Writer::Follower => {}
+                        // its Release is on the way; the restore reads from the slice's position
+                        Writer::Restore => continue,
+                        Writer::Ingest => {
+                            // a second writer beside the ingest could take keys back
+                            let_go.push(key);
+                            continue;
+                        }
+                    }
+                }
                 match parse_record(&prefix, m) {
                     Ok(rec) => {
                         let delta = deltas
@@ -244,6 +261,11 @@ impl Follower {
                 }
             }
             drop(batch);
+            for key in let_go {
+                if followed.remove(&key).is_some() {
+                    tracing::error!(topic = %key.0, partition = key.1, "{SECOND_WRITER}; let go of it");
+                }
+            }
             for (name, delta) in deltas {
                 let b = delta_batch(&name, &delta, false);
                 if let Err(e) = self.store.apply(b) {
@@ -318,12 +340,7 @@ impl Follower {
         let scope = self.scope;
         t.update_slices(|s| {
             let slice = s.slice_mut(part);
-            let follow = match slice.mode {
-                SliceMode::Owned => scope == Scope::All,
-                SliceMode::Followed | SliceMode::Absent => true,
-                SliceMode::Derived => false,
-            };
-            if follow {
+            if takes_up(slice, scope) {
                 slice.mode = SliceMode::Followed;
                 next = Some(slice.cl_next);
             }
@@ -473,10 +490,81 @@ impl Follower {
     }
 }
 
+/// Whether the follower takes slice `s` up: never one a restore is taking over, nor (all-in-one)
+/// one this node's ingest owns.
+fn takes_up(s: &Slice, scope: Scope) -> bool {
+    !s.taking
+        && match s.mode {
+            SliceMode::Owned => scope == Scope::All,
+            SliceMode::Followed | SliceMode::Absent => true,
+            SliceMode::Derived => false,
+        }
+}
+
+/// Who writes a slice of an all-in-one node.
+#[derive(Debug, PartialEq, Eq)]
+enum Writer {
+    Follower,
+    /// A restore is taking it over.
+    Restore,
+    /// This node's ingest owns it.
+    Ingest,
+}
+
+/// Who writes slice `part` of `table` now.
+fn writer(table: &Table, part: i32) -> Writer {
+    let part = u32::try_from(part).unwrap_or(0);
+    match table.read().slice(part) {
+        Some(s) if s.mode == SliceMode::Owned => Writer::Ingest,
+        Some(s) if s.taking => Writer::Restore,
+        _ => Writer::Follower,
+    }
+}
+
 /// Whether a table fed by `topic` belongs to this node's subscription.
 pub fn covered(topics: &TopicSelection, topic: &str) -> bool {
     match topics {
         TopicSelection::Names(names) => names.iter().any(|n| n == topic),
         TopicSelection::Pattern(p) => regex::Regex::new(p).is_ok_and(|re| re.is_match(topic)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_follower_never_takes_up_a_slice_being_taken_over_or_owned() {
+        let mut s = Slice::empty(SliceMode::Absent);
+        assert!(takes_up(&s, Scope::NotOwned));
+        s.taking = true;
+        assert!(
+            !takes_up(&s, Scope::NotOwned),
+            "a restore is taking it over"
+        );
+        assert!(!takes_up(&s, Scope::All));
+        s.taking = false;
+        s.mode = SliceMode::Followed;
+        assert!(takes_up(&s, Scope::NotOwned));
+        s.mode = SliceMode::Owned;
+        assert!(!takes_up(&s, Scope::NotOwned), "the ingest owns it");
+        assert!(takes_up(&s, Scope::All), "a gateway follows every slice");
+        s.mode = SliceMode::Derived;
+        assert!(!takes_up(&s, Scope::All));
+    }
+
+    #[test]
+    fn a_slice_is_the_followers_only_while_nobody_else_writes_it() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e", "in", 2);
+        t.update_slices(|s| s.slice_mut(0).mode = SliceMode::Followed);
+        assert_eq!(writer(&t, 0), Writer::Follower);
+        t.update_slices(|s| s.slice_mut(0).taking = true);
+        assert_eq!(writer(&t, 0), Writer::Restore);
+        t.update_slices(|s| s.slice_mut(0).mode = SliceMode::Owned);
+        assert_eq!(writer(&t, 0), Writer::Ingest);
+        t.update_slices(|s| s.slice_mut(0).taking = false);
+        assert_eq!(writer(&t, 0), Writer::Ingest);
+        assert_eq!(writer(&t, 1), Writer::Follower);
     }
 }

@@ -73,6 +73,36 @@ pub trait SliceHandover: Send + Sync {
     fn release(&self, table: &str, part: u32);
 }
 
+/// A slice marked as being taken over ([`crate::table::state::Slice::taking`]) until dropped.
+struct Taking<'a> {
+    table: &'a Table,
+    part: u32,
+}
+
+impl<'a> Taking<'a> {
+    /// Marks slice `part` of `table`; returns the mode it had.
+    fn begin(table: &'a Table, part: u32) -> (SliceMode, Taking<'a>) {
+        let mut mode = SliceMode::Absent;
+        table.update_slices(|s| {
+            let slice = s.slice_mut(part);
+            mode = slice.mode;
+            slice.taking = true;
+        });
+        (mode, Taking { table, part })
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        let part = self.part;
+        self.table.update_slices(|s| {
+            if let Some(slice) = s.slices.get_mut(part as usize) {
+                slice.taking = false;
+            }
+        });
+    }
+}
+
 /// A restored slice.
 pub struct SliceTaken {
     pub table: String,
@@ -173,7 +203,11 @@ impl Restorer {
         let table = self
             .tables
             .ensure(&entry.table, &entry.epoch, &entry.source, entry.partitions);
-        let mode = table.read().slice(part).map(|s| s.mode).unwrap_or_default();
+        // marked under the table's lock before anything else: the follower of an all-in-one node
+        // may see the table's registry entry only now, and must not take the slice up while it
+        // is taken over (it would then fold this node's own changelog beside the ingest, and a
+        // record staged before an ingest commit took keys back to older values)
+        let (mode, _taking) = Taking::begin(&table, part);
         if mode == SliceMode::Followed {
             if let Some(h) = &self.handover {
                 h.release(&entry.table, part);
@@ -431,4 +465,26 @@ pub fn delta_batch(table: &str, delta: &Delta, owned: bool) -> WriteBatch {
         }
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_is_marked_taken_over_until_the_take_ends() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e", "in", 2);
+        t.update_slices(|s| s.slice_mut(1).mode = SliceMode::Followed);
+        {
+            let (mode, _taking) = Taking::begin(&t, 1);
+            assert_eq!(mode, SliceMode::Followed);
+            assert!(t.read().slice(1).is_some_and(|s| s.taking));
+            assert!(!t.read().slice(0).is_some_and(|s| s.taking));
+        }
+        assert!(
+            !t.read().slice(1).is_some_and(|s| s.taking),
+            "cleared when the take ends, whichever way"
+        );
+    }
 }

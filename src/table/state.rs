@@ -66,6 +66,9 @@ pub struct Slice {
     /// Times the input partition's offsets restarted (the topic was recreated) in this process:
     /// acknowledgements taken before a restart are ignored.
     pub resets: u32,
+    /// A restore is taking the slice over: the changelog follower must not take it up (it would
+    /// fold this node's own changelog into the slice beside the ingest, a second writer).
+    pub taking: bool,
 }
 
 impl Slice {
@@ -79,6 +82,7 @@ impl Slice {
             mode,
             tombs: HashMap::new(),
             resets: 0,
+            taking: false,
         }
     }
 

@@ -322,8 +322,13 @@ pub async fn table_at_seq(base: &str, table: &str, seq: u64) -> Value {
     .await
 }
 
+/// A temporary directory, removed when dropped unless `LIVETABLE_TEST_KEEP` is set (then the
+/// data and logs of a failed run stay for a post-mortem).
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
+    tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("LIVETABLE_TEST_KEEP").is_some())
+        .tempdir()
+        .unwrap()
 }
 
 /// Logs of the service under test, shown by `cargo test -- --nocapture` (filter: RUST_LOG).
