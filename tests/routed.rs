@@ -176,9 +176,7 @@ async fn converge(c: &mut Client, want: &BTreeMap<String, Value>, what: &str) ->
 }
 
 async fn metric(base: &str, name: &str) -> f64 {
-    let text = metrics_text(base).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    metric_value(&metrics_text(base).await, name)
         .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
