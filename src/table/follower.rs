@@ -207,6 +207,7 @@ impl Follower {
             }
             let mut deltas: HashMap<String, Delta> = HashMap::new();
             let mut let_go: Vec<(String, i32)> = Vec::new();
+            let mut writers: HashMap<(String, i32), Writer> = HashMap::new();
             for m in &batch {
                 if m.topic() == registry_topic {
                     registry_next = registry_next.max(m.offset() + 1);
@@ -235,7 +236,16 @@ impl Follower {
                     continue;
                 };
                 if self.scope == Scope::NotOwned {
-                    match writer(&table, m.partition()) {
+                    // once per partition and round: the round commits after all its records
+                    let w = match writers.get(&key) {
+                        Some(w) => *w,
+                        None => {
+                            let w = writer(&table, m.partition());
+                            writers.insert(key.clone(), w);
+                            w
+                        }
+                    };
+                    match w {
                         Writer::Follower => {}
                         // its Release is on the way; the restore reads from the slice's position
                         Writer::Restore => continue,
@@ -493,16 +503,16 @@ impl Follower {
 /// Whether the follower takes slice `s` up: never one a restore is taking over, nor (all-in-one)
 /// one this node's ingest owns.
 fn takes_up(s: &Slice, scope: Scope) -> bool {
-    !s.taking
-        && match s.mode {
-            SliceMode::Owned => scope == Scope::All,
-            SliceMode::Followed | SliceMode::Absent => true,
-            SliceMode::Derived => false,
+    s.mode != SliceMode::Derived
+        && match writer_of(s) {
+            Writer::Follower => true,
+            Writer::Restore => false,
+            Writer::Ingest => scope == Scope::All,
         }
 }
 
 /// Who writes a slice of an all-in-one node.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Writer {
     Follower,
     /// A restore is taking it over.
@@ -511,14 +521,20 @@ enum Writer {
     Ingest,
 }
 
+fn writer_of(s: &Slice) -> Writer {
+    if s.mode == SliceMode::Owned {
+        Writer::Ingest
+    } else if s.taking {
+        Writer::Restore
+    } else {
+        Writer::Follower
+    }
+}
+
 /// Who writes slice `part` of `table` now.
 fn writer(table: &Table, part: i32) -> Writer {
     let part = u32::try_from(part).unwrap_or(0);
-    match table.read().slice(part) {
-        Some(s) if s.mode == SliceMode::Owned => Writer::Ingest,
-        Some(s) if s.taking => Writer::Restore,
-        _ => Writer::Follower,
-    }
+    table.read().slice(part).map_or(Writer::Follower, writer_of)
 }
 
 /// Whether a table fed by `topic` belongs to this node's subscription.
