@@ -5,8 +5,11 @@
 //!   former owner's late writes (it had not yet noticed its revoke) and are ignored.
 //! - A record whose change is not newer than what the slice already reflects for its key (the row's
 //!   last change, or its delete) is ignored: a value never goes back.
-//! - Records written by this node's own previous tenure (`own`) are skipped: the local store already
-//!   holds them, or something newer.
+//! - Records written by this node's own previous tenure ([`Own`]) of changes up to the slice's
+//!   position in its local state are skipped: that state holds them, or something newer. Its later
+//!   records are folded like any other: after a kill -9 the store reopens at its last flush, behind
+//!   records the broker had already acknowledged, and another owner may have committed the input
+//!   past them since, so the input would never bring them back.
 //! - The slice's position and change count follow the record headers, so that a reader ends at the
 //!   same `seq` and position as the writer.
 
@@ -23,7 +26,7 @@ pub enum Folded {
     Fence,
     /// A record of an owner older than the partition's latest fence: ignored.
     Fenced,
-    /// A record of this node's own earlier tenure: the store has it already.
+    /// A record of this node's own earlier tenure that its local state already reflects.
     Own,
     Applied,
     Unchanged,
@@ -31,8 +34,16 @@ pub enum Folded {
     Stale,
 }
 
+/// This node's own earlier tenure of a slice, as its local state reflects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Own {
+    pub owner: Owner,
+    /// The slice's input position in the local state: every change up to it is there.
+    pub through: i64,
+}
+
 /// Folds one record of slice `rec.part` into `delta`.
-pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Owner>) -> Folded {
+pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Own>) -> Folded {
     let part = rec.part;
     {
         let s = delta.slice(part);
@@ -48,7 +59,7 @@ pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Owner>) -> Fold
         }
         // a writer whose fence this reader did not see (compacted away): its tenure began
         s.owner = rec.meta.owner;
-        if own == Some(rec.meta.owner) {
+        if own.is_some_and(|o| o.owner == rec.meta.owner && rec.meta.off <= o.through) {
             return Folded::Own;
         }
         s.acked = s.acked.max(rec.meta.acked);
@@ -174,12 +185,15 @@ mod tests {
     }
 
     #[test]
-    fn own_records_are_skipped() {
+    fn own_records_are_skipped_up_to_the_local_position_only() {
         let tables = Tables::default();
         let t = tables.ensure("t", "e", "in", 1);
-        let mine = Owner {
-            epoch: 0,
-            generation: 3,
+        let mine = Own {
+            owner: Owner {
+                epoch: 0,
+                generation: 3,
+            },
+            through: 10,
         };
         let mut d = Delta::new(t);
         assert_eq!(
@@ -187,5 +201,16 @@ mod tests {
             Folded::Own
         );
         assert!(d.changes.is_empty());
+        // acknowledged by the broker, lost by the store (kill -9 before its flush): folded
+        assert_eq!(
+            fold(&mut d, rec("a", Some(2), 11, (0, 3), 1), Some(mine)),
+            Folded::Applied
+        );
+        assert_eq!(d.slice(0).acked, 9, "its header counts like anyone's");
+        // another owner's records are folded as ever
+        assert_eq!(
+            fold(&mut d, rec("b", Some(5), 7, (0, 3), 2), None),
+            Folded::Applied
+        );
     }
 }

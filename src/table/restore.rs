@@ -10,10 +10,12 @@
 //! 3. the slice becomes owned, and the keys of the local store's outbox (changes this node applied
 //!    but whose records were never acknowledged) are produced again.
 //!
-//! The input partition then starts at the largest of: the position in the local store, the
-//! group's committed offset and the lowest `acked + 1` of its slices. Records between that start
-//! and a slice's last offset are re-applied only when they are newer than what the slice holds for
-//! their key, so nothing goes back and a gap the former owner left in the changelog is filled.
+//! The input partition then starts at the larger of the position in the local store and the
+//! lowest `acked + 1` of its slices (the group's committed offset only when it has no slice yet:
+//! a former owner that missed its revoke can commit past writes every reader ignores). Records
+//! between that start and a slice's last offset are re-applied only when they are newer than what
+//! the slice holds for their key, so nothing goes back and a gap the former owner left in the
+//! changelog is filled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +26,7 @@ use crate::cdc::source;
 use crate::metrics::Metrics;
 use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
 use crate::table::checkpoint::{resend_current, PendingRow};
-use crate::table::fold::{fold, Folded};
+use crate::table::fold::{fold, Folded, Own};
 use crate::table::position::Owner;
 use crate::table::reader::{self, End, ReadError, Span};
 use crate::table::registry::{Registry, RegistryError};
@@ -217,7 +219,13 @@ impl Restorer {
             let t = table.read();
             let s = t.slice(part);
             match mode {
-                SliceMode::Owned => (s.map_or(0, |s| s.cl_next), s.map(|s| s.owner)),
+                SliceMode::Owned => (
+                    s.map_or(0, |s| s.cl_next),
+                    s.map(|s| Own {
+                        owner: s.owner,
+                        through: s.last_off,
+                    }),
+                ),
                 SliceMode::Followed => (s.map_or(0, |s| s.cl_next), None),
                 SliceMode::Absent | SliceMode::Derived => (0, None),
             }
@@ -331,7 +339,7 @@ impl Restorer {
         part: u32,
         from: i64,
         end: End,
-        own: Option<Owner>,
+        own: Option<Own>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<i64, RestoreError> {
         let prefix = self.changelog.topic_for("");

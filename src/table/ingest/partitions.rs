@@ -659,13 +659,37 @@ fn take_partition(
         slices.push((entry.table, part, taken.acked));
     }
     let committed = committed_offset(consumer, topic, partition);
-    let start = [stored, committed, floor].into_iter().flatten().max();
+    let start = input_start(stored, committed, floor);
+    tracing::info!(
+        topic,
+        partition,
+        ?stored,
+        ?committed,
+        ?floor,
+        ?start,
+        "input start chosen"
+    );
     Ok(Taken {
         start,
         replay,
         named: None,
         slices,
     })
+}
+
+/// Where the input of a partition just taken over starts: this node's own position (`stored`) or
+/// the lowest `acked + 1` of the slices restored from the changelog (`floor`), whichever is
+/// further. The group's committed offset counts only when no slice of the partition exists yet:
+/// a former owner that has not noticed its revoke (paused, cut off) may still commit past
+/// changes whose changelog records landed after this node's fence, which every reader ignores,
+/// and a broker may accept it (an older generation while the group re-forms). Starting there
+/// would lose those changes for good; input below the committed offset is re-applied only where
+/// newer than what the slices hold, so starting lower costs a re-read, never a value.
+fn input_start(stored: Option<i64>, committed: Option<i64>, floor: Option<i64>) -> Option<i64> {
+    match floor {
+        Some(f) => Some(stored.map_or(f, |s| s.max(f))),
+        None => [stored, committed].into_iter().flatten().max(),
+    }
 }
 
 /// The group's committed offset of a partition (`None` when there is none or it cannot be read).
@@ -706,5 +730,21 @@ fn resume(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: i32) {
     tpl.add_partition(topic, partition);
     if let Err(e) = consumer.resume(&tpl) {
         tracing::warn!(topic, partition, error = %e, "resume failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::input_start;
+
+    #[test]
+    fn the_committed_offset_never_starts_a_partition_past_what_the_changelog_holds() {
+        // a former owner committed 900 after writes this node's fence made everyone ignore
+        assert_eq!(input_start(None, Some(900), Some(501)), Some(501));
+        assert_eq!(input_start(Some(700), Some(900), Some(501)), Some(700));
+        assert_eq!(input_start(Some(300), Some(900), Some(501)), Some(501));
+        // no slice yet (a table not registered): the group's offset is all there is
+        assert_eq!(input_start(Some(10), Some(900), None), Some(900));
+        assert_eq!(input_start(None, None, None), None);
     }
 }
