@@ -393,18 +393,21 @@ impl Ingest {
     /// the earliest offset; what was in between is lost, deletes included: counted and logged for
     /// the operator (README, "Operations").
     pub fn check_reset(&self, tp: &(String, i32), expected: i64, lo: i64, hi: i64) {
-        let (lost, why) = if expected < lo {
-            (
-                lo - expected,
-                "the records were removed by retention before they were applied",
-            )
-        } else if expected > hi {
-            (
-                expected - hi,
-                "the partition ends before this position: the topic was recreated or truncated",
-            )
-        } else {
-            return;
+        let covered = self.partitions.lock().covered.get(tp).copied();
+        let (lost, why) = match classify_reset(expected, lo, hi, covered) {
+            Reset::None => return,
+            Reset::Covered(c) => {
+                tracing::warn!(
+                    topic = %tp.0,
+                    partition = tp.1,
+                    position = expected,
+                    first_offset = lo,
+                    committed = c,
+                    "input records a former owner applied and committed are gone by retention; not re-read"
+                );
+                return;
+            }
+            Reset::Lost(lost, why) => (lost, why),
         };
         self.metrics
             .offset_resets
@@ -456,5 +459,64 @@ impl Ingest {
                 .map(|re| names.iter().any(|n| re.is_match(n)))
                 .unwrap_or(true),
         })
+    }
+}
+
+/// What a start position the broker no longer has means.
+#[derive(Debug, PartialEq, Eq)]
+enum Reset {
+    /// The position exists.
+    None,
+    /// Below the first offset, but that offset is at or below the group's committed offset when
+    /// the partition was taken over (`Taken::committed`): the start was chosen below it because
+    /// the changelog's mark lags the former owner's last records, and retention removed only
+    /// records that owner had applied and committed. Its changelog records hold them unless it
+    /// had missed its revoke (RELIABILITY.md, SPLIT-1); nothing livetable could know of is lost.
+    Covered(i64),
+    /// Records lost, and why.
+    Lost(i64, &'static str),
+}
+
+fn classify_reset(expected: i64, lo: i64, hi: i64, covered: Option<i64>) -> Reset {
+    if expected < lo {
+        if let Some(c) = covered.filter(|&c| lo <= c) {
+            return Reset::Covered(c);
+        }
+        Reset::Lost(
+            lo - expected,
+            "the records were removed by retention before they were applied",
+        )
+    } else if expected > hi {
+        Reset::Lost(
+            expected - hi,
+            "the partition ends before this position: the topic was recreated or truncated",
+        )
+    } else {
+        Reset::None
+    }
+}
+
+#[cfg(test)]
+mod reset_tests {
+    use super::{classify_reset, Reset};
+
+    #[test]
+    fn a_start_gone_by_retention_is_lost_unless_a_former_owner_committed_past_it() {
+        assert_eq!(classify_reset(5, 0, 10, None), Reset::None);
+        assert_eq!(classify_reset(10, 0, 10, None), Reset::None);
+        assert!(matches!(classify_reset(2, 7, 10, None), Reset::Lost(5, _)));
+        // a takeover started at 2, below the committed 8; retention removed 2..7
+        assert_eq!(classify_reset(2, 7, 10, Some(8)), Reset::Covered(8));
+        assert_eq!(classify_reset(2, 8, 10, Some(8)), Reset::Covered(8));
+        // retention removed records nobody applied (past the committed offset): lost
+        assert!(matches!(
+            classify_reset(2, 9, 10, Some(8)),
+            Reset::Lost(7, _)
+        ));
+        // past the end (a recreated topic) is never covered
+        assert!(matches!(
+            classify_reset(12, 0, 3, Some(20)),
+            Reset::Lost(9, _)
+        ));
     }
 }

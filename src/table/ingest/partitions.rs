@@ -74,6 +74,9 @@ pub struct Done {
 pub struct Taken {
     /// Where the partition starts (`None`: the beginning); only for `Job::Take`.
     pub start: Option<i64>,
+    /// The group's committed offset when it is past `start`: a former owner applied the records
+    /// in between.
+    pub committed: Option<i64>,
     pub replay: Vec<PendingRow>,
     /// `(short name, chosen name)` of a `Job::Slice`.
     pub named: Option<(String, String)>,
@@ -109,6 +112,9 @@ pub struct Inner {
     /// Partitions just resumed at a known offset: once the broker told their watermarks, an
     /// offset that no longer exists there (retention passed, topic recreated) is reported.
     pub check_start: HashMap<(String, i32), i64>,
+    /// Partitions started below the group's committed offset (see [`Taken::committed`]): a start
+    /// removed by retention below it is not a loss this node can know of.
+    pub covered: HashMap<(String, i32), i64>,
 }
 
 impl Partitions {
@@ -143,6 +149,7 @@ impl Partitions {
                 next_job: 1,
                 names: HashMap::new(),
                 check_start: HashMap::new(),
+                covered: HashMap::new(),
             }),
             tables,
             store,
@@ -279,6 +286,10 @@ impl Partitions {
             if let Some(s) = start {
                 inner.check_start.insert(tp.clone(), s);
             }
+            match taken.committed {
+                Some(c) => inner.covered.insert(tp.clone(), c),
+                None => inner.covered.remove(&tp),
+            };
             start
         };
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
@@ -621,6 +632,7 @@ fn run_job(
                 let taken = restorer.take_slice(reader, &entry, part, generation, cancelled)?;
                 Ok(Taken {
                     start: None,
+                    committed: None,
                     replay: taken.replay,
                     named: Some((table.clone(), entry.table.clone())),
                     slices: vec![(entry.table, part, taken.acked)],
@@ -671,6 +683,7 @@ fn take_partition(
     );
     Ok(Taken {
         start,
+        committed: committed.filter(|&c| start.is_some_and(|s| c > s)),
         replay,
         named: None,
         slices,
