@@ -286,10 +286,13 @@ impl Partitions {
             if let Some(s) = start {
                 inner.check_start.insert(tp.clone(), s);
             }
-            match taken.committed {
-                Some(c) => inner.covered.insert(tp.clone(), c),
-                None => inner.covered.remove(&tp),
-            };
+            if taken.named.is_none() {
+                // a partition taken over (a slice of a new table leaves it as it was)
+                match taken.committed {
+                    Some(c) => inner.covered.insert(tp.clone(), c),
+                    None => inner.covered.remove(&tp),
+                };
+            }
             start
         };
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
