@@ -75,17 +75,22 @@ fn owners(changelog: &str) -> (String, String) {
     (owner, newer)
 }
 
+/// A client of `group` that never joins it (commits and reads its offsets only).
+fn group_client(group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
 /// Commits `offset` for partition 0 of `topic` in `group`, as a former owner that has not noticed
 /// its revoke can (a broker that does not fence commits by generation accepts it). The test
 /// commits as no member, which the broker accepts once the group has no member left (a killed
 /// member's session ends within `session.timeout.ms`).
 fn commit(group: &str, topic: &str, offset: i64) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer = group_client(group);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
         .unwrap();
@@ -134,11 +139,7 @@ async fn committed(group: &str, topic: &str, offset: i64) {
             let (group, topic) = (group.to_string(), topic.to_string());
             async move {
                 tokio::task::spawn_blocking(move || {
-                    let c: BaseConsumer = ClientConfig::new()
-                        .set("bootstrap.servers", brokers())
-                        .set("group.id", &group)
-                        .create()
-                        .unwrap();
+                    let c = group_client(&group);
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&topic, 0);
                     let got = c.committed_offsets(tpl, Duration::from_secs(5)).ok()?;
@@ -150,6 +151,21 @@ async fn committed(group: &str, topic: &str, offset: i64) {
         },
     )
     .await;
+}
+
+impl Setup {
+    /// Another all-in-one node of the deployment, logging beside the first.
+    fn node(&self, name: &str, dir: &std::path::Path) -> Node {
+        Node::spawn(
+            name,
+            "all",
+            &self.group,
+            &self.topic,
+            dir,
+            self.logs.path(),
+            &[],
+        )
+    }
 }
 
 /// A node of a new deployment on a one-partition topic, after it applied changes `0..KEYS`.
@@ -205,15 +221,7 @@ async fn a_commit_past_fenced_writes_does_not_skip_their_changes() {
     commit(&s.group, &s.topic, KEYS as i64 + 1);
 
     let dir = tempdir();
-    let next = Node::spawn(
-        "next",
-        "all",
-        &s.group,
-        &s.topic,
-        dir.path(),
-        s.logs.path(),
-        &[],
-    );
+    let next = s.node("next", dir.path());
     next.wait_ready(Duration::from_secs(90)).await;
     let mut changes: Vec<usize> = (0..KEYS).collect();
     changes.push(KEYS);
@@ -234,15 +242,7 @@ async fn a_node_taking_a_partition_back_folds_its_own_records_its_store_lost() {
     produce(&p, &s.topic, &[change(KEYS)]).await;
     produce(&p, &s.changelog, &[changelog_row(KEYS, &mine, KEYS as i64)]).await;
     let other_dir = tempdir();
-    let mut other = Node::spawn(
-        "other",
-        "all",
-        &s.group,
-        &s.topic,
-        other_dir.path(),
-        s.logs.path(),
-        &[],
-    );
+    let mut other = s.node("other", other_dir.path());
     other.wait_ready(Duration::from_secs(90)).await;
     produce(&p, &s.topic, &[change(KEYS + 1)]).await;
     let mut changes: Vec<usize> = (0..KEYS).collect();

@@ -33,7 +33,7 @@ use crate::table::registry::Registry;
 use crate::table::restore::RestoreError;
 use crate::table::state::{SliceMode, Tables, UpdateSink};
 use crate::table::store::{SourceMarks, Store, StoreError};
-use partitions::{Done, PartState, Partitions};
+use partitions::{Done, PartState, Partitions, StartCheck};
 use stage::BatchStage;
 
 /// Errors that stop ingestion.
@@ -208,7 +208,7 @@ impl Ingest {
     /// the client (the position was past the end: the topic was recreated). Handled before the
     /// batch is staged, or its records would be taken for ones the slices already reflect.
     fn detect_resets(&self, batch: &[BorrowedMessage<'_>]) {
-        let mut found: Vec<((String, i32), i64, i64)> = Vec::new();
+        let mut found: Vec<((String, i32), StartCheck, i64)> = Vec::new();
         {
             let mut inner = self.partitions.lock();
             if inner.check_start.is_empty() {
@@ -216,19 +216,19 @@ impl Ingest {
             }
             for m in batch {
                 let tp = (m.topic().to_string(), m.partition());
-                if let Some(&start) = inner.check_start.get(&tp) {
-                    if m.offset() < start {
+                if let Some(&check) = inner.check_start.get(&tp) {
+                    if m.offset() < check.start {
                         inner.check_start.remove(&tp);
-                        found.push((tp, start, m.offset()));
+                        found.push((tp, check, m.offset()));
                     }
                 }
             }
         }
-        for (tp, start, offset) in found {
+        for (tp, check, offset) in found {
             let (lo, hi) = source::cached_watermarks(&self.consumer, &tp.0, tp.1)
-                .filter(|&(lo, hi)| lo <= offset && hi < start)
+                .filter(|&(lo, hi)| lo <= offset && hi < check.start)
                 .unwrap_or((offset, offset));
-            self.check_reset(&tp, start, lo, hi);
+            self.check_reset(&tp, check, lo, hi);
         }
     }
 
@@ -270,13 +270,13 @@ impl Ingest {
                 inner.check_start.clone(),
             )
         };
-        for (tp, start) in checks {
+        for (tp, check) in checks {
             if let Some((lo, hi)) = source::cached_watermarks(&self.consumer, &tp.0, tp.1) {
                 self.partitions.lock().check_start.remove(&tp);
-                if start < lo || start > hi {
-                    self.check_reset(&tp, start, lo, hi);
+                if check.start < lo || check.start > hi {
+                    self.check_reset(&tp, check, lo, hi);
                 }
-                if start > hi {
+                if check.start > hi {
                     // some brokers answer a fetch past the end with nothing rather than an
                     // out-of-range error: go to the start of the (new) partition ourselves
                     if let Err(e) =
@@ -392,9 +392,9 @@ impl Ingest {
     /// while this node was away) or past its end (the topic was recreated). Consumption goes on from
     /// the earliest offset; what was in between is lost, deletes included: counted and logged for
     /// the operator (README, "Operations").
-    pub fn check_reset(&self, tp: &(String, i32), expected: i64, lo: i64, hi: i64) {
-        let covered = self.partitions.lock().covered.get(tp).copied();
-        let (lost, why) = match classify_reset(expected, lo, hi, covered) {
+    pub fn check_reset(&self, tp: &(String, i32), check: StartCheck, lo: i64, hi: i64) {
+        let expected = check.start;
+        let (lost, why) = match classify_reset(expected, lo, hi, check.covered) {
             Reset::None => return,
             Reset::Covered(c) => {
                 tracing::warn!(

@@ -111,10 +111,16 @@ pub struct Inner {
     pub names: HashMap<(String, String), String>,
     /// Partitions just resumed at a known offset: once the broker told their watermarks, an
     /// offset that no longer exists there (retention passed, topic recreated) is reported.
-    pub check_start: HashMap<(String, i32), i64>,
-    /// Partitions started below the group's committed offset (see [`Taken::committed`]): a start
-    /// removed by retention below it is not a loss this node can know of.
-    pub covered: HashMap<(String, i32), i64>,
+    pub check_start: HashMap<(String, i32), StartCheck>,
+}
+
+/// Where a partition resumed, to check against the broker's watermarks.
+#[derive(Debug, Clone, Copy)]
+pub struct StartCheck {
+    pub start: i64,
+    /// The group's committed offset when a take-over started below it ([`Taken::committed`]): a
+    /// start removed by retention below it is not a loss this node can know of.
+    pub covered: Option<i64>,
 }
 
 impl Partitions {
@@ -149,7 +155,6 @@ impl Partitions {
                 next_job: 1,
                 names: HashMap::new(),
                 check_start: HashMap::new(),
-                covered: HashMap::new(),
             }),
             tables,
             store,
@@ -284,14 +289,14 @@ impl Partitions {
                 None => inner.positions.get(&tp).copied(),
             };
             if let Some(s) = start {
-                inner.check_start.insert(tp.clone(), s);
-            }
-            if taken.named.is_none() {
-                // a partition taken over (a slice of a new table leaves it as it was)
-                match taken.committed {
-                    Some(c) => inner.covered.insert(tp.clone(), c),
-                    None => inner.covered.remove(&tp),
+                // a slice of a new table keeps what the partition's take-over found covered
+                let covered = match taken.named {
+                    Some(_) => inner.check_start.get(&tp).and_then(|c| c.covered),
+                    None => taken.committed,
                 };
+                inner
+                    .check_start
+                    .insert(tp.clone(), StartCheck { start: s, covered });
             }
             start
         };
