@@ -175,7 +175,9 @@ impl Publisher {
             .values()
             .map(|t| {
                 let quota = Quota::per_second(t.rate_per_sec).allow_burst(t.burst);
-                (t.name.clone(), RateLimiter::direct(quota))
+                // the limiter and the `retry_after_ms` it leads to read one clock
+                let clock = self.inner.clock.clone();
+                (t.name.clone(), RateLimiter::direct_with_clock(quota, clock))
             })
             .collect();
         Session {

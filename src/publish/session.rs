@@ -239,7 +239,7 @@ impl Session {
                         policy.rate_per_sec, policy.burst
                     ),
                 );
-                n.retry_after_ms = Some(wait.as_millis().max(1) as u64);
+                n.retry_after_ms = Some(retry_after_ms(wait));
                 return Err(Box::new((label.to_string(), n)));
             }
         }
@@ -522,9 +522,26 @@ impl Session {
     }
 }
 
+/// The `retry_after_ms` of a `rate_limited` nack: the limiter's wait rounded up to a whole
+/// millisecond (at least 1), so that a client waiting exactly that long finds a token.
+fn retry_after_ms(wait: std::time::Duration) -> u64 {
+    let ms = wait.as_nanos().div_ceil(1_000_000).max(1);
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_after_rounds_up_so_waiting_that_long_is_enough() {
+        assert_eq!(retry_after_ms(Duration::ZERO), 1);
+        assert_eq!(retry_after_ms(Duration::from_micros(300)), 1);
+        assert_eq!(retry_after_ms(Duration::from_micros(1_500)), 2);
+        assert_eq!(retry_after_ms(Duration::from_millis(200)), 200);
+        assert_eq!(retry_after_ms(Duration::from_nanos(200_000_001)), 201);
+    }
 
     fn ctx(topics: Option<&[&str]>) -> PublishContext {
         PublishContext {
