@@ -62,6 +62,8 @@ pub struct Metrics {
     pub follower_lag: IntGaugeVec,
     pub follower_records: IntCounter,
     pub changelog_rejected: IntCounter,
+    pub changelog_refilled: IntCounter,
+    pub changelog_rewound: IntCounter,
     pub dead_letters_dropped: IntCounter,
     pub last_commit_unixtime: Gauge,
     pub checkpoint_pending_seconds: Gauge,
@@ -195,6 +197,14 @@ impl Metrics {
             "livetable_changelog_rejected_total",
             "Changelog records the broker refused for good (too large, not allowed): dead-lettered; the changelog keeps the previous value of the key.",
         );
+        let changelog_refilled = counter(
+            "livetable_changelog_refilled_total",
+            "Rows produced again into a changelog partition that started over (its topic deleted and created again), by the slice's owner.",
+        );
+        let changelog_rewound = counter(
+            "livetable_changelog_rewound_total",
+            "Changelog partitions a reader read again from the beginning because the partition ended below its position (the topic deleted and created again).",
+        );
         let dead_letters_dropped = counter(
             "livetable_dead_letters_dropped_total",
             "Dead letters the dead-letter topic refused for good (even shortened): dropped, logged as errors.",
@@ -269,6 +279,8 @@ impl Metrics {
             fenced_records,
             follower_records,
             changelog_rejected,
+            changelog_refilled,
+            changelog_rewound,
             dead_letters_dropped,
             last_commit_unixtime,
             checkpoint_pending_seconds,

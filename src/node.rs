@@ -501,6 +501,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             metrics: metrics.clone(),
             cancel: cancel.clone(),
             progress: progress.clone(),
+            repairs: Default::default(),
         };
         watch_checkpoints(
             progress,

@@ -382,6 +382,10 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "1000000")
         .set("message.timeout.ms", "30000")
+        // a deleted topic is not created again by a produce's metadata request (a broker with
+        // auto.create.topics.enable would give it its defaults: one partition, not compacted);
+        // livetable creates its topics itself
+        .set("allow.auto.create.topics", "false")
         // whatever livetable accepts must fit: a record up to --max-record-bytes, plus its key and
         // headers (a dead letter keeps the original record)
         .set(

@@ -6,12 +6,13 @@
 //! headers `livetable.table`, `livetable.offset` (input offset of the change), `livetable.seq`
 //! (the slice's change count), `livetable.acked` (every change up to this input offset is in the
 //! changelog before this record), `livetable.owner` (who wrote it) and `livetable.ts_ms`. A fence
-//! record (header `livetable.fence`) opens an owner's tenure of a partition. Topic definitions live
-//! in `topics/`.
+//! record (header `livetable.fence`) opens an owner's tenure of a partition; one whose header value
+//! is `restarted` ends an owner's rewrite of a partition that started over (see
+//! [`crate::table::repair`]). Topic definitions live in `topics/`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -86,6 +87,8 @@ pub const HEADER_ACKED: &str = "livetable.acked";
 pub const HEADER_OWNER: &str = "livetable.owner";
 pub const HEADER_TS: &str = "livetable.ts_ms";
 pub const HEADER_FENCE: &str = "livetable.fence";
+/// The value of the fence header of a fence that ends the rewrite of a partition that started over.
+pub const FENCE_RESTARTED: &str = "restarted";
 /// The key of fence records (never a row: readers recognise fences by their header).
 pub const FENCE_KEY: &str = "\u{0}livetable.fence";
 
@@ -114,6 +117,9 @@ pub struct ChangelogRecord {
     pub row: Option<Row>,
     pub meta: RecordMeta,
     pub fence: bool,
+    /// A fence that ends the rewrite of a partition that started over: a reader that read the
+    /// partition before it started over reads it again from the beginning.
+    pub restarted: bool,
 }
 
 /// Why a changelog record could not be read.
@@ -150,7 +156,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
         ts_ms: num(HEADER_TS),
     };
     let part = u32::try_from(m.partition()).unwrap_or(0);
-    if header(HEADER_FENCE).is_some() {
+    if let Some(fence) = header(HEADER_FENCE) {
         return Ok(ChangelogRecord {
             table,
             part,
@@ -159,6 +165,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
             row: None,
             meta,
             fence: true,
+            restarted: fence == FENCE_RESTARTED,
         });
     }
     let key = m
@@ -178,6 +185,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
         row,
         meta,
         fence: false,
+        restarted: false,
     })
 }
 
@@ -208,7 +216,11 @@ impl RegistryEntry {
 
 /// Producer of changelog, registry and dead-letter records; creator of their topics.
 pub struct Changelog {
-    producer: FutureProducer<ReaderContext>,
+    /// Replaced when it failed for good (see [`Changelog::renew_if_broken`]), with when it was
+    /// created.
+    producer: RwLock<(Arc<FutureProducer<ReaderContext>>, Instant)>,
+    producer_config: rdkafka::ClientConfig,
+    brokers: String,
     admin: AdminClient<ReaderContext>,
     prefix: String,
     dlq_topic: String,
@@ -228,9 +240,14 @@ impl Changelog {
         let parse = |file: &'static str, text: &str| {
             toml::from_str(text).map_err(|source| ChangelogError::Definition { file, source })
         };
+        let producer_config = source::producer_config(config);
         Ok(Changelog {
-            producer: source::producer_config(config)
-                .create_with_context(ReaderContext::new(&config.brokers))?,
+            producer: RwLock::new((
+                Arc::new(producer_config.create_with_context(ReaderContext::new(&config.brokers))?),
+                Instant::now(),
+            )),
+            producer_config,
+            brokers: config.brokers.clone(),
             admin: source::client_config(config)
                 .create_with_context(ReaderContext::new(&config.brokers))?,
             prefix: config.changelog_prefix.clone(),
@@ -242,6 +259,54 @@ impl Changelog {
             known: Mutex::new(HashMap::new()),
             order: Mutex::new(()),
         })
+    }
+
+    fn producer(&self) -> Arc<FutureProducer<ReaderContext>> {
+        self.producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Replaces the producer when it failed for good: librdkafka declared a fatal error, or the
+    /// broker fences it (`error`: what a record just failed with; Tansu fences an idempotent
+    /// producer that wrote to a topic deleted and created again). Every later record would fail.
+    /// What it had not delivered fails, and is produced again by its caller. At most every 2 s.
+    /// True when it was replaced (blocking).
+    pub fn renew_if_broken(&self, error: Option<&KafkaError>) -> bool {
+        let current = self.producer();
+        let fenced = error
+            .and_then(KafkaError::rdkafka_error_code)
+            .is_some_and(|c| {
+                matches!(
+                    c,
+                    RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+                )
+            });
+        let why = match current.client().fatal_error() {
+            Some((code, reason)) => format!("{code:?}: {reason}"),
+            None if fenced => error.map(ToString::to_string).unwrap_or_default(),
+            None => return false,
+        };
+        let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
+        if !Arc::ptr_eq(&slot.0, &current) || slot.1.elapsed() < Duration::from_secs(2) {
+            return false; // replaced meanwhile, or the error came from the one replaced
+        }
+        match self
+            .producer_config
+            .create_with_context(ReaderContext::new(&self.brokers))
+        {
+            Ok(p) => {
+                tracing::error!(error = %why, "the changelog producer failed for good; replaced by a new one (records not yet acknowledged are produced again)");
+                *slot = (Arc::new(p), Instant::now());
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the changelog producer failed for good and a new one could not be created; retrying");
+                false
+            }
+        }
     }
 
     /// The changelog topic of `table`.
@@ -296,6 +361,14 @@ impl Changelog {
             .map(|_| ())
     }
 
+    /// Forgets what this node knew of `topic` (it was deleted): the next `ensure` looks again.
+    pub fn forget(&self, topic: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
+    }
+
     /// Creates `topic` if needed; returns its partition count.
     fn ensure(
         &self,
@@ -341,7 +414,7 @@ impl Changelog {
     /// The partition count of an existing topic (blocking).
     pub fn partition_count(&self, topic: &str) -> Result<usize, ChangelogError> {
         let md = self
-            .producer
+            .producer()
             .client()
             .fetch_metadata(Some(topic), Duration::from_secs(10))?;
         md.topics()
@@ -364,20 +437,22 @@ impl Changelog {
         let mut record = FutureRecord::to(&topic)
             .key(key)
             .partition(i32::try_from(part).unwrap_or(0))
-            .headers(headers(table, &meta, false));
+            .headers(headers(table, &meta, None));
         if let Some(p) = payload {
             record = record.payload(p);
         }
-        send_retrying_queue_full(&self.producer, record)
+        send_retrying_queue_full(&self.producer(), record)
     }
 
     /// Produces a fence record: from here on, records of smaller owners are ignored by readers.
+    /// `restarted`: it ends the rewrite of a partition that started over.
     pub fn send_fence(
         &self,
         table: &str,
         part: u32,
         owner: Owner,
         member: &str,
+        restarted: bool,
     ) -> Result<DeliveryFuture, KafkaError> {
         let topic = self.topic_for(table);
         let meta = RecordMeta {
@@ -392,8 +467,8 @@ impl Changelog {
             .key(FENCE_KEY)
             .payload(&value)
             .partition(i32::try_from(part).unwrap_or(0))
-            .headers(headers(table, &meta, true));
-        send_retrying_queue_full(&self.producer, record)
+            .headers(headers(table, &meta, Some(restarted)));
+        send_retrying_queue_full(&self.producer(), record)
     }
 
     /// Produces a registry entry.
@@ -403,7 +478,7 @@ impl Changelog {
             .key(&entry.table)
             .payload(&value)
             .partition(0);
-        send_retrying_queue_full(&self.producer, record)
+        send_retrying_queue_full(&self.producer(), record)
     }
 
     /// Produces a dead letter with headers naming its origin and the reason.
@@ -443,16 +518,17 @@ impl Changelog {
         if let Some(v) = &letter.value {
             record = record.payload(v.as_slice());
         }
-        send_retrying_queue_full(&self.producer, record)
+        send_retrying_queue_full(&self.producer(), record)
     }
 
     /// Waits until every record produced so far was acknowledged or failed (shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        let _ = self.producer().flush(timeout);
     }
 }
 
-fn headers(table: &str, meta: &RecordMeta, fence: bool) -> OwnedHeaders {
+/// The headers of a record; `fence`: of a fence (`Some(restarted)`).
+fn headers(table: &str, meta: &RecordMeta, fence: Option<bool>) -> OwnedHeaders {
     let owner = meta.owner.to_header();
     let mut h = OwnedHeaders::new()
         .insert(Header {
@@ -463,10 +539,10 @@ fn headers(table: &str, meta: &RecordMeta, fence: bool) -> OwnedHeaders {
             key: HEADER_OWNER,
             value: Some(&owner),
         });
-    if fence {
+    if let Some(restarted) = fence {
         return h.insert(Header {
             key: HEADER_FENCE,
-            value: Some("1"),
+            value: Some(if restarted { FENCE_RESTARTED } else { "1" }),
         });
     }
     let (off, count, acked) = (

@@ -10,9 +10,9 @@
 //! A barrier (sent when partitions are revoked) is answered once every checkpoint before it is
 //! settled, with the revoked partitions' offsets committed synchronously.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cdc::source::SourceContext;
 use crate::metrics::Metrics;
 use crate::table::changelog::{Changelog, RecordMeta};
+use crate::table::repair;
 use crate::table::state::{SliceMode, Tables};
 use crate::table::store::{AckMeta, DeadLetter, Store};
 
@@ -133,7 +134,12 @@ pub struct Checkpointer {
     /// the restart (the outbox).
     pub cancel: CancellationToken,
     pub progress: Arc<Progress>,
+    /// When each table's changelog was last repaired (see [`crate::table::repair`]).
+    pub repairs: Mutex<HashMap<String, Instant>>,
 }
+
+/// A deleted changelog topic is looked at again at most this often per table.
+const REPAIR_EVERY: Duration = Duration::from_secs(5);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -143,6 +149,8 @@ pub enum Resent {
     /// The slice is no longer this node's (revoked): its new owner produces it.
     NotOwned,
     Failed,
+    /// The changelog topic or partition does not exist (deleted).
+    MissingTopic,
     /// The record can never be produced (see [`is_permanent`]).
     Rejected(KafkaError),
 }
@@ -305,12 +313,25 @@ impl Checkpointer {
         letters: Vec<PendingLetter>,
     ) -> HashMap<(String, u32), i64> {
         let mut cl_next: HashMap<(String, u32), i64> = HashMap::new();
-        for mut row in rows {
+        let mut rows: VecDeque<PendingRow> = rows.into();
+        while let Some(mut row) = rows.pop_front() {
             let delivery = row.delivery.take();
             let what = || format!("changelog record {}/{}/{}", row.table, row.part, row.key);
             let resend = || self.resend_row(&row.table, row.part, &row.key);
-            match self.until_acknowledged(delivery, what, resend).await {
+            let mut refill = Vec::new();
+            let settled = self
+                .until_acknowledged(delivery, what, resend, Some((&row.table, &mut refill)))
+                .await;
+            // a repair's records are waited for like the checkpoint's own
+            rows.extend(refill);
+            match settled {
                 Settled::Acknowledged(offset) => {
+                    if offset < self.cl_position(&row.table, row.part) {
+                        // below a record this node had acknowledged: the partition started over?
+                        let mut refill = Vec::new();
+                        self.repair(&row.table, &mut refill).await;
+                        rows.extend(refill);
+                    }
                     let slot = cl_next.entry((row.table.clone(), row.part)).or_insert(0);
                     *slot = (*slot).max(offset + 1);
                 }
@@ -340,13 +361,14 @@ impl Checkpointer {
                     {
                         Ok(Ok(d)) => Resent::Sent(d),
                         Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
+                        Ok(Err(e)) if repair::missing_topic(&e) => Resent::MissingTopic,
                         _ => Resent::Failed,
                     }
                 }
             };
             let first = letter.letter.clone();
             if let Settled::Rejected(e) = self
-                .until_acknowledged(letter.delivery, &what, || resend(first.clone()))
+                .until_acknowledged(letter.delivery, &what, || resend(first.clone()), None)
                 .await
             {
                 // too large, or not allowed: a shorter copy once, else it is dropped loudly
@@ -354,7 +376,7 @@ impl Checkpointer {
                 short.value = short.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
                 short.truncated = true;
                 let again = self
-                    .until_acknowledged(None, &what, || resend(short.clone()))
+                    .until_acknowledged(None, &what, || resend(short.clone()), None)
                     .await;
                 if let Settled::Rejected(e2) = again {
                     self.metrics.dead_letters_dropped.inc();
@@ -370,12 +392,14 @@ impl Checkpointer {
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
     /// `resend` for a new delivery (a retriable error is retried for as long as it takes, a
-    /// permanent one is handed back).
+    /// permanent one is handed back). For a changelog record (`changelog`: its table, and where
+    /// a repair's records go), a missing topic is repaired first.
     async fn until_acknowledged<F, Fut>(
         &self,
         mut delivery: Option<DeliveryFuture>,
         what: impl Fn() -> String,
         mut resend: F,
+        mut changelog: Option<(&str, &mut Vec<PendingRow>)>,
     ) -> Settled
     where
         F: FnMut() -> Fut,
@@ -384,9 +408,15 @@ impl Checkpointer {
         let mut backoff = Duration::from_millis(100);
         loop {
             if let Some(d) = delivery.take() {
-                match d.await {
+                let failed = match d.await {
                     Ok(Ok(d)) => return Settled::Acknowledged(d.offset),
                     Ok(Err((e, _))) if is_permanent(&e) => return Settled::Rejected(e),
+                    Ok(Err((e, _))) if repair::missing_topic(&e) => {
+                        if let Some((table, refill)) = changelog.as_mut() {
+                            self.repair(table, refill).await;
+                        }
+                        Some(e)
+                    }
                     Ok(Err((e, _))) => {
                         if crate::cdc::source::throttled(
                             "changelog-not-acknowledged",
@@ -394,20 +424,31 @@ impl Checkpointer {
                         ) {
                             tracing::warn!(what = %what(), error = %e, "not acknowledged by the broker; retrying (repeated at most every 10 s)")
                         }
+                        Some(e)
                     }
-                    Err(_) => tracing::warn!(what = %what(), "delivery cancelled; retrying"),
-                }
+                    Err(_) => {
+                        tracing::warn!(what = %what(), "delivery cancelled; retrying");
+                        None
+                    }
+                };
                 self.metrics.changelog_produce_errors.inc();
+                self.renew_producer(failed).await;
                 if self.sleep(backoff).await {
                     return Settled::Dropped;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-            match resend().await {
+            let r = resend().await;
+            match r {
                 Resent::Sent(d) => delivery = Some(d),
                 Resent::NotOwned => return Settled::Dropped,
                 Resent::Rejected(e) => return Settled::Rejected(e),
-                Resent::Failed => {
+                Resent::MissingTopic | Resent::Failed => {
+                    if let (Resent::MissingTopic, Some((table, refill))) = (&r, changelog.as_mut())
+                    {
+                        self.repair(table, refill).await;
+                    }
+                    self.renew_producer(None).await;
                     if self.sleep(backoff).await {
                         return Settled::Dropped;
                     }
@@ -463,12 +504,76 @@ impl Checkpointer {
             Ok(Ok(Some(d))) => Resent::Sent(d),
             Ok(Ok(None)) => Resent::NotOwned,
             Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
+            Ok(Err(e)) if repair::missing_topic(&e) => Resent::MissingTopic,
             Ok(Err(e)) => {
                 self.metrics.changelog_produce_errors.inc();
                 tracing::warn!(error = %e, "changelog produce failed");
                 Resent::Failed
             }
             Err(_) => Resent::Failed,
+        }
+    }
+
+    /// Replaces the changelog producer if it failed for good ([`Changelog::renew_if_broken`]).
+    async fn renew_producer(&self, error: Option<KafkaError>) {
+        let changelog = self.changelog.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || changelog.renew_if_broken(error.as_ref())).await;
+    }
+
+    /// The changelog position of slice `part` of `table` after the records acknowledged so far.
+    fn cl_position(&self, table: &str, part: u32) -> i64 {
+        self.tables
+            .get(table)
+            .and_then(|t| t.read().slice(part).map(|s| s.cl_next))
+            .unwrap_or(0)
+    }
+
+    /// The changelog topic of `table` is missing, or started over: created again if missing, and
+    /// the slices whose partition started over written again (their records go to `refill`); at
+    /// most every [`REPAIR_EVERY`] per table.
+    async fn repair(&self, table: &str, refill: &mut Vec<PendingRow>) {
+        {
+            let mut last = self.repairs.lock().unwrap_or_else(|e| e.into_inner());
+            if last.get(table).is_some_and(|t| t.elapsed() < REPAIR_EVERY) {
+                return;
+            }
+            last.insert(table.to_string(), Instant::now());
+        }
+        // until it worked: the changelog is where this node's state becomes durable
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let (tables, changelog, store) = (
+                self.tables.clone(),
+                self.changelog.clone(),
+                self.store.clone(),
+            );
+            let name = table.to_string();
+            let done = tokio::task::spawn_blocking(move || {
+                repair::recreate(&tables, &changelog, &store, &name)
+            })
+            .await;
+            match done {
+                Ok(repaired) => {
+                    let n = repaired.rows.len() as u64;
+                    self.metrics.changelog_refilled.inc_by(n);
+                    refill.extend(repaired.rows);
+                    match repaired.result {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::error!(table, error = %e, "repairing the changelog topic failed; retrying")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(table, error = %e, "changelog repair task failed; retrying")
+                }
+            }
+            self.renew_producer(None).await;
+            if self.sleep(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 

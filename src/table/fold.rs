@@ -24,6 +24,10 @@ use crate::table::state::{Delta, RowWrite, Staged};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Folded {
     Fence,
+    /// A fence that ends an owner's rewrite of a partition that started over (see
+    /// [`crate::table::repair`]): a reader that read the partition before it started over reads it
+    /// again from its beginning.
+    Restarted,
     /// A record of an owner older than the partition's latest fence: ignored.
     Fenced,
     /// A record of this node's own earlier tenure that its local state already reflects.
@@ -52,7 +56,11 @@ pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Own>) -> Folded
             if rec.meta.owner > s.owner {
                 s.owner = rec.meta.owner;
             }
-            return Folded::Fence;
+            return if rec.restarted {
+                Folded::Restarted
+            } else {
+                Folded::Fence
+            };
         }
         if rec.meta.owner < s.owner {
             return Folded::Fenced;
@@ -117,6 +125,7 @@ mod tests {
                 ts_ms: None,
             },
             fence: false,
+            restarted: false,
         }
     }
 
@@ -125,6 +134,34 @@ mod tests {
             fence: true,
             ..rec("", None, -1, owner, cl)
         }
+    }
+
+    #[test]
+    fn a_partition_written_again_reads_the_same_and_its_end_fence_says_so() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e", "in", 1);
+        let mut d = Delta::new(t.clone());
+        assert_eq!(fold(&mut d, fence((0, 1), 0), None), Folded::Fence);
+        assert_eq!(
+            fold(&mut d, rec("a", Some(5), 50, (0, 1), 1), None),
+            Folded::Applied
+        );
+        // the topic deleted and created again: the owner writes the same row at a lower
+        // changelog offset (not newer: ignored), then a `restarted` fence of the same owner
+        assert_eq!(
+            fold(&mut d, rec("a", Some(5), 50, (0, 1), 0), None),
+            Folded::Stale
+        );
+        let end = ChangelogRecord {
+            restarted: true,
+            ..fence((0, 1), 1)
+        };
+        assert_eq!(fold(&mut d, end, None), Folded::Restarted);
+        // still the same owner's tenure: its next records apply
+        assert_eq!(
+            fold(&mut d, rec("a", Some(6), 51, (0, 1), 2), None),
+            Folded::Applied
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::table::readiness::Readiness;
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::restore::{delta_batch, SliceHandover};
 use crate::table::state::{Delta, Slice, SliceMode, Table, Tables, UpdateSink};
-use crate::table::store::Store;
+use crate::table::store::{AckMeta, Store};
 
 enum Command {
     Follow {
@@ -111,7 +111,16 @@ struct Followed {
     table: String,
     next: i64,
     since: Instant,
+    /// Since when every fetch response put the partition's end below `next` (see
+    /// [`Follower::rewind_restarted`]).
+    behind: Option<Instant>,
+    /// The offset of the `restarted` fence this follower last read the partition again for.
+    rewound_at: Option<i64>,
 }
+
+/// How long a partition's end must stay below a follower's position before it is read again from
+/// the beginning: longer than a cached end from before an assignment lives.
+const RESTARTED_AFTER: Duration = Duration::from_secs(1);
 
 /// Logged when the follower of an all-in-one node finds a slice it follows owned by the ingest
 /// (a bug: two writers; the tests look for it).
@@ -208,6 +217,7 @@ impl Follower {
             let mut deltas: HashMap<String, Delta> = HashMap::new();
             let mut let_go: Vec<(String, i32)> = Vec::new();
             let mut writers: HashMap<(String, i32), Writer> = HashMap::new();
+            let mut restarted: Vec<((String, i32), i64)> = Vec::new();
             for m in &batch {
                 if m.topic() == registry_topic {
                     registry_next = registry_next.max(m.offset() + 1);
@@ -261,8 +271,10 @@ impl Follower {
                         let delta = deltas
                             .entry(f.table.clone())
                             .or_insert_with(|| Delta::new(table));
-                        if fold(delta, rec, None) == Folded::Fenced {
-                            self.metrics.fenced_records.inc();
+                        match fold(delta, rec, None) {
+                            Folded::Fenced => self.metrics.fenced_records.inc(),
+                            Folded::Restarted => restarted.push((key, m.offset())),
+                            _ => {}
                         }
                     }
                     Err(e) => {
@@ -271,6 +283,14 @@ impl Follower {
                 }
             }
             drop(batch);
+            for (key, at) in restarted {
+                if let Some(f) = followed.get_mut(&key) {
+                    if f.rewound_at.is_none_or(|o| at > o) {
+                        self.rewind(&key, f, at);
+                        assigned.clear();
+                    }
+                }
+            }
             for key in let_go {
                 if followed.remove(&key).is_some() {
                     tracing::error!(topic = %key.0, partition = key.1, "{SECOND_WRITER}; let go of it");
@@ -289,6 +309,9 @@ impl Follower {
             // (tables announced by records just read are followed from the next round on)
             if !registry_changed && last_check.elapsed() > Duration::from_millis(250) {
                 last_check = Instant::now();
+                if self.rewind_restarted(&reader, &mut followed) {
+                    assigned.clear();
+                }
                 if self.check_lag(&reader, &registry_topic, registry_next, &followed, starting) {
                     starting = false;
                 }
@@ -364,6 +387,8 @@ impl Follower {
                     table: entry.table.clone(),
                     next,
                     since: Instant::now(),
+                    behind: None,
+                    rewound_at: None,
                 },
             );
         }
@@ -445,6 +470,59 @@ impl Follower {
 
     /// Lag per followed partition and readiness: the registry and every followed partition read
     /// to within the ready lag of their high watermarks. Returns the readiness.
+    /// A followed partition whose end stays below this follower's position started over (the
+    /// changelog topic was deleted and created again, see [`crate::table::repair`]): it is read
+    /// again from its beginning (records fold only where newer). True when one was.
+    fn rewind_restarted(
+        &self,
+        reader: &Reader,
+        followed: &mut HashMap<(String, i32), Followed>,
+    ) -> bool {
+        let mut rewound = false;
+        for ((topic, p), f) in followed.iter_mut() {
+            let end = source::cached_watermarks(reader, topic, *p).map(|(_, hi)| hi);
+            let Some(end) = end.filter(|hi| *hi < f.next) else {
+                f.behind = None;
+                continue;
+            };
+            let behind = *f.behind.get_or_insert_with(Instant::now);
+            if behind.elapsed() < RESTARTED_AFTER || f.since.elapsed() < RESTARTED_AFTER {
+                continue;
+            }
+            tracing::warn!(%topic, partition = p, end, position = f.next, "changelog partition ends below what this node read (topic deleted and created again?): reading it again from the beginning");
+            // a `restarted` fence below the end is read again with the rest
+            self.rewind(&(topic.clone(), *p), f, end - 1);
+            rewound = true;
+        }
+        rewound
+    }
+
+    /// Reads followed partition `key` again from its beginning (it started over; a `restarted`
+    /// fence up to offset `covered` is read again with it, not for itself), with the slice's
+    /// changelog position (memory and store).
+    fn rewind(&self, key: &(String, i32), f: &mut Followed, covered: i64) {
+        tracing::info!(topic = %key.0, partition = key.1, covered, "changelog partition read again from the beginning");
+        self.metrics.changelog_rewound.inc();
+        (f.next, f.behind, f.since) = (0, None, Instant::now());
+        f.rewound_at = Some(covered);
+        let Some(t) = self.tables.get(&f.table) else {
+            return;
+        };
+        let part = u32::try_from(key.1).unwrap_or(0);
+        let mut meta = None;
+        t.update_slices(|s| {
+            if let Some(slice) = s.slices.get_mut(part as usize) {
+                slice.cl_next = 0;
+                meta = Some(AckMeta::of(slice));
+            }
+        });
+        if let Some(meta) = meta {
+            if let Err(e) = self.store.put_acks(&f.table, part, &meta) {
+                tracing::error!(error = %e, "follower: recording the changelog position failed");
+            }
+        }
+    }
+
     fn check_lag(
         &self,
         reader: &Reader,

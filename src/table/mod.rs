@@ -15,6 +15,7 @@ pub mod position;
 pub mod reader;
 pub mod readiness;
 pub mod registry;
+pub mod repair;
 pub mod restore;
 pub mod rows;
 pub mod state;

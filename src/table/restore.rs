@@ -8,7 +8,9 @@
 //! 2. a fence record with an owner greater than any seen is written and the partition is read up
 //!    to it: from then on a former owner's late writes are ignored by every reader;
 //! 3. the slice becomes owned, and the keys of the local store's outbox (changes this node applied
-//!    but whose records were never acknowledged) are produced again.
+//!    but whose records were never acknowledged) are produced again; every key of the slice when
+//!    the fence landed below where this node had read (the topic was deleted and created again:
+//!    see [`crate::table::repair`]), after that new partition was read from its beginning.
 //!
 //! The input partition then starts at the larger of the position in the local store and the
 //! lowest `acked + 1` of its slices (the group's committed offset only when it has no slice yet:
@@ -25,11 +27,12 @@ use crate::cdc::source::Reader;
 use crate::cdc::source;
 use crate::metrics::Metrics;
 use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
-use crate::table::checkpoint::{resend_current, PendingRow};
+use crate::table::checkpoint::PendingRow;
 use crate::table::fold::{fold, Folded, Own};
 use crate::table::position::Owner;
 use crate::table::reader::{self, End, ReadError, Span};
 use crate::table::registry::{Registry, RegistryError};
+use crate::table::repair;
 use crate::table::state::{Delta, SliceMode, Table, Tables, UpdateSink};
 use crate::table::store::{encode_row, AckMeta, SliceMeta, Store, StoreError, WriteBatch};
 
@@ -111,6 +114,11 @@ pub struct SliceTaken {
     pub acked: i64,
     /// Outbox records produced again.
     pub replay: Vec<PendingRow>,
+    /// The slice was rebuilt from the changelog alone: this node held no state of it (its store
+    /// had none, as a materialiser's after a restart, or it was cleared). Its input position from
+    /// an earlier run is then no promise: the changes up to it whose records never reached the
+    /// changelog are gone with the outbox, and must be applied again from the input.
+    pub rebuilt: bool,
 }
 
 /// Everything a restore needs.
@@ -248,15 +256,30 @@ impl Restorer {
             generation,
         );
         let mut fence_off = -1;
+        // a `restarted` fence read: the partition was written again by an owner after it started
+        // over; what this node read before may lack records below it
+        let mut rewritten = false;
         for attempt in 0..3 {
-            let fence = self
-                .changelog
-                .send_fence(&entry.table, part, owner, &self.member)?;
-            fence_off = futures::executor::block_on(fence)
-                .map_err(|_| RestoreError::Fence(entry.table.clone(), part, "cancelled".into()))?
-                .map_err(|(e, _)| RestoreError::Fence(entry.table.clone(), part, e.to_string()))?
-                .offset;
-            next = self.fold_span(
+            let fence =
+                self.changelog
+                    .send_fence(&entry.table, part, owner, &self.member, false)?;
+            fence_off = match futures::executor::block_on(fence) {
+                Ok(Ok(d)) => d.offset,
+                Ok(Err((e, _))) => {
+                    // a producer failed for good is replaced before the take-over is retried
+                    self.changelog.renew_if_broken(Some(&e));
+                    return Err(RestoreError::Fence(
+                        entry.table.clone(),
+                        part,
+                        e.to_string(),
+                    ));
+                }
+                Err(_) => {
+                    let why = "cancelled".to_string();
+                    return Err(RestoreError::Fence(entry.table.clone(), part, why));
+                }
+            };
+            let (n, restarted) = self.fold_span(
                 reader,
                 &table,
                 &topic,
@@ -266,6 +289,8 @@ impl Restorer {
                 own,
                 cancelled,
             )?;
+            next = n;
+            rewritten |= restarted && from > 0;
             let seen = table
                 .read()
                 .slice(part)
@@ -279,6 +304,30 @@ impl Restorer {
             }
             owner = Owner::next(seen, generation);
         }
+        // a fence below where this node had read: the partition started over (the topic was
+        // deleted and created again); what it holds now is read from its beginning, and every row
+        // of the slice is written into it again
+        let started_over = fence_off < from;
+        if started_over || rewritten {
+            tracing::warn!(
+                %topic,
+                partition = part,
+                fence_offset = fence_off,
+                read_up_to = from,
+                rewritten_by_another_owner = rewritten,
+                "changelog partition started over (topic deleted and created again?): reading it from the beginning (and producing every row of the slice again unless its previous owner did)"
+            );
+            self.fold_span(
+                reader,
+                &table,
+                &topic,
+                part,
+                0,
+                End::Through(fence_off),
+                own,
+                cancelled,
+            )?;
+        }
         let mut superseded = false;
         let mut metas = None;
         table.update_slices(|s| {
@@ -289,7 +338,11 @@ impl Restorer {
             }
             slice.owner = owner;
             slice.mode = SliceMode::Owned;
-            slice.cl_next = slice.cl_next.max(fence_off + 1);
+            slice.cl_next = if started_over {
+                fence_off + 1
+            } else {
+                slice.cl_next.max(fence_off + 1)
+            };
             metas = Some((SliceMeta::of(slice), AckMeta::of(slice)));
         });
         if superseded {
@@ -305,11 +358,23 @@ impl Restorer {
         self.metrics
             .restore_seconds
             .set(started.elapsed().as_secs_f64());
-        let replay = if own.is_some() {
-            self.replay_outbox(&table, part)?
+        let replay = if started_over || own.is_some() {
+            self.replay(&table, part, started_over)?
         } else {
             Vec::new()
         };
+        if started_over {
+            self.metrics.changelog_refilled.inc_by(replay.len() as u64);
+            // after the rows: a reader that read the partition before it started over reads it
+            // again from its beginning when it meets this fence
+            let end = self
+                .changelog
+                .send_fence(&entry.table, part, owner, &self.member, true)
+                .map(futures::executor::block_on);
+            if !matches!(end, Ok(Ok(Ok(_)))) {
+                tracing::warn!(table = %entry.table, partition = part, "the fence that ends the rewrite was not acknowledged; readers find the restart by the partition's end");
+            }
+        }
         let acked = table.read().slice(part).map_or(-1, |s| s.acked);
         tracing::info!(
             table = %entry.table,
@@ -325,11 +390,12 @@ impl Restorer {
             table: entry.table.clone(),
             acked,
             replay,
+            rebuilt: mode == SliceMode::Absent,
         })
     }
 
     /// Reads changelog partition `part` of `topic` from `from` to `end`, folding into `table`;
-    /// returns the next changelog offset.
+    /// returns the next changelog offset, and whether a `restarted` fence was read.
     #[allow(clippy::too_many_arguments)]
     fn fold_span(
         &self,
@@ -341,8 +407,9 @@ impl Restorer {
         end: End,
         own: Option<Own>,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<i64, RestoreError> {
+    ) -> Result<(i64, bool), RestoreError> {
         let prefix = self.changelog.topic_for("");
+        let mut restarted = false;
         let span = Span {
             topic: topic.to_string(),
             partition: i32::try_from(part).unwrap_or(0),
@@ -364,11 +431,11 @@ impl Restorer {
                 }
                 self.metrics.restore_records.inc();
                 match changelog::parse_record(&prefix, m) {
-                    Ok(rec) => {
-                        if fold(&mut delta, rec, own) == Folded::Fenced {
-                            self.metrics.fenced_records.inc();
-                        }
-                    }
+                    Ok(rec) => match fold(&mut delta, rec, own) {
+                        Folded::Fenced => self.metrics.fenced_records.inc(),
+                        Folded::Restarted => restarted = true,
+                        _ => {}
+                    },
                     Err(e) => {
                         tracing::warn!(topic, offset = rdkafka::Message::offset(m), error = ?e, "restore: not a changelog record; skipped")
                     }
@@ -386,10 +453,11 @@ impl Restorer {
             return Err(e);
         }
         self.commit(delta)?;
-        Ok(next
+        let next = next
             .get(&(topic.to_string(), i32::try_from(part).unwrap_or(0)))
             .copied()
-            .unwrap_or(from))
+            .unwrap_or(from);
+        Ok((next, restarted))
     }
 
     /// Makes folded records visible and durable (not yet owned: a crash restores again).
@@ -404,40 +472,25 @@ impl Restorer {
         Ok(())
     }
 
-    /// Produces again every key of slice `part` this node changed but whose changelog record was
-    /// never acknowledged.
-    fn replay_outbox(
+    /// Produces again every key of slice `part` (`all`), or those this node changed but whose
+    /// changelog record was never acknowledged (its outbox).
+    fn replay(
         &self,
         table: &Arc<Table>,
         part: u32,
+        all: bool,
     ) -> Result<Vec<PendingRow>, RestoreError> {
         let (name, keys) = {
             let t = table.read();
-            let Some(s) = t.slice(part) else {
-                return Ok(Vec::new());
-            };
-            let mut keys: Vec<(String, i64, bool)> = t
-                .rows
-                .iter()
-                .filter(|(_, e)| e.part == part && e.off > s.acked)
-                .map(|(k, e)| (k.clone(), e.off, false))
-                .collect();
-            keys.extend(s.tombs.iter().map(|(k, off)| (k.clone(), *off, true)));
-            (t.name.to_string(), keys)
+            (t.name.to_string(), repair::slice_keys(&t, part, all))
         };
-        let mut out = Vec::with_capacity(keys.len());
-        for (key, off, deleted) in keys {
-            let delivery = resend_current(&self.tables, &self.changelog, &name, part, &key)?;
-            out.push(PendingRow {
-                table: name.clone(),
-                part,
-                key,
-                off,
-                deleted,
-                delivery,
-            });
-        }
-        Ok(out)
+        Ok(repair::produce_keys(
+            &self.tables,
+            &self.changelog,
+            &name,
+            part,
+            keys,
+        )?)
     }
 }
 

@@ -1016,6 +1016,13 @@ async fn changelog_deleted(
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = task.await;
+    // a process that died of the deletion (BUG-3) is restarted now, as its supervisor would: the
+    // crash is reported, and what is measured is how the restarted process recovers
+    for n in nodes.iter_mut() {
+        if let Some(note) = n.revive("after ChangelogDeleted") {
+            rep.crashes.push(note);
+        }
+    }
     let probes = wl.probe(rng).await;
     if let Err(e) = wl.drain(Duration::from_secs(120)).await {
         rep.failures.push(format!("workload: {e}"));

@@ -1,0 +1,231 @@
+//! The changelog topic deleted while livetable runs, or while it is down (RELIABILITY.md, BUG-1):
+//! the topic is created again, every owner writes its slices into it again, and a gateway whose
+//! position is past the new topic's end reads it from the beginning. On the real broker, with
+//! livetable processes, on a two-partition input.
+//!
+//! The gateway is stopped while the topic is deleted: a librdkafka consumer assigned to a topic
+//! that Tansu deletes dies of SIGSEGV (BUG-3; `dev/probes/tansu_recreated_topic.py`). A gateway
+//! restarted with its cache meets the same recreated topic a surviving one would.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::procs::{api_state, Node};
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+const TABLE: &str = "ticks";
+const KEYS: usize = 20;
+
+/// Key `k{key}` gets `n`.
+fn change(key: usize, n: usize) -> FixtureRecord {
+    let key = format!("k{key}");
+    FixtureRecord {
+        key: Some(format!(r#"{{"id":"{key}"}}"#)),
+        value: Some(format!(
+            r#"{{"before":null,"after":{{"id":"{key}","n":{n}}},"op":"u","source":{{"table":"{TABLE}","ts_ms":1}}}}"#
+        )),
+        headers: vec![],
+    }
+}
+
+struct Setup {
+    topic: String,
+    group: String,
+    changelog: String,
+    logs: tempfile::TempDir,
+}
+
+impl Setup {
+    fn node(&self, name: &str, role: &str, dir: &std::path::Path) -> Node {
+        Node::spawn(
+            name,
+            role,
+            &self.group,
+            &self.topic,
+            dir,
+            self.logs.path(),
+            &[],
+        )
+    }
+}
+
+fn setup(prefix: &str) -> Setup {
+    let u = unique(prefix);
+    let group = format!("g-{u}");
+    Setup {
+        topic: format!("{u}.public.{TABLE}"),
+        changelog: format!("{group}.table.{TABLE}"),
+        group,
+        logs: tempdir(),
+    }
+}
+
+/// Produces `n` for every key in `keys`; returns what the table then holds.
+async fn write(
+    s: &Setup,
+    keys: std::ops::Range<usize>,
+    n: usize,
+    want: &mut BTreeMap<String, i64>,
+) {
+    let records: Vec<FixtureRecord> = keys.clone().map(|k| change(k, n)).collect();
+    produce_keyed(&producer(), &s.topic, &records).await;
+    for k in keys {
+        want.insert(format!("k{k}"), n as i64);
+    }
+}
+
+async fn api_equals(node: &Node, want: &BTreeMap<String, i64>, what: &str) {
+    let log = node.log.display().to_string();
+    eventually(
+        &format!("{what} (log {log})"),
+        Duration::from_secs(90),
+        || async { (api_state(&node.base, TABLE).await.as_ref() == Some(want)).then_some(()) },
+    )
+    .await;
+}
+
+/// The partition count of `topic`, when it exists.
+fn partitions(topic: &str) -> Option<usize> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .ok()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len())
+}
+
+/// The changelog folded as a restore from scratch would: per key, the value of its record of the
+/// highest input offset (fences skipped).
+fn folded(changelog: &str) -> BTreeMap<String, i64> {
+    let records = read_partitions(changelog, &[0, 1], usize::MAX, Duration::from_secs(4));
+    let mut best: BTreeMap<String, (i64, Option<i64>)> = BTreeMap::new();
+    for (key, value, headers) in records {
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        if header("livetable.fence").is_some() {
+            continue;
+        }
+        let (Some(key), Some(off)) = (key, header("livetable.offset")) else {
+            continue;
+        };
+        let off: i64 = off.parse().unwrap();
+        let n = value
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .and_then(|v| v["n"].as_i64());
+        if best.get(&key).is_none_or(|(o, _)| off >= *o) {
+            best.insert(key, (off, n));
+        }
+    }
+    best.into_iter()
+        .filter_map(|(k, (_, n))| n.map(|n| (k, n)))
+        .collect()
+}
+
+async fn changelog_refilled(s: &Setup, want: &BTreeMap<String, i64>, what: &str) {
+    let changelog = s.changelog.clone();
+    eventually(
+        &format!("{what}: {changelog} exists again with 2 partitions"),
+        Duration::from_secs(90),
+        || {
+            let c = changelog.clone();
+            async move {
+                tokio::task::spawn_blocking(move || (partitions(&c) == Some(2)).then_some(()))
+                    .await
+                    .unwrap()
+            }
+        },
+    )
+    .await;
+    eventually(
+        &format!("{what}: the changelog folds to every key's latest value"),
+        Duration::from_secs(90),
+        || {
+            let c = changelog.clone();
+            let want = want.clone();
+            async move {
+                let got = tokio::task::spawn_blocking(move || folded(&c))
+                    .await
+                    .unwrap();
+                (got == want).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// Deleted while the owner runs: its next records fail, it creates the topic again and writes
+/// every row of its slices into it (also the keys that did not change since); a gateway restarted
+/// with a position past the new end reads the new topic from its beginning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_deleted_under_a_running_owner_is_created_again_and_refilled() {
+    let s = setup("cld1");
+    create_topic(&s.topic, 2).await;
+    let (owner_dir, gw_dir) = (tempdir(), tempdir());
+    let owner = s.node("owner", "all", owner_dir.path());
+    let mut gw = s.node("gw", "gateway", gw_dir.path());
+    let mut want = BTreeMap::new();
+    for round in 0..3 {
+        write(&s, 0..KEYS, round, &mut want).await;
+    }
+    owner.wait_ready(Duration::from_secs(90)).await;
+    gw.wait_ready(Duration::from_secs(90)).await;
+    api_equals(&owner, &want, "owner before").await;
+    api_equals(&gw, &want, "gateway before").await;
+    gw.stop();
+
+    delete_topic(&s.changelog).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // half of the keys change: the other half is in the new topic only if the owner refills it
+    write(&s, 0..KEYS / 2, 100, &mut want).await;
+    api_equals(&owner, &want, "owner after the deletion").await;
+    changelog_refilled(&s, &want, "running owner").await;
+    let refilled = owner
+        .metric("livetable_changelog_refilled_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(refilled >= (KEYS / 2) as f64, "refilled {refilled}");
+
+    gw.start();
+    gw.wait_ready(Duration::from_secs(90)).await;
+    write(&s, KEYS / 2..KEYS, 200, &mut want).await;
+    api_equals(&gw, &want, "gateway restarted past the new topic's end").await;
+    let rewound = gw
+        .metric("livetable_changelog_rewound_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(rewound >= 1.0, "rewound {rewound}");
+}
+
+/// Deleted while the owner is down: when it takes its partitions back, the fence lands below where
+/// it had read; it reads the new topic from the beginning and writes every row into it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_down_while_its_changelog_was_deleted_writes_every_row_again() {
+    let s = setup("cld2");
+    create_topic(&s.topic, 2).await;
+    let dir = tempdir();
+    let mut owner = s.node("owner", "all", dir.path());
+    let mut want = BTreeMap::new();
+    for round in 0..3 {
+        write(&s, 0..KEYS, round, &mut want).await;
+    }
+    owner.wait_ready(Duration::from_secs(90)).await;
+    api_equals(&owner, &want, "owner before").await;
+    owner.stop();
+
+    delete_topic(&s.changelog).await;
+    owner.start();
+    owner.wait_ready(Duration::from_secs(90)).await;
+    api_equals(&owner, &want, "owner after its restart").await;
+    changelog_refilled(&s, &want, "restarted owner").await;
+    let refilled = owner
+        .metric("livetable_changelog_refilled_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(refilled >= KEYS as f64, "refilled {refilled}");
+}
