@@ -135,7 +135,7 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
         .unwrap_or_default();
     // Known failures (bugs in src/, reported in RELIABILITY.md), expected here until fixed.
     // BUG-1: the changelog topic deleted while livetable runs. Since 2026-12-03 it is created
-    // again and written again (src/table/repair.rs), and the gateway recovers; in 2 of 4 runs
+    // again and written again (src/table/repair.rs), and the gateway recovers; in 3 of 6 runs
     // the folded changelog still lacked one or two partitions' rewrite on the local broker
     // (RELIABILITY.md), so its checks stay tolerated until that is explained. Checked
     // after the main checks, tagged apart.

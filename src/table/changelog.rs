@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -216,9 +216,9 @@ impl RegistryEntry {
 
 /// Producer of changelog, registry and dead-letter records; creator of their topics.
 pub struct Changelog {
-    /// Replaced when it failed for good (see [`Changelog::renew_if_broken`]), with when it was
-    /// created.
-    producer: RwLock<(Arc<FutureProducer<ReaderContext>>, Instant)>,
+    /// Replaced when it failed for good (see [`Changelog::renew_if_broken`]), with its generation
+    /// (how many were replaced before it).
+    producer: RwLock<(Arc<FutureProducer<ReaderContext>>, u64)>,
     producer_config: rdkafka::ClientConfig,
     brokers: String,
     admin: AdminClient<ReaderContext>,
@@ -244,7 +244,7 @@ impl Changelog {
         Ok(Changelog {
             producer: RwLock::new((
                 Arc::new(producer_config.create_with_context(ReaderContext::new(&config.brokers))?),
-                Instant::now(),
+                0,
             )),
             producer_config,
             brokers: config.brokers.clone(),
@@ -262,44 +262,54 @@ impl Changelog {
     }
 
     fn producer(&self) -> Arc<FutureProducer<ReaderContext>> {
+        self.current().0
+    }
+
+    fn current(&self) -> (Arc<FutureProducer<ReaderContext>>, u64) {
         self.producer
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .0
             .clone()
     }
 
+    /// The generation of the producer in use: pass it to [`Changelog::renew_if_broken`] with an
+    /// error of a record sent now.
+    pub fn generation(&self) -> u64 {
+        self.current().1
+    }
+
     /// Replaces the producer when it failed for good: librdkafka declared a fatal error, or the
-    /// broker fences it (`error`: what a record just failed with; Tansu fences an idempotent
-    /// producer that wrote to a topic deleted and created again). Every later record would fail.
-    /// What it had not delivered fails, and is produced again by its caller. At most every 2 s.
-    /// True when it was replaced (blocking).
-    pub fn renew_if_broken(&self, error: Option<&KafkaError>) -> bool {
-        let current = self.producer();
-        let fenced = error
-            .and_then(KafkaError::rdkafka_error_code)
-            .is_some_and(|c| {
-                matches!(
-                    c,
-                    RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch
+    /// broker fenced it (`fenced`: what a record failed with, and the generation of the producer
+    /// that sent it; Tansu fences an idempotent producer that wrote to a topic deleted and
+    /// created again). Every later record would fail. What it had not delivered fails, and is
+    /// produced again by its caller. An error of a record a replaced producer sent replaces
+    /// nothing: those arrive for seconds after the replacement. True when it was replaced
+    /// (blocking).
+    pub fn renew_if_broken(&self, fenced: Option<(&KafkaError, u64)>) -> bool {
+        let (current, generation) = self.current();
+        let fenced = fenced.filter(|(e, sent_by)| {
+            *sent_by == generation
+                && matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
                 )
-            });
-        let why = match current.client().fatal_error() {
-            Some((code, reason)) => format!("{code:?}: {reason}"),
-            None if fenced => error.map(ToString::to_string).unwrap_or_default(),
-            None => return false,
+        });
+        let why = match (current.client().fatal_error(), fenced) {
+            (Some((code, reason)), _) => format!("{code:?}: {reason}"),
+            (None, Some((e, _))) => e.to_string(),
+            (None, None) => return false,
         };
         let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
-        if !Arc::ptr_eq(&slot.0, &current) || slot.1.elapsed() < Duration::from_secs(2) {
-            return false; // replaced meanwhile, or the error came from the one replaced
+        if slot.1 != generation {
+            return false; // replaced meanwhile
         }
         match self
             .producer_config
             .create_with_context(ReaderContext::new(&self.brokers))
         {
             Ok(p) => {
-                tracing::error!(error = %why, "the changelog producer failed for good; replaced by a new one (records not yet acknowledged are produced again)");
-                *slot = (Arc::new(p), Instant::now());
+                tracing::error!(error = %why, generation = generation + 1, "the changelog producer failed for good; replaced by a new one (records not yet acknowledged are produced again)");
+                *slot = (Arc::new(p), generation + 1);
                 true
             }
             Err(e) => {

@@ -406,6 +406,9 @@ impl Checkpointer {
         Fut: std::future::Future<Output = Resent>,
     {
         let mut backoff = Duration::from_millis(100);
+        // the producer generation that sent `delivery` (unknown for the one handed in: it may
+        // be of a producer replaced since, whose errors must replace nothing)
+        let mut sent_by: Option<u64> = None;
         loop {
             if let Some(d) = delivery.take() {
                 let failed = match d.await {
@@ -432,15 +435,19 @@ impl Checkpointer {
                     }
                 };
                 self.metrics.changelog_produce_errors.inc();
-                self.renew_producer(failed).await;
+                self.renew_producer(failed.zip(sent_by)).await;
                 if self.sleep(backoff).await {
                     return Settled::Dropped;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            let generation = self.changelog.generation();
             let r = resend().await;
             match r {
-                Resent::Sent(d) => delivery = Some(d),
+                Resent::Sent(d) => {
+                    delivery = Some(d);
+                    sent_by = Some(generation);
+                }
                 Resent::NotOwned => return Settled::Dropped,
                 Resent::Rejected(e) => return Settled::Rejected(e),
                 Resent::MissingTopic | Resent::Failed => {
@@ -515,10 +522,12 @@ impl Checkpointer {
     }
 
     /// Replaces the changelog producer if it failed for good ([`Changelog::renew_if_broken`]).
-    async fn renew_producer(&self, error: Option<KafkaError>) {
+    async fn renew_producer(&self, fenced: Option<(KafkaError, u64)>) {
         let changelog = self.changelog.clone();
-        let _ =
-            tokio::task::spawn_blocking(move || changelog.renew_if_broken(error.as_ref())).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            changelog.renew_if_broken(fenced.as_ref().map(|(e, g)| (e, *g)))
+        })
+        .await;
     }
 
     /// The changelog position of slice `part` of `table` after the records acknowledged so far.

@@ -93,11 +93,12 @@ fn fence(
     owner: Owner,
     restarted: bool,
 ) -> Result<i64, RepairError> {
+    let generation = changelog.generation();
     let delivery = changelog.send_fence(table, part, owner, "repair", restarted)?;
     match futures::executor::block_on(delivery) {
         Ok(Ok(d)) => Ok(d.offset),
         Ok(Err((e, _))) => {
-            changelog.renew_if_broken(Some(&e));
+            changelog.renew_if_broken(Some((&e, generation)));
             Err(RepairError::Fence(table.into(), part, e.to_string()))
         }
         Err(_) => Err(RepairError::Fence(table.into(), part, "cancelled".into())),

@@ -260,6 +260,7 @@ impl Restorer {
         // over; what this node read before may lack records below it
         let mut rewritten = false;
         for attempt in 0..3 {
+            let producer_gen = self.changelog.generation();
             let fence =
                 self.changelog
                     .send_fence(&entry.table, part, owner, &self.member, false)?;
@@ -267,7 +268,7 @@ impl Restorer {
                 Ok(Ok(d)) => d.offset,
                 Ok(Err((e, _))) => {
                     // a producer failed for good is replaced before the take-over is retried
-                    self.changelog.renew_if_broken(Some(&e));
+                    self.changelog.renew_if_broken(Some((&e, producer_gen)));
                     return Err(RestoreError::Fence(
                         entry.table.clone(),
                         part,
