@@ -468,8 +468,6 @@ impl Follower {
         true
     }
 
-    /// Lag per followed partition and readiness: the registry and every followed partition read
-    /// to within the ready lag of their high watermarks. Returns the readiness.
     /// A followed partition whose end stays below this follower's position started over (the
     /// changelog topic was deleted and created again, see [`crate::table::repair`]): it is read
     /// again from its beginning (records fold only where newer). True when one was.
@@ -523,6 +521,8 @@ impl Follower {
         }
     }
 
+    /// Lag per followed partition and readiness: the registry and every followed partition read
+    /// to within the ready lag of their high watermarks. Returns the readiness.
     fn check_lag(
         &self,
         reader: &Reader,
