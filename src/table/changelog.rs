@@ -434,6 +434,32 @@ impl Changelog {
             .ok_or_else(|| ChangelogError::UnknownTopic(topic.to_string()))
     }
 
+    /// Writes a fence record ([`Changelog::send_fence`]) and waits for it (blocking: a delivery
+    /// always ends, within the producer's message.timeout.ms); returns its offset, or why it was
+    /// not acknowledged. A producer the broker fenced is replaced before this returns, so that a
+    /// retry goes through a new one.
+    pub fn write_fence(
+        &self,
+        table: &str,
+        part: u32,
+        owner: Owner,
+        member: &str,
+        restarted: bool,
+    ) -> Result<i64, String> {
+        let generation = self.generation();
+        let delivery = self
+            .send_fence(table, part, owner, member, restarted)
+            .map_err(|e| e.to_string())?;
+        match futures::executor::block_on(delivery) {
+            Ok(Ok(d)) => Ok(d.offset),
+            Ok(Err((e, _))) => {
+                self.renew_if_broken(Some((&e, generation)));
+                Err(e.to_string())
+            }
+            Err(_) => Err("cancelled".into()),
+        }
+    }
+
     /// Produces the latest value of one key to its partition (a tombstone when `payload` is None).
     pub fn send_row(
         &self,

@@ -20,7 +20,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::table::changelog::{Changelog, ChangelogError};
 use crate::table::checkpoint::{resend_current, PendingRow};
-use crate::table::position::Owner;
 use crate::table::state::{SliceMode, TableState, Tables};
 use crate::table::store::{AckMeta, Store};
 
@@ -84,27 +83,6 @@ pub fn produce_keys(
     Ok(out)
 }
 
-/// Writes a fence of `owner` to slice `part` (`restarted`: the one that ends a rewrite); returns
-/// its offset (blocking: a delivery always ends, within the producer's message.timeout.ms).
-fn fence(
-    changelog: &Changelog,
-    table: &str,
-    part: u32,
-    owner: Owner,
-    restarted: bool,
-) -> Result<i64, RepairError> {
-    let generation = changelog.generation();
-    let delivery = changelog.send_fence(table, part, owner, "repair", restarted)?;
-    match futures::executor::block_on(delivery) {
-        Ok(Ok(d)) => Ok(d.offset),
-        Ok(Err((e, _))) => {
-            changelog.renew_if_broken(Some((&e, generation)));
-            Err(RepairError::Fence(table.into(), part, e.to_string()))
-        }
-        Err(_) => Err(RepairError::Fence(table.into(), part, "cancelled".into())),
-    }
-}
-
 /// What a repair produced (to be seen acknowledged, also when it failed part way), and how it
 /// ended.
 pub struct Repaired {
@@ -153,7 +131,12 @@ fn recreate_into(
         };
         // the fence is appended after every record this node had acknowledged, unless the
         // partition started over
-        let probe = fence(changelog, table, part, owner, false)?;
+        let fence = |restarted| {
+            changelog
+                .write_fence(table, part, owner, "repair", restarted)
+                .map_err(|why| RepairError::Fence(table.into(), part, why))
+        };
+        let probe = fence(false)?;
         if probe >= cl_next {
             continue;
         }
@@ -167,7 +150,7 @@ fn recreate_into(
             "changelog partition started over (topic deleted and created again); producing every row of the slice again"
         );
         out.extend(produce_keys(tables, changelog, table, part, keys)?);
-        let end = fence(changelog, table, part, owner, true)?;
+        let end = fence(true)?;
         let mut meta = None;
         t.update_slices(|s| {
             let slice = s.slice_mut(part);

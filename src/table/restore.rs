@@ -260,26 +260,11 @@ impl Restorer {
         // over; what this node read before may lack records below it
         let mut rewritten = false;
         for attempt in 0..3 {
-            let producer_gen = self.changelog.generation();
-            let fence =
-                self.changelog
-                    .send_fence(&entry.table, part, owner, &self.member, false)?;
-            fence_off = match futures::executor::block_on(fence) {
-                Ok(Ok(d)) => d.offset,
-                Ok(Err((e, _))) => {
-                    // a producer failed for good is replaced before the take-over is retried
-                    self.changelog.renew_if_broken(Some((&e, producer_gen)));
-                    return Err(RestoreError::Fence(
-                        entry.table.clone(),
-                        part,
-                        e.to_string(),
-                    ));
-                }
-                Err(_) => {
-                    let why = "cancelled".to_string();
-                    return Err(RestoreError::Fence(entry.table.clone(), part, why));
-                }
-            };
+            // a producer failed for good is replaced before the take-over is retried
+            fence_off = self
+                .changelog
+                .write_fence(&entry.table, part, owner, &self.member, false)
+                .map_err(|why| RestoreError::Fence(entry.table.clone(), part, why))?;
             let (n, restarted) = self.fold_span(
                 reader,
                 &table,
@@ -370,9 +355,8 @@ impl Restorer {
             // again from its beginning when it meets this fence
             let end = self
                 .changelog
-                .send_fence(&entry.table, part, owner, &self.member, true)
-                .map(futures::executor::block_on);
-            if !matches!(end, Ok(Ok(Ok(_)))) {
+                .write_fence(&entry.table, part, owner, &self.member, true);
+            if end.is_err() {
                 tracing::warn!(table = %entry.table, partition = part, "the fence that ends the rewrite was not acknowledged; readers find the restart by the partition's end");
             }
         }
