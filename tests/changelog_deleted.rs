@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::procs::{api_state, Node};
+use common::procs::{until_api_state, Node};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -79,13 +79,8 @@ async fn write(
 }
 
 async fn api_equals(node: &Node, want: &BTreeMap<String, i64>, what: &str) {
-    let log = node.log.display().to_string();
-    eventually(
-        &format!("{what} (log {log})"),
-        Duration::from_secs(90),
-        || async { (api_state(&node.base, TABLE).await.as_ref() == Some(want)).then_some(()) },
-    )
-    .await;
+    let what = format!("{what} (log {})", node.log.display());
+    until_api_state(&node.base, TABLE, want, Duration::from_secs(90), &what).await;
 }
 
 /// The partition count of `topic`, when it exists.
@@ -180,7 +175,6 @@ async fn a_changelog_deleted_under_a_running_owner_is_created_again_and_refilled
     gw.stop();
 
     delete_topic(&s.changelog).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     // half of the keys change: the other half is in the new topic only if the owner refills it
     write(&s, 0..KEYS / 2, 100, &mut want).await;
     api_equals(&owner, &want, "owner after the deletion").await;

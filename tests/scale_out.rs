@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::procs::{api_state, Node, Watcher};
+use common::procs::{api_state, until_api_state, Node, Watcher};
 use common::*;
 use livetable::config::TopicSelection;
 use serde_json::Value;
@@ -104,13 +104,6 @@ async fn changelog_equals(topic: &str, partitions: i32, want: &BTreeMap<String, 
     .await;
 }
 
-async fn api_equals(base: &str, want: &BTreeMap<String, i64>, deadline: Duration, what: &str) {
-    eventually(what, deadline, || async {
-        (api_state(base, TABLE).await.as_ref() == Some(want)).then_some(())
-    })
-    .await;
-}
-
 fn no_regressions(watchers: &[&Watcher]) {
     for (i, w) in watchers.iter().enumerate() {
         let s = w.seen.lock().unwrap();
@@ -143,8 +136,9 @@ async fn all_in_one_on_four_partitions_equals_the_oracle() {
             "the client equals the oracle",
         )
         .await;
-    api_equals(
+    until_api_state(
         &base,
+        TABLE,
         &want,
         Duration::from_secs(10),
         "the API equals the oracle",
@@ -275,8 +269,9 @@ async fn materialisers_fail_over_and_rebalance_while_clients_watch_two_gateways(
     }
     no_regressions(&watchers.iter().collect::<Vec<_>>());
     for g in [&gw1, &gw2] {
-        api_equals(
+        until_api_state(
             &g.base,
+            TABLE,
             &want,
             Duration::from_secs(30),
             "the gateway's API equals the oracle",
@@ -344,8 +339,9 @@ async fn a_client_resumes_on_another_gateway_and_a_gateway_restarts_from_its_cac
     // 50 changes while the client is away, then it comes back through gateway 2
     produce_range(&topic, 10_000, 10_050, keys, 50, Duration::ZERO).await;
     let want = oracle(10_050, keys);
-    api_equals(
+    until_api_state(
         &gw2.base,
+        TABLE,
         &want,
         Duration::from_secs(30),
         "gateway 2 has the new changes",
@@ -400,8 +396,9 @@ async fn a_client_resumes_on_another_gateway_and_a_gateway_restarts_from_its_cac
     gw1.start();
     gw1.wait_ready(Duration::from_secs(60)).await;
     let want = oracle(11_000, keys);
-    api_equals(
+    until_api_state(
         &gw1.base,
+        TABLE,
         &want,
         Duration::from_secs(30),
         "gateway 1 caught up after its restart",
@@ -438,8 +435,9 @@ async fn two_deployments_never_touch_each_others_topics() {
         c.changelog_prefix = format!("{}.table.", c.group_id);
         c.dlq_topic = format!("{}.dlq", c.group_id);
         let (svc, base) = start_service(c.clone()).await;
-        api_equals(
+        until_api_state(
             &base,
+            TABLE,
             &want,
             Duration::from_secs(60),
             "each deployment holds every row",

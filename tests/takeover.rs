@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::procs::{api_state, Node};
+use common::procs::{until_api_state, Node};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -121,13 +121,8 @@ fn want(changes: &[usize]) -> BTreeMap<String, i64> {
 }
 
 async fn api_equals(node: &Node, want: &BTreeMap<String, i64>, what: &str) {
-    let log = node.log.display().to_string();
-    eventually(
-        &format!("{what} (log {log})"),
-        Duration::from_secs(90),
-        || async { (api_state(&node.base, TABLE).await.as_ref() == Some(want)).then_some(()) },
-    )
-    .await;
+    let what = format!("{what} (log {})", node.log.display());
+    until_api_state(&node.base, TABLE, want, Duration::from_secs(90), &what).await;
 }
 
 /// Waits until the group committed `offset` for partition 0 of `topic`.

@@ -291,6 +291,21 @@ impl Drop for Watcher {
     }
 }
 
+/// Waits until `table` of the node at `base` serves exactly `want` (see [`api_state`]); panics
+/// with `what` after `deadline`.
+pub async fn until_api_state(
+    base: &str,
+    table: &str,
+    want: &BTreeMap<String, i64>,
+    deadline: Duration,
+    what: &str,
+) {
+    super::eventually(what, deadline, || async {
+        (api_state(base, table).await.as_ref() == Some(want)).then_some(())
+    })
+    .await;
+}
+
 /// `{key: n}` of a table as the HTTP API serves it.
 pub async fn api_state(base: &str, table: &str) -> Option<BTreeMap<String, i64>> {
     let (status, body) = get_json(&format!("{base}/api/tables/{table}")).await;
