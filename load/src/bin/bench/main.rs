@@ -127,9 +127,15 @@ fn main() -> anyhow::Result<()> {
         }
         eprintln!("bench: --- {name}: {setup}");
         let began = std::time::Instant::now();
+        let began_wall = std::time::SystemTime::now();
         let mut sc = Scenario::new(name, setup);
         if let Err(e) = f(&mut sc) {
             eprintln!("bench: {name} failed: {e:#}");
+            // the logs of the processes it ran: the work directory goes with the run
+            eprintln!(
+                "bench: {name}: livetable logs written during the scenario\n{}",
+                env.log_tails_since(began_wall, 40)
+            );
             sc.error = Some(format!("{e:#}"));
         }
         // where a run's time goes (the CI smoke run of every scenario takes minutes)

@@ -729,24 +729,35 @@ fn failover_run(env: &Env, z: &Sizes, dep: &str, how: Stop) -> anyhow::Result<Fa
         let grace = Duration::from_secs(1).max(t.elapsed());
         watcher.mark(t + grace);
         let restarted = matches!(how, Stop::KillRestart { .. });
-        let mut ready = None;
+        let ready = std::cell::Cell::new(None);
+        let updated = std::cell::Cell::new(0u64);
         let mut firsts = Default::default();
         poll(
             Duration::from_secs(60),
             &|| {
+                let victim_state = if restarted {
+                    match ready.get() {
+                        Some(s) => format!("the restarted member ready after {s:.1} s"),
+                        None => "the restarted member NOT ready".to_string(),
+                    }
+                } else {
+                    "no restart".to_string()
+                };
                 format!(
-                    "{dep}: every key updated again and the restarted member ready after the stop (survivor: {})",
-                    survivor.log_tail()
+                    "{dep}: every key updated again and the restarted member ready after the stop: {} of {keys} keys updated, {victim_state}",
+                    updated.get()
                 )
             },
             &mut || {
-                if restarted && ready.is_none() && member_ready(&victim) {
-                    ready = Some(t.elapsed().as_secs_f64());
+                if restarted && ready.get().is_none() && member_ready(&victim) {
+                    ready.set(Some(t.elapsed().as_secs_f64()));
                 }
                 firsts = watcher.first_after()?;
-                Ok(firsts.len() as u64 >= keys && (!restarted || ready.is_some()))
+                updated.set(firsts.len() as u64);
+                Ok(firsts.len() as u64 >= keys && (!restarted || ready.get().is_some()))
             },
         )?;
+        let ready = ready.get();
         let max_gap = watcher.order()?.max_gap.as_secs_f64();
         let last = firsts.values().max().copied().unwrap_or(t);
         // a key of the survivor changes every keys/rate seconds; the others waited

@@ -764,6 +764,12 @@ pub fn connections(
     let (swarm, open) = swarm_connected(env, &lt, n, ramp, hold, z, &[])?;
     std::thread::sleep(Duration::from_secs(2));
     let after = lt.rss()?;
+    // the same connections, still idle, later: what the allocator gave back of the connect
+    // storm's transient buffers (snapshot frames being written) meanwhile
+    let later_secs = (hold / 2).min(15);
+    std::thread::sleep(Duration::from_secs(later_secs));
+    let later = lt.rss()?;
+    let still_open = probe::metric(&probe::metrics(&lt.base), "livetable_connections");
     let out = swarm.finish()?;
     sc.add(
         "connections open at the measurement",
@@ -780,6 +786,18 @@ pub fn connections(
         "KiB",
         Some(Goal::AtMost(goal_kib)),
     );
+    if still_open >= open {
+        sc.add(
+            &format!("RSS per idle connection {later_secs} s later (context)"),
+            (later.saturating_sub(before)) as f64 / open.max(1.0) / 1024.0,
+            "KiB",
+            None,
+        );
+    } else {
+        sc.note(format!(
+            "{still_open} of {open} connections still open {later_secs} s later: no later RSS figure"
+        ));
+    }
     if out["errors"].as_u64().unwrap_or(0) > 0 {
         sc.note(format!(
             "swarm: {} clients failed to connect",

@@ -69,6 +69,45 @@ impl Env {
         Ok(env)
     }
 
+    /// The last `lines` lines of every livetable log written since `since`, for a failed
+    /// scenario's error output (the work directory is deleted after the run unless BENCH_KEEP).
+    pub fn log_tails_since(&self, since: std::time::SystemTime, lines: usize) -> String {
+        let Ok(dir) = std::fs::read_dir(self.work.path()) else {
+            return String::new();
+        };
+        let mut logs: Vec<PathBuf> = dir
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("livetable-") && n.ends_with(".log"))
+            })
+            .filter(|p| {
+                std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t >= since)
+            })
+            .collect();
+        logs.sort();
+        let mut out = String::new();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!(
+                "==> {} (last {} of {} lines)\n",
+                p.display(),
+                lines.min(all.len()),
+                all.len()
+            ));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     fn ensure_broker(&mut self) -> anyhow::Result<()> {
         let addr: std::net::SocketAddr = self
             .brokers
