@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 // glibc malloc spent ~45% of ingest CPU (arena lock contention between the ingest thread, sled's
 // and librdkafka's threads, and fragmentation): see BENCHMARKS.md
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;

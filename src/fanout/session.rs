@@ -8,11 +8,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde_json::{Map, Value};
-use tokio::sync::broadcast;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::{BroadcastStream, WatchStream};
 use tokio_stream::StreamMap;
 
 use super::route::{RouteSpec, RoutedFeed};
@@ -96,9 +96,12 @@ pub struct Session {
     open_unions: Vec<(String, Format)>,
     /// `Some`: every table (matching the pattern) in `format=rows`.
     all_rows: Option<Option<regex::Regex>>,
-    created: Option<broadcast::Receiver<String>>,
+    /// The tables created since (a subscription waits for its table, or every table is
+    /// wanted). Streams, not receivers awaited in [`Session::next`]: the connection's task keeps
+    /// room for what it awaits while idle, for every connection (bench: connections-snapshot).
+    created: Option<BroadcastStream<String>>,
     /// Whether the node is caught up (patch-format sessions are told when it changes).
-    freshness: Option<tokio::sync::watch::Receiver<crate::table::readiness::Freshness>>,
+    freshness: Option<WatchStream<crate::table::readiness::Freshness>>,
     /// What the connection's token allows; every subscription is narrowed by it.
     access: Access,
     /// Whole messages waiting to be written before the pending patches.
@@ -170,7 +173,7 @@ impl Session {
         mut rx: tokio::sync::watch::Receiver<crate::table::readiness::Freshness>,
     ) -> Option<Outgoing> {
         let now = rx.borrow_and_update().clone();
-        self.freshness = Some(rx);
+        self.freshness = Some(WatchStream::from_changes(rx));
         (!now.caught_up).then_some(Outgoing::Status {
             caught_up: false,
             reason: now.reason,
@@ -194,7 +197,7 @@ impl Session {
 
     fn watch_created(&mut self) {
         if self.created.is_none() {
-            self.created = Some(self.hub.created());
+            self.created = Some(BroadcastStream::new(self.hub.created()));
         }
     }
 
@@ -450,6 +453,11 @@ impl Session {
                 // since before this subscription started (absorbing skips the older ones); a
                 // new one in its place would drop those the other members have not absorbed yet
                 if key.1.is_some() || !self.streams.contains_key(&key) {
+                    if self.streams.is_empty() {
+                        // most sessions have one feed: StreamMap's first insert would make
+                        // room for four (80 bytes each), kept for the connection's life
+                        self.streams = StreamMap::with_capacity(1);
+                    }
                     self.streams.insert(key.clone(), feed);
                 }
                 // most sessions hold one subscription: no room for four (464 bytes each) kept
@@ -503,42 +511,59 @@ impl Session {
 
     /// Waits for the next update or table creation (forever when nothing can come).
     pub async fn next(&mut self) -> Event {
-        let created = self.created.as_mut();
-        let created = async {
-            match created {
-                Some(c) => c.recv().await,
-                None => std::future::pending().await,
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// [`Session::next`] as a poll: it keeps nothing between polls but the session's own
+    /// streams, so an idle connection's task holds no futures for it.
+    fn poll_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Event> {
+        use std::task::Poll;
+        if let Some(f) = self.freshness.as_mut() {
+            match f.poll_next_unpin(cx) {
+                Poll::Ready(Some(f)) => return Poll::Ready(Event::Freshness(f)),
+                // the node is going away: nothing more to tell
+                Poll::Ready(None) => self.freshness = None,
+                Poll::Pending => {}
             }
-        };
-        let fresh = self.freshness.as_mut();
-        let fresh = async {
-            match fresh {
-                Some(f) => match f.changed().await {
-                    Ok(()) => f.borrow_and_update().clone(),
-                    Err(_) => std::future::pending().await,
-                },
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            f = fresh => Event::Freshness(f),
-            Some((key, item)) = self.streams.next(), if !self.streams.is_empty() => {
-                Event::Update(key, item.map_err(|BroadcastStreamRecvError::Lagged(n)| n))
-            }
-            r = created => match r {
-                Ok(name) => Event::Created(name),
-                Err(broadcast::error::RecvError::Lagged(_)) => Event::Rescan,
-                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-            },
         }
+        if !self.streams.is_empty() {
+            if let Poll::Ready(Some((key, item))) = self.streams.poll_next_unpin(cx) {
+                let item = item.map_err(|BroadcastStreamRecvError::Lagged(n)| n);
+                return Poll::Ready(Event::Update(key, item));
+            }
+        }
+        if let Some(c) = self.created.as_mut() {
+            match c.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(name))) => return Poll::Ready(Event::Created(name)),
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(_)))) => {
+                    return Poll::Ready(Event::Rescan)
+                }
+                Poll::Ready(None) => self.created = None,
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
     }
 
     /// Takes an event into the session's pending output.
     pub async fn on_event(&mut self, event: Event) {
+        if let Some(rest) = self.take_event(event) {
+            rest.await;
+        }
+    }
+
+    /// Takes an event into the pending output without waiting. What must wait (a snapshot to
+    /// build: a lineage change, a feed fallen behind, a table created) comes back boxed: it is
+    /// rare, and unboxed it would make every idle connection's task as large as itself.
+    fn take_event(&mut self, event: Event) -> Option<BoxFuture<'_, ()>> {
         match event {
             Event::Update(key, Ok(u)) => {
-                self.absorb(&key, &u).await;
-                // drain what else is ready on that channel
+                let stale = self.absorb(&key, &u);
+                if !stale.is_empty() {
+                    return Some(self.restart_all(stale));
+                }
+                // drain what else is ready on the feeds; stop at anything that must wait (what
+                // is still queued is taken on the next turn)
                 for _ in 0..1024 {
                     let Some(Some((t, item))) =
                         futures::FutureExt::now_or_never(self.streams.next())
@@ -546,25 +571,44 @@ impl Session {
                         break;
                     };
                     match item {
-                        Ok(u) => self.absorb(&t, &u).await,
-                        Err(_) => {
-                            self.resnapshot(&t).await;
+                        Ok(u) => {
+                            let stale = self.absorb(&t, &u);
+                            if !stale.is_empty() {
+                                return Some(self.restart_all(stale));
+                            }
                         }
+                        Err(_) => return Some(self.resnapshot(t)),
                     }
                 }
+                None
             }
-            Event::Update(key, Err(_)) => self.resnapshot(&key).await,
-            Event::Created(name) => self.on_created(&name).await,
-            Event::Freshness(f) => self.queued.push(Outgoing::Status {
-                caught_up: f.caught_up,
-                reason: f.reason,
-            }),
-            Event::Rescan => {
+            Event::Update(key, Err(_)) => Some(self.resnapshot(key)),
+            Event::Created(name) => Some(Box::pin(async move {
+                self.on_created(&name).await;
+            })),
+            Event::Freshness(f) => {
+                self.queued.push(Outgoing::Status {
+                    caught_up: f.caught_up,
+                    reason: f.reason,
+                });
+                None
+            }
+            Event::Rescan => Some(Box::pin(async move {
                 for info in self.hub.tables().list() {
                     self.on_created(&info.name).await;
                 }
-            }
+            })),
         }
+    }
+
+    /// Starts again the members whose table changed lineage (taken out by [`Session::absorb`]).
+    fn restart_all(&mut self, stale: Vec<Member>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for m in stale {
+                self.restart(m).await;
+            }
+            self.prune_feeds();
+        })
     }
 
     /// Boxed, as [`Session::start`]: rare (a table appeared), and on `on_event`'s path.
@@ -617,7 +661,9 @@ impl Session {
         }
     }
 
-    async fn absorb(&mut self, key: &FeedKey, u: &HubUpdate) {
+    /// Absorbs an update into the members reading feed `key`; takes out and returns those whose
+    /// table's lineage changed (they need a new snapshot: [`Session::restart_all`]).
+    fn absorb(&mut self, key: &FeedKey, u: &HubUpdate) -> Vec<Member> {
         let mut stale = Vec::new();
         for (i, m) in self.members.iter_mut().enumerate() {
             if m.sub.table != key.0 || m.feed != key.1 {
@@ -640,21 +686,18 @@ impl Session {
                     .inc_by(u.update.changes.len() as u64);
             }
         }
-        // the table's lineage changed: a new snapshot
-        let restarted = !stale.is_empty();
-        for i in stale.into_iter().rev() {
-            let m = self.members.remove(i);
-            self.restart(m).await;
-        }
-        if restarted {
-            self.prune_feeds();
-        }
+        // the table's lineage changed: these get a new snapshot
+        stale
+            .into_iter()
+            .rev()
+            .map(|i| self.members.remove(i))
+            .collect()
     }
 
     /// Fresh snapshots for the subscriptions reading feed `key` (after falling behind it).
     /// Boxed, as [`Session::start`]: rare, and large enough to double an idle connection's task.
-    fn resnapshot<'a>(&'a mut self, key: &'a FeedKey) -> futures::future::BoxFuture<'a, ()> {
-        Box::pin(self.resnapshot_unboxed(key))
+    fn resnapshot(&mut self, key: FeedKey) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.resnapshot_unboxed(&key).await })
     }
 
     async fn resnapshot_unboxed(&mut self, key: &FeedKey) {

@@ -62,7 +62,9 @@ pub struct Subscription {
     pub seq: u64,
     pub pos: Position,
     pub format: Format,
-    pending: Pending,
+    /// What waits to be sent; `None` when nothing does (most of an idle connection's life: the
+    /// maps and times are ~170 bytes per subscription).
+    pending: Option<Box<Pending>>,
     /// `livetable_subscriptions{table}`: +1 while this subscription lives.
     gauge: prometheus::IntGauge,
 }
@@ -97,7 +99,7 @@ impl Subscription {
             seq: 0,
             pos: Position::default(),
             format,
-            pending: Pending::default(),
+            pending: None,
             gauge,
         }
     }
@@ -195,7 +197,8 @@ impl Subscription {
                 } else {
                     None
                 };
-                match self.pending.rows.get_mut(&c.key) {
+                let pending = self.pending.get_or_insert_with(Box::default);
+                match pending.rows.get_mut(&c.key) {
                     Some(p) => p.want = want,
                     None => {
                         let has = if was {
@@ -203,9 +206,7 @@ impl Subscription {
                         } else {
                             None
                         };
-                        self.pending
-                            .rows
-                            .insert(c.key.clone(), PendingRow { has, want });
+                        pending.rows.insert(c.key.clone(), PendingRow { has, want });
                     }
                 }
             }
@@ -224,26 +225,34 @@ impl Subscription {
                     Some(r) if is => Value::Object(sel.project(r).into_owned()),
                     _ => deleted_row(&c.key, before.as_deref()),
                 };
-                self.pending.messages.insert(c.key.clone(), v);
+                self.pending
+                    .get_or_insert_with(Box::default)
+                    .messages
+                    .insert(c.key.clone(), v);
             }
         }
-        self.pending.ts_ms = c.ts_ms.or(self.pending.ts_ms);
-        self.pending.kafka_ts_ms = c.kafka_ts_ms.or(self.pending.kafka_ts_ms);
-        self.pending.polled = c.polled.or(self.pending.polled);
+        if let Some(p) = self.pending.as_mut() {
+            p.ts_ms = c.ts_ms.or(p.ts_ms);
+            p.kafka_ts_ms = c.kafka_ts_ms.or(p.kafka_ts_ms);
+            p.polled = c.polled.or(p.polled);
+        }
     }
 
     /// Whether output is waiting.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        self.pending.as_ref().is_some_and(|p| !p.is_empty())
     }
 
     /// Takes the pending output: one patch (what the client holds -> what it should hold), or
     /// one message per changed row.
     pub fn take(&mut self) -> Vec<Outgoing> {
-        if self.pending.is_empty() {
+        let Some(p) = self.pending.take() else {
+            return Vec::new();
+        };
+        if p.is_empty() {
             return Vec::new();
         }
-        let p = std::mem::take(&mut self.pending);
+        let p = *p;
         match self.format {
             Format::Patch => {
                 let mut patch = Map::new();
@@ -292,7 +301,9 @@ impl Subscription {
 
     /// Number of composed rows waiting (for the conflation metric).
     pub fn pending_rows(&self) -> usize {
-        self.pending.rows.len() + self.pending.messages.len()
+        self.pending
+            .as_ref()
+            .map_or(0, |p| p.rows.len() + p.messages.len())
     }
 }
 

@@ -9,7 +9,7 @@
 //! once the token expired.
 //! Nothing a client sends can panic the server.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::time::Instant;
@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use serde_json::json;
 use tokio::time::Sleep;
 
@@ -87,31 +87,36 @@ pub fn upgrade(
     let max = state.fanout.max_message_bytes;
     // clients send small control messages: a 1 KiB read buffer (it grows for a bigger frame) keeps
     // an idle connection small (bench: RSS per idle connection)
-    ws.read_buffer_size(1024)
+    let ws = ws
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         // snapshots go out in ~128 KiB frames, but a composed patch for a slow client can cover
         // a whole big table in one message: the write buffer must be able to hold it. Memory stays
         // bounded by the loop, which writes one batch and waits for the flush.
         .max_write_buffer_size(512 * 1024 * 1024)
         .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            // boxed before the task's future is built: an async block keeps what it captures for
-            // its whole life, so an idle connection's task holds pointers, not the structs
-            // (bench: connections-snapshot)
-            let metrics = state.metrics.clone();
-            let conn = Box::new(Connection::new(state));
-            let socket = Box::new(socket);
-            let opening = Box::new(Opening { q, root, access });
-            async move {
-                let reason = conn.run(socket, opening).await;
-                metrics
-                    .connections_closed
-                    .with_label_values(&[reason])
-                    .inc();
-                drop(slot);
-            }
-        })
+        .max_frame_size(max);
+    // axum's upgrade task keeps the callback (what it captures) for the connection's whole life,
+    // beside the connection's own future: capture one pointer, not the state and the query
+    // (bench: connections-snapshot)
+    let captured = Box::new((state, Opening { q, root, access }, slot));
+    ws.on_upgrade(move |socket| {
+        let (state, opening, slot) = *captured;
+        // boxed before the task's future is built: an async block keeps what it captures for
+        // its whole life, so an idle connection's task holds pointers, not the structs
+        let metrics = state.metrics.clone();
+        let conn = Box::new(Connection::new(state));
+        let socket = Box::new(socket);
+        let opening = Box::new(opening);
+        async move {
+            let reason = conn.run(socket, opening).await;
+            metrics
+                .connections_closed
+                .with_label_values(&[reason])
+                .inc();
+            drop(slot);
+        }
+    })
 }
 
 /// What the upgrade request asked for, used once when the connection opens.
@@ -131,7 +136,9 @@ struct Connection {
     /// and every byte here is kept by each idle connection (bench: connections-snapshot).
     publish: Option<Box<crate::publish::Session>>,
     /// Answers of the publishes not yet answered (at most `max_in_flight`: more are nacked).
-    answers: FuturesUnordered<PublishFuture>,
+    /// Created by the first publish: an empty `FuturesUnordered` allocates (~140 bytes), and
+    /// most connections never publish.
+    answers: Option<FuturesUnordered<PublishFuture>>,
     limiter: RateLimiter,
     violations: u32,
     /// When the token expires (with the leeway): the connection ends then unless refreshed.
@@ -164,7 +171,7 @@ impl Connection {
             state,
             session,
             publish: None,
-            answers: FuturesUnordered::new(),
+            answers: None,
             limiter,
             violations: 0,
             expiry: None,
@@ -178,7 +185,12 @@ impl Connection {
     ) -> &'static str {
         // boxed: the opening's futures (a snapshot) are large and the loop below is where an
         // idle connection rests; unboxed, its task would keep room for both
-        if let Err(reason) = Box::pin(self.open(&mut socket, *opening)).await {
+        // taken out of its box (freed here, not at the connection's end) into the boxed opening
+        let opening = {
+            let boxed = opening;
+            *boxed
+        };
+        if let Err(reason) = Box::pin(self.open(&mut socket, opening)).await {
             return reason;
         }
         self.serve(&mut socket).await
@@ -286,42 +298,37 @@ impl Connection {
         loop {
             let (pending, frames) = self.session.take();
             if !pending.is_empty() || !frames.is_empty() {
-                let write = async {
-                    send_frames(&self.state.metrics, socket, frames).await?;
-                    send(&self.state.metrics, socket, pending).await
-                };
+                let out = outbox(&self.state.metrics, frames, pending);
+                let write = write_all(socket, out);
                 match tokio::time::timeout(self.state.fanout.slow_client, write).await {
                     Ok(Ok(())) => {}
                     Ok(Err(())) => return "write_error",
                     Err(_) => {
                         self.state.metrics.slow_client_disconnects.inc();
-                        let _ = socket
-                            .send(close(
-                                1008,
-                                "slow consumer: pending changes not taken in time",
-                            ))
-                            .await;
+                        let bye = close(1008, "slow consumer: pending changes not taken in time");
+                        let _ = Box::pin(socket.send(bye)).await;
                         return "slow_client";
                     }
                 }
             }
             if let Some(why) = self.session.close.take() {
-                let _ = socket
-                    .send(close(
-                        crate::fanout::session::RowsResync::CODE,
-                        why.reason(),
-                    ))
-                    .await;
+                let bye = close(crate::fanout::session::RowsResync::CODE, why.reason());
+                let _ = Box::pin(socket.send(bye)).await;
                 return "rows_resync";
             }
             tokio::select! {
                 biased;
                 // unanswered publishes are bounded: past the bound the socket is not read until
                 // answers went out (the client is slowed down by TCP, nothing grows)
-                msg = socket.recv(), if self.answers.len() < MAX_UNANSWERED => {
+                msg = socket.recv(), if self.unanswered() < MAX_UNANSWERED => {
                     last_seen = Instant::now();
                     let step = match msg {
-                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
+                        Some(Ok(Message::Text(text))) => match self.on_publish(serde_json::from_str::<ClientMessage>(text.as_str())) {
+                            None => Step::Continue,
+                            // anything but a publish is rare next to publishes and updates, and
+                            // a subscription's snapshot is large: boxed
+                            Some(parsed) => Box::pin(self.on_message(parsed)).await,
+                        },
                         Some(Ok(Message::Binary(_))) => {
                             self.session.queued.push(error(ErrorCode::BadMessage, "binary frames are not supported".into()));
                             Step::Continue
@@ -340,10 +347,10 @@ impl Connection {
                             _ => None,
                         };
                         if let Some(frame) = frame {
-                            let _ = tokio::time::timeout(
+                            let _ = Box::pin(tokio::time::timeout(
                                 std::time::Duration::from_secs(1),
                                 socket.send(frame),
-                            )
+                            ))
                             .await;
                         }
                         return reason;
@@ -352,29 +359,38 @@ impl Connection {
                 _ = expiry(&mut self.expiry) => {
                     self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
                     let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
-                    let _ = send(&self.state.metrics, socket, vec![bye]).await;
-                    let _ = socket.send(close(4408, "token expired")).await;
+                    let _ = Box::pin(async {
+                        send(&self.state.metrics, socket, vec![bye]).await?;
+                        socket.send(close(4408, "token expired")).await.map_err(|_| ())
+                    })
+                    .await;
                     return "token_expired";
                 }
                 event = self.session.next() => self.session.on_event(event).await,
-                Some(reply) = self.answers.next(), if !self.answers.is_empty() => {
+                Some(reply) = next_answer(&mut self.answers), if self.unanswered() > 0 => {
                     self.session.queued.push(Outgoing::Publish(reply.to_json()));
                 }
                 _ = self.state.shutdown.cancelled() => {
-                    let _ = socket.send(close(1001, "server shutting down")).await;
+                    let _ = Box::pin(socket.send(close(1001, "server shutting down"))).await;
                     return "shutdown";
                 }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > self.state.fanout.idle_timeout {
-                        let _ = socket.send(close(1001, "idle timeout")).await;
+                        let _ = Box::pin(socket.send(close(1001, "idle timeout"))).await;
                         return "idle";
                     }
-                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    let ping = VecDeque::from([(Message::Ping(Default::default()), false)]);
+                    if write_all(socket, ping).await.is_err() {
                         return "write_error";
                     }
                 }
             }
         }
+    }
+
+    /// Publishes whose answers are not yet written.
+    fn unanswered(&self) -> usize {
+        self.answers.as_ref().map_or(0, FuturesUnordered::len)
     }
 
     /// Whether the connection's token expired (its deadline, with the leeway, passed).
@@ -387,15 +403,6 @@ impl Connection {
     /// The token's deadline (with the leeway): the connection ends then unless refreshed.
     fn set_expiry(&mut self, at: Option<tokio::time::Instant>) {
         self.expiry = at.map(|at| Box::pin(tokio::time::sleep_until(at)));
-    }
-
-    /// A client's text message. A publish is taken at once; anything else is handled in a boxed
-    /// future (a subscription's snapshot is large, and rare next to publishes and updates).
-    async fn on_text(&mut self, text: &str) -> Step {
-        match self.on_publish(serde_json::from_str::<ClientMessage>(text)) {
-            None => Step::Continue,
-            Some(parsed) => Box::pin(self.on_message(parsed)).await,
-        }
     }
 
     /// Takes a publish (`None`); gives back any other message.
@@ -422,7 +429,9 @@ impl Connection {
                 ),
                 Some(p) => p.submit(req),
             };
-            self.answers.push(answer);
+            self.answers
+                .get_or_insert_with(FuturesUnordered::new)
+                .push(answer);
             return None;
         }
         Some(parsed)
@@ -513,25 +522,51 @@ impl Connection {
     }
 }
 
-/// Writes shared frames (no flush: [`send`] follows).
-async fn send_frames(
-    m: &Metrics,
-    socket: &mut WebSocket,
-    frames: Vec<SharedFrame>,
-) -> Result<(), ()> {
-    let flush = !frames.is_empty();
+/// What one turn of the loop writes, in order: the shared patch frames, then the messages, each
+/// marked when a flush must follow it (a big snapshot goes out frame by frame, so the socket's
+/// buffer stays small). The metrics count them as queued for the socket.
+fn outbox(m: &Metrics, frames: Vec<SharedFrame>, out: Vec<Outgoing>) -> VecDeque<(Message, bool)> {
+    let mut q = VecDeque::with_capacity(frames.len() + out.len());
     for f in frames {
         m.patches_sent.inc();
         m.sent_bytes
             .with_label_values(&["patch"])
             .inc_by(f.text.len() as u64);
         super::record_latency(m, f.ts_ms, f.kafka_ts_ms, f.polled);
-        socket.feed(Message::Text(f.text)).await.map_err(|_| ())?;
+        q.push_back((Message::Text(f.text), false));
     }
-    if flush {
-        socket.flush().await.map_err(|_| ())?;
+    for o in &out {
+        let parts = o.frames();
+        record_sent(m, o, &parts);
+        let many = parts.len() > 1;
+        q.extend(parts.into_iter().map(|f| (Message::Text(f), many)));
     }
-    Ok(())
+    q
+}
+
+/// Writes `out` (flushing where marked) and flushes. A poll over the queue rather than an
+/// `async` send per message: the connection's task keeps room for whatever its loop awaits, for
+/// its whole life (bench: connections-snapshot), and this wait is on every update's path.
+async fn write_all(socket: &mut WebSocket, mut out: VecDeque<(Message, bool)>) -> Result<(), ()> {
+    use futures::Sink;
+    let mut socket = Pin::new(socket);
+    let mut flushing = false;
+    std::future::poll_fn(move |cx| loop {
+        if flushing {
+            std::task::ready!(socket.as_mut().poll_flush(cx)).map_err(|_| ())?;
+            flushing = false;
+        }
+        if out.is_empty() {
+            return socket.as_mut().poll_flush(cx).map_err(|_| ());
+        }
+        std::task::ready!(socket.as_mut().poll_ready(cx)).map_err(|_| ())?;
+        let Some((message, flush)) = out.pop_front() else {
+            continue;
+        };
+        socket.as_mut().start_send(message).map_err(|_| ())?;
+        flushing = flush;
+    })
+    .await
 }
 
 /// Writes messages with one flush.
@@ -539,19 +574,15 @@ async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> 
     if out.is_empty() {
         return Ok(());
     }
-    for o in &out {
-        let frames = o.frames();
-        record_sent(metrics, o, &frames);
-        let many = frames.len() > 1;
-        for f in frames {
-            socket.feed(Message::Text(f)).await.map_err(|_| ())?;
-            if many {
-                // a big snapshot goes out frame by frame: the socket's buffer stays small
-                socket.flush().await.map_err(|_| ())?;
-            }
-        }
+    write_all(socket, outbox(metrics, Vec::new(), out)).await
+}
+
+/// The next publish answer (never, without publishes).
+async fn next_answer(answers: &mut Option<FuturesUnordered<PublishFuture>>) -> Option<Reply> {
+    match answers {
+        Some(a) => a.next().await,
+        None => std::future::pending().await,
     }
-    socket.flush().await.map_err(|_| ())
 }
 
 /// Waits until the token expires (forever without one).
