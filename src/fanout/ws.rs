@@ -526,22 +526,25 @@ impl Connection {
 /// marked when a flush must follow it (a big snapshot goes out frame by frame, so the socket's
 /// buffer stays small). The metrics count them as queued for the socket.
 fn outbox(m: &Metrics, frames: Vec<SharedFrame>, out: Vec<Outgoing>) -> VecDeque<(Message, bool)> {
-    let mut q = VecDeque::with_capacity(frames.len() + out.len());
-    for f in frames {
+    for f in &frames {
         m.patches_sent.inc();
         m.sent_bytes
             .with_label_values(&["patch"])
             .inc_by(f.text.len() as u64);
         super::record_latency(m, f.ts_ms, f.kafka_ts_ms, f.polled);
-        q.push_back((Message::Text(f.text), false));
     }
+    // collected in place (the frames' allocation is reused; no new one on the update path)
+    let mut q: Vec<(Message, bool)> = frames
+        .into_iter()
+        .map(|f| (Message::Text(f.text), false))
+        .collect();
     for o in &out {
         let parts = o.frames();
         record_sent(m, o, &parts);
         let many = parts.len() > 1;
         q.extend(parts.into_iter().map(|f| (Message::Text(f), many)));
     }
-    q
+    VecDeque::from(q)
 }
 
 /// Writes `out` (flushing where marked) and flushes. A poll over the queue rather than an
