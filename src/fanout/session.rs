@@ -35,9 +35,21 @@ struct Member {
     /// The union it belongs to (rows rekeyed `table/key`, sent as the union's).
     union: Option<String>,
     /// What the client asked for, before the token's grants narrowed it (`sub.selector`).
-    requested: Selector,
+    /// `None` when the access narrows nothing (no token: the same as `sub.selector`). Boxed:
+    /// each member is kept for the connection's life (bench: connections-snapshot).
+    requested: Option<Box<Selector>>,
     /// Its own routed feed (`None`: the table's broadcast channel, shared by the session).
     feed: Option<u64>,
+}
+
+impl Member {
+    /// What the client asked for, before the token's grants narrowed it.
+    fn requested(&self) -> Selector {
+        match &self.requested {
+            Some(r) => Selector::clone(r),
+            None => self.sub.selector.clone(),
+        }
+    }
 }
 
 /// A feed of a session: a table's broadcast channel (`None`) or one member's routed feed.
@@ -245,9 +257,10 @@ impl Session {
                 self.close = Some(RowsResync::Grants);
                 continue;
             }
+            let requested = m.requested();
             drop(m.sub);
             let o = self
-                .start(&table, m.requested, None, format, m.union.as_deref())
+                .start(&table, requested, None, format, m.union.as_deref())
                 .await;
             self.queue(m.union.as_deref(), &table, o);
         }
@@ -398,7 +411,7 @@ impl Session {
         format: Format,
         union: Option<&str>,
     ) -> (Vec<Outgoing>, Option<Start>) {
-        let requested = selector.clone();
+        let requested = (!matches!(self.access, Access::Open)).then(|| Box::new(selector.clone()));
         let selector = match self.access.selector(table, selector) {
             Ok(s) => s,
             // a union's member the token does not allow is simply not part of it for this client
@@ -421,7 +434,10 @@ impl Session {
             self.watch_created();
             self.waiting.push(Waiter {
                 table: table.to_string(),
-                selector: requested,
+                selector: match requested {
+                    Some(r) => *r,
+                    None => selector,
+                },
                 format,
             });
             return (
@@ -750,7 +766,7 @@ impl Session {
             Format::Patch => None,
         };
         let union = m.union.take();
-        let requested = std::mem::take(&mut m.requested);
+        let requested = m.requested();
         drop(m);
         let (out, start) = self
             .start_unboxed(
