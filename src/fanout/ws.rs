@@ -368,7 +368,7 @@ impl Connection {
                 }
                 event = self.session.next() => self.session.on_event(event).await,
                 Some(reply) = next_answer(&mut self.answers), if self.unanswered() > 0 => {
-                    self.session.queued.push(Outgoing::Publish(reply.to_json()));
+                    self.session.queued.push(Outgoing::Publish(reply));
                 }
                 _ = self.state.shutdown.cancelled() => {
                     let _ = Box::pin(socket.send(close(1001, "server shutting down"))).await;
@@ -580,10 +580,11 @@ async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> 
     write_all(socket, outbox(metrics, Vec::new(), out)).await
 }
 
-/// The next publish answer (never, without publishes).
-async fn next_answer(answers: &mut Option<FuturesUnordered<PublishFuture>>) -> Option<Reply> {
+/// The next publish answer, as its JSON text (never, without publishes). Text, not the `Reply`:
+/// the loop's select keeps room for the largest of its branches' outputs, for every connection.
+async fn next_answer(answers: &mut Option<FuturesUnordered<PublishFuture>>) -> Option<String> {
     match answers {
-        Some(a) => a.next().await,
+        Some(a) => a.next().await.map(|r| r.to_json()),
         None => std::future::pending().await,
     }
 }
