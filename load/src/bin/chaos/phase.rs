@@ -44,11 +44,10 @@ pub struct MemStat {
 
 impl Drop for Ctx {
     fn drop(&mut self) {
-        // a Kafka Connect worker started through dev/connect is not our child: stop it
+        // the Kafka Connect worker and PostgreSQL, started through dev/connect and dev/postgres,
+        // are not our children: stop them (an interrupted run must not leave them running)
         if let Some(d) = &self.debezium {
-            if d.connect_pid().is_some() {
-                let _ = stack::dev_script(&d.repo, "connect", &["stop"], &d.connect_envs(), &d.log);
-            }
+            d.stop_processes();
         }
     }
 }

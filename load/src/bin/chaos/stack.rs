@@ -479,10 +479,6 @@ impl Debezium {
         None
     }
 
-    pub fn connect_envs(&self) -> Vec<(&'static str, String)> {
-        self.envs()
-    }
-
     fn envs(&self) -> Vec<(&'static str, String)> {
         vec![
             ("PG_PORT", self.pg_port.to_string()),
@@ -522,6 +518,15 @@ impl Debezium {
     pub fn connect_pid(&self) -> Option<u32> {
         let f = self.repo.join(format!(".run/connect-{}.pid", self.name));
         std::fs::read_to_string(f).ok()?.trim().parse().ok()
+    }
+
+    /// Stops the Kafka Connect worker (if its pid file is there) and PostgreSQL (a no-op when it
+    /// is not running), without touching the database: for an interrupted run.
+    pub fn stop_processes(&self) {
+        if self.connect_pid().is_some() {
+            let _ = dev_script(&self.repo, "connect", &["stop"], &self.envs(), &self.log);
+        }
+        let _ = dev_script(&self.repo, "postgres", &["stop"], &self.envs(), &self.log);
     }
 
     pub fn stop(&self) {
