@@ -185,7 +185,8 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         Some(files) => Some(Arc::new(crate::net::tls::Tls::load(files)?)),
         None => None,
     };
-    let state = http::AppState {
+    let limits = Arc::new(fanout::FanoutLimits::from_config(&config));
+    let state = http::AppState::new(http::AppShared {
         publisher: publisher.clone(),
         writable: Arc::new(http::WritableTopic::list(&config)),
         role,
@@ -193,13 +194,19 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         metrics: metrics.clone(),
         readiness: readiness.clone(),
         hub: hub.clone(),
-        fanout: Arc::new(fanout::FanoutLimits::from_config(&config)),
+        fanout: limits.clone(),
+        sessions: Arc::new(fanout::session::SessionEnv {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            resume_wait: limits.resume_wait,
+            unions: limits.unions.clone(),
+        }),
         connections: Arc::new(AtomicUsize::new(0)),
         shutdown: cancel.clone(),
         auth: auth.clone(),
         origins: Arc::new(config.security.origins.clone()),
         admin_separate: config.security.admin_listen.is_some(),
-    };
+    });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServiceError::Bind(config.listen, e))?;

@@ -32,6 +32,8 @@ pub struct FanoutLimits {
     pub max_message_bytes: usize,
     /// Client messages per second allowed (burst: twice that).
     pub messages_per_sec: f64,
+    /// The same as a quota for each connection's [`crate::net::rate::MessageRate`].
+    pub message_quota: crate::net::rate::RateQuota,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     /// How long a WebSocket without a token in its upgrade has to send its `auth` message.
@@ -52,6 +54,10 @@ impl FanoutLimits {
             max_subscriptions: c.security.limits.max_subscriptions,
             max_message_bytes: c.security.limits.max_frame_bytes,
             messages_per_sec: f64::from(c.security.limits.max_messages_per_sec),
+            message_quota: crate::net::rate::RateQuota::new(
+                c.security.limits.max_messages_per_sec,
+                c.security.limits.max_messages_per_sec.saturating_mul(2),
+            ),
             // pings (WebSocket) and keep-alives (SSE) keep a healthy connection from looking idle
             ping_interval: (c.security.limits.idle_timeout / 4).min(Duration::from_secs(15)),
             idle_timeout: c.security.limits.idle_timeout,

@@ -94,20 +94,13 @@ pub enum Event {
 
 /// One connection's subscriptions.
 pub struct Session {
-    hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
-    resume_wait: Duration,
-    max_subscriptions: usize,
-    unions: Arc<[UnionDef]>,
+    env: Arc<SessionEnv>,
     members: Vec<Member>,
     streams: StreamMap<FeedKey, Feed>,
     /// The last routed feed id given out.
     last_feed: u64,
-    waiting: Vec<Waiter>,
-    /// Unions this session subscribed to, with their format.
-    open_unions: Vec<(String, Format)>,
-    /// `Some`: every table (matching the pattern) in `format=rows`.
-    all_rows: Option<Option<regex::Regex>>,
+    /// Waiting subscriptions, unions, the every-table mode: `None` until one is used.
+    rare: Option<Box<Rare>>,
     /// The tables created since (a subscription waits for its table, or every table is
     /// wanted). Streams, not receivers awaited in [`Session::next`]: the connection's task keeps
     /// room for what it awaits while idle, for every connection (bench: connections-snapshot).
@@ -123,6 +116,27 @@ pub struct Session {
     /// Set when the connection must be closed after what is pending: a `format=rows`
     /// subscription could not be continued exactly (see [`Session::restart`]).
     pub close: Option<RowsResync>,
+    max_subscriptions: u32,
+}
+
+/// What every session of a listener shares (one pointer per session instead of a copy of each
+/// handle: bench connections-snapshot).
+pub struct SessionEnv {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// How long a resume waits for this node to reach the client's position.
+    pub resume_wait: Duration,
+    pub unions: Arc<[UnionDef]>,
+}
+
+/// What few sessions use, boxed: each session is kept for its connection's life.
+#[derive(Default)]
+struct Rare {
+    waiting: Vec<Waiter>,
+    /// Unions this session subscribed to, with their format.
+    open_unions: Vec<(String, Format)>,
+    /// `Some`: every table (matching the pattern) in `format=rows`.
+    all_rows: Option<Option<regex::Regex>>,
 }
 
 /// Why a `format=rows` connection is closed. The format has no message that replaces what the
@@ -150,25 +164,14 @@ impl RowsResync {
 }
 
 impl Session {
-    pub fn new(
-        hub: Arc<Hub>,
-        metrics: Arc<Metrics>,
-        resume_wait: Duration,
-        max_subscriptions: usize,
-        unions: Arc<[UnionDef]>,
-    ) -> Self {
+    pub fn new(env: Arc<SessionEnv>, max_subscriptions: usize) -> Self {
         Session {
-            hub,
-            metrics,
-            resume_wait,
-            max_subscriptions,
-            unions,
+            env,
+            max_subscriptions: u32::try_from(max_subscriptions).unwrap_or(u32::MAX),
             members: Vec::new(),
             streams: StreamMap::new(),
             last_feed: 0,
-            waiting: Vec::new(),
-            open_unions: Vec::new(),
-            all_rows: None,
+            rare: None,
             created: None,
             freshness: None,
             access: Access::Open,
@@ -207,18 +210,31 @@ impl Session {
         &self.access
     }
 
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Members, waiting subscriptions and unions.
+    fn subscriptions(&self) -> usize {
+        self.members.len()
+            + self
+                .rare
+                .as_ref()
+                .map_or(0, |r| r.waiting.len() + r.open_unions.len())
+    }
+
     fn watch_created(&mut self) {
         if self.created.is_none() {
-            self.created = Some(BroadcastStream::new(self.hub.created()));
+            self.created = Some(BroadcastStream::new(self.env.hub.created()));
         }
     }
 
     /// Subscribes to every table (matching `pattern`), now and as they appear, in rows format.
     pub async fn subscribe_all_rows(&mut self, pattern: Option<regex::Regex>) -> Vec<Outgoing> {
         self.watch_created();
-        self.all_rows = Some(pattern);
+        self.rare().all_rows = Some(pattern);
         let mut out = Vec::new();
-        for info in self.hub.tables().list() {
+        for info in self.env.hub.tables().list() {
             if self.all_rows_wants(&info.name) {
                 out.extend(
                     self.start(&info.name, Selector::default(), None, Format::Rows, None)
@@ -230,7 +246,7 @@ impl Session {
     }
 
     fn all_rows_wants(&self, table: &str) -> bool {
-        let wanted = match &self.all_rows {
+        let wanted = match self.rare.as_ref().and_then(|r| r.all_rows.as_ref()) {
             Some(Some(p)) => p.is_match(table),
             Some(None) => true,
             None => false,
@@ -264,10 +280,13 @@ impl Session {
                 .await;
             self.queue(m.union.as_deref(), &table, o);
         }
-        let waiting = std::mem::take(&mut self.waiting);
+        let waiting = match self.rare.as_mut() {
+            Some(r) => std::mem::take(&mut r.waiting),
+            None => Vec::new(),
+        };
         for w in waiting {
             match self.access.check_table(&w.table) {
-                Ok(()) => self.waiting.push(w),
+                Ok(()) => self.rare().waiting.push(w),
                 Err(d) => {
                     let refused = self.refused(&w.table, d);
                     self.queued.push(refused);
@@ -275,7 +294,7 @@ impl Session {
             }
         }
         // tables the new grants add to the every-table mode or to unions
-        for info in self.hub.tables().list() {
+        for info in self.env.hub.tables().list() {
             self.on_created(&info.name).await;
         }
         std::mem::take(&mut self.queued)
@@ -300,7 +319,9 @@ impl Session {
         format: Format,
     ) -> Vec<Outgoing> {
         self.unsubscribe(table);
-        if self.members.len() + self.waiting.len() >= self.max_subscriptions {
+        if self.members.len() + self.rare.as_ref().map_or(0, |r| r.waiting.len())
+            >= self.max_subscriptions as usize
+        {
             return vec![error(
                 ErrorCode::TooManySubscriptions,
                 format!(
@@ -309,7 +330,7 @@ impl Session {
                 ),
             )];
         }
-        if let Some(u) = self.unions.iter().find(|u| u.name == table).cloned() {
+        if let Some(u) = self.env.unions.iter().find(|u| u.name == table).cloned() {
             return self.subscribe_union(&u, format).await;
         }
         self.start(table, selector, since, format, None).await
@@ -317,8 +338,9 @@ impl Session {
 
     async fn subscribe_union(&mut self, u: &UnionDef, format: Format) -> Vec<Outgoing> {
         self.watch_created();
-        self.open_unions.push((u.name.clone(), format));
+        self.rare().open_unions.push((u.name.clone(), format));
         let tables: Vec<String> = self
+            .env
             .hub
             .tables()
             .list()
@@ -395,8 +417,12 @@ impl Session {
                 .start_unboxed(table, selector, since, format, union)
                 .await;
             match start {
-                Some(Start::ResumeHit) => self.metrics.resumes.with_label_values(&["hit"]).inc(),
-                Some(Start::ResumeMiss) => self.metrics.resumes.with_label_values(&["miss"]).inc(),
+                Some(Start::ResumeHit) => {
+                    self.env.metrics.resumes.with_label_values(&["hit"]).inc()
+                }
+                Some(Start::ResumeMiss) => {
+                    self.env.metrics.resumes.with_label_values(&["miss"]).inc()
+                }
                 Some(Start::Snapshot) | None => {}
             }
             out
@@ -421,8 +447,9 @@ impl Session {
         // a subscription by keys or an indexed `where` gets only the updates it may see
         let route = union.is_none().then(|| RouteSpec::of(&selector)).flatten();
         let feed = match route {
-            Some(spec) => self.hub.routed(table, spec).map(Feed::Routed),
+            Some(spec) => self.env.hub.routed(table, spec).map(Feed::Routed),
             None => self
+                .env
                 .hub
                 .updates(table)
                 .map(|rx| Feed::Broadcast(BroadcastStream::new(rx))),
@@ -432,7 +459,7 @@ impl Session {
                 return (Vec::new(), None);
             }
             self.watch_created();
-            self.waiting.push(Waiter {
+            self.rare().waiting.push(Waiter {
                 table: table.to_string(),
                 selector: match requested {
                     Some(r) => *r,
@@ -448,12 +475,12 @@ impl Session {
             );
         };
         match start_subscription(
-            self.hub.clone(),
+            self.env.hub.clone(),
             table,
             selector,
             since.map(String::from),
             format,
-            self.resume_wait,
+            self.env.resume_wait,
         )
         .await
         {
@@ -493,13 +520,15 @@ impl Session {
 
     /// Stops a subscription (a table or a union); false when there was none.
     pub fn unsubscribe(&mut self, table: &str) -> bool {
-        let before = self.members.len() + self.waiting.len() + self.open_unions.len();
+        let before = self.subscriptions();
         self.members
             .retain(|m| m.sub.table != table && m.union.as_deref() != Some(table));
-        self.waiting.retain(|w| w.table != table);
-        self.open_unions.retain(|(u, _)| u != table);
+        if let Some(r) = self.rare.as_mut() {
+            r.waiting.retain(|w| w.table != table);
+            r.open_unions.retain(|(u, _)| u != table);
+        }
         self.prune_feeds();
-        before != self.members.len() + self.waiting.len() + self.open_unions.len()
+        before != self.subscriptions()
     }
 
     /// Drops the feeds no member reads any more (a routed feed's registration goes with it).
@@ -610,7 +639,7 @@ impl Session {
                 None
             }
             Event::Rescan => Some(Box::pin(async move {
-                for info in self.hub.tables().list() {
+                for info in self.env.hub.tables().list() {
                     self.on_created(&info.name).await;
                 }
             })),
@@ -634,10 +663,13 @@ impl Session {
 
     async fn on_created_unboxed(&mut self, name: &str) {
         let waiters: Vec<Waiter> = {
-            let (now, later): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiting)
+            let Some(r) = self.rare.as_mut() else {
+                return;
+            };
+            let (now, later): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut r.waiting)
                 .into_iter()
                 .partition(|w| w.table == name);
-            self.waiting = later;
+            r.waiting = later;
             now
         };
         for w in waiters {
@@ -650,16 +682,20 @@ impl Session {
                 .await;
             self.queued.extend(out);
         }
-        let unions: Vec<(String, Format)> = self
-            .open_unions
-            .iter()
-            .filter(|(u, _)| {
-                self.unions
-                    .iter()
-                    .any(|d| &d.name == u && d.pattern.is_match(name))
-            })
-            .cloned()
-            .collect();
+        let unions: Vec<(String, Format)> = match &self.rare {
+            Some(r) => r
+                .open_unions
+                .iter()
+                .filter(|(u, _)| {
+                    self.env
+                        .unions
+                        .iter()
+                        .any(|d| &d.name == u && d.pattern.is_match(name))
+                })
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         for (u, format) in unions {
             if self
                 .members
@@ -697,7 +733,8 @@ impl Session {
             if m.sub.absorb(u) == Absorbed::EpochChanged {
                 stale.push(i);
             } else if before > 0 {
-                self.metrics
+                self.env
+                    .metrics
                     .conflated_changes
                     .inc_by(u.update.changes.len() as u64);
             }
@@ -745,7 +782,7 @@ impl Session {
     }
 
     async fn restart_unboxed(&mut self, mut m: Member) {
-        self.metrics.resnapshots.inc();
+        self.env.metrics.resnapshots.inc();
         let table = m.sub.table.clone();
         let format = m.sub.format;
         let since = match format {
@@ -754,7 +791,7 @@ impl Session {
                 let pending = m.sub.take();
                 self.queue(m.union.as_deref(), &table, pending);
                 let token = m.sub.token();
-                if !self.hub.replay_reaches(&table, &token) {
+                if !self.env.hub.replay_reaches(&table, &token) {
                     // closed without building anything: a lagging server has no time to spare
                     drop(m);
                     self.unsubscribe(&table);
@@ -811,7 +848,11 @@ impl Session {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.waiting.is_empty() && self.all_rows.is_none()
+        self.members.is_empty()
+            && self
+                .rare
+                .as_ref()
+                .is_none_or(|r| r.waiting.is_empty() && r.all_rows.is_none())
     }
 }
 

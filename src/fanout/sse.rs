@@ -98,14 +98,7 @@ pub async fn handler(
         );
     };
     let expires = state.auth.deadline(&access);
-    let mut session = Session::new(
-        state.hub.clone(),
-        state.metrics.clone(),
-        state.fanout.resume_wait,
-        1,
-        state.fanout.unions.clone(),
-    )
-    .with_access(access);
+    let mut session = Session::new(state.sessions.clone(), 1).with_access(access);
     // after an unclean stop, a snapshot could be older than what clients were sent before it
     state
         .readiness

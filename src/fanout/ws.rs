@@ -9,8 +9,8 @@
 //! once the token expired.
 //! Nothing a client sends can panic the server.
 
+use crate::net::rate::MessageRate;
 use std::collections::{HashSet, VecDeque};
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::time::Instant;
 
@@ -33,9 +33,6 @@ use crate::auth::{Access, Credentials, Refused};
 use crate::http::AppState;
 use crate::metrics::Metrics;
 use crate::publish::{Nack, NackCode, PublishFuture, PublishRequest, Reply};
-
-/// A client's message rate (`--max-messages-per-sec`, bursts of twice that).
-type RateLimiter = governor::DefaultDirectRateLimiter;
 
 /// Upgrades to a WebSocket connection, within the global connection cap.
 pub async fn handler(
@@ -138,8 +135,9 @@ struct Connection {
     /// Answers of the publishes not yet answered (at most `max_in_flight`: more are nacked).
     /// Created by the first publish: an empty `FuturesUnordered` allocates (~140 bytes), and
     /// most connections never publish.
-    answers: Option<FuturesUnordered<PublishFuture>>,
-    limiter: RateLimiter,
+    answers: Option<Box<FuturesUnordered<PublishFuture>>>,
+    /// Client messages under `--max-messages-per-sec` (burst: twice that).
+    limiter: MessageRate,
     violations: u32,
     /// When the token expires (with the leeway): the connection ends then unless refreshed.
     /// Boxed: the loop's resting state holds a reference to it, not the 112-byte timer, and a
@@ -157,22 +155,13 @@ enum Step {
 
 impl Connection {
     fn new(state: AppState) -> Self {
-        let rate = NonZeroU32::new(state.fanout.messages_per_sec as u32).unwrap_or(NonZeroU32::MIN);
-        let burst = rate.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
-        let limiter = RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst));
-        let session = Session::new(
-            state.hub.clone(),
-            state.metrics.clone(),
-            state.fanout.resume_wait,
-            state.fanout.max_subscriptions,
-            state.fanout.unions.clone(),
-        );
+        let session = Session::new(state.sessions.clone(), state.fanout.max_subscriptions);
         Connection {
             state,
             session,
             publish: None,
             answers: None,
-            limiter,
+            limiter: MessageRate::default(),
             violations: 0,
             expiry: None,
         }
@@ -390,7 +379,7 @@ impl Connection {
 
     /// Publishes whose answers are not yet written.
     fn unanswered(&self) -> usize {
-        self.answers.as_ref().map_or(0, FuturesUnordered::len)
+        self.answers.as_ref().map_or(0, |a| a.len())
     }
 
     /// Whether the connection's token expired (its deadline, with the leeway, passed).
@@ -429,16 +418,14 @@ impl Connection {
                 ),
                 Some(p) => p.submit(req),
             };
-            self.answers
-                .get_or_insert_with(FuturesUnordered::new)
-                .push(answer);
+            self.answers.get_or_insert_with(Box::default).push(answer);
             return None;
         }
         Some(parsed)
     }
 
     async fn on_message(&mut self, parsed: Result<ClientMessage, serde_json::Error>) -> Step {
-        if self.limiter.check().is_err() {
+        if !self.limiter.check(&self.state.fanout.message_quota) {
             self.violations += 1;
             if self.violations > 100 {
                 return Step::Close("rate_limited");
@@ -582,7 +569,7 @@ async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> 
 
 /// The next publish answer, as its JSON text (never, without publishes). Text, not the `Reply`:
 /// the loop's select keeps room for the largest of its branches' outputs, for every connection.
-async fn next_answer(answers: &mut Option<FuturesUnordered<PublishFuture>>) -> Option<String> {
+async fn next_answer(answers: &mut Option<Box<FuturesUnordered<PublishFuture>>>) -> Option<String> {
     match answers {
         Some(a) => a.next().await.map(|r| r.to_json()),
         None => std::future::pending().await,

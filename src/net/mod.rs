@@ -16,6 +16,7 @@
 
 pub mod io;
 pub mod limits;
+pub mod rate;
 pub mod tls;
 pub mod watch;
 

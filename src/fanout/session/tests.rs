@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{RowsResync, Session};
+use super::{RowsResync, Session, SessionEnv};
 use crate::cdc::decode::Op;
 use crate::fanout::hub::Hub;
 use crate::fanout::protocol::{Format, Outgoing};
@@ -78,11 +78,13 @@ impl Fixture {
 
     fn session(&self) -> Session {
         Session::new(
-            self.hub.clone(),
-            self.metrics.clone(),
-            Duration::from_secs(1),
+            Arc::new(SessionEnv {
+                hub: self.hub.clone(),
+                metrics: self.metrics.clone(),
+                resume_wait: Duration::from_secs(1),
+                unions: Arc::from(Vec::new()),
+            }),
             16,
-            Arc::from(Vec::new()),
         )
     }
 
