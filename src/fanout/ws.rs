@@ -9,9 +9,10 @@
 //! once the token expired.
 //! Nothing a client sends can panic the server.
 
-use crate::net::rate::MessageRate;
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -19,6 +20,7 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::json;
@@ -32,6 +34,7 @@ use super::{record_sent, ConnectionSlot};
 use crate::auth::{Access, Credentials, Refused};
 use crate::http::AppState;
 use crate::metrics::Metrics;
+use crate::net::rate::MessageRate;
 use crate::publish::{Nack, NackCode, PublishFuture, PublishRequest, Reply};
 
 /// Upgrades to a WebSocket connection, within the global connection cap.
@@ -285,18 +288,21 @@ impl Connection {
         ping.tick().await;
         let mut last_seen = Instant::now();
         loop {
-            let (pending, frames) = self.session.take();
-            if !pending.is_empty() || !frames.is_empty() {
-                let out = outbox(&self.state.metrics, frames, pending);
-                let write = write_all(socket, out);
-                match tokio::time::timeout(self.state.fanout.slow_client, write).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(())) => return "write_error",
-                    Err(_) => {
-                        self.state.metrics.slow_client_disconnects.inc();
-                        let bye = close(1008, "slow consumer: pending changes not taken in time");
-                        let _ = Box::pin(socket.send(bye)).await;
-                        return "slow_client";
+            // in a block: what is taken is not kept in the task's resting state below
+            {
+                let (pending, frames) = self.session.take();
+                if !pending.is_empty() || !frames.is_empty() {
+                    let out = outbox(&self.state.metrics, frames, pending);
+                    match write_within(socket, out, Some(self.state.fanout.slow_client)).await {
+                        Ok(()) => {}
+                        Err(WriteFailed::Socket) => return "write_error",
+                        Err(WriteFailed::TooSlow) => {
+                            self.state.metrics.slow_client_disconnects.inc();
+                            let bye =
+                                close(1008, "slow consumer: pending changes not taken in time");
+                            let _ = Box::pin(socket.send(bye)).await;
+                            return "slow_client";
+                        }
                     }
                 }
             }
@@ -312,11 +318,9 @@ impl Connection {
                 msg = socket.recv(), if self.unanswered() < MAX_UNANSWERED => {
                     last_seen = Instant::now();
                     let step = match msg {
-                        Some(Ok(Message::Text(text))) => match self.on_publish(serde_json::from_str::<ClientMessage>(text.as_str())) {
+                        Some(Ok(Message::Text(text))) => match self.on_text(text.as_str()) {
                             None => Step::Continue,
-                            // anything but a publish is rare next to publishes and updates, and
-                            // a subscription's snapshot is large: boxed
-                            Some(parsed) => Box::pin(self.on_message(parsed)).await,
+                            Some(step) => step.await,
                         },
                         Some(Ok(Message::Binary(_))) => {
                             self.session.queued.push(error(ErrorCode::BadMessage, "binary frames are not supported".into()));
@@ -392,6 +396,15 @@ impl Connection {
     /// The token's deadline (with the leeway): the connection ends then unless refreshed.
     fn set_expiry(&mut self, at: Option<tokio::time::Instant>) {
         self.expiry = at.map(|at| Box::pin(tokio::time::sleep_until(at)));
+    }
+
+    /// A text frame: a publish is taken (`None`); any other message is handled by the future
+    /// returned. Boxed: anything but a publish is rare next to publishes and updates, and a
+    /// subscription's snapshot is large; and a plain function, so that the parsed message is not
+    /// kept in the connection's task while it is handled (240 bytes per connection).
+    fn on_text(&mut self, text: &str) -> Option<BoxFuture<'_, Step>> {
+        let parsed = self.on_publish(serde_json::from_str::<ClientMessage>(text))?;
+        Some(Box::pin(self.on_message(parsed)))
     }
 
     /// Takes a publish (`None`); gives back any other message.
@@ -537,24 +550,70 @@ fn outbox(m: &Metrics, frames: Vec<SharedFrame>, out: Vec<Outgoing>) -> VecDeque
 /// Writes `out` (flushing where marked) and flushes. A poll over the queue rather than an
 /// `async` send per message: the connection's task keeps room for whatever its loop awaits, for
 /// its whole life (bench: connections-snapshot), and this wait is on every update's path.
-async fn write_all(socket: &mut WebSocket, mut out: VecDeque<(Message, bool)>) -> Result<(), ()> {
+async fn write_all(socket: &mut WebSocket, out: VecDeque<(Message, bool)>) -> Result<(), ()> {
+    write_within(socket, out, None).await.map_err(|_| ())
+}
+
+/// Why [`write_within`] gave up.
+enum WriteFailed {
+    Socket,
+    /// Not written within the limit.
+    TooSlow,
+}
+
+/// [`write_all`] within `limit`. The timer is only made (boxed) once the socket makes the write
+/// wait: most writes complete at once, and the connection's task would otherwise keep room for
+/// a 112-byte timer in every connection.
+async fn write_within(
+    socket: &mut WebSocket,
+    mut out: VecDeque<(Message, bool)>,
+    limit: Option<std::time::Duration>,
+) -> Result<(), WriteFailed> {
     use futures::Sink;
+    let started = tokio::time::Instant::now();
     let mut socket = Pin::new(socket);
     let mut flushing = false;
-    std::future::poll_fn(move |cx| loop {
-        if flushing {
-            std::task::ready!(socket.as_mut().poll_flush(cx)).map_err(|_| ())?;
-            flushing = false;
-        }
-        if out.is_empty() {
-            return socket.as_mut().poll_flush(cx).map_err(|_| ());
-        }
-        std::task::ready!(socket.as_mut().poll_ready(cx)).map_err(|_| ())?;
-        let Some((message, flush)) = out.pop_front() else {
-            continue;
+    let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    std::future::poll_fn(move |cx| {
+        let written = loop {
+            if flushing {
+                match socket.as_mut().poll_flush(cx) {
+                    Poll::Ready(Ok(())) => flushing = false,
+                    Poll::Ready(Err(_)) => break Poll::Ready(Err(WriteFailed::Socket)),
+                    Poll::Pending => break Poll::Pending,
+                }
+            }
+            if out.is_empty() {
+                break socket
+                    .as_mut()
+                    .poll_flush(cx)
+                    .map_err(|_| WriteFailed::Socket);
+            }
+            match socket.as_mut().poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => break Poll::Ready(Err(WriteFailed::Socket)),
+                Poll::Pending => break Poll::Pending,
+            }
+            let Some((message, flush)) = out.pop_front() else {
+                continue;
+            };
+            if socket.as_mut().start_send(message).is_err() {
+                break Poll::Ready(Err(WriteFailed::Socket));
+            }
+            flushing = flush;
         };
-        socket.as_mut().start_send(message).map_err(|_| ())?;
-        flushing = flush;
+        if written.is_ready() {
+            return written;
+        }
+        let Some(limit) = limit else {
+            return Poll::Pending;
+        };
+        let timer =
+            deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(WriteFailed::TooSlow)),
+            Poll::Pending => Poll::Pending,
+        }
     })
     .await
 }
