@@ -433,6 +433,94 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_past_slow_client_is_closed_and_the_others_go_on() {
+    init_logs();
+    let u = unique("stall");
+    let topic = format!("{u}.ticks");
+    create_topic(&topic, 1).await;
+    let dir = tempdir();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.slow_client = Duration::from_secs(1);
+    c.max_batch = 200;
+    let (svc, base) = start_service(c).await;
+    // 4 KB per change: the patches overflow the socket buffers of a client that does not read
+    let tick = |i: usize| FixtureRecord {
+        key: Some(format!(r#"{{"id":"k{}"}}"#, i % 100)),
+        value: Some(format!(
+            r#"{{"id":"k{}","n":{i},"pad":"{}","__op":"u","__table":"ticks"}}"#,
+            i % 100,
+            format!("{i:06}").repeat(700)
+        )),
+        headers: vec![],
+    };
+    let p = producer();
+    produce(&p, &topic, &(0..100).map(tick).collect::<Vec<_>>()).await;
+    table_at_seq(&base, "ticks", 100).await;
+    let mut stalled = connect(&base, "/ws?table=ticks").await;
+    let mut fast = connect(&base, "/ws?table=ticks").await;
+    assert_eq!(next_json(&mut stalled).await["type"], "snapshot");
+    let fsnap = next_json(&mut fast).await;
+    let fast_reader =
+        tokio::spawn(async move { follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await });
+    for chunk in (100..10_100).collect::<Vec<_>>().chunks(200) {
+        produce(
+            &p,
+            &topic,
+            &chunk.iter().map(|i| tick(*i)).collect::<Vec<_>>(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the reading client is not held back and gets everything
+    let (fstate, fseq, _) = fast_reader.await.unwrap();
+    let (_, body) = get_json(&format!("{base}/api/tables/ticks")).await;
+    assert_eq!(fseq, 10_100);
+    assert_eq!(fstate, body["rows"]);
+    // the one that stopped reading is closed once a write waited longer than slow_client
+    let closed = eventually("a slow-client disconnect", Duration::from_secs(30), || async {
+        let m = metrics_text(&base).await;
+        metric_value(&m, "livetable_slow_client_disconnects_total")
+            .filter(|v| *v >= 1.0)
+            .map(|_| m)
+    })
+    .await;
+    assert_eq!(
+        metric_value(&closed, "livetable_slow_client_disconnects_total"),
+        Some(1.0)
+    );
+    assert!(
+        closed.contains(r#"livetable_connections_closed_total{reason="slow_client"} 1"#),
+        "{}",
+        closed
+            .lines()
+            .filter(|l| l.contains("connections_closed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // reading again, the client gets what was buffered, then the end of the connection: a close
+    // 1008 when the server could still write it, else the socket's end; never a hang
+    let mut code = None;
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(until, stalled.next())
+            .await
+            .expect("the connection ends within 60 s")
+        {
+            Some(Ok(Message::Close(f))) => {
+                code = f.map(|f| u16::from(f.code));
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break,
+        }
+    }
+    assert!(matches!(code, None | Some(1008)), "close code {code:?}");
+    eprintln!("stalled client: close code {code:?}");
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_snapshot_patches_and_last_event_id_resume() {
     let (svc, base, topic, records, _dir) = setup(5, |_| {}).await;
     let resp = reqwest::get(format!("{base}/sse?table=game_odds"))

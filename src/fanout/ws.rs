@@ -300,7 +300,7 @@ impl Connection {
                             self.state.metrics.slow_client_disconnects.inc();
                             let bye =
                                 close(1008, "slow consumer: pending changes not taken in time");
-                            let _ = Box::pin(socket.send(bye)).await;
+                            Box::pin(say_bye(socket, bye)).await;
                             return "slow_client";
                         }
                     }
@@ -308,7 +308,7 @@ impl Connection {
             }
             if let Some(why) = self.session.close.take() {
                 let bye = close(crate::fanout::session::RowsResync::CODE, why.reason());
-                let _ = Box::pin(socket.send(bye)).await;
+                Box::pin(say_bye(socket, bye)).await;
                 return "rows_resync";
             }
             tokio::select! {
@@ -340,11 +340,7 @@ impl Connection {
                             _ => None,
                         };
                         if let Some(frame) = frame {
-                            let _ = Box::pin(tokio::time::timeout(
-                                std::time::Duration::from_secs(1),
-                                socket.send(frame),
-                            ))
-                            .await;
+                            Box::pin(say_bye(socket, frame)).await;
                         }
                         return reason;
                     }
@@ -352,11 +348,9 @@ impl Connection {
                 _ = expiry(&mut self.expiry) => {
                     self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
                     let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
-                    let _ = Box::pin(async {
-                        send(&self.state.metrics, socket, vec![bye]).await?;
-                        socket.send(close(4408, "token expired")).await.map_err(|_| ())
-                    })
-                    .await;
+                    let mut out = outbox(&self.state.metrics, Vec::new(), vec![bye]);
+                    out.push_back((close(4408, "token expired"), true));
+                    let _ = Box::pin(write_within(socket, out, Some(CLOSE_WAIT))).await;
                     return "token_expired";
                 }
                 event = self.session.next() => self.session.on_event(event).await,
@@ -364,12 +358,12 @@ impl Connection {
                     self.session.queued.push(Outgoing::Publish(reply));
                 }
                 _ = self.state.shutdown.cancelled() => {
-                    let _ = Box::pin(socket.send(close(1001, "server shutting down"))).await;
+                    Box::pin(say_bye(socket, close(1001, "server shutting down"))).await;
                     return "shutdown";
                 }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > self.state.fanout.idle_timeout {
-                        let _ = Box::pin(socket.send(close(1001, "idle timeout"))).await;
+                        Box::pin(say_bye(socket, close(1001, "idle timeout"))).await;
                         return "idle";
                     }
                     let ping = VecDeque::from([(Message::Ping(Default::default()), false)]);
@@ -654,6 +648,15 @@ fn read_error(e: axum::Error) -> &'static str {
         },
         Err(_) => "read_error",
     }
+}
+
+/// How long a close frame may take to be written: the client may not be reading (a slow
+/// client's socket is full), and the connection must end anyway.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Writes a close frame, giving up after [`CLOSE_WAIT`].
+async fn say_bye(socket: &mut WebSocket, frame: Message) {
+    let _ = write_within(socket, VecDeque::from([(frame, true)]), Some(CLOSE_WAIT)).await;
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
