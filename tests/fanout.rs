@@ -477,12 +477,16 @@ async fn a_client_that_stops_reading_past_slow_client_is_closed_and_the_others_g
     assert_eq!(fseq, 10_100);
     assert_eq!(fstate, body["rows"]);
     // the one that stopped reading is closed once a write waited longer than slow_client
-    let closed = eventually("a slow-client disconnect", Duration::from_secs(30), || async {
-        let m = metrics_text(&base).await;
-        metric_value(&m, "livetable_slow_client_disconnects_total")
-            .filter(|v| *v >= 1.0)
-            .map(|_| m)
-    })
+    let closed = eventually(
+        "a slow-client disconnect",
+        Duration::from_secs(30),
+        || async {
+            let m = metrics_text(&base).await;
+            metric_value(&m, "livetable_slow_client_disconnects_total")
+                .filter(|v| *v >= 1.0)
+                .map(|_| m)
+        },
+    )
     .await;
     assert_eq!(
         metric_value(&closed, "livetable_slow_client_disconnects_total"),

@@ -26,6 +26,9 @@ use clap::Parser;
 use measure::Scenario;
 use scenarios::{Live, Sizes};
 
+/// Every scenario: a run of these (not --quick) is a full run.
+const DEFAULT_SCENARIOS: &str = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,connections,connections-snapshot,publish,auth,filters,views,scale-out";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "bench",
@@ -42,10 +45,7 @@ struct Args {
     /// latency-few-clients, connections, connections-snapshot, publish, auth, filters, views (= views-events,
     /// views-top-n), scale-out (= scale-out-ingest, scale-out-clients, scale-out-failover,
     /// scale-out-resume); each also by its own name.
-    #[arg(
-        long,
-        default_value = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,connections,connections-snapshot,publish,auth,filters,views,scale-out"
-    )]
+    #[arg(long, default_value = DEFAULT_SCENARIOS)]
     scenarios: String,
     /// `fetch.wait.max.ms` of livetable's consumer (and of the delivery probe) in the live
     /// scenarios (fanout, light, latency, latency-few-clients); 10 is livetable's default.
@@ -60,8 +60,8 @@ struct Args {
     /// JSON results file [default: target/bench/bench-<time>.json in the repository].
     #[arg(long)]
     json_out: Option<PathBuf>,
-    /// Markdown file whose results section is replaced [default: BENCHMARKS.md for a full run;
-    /// none for --quick].
+    /// Markdown file whose results section is replaced [default: BENCHMARKS.md for a full run
+    /// (every scenario, not --quick); else none: the table is printed].
     #[arg(long)]
     markdown_out: Option<PathBuf>,
 }
@@ -345,9 +345,11 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&json_out, serde_json::to_string_pretty(&rep)?)?;
     eprintln!("bench: results in {}", json_out.display());
     let md = rep.markdown();
+    // only a full run replaces the results section: a run of some scenarios would drop the others
+    let full = !a.quick && a.scenarios == DEFAULT_SCENARIOS;
     let md_out = a
         .markdown_out
-        .or_else(|| (!a.quick).then(|| env.repo.join("BENCHMARKS.md")));
+        .or_else(|| full.then(|| env.repo.join("BENCHMARKS.md")));
     match md_out {
         Some(p) => {
             report::write_section(&p, &md)?;
