@@ -364,21 +364,10 @@ async fn rows_format_on_the_root_path_like_the_seed_clients() {
     svc.wait().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
-    init_logs();
-    let u = unique("slow");
-    let topic = format!("{u}.ticks");
-    create_topic(&topic, 1).await;
-    let dir = tempdir();
-    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
-    // the slow client is stalled far longer than the socket buffers last; it must not be dropped
-    c.slow_client = Duration::from_secs(120);
-    c.max_batch = 200;
-    let (svc, base) = start_service(c).await;
-    // every change rewrites a 4 KB column, so 10k changes (~40 MB of patches) overflow the
-    // kernel's socket buffers of a client that does not read
-    let tick = |i: usize| FixtureRecord {
+/// Change `i` of key `k{i % 100}`: it rewrites a 4 KB column, so 10k changes (~40 MB of
+/// patches) overflow the kernel's socket buffers of a client that does not read.
+fn big_tick(i: usize) -> FixtureRecord {
+    FixtureRecord {
         key: Some(format!(r#"{{"id":"k{}"}}"#, i % 100)),
         value: Some(format!(
             r#"{{"id":"k{}","n":{i},"pad":"{}","__op":"u","__table":"ticks"}}"#,
@@ -386,10 +375,53 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
             format!("{i:06}").repeat(700)
         )),
         headers: vec![],
-    };
-    let p = producer();
-    produce(&p, &topic, &(0..100).map(tick).collect::<Vec<_>>()).await;
+    }
+}
+
+/// A service on a new one-partition topic `<name>.ticks` with `slow_client`, its table `ticks`
+/// at its first 100 changes ([`big_tick`]).
+async fn ticks_service(
+    name: &str,
+    slow_client: Duration,
+) -> (livetable::Service, String, String, tempfile::TempDir) {
+    init_logs();
+    let u = unique(name);
+    let topic = format!("{u}.ticks");
+    create_topic(&topic, 1).await;
+    let dir = tempdir();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.slow_client = slow_client;
+    c.max_batch = 200;
+    let (svc, base) = start_service(c).await;
+    produce(
+        &producer(),
+        &topic,
+        &(0..100).map(big_tick).collect::<Vec<_>>(),
+    )
+    .await;
     table_at_seq(&base, "ticks", 100).await;
+    (svc, base, topic, dir)
+}
+
+/// Changes 100..10_100 ([`big_tick`]) in 50 bursts of 200, 20 ms apart (the pace of a feed, not
+/// a wait for anything).
+async fn produce_big_ticks(topic: &str) {
+    let p = producer();
+    for chunk in (100..10_100).collect::<Vec<_>>().chunks(200) {
+        produce(
+            &p,
+            topic,
+            &chunk.iter().map(|i| big_tick(*i)).collect::<Vec<_>>(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
+    // the slow client is stalled far longer than the socket buffers last; it must not be dropped
+    let (svc, base, topic, _dir) = ticks_service("slow", Duration::from_secs(120)).await;
     let mut slow = connect(&base, "/ws?table=ticks").await;
     let mut fast = connect(&base, "/ws?table=ticks").await;
     let snap = next_json(&mut slow).await;
@@ -397,15 +429,7 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
     // `fast` reads all along; 10k changes flow, in 50 bursts, while `slow` reads nothing
     let fast_reader =
         tokio::spawn(async move { follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await });
-    for chunk in (100..10_100).collect::<Vec<_>>().chunks(200) {
-        produce(
-            &p,
-            &topic,
-            &chunk.iter().map(|i| tick(*i)).collect::<Vec<_>>(),
-        )
-        .await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    produce_big_ticks(&topic).await;
     let (fstate, _, fast_msgs) = fast_reader.await.unwrap();
     let (state, seq, slow_msgs) = follow_to(&mut slow, snap["rows"].clone(), 100, 10_100).await;
     let (api, api_seq) = {
@@ -434,43 +458,14 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_past_slow_client_is_closed_and_the_others_go_on() {
-    init_logs();
-    let u = unique("stall");
-    let topic = format!("{u}.ticks");
-    create_topic(&topic, 1).await;
-    let dir = tempdir();
-    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
-    c.slow_client = Duration::from_secs(1);
-    c.max_batch = 200;
-    let (svc, base) = start_service(c).await;
-    // 4 KB per change: the patches overflow the socket buffers of a client that does not read
-    let tick = |i: usize| FixtureRecord {
-        key: Some(format!(r#"{{"id":"k{}"}}"#, i % 100)),
-        value: Some(format!(
-            r#"{{"id":"k{}","n":{i},"pad":"{}","__op":"u","__table":"ticks"}}"#,
-            i % 100,
-            format!("{i:06}").repeat(700)
-        )),
-        headers: vec![],
-    };
-    let p = producer();
-    produce(&p, &topic, &(0..100).map(tick).collect::<Vec<_>>()).await;
-    table_at_seq(&base, "ticks", 100).await;
+    let (svc, base, topic, _dir) = ticks_service("stall", Duration::from_secs(1)).await;
     let mut stalled = connect(&base, "/ws?table=ticks").await;
     let mut fast = connect(&base, "/ws?table=ticks").await;
     assert_eq!(next_json(&mut stalled).await["type"], "snapshot");
     let fsnap = next_json(&mut fast).await;
     let fast_reader =
         tokio::spawn(async move { follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await });
-    for chunk in (100..10_100).collect::<Vec<_>>().chunks(200) {
-        produce(
-            &p,
-            &topic,
-            &chunk.iter().map(|i| tick(*i)).collect::<Vec<_>>(),
-        )
-        .await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    produce_big_ticks(&topic).await;
     // the reading client is not held back and gets everything
     let (fstate, fseq, _) = fast_reader.await.unwrap();
     let (_, body) = get_json(&format!("{base}/api/tables/ticks")).await;
