@@ -30,9 +30,8 @@ pub struct FanoutLimits {
     pub default_format: Format,
     pub max_subscriptions: usize,
     pub max_message_bytes: usize,
-    /// Client messages per second allowed (burst: twice that).
-    pub messages_per_sec: f64,
-    /// The same as a quota for each connection's [`crate::net::rate::MessageRate`].
+    /// Client messages per second allowed (burst: twice that), as the quota of each
+    /// connection's [`crate::net::rate::MessageRate`].
     pub message_quota: crate::net::rate::RateQuota,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
@@ -53,7 +52,6 @@ impl FanoutLimits {
             default_format: c.default_format,
             max_subscriptions: c.security.limits.max_subscriptions,
             max_message_bytes: c.security.limits.max_frame_bytes,
-            messages_per_sec: f64::from(c.security.limits.max_messages_per_sec),
             message_quota: crate::net::rate::RateQuota::new(
                 c.security.limits.max_messages_per_sec,
                 c.security.limits.max_messages_per_sec.saturating_mul(2),

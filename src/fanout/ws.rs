@@ -563,41 +563,14 @@ async fn write_within(
     mut out: VecDeque<(Message, bool)>,
     limit: Option<std::time::Duration>,
 ) -> Result<(), WriteFailed> {
-    use futures::Sink;
     let started = tokio::time::Instant::now();
     let mut socket = Pin::new(socket);
     let mut flushing = false;
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
     std::future::poll_fn(move |cx| {
-        let written = loop {
-            if flushing {
-                match socket.as_mut().poll_flush(cx) {
-                    Poll::Ready(Ok(())) => flushing = false,
-                    Poll::Ready(Err(_)) => break Poll::Ready(Err(WriteFailed::Socket)),
-                    Poll::Pending => break Poll::Pending,
-                }
-            }
-            if out.is_empty() {
-                break socket
-                    .as_mut()
-                    .poll_flush(cx)
-                    .map_err(|_| WriteFailed::Socket);
-            }
-            match socket.as_mut().poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(_)) => break Poll::Ready(Err(WriteFailed::Socket)),
-                Poll::Pending => break Poll::Pending,
-            }
-            let Some((message, flush)) = out.pop_front() else {
-                continue;
-            };
-            if socket.as_mut().start_send(message).is_err() {
-                break Poll::Ready(Err(WriteFailed::Socket));
-            }
-            flushing = flush;
-        };
+        let written = poll_write(&mut socket, &mut out, &mut flushing, cx);
         if written.is_ready() {
-            return written;
+            return written.map_err(|()| WriteFailed::Socket);
         }
         let Some(limit) = limit else {
             return Poll::Pending;
@@ -610,6 +583,31 @@ async fn write_within(
         }
     })
     .await
+}
+
+/// Writes `out` (flushing after the messages marked), then flushes; `Err` when the socket failed.
+fn poll_write(
+    socket: &mut Pin<&mut WebSocket>,
+    out: &mut VecDeque<(Message, bool)>,
+    flushing: &mut bool,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Result<(), ()>> {
+    use futures::Sink;
+    loop {
+        if *flushing {
+            std::task::ready!(socket.as_mut().poll_flush(cx)).map_err(|_| ())?;
+            *flushing = false;
+        }
+        if out.is_empty() {
+            return socket.as_mut().poll_flush(cx).map_err(|_| ());
+        }
+        std::task::ready!(socket.as_mut().poll_ready(cx)).map_err(|_| ())?;
+        let Some((message, flush)) = out.pop_front() else {
+            continue;
+        };
+        socket.as_mut().start_send(message).map_err(|_| ())?;
+        *flushing = flush;
+    }
 }
 
 /// Writes messages with one flush.
