@@ -689,3 +689,154 @@ async fn a_big_snapshot_comes_in_bounded_frames_and_equals_the_api() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// Rows of the `wide` table: 3,000 distinct keys of ~4 KB each, a 12 MB snapshot: far more
+/// than loopback's socket buffers take.
+const WIDE_ROWS: usize = 3_000;
+
+/// A service with `slow_client` and `grace`, its table `wide` at its [`WIDE_ROWS`] rows.
+async fn wide_service(
+    name: &str,
+    slow_client: Duration,
+    grace: Duration,
+) -> (livetable::Service, String, tempfile::TempDir) {
+    init_logs();
+    let u = unique(name);
+    let topic = format!("{u}.wide");
+    create_topic(&topic, 1).await;
+    let dir = tempdir();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.slow_client = slow_client;
+    c.shutdown_grace = grace;
+    let (svc, base) = start_service(c).await;
+    let rows: Vec<FixtureRecord> = (0..WIDE_ROWS)
+        .map(|i| FixtureRecord {
+            key: Some(format!(r#"{{"id":"w{i}"}}"#)),
+            value: Some(format!(
+                r#"{{"id":"w{i}","pad":"{}","__op":"c","__table":"wide"}}"#,
+                format!("{i:06}").repeat(700)
+            )),
+            headers: vec![],
+        })
+        .collect();
+    produce(&producer(), &topic, &rows).await;
+    table_at_seq(&base, "wide", WIDE_ROWS as u64).await;
+    (svc, base, dir)
+}
+
+/// A WebSocket client that reads nothing after its handshake, with a small receive buffer: the
+/// server's writes wait once the kernel's buffers are full.
+async fn not_reading(
+    base: &str,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
+        .await
+        .unwrap();
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_snapshot_is_closed_as_slow() {
+    let (svc, base, _dir) =
+        wide_service("snapstall", Duration::from_secs(1), Duration::from_secs(10)).await;
+    let stalled = not_reading(&base, "/ws?table=wide").await;
+    // the opening write (the snapshot) is bounded like any other: closed once it waited past
+    // slow_client, and its connection slot is given back
+    let m = eventually(
+        "the stalled opening closed as slow",
+        Duration::from_secs(30),
+        || async {
+            let m = metrics_text(&base).await;
+            (metric_value(&m, "livetable_slow_client_disconnects_total") == Some(1.0)
+                && m.contains(r#"livetable_connections_closed_total{reason="slow_client"} 1"#))
+            .then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(
+        metric_value(&m, "livetable_connections"),
+        Some(0.0),
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("livetable_connections"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // a reading client still gets the whole table
+    let mut reader = connect(&base, "/ws?table=wide").await;
+    let mut rows = 0;
+    loop {
+        let msg = next_json(&mut reader).await;
+        rows += msg["rows"]
+            .as_object()
+            .or(msg["patch"].as_object())
+            .map_or(0, |r| r.len());
+        if msg["more"] != true {
+            break;
+        }
+    }
+    assert_eq!(rows, WIDE_ROWS);
+    drop(stalled);
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_does_not_wait_for_a_client_that_does_not_read_its_snapshot() {
+    // slow_client far beyond the test: only the shutdown can end the stalled write
+    let (svc, base, _dir) = wide_service(
+        "snapstop",
+        Duration::from_secs(300),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut stalled = not_reading(&base, "/ws?table=wide").await;
+    eventually(
+        "the snapshot write has started",
+        Duration::from_secs(30),
+        || async {
+            let m = metrics_text(&base).await;
+            (metric_value(&m, "livetable_connections") == Some(1.0)
+                && metric_value(&m, "livetable_snapshots_sent_total") >= Some(1.0))
+            .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+    // give the connection's task time to end on its own, then read: had it kept waiting, reading
+    // now would let it finish the snapshot and send its 1001
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut last_more = None;
+    let mut closed_by = None;
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(until, stalled.next())
+            .await
+            .expect("the connection ends within 30 s")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                last_more = Some(v["more"] == true);
+            }
+            Some(Ok(Message::Close(f))) => {
+                closed_by = f.map(|f| u16::from(f.code));
+                break;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break,
+        }
+    }
+    eprintln!("stalled at shutdown: last frame more={last_more:?}, close {closed_by:?}");
+    assert_eq!(
+        last_more,
+        Some(true),
+        "the server gave up the snapshot at shutdown (a complete one means it waited for the client)"
+    );
+}

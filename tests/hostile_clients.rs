@@ -27,6 +27,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 const HANDSHAKE_SECS: u64 = 2;
 const IDLE_SECS: u64 = 4;
+/// How far the good client's freshness p99 under attack may exceed twice its baseline before
+/// the test calls it starved (see the assertion).
+const STARVED_SLACK_MS: f64 = 100.0;
 
 /// A masked client frame (`opcode`: 1 text, 2 binary, 8 close) announcing `len` bytes, with
 /// `payload` (which may be shorter: the rest is never sent).
@@ -566,9 +569,12 @@ async fn hostile_clients_are_bounded_while_a_good_client_keeps_its_freshness() {
         m(r#"livetable_tcp_timeouts_total{phase="idle"}"#),
         m(r#"livetable_connections_closed_total{reason="idle"}"#),
     );
+    // A starved client lags by seconds; scheduling noise on a loaded 2-core CI machine moves a
+    // ~15 ms p99 by tens of ms. The slack separates the two without timing the service: the
+    // figure itself belongs to the bench, not to this test.
     assert!(
-        attack_p99 <= 2.0 * base_p99,
-        "freshness p99 under attack {attack_p99} ms > 2 x baseline {base_p99} ms"
+        attack_p99 <= 2.0 * base_p99 + STARVED_SLACK_MS,
+        "freshness p99 under attack {attack_p99} ms > 2 x baseline {base_p99} ms + {STARVED_SLACK_MS} ms"
     );
     assert!(
         peak < rss_before + 200_000_000,

@@ -3,8 +3,8 @@
 //! without `?table=`, they get every table's rows).
 //!
 //! One task per connection, holding a [`Session`]. It writes what is pending whenever the socket
-//! takes it. A client that cannot take its pending output within the slow-client deadline is
-//! closed with 1008; one that falls behind a table's update channel gets a fresh snapshot of it.
+//! takes it. A client that cannot take its pending output (the snapshot on connect included)
+//! within the slow-client deadline is closed with 1008, and no write outlasts a shutdown; one that falls behind a table's update channel gets a fresh snapshot of it.
 //! Its publishes go only where its current token allows (`Access::publish_context`), and none
 //! once the token expired.
 //! Nothing a client sends can panic the server.
@@ -25,6 +25,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::json;
 use tokio::time::Sleep;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::protocol::{ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
 use super::selector::Selector;
@@ -275,10 +276,13 @@ impl Connection {
                     .watch_freshness(self.state.readiness.freshness()),
             );
         }
-        if send(&self.state.metrics, socket, initial).await.is_err() {
-            return Err("write_error");
+        // the opening (a snapshot: megabytes for a big table) is bounded like any other write:
+        // a client that does not read it is closed as slow, and a shutdown does not wait for it
+        if initial.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let out = outbox(&self.state.metrics, Vec::new(), initial);
+        Box::pin(deliver(&self.state, socket, out)).await
     }
 
     /// The loop: writes what is pending, then waits for the client, the session's updates,
@@ -293,16 +297,8 @@ impl Connection {
                 let (pending, frames) = self.session.take();
                 if !pending.is_empty() || !frames.is_empty() {
                     let out = outbox(&self.state.metrics, frames, pending);
-                    match write_within(socket, out, Some(self.state.fanout.slow_client)).await {
-                        Ok(()) => {}
-                        Err(WriteFailed::Socket) => return "write_error",
-                        Err(WriteFailed::TooSlow) => {
-                            self.state.metrics.slow_client_disconnects.inc();
-                            let bye =
-                                close(1008, "slow consumer: pending changes not taken in time");
-                            Box::pin(say_bye(socket, bye)).await;
-                            return "slow_client";
-                        }
+                    if let Err(reason) = deliver(&self.state, socket, out).await {
+                        return reason;
                     }
                 }
             }
@@ -350,7 +346,7 @@ impl Connection {
                     let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
                     let mut out = outbox(&self.state.metrics, Vec::new(), vec![bye]);
                     out.push_back((close(4408, "token expired"), true));
-                    let _ = Box::pin(write_within(socket, out, Some(CLOSE_WAIT))).await;
+                    let _ = Box::pin(write_within(socket, out, WriteLimits::closing())).await;
                     return "token_expired";
                 }
                 event = self.session.next() => self.session.on_event(event).await,
@@ -366,9 +362,11 @@ impl Connection {
                         Box::pin(say_bye(socket, close(1001, "idle timeout"))).await;
                         return "idle";
                     }
+                    // bounded too: a client that stopped reading has a full socket, and an
+                    // unbounded ping would keep its connection (and the shutdown) waiting
                     let ping = VecDeque::from([(Message::Ping(Default::default()), false)]);
-                    if write_all(socket, ping).await.is_err() {
-                        return "write_error";
+                    if let Err(reason) = Box::pin(deliver(&self.state, socket, ping)).await {
+                        return reason;
                     }
                 }
             }
@@ -541,11 +539,32 @@ fn outbox(m: &Metrics, frames: Vec<SharedFrame>, out: Vec<Outgoing>) -> VecDeque
     VecDeque::from(q)
 }
 
-/// Writes `out` (flushing where marked) and flushes. A poll over the queue rather than an
-/// `async` send per message: the connection's task keeps room for whatever its loop awaits, for
-/// its whole life (bench: connections-snapshot), and this wait is on every update's path.
-async fn write_all(socket: &mut WebSocket, out: VecDeque<(Message, bool)>) -> Result<(), ()> {
-    write_within(socket, out, None).await.map_err(|_| ())
+/// Writes `out` within the slow-client deadline, unless the server shuts down first. When it
+/// cannot, the client is told why (1008 slow consumer, 1001 shutting down) where the socket
+/// still takes it, and the close reason is returned.
+async fn deliver(
+    state: &AppState,
+    socket: &mut WebSocket,
+    out: VecDeque<(Message, bool)>,
+) -> Result<(), &'static str> {
+    let limits = WriteLimits {
+        within: Some(state.fanout.slow_client),
+        shutdown: Some(&state.shutdown),
+    };
+    match write_within(socket, out, limits).await {
+        Ok(()) => Ok(()),
+        Err(WriteFailed::Socket) => Err("write_error"),
+        Err(WriteFailed::TooSlow) => {
+            state.metrics.slow_client_disconnects.inc();
+            let bye = close(1008, "slow consumer: pending changes not taken in time");
+            Box::pin(say_bye(socket, bye)).await;
+            Err("slow_client")
+        }
+        Err(WriteFailed::Shutdown) => {
+            Box::pin(say_bye(socket, close(1001, "server shutting down"))).await;
+            Err("shutdown")
+        }
+    }
 }
 
 /// Why [`write_within`] gave up.
@@ -553,34 +572,61 @@ enum WriteFailed {
     Socket,
     /// Not written within the limit.
     TooSlow,
+    /// The server is shutting down.
+    Shutdown,
 }
 
-/// [`write_all`] within `limit`. The timer is only made (boxed) once the socket makes the write
-/// wait: most writes complete at once, and the connection's task would otherwise keep room for
-/// a 112-byte timer in every connection.
+/// What ends a write that the socket makes wait.
+struct WriteLimits<'a> {
+    within: Option<std::time::Duration>,
+    shutdown: Option<&'a CancellationToken>,
+}
+
+impl WriteLimits<'_> {
+    /// A close frame's: [`CLOSE_WAIT`], shutdown or not (it is what a shutdown writes).
+    fn closing() -> Self {
+        WriteLimits {
+            within: Some(CLOSE_WAIT),
+            shutdown: None,
+        }
+    }
+}
+
+/// Writes `out` (flushing where marked) and flushes, within `limits`. A poll over the queue
+/// rather than an `async` send per message: the connection's task keeps room for whatever its
+/// loop awaits, for its whole life (bench: connections-snapshot), and this wait is on every
+/// update's path. The timer and the shutdown's waiter are only made (boxed) once the socket makes
+/// the write wait: most writes complete at once, and the connection's task would otherwise keep
+/// room for them in every connection.
 async fn write_within(
     socket: &mut WebSocket,
     mut out: VecDeque<(Message, bool)>,
-    limit: Option<std::time::Duration>,
+    limits: WriteLimits<'_>,
 ) -> Result<(), WriteFailed> {
     let started = tokio::time::Instant::now();
     let mut socket = Pin::new(socket);
     let mut flushing = false;
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let mut stopping: Option<Pin<Box<WaitForCancellationFuture<'_>>>> = None;
     std::future::poll_fn(move |cx| {
         let written = poll_write(&mut socket, &mut out, &mut flushing, cx);
         if written.is_ready() {
             return written.map_err(|()| WriteFailed::Socket);
         }
-        let Some(limit) = limit else {
-            return Poll::Pending;
-        };
-        let timer =
-            deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + limit)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(WriteFailed::TooSlow)),
-            Poll::Pending => Poll::Pending,
+        if let Some(limit) = limits.within {
+            let timer =
+                deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + limit)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(WriteFailed::TooSlow));
+            }
         }
+        if let Some(token) = limits.shutdown {
+            let stop = stopping.get_or_insert_with(|| Box::pin(token.cancelled()));
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(WriteFailed::Shutdown));
+            }
+        }
+        Poll::Pending
     })
     .await
 }
@@ -608,14 +654,6 @@ fn poll_write(
         socket.as_mut().start_send(message).map_err(|_| ())?;
         *flushing = flush;
     }
-}
-
-/// Writes messages with one flush.
-async fn send(metrics: &Metrics, socket: &mut WebSocket, out: Vec<Outgoing>) -> Result<(), ()> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    write_all(socket, outbox(metrics, Vec::new(), out)).await
 }
 
 /// The next publish answer, as its JSON text (never, without publishes). Text, not the `Reply`:
@@ -654,7 +692,12 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Writes a close frame, giving up after [`CLOSE_WAIT`].
 async fn say_bye(socket: &mut WebSocket, frame: Message) {
-    let _ = write_within(socket, VecDeque::from([(frame, true)]), Some(CLOSE_WAIT)).await;
+    let _ = write_within(
+        socket,
+        VecDeque::from([(frame, true)]),
+        WriteLimits::closing(),
+    )
+    .await;
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
