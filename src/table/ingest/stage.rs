@@ -480,14 +480,12 @@ impl BatchStage {
         ing.store.apply(wb)?;
         let rows: Vec<PendingRow> = {
             let _order = ing.changelog.ordered();
+            let mut sender = ing.changelog.rows();
             records
                 .into_iter()
                 .map(|(table, part, key, payload, meta)| {
                     let delivery =
-                        match ing
-                            .changelog
-                            .send_row(&table, part, &key, payload.as_deref(), meta)
-                        {
+                        match sender.send(&table, part, &key, payload.as_deref(), meta) {
                             Ok(d) => Some(d),
                             Err(e) => {
                                 ing.metrics.changelog_produce_errors.inc();
