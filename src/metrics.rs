@@ -408,7 +408,7 @@ impl SecurityMetrics {
         let m = SecurityMetrics {
             tcp_connections,
             tcp_refused: counter_vec(r, "livetable_tcp_refused_total", "Connections refused at accept, by reason (max_connections, per_ip).", &["reason"]),
-            tcp_timeouts: counter_vec(r, "livetable_tcp_timeouts_total", "Connections closed by a timeout, by phase (handshake: TLS or a request head too slow; idle: no byte for the idle timeout).", &["phase"]),
+            tcp_timeouts: counter_vec(r, "livetable_tcp_timeouts_total", "Connections closed by a timeout, by phase (handshake: TLS or a request head too slow; idle: no byte for the idle timeout; shutdown: no byte for 1 s once the server shuts down).", &["phase"]),
             tls_handshake_errors,
             access_denied: counter_vec(r, "livetable_access_denied_total", "Requests, connections or subscriptions refused, by reason (unauthorized, token_expired, forbidden, origin).", &["reason"]),
             reloads: counter_vec(r, "livetable_reloads_total", "Reloads of files that changed, by file (tls, jwt_keys) and result (ok, error).", &["file", "result"]),
@@ -416,7 +416,7 @@ impl SecurityMetrics {
         for x in ["max_connections", "per_ip"] {
             m.tcp_refused.with_label_values(&[x]);
         }
-        for x in ["handshake", "idle"] {
+        for x in ["handshake", "idle", "shutdown"] {
             m.tcp_timeouts.with_label_values(&[x]);
         }
         for x in ["unauthorized", "token_expired", "forbidden", "origin"] {

@@ -840,3 +840,41 @@ async fn a_shutdown_does_not_wait_for_a_client_that_does_not_read_its_snapshot()
         "the server gave up the snapshot at shutdown (a complete one means it waited for the client)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_does_not_wait_for_an_sse_client_that_does_not_read() {
+    use tokio::io::AsyncWriteExt;
+    // the idle timeout (60 s) and the grace (30 s) are far beyond the bound asserted below: only
+    // the shutdown's stall limit can end the stuck response in time
+    let grace = Duration::from_secs(30);
+    let (svc, base, _dir) = wide_service("ssestop", Duration::from_secs(300), grace).await;
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /sse?table=wide HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(
+        "the SSE snapshot is being written",
+        Duration::from_secs(30),
+        || async {
+            let m = metrics_text(&base).await;
+            (metric_value(&m, "livetable_snapshots_sent_total") >= Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    // the 12 MB snapshot fills the socket's buffers; the client reads nothing
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    svc.shutdown();
+    svc.wait().await.unwrap();
+    let took = started.elapsed();
+    eprintln!("shutdown with a stalled SSE client took {took:?}");
+    assert!(
+        took < grace / 2,
+        "the shutdown waited {took:?} for a client that does not read (grace {grace:?})"
+    );
+    drop(stream);
+}

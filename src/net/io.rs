@@ -1,7 +1,9 @@
 //! A connection's socket as every layer above sees it (TLS, HTTP, the WebSocket after an
 //! upgrade): it holds the connection's slot in the limits for as long as the socket lives, and it
 //! fails with `TimedOut` once no byte moved in either direction for the idle timeout, so no
-//! connection, upgraded or not, outlives it without traffic.
+//! connection, upgraded or not, outlives it without traffic. Once the server shuts down, a
+//! connection whose bytes stopped moving for [`STALLED_AT_SHUTDOWN`] fails the same way: a
+//! client that does not read (an SSE stream stuck on a full socket) does not hold the shutdown.
 
 use std::future::Future;
 use std::io;
@@ -13,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 use super::limits::ConnGuard;
 use crate::metrics::Metrics;
@@ -23,6 +26,9 @@ use crate::metrics::Metrics;
 const LINGER: Duration = Duration::from_secs(2);
 /// Most bytes discarded while lingering.
 const LINGER_BYTES: usize = 1 << 20;
+/// After the shutdown, how long a connection may go without moving a byte: what is still
+/// flowing may finish (within the shutdown grace), what is stuck on its client ends.
+pub const STALLED_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// A TCP stream with an idle deadline and its connection slot.
 pub struct TimedIo {
@@ -34,10 +40,17 @@ pub struct TimedIo {
     expired: bool,
     metrics: Arc<Metrics>,
     slot: Option<ConnGuard>,
+    shutdown: CancellationToken,
 }
 
 impl TimedIo {
-    pub fn new(inner: TcpStream, idle: Duration, slot: ConnGuard, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        inner: TcpStream,
+        idle: Duration,
+        slot: ConnGuard,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let last = Instant::now();
         TimedIo {
             inner: Some(inner),
@@ -47,6 +60,7 @@ impl TimedIo {
             expired: false,
             metrics,
             slot: Some(slot),
+            shutdown,
         }
     }
 
@@ -56,18 +70,26 @@ impl TimedIo {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "closed"))
     }
 
-    /// Called when the socket has nothing: `Ready(error)` once the connection was idle too long,
-    /// else `Pending` with a wake-up at the deadline.
+    /// Called when the socket has nothing: `Ready(error)` once the connection was idle too long
+    /// (after the shutdown: stalled too long), else `Pending` with a wake-up at the deadline. The
+    /// shutdown wakes up a waiting connection by the server's own polling of it (a graceful
+    /// shutdown drives every open connection), so no waiter is kept here.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
-            let deadline = self.last + self.idle;
+            let stopping = self.shutdown.is_cancelled();
+            let deadline = self.last
+                + if stopping {
+                    self.idle.min(STALLED_AT_SHUTDOWN)
+                } else {
+                    self.idle
+                };
             if self.expired || Instant::now() >= deadline {
                 if !self.expired {
                     self.expired = true;
                     self.metrics
                         .security
                         .tcp_timeouts
-                        .with_label_values(&["idle"])
+                        .with_label_values(&[if stopping { "shutdown" } else { "idle" }])
                         .inc();
                 }
                 return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));

@@ -124,7 +124,13 @@ pub async fn serve(
                     (app.clone(), opts.clone(), metrics.clone(), cancel.clone());
                 tracker.spawn(async move {
                     set_socket_options(&stream, opts.idle_timeout);
-                    let io = io::TimedIo::new(stream, opts.idle_timeout, slot, metrics.clone());
+                    let io = io::TimedIo::new(
+                        stream,
+                        opts.idle_timeout,
+                        slot,
+                        metrics.clone(),
+                        cancel.clone(),
+                    );
                     match &opts.tls {
                         None => http(io, remote, app, &opts, &metrics, cancel).await,
                         Some(tls) => {
