@@ -4,7 +4,8 @@
 //!
 //! One task per connection, holding a [`Session`]. It writes what is pending whenever the socket
 //! takes it. A client that cannot take its pending output (the snapshot on connect included)
-//! within the slow-client deadline is closed with 1008, and no write outlasts a shutdown; one that falls behind a table's update channel gets a fresh snapshot of it.
+//! within the slow-client deadline is closed with 1008, and no write outlasts a shutdown; one
+//! that falls behind a table's update channel gets a fresh snapshot of it.
 //! Its publishes go only where its current token allows (`Access::publish_context`), and none
 //! once the token expired.
 //! Nothing a client sends can panic the server.
