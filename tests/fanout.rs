@@ -498,21 +498,7 @@ async fn a_client_that_stops_reading_past_slow_client_is_closed_and_the_others_g
     );
     // reading again, the client gets what was buffered, then the end of the connection: a close
     // 1008 when the server could still write it, else the socket's end; never a hang
-    let mut code = None;
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio::time::timeout_at(until, stalled.next())
-            .await
-            .expect("the connection ends within 60 s")
-        {
-            Some(Ok(Message::Close(f))) => {
-                code = f.map(|f| u16::from(f.code));
-                break;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => break,
-        }
-    }
+    let (_, code) = read_to_end(&mut stalled, Duration::from_secs(60)).await;
     assert!(matches!(code, None | Some(1008)), "close code {code:?}");
     eprintln!("stalled client: close code {code:?}");
     svc.shutdown();
@@ -690,6 +676,27 @@ async fn a_big_snapshot_comes_in_bounded_frames_and_equals_the_api() {
     svc.wait().await.unwrap();
 }
 
+/// Reads `ws` until its end (at most `within`): its last text message, parsed, and the close
+/// code it ended with (`None`: the socket ended without a close frame).
+async fn read_to_end<S>(ws: &mut S, within: Duration) -> (Option<Value>, Option<u16>)
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut last = None;
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("the connection ends within {within:?}"))
+        {
+            Some(Ok(Message::Text(t))) => last = Some(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(f))) => return (last, f.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (last, None),
+        }
+    }
+}
+
 /// Rows of the `wide` table: 3,000 distinct keys of ~4 KB each, a 12 MB snapshot: far more
 /// than loopback's socket buffers take.
 const WIDE_ROWS: usize = 3_000;
@@ -807,32 +814,13 @@ async fn a_shutdown_does_not_wait_for_a_client_that_does_not_read_its_snapshot()
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     svc.shutdown();
     svc.wait().await.unwrap();
     // give the connection's task time to end on its own, then read: had it kept waiting, reading
     // now would let it finish the snapshot and send its 1001
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut last_more = None;
-    let mut closed_by = None;
-    let until = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match tokio::time::timeout_at(until, stalled.next())
-            .await
-            .expect("the connection ends within 30 s")
-        {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                last_more = Some(v["more"] == true);
-            }
-            Some(Ok(Message::Close(f))) => {
-                closed_by = f.map(|f| u16::from(f.code));
-                break;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => break,
-        }
-    }
+    let (last, closed_by) = read_to_end(&mut stalled, Duration::from_secs(30)).await;
+    let last_more = last.map(|v| v["more"] == true);
     eprintln!("stalled at shutdown: last frame more={last_more:?}, close {closed_by:?}");
     assert_eq!(
         last_more,
@@ -865,8 +853,7 @@ async fn a_shutdown_does_not_wait_for_an_sse_client_that_does_not_read() {
         },
     )
     .await;
-    // the 12 MB snapshot fills the socket's buffers; the client reads nothing
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // the client reads nothing: the 12 MB snapshot stalls on the socket's buffers
     let started = std::time::Instant::now();
     svc.shutdown();
     svc.wait().await.unwrap();

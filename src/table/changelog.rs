@@ -460,23 +460,11 @@ impl Changelog {
         }
     }
 
-    /// Produces the latest value of one key to its partition (a tombstone when `payload` is None).
-    pub fn send_row(
-        &self,
-        table: &str,
-        part: u32,
-        key: &str,
-        payload: Option<&[u8]>,
-        meta: RecordMeta,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        self.rows().send(table, part, key, payload, meta)
-    }
-
     /// A sender of many rows (a batch's): the producer and each table's topic name are looked up
     /// once, not per record (issue 14: per-record lookups and header strings were ~6 % of ingest).
-    pub fn rows(&self) -> RowSender {
+    pub fn rows(&self) -> RowSender<'_> {
         RowSender {
-            prefix: self.prefix.clone(),
+            prefix: &self.prefix,
             producer: self.producer(),
             last: None,
         }
@@ -566,14 +554,14 @@ impl Changelog {
 }
 
 /// Produces rows (see [`Changelog::rows`]).
-pub struct RowSender {
-    prefix: String,
+pub struct RowSender<'a> {
+    prefix: &'a str,
     producer: Arc<FutureProducer<ReaderContext>>,
     /// The last table's name and topic: a batch's rows come table by table.
     last: Option<(String, String)>,
 }
 
-impl RowSender {
+impl RowSender<'_> {
     /// Produces the latest value of one key to its partition (a tombstone when `payload` is None).
     pub fn send(
         &mut self,
@@ -586,7 +574,7 @@ impl RowSender {
         let topic = match &self.last {
             Some((t, topic)) if t == table => topic,
             _ => {
-                let topic = topic_name(&self.prefix, table);
+                let topic = topic_name(self.prefix, table);
                 &self.last.insert((table.to_string(), topic)).1
             }
         };

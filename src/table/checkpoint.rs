@@ -654,6 +654,7 @@ pub fn resend_current(
         )
     };
     changelog
-        .send_row(table, part, key, payload.as_deref(), meta)
+        .rows()
+        .send(table, part, key, payload.as_deref(), meta)
         .map(Some)
 }
