@@ -148,7 +148,10 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let hub = Arc::new(Hub::new(
         tables.clone(),
         metrics.clone(),
-        config.replay_buffer,
+        fanout::hub::BufferLimits {
+            changes: config.replay_buffer,
+            bytes: config.fanout_buffer_bytes,
+        },
         4096,
     ));
     let sink: Arc<dyn UpdateSink> = if role.serves() {
@@ -588,6 +591,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 upsert: config.upsert.clone(),
             },
             max_batch: config.max_batch,
+            max_batch_bytes: config.max_batch_bytes,
             max_record_bytes: config.max_record_bytes,
             checkpoint_tx,
             readiness: readiness.clone(),

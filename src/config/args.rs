@@ -81,6 +81,11 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_MAX_BATCH", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch: Option<usize>,
+    /// A batch closes once its records' payloads reach this many bytes (so a batch of large rows
+    /// stays small for the store, the changelog and the fan-out) [default: 4194304 (4 MiB)].
+    #[arg(long, env = "LIVETABLE_MAX_BATCH_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_bytes: Option<usize>,
     /// A node is ready once every partition it consumes or follows is at most this many records
     /// behind its high watermark; it is not ready again while it is further behind [default: 1000].
     #[arg(long, env = "LIVETABLE_MAX_READY_LAG", value_name = "RECORDS")]
@@ -118,6 +123,12 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_REPLAY_BUFFER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_buffer: Option<usize>,
+    /// Estimated bytes of updates the hub keeps per table, for resumes (within `--replay-buffer`)
+    /// and for subscribers that have not read them yet; a subscriber behind what it keeps starts
+    /// again with a new snapshot [default: 67108864 (64 MiB)].
+    #[arg(long, env = "LIVETABLE_FANOUT_BUFFER_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout_buffer_bytes: Option<usize>,
     /// A client resuming from a position this node has not reached yet waits this long for it
     /// before it gets a snapshot instead [default: 2000].
     #[arg(long, env = "LIVETABLE_RESUME_WAIT_MS", value_name = "MS")]

@@ -120,6 +120,8 @@ pub struct Config {
     pub kafka_props: Vec<(String, String)>,
     pub max_record_bytes: usize,
     pub max_batch: usize,
+    /// Payload bytes that close a batch (ingest and follower).
+    pub max_batch_bytes: usize,
     pub max_ready_lag: i64,
     /// Skip changes that a connector sent again (`--source-resends skip`).
     pub skip_source_resends: bool,
@@ -131,6 +133,8 @@ pub struct Config {
     pub log_json: bool,
     pub shutdown_grace: Duration,
     pub replay_buffer: usize,
+    /// Estimated bytes of updates the hub keeps per table.
+    pub fanout_buffer_bytes: usize,
     pub resume_wait: Duration,
     pub max_connections: usize,
     pub slow_client: Duration,
@@ -241,6 +245,13 @@ impl Config {
         if !(1..=1_000_000).contains(&max_batch) {
             return Err(invalid("max-batch", "must be between 1 and 1000000"));
         }
+        let max_batch_bytes = a.max_batch_bytes.unwrap_or(4 << 20);
+        if !(1024..=1 << 30).contains(&max_batch_bytes) {
+            return Err(invalid(
+                "max-batch-bytes",
+                "must be between 1024 and 1073741824 (1 GiB)",
+            ));
+        }
         let max_ready_lag = a.max_ready_lag.unwrap_or(1000);
         if max_ready_lag < 0 {
             return Err(invalid("max-ready-lag", "must not be negative"));
@@ -278,6 +289,13 @@ impl Config {
         let replay_buffer = a.replay_buffer.unwrap_or(10_000);
         if !(1..=10_000_000).contains(&replay_buffer) {
             return Err(invalid("replay-buffer", "must be between 1 and 10000000"));
+        }
+        let fanout_buffer_bytes = a.fanout_buffer_bytes.unwrap_or(64 << 20);
+        if !(64 << 10..=1 << 40).contains(&fanout_buffer_bytes) {
+            return Err(invalid(
+                "fanout-buffer-bytes",
+                "must be between 65536 (64 KiB) and 1099511627776 (1 TiB)",
+            ));
         }
         let resume_wait_ms = a.resume_wait_ms.unwrap_or(2000);
         if resume_wait_ms > 60_000 {
@@ -356,6 +374,7 @@ impl Config {
             kafka_props,
             max_record_bytes,
             max_batch,
+            max_batch_bytes,
             max_ready_lag,
             skip_source_resends,
             restore_stall: Duration::from_secs(restore_stall_secs),
@@ -366,6 +385,7 @@ impl Config {
             log_json,
             shutdown_grace: Duration::from_secs(grace),
             replay_buffer,
+            fanout_buffer_bytes,
             resume_wait: Duration::from_millis(resume_wait_ms),
             max_connections,
             slow_client: Duration::from_secs(slow_client_secs),

@@ -7,8 +7,10 @@
 //! reached the client's position yet says so ([`SubscribeError::Behind`]); the caller waits a
 //! little, then falls back to a snapshot.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+mod buffer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
@@ -24,6 +26,8 @@ use crate::metrics::Metrics;
 use crate::patch::row_diff;
 use crate::table::position::{Position, Token};
 use crate::table::state::{TableUpdate, Tables, UpdateSink};
+pub use buffer::BufferLimits;
+use buffer::UpdateBuffer;
 
 /// Why a subscription cannot start (yet).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,30 +55,26 @@ pub struct HubUpdate {
     pub frame: Option<Utf8Bytes>,
     /// The resume token of the state after this update.
     pub token: Arc<str>,
+    /// Estimated heap bytes (what it costs the hub's buffer).
+    bytes: usize,
 }
 
-struct ReplayBuffer {
-    epoch: Arc<str>,
-    changes: usize,
-    updates: VecDeque<Arc<HubUpdate>>,
-    /// Per partition, the offset up to which changes may be missing from the buffer (evicted, or
-    /// older than the buffer).
-    floor: Position,
-    /// The state after the last update published (or when the channel was made).
-    last: Mark,
-}
-
-impl ReplayBuffer {
-    /// Whether the buffer holds every change after `token`: the same lineage, and nothing
-    /// evicted past it.
-    fn reaches(&self, token: &Token) -> bool {
-        *self.epoch == *token.epoch && token.pos.covers(&self.floor)
+impl HubUpdate {
+    /// An update with its frame and token, its bytes estimated.
+    pub fn new(update: TableUpdate, frame: Option<Utf8Bytes>, token: Arc<str>) -> Self {
+        let bytes = buffer::update_bytes(&update, frame.as_ref());
+        HubUpdate {
+            update,
+            frame,
+            token,
+            bytes,
+        }
     }
 }
 
 /// A table state as this node's update order names it.
 #[derive(Debug, Clone)]
-struct Mark {
+pub(super) struct Mark {
     useq: u64,
     seq: u64,
     pos: Position,
@@ -82,13 +82,16 @@ struct Mark {
 
 /// One table's channel.
 struct Channel {
-    tx: broadcast::Sender<Arc<HubUpdate>>,
-    replay: Mutex<ReplayBuffer>,
+    /// Weak references: the updates themselves are kept by the buffer alone.
+    tx: broadcast::Sender<Weak<HubUpdate>>,
+    replay: Mutex<UpdateBuffer>,
     snapshot: Mutex<Option<Arc<CachedSnapshot>>>,
     /// Held while a whole-table snapshot is built, so concurrent subscribers share it.
     building: Mutex<()>,
     /// Subscriptions sent only the updates their keys or indexed `where` may see.
     router: Arc<Mutex<Router>>,
+    /// `livetable_fanout_buffer_bytes` of the table.
+    buffer_bytes: prometheus::IntGauge,
 }
 
 /// Fan-out of applied changes.
@@ -98,7 +101,7 @@ pub struct Hub {
     channels: RwLock<HashMap<String, Arc<Channel>>>,
     /// Names of tables as their channels appear (for subscriptions waiting for a table).
     created: broadcast::Sender<String>,
-    replay_capacity: usize,
+    limits: BufferLimits,
     channel_capacity: usize,
 }
 
@@ -107,12 +110,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
-    /// `replay_capacity`: changes kept per table for resumes; `channel`: updates buffered per
-    /// table for subscribers before a slow one must re-snapshot.
+    /// `limits`: what each table's buffer keeps (changes for resumes, bytes in all); `channel`:
+    /// updates a subscriber may fall behind before it must re-snapshot.
     pub fn new(
         tables: Arc<Tables>,
         metrics: Arc<Metrics>,
-        replay_capacity: usize,
+        limits: BufferLimits,
         channel: usize,
     ) -> Self {
         let (created, _) = broadcast::channel(1024);
@@ -121,7 +124,7 @@ impl Hub {
             metrics,
             channels: RwLock::new(HashMap::new()),
             created,
-            replay_capacity,
+            limits,
             channel_capacity: channel.max(16),
         }
     }
@@ -174,16 +177,11 @@ impl Hub {
                 let (tx, _) = broadcast::channel(self.channel_capacity);
                 Arc::new(Channel {
                     tx,
-                    replay: Mutex::new(ReplayBuffer {
-                        epoch,
-                        changes: 0,
-                        updates: VecDeque::new(),
-                        floor: last.pos.clone(),
-                        last,
-                    }),
+                    replay: Mutex::new(UpdateBuffer::new(epoch, last)),
                     snapshot: Mutex::new(None),
                     building: Mutex::new(()),
                     router: Arc::new(Mutex::new(Router::counted(&self.metrics))),
+                    buffer_bytes: self.metrics.fanout_buffer_bytes.with_label_values(&[table]),
                 })
             })
             .clone();
@@ -197,7 +195,9 @@ impl Hub {
     }
 
     /// A receiver of every update of `table` from now on (`None`: no such table).
-    pub fn updates(&self, table: &str) -> Option<broadcast::Receiver<Arc<HubUpdate>>> {
+    /// Each is a weak reference: one that no longer upgrades was dropped by the byte budget
+    /// before this receiver read it (the receiver lagged).
+    pub fn updates(&self, table: &str) -> Option<broadcast::Receiver<Weak<HubUpdate>>> {
         self.channel(table).map(|c| c.tx.subscribe())
     }
 
@@ -380,7 +380,7 @@ impl Hub {
         if base.is_none() && !buf.last.pos.covers(&token.pos) {
             return Err(SubscribeError::Behind);
         }
-        for u in &buf.updates {
+        for u in buf.window() {
             for c in &u.update.changes {
                 if c.off > token.pos.get(c.part) {
                     sub.absorb_change(c);
@@ -411,48 +411,26 @@ impl UpdateSink for Hub {
         let token: Arc<str> = update.token().to_string().into();
         let frame = (channel.tx.receiver_count() > 0)
             .then(|| Utf8Bytes::from(whole_table_frame(&update, &token)));
-        let update = Arc::new(HubUpdate {
-            update,
-            frame,
-            token,
-        });
+        let update = Arc::new(HubUpdate::new(update, frame, token));
+        let weak = Arc::downgrade(&update);
         let new_lineage;
         {
             let mut buf = lock(&channel.replay);
             new_lineage = buf.epoch != update.update.epoch;
             if new_lineage {
                 // a new lineage: nothing before it can be resumed
-                buf.epoch = update.update.epoch.clone();
-                buf.updates.clear();
-                buf.changes = 0;
-                buf.floor = update.update.pos.clone();
-                buf.last = Mark {
-                    useq: 0,
-                    seq: 0,
-                    pos: Position::default(),
-                };
+                buf.reset(update.update.epoch.clone(), update.update.pos.clone());
                 *lock(&channel.snapshot) = None;
             }
-            buf.changes += update.update.changes.len();
-            if update.update.useq > buf.last.useq {
-                buf.last = Mark {
-                    useq: update.update.useq,
-                    seq: update.update.seq,
-                    pos: update.update.pos.clone(),
-                };
+            // sent before the buffer trims, so that this update counts as unread by its receivers
+            let _ = channel.tx.send(weak.clone());
+            lock(&channel.router).route(&weak, &update, new_lineage);
+            let unread = buf.push(update, self.limits);
+            if unread > 0 {
+                self.metrics.fanout_buffer_evictions.inc_by(unread);
             }
-            buf.updates.push_back(update.clone());
-            while buf.changes > self.replay_capacity && buf.updates.len() > 1 {
-                if let Some(old) = buf.updates.pop_front() {
-                    buf.changes -= old.update.changes.len();
-                    for c in &old.update.changes {
-                        buf.floor.raise(c.part, c.off);
-                    }
-                }
-            }
+            channel.buffer_bytes.set(buf.bytes() as i64);
         }
-        let _ = channel.tx.send(update.clone());
-        lock(&channel.router).route(&update, new_lineage);
     }
 }
 

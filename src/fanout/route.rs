@@ -45,7 +45,7 @@ impl RouteSpec {
 }
 
 struct Sink {
-    tx: mpsc::Sender<Arc<HubUpdate>>,
+    tx: mpsc::Sender<Weak<HubUpdate>>,
     lagged: Arc<AtomicBool>,
     keys: Option<HashSet<String>>,
 }
@@ -134,8 +134,9 @@ impl Router {
     }
 
     /// Queues `update` for the subscriptions it concerns (`all`: for every one, e.g. a new
-    /// lineage that each must see). A full queue marks its subscription lagged.
-    pub fn route(&mut self, update: &Arc<HubUpdate>, all: bool) {
+    /// lineage that each must see), as `weak` (the hub's buffer keeps the update). A full queue
+    /// marks its subscription lagged.
+    pub fn route(&mut self, weak: &Weak<HubUpdate>, update: &HubUpdate, all: bool) {
         if self.sinks.is_empty() {
             return;
         }
@@ -167,7 +168,7 @@ impl Router {
             let Some(sink) = self.sinks.get(id) else {
                 continue;
             };
-            match sink.tx.try_send(update.clone()) {
+            match sink.tx.try_send(weak.clone()) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     sink.lagged.store(true, Ordering::Release)
@@ -199,9 +200,10 @@ impl Drop for Registration {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The updates routed to one subscription, as a stream like a broadcast receiver's: `Lagged`
-/// once its queue overflowed (then it should re-snapshot).
+/// once its queue overflowed, or an update in it was dropped by the hub's byte budget before it
+/// was read (then it should re-snapshot).
 pub struct RoutedFeed {
-    rx: mpsc::Receiver<Arc<HubUpdate>>,
+    rx: mpsc::Receiver<Weak<HubUpdate>>,
     lagged: Arc<AtomicBool>,
     _registration: Registration,
 }
@@ -239,7 +241,9 @@ impl Stream for RoutedFeed {
         if self.lagged.swap(false, Ordering::AcqRel) {
             return Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(1))));
         }
-        self.rx.poll_recv(cx).map(|o| o.map(Ok))
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|w| w.upgrade().ok_or(BroadcastStreamRecvError::Lagged(1))))
     }
 }
 

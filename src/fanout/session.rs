@@ -5,7 +5,7 @@
 //! is pending for the client.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 
 /// Shared frames a connection queues before it switches to composing.
 pub const MAX_QUEUED_FRAMES: usize = 16;
+/// Bytes of shared frames a connection queues before it switches to composing (a frame it holds
+/// outlives the hub's copy of its update).
+pub const MAX_QUEUED_FRAME_BYTES: usize = 1 << 20;
 
 /// A subscription's place in the session.
 struct Member {
@@ -57,7 +60,9 @@ type FeedKey = (String, Option<u64>);
 
 /// Where a session's updates come from.
 enum Feed {
-    Broadcast(BroadcastStream<Arc<HubUpdate>>),
+    /// Weak references, as the hub sends them: one that no longer upgrades was dropped by the
+    /// hub's byte budget before it was read, which counts as lagging.
+    Broadcast(BroadcastStream<Weak<HubUpdate>>),
     Routed(RoutedFeed),
 }
 
@@ -69,7 +74,9 @@ impl futures::Stream for Feed {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         match self.get_mut() {
-            Feed::Broadcast(b) => b.poll_next_unpin(cx),
+            Feed::Broadcast(b) => b.poll_next_unpin(cx).map(|o| {
+                o.map(|r| r.and_then(|w| w.upgrade().ok_or(BroadcastStreamRecvError::Lagged(1))))
+            }),
             Feed::Routed(r) => r.poll_next_unpin(cx),
         }
     }
@@ -723,7 +730,10 @@ impl Session {
             }
             // up to date: forward the shared frame; once a few frames wait for the socket,
             // compose further changes into one pending patch instead (bounded by the rows)
-            if m.union.is_none() && self.frames.len() < MAX_QUEUED_FRAMES {
+            if m.union.is_none()
+                && self.frames.len() < MAX_QUEUED_FRAMES
+                && self.frames.iter().map(|f| f.text.len()).sum::<usize>() < MAX_QUEUED_FRAME_BYTES
+            {
                 if let Some(frame) = m.sub.forward(u) {
                     self.frames.push(frame);
                     continue;

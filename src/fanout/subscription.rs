@@ -448,11 +448,7 @@ mod tests {
         };
         let token: Arc<str> = update.token().to_string().into();
         let frame = Some(crate::fanout::hub::whole_table_frame(&update, &token).into());
-        HubUpdate {
-            update,
-            frame,
-            token,
-        }
+        HubUpdate::new(update, frame, token)
     }
 
     #[test]

@@ -207,9 +207,16 @@ impl Follower {
                     Err(e) => tracing::debug!(error = %e, "follower: consumer error"),
                 }
             }
-            while !batch.is_empty() && batch.len() < MAX_BATCH {
+            let mut bytes = batch.first().map_or(0, |m| m.payload_len());
+            while !batch.is_empty()
+                && batch.len() < MAX_BATCH
+                && bytes < self.config.max_batch_bytes
+            {
                 match reader.poll(Duration::ZERO) {
-                    Some(Ok(m)) => batch.push(m),
+                    Some(Ok(m)) => {
+                        bytes += m.payload_len();
+                        batch.push(m)
+                    }
                     Some(Err(e)) => tracing::debug!(error = %e, "follower: consumer error"),
                     None => break,
                 }

@@ -37,11 +37,13 @@ fn update(useq: u64, changes: Vec<AppliedChange>) -> Arc<HubUpdate> {
         changes,
     };
     let token: Arc<str> = update.token().to_string().into();
-    Arc::new(HubUpdate {
-        update,
-        frame: None,
-        token,
-    })
+    Arc::new(HubUpdate::new(update, None, token))
+}
+
+/// Routes `u` as the hub does (weakly) and keeps it alive in `kept`, as the hub's buffer does.
+fn route(router: &Mutex<Router>, u: Arc<HubUpdate>, all: bool, kept: &mut Vec<Arc<HubUpdate>>) {
+    router.lock().unwrap().route(&Arc::downgrade(&u), &u, all);
+    kept.push(u);
 }
 
 fn league(l: &str) -> RouteSpec {
@@ -69,9 +71,10 @@ async fn a_change_reaches_only_the_subscriptions_it_may_concern() {
         RouteSpec::Keys(HashSet::from(["g7".to_string()])),
         16,
     );
-    let route = |u: &Arc<HubUpdate>| router.lock().unwrap().route(u, false);
+    let mut kept = Vec::new();
+    let mut send = |u: Arc<HubUpdate>| route(&router, u, false, &mut kept);
     // an nba row changes: nba only
-    route(&update(
+    send(update(
         1,
         vec![change(
             "g1",
@@ -80,7 +83,7 @@ async fn a_change_reaches_only_the_subscriptions_it_may_concern() {
         )],
     ));
     // a row moves from nba to nhl: both (a move-out and a move-in)
-    route(&update(
+    send(update(
         2,
         vec![change(
             "g1",
@@ -89,12 +92,12 @@ async fn a_change_reaches_only_the_subscriptions_it_may_concern() {
         )],
     ));
     // key g7 in another league: the key subscription only
-    route(&update(
+    send(update(
         3,
         vec![change("g7", None, Some(json!({"league": "mlb"})))],
     ));
     // an nhl row deleted, in one update with an mlb insert: nhl once
-    route(&update(
+    send(update(
         4,
         vec![
             change("g2", Some(json!({"league": "nhl"})), None),
@@ -106,7 +109,8 @@ async fn a_change_reaches_only_the_subscriptions_it_may_concern() {
     assert_eq!(ready(&mut nhl), vec![Ok(2), Ok(4)]);
     assert_eq!(ready(&mut keys), vec![Ok(3)]);
     // a new lineage reaches every one
-    router.lock().unwrap().route(&update(5, vec![]), true);
+    let mut kept = Vec::new();
+    route(&router, update(5, vec![]), true, &mut kept);
     assert_eq!(ready(&mut nba), vec![Ok(5)]);
     assert_eq!(ready(&mut nhl), vec![Ok(5)]);
     assert_eq!(ready(&mut keys), vec![Ok(5)]);
@@ -118,14 +122,13 @@ async fn a_full_queue_is_reported_as_lagged_and_a_dropped_feed_unregisters() {
     let mut slow = RoutedFeed::register(&router, league("nba"), 2);
     let other = RoutedFeed::register(&router, league("nba"), 2);
     assert_eq!(router.lock().unwrap().len(), 2);
+    let mut kept = Vec::new();
     for useq in 1..=3 {
-        router.lock().unwrap().route(
-            &update(
-                useq,
-                vec![change("g", None, Some(json!({"league": "nba"})))],
-            ),
-            false,
+        let u = update(
+            useq,
+            vec![change("g", None, Some(json!({"league": "nba"})))],
         );
+        route(&router, u, false, &mut kept);
     }
     // the third did not fit: the feed says it lagged before anything else
     assert_eq!(ready(&mut slow).first(), Some(&Err(())));
@@ -133,4 +136,21 @@ async fn a_full_queue_is_reported_as_lagged_and_a_dropped_feed_unregisters() {
     assert_eq!(router.lock().unwrap().len(), 1);
     drop(slow);
     assert!(router.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_update_the_hub_dropped_before_it_was_read_is_reported_as_lagged() {
+    let router = Arc::new(Mutex::new(Router::default()));
+    let mut feed = RoutedFeed::register(&router, league("nba"), 16);
+    let mut kept = Vec::new();
+    for useq in 1..=3 {
+        let u = update(
+            useq,
+            vec![change("g", None, Some(json!({"league": "nba"})))],
+        );
+        route(&router, u, false, &mut kept);
+    }
+    // the hub's byte budget dropped the oldest before the feed read it
+    kept.remove(0);
+    assert_eq!(ready(&mut feed), vec![Err(()), Ok(2), Ok(3)]);
 }

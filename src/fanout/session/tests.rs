@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{RowsResync, Session, SessionEnv};
 use crate::cdc::decode::Op;
-use crate::fanout::hub::Hub;
+use crate::fanout::hub::{BufferLimits, Hub};
 use crate::fanout::protocol::{Format, Outgoing};
 use crate::fanout::selector::Selector;
 use crate::metrics::Metrics;
@@ -27,7 +27,11 @@ impl Fixture {
     fn new(replay: usize) -> Self {
         let tables = Arc::new(Tables::default());
         let metrics = Arc::new(Metrics::new());
-        let hub = Arc::new(Hub::new(tables.clone(), metrics.clone(), replay, 16));
+        let limits = BufferLimits {
+            changes: replay,
+            bytes: 64 << 20,
+        };
+        let hub = Arc::new(Hub::new(tables.clone(), metrics.clone(), limits, 16));
         tables
             .ensure("t", "e1", "topic", 1)
             .update_slices(|s| s.slice_mut(0).mode = SliceMode::Owned);

@@ -60,6 +60,8 @@ pub struct Ingest {
     pub metrics: Arc<Metrics>,
     pub settings: DecodeSettings,
     pub max_batch: usize,
+    /// Payload bytes that close a batch.
+    pub max_batch_bytes: usize,
     pub max_record_bytes: usize,
     pub checkpoint_tx: mpsc::Sender<Checkpoint>,
     pub readiness: Arc<Readiness>,
@@ -108,9 +110,14 @@ impl Ingest {
             }
             // when the batch's first record was taken (the start of livetable's share)
             let polled = Instant::now();
-            while !batch.is_empty() && batch.len() < self.max_batch {
+            let mut bytes = batch.first().map_or(0, |m| m.payload_len());
+            while !batch.is_empty() && batch.len() < self.max_batch && bytes < self.max_batch_bytes
+            {
                 match consumer.poll(Duration::ZERO) {
-                    Some(Ok(m)) => batch.push(m),
+                    Some(Ok(m)) => {
+                        bytes += m.payload_len();
+                        batch.push(m)
+                    }
                     Some(Err(e)) => self.consumer_error(&e),
                     None => break,
                 }

@@ -1,0 +1,181 @@
+//! What the hub keeps of one table's recent updates, under a byte budget.
+//!
+//! The buffer owns the only strong references to a table's recent [`HubUpdate`]s. Subscribers
+//! are sent weak ones (the broadcast channel and the routed queues hold [`std::sync::Weak`]), so
+//! what the hub keeps for them is exactly what this buffer holds:
+//! - the replay window: the newest updates, at most `--replay-buffer` changes, which resumes are
+//!   served from;
+//! - before it, older updates that some subscriber has not read yet (an update's weak count says
+//!   so);
+//! - in all, at most `--fanout-buffer-bytes` (estimated heap bytes; the newest update is always
+//!   kept). Over the budget the oldest updates go, read or not: a subscriber that had not read one
+//!   finds it gone and starts again (a new snapshot), as when it lags behind the channel.
+//!
+//! Updates that every subscriber has read and no resume needs are dropped at the next update.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::Value;
+
+use super::{HubUpdate, Mark};
+use crate::cdc::decode::Row;
+use crate::table::position::{Position, Token};
+use crate::table::state::TableUpdate;
+
+/// The limits of every table's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct BufferLimits {
+    /// Changes in the replay window.
+    pub changes: usize,
+    /// Estimated bytes of all updates kept.
+    pub bytes: usize,
+}
+
+pub(super) struct UpdateBuffer {
+    pub epoch: Arc<str>,
+    /// Every update kept, oldest first; the newest `window` of them are the replay window.
+    updates: VecDeque<Arc<HubUpdate>>,
+    window: usize,
+    window_changes: usize,
+    bytes: usize,
+    /// Per partition, the offset up to which changes may be missing from the window (evicted, or
+    /// older than the buffer).
+    pub floor: Position,
+    /// The state after the last update published (or when the channel was made).
+    pub last: Mark,
+}
+
+impl UpdateBuffer {
+    pub fn new(epoch: Arc<str>, last: Mark) -> Self {
+        UpdateBuffer {
+            epoch,
+            updates: VecDeque::new(),
+            window: 0,
+            window_changes: 0,
+            bytes: 0,
+            floor: last.pos.clone(),
+            last,
+        }
+    }
+
+    /// Whether the window holds every change after `token`: the same lineage, and nothing
+    /// evicted past it.
+    pub fn reaches(&self, token: &Token) -> bool {
+        *self.epoch == *token.epoch && token.pos.covers(&self.floor)
+    }
+
+    /// The replay window, oldest first.
+    pub fn window(&self) -> impl Iterator<Item = &Arc<HubUpdate>> {
+        self.updates.iter().skip(self.updates.len() - self.window)
+    }
+
+    /// Estimated bytes of the updates kept.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// A new lineage from `pos`: nothing before it can be resumed, nor is it sent to anyone.
+    pub fn reset(&mut self, epoch: Arc<str>, pos: Position) {
+        self.epoch = epoch;
+        self.updates.clear();
+        self.window = 0;
+        self.window_changes = 0;
+        self.bytes = 0;
+        self.floor = pos;
+        self.last = Mark {
+            useq: 0,
+            seq: 0,
+            pos: Position::default(),
+        };
+    }
+
+    /// Keeps `u` (the newest update); returns how many older updates the byte budget dropped
+    /// before every subscriber had read them.
+    pub fn push(&mut self, u: Arc<HubUpdate>, limits: BufferLimits) -> u64 {
+        if u.update.useq > self.last.useq {
+            self.last = Mark {
+                useq: u.update.useq,
+                seq: u.update.seq,
+                pos: u.update.pos.clone(),
+            };
+        }
+        self.bytes += u.bytes;
+        self.window += 1;
+        self.window_changes += u.update.changes.len();
+        self.updates.push_back(u);
+        while self.window > 1 && self.window_changes > limits.changes {
+            self.shrink_window();
+        }
+        let mut unread = 0;
+        while self.updates.len() > 1 && self.bytes > limits.bytes {
+            if self.updates.len() == self.window {
+                self.shrink_window();
+            }
+            if let Some(old) = self.updates.pop_front() {
+                self.bytes -= old.bytes;
+                if Arc::weak_count(&old) > 0 {
+                    unread += 1;
+                }
+            }
+        }
+        while self.updates.len() > self.window
+            && self
+                .updates
+                .front()
+                .is_some_and(|u| Arc::weak_count(u) == 0)
+        {
+            if let Some(old) = self.updates.pop_front() {
+                self.bytes -= old.bytes;
+            }
+        }
+        unread
+    }
+
+    /// The oldest update of the window leaves it: changes up to it can no longer be resumed.
+    fn shrink_window(&mut self) {
+        let i = self.updates.len() - self.window;
+        if let Some(old) = self.updates.get(i) {
+            self.window_changes -= old.update.changes.len();
+            for c in &old.update.changes {
+                self.floor.raise(c.part, c.off);
+            }
+        }
+        self.window -= 1;
+    }
+}
+
+/// Estimated heap bytes of an update and its frame (rows before and after each change counted
+/// whole, though the table or a neighbouring update may share them: an over-estimate).
+pub(super) fn update_bytes(update: &TableUpdate, frame: Option<&Utf8Bytes>) -> usize {
+    let changes: usize = update
+        .changes
+        .iter()
+        .map(|c| {
+            160 + c.key.len()
+                + c.row.as_deref().map_or(0, row_bytes)
+                + c.before.as_deref().map_or(0, row_bytes)
+        })
+        .sum();
+    256 + changes + frame.map_or(0, |f| f.len())
+}
+
+fn row_bytes(row: &Row) -> usize {
+    48 + row
+        .iter()
+        .map(|(k, v)| 40 + k.len() + value_bytes(v))
+        .sum::<usize>()
+}
+
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => 24 + s.len(),
+        Value::Array(a) => 24 + a.iter().map(value_bytes).sum::<usize>(),
+        Value::Object(o) => row_bytes(o),
+        _ => 16,
+    }
+}
+
+#[cfg(test)]
+mod tests;

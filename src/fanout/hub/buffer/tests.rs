@@ -1,0 +1,197 @@
+use std::sync::{Arc, Weak};
+
+use serde_json::json;
+
+use super::*;
+use crate::cdc::decode::Op;
+use crate::table::state::AppliedChange;
+
+/// Update `useq` of one partition: `n` changes at offsets after `off`, each row `width` bytes.
+fn update(useq: u64, off: &mut i64, n: usize, width: usize) -> Arc<HubUpdate> {
+    let changes: Vec<AppliedChange> = (0..n)
+        .map(|i| {
+            *off += 1;
+            let row = json!({"id": format!("k{i}"), "pad": "x".repeat(width)});
+            AppliedChange {
+                key: format!("k{i}"),
+                op: Op::Update,
+                row: row.as_object().cloned().map(Arc::new),
+                before: None,
+                part: 0,
+                off: *off,
+                ts_ms: None,
+                kafka_ts_ms: None,
+                polled: None,
+            }
+        })
+        .collect();
+    let mut pos = Position::new(1);
+    pos.raise(0, *off);
+    let update = TableUpdate {
+        table: "t".into(),
+        epoch: "e".into(),
+        useq,
+        seq: useq,
+        pos,
+        changes,
+    };
+    let token: Arc<str> = update.token().to_string().into();
+    Arc::new(HubUpdate::new(update, None, token))
+}
+
+fn buffer() -> UpdateBuffer {
+    UpdateBuffer::new(
+        "e".into(),
+        Mark {
+            useq: 0,
+            seq: 0,
+            pos: Position::new(1),
+        },
+    )
+}
+
+fn token(off: i64) -> Token {
+    let mut pos = Position::new(1);
+    pos.raise(0, off);
+    Token {
+        epoch: "e".into(),
+        pos,
+    }
+}
+
+fn total(kept: &[Arc<HubUpdate>]) -> usize {
+    kept.iter().map(|u| u.bytes).sum()
+}
+
+#[test]
+fn the_window_holds_the_newest_changes_and_read_updates_outside_it_are_dropped() {
+    let mut b = buffer();
+    let mut off = 0;
+    let limits = BufferLimits {
+        changes: 4,
+        bytes: 64 << 20,
+    };
+    let mut sizes = Vec::new();
+    for useq in 1..=5 {
+        // nobody listens: each update is read by all as soon as it is sent
+        let u = update(useq, &mut off, 2, 10);
+        sizes.push(u.bytes);
+        assert_eq!(b.push(u, limits), 0);
+    }
+    // the window: the last two updates (4 changes); the rest, read by all, is gone
+    assert_eq!(
+        b.window().map(|u| u.update.useq).collect::<Vec<_>>(),
+        [4, 5]
+    );
+    assert_eq!(b.bytes(), sizes[3] + sizes[4]);
+    assert!(
+        b.reaches(&token(6)),
+        "offsets after 6 are all in the window"
+    );
+    assert!(!b.reaches(&token(5)), "offset 6 left the window");
+    assert_eq!(b.last.useq, 5);
+}
+
+#[test]
+fn updates_a_subscriber_has_not_read_are_kept_outside_the_window_until_it_reads_them() {
+    let mut b = buffer();
+    let mut off = 0;
+    let limits = BufferLimits {
+        changes: 1,
+        bytes: 64 << 20,
+    };
+    // a subscriber holds weak references to every update it was sent and has not read
+    let mut unread: Vec<Weak<HubUpdate>> = Vec::new();
+    let mut kept = Vec::new();
+    for useq in 1..=4 {
+        let u = update(useq, &mut off, 1, 100);
+        unread.push(Arc::downgrade(&u));
+        kept.push(u.clone());
+        assert_eq!(b.push(u, limits), 0);
+    }
+    assert_eq!(b.window().count(), 1, "the window is one change");
+    assert_eq!(b.bytes(), total(&kept), "every unread update is kept");
+    assert!(unread.iter().all(|w| w.upgrade().is_some()));
+    // it reads them all; the next update drops every one outside the window
+    drop(kept);
+    unread.clear();
+    let u = update(5, &mut off, 1, 100);
+    let newest = u.bytes;
+    assert_eq!(b.push(u, limits), 0);
+    assert_eq!(b.bytes(), newest);
+}
+
+#[test]
+fn over_the_byte_budget_the_oldest_updates_go_read_or_not_and_the_window_shrinks() {
+    let mut b = buffer();
+    let mut off = 0;
+    let probe = update(0, &mut 0, 10, 1000).bytes;
+    // room for about three updates of ten ~1 KB rows
+    let limits = BufferLimits {
+        changes: 1000,
+        bytes: probe * 3 + probe / 2,
+    };
+    let mut unread: Vec<Weak<HubUpdate>> = Vec::new();
+    let mut dropped = 0;
+    for useq in 1..=20 {
+        let u = update(useq, &mut off, 10, 1000);
+        unread.push(Arc::downgrade(&u));
+        dropped += b.push(u, limits);
+        assert!(
+            b.bytes() <= limits.bytes,
+            "{} > {}",
+            b.bytes(),
+            limits.bytes
+        );
+    }
+    assert_eq!(
+        dropped, 17,
+        "the subscriber had read none of the 17 dropped"
+    );
+    let alive: Vec<bool> = unread.iter().map(|w| w.upgrade().is_some()).collect();
+    assert_eq!(alive.iter().filter(|a| **a).count(), 3);
+    assert!(alive[17..].iter().all(|a| *a), "the newest are kept");
+    // the window shrank with them: a resume from before the kept updates is refused
+    assert_eq!(b.window().count(), 3);
+    assert!(b.reaches(&token(170)));
+    assert!(!b.reaches(&token(169)));
+}
+
+#[test]
+fn the_newest_update_is_kept_even_over_the_budget() {
+    let mut b = buffer();
+    let mut off = 0;
+    let limits = BufferLimits {
+        changes: 1000,
+        bytes: 1000,
+    };
+    let u = update(1, &mut off, 10, 1000);
+    let bytes = u.bytes;
+    b.push(u, limits);
+    let u = update(2, &mut off, 10, 1000);
+    b.push(u, limits);
+    assert_eq!(b.window().map(|u| u.update.useq).collect::<Vec<_>>(), [2]);
+    assert!(b.bytes() > limits.bytes && b.bytes() < 2 * bytes);
+}
+
+#[test]
+fn a_new_lineage_empties_the_buffer() {
+    let mut b = buffer();
+    let mut off = 0;
+    let limits = BufferLimits {
+        changes: 10,
+        bytes: 64 << 20,
+    };
+    b.push(update(1, &mut off, 3, 10), limits);
+    b.reset("f".into(), Position::new(1));
+    assert_eq!(b.bytes(), 0);
+    assert_eq!(b.window().count(), 0);
+    assert!(!b.reaches(&token(3)), "another lineage");
+}
+
+#[test]
+fn the_estimate_grows_with_the_rows() {
+    let small = update(1, &mut 0, 10, 10).bytes;
+    let large = update(1, &mut 0, 10, 10_000).bytes;
+    assert!(large >= small + 10 * 9_990, "{small} -> {large}");
+}
