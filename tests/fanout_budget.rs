@@ -17,9 +17,11 @@ use tokio_tungstenite::tungstenite::Message;
 const KEYS: usize = 200;
 /// Rounds of updates to every key after the first rows: 24,000 changes, ~100 MB of rows.
 const ROUNDS: usize = 120;
-/// Room for one or two batches of these rows (a batch closes at `--max-batch-bytes`, 4 MiB of
-/// records; the hub's estimate of an update counts each row before and after, and its frame).
-const BUDGET: usize = 16 << 20;
+/// Room for about ten batches of these rows (batches close at [`BATCH_BYTES`] of records; the
+/// hub's estimate of an update counts each row before and after, and its frame: ~3x), so a
+/// client that reads keeps up with room to spare, while ~6x the budget passes the stalled one.
+const BUDGET: usize = 32 << 20;
+const BATCH_BYTES: usize = 1 << 20;
 
 fn round(r: usize) -> Vec<FixtureRecord> {
     (0..KEYS)
@@ -86,6 +88,7 @@ async fn a_client_that_stops_reading_holds_the_hub_to_its_byte_budget_and_still_
     // the stalled client is never closed as slow within the test: only the budget bounds it
     c.slow_client = Duration::from_secs(300);
     c.fanout_buffer_bytes = BUDGET;
+    c.max_batch_bytes = BATCH_BYTES;
     let (svc, base) = start_service(c).await;
     let producer = producer();
     produce_keyed(&producer, &topic, &round(0)).await;
@@ -104,7 +107,12 @@ async fn a_client_that_stops_reading_holds_the_hub_to_its_byte_budget_and_still_
     for r in 1..=ROUNDS {
         produce_keyed(&producer, &topic, &round(r)).await;
     }
-    table_at_seq(&base, "wide", (KEYS * (ROUNDS + 1)) as u64).await;
+    let last = (KEYS * (ROUNDS + 1)) as u64;
+    eventually("every change applied", Duration::from_secs(180), || async {
+        let (_, t) = get_json(&format!("{base}/api/tables/wide")).await;
+        (t["seq"].as_u64() >= Some(last)).then_some(())
+    })
+    .await;
     let (_reader, snapshots) = tokio::time::timeout(Duration::from_secs(180), reading)
         .await
         .expect("the reading client caught up")

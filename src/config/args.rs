@@ -125,7 +125,7 @@ pub struct Args {
     pub replay_buffer: Option<usize>,
     /// Estimated bytes of updates the hub keeps per table, for resumes (within `--replay-buffer`)
     /// and for subscribers that have not read them yet; a subscriber behind what it keeps starts
-    /// again with a new snapshot [default: 67108864 (64 MiB)].
+    /// again with a new snapshot [default: 268435456 (256 MiB)].
     #[arg(long, env = "LIVETABLE_FANOUT_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fanout_buffer_bytes: Option<usize>,

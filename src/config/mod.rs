@@ -290,7 +290,7 @@ impl Config {
         if !(1..=10_000_000).contains(&replay_buffer) {
             return Err(invalid("replay-buffer", "must be between 1 and 10000000"));
         }
-        let fanout_buffer_bytes = a.fanout_buffer_bytes.unwrap_or(64 << 20);
+        let fanout_buffer_bytes = a.fanout_buffer_bytes.unwrap_or(256 << 20);
         if !(64 << 10..=1 << 40).contains(&fanout_buffer_bytes) {
             return Err(invalid(
                 "fanout-buffer-bytes",

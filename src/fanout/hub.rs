@@ -59,6 +59,43 @@ pub struct HubUpdate {
     bytes: usize,
 }
 
+/// An update as sent to subscribers: a weak reference (the hub's buffer keeps the update), with
+/// what tells whether a subscriber still needed it should the buffer drop it unread.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub useq: u64,
+    pub epoch: Arc<str>,
+    pub update: Weak<HubUpdate>,
+}
+
+impl Sent {
+    pub fn of(u: &Arc<HubUpdate>) -> Self {
+        Sent {
+            useq: u.update.useq,
+            epoch: u.update.epoch.clone(),
+            update: Arc::downgrade(u),
+        }
+    }
+
+    /// The update, or what was missed.
+    pub fn take(self) -> Result<Arc<HubUpdate>, Missed> {
+        self.update.upgrade().ok_or(Missed::Dropped {
+            useq: self.useq,
+            epoch: self.epoch,
+        })
+    }
+}
+
+/// What a subscriber's feed could not give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missed {
+    /// It fell behind its channel or queue: updates were skipped.
+    Lagged,
+    /// This update was dropped by the hub's byte budget before it was read: a subscriber already
+    /// past `useq` of `epoch` (its snapshot holds it) lost nothing.
+    Dropped { useq: u64, epoch: Arc<str> },
+}
+
 impl HubUpdate {
     /// An update with its frame and token, its bytes estimated.
     pub fn new(update: TableUpdate, frame: Option<Utf8Bytes>, token: Arc<str>) -> Self {
@@ -83,7 +120,7 @@ pub(super) struct Mark {
 /// One table's channel.
 struct Channel {
     /// Weak references: the updates themselves are kept by the buffer alone.
-    tx: broadcast::Sender<Weak<HubUpdate>>,
+    tx: broadcast::Sender<Sent>,
     replay: Mutex<UpdateBuffer>,
     snapshot: Mutex<Option<Arc<CachedSnapshot>>>,
     /// Held while a whole-table snapshot is built, so concurrent subscribers share it.
@@ -197,7 +234,7 @@ impl Hub {
     /// A receiver of every update of `table` from now on (`None`: no such table).
     /// Each is a weak reference: one that no longer upgrades was dropped by the byte budget
     /// before this receiver read it (the receiver lagged).
-    pub fn updates(&self, table: &str) -> Option<broadcast::Receiver<Weak<HubUpdate>>> {
+    pub fn updates(&self, table: &str) -> Option<broadcast::Receiver<Sent>> {
         self.channel(table).map(|c| c.tx.subscribe())
     }
 
@@ -412,7 +449,7 @@ impl UpdateSink for Hub {
         let frame = (channel.tx.receiver_count() > 0)
             .then(|| Utf8Bytes::from(whole_table_frame(&update, &token)));
         let update = Arc::new(HubUpdate::new(update, frame, token));
-        let weak = Arc::downgrade(&update);
+        let sent = Sent::of(&update);
         let new_lineage;
         {
             let mut buf = lock(&channel.replay);
@@ -423,8 +460,8 @@ impl UpdateSink for Hub {
                 *lock(&channel.snapshot) = None;
             }
             // sent before the buffer trims, so that this update counts as unread by its receivers
-            let _ = channel.tx.send(weak.clone());
-            lock(&channel.router).route(&weak, &update, new_lineage);
+            lock(&channel.router).route(&sent, &update, new_lineage);
+            let _ = channel.tx.send(sent);
             let unread = buf.push(update, self.limits);
             if unread > 0 {
                 self.metrics.fanout_buffer_evictions.inc_by(unread);

@@ -18,9 +18,8 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use super::hub::HubUpdate;
+use super::hub::{HubUpdate, Missed, Sent};
 use super::selector::Selector;
 use crate::filter::{Filter, FilterIndex, Transition};
 
@@ -45,7 +44,7 @@ impl RouteSpec {
 }
 
 struct Sink {
-    tx: mpsc::Sender<Weak<HubUpdate>>,
+    tx: mpsc::Sender<Sent>,
     lagged: Arc<AtomicBool>,
     keys: Option<HashSet<String>>,
 }
@@ -136,7 +135,7 @@ impl Router {
     /// Queues `update` for the subscriptions it concerns (`all`: for every one, e.g. a new
     /// lineage that each must see), as `weak` (the hub's buffer keeps the update). A full queue
     /// marks its subscription lagged.
-    pub fn route(&mut self, weak: &Weak<HubUpdate>, update: &HubUpdate, all: bool) {
+    pub fn route(&mut self, sent: &Sent, update: &HubUpdate, all: bool) {
         if self.sinks.is_empty() {
             return;
         }
@@ -168,7 +167,7 @@ impl Router {
             let Some(sink) = self.sinks.get(id) else {
                 continue;
             };
-            match sink.tx.try_send(weak.clone()) {
+            match sink.tx.try_send(sent.clone()) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     sink.lagged.store(true, Ordering::Release)
@@ -203,7 +202,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// once its queue overflowed, or an update in it was dropped by the hub's byte budget before it
 /// was read (then it should re-snapshot).
 pub struct RoutedFeed {
-    rx: mpsc::Receiver<Weak<HubUpdate>>,
+    rx: mpsc::Receiver<Sent>,
     lagged: Arc<AtomicBool>,
     _registration: Registration,
 }
@@ -235,15 +234,13 @@ impl RoutedFeed {
 }
 
 impl Stream for RoutedFeed {
-    type Item = Result<Arc<HubUpdate>, BroadcastStreamRecvError>;
+    type Item = Result<Arc<HubUpdate>, Missed>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.lagged.swap(false, Ordering::AcqRel) {
-            return Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(1))));
+            return Poll::Ready(Some(Err(Missed::Lagged)));
         }
-        self.rx
-            .poll_recv(cx)
-            .map(|o| o.map(|w| w.upgrade().ok_or(BroadcastStreamRecvError::Lagged(1))))
+        self.rx.poll_recv(cx).map(|o| o.map(Sent::take))
     }
 }
 

@@ -5,7 +5,7 @@
 //! is pending for the client.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -17,7 +17,7 @@ use tokio_stream::StreamMap;
 
 use super::route::{RouteSpec, RoutedFeed};
 
-use super::hub::{rekey, union_key, Hub, HubUpdate, Start, SubscribeError};
+use super::hub::{rekey, union_key, Hub, HubUpdate, Missed, Sent, Start, SubscribeError};
 use super::protocol::{ErrorCode, Format, Outgoing};
 use super::selector::Selector;
 use super::snapshot::frames;
@@ -61,13 +61,13 @@ type FeedKey = (String, Option<u64>);
 /// Where a session's updates come from.
 enum Feed {
     /// Weak references, as the hub sends them: one that no longer upgrades was dropped by the
-    /// hub's byte budget before it was read, which counts as lagging.
-    Broadcast(BroadcastStream<Weak<HubUpdate>>),
+    /// hub's byte budget before it was read.
+    Broadcast(BroadcastStream<Sent>),
     Routed(RoutedFeed),
 }
 
 impl futures::Stream for Feed {
-    type Item = Result<Arc<HubUpdate>, BroadcastStreamRecvError>;
+    type Item = Result<Arc<HubUpdate>, Missed>;
 
     fn poll_next(
         self: std::pin::Pin<&mut Self>,
@@ -75,7 +75,10 @@ impl futures::Stream for Feed {
     ) -> std::task::Poll<Option<Self::Item>> {
         match self.get_mut() {
             Feed::Broadcast(b) => b.poll_next_unpin(cx).map(|o| {
-                o.map(|r| r.and_then(|w| w.upgrade().ok_or(BroadcastStreamRecvError::Lagged(1))))
+                o.map(|r| match r {
+                    Ok(sent) => sent.take(),
+                    Err(BroadcastStreamRecvError::Lagged(_)) => Err(Missed::Lagged),
+                })
             }),
             Feed::Routed(r) => r.poll_next_unpin(cx),
         }
@@ -93,7 +96,7 @@ struct Waiter {
 pub enum Event {
     /// The node became caught up, or stopped being.
     Freshness(crate::table::readiness::Freshness),
-    Update(FeedKey, Result<Arc<HubUpdate>, u64>),
+    Update(FeedKey, Result<Arc<HubUpdate>, Missed>),
     Created(String),
     /// Table creations were missed (the notification channel lagged): look at every table.
     Rescan,
@@ -580,7 +583,6 @@ impl Session {
         }
         if !self.streams.is_empty() {
             if let Poll::Ready(Some((key, item))) = self.streams.poll_next_unpin(cx) {
-                let item = item.map_err(|BroadcastStreamRecvError::Lagged(n)| n);
                 return Poll::Ready(Event::Update(key, item));
             }
         }
@@ -629,12 +631,16 @@ impl Session {
                                 return Some(self.restart_all(stale));
                             }
                         }
-                        Err(_) => return Some(self.resnapshot(t)),
+                        Err(missed) if self.lost(&t, &missed) => return Some(self.resnapshot(t)),
+                        Err(_) => {}
                     }
                 }
                 None
             }
-            Event::Update(key, Err(_)) => Some(self.resnapshot(key)),
+            Event::Update(key, Err(missed)) if self.lost(&key, &missed) => {
+                Some(self.resnapshot(key))
+            }
+            Event::Update(_, Err(_)) => None,
             Event::Created(name) => Some(Box::pin(async move {
                 self.on_created(&name).await;
             })),
@@ -717,6 +723,20 @@ impl Session {
             {
                 self.queued.push(into_union(&u, name, o));
             }
+        }
+    }
+
+    /// Whether what feed `key` could not give lost a member something: anything when it lagged;
+    /// an update dropped unread only when a member reading the feed is not past it yet (the hub
+    /// sends an update to a subscriber whose snapshot may already hold it).
+    fn lost(&self, key: &FeedKey, missed: &Missed) -> bool {
+        match missed {
+            Missed::Lagged => true,
+            Missed::Dropped { useq, epoch } => self
+                .members
+                .iter()
+                .filter(|m| m.sub.table == key.0 && m.feed == key.1)
+                .any(|m| m.sub.epoch != *epoch || m.sub.useq < *useq),
         }
     }
 

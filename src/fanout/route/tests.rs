@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::*;
 use crate::cdc::decode::{Op, Row};
+use crate::fanout::hub::Sent;
 use crate::table::position::Position;
 use crate::table::state::{AppliedChange, TableUpdate};
 
@@ -42,7 +43,7 @@ fn update(useq: u64, changes: Vec<AppliedChange>) -> Arc<HubUpdate> {
 
 /// Routes `u` as the hub does (weakly) and keeps it alive in `kept`, as the hub's buffer does.
 fn route(router: &Mutex<Router>, u: Arc<HubUpdate>, all: bool, kept: &mut Vec<Arc<HubUpdate>>) {
-    router.lock().unwrap().route(&Arc::downgrade(&u), &u, all);
+    router.lock().unwrap().route(&Sent::of(&u), &u, all);
     kept.push(u);
 }
 

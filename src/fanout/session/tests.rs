@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{RowsResync, Session, SessionEnv};
 use crate::cdc::decode::Op;
-use crate::fanout::hub::{BufferLimits, Hub};
+use crate::fanout::hub::{BufferLimits, Hub, Missed};
 use crate::fanout::protocol::{Format, Outgoing};
 use crate::fanout::selector::Selector;
 use crate::metrics::Metrics;
@@ -25,12 +25,16 @@ impl Fixture {
     /// A one-partition table `t` with rows `k0..k9` (`n` = 0), and a hub whose update channel
     /// holds 16 updates and whose replay buffer holds `replay` changes.
     fn new(replay: usize) -> Self {
-        let tables = Arc::new(Tables::default());
-        let metrics = Arc::new(Metrics::new());
-        let limits = BufferLimits {
+        Fixture::with(BufferLimits {
             changes: replay,
             bytes: 64 << 20,
-        };
+        })
+    }
+
+    /// [`Fixture::new`] with the hub's buffer limited by `limits`.
+    fn with(limits: BufferLimits) -> Self {
+        let tables = Arc::new(Tables::default());
+        let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(tables.clone(), metrics.clone(), limits, 16));
         tables
             .ensure("t", "e1", "topic", 1)
@@ -219,6 +223,93 @@ async fn a_patch_client_that_fell_behind_gets_a_new_snapshot() {
     assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
     assert!(snapshots >= 1, "a patch client is sent a new snapshot");
     assert_eq!(s.close, None);
+}
+
+#[tokio::test]
+async fn a_patch_client_whose_unread_updates_the_byte_budget_dropped_gets_a_new_snapshot() {
+    // room for about one update: each one drops the one before it
+    let mut f = Fixture::with(BufferLimits {
+        changes: 1000,
+        bytes: 1,
+    });
+    let mut s = f.session();
+    let mut client = BTreeMap::new();
+    let first = s
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    let mut snapshots = patch_apply(&mut client, first.iter().flat_map(|o| o.frames()));
+    // fewer updates than the channel holds (16): only the budget makes the client miss any
+    for i in 0..10 {
+        f.commit(vec![(format!("k{i}"), Some(100 + i))]);
+    }
+    for _ in 0..100 {
+        match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
+            Ok(event) => s.on_event(event).await,
+            Err(_) => break,
+        }
+        let (out, frames) = s.take();
+        snapshots += patch_apply(&mut client, frames.into_iter().map(|f| f.text));
+        snapshots += patch_apply(&mut client, out.iter().flat_map(|o| o.frames()));
+    }
+    assert!(
+        f.metrics.fanout_buffer_evictions.get() >= 1,
+        "nothing was dropped unread: the test tests nothing"
+    );
+    assert!(snapshots >= 2, "the client was sent a new snapshot");
+    assert_eq!(client, f.table(), "the client's rows are the table's");
+}
+
+/// Applies patch-format frames to a client's `key -> n`; returns the snapshots among them.
+fn patch_apply(
+    state: &mut BTreeMap<String, i64>,
+    texts: impl IntoIterator<Item = axum::extract::ws::Utf8Bytes>,
+) -> usize {
+    let mut snapshots = 0;
+    for t in texts {
+        let m: Value = serde_json::from_str(t.as_str()).expect("JSON");
+        let rows = match m["type"].as_str() {
+            Some("snapshot") => {
+                snapshots += 1;
+                state.clear();
+                &m["rows"]
+            }
+            Some("patch") => &m["patch"],
+            _ => continue,
+        };
+        for (k, v) in rows.as_object().into_iter().flatten() {
+            match v["n"].as_i64() {
+                _ if v.is_null() => {
+                    state.remove(k);
+                }
+                Some(n) => {
+                    state.insert(k.clone(), n);
+                }
+                None => {}
+            }
+        }
+    }
+    snapshots
+}
+
+#[tokio::test]
+async fn an_update_dropped_unread_is_lost_only_to_a_member_not_past_it() {
+    let f = Fixture::new(1000);
+    let mut s = f.session();
+    s.subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    let (useq, epoch) = (s.members[0].sub.useq, s.members[0].sub.epoch.clone());
+    let key = ("t".to_string(), None);
+    let dropped = |useq, epoch: &str| Missed::Dropped {
+        useq,
+        epoch: epoch.into(),
+    };
+    assert!(
+        !s.lost(&key, &dropped(useq, &epoch)),
+        "its snapshot holds it"
+    );
+    assert!(s.lost(&key, &dropped(useq + 1, &epoch)));
+    assert!(s.lost(&key, &dropped(useq, "another lineage")));
+    assert!(s.lost(&key, &Missed::Lagged));
 }
 
 /// What the connection loop awaits on every update stays small: an async fn's future is as
