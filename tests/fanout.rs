@@ -738,27 +738,11 @@ async fn wide_service(
     (svc, base, dir)
 }
 
-/// A WebSocket client that reads nothing after its handshake, with a small receive buffer: the
-/// server's writes wait once the kernel's buffers are full.
-async fn not_reading(
-    base: &str,
-    path: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let stream = sock.connect(addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
-        .await
-        .unwrap();
-    ws
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_does_not_read_its_snapshot_is_closed_as_slow() {
     let (svc, base, _dir) =
         wide_service("snapstall", Duration::from_secs(1), Duration::from_secs(10)).await;
-    let stalled = not_reading(&base, "/ws?table=wide").await;
+    let stalled = small_buffer_ws(&base, "/ws?table=wide").await;
     // the opening write (the snapshot) is bounded like any other: closed once it waited past
     // slow_client, and its connection slot is given back
     let m = eventually(
@@ -809,7 +793,7 @@ async fn a_shutdown_does_not_wait_for_a_client_that_does_not_read_its_snapshot()
         Duration::from_secs(30),
     )
     .await;
-    let mut stalled = not_reading(&base, "/ws?table=wide").await;
+    let mut stalled = small_buffer_ws(&base, "/ws?table=wide").await;
     eventually(
         "the snapshot write has started",
         Duration::from_secs(30),

@@ -38,18 +38,6 @@ fn round(r: usize) -> Vec<FixtureRecord> {
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-/// A WebSocket client of the whole table with a 4 KB receive buffer.
-async fn client(base: &str) -> Ws {
-    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let stream = sock.connect(addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws?table=wide"), stream)
-        .await
-        .unwrap();
-    ws
-}
-
 /// Reads `ws` until every key is at round `last`; returns the snapshots it was sent.
 async fn read_until(ws: &mut Ws, state: &mut BTreeMap<String, Value>, last: usize) -> usize {
     let until = std::time::Instant::now() + Duration::from_secs(180);
@@ -94,8 +82,8 @@ async fn a_client_that_stops_reading_holds_the_hub_to_its_byte_budget_and_still_
     produce_keyed(&producer, &topic, &round(0)).await;
     table_at_seq(&base, "wide", KEYS as u64).await;
 
-    let mut stalled = client(&base).await;
-    let mut reader = client(&base).await;
+    let mut stalled = small_buffer_ws(&base, "/ws?table=wide").await;
+    let mut reader = small_buffer_ws(&base, "/ws?table=wide").await;
     let mut read = BTreeMap::new();
     assert_eq!(read_until(&mut reader, &mut read, 0).await, 1);
     let reading = tokio::spawn(async move {

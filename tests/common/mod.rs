@@ -471,6 +471,23 @@ pub fn read_to_end(
     out
 }
 
+/// A WebSocket client of `path` with a 4 KB receive buffer: once it stops reading, the server's
+/// writes wait as soon as the kernel's buffers are full.
+#[allow(dead_code)]
+pub async fn small_buffer_ws(
+    base: &str,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
+        .await
+        .unwrap();
+    ws
+}
+
 /// This process's resident memory.
 pub fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();

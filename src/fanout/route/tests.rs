@@ -47,6 +47,20 @@ fn route(router: &Mutex<Router>, u: Arc<HubUpdate>, all: bool, kept: &mut Vec<Ar
     kept.push(u);
 }
 
+/// Routes updates 1..=n, each an nba row's change, and returns them (as the hub's buffer keeps
+/// them).
+fn nba_updates(router: &Mutex<Router>, n: u64) -> Vec<Arc<HubUpdate>> {
+    let mut kept = Vec::new();
+    for useq in 1..=n {
+        let u = update(
+            useq,
+            vec![change("g", None, Some(json!({"league": "nba"})))],
+        );
+        route(router, u, false, &mut kept);
+    }
+    kept
+}
+
 fn league(l: &str) -> RouteSpec {
     RouteSpec::Filter(Arc::new(
         Filter::parse(&format!("league = '{l}'")).expect("parses"),
@@ -123,14 +137,7 @@ async fn a_full_queue_is_reported_as_lagged_and_a_dropped_feed_unregisters() {
     let mut slow = RoutedFeed::register(&router, league("nba"), 2);
     let other = RoutedFeed::register(&router, league("nba"), 2);
     assert_eq!(router.lock().unwrap().len(), 2);
-    let mut kept = Vec::new();
-    for useq in 1..=3 {
-        let u = update(
-            useq,
-            vec![change("g", None, Some(json!({"league": "nba"})))],
-        );
-        route(&router, u, false, &mut kept);
-    }
+    let _kept = nba_updates(&router, 3);
     // the third did not fit: the feed says it lagged before anything else
     assert_eq!(ready(&mut slow).first(), Some(&Err(())));
     drop(other);
@@ -143,14 +150,7 @@ async fn a_full_queue_is_reported_as_lagged_and_a_dropped_feed_unregisters() {
 async fn an_update_the_hub_dropped_before_it_was_read_is_reported_as_lagged() {
     let router = Arc::new(Mutex::new(Router::default()));
     let mut feed = RoutedFeed::register(&router, league("nba"), 16);
-    let mut kept = Vec::new();
-    for useq in 1..=3 {
-        let u = update(
-            useq,
-            vec![change("g", None, Some(json!({"league": "nba"})))],
-        );
-        route(&router, u, false, &mut kept);
-    }
+    let mut kept = nba_updates(&router, 3);
     // the hub's byte budget dropped the oldest before the feed read it
     kept.remove(0);
     assert_eq!(ready(&mut feed), vec![Err(()), Ok(2), Ok(3)]);

@@ -59,6 +59,10 @@ fn token(off: i64) -> Token {
     }
 }
 
+fn limits(changes: usize, bytes: usize) -> BufferLimits {
+    BufferLimits { changes, bytes }
+}
+
 fn total(kept: &[Arc<HubUpdate>]) -> usize {
     kept.iter().map(|u| u.bytes).sum()
 }
@@ -67,10 +71,7 @@ fn total(kept: &[Arc<HubUpdate>]) -> usize {
 fn the_window_holds_the_newest_changes_and_read_updates_outside_it_are_dropped() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = BufferLimits {
-        changes: 4,
-        bytes: 64 << 20,
-    };
+    let limits = limits(4, 64 << 20);
     let mut sizes = Vec::new();
     for useq in 1..=5 {
         // nobody listens: each update is read by all as soon as it is sent
@@ -96,10 +97,7 @@ fn the_window_holds_the_newest_changes_and_read_updates_outside_it_are_dropped()
 fn updates_a_subscriber_has_not_read_are_kept_outside_the_window_until_it_reads_them() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = BufferLimits {
-        changes: 1,
-        bytes: 64 << 20,
-    };
+    let limits = limits(1, 64 << 20);
     // a subscriber holds weak references to every update it was sent and has not read
     let mut unread: Vec<Weak<HubUpdate>> = Vec::new();
     let mut kept = Vec::new();
@@ -127,10 +125,7 @@ fn over_the_byte_budget_the_oldest_updates_go_read_or_not_and_the_window_shrinks
     let mut off = 0;
     let probe = update(0, &mut 0, 10, 1000).bytes;
     // room for about three updates of ten ~1 KB rows
-    let limits = BufferLimits {
-        changes: 1000,
-        bytes: probe * 3 + probe / 2,
-    };
+    let limits = limits(1000, probe * 3 + probe / 2);
     let mut unread: Vec<Weak<HubUpdate>> = Vec::new();
     let mut dropped = 0;
     for useq in 1..=20 {
@@ -161,10 +156,7 @@ fn over_the_byte_budget_the_oldest_updates_go_read_or_not_and_the_window_shrinks
 fn the_newest_update_is_kept_even_over_the_budget() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = BufferLimits {
-        changes: 1000,
-        bytes: 1000,
-    };
+    let limits = limits(1000, 1000);
     let u = update(1, &mut off, 10, 1000);
     let bytes = u.bytes;
     b.push(u, limits);
@@ -178,10 +170,7 @@ fn the_newest_update_is_kept_even_over_the_budget() {
 fn a_new_lineage_empties_the_buffer() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = BufferLimits {
-        changes: 10,
-        bytes: 64 << 20,
-    };
+    let limits = limits(10, 64 << 20);
     b.push(update(1, &mut off, 3, 10), limits);
     b.reset("f".into(), Position::new(1));
     assert_eq!(b.bytes(), 0);
