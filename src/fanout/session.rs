@@ -102,6 +102,23 @@ pub enum Event {
     Rescan,
 }
 
+/// What an event left to do that must wait (a snapshot to build), taken out of it without
+/// waiting: [`Session::finish`] does it.
+pub struct Waiting(Wait);
+
+enum Wait {
+    /// Members whose table's lineage changed (taken out by [`Session::absorb`]).
+    Restart(Vec<Member>),
+    /// A feed that lost a member something: its members start again.
+    Resnapshot(FeedKey),
+    Created(String),
+    Rescan,
+}
+
+/// Events [`Session::poll_take`] takes in one poll (each an update, or what was ready on the
+/// feeds, up to 1,024 updates) before it lets its task's other work go first.
+const TAKEN_PER_POLL: usize = 16;
+
 /// One connection's subscriptions.
 pub struct Session {
     env: Arc<SessionEnv>,
@@ -601,20 +618,41 @@ impl Session {
 
     /// Takes an event into the session's pending output.
     pub async fn on_event(&mut self, event: Event) {
-        if let Some(rest) = self.take_event(event) {
-            rest.await;
+        if let Some(w) = self.take_event(event) {
+            self.finish(w).await;
         }
     }
 
-    /// Takes an event into the pending output without waiting. What must wait (a snapshot to
-    /// build: a lineage change, a feed fallen behind, a table created) comes back boxed: it is
-    /// rare, and unboxed it would make every idle connection's task as large as itself.
-    fn take_event(&mut self, event: Event) -> Option<BoxFuture<'_, ()>> {
+    /// While the connection's socket is busy: takes the events that are ready into the pending
+    /// output without waiting, so that the hub does not keep for this connection what it has
+    /// not written yet (past a few queued frames, changes compose per row: bounded by the rows
+    /// subscribed). `Ready` with what must wait (a snapshot to build): the connection stops
+    /// reading its feeds, finishes its write, then hands it to [`Session::finish`].
+    pub fn poll_take(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Waiting> {
+        use std::task::Poll;
+        for _ in 0..TAKEN_PER_POLL {
+            match self.poll_event(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(event) => {
+                    if let Some(w) = self.take_event(event) {
+                        return Poll::Ready(w);
+                    }
+                }
+            }
+        }
+        // more is ready: the write (and the other connections) go first, then this goes on
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Takes an event into the pending output without waiting; gives back what must wait (a
+    /// snapshot to build: a lineage change, a feed fallen behind, a table created).
+    fn take_event(&mut self, event: Event) -> Option<Waiting> {
         match event {
             Event::Update(key, Ok(u)) => {
                 let stale = self.absorb(&key, &u);
                 if !stale.is_empty() {
-                    return Some(self.restart_all(stale));
+                    return Some(Waiting(Wait::Restart(stale)));
                 }
                 // drain what else is ready on the feeds; stop at anything that must wait (what
                 // is still queued is taken on the next turn)
@@ -628,22 +666,22 @@ impl Session {
                         Ok(u) => {
                             let stale = self.absorb(&t, &u);
                             if !stale.is_empty() {
-                                return Some(self.restart_all(stale));
+                                return Some(Waiting(Wait::Restart(stale)));
                             }
                         }
-                        Err(missed) if self.lost(&t, &missed) => return Some(self.resnapshot(t)),
+                        Err(missed) if self.lost(&t, &missed) => {
+                            return Some(Waiting(Wait::Resnapshot(t)))
+                        }
                         Err(_) => {}
                     }
                 }
                 None
             }
             Event::Update(key, Err(missed)) if self.lost(&key, &missed) => {
-                Some(self.resnapshot(key))
+                Some(Waiting(Wait::Resnapshot(key)))
             }
             Event::Update(_, Err(_)) => None,
-            Event::Created(name) => Some(Box::pin(async move {
-                self.on_created(&name).await;
-            })),
+            Event::Created(name) => Some(Waiting(Wait::Created(name))),
             Event::Freshness(f) => {
                 self.queued.push(Outgoing::Status {
                     caught_up: f.caught_up,
@@ -651,21 +689,29 @@ impl Session {
                 });
                 None
             }
-            Event::Rescan => Some(Box::pin(async move {
-                for info in self.env.hub.tables().list() {
-                    self.on_created(&info.name).await;
-                }
-            })),
+            Event::Rescan => Some(Waiting(Wait::Rescan)),
         }
     }
 
-    /// Starts again the members whose table changed lineage (taken out by [`Session::absorb`]).
-    fn restart_all(&mut self, stale: Vec<Member>) -> BoxFuture<'_, ()> {
+    /// Does what an event left waiting. Boxed: it is rare, and unboxed it would make every idle
+    /// connection's task as large as itself.
+    pub fn finish(&mut self, w: Waiting) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            for m in stale {
-                self.restart(m).await;
+            match w.0 {
+                Wait::Restart(stale) => {
+                    for m in stale {
+                        self.restart(m).await;
+                    }
+                    self.prune_feeds();
+                }
+                Wait::Resnapshot(key) => self.resnapshot(&key).await,
+                Wait::Created(name) => self.on_created(&name).await,
+                Wait::Rescan => {
+                    for info in self.env.hub.tables().list() {
+                        self.on_created(&info.name).await;
+                    }
+                }
             }
-            self.prune_feeds();
         })
     }
 
@@ -741,7 +787,7 @@ impl Session {
     }
 
     /// Absorbs an update into the members reading feed `key`; takes out and returns those whose
-    /// table's lineage changed (they need a new snapshot: [`Session::restart_all`]).
+    /// table's lineage changed (they need a new snapshot: [`Session::finish`]).
     fn absorb(&mut self, key: &FeedKey, u: &HubUpdate) -> Vec<Member> {
         let mut stale = Vec::new();
         for (i, m) in self.members.iter_mut().enumerate() {
@@ -778,12 +824,7 @@ impl Session {
     }
 
     /// Fresh snapshots for the subscriptions reading feed `key` (after falling behind it).
-    /// Boxed, as [`Session::start`]: rare, and large enough to double an idle connection's task.
-    fn resnapshot(&mut self, key: FeedKey) -> BoxFuture<'_, ()> {
-        Box::pin(async move { self.resnapshot_unboxed(&key).await })
-    }
-
-    async fn resnapshot_unboxed(&mut self, key: &FeedKey) {
+    async fn resnapshot(&mut self, key: &FeedKey) {
         let table = key.0.as_str();
         let (mine, rest): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
             .into_iter()

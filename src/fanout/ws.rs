@@ -4,8 +4,10 @@
 //!
 //! One task per connection, holding a [`Session`]. It writes what is pending whenever the socket
 //! takes it. A client that cannot take its pending output (the snapshot on connect included)
-//! within the slow-client deadline is closed with 1008, and no write outlasts a shutdown; one
-//! that falls behind a table's update channel gets a fresh snapshot of it.
+//! within the slow-client deadline is closed with 1008, and no write outlasts a shutdown. While
+//! a write waits, the session goes on reading its updates (composed per row past a few frames),
+//! so the hub keeps nothing for a slow socket; one that still falls behind a table's updates
+//! (the session waited on a snapshot to build) gets a fresh snapshot of it.
 //! Its publishes go only where its current token allows (`Access::publish_context`), and none
 //! once the token expired.
 //! Nothing a client sends can panic the server.
@@ -30,7 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::protocol::{ClientMessage, ErrorCode, Format, Outgoing, SubscribeQuery};
 use super::selector::Selector;
-use super::session::{error, Session};
+use super::session::{error, Session, Waiting};
 use super::subscription::SharedFrame;
 use super::{record_sent, ConnectionSlot};
 use crate::auth::{Access, Credentials, Refused};
@@ -283,7 +285,11 @@ impl Connection {
             return Ok(());
         }
         let out = outbox(&self.state.metrics, Vec::new(), initial);
-        Box::pin(deliver(&self.state, socket, out)).await
+        let waiting = Box::pin(deliver(&self.state, socket, out, &mut self.session)).await?;
+        if let Some(w) = waiting {
+            self.session.finish(w).await;
+        }
+        Ok(())
     }
 
     /// The loop: writes what is pending, then waits for the client, the session's updates,
@@ -298,8 +304,10 @@ impl Connection {
                 let (pending, frames) = self.session.take();
                 if !pending.is_empty() || !frames.is_empty() {
                     let out = outbox(&self.state.metrics, frames, pending);
-                    if let Err(reason) = deliver(&self.state, socket, out).await {
-                        return reason;
+                    match deliver(&self.state, socket, out, &mut self.session).await {
+                        Ok(None) => {}
+                        Ok(Some(w)) => self.session.finish(w).await,
+                        Err(reason) => return reason,
                     }
                 }
             }
@@ -347,7 +355,7 @@ impl Connection {
                     let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
                     let mut out = outbox(&self.state.metrics, Vec::new(), vec![bye]);
                     out.push_back((close(4408, "token expired"), true));
-                    let _ = Box::pin(write_within(socket, out, WriteLimits::closing())).await;
+                    let _ = Box::pin(write_within(socket, out, WriteLimits::closing(), |_| ())).await;
                     return "token_expired";
                 }
                 event = self.session.next() => self.session.on_event(event).await,
@@ -366,8 +374,10 @@ impl Connection {
                     // bounded too: a client that stopped reading has a full socket, and an
                     // unbounded ping would keep its connection (and the shutdown) waiting
                     let ping = VecDeque::from([(Message::Ping(Default::default()), false)]);
-                    if let Err(reason) = Box::pin(deliver(&self.state, socket, ping)).await {
-                        return reason;
+                    match Box::pin(deliver(&self.state, socket, ping, &mut self.session)).await {
+                        Ok(None) => {}
+                        Ok(Some(w)) => self.session.finish(w).await,
+                        Err(reason) => return reason,
                     }
                 }
             }
@@ -543,17 +553,32 @@ fn outbox(m: &Metrics, frames: Vec<SharedFrame>, out: Vec<Outgoing>) -> VecDeque
 /// Writes `out` within the slow-client deadline, unless the server shuts down first. When it
 /// cannot, the client is told why (1008 slow consumer, 1001 shutting down) where the socket
 /// still takes it, and the close reason is returned.
+///
+/// While the socket makes the write wait, the session goes on taking its updates into its
+/// pending output (composed per row past a few frames), so a slow socket does not leave them
+/// to the hub; until one needs to wait (a snapshot to build), which is returned to be done
+/// once the write is.
 async fn deliver(
     state: &AppState,
     socket: &mut WebSocket,
     out: VecDeque<(Message, bool)>,
-) -> Result<(), &'static str> {
+    session: &mut Session,
+) -> Result<Option<Waiting>, &'static str> {
     let limits = WriteLimits {
         within: Some(state.fanout.slow_client),
         shutdown: Some(&state.shutdown),
     };
-    match write_within(socket, out, limits).await {
-        Ok(()) => Ok(()),
+    let mut waiting = None;
+    let written = write_within(socket, out, limits, |cx| {
+        if waiting.is_none() {
+            if let Poll::Ready(w) = session.poll_take(cx) {
+                waiting = Some(w);
+            }
+        }
+    })
+    .await;
+    match written {
+        Ok(()) => Ok(waiting),
         Err(WriteFailed::Socket) => Err("write_error"),
         Err(WriteFailed::TooSlow) => {
             state.metrics.slow_client_disconnects.inc();
@@ -593,7 +618,9 @@ impl WriteLimits<'_> {
     }
 }
 
-/// Writes `out` (flushing where marked) and flushes, within `limits`. A poll over the queue
+/// Writes `out` (flushing where marked) and flushes, within `limits`, calling `meanwhile` each
+/// time the socket makes it wait (with the task's context: what it polls wakes the write's
+/// task). A poll over the queue
 /// rather than an `async` send per message: the connection's task keeps room for whatever its
 /// loop awaits, for its whole life (bench: connections-snapshot), and this wait is on every
 /// update's path. The timer and the shutdown's waiter are only made (boxed) once the socket makes
@@ -603,6 +630,7 @@ async fn write_within(
     socket: &mut WebSocket,
     mut out: VecDeque<(Message, bool)>,
     limits: WriteLimits<'_>,
+    mut meanwhile: impl FnMut(&mut std::task::Context<'_>),
 ) -> Result<(), WriteFailed> {
     let started = tokio::time::Instant::now();
     let mut socket = Pin::new(socket);
@@ -614,6 +642,7 @@ async fn write_within(
         if written.is_ready() {
             return written.map_err(|()| WriteFailed::Socket);
         }
+        meanwhile(cx);
         if let Some(limit) = limits.within {
             let timer =
                 deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(started + limit)));
@@ -697,6 +726,7 @@ async fn say_bye(socket: &mut WebSocket, frame: Message) {
         socket,
         VecDeque::from([(frame, true)]),
         WriteLimits::closing(),
+        |_| (),
     )
     .await;
 }

@@ -332,3 +332,55 @@ async fn the_futures_on_the_update_path_stay_small() {
         "Session::on_event's future is {on_event} bytes"
     );
 }
+
+/// What a WebSocket connection does while its write waits: [`Session::poll_take`] takes the
+/// ready updates into the pending output without waiting, and hands back what must (a new
+/// snapshot) for after the write.
+#[tokio::test]
+async fn poll_take_composes_what_is_ready_and_hands_back_what_must_wait() {
+    use std::task::{Context, Poll, Waker};
+    let mut f = Fixture::new(8);
+    let mut s = f.session();
+    let mut client = BTreeMap::new();
+    let first = s
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    patch_apply(&mut client, first.iter().flat_map(|o| o.frames()));
+    let mut cx = Context::from_waker(Waker::noop());
+    // fewer updates than the channel holds (16): all taken at once, none waits
+    for i in 0..12 {
+        f.commit(vec![(format!("k{}", i % 10), Some(100 + i))]);
+    }
+    assert!(s.poll_take(&mut cx).is_pending());
+    let (out, frames) = s.take();
+    assert!(!frames.is_empty(), "the updates were taken");
+    let mut snapshots = patch_apply(&mut client, frames.into_iter().map(|f| f.text));
+    snapshots += patch_apply(&mut client, out.iter().flat_map(|o| o.frames()));
+    assert_eq!(snapshots, 0);
+    assert_eq!(client, f.table(), "the client's rows are the table's");
+
+    // more than the channel holds: the session lagged, which needs a snapshot built
+    f.burst();
+    let Poll::Ready(w) = s.poll_take(&mut cx) else {
+        panic!("a lagged feed must hand back a snapshot to build");
+    };
+    s.finish(w).await;
+    // as the connection writes a turn: its frames, then its messages
+    for _ in 0..100 {
+        let (out, frames) = s.take();
+        snapshots += patch_apply(&mut client, frames.into_iter().map(|f| f.text));
+        snapshots += patch_apply(&mut client, out.iter().flat_map(|o| o.frames()));
+        match s.poll_take(&mut cx) {
+            Poll::Ready(w) => s.finish(w).await,
+            Poll::Pending => {
+                let (out, frames) = s.take();
+                snapshots += patch_apply(&mut client, frames.into_iter().map(|f| f.text));
+                snapshots += patch_apply(&mut client, out.iter().flat_map(|o| o.frames()));
+                break;
+            }
+        }
+    }
+    assert_eq!(snapshots, 1, "the lagged client was sent a new snapshot");
+    assert!(f.metrics.resnapshots.get() >= 1);
+    assert_eq!(client, f.table(), "the client's rows are the table's");
+}
