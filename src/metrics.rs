@@ -261,7 +261,7 @@ impl Metrics {
             resumes: counter_vec(&r, "livetable_resumes_total", "Resume requests, by result (hit: one patch from the replay buffer; miss: a snapshot).", &["result"]),
             conflated_changes: counter("livetable_conflated_changes_total", "Row changes composed into an already pending patch of a client."),
             resnapshots: counter("livetable_resnapshots_total", "Subscriptions started again because a client fell behind the update channel or the epoch changed (a new snapshot; format=rows: continued from the replay buffer, or the connection closed)."),
-            fanout_buffer_bytes: gauge_vec(&r, "livetable_fanout_buffer_bytes", "Estimated bytes of the updates the hub keeps per table (the replay window and what subscribers have not read yet), at most --fanout-buffer-bytes.", &["table"]),
+            fanout_buffer_bytes: gauge_vec(&r, "livetable_fanout_buffer_bytes", "Estimated bytes of the updates the hub keeps per table (the replay window and what subscribers have not read yet); all tables together at most --fanout-buffer-bytes.", &["table"]),
             fanout_buffer_evictions: counter("livetable_fanout_buffer_evictions_total", "Updates the hub dropped for its byte budget before every subscriber had read them (those subscribers start again with a new snapshot)."),
             routed_subscriptions: int_gauge("livetable_routed_subscriptions", "Live subscriptions routed by their keys or an indexed where (sent only the updates that may concern them)."),
             view_rebuilds: counter_vec(&r, "livetable_view_rebuilds_total", "Declared views recomputed from their input's rows (at start, and when the input's updates did not follow on), by view.", &["view"]),

@@ -123,9 +123,10 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_REPLAY_BUFFER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_buffer: Option<usize>,
-    /// Estimated bytes of updates the hub keeps per table, for resumes (within `--replay-buffer`)
-    /// and for subscribers that have not read them yet; a subscriber behind what it keeps starts
-    /// again with a new snapshot [default: 268435456 (256 MiB)].
+    /// Estimated bytes of updates the hub keeps, all tables together, for resumes (within
+    /// `--replay-buffer`) and for subscribers that have not read them yet; over it the oldest
+    /// updates of any table go first, and a subscriber behind what it keeps starts again with a
+    /// new snapshot [default: 268435456 (256 MiB)].
     #[arg(long, env = "LIVETABLE_FANOUT_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fanout_buffer_bytes: Option<usize>,

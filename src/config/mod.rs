@@ -133,7 +133,7 @@ pub struct Config {
     pub log_json: bool,
     pub shutdown_grace: Duration,
     pub replay_buffer: usize,
-    /// Estimated bytes of updates the hub keeps per table.
+    /// Estimated bytes of updates the hub keeps, all tables together.
     pub fanout_buffer_bytes: usize,
     pub resume_wait: Duration,
     pub max_connections: usize,

@@ -7,6 +7,7 @@
 //! reached the client's position yet says so ([`SubscribeError::Behind`]); the caller waits a
 //! little, then falls back to a snapshot.
 
+mod budget;
 mod buffer;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::patch::row_diff;
 use crate::table::position::{Position, Token};
 use crate::table::state::{TableUpdate, Tables, UpdateSink};
+use budget::Budget;
 pub use buffer::BufferLimits;
 use buffer::UpdateBuffer;
 
@@ -138,7 +140,10 @@ pub struct Hub {
     channels: RwLock<HashMap<String, Arc<Channel>>>,
     /// Names of tables as their channels appear (for subscriptions waiting for a table).
     created: broadcast::Sender<String>,
-    limits: BufferLimits,
+    /// Changes in each table's replay window.
+    window_changes: usize,
+    /// Bytes of all tables' buffers.
+    budget: Budget,
     channel_capacity: usize,
 }
 
@@ -147,7 +152,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
-    /// `limits`: what each table's buffer keeps (changes for resumes, bytes in all); `channel`:
+    /// `limits`: what the buffers keep (each table's changes for resumes, bytes of all tables
+    /// together); `channel`:
     /// updates a subscriber may fall behind before it must re-snapshot.
     pub fn new(
         tables: Arc<Tables>,
@@ -161,7 +167,8 @@ impl Hub {
             metrics,
             channels: RwLock::new(HashMap::new()),
             created,
-            limits,
+            window_changes: limits.changes,
+            budget: Budget::new(limits.bytes),
             channel_capacity: channel.max(16),
         }
     }
@@ -453,6 +460,7 @@ impl UpdateSink for Hub {
         let new_lineage;
         {
             let mut buf = lock(&channel.replay);
+            let before = buf.bytes();
             new_lineage = buf.epoch != update.update.epoch;
             if new_lineage {
                 // a new lineage: nothing before it can be resumed
@@ -462,7 +470,19 @@ impl UpdateSink for Hub {
             // sent before the buffer trims, so that this update counts as unread by its receivers
             lock(&channel.router).route(&sent, &update, new_lineage);
             let _ = channel.tx.send(sent);
-            let unread = buf.push(update, self.limits);
+            buf.push(update, self.budget.stamp(), self.window_changes);
+            self.budget.account(before, buf.bytes());
+            let mut unread = 0;
+            if self.budget.over() {
+                let all: Vec<Arc<Channel>> = self
+                    .channels
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                unread = self.budget.enforce(&channel, &mut buf, &all);
+            }
             if unread > 0 {
                 self.metrics.fanout_buffer_evictions.inc_by(unread);
             }

@@ -1,4 +1,4 @@
-//! What the hub keeps of one table's recent updates, under a byte budget.
+//! What the hub keeps of one table's recent updates.
 //!
 //! The buffer owns the only strong references to a table's recent [`HubUpdate`]s. Subscribers
 //! are sent weak ones (the broadcast channel and the routed queues hold [`std::sync::Weak`]), so
@@ -6,12 +6,13 @@
 //! - the replay window: the newest updates, at most `--replay-buffer` changes, which resumes are
 //!   served from;
 //! - before it, older updates that some subscriber has not read yet (an update's weak count says
-//!   so);
-//! - in all, at most `--fanout-buffer-bytes` (estimated heap bytes; the newest update is always
-//!   kept). Over the budget the oldest updates go, read or not: a subscriber that had not read one
-//!   finds it gone and starts again (a new snapshot), as when it lags behind the channel.
+//!   so).
 //!
 //! Updates that every subscriber has read and no resume needs are dropped at the next update.
+//! The byte budget (`--fanout-buffer-bytes`) is the process's, not a table's: the hub drops the
+//! oldest updates of all tables' buffers, read or not, through [`UpdateBuffer::drop_oldest`]
+//! (see `hub/budget.rs`). A subscriber that had not read one finds it gone and starts again (a
+//! new snapshot), as when it lags behind the channel.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,19 +25,25 @@ use crate::cdc::decode::Row;
 use crate::table::position::{Position, Token};
 use crate::table::state::TableUpdate;
 
-/// The limits of every table's buffer.
+/// What the hub keeps of its tables' updates.
 #[derive(Debug, Clone, Copy)]
 pub struct BufferLimits {
-    /// Changes in the replay window.
+    /// Changes in each table's replay window.
     pub changes: usize,
-    /// Estimated bytes of all updates kept.
+    /// Estimated bytes of all tables' updates kept, together.
     pub bytes: usize,
+}
+
+/// An update kept, with its place in the hub's publish order (across tables).
+struct Kept {
+    stamp: u64,
+    update: Arc<HubUpdate>,
 }
 
 pub(super) struct UpdateBuffer {
     pub epoch: Arc<str>,
     /// Every update kept, oldest first; the newest `window` of them are the replay window.
-    updates: VecDeque<Arc<HubUpdate>>,
+    updates: VecDeque<Kept>,
     window: usize,
     window_changes: usize,
     bytes: usize,
@@ -68,7 +75,10 @@ impl UpdateBuffer {
 
     /// The replay window, oldest first.
     pub fn window(&self) -> impl Iterator<Item = &Arc<HubUpdate>> {
-        self.updates.iter().skip(self.updates.len() - self.window)
+        self.updates
+            .iter()
+            .skip(self.updates.len() - self.window)
+            .map(|k| &k.update)
     }
 
     /// Estimated bytes of the updates kept.
@@ -91,9 +101,10 @@ impl UpdateBuffer {
         };
     }
 
-    /// Keeps `u` (the newest update); returns how many older updates the byte budget dropped
-    /// before every subscriber had read them.
-    pub fn push(&mut self, u: Arc<HubUpdate>, limits: BufferLimits) -> u64 {
+    /// Keeps `u` (the newest update, `stamp` in the hub's publish order), with a replay window of
+    /// at most `window_changes` changes (and at least `u`); drops the older updates that every
+    /// subscriber has read and the window no longer holds.
+    pub fn push(&mut self, u: Arc<HubUpdate>, stamp: u64, window_changes: usize) {
         if u.update.useq > self.last.useq {
             self.last = Mark {
                 useq: u.update.useq,
@@ -104,41 +115,50 @@ impl UpdateBuffer {
         self.bytes += u.bytes;
         self.window += 1;
         self.window_changes += u.update.changes.len();
-        self.updates.push_back(u);
-        while self.window > 1 && self.window_changes > limits.changes {
+        self.updates.push_back(Kept { stamp, update: u });
+        while self.window > 1 && self.window_changes > window_changes {
             self.shrink_window();
-        }
-        let mut unread = 0;
-        while self.updates.len() > 1 && self.bytes > limits.bytes {
-            if self.updates.len() == self.window {
-                self.shrink_window();
-            }
-            if let Some(old) = self.updates.pop_front() {
-                self.bytes -= old.bytes;
-                if Arc::weak_count(&old) > 0 {
-                    unread += 1;
-                }
-            }
         }
         while self.updates.len() > self.window
             && self
                 .updates
                 .front()
-                .is_some_and(|u| Arc::weak_count(u) == 0)
+                .is_some_and(|k| Arc::weak_count(&k.update) == 0)
         {
             if let Some(old) = self.updates.pop_front() {
-                self.bytes -= old.bytes;
+                self.bytes -= old.update.bytes;
             }
         }
-        unread
+    }
+
+    /// The publish stamp of the oldest update that [`UpdateBuffer::drop_oldest`] would drop
+    /// (`None`: only the newest is kept, and it always is).
+    pub fn oldest(&self) -> Option<u64> {
+        (self.updates.len() > 1)
+            .then(|| self.updates.front().map(|k| k.stamp))
+            .flatten()
+    }
+
+    /// Drops the oldest update but never the newest, shrinking the window past it when it is in
+    /// it. `Some(true)`: a subscriber had not read it; `None`: nothing to drop.
+    pub fn drop_oldest(&mut self) -> Option<bool> {
+        if self.updates.len() <= 1 {
+            return None;
+        }
+        if self.updates.len() == self.window {
+            self.shrink_window();
+        }
+        let old = self.updates.pop_front()?;
+        self.bytes -= old.update.bytes;
+        Some(Arc::weak_count(&old.update) > 0)
     }
 
     /// The oldest update of the window leaves it: changes up to it can no longer be resumed.
     fn shrink_window(&mut self) {
         let i = self.updates.len() - self.window;
         if let Some(old) = self.updates.get(i) {
-            self.window_changes -= old.update.changes.len();
-            for c in &old.update.changes {
+            self.window_changes -= old.update.update.changes.len();
+            for c in &old.update.update.changes {
                 self.floor.raise(c.part, c.off);
             }
         }

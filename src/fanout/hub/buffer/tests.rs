@@ -59,8 +59,23 @@ fn token(off: i64) -> Token {
     }
 }
 
-fn limits(changes: usize, bytes: usize) -> BufferLimits {
-    BufferLimits { changes, bytes }
+/// Pushes `u` as the hub does, its stamp its useq.
+fn push(b: &mut UpdateBuffer, u: Arc<HubUpdate>, window_changes: usize) {
+    let stamp = u.update.useq;
+    b.push(u, stamp, window_changes);
+}
+
+/// What the hub's budget does to one buffer: drops its oldest updates while it holds more than
+/// `bytes`; returns how many were unread.
+fn trim(b: &mut UpdateBuffer, bytes: usize) -> u64 {
+    let mut unread = 0;
+    while b.bytes() > bytes {
+        match b.drop_oldest() {
+            Some(u) => unread += u64::from(u),
+            None => break,
+        }
+    }
+    unread
 }
 
 fn total(kept: &[Arc<HubUpdate>]) -> usize {
@@ -71,13 +86,12 @@ fn total(kept: &[Arc<HubUpdate>]) -> usize {
 fn the_window_holds_the_newest_changes_and_read_updates_outside_it_are_dropped() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = limits(4, 64 << 20);
     let mut sizes = Vec::new();
     for useq in 1..=5 {
         // nobody listens: each update is read by all as soon as it is sent
         let u = update(useq, &mut off, 2, 10);
         sizes.push(u.bytes);
-        assert_eq!(b.push(u, limits), 0);
+        push(&mut b, u, 4);
     }
     // the window: the last two updates (4 changes); the rest, read by all, is gone
     assert_eq!(
@@ -97,7 +111,6 @@ fn the_window_holds_the_newest_changes_and_read_updates_outside_it_are_dropped()
 fn updates_a_subscriber_has_not_read_are_kept_outside_the_window_until_it_reads_them() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = limits(1, 64 << 20);
     // a subscriber holds weak references to every update it was sent and has not read
     let mut unread: Vec<Weak<HubUpdate>> = Vec::new();
     let mut kept = Vec::new();
@@ -105,7 +118,7 @@ fn updates_a_subscriber_has_not_read_are_kept_outside_the_window_until_it_reads_
         let u = update(useq, &mut off, 1, 100);
         unread.push(Arc::downgrade(&u));
         kept.push(u.clone());
-        assert_eq!(b.push(u, limits), 0);
+        push(&mut b, u, 1);
     }
     assert_eq!(b.window().count(), 1, "the window is one change");
     assert_eq!(b.bytes(), total(&kept), "every unread update is kept");
@@ -115,7 +128,7 @@ fn updates_a_subscriber_has_not_read_are_kept_outside_the_window_until_it_reads_
     unread.clear();
     let u = update(5, &mut off, 1, 100);
     let newest = u.bytes;
-    assert_eq!(b.push(u, limits), 0);
+    push(&mut b, u, 1);
     assert_eq!(b.bytes(), newest);
 }
 
@@ -125,19 +138,15 @@ fn over_the_byte_budget_the_oldest_updates_go_read_or_not_and_the_window_shrinks
     let mut off = 0;
     let probe = update(0, &mut 0, 10, 1000).bytes;
     // room for about three updates of ten ~1 KB rows
-    let limits = limits(1000, probe * 3 + probe / 2);
+    let budget = probe * 3 + probe / 2;
     let mut unread: Vec<Weak<HubUpdate>> = Vec::new();
     let mut dropped = 0;
     for useq in 1..=20 {
         let u = update(useq, &mut off, 10, 1000);
         unread.push(Arc::downgrade(&u));
-        dropped += b.push(u, limits);
-        assert!(
-            b.bytes() <= limits.bytes,
-            "{} > {}",
-            b.bytes(),
-            limits.bytes
-        );
+        push(&mut b, u, 1000);
+        dropped += trim(&mut b, budget);
+        assert!(b.bytes() <= budget, "{} > {budget}", b.bytes());
     }
     assert_eq!(
         dropped, 17,
@@ -156,22 +165,23 @@ fn over_the_byte_budget_the_oldest_updates_go_read_or_not_and_the_window_shrinks
 fn the_newest_update_is_kept_even_over_the_budget() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = limits(1000, 1000);
     let u = update(1, &mut off, 10, 1000);
     let bytes = u.bytes;
-    b.push(u, limits);
+    push(&mut b, u, 1000);
     let u = update(2, &mut off, 10, 1000);
-    b.push(u, limits);
+    push(&mut b, u, 1000);
+    assert_eq!(trim(&mut b, 1000), 0, "nobody was sent them");
     assert_eq!(b.window().map(|u| u.update.useq).collect::<Vec<_>>(), [2]);
-    assert!(b.bytes() > limits.bytes && b.bytes() < 2 * bytes);
+    assert!(b.bytes() > 1000 && b.bytes() < 2 * bytes);
+    assert_eq!(b.oldest(), None, "the newest is not offered to the budget");
+    assert_eq!(b.drop_oldest(), None);
 }
 
 #[test]
 fn a_new_lineage_empties_the_buffer() {
     let mut b = buffer();
     let mut off = 0;
-    let limits = limits(10, 64 << 20);
-    b.push(update(1, &mut off, 3, 10), limits);
+    push(&mut b, update(1, &mut off, 3, 10), 10);
     b.reset("f".into(), Position::new(1));
     assert_eq!(b.bytes(), 0);
     assert_eq!(b.window().count(), 0);
