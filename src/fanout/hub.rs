@@ -1,5 +1,6 @@
 //! The hub: receives every committed table update (it is the tables' [`UpdateSink`]), keeps a
-//! bounded replay buffer per table for resumes, and broadcasts updates on one channel per table.
+//! buffer of updates per table (the replay window for resumes, and what subscribers have not
+//! read: all tables under one byte budget) and broadcasts updates on one channel per table.
 //! Subscriptions start with a resume (only the changes a client missed) or a snapshot.
 //!
 //! A resume token names a position defined by Kafka offsets (see `table::position`), so it means
@@ -123,7 +124,7 @@ pub(super) struct Mark {
 struct Channel {
     /// Weak references: the updates themselves are kept by the buffer alone.
     tx: broadcast::Sender<Sent>,
-    replay: Mutex<UpdateBuffer>,
+    buffer: Mutex<UpdateBuffer>,
     snapshot: Mutex<Option<Arc<CachedSnapshot>>>,
     /// Held while a whole-table snapshot is built, so concurrent subscribers share it.
     building: Mutex<()>,
@@ -221,7 +222,7 @@ impl Hub {
                 let (tx, _) = broadcast::channel(self.channel_capacity);
                 Arc::new(Channel {
                     tx,
-                    replay: Mutex::new(UpdateBuffer::new(epoch, last)),
+                    buffer: Mutex::new(UpdateBuffer::new(epoch, last)),
                     snapshot: Mutex::new(None),
                     building: Mutex::new(()),
                     router: Arc::new(Mutex::new(Router::counted(&self.metrics))),
@@ -402,7 +403,7 @@ impl Hub {
         let (Some(channel), Some(token)) = (self.channel(table), Token::parse(since)) else {
             return false;
         };
-        let reaches = lock(&channel.replay).reaches(&token);
+        let reaches = lock(&channel.buffer).reaches(&token);
         reaches
     }
 
@@ -417,7 +418,7 @@ impl Hub {
         token: &Token,
         base: Option<Mark>,
     ) -> Result<Option<Vec<Outgoing>>, SubscribeError> {
-        let buf = lock(&channel.replay);
+        let buf = lock(&channel.buffer);
         if !buf.reaches(token) {
             return Ok(None);
         }
@@ -459,7 +460,7 @@ impl UpdateSink for Hub {
         let sent = Sent::of(&update);
         let new_lineage;
         {
-            let mut buf = lock(&channel.replay);
+            let mut buf = lock(&channel.buffer);
             let before = buf.bytes();
             new_lineage = buf.epoch != update.update.epoch;
             if new_lineage {

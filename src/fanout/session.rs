@@ -46,6 +46,11 @@ struct Member {
 }
 
 impl Member {
+    /// Whether it reads feed `key` (its table's, shared or its own).
+    fn reads(&self, key: &FeedKey) -> bool {
+        self.sub.table == key.0 && self.feed == key.1
+    }
+
     /// What the client asked for, before the token's grants narrowed it.
     fn requested(&self) -> Selector {
         match &self.requested {
@@ -781,7 +786,7 @@ impl Session {
             Missed::Dropped { useq, epoch } => self
                 .members
                 .iter()
-                .filter(|m| m.sub.table == key.0 && m.feed == key.1)
+                .filter(|m| m.reads(key))
                 .any(|m| m.sub.epoch != *epoch || m.sub.useq < *useq),
         }
     }
@@ -791,7 +796,7 @@ impl Session {
     fn absorb(&mut self, key: &FeedKey, u: &HubUpdate) -> Vec<Member> {
         let mut stale = Vec::new();
         for (i, m) in self.members.iter_mut().enumerate() {
-            if m.sub.table != key.0 || m.feed != key.1 {
+            if !m.reads(key) {
                 continue;
             }
             // up to date: forward the shared frame; once a few frames wait for the socket,
@@ -825,10 +830,9 @@ impl Session {
 
     /// Fresh snapshots for the subscriptions reading feed `key` (after falling behind it).
     async fn resnapshot(&mut self, key: &FeedKey) {
-        let table = key.0.as_str();
         let (mine, rest): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
             .into_iter()
-            .partition(|m| m.sub.table == table && m.feed == key.1);
+            .partition(|m| m.reads(key));
         self.members = rest;
         self.streams.remove(key);
         for m in mine {

@@ -80,7 +80,7 @@ impl Budget {
                 if std::ptr::eq(p, own) || busy.contains(&p) {
                     continue;
                 }
-                let Some(stamp) = try_lock(&c.replay).and_then(|b| b.oldest()) else {
+                let Some(stamp) = try_lock(&c.buffer).and_then(|b| b.oldest()) else {
                     continue;
                 };
                 match best {
@@ -94,7 +94,7 @@ impl Budget {
             match best {
                 None => break,
                 Some((_, None)) => unread += self.drop_from(buf, own, next),
-                Some((_, Some(c))) => match try_lock(&c.replay) {
+                Some((_, Some(c))) => match try_lock(&c.buffer) {
                     Some(mut b) => unread += self.drop_from(&mut b, c, next),
                     None => busy.push(&**c),
                 },

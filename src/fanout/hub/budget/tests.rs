@@ -141,7 +141,7 @@ fn a_publisher_passes_over_a_busy_table_and_a_later_one_catches_up() {
     // b's buffer is held elsewhere (a subscriber composing its resume, say) while a publishes:
     // b holds the oldest updates, but a's publisher must not wait for it
     let b = f.hub.channel("b").expect("b");
-    let busy = b.replay.lock().expect("lock");
+    let busy = b.buffer.lock().expect("lock");
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let (hub, tables, metrics, off) = (f.hub.clone(), f.tables.clone(), f.metrics.clone(), f.off);
     let publisher = std::thread::spawn(move || {
