@@ -339,16 +339,12 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 }
             }
         }
-        for (p, s) in t.slices.iter_mut().enumerate() {
-            match (role, s.mode) {
-                // a gateway owns nothing; a materialiser follows nothing
-                (Role::Gateway, SliceMode::Owned) => s.mode = SliceMode::Followed,
-                (Role::Materialiser, SliceMode::Followed) => {
-                    s.mode = SliceMode::Absent;
-                    let part = p as u32;
-                    t.rows.retain(|_, e| e.part != part);
-                }
-                _ => {}
+        // a gateway owns nothing. (A materialiser follows nothing, but keeps the slices it let
+        // go of at its last stop until its first assignment: those it gets back are taken over
+        // from where their changelog was read, the others leave memory then.)
+        if role == Role::Gateway {
+            for s in t.slices.iter_mut().filter(|s| s.mode == SliceMode::Owned) {
+                s.mode = SliceMode::Followed;
             }
         }
         let name = t.name.to_string();

@@ -115,7 +115,7 @@ pub struct SliceTaken {
     /// Outbox records produced again.
     pub replay: Vec<PendingRow>,
     /// The slice was rebuilt from the changelog alone: this node held no state of it (its store
-    /// had none, as a materialiser's after a restart, or it was cleared). Its input position from
+    /// had none, as after a lost data directory, or it was cleared). Its input position from
     /// an earlier run is then no promise: the changes up to it whose records never reached the
     /// changelog are gone with the outbox, and must be applied again from the input.
     pub rebuilt: bool,
@@ -213,6 +213,10 @@ impl Restorer {
         let table = self
             .tables
             .ensure(&entry.table, &entry.epoch, &entry.source, entry.partitions);
+        // the store loads a table's rows and slices only with its entry (a follower records it
+        // for the tables it follows; a materialiser has none): without it a materialiser's next
+        // start found nothing and read every changelog partition from its beginning
+        self.store.put_table(&entry.table, &entry.meta())?;
         // marked under the table's lock before anything else: the follower of an all-in-one node
         // may see the table's registry entry only now, and must not take the slice up while it
         // is taken over (it would then fold this node's own changelog beside the ingest, and a
@@ -344,7 +348,10 @@ impl Restorer {
         self.metrics
             .restore_seconds
             .set(started.elapsed().as_secs_f64());
-        let replay = if started_over || own.is_some() {
+        // what this node applied to the slice and the changelog never acknowledged: its own
+        // slice, or one a node without a follower (a materialiser) let go of and kept
+        let kept = mode == SliceMode::Followed && self.handover.is_none();
+        let replay = if started_over || own.is_some() || kept {
             self.replay(&table, part, started_over)?
         } else {
             Vec::new()

@@ -20,7 +20,7 @@ use crate::cdc::source::{RebalanceListener, SourceContext};
 use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow, SliceAck};
 use crate::table::restore::{RestoreError, Restorer};
 use crate::table::state::{SliceMode, Tables};
-use crate::table::store::{SliceMeta, Store, WriteBatch};
+use crate::table::store::{AckMeta, SliceMeta, Store, WriteBatch};
 
 /// Takes slices over from the follower, and gives them back.
 pub trait FollowControl: Send + Sync {
@@ -135,12 +135,16 @@ impl Partitions {
         positions: HashMap<(String, i32), i64>,
         revoke_timeout: Duration,
     ) -> Self {
+        // the slices of the last run, until the first assignment says which come back: those
+        // owned, and a materialiser's (no follower) that it let go of
         let mut unconfirmed = HashSet::new();
         for name in tables.names() {
             if let Some(t) = tables.get(&name) {
                 let t = t.read();
                 for (p, s) in t.slices.iter().enumerate() {
-                    if s.mode == SliceMode::Owned {
+                    if s.mode == SliceMode::Owned
+                        || (s.mode == SliceMode::Followed && follow.is_none())
+                    {
                         unconfirmed.insert((name.clone(), p as u32));
                     }
                 }
@@ -367,8 +371,28 @@ impl Partitions {
                 meta = Some(SliceMeta::of(slice));
             }),
             None => {
+                // the rows leave memory, not the store: it keeps the slice as a followed one's,
+                // read up to its changelog position, so taking it back (after a restart) reads
+                // only the changelog's tail. A slice not held here (absent) leaves the store as
+                // it is: nothing, or what an interrupted restore of it committed
+                let kept = t
+                    .read()
+                    .slice(part)
+                    .filter(|s| s.mode != SliceMode::Absent)
+                    .map(|s| {
+                        let mut m = SliceMeta::of(s);
+                        m.owned = false;
+                        (m, AckMeta::of(s))
+                    });
                 t.drop_slice(part);
-                meta = t.read().slice(part).map(SliceMeta::of);
+                if let Some((m, a)) = kept {
+                    let mut b = WriteBatch::default();
+                    b.put_slice(table, part, &m);
+                    b.put_acks(table, part, &a);
+                    if let Err(e) = self.store.apply(b) {
+                        tracing::error!(table, part, error = %e, "recording a released slice failed");
+                    }
+                }
             }
         }
         if let Some(m) = meta {
@@ -440,17 +464,23 @@ impl RebalanceListener for Partitions {
             let mut released = Vec::new();
             if !inner.assigned_once {
                 inner.assigned_once = true;
-                // owned slices of the last run whose partitions went elsewhere
-                let assigned: HashSet<(String, u32)> = parts
+                // slices of the last run whose partitions went elsewhere. Told by the tables'
+                // own input topic: the registry may not be read yet at the first assignment
+                // (it was asked here, found nothing, and every slice of the last run was let go
+                // of, so a materialiser read its changelog from the beginning at each restart)
+                let assigned: HashSet<(String, u32)> = inner
+                    .unconfirmed
                     .iter()
-                    .flat_map(|(topic, p)| {
-                        self.restorer
-                            .registry
-                            .tables_of(topic)
-                            .into_iter()
-                            .map(|e| (e.table, u32::try_from(*p).unwrap_or(0)))
-                            .collect::<Vec<_>>()
+                    .filter(|(table, part)| {
+                        self.tables.get(table).is_some_and(|t| {
+                            let source = t.read().source.clone();
+                            let part = i32::try_from(*part).unwrap_or(i32::MAX);
+                            parts
+                                .iter()
+                                .any(|(topic, p)| *topic == *source && *p == part)
+                        })
                     })
+                    .cloned()
                     .collect();
                 let unconfirmed = std::mem::take(&mut inner.unconfirmed);
                 for s in unconfirmed {
@@ -718,8 +748,8 @@ fn take_partition(
 /// would lose those changes for good; input below the committed offset is re-applied only where
 /// newer than what the slices hold, so starting lower costs a re-read, never a value.
 ///
-/// `rebuilt`: a slice was rebuilt from the changelog alone (this node's store held none of it, as a
-/// materialiser's after a restart): the stored position then promises nothing, since the changes
+/// `rebuilt`: a slice was rebuilt from the changelog alone (this node's store held none of it: a
+/// lost data directory, or a slice it let go of and took back in the same run): the stored position then promises nothing, since the changes
 /// up to it whose records never reached the changelog went with the outbox.
 fn input_start(
     stored: Option<i64>,
