@@ -331,6 +331,11 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     // after an unclean stop: the slices this node owned, whose clients may have seen changes the
     // store lost (new subscriptions wait until each is applied again here or taken over elsewhere)
     let mut recover_slices = Vec::new();
+    // half the changelog's tombstone retention: a slice kept longer is read anew
+    let kept = loaded.kept_since(
+        table::checkpoint::now_ms(),
+        table::changelog::delete_retention() / 2,
+    );
     for mut t in loaded.tables {
         if !readiness.is_recovered() {
             for (p, s) in t.slices.iter().enumerate() {
@@ -339,12 +344,23 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 }
             }
         }
-        // a gateway owns nothing. (A materialiser follows nothing, but keeps the slices it let
-        // go of at its last stop until its first assignment: those it gets back are taken over
-        // from where their changelog was read, the others leave memory then.)
-        if role == Role::Gateway {
-            for s in t.slices.iter_mut().filter(|s| s.mode == SliceMode::Owned) {
-                s.mode = SliceMode::Followed;
+        for (p, s) in t.slices.iter_mut().enumerate() {
+            match (role, s.mode) {
+                // a gateway owns nothing
+                (Role::Gateway, SliceMode::Owned) => s.mode = SliceMode::Followed,
+                // a materialiser follows nothing. It keeps what it let go of at its last clean
+                // stop until its first assignment (those it gets back are taken over from where
+                // their changelog was read, the others leave memory then), unless that was so
+                // long ago that the changelog may no longer hold the deletes since; anything
+                // else of another tenure is read anew
+                (Role::Materialiser, SliceMode::Followed) => {
+                    let part = p as u32;
+                    if !kept.contains(&(t.name.to_string(), part)) {
+                        s.mode = SliceMode::Absent;
+                        t.rows.retain(|_, e| e.part != part);
+                    }
+                }
+                _ => {}
             }
         }
         let name = t.name.to_string();

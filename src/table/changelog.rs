@@ -76,6 +76,17 @@ struct TopicDef {
 }
 
 const CHANGELOG_DEF: &str = include_str!("../../topics/changelog.toml");
+
+/// How long the changelog topics keep a tombstone (`delete.retention.ms` of
+/// `topics/changelog.toml`): a reader that resumes a partition from where it stopped longer ago
+/// than this may miss deletes.
+pub fn delete_retention() -> std::time::Duration {
+    let ms = toml::from_str::<TopicDef>(CHANGELOG_DEF)
+        .ok()
+        .and_then(|d| d.config.get("delete.retention.ms")?.parse::<u64>().ok())
+        .unwrap_or(86_400_000);
+    std::time::Duration::from_millis(ms)
+}
 const DLQ_DEF: &str = include_str!("../../topics/dlq.toml");
 const REGISTRY_DEF: &str = include_str!("../../topics/registry.toml");
 

@@ -291,6 +291,12 @@ impl Checkpointer {
             let mut meta = None;
             t.update_slices(|s| {
                 let slice = s.slice_mut(part);
+                if slice.mode == SliceMode::Absent {
+                    // let go of before its records were acknowledged (a materialiser's revoke at a
+                    // shutdown does not wait): what the store keeps of it stays as it was then,
+                    // and a late record past a new owner's fence must not move it on
+                    return;
+                }
                 if resets.is_none_or(|r| r == slice.resets) {
                     slice.raise_acked(off);
                 }

@@ -504,6 +504,7 @@ pub fn delta_batch(table: &str, delta: &Delta, owned: bool) -> WriteBatch {
                 count: s.count,
                 owner: s.owner.to_header(),
                 owned,
+                kept_ms: None,
             },
         );
         if !owned {

@@ -78,6 +78,10 @@ pub struct SliceMeta {
     pub count: u64,
     pub owner: String,
     pub owned: bool,
+    /// When (ms since the epoch) a node without a follower (a materialiser) let the slice go at
+    /// a clean stop, everything of it settled: the store keeps it for that node's next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_ms: Option<i64>,
 }
 
 /// How far a slice's changelog is acknowledged and folded.
@@ -94,6 +98,7 @@ impl SliceMeta {
             count: s.count,
             owner: s.owner.to_header(),
             owned: s.mode == SliceMode::Owned,
+            kept_ms: None,
         }
     }
 }
@@ -128,6 +133,25 @@ pub struct Loaded {
     pub source_marks: HashMap<(String, i32), SourceMarks>,
     /// The store was written by an older layout and ignored.
     pub ignored_old_layout: bool,
+    /// Slices let go of at a clean stop by a node without a follower, with when
+    /// ([`SliceMeta::kept_ms`]).
+    pub kept: HashMap<(String, u32), i64>,
+}
+
+impl Loaded {
+    /// The slices let go of at a clean stop within `within` before `now_ms`.
+    pub fn kept_since(
+        &self,
+        now_ms: i64,
+        within: std::time::Duration,
+    ) -> std::collections::HashSet<(String, u32)> {
+        let within = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+        self.kept
+            .iter()
+            .filter(|(_, ms)| now_ms.saturating_sub(**ms) < within)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
 }
 
 /// The durable store. Cheap to clone (sled handles are reference-counted).
@@ -449,6 +473,9 @@ impl Store {
                 } else {
                     SliceMode::Followed
                 };
+                if let Some(ms) = m.kept_ms.filter(|_| !m.owned) {
+                    out.kept.insert((name.clone(), part), ms);
+                }
             }
             for (part, a) in acks.remove(&name).unwrap_or_default() {
                 let s = t.slice_mut(part);
@@ -628,6 +655,7 @@ mod tests {
             count: 30,
             owner: "0.3".into(),
             owned: true,
+            kept_ms: None,
         };
         b.put_slice("odds", 0, &s0);
         b.put_acks(
@@ -691,6 +719,44 @@ mod tests {
         assert_eq!(l.tables[0].rows.len(), 1, "only partition 1's row is left");
         assert_eq!(l.tables[0].slices[0].mode, SliceMode::Absent);
         assert!(l.deletes.is_empty());
+    }
+
+    /// A slice let go of at a clean stop is loaded as kept, with when; one written by a follower
+    /// or by a restore (no time) is not, nor is an owned one.
+    #[test]
+    fn a_slice_let_go_of_at_a_clean_stop_is_loaded_as_kept_while_recent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut b = WriteBatch::default();
+        b.put_table(
+            "t",
+            &TableMeta {
+                epoch: "ep".into(),
+                source: "cdc.t".into(),
+                partitions: 3,
+            },
+        );
+        let meta = |owned, kept_ms| SliceMeta {
+            last_off: 9,
+            count: 10,
+            owner: "1.0".into(),
+            owned,
+            kept_ms,
+        };
+        b.put_slice("t", 0, &meta(false, Some(1_000)));
+        b.put_slice("t", 1, &meta(false, None));
+        b.put_slice("t", 2, &meta(true, Some(1_000)));
+        store.apply(b).unwrap();
+        let l = store.load().unwrap();
+        assert_eq!(l.kept.len(), 1);
+        let day = std::time::Duration::from_secs(86_400);
+        let kept = l.kept_since(1_000 + 3_600_000, day);
+        assert!(kept.contains(&("t".to_string(), 0)));
+        assert_eq!(kept.len(), 1, "followed without a time, or owned: not kept");
+        assert!(
+            l.kept_since(1_000 + 86_400_000, day).is_empty(),
+            "kept a day ago: read anew"
+        );
     }
 
     /// Tables whose names prefix one another keep their own rows, every key once.

@@ -9,7 +9,8 @@
 //!
 //! The budget is kept by the thread that publishes: it holds its own table's buffer and only
 //! tries the others' locks (it never waits for one), so two publishers never wait for each other.
-//! A buffer that is busy is passed over, and the next publish catches up.
+//! A buffer that is busy is passed over, and the next publish catches up (until then the hub
+//! can hold more than the budget).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};

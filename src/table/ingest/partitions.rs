@@ -371,28 +371,43 @@ impl Partitions {
                 meta = Some(SliceMeta::of(slice));
             }),
             None => {
-                // the rows leave memory, not the store: it keeps the slice as a followed one's,
-                // read up to its changelog position, so taking it back (after a restart) reads
-                // only the changelog's tail. A slice not held here (absent) leaves the store as
-                // it is: nothing, or what an interrupted restore of it committed
+                // the rows leave memory. At a clean stop (everything of the slice settles before
+                // the process exits) the store keeps them as a followed slice, read up to its
+                // changelog position, for this node's next start, which then reads only the
+                // changelog's tail. Let go of while running, or not held here (absent: a restore
+                // that did not end), the slice is forgotten as before: the next start or take
+                // rebuilds it from the changelog
+                let closing = self.closing.load(std::sync::atomic::Ordering::Acquire);
                 let kept = t
                     .read()
                     .slice(part)
-                    .filter(|s| s.mode != SliceMode::Absent)
+                    .filter(|s| closing && s.mode != SliceMode::Absent)
                     .map(|s| {
                         let mut m = SliceMeta::of(s);
                         m.owned = false;
+                        m.kept_ms = Some(crate::table::checkpoint::now_ms());
                         (m, AckMeta::of(s))
                     });
                 t.drop_slice(part);
-                if let Some((m, a)) = kept {
-                    let mut b = WriteBatch::default();
-                    b.put_slice(table, part, &m);
-                    b.put_acks(table, part, &a);
-                    if let Err(e) = self.store.apply(b) {
-                        tracing::error!(table, part, error = %e, "recording a released slice failed");
+                let mut b = WriteBatch::default();
+                match kept {
+                    Some((m, a)) => {
+                        b.put_slice(table, part, &m);
+                        b.put_acks(table, part, &a);
+                    }
+                    None => {
+                        if let Some(s) = t.read().slice(part) {
+                            b.put_slice(table, part, &SliceMeta::of(s));
+                        }
                     }
                 }
+                if let Err(e) = self.store.apply(b) {
+                    tracing::error!(table, part, error = %e, "recording a released slice failed");
+                }
+                let t = t.read();
+                self.restorer
+                    .metrics
+                    .table_size(table, t.rows.len(), t.seq());
             }
         }
         if let Some(m) = meta {

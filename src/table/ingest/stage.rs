@@ -438,6 +438,7 @@ impl BatchStage {
                         count: s.count,
                         owner: s.owner.to_header(),
                         owned: true,
+                        kept_ms: None,
                     },
                 );
                 acked.push(SliceAck {
