@@ -294,6 +294,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let mut loaded = {
         let s = store.clone();
         let r = readiness.clone();
+        let tombstone_retention = config.changelog_tombstone_retention;
         blocking(move || -> Result<Loaded, table::store::StoreError> {
             let clean = s.begin_run()?;
             s.stamp()?;
@@ -302,7 +303,20 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 tracing::warn!("the last run did not stop cleanly: new subscriptions wait until the input (or the changelog) is applied again up to its end (clients may have seen changes that were not durable yet)");
                 r.set_recovering();
             }
-            s.load()
+            let mut loaded = s.load()?;
+            let now = table::checkpoint::now_ms();
+            // the changelog may no longer hold the deletes made since the store was last in use
+            if !loaded.tables.is_empty() && loaded.unused_since(now, tombstone_retention / 2) {
+                let forgotten = table::alive::forget_slices(&mut loaded.tables, &s)?;
+                tracing::warn!(
+                    last_in_use_secs_ago = loaded.alive_ms.map(|ms| (now - ms) / 1000),
+                    slices = forgotten,
+                    "the data directory was last in use half the changelog's tombstone retention ago or longer (or it is not known when): the deletes made since may be gone from the changelog, so its tables are read anew"
+                );
+            }
+            s.mark_alive(now)?;
+            s.flush_blocking()?;
+            Ok(loaded)
         })
         .await?
         .map_err(store_err(&config.data_dir))?
@@ -334,7 +348,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     // half the changelog's tombstone retention: a slice kept longer is read anew
     let kept = loaded.kept_since(
         table::checkpoint::now_ms(),
-        table::changelog::delete_retention() / 2,
+        config.changelog_tombstone_retention / 2,
     );
     for mut t in loaded.tables {
         if !readiness.is_recovered() {
@@ -635,6 +649,13 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         partitions_set = Some(parts);
     }
 
+    // marks the store as in use (at start it was marked with the load); stopped by the pipeline before its final flush (it holds the store)
+    let marker_stop = cancel.child_token();
+    let marker = table::alive::spawn_marker(
+        store.clone(),
+        table::alive::mark_every(config.changelog_tombstone_retention),
+        marker_stop.clone(),
+    );
     let pipeline = {
         let cancel = cancel.clone();
         let readiness = readiness.clone();
@@ -701,6 +722,8 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                     Err(e) => tracing::warn!(error = %e, "views not saved"),
                 }
             }
+            marker_stop.cancel();
+            let _ = marker.await;
             match blocking(move || {
                 store
                     .flush_blocking()

@@ -551,3 +551,114 @@ async fn a_restarted_materialiser_reads_only_the_tail_of_its_changelog() {
     assert_eq!(mat.metric(&rows).await, Some(keys as f64));
     mat.stop();
 }
+
+/// A node whose data directory was last in use half the changelog's tombstone retention ago or
+/// longer may have missed deletes whose tombstones the broker has dropped since (a compacting
+/// broker: the local one does not compact, so what is tested here is the decision): it forgets
+/// what its store holds and reads every slice anew, owned (an all-in-one node) or followed (a
+/// gateway). A node back sooner reads only the changelog's tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_away_longer_than_half_the_tombstone_retention_reads_its_tables_anew() {
+    let u = unique("away");
+    let topic = format!("{u}.public.{TABLE}");
+    create_topic(&topic, 2).await;
+    let (first, keys) = (4_000usize, 1_000usize);
+    produce_range(&topic, 0, first, keys, 2_000, Duration::ZERO).await;
+    let group = format!("g-{u}");
+    let logs = tempdir();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempdir()).collect();
+    // half of it, 8 s, is the line; the store is marked every 2 s
+    let retention = ["--changelog-tombstone-retention-secs", "16"];
+    let mut node = Node::spawn(
+        "all",
+        "all",
+        &group,
+        &topic,
+        dirs[0].path(),
+        logs.path(),
+        &retention,
+    );
+    let mut gw = Node::spawn(
+        "gw",
+        "gateway",
+        &group,
+        &topic,
+        dirs[1].path(),
+        logs.path(),
+        &retention,
+    );
+    const ANEW: &str = "its tables are read anew";
+    // ready with every key as the oracle says; returns the changelog records it read on start (an
+    // all-in-one node's follower takes up the slices it does not hold until they are assigned)
+    async fn current(n: &Node, want: &BTreeMap<String, i64>) -> f64 {
+        n.wait_ready(Duration::from_secs(90)).await;
+        let what = format!("{} serves the oracle (log {})", n.name, n.log.display());
+        until_api_state(&n.base, TABLE, want, Duration::from_secs(60), &what).await;
+        let mut read = 0.0;
+        for counter in [
+            "livetable_restore_records_total",
+            "livetable_follower_records_total",
+        ] {
+            read += n.metric(counter).await.unwrap_or(0.0);
+        }
+        read
+    }
+    let want = oracle(first, keys);
+    current(&node, &want).await;
+    current(&gw, &want).await;
+
+    // back at once: the tail only
+    node.stop();
+    gw.stop();
+    node.start();
+    gw.start();
+    let (n_read, g_read) = (current(&node, &want).await, current(&gw, &want).await);
+    eprintln!(
+        "back at once: the all-in-one node read {n_read} changelog records, the gateway {g_read}"
+    );
+    assert!(
+        n_read < (keys / 10) as f64 && g_read < (keys / 10) as f64,
+        "back at once, {n_read} / {g_read} changelog records read for {keys} keys: read anew\n{}",
+        node.log_text()
+    );
+    assert!(!node.log_text().contains(ANEW) && !gw.log_text().contains(ANEW));
+
+    // away past half the retention (after a kill -9, the last periodic mark counts)
+    node.kill9();
+    gw.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let started = Instant::now();
+    node.start();
+    gw.start();
+    let (n_read, g_read) = (current(&node, &want).await, current(&gw, &want).await);
+    eprintln!(
+        "back after 10 s away: the all-in-one node read {n_read} changelog records, the \
+         gateway {g_read}; both current after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        n_read >= keys as f64 && g_read >= keys as f64,
+        "away past half the retention, {n_read} / {g_read} changelog records read for {keys} \
+         keys: the stores were trusted\n{}",
+        node.log_text()
+    );
+    for n in [&node, &gw] {
+        assert_eq!(n.log_text().matches(ANEW).count(), 1, "{}", n.log_text());
+    }
+    // and they go on from there
+    produce_range(&topic, first, first + 2_000, keys, 1_000, Duration::ZERO).await;
+    let want = oracle(first + 2_000, keys);
+    for n in [&gw, &node] {
+        until_api_state(
+            &n.base,
+            TABLE,
+            &want,
+            Duration::from_secs(60),
+            "updates go on",
+        )
+        .await;
+    }
+    changelog_equals(&format!("{group}.table.{TABLE}"), 2, &want).await;
+    node.stop();
+    gw.stop();
+}

@@ -96,6 +96,17 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_RESTORE_STALL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_stall_secs: Option<u64>,
+    /// How long the changelog topics keep a tombstone (`delete.retention.ms`, set on the changelog
+    /// topics livetable creates; give an existing topic the same): a node whose data directory
+    /// was last in use more than half of it ago reads its tables anew from the changelog, since
+    /// the deletes made meanwhile may be gone from it [default: 86400].
+    #[arg(
+        long,
+        env = "LIVETABLE_CHANGELOG_TOMBSTONE_RETENTION_SECS",
+        value_name = "SECS"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changelog_tombstone_retention_secs: Option<u64>,
     /// A checkpoint whose changelog records wait this long for the broker makes the node not ready
     /// (what it serves is not durable) [default: 30].
     #[arg(long, env = "LIVETABLE_CHECKPOINT_STUCK_SECS", value_name = "SECS")]

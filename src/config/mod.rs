@@ -126,6 +126,9 @@ pub struct Config {
     /// Skip changes that a connector sent again (`--source-resends skip`).
     pub skip_source_resends: bool,
     pub restore_stall: Duration,
+    /// The changelog topics' `delete.retention.ms`: a store last in use more than half of it ago
+    /// is read anew.
+    pub changelog_tombstone_retention: Duration,
     pub checkpoint_stuck: Duration,
     pub checkpoint_fatal: Duration,
     pub instance_id: Option<String>,
@@ -265,6 +268,13 @@ impl Config {
         if restore_stall_secs == 0 {
             return Err(invalid("restore-stall-secs", "must be at least 1"));
         }
+        let tombstone_retention_secs = a.changelog_tombstone_retention_secs.unwrap_or(86_400);
+        if !(2..=u64::from(u32::MAX)).contains(&tombstone_retention_secs) {
+            return Err(invalid(
+                "changelog-tombstone-retention-secs",
+                "must be between 2 and 4294967295",
+            ));
+        }
         let checkpoint_stuck = a.checkpoint_stuck_secs.unwrap_or(30);
         let checkpoint_fatal = a.checkpoint_fatal_secs.unwrap_or(600);
         if checkpoint_stuck == 0 || checkpoint_fatal < checkpoint_stuck {
@@ -378,6 +388,7 @@ impl Config {
             max_ready_lag,
             skip_source_resends,
             restore_stall: Duration::from_secs(restore_stall_secs),
+            changelog_tombstone_retention: Duration::from_secs(tombstone_retention_secs),
             checkpoint_stuck: Duration::from_secs(checkpoint_stuck),
             checkpoint_fatal: Duration::from_secs(checkpoint_fatal),
             instance_id,

@@ -77,16 +77,6 @@ struct TopicDef {
 
 const CHANGELOG_DEF: &str = include_str!("../../topics/changelog.toml");
 
-/// How long the changelog topics keep a tombstone (`delete.retention.ms` of
-/// `topics/changelog.toml`): a reader that resumes a partition from where it stopped longer ago
-/// than this may miss deletes.
-pub fn delete_retention() -> std::time::Duration {
-    let ms = toml::from_str::<TopicDef>(CHANGELOG_DEF)
-        .ok()
-        .and_then(|d| d.config.get("delete.retention.ms")?.parse::<u64>().ok())
-        .unwrap_or(86_400_000);
-    std::time::Duration::from_millis(ms)
-}
 const DLQ_DEF: &str = include_str!("../../topics/dlq.toml");
 const REGISTRY_DEF: &str = include_str!("../../topics/registry.toml");
 
@@ -264,7 +254,15 @@ impl Changelog {
             prefix: config.changelog_prefix.clone(),
             dlq_topic: config.dlq_topic.clone(),
             registry_topic: config.registry_topic(),
-            changelog_def: parse("topics/changelog.toml", CHANGELOG_DEF)?,
+            changelog_def: {
+                let mut def: TopicDef = parse("topics/changelog.toml", CHANGELOG_DEF)?;
+                // the retention a node's restart relies on (`--changelog-tombstone-retention-secs`)
+                def.config.insert(
+                    "delete.retention.ms".to_string(),
+                    config.changelog_tombstone_retention.as_millis().to_string(),
+                );
+                def
+            },
             dlq_def: parse("topics/dlq.toml", DLQ_DEF)?,
             registry_def: parse("topics/registry.toml", REGISTRY_DEF)?,
             known: Mutex::new(HashMap::new()),
@@ -737,6 +735,8 @@ mod tests {
     fn embedded_definitions_parse() {
         let c: super::TopicDef = toml::from_str(super::CHANGELOG_DEF).unwrap();
         assert_eq!(c.config["cleanup.policy"], "compact");
+        // the file says the default of `--changelog-tombstone-retention-secs`
+        assert_eq!(c.config["delete.retention.ms"], "86400000");
         let d: super::TopicDef = toml::from_str(super::DLQ_DEF).unwrap();
         assert_eq!(d.config["cleanup.policy"], "delete");
         let r: super::TopicDef = toml::from_str(super::REGISTRY_DEF).unwrap();

@@ -4,6 +4,7 @@
 //! restore of a slice when its partition is assigned, and the follower of the changelog slices
 //! this node does not own.
 
+pub mod alive;
 pub mod changelog;
 pub mod checkpoint;
 pub mod derived;

@@ -45,6 +45,9 @@ const TREE: &str = "state.v2";
 const VERSION_KEY: &[u8] = b"mversion";
 /// Present while no process runs on the store after a clean stop.
 const CLEAN_KEY: &[u8] = b"mclean";
+/// When (ms since the epoch, big-endian) a process last used the store: written at start, about
+/// every minute while it runs, and at a clean stop.
+const ALIVE_KEY: &[u8] = b"malive";
 
 /// The source position each connector stream reached in one input partition (see
 /// [`crate::cdc::decode::SourcePos`]): a later change below it is a re-sent copy.
@@ -136,9 +139,21 @@ pub struct Loaded {
     /// Slices let go of at a clean stop by a node without a follower, with when
     /// ([`SliceMeta::kept_ms`]).
     pub kept: HashMap<(String, u32), i64>,
+    /// When a process last used the store ([`Store::mark_alive`]); `None` for a store that was
+    /// never marked (written by a version before the mark, or never run).
+    pub alive_ms: Option<i64>,
 }
 
 impl Loaded {
+    /// Whether the store was last in use `within` or longer before `now_ms` (or is not known to
+    /// have been in use at all): what it holds of the changelog may then miss deletes whose
+    /// tombstones the broker has dropped since.
+    pub fn unused_since(&self, now_ms: i64, within: std::time::Duration) -> bool {
+        let within = i64::try_from(within.as_millis()).unwrap_or(i64::MAX);
+        self.alive_ms
+            .is_none_or(|ms| now_ms.saturating_sub(ms) >= within)
+    }
+
     /// The slices let go of at a clean stop within `within` before `now_ms`.
     pub fn kept_since(
         &self,
@@ -457,6 +472,13 @@ impl Store {
                         serde_json::from_slice(&v).map_err(|_| corrupt("source marks json"))?;
                     out.source_marks.insert((topic, partition), marks);
                 }
+                Some(b'm') if k.as_ref() == ALIVE_KEY => {
+                    let ms = v
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| corrupt("alive mark value"))?;
+                    out.alive_ms = Some(i64::from_be_bytes(ms));
+                }
                 Some(b'm') => {}
                 _ => return Err(corrupt("unknown kind")),
             }
@@ -510,8 +532,18 @@ impl Store {
         Ok(never_ran || clean)
     }
 
+    /// Records that a process uses the store at `now_ms` (made durable with the next flush).
+    pub fn mark_alive(&self, now_ms: i64) -> Result<(), StoreError> {
+        self.tree.insert(ALIVE_KEY, now_ms.to_be_bytes().to_vec())?;
+        Ok(())
+    }
+
     /// Ends a run cleanly: everything applied is flushed (call after the final flush).
     pub fn end_run(&self) -> Result<(), StoreError> {
+        self.tree.insert(
+            ALIVE_KEY,
+            crate::table::checkpoint::now_ms().to_be_bytes().to_vec(),
+        )?;
         self.tree.insert(CLEAN_KEY, b"1".to_vec())?;
         self.tree.flush()?;
         Ok(())
@@ -756,6 +788,38 @@ mod tests {
         assert!(
             l.kept_since(1_000 + 86_400_000, day).is_empty(),
             "kept a day ago: read anew"
+        );
+    }
+
+    /// The alive mark: none on a store never marked (read anew), the last mark otherwise, and a
+    /// clean stop marks it too.
+    #[test]
+    fn the_store_says_when_it_was_last_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let l = store.load().unwrap();
+            assert_eq!(l.alive_ms, None);
+            assert!(
+                l.unused_since(0, day),
+                "never marked: not known to be recent"
+            );
+            store.mark_alive(5_000).unwrap();
+            store.mark_alive(7_000).unwrap();
+            let l = store.load().unwrap();
+            assert_eq!(l.alive_ms, Some(7_000));
+            assert!(!l.unused_since(7_000 + 86_399_999, day));
+            assert!(l.unused_since(7_000 + 86_400_000, day));
+            let before = crate::table::checkpoint::now_ms();
+            store.end_run().unwrap();
+            assert!(store.load().unwrap().alive_ms.unwrap() >= before);
+        }
+        let l = reopen(dir.path()).load().unwrap();
+        assert!(
+            l.alive_ms.unwrap() > 7_000,
+            "the stop's mark is durable: {:?}",
+            l.alive_ms
         );
     }
 
