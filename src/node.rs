@@ -307,7 +307,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             let now = table::checkpoint::now_ms();
             // the changelog may no longer hold the deletes made since the store was last in use
             if !loaded.tables.is_empty() && loaded.unused_since(now, tombstone_retention / 2) {
-                let forgotten = table::alive::forget_slices(&mut loaded.tables, &s)?;
+                let forgotten = table::alive::forget(&mut loaded, &s)?;
                 tracing::warn!(
                     last_in_use_secs_ago = loaded.alive_ms.map(|ms| (now - ms) / 1000),
                     slices = forgotten,

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::table::checkpoint::now_ms;
-use crate::table::state::{Slice, SliceMode, TableState};
-use crate::table::store::{Store, StoreError};
+use crate::table::state::{Slice, SliceMode};
+use crate::table::store::{Loaded, Store, StoreError};
 
 /// How often a running process marks its store as in use: every minute, or more often when the
 /// retention is short (an eighth of it), so that a kill -9 leaves a recent mark.
@@ -21,14 +21,20 @@ pub fn mark_every(tombstone_retention: Duration) -> Duration {
     (tombstone_retention / 8).clamp(Duration::from_millis(100), Duration::from_secs(60))
 }
 
-/// Forgets every owned or followed slice of `tables`, in memory and in `store` (rows, outbox
-/// marks, positions in the changelog): each is then taken over or followed from its changelog's
-/// beginning, like a slice this node never held (its owner too: what is read again from the
-/// beginning must not look fenced by an owner read before). Returns how many slices were
-/// forgotten.
-pub fn forget_slices(tables: &mut [TableState], store: &Store) -> Result<usize, StoreError> {
+/// Forgets every owned or followed slice of what was `loaded`, in memory and in `store` (rows,
+/// outbox marks, positions in the changelog), and every input position and source mark (they were
+/// written with rows and outbox marks that are now gone): each slice is then taken over or
+/// followed from its changelog's beginning, like a slice this node never held (its owner too:
+/// what is read again from the beginning must not look fenced by an owner read before), and the
+/// input starts where the changelog ends. Returns how many slices were forgotten.
+pub fn forget(loaded: &mut Loaded, store: &Store) -> Result<usize, StoreError> {
+    // positions first: a crash part-way leaves no position over a slice already forgotten (the
+    // alive mark is written after, so the next start forgets again)
+    store.clear_input_positions()?;
+    loaded.positions.clear();
+    loaded.source_marks.clear();
     let mut forgotten = 0;
-    for t in tables.iter_mut() {
+    for t in loaded.tables.iter_mut() {
         for part in 0..t.slices.len() {
             let s = &mut t.slices[part];
             if !matches!(s.mode, SliceMode::Owned | SliceMode::Followed) {
@@ -73,8 +79,7 @@ pub fn spawn_marker(
 mod tests {
     use super::*;
     use crate::table::position::Owner;
-    use crate::table::state::Entry;
-    use std::sync::Arc;
+    use crate::table::store::{AckMeta, SliceMeta, SourceMarks, TableMeta, WriteBatch};
 
     #[test]
     fn a_short_retention_is_marked_more_often() {
@@ -85,35 +90,52 @@ mod tests {
         assert_eq!(mark_every(Duration::from_secs(16)), Duration::from_secs(2));
     }
 
+    /// Forgetting, from a store as a run left it: the held slices' rows and changelog positions
+    /// go (in memory and in the store), and every input position and source mark with them; a
+    /// slice not held is left alone.
     #[test]
-    fn forgetting_drops_the_rows_positions_and_owner_of_held_slices() {
+    fn forgetting_drops_held_slices_and_every_input_position() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut t = TableState::new("t", "ep", "cdc.t", 3);
-        let owner = Owner::parse("7.3").unwrap();
-        for (part, mode) in [
-            (0, SliceMode::Owned),
-            (1, SliceMode::Followed),
-            (2, SliceMode::Absent),
-        ] {
-            let s = t.slice_mut(part);
-            s.mode = mode;
-            s.owner = owner;
-            s.cl_next = 40;
-            s.last_off = 9;
-            s.count = 10;
-            t.rows.insert(
-                format!("k{part}"),
-                Entry {
-                    row: Arc::new(serde_json::Map::new()),
-                    part,
-                    off: 9,
+        let mut b = WriteBatch::default();
+        b.put_table(
+            "t",
+            &TableMeta {
+                epoch: "ep".into(),
+                source: "cdc.t".into(),
+                partitions: 3,
+            },
+        );
+        for part in 0..3u32 {
+            b.put_row("t", &format!("k{part}"), part, 9, b"{}");
+            b.set_position("cdc.t", part as i32, 120);
+            let marks: SourceMarks = [("s".to_string(), (1, 2))].into_iter().collect();
+            b.set_source_marks("cdc.t", part as i32, &marks);
+        }
+        for (part, owned) in [(0, true), (1, false)] {
+            let meta = SliceMeta {
+                last_off: 9,
+                count: 10,
+                owner: "7.3".into(),
+                owned,
+                kept_ms: None,
+            };
+            b.put_slice("t", part, &meta);
+            b.put_acks(
+                "t",
+                part,
+                &AckMeta {
+                    acked: 5,
+                    cl_next: 40,
                 },
             );
         }
-        let mut tables = vec![t];
-        assert_eq!(forget_slices(&mut tables, &store).unwrap(), 2);
-        let t = &tables[0];
+        store.apply(b).unwrap();
+        let mut loaded = store.load().unwrap();
+        assert_eq!(loaded.positions.len(), 3);
+        assert_eq!(forget(&mut loaded, &store).unwrap(), 2);
+        assert!(loaded.positions.is_empty() && loaded.source_marks.is_empty());
+        let t = &loaded.tables[0];
         for part in [0, 1] {
             let s = t.slice(part).unwrap();
             assert_eq!(s.mode, SliceMode::Absent);
@@ -124,8 +146,13 @@ mod tests {
                 "read again from the beginning, an earlier owner's records are not fenced"
             );
         }
-        assert_eq!(t.slice(2).unwrap().cl_next, 40, "not held: untouched");
         let keys: Vec<&String> = t.rows.keys().collect();
         assert_eq!(keys, vec!["k2"]);
+        // and so it is read back at the next start
+        let again = store.load().unwrap();
+        assert!(again.positions.is_empty() && again.source_marks.is_empty());
+        let t = &again.tables[0];
+        assert!(t.slices.iter().all(|s| s.mode == SliceMode::Absent));
+        assert_eq!(t.rows.keys().collect::<Vec<_>>(), vec!["k2"]);
     }
 }

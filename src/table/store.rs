@@ -363,6 +363,22 @@ impl Store {
         Ok(())
     }
 
+    /// Removes every stored input position and source mark (before the slices are read anew:
+    /// both were written with rows and outbox marks that are gone, so the input must start where
+    /// the changelog ends, and a change applied again must not look re-sent).
+    pub fn clear_input_positions(&self) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for item in self
+            .tree
+            .scan_prefix(b"p")
+            .chain(self.tree.scan_prefix(MARKS_PREFIX))
+        {
+            b.remove(item?.0);
+        }
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
     /// Bytes on disk, as sled reports them.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
