@@ -35,17 +35,19 @@ pub fn forget(loaded: &mut Loaded, store: &Store) -> Result<usize, StoreError> {
     loaded.source_marks.clear();
     let mut forgotten = 0;
     for t in loaded.tables.iter_mut() {
-        for part in 0..t.slices.len() {
-            let s = &mut t.slices[part];
-            if !matches!(s.mode, SliceMode::Owned | SliceMode::Followed) {
-                continue;
+        let mut parts = Vec::new();
+        for (part, s) in t.slices.iter_mut().enumerate() {
+            if matches!(s.mode, SliceMode::Owned | SliceMode::Followed) {
+                *s = Slice::empty(SliceMode::Absent);
+                parts.push(u32::try_from(part).unwrap_or(u32::MAX));
             }
-            *s = Slice::empty(SliceMode::Absent);
-            let part = u32::try_from(part).unwrap_or(u32::MAX);
-            t.rows.retain(|_, e| e.part != part);
-            store.clear_slice(&t.name, part)?;
-            forgotten += 1;
         }
+        if parts.is_empty() {
+            continue;
+        }
+        t.rows.retain(|_, e| !parts.contains(&e.part));
+        store.clear_slices(&t.name, &parts)?;
+        forgotten += parts.len();
     }
     Ok(forgotten)
 }

@@ -344,21 +344,25 @@ impl Store {
 
     /// Removes every row, the slice and the outbox marks of one slice (before reading it again).
     pub fn clear_slice(&self, table: &str, part: u32) -> Result<(), StoreError> {
+        self.clear_slices(table, &[part])
+    }
+
+    /// [`Store::clear_slice`] for several slices of `table`, in one pass over its rows.
+    pub fn clear_slices(&self, table: &str, parts: &[u32]) -> Result<(), StoreError> {
+        let of_parts = |v: &[u8]| v.len() >= 4 && parts.iter().any(|p| v[..4] == p.to_be_bytes());
         let mut b = sled::Batch::default();
-        for item in self.tree.scan_prefix(prefix(b'r', table)) {
-            let (k, v) = item?;
-            if v.len() >= 4 && v[..4] == part.to_be_bytes() {
-                b.remove(k);
+        for kind in [b'r', b'o'] {
+            for item in self.tree.scan_prefix(prefix(kind, table)) {
+                let (k, v) = item?;
+                if of_parts(&v) {
+                    b.remove(k);
+                }
             }
         }
-        for item in self.tree.scan_prefix(prefix(b'o', table)) {
-            let (k, v) = item?;
-            if v.len() >= 4 && v[..4] == part.to_be_bytes() {
-                b.remove(k);
-            }
+        for part in parts {
+            b.remove(slice_key(b's', table, *part));
+            b.remove(slice_key(b'a', table, *part));
         }
-        b.remove(slice_key(b's', table, part));
-        b.remove(slice_key(b'a', table, part));
         self.tree.apply_batch(b)?;
         Ok(())
     }
@@ -556,10 +560,7 @@ impl Store {
 
     /// Ends a run cleanly: everything applied is flushed (call after the final flush).
     pub fn end_run(&self) -> Result<(), StoreError> {
-        self.tree.insert(
-            ALIVE_KEY,
-            crate::table::checkpoint::now_ms().to_be_bytes().to_vec(),
-        )?;
+        self.mark_alive(crate::table::checkpoint::now_ms())?;
         self.tree.insert(CLEAN_KEY, b"1".to_vec())?;
         self.tree.flush()?;
         Ok(())
