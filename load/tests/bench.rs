@@ -119,6 +119,39 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
     ] {
         assert_eq!(measure(&report, "scale-out-failover", name), 0.0, "{name}");
     }
+    // the rate scenarios: every configuration ran, its clients got (nearly) every change, with
+    // latencies; the verdict rows are there
+    for scenario in ["clients-1k", "clients-100-max"] {
+        let sc = report["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == scenario)
+            .unwrap_or_else(|| panic!("scenario {scenario} missing"));
+        assert!(sc["error"].is_null(), "{scenario} failed: {}", sc["error"]);
+        let measures = sc["measures"].as_array().unwrap();
+        let named = |part: &str| -> Vec<f64> {
+            measures
+                .iter()
+                .filter(|m| m["name"].as_str().unwrap().contains(part))
+                .map(|m| m["value"].as_f64().unwrap())
+                .collect()
+        };
+        let delivered = named(": delivered");
+        assert!(!delivered.is_empty(), "{scenario}: {sc}");
+        for d in delivered {
+            // a light load on a quick run: every client gets every change
+            assert!((0.9..=1.05).contains(&d), "{scenario}: delivered {d}: {sc}");
+        }
+        let p99 = named(": latency p99");
+        assert!(!p99.is_empty(), "{scenario}: {sc}");
+        assert!(
+            p99.iter().all(|v| *v > 0.0 && v.is_finite()),
+            "{scenario}: {sc}"
+        );
+    }
+    assert!(measure(&report, "clients-100-max", "highest rate sustained").is_finite());
     let text = std::fs::read_to_string(&md).unwrap();
     assert!(text.contains("| ingest | changes/s"), "{text}");
+    assert!(text.contains("| clients-1k |"), "{text}");
 }

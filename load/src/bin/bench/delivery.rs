@@ -48,6 +48,10 @@ pub fn start(
     let flag = stop.clone();
     let thread = std::thread::spawn(move || {
         let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+        // the worst delivery of each second of the run (ms), to tell a start-up stall from a
+        // broker that slows down as its log grows
+        let began = Instant::now();
+        let mut worst: Vec<f64> = Vec::new();
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
             let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
                 continue;
@@ -57,14 +61,22 @@ pub fn start(
                 continue;
             };
             if ts >= from_ms {
-                let _ = h.record((now - ts * 1000).max(0) as u64);
+                let us = (now - ts * 1000).max(0);
+                let _ = h.record(us as u64);
+                let sec = began.elapsed().as_secs() as usize;
+                if sec < 3_600 {
+                    worst.resize(worst.len().max(sec + 1), 0.0);
+                    worst[sec] = worst[sec].max(us as f64 / 1000.0);
+                }
             }
         }
         if h.is_empty() {
             return Ok(Value::Null);
         }
         let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
-        Ok(json!({"p50": q(0.5), "p99": q(0.99), "max": h.max() as f64 / 1000.0, "count": h.len()}))
+        Ok(
+            json!({"p50": q(0.5), "p99": q(0.99), "max": h.max() as f64 / 1000.0, "count": h.len(), "worst_by_second_ms": worst}),
+        )
     });
     Ok(Delivery { stop, thread })
 }

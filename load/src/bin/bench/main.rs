@@ -13,6 +13,7 @@ mod filters;
 mod measure;
 mod probe;
 mod publish;
+mod rates;
 mod report;
 mod scale_out;
 mod scenarios;
@@ -27,7 +28,7 @@ use measure::Scenario;
 use scenarios::{Live, Sizes};
 
 /// Every scenario: a run of these (not --quick) is a full run.
-const DEFAULT_SCENARIOS: &str = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,connections,connections-snapshot,publish,auth,filters,views,scale-out";
+const DEFAULT_SCENARIOS: &str = "ingest,snapshot,recovery,fanout,light,latency,latency-few-clients,clients-1k,clients-100-max,connections,connections-snapshot,publish,auth,filters,views,scale-out";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,7 +43,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:9092")]
     brokers: String,
     /// Scenarios to run (comma-separated): ingest, snapshot, recovery, fanout, light, latency,
-    /// latency-few-clients, connections, connections-snapshot, publish, auth, filters, views (= views-events,
+    /// latency-few-clients, clients-1k, clients-100-max, connections, connections-snapshot, publish, auth, filters, views (= views-events,
     /// views-top-n), scale-out (= scale-out-ingest, scale-out-clients, scale-out-failover,
     /// scale-out-resume); each also by its own name.
     #[arg(long, default_value = DEFAULT_SCENARIOS)]
@@ -51,6 +52,20 @@ struct Args {
     /// scenarios (fanout, light, latency, latency-few-clients); 10 is livetable's default.
     #[arg(long, default_value_t = 10)]
     fetch_wait_ms: u32,
+    /// The rates (changes/s, comma-separated) of clients-100-max instead of the run's defaults.
+    #[arg(long, value_delimiter = ',')]
+    rates_100: Option<Vec<u64>>,
+    /// Clients of clients-100-max instead of 100 (to tell the clients' share of a tail from the
+    /// broker's).
+    #[arg(long)]
+    rates_100_clients: Option<u64>,
+    /// cdc-gen's `linger.ms` in clients-1k and clients-100-max instead of 5 (the other scenarios
+    /// use 1; at thousands of changes/s Tansu falls behind requests of one or two records).
+    #[arg(long)]
+    rates_linger_ms: Option<u32>,
+    /// Runs per configuration of clients-1k and clients-100-max instead of the run's default.
+    #[arg(long)]
+    rates_runs: Option<usize>,
     /// CPU list livetable is pinned to (taskset -c); empty = not pinned.
     #[arg(long, default_value = "0")]
     server_cpu: String,
@@ -103,6 +118,18 @@ fn main() -> anyhow::Result<()> {
         Sizes::full()
     };
     z.fetch_wait_ms = a.fetch_wait_ms;
+    if let Some(r) = &a.rates_100 {
+        z.rates_100 = r.clone();
+    }
+    if let Some(n) = a.rates_100_clients {
+        z.rates_100_clients = n.max(1);
+    }
+    if let Some(n) = a.rates_linger_ms {
+        z.rates_linger_ms = n;
+    }
+    if let Some(n) = a.rates_runs {
+        z.rates_runs = n.max(1);
+    }
     // livetable and ws-swarm each hold one descriptor per connection, and inherit this limit
     let nofile = raise_nofile(z.idle_connections + 10_000);
     if nofile < z.idle_connections + 1000 {
@@ -211,6 +238,24 @@ fn main() -> anyhow::Result<()> {
             scenarios::live(&env, name, l, &z, sc)
         });
     }
+    run(
+        "clients-1k",
+        format!(
+            "{} WebSocket clients (ws-swarm, no state) on a 1000-row table, {} changes/s for {} s, then {} changes/s; cdc-gen lingering {} ms; a topic, livetable and swarm per run, a plain consumer timing the broker in each; {} runs per rate, medians",
+            z.rates_1k_clients, z.rates_1k_low, z.rates_secs, z.rates_1k_high, z.rates_linger_ms, z.rates_runs
+        ),
+        &mut results,
+        &mut |sc| rates::clients_1k(&env, &z, sc),
+    );
+    run(
+        "clients-100-max",
+        format!(
+            "{} WebSocket clients (ws-swarm, no state) on a 1000-row table at {:?} changes/s, {} s each, cdc-gen lingering {} ms; a topic, livetable and swarm per run, a plain consumer timing the broker in each; {} runs per rate, medians; the highest rate with >= 0.95 of the row updates delivered and p99 <= 10 ms",
+            z.rates_100_clients, z.rates_100, z.rates_secs, z.rates_linger_ms, z.rates_runs
+        ),
+        &mut results,
+        &mut |sc| rates::clients_100_max(&env, &z, sc),
+    );
     run(
         "connections",
         format!(

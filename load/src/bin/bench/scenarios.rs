@@ -85,6 +85,17 @@ pub struct Sizes {
     pub view_runs: usize,
     pub view_top_rows: Vec<u64>,
     pub view_top_updates: u64,
+    /// clients-1k: clients, the two rates (changes/s); clients-100-max: clients, the rates tried
+    /// (rising); both: seconds of load per run, runs per configuration
+    pub rates_1k_clients: u64,
+    pub rates_1k_low: u64,
+    pub rates_1k_high: u64,
+    pub rates_100_clients: u64,
+    pub rates_100: Vec<u64>,
+    pub rates_secs: u64,
+    pub rates_runs: usize,
+    /// cdc-gen's `linger.ms` in the rate scenarios
+    pub rates_linger_ms: u32,
 }
 
 impl Sizes {
@@ -148,6 +159,14 @@ impl Sizes {
             view_runs: 3,
             view_top_rows: vec![10_000, 100_000, 1_000_000],
             view_top_updates: 200_000,
+            rates_1k_clients: 1_000,
+            rates_1k_low: 200,
+            rates_1k_high: 1_000,
+            rates_100_clients: 100,
+            rates_100: vec![1_000, 2_000, 5_000, 10_000, 20_000],
+            rates_secs: 10,
+            rates_runs: 3,
+            rates_linger_ms: 5,
         }
     }
 
@@ -211,6 +230,14 @@ impl Sizes {
             view_runs: 1,
             view_top_rows: vec![1_000, 10_000],
             view_top_updates: 20_000,
+            rates_1k_clients: 20,
+            rates_1k_low: 50,
+            rates_1k_high: 100,
+            rates_100_clients: 10,
+            rates_100: vec![200],
+            rates_secs: 2,
+            rates_runs: 1,
+            rates_linger_ms: 5,
         }
     }
 }
@@ -269,6 +296,18 @@ pub fn prefill_partitions(
 /// Produces `rate` changes/s over `keys` keys for `secs` seconds (cdc-gen gets 5 s of slack);
 /// returns cdc-gen's summary.
 pub fn paced(env: &Env, topic: &str, keys: u64, rate: u64, secs: u64) -> anyhow::Result<Value> {
+    paced_linger(env, topic, keys, rate, secs, 1)
+}
+
+/// [`paced`] with cdc-gen's producer lingering `linger_ms` for a fuller request.
+pub fn paced_linger(
+    env: &Env,
+    topic: &str,
+    keys: u64,
+    rate: u64,
+    secs: u64,
+    linger_ms: u32,
+) -> anyhow::Result<Value> {
     env.tool(
         "cdc-gen",
         &[
@@ -284,6 +323,8 @@ pub fn paced(env: &Env, topic: &str, keys: u64, rate: u64, secs: u64) -> anyhow:
             s(rate),
             s("--duration-secs"),
             s(secs + 5),
+            s("--linger-ms"),
+            s(linger_ms),
         ],
     )
 }
@@ -321,7 +362,7 @@ pub fn swarm_connected(
 }
 
 /// Starts livetable on a prefilled topic and waits until it holds `seq` changes.
-fn loaded(
+pub fn loaded(
     env: &Env,
     name: &str,
     topic: &str,
