@@ -659,6 +659,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     let pipeline = {
         let cancel = cancel.clone();
         let readiness = readiness.clone();
+        let data_dir = config.data_dir.clone();
         tokio::spawn(async move {
             let mut result = Ok(());
             // the first part to stop (an error, or shutdown) stops the others
@@ -690,8 +691,17 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             })
             .await;
             if let Some(task) = checkpoint_task {
-                if let Err(e) = task.await {
-                    tracing::error!(error = %e, "durability task failed");
+                match task.await {
+                    Ok(Ok(())) => {}
+                    // the cause of the stop (the ingest's error, if any, followed from it)
+                    Ok(Err(e)) => {
+                        readiness.healthy.store(false, Ordering::Release);
+                        result = Err(ServiceError::Store {
+                            dir: data_dir.display().to_string(),
+                            source: e.0,
+                        });
+                    }
+                    Err(e) => tracing::error!(error = %e, "durability task failed"),
                 }
             }
             if let (Some(c), Some(_parts)) = (consumer, partitions_set) {

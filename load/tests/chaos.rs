@@ -178,7 +178,9 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
         out.join("logs").display()
     );
     // a livetable process that exits by itself fails the test, except BUG-3 (RELIABILITY.md):
-    // the gateway dies of SIGSEGV when the changelog topic it follows is deleted
+    // the gateway dies of SIGSEGV when the changelog topic it follows is deleted; and a node whose
+    // store failed on the full disk exits with that error by design (DISK-1), which it may notice
+    // only once the fault ended (its next store write), and the suite restarts it as a supervisor
     let crashes: Vec<&str> = report["crashes"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
@@ -186,6 +188,11 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
     let unexpected_crashes: Vec<&&str> = crashes
         .iter()
         .filter(|c| !(c.contains("SIGSEGV") && c.contains("after ChangelogDeleted")))
+        .filter(|c| {
+            !(c.contains("DiskFull")
+                && c.contains("exit status: 1")
+                && c.contains("No space left on device"))
+        })
         .collect();
     assert!(unexpected_crashes.is_empty(), "{unexpected_crashes:?}");
     assert_eq!(t["lost"].as_u64(), Some(0), "{t}");

@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::table::changelog::{Changelog, RecordMeta};
 use crate::table::repair;
 use crate::table::state::{SliceMode, Tables};
-use crate::table::store::{AckMeta, DeadLetter, Store};
+use crate::table::store::{AckMeta, DeadLetter, Store, StoreError};
 
 /// A changelog record in flight for (table, partition, key) reflecting input offset `off`.
 pub struct PendingRow {
@@ -143,6 +143,12 @@ const REPAIR_EVERY: Duration = Duration::from_secs(5);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The store failed to make a checkpoint durable: the node stops (nothing of that checkpoint is
+/// committed) and its next start reopens the store.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreFailed(#[from] pub StoreError);
+
 /// What re-producing a key found.
 pub enum Resent {
     Sent(DeliveryFuture),
@@ -165,7 +171,11 @@ enum Settled {
 
 impl Checkpointer {
     /// Runs until the sender side is dropped and every checkpoint is done, then commits synchronously.
-    pub async fn run(self, mut rx: mpsc::Receiver<Checkpoint>) {
+    ///
+    /// A store that fails to flush ends it with the error, nothing of the checkpoint in hand
+    /// committed: sled keeps failing every write after an I/O error (a full disk, say) until it is
+    /// opened again, so the node must stop and be restarted rather than retry (see [`StoreFailed`]).
+    pub async fn run(self, mut rx: mpsc::Receiver<Checkpoint>) -> Result<(), StoreFailed> {
         let mut committed: HashMap<(String, i32), i64> = HashMap::new();
         while let Some(first) = rx.recv().await {
             let mut group = vec![first];
@@ -175,7 +185,7 @@ impl Checkpointer {
                     Err(_) => break,
                 }
             }
-            self.flush().await;
+            self.flush().await?;
             let started = Instant::now();
             self.progress
                 .pending_since_ms
@@ -199,7 +209,7 @@ impl Checkpointer {
             if barriers.is_empty() {
                 self.commit(&positions, CommitMode::Async);
             } else {
-                self.flush().await;
+                self.flush().await?;
                 self.commit(&positions, CommitMode::Sync);
             }
             committed.extend(positions);
@@ -213,7 +223,7 @@ impl Checkpointer {
         // the last commit waits for the broker, but not longer than a moment: a broker that is
         // down must not hold the shutdown (what is not committed is re-read and recognised)
         let (Some(consumer), false) = (self.consumer.clone(), committed.is_empty()) else {
-            return;
+            return Ok(());
         };
         let metrics = self.metrics.clone();
         let last = tokio::task::spawn_blocking(move || {
@@ -234,26 +244,23 @@ impl Checkpointer {
                 "the last offset commit did not finish within 3 s (broker unreachable?)"
             );
         }
+        Ok(())
     }
 
-    async fn flush(&self) {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            match self.store.flush().await {
-                Ok(()) => {
-                    self.metrics
-                        .flush_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "sled flush failed; retrying");
-                    if self.sleep(backoff).await {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+    /// Makes the store durable; a failure is the store's end in this process (not retried).
+    async fn flush(&self) -> Result<(), StoreFailed> {
+        let started = Instant::now();
+        match self.store.flush().await {
+            Ok(()) => {
+                self.metrics
+                    .flush_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the store failed to flush: stopping (sled fails every write after an I/O error until it is opened again; a restart does that, and re-reads what was not durable)");
+                self.cancel.cancel();
+                Err(StoreFailed(e))
             }
         }
     }

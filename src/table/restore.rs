@@ -67,6 +67,8 @@ impl RestoreError {
         match self {
             RestoreError::Changelog(e) => e.is_fatal(),
             RestoreError::Registry(RegistryError::OtherDeployment { .. }) => true,
+            // sled fails every write after an I/O error until it is opened again (a restart)
+            RestoreError::Store(_) => true,
             _ => false,
         }
     }
