@@ -10,20 +10,26 @@ fn brokers() -> String {
     std::env::var("LIVETABLE_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
-fn measure(report: &Value, scenario: &str, name: &str) -> f64 {
+/// A scenario of the report, which ran without error.
+fn scenario<'a>(report: &'a Value, name: &str) -> &'a Value {
     let sc = report["scenarios"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == scenario)
-        .unwrap_or_else(|| panic!("scenario {scenario} missing"));
-    assert!(sc["error"].is_null(), "{scenario} failed: {}", sc["error"]);
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("scenario {name} missing"));
+    assert!(sc["error"].is_null(), "{name} failed: {}", sc["error"]);
+    sc
+}
+
+fn measure(report: &Value, scenario_name: &str, name: &str) -> f64 {
+    let sc = scenario(report, scenario_name);
     sc["measures"]
         .as_array()
         .unwrap()
         .iter()
         .find(|m| m["name"].as_str().unwrap().starts_with(name))
-        .unwrap_or_else(|| panic!("{scenario}: no measure {name}: {sc}"))["value"]
+        .unwrap_or_else(|| panic!("{scenario_name}: no measure {name}: {sc}"))["value"]
         .as_f64()
         .unwrap()
 }
@@ -121,14 +127,9 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
     }
     // the rate scenarios: every configuration ran, its clients got (nearly) every change, with
     // latencies; the verdict rows are there
-    for scenario in ["clients-1k", "clients-100-max"] {
-        let sc = report["scenarios"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == scenario)
-            .unwrap_or_else(|| panic!("scenario {scenario} missing"));
-        assert!(sc["error"].is_null(), "{scenario} failed: {}", sc["error"]);
+    for name in ["clients-1k", "clients-100-max"] {
+        let sc = scenario(&report, name);
+        let scenario = name;
         let measures = sc["measures"].as_array().unwrap();
         // by the end of the name: "latency p99" is not "latency p99 beyond the broker (...)",
         // which is a difference of two p99s and can be below zero

@@ -14,9 +14,9 @@
 use std::time::Duration;
 
 use crate::measure::{median, Goal, Scenario};
-use crate::scenarios::{loaded, paced_linger, prefill, swarm_connected, Sizes};
+use crate::probe;
+use crate::scenarios::{live_stack, paced_linger, Live, LiveStack, Sizes};
 use crate::stack::Env;
-use crate::{delivery, probe};
 
 /// Rows of the table the clients watch (cdc-gen's keys).
 const ROWS: u64 = 1_000;
@@ -43,28 +43,21 @@ fn run(
     secs: u64,
     z: &Sizes,
 ) -> anyhow::Result<RunOut> {
-    let topic = env.topic(name);
-    prefill(env, &topic, ROWS, ROWS)?;
-    let probe = delivery::start(&env.brokers, &topic, delivery::now_ms(), z.fetch_wait_ms)?;
-    let max = (clients + 100).to_string();
-    let fetch = format!("fetch.wait.max.ms={}", z.fetch_wait_ms);
-    let lt = loaded(
-        env,
-        name,
-        &topic,
-        ROWS,
-        &["--max-connections", &max, "--kafka-prop", &fetch],
-    )?;
-    let ramp = 2_000u64;
-    let (swarm, connected) = swarm_connected(
-        env,
-        &lt,
+    let l = Live {
         clients,
-        ramp,
-        clients / ramp + 1 + secs + 8,
-        z,
-        &[],
-    )?;
+        rows: ROWS,
+        rate,
+        secs,
+        partitions: 1,
+    };
+    let LiveStack {
+        topic,
+        delivery,
+        lt,
+        swarm,
+        connected,
+    } = live_stack(env, name, &l, true, z)?;
+    let probe = delivery.ok_or_else(|| anyhow::anyhow!("{name}: no delivery probe"))?;
     anyhow::ensure!(
         connected >= clients as f64,
         "{name}: {connected} of {clients} clients connected"

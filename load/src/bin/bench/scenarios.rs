@@ -603,42 +603,73 @@ pub struct Live {
     pub partitions: u32,
 }
 
-pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
-    let Live {
-        clients,
-        rows,
-        rate,
-        secs,
-        partitions,
-    } = l;
+/// A live-client run up to its load: a prefilled topic, the broker's own delivery probe (when
+/// `time_broker`), a livetable for `l.clients` connections and a swarm of them connected,
+/// listening through the ramp, `l.secs` of load and 8 s of slack.
+pub struct LiveStack {
+    pub topic: String,
+    pub delivery: Option<delivery::Delivery>,
+    pub lt: Livetable,
+    pub swarm: crate::stack::Tool,
+    /// Connections livetable counted before the load.
+    pub connected: f64,
+}
+
+pub fn live_stack(
+    env: &Env,
+    name: &str,
+    l: &Live,
+    time_broker: bool,
+    z: &Sizes,
+) -> anyhow::Result<LiveStack> {
     let topic = env.topic(name);
-    prefill_partitions(env, &topic, rows, rows, partitions)?;
+    prefill_partitions(env, &topic, l.rows, l.rows, l.partitions)?;
     // the broker's own delivery time, measured in the same run (not while 1,000s of clients
     // saturate the tools' core: there it would time the core, not the broker); started before
     // livetable so that its group join is over before the clients' listening time starts
-    let delivery = if name == "fanout" {
-        None
-    } else {
+    let delivery = if time_broker {
         Some(delivery::start(
             &env.brokers,
             &topic,
             delivery::now_ms(),
             z.fetch_wait_ms,
         )?)
+    } else {
+        None
     };
-    let max = (clients + 100).to_string();
+    let max = (l.clients + 100).to_string();
     let fetch = format!("fetch.wait.max.ms={}", z.fetch_wait_ms);
     let lt = loaded(
         env,
         name,
         &topic,
-        rows,
+        l.rows,
         &["--max-connections", &max, "--kafka-prop", &fetch],
     )?;
     let ramp = 2_000u64;
-    let ramp_secs = clients / ramp + 1;
+    let ramp_secs = l.clients / ramp + 1;
     let (swarm, connected) =
-        swarm_connected(env, &lt, clients, ramp, ramp_secs + secs + 8, z, &[])?;
+        swarm_connected(env, &lt, l.clients, ramp, ramp_secs + l.secs + 8, z, &[])?;
+    Ok(LiveStack {
+        topic,
+        delivery,
+        lt,
+        swarm,
+        connected,
+    })
+}
+
+pub fn live(env: &Env, name: &str, l: Live, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
+    let LiveStack {
+        topic,
+        delivery,
+        lt,
+        swarm,
+        connected,
+    } = live_stack(env, name, &l, name != "fanout", z)?;
+    let Live {
+        rows, rate, secs, ..
+    } = l;
     sc.add(
         "clients connected before the load",
         connected,
