@@ -103,6 +103,56 @@ fn change(key: usize, n: usize) -> FixtureRecord {
     }
 }
 
+/// Changes `range` (change `i` sets key `k{i % keys}` to `n = i`) into `topic`, and into `want`.
+async fn produce_changes(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    keys: usize,
+    range: std::ops::Range<usize>,
+    want: &mut BTreeMap<String, i64>,
+) {
+    let batch: Vec<FixtureRecord> = range.clone().map(|i| change(i % keys, i)).collect();
+    produce_keyed(p, topic, &batch).await;
+    for i in range {
+        want.insert(format!("k{}", i % keys), i as i64);
+    }
+}
+
+/// The first `keys` rows, produced before `node` is ready and then served by it; returns them.
+async fn first_rows(
+    node: &Node,
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    keys: usize,
+) -> BTreeMap<String, i64> {
+    let mut want = BTreeMap::new();
+    produce_changes(p, topic, keys, 0..keys, &mut want).await;
+    node.wait_ready(Duration::from_secs(90)).await;
+    until_api_state(
+        &node.base,
+        "t",
+        &want,
+        Duration::from_secs(60),
+        "the first rows",
+    )
+    .await;
+    want
+}
+
+/// `node` exited with an error that names the full disk.
+fn assert_store_error_exit(node: &Node, status: std::process::ExitStatus) {
+    assert!(
+        !status.success(),
+        "a failed store is an error exit: {status}"
+    );
+    let log = node.log_text();
+    assert!(
+        log.contains("No space left on device"),
+        "the exit names the cause:\n{}",
+        tail(&log, 30)
+    );
+}
+
 /// The disk fills while the node runs (`kill9 == false`), or while it is down after a kill -9 and
 /// must take its partitions over again on a full disk (`kill9 == true`, the chaos run's case).
 async fn disk_full(kill9: bool) {
@@ -131,22 +181,7 @@ async fn disk_full(kill9: bool) {
         ],
     );
     let p = producer();
-    produce_keyed(
-        &p,
-        &topic,
-        &(0..keys).map(|k| change(k, k)).collect::<Vec<_>>(),
-    )
-    .await;
-    node.wait_ready(Duration::from_secs(90)).await;
-    let mut want: BTreeMap<String, i64> = (0..keys).map(|k| (format!("k{k}"), k as i64)).collect();
-    until_api_state(
-        &node.base,
-        "t",
-        &want,
-        Duration::from_secs(60),
-        "the first rows",
-    )
-    .await;
+    let mut want = first_rows(&node, &p, &topic, keys).await;
 
     if kill9 {
         // the disk fills once the restarted node has opened its store, before the group gives
@@ -179,38 +214,20 @@ async fn disk_full(kill9: bool) {
             tail(&node.log_text(), 30)
         );
         if next < keys + 40_000 {
-            let batch: Vec<FixtureRecord> =
-                (next..next + 2_000).map(|i| change(i % keys, i)).collect();
-            produce_keyed(&p, &topic, &batch).await;
-            for i in next..next + 2_000 {
-                want.insert(format!("k{}", i % keys), i as i64);
-            }
+            produce_changes(&p, &topic, keys, next..next + 2_000, &mut want).await;
             next += 2_000;
         } else {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
-    let log = node.log_text();
     eprintln!(
         "stopped after {:.1} s ({status}); {} changes produced",
         started.elapsed().as_secs_f64(),
         next - keys
     );
-    assert!(
-        !status.success(),
-        "a failed store is an error exit: {status}"
-    );
-    assert!(
-        log.contains("No space left on device"),
-        "the exit names the cause:\n{}",
-        tail(&log, 30)
-    );
+    assert_store_error_exit(&node, status);
     // the producer goes on while the node is down; then there is space again
-    let batch: Vec<FixtureRecord> = (next..next + 2_000).map(|i| change(i % keys, i)).collect();
-    produce_keyed(&p, &topic, &batch).await;
-    for i in next..next + 2_000 {
-        want.insert(format!("k{}", i % keys), i as i64);
-    }
+    produce_changes(&p, &topic, keys, next..next + 2_000, &mut want).await;
     fs.free();
     node.start();
     node.wait_ready(Duration::from_secs(120)).await;
@@ -273,22 +290,7 @@ async fn a_joining_node_with_a_full_disk_stops_and_the_other_serves_everything()
         &flags,
     );
     let p = producer();
-    produce_keyed(
-        &p,
-        &topic,
-        &(0..keys).map(|k| change(k, k)).collect::<Vec<_>>(),
-    )
-    .await;
-    a.wait_ready(Duration::from_secs(90)).await;
-    let mut want: BTreeMap<String, i64> = (0..keys).map(|k| (format!("k{k}"), k as i64)).collect();
-    until_api_state(
-        &a.base,
-        "t",
-        &want,
-        Duration::from_secs(60),
-        "the first rows",
-    )
-    .await;
+    let mut want = first_rows(&a, &p, &topic, keys).await;
     let filled = fs.fill(2 << 20);
     eprintln!("ballast: {} MiB", filled >> 20);
     let mut b = Node::spawn(
@@ -312,11 +314,7 @@ async fn a_joining_node_with_a_full_disk_stops_and_the_other_serves_everything()
             b.log.display(),
             tail(&b.log_text(), 30)
         );
-        let batch: Vec<FixtureRecord> = (next..next + 200).map(|i| change(i % keys, i)).collect();
-        produce_keyed(&p, &topic, &batch).await;
-        for i in next..next + 200 {
-            want.insert(format!("k{}", i % keys), i as i64);
-        }
+        produce_changes(&p, &topic, keys, next..next + 200, &mut want).await;
         next += 200;
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -324,15 +322,7 @@ async fn a_joining_node_with_a_full_disk_stops_and_the_other_serves_everything()
         "b stopped after {:.1} s ({status})",
         started.elapsed().as_secs_f64()
     );
-    assert!(
-        !status.success(),
-        "a failed store is an error exit: {status}"
-    );
-    assert!(
-        b.log_text().contains("No space left on device"),
-        "{}",
-        tail(&b.log_text(), 30)
-    );
+    assert_store_error_exit(&b, status);
     until_api_state(
         &a.base,
         "t",
@@ -344,11 +334,7 @@ async fn a_joining_node_with_a_full_disk_stops_and_the_other_serves_everything()
     fs.free();
     b.start();
     b.wait_ready(Duration::from_secs(120)).await;
-    for i in next..next + 2_000 {
-        want.insert(format!("k{}", i % keys), i as i64);
-    }
-    let batch: Vec<FixtureRecord> = (next..next + 2_000).map(|i| change(i % keys, i)).collect();
-    produce_keyed(&p, &topic, &batch).await;
+    produce_changes(&p, &topic, keys, next..next + 2_000, &mut want).await;
     for n in [&a, &b] {
         until_api_state(
             &n.base,
