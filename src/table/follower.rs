@@ -435,6 +435,16 @@ impl Follower {
                 next.insert((topic.clone(), *p, offset));
             }
         }
+        // topics not assigned before: their leaders first, or their first fetch waits for a
+        // metadata refresh (see `reader::learn_leaders`); bounded, as commands wait meanwhile
+        crate::table::reader::learn_leaders(
+            reader,
+            wanted
+                .iter()
+                .filter(|tp| !current.contains(*tp))
+                .map(|(t, _)| t.as_str()),
+            Duration::from_secs(2),
+        );
         match reader.assign(&tpl) {
             Ok(()) => *assigned = next,
             Err(e) => tracing::warn!(error = %e, "follower: assign failed"),

@@ -68,6 +68,11 @@ pub fn read_spans(
     if spans.is_empty() {
         return Ok(next);
     }
+    learn_leaders(
+        consumer,
+        spans.iter().map(|s| s.topic.as_str()),
+        stall.min(Duration::from_secs(2)),
+    );
     consumer.assign(&tpl)?;
     let mut open: Vec<(String, i32)> = next.keys().cloned().collect();
     let mut progress = Instant::now();
@@ -107,6 +112,28 @@ pub fn read_spans(
     };
     let _ = consumer.unassign();
     result.map(|()| next)
+}
+
+/// Asks the broker for the metadata of `topics` before they are assigned. A partition of a topic
+/// the reader has not met yet is otherwise fetched only after librdkafka's next metadata refresh:
+/// measured at ~0.95 s in 5 of 7 restarts of a node (1M rows, Tansu 0.6), against ~5 ms with the
+/// leader known. A failure here only costs that wait, so it is logged, not returned; after the
+/// first one the other topics are not asked (each would wait `timeout` as well).
+pub fn learn_leaders<'a>(
+    consumer: &Reader,
+    topics: impl IntoIterator<Item = &'a str>,
+    timeout: Duration,
+) {
+    let mut topics: Vec<&str> = topics.into_iter().collect();
+    topics.sort_unstable();
+    topics.dedup();
+    for topic in topics {
+        if let Err(e) = consumer.fetch_metadata(Some(topic), timeout) {
+            // the broker is not answering: the others would wait as long, for nothing
+            tracing::debug!(topic, error = %e, "reader: metadata before the read failed");
+            return;
+        }
+    }
 }
 
 fn done(consumer: &Reader, tp: &(String, i32), next: i64, end: End) -> bool {

@@ -210,6 +210,7 @@ impl Restorer {
         generation: i32,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<SliceTaken, RestoreError> {
+        let entered = std::time::Instant::now();
         self.changelog
             .ensure_table(&entry.table, &entry.source, entry.partitions as usize)?;
         let table = self
@@ -265,12 +266,19 @@ impl Restorer {
         // a `restarted` fence read: the partition was written again by an owner after it started
         // over; what this node read before may lack records below it
         let mut rewritten = false;
+        // where the take-over's time goes, for its log line
+        let mut fence_wait = std::time::Duration::ZERO;
+        let mut read_time = std::time::Duration::ZERO;
+        let prepared = entered.elapsed();
         for attempt in 0..3 {
+            let t = std::time::Instant::now();
             // a producer failed for good is replaced before the take-over is retried
             fence_off = self
                 .changelog
                 .write_fence(&entry.table, part, owner, &self.member, false)
                 .map_err(|why| RestoreError::Fence(entry.table.clone(), part, why))?;
+            fence_wait += t.elapsed();
+            let t = std::time::Instant::now();
             let (n, restarted) = self.fold_span(
                 reader,
                 &table,
@@ -281,6 +289,7 @@ impl Restorer {
                 own,
                 cancelled,
             )?;
+            read_time += t.elapsed();
             next = n;
             rewritten |= restarted && from > 0;
             let seen = table
@@ -378,6 +387,9 @@ impl Restorer {
             fence_offset = fence_off,
             replayed = replay.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
+            prepare_ms = prepared.as_millis() as u64,
+            fence_ms = fence_wait.as_millis() as u64,
+            read_ms = read_time.as_millis() as u64,
             "slice taken over"
         );
         Ok(SliceTaken {

@@ -305,10 +305,14 @@ impl Partitions {
             start
         };
         let offset = start.map_or(Offset::Beginning, Offset::Offset);
+        // resumed first, then moved: librdkafka's broker thread is woken by the seek, not by the
+        // resume, so a resume last could leave a paused decision standing until its next wakeup
+        // (~0.9 s in some restarts). Nothing fetched between the two reaches this thread: the seek
+        // makes it outdated, and this thread polls only after
+        resume(consumer, &done.topic, done.partition);
         if let Err(e) = consumer.seek(&done.topic, done.partition, offset, Duration::from_secs(5)) {
             tracing::warn!(topic = %done.topic, partition = done.partition, error = %e, "seek failed");
         }
-        resume(consumer, &done.topic, done.partition);
         tracing::info!(topic = %done.topic, partition = done.partition, start = ?start, slices = taken.slices.len(), "partition active");
         let acked = taken
             .slices
