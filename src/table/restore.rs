@@ -360,8 +360,14 @@ impl Restorer {
             .restore_seconds
             .set(started.elapsed().as_secs_f64());
         // what this node applied to the slice and the changelog never acknowledged: its own
-        // slice, or one a node without a follower (a materialiser) let go of and kept
-        let kept = mode == SliceMode::Followed && self.handover.is_none();
+        // slice, or one it let go of and held since as a followed slice (a materialiser keeps it
+        // at a clean stop; an all-in-one node's follower takes up, at the first assignment after
+        // a restart, every slice of the last run the group did not give back yet, outbox and
+        // all). The input then starts at the stored position, past those changes: without this
+        // their records never reached the changelog (chaos seed 31415001, OUTBOX-1). A followed
+        // slice another node wrote is read up to the fence first, so what is produced again is
+        // each key's current value, at worst a duplicate of that owner's last record
+        let kept = mode == SliceMode::Followed;
         let replay = if started_over || own.is_some() || kept {
             self.replay(&table, part, started_over)?
         } else {
