@@ -698,8 +698,17 @@ pub async fn run(
         if measure {
             let ended = Instant::now();
             let probes = wl.probe(rng).await;
-            let mut fresh =
-                fresh_everywhere(&nodes, &serving, "ticks", &probes, plan.recovery).await;
+            let why = format!("while recovering from {kind:?}");
+            let mut fresh = fresh_supervised(
+                &mut nodes,
+                &serving,
+                "ticks",
+                &probes,
+                plan.recovery,
+                &why,
+                &mut rep.crashes,
+            )
+            .await;
             if let (FaultKind::ConnectKill9, Some(p)) = (kind, pg.as_mut()) {
                 // the database's change through the restarted Connect
                 p.probe_n += 1;
@@ -712,8 +721,18 @@ pub async fn run(
                 let w = p.writer.clone();
                 let _ = pg_exec(&w, &q).await;
                 let want: State = [("probe".to_string(), p.probe_n)].into();
-                fresh =
-                    fresh.and(fresh_everywhere(&nodes, &serving, &t, &want, plan.recovery).await);
+                fresh = fresh.and(
+                    fresh_supervised(
+                        &mut nodes,
+                        &serving,
+                        &t,
+                        &want,
+                        plan.recovery,
+                        &why,
+                        &mut rep.crashes,
+                    )
+                    .await,
+                );
             }
             match fresh {
                 Some(()) => fault.recovery_ms = Some(ended.elapsed().as_millis() as u64),
@@ -1119,6 +1138,40 @@ where
 }
 
 /// Waits until every serving node shows at least the probe values.
+/// [`fresh_everywhere`], restarting (as a supervisor would, and reported in `crashes`) any
+/// process that exits while the wait lasts: a node may meet a fault's effect only at its next
+/// write, after the fault ended (a full disk: sled's first failed write stops it), and the wait
+/// must not count the time it stays down as livetable's.
+async fn fresh_supervised(
+    nodes: &mut [Node],
+    serving: &[usize],
+    table: &str,
+    probes: &State,
+    deadline: Duration,
+    why: &str,
+    crashes: &mut Vec<String>,
+) -> Option<()> {
+    let until = Instant::now() + deadline;
+    loop {
+        for n in nodes.iter_mut() {
+            if let Some(note) = n.revive(why) {
+                crashes.push(note);
+            }
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        let window = left.min(Duration::from_secs(1));
+        if fresh_everywhere(nodes, serving, table, probes, window)
+            .await
+            .is_some()
+        {
+            return Some(());
+        }
+        if left <= window {
+            return None;
+        }
+    }
+}
+
 async fn fresh_everywhere(
     nodes: &[Node],
     serving: &[usize],
