@@ -80,6 +80,23 @@ fn differing(a: &BTreeMap<String, i64>, b: &BTreeMap<String, i64>) -> Vec<String
         .collect()
 }
 
+/// The keys whose value in the changelog still differs from `want` once they all agree or
+/// `deadline` passed (empty: the changelog holds `want`).
+async fn changelog_behind(
+    changelog: &str,
+    want: &BTreeMap<String, i64>,
+    deadline: Duration,
+) -> Vec<String> {
+    let until = Instant::now() + deadline;
+    loop {
+        let behind = differing(want, &changelog_state(changelog));
+        if behind.is_empty() || Instant::now() >= until {
+            return behind;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A member of `group` that takes partitions of `topic` and does nothing with them, polled on a
 /// thread of its own until dropped (it then leaves the group).
 struct Holder {
@@ -196,7 +213,10 @@ async fn slices_followed_after_a_restart_keep_their_outbox_until_taken_back() {
         "the last changes applied within 2 s",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // sled makes what was applied durable by itself every 200 ms (`Store::open`), with nothing
+    // a test can watch; the checkpointer's own flush of these batches may wait behind the
+    // previous checkpoint's 3 s linger. Three of its periods, well inside the linger
+    tokio::time::sleep(Duration::from_millis(600)).await;
     node.kill9();
     let missing = differing(&want, &changelog_state(&changelog));
     assert!(
@@ -264,15 +284,7 @@ async fn slices_followed_after_a_restart_keep_their_outbox_until_taken_back() {
         "no partition started past its acknowledged changes: the test did not reach the case"
     );
     // what the node serves, its changelog must hold (linger: up to 3 s more)
-    let mut last = Vec::new();
-    let until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < until {
-        last = differing(&want, &changelog_state(&changelog));
-        if last.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let last = changelog_behind(&changelog, &want, Duration::from_secs(30)).await;
     assert!(
         last.is_empty(),
         "{} keys are older in the changelog than what the node serves, e.g. {:?} (log {})",

@@ -269,7 +269,6 @@ impl Restorer {
         // where the take-over's time goes, for its log line
         let mut fence_wait = std::time::Duration::ZERO;
         let mut read_time = std::time::Duration::ZERO;
-        let prepared = entered.elapsed();
         for attempt in 0..3 {
             let t = std::time::Instant::now();
             // a producer failed for good is replaced before the take-over is retried
@@ -393,7 +392,7 @@ impl Restorer {
             fence_offset = fence_off,
             replayed = replay.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
-            prepare_ms = prepared.as_millis() as u64,
+            prepare_ms = started.duration_since(entered).as_millis() as u64,
             fence_ms = fence_wait.as_millis() as u64,
             read_ms = read_time.as_millis() as u64,
             "slice taken over"

@@ -1137,7 +1137,6 @@ where
     }
 }
 
-/// Waits until every serving node shows at least the probe values.
 /// [`fresh_everywhere`], restarting (as a supervisor would, and reported in `crashes`) any
 /// process that exits while the wait lasts: a node may meet a fault's effect only at its next
 /// write, after the fault ended (a full disk: sled's first failed write stops it), and the wait
@@ -1172,6 +1171,7 @@ async fn fresh_supervised(
     }
 }
 
+/// Waits until every serving node shows at least the probe values.
 async fn fresh_everywhere(
     nodes: &[Node],
     serving: &[usize],
