@@ -24,13 +24,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
-use crate::table::position::Owner;
-use crate::table::state::{Entry, Slice, SliceMode, TableState};
+use crate::table::state::{Slice, SliceMode, TableState};
+
+mod load;
 
 /// Errors of the sled store.
 #[derive(Debug, thiserror::Error)]
@@ -386,155 +386,6 @@ impl Store {
     /// Bytes on disk, as sled reports them.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
-    }
-
-    /// Reads the whole store (start-up only: it scans every entry).
-    pub fn load(&self) -> Result<Loaded, StoreError> {
-        let mut out = Loaded {
-            ignored_old_layout: self.db.tree_names().iter().any(|n| n.as_ref() == b"state")
-                && self.db.open_tree("state")?.first()?.is_some(),
-            ..Loaded::default()
-        };
-        let mut metas: HashMap<String, TableMeta> = HashMap::new();
-        // rows arrive grouped by table and sorted by key (sled's order): the table's name is
-        // compared, not allocated and hashed, per row, and each table's map is bulk-built
-        let mut rows: Vec<(String, Vec<(String, Entry)>)> = Vec::new();
-        let mut slices: HashMap<String, Vec<(u32, SliceMeta)>> = HashMap::new();
-        let mut acks: HashMap<String, Vec<(u32, AckMeta)>> = HashMap::new();
-        for item in self.tree.iter() {
-            let (k, v) = item?;
-            let corrupt = |reason| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                reason,
-            };
-            match k.first() {
-                Some(b't') => {
-                    let table = utf8(&k[1..]).ok_or_else(|| corrupt("table key"))?;
-                    let meta = serde_json::from_slice(&v).map_err(|_| corrupt("table meta"))?;
-                    metas.insert(table, meta);
-                }
-                Some(b'r') => {
-                    let (table, key) = split_at_nul(&k[1..]).ok_or_else(|| corrupt("row key"))?;
-                    let key = utf8(key).ok_or_else(|| corrupt("row key"))?;
-                    if v.len() < 12 {
-                        return Err(corrupt("row value"));
-                    }
-                    let (part, off) = read_part_off(&v).ok_or_else(|| corrupt("row value"))?;
-                    let row: Row =
-                        serde_json::from_slice(&v[12..]).map_err(|_| corrupt("row json"))?;
-                    let entry = Entry {
-                        row: Arc::new(row),
-                        part,
-                        off,
-                    };
-                    let group = match rows.iter().rposition(|(t, _)| t.as_bytes() == table) {
-                        Some(i) => i,
-                        None => {
-                            let name = utf8(table).ok_or_else(|| corrupt("row key"))?;
-                            rows.push((name, Vec::new()));
-                            rows.len() - 1
-                        }
-                    };
-                    rows[group].1.push((key, entry));
-                }
-                Some(kind @ (b's' | b'a')) => {
-                    let rest = &k[1..];
-                    let split = rest
-                        .len()
-                        .checked_sub(5)
-                        .ok_or_else(|| corrupt("slice key"))?;
-                    let table = utf8(&rest[..split]).ok_or_else(|| corrupt("slice table"))?;
-                    let part = u32::from_be_bytes(
-                        rest[split + 1..]
-                            .try_into()
-                            .map_err(|_| corrupt("slice partition"))?,
-                    );
-                    if *kind == b's' {
-                        let meta = serde_json::from_slice(&v).map_err(|_| corrupt("slice meta"))?;
-                        slices.entry(table).or_default().push((part, meta));
-                    } else {
-                        let meta = serde_json::from_slice(&v).map_err(|_| corrupt("ack meta"))?;
-                        acks.entry(table).or_default().push((part, meta));
-                    }
-                }
-                Some(b'p') => {
-                    let (topic, partition) =
-                        split_topic_partition(&k[1..]).ok_or_else(|| corrupt("position key"))?;
-                    let offset = i64::from_be_bytes(
-                        v.as_ref()
-                            .try_into()
-                            .map_err(|_| corrupt("position value"))?,
-                    );
-                    out.positions.insert((topic, partition), offset);
-                }
-                Some(b'o') => {
-                    let (table, key) = split_two(&k[1..]).ok_or_else(|| corrupt("outbox key"))?;
-                    let (part, off) = read_part_off(&v).ok_or_else(|| corrupt("outbox value"))?;
-                    out.deletes.push(PendingDelete {
-                        table,
-                        key,
-                        part,
-                        off,
-                    });
-                }
-                Some(b'd') => {
-                    let id = u64::from_be_bytes(
-                        k[1..].try_into().map_err(|_| corrupt("dead letter key"))?,
-                    );
-                    let letter =
-                        serde_json::from_slice(&v).map_err(|_| corrupt("dead letter json"))?;
-                    out.dead_letters.push((id, letter));
-                }
-                Some(b'm') if k.starts_with(MARKS_PREFIX) => {
-                    let (topic, partition) = split_topic_partition(&k[MARKS_PREFIX.len()..])
-                        .ok_or_else(|| corrupt("source marks key"))?;
-                    let marks =
-                        serde_json::from_slice(&v).map_err(|_| corrupt("source marks json"))?;
-                    out.source_marks.insert((topic, partition), marks);
-                }
-                Some(b'm') if k.as_ref() == ALIVE_KEY => {
-                    let ms = v
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| corrupt("alive mark value"))?;
-                    out.alive_ms = Some(i64::from_be_bytes(ms));
-                }
-                Some(b'm') => {}
-                _ => return Err(corrupt("unknown kind")),
-            }
-        }
-        for (name, meta) in metas {
-            let mut t = TableState::new(&name, &meta.epoch, &meta.source, meta.partitions);
-            for (part, m) in slices.remove(&name).unwrap_or_default() {
-                let s = t.slice_mut(part);
-                s.last_off = m.last_off;
-                s.count = m.count;
-                s.owner = Owner::parse(&m.owner).unwrap_or_default();
-                s.mode = if m.owned {
-                    SliceMode::Owned
-                } else {
-                    SliceMode::Followed
-                };
-                if let Some(ms) = m.kept_ms.filter(|_| !m.owned) {
-                    out.kept.insert((name.clone(), part), ms);
-                }
-            }
-            for (part, a) in acks.remove(&name).unwrap_or_default() {
-                let s = t.slice_mut(part);
-                s.acked = a.acked;
-                s.cl_next = a.cl_next;
-            }
-            if let Some(i) = rows.iter().position(|(t, _)| *t == name) {
-                t.rows = rows.swap_remove(i).1.into_iter().collect();
-            }
-            out.tables.push(t);
-        }
-        for d in &out.deletes {
-            if let Some(t) = out.tables.iter_mut().find(|t| *t.name == *d.table) {
-                t.slice_mut(d.part).tombs.insert(d.key.clone(), d.off);
-            }
-        }
-        Ok(out)
     }
 
     /// Marks the store with its layout version.
