@@ -20,18 +20,6 @@ use rdkafka::ClientConfig;
 const TABLE: &str = "ticks";
 const KEYS: usize = 20;
 
-/// Key `k{key}` gets `n`.
-fn change(key: usize, n: usize) -> FixtureRecord {
-    let key = format!("k{key}");
-    FixtureRecord {
-        key: Some(format!(r#"{{"id":"{key}"}}"#)),
-        value: Some(format!(
-            r#"{{"before":null,"after":{{"id":"{key}","n":{n}}},"op":"u","source":{{"table":"{TABLE}","ts_ms":1}}}}"#
-        )),
-        headers: vec![],
-    }
-}
-
 struct Setup {
     topic: String,
     group: String,
@@ -71,7 +59,10 @@ async fn write(
     n: usize,
     want: &mut BTreeMap<String, i64>,
 ) {
-    let records: Vec<FixtureRecord> = keys.clone().map(|k| change(k, n)).collect();
+    let records: Vec<FixtureRecord> = keys
+        .clone()
+        .map(|k| n_update(TABLE, &format!("k{k}"), n, 0))
+        .collect();
     produce_keyed(&producer(), &s.topic, &records).await;
     for k in keys {
         want.insert(format!("k{k}"), n as i64);

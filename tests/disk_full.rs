@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use common::procs::{until_api_state, Node};
 use common::*;
 
+/// Bytes of padding per row: rows of ~1 KB fill the small filesystem quickly.
+const PAD: usize = 1_000;
+
 /// A tmpfs of a few MiB that the test can fill up; unmounted when dropped.
 struct SmallFs {
     dir: tempfile::TempDir,
@@ -92,32 +95,6 @@ impl Drop for SmallFs {
     }
 }
 
-fn change(key: usize, n: usize) -> FixtureRecord {
-    FixtureRecord {
-        key: Some(format!(r#"{{"id":"k{key}"}}"#)),
-        value: Some(format!(
-            r#"{{"before":null,"after":{{"id":"k{key}","n":{n},"pad":"{}"}},"op":"u","source":{{"table":"t","ts_ms":1}}}}"#,
-            "x".repeat(1_000)
-        )),
-        headers: vec![],
-    }
-}
-
-/// Changes `range` (change `i` sets key `k{i % keys}` to `n = i`) into `topic`, and into `want`.
-async fn produce_changes(
-    p: &rdkafka::producer::FutureProducer,
-    topic: &str,
-    keys: usize,
-    range: std::ops::Range<usize>,
-    want: &mut BTreeMap<String, i64>,
-) {
-    let batch: Vec<FixtureRecord> = range.clone().map(|i| change(i % keys, i)).collect();
-    produce_keyed(p, topic, &batch).await;
-    for i in range {
-        want.insert(format!("k{}", i % keys), i as i64);
-    }
-}
-
 /// The first `keys` rows, produced before `node` is ready and then served by it; returns them.
 async fn first_rows(
     node: &Node,
@@ -126,7 +103,7 @@ async fn first_rows(
     keys: usize,
 ) -> BTreeMap<String, i64> {
     let mut want = BTreeMap::new();
-    produce_changes(p, topic, keys, 0..keys, &mut want).await;
+    produce_n_updates(p, topic, "t", (keys, PAD), 0..keys, &mut want).await;
     node.wait_ready(Duration::from_secs(90)).await;
     until_api_state(
         &node.base,
@@ -214,7 +191,7 @@ async fn disk_full(kill9: bool) {
             tail(&node.log_text(), 30)
         );
         if next < keys + 40_000 {
-            produce_changes(&p, &topic, keys, next..next + 2_000, &mut want).await;
+            produce_n_updates(&p, &topic, "t", (keys, PAD), next..next + 2_000, &mut want).await;
             next += 2_000;
         } else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -227,7 +204,7 @@ async fn disk_full(kill9: bool) {
     );
     assert_store_error_exit(&node, status);
     // the producer goes on while the node is down; then there is space again
-    produce_changes(&p, &topic, keys, next..next + 2_000, &mut want).await;
+    produce_n_updates(&p, &topic, "t", (keys, PAD), next..next + 2_000, &mut want).await;
     fs.free();
     node.start();
     node.wait_ready(Duration::from_secs(120)).await;
@@ -314,7 +291,7 @@ async fn a_joining_node_with_a_full_disk_stops_and_the_other_serves_everything()
             b.log.display(),
             tail(&b.log_text(), 30)
         );
-        produce_changes(&p, &topic, keys, next..next + 200, &mut want).await;
+        produce_n_updates(&p, &topic, "t", (keys, PAD), next..next + 200, &mut want).await;
         next += 200;
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
@@ -334,7 +311,7 @@ async fn a_joining_node_with_a_full_disk_stops_and_the_other_serves_everything()
     fs.free();
     b.start();
     b.wait_ready(Duration::from_secs(120)).await;
-    produce_changes(&p, &topic, keys, next..next + 2_000, &mut want).await;
+    produce_n_updates(&p, &topic, "t", (keys, PAD), next..next + 2_000, &mut want).await;
     for n in [&a, &b] {
         until_api_state(
             &n.base,

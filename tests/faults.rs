@@ -11,17 +11,6 @@ use common::procs::api_state;
 use common::*;
 use livetable::config::TopicSelection;
 
-fn row_change(key: &str, n: usize, pad: usize) -> FixtureRecord {
-    FixtureRecord {
-        key: Some(format!(r#"{{"id":"{key}"}}"#)),
-        value: Some(format!(
-            r#"{{"before":null,"after":{{"id":"{key}","n":{n},"pad":"{}"}},"op":"u","source":{{"table":"t","ts_ms":1}}}}"#,
-            "x".repeat(pad)
-        )),
-        headers: vec![],
-    }
-}
-
 async fn metric(base: &str, name: &str) -> f64 {
     metric_value(&metrics_text(base).await, name).unwrap_or(0.0)
 }
@@ -41,12 +30,12 @@ async fn a_row_the_changelog_refuses_is_dead_lettered_and_nothing_wedges() {
     let dlq = c.dlq_topic.clone();
     let (svc, base) = start_service(c).await;
     let p = producer();
-    produce(&p, &topic, &[row_change("a", 1, 10)]).await;
+    produce(&p, &topic, &[n_update("t", "a", 1, 10)]).await;
     table_at_seq(&base, "t", 1).await;
     // 500 KB: accepted (under --max-record-bytes) but over the producer's limit for the changelog
-    produce(&p, &topic, &[row_change("big", 2, 500_000)]).await;
+    produce(&p, &topic, &[n_update("t", "big", 2, 500_000)]).await;
     for n in 3..=50 {
-        produce(&p, &topic, &[row_change("a", n, 10)]).await;
+        produce(&p, &topic, &[n_update("t", "a", n, 10)]).await;
     }
     // the table goes on: nothing waits behind the refused row
     eventually(
@@ -101,7 +90,7 @@ async fn a_position_that_no_longer_exists_is_detected_and_counted() {
     create_topic(&topic, 1).await;
     let p = producer();
     let first: Vec<FixtureRecord> = (0..10)
-        .map(|i| row_change(&format!("k{i}"), i, 1))
+        .map(|i| n_update("t", &format!("k{i}"), i, 1))
         .collect();
     produce(&p, &topic, &first).await;
     let dir = tempdir();
@@ -115,7 +104,7 @@ async fn a_position_that_no_longer_exists_is_detected_and_counted() {
     delete_topic(&topic).await;
     create_topic(&topic, 1).await;
     let again: Vec<FixtureRecord> = (0..3)
-        .map(|i| row_change(&format!("k{i}"), 100 + i, 1))
+        .map(|i| n_update("t", &format!("k{i}"), 100 + i, 1))
         .collect();
     produce(&p, &topic, &again).await;
     let (svc, base) = start_service(c).await;
@@ -153,7 +142,7 @@ async fn shutdown_ends_in_time_with_clients_attached_and_with_the_broker_gone() 
     let u = unique("down");
     let topic = format!("{u}.public.t");
     create_topic(&topic, 1).await;
-    produce(&producer(), &topic, &[row_change("a", 1, 1)]).await;
+    produce(&producer(), &topic, &[n_update("t", "a", 1, 1)]).await;
     let dir = tempdir();
     let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
     c.shutdown_grace = Duration::from_secs(5);
@@ -239,7 +228,7 @@ async fn a_restore_longer_than_the_stall_window_completes() {
     let n = 60_000usize;
     let p = producer();
     let records: Vec<FixtureRecord> = (0..n)
-        .map(|i| row_change(&format!("k{i}"), i, 20))
+        .map(|i| n_update("t", &format!("k{i}"), i, 20))
         .collect();
     for chunk in records.chunks(10_000) {
         produce(&p, &topic, chunk).await;
@@ -321,7 +310,7 @@ async fn a_client_resuming_across_kill9_ends_exact_and_never_goes_back() {
         &["--max-batch", "500"],
     );
     let p = producer();
-    let change = |i: usize| row_change(&format!("k{}", i % keys), i, 1);
+    let change = |i: usize| n_update("t", &format!("k{}", i % keys), i, 1);
     produce_keyed(&p, &topic, &(0..keys).map(change).collect::<Vec<_>>()).await;
     node.wait_ready(Duration::from_secs(90)).await;
     let mut held: std::collections::BTreeMap<String, i64> = Default::default();
@@ -424,7 +413,7 @@ async fn a_node_behind_its_input_tells_its_clients() {
     let topic = format!("{u}.public.t");
     create_topic(&topic, 1).await;
     let p = producer();
-    produce(&p, &topic, &[row_change("a", 0, 1)]).await;
+    produce(&p, &topic, &[n_update("t", "a", 0, 1)]).await;
     let dir = tempdir();
     let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
     c.max_ready_lag = 100;
@@ -439,7 +428,7 @@ async fn a_node_behind_its_input_tells_its_clients() {
     .unwrap();
     // a burst far beyond the ready lag
     let burst: Vec<FixtureRecord> = (1..=30_000)
-        .map(|i| row_change(&format!("k{}", i % 500), i, 200))
+        .map(|i| n_update("t", &format!("k{}", i % 500), i, 200))
         .collect();
     let producing = tokio::spawn(async move { produce(&producer(), &topic, &burst).await });
     let mut seen = Vec::new();
@@ -522,7 +511,7 @@ async fn new_clients_after_kill9(gateway: bool) {
     let mut node = spawn("node", if gateway { "gateway" } else { "all" }, dir.path());
     let mut materialiser = gateway.then(|| spawn("mat", "materialiser", mat_dir.path()));
     let p = producer();
-    let change = move |i: usize| row_change(&format!("k{}", i % keys), i, 200);
+    let change = move |i: usize| n_update("t", &format!("k{}", i % keys), i, 200);
     produce_keyed(&p, &topic, &(0..keys).map(change).collect::<Vec<_>>()).await;
     if let Some(m) = &materialiser {
         m.wait_ready(Duration::from_secs(90)).await;

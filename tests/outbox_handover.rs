@@ -26,30 +26,6 @@ use rdkafka::ClientConfig;
 const KEYS: usize = 200;
 const PARTITIONS: i32 = 4;
 
-fn change(key: usize, n: usize) -> FixtureRecord {
-    FixtureRecord {
-        key: Some(format!(r#"{{"id":"k{key}"}}"#)),
-        value: Some(format!(
-            r#"{{"before":null,"after":{{"id":"k{key}","n":{n}}},"op":"u","source":{{"table":"t","ts_ms":1}}}}"#
-        )),
-        headers: vec![],
-    }
-}
-
-/// Changes `range` (change `i` sets `k{i % KEYS}` to `n = i`) into `topic`, and into `want`.
-async fn produce_changes(
-    p: &rdkafka::producer::FutureProducer,
-    topic: &str,
-    range: std::ops::Range<usize>,
-    want: &mut BTreeMap<String, i64>,
-) {
-    let batch: Vec<FixtureRecord> = range.clone().map(|i| change(i % KEYS, i)).collect();
-    produce_keyed(p, topic, &batch).await;
-    for i in range {
-        want.insert(format!("k{}", i % KEYS), i as i64);
-    }
-}
-
 /// The last value of every key in the changelog (fences skipped; one writer at a time here).
 fn changelog_state(changelog: &str) -> BTreeMap<String, i64> {
     let mut state = BTreeMap::new();
@@ -185,7 +161,7 @@ async fn slices_followed_after_a_restart_keep_their_outbox_until_taken_back() {
     );
     let p = producer();
     let mut want = BTreeMap::new();
-    produce_changes(&p, &topic, 0..KEYS, &mut want).await;
+    produce_n_updates(&p, &topic, "t", (KEYS, 0), 0..KEYS, &mut want).await;
     node.wait_ready(Duration::from_secs(90)).await;
     until_api_state(
         &node.base,
@@ -204,7 +180,7 @@ async fn slices_followed_after_a_restart_keep_their_outbox_until_taken_back() {
 
     // every key changes once more; the node applies the changes, and is killed before their
     // records leave its producer
-    produce_changes(&p, &topic, KEYS..2 * KEYS, &mut want).await;
+    produce_n_updates(&p, &topic, "t", (KEYS, 0), KEYS..2 * KEYS, &mut want).await;
     until_api_state(
         &node.base,
         "t",

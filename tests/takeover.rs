@@ -20,14 +20,7 @@ const KEYS: usize = 10;
 
 /// Change `i`: key `k{i % KEYS}` gets `n = i`.
 fn change(i: usize) -> FixtureRecord {
-    let key = format!("k{}", i % KEYS);
-    FixtureRecord {
-        key: Some(format!(r#"{{"id":"{key}"}}"#)),
-        value: Some(format!(
-            r#"{{"before":null,"after":{{"id":"{key}","n":{i}}},"op":"u","source":{{"table":"{TABLE}","ts_ms":1}}}}"#
-        )),
-        headers: vec![],
-    }
+    n_update(TABLE, &format!("k{}", i % KEYS), i, 0)
 }
 
 /// A changelog record as an owner writes it: the row of change `i` at input offset `i`.

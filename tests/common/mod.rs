@@ -140,6 +140,43 @@ pub fn producer() -> FutureProducer {
         .unwrap()
 }
 
+/// A Debezium update of `table` that sets row `key` to `{"id": key, "n": n}`, with a `pad`
+/// column of `pad` bytes when `pad` > 0.
+pub fn n_update(table: &str, key: &str, n: usize, pad: usize) -> FixtureRecord {
+    let pad = if pad > 0 {
+        format!(r#","pad":"{}""#, "x".repeat(pad))
+    } else {
+        String::new()
+    };
+    FixtureRecord {
+        key: Some(format!(r#"{{"id":"{key}"}}"#)),
+        value: Some(format!(
+            r#"{{"before":null,"after":{{"id":"{key}","n":{n}{pad}}},"op":"u","source":{{"table":"{table}","ts_ms":1}}}}"#
+        )),
+        headers: vec![],
+    }
+}
+
+/// Produces the updates `range` of `table` to `topic` (update `i` sets `k{i % keys}` to `n = i`,
+/// `pad` as in [`n_update`]), each to its key's partition, and records them in `want`.
+pub async fn produce_n_updates(
+    producer: &FutureProducer,
+    topic: &str,
+    table: &str,
+    (keys, pad): (usize, usize),
+    range: std::ops::Range<usize>,
+    want: &mut std::collections::BTreeMap<String, i64>,
+) {
+    let batch: Vec<FixtureRecord> = range
+        .clone()
+        .map(|i| n_update(table, &format!("k{}", i % keys), i, pad))
+        .collect();
+    produce_keyed(producer, topic, &batch).await;
+    for i in range {
+        want.insert(format!("k{}", i % keys), i as i64);
+    }
+}
+
 /// Produces records to partition 0 of `topic` in order and waits for every acknowledgement.
 pub async fn produce(producer: &FutureProducer, topic: &str, records: &[FixtureRecord]) {
     produce_to(producer, topic, records, Some(0)).await
