@@ -41,7 +41,7 @@ for round in $(seq 1 "$ROUNDS"); do
     load=$(grep -o 'store loaded.*' "$log" | grep -o 'elapsed_ms=[0-9]*' | head -1 || true)
     hwm=$(grep VmHWM "/proc/$pid/status" 2>/dev/null | tr -s ' \t' ' ' || true)
     if [[ -n $ready ]]; then
-      echo "$(basename "$bin") round $round: ready_s=$(echo "$ready - $start" | bc) $load $hwm"
+      echo "$(basename "$bin") round $round: ready_s=$(awk -v a="$start" -v b="$ready" 'BEGIN { printf "%.3f", b - a }') $load $hwm"
     else
       echo "$(basename "$bin") round $round: not ready within 60 s (log $log)"
     fi
