@@ -19,6 +19,7 @@
 //! the slice holds for their key, so nothing goes back and a gap the former owner left in the
 //! changelog is filled.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,9 @@ use crate::table::reader::{self, End, ReadError, Span};
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::repair;
 use crate::table::state::{Delta, SliceMode, Table, Tables, UpdateSink};
-use crate::table::store::{encode_row, AckMeta, SliceMeta, Store, StoreError, WriteBatch};
+use crate::table::store::{AckMeta, SliceMeta, Store, StoreError, WriteBatch};
+
+mod writer;
 
 /// Errors of a restore.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,8 @@ pub enum RestoreError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("starting the restore's store writer: {0}")]
+    Spawn(std::io::Error),
     #[error("the fence of {0}/{1} was not acknowledged: {2}")]
     Fence(String, u32, String),
     #[error("{0}/{1} was fenced by a newer owner while this node took it over")]
@@ -420,67 +425,101 @@ impl Restorer {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(i64, bool), RestoreError> {
         let prefix = self.changelog.topic_for("");
-        let mut restarted = false;
         let span = Span {
             topic: topic.to_string(),
             partition: i32::try_from(part).unwrap_or(0),
             from: Some(from),
             end,
         };
-        let mut delta = Delta::new(table.clone());
-        let mut folded = 0usize;
-        let mut failure: Option<RestoreError> = None;
-        let next = reader::read_spans(
-            reader,
-            &[span],
-            self.stall,
-            &self.brokers,
-            cancelled,
-            |m| {
-                if failure.is_some() {
-                    return;
-                }
-                self.metrics.restore_records.inc();
-                match changelog::parse_record(&prefix, m) {
-                    Ok(rec) => match fold(&mut delta, rec, own) {
-                        Folded::Fenced => self.metrics.fenced_records.inc(),
-                        Folded::Restarted => restarted = true,
-                        _ => {}
-                    },
-                    Err(e) => {
-                        tracing::warn!(topic, offset = rdkafka::Message::offset(m), error = ?e, "restore: not a changelog record; skipped")
+        writer::with_writer(&self.store, |chunks| {
+            let mut restarted = false;
+            let mut delta = Delta::new(table.clone());
+            let mut folded = 0usize;
+            // the payload of each key's row in `delta`, as its record carried it
+            let mut json_of: HashMap<String, Vec<u8>> = HashMap::new();
+            // the writer stopped on a store error (which `with_writer` returns): stop reading
+            let stopped = std::cell::Cell::new(false);
+            let stop = || stopped.get() || cancelled();
+            let next = reader::read_spans(
+                reader,
+                &[span],
+                self.stall,
+                &self.brokers,
+                &stop,
+                |m| {
+                    if stopped.get() {
+                        return;
                     }
-                }
-                folded += 1;
-                if folded.is_multiple_of(FOLD_CHUNK) {
-                    let full = std::mem::replace(&mut delta, Delta::new(table.clone()));
-                    if let Err(e) = self.commit(full) {
-                        failure = Some(e);
+                    self.metrics.restore_records.inc();
+                    match changelog::parse_record(&prefix, m) {
+                        Ok(rec) => {
+                            let key = (!rec.fence).then(|| rec.key.clone());
+                            match fold(&mut delta, rec, own) {
+                                Folded::Fenced => self.metrics.fenced_records.inc(),
+                                Folded::Restarted => restarted = true,
+                                // the delta's row of `key` is now this record's payload (or gone)
+                                Folded::Applied => {
+                                    if let Some(key) = key {
+                                        match rdkafka::Message::payload(m) {
+                                            Some(json) => json_of.insert(key, json.to_vec()),
+                                            None => json_of.remove(&key),
+                                        };
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(topic, offset = rdkafka::Message::offset(m), error = ?e, "restore: not a changelog record; skipped")
+                        }
                     }
-                }
-            },
-        )?;
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        self.commit(delta)?;
-        let next = next
-            .get(&(topic.to_string(), i32::try_from(part).unwrap_or(0)))
-            .copied()
-            .unwrap_or(from);
-        Ok((next, restarted))
+                    folded += 1;
+                    if folded.is_multiple_of(FOLD_CHUNK) {
+                        let full = std::mem::replace(&mut delta, Delta::new(table.clone()));
+                        if !self.commit(full, std::mem::take(&mut json_of), chunks) {
+                            stopped.set(true);
+                        }
+                    }
+                },
+            )?;
+            self.commit(delta, json_of, chunks);
+            let next = next
+                .get(&(topic.to_string(), i32::try_from(part).unwrap_or(0)))
+                .copied()
+                .unwrap_or(from);
+            Ok((next, restarted))
+        })
     }
 
-    /// Makes folded records visible and durable (not yet owned: a crash restores again).
-    fn commit(&self, delta: Delta) -> Result<(), RestoreError> {
+    /// Makes folded records visible, and hands their store writes to the writer (not yet owned:
+    /// a crash restores again); false when the writer stopped on an error. `json_of`: the
+    /// payloads the delta's rows were parsed from.
+    fn commit(
+        &self,
+        delta: Delta,
+        mut json_of: HashMap<String, Vec<u8>>,
+        chunks: &writer::Chunks<'_>,
+    ) -> bool {
         let name = delta.table.read().name.to_string();
-        let batch = delta_batch(&name, &delta, false);
-        self.store.apply(batch)?;
+        let chunk = writer::ChunkWrite {
+            rest: slices_batch(&name, &delta, false),
+            rows: delta
+                .rows
+                .iter()
+                .map(|(k, e)| writer::ChunkRow {
+                    key: k.clone(),
+                    entry: e.clone(),
+                    json: e.as_ref().and_then(|_| json_of.remove(k)),
+                })
+                .collect(),
+            table: name,
+        };
+        let sent = chunks.send(chunk);
         let table = delta.table.clone();
         self.tables.commit(delta, &*self.sink);
         let t = table.read();
-        self.metrics.table_size(&name, t.rows.len(), t.seq());
-        Ok(())
+        self.metrics.table_size(&t.name, t.rows.len(), t.seq());
+        sent
     }
 
     /// Produces again every key of slice `part` (`all`), or those this node changed but whose
@@ -507,13 +546,16 @@ impl Restorer {
 
 /// The sled batch of a delta: its rows and the bookkeeping of its slices.
 pub fn delta_batch(table: &str, delta: &Delta, owned: bool) -> WriteBatch {
-    let mut b = WriteBatch::default();
+    let mut b = slices_batch(table, delta, owned);
     for (key, entry) in &delta.rows {
-        match entry {
-            Some(e) => b.put_row(table, key, e.part, e.off, &encode_row(&e.row)),
-            None => b.remove_row(table, key),
-        }
+        writer::put_entry(&mut b, table, key, entry.as_ref());
     }
+    b
+}
+
+/// The bookkeeping of a delta's slices, as a sled batch.
+fn slices_batch(table: &str, delta: &Delta, owned: bool) -> WriteBatch {
+    let mut b = WriteBatch::default();
     for (part, s) in &delta.slices {
         b.put_slice(
             table,
