@@ -14,8 +14,12 @@
 # (default 127.0.0.1:19092). Prints per start: ready (process start -> /readyz 200, polled every
 # 20 ms), the store load's elapsed_ms from the log, and the peak resident memory; then stops the
 # node with SIGTERM. Every wait is bounded (60 s to ready, 60 s to exit).
+#
+# EMPTY=1 starts each node on an empty data directory instead (a restore from the changelog;
+# DATA is then not read) and prints the slowest slice's take-over (`slice taken
+# over ... elapsed_ms`) instead of the store load.
 set -euo pipefail
-[[ $# -ge 5 ]] || { sed -n 2,17p "$0"; exit 2; }
+[[ $# -ge 5 ]] || { sed -n 2,21p "$0"; exit 2; }
 SRC=$1 RUN=$2 CPUS=$3 ROUNDS=$4
 shift 4
 BROKERS=${BROKERS:-127.0.0.1:19092}
@@ -25,7 +29,9 @@ echo "copies and logs in $WORK"
 for round in $(seq 1 "$ROUNDS"); do
   for bin in "$@"; do
     d=$WORK/data log=$WORK/$(basename "$bin")-$round.log
-    rm -rf "$d"; cp -r "$SRC" "$d"; sync
+    rm -rf "$d"
+    if [[ ${EMPTY:-0} == 1 ]]; then mkdir -p "$d"; else cp -r "$SRC" "$d"; fi
+    sync
     start=$(date +%s.%N)
     taskset -c "$CPUS" "$bin" --brokers "$BROKERS" --topics "$RUN.recovery.game_odds" \
       --group-id "$RUN-recovery" --listen "127.0.0.1:$PORT" \
@@ -38,7 +44,11 @@ for round in $(seq 1 "$ROUNDS"); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.02
     done
-    load=$(grep -o 'store loaded.*' "$log" | grep -o 'elapsed_ms=[0-9]*' | head -1 || true)
+    if [[ ${EMPTY:-0} == 1 ]]; then
+      load="slowest_take_ms=$(grep 'slice taken over' "$log" | grep -o ' elapsed_ms=[0-9]*' | cut -d= -f2 | sort -n | tail -1 || true)"
+    else
+      load=$(grep -o 'store loaded.*' "$log" | grep -o 'elapsed_ms=[0-9]*' | head -1 || true)
+    fi
     hwm=$(grep VmHWM "/proc/$pid/status" 2>/dev/null | tr -s ' \t' ' ' || true)
     if [[ -n $ready ]]; then
       echo "$(basename "$bin") round $round: ready_s=$(awk -v a="$start" -v b="$ready" 'BEGIN { printf "%.3f", b - a }') $load $hwm"
