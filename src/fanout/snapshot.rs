@@ -13,6 +13,7 @@ use super::protocol::{Outgoing, SNAPSHOT_PART_BYTES};
 use super::selector::Selector;
 use crate::table::position::{Position, Token};
 use crate::table::state::TableState;
+use crate::table::stored_row::StoredRow;
 
 /// The newest whole-table snapshot frames of a table, shared by every client that subscribes
 /// while they are current.
@@ -61,8 +62,11 @@ pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8B
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut current: Vec<u8> = Vec::new();
     let mut rows = 0;
-    let mut add = |k: &str, r: &Map<String, Value>| {
-        if !selector.filters.iter().all(|f| f.matches(k, r)) {
+    // a row loaded from the store is sent as its stored JSON where nothing needs its columns
+    let as_stored = selector.filters.is_empty() && selector.columns.is_none();
+    let mut add = |k: &str, r: &StoredRow| {
+        let stored = as_stored.then(|| r.json_without_nulls()).flatten();
+        if stored.is_none() && !selector.filters.iter().all(|f| f.matches(k, r)) {
             return;
         }
         if current.len() >= SNAPSHOT_PART_BYTES {
@@ -74,7 +78,12 @@ pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8B
         // serialising strings and JSON values into a Vec cannot fail
         let _ = serde_json::to_writer(&mut current, k);
         current.push(b':');
-        let _ = serde_json::to_writer(&mut current, &NonNull(&selector.project(r)));
+        match stored {
+            Some(json) => current.extend_from_slice(json.as_bytes()),
+            None => {
+                let _ = serde_json::to_writer(&mut current, &NonNull(&selector.project(r)));
+            }
+        }
         rows += 1;
     };
     match candidates(t, selector) {
@@ -141,3 +150,6 @@ pub fn frames(head: &str, chunks: Vec<Vec<u8>>) -> Arc<[Utf8Bytes]> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -656,7 +656,7 @@ pub fn resend_current(
             |e| e.off,
         );
         (
-            entry.map(|e| crate::table::store::encode_row(&e.row)),
+            entry.map(|e| e.row.encode()),
             RecordMeta {
                 off,
                 count: slice.count,

@@ -441,8 +441,7 @@ impl Views {
         let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
         let (epoch, useq) = {
             let t = input.read();
-            let mut keys: Vec<(&String, &Arc<Row>)> =
-                t.rows.iter().map(|(k, e)| (k, &e.row)).collect();
+            let mut keys: Vec<(&String, &Row)> = t.rows.iter().map(|(k, e)| (k, &*e.row)).collect();
             keys.sort_by(|a, b| a.0.cmp(b.0));
             for (key, row) in keys {
                 for (k, r) in op.apply_change(key, None, Some(row)) {

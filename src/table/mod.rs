@@ -21,6 +21,7 @@ pub mod restore;
 pub mod rows;
 pub mod state;
 pub mod store;
+pub mod stored_row;
 
 /// A new lineage id for a table (12 hex digits).
 pub fn new_epoch() -> String {

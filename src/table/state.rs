@@ -20,11 +20,13 @@ use serde_json::{Map, Value};
 
 use crate::cdc::decode::{Op, Row};
 use crate::table::position::{Owner, Position, Token};
+use crate::table::stored_row::StoredRow;
 
 /// One row in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    pub row: Arc<Row>,
+    /// Parsed on first use when loaded from the store.
+    pub row: StoredRow,
     /// The input partition (= changelog partition) of the row's last change.
     pub part: u32,
     /// The input offset of the row's last change.
@@ -395,7 +397,7 @@ impl Tables {
     pub fn row(&self, table: &str, key: &str) -> Option<Arc<Row>> {
         let t = self.get(table)?;
         let t = t.read();
-        t.rows.get(key).map(|e| e.row.clone())
+        t.rows.get(key).map(|e| e.row.shared().clone())
     }
 
     /// Applies a staged delta and publishes its update (if it changed rows) to `sink`, in order.
@@ -555,7 +557,7 @@ impl Delta {
     /// not, so that counts stay the same on every node.
     pub fn stage(&mut self, w: RowWrite) -> Staged {
         let current = self.current(&w.key);
-        let before = current.as_ref().map(|e| e.row.clone());
+        let before = current.as_ref().map(|e| e.row.shared().clone());
         let unchanged = match (&before, &w.row) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
@@ -581,7 +583,7 @@ impl Delta {
                 self.rows.insert(
                     w.key.clone(),
                     Some(Entry {
-                        row: row.clone(),
+                        row: StoredRow::from(row.clone()),
                         part: w.part,
                         off: w.off,
                     }),

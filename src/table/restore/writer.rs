@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use crate::table::restore::RestoreError;
 use crate::table::state::Entry;
-use crate::table::store::{encode_row, Store, StoreError, WriteBatch};
+use crate::table::store::{Store, StoreError, WriteBatch};
 
 /// Chunks that may wait while one is written.
 const QUEUED: usize = 1;
@@ -52,7 +52,7 @@ impl ChunkWrite {
 /// Adds the write of one row (`None`: its removal) to `b`.
 pub fn put_entry(b: &mut WriteBatch, table: &str, key: &str, entry: Option<&Entry>) {
     match entry {
-        Some(e) => b.put_row(table, key, e.part, e.off, &encode_row(&e.row)),
+        Some(e) => b.put_row(table, key, e.part, e.off, &e.row.encode()),
         None => b.remove_row(table, key),
     }
 }

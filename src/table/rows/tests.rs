@@ -9,7 +9,7 @@ use crate::filter::{equality, Filter};
 
 fn entry(v: Value) -> Entry {
     Entry {
-        row: Arc::new(v.as_object().cloned().unwrap_or_default()),
+        row: Arc::new(v.as_object().cloned().unwrap_or_default()).into(),
         part: 0,
         off: 0,
     }

@@ -1,21 +1,22 @@
-//! Reading the whole store back at start-up. Rows are most of it (a million rows is a few
-//! seconds of JSON parsing and allocation), so the scanning thread hands them in chunks to parser
-//! threads, one per core, through a bounded channel, while it reads the rest of the store itself.
+//! Reading the whole store back at start-up. Rows are most of it, so the scanning thread hands
+//! them in chunks to parser threads, one per core, through a bounded channel, while it reads the
+//! rest of the store itself. A row is checked to be one JSON object and kept as its JSON, parsed
+//! on first use ([`StoredRow`]): parsing a million rows into columns took seconds.
 //! The chunks come back numbered, so each table's rows are put together in the store's order
 //! (sorted by key: the maps are bulk-built).
 
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use super::{
     read_part_off, split_at_nul, split_topic_partition, split_two, utf8, Loaded, PendingDelete,
     Store, StoreError, ALIVE_KEY, MARKS_PREFIX,
 };
-use crate::cdc::decode::Row;
 use crate::table::position::Owner;
 use crate::table::state::{Entry, SliceMode, TableState};
+use crate::table::stored_row::StoredRow;
 
 /// Rows per chunk handed to a parser thread.
 const CHUNK_ROWS: usize = 2048;
@@ -229,12 +230,8 @@ fn parse_rows(items: Vec<(sled::IVec, sled::IVec)>) -> Result<Runs, StoreError> 
             return Err(corrupt("row value"));
         }
         let (part, off) = read_part_off(&v).ok_or_else(|| corrupt("row value"))?;
-        let row: Row = serde_json::from_slice(&v[12..]).map_err(|_| corrupt("row json"))?;
-        let entry = Entry {
-            row: Arc::new(row),
-            part,
-            off,
-        };
+        let row = StoredRow::from_json(&v[12..]).map_err(|_| corrupt("row json"))?;
+        let entry = Entry { row, part, off };
         // rows come grouped by table: the name is compared, not allocated, per row
         match runs.last_mut() {
             Some((name, rows)) if name.as_bytes() == table => rows.push((key, entry)),

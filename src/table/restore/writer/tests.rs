@@ -7,7 +7,7 @@ use crate::table::store::TableMeta;
 
 fn entry(chunk: usize, i: usize) -> Entry {
     Entry {
-        row: Arc::new(json!({"chunk": chunk, "i": i}).as_object().unwrap().clone()),
+        row: Arc::new(json!({"chunk": chunk, "i": i}).as_object().unwrap().clone()).into(),
         part: (i % 3) as u32,
         off: (chunk * 1_000 + i) as i64,
     }

@@ -1,0 +1,85 @@
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::*;
+
+fn row(v: serde_json::Value) -> Row {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => panic!("not an object"),
+    }
+}
+
+#[test]
+fn json_is_parsed_on_first_use_into_the_same_row() {
+    let text = r#"{"game":"g1","home":"1.50","n":3,"x":{"y":[1,2]}}"#;
+    let r = StoredRow::from_json(text.as_bytes()).unwrap();
+    assert!(!r.is_parsed());
+    assert_eq!(r.json_without_nulls(), Some(text));
+    assert_eq!(r.get("home"), Some(&json!("1.50")));
+    assert!(r.is_parsed());
+    assert_eq!(
+        **r.shared(),
+        row(json!({"game":"g1","home":"1.50","n":3,"x":{"y":[1,2]}}))
+    );
+    assert_eq!(r.encode(), text.as_bytes());
+}
+
+#[test]
+fn what_is_not_one_json_object_is_refused() {
+    for bad in [
+        &b"[1,2]"[..],
+        b"\"s\"",
+        b"3",
+        b"null",
+        b"{\"a\":1",
+        b"{\"a\":1} x",
+        b"{\"a\":}",
+        b"",
+        b"{\"a\":\"\xff\"}",
+    ] {
+        assert!(
+            StoredRow::from_json(bad).is_err(),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert_eq!(
+        StoredRow::from_json(b"{\"a\":\"\xff\"}").unwrap_err(),
+        NotARow::Utf8
+    );
+    assert_eq!(StoredRow::from_json(b"[]").unwrap_err(), NotARow::Json);
+}
+
+#[test]
+fn json_with_a_null_anywhere_is_not_sent_as_it_is() {
+    for text in [r#"{"a":null}"#, r#"{"a":{"b":null}}"#, r#"{"nullable":1}"#] {
+        let r = StoredRow::from_json(text.as_bytes()).unwrap();
+        assert_eq!(r.json_without_nulls(), None, "{text}");
+    }
+}
+
+#[test]
+fn a_row_from_a_change_is_parsed_and_has_no_json() {
+    let parsed = Arc::new(row(json!({"a":1})));
+    let r = StoredRow::from(parsed.clone());
+    assert!(r.is_parsed());
+    assert!(Arc::ptr_eq(r.shared(), &parsed));
+    assert_eq!(r.json_without_nulls(), None);
+    assert_eq!(r.encode(), br#"{"a":1}"#);
+}
+
+#[test]
+fn rows_compare_by_their_columns_whichever_way_they_are_held() {
+    let a = StoredRow::from_json(br#"{"a":1,"b":"x"}"#).unwrap();
+    let b = StoredRow::from(Arc::new(row(json!({"a":1,"b":"x"}))));
+    let c = StoredRow::from_json(br#"{"a":2,"b":"x"}"#).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert_ne!(b, c);
+    // a clone taken before the parse parses on its own, to the same row
+    let d = StoredRow::from_json(br#"{"a":1}"#).unwrap();
+    let e = d.clone();
+    assert_eq!(d.get("a"), e.get("a"));
+}
