@@ -193,7 +193,7 @@ impl Subscription {
         match self.format {
             Format::Patch => {
                 let want = if is {
-                    c.row.as_ref().map(|r| sel.project_arc(r))
+                    c.row.as_ref().map(|r| sel.project_arc(r.shared()))
                 } else {
                     None
                 };
@@ -202,7 +202,7 @@ impl Subscription {
                     Some(p) => p.want = want,
                     None => {
                         let has = if was {
-                            c.before.as_ref().map(|r| sel.project_arc(r))
+                            c.before.as_ref().map(|r| sel.project_arc(r.shared()))
                         } else {
                             None
                         };
@@ -332,6 +332,7 @@ mod tests {
     use super::*;
     use crate::cdc::decode::{Op, Row};
     use crate::fanout::selector::RowFilter;
+    use crate::table::stored_row::StoredRow;
     use serde_json::json;
 
     #[derive(Debug)]
@@ -345,7 +346,7 @@ mod tests {
     }
 
     fn change(key: &str, before: Option<Value>, after: Option<Value>) -> AppliedChange {
-        let row = |v: Value| Arc::new(v.as_object().unwrap().clone());
+        let row = |v: Value| StoredRow::from(Arc::new(v.as_object().unwrap().clone()));
         AppliedChange {
             key: key.into(),
             op: Op::Update,

@@ -20,11 +20,11 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 
-use crate::cdc::decode::Row;
 use crate::cdc::source::{self, ReaderContext};
 use crate::config::Config;
 use crate::table::position::Owner;
 use crate::table::store::DeadLetter;
+use crate::table::stored_row::StoredRow;
 
 /// Errors talking to the broker about topics.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +114,8 @@ pub struct ChangelogRecord {
     /// The record's offset in the changelog partition.
     pub cl_offset: i64,
     pub key: String,
-    /// `None`: a tombstone.
-    pub row: Option<Row>,
+    /// `None`: a tombstone. Kept as the record's JSON (checked to be one object), parsed on use.
+    pub row: Option<StoredRow>,
     pub meta: RecordMeta,
     pub fence: bool,
     /// A fence that ends the rewrite of a partition that started over: a reader that read the
@@ -176,7 +176,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
         .to_string();
     let row = match m.payload() {
         None => None,
-        Some(bytes) => Some(serde_json::from_slice::<Row>(bytes).map_err(|_| BadRecord::NotARow)?),
+        Some(bytes) => Some(StoredRow::from_json(bytes).map_err(|_| BadRecord::NotARow)?),
     };
     Ok(ChangelogRecord {
         table,

@@ -497,7 +497,7 @@ impl Views {
             st.off += 1;
             delta.stage(RowWrite {
                 key,
-                row: row.map(Arc::new),
+                row: row.map(|r| Arc::new(r).into()),
                 op,
                 part: 0,
                 off: st.off,

@@ -13,8 +13,6 @@
 //! - The slice's position and change count follow the record headers, so that a reader ends at the
 //!   same `seq` and position as the writer.
 
-use std::sync::Arc;
-
 use crate::cdc::decode::Op;
 use crate::table::changelog::ChangelogRecord;
 use crate::table::position::Owner;
@@ -81,7 +79,7 @@ pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Own>) -> Folded
     let deleted = rec.row.is_none();
     let staged = delta.stage(RowWrite {
         key: rec.key,
-        row: rec.row.map(Arc::new),
+        row: rec.row,
         op: if deleted { Op::Delete } else { Op::Update },
         part,
         off,
@@ -105,6 +103,7 @@ mod tests {
     use super::*;
     use crate::table::changelog::RecordMeta;
     use crate::table::state::{NoSink, Tables};
+    use crate::table::stored_row::StoredRow;
     use serde_json::json;
 
     fn rec(key: &str, v: Option<i64>, off: i64, owner: (u32, i32), cl: i64) -> ChangelogRecord {
@@ -113,7 +112,7 @@ mod tests {
             part: 0,
             cl_offset: cl,
             key: key.into(),
-            row: v.map(|v| json!({"v": v}).as_object().unwrap().clone()),
+            row: v.map(|v| StoredRow::from_json(json!({"v": v}).to_string().as_bytes()).unwrap()),
             meta: RecordMeta {
                 off,
                 count: (off + 1) as u64,

@@ -182,7 +182,7 @@ mod tests {
         for (key, part, off) in [("a", 0, 1), ("b", 0, 2), ("c", 1, 3), ("d", 0, 4)] {
             d.stage(RowWrite {
                 key: key.into(),
-                row: Some(Arc::new(json!({"v": off}).as_object().unwrap().clone())),
+                row: Some(Arc::new(json!({"v": off}).as_object().unwrap().clone()).into()),
                 op: Op::Update,
                 part,
                 off,

@@ -19,7 +19,6 @@
 //! the slice holds for their key, so nothing goes back and a gap the former owner left in the
 //! changelog is filled.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -435,8 +434,6 @@ impl Restorer {
             let mut restarted = false;
             let mut delta = Delta::new(table.clone());
             let mut folded = 0usize;
-            // the payload of each key's row in `delta`, as its record carried it
-            let mut json_of: HashMap<String, Vec<u8>> = HashMap::new();
             // the writer stopped on a store error (which `with_writer` returns): stop reading
             let stopped = std::cell::Cell::new(false);
             let stop = || stopped.get() || cancelled();
@@ -452,23 +449,11 @@ impl Restorer {
                     }
                     self.metrics.restore_records.inc();
                     match changelog::parse_record(&prefix, m) {
-                        Ok(rec) => {
-                            let key = (!rec.fence).then(|| rec.key.clone());
-                            match fold(&mut delta, rec, own) {
-                                Folded::Fenced => self.metrics.fenced_records.inc(),
-                                Folded::Restarted => restarted = true,
-                                // the delta's row of `key` is now this record's payload (or gone)
-                                Folded::Applied => {
-                                    if let Some(key) = key {
-                                        match rdkafka::Message::payload(m) {
-                                            Some(json) => json_of.insert(key, json.to_vec()),
-                                            None => json_of.remove(&key),
-                                        };
-                                    }
-                                }
-                                _ => {}
-                            }
-                        }
+                        Ok(rec) => match fold(&mut delta, rec, own) {
+                            Folded::Fenced => self.metrics.fenced_records.inc(),
+                            Folded::Restarted => restarted = true,
+                            _ => {}
+                        },
                         Err(e) => {
                             tracing::warn!(topic, offset = rdkafka::Message::offset(m), error = ?e, "restore: not a changelog record; skipped")
                         }
@@ -476,13 +461,13 @@ impl Restorer {
                     folded += 1;
                     if folded.is_multiple_of(FOLD_CHUNK) {
                         let full = std::mem::replace(&mut delta, Delta::new(table.clone()));
-                        if !self.commit(full, std::mem::take(&mut json_of), chunks) {
+                        if !self.commit(full, chunks) {
                             stopped.set(true);
                         }
                     }
                 },
             )?;
-            self.commit(delta, json_of, chunks);
+            self.commit(delta, chunks);
             let next = next
                 .get(&(topic.to_string(), i32::try_from(part).unwrap_or(0)))
                 .copied()
@@ -492,14 +477,9 @@ impl Restorer {
     }
 
     /// Makes folded records visible, and hands their store writes to the writer (not yet owned:
-    /// a crash restores again); false when the writer stopped on an error. `json_of`: the
-    /// payloads the delta's rows were parsed from.
-    fn commit(
-        &self,
-        delta: Delta,
-        mut json_of: HashMap<String, Vec<u8>>,
-        chunks: &writer::Chunks<'_>,
-    ) -> bool {
+    /// a crash restores again); false when the writer stopped on an error. A row is stored as
+    /// the JSON its record carried ([`writer::put_entry`]).
+    fn commit(&self, delta: Delta, chunks: &writer::Chunks<'_>) -> bool {
         let name = delta.table.read().name.to_string();
         let chunk = writer::ChunkWrite {
             rest: slices_batch(&name, &delta, false),
@@ -509,7 +489,6 @@ impl Restorer {
                 .map(|(k, e)| writer::ChunkRow {
                     key: k.clone(),
                     entry: e.clone(),
-                    json: e.as_ref().and_then(|_| json_of.remove(k)),
                 })
                 .collect(),
             table: name,

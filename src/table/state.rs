@@ -178,9 +178,9 @@ pub struct AppliedChange {
     pub key: String,
     pub op: Op,
     /// The row after the change; `None` when deleted.
-    pub row: Option<Arc<Row>>,
+    pub row: Option<StoredRow>,
     /// The row before the change; `None` when it did not exist.
-    pub before: Option<Arc<Row>>,
+    pub before: Option<StoredRow>,
     pub part: u32,
     pub off: i64,
     /// The database commit time (`source.ts_ms`).
@@ -489,7 +489,7 @@ pub enum Staged {
 #[derive(Debug, Clone)]
 pub struct RowWrite {
     pub key: String,
-    pub row: Option<Arc<Row>>,
+    pub row: Option<StoredRow>,
     pub op: Op,
     pub part: u32,
     pub off: i64,
@@ -557,10 +557,10 @@ impl Delta {
     /// not, so that counts stay the same on every node.
     pub fn stage(&mut self, w: RowWrite) -> Staged {
         let current = self.current(&w.key);
-        let before = current.as_ref().map(|e| e.row.shared().clone());
+        let before = current.map(|e| e.row);
         let unchanged = match (&before, &w.row) {
             (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || **a == **b,
+            (Some(a), Some(b)) => a == b,
             _ => false,
         };
         {
@@ -583,7 +583,7 @@ impl Delta {
                 self.rows.insert(
                     w.key.clone(),
                     Some(Entry {
-                        row: StoredRow::from(row.clone()),
+                        row: row.clone(),
                         part: w.part,
                         off: w.off,
                     }),
@@ -631,7 +631,7 @@ mod tests {
     fn w(key: &str, row: Option<Value>, part: u32, off: i64) -> RowWrite {
         RowWrite {
             key: key.into(),
-            row: row.map(|v| Arc::new(v.as_object().unwrap().clone())),
+            row: row.map(|v| Arc::new(v.as_object().unwrap().clone()).into()),
             op: Op::Update,
             part,
             off,

@@ -5,9 +5,11 @@
 //! then only sent as they are, in snapshots, or never read before their next change. A loaded row
 //! keeps its JSON (checked at load to be one JSON object, so that parsing it later cannot fail)
 //! and is parsed the first time a column is read: a filter, a diff against its next change, a
-//! view, an index. A row that came from a change is held parsed and has no JSON.
+//! view, an index. A restore and the changelog follower keep a record's row the same way. A row
+//! that came from a change is held parsed and has no JSON.
 //!
-//! Invariant: when both are present, the JSON and the parsed row are the same row.
+//! Invariant: when both are present, the JSON and the parsed row are the same row; clones share
+//! the parse.
 
 use std::fmt;
 use std::ops::Deref;
@@ -17,10 +19,20 @@ use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::cdc::decode::Row;
 
-/// A row, parsed on first use.
-#[derive(Clone, Default)]
-pub struct StoredRow {
-    json: Option<Arc<str>>,
+/// A row, parsed on first use. Clones share the row and its parse.
+#[derive(Clone)]
+pub struct StoredRow(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// From a change: parsed, no JSON kept.
+    Parsed(Arc<Row>),
+    /// From the store or a changelog record: its JSON, parsed on first use.
+    Json(Arc<JsonRow>),
+}
+
+struct JsonRow {
+    json: Box<str>,
     parsed: OnceLock<Arc<Row>>,
 }
 
@@ -38,53 +50,74 @@ impl StoredRow {
     pub fn from_json(json: &[u8]) -> Result<StoredRow, NotARow> {
         let text = std::str::from_utf8(json).map_err(|_| NotARow::Utf8)?;
         serde_json::from_str::<IsObject>(text).map_err(|_| NotARow::Json)?;
-        Ok(StoredRow {
-            json: Some(Arc::from(text)),
+        Ok(StoredRow(Repr::Json(Arc::new(JsonRow {
+            json: Box::from(text),
             parsed: OnceLock::new(),
-        })
+        }))))
     }
 
     /// The row's columns, parsed now if they were not yet.
     pub fn shared(&self) -> &Arc<Row> {
-        self.parsed.get_or_init(|| {
-            let json = self.json.as_deref().unwrap_or("{}");
-            match serde_json::from_str::<Row>(json) {
-                Ok(row) => Arc::new(row),
-                Err(e) => {
-                    // `from_json` checked the object; only a number out of f64's range gets here
-                    tracing::error!(error = %e, "a stored row no longer parses; served empty");
-                    Arc::new(Row::new())
-                }
-            }
-        })
+        match &self.0 {
+            Repr::Parsed(row) => row,
+            Repr::Json(j) => j
+                .parsed
+                .get_or_init(|| match serde_json::from_str::<Row>(&j.json) {
+                    Ok(row) => Arc::new(row),
+                    Err(e) => {
+                        // `from_json` checked the object; only a number out of f64's range gets here
+                        tracing::error!(error = %e, "a stored row no longer parses; served empty");
+                        Arc::new(Row::new())
+                    }
+                }),
+        }
     }
 
-    /// The row's JSON when it has one and no column of it is NULL: what a client is sent for
-    /// the row, as it is (a snapshot leaves NULL columns out). `None`: serialise the columns.
-    pub fn json_without_nulls(&self) -> Option<&str> {
-        self.json.as_deref().filter(|j| !j.contains("null"))
+    /// The JSON the row was loaded or received as, if it was.
+    pub fn json(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Parsed(_) => None,
+            Repr::Json(j) => Some(&j.json),
+        }
     }
 
-    /// The row's JSON as the store keeps it.
-    pub fn encode(&self) -> Vec<u8> {
-        match &self.json {
-            Some(j) => j.as_bytes().to_vec(),
-            None => crate::table::store::encode_row(self.shared()),
+    /// The columns, if they were parsed (nothing is parsed here).
+    pub fn parsed(&self) -> Option<&Row> {
+        match &self.0 {
+            Repr::Parsed(row) => Some(row),
+            Repr::Json(j) => j.parsed.get().map(|r| &**r),
         }
     }
 
     /// Whether the columns were parsed (a row from a change always is).
     pub fn is_parsed(&self) -> bool {
-        self.parsed.get().is_some()
+        self.parsed().is_some()
+    }
+
+    /// The row's JSON when it has one and no column of it is NULL: what a client is sent for
+    /// the row, as it is (a snapshot leaves NULL columns out). `None`: serialise the columns.
+    pub fn json_without_nulls(&self) -> Option<&str> {
+        self.json().filter(|j| !j.contains("null"))
+    }
+
+    /// The row's JSON as the store keeps it.
+    pub fn encode(&self) -> Vec<u8> {
+        match self.json() {
+            Some(j) => j.as_bytes().to_vec(),
+            None => crate::table::store::encode_row(self.shared()),
+        }
+    }
+}
+
+impl Default for StoredRow {
+    fn default() -> StoredRow {
+        StoredRow(Repr::Parsed(Arc::default()))
     }
 }
 
 impl From<Arc<Row>> for StoredRow {
     fn from(row: Arc<Row>) -> StoredRow {
-        StoredRow {
-            json: None,
-            parsed: OnceLock::from(row),
-        }
+        StoredRow(Repr::Parsed(row))
     }
 }
 
@@ -98,8 +131,9 @@ impl Deref for StoredRow {
 
 impl PartialEq for StoredRow {
     fn eq(&self, other: &StoredRow) -> bool {
-        match (&self.json, &other.json) {
-            (Some(a), Some(b)) if a == b => true,
+        match (&self.0, &other.0) {
+            (Repr::Parsed(a), Repr::Parsed(b)) if Arc::ptr_eq(a, b) => true,
+            (Repr::Json(a), Repr::Json(b)) if Arc::ptr_eq(a, b) || a.json == b.json => true,
             _ => **self.shared() == **other.shared(),
         }
     }
@@ -107,7 +141,7 @@ impl PartialEq for StoredRow {
 
 impl fmt::Debug for StoredRow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.parsed.get(), &self.json) {
+        match (self.parsed(), self.json()) {
             (Some(row), _) => row.fmt(f),
             (None, Some(json)) => write!(f, "StoredRow({json})"),
             (None, None) => f.write_str("StoredRow({})"),

@@ -24,6 +24,7 @@ use super::{HubUpdate, Mark};
 use crate::cdc::decode::Row;
 use crate::table::position::{Position, Token};
 use crate::table::state::TableUpdate;
+use crate::table::stored_row::StoredRow;
 
 /// What the hub keeps of its tables' updates.
 #[derive(Debug, Clone, Copy)]
@@ -174,11 +175,16 @@ pub(super) fn update_bytes(update: &TableUpdate, frame: Option<&Utf8Bytes>) -> u
         .iter()
         .map(|c| {
             160 + c.key.len()
-                + c.row.as_deref().map_or(0, row_bytes)
-                + c.before.as_deref().map_or(0, row_bytes)
+                + c.row.as_ref().map_or(0, stored_row_bytes)
+                + c.before.as_ref().map_or(0, stored_row_bytes)
         })
         .sum();
     256 + changes + frame.map_or(0, |f| f.len())
+}
+
+/// A row's JSON and, once parsed, its columns (an unparsed row is not parsed to be counted).
+fn stored_row_bytes(row: &StoredRow) -> usize {
+    row.json().map_or(0, |j| 32 + j.len()) + row.parsed().map_or(0, row_bytes)
 }
 
 fn row_bytes(row: &Row) -> usize {

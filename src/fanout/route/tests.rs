@@ -5,13 +5,14 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::cdc::decode::{Op, Row};
+use crate::cdc::decode::Op;
 use crate::fanout::hub::Sent;
 use crate::table::position::Position;
 use crate::table::state::{AppliedChange, TableUpdate};
+use crate::table::stored_row::StoredRow;
 
-fn row(v: Value) -> Arc<Row> {
-    Arc::new(v.as_object().cloned().unwrap_or_default())
+fn row(v: Value) -> StoredRow {
+    Arc::new(v.as_object().cloned().unwrap_or_default()).into()
 }
 
 fn change(key: &str, before: Option<Value>, after: Option<Value>) -> AppliedChange {

@@ -62,7 +62,7 @@ impl Fixture {
             });
             d.stage(RowWrite {
                 key,
-                row,
+                row: row.map(Into::into),
                 op: Op::Update,
                 part: 0,
                 off: self.off,

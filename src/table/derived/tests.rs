@@ -7,6 +7,7 @@ use super::Views;
 use crate::cdc::decode::{Op, Row};
 use crate::metrics::Metrics;
 use crate::table::state::{Delta, RowWrite, TableState, TableUpdate, Tables, UpdateSink};
+use crate::table::stored_row::StoredRow;
 use crate::views::{ViewDef, ViewsFile};
 
 const FILE: &str = r#"
@@ -91,8 +92,8 @@ impl Rng {
     }
 }
 
-fn row(v: Value) -> Arc<Row> {
-    Arc::new(v.as_object().cloned().unwrap())
+fn row(v: Value) -> StoredRow {
+    Arc::new(v.as_object().cloned().unwrap()).into()
 }
 
 fn rows_of(tables: &Tables, name: &str) -> BTreeMap<String, Row> {
@@ -155,7 +156,7 @@ fn oracle(input: &BTreeMap<String, Row>) -> HashMap<&'static str, BTreeMap<Strin
 fn write(
     tables: &Tables,
     sink: &dyn UpdateSink,
-    changes: &[(String, Option<Arc<Row>>)],
+    changes: &[(String, Option<StoredRow>)],
     off: &mut i64,
 ) {
     let t = tables.get("scores").unwrap();
@@ -200,7 +201,7 @@ fn views_follow_their_input_through_updates_deletes_and_a_replaced_table() {
     let mut off = 0;
     for round in 0..400 {
         let n = 1 + rng.below(4);
-        let changes: Vec<(String, Option<Arc<Row>>)> = (0..n)
+        let changes: Vec<(String, Option<StoredRow>)> = (0..n)
             .map(|_| {
                 let p = rng.below(25);
                 let r = (rng.below(5) > 0).then(|| {

@@ -307,7 +307,7 @@ impl BatchStage {
                     outcome = "applied";
                 }
             }
-            outcome = match delta.stage(write(key, c.row.map(Arc::new))) {
+            outcome = match delta.stage(write(key, c.row.map(|r| Arc::new(r).into()))) {
                 Staged::Applied => "applied",
                 Staged::Unchanged => outcome,
                 Staged::Stale => "duplicate",

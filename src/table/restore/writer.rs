@@ -14,7 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use crate::table::restore::RestoreError;
 use crate::table::state::Entry;
-use crate::table::store::{Store, StoreError, WriteBatch};
+use crate::table::store::{encode_row, Store, StoreError, WriteBatch};
 
 /// Chunks that may wait while one is written.
 const QUEUED: usize = 1;
@@ -31,28 +31,26 @@ pub struct ChunkRow {
     pub key: String,
     /// `None` removes the row.
     pub entry: Option<Entry>,
-    /// The row's JSON as the changelog record carried it, when known: it parses to `entry`'s
-    /// row (it was parsed into it), so it is stored as it is instead of serialising the row again.
-    pub json: Option<Vec<u8>>,
 }
 
 impl ChunkWrite {
     fn into_batch(self) -> WriteBatch {
         let mut b = self.rest;
         for r in &self.rows {
-            match (&r.entry, &r.json) {
-                (Some(e), Some(json)) => b.put_row(&self.table, &r.key, e.part, e.off, json),
-                (entry, _) => put_entry(&mut b, &self.table, &r.key, entry.as_ref()),
-            }
+            put_entry(&mut b, &self.table, &r.key, r.entry.as_ref());
         }
         b
     }
 }
 
-/// Adds the write of one row (`None`: its removal) to `b`.
+/// Adds the write of one row (`None`: its removal) to `b`. A row that came as JSON (a changelog
+/// record's) is stored as that JSON, without serialising it again.
 pub fn put_entry(b: &mut WriteBatch, table: &str, key: &str, entry: Option<&Entry>) {
     match entry {
-        Some(e) => b.put_row(table, key, e.part, e.off, &e.row.encode()),
+        Some(e) => match e.row.json() {
+            Some(json) => b.put_row(table, key, e.part, e.off, json.as_bytes()),
+            None => b.put_row(table, key, e.part, e.off, &encode_row(&e.row)),
+        },
         None => b.remove_row(table, key),
     }
 }

@@ -78,8 +78,11 @@ fn rows_compare_by_their_columns_whichever_way_they_are_held() {
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_ne!(b, c);
-    // a clone taken before the parse parses on its own, to the same row
+    // a clone taken before the parse shares it
     let d = StoredRow::from_json(br#"{"a":1}"#).unwrap();
     let e = d.clone();
-    assert_eq!(d.get("a"), e.get("a"));
+    assert!(!e.is_parsed());
+    assert_eq!(d.get("a"), Some(&json!(1)));
+    assert!(e.is_parsed());
+    assert!(Arc::ptr_eq(d.shared(), e.shared()));
 }

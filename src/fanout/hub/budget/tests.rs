@@ -53,7 +53,7 @@ impl Fixture {
         let row = json!({"id": key, "pad": "x".repeat(PAD)});
         d.stage(RowWrite {
             key,
-            row: row.as_object().cloned().map(Arc::new),
+            row: row.as_object().cloned().map(|r| Arc::new(r).into()),
             op: Op::Update,
             part: 0,
             off: self.off,

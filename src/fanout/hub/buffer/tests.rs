@@ -15,7 +15,7 @@ fn update(useq: u64, off: &mut i64, n: usize, width: usize) -> Arc<HubUpdate> {
             AppliedChange {
                 key: format!("k{i}"),
                 op: Op::Update,
-                row: row.as_object().cloned().map(Arc::new),
+                row: row.as_object().cloned().map(|r| Arc::new(r).into()),
                 before: None,
                 part: 0,
                 off: *off,
@@ -193,4 +193,35 @@ fn the_estimate_grows_with_the_rows() {
     let small = update(1, &mut 0, 10, 10).bytes;
     let large = update(1, &mut 0, 10, 10_000).bytes;
     assert!(large >= small + 10 * 9_990, "{small} -> {large}");
+}
+
+#[test]
+fn rows_received_as_json_are_counted_by_their_json_without_being_parsed() {
+    let row =
+        StoredRow::from_json(format!(r#"{{"pad":"{}"}}"#, "x".repeat(10_000)).as_bytes()).unwrap();
+    let change = AppliedChange {
+        key: "k".into(),
+        op: Op::Update,
+        row: Some(row.clone()),
+        before: None,
+        part: 0,
+        off: 1,
+        ts_ms: None,
+        kafka_ts_ms: None,
+        polled: None,
+    };
+    let update = TableUpdate {
+        table: "t".into(),
+        epoch: "e".into(),
+        useq: 1,
+        seq: 1,
+        pos: Position::new(1),
+        changes: vec![change],
+    };
+    let unparsed = update_bytes(&update, None);
+    assert!(unparsed >= 10_000, "{unparsed}");
+    assert!(!row.is_parsed());
+    // once parsed (by a subscriber), the columns count too
+    let _ = row.get("pad");
+    assert!(update_bytes(&update, None) >= unparsed + 10_000);
 }

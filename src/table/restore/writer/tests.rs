@@ -4,6 +4,7 @@ use serde_json::json;
 
 use super::*;
 use crate::table::store::TableMeta;
+use crate::table::stored_row::StoredRow;
 
 fn entry(chunk: usize, i: usize) -> Entry {
     Entry {
@@ -29,14 +30,14 @@ fn chunk(c: usize) -> ChunkWrite {
         .map(|i| {
             let key = format!("k{i}");
             let removed = c % 2 == 1 && (c * 100..c * 100 + 10).contains(&i);
-            let entry = (!removed).then(|| entry(c, i));
+            let mut entry = (!removed).then(|| entry(c, i));
             // every other row as the bytes a changelog record carried (formatted otherwise than
             // the store would: stored as they are, they must load as the same row)
-            let json = entry
-                .as_ref()
-                .filter(|_| i % 2 == 0)
-                .map(|e| serde_json::to_vec_pretty(&*e.row).unwrap());
-            ChunkRow { key, entry, json }
+            if let Some(e) = entry.as_mut().filter(|_| i % 2 == 0) {
+                let json = serde_json::to_vec_pretty(&*e.row).unwrap();
+                e.row = StoredRow::from_json(&json).unwrap();
+            }
+            ChunkRow { key, entry }
         })
         .collect();
     ChunkWrite {
