@@ -432,7 +432,7 @@ async fn get_row(
     if !sel.wants(&key, Some(&row)) {
         return Err(no_row());
     }
-    Ok(Json(Value::Object((*row).clone())))
+    Ok(Json(Value::Object(row.shared().as_ref().clone())))
 }
 
 /// `/ws`: a WebSocket upgrade; a plain GET gets a JSON error.

@@ -62,7 +62,8 @@ pub fn snapshot_parts(t: &TableState, selector: &Selector) -> (usize, Arc<[Utf8B
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut current: Vec<u8> = Vec::new();
     let mut rows = 0;
-    // a row loaded from the store is sent as its stored JSON where nothing needs its columns
+    // a row held as JSON (loaded, restored, followed) is sent as that JSON where nothing needs
+    // its columns
     let as_stored = selector.filters.is_empty() && selector.columns.is_none();
     let mut add = |k: &str, r: &StoredRow| {
         let stored = as_stored.then(|| r.json_without_nulls()).flatten();

@@ -485,10 +485,7 @@ impl Checkpointer {
     async fn reject_row(&self, row: &PendingRow, e: &KafkaError) {
         self.metrics.changelog_rejected.inc();
         tracing::error!(table = %row.table, partition = row.part, key = %row.key, error = %e, "the changelog refuses this row for good (too large or not allowed); it goes to the dead-letter topic and the changelog keeps the previous value");
-        let value = self
-            .tables
-            .row(&row.table, &row.key)
-            .map(|r| crate::table::store::encode_row(&r));
+        let value = self.tables.row(&row.table, &row.key).map(|r| r.encode());
         let letter = DeadLetter {
             topic: self.changelog.topic_for(&row.table),
             partition: i32::try_from(row.part).unwrap_or(0),

@@ -393,11 +393,11 @@ impl Tables {
         out
     }
 
-    /// One row, shared.
-    pub fn row(&self, table: &str, key: &str) -> Option<Arc<Row>> {
+    /// One row, shared (parsed when a column of it is read).
+    pub fn row(&self, table: &str, key: &str) -> Option<StoredRow> {
         let t = self.get(table)?;
         let t = t.read();
-        t.rows.get(key).map(|e| e.row.shared().clone())
+        t.rows.get(key).map(|e| e.row.clone())
     }
 
     /// Applies a staged delta and publishes its update (if it changed rows) to `sink`, in order.

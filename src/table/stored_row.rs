@@ -3,8 +3,9 @@
 //! A restart loads every row of the store; parsing each into a map of columns cost most of the
 //! load (1M rows: ~1.5 KB of small allocations a row, 2.6-4.1 s on one core) while most rows are
 //! then only sent as they are, in snapshots, or never read before their next change. A loaded row
-//! keeps its JSON (checked at load to be one JSON object, so that parsing it later cannot fail)
-//! and is parsed the first time a column is read: a filter, a diff against its next change, a
+//! keeps its JSON (checked at load to be one JSON object that parses: the check walks it as the
+//! parse does, with the same limits, and allocates nothing) and is parsed the first time a column
+//! is read: a filter, a diff against its next change, a
 //! view, an index. A restore and the changelog follower keep a record's row the same way. A row
 //! that came from a change is held parsed and has no JSON.
 //!
@@ -15,7 +16,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::cdc::decode::Row;
 
@@ -46,10 +47,11 @@ pub enum NotARow {
 }
 
 impl StoredRow {
-    /// A row from its JSON, checked to be one JSON object (nothing is allocated for its columns).
+    /// A row from its JSON, checked to be one JSON object that parses into a row (nothing is
+    /// allocated for its columns).
     pub fn from_json(json: &[u8]) -> Result<StoredRow, NotARow> {
         let text = std::str::from_utf8(json).map_err(|_| NotARow::Utf8)?;
-        serde_json::from_str::<IsObject>(text).map_err(|_| NotARow::Json)?;
+        serde_json::from_str::<AnObject>(text).map_err(|_| NotARow::Json)?;
         Ok(StoredRow(Repr::Json(Arc::new(JsonRow {
             json: Box::from(text),
             parsed: OnceLock::new(),
@@ -65,7 +67,7 @@ impl StoredRow {
                 .get_or_init(|| match serde_json::from_str::<Row>(&j.json) {
                     Ok(row) => Arc::new(row),
                     Err(e) => {
-                        // `from_json` checked the object; only a number out of f64's range gets here
+                        // unreachable: `from_json` accepts exactly what parses (tests hold it so)
                         tracing::error!(error = %e, "a stored row no longer parses; served empty");
                         Arc::new(Row::new())
                     }
@@ -149,25 +151,66 @@ impl fmt::Debug for StoredRow {
     }
 }
 
-/// Accepts one JSON object of anything, allocating nothing.
-struct IsObject;
+/// Accepts one JSON object that parses into a [`Row`], allocating nothing: every value is walked
+/// as [`serde_json::Value`]'s parse walks it (`deserialize_any`: numbers parsed, so one out of
+/// f64's range is refused; escapes decoded, so a lone surrogate is; the same nesting limit), only
+/// nothing is kept. `IgnoredAny` would skip values by their shape alone and accept all three.
+struct AnObject;
 
-impl<'de> Deserialize<'de> for IsObject {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<IsObject, D::Error> {
-        d.deserialize_map(IsObject)
+impl<'de> Deserialize<'de> for AnObject {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AnObject, D::Error> {
+        d.deserialize_map(AnyValue).map(|_| AnObject)
     }
 }
 
-impl<'de> Visitor<'de> for IsObject {
-    type Value = IsObject;
+/// Any JSON value, checked and dropped.
+struct AnyValue;
+
+impl<'de> Deserialize<'de> for AnyValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AnyValue, D::Error> {
+        d.deserialize_any(AnyValue)
+    }
+}
+
+impl<'de> Visitor<'de> for AnyValue {
+    type Value = AnyValue;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
+        f.write_str("a JSON value")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IsObject, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(IsObject)
+    fn visit_bool<E>(self, _: bool) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+
+    fn visit_unit<E>(self) -> Result<AnyValue, E> {
+        Ok(AnyValue)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyValue, A::Error> {
+        while seq.next_element::<AnyValue>()?.is_some() {}
+        Ok(AnyValue)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyValue, A::Error> {
+        while map.next_entry::<AnyValue, AnyValue>()?.is_some() {}
+        Ok(AnyValue)
     }
 }
 

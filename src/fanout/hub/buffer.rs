@@ -167,8 +167,10 @@ impl UpdateBuffer {
     }
 }
 
-/// Estimated heap bytes of an update and its frame (rows before and after each change counted
-/// whole, though the table or a neighbouring update may share them: an over-estimate).
+/// Estimated heap bytes of an update and its frame, once, when it is made: rows before and after
+/// each change counted whole as they are held then, though the table or a neighbouring update
+/// may share them. A row held as JSON and not parsed yet counts its JSON: parsed later, for a
+/// subscriber, its columns are shared with the table's row and not counted here.
 pub(super) fn update_bytes(update: &TableUpdate, frame: Option<&Utf8Bytes>) -> usize {
     let changes: usize = update
         .changes

@@ -53,6 +53,46 @@ fn what_is_not_one_json_object_is_refused() {
 }
 
 #[test]
+fn what_passes_the_check_is_exactly_what_parses_into_a_row() {
+    let nested = |depth: usize| format!(r#"{{"a":{}1{}}}"#, "[".repeat(depth), "]".repeat(depth));
+    let mut cases: Vec<String> = [
+        r#"{"a":1e400}"#,
+        r#"{"a":-1e400}"#,
+        r#"{"a":1e300,"b":18446744073709551616,"c":-9223372036854775809}"#,
+        r#"{"a":"\ud800"}"#,
+        r#"{"a":"\ud83d\ude00","b":"\u00e9"}"#,
+        r#"{"\ud800":1}"#,
+        r#"{"a":"\x"}"#,
+        r#"{"a":1,"a":2}"#,
+        r#"{"a":[1,{"b":[true,false,null]}],"c":{}}"#,
+        r#"{"a":01}"#,
+        r#"{"a":1.}"#,
+        r#"{"a":tru}"#,
+        r#" {"a":1} "#,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    cases.extend([1, 100, 126, 127, 128, 129, 1_000].map(nested));
+    let mut refused = 0;
+    for text in &cases {
+        let parses = serde_json::from_str::<Row>(text).is_ok();
+        assert_eq!(
+            StoredRow::from_json(text.as_bytes()).is_ok(),
+            parses,
+            "{text:.80}"
+        );
+        refused += usize::from(!parses);
+    }
+    // the cases do reach both sides of the check
+    assert!(
+        refused >= 8 && refused < cases.len(),
+        "{refused} of {}",
+        cases.len()
+    );
+}
+
+#[test]
 fn json_with_a_null_anywhere_is_not_sent_as_it_is() {
     for text in [r#"{"a":null}"#, r#"{"a":{"b":null}}"#, r#"{"nullable":1}"#] {
         let r = StoredRow::from_json(text.as_bytes()).unwrap();
