@@ -25,7 +25,7 @@ use crate::table::stored_row::StoredRow;
 /// One row in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    /// Parsed on first use when loaded from the store.
+    /// Parsed on first use when loaded from the store or read from a changelog record.
     pub row: StoredRow,
     /// The input partition (= changelog partition) of the row's last change.
     pub part: u32,

@@ -5,9 +5,9 @@
 //! then only sent as they are, in snapshots, or never read before their next change. A loaded row
 //! keeps its JSON (checked at load to be one JSON object that parses: the check walks it as the
 //! parse does, with the same limits, and allocates nothing) and is parsed the first time a column
-//! is read: a filter, a diff against its next change, a
-//! view, an index. A restore and the changelog follower keep a record's row the same way. A row
-//! that came from a change is held parsed and has no JSON.
+//! is read: a filter, a diff against its next change, a view, an index. A restore and the
+//! changelog follower keep a record's row the same way. A row that came from a change is held
+//! parsed and has no JSON.
 //!
 //! Invariant: when both are present, the JSON and the parsed row are the same row; clones share
 //! the parse.
@@ -108,12 +108,6 @@ impl StoredRow {
             Some(j) => j.as_bytes().to_vec(),
             None => crate::table::store::encode_row(self.shared()),
         }
-    }
-}
-
-impl Default for StoredRow {
-    fn default() -> StoredRow {
-        StoredRow(Repr::Parsed(Arc::default()))
     }
 }
 

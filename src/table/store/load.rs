@@ -1,5 +1,5 @@
 //! Reading the whole store back at start-up. Rows are most of it, so the scanning thread hands
-//! them in chunks to parser threads, one per core, through a bounded channel, while it reads the
+//! them in chunks to parser threads (which check each row's JSON), one per core, through a bounded channel, while it reads the
 //! rest of the store itself. A row is checked to be one JSON object and kept as its JSON, parsed
 //! on first use ([`StoredRow`]): parsing a million rows into columns took seconds.
 //! The chunks come back numbered, so each table's rows are put together in the store's order
