@@ -156,6 +156,18 @@ impl Job {
     /// certainly not written (a retry produces it), still `Pending` when unknown; then answers
     /// everyone waiting.
     pub fn finish(mut self, outcome: Outcome, certainly_not_written: bool) {
+        if let Outcome::Failed(reason) = &outcome {
+            // the client gets a nack; this says which id, for when the nack is lost with its
+            // connection and the retry lands after later records of its key
+            tracing::debug!(
+                topic = %self.topic,
+                partition = self.partition,
+                id = %self.answer.id.as_ref().map_or("", |t| t.id_json.as_str()),
+                certainly_not_written,
+                reason,
+                "publish failed"
+            );
+        }
         let change = self.pending.and_then(|p| match &outcome {
             Outcome::Written {
                 partition, offset, ..

@@ -124,6 +124,12 @@ impl Session {
             Ok(f) => f,
             Err(rejected) => {
                 let (label, nack) = *rejected;
+                tracing::debug!(
+                    topic = %label,
+                    id = %nack.id.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                    code = nack.code.as_str(),
+                    "publish refused"
+                );
                 self.count(&label, nack.code.as_str());
                 futures::future::ready(Reply::Nack(nack)).boxed()
             }
@@ -469,10 +475,17 @@ impl Session {
                     .clone()
                     .unwrap_or_else(|| Outcome::Failed("the publish was abandoned".into())),
                 Ok(Err(_)) => Outcome::Failed("the publish was abandoned".into()),
-                Err(_) => Outcome::Failed(format!(
-                    "no acknowledgement from the broker within {} ms",
-                    timeout.as_millis()
-                )),
+                Err(_) => {
+                    tracing::debug!(
+                        topic = %label,
+                        id = %id.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                        "publish failed: no acknowledgement within the ack timeout"
+                    );
+                    Outcome::Failed(format!(
+                        "no acknowledgement from the broker within {} ms",
+                        timeout.as_millis()
+                    ))
+                }
             };
             let p = &metrics.publish;
             match outcome {
