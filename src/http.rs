@@ -17,16 +17,20 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) mod table_body;
+
 use crate::auth::{Auth, Credentials, Refused};
 use crate::config::security::Origins;
 use crate::config::Role;
 use crate::fanout::hub::{union_key, Hub};
 use crate::fanout::protocol::SubscribeQuery;
 use crate::fanout::selector::Selector;
+use crate::fanout::snapshot::copy_of;
 use crate::fanout::FanoutLimits;
 use crate::metrics::Metrics;
 use crate::table::readiness::Readiness;
 use crate::table::state::{without_nulls, Tables};
+use table_body::table_body;
 
 /// Shared state of the handlers: one pointer, so that each live connection keeps 8 bytes of
 /// it rather than a copy of every handle (bench: connections-snapshot).
@@ -350,10 +354,14 @@ async fn get_table(
                     continue;
                 };
                 if let Some(t) = tables.get(&name) {
-                    for (k, e) in &t.read().rows {
+                    // the rows the caller may read of the member, copied as a snapshot's are
+                    // (under its read lock, which its ingest waits for); the union's own
+                    // selection and projection after it
+                    let (copy, _) = copy_of(&t, &sel);
+                    for (k, row) in copy.selected(&sel) {
                         let key = union_key(&name, k);
-                        if sel.wants(k, Some(&e.row)) && selector.wants(&key, Some(&e.row)) {
-                            let row = selector.project(&e.row).into_owned();
+                        if selector.wants_key(&key) && selector.accepts(&key, row) {
+                            let row = selector.project(row).into_owned();
                             rows.insert(key, Value::Object(row));
                         }
                     }
@@ -375,24 +383,10 @@ async fn get_table(
     })?;
     // a large table takes milliseconds to serialise: keep it off the async workers
     let body = tokio::task::spawn_blocking(move || {
-        let t = t.read();
-        let rows: Map<String, Value> = t
-            .rows
-            .iter()
-            .filter(|(k, e)| sel.wants(k, Some(&e.row)))
-            .map(|(k, e)| (k.clone(), Value::Object(sel.project(&e.row).into_owned())))
-            .collect();
-        serde_json::to_vec(&json!({
-            "table": table,
-            "seq": t.seq(),
-            "epoch": &*t.epoch,
-            "pos": t.token().to_string(),
-            "complete": t.complete(),
-            "rows": rows,
-        }))
+        let (copy, _) = copy_of(&t, &sel);
+        table_body(&copy, &table, &sel)
     })
     .await
-    .map_err(|_| internal().into_response())?
     .map_err(|_| internal().into_response())?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -405,7 +399,7 @@ async fn get_row(
     State(state): State<AppState>,
     creds: Credentials,
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Json<Value>, Response> {
+) -> Result<Response, Response> {
     let access = creds
         .require(&state.auth)
         .map_err(|d| Refused(d).into_response())?;
@@ -429,10 +423,21 @@ async fn get_row(
         .into_response()
     };
     let row = state.tables.row(&table, &key).ok_or_else(no_row)?;
-    if !sel.wants(&key, Some(&row)) {
+    // a row loaded from the store (or a changelog) is answered with its JSON as stored (NULL
+    // columns included, as for a parsed row), and parsed only when a filter of the token reads
+    // rows (its key patterns read the key)
+    let wanted = sel.wants_key(&key) && sel.accepts(&key, &row);
+    if !wanted {
         return Err(no_row());
     }
-    Ok(Json(Value::Object(row.shared().as_ref().clone())))
+    if let Some(json) = row.json() {
+        return Ok((
+            [(header::CONTENT_TYPE, "application/json")],
+            json.to_owned(),
+        )
+            .into_response());
+    }
+    Ok(Json(row.shared().as_ref()).into_response())
 }
 
 /// `/ws`: a WebSocket upgrade; a plain GET gets a JSON error.

@@ -379,6 +379,10 @@ impl RowFilter for KeyPatterns {
     fn matches(&self, key: &str, _row: &Row) -> bool {
         self.0.iter().any(|p| p.matches(key))
     }
+
+    fn matches_key(&self, key: &str) -> Option<bool> {
+        Some(self.0.iter().any(|p| p.matches(key)))
+    }
 }
 
 /// Rows whose `column` equals a claim's value (compared as text: strings as they are, numbers
@@ -515,6 +519,32 @@ mod tests {
         assert!(s.keys.is_none());
         assert!(s.wants("nba:1", Some(&row(json!({})))));
         assert!(!s.wants("nhl:1", Some(&row(json!({})))));
+    }
+
+    #[test]
+    fn key_patterns_select_rows_held_as_json_without_parsing_them() {
+        use crate::table::stored_row::StoredRow;
+        let a = grant(
+            json!({"exp": 1, "sub": "acct-7", "livetable": {"tables": ["*"],
+            "keys": {"u": ["nba:*"], "v": ["nba:*"]}, "rows": {"v": {"account_id": "sub"}}}}),
+        )
+        .unwrap();
+        let stored = || StoredRow::from_json(br#"{"account_id":"acct-7"}"#).unwrap();
+        let s = a.selector("u", Selector::default()).unwrap();
+        assert!(!s.reads_rows());
+        let (inside, outside) = (stored(), stored());
+        assert!(s.accepts("nba:1", &inside));
+        assert!(!s.accepts("nhl:1", &outside));
+        assert!(!inside.is_parsed() && !outside.is_parsed());
+        // with a row rule too: a key outside the patterns is refused before the row is parsed
+        let s = a.selector("v", Selector::default()).unwrap();
+        assert!(s.reads_rows());
+        let (inside, outside) = (stored(), stored());
+        assert!(s.accepts("nba:1", &inside));
+        assert!(!s.accepts("nhl:1", &outside));
+        assert!(inside.is_parsed() && !outside.is_parsed());
+        let other = StoredRow::from_json(br#"{"account_id":"acct-8"}"#).unwrap();
+        assert!(!s.accepts("nba:1", &other));
     }
 
     #[test]

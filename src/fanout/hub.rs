@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use super::protocol::{patch_json, Format, Outgoing};
 use super::route::{RouteSpec, RoutedFeed, Router};
 use super::selector::Selector;
-use super::snapshot::{candidates, snapshot_parts, CachedSnapshot};
+use super::snapshot::{copy_of, CachedSnapshot, SnapshotCopy};
 use super::subscription::{row_message, Subscription};
 use crate::filter::equality;
 use crate::metrics::Metrics;
@@ -296,15 +296,14 @@ impl Hub {
                 self.shared_snapshot(&channel, &t, &mut sub)
             }
             Format::Patch => {
-                let s = t.read();
-                sub.epoch = s.epoch.clone();
-                sub.useq = s.useq;
-                sub.seq = s.seq();
-                sub.pos = s.position();
-                let (rows, parts) = snapshot_parts(&s, &sub.selector);
+                let (copy, rows, parts) = snapshot_of(&t, &sub.selector);
+                sub.epoch = copy.epoch.clone();
+                sub.useq = copy.useq;
+                sub.seq = copy.seq;
+                sub.pos = copy.pos.clone();
                 vec![Outgoing::Snapshot {
                     table: table.to_string(),
-                    epoch: s.epoch.to_string(),
+                    epoch: copy.epoch.to_string(),
                     seq: sub.seq,
                     pos: sub.token(),
                     rows,
@@ -312,26 +311,16 @@ impl Hub {
                 }]
             }
             Format::Rows => {
-                let s = t.read();
-                sub.epoch = s.epoch.clone();
-                sub.useq = s.useq;
-                sub.seq = s.seq();
-                sub.pos = s.position();
+                // copied under the read lock, made into messages after it
+                let (copy, _) = copy_of(&t, &sub.selector);
+                sub.epoch = copy.epoch.clone();
+                sub.useq = copy.useq;
+                sub.seq = copy.seq;
+                sub.pos = copy.pos.clone();
                 let sel = &sub.selector;
-                match candidates(&s, sel) {
-                    Some(keys) => keys
-                        .into_iter()
-                        .filter_map(|k| s.rows.get(k).map(|e| (k, e)))
-                        .filter(|(k, e)| sel.wants(k, Some(&e.row)))
-                        .map(|(_, e)| row_message(&sel.project(&e.row)))
-                        .collect(),
-                    None => s
-                        .rows
-                        .iter()
-                        .filter(|(k, e)| sel.filters.is_empty() || sel.wants(k, Some(&e.row)))
-                        .map(|(_, e)| row_message(&sel.project(&e.row)))
-                        .collect(),
-                }
+                copy.selected(sel)
+                    .map(|(_, row)| row_message(&sel.project(row)))
+                    .collect()
             }
         };
         self.metrics
@@ -346,7 +335,8 @@ impl Hub {
     }
 
     /// A whole-table snapshot for `sub`: the cached frames plus the buffered changes since them
-    /// when the buffer covers them, else new frames built under the table's read lock.
+    /// when the buffer covers them, else new frames (from rows copied under the table's read
+    /// lock, built after it).
     fn shared_snapshot(
         &self,
         channel: &Channel,
@@ -377,13 +367,13 @@ impl Hub {
             }
         }
         let snap = {
-            let s = t.read();
-            let (rows, parts) = snapshot_parts(&s, &Selector::default());
+            let whole = Selector::default();
+            let (copy, rows, parts) = snapshot_of(t, &whole);
             Arc::new(CachedSnapshot {
-                epoch: s.epoch.clone(),
-                useq: s.useq,
-                seq: s.seq(),
-                pos: s.position(),
+                epoch: copy.epoch,
+                useq: copy.useq,
+                seq: copy.seq,
+                pos: copy.pos,
                 rows,
                 parts,
             })
@@ -544,3 +534,27 @@ pub fn rekey(table: &str, patch: Map<String, Value>) -> Map<String, Value> {
         .map(|(k, v)| (union_key(table, &k), v))
         .collect()
 }
+/// A snapshot's frames, from rows copied under the table's read lock (see [`SnapshotCopy`]);
+/// how long the lock was held, and how long the frames took without it, is logged at debug
+/// level.
+fn snapshot_of(
+    t: &crate::table::state::Table,
+    selector: &Selector,
+) -> (SnapshotCopy, usize, Arc<[Utf8Bytes]>) {
+    let started = std::time::Instant::now();
+    let (copy, locked) = copy_of(t, selector);
+    let copied = started.elapsed();
+    let (rows, parts) = copy.parts(selector);
+    tracing::debug!(
+        table = &*copy.name,
+        rows,
+        under_read_lock_ms = locked.as_secs_f64() * 1e3,
+        copy_ms = copied.as_secs_f64() * 1e3,
+        frames_ms = (started.elapsed() - copied).as_secs_f64() * 1e3,
+        "snapshot built"
+    );
+    (copy, rows, parts)
+}
+
+#[cfg(test)]
+mod tests;

@@ -15,10 +15,11 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// What a client receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
-    /// Serialised once (straight from the table, no copy of its rows) and shared by every client
-    /// that subscribes while it is current. A big snapshot is several frames of about
-    /// [`SNAPSHOT_PART_BYTES`]: a `snapshot` message with the first rows and `"more":true`, then
-    /// `patch` messages at the same position adding the other rows, the last one without `more`.
+    /// Serialised once (from a copy of the rows' keys and shared rows, after the table's lock)
+    /// and shared by every client that subscribes while it is current. A big snapshot is several
+    /// frames of about [`SNAPSHOT_PART_BYTES`]: a `snapshot` message with the first rows and
+    /// `"more":true`, then `patch` messages at the same position adding the other rows, the last
+    /// one without `more`.
     Snapshot {
         table: String,
         epoch: String,

@@ -9,10 +9,18 @@ use std::sync::Arc;
 
 use crate::cdc::decode::Row;
 use crate::filter::{Filter, Projection};
+use crate::table::stored_row::StoredRow;
 
 /// A predicate over rows.
 pub trait RowFilter: Send + Sync + std::fmt::Debug {
     fn matches(&self, key: &str, row: &Row) -> bool;
+
+    /// The answer from the key alone, for a filter that never reads the row (a token's key
+    /// patterns): `Some` for every key, or `None` for every key (the filter reads rows).
+    /// [`Selector::accepts`] never parses a row held as JSON for a filter that answers here.
+    fn matches_key(&self, _key: &str) -> Option<bool> {
+        None
+    }
 }
 
 /// The rows a subscription wants.
@@ -88,6 +96,38 @@ impl Selector {
 
     pub fn wants_key(&self, key: &str) -> bool {
         self.keys.as_ref().is_none_or(|k| k.contains(key))
+    }
+
+    /// Whether the filters accept the row (not the keys: see [`Selector::wants_key`]). A row held
+    /// as JSON is parsed only when a filter reads rows and every filter deciding from the key
+    /// alone accepts it.
+    pub fn accepts(&self, key: &str, row: &StoredRow) -> bool {
+        self.accepts_key(key) && self.accepts_row(key, row)
+    }
+
+    /// Whether the filters that decide from the key alone accept it (true when there are none).
+    pub fn accepts_key(&self, key: &str) -> bool {
+        self.filters
+            .iter()
+            .all(|f| f.matches_key(key) != Some(false))
+    }
+
+    /// Whether the filters that read rows accept the row (parsed here if it was not).
+    pub fn accepts_row(&self, key: &str, row: &StoredRow) -> bool {
+        self.filters
+            .iter()
+            .all(|f| f.matches_key(key).is_some() || f.matches(key, row))
+    }
+
+    /// Whether a filter reads rows (a `where`, a token's row rule), not only keys.
+    pub fn filters_read_rows(&self) -> bool {
+        self.filters.iter().any(|f| f.matches_key("").is_none())
+    }
+
+    /// Whether selecting a row needs its columns: a filter reads rows, or only some columns are
+    /// sent. Otherwise a row held as JSON can go out as that JSON, unparsed.
+    pub fn reads_rows(&self) -> bool {
+        self.columns.is_some() || self.filters_read_rows()
     }
 
     /// Whether the row (`None`: absent) is selected.

@@ -3,14 +3,17 @@
 //! through the `league` index instead of evaluating its filter on every row: 10,000 such clients
 //! connecting cost about the rows they get, not 10,000 table scans.
 //!
-//! An index is built on first use ([`Rows::ensure_index`], under the table's write lock) and kept
-//! up to date by every write, which all go through [`Rows`]. It only narrows: each candidate's
-//! whole filter is still evaluated.
+//! An index is built on first use, from a copy of the rows outside the table's locks
+//! ([`Rows::copy_rows`], [`build_index`]), and installed by [`Rows::install_index`] under the
+//! write lock (see `table::state::index`); then every write, which all go through [`Rows`], keeps
+//! it up to date. It only narrows: each candidate's whole filter is still evaluated.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Deref;
 
 use super::state::Entry;
+use super::stored_row::StoredRow;
 use crate::filter::{value_keys, IndexKey};
 
 /// Columns indexed per table at most; a filter on a further column scans.
@@ -20,7 +23,7 @@ pub const MAX_INDEXED_COLUMNS: usize = 16;
 #[derive(Debug, Clone, Default)]
 pub struct Rows {
     map: BTreeMap<String, Entry>,
-    indexes: HashMap<String, HashMap<IndexKey, HashSet<String>>>,
+    indexes: HashMap<String, Index>,
 }
 
 impl Deref for Rows {
@@ -95,6 +98,15 @@ impl Rows {
         }
     }
 
+    /// A copy of the rows (their keys, and the rows shared) to work on outside the table's locks:
+    /// an index's build ([`build_index`], then [`Rows::install_index`]).
+    pub fn copy_rows(&self) -> Vec<(String, StoredRow)> {
+        self.map
+            .iter()
+            .map(|(k, e)| (k.clone(), e.row.clone()))
+            .collect()
+    }
+
     /// Whether `column` is indexed.
     pub fn has_index(&self, column: &str) -> bool {
         self.indexes.contains_key(column)
@@ -105,19 +117,66 @@ impl Rows {
         self.indexes.len() >= MAX_INDEXED_COLUMNS
     }
 
-    /// Indexes `column` (a scan of the rows, once); false when the table has
-    /// [`MAX_INDEXED_COLUMNS`] already.
+    /// Indexes `column` (a scan of the rows, once) in one go; false when the table has
+    /// [`MAX_INDEXED_COLUMNS`] already. Tests only: a table builds its indexes outside its locks.
+    #[cfg(test)]
     pub fn ensure_index(&mut self, column: &str) -> bool {
+        if self.indexes.contains_key(column) {
+            return true;
+        }
+        let copy = self.copy_rows();
+        let index = build_index(column, &copy);
+        self.install_index(column, &copy, index)
+    }
+
+    /// Installs `index`, built by [`build_index`] from `copy` (taken by
+    /// [`Rows::copy_rows`]), after filing anew the rows that changed since the copy: a walk
+    /// of both sorted lists comparing rows by identity, without parsing or hashing the rows
+    /// that did not change. False when the table has [`MAX_INDEXED_COLUMNS`] already; true,
+    /// dropping `index`, when `column` got indexed in the meantime.
+    pub fn install_index(
+        &mut self,
+        column: &str,
+        copy: &[(String, StoredRow)],
+        index: Index,
+    ) -> bool {
         if self.indexes.contains_key(column) {
             return true;
         }
         if self.indexes.len() >= MAX_INDEXED_COLUMNS {
             return false;
         }
-        let mut index: HashMap<IndexKey, HashSet<String>> = HashMap::new();
-        for (key, e) in &self.map {
-            for k in value_keys(e.row.get(column)) {
-                index.entry(k).or_default().insert(key.clone());
+        let mut index = index;
+        let mut now = self.map.iter().peekable();
+        let mut then = copy.iter().peekable();
+        loop {
+            let order = match (now.peek(), then.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((k, _)), Some((c, _))) => k.as_str().cmp(c.as_str()),
+            };
+            match order {
+                Ordering::Equal => {
+                    if let (Some((key, e)), Some((_, old))) = (now.next(), then.next()) {
+                        if !e.row.same_as(old) {
+                            unfile(&mut index, &value_keys(old.get(column)), key);
+                            file(&mut index, value_keys(e.row.get(column)), key);
+                        }
+                    }
+                }
+                // a row inserted since the copy
+                Ordering::Less => {
+                    if let Some((key, e)) = now.next() {
+                        file(&mut index, value_keys(e.row.get(column)), key);
+                    }
+                }
+                // a row removed since the copy
+                Ordering::Greater => {
+                    if let Some((key, old)) = then.next() {
+                        unfile(&mut index, &value_keys(old.get(column)), key);
+                    }
+                }
             }
         }
         self.indexes.insert(column.to_string(), index);
@@ -140,7 +199,29 @@ impl Rows {
     }
 }
 
-fn unfile(index: &mut HashMap<IndexKey, HashSet<String>>, keys: &[IndexKey], key: &str) {
+/// The keys of the rows by the index keys of one column's values.
+pub type Index = HashMap<IndexKey, HashSet<String>>;
+
+/// An index of `column` over `rows` (a [`Rows::copy_rows`]); parses the rows not parsed
+/// yet. Takes no lock: run it outside the table's.
+pub fn build_index(column: &str, rows: &[(String, StoredRow)]) -> Index {
+    for (_, row) in rows {
+        row.shared();
+    }
+    let mut index = Index::new();
+    for (key, row) in rows {
+        file(&mut index, value_keys(row.get(column)), key);
+    }
+    index
+}
+
+fn file(index: &mut Index, keys: Vec<IndexKey>, key: &str) {
+    for k in keys {
+        index.entry(k).or_default().insert(key.to_string());
+    }
+}
+
+fn unfile(index: &mut Index, keys: &[IndexKey], key: &str) {
     for k in keys {
         if let Some(set) = index.get_mut(k) {
             set.remove(key);

@@ -237,11 +237,18 @@ impl UpdateSink for NoSink {
     fn publish(&self, _update: TableUpdate) {}
 }
 
-/// A table in memory: its state, and the lock that orders its commits.
+/// A table in memory: its state, the lock that orders its commits, and the one that lets one
+/// whole-table pass run at a time: a column index's build (see `state::index`) or the parse of
+/// the rows held as JSON (`state::parse`).
 #[derive(Debug)]
 pub struct Table {
     state: RwLock<TableState>,
     order: Mutex<()>,
+    indexing: Mutex<()>,
+    /// Column indexes built (copies taken) so far.
+    index_builds: std::sync::atomic::AtomicUsize,
+    /// Passes that parsed the rows held as JSON (see `state::parse`).
+    parse_passes: std::sync::atomic::AtomicUsize,
 }
 
 impl Table {
@@ -263,22 +270,6 @@ impl Table {
     pub fn update_slices(&self, f: impl FnOnce(&mut TableState)) {
         let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut self.write());
-    }
-
-    /// Indexes `column` of the rows for equality lookups (once; see `table::rows`); false when
-    /// the table indexes too many columns already.
-    pub fn ensure_index(&self, column: &str) -> bool {
-        {
-            let t = self.read();
-            if t.rows.has_index(column) {
-                return true;
-            }
-            // no write lock (which stalls ingest) just to hear that no slot is left
-            if t.rows.indexes_full() {
-                return false;
-            }
-        }
-        self.write().rows.ensure_index(column)
     }
 
     /// Forgets a slice this node no longer holds (a materialiser's revoked partition): its rows
@@ -328,6 +319,9 @@ impl Tables {
         let t = Arc::new(Table {
             state: RwLock::new(TableState::new(name, epoch, source, partitions)),
             order: Mutex::new(()),
+            indexing: Mutex::new(()),
+            index_builds: Default::default(),
+            parse_passes: Default::default(),
         });
         map.insert(name.to_string(), t.clone());
         t
@@ -339,6 +333,9 @@ impl Tables {
         let t = Arc::new(Table {
             state: RwLock::new(state),
             order: Mutex::new(()),
+            indexing: Mutex::new(()),
+            index_builds: Default::default(),
+            parse_passes: Default::default(),
         });
         self.inner
             .write()
@@ -615,6 +612,11 @@ pub fn without_nulls(row: &Row) -> Map<String, Value> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
+
+mod index;
+mod parse;
+#[cfg(test)]
+mod test_tables;
 
 #[cfg(test)]
 mod tests {

@@ -91,6 +91,15 @@ impl StoredRow {
         }
     }
 
+    /// Whether both are the same row (one shared value), not only equal rows.
+    pub fn same_as(&self, other: &StoredRow) -> bool {
+        match (&self.0, &other.0) {
+            (Repr::Parsed(a), Repr::Parsed(b)) => Arc::ptr_eq(a, b),
+            (Repr::Json(a), Repr::Json(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     /// Whether the columns were parsed (a row from a change always is).
     pub fn is_parsed(&self) -> bool {
         self.parsed().is_some()

@@ -115,27 +115,106 @@ const FILTERS: &[&str] = &[
     "b = '1.0' AND a IS NOT NULL",
 ];
 
+#[test]
+fn an_index_built_from_a_copy_files_the_rows_changed_since() {
+    let mut rows = Rows::default();
+    for (k, league) in [("g1", "nba"), ("g2", "nba"), ("g3", "nhl"), ("g4", "nba")] {
+        rows.insert(k.into(), entry(json!({ "league": league })));
+    }
+    let copy = rows.copy_rows();
+    let index = build_index("league", &copy);
+    // after the copy: a move, a delete, an insert, a rewrite of the same value, a new key first
+    rows.insert("g1".into(), entry(json!({"league": "nhl"})));
+    rows.remove("g2");
+    rows.insert("g5".into(), entry(json!({"league": "nba"})));
+    rows.insert("g4".into(), entry(json!({"league": "nba", "n": 1})));
+    rows.insert("a0".into(), entry(json!({"league": "nhl"})));
+    assert!(rows.install_index("league", &copy, index));
+    let keys = |rows: &Rows, league: &str| -> Vec<String> {
+        rows.lookup("league", &[IndexKey::Str(league.into())])
+            .unwrap()
+            .into_iter()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(&rows, "nba"), ["g4", "g5"]);
+    assert_eq!(keys(&rows, "nhl"), ["a0", "g1", "g3"]);
+    // a build of a column indexed meanwhile is dropped: the index in place stays
+    assert!(rows.install_index("league", &copy, Index::new()));
+    assert_eq!(keys(&rows, "nba"), ["g4", "g5"]);
+    assert_eq!(keys(&rows, "nhl"), ["a0", "g1", "g3"]);
+}
+
+/// A row held as its JSON, as loaded from the store.
+fn stored(v: &Value) -> Entry {
+    Entry {
+        row: StoredRow::from_json(v.to_string().as_bytes()).unwrap(),
+        part: 0,
+        off: 0,
+    }
+}
+
+/// Installs indexes of `a` and `b` built from `copy`: each must then equal an index built from
+/// the rows as they are now.
+fn install(
+    rows: &mut Rows,
+    copy: &[(String, StoredRow)],
+    a: Index,
+    b: Index,
+) -> Result<(), TestCaseError> {
+    rows.install_index("a", copy, a);
+    rows.install_index("b", copy, b);
+    let now = rows.copy_rows();
+    for column in ["a", "b"] {
+        prop_assert_eq!(
+            &rows.indexes[column],
+            &build_index(column, &now),
+            "{}",
+            column
+        );
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     #[test]
     fn lookups_find_every_row_a_scan_accepts(
         ops in proptest::collection::vec((0u8..8, proptest::option::of(arb_row())), 1..60),
         index_at in 0usize..60,
+        install_after in 0usize..12,
     ) {
         let mut rows = Rows::default();
+        // indexes built from a copy at `index_at`, installed `install_after` changes later
+        let mut pending = None;
         for (i, (key, row)) in ops.iter().enumerate() {
             if i == index_at {
-                rows.ensure_index("a");
-                rows.ensure_index("b");
+                let copy = rows.copy_rows();
+                let a = build_index("a", &copy);
+                let b = build_index("b", &copy);
+                pending = Some((copy, a, b));
             }
+            if i == index_at + install_after {
+                if let Some((copy, a, b)) = pending.take() {
+                    install(&mut rows, &copy, a, b)?;
+                }
+            }
+            let held_as_json = key % 2 == 0;
             let key = format!("k{key}");
             match row {
+                Some(v) if held_as_json => rows.insert(key, stored(v)),
                 Some(v) => rows.insert(key, entry(v.clone())),
                 None if i % 7 == 3 => rows.retain(|k, _| *k != key),
                 None => {
                     rows.remove(&key);
                 }
             }
+            for f in FILTERS {
+                check(&rows, f)?;
+            }
+        }
+        if let Some((copy, a, b)) = pending.take() {
+            install(&mut rows, &copy, a, b)?;
             for f in FILTERS {
                 check(&rows, f)?;
             }

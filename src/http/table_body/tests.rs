@@ -1,0 +1,81 @@
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+
+use super::*;
+
+/// The body of `t`, as the route builds it.
+fn body_of(t: &TableState, sel: &Selector) -> Vec<u8> {
+    table_body(&SnapshotCopy::take(t, sel), "odds", sel)
+}
+use crate::fanout::snapshot::tests::{key_only, selectors, table, ROWS};
+use crate::table::state::TableState;
+
+#[test]
+fn rows_loaded_from_the_store_give_the_same_body_as_parsed_ones() {
+    for sel in &selectors() {
+        let stored = body_of(&table(true), sel);
+        let parsed = body_of(&table(false), sel);
+        assert_eq!(
+            String::from_utf8(stored).unwrap(),
+            String::from_utf8(parsed).unwrap()
+        );
+    }
+}
+
+#[test]
+fn the_whole_table_is_answered_from_the_stored_json_without_a_parse() {
+    let t = table(true);
+    let body: Value = serde_json::from_slice(&body_of(&t, &Selector::default())).unwrap();
+    assert!(ROWS.iter().all(|(k, _)| !t.rows[*k].row.is_parsed()));
+    assert_eq!(body["table"], "odds");
+    assert_eq!(body["seq"], json!(t.seq()));
+    assert_eq!(body["epoch"], "e1");
+    assert_eq!(body["pos"], json!(t.token().to_string()));
+    assert_eq!(body["complete"], json!(t.complete()));
+    let rows = body["rows"].as_object().unwrap();
+    assert_eq!(rows.len(), ROWS.len());
+    for (k, json) in ROWS {
+        let row: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(rows[k], row, "{k}: every column, NULLs included");
+    }
+}
+
+#[test]
+fn keys_and_filters_select_rows_held_as_json() {
+    let keys: HashSet<String> = ["g1", "g6", "zz"].iter().map(|k| k.to_string()).collect();
+    let t = table(true);
+    let body: Value = serde_json::from_slice(&body_of(&t, &Selector::keys(Some(keys)))).unwrap();
+    let got: Vec<&String> = body["rows"].as_object().unwrap().keys().collect();
+    assert_eq!(got, ["g1", "g6"]);
+    let sel = Selector::build(None, Some("league = 'NBA' AND n IS NULL"), Some("league")).unwrap();
+    let body: Value = serde_json::from_slice(&body_of(&t, &sel)).unwrap();
+    assert_eq!(
+        body["rows"],
+        json!({"g4": {"league": "NBA"}, "g6": {"league": "NBA"}})
+    );
+}
+
+#[test]
+fn filters_apply_to_looked_up_rows_in_the_body_too() {
+    for (name, t, sel, want) in crate::fanout::snapshot::tests::filter_cases() {
+        let body: Value = serde_json::from_slice(&body_of(&t, &sel)).unwrap();
+        let got: Vec<&String> = body["rows"].as_object().unwrap().keys().collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn a_filter_of_keys_answers_rows_held_as_json_as_stored() {
+    let sel = key_only();
+    let t = table(true);
+    let body = body_of(&t, &sel);
+    assert!(ROWS.iter().all(|(k, _)| !t.rows[*k].row.is_parsed()));
+    assert_eq!(
+        String::from_utf8(body.clone()).unwrap(),
+        String::from_utf8(body_of(&table(false), &sel)).unwrap()
+    );
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let got: Vec<&String> = body["rows"].as_object().unwrap().keys().collect();
+    assert_eq!(got, ["g1", "g5", "g6"]);
+}
