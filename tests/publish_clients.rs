@@ -165,9 +165,12 @@ struct ClientRun {
     /// Acks with `duplicate: true`.
     duplicates: usize,
     /// Seqs whose answer was lost with a connection (a drop or the kill) and which a later
-    /// attempt wrote (`duplicate: false`): the lost attempt was not written, so it may have been
-    /// nacked unseen, and is left out of the order check like a nacked one.
+    /// attempt than their first wrote (`duplicate: false` after a lost answer: the lost attempt
+    /// was not written, it may have been nacked unseen) or may have written (`duplicate: true`
+    /// when attempts on two connections or more came before: which one wrote it is unknown).
     written_after_lost: BTreeSet<usize>,
+    /// Per seq, the connection it was first sent on.
+    first_sent_on: Vec<usize>,
     /// Per seq, the last connection that may have written it: the one its first ack came on
     /// when `duplicate: false` (that attempt wrote it), else the one before (an attempt on an
     /// earlier connection did).
@@ -201,6 +204,7 @@ async fn client(c: usize, run: Arc<Run>) -> ClientRun {
         resent: 0,
         duplicates: 0,
         written_after_lost: BTreeSet::new(),
+        first_sent_on: vec![usize::MAX; PER_CLIENT],
         written_on: vec![usize::MAX; PER_CLIENT],
         history: vec![Vec::new(); PER_CLIENT],
     };
@@ -244,6 +248,7 @@ async fn client(c: usize, run: Arc<Run>) -> ClientRun {
                 match tokio::time::timeout_at(run.deadline, ws.send(m)).await {
                     Ok(Ok(())) => {
                         awaiting.insert(seq);
+                        out.first_sent_on[seq] = out.first_sent_on[seq].min(out.connections);
                         out.history[seq].push(format!("sent on connection {}", out.connections));
                     }
                     Ok(Err(_)) => {
@@ -332,6 +337,11 @@ async fn client(c: usize, run: Arc<Run>) -> ClientRun {
             ));
             if duplicate {
                 out.duplicates += 1;
+                // written on an earlier connection: not only the first's when it was sent on
+                // two connections or more before this one
+                if out.first_sent_on[seq] + 1 < out.connections {
+                    out.written_after_lost.insert(seq);
+                }
             } else if lost_answer.contains(&seq) {
                 out.written_after_lost.insert(seq);
             }
@@ -365,6 +375,69 @@ fn progress_now(c: usize, n_acked: usize, run: &Run) -> String {
         run.acked.load(Ordering::Relaxed),
         run.log.display()
     )
+}
+
+/// What the order check of one client found.
+struct Order {
+    /// Publishes whose order was checked (not nacked).
+    checked: usize,
+    /// Pairs written in the other order than sent, unexplained.
+    out_of_order: Vec<String>,
+    /// Pairs written in the other order than sent because the first was written by a later
+    /// attempt after its answer was lost.
+    excused: Vec<String>,
+}
+
+/// Checks that per key the records of client `c` are in the order they were sent: every pair of
+/// the key's publishes (not only neighbours, so an excused one still counts against the others).
+/// A pair written the other way round is excused only when the first was written by a later
+/// attempt after its answer was lost (`written_after_lost`: its first attempt may have failed
+/// unseen, docs/publish.md, Order) and the second was written on an earlier connection than the
+/// first: on one connection the order holds. Nacked publishes are left out (their retry is written
+/// where it lands).
+fn order_of(c: usize, run: &ClientRun) -> Order {
+    let mut order = Order {
+        checked: 0,
+        out_of_order: Vec::new(),
+        excused: Vec::new(),
+    };
+    for k in 0..KEYS_PER_CLIENT {
+        let key: Vec<(usize, (i32, i64))> = (k..PER_CLIENT)
+            .step_by(KEYS_PER_CLIENT)
+            .filter(|s| !run.nacked.contains(s))
+            .filter_map(|s| run.acks[s].map(|at| (s, at)))
+            .collect();
+        order.checked += key.len();
+        for (j, &(s2, (p2, o2))) in key.iter().enumerate() {
+            for &(s1, (p1, o1)) in &key[..j] {
+                assert_eq!(
+                    p1,
+                    p2,
+                    "{} and {} share a key",
+                    client_id(c, s1),
+                    client_id(c, s2)
+                );
+                if o1 < o2 {
+                    continue;
+                }
+                let pair = format!(
+                    "{} at {o1} before {} at {o2} ({}: {}; {}: {})",
+                    client_id(c, s1),
+                    client_id(c, s2),
+                    client_id(c, s1),
+                    run.history[s1].join(", "),
+                    client_id(c, s2),
+                    run.history[s2].join(", ")
+                );
+                if run.written_after_lost.contains(&s1) && run.written_on[s2] < run.written_on[s1] {
+                    order.excused.push(pair);
+                } else {
+                    order.out_of_order.push(pair);
+                }
+            }
+        }
+    }
+    order
 }
 
 /// The node's log lines that name an id of `pairs` (`c5-929` and the like, in "X at O before Y
@@ -571,55 +644,13 @@ async fn ten_websocket_clients_publish_exactly_once_through_disconnects_and_a_ki
     }
 
     // per client and key, the records are in the order they were sent, but for the retries of
-    // nacked publishes (written where they land) and of publishes whose nack may have been lost
-    // with a connection: a publish written by a later attempt after an answer was lost
-    // (`written_after_lost`) may land after the later publishes of its key written on an earlier
-    // connection than its own (on one connection the order holds), and only after them
+    // nacked publishes and of publishes whose answer was lost (see `order_of`)
     let (mut ordered, mut out_of_order, mut excused) = (0usize, Vec::new(), Vec::new());
     for (c, run) in runs.iter().enumerate() {
-        for k in 0..KEYS_PER_CLIENT {
-            // the publishes of the key so far that a later one must follow
-            let mut chain: Vec<(usize, (i32, i64))> = Vec::new();
-            for seq in (k..PER_CLIENT).step_by(KEYS_PER_CLIENT) {
-                if run.nacked.contains(&seq) {
-                    continue;
-                }
-                let (p2, o2) = run.acks[seq].unwrap();
-                ordered += 1;
-                while let Some(&(s1, (p1, o1))) = chain.last() {
-                    assert_eq!(
-                        p1,
-                        p2,
-                        "{} and {} share a key",
-                        client_id(c, s1),
-                        client_id(c, seq)
-                    );
-                    if o1 < o2 {
-                        break;
-                    }
-                    let pair = format!(
-                        "{} at {o1} before {} at {o2} ({}: {}; {}: {})",
-                        client_id(c, s1),
-                        client_id(c, seq),
-                        client_id(c, s1),
-                        run.history[s1].join(", "),
-                        client_id(c, seq),
-                        run.history[seq].join(", ")
-                    );
-                    if run.written_after_lost.contains(&s1)
-                        && run.written_on[seq] < run.written_on[s1]
-                    {
-                        // compared again with the one before it
-                        excused.push(pair);
-                        chain.pop();
-                    } else {
-                        out_of_order.push(pair);
-                        break;
-                    }
-                }
-                chain.push((seq, (p2, o2)));
-            }
-        }
+        let order = order_of(c, run);
+        ordered += order.checked;
+        out_of_order.extend(order.out_of_order);
+        excused.extend(order.excused);
     }
 
     let sum = |f: fn(&ClientRun) -> usize| runs.iter().map(f).sum::<usize>();
@@ -636,7 +667,7 @@ async fn ten_websocket_clients_publish_exactly_once_through_disconnects_and_a_ki
     );
     println!(
         "connections {}, dropped by the clients {}, lost (the kill) {}, publishes sent again {}, duplicate acks {}, nacks {nacks:?}, \
-         written by a later attempt after a lost answer {} (of which after later ones of their key {}), order checked on {ordered} of {TOTAL}",
+         written (or maybe written) by a later attempt after a lost answer {} (pairs they come after a later publish of their key in: {}), order checked on {ordered} of {TOTAL}",
         sum(|r| r.connections),
         sum(|r| r.drops),
         sum(|r| r.lost),
@@ -929,4 +960,77 @@ async fn a_broker_outage_is_nacked_unavailable_through_the_service_and_publishin
         panic!("the node exited: {status} (log {log})");
     }
     println!("outage test took {:?}", started.elapsed());
+}
+
+/// A client run of the publishes `(seq, offset, written on connection, written after a lost
+/// answer)`, all on partition 0 (for `order_of`).
+fn run_of(publishes: &[(usize, i64, usize, bool)]) -> ClientRun {
+    let mut run = ClientRun {
+        acks: vec![None; PER_CLIENT],
+        nacked: BTreeSet::new(),
+        nacks: BTreeMap::new(),
+        connections: 0,
+        drops: 0,
+        lost: 0,
+        resent: 0,
+        duplicates: 0,
+        written_after_lost: BTreeSet::new(),
+        first_sent_on: vec![usize::MAX; PER_CLIENT],
+        written_on: vec![usize::MAX; PER_CLIENT],
+        history: vec![Vec::new(); PER_CLIENT],
+    };
+    for &(seq, offset, on, late) in publishes {
+        run.acks[seq] = Some((0, offset));
+        run.written_on[seq] = on;
+        if late {
+            run.written_after_lost.insert(seq);
+        }
+    }
+    run
+}
+
+// seqs 0, 5, 10, 15 share a key (KEYS_PER_CLIENT apart)
+
+#[test]
+fn the_order_check_excuses_a_retry_written_after_its_key_s_later_publishes() {
+    // 0's answer is lost on connection 1, 5 and 10 are written there; 0's retry on connection 2
+    // lands after them, then 15 after it (the pattern of stop 38's CI failure)
+    let order = order_of(
+        0,
+        &run_of(&[
+            (0, 30, 2, true),
+            (5, 10, 1, false),
+            (10, 20, 1, false),
+            (15, 40, 2, false),
+        ]),
+    );
+    assert_eq!(order.checked, 4);
+    assert!(order.out_of_order.is_empty(), "{:?}", order.out_of_order);
+    assert_eq!(order.excused.len(), 2, "{:?}", order.excused);
+}
+
+#[test]
+fn the_order_check_still_fails_an_inversion_on_one_connection() {
+    let order = order_of(0, &run_of(&[(0, 20, 1, false), (5, 10, 1, false)]));
+    assert_eq!(order.out_of_order.len(), 1, "{:?}", order.excused);
+    // written after a lost answer, but the later publish came on the same connection
+    let order = order_of(0, &run_of(&[(0, 20, 2, true), (5, 10, 2, false)]));
+    assert_eq!(order.out_of_order.len(), 1, "{:?}", order.excused);
+}
+
+#[test]
+fn an_excused_publish_still_counts_against_the_publishes_after_it() {
+    // 0 is excused against 5 (connection 1), but 10, sent after 0's retry on connection 2,
+    // is written before it: checking neighbours only (0 dropped once excused) missed this
+    let order = order_of(
+        0,
+        &run_of(&[(0, 30, 2, true), (5, 10, 1, false), (10, 20, 2, false)]),
+    );
+    assert_eq!(order.excused.len(), 1, "{:?}", order.excused);
+    assert_eq!(order.out_of_order.len(), 1, "{:?}", order.out_of_order);
+    assert!(
+        order.out_of_order[0].starts_with("c0-0 at 30 before c0-10 at 20"),
+        "{:?}",
+        order.out_of_order
+    );
 }
