@@ -423,21 +423,10 @@ async fn get_row(
         .into_response()
     };
     let row = state.tables.row(&table, &key).ok_or_else(no_row)?;
-    // a row loaded from the store (or a changelog) is answered with its JSON as stored (NULL
-    // columns included, as for a parsed row), and parsed only when a filter of the token reads
-    // rows (its key patterns read the key)
-    let wanted = sel.wants_key(&key) && sel.accepts(&key, &row);
-    if !wanted {
-        return Err(no_row());
-    }
-    if let Some(json) = row.json() {
-        return Ok((
-            [(header::CONTENT_TYPE, "application/json")],
-            json.to_owned(),
-        )
-            .into_response());
-    }
-    Ok(Json(row.shared().as_ref()).into_response())
+    // a row loaded from the store (or a changelog) is answered with its JSON as stored, parsed
+    // only when a filter of the token reads rows (see `row_body`)
+    let body = table_body::row_body(&key, &row, &sel).ok_or_else(no_row)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `/ws`: a WebSocket upgrade; a plain GET gets a JSON error.

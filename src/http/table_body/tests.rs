@@ -79,3 +79,29 @@ fn a_filter_of_keys_answers_rows_held_as_json_as_stored() {
     let got: Vec<&String> = body["rows"].as_object().unwrap().keys().collect();
     assert_eq!(got, ["g1", "g5", "g6"]);
 }
+
+#[test]
+fn a_row_is_answered_as_stored_unless_a_filter_read_its_columns() {
+    use crate::table::stored_row::StoredRow;
+    // a stored text with a column twice: the parse keeps the last, as the filter sees it
+    let text = r#"{"league":"EPL","n":null,"league":"NBA"}"#;
+    let row = StoredRow::from_json(text.as_bytes()).unwrap();
+    let keys = |k: &str| Selector::keys(Some([k.to_string()].into()));
+    // no filter reads rows: the stored text, NULL columns included, and no parse
+    let body = row_body("g1", &row, &keys("g1")).unwrap();
+    assert_eq!(String::from_utf8(body).unwrap(), text);
+    assert!(!row.is_parsed());
+    // a key the selector does not name
+    assert_eq!(row_body("g1", &row, &keys("g2")), None);
+    // a filter reads the row: the columns it judged
+    let mut sel = Selector::build(None, Some("league = 'NBA'"), None).unwrap();
+    sel.keys = keys("g1").keys;
+    let body = row_body("g1", &row, &sel).unwrap();
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"league":"NBA","n":null}"#
+    );
+    let mut epl = Selector::build(None, Some("league = 'EPL'"), None).unwrap();
+    epl.keys = keys("g1").keys;
+    assert_eq!(row_body("g1", &row, &epl), None);
+}
