@@ -360,7 +360,7 @@ async fn get_table(
                     let (copy, _) = copy_of(&t, &sel);
                     for (k, row) in copy.selected(&sel) {
                         let key = union_key(&name, k);
-                        if selector.wants_key(&key) && selector.accepts(&key, row) {
+                        if selector.selects(&key, row) {
                             let row = selector.project(row).into_owned();
                             rows.insert(key, Value::Object(row));
                         }

@@ -179,6 +179,26 @@ struct ClientRun {
     history: Vec<Vec<String>>,
 }
 
+impl ClientRun {
+    /// Nothing sent yet.
+    fn new() -> ClientRun {
+        ClientRun {
+            acks: vec![None; PER_CLIENT],
+            nacked: BTreeSet::new(),
+            nacks: BTreeMap::new(),
+            connections: 0,
+            drops: 0,
+            lost: 0,
+            resent: 0,
+            duplicates: 0,
+            written_after_lost: BTreeSet::new(),
+            first_sent_on: vec![usize::MAX; PER_CLIENT],
+            written_on: vec![usize::MAX; PER_CLIENT],
+            history: vec![Vec::new(); PER_CLIENT],
+        }
+    }
+}
+
 /// The common context of the clients.
 struct Run {
     url: String,
@@ -194,20 +214,7 @@ struct Run {
 /// was first sent, with the same content; retries retryable nacks with the same id after a pause.
 async fn client(c: usize, run: Arc<Run>) -> ClientRun {
     let mut rng = Rng::new(run.seed, c as u64);
-    let mut out = ClientRun {
-        acks: vec![None; PER_CLIENT],
-        nacked: BTreeSet::new(),
-        nacks: BTreeMap::new(),
-        connections: 0,
-        drops: 0,
-        lost: 0,
-        resent: 0,
-        duplicates: 0,
-        written_after_lost: BTreeSet::new(),
-        first_sent_on: vec![usize::MAX; PER_CLIENT],
-        written_on: vec![usize::MAX; PER_CLIENT],
-        history: vec![Vec::new(); PER_CLIENT],
-    };
+    let mut out = ClientRun::new();
     let value = |seq: usize| json!({"client": c, "seq": seq});
     let (mut next, mut n_acked) = (0usize, 0usize);
     // sent at least once and not acknowledged, by seq (= the order they were first sent)
@@ -965,20 +972,7 @@ async fn a_broker_outage_is_nacked_unavailable_through_the_service_and_publishin
 /// A client run of the publishes `(seq, offset, written on connection, written after a lost
 /// answer)`, all on partition 0 (for `order_of`).
 fn run_of(publishes: &[(usize, i64, usize, bool)]) -> ClientRun {
-    let mut run = ClientRun {
-        acks: vec![None; PER_CLIENT],
-        nacked: BTreeSet::new(),
-        nacks: BTreeMap::new(),
-        connections: 0,
-        drops: 0,
-        lost: 0,
-        resent: 0,
-        duplicates: 0,
-        written_after_lost: BTreeSet::new(),
-        first_sent_on: vec![usize::MAX; PER_CLIENT],
-        written_on: vec![usize::MAX; PER_CLIENT],
-        history: vec![Vec::new(); PER_CLIENT],
-    };
+    let mut run = ClientRun::new();
     for &(seq, offset, on, late) in publishes {
         run.acks[seq] = Some((0, offset));
         run.written_on[seq] = on;

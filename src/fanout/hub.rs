@@ -297,10 +297,7 @@ impl Hub {
             }
             Format::Patch => {
                 let (copy, rows, parts) = snapshot_of(&t, &sub.selector);
-                sub.epoch = copy.epoch.clone();
-                sub.useq = copy.useq;
-                sub.seq = copy.seq;
-                sub.pos = copy.pos.clone();
+                sub.start_at(copy.epoch.clone(), copy.useq, copy.seq, copy.pos.clone());
                 vec![Outgoing::Snapshot {
                     table: table.to_string(),
                     epoch: copy.epoch.to_string(),
@@ -313,10 +310,7 @@ impl Hub {
             Format::Rows => {
                 // copied under the read lock, made into messages after it
                 let (copy, _) = copy_of(&t, &sub.selector);
-                sub.epoch = copy.epoch.clone();
-                sub.useq = copy.useq;
-                sub.seq = copy.seq;
-                sub.pos = copy.pos.clone();
+                sub.start_at(copy.epoch.clone(), copy.useq, copy.seq, copy.pos.clone());
                 let sel = &sub.selector;
                 copy.selected(sel)
                     .map(|(_, row)| row_message(&sel.project(row)))
@@ -378,10 +372,7 @@ impl Hub {
                 parts,
             })
         };
-        sub.epoch = snap.epoch.clone();
-        sub.useq = snap.useq;
-        sub.seq = snap.seq;
-        sub.pos = snap.pos.clone();
+        sub.start_at(snap.epoch.clone(), snap.useq, snap.seq, snap.pos.clone());
         *lock(&channel.snapshot) = Some(snap.clone());
         vec![snap.outgoing(&sub.table)]
     }
@@ -426,10 +417,7 @@ impl Hub {
             Some(b) if b.useq > buf.last.useq => b,
             _ => buf.last.clone(),
         };
-        sub.epoch = buf.epoch.clone();
-        sub.useq = mark.useq;
-        sub.seq = mark.seq;
-        sub.pos = mark.pos;
+        sub.start_at(buf.epoch.clone(), mark.useq, mark.seq, mark.pos);
         let mut out = sub.take();
         if out.is_empty() && sub.format == Format::Patch {
             out.push(sub.confirmation());

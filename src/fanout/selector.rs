@@ -98,6 +98,11 @@ impl Selector {
         self.keys.as_ref().is_none_or(|k| k.contains(key))
     }
 
+    /// Whether `key` is among the keys and the filters accept its row.
+    pub fn selects(&self, key: &str, row: &StoredRow) -> bool {
+        self.wants_key(key) && self.accepts(key, row)
+    }
+
     /// Whether the filters accept the row (not the keys: see [`Selector::wants_key`]). A row held
     /// as JSON is parsed only when a filter reads rows and every filter deciding from the key
     /// alone accepts it.

@@ -84,6 +84,15 @@ pub enum Absorbed {
 }
 
 impl Subscription {
+    /// Starts from a state of the table: its lineage, the node's update count, the table's change
+    /// count and its position, as of the snapshot (or buffered changes) the client gets.
+    pub fn start_at(&mut self, epoch: Arc<str>, useq: u64, seq: u64, pos: Position) {
+        self.epoch = epoch;
+        self.useq = useq;
+        self.seq = seq;
+        self.pos = pos;
+    }
+
     pub fn new(
         table: &str,
         selector: Selector,

@@ -52,7 +52,7 @@ pub fn table_body(copy: &SnapshotCopy, table: &str, sel: &Selector) -> Vec<u8> {
 /// spells a column twice would otherwise show a reader that keeps the first what the filter
 /// never saw.
 pub fn row_body(key: &str, row: &StoredRow, sel: &Selector) -> Option<Vec<u8>> {
-    if !(sel.wants_key(key) && sel.accepts(key, row)) {
+    if !sel.selects(key, row) {
         return None;
     }
     match row.json().filter(|_| !sel.reads_rows()) {

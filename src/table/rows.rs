@@ -69,9 +69,7 @@ impl Rows {
                 continue;
             }
             unfile(index, &before, &key);
-            for k in after {
-                index.entry(k).or_default().insert(key.clone());
-            }
+            file(index, after, &key);
         }
         self.map.insert(key, entry);
     }
@@ -138,7 +136,7 @@ impl Rows {
         &mut self,
         column: &str,
         copy: &[(String, StoredRow)],
-        index: Index,
+        mut index: Index,
     ) -> bool {
         if self.indexes.contains_key(column) {
             return true;
@@ -146,7 +144,6 @@ impl Rows {
         if self.indexes.len() >= MAX_INDEXED_COLUMNS {
             return false;
         }
-        let mut index = index;
         let mut now = self.map.iter().peekable();
         let mut then = copy.iter().peekable();
         loop {
