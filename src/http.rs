@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub(crate) mod table_body;
+pub mod table_reads;
 
 use crate::auth::{Auth, Credentials, Refused};
 use crate::config::security::Origins;
@@ -30,7 +31,7 @@ use crate::fanout::FanoutLimits;
 use crate::metrics::Metrics;
 use crate::table::readiness::Readiness;
 use crate::table::state::{without_nulls, Tables};
-use table_body::table_body;
+use table_body::TableBody;
 
 /// Shared state of the handlers: one pointer, so that each live connection keeps 8 bytes of
 /// it rather than a copy of every handle (bench: connections-snapshot).
@@ -62,6 +63,8 @@ pub struct AppShared {
     /// What every live connection's session shares.
     pub sessions: Arc<crate::fanout::session::SessionEnv>,
     pub connections: Arc<AtomicUsize>,
+    /// Places of whole-table reads (`--max-table-reads`).
+    pub table_reads: Arc<table_reads::TableReads>,
     /// Cancelled on shutdown: live connections close (WebSocket 1001, SSE ends).
     pub shutdown: CancellationToken,
     /// Writable topics (`[publish]`), when configured.
@@ -346,6 +349,8 @@ async fn get_table(
         .cloned()
     {
         let tables = state.tables.clone();
+        // its members' copies and its whole body are held until it is built
+        let place = state.table_reads.enter(table_reads::WAIT).await?;
         let body = tokio::task::spawn_blocking(move || {
             let mut rows = Map::new();
             for name in tables.names().into_iter().filter(|n| u.pattern.is_match(n)) {
@@ -367,7 +372,9 @@ async fn get_table(
                     }
                 }
             }
-            serde_json::to_vec(&json!({"table": u.name, "union": true, "rows": rows}))
+            let body = serde_json::to_vec(&json!({"table": u.name, "union": true, "rows": rows}));
+            drop(place);
+            body
         })
         .await
         .map_err(|_| internal().into_response())?
@@ -381,14 +388,21 @@ async fn get_table(
     let t = state.tables.get(&table).ok_or_else(|| {
         ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")).into_response()
     })?;
-    // a large table takes milliseconds to serialise: keep it off the async workers
-    let body = tokio::task::spawn_blocking(move || {
+    // a read holds a copy of its rows until its body is built (bounded: `--max-table-reads`)
+    let place = state.table_reads.enter(table_reads::WAIT).await?;
+    // a large table takes milliseconds to copy and serialise: keep it off the async workers;
+    // what is left of a large body is built as the client takes it
+    let (first, body) = tokio::task::spawn_blocking(move || {
         let (copy, _) = copy_of(&t, &sel);
-        table_body(&copy, &table, &sel)
+        let mut body = TableBody::new(copy, table, sel);
+        let first = body
+            .next_piece(table_reads::PIECE_BYTES)
+            .unwrap_or_default();
+        (first, body)
     })
     .await
     .map_err(|_| internal().into_response())?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    Ok(table_reads::respond(first, body, place))
 }
 
 fn internal() -> ApiError {

@@ -680,3 +680,89 @@ async fn connections_are_capped_in_total_and_per_address_with_a_503() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// Whole-table reads that stop reading hold their places (`--max-table-reads`), not their
+/// bodies: a read beyond the limit waits, then gets a 503 with `Retry-After`; a row lookup is
+/// not held up; the stalled reads, read at last, are whole and exact; their places come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whole() {
+    init_logs();
+    let u = unique("reads");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 3).await;
+    let dir = tempdir();
+    let mut c = test_config(
+        livetable::config::TopicSelection::Names(vec![topic.clone()]),
+        dir.path(),
+        &u,
+    );
+    c.security.limits.max_table_reads = 2;
+    let (svc, base) = start_service(c).await;
+    // ~24 MB of body: more than loopback's socket buffers hold, so a reader that stops stalls
+    // the server's writes
+    let keys = 40_000;
+    let mut want = std::collections::BTreeMap::new();
+    let p = producer();
+    produce_n_updates(&p, &topic, "t", (keys, 500), 0..keys, &mut want).await;
+    common::procs::until_api_state(&base, "t", &want, Duration::from_secs(120), "every row").await;
+    // two reads that take their answers' heads and stop reading
+    let client = reqwest::Client::builder().build().unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .get(format!("{base}/api/tables/t"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        stalled.push(r);
+    }
+    let m = metrics_text(&base).await;
+    assert_eq!(
+        metric_value(&m, "livetable_http_table_reads"),
+        Some(2.0),
+        "{m}"
+    );
+    // a third waits for a place, then is refused
+    let started = Instant::now();
+    let r = client
+        .get(format!("{base}/api/tables/t"))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains("--max-table-reads"),
+        "{err}"
+    );
+    assert!(waited >= Duration::from_secs(4), "it waited {waited:?}");
+    // a row is not a whole-table read
+    let (status, row) = get_json(&format!("{base}/api/tables/t/rows/k7")).await;
+    assert_eq!((status, row["n"].as_i64()), (200, Some(7)));
+    // the stalled reads, read at last: whole and exact
+    for r in stalled {
+        let body: Value = r.json().await.unwrap();
+        let got: std::collections::BTreeMap<String, i64> = body["rows"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v["n"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(body["table"], "t");
+        assert!(body["pos"].as_str().is_some_and(|p| !p.is_empty()));
+    }
+    // their places came back
+    eventually("places back", Duration::from_secs(10), || async {
+        let m = metrics_text(&base).await;
+        (metric_value(&m, "livetable_http_table_reads") == Some(0.0)).then_some(())
+    })
+    .await;
+    common::procs::until_api_state(&base, "t", &want, Duration::from_secs(10), "a read after")
+        .await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

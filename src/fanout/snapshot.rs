@@ -168,10 +168,22 @@ impl SnapshotCopy {
         &'a self,
         selector: &'a Selector,
     ) -> impl Iterator<Item = (&'a str, &'a StoredRow)> + 'a {
+        self.selected_from(selector, 0).map(|(_, k, r)| (k, r))
+    }
+
+    /// [`SnapshotCopy::selected`] from the `start`th copied row on, each with its place among
+    /// the copied rows (a body built in pieces goes on from the place after the last row sent).
+    pub fn selected_from<'a>(
+        &'a self,
+        selector: &'a Selector,
+        start: usize,
+    ) -> impl Iterator<Item = (usize, &'a str, &'a StoredRow)> + 'a {
         self.rows
             .iter()
-            .filter(move |(k, r)| self.filtered || selector.accepts(k, r))
-            .map(|(k, r)| (k.as_str(), r))
+            .enumerate()
+            .skip(start)
+            .filter(move |(_, (k, r))| self.filtered || selector.accepts(k, r))
+            .map(|(i, (k, r))| (i, k.as_str(), r))
     }
 
     /// The snapshot frames (what `selector` selects of the copied rows, projected), and the

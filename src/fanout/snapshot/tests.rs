@@ -255,7 +255,7 @@ fn each_filter_runs_once_per_row() {
         let runs = counting.0.swap(0, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(runs, calls, "{name}: frames");
         let copy = SnapshotCopy::take(&t, &sel);
-        let _ = crate::http::table_body::table_body(&copy, "odds", &sel);
+        let _ = crate::http::table_body::table_body(copy, "odds", &sel);
         let runs = counting.0.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(runs, calls, "{name}: body");
     }

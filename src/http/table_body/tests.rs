@@ -6,7 +6,7 @@ use super::*;
 
 /// The body of `t`, as the route builds it.
 fn body_of(t: &TableState, sel: &Selector) -> Vec<u8> {
-    table_body(&SnapshotCopy::take(t, sel), "odds", sel)
+    table_body(SnapshotCopy::take(t, sel), "odds", sel)
 }
 use crate::fanout::snapshot::tests::{key_only, selectors, table, ROWS};
 use crate::table::state::TableState;
@@ -104,4 +104,60 @@ fn a_row_is_answered_as_stored_unless_a_filter_read_its_columns() {
     let mut epl = Selector::build(None, Some("league = 'EPL'"), None).unwrap();
     epl.keys = keys("g1").keys;
     assert_eq!(row_body("g1", &row, &epl), None);
+}
+
+#[test]
+fn a_body_built_in_pieces_is_the_body_built_at_once() {
+    for held_as_json in [true, false] {
+        let t = table(held_as_json);
+        for sel in &selectors() {
+            let whole = body_of(&t, sel);
+            for max in [0, 1, 20, 60, 1 << 20] {
+                let mut body =
+                    TableBody::new(SnapshotCopy::take(&t, sel), "odds".into(), sel.clone());
+                let mut joined = Vec::new();
+                let mut pieces = 0;
+                while let Some(piece) = body.next_piece(max) {
+                    assert!(!body.finished() || joined.len() + piece.len() == whole.len());
+                    joined.extend_from_slice(&piece);
+                    pieces += 1;
+                }
+                assert!(body.finished());
+                assert_eq!(
+                    String::from_utf8(joined).unwrap(),
+                    String::from_utf8(whole.clone()).unwrap(),
+                    "max {max}"
+                );
+                // past the head, a piece holds a row at least: with a tiny `max`, one each
+                let rows = serde_json::from_slice::<Value>(&whole).unwrap()["rows"]
+                    .as_object()
+                    .unwrap()
+                    .len();
+                if max <= 1 {
+                    assert_eq!(pieces, 1 + rows, "max {max}");
+                } else if max == 1 << 20 {
+                    assert_eq!(pieces, 1);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_body_lets_its_copy_go_with_its_last_piece() {
+    let t = table(true);
+    let sel = Selector::default();
+    let mut body = TableBody::new(SnapshotCopy::take(&t, &sel), "odds".into(), sel);
+    let first = body.next_piece(1).unwrap();
+    assert!(String::from_utf8(first)
+        .unwrap()
+        .starts_with(r#"{"table":"odds","#));
+    assert!(!body.finished());
+    let mut last = Vec::new();
+    while let Some(piece) = body.next_piece(1) {
+        last = piece;
+    }
+    assert!(body.finished());
+    assert!(last.ends_with(b"}}"));
+    assert_eq!(body.next_piece(1), None);
 }
