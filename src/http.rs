@@ -63,8 +63,8 @@ pub struct AppShared {
     /// What every live connection's session shares.
     pub sessions: Arc<crate::fanout::session::SessionEnv>,
     pub connections: Arc<AtomicUsize>,
-    /// Places of whole-table reads (`--max-table-reads`).
-    pub table_reads: Arc<table_reads::TableReads>,
+    /// Places of copies of tables made for one client (`--max-table-copies`).
+    pub copies: Arc<crate::fanout::copies::Copies>,
     /// Cancelled on shutdown: live connections close (WebSocket 1001, SSE ends).
     pub shutdown: CancellationToken,
     /// Writable topics (`[publish]`), when configured.
@@ -350,7 +350,11 @@ async fn get_table(
     {
         let tables = state.tables.clone();
         // its members' copies and its whole body are held until it is built
-        let place = state.table_reads.enter(table_reads::WAIT).await?;
+        let place = state
+            .copies
+            .enter(crate::fanout::copies::WAIT)
+            .await
+            .map_err(table_reads::busy)?;
         let body = tokio::task::spawn_blocking(move || {
             let mut rows = Map::new();
             for name in tables.names().into_iter().filter(|n| u.pattern.is_match(n)) {
@@ -388,8 +392,12 @@ async fn get_table(
     let t = state.tables.get(&table).ok_or_else(|| {
         ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")).into_response()
     })?;
-    // a read holds a copy of its rows until its body is built (bounded: `--max-table-reads`)
-    let place = state.table_reads.enter(table_reads::WAIT).await?;
+    // a read holds a copy of its rows until its body is built (bounded: `--max-table-copies`)
+    let place = state
+        .copies
+        .enter(crate::fanout::copies::WAIT)
+        .await
+        .map_err(table_reads::busy)?;
     // a large table takes milliseconds to copy and serialise: keep it off the async workers;
     // what is left of a large body is built as the client takes it
     let (first, body) = tokio::task::spawn_blocking(move || {

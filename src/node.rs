@@ -189,6 +189,10 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         None => None,
     };
     let limits = Arc::new(fanout::FanoutLimits::from_config(&config));
+    let copies = Arc::new(fanout::copies::Copies::new(
+        config.security.limits.max_table_copies,
+        metrics.table_copies.clone(),
+    ));
     let state = http::AppState::new(http::AppShared {
         publisher: publisher.clone(),
         writable: Arc::new(http::WritableTopic::list(&config)),
@@ -203,12 +207,10 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             metrics: metrics.clone(),
             resume_wait: limits.resume_wait,
             unions: limits.unions.clone(),
+            copies: copies.clone(),
         }),
         connections: Arc::new(AtomicUsize::new(0)),
-        table_reads: Arc::new(http::table_reads::TableReads::new(
-            config.security.limits.max_table_reads,
-            metrics.table_reads.clone(),
-        )),
+        copies: copies.clone(),
         shutdown: cancel.clone(),
         auth: auth.clone(),
         origins: Arc::new(config.security.origins.clone()),

@@ -7,7 +7,9 @@
 //! server's RSS stays bounded, and the well-behaved client's freshness p99 under attack is within
 //! 2x of its baseline (measured before and after the attack, in the same test).
 //!
-//! A second test fills the connection caps (in total and per address) and checks the 503.
+//! A second test fills the connection caps (in total and per address) and checks the 503. Two
+//! more stall clients that each hold a copy of a table of their own (whole-table reads, scanned
+//! and `format=rows` snapshots) and check that `--max-table-copies` bounds them.
 
 mod common;
 mod secure;
@@ -681,7 +683,7 @@ async fn connections_are_capped_in_total_and_per_address_with_a_503() {
     svc.wait().await.unwrap();
 }
 
-/// Whole-table reads that stop reading hold their places (`--max-table-reads`), not their
+/// Whole-table reads that stop reading hold their places (`--max-table-copies`), not their
 /// bodies: a read beyond the limit waits, then gets a 503 with `Retry-After`; a row lookup is
 /// not held up; the stalled reads, read at last, are whole and exact; their places come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -696,7 +698,7 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
         dir.path(),
         &u,
     );
-    c.security.limits.max_table_reads = 2;
+    c.security.limits.max_table_copies = 2;
     let (svc, base) = start_service(c).await;
     // ~24 MB of body: more than loopback's socket buffers hold, so a reader that stops stalls
     // the server's writes
@@ -718,11 +720,7 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
         stalled.push(r);
     }
     let m = metrics_text(&base).await;
-    assert_eq!(
-        metric_value(&m, "livetable_http_table_reads"),
-        Some(2.0),
-        "{m}"
-    );
+    assert_eq!(metric_value(&m, "livetable_table_copies"), Some(2.0), "{m}");
     // a third waits for a place, then is refused
     let started = Instant::now();
     let r = client
@@ -735,7 +733,10 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
     assert_eq!(r.headers()["retry-after"], "1");
     let err: Value = r.json().await.unwrap();
     assert!(
-        err["error"].as_str().unwrap().contains("--max-table-reads"),
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-table-copies"),
         "{err}"
     );
     assert!(waited >= Duration::from_secs(4), "it waited {waited:?}");
@@ -758,11 +759,164 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
     // their places came back
     eventually("places back", Duration::from_secs(10), || async {
         let m = metrics_text(&base).await;
-        (metric_value(&m, "livetable_http_table_reads") == Some(0.0)).then_some(())
+        (metric_value(&m, "livetable_table_copies") == Some(0.0)).then_some(())
     })
     .await;
     common::procs::until_api_state(&base, "t", &want, Duration::from_secs(10), "a read after")
         .await;
     svc.shutdown();
     svc.wait().await.unwrap();
+}
+
+/// Live snapshots of a client's own (a scanned `where`, `format=rows`) take places among the
+/// copies too: two WebSocket clients that subscribe with a `where` matching every row and read
+/// nothing hold both; a third scanned subscription gets a non-fatal `busy` error after 5 s, an
+/// SSE stream a 503, a `format=rows` connection `busy`; subscriptions by keys are not held up;
+/// once the stalled clients go, the scanned subscription gets every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scanned_and_rows_snapshots_are_bounded_and_lookups_are_not_held_up() {
+    init_logs();
+    let u = unique("copies");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 3).await;
+    let dir = tempdir();
+    let mut c = test_config(
+        livetable::config::TopicSelection::Names(vec![topic.clone()]),
+        dir.path(),
+        &u,
+    );
+    c.security.limits.max_table_copies = 2;
+    // the stalled clients are not closed as slow while the test runs
+    c.slow_client = Duration::from_secs(120);
+    let (svc, base) = start_service(c).await;
+    let keys = 40_000;
+    let mut want = std::collections::BTreeMap::new();
+    let p = producer();
+    produce_n_updates(&p, &topic, "t", (keys, 500), 0..keys, &mut want).await;
+    common::procs::until_api_state(&base, "t", &want, Duration::from_secs(120), "every row").await;
+    let copies = || async {
+        metric_value(&metrics_text(&base).await, "livetable_table_copies").unwrap_or(-1.0)
+    };
+    assert_eq!(copies().await, 0.0);
+    // ~24 MB of frames each: more than the sockets hold
+    let scan = "/ws?table=t&where=n%20%3E%3D%200";
+    let stalled = vec![
+        small_buffer_ws(&base, scan).await,
+        small_buffer_ws(&base, scan).await,
+    ];
+    eventually("both places taken", Duration::from_secs(30), || async {
+        (copies().await == 2.0).then_some(())
+    })
+    .await;
+    let ws_url = format!("ws://{}/ws", base.trim_start_matches("http://"));
+    // a subscription by keys takes no place: answered at once
+    let started = Instant::now();
+    let (mut client, _) = tokio_tungstenite::connect_async(format!("{ws_url}?table=t&keys=k7"))
+        .await
+        .unwrap();
+    let m = next_json_of(&mut client).await;
+    assert_eq!(m["type"], "snapshot");
+    assert_eq!(m["rows"]["k7"]["n"], 7);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // a scanned one on the same connection waits for a place, then is refused (not fatal)
+    let started = Instant::now();
+    client
+        .send(Message::text(
+            json!({"type": "subscribe", "table": "t", "where": "n >= 0"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let m = next_json_of(&mut client).await;
+    assert_eq!(
+        (m["type"].as_str(), m["code"].as_str()),
+        (Some("error"), Some("busy")),
+        "{}",
+        m["type"]
+    );
+    assert_eq!(m["fatal"], false);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // an SSE stream with a scanned where: 503 before the stream starts
+    let r = http()
+        .get(format!("{base}/sse?table=t&where=n%20%3E%3D%200"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("--max-table-copies"),
+        "{err}"
+    );
+    // format=rows of the whole table: busy
+    let (mut rows, _) = tokio_tungstenite::connect_async(format!("{ws_url}?table=t&format=rows"))
+        .await
+        .unwrap();
+    let m = next_json_of(&mut rows).await;
+    assert_eq!(m["code"], "busy", "{}", m["type"]);
+    drop(rows);
+    // the stalled clients go: their places come back
+    drop(stalled);
+    eventually("places back", Duration::from_secs(30), || async {
+        (copies().await == 0.0).then_some(())
+    })
+    .await;
+    // the scanned subscription again: every row, exact
+    client
+        .send(Message::text(
+            json!({"type": "subscribe", "table": "t", "where": "n >= 0"}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    loop {
+        let m = next_json_of(&mut client).await;
+        let part = match m["type"].as_str() {
+            Some("snapshot") => &m["rows"],
+            Some("patch") => &m["patch"],
+            _ => continue,
+        };
+        for (k, v) in part.as_object().unwrap() {
+            got.insert(k.clone(), v["n"].as_i64().unwrap());
+        }
+        if m["more"] != true {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+    eventually("its place back", Duration::from_secs(10), || async {
+        (copies().await == 0.0).then_some(())
+    })
+    .await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}
+
+/// The next text message of `ws` as JSON (pings passed over), within 30 s each.
+async fn next_json_of(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+) -> Value {
+    for _ in 0..100 {
+        let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message within 30 s")
+            .unwrap()
+            .unwrap();
+        match m {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("not a text message: {other:?}"),
+        }
+    }
+    panic!("100 pings in a row")
 }

@@ -279,12 +279,13 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_MAX_CONCURRENT_REQUESTS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<usize>,
-    /// Whole-table reads (`GET /api/tables/{table}`) served at once, each holding a copy of the
-    /// rows it selects until its body is built; more wait up to 5 s, then get 503; 0: no limit
-    /// [default: 8].
-    #[arg(long, env = "LIVETABLE_MAX_TABLE_READS", value_name = "N")]
+    /// Copies of tables made for one client held at once: whole-table reads (`GET
+    /// /api/tables/{table}`), and snapshots whose rows are scanned (a `where` that cannot be
+    /// looked up) or sent in `format=rows`, each until its client took it; more wait up to 5 s,
+    /// then are refused (503, or a `busy` error); 0: no limit [default: 8].
+    #[arg(long, env = "LIVETABLE_MAX_TABLE_COPIES", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_table_reads: Option<usize>,
+    pub max_table_copies: Option<usize>,
 }
 
 impl Args {

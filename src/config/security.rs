@@ -74,8 +74,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
-    /// Whole-table reads at once (0: no limit).
-    pub max_table_reads: usize,
+    /// Copies of tables for one client at once (0: no limit).
+    pub max_table_copies: usize,
 }
 
 impl Default for Limits {
@@ -89,7 +89,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 512,
-            max_table_reads: 8,
+            max_table_copies: 8,
         }
     }
 }
@@ -202,7 +202,7 @@ impl SecurityConfig {
             max_concurrent_requests: a
                 .max_concurrent_requests
                 .unwrap_or(d.max_concurrent_requests),
-            max_table_reads: a.max_table_reads.unwrap_or(d.max_table_reads),
+            max_table_copies: a.max_table_copies.unwrap_or(d.max_table_copies),
         };
         if limits.max_subscriptions == 0 {
             return Err(invalid("max-subscriptions", "must be at least 1"));

@@ -22,7 +22,7 @@ use super::protocol::{patch_json, Format, Outgoing};
 use super::route::{RouteSpec, RoutedFeed, Router};
 use super::selector::Selector;
 use super::snapshot::{copy_of, CachedSnapshot, SnapshotCopy};
-use super::subscription::{row_message, Subscription};
+use super::subscription::{row_text, Subscription};
 use crate::filter::equality;
 use crate::metrics::Metrics;
 use crate::patch::row_diff;
@@ -313,7 +313,7 @@ impl Hub {
                 sub.start_at(copy.epoch.clone(), copy.useq, copy.seq, copy.pos.clone());
                 let sel = &sub.selector;
                 copy.selected(sel)
-                    .map(|(_, row)| row_message(&sel.project(row)))
+                    .map(|(_, row)| row_text(row, sel))
                     .collect()
             }
         };

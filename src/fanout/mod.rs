@@ -3,6 +3,7 @@
 //! (`protocol`), WebSocket (`ws`) and SSE (`sse`) endpoints. It takes the tables' updates through
 //! [`crate::table::state::UpdateSink`] and imports nothing the table layer depends on.
 
+pub mod copies;
 pub mod hub;
 pub mod protocol;
 pub mod route;
@@ -145,7 +146,7 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
             record_latency(metrics, *ts_ms, *kafka_ts_ms, *polled);
             "patch"
         }
-        Outgoing::Row(_) => {
+        Outgoing::Row(_) | Outgoing::RowText(_) => {
             metrics.patches_sent.inc();
             "row"
         }

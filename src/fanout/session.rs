@@ -159,6 +159,8 @@ pub struct SessionEnv {
     /// How long a resume waits for this node to reach the client's position.
     pub resume_wait: Duration,
     pub unions: Arc<[UnionDef]>,
+    /// Places of copies made for one client (`--max-table-copies`).
+    pub copies: Arc<crate::fanout::copies::Copies>,
 }
 
 /// What few sessions use, boxed: each session is kept for its connection's life.
@@ -169,6 +171,9 @@ struct Rare {
     open_unions: Vec<(String, Format)>,
     /// `Some`: every table (matching the pattern) in `format=rows`.
     all_rows: Option<Option<regex::Regex>>,
+    /// The places of snapshots of this session's own not yet written (see
+    /// [`Session::take_places`]).
+    held: Vec<crate::fanout::copies::Place>,
 }
 
 /// Why a `format=rows` connection is closed. The format has no message that replaces what the
@@ -244,6 +249,15 @@ impl Session {
 
     fn rare(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// The places of the snapshots queued so far (see [`crate::fanout::copies`]): the caller
+    /// drops them once what was queued before this call is written (or handed to the socket).
+    pub fn take_places(&mut self) -> Vec<crate::fanout::copies::Place> {
+        self.rare
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.held))
+            .unwrap_or_default()
     }
 
     /// Members, waiting subscriptions and unions.
@@ -506,6 +520,19 @@ impl Session {
                 None,
             );
         };
+        // a snapshot of this client's own that may hold the whole table waits for a place
+        let needs = crate::fanout::copies::needs_place(&selector, format);
+        let place = if needs {
+            match self.env.copies.enter(crate::fanout::copies::WAIT).await {
+                Ok(p) => Some(p),
+                Err(busy) => return (vec![error(ErrorCode::Busy, busy.to_string())], None),
+            }
+        } else {
+            None
+        };
+        if let Some(p) = place {
+            self.rare().held.push(p);
+        }
         match start_subscription(
             self.env.hub.clone(),
             table,
@@ -1014,6 +1041,13 @@ fn into_union(union: &str, table: &str, o: Outgoing) -> Outgoing {
             row.insert("__table".into(), Value::String(table.to_string()));
             Outgoing::Row(Value::Object(row))
         }
+        Outgoing::RowText(text) => match serde_json::from_str::<Map<String, Value>>(&text) {
+            Ok(mut row) => {
+                row.insert("__table".into(), Value::String(table.to_string()));
+                Outgoing::Row(Value::Object(row))
+            }
+            Err(_) => Outgoing::RowText(text),
+        },
         other => other,
     }
 }

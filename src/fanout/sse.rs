@@ -107,6 +107,15 @@ pub async fn handler(
     let mut initial = session
         .subscribe(&table, selector, since.as_deref(), Format::Patch)
         .await;
+    // no place for a snapshot of its own within the wait: refused before the stream starts
+    if let Some(Outgoing::Error {
+        code: ErrorCode::Busy,
+        message,
+    }) = initial.first()
+    {
+        let message = message.clone();
+        return bad(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy, message);
+    }
     initial.extend(session.watch_freshness(state.readiness.freshness()));
     state
         .metrics
@@ -149,6 +158,8 @@ pub async fn handler(
                 }
                 continue;
             }
+            // every event queued before was taken by the stream: the snapshots' places go back
+            drop(st.session.take_places());
             let (pending, frames) = st.session.take();
             if !pending.is_empty() || !frames.is_empty() {
                 for f in frames {

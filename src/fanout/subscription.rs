@@ -331,6 +331,17 @@ pub fn row_message(row: &crate::cdc::decode::Row) -> Outgoing {
     Outgoing::Row(Value::Object(row.clone()))
 }
 
+/// A snapshot's row in `format=rows` as `selector` sees it (NULL columns kept), as its JSON
+/// text: a row held as JSON goes out as stored when nothing needs its columns.
+pub fn row_text(row: &crate::table::stored_row::StoredRow, selector: &Selector) -> Outgoing {
+    let text = match row.json().filter(|_| !selector.reads_rows()) {
+        Some(json) => json.to_string(),
+        // serialising a map of JSON values cannot fail
+        None => serde_json::to_string(selector.project(row).as_ref()).unwrap_or_default(),
+    };
+    Outgoing::RowText(text.into())
+}
+
 /// The row as a patch client sees it.
 pub fn patch_row(row: &crate::cdc::decode::Row) -> Value {
     Value::Object(without_nulls(row))

@@ -285,7 +285,10 @@ impl Connection {
             return Ok(());
         }
         let out = outbox(&self.state.metrics, Vec::new(), initial);
+        // the places of snapshots of its own are given back once they are written
+        let held = self.session.take_places();
         let waiting = Box::pin(deliver(&self.state, socket, out, &mut self.session)).await?;
+        drop(held);
         if let Some(w) = waiting {
             self.session.finish(w).await;
         }
@@ -304,9 +307,13 @@ impl Connection {
                 let (pending, frames) = self.session.take();
                 if !pending.is_empty() || !frames.is_empty() {
                     let out = outbox(&self.state.metrics, frames, pending);
+                    let held = self.session.take_places();
                     match deliver(&self.state, socket, out, &mut self.session).await {
-                        Ok(None) => {}
-                        Ok(Some(w)) => self.session.finish(w).await,
+                        Ok(None) => drop(held),
+                        Ok(Some(w)) => {
+                            drop(held);
+                            self.session.finish(w).await
+                        }
                         Err(reason) => return reason,
                     }
                 }

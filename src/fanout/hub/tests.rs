@@ -215,14 +215,14 @@ fn a_rows_format_snapshot_holds_the_selected_rows() {
         assert_eq!(sub.useq, t.read().useq);
         let got: Vec<i64> = out
             .iter()
-            .map(|o| match o {
-                Outgoing::Row(r) => {
+            .map(|o| match o.row_value() {
+                Some(r) => {
                     if projected {
                         assert!(r.get("pad").is_none(), "projected: {r}");
                     }
                     r["v"].as_i64().unwrap()
                 }
-                other => panic!("not a row: {other:?}"),
+                None => panic!("not a row: {o:?}"),
             })
             .collect();
         assert_eq!(got, want);

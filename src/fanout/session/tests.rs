@@ -91,6 +91,10 @@ impl Fixture {
                 metrics: self.metrics.clone(),
                 resume_wait: Duration::from_secs(1),
                 unions: Arc::from(Vec::new()),
+                copies: Arc::new(crate::fanout::copies::Copies::new(
+                    0,
+                    prometheus::IntGauge::new("g", "g").unwrap(),
+                )),
             }),
             16,
         )
@@ -126,7 +130,7 @@ impl Fixture {
 /// Applies `format=rows` messages to a client's state.
 fn apply(state: &mut BTreeMap<String, i64>, out: Vec<Outgoing>) {
     for o in out {
-        let Outgoing::Row(r) = o else {
+        let Some(r) = o.row_value() else {
             panic!("a rows session sent {o:?}");
         };
         let key = r["id"].as_str().expect("id").to_string();

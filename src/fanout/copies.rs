@@ -1,0 +1,109 @@
+//! Copies of a table's rows made for one client, bounded (`--max-table-copies`). A whole-table
+//! read (`GET /api/tables/{table}`), a live snapshot whose rows are found by a scan (a `where`
+//! that cannot be looked up) and a `format=rows` snapshot are each built for one client and held
+//! until that client has taken them: on a 1M-row table, ~46 MB for a read sent in pieces, ~250 MB
+//! for a scanned snapshot's frames, ~1.7 GB for a `format=rows` snapshot's rows. Each takes a
+//! place first; at most `--max-table-copies` places are taken at once, and a client that finds
+//! none within [`WAIT`] is refused (HTTP 503, or a `busy` error for a subscription). Whole-table
+//! snapshots shared by their clients and subscriptions by keys or by an indexed equality take no
+//! place. A place is given back when its client has taken what it holds, or goes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::fanout::protocol::Format;
+use crate::fanout::selector::Selector;
+
+/// How long a client waits for a place before it is refused.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// The places for copies.
+pub struct Copies {
+    places: Arc<Semaphore>,
+    /// 0: no limit.
+    max: usize,
+    in_flight: IntGauge,
+}
+
+/// A copy's place: given back when dropped.
+pub struct Place {
+    _permit: OwnedSemaphorePermit,
+    in_flight: IntGauge,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+/// No place came free in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Busy {
+    pub max: usize,
+    pub waited: Duration,
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "busy: {} copies of tables are being sent to clients (--max-table-copies) and none ended within {} s; retry later",
+            self.max,
+            self.waited.as_secs()
+        )
+    }
+}
+
+impl Copies {
+    /// `max` copies at once (0: no limit); `in_flight` counts them.
+    pub fn new(max: usize, in_flight: IntGauge) -> Self {
+        let permits = if max == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            max
+        };
+        Copies {
+            places: Arc::new(Semaphore::new(permits)),
+            max,
+            in_flight,
+        }
+    }
+
+    /// A place, waiting up to `wait`.
+    pub async fn enter(&self, wait: Duration) -> Result<Place, Busy> {
+        match tokio::time::timeout(wait, self.places.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                self.in_flight.inc();
+                Ok(Place {
+                    _permit: permit,
+                    in_flight: self.in_flight.clone(),
+                })
+            }
+            // the semaphore is never closed; a timeout or a close both mean no place
+            _ => Err(Busy {
+                max: self.max,
+                waited: wait,
+            }),
+        }
+    }
+
+    /// Copies being built or sent.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+}
+
+/// Whether a subscription's snapshot is a copy of its own that may hold the whole table: one
+/// whose rows are not looked up (neither keys nor an indexed equality), sent in `format=rows` or
+/// in patches with a filter (a whole-table snapshot in patches is shared).
+pub fn needs_place(selector: &Selector, format: Format) -> bool {
+    let scanned = selector.keys.is_none() && selector.indexed.is_none();
+    scanned && (format == Format::Rows || !selector.filters.is_empty())
+}
+
+#[cfg(test)]
+mod tests;
