@@ -28,7 +28,7 @@ for i in $(seq 1 "$READERS"); do
 done
 for s in $(seq 1 "$SECS"); do
   sleep 1
-  echo "$s s: VmRSS $(rss VmRSS), reads in progress $(curl -s "$BASE/metrics" | awk '$1 == "livetable_http_table_reads" { print $2 }')"
+  echo "$s s: VmRSS $(rss VmRSS), copies in progress $(curl -s "$BASE/metrics" | awk '$1 == "livetable_table_copies" { print $2 }')"
 done
 wait
 echo "after $READERS slow readers: VmHWM $(rss VmHWM)"
