@@ -688,25 +688,7 @@ async fn connections_are_capped_in_total_and_per_address_with_a_503() {
 /// not held up; the stalled reads, read at last, are whole and exact; their places come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whole() {
-    init_logs();
-    let u = unique("reads");
-    let topic = format!("{u}.public.t");
-    create_topic(&topic, 3).await;
-    let dir = tempdir();
-    let mut c = test_config(
-        livetable::config::TopicSelection::Names(vec![topic.clone()]),
-        dir.path(),
-        &u,
-    );
-    c.security.limits.max_table_copies = 2;
-    let (svc, base) = start_service(c).await;
-    // ~24 MB of body: more than loopback's socket buffers hold, so a reader that stops stalls
-    // the server's writes
-    let keys = 40_000;
-    let mut want = std::collections::BTreeMap::new();
-    let p = producer();
-    produce_n_updates(&p, &topic, "t", (keys, 500), 0..keys, &mut want).await;
-    common::procs::until_api_state(&base, "t", &want, Duration::from_secs(120), "every row").await;
+    let (svc, base, want, _dir) = two_copies_node("reads", Duration::from_secs(10)).await;
     // two reads that take their answers' heads and stop reading
     let client = reqwest::Client::builder().build().unwrap();
     let mut stalled = Vec::new();
@@ -729,16 +711,8 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
         .await
         .unwrap();
     let waited = started.elapsed();
-    assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
-    let err: Value = r.json().await.unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .contains("--max-table-copies"),
-        "{err}"
-    );
+    no_place(r).await;
     assert!(waited >= Duration::from_secs(4), "it waited {waited:?}");
     // a row is not a whole-table read
     let (status, row) = get_json(&format!("{base}/api/tables/t/rows/k7")).await;
@@ -775,25 +749,8 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
 /// once the stalled clients go, the scanned subscription gets every row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scanned_and_rows_snapshots_are_bounded_and_lookups_are_not_held_up() {
-    init_logs();
-    let u = unique("copies");
-    let topic = format!("{u}.public.t");
-    create_topic(&topic, 3).await;
-    let dir = tempdir();
-    let mut c = test_config(
-        livetable::config::TopicSelection::Names(vec![topic.clone()]),
-        dir.path(),
-        &u,
-    );
-    c.security.limits.max_table_copies = 2;
     // the stalled clients are not closed as slow while the test runs
-    c.slow_client = Duration::from_secs(120);
-    let (svc, base) = start_service(c).await;
-    let keys = 40_000;
-    let mut want = std::collections::BTreeMap::new();
-    let p = producer();
-    produce_n_updates(&p, &topic, "t", (keys, 500), 0..keys, &mut want).await;
-    common::procs::until_api_state(&base, "t", &want, Duration::from_secs(120), "every row").await;
+    let (svc, base, want, _dir) = two_copies_node("copies", Duration::from_secs(120)).await;
     let copies = || async {
         metric_value(&metrics_text(&base).await, "livetable_table_copies").unwrap_or(-1.0)
     };
@@ -849,15 +806,7 @@ async fn scanned_and_rows_snapshots_are_bounded_and_lookups_are_not_held_up() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 503);
-    let err: Value = r.json().await.unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .contains("--max-table-copies"),
-        "{err}"
-    );
+    no_place(r).await;
     // format=rows of the whole table: busy
     let (mut rows, _) = tokio_tungstenite::connect_async(format!("{ws_url}?table=t&format=rows"))
         .await
@@ -919,4 +868,45 @@ async fn next_json_of(
         }
     }
     panic!("100 pings in a row")
+}
+
+/// A node with `--max-table-copies 2` and `slow_client` serving table `t` of 40,000 rows of
+/// ~540 bytes (~24 MB of JSON: more than loopback's socket buffers hold, so a client that stops
+/// reading stalls the server's writes), on a 3-partition topic; its rows (`{key: n}`) and data
+/// directory.
+async fn two_copies_node(
+    prefix: &str,
+    slow_client: Duration,
+) -> (
+    livetable::Service,
+    String,
+    std::collections::BTreeMap<String, i64>,
+    tempfile::TempDir,
+) {
+    init_logs();
+    let u = unique(prefix);
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 3).await;
+    let dir = tempdir();
+    let mut c = test_config(
+        livetable::config::TopicSelection::Names(vec![topic.clone()]),
+        dir.path(),
+        &u,
+    );
+    c.security.limits.max_table_copies = 2;
+    c.slow_client = slow_client;
+    let (svc, base) = start_service(c).await;
+    let keys = 40_000;
+    let mut want = std::collections::BTreeMap::new();
+    produce_n_updates(&producer(), &topic, "t", (keys, 500), 0..keys, &mut want).await;
+    common::procs::until_api_state(&base, "t", &want, Duration::from_secs(120), "every row").await;
+    (svc, base, want, dir)
+}
+
+/// `r` is the 503 of a request that found no place among the copies.
+async fn no_place(r: reqwest::Response) {
+    assert_eq!(r.status(), 503);
+    let err: Value = r.json().await.unwrap();
+    let text = err["error"].as_str().unwrap_or_default();
+    assert!(text.contains("--max-table-copies"), "{err}");
 }
