@@ -376,14 +376,13 @@ async fn get_table(
                     }
                 }
             }
-            let body = serde_json::to_vec(&json!({"table": u.name, "union": true, "rows": rows}));
-            drop(place);
-            body
+            serde_json::to_vec(&json!({"table": u.name, "union": true, "rows": rows}))
         })
         .await
         .map_err(|_| internal().into_response())?
         .map_err(|_| internal().into_response())?;
-        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+        // built whole; its place is held until the client took it
+        return Ok(table_reads::respond_built(body, place));
     }
     let sel = access.selector(&table, selector).map_err(|d| {
         crate::auth::log_refusal(&access, &table, &d);
@@ -392,12 +391,14 @@ async fn get_table(
     let t = state.tables.get(&table).ok_or_else(|| {
         ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")).into_response()
     })?;
-    // a read holds a copy of its rows until its body is built (bounded: `--max-table-copies`)
-    let place = state
-        .copies
-        .enter(crate::fanout::copies::WAIT)
-        .await
-        .map_err(table_reads::busy)?;
+    // a read that may copy the whole table holds a place until its body is built (bounded:
+    // `--max-table-copies`); one looked up by keys or an equality takes none
+    let place = if crate::fanout::copies::scans(&sel) {
+        let p = state.copies.enter(crate::fanout::copies::WAIT).await;
+        Some(p.map_err(table_reads::busy)?)
+    } else {
+        None
+    };
     // a large table takes milliseconds to copy and serialise: keep it off the async workers;
     // what is left of a large body is built as the client takes it
     let (first, body) = tokio::task::spawn_blocking(move || {

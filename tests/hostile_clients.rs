@@ -714,9 +714,18 @@ async fn whole_table_reads_are_bounded_and_stalled_readers_get_their_bodies_whol
     assert_eq!(r.headers()["retry-after"], "1");
     no_place(r).await;
     assert!(waited >= Duration::from_secs(4), "it waited {waited:?}");
-    // a row is not a whole-table read
+    // a row, or rows looked up by keys, copy no table: not held up
+    let started = Instant::now();
     let (status, row) = get_json(&format!("{base}/api/tables/t/rows/k7")).await;
     assert_eq!((status, row["n"].as_i64()), (200, Some(7)));
+    let (status, some) = get_json(&format!("{base}/api/tables/t?keys=k1,k2")).await;
+    assert_eq!(status, 200);
+    assert_eq!(some["rows"]["k2"]["n"], 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // the stalled reads, read at last: whole and exact
     for r in stalled {
         let body: Value = r.json().await.unwrap();

@@ -5,8 +5,12 @@
 //! for a scanned snapshot's frames, ~1.7 GB for a `format=rows` snapshot's rows. Each takes a
 //! place first; at most `--max-table-copies` places are taken at once, and a client that finds
 //! none within [`WAIT`] is refused (HTTP 503, or a `busy` error for a subscription). Whole-table
-//! snapshots shared by their clients and subscriptions by keys or by an indexed equality take no
-//! place. A place is given back when its client has taken what it holds, or goes.
+//! snapshots shared by their clients and copies looked up by keys or by an indexed equality take
+//! no place. A connection holds one place at most, shared by the snapshots it is sent together (a
+//! `format=rows` connection to every table, a union): it never waits on itself. A snapshot the
+//! connection starts on its own (a restart after falling behind, a table that appeared) takes a
+//! free place when it holds none, and is never refused. A place is given back when its client has
+//! taken what it holds (or nothing is left to send), or goes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,18 +95,33 @@ impl Copies {
         }
     }
 
+    /// A place if one is free now.
+    pub fn try_enter(&self) -> Option<Place> {
+        let permit = self.places.clone().try_acquire_owned().ok()?;
+        self.in_flight.inc();
+        Some(Place {
+            _permit: permit,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+
     /// Copies being built or sent.
     pub fn in_flight(&self) -> i64 {
         self.in_flight.get()
     }
 }
 
+/// Whether a copy for `selector` may hold the whole table: its rows are not looked up (neither
+/// keys nor an indexed equality).
+pub fn scans(selector: &Selector) -> bool {
+    selector.keys.is_none() && selector.indexed.is_none()
+}
+
 /// Whether a subscription's snapshot is a copy of its own that may hold the whole table: one
-/// whose rows are not looked up (neither keys nor an indexed equality), sent in `format=rows` or
-/// in patches with a filter (a whole-table snapshot in patches is shared).
+/// that [`scans`], sent in `format=rows`, or in patches with a filter or a projection (only the
+/// whole table in patches is built once and shared).
 pub fn needs_place(selector: &Selector, format: Format) -> bool {
-    let scanned = selector.keys.is_none() && selector.indexed.is_none();
-    scanned && (format == Format::Rows || !selector.filters.is_empty())
+    scans(selector) && (format == Format::Rows || !selector.is_whole())
 }
 
 #[cfg(test)]

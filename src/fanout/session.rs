@@ -251,13 +251,34 @@ impl Session {
         self.rare.get_or_insert_with(Box::default)
     }
 
-    /// The places of the snapshots queued so far (see [`crate::fanout::copies`]): the caller
-    /// drops them once what was queued before this call is written (or handed to the socket).
+    /// The place of the snapshots queued so far (see [`crate::fanout::copies`]): the caller
+    /// drops it once what was queued before this call is written (or handed to the socket), or
+    /// when nothing is queued.
     pub fn take_places(&mut self) -> Vec<crate::fanout::copies::Place> {
         self.rare
             .as_mut()
             .map(|r| std::mem::take(&mut r.held))
             .unwrap_or_default()
+    }
+
+    fn holds_place(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| !r.held.is_empty())
+    }
+
+    /// A place for a client's request that needs a copy of its own, waiting up to
+    /// [`crate::fanout::copies::WAIT`]; every snapshot it starts shares it (a session holds one
+    /// place at most, so it never waits on itself). `Err`: the `busy` error to send instead.
+    async fn take_place(&mut self) -> Result<(), Outgoing> {
+        if self.holds_place() {
+            return Ok(());
+        }
+        match self.env.copies.enter(crate::fanout::copies::WAIT).await {
+            Ok(p) => {
+                self.rare().held.push(p);
+                Ok(())
+            }
+            Err(busy) => Err(error(ErrorCode::Busy, busy.to_string())),
+        }
     }
 
     /// Members, waiting subscriptions and unions.
@@ -277,6 +298,10 @@ impl Session {
 
     /// Subscribes to every table (matching `pattern`), now and as they appear, in rows format.
     pub async fn subscribe_all_rows(&mut self, pattern: Option<regex::Regex>) -> Vec<Outgoing> {
+        // every table's rows are this client's own: one place for them all
+        if let Err(busy) = self.take_place().await {
+            return vec![busy];
+        }
         self.watch_created();
         self.rare().all_rows = Some(pattern);
         let mut out = Vec::new();
@@ -379,10 +404,21 @@ impl Session {
         if let Some(u) = self.env.unions.iter().find(|u| u.name == table).cloned() {
             return self.subscribe_union(&u, format).await;
         }
+        if crate::fanout::copies::needs_place(&selector, format) {
+            if let Err(busy) = self.take_place().await {
+                return vec![busy];
+            }
+        }
         self.start(table, selector, since, format, None).await
     }
 
     async fn subscribe_union(&mut self, u: &UnionDef, format: Format) -> Vec<Outgoing> {
+        // in rows, every member's rows are this client's own: one place for them all
+        if format == Format::Rows {
+            if let Err(busy) = self.take_place().await {
+                return vec![busy];
+            }
+        }
         self.watch_created();
         self.rare().open_unions.push((u.name.clone(), format));
         let tables: Vec<String> = self
@@ -520,18 +556,14 @@ impl Session {
                 None,
             );
         };
-        // a snapshot of this client's own that may hold the whole table waits for a place
-        let needs = crate::fanout::copies::needs_place(&selector, format);
-        let place = if needs {
-            match self.env.copies.enter(crate::fanout::copies::WAIT).await {
-                Ok(p) => Some(p),
-                Err(busy) => return (vec![error(ErrorCode::Busy, busy.to_string())], None),
+        // a snapshot of this client's own that may hold the whole table: under the session's
+        // place (a client's subscribe waited for it, see `take_place`); one the session starts
+        // itself (a restart, a table that appeared) takes a free place if it has none, and is
+        // never refused
+        if crate::fanout::copies::needs_place(&selector, format) && !self.holds_place() {
+            if let Some(p) = self.env.copies.try_enter() {
+                self.rare().held.push(p);
             }
-        } else {
-            None
-        };
-        if let Some(p) = place {
-            self.rare().held.push(p);
         }
         match start_subscription(
             self.env.hub.clone(),

@@ -30,6 +30,8 @@ struct StreamState {
     expires: Option<tokio::time::Instant>,
     /// The stream ends once the events queued are sent.
     done: bool,
+    /// The place of snapshots of its own whose events are queued (see `crate::fanout::copies`).
+    held: Vec<crate::fanout::copies::Place>,
     _slot: ConnectionSlot,
 }
 
@@ -113,9 +115,19 @@ pub async fn handler(
         message,
     }) = initial.first()
     {
-        let message = message.clone();
-        return bad(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Busy, message);
+        let mut refused = bad(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy,
+            message.clone(),
+        );
+        refused.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return refused;
     }
+    // the initial snapshot's place is kept until its events are taken
+    let held = session.take_places();
     initial.extend(session.watch_freshness(state.readiness.freshness()));
     state
         .metrics
@@ -129,6 +141,7 @@ pub async fn handler(
         events: VecDeque::new(),
         expires,
         done: false,
+        held,
         _slot: slot,
     };
     let keep_alive = st.state.fanout.ping_interval;
@@ -158,9 +171,14 @@ pub async fn handler(
                 }
                 continue;
             }
-            // every event queued before was taken by the stream: the snapshots' places go back
-            drop(st.session.take_places());
+            // every event queued before was taken by the stream: the place held for them goes
+            // back, and the place of what is queued now (a restart's snapshot) is kept until its
+            // events are taken
+            st.held = st.session.take_places();
             let (pending, frames) = st.session.take();
+            if pending.is_empty() && frames.is_empty() {
+                st.held.clear();
+            }
             if !pending.is_empty() || !frames.is_empty() {
                 for f in frames {
                     st.state.metrics.patches_sent.inc();

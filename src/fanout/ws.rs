@@ -281,12 +281,13 @@ impl Connection {
         }
         // the opening (a snapshot: megabytes for a big table) is bounded like any other write:
         // a client that does not read it is closed as slow, and a shutdown does not wait for it
+        // the place of snapshots of its own is given back once they are written (at once when
+        // there is nothing to write)
+        let held = self.session.take_places();
         if initial.is_empty() {
             return Ok(());
         }
         let out = outbox(&self.state.metrics, Vec::new(), initial);
-        // the places of snapshots of its own are given back once they are written
-        let held = self.session.take_places();
         let waiting = Box::pin(deliver(&self.state, socket, out, &mut self.session)).await?;
         drop(held);
         if let Some(w) = waiting {
@@ -305,7 +306,10 @@ impl Connection {
             // in a block: what is taken is not kept in the task's resting state below
             {
                 let (pending, frames) = self.session.take();
-                if !pending.is_empty() || !frames.is_empty() {
+                if pending.is_empty() && frames.is_empty() {
+                    // nothing left to write: a place held for it goes back
+                    drop(self.session.take_places());
+                } else {
                     let out = outbox(&self.state.metrics, frames, pending);
                     let held = self.session.take_places();
                     match deliver(&self.state, socket, out, &mut self.session).await {

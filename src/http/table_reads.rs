@@ -32,8 +32,8 @@ pub fn busy(b: Busy) -> Response {
 
 /// The response for `body`, whose first piece is `first`: the whole body at once when that was
 /// all of it, else the rest built piece by piece (off the async workers) as the client takes
-/// them. `place` is given back once the last piece is built, or when the client goes.
-pub fn respond(first: Vec<u8>, body: TableBody, place: Place) -> Response {
+/// them. `place` (if any) is given back once the last piece is built, or when the client goes.
+pub fn respond(first: Vec<u8>, body: TableBody, place: Option<Place>) -> Response {
     let json = [(header::CONTENT_TYPE, "application/json")];
     if body.finished() {
         drop(place);
@@ -46,16 +46,34 @@ pub fn respond(first: Vec<u8>, body: TableBody, place: Place) -> Response {
             (piece, body)
         })
         .await;
-        // a panic while building ends the body short: the client sees invalid JSON, never a
-        // wrong row
-        let (piece, body) = built.ok()?;
+        // a piece that could not be built ends the body with an error: the connection is cut,
+        // so the client sees a failed download, never a short body that looks whole
+        let (piece, body) = match built {
+            Ok(b) => b,
+            Err(e) => return Some((Err(std::io::Error::other(e)), None)),
+        };
         let piece = piece?;
         let next = (!body.finished()).then_some((body, place));
-        Some((Ok::<_, Infallible>(Bytes::from(piece)), next))
+        Some((Ok(Bytes::from(piece)), next))
     });
-    let head = futures::stream::once(async move { Ok::<_, Infallible>(Bytes::from(first)) });
+    let head = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) });
     let stream = futures::StreamExt::chain(head, rest);
     (json, Body::from_stream(stream)).into_response()
+}
+
+/// The response for a body built whole (a union's), sent in pieces of [`PIECE_BYTES`] that
+/// share its bytes; `place` is given back once the last piece is handed on, or when the client
+/// goes.
+pub fn respond_built(body: Vec<u8>, place: Place) -> Response {
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    let body = Bytes::from(body);
+    let pieces = futures::stream::unfold(Some((body, place)), |state| async move {
+        let (mut rest, place) = state?;
+        let piece = rest.split_to(rest.len().min(PIECE_BYTES));
+        let next = (!rest.is_empty()).then_some((rest, place));
+        Some((Ok::<_, Infallible>(piece), next))
+    });
+    (json, Body::from_stream(pieces)).into_response()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ async fn a_copy_over_the_limit_waits_then_is_refused_and_a_place_given_back_is_t
     assert!(started.elapsed() >= Duration::from_millis(100));
     assert_eq!(busy.max, 1);
     assert!(busy.to_string().contains("--max-table-copies"), "{busy}");
+    assert!(c.try_enter().is_none());
     let waiting = tokio::spawn({
         let c = c.clone();
         async move { c.enter(WAIT).await.is_ok() }
@@ -60,8 +61,10 @@ fn only_snapshots_of_their_own_that_scan_or_are_rows_need_a_place() {
         &sel(Some(&["g1"]), Some("price > 2")),
         Format::Patch
     ));
-    // a scan
+    // a scan, or a projection of the whole table (not shared)
     assert!(needs_place(&sel(None, Some("price > 2")), Format::Patch));
+    let projected = Selector::build(None, None, Some("price")).unwrap();
+    assert!(needs_place(&projected, Format::Patch));
     assert!(needs_place(
         &sel(None, Some("price > 2 OR league = 'EPL'")),
         Format::Patch

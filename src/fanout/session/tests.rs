@@ -85,16 +85,21 @@ impl Fixture {
     }
 
     fn session(&self) -> Session {
+        self.session_with(Arc::new(crate::fanout::copies::Copies::new(
+            0,
+            prometheus::IntGauge::new("g", "g").unwrap(),
+        )))
+    }
+
+    /// A session whose copies take places among `copies`.
+    fn session_with(&self, copies: Arc<crate::fanout::copies::Copies>) -> Session {
         Session::new(
             Arc::new(SessionEnv {
                 hub: self.hub.clone(),
                 metrics: self.metrics.clone(),
                 resume_wait: Duration::from_secs(1),
                 unions: Arc::from(Vec::new()),
-                copies: Arc::new(crate::fanout::copies::Copies::new(
-                    0,
-                    prometheus::IntGauge::new("g", "g").unwrap(),
-                )),
+                copies,
             }),
             16,
         )
@@ -387,4 +392,51 @@ async fn poll_take_composes_what_is_ready_and_hands_back_what_must_wait() {
     assert_eq!(snapshots, 1, "the lagged client was sent a new snapshot");
     assert!(f.metrics.resnapshots.get() >= 1);
     assert_eq!(client, f.table(), "the client's rows are the table's");
+}
+
+#[tokio::test]
+async fn a_session_holds_one_place_for_its_copies_and_never_waits_on_itself() {
+    let f = Fixture::new(1000);
+    let copies = Arc::new(crate::fanout::copies::Copies::new(
+        1,
+        prometheus::IntGauge::new("g", "g").unwrap(),
+    ));
+    let mut s = f.session_with(copies.clone());
+    let started = std::time::Instant::now();
+    let mut client = BTreeMap::new();
+    apply(
+        &mut client,
+        s.subscribe("t", Selector::default(), None, Format::Rows)
+            .await,
+    );
+    assert_eq!(client, f.table());
+    assert_eq!(copies.in_flight(), 1);
+    // a second copy of its own on the same session (the only place is its own): no wait
+    let scanned = Selector::build(None, Some("n >= 0"), None).unwrap();
+    let out = s.subscribe("t", scanned, None, Format::Patch).await;
+    assert!(
+        matches!(out[..], [Outgoing::Snapshot { rows: 10, .. }]),
+        "{out:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(copies.in_flight(), 1);
+    assert!(copies.try_enter().is_none());
+    // written: the place goes back
+    drop(s.take_places());
+    assert_eq!(copies.in_flight(), 0);
+    // a lookup by keys takes no place, even with none free
+    let held = copies.try_enter().unwrap();
+    let mut other = f.session_with(copies.clone());
+    let started = std::time::Instant::now();
+    let out = other
+        .subscribe(
+            "t",
+            Selector::keys(Some(["k1".into()].into())),
+            None,
+            Format::Rows,
+        )
+        .await;
+    assert_eq!(out.len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(held);
 }

@@ -40,7 +40,7 @@ async fn respond_with(piece: usize) -> (Vec<u8>, Vec<u8>) {
     let place = r.enter(WAIT).await.unwrap();
     let mut body = TableBody::new(SnapshotCopy::take(&t, &sel), "odds".into(), sel);
     let first = body.next_piece(piece).unwrap();
-    let resp = respond(first, body, place);
+    let resp = respond(first, body, Some(place));
     assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
     let mut stream = resp.into_body().into_data_stream();
     let mut got = Vec::new();
@@ -78,9 +78,30 @@ async fn a_client_that_goes_gives_the_place_back() {
     let place = r.enter(WAIT).await.unwrap();
     let mut body = TableBody::new(SnapshotCopy::take(&t, &sel), "odds".into(), sel);
     let first = body.next_piece(1).unwrap();
-    let resp = respond(first, body, place);
+    let resp = respond(first, body, Some(place));
     assert_eq!(r.in_flight(), 1);
     // the connection closed before the body was read
     drop(resp);
     assert_eq!(r.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_body_built_whole_goes_in_pieces_and_holds_its_place_to_the_last() {
+    let c = copies(1);
+    let place = c.enter(WAIT).await.unwrap();
+    let body: Vec<u8> = (0..PIECE_BYTES * 2 + 10)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    let resp = respond_built(body.clone(), place);
+    let mut stream = resp.into_body().into_data_stream();
+    let mut got = Vec::new();
+    let mut pieces = 0;
+    while let Some(piece) = futures::StreamExt::next(&mut stream).await {
+        got.extend_from_slice(&piece.unwrap());
+        pieces += 1;
+        let held = if got.len() < body.len() { 1 } else { 0 };
+        assert_eq!(c.in_flight(), held, "after {} bytes", got.len());
+    }
+    assert_eq!(pieces, 3);
+    assert_eq!(got, body);
 }
