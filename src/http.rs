@@ -392,8 +392,9 @@ async fn get_table(
         ApiError(StatusCode::NOT_FOUND, format!("unknown table `{table}`")).into_response()
     })?;
     // a read that may copy the whole table holds a place until its body is built (bounded:
-    // `--max-table-copies`); one looked up by keys or an equality takes none
-    let place = if crate::fanout::copies::scans(&sel) {
+    // `--max-table-copies`); one by keys takes none (an equality may scan: a GET builds no
+    // index)
+    let place = if sel.keys.is_none() {
         let p = state.copies.enter(crate::fanout::copies::WAIT).await;
         Some(p.map_err(table_reads::busy)?)
     } else {

@@ -404,7 +404,15 @@ impl Session {
         if let Some(u) = self.env.unions.iter().find(|u| u.name == table).cloned() {
             return self.subscribe_union(&u, format).await;
         }
-        if crate::fanout::copies::needs_place(&selector, format) {
+        // judged on what the token lets it read (its filters can make a scan of a whole-table
+        // subscription, its keys a lookup of a scan), and only for a table that exists (a
+        // refused or waiting subscription copies nothing)
+        let copies = self.env.hub.tables().get(table).is_some()
+            && self
+                .access
+                .selector(table, selector.clone())
+                .is_ok_and(|s| crate::fanout::copies::needs_place(&s, format));
+        if copies {
             if let Err(busy) = self.take_place().await {
                 return vec![busy];
             }
