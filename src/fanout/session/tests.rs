@@ -440,3 +440,71 @@ async fn a_session_holds_one_place_for_its_copies_and_never_waits_on_itself() {
     assert!(started.elapsed() < Duration::from_secs(2));
     drop(held);
 }
+
+#[tokio::test]
+async fn a_token_decides_whether_a_subscription_copies_the_table() {
+    use crate::auth::claims::Grant;
+    use crate::auth::Access;
+    use crate::fanout::protocol::ErrorCode;
+    let f = Fixture::new(1000);
+    let copies = Arc::new(crate::fanout::copies::Copies::new(
+        1,
+        prometheus::IntGauge::new("g", "g").unwrap(),
+    ));
+    // no place is free
+    let held = copies.try_enter().unwrap();
+    let token = |keys: Value| {
+        let claims = json!({"exp": 1, "livetable": {"tables": ["t"], "keys": {"t": keys}}});
+        Access::Token(Arc::new(
+            Grant::from_claims(claims.as_object().unwrap(), "livetable").unwrap(),
+        ))
+    };
+    // keys listed by the token: a scanned `where` is a lookup for it, answered at once
+    let mut s = f
+        .session_with(copies.clone())
+        .with_access(token(json!(["k1", "k2"])));
+    let started = std::time::Instant::now();
+    let scanned = Selector::build(None, Some("n >= 0"), None).unwrap();
+    let out = s.subscribe("t", scanned, None, Format::Patch).await;
+    assert!(
+        matches!(out[..], [Outgoing::Snapshot { rows: 2, .. }]),
+        "{out:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // a key pattern: a whole-table subscribe scans for it, so it waits for a place, then busy
+    let mut s = f
+        .session_with(copies.clone())
+        .with_access(token(json!(["k*"])));
+    let started = std::time::Instant::now();
+    let out = s
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    assert!(
+        matches!(
+            out[..],
+            [Outgoing::Error {
+                code: ErrorCode::Busy,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    // a table the token does not grant: forbidden at once, not busy
+    let started = std::time::Instant::now();
+    let out = s
+        .subscribe("nope", Selector::default(), None, Format::Rows)
+        .await;
+    assert!(
+        matches!(
+            out[..],
+            [Outgoing::Error {
+                code: ErrorCode::Forbidden,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(held);
+}
