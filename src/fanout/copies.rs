@@ -80,13 +80,7 @@ impl Copies {
     /// A place, waiting up to `wait`.
     pub async fn enter(&self, wait: Duration) -> Result<Place, Busy> {
         match tokio::time::timeout(wait, self.places.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => {
-                self.in_flight.inc();
-                Ok(Place {
-                    _permit: permit,
-                    in_flight: self.in_flight.clone(),
-                })
-            }
+            Ok(Ok(permit)) => Ok(self.place(permit)),
             // the semaphore is never closed; a timeout or a close both mean no place
             _ => Err(Busy {
                 max: self.max,
@@ -98,11 +92,16 @@ impl Copies {
     /// A place if one is free now.
     pub fn try_enter(&self) -> Option<Place> {
         let permit = self.places.clone().try_acquire_owned().ok()?;
+        Some(self.place(permit))
+    }
+
+    /// The place `permit` holds, counted.
+    fn place(&self, permit: OwnedSemaphorePermit) -> Place {
         self.in_flight.inc();
-        Some(Place {
+        Place {
             _permit: permit,
             in_flight: self.in_flight.clone(),
-        })
+        }
     }
 
     /// Copies being built or sent.

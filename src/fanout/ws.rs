@@ -312,12 +312,12 @@ impl Connection {
                 } else {
                     let out = outbox(&self.state.metrics, frames, pending);
                     let held = self.session.take_places();
-                    match deliver(&self.state, socket, out, &mut self.session).await {
-                        Ok(None) => drop(held),
-                        Ok(Some(w)) => {
-                            drop(held);
-                            self.session.finish(w).await
-                        }
+                    let delivered = deliver(&self.state, socket, out, &mut self.session).await;
+                    // written (or failed): its place goes back
+                    drop(held);
+                    match delivered {
+                        Ok(None) => {}
+                        Ok(Some(w)) => self.session.finish(w).await,
                         Err(reason) => return reason,
                     }
                 }

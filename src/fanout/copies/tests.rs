@@ -17,11 +17,16 @@ async fn a_copy_over_the_limit_waits_then_is_refused_and_a_place_given_back_is_t
     assert_eq!(busy.max, 1);
     assert!(busy.to_string().contains("--max-table-copies"), "{busy}");
     assert!(c.try_enter().is_none());
-    let waiting = tokio::spawn({
+    let mut waiting = tokio::spawn({
         let c = c.clone();
         async move { c.enter(WAIT).await.is_ok() }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // it waits while the place is held (not a sleep: the wait itself is what is checked)
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut waiting)
+            .await
+            .is_err()
+    );
     drop(place);
     assert!(waiting.await.unwrap());
     assert_eq!(c.in_flight(), 0);
