@@ -326,11 +326,6 @@ pub fn deleted_row(key: &str, before: Option<&Map<String, Value>>) -> Value {
     Value::Object(row)
 }
 
-/// A row in `format=rows` as first sent (NULL columns kept).
-pub fn row_message(row: &crate::cdc::decode::Row) -> Outgoing {
-    Outgoing::Row(Value::Object(row.clone()))
-}
-
 /// A snapshot's row in `format=rows` as `selector` sees it (NULL columns kept), as its JSON
 /// text: a row held as JSON goes out as stored when nothing needs its columns.
 pub fn row_text(row: &crate::table::stored_row::StoredRow, selector: &Selector) -> Outgoing {
