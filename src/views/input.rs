@@ -13,7 +13,7 @@
 use serde_json::Value;
 
 use super::value::{group_key, key_part};
-use crate::cdc::decode::Row;
+use crate::cdc::decode::{unwrap_schema, Row};
 
 /// Why a record of an upsert or events topic was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,15 +38,6 @@ pub struct UpsertRecord {
 pub struct EventRecord {
     pub key: Option<String>,
     pub row: Row,
-}
-
-fn unwrap_schema(v: Value) -> Value {
-    match v {
-        Value::Object(mut m) if m.len() == 2 && m.contains_key("schema") => {
-            m.remove("payload").unwrap_or(Value::Null)
-        }
-        other => other,
-    }
 }
 
 fn parse_value(bytes: Option<&[u8]>) -> Result<Option<Row>, InputError> {
@@ -132,7 +123,7 @@ mod tests {
         let cols = ["league".to_string(), "id".to_string()];
         let keyed = decode_upsert(
             None,
-            Some(br#"{"schema":{},"payload":{"league":"nba","id":3}}"#),
+            Some(br#"{"schema":{"type":"struct"},"payload":{"league":"nba","id":3}}"#),
             Some(&cols),
         )
         .unwrap();
@@ -140,6 +131,13 @@ mod tests {
         let tomb =
             decode_upsert(Some(br#"{"league":"nba","id":3,"x":1}"#), None, Some(&cols)).unwrap();
         assert_eq!(tomb.key, "nba:3");
+        // a row of two columns, one named `schema`, is a row (not an envelope without payload)
+        let row = decode_upsert(Some(b"7"), Some(br#"{"schema":"public","id":7}"#), None).unwrap();
+        assert_eq!(row.row.unwrap()["schema"], json!("public"));
+        let e = decode_event(Some(b"k"), Some(br#"{"schema":"v2","amount":5}"#), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.row["amount"], json!(5));
         assert_eq!(
             decode_upsert(None, Some(b"{}"), None),
             Err(InputError::NoKey)

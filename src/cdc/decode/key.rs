@@ -149,7 +149,7 @@ fn parse_key(bytes: &[u8]) -> Option<Value> {
 
 /// `{"schema": .., "payload": ..}` -> payload (as for values: the schema must be null or a Kafka
 /// Connect schema); anything else is itself.
-fn unwrap_schema(v: Value) -> Value {
+pub(crate) fn unwrap_schema(v: Value) -> Value {
     match v {
         Value::Object(mut map)
             if map.len() == 2

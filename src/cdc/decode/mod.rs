@@ -37,6 +37,7 @@ use schema::Schema;
 use unwrapped::unwrapped;
 
 pub use key::message_key_fields;
+pub(crate) use key::unwrap_schema;
 pub use limits::{DECIMAL_SLACK_BYTES, MAX_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES};
 pub use sequence::SourcePos;
 pub use upsert::UpsertInput;
