@@ -7,10 +7,17 @@
 //! the last movement of `c` (`null` until there was one). A table delete deletes the output row.
 //! Built for "biggest movers": a `top_n` ordered by `c_move desc` over a delta view.
 //!
+//! Over a table with `key` columns, several input rows can share an output key: each input row
+//! keeps its own movement (measured against its own previous value, also when its `key` columns
+//! changed), and the output row is that of the input row changed last among those that have the
+//! key now. An input row that leaves (deleted, or its `key` columns changed) hands the output to
+//! the one changed last before it; the output row is deleted when none is left. A row without
+//! `key` values (a NULL) is in no output row, and its movement starts again when it gets them.
+//!
 //! A result is a JSON number when both values were JSON numbers and it is exact as one, else a
 //! decimal string. The output is the whole state: rebuildable from it alone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -25,6 +32,33 @@ use crate::filter::Decimal;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeltaState {
     rows: HashMap<String, Row>,
+    /// Table input with `key` columns: the input rows of each output key.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    groups: HashMap<String, Members>,
+    /// The number of the last change taken into `groups`.
+    #[serde(default)]
+    seq: u64,
+}
+
+/// The input rows that have one output key, each with its own output row, by their last change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Members {
+    order: BTreeMap<u64, String>,
+    rows: HashMap<String, (u64, Row)>,
+}
+
+impl Members {
+    /// The output row: the member changed last.
+    fn newest(&self) -> Option<&Row> {
+        let (_, key) = self.order.iter().next_back()?;
+        self.rows.get(key).map(|(_, r)| r)
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Row> {
+        let (seq, row) = self.rows.remove(key)?;
+        self.order.remove(&seq);
+        Some(row)
+    }
 }
 
 /// The `delta` operator (see the module doc).
@@ -48,6 +82,12 @@ impl Delta {
 
     pub(super) fn state(&self) -> &DeltaState {
         &self.state
+    }
+
+    /// Whether its output alone is its whole state: not over a table with `key` columns, where
+    /// the rows sharing an output key are kept apart.
+    pub fn rebuildable_from_output(&self) -> bool {
+        self.spec.key.is_none()
     }
 
     fn key_of(&self, row: &Row, input_key: Option<&str>) -> Option<String> {
@@ -108,24 +148,63 @@ impl Delta {
         old: Option<&Row>,
         new: Option<&Row>,
     ) -> Vec<OutChange> {
+        if self.spec.key.is_some() {
+            return self.apply_keyed_change(key, old, new);
+        }
         match new {
-            Some(row) => match self.key_of(row, Some(key)) {
-                Some(out_key) => self.upsert(out_key, row),
+            Some(row) => self.upsert(key.to_string(), row),
+            None => match self.state.rows.remove(key) {
+                Some(_) => vec![(key.to_string(), None)],
                 None => Vec::new(),
             },
-            None => {
-                let out_key = match (&self.spec.key, old) {
-                    (None, _) => Some(key.to_string()),
-                    (Some(_), Some(r)) => self.key_of(r, Some(key)),
-                    (Some(_), None) => None,
-                };
-                let Some(out_key) = out_key else {
-                    return Vec::new();
-                };
-                match self.state.rows.remove(&out_key) {
-                    Some(_) => vec![(out_key, None)],
-                    None => Vec::new(),
+        }
+    }
+
+    /// A table change when rows are grouped by `key` columns (see the module doc).
+    fn apply_keyed_change(
+        &mut self,
+        key: &str,
+        old: Option<&Row>,
+        new: Option<&Row>,
+    ) -> Vec<OutChange> {
+        let old_out = old.and_then(|r| self.key_of(r, None));
+        let new_out = new.and_then(|r| self.key_of(r, None));
+        // the row's own last output row, wherever it was
+        let previous = old_out
+            .as_ref()
+            .and_then(|g| self.state.groups.get_mut(g))
+            .and_then(|m| m.remove(key));
+        let mut out = Vec::new();
+        if let Some(g) = old_out.filter(|g| new_out.as_ref() != Some(g)) {
+            out.extend(self.show(g));
+        }
+        if let (Some(g), Some(row)) = (new_out, new) {
+            let own = self.next_row(previous.as_ref(), row);
+            self.state.seq += 1;
+            let seq = self.state.seq;
+            let m = self.state.groups.entry(g.clone()).or_default();
+            m.order.insert(seq, key.to_string());
+            m.rows.insert(key.to_string(), (seq, own));
+            out.extend(self.show(g));
+        }
+        out
+    }
+
+    /// Sets output row `g` to its newest member's row (deleted when it has none); the change, if
+    /// it is one.
+    fn show(&mut self, g: String) -> Option<OutChange> {
+        let newest = self.state.groups.get(&g).and_then(Members::newest).cloned();
+        match newest {
+            Some(row) => {
+                if self.state.rows.get(&g) == Some(&row) {
+                    return None;
                 }
+                self.state.rows.insert(g.clone(), row.clone());
+                Some((g, Some(row)))
+            }
+            None => {
+                self.state.groups.remove(&g);
+                self.state.rows.remove(&g).map(|_| (g, None))
             }
         }
     }

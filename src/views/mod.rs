@@ -80,7 +80,7 @@
 //!
 //! # Restore ([`RestorePlan`])
 //!
-//! - [`RestorePlan::FromOutput`]: `history`, `delta`, `max_by`/`min_by` over events, `group_by`
+//! - [`RestorePlan::FromOutput`]: `history`, `delta` (without `key` columns), `max_by`/`min_by` over events, `group_by`
 //!   over events without `avg`: the view's own rows (its changelog) are its whole state; call
 //!   [`ViewOperator::rebuild_from_output`] with each `(key, row)`.
 //! - [`RestorePlan::ReplayInput`]: `top_n`, `max_by`/`min_by` over a table, `group_by` over a table
@@ -242,7 +242,9 @@ impl ViewOperator {
     /// How this view is restored (see the module doc).
     pub fn restore_plan(&self) -> RestorePlan {
         match &self.op {
-            Op::History(_) | Op::Delta(_) => RestorePlan::FromOutput,
+            Op::History(_) => RestorePlan::FromOutput,
+            Op::Delta(o) if o.rebuildable_from_output() => RestorePlan::FromOutput,
+            Op::Delta(_) => RestorePlan::PersistedState,
             Op::Extreme(o) if o.rebuildable_from_output() => RestorePlan::FromOutput,
             Op::Extreme(_) | Op::TopN(_) => RestorePlan::ReplayInput,
             Op::GroupBy(o) if o.rebuildable_from_output() => RestorePlan::FromOutput,
