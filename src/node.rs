@@ -410,10 +410,20 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             .await?
             .map_err(|e| store_err(&config.data_dir)(e.into()))?
         };
-        let v = Views::start(&config.views, tables.clone(), sink, metrics.clone(), &saved)
+        // loading saved states and computing views from whole tables is CPU work: not on a
+        // runtime worker
+        let was_saved = !saved.is_empty();
+        let (defs, events, t, m) = (
+            config.views.clone(),
+            config.events.clone(),
+            tables.clone(),
+            metrics.clone(),
+        );
+        let v = blocking(move || Views::start(&defs, &events, t, sink, m, &saved))
+            .await?
             .map_err(ServiceError::Views)?;
         // what was saved is used once: after an unclean stop nothing saved is left to load
-        if !saved.is_empty() {
+        if was_saved {
             let t = tree.clone();
             blocking(move || t.clear().and_then(|()| t.flush().map(|_| ())))
                 .await?
@@ -722,9 +732,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             }
             let ok = result.is_ok();
             // a clean stop keeps the views (nothing writes the tables any more)
-            if let (true, Some(v), Some(tree)) = (ok, &views, views_tree) {
-                let saved = v.save();
+            if let (true, Some(v), Some(tree)) = (ok, views.clone(), views_tree) {
                 let r = blocking(move || -> Result<usize, sled::Error> {
+                    let saved = v.save();
                     tree.clear()?;
                     for (name, bytes) in &saved {
                         tree.insert(name.as_bytes(), bytes.as_slice())?;

@@ -78,6 +78,9 @@ pub struct Views {
     by_input: HashMap<String, Vec<Arc<View>>>,
     /// Next offset per (events input name, partition), as far as the views took them.
     events_next: Mutex<HashMap<(String, i32), i64>>,
+    /// Each events input's declaration (its Kafka topic and key columns), by name: a saved state
+    /// depends on it.
+    sources: HashMap<String, String>,
 }
 
 /// What a clean stop keeps of one view.
@@ -94,9 +97,15 @@ struct SavedView {
     events_next: Vec<(i32, i64)>,
 }
 
-/// What a saved state depends on: the input and the operator with its options (not the line).
-fn fingerprint(def: &ViewDef) -> String {
-    format!("{}|{:?}|{:?}", def.from, def.input, def.operator)
+/// What a saved state depends on: the input (an events input: its Kafka topic and key columns
+/// too, from `sources`) and the operator with its options (not the line).
+fn fingerprint(def: &ViewDef, sources: &HashMap<String, String>) -> String {
+    let mut f = format!("{}|{:?}|{:?}", def.from, def.input, def.operator);
+    if let Some(source) = sources.get(&def.from) {
+        f.push('|');
+        f.push_str(source);
+    }
+    f
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -107,9 +116,10 @@ impl Views {
     /// Creates the views' tables (empty, each with a new lineage) in `tables` and computes each
     /// view from its input as it is now, or loads what the last clean stop saved (`saved`, by
     /// view name, from [`Views::save`]) where it still applies. `defs` in the views file's order
-    /// (inputs first).
+    /// (inputs first); `events` the declared events topics.
     pub fn start(
         defs: &[ViewDef],
+        events: &[crate::table::events::EventsTopic],
         tables: Arc<Tables>,
         inner: Arc<dyn UpdateSink>,
         metrics: Arc<Metrics>,
@@ -152,6 +162,15 @@ impl Views {
             metrics,
             by_input,
             events_next: Mutex::new(HashMap::new()),
+            sources: events
+                .iter()
+                .map(|e| {
+                    (
+                        e.name.clone(),
+                        format!("topic={:?} key={:?}", e.topic, e.key),
+                    )
+                })
+                .collect(),
         });
         views.load_saved(&all, saved);
         for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
@@ -182,22 +201,33 @@ impl Views {
     /// - the saved definition is the view's (`from`, input, operator and options);
     /// - a view over a table: its input is at exactly the saved token and change count, and is not
     ///   itself a view (whose lineage is new in each process);
-    /// - views over events: every view of that events input has a usable saved state at the same
-    ///   positions (else none is loaded, and the topic is read from its beginning for all).
+    /// - views over events: every view of that events input has a usable saved state (its
+    ///   operator state readable, the topic declared as it was) at the same positions, else none
+    ///   is loaded and the topic is read from its beginning for all.
     fn load_saved(&self, all: &[Arc<View>], saved: &HashMap<String, Vec<u8>>) {
-        let mut usable: HashMap<&str, SavedView> = HashMap::new();
+        let mut usable: HashMap<&str, (SavedView, ViewOperator)> = HashMap::new();
         for view in all {
             let Some(bytes) = saved.get(&view.def.name) else {
                 continue;
             };
             match serde_json::from_slice::<SavedView>(bytes) {
-                Ok(sv) if sv.def == fingerprint(&view.def) => {
+                Ok(sv) if sv.def == fingerprint(&view.def, &self.sources) => {
                     let current = match view.def.input {
                         InputKind::Table => self.input_mark(&view.def.from),
                         InputKind::Events => None,
                     };
-                    if sv.input == current {
-                        usable.insert(view.def.name.as_str(), sv);
+                    if sv.input != current {
+                        continue;
+                    }
+                    // read before anything is decided: an events input resumes only if every
+                    // one of its views can be loaded
+                    match ViewOperator::load_state(&view.def, sv.state.get().as_bytes()) {
+                        Ok(op) => {
+                            usable.insert(view.def.name.as_str(), (sv, op));
+                        }
+                        Err(e) => {
+                            tracing::warn!(view = %view.def.name, error = %e, "the saved view state is not usable; it is computed again")
+                        }
                     }
                 }
                 Ok(_) => {
@@ -219,12 +249,12 @@ impl Views {
             };
             let positions = usable
                 .get(first.def.name.as_str())
-                .map(|sv| sv.events_next.clone());
+                .map(|(sv, _)| sv.events_next.clone());
             let all_same = positions.is_some()
                 && events.iter().all(|v| {
                     usable
                         .get(v.def.name.as_str())
-                        .is_some_and(|sv| Some(&sv.events_next) == positions.as_ref())
+                        .is_some_and(|(sv, _)| Some(&sv.events_next) == positions.as_ref())
                 });
             if !all_same {
                 for v in &events {
@@ -233,10 +263,10 @@ impl Views {
             }
         }
         for view in all {
-            let Some(sv) = usable.remove(view.def.name.as_str()) else {
+            let Some((sv, op)) = usable.remove(view.def.name.as_str()) else {
                 continue;
             };
-            match self.load(view, sv) {
+            match self.load(view, sv, op) {
                 Ok(()) => {
                     tracing::info!(view = %view.def.name, "view loaded as the last clean stop left it")
                 }
@@ -258,9 +288,9 @@ impl Views {
         Some(format!("{}#{}", t.token(), t.seq()))
     }
 
-    fn load(&self, view: &View, saved: SavedView) -> Result<(), String> {
-        let op = ViewOperator::load_state(&view.def, saved.state.get().as_bytes())
-            .map_err(|e| e.to_string())?;
+    /// Loads `view` with `op` (read from `saved`); only a view over a table whose input is gone
+    /// can fail.
+    fn load(&self, view: &View, saved: SavedView, op: ViewOperator) -> Result<(), String> {
         let fed = match view.def.input {
             InputKind::Table => {
                 let input = self
@@ -303,6 +333,15 @@ impl Views {
             let st = lock(&view.state);
             let input = match (&st.fed, view.def.input) {
                 (Some(f), InputKind::Table) => {
+                    // the table last fed is still the input (not replaced by one the state was
+                    // never fed), at its last update
+                    if !self
+                        .tables
+                        .get(&view.def.from)
+                        .is_some_and(|t| Arc::ptr_eq(&t, &f.table))
+                    {
+                        continue;
+                    }
                     {
                         let t = f.table.read();
                         if t.useq != f.useq || t.epoch != f.epoch {
@@ -339,7 +378,7 @@ impl Views {
                 .collect();
             events_next.sort_unstable();
             let saved = SavedView {
-                def: fingerprint(&view.def),
+                def: fingerprint(&view.def, &self.sources),
                 input,
                 state,
                 rows,

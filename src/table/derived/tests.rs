@@ -3,9 +3,10 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
-use super::Views;
+use super::{Event, Views};
 use crate::cdc::decode::{Op, Row};
 use crate::metrics::Metrics;
+use crate::table::events::EventsTopic;
 use crate::table::state::{Delta, RowWrite, TableState, TableUpdate, Tables, UpdateSink};
 use crate::table::stored_row::StoredRow;
 use crate::views::{ViewDef, ViewsFile};
@@ -68,9 +69,25 @@ fn try_run(
     tables: &Arc<Tables>,
     saved: &HashMap<String, Vec<u8>>,
 ) -> Result<Run, String> {
+    run_events(defs, &[], tables, saved)
+}
+
+fn run_events(
+    defs: &[ViewDef],
+    events: &[EventsTopic],
+    tables: &Arc<Tables>,
+    saved: &HashMap<String, Vec<u8>>,
+) -> Result<Run, String> {
     let client = Arc::new(Client::default());
     let metrics = Arc::new(Metrics::new());
-    let views = Views::start(defs, tables.clone(), client.clone(), metrics.clone(), saved)?;
+    let views = Views::start(
+        defs,
+        events,
+        tables.clone(),
+        client.clone(),
+        metrics.clone(),
+        saved,
+    )?;
     Ok(Run {
         views,
         client,
@@ -431,5 +448,68 @@ fn a_commit_stages_the_last_change_of_each_key() {
             ("c".into(), Some(3)),
             ("b".into(), Some(4))
         ]
+    );
+}
+
+/// A view of an events topic whose saved state cannot be read makes every view of that topic
+/// read it from its beginning (a sibling that loaded must not resume it past events the other
+/// never took); so does a topic declared differently (another Kafka topic or key).
+#[test]
+fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
+    let defs = ViewsFile::parse(
+        "[topics.transfers]\nformat = \"events\"\nkey = [\"account\"]\n\n\
+         [views.balances]\nfrom = \"transfers\"\n\
+         group_by = { by = [\"account\"], aggregates = { total = \"sum(amount)\" } }\n\n\
+         [views.counts]\nfrom = \"transfers\"\n\
+         group_by = { by = [\"account\"], aggregates = { n = \"count()\" } }\n",
+    )
+    .unwrap()
+    .views;
+    let topic = |key: &str| EventsTopic {
+        topic: "bank.transfers".into(),
+        name: "transfers".into(),
+        key: Some(vec![key.into()]),
+    };
+    let tables = Arc::new(Tables::default());
+    let none = HashMap::new();
+    let views = run_events(&defs, &[topic("account")], &tables, &none)
+        .unwrap()
+        .views;
+    let event = |amount: i64| Event {
+        key: None,
+        row: json!({"account": "A", "amount": amount})
+            .as_object()
+            .cloned()
+            .unwrap(),
+        kafka_ts_ms: None,
+        polled: None,
+    };
+    views.feed_events("transfers", &[event(5), event(7)]);
+    views.events_read([(("transfers".to_string(), 0), 2)].into_iter());
+    let saved: HashMap<String, Vec<u8>> = views.save().into_iter().collect();
+    let start = |saved: &HashMap<String, Vec<u8>>, key: &str| {
+        let tables = Arc::new(Tables::default());
+        let r = run_events(&defs, &[topic(key)], &tables, saved).unwrap();
+        (
+            r.views.events_start("transfers", 0),
+            rows_of(&tables, "balances").len(),
+        )
+    };
+    assert_eq!(start(&saved, "account"), (2, 1), "all load: resumed at 2");
+
+    // one saved state unreadable (its operator state of another operator)
+    let mut broken = saved.clone();
+    let mut sv: Value = serde_json::from_slice(&saved["counts"]).unwrap();
+    sv["state"] = json!({"operator": "top_n", "state": {}});
+    broken.insert("counts".into(), serde_json::to_vec(&sv).unwrap());
+    assert_eq!(
+        start(&broken, "account"),
+        (0, 0),
+        "one not loadable: none loaded, read again from the beginning"
+    );
+    assert_eq!(
+        start(&saved, "player"),
+        (0, 0),
+        "the topic's key changed: read again from the beginning"
     );
 }
