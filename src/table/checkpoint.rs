@@ -164,8 +164,11 @@ pub enum Resent {
 /// How waiting for a record ended.
 enum Settled {
     Acknowledged(i64),
-    /// Not this node's to produce any more, or shutdown.
+    /// Not this node's to produce any more.
     Dropped,
+    /// Shutdown while retrying: not acknowledged, so it stays in the outbox (produced again
+    /// after the restart).
+    Cancelled,
     Rejected(KafkaError),
 }
 
@@ -177,6 +180,10 @@ impl Checkpointer {
     /// opened again, so the node must stop and be restarted rather than retry (see [`StoreFailed`]).
     pub async fn run(self, mut rx: mpsc::Receiver<Checkpoint>) -> Result<(), StoreFailed> {
         let mut committed: HashMap<(String, i32), i64> = HashMap::new();
+        // false once a record was left unacknowledged at a shutdown: from then on no changelog
+        // acknowledgement is recorded and no offset committed (the outbox is produced again
+        // after the restart, and the input read again from the last commit)
+        let mut whole = true;
         while let Some(first) = rx.recv().await {
             let mut group = vec![first];
             while group.len() < 64 && group.last().is_some_and(|c| c.barrier.is_none()) {
@@ -193,12 +200,15 @@ impl Checkpointer {
             let mut positions = HashMap::new();
             let mut barriers = Vec::new();
             for cp in group {
-                let cl_next = self.settle(cp.rows, cp.letters).await;
-                // checkpoints settle in order: everything up to this batch is in the changelog
-                self.record_acks(cp.acked, cl_next);
-                for (tp, next) in cp.positions {
-                    let slot = positions.entry(tp).or_insert(next);
-                    *slot = (*slot).max(next);
+                let (cl_next, settled) = self.settle(cp.rows, cp.letters).await;
+                whole &= settled;
+                if whole {
+                    // checkpoints settle in order: everything up to this batch is in the changelog
+                    self.record_acks(cp.acked, cl_next);
+                    for (tp, next) in cp.positions {
+                        let slot = positions.entry(tp).or_insert(next);
+                        *slot = (*slot).max(next);
+                    }
                 }
                 barriers.extend(cp.barrier);
             }
@@ -208,11 +218,23 @@ impl Checkpointer {
             self.progress.pending_since_ms.store(0, Ordering::Release);
             if barriers.is_empty() {
                 self.commit(&positions, CommitMode::Async);
+                committed.extend(positions);
             } else {
                 self.flush().await?;
-                self.commit(&positions, CommitMode::Sync);
+                // a round trip to the broker: not on a runtime worker
+                let (committer, sync) = (self.committer(), positions.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || committer.commit(&sync, CommitMode::Sync))
+                        .await;
+                committed.extend(positions);
+                // revoked partitions are their new owners' to commit from now on: the last
+                // commit at the stop must not move them back
+                for b in &barriers {
+                    for tp in &b.commit {
+                        committed.remove(tp);
+                    }
+                }
             }
-            committed.extend(positions);
             for b in barriers {
                 let _ = b.done.send(());
             }
@@ -320,12 +342,14 @@ impl Checkpointer {
 
     /// Waits for every delivery; re-produces what failed until the broker takes it; clears the
     /// outbox. Returns the changelog position after the acknowledged records per slice.
+    /// `false` with it when a shutdown left a record unacknowledged (it stays in the outbox).
     async fn settle(
         &self,
         rows: Vec<PendingRow>,
         letters: Vec<PendingLetter>,
-    ) -> HashMap<(String, u32), i64> {
+    ) -> (HashMap<(String, u32), i64>, bool) {
         let mut cl_next: HashMap<(String, u32), i64> = HashMap::new();
+        let mut whole = true;
         let mut rows: VecDeque<PendingRow> = rows.into();
         while let Some(mut row) = rows.pop_front() {
             let delivery = row.delivery.take();
@@ -349,6 +373,11 @@ impl Checkpointer {
                     *slot = (*slot).max(offset + 1);
                 }
                 Settled::Dropped => {}
+                Settled::Cancelled => {
+                    // its outbox mark (a tombstone's) stays: produced again after the restart
+                    whole = false;
+                    continue;
+                }
                 Settled::Rejected(e) => self.reject_row(&row, &e).await,
             }
             if row.deleted {
@@ -380,10 +409,10 @@ impl Checkpointer {
                 }
             };
             let first = letter.letter.clone();
-            if let Settled::Rejected(e) = self
+            let mut settled = self
                 .until_acknowledged(letter.delivery, &what, || resend(first.clone()), None)
-                .await
-            {
+                .await;
+            if let Settled::Rejected(e) = settled {
                 // too large, or not allowed: a shorter copy once, else it is dropped loudly
                 let mut short = letter.letter.clone();
                 short.value = short.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
@@ -391,16 +420,22 @@ impl Checkpointer {
                 let again = self
                     .until_acknowledged(None, &what, || resend(short.clone()), None)
                     .await;
-                if let Settled::Rejected(e2) = again {
+                if let Settled::Rejected(e2) = &again {
                     self.metrics.dead_letters_dropped.inc();
                     tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
                 }
+                settled = again;
+            }
+            if matches!(settled, Settled::Cancelled) {
+                // stays in the outbox: produced again at the next start
+                whole = false;
+                continue;
             }
             if let Err(e) = self.store.clear_dead_letter(letter.id) {
                 tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
             }
         }
-        cl_next
+        (cl_next, whole)
     }
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
@@ -450,7 +485,7 @@ impl Checkpointer {
                 self.metrics.changelog_produce_errors.inc();
                 self.renew_producer(failed.zip(sent_by)).await;
                 if self.sleep(backoff).await {
-                    return Settled::Dropped;
+                    return Settled::Cancelled;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -470,7 +505,7 @@ impl Checkpointer {
                     }
                     self.renew_producer(None).await;
                     if self.sleep(backoff).await {
-                        return Settled::Dropped;
+                        return Settled::Cancelled;
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -597,6 +632,27 @@ impl Checkpointer {
     }
 
     fn commit(&self, positions: &HashMap<(String, i32), i64>, mode: CommitMode) {
+        self.committer().commit(positions, mode);
+    }
+
+    fn committer(&self) -> Committer {
+        Committer {
+            consumer: self.consumer.clone(),
+            metrics: self.metrics.clone(),
+            progress: self.progress.clone(),
+        }
+    }
+}
+
+/// What commits the group's offsets (its own value, to commit off the runtime's workers).
+struct Committer {
+    consumer: Option<Arc<BaseConsumer<SourceContext>>>,
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+}
+
+impl Committer {
+    fn commit(&self, positions: &HashMap<(String, i32), i64>, mode: CommitMode) {
         let Some(consumer) = &self.consumer else {
             return;
         };
@@ -668,3 +724,6 @@ pub fn resend_current(
         .send(table, part, key, payload.as_deref(), meta)
         .map(Some)
 }
+
+#[cfg(test)]
+mod tests;
