@@ -262,9 +262,13 @@ impl Partitions {
             }
         };
         if !current {
-            // revoked (or re-assigned) while the job ran: let its slices go again
-            for (table, part, _) in &taken.slices {
-                self.release_slice(table, *part);
+            // revoked while the job ran: let its slices go again, unless the partition was
+            // assigned again meanwhile (a newer job or the ingest holds its slices now)
+            let held = self.lock().states.contains_key(&tp);
+            if !held {
+                for (table, part, _) in &taken.slices {
+                    self.release_slice(table, *part);
+                }
             }
             return Ok(None);
         }
