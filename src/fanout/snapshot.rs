@@ -65,9 +65,11 @@ impl serde::Serialize for NonNull<'_> {
 /// the filters and the parses they need).
 ///
 /// A copy holds about as many rows as the snapshot sends (a whole table's, the keys looked up,
-/// or the rows a filter that cannot be looked up accepts: that filter runs during the copy, over
-/// rows parsed before it, outside the lock, by [`copy_of`]), so its memory follows the frames',
-/// not the table's, for each client.
+/// or the rows a filter that cannot be looked up accepts), so its memory follows the frames',
+/// not the table's, for each client. A filter that cannot be looked up runs after the copy,
+/// outside the lock ([`copy_of`]): under it, the copy only takes the rows its key filters let
+/// through (shared, not parsed), so a costly `where` (a long `IN` list on every row of a large
+/// table) never holds up the table's ingest; until it has run, the copy holds those rows.
 pub struct SnapshotCopy {
     pub name: Arc<str>,
     pub epoch: Arc<str>,
@@ -84,8 +86,8 @@ pub struct SnapshotCopy {
 impl SnapshotCopy {
     /// The rows of `t` `selector` may select, sorted by key: only the keys in its `keys` when
     /// given, or those of its indexed `where` (looked up, not scanned; its filters then apply in
-    /// [`SnapshotCopy::parts`]), else the rows its filters accept (a row held as JSON is parsed
-    /// here, under the caller's lock, when a filter reads it: see [`copy_of`]).
+    /// [`SnapshotCopy::parts`]), else the rows its key filters accept (its other filters apply
+    /// when the rows are read, or in [`SnapshotCopy::apply_filters`]; see [`copy_of`]).
     pub fn take(t: &TableState, selector: &Selector) -> SnapshotCopy {
         match Self::copy(t, selector, true) {
             Ok(copy) => copy,
@@ -115,6 +117,8 @@ impl SnapshotCopy {
                 rows.extend(t.rows.iter().map(|(k, e)| (k.clone(), e.row.clone())));
                 (rows, true)
             }
+            // the rows the key filters let through; the filters that read rows run on them
+            // once the lock is let go
             None => {
                 let reads = selector.filters_read_rows();
                 let mut rows = Vec::new();
@@ -125,11 +129,9 @@ impl SnapshotCopy {
                     if reads && !parse && !e.row.is_parsed() {
                         return Err(NeedsParse);
                     }
-                    if selector.accepts_row(k, &e.row) {
-                        rows.push((k.clone(), e.row.clone()));
-                    }
+                    rows.push((k.clone(), e.row.clone()));
                 }
-                (rows, true)
+                (rows, false)
             }
         };
         Ok(SnapshotCopy {
@@ -150,6 +152,16 @@ impl SnapshotCopy {
             complete: t.complete(),
             rows: Vec::new(),
             filtered: true,
+        }
+    }
+
+    /// Keeps only the copied rows `selector` selects (its filters run here, holding no lock; a
+    /// row held as JSON is parsed for them, its parse shared with the table's row).
+    pub fn apply_filters(&mut self, selector: &Selector) {
+        if !self.filtered {
+            self.rows.retain(|(k, r)| selector.accepts(k, r));
+            self.rows.shrink_to_fit();
+            self.filtered = true;
         }
     }
 
@@ -238,9 +250,16 @@ const PARSE_TRIES: usize = 2;
 /// under the table's read lock where it can: a copy that meets a row not parsed yet gives up, the
 /// rows are parsed outside the lock (one pass at a time per table, [`Table::parse_rows`]) and the
 /// copy is taken again. Rows held as JSON that keep arriving (a follower) may beat that twice:
-/// the last try parses under the lock, as [`SnapshotCopy::take`] does. Also returns how long it
-/// held the read lock (in all: the tries and the parse's copy are separate holds).
+/// the last try copies them unparsed. The filters then run on the copy, holding no lock. Also
+/// returns how long it held the read lock (in all: the tries and the parse's copy are separate
+/// holds).
 pub fn copy_of(t: &Table, selector: &Selector) -> (SnapshotCopy, Duration) {
+    let (mut copy, locked) = copy_under_lock(t, selector);
+    copy.apply_filters(selector);
+    (copy, locked)
+}
+
+fn copy_under_lock(t: &Table, selector: &Selector) -> (SnapshotCopy, Duration) {
     let mut locked = Duration::ZERO;
     for _ in 0..PARSE_TRIES {
         let tried = {

@@ -257,6 +257,12 @@ impl Table {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a writer could take the table's lock now (tests of what runs outside it).
+    #[cfg(test)]
+    pub fn try_update_for_tests(&self) -> bool {
+        self.state.try_write().is_ok()
+    }
+
     fn write(&self) -> RwLockWriteGuard<'_, TableState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }

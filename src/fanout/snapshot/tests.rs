@@ -151,11 +151,22 @@ fn a_copy_gives_the_snapshot_of_the_state_it_was_copied_from() {
 
 #[test]
 fn a_copy_holds_the_rows_sent_not_the_table() {
-    // a filter that cannot be looked up runs during the copy: only the accepted rows are copied
+    // a filter that cannot be looked up runs after the copy, outside the lock: once it has, only
+    // the accepted rows are held
     let sel = Selector::build(None, Some("n IS NOT NULL"), None).unwrap();
-    let copy = SnapshotCopy::take(&table(true), &sel);
+    let mut copy = SnapshotCopy::take(&table(true), &sel);
+    assert_eq!(
+        copy.parts(&sel).0,
+        1,
+        "the rows it sends are filtered before"
+    );
+    copy.apply_filters(&sel);
     assert_eq!(copy.rows.len(), 1);
     assert_eq!(copy.parts(&sel).0, 1);
+    let tables = crate::table::state::Tables::default();
+    let t = tables.insert(table(true));
+    let (copy, _) = copy_of(&t, &sel);
+    assert_eq!(copy.rows.len(), 1, "copy_of applies the filters");
     // looked-up keys: only those present
     let keys: HashSet<String> = ["g2", "zz"].iter().map(|k| k.to_string()).collect();
     let copy = SnapshotCopy::take(&table(true), &Selector::keys(Some(keys)));
@@ -306,4 +317,38 @@ fn a_filter_of_keys_selects_rows_held_as_json_without_parsing_them() {
     assert_eq!(rows, 1);
     assert!(ROWS.iter().all(|(k, _)| !t.rows[*k].row.is_parsed()));
     assert_eq!(text(&parts), text(&snapshot_parts(&table(false), &sel).1));
+}
+
+/// A filter that records whether the table's lock was free while it ran.
+#[derive(Debug)]
+struct SeesTheLock(
+    Arc<crate::table::state::Table>,
+    std::sync::atomic::AtomicUsize,
+);
+
+impl crate::fanout::selector::RowFilter for SeesTheLock {
+    fn matches(&self, _key: &str, _row: &crate::cdc::decode::Row) -> bool {
+        // a writer could commit now: the lock is not held
+        if self.0.try_update_for_tests() {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+#[test]
+fn a_scanned_filter_runs_with_the_table_lock_free() {
+    let tables = crate::table::state::Tables::default();
+    let t = tables.insert(table(true));
+    let free = Arc::new(SeesTheLock(t.clone(), Default::default()));
+    let mut sel = Selector::default();
+    sel.filters.push(free.clone());
+    let (copy, _) = copy_of(&t, &sel);
+    let rows = copy.selected(&sel).count();
+    assert!(rows > 1);
+    assert_eq!(
+        free.1.load(std::sync::atomic::Ordering::Relaxed),
+        rows,
+        "every row was filtered while a writer could take the lock"
+    );
 }
