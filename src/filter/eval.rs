@@ -92,9 +92,20 @@ pub(super) fn eval(expr: &Expr, row: &Row) -> Option<bool> {
             negated,
         } => {
             let v = Val::of_operand(operand, row);
+            // the row's value read as a decimal once for the whole list, not once per number
+            // in it (the same comparison: a number literal compares as a decimal)
+            let number = match v {
+                Val::JsonNum(_) | Val::Str(_) => v.decimal().map(Val::Num),
+                _ => None,
+            };
             let mut unknown = false;
             for item in list {
-                match compare(&v, &Val::of_literal(item)) {
+                let literal = Val::of_literal(item);
+                let compared = match (&literal, &number) {
+                    (Val::Num(_), Some(n)) => compare(n, &literal),
+                    _ => compare(&v, &literal),
+                };
+                match compared {
                     Some(Ordering::Equal) => return Some(!negated),
                     Some(_) => {}
                     None => unknown = true,
