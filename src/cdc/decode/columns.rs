@@ -17,6 +17,7 @@ pub(super) fn decode_columns(
     decimal_budget: &mut usize,
 ) -> Result<Vec<String>, DecodeError> {
     let mut undecodable = Vec::new();
+    let fields = fields.map(FieldList::finder);
     for (column, value) in row.iter_mut() {
         let out_of_range = |error| DecodeError::DecimalOutOfRange {
             column: quote(column),
@@ -35,7 +36,7 @@ pub(super) fn decode_columns(
             continue;
         }
         let Value::String(b64) = value else { continue };
-        match fields.map(|fs| fs.find(column)) {
+        match fields.as_ref().map(|fs| fs.find(column)) {
             Some(Some(f)) if f.decimal_scale().is_some() => {
                 match f
                     .decimal_scale()

@@ -100,8 +100,15 @@ pub(super) fn envelope(
         {
             // only the key's columns of `before`, decoded as the row's are (a Decimal key)
             let mut old = Row::new();
-            for column in key_names(&message_key, settings, &change.table) {
-                if let Some(v) = before.get(&column) {
+            let names = key_names(&message_key, settings, &change.table);
+            // many key columns: looked up in an index of `before`, not each by a scan of it
+            let index = (names.len() > 16).then(|| before.index());
+            for column in names {
+                let found = match &index {
+                    Some(index) => index.get(column.as_str()).copied(),
+                    None => before.get(&column),
+                };
+                if let Some(v) = found {
                     old.insert(column, raw::value(v)?);
                 }
             }

@@ -29,6 +29,11 @@ impl<'a> Fields<'a> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
 
+    /// The members by name (the last of a name, as [`Fields::get`] gives): for many lookups.
+    pub(super) fn index(&self) -> std::collections::HashMap<&str, &'a RawValue> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), *v)).collect()
+    }
+
     pub(super) fn contains_key(&self, key: &str) -> bool {
         self.get(key).is_some()
     }

@@ -96,6 +96,38 @@ impl<'a> FieldList<'a> {
             .flatten()
             .find(|f| f.name.as_deref() == Some(name))
     }
+
+    /// A finder of fields by name: the list itself when short, else an index of it (a record
+    /// with many columns looked up one by one must not cost columns x fields).
+    pub(super) fn finder(&self) -> FieldFinder<'_, 'a> {
+        if self.0.len() <= 16 {
+            return FieldFinder::List(self);
+        }
+        let mut index = std::collections::HashMap::with_capacity(self.0.len());
+        for f in self.0.iter().flatten() {
+            if let Some(name) = f.name.as_deref() {
+                // the first field of a name, as `find` gives
+                index.entry(name).or_insert(f);
+            }
+        }
+        FieldFinder::Index(index)
+    }
+}
+
+/// Fields by name ([`FieldList::finder`]).
+pub(super) enum FieldFinder<'l, 'a> {
+    List(&'l FieldList<'a>),
+    Index(std::collections::HashMap<&'l str, &'l Field<'a>>),
+}
+
+impl<'a> FieldFinder<'_, 'a> {
+    /// The first field named `name`.
+    pub(super) fn find(&self, name: &str) -> Option<&Field<'a>> {
+        match self {
+            FieldFinder::List(l) => l.find(name),
+            FieldFinder::Index(i) => i.get(name).copied(),
+        }
+    }
 }
 
 impl Field<'_> {

@@ -549,6 +549,32 @@ fn decimal_schema_in_unwrapped_records() {
     assert!(out.undecodable_decimals.is_empty());
 }
 
+/// A schema of many fields is looked up through an index: the same field (the first of its name)
+/// as a scan gives.
+#[test]
+fn decimal_schema_with_many_fields() {
+    let mut fields: Vec<String> = (0..40)
+        .map(|i| format!(r#"{{"field":"c{i}","type":"string"}}"#))
+        .collect();
+    fields.push(r#"{"field":"price","type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"2"}}"#.into());
+    // a second field of the name: the first one counts
+    fields.push(r#"{"field":"price","type":"bytes","name":"org.apache.kafka.connect.data.Decimal","parameters":{"scale":"4"}}"#.into());
+    let columns: Vec<String> = (0..40).map(|i| format!(r#""c{i}":"MDk=""#)).collect();
+    let v = format!(
+        r#"{{"schema":{{"type":"struct","fields":[{}]}},"payload":{{{},"price":"MDk="}}}}"#,
+        fields.join(","),
+        columns.join(",")
+    );
+    let out = one("shop.items", Some("1"), Some(&v)).unwrap();
+    let Decoded::Change(c) = out.decoded else {
+        panic!()
+    };
+    let row = c.row.unwrap();
+    assert_eq!(row["price"], json!("123.45"));
+    assert_eq!(row["c39"], json!("MDk="), "a string field stays a string");
+    assert!(out.undecodable_decimals.is_empty());
+}
+
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(topic in "[a-z._-]{0,20}", key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
