@@ -674,6 +674,83 @@ async fn ids_a_crash_left_pending_are_settled_by_reading_the_partition() {
     p.close().await;
 }
 
+/// One id pending on two topics after a crash, written to one of them only: each is settled by
+/// reading its own topic (the one written is a duplicate, the other is written now), also when
+/// both are retried together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_id_pending_on_two_topics_is_settled_per_topic() {
+    init_logs();
+    let dir = tempdir();
+    let (written_to, never) = (unique("pending-a-"), unique("pending-b-"));
+    create_topic(&written_to, 1).await;
+    create_topic(&never, 1).await;
+    let db = open_db(&dir.path().join("db"));
+    let value = json!({"order": 17});
+    let hash = livetable::publish::store::content_hash(Some("k"), &value);
+    let written = {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let payload = serde_json::to_string(&value).unwrap();
+        let rec: FutureRecord<'_, str, str> = FutureRecord::to(&written_to)
+            .partition(0)
+            .key("k")
+            .payload(payload.as_str())
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "livetable.publish_id",
+                value: Some("\"o-17\""),
+            }));
+        producer().send(rec, Duration::from_secs(10)).await.unwrap()
+    };
+    {
+        let (log, _) = IdLog::open(db.open_tree("publish").unwrap()).unwrap();
+        let created_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let entry = Entry::Pending {
+            created_ms,
+            hash,
+            partition: 0,
+            floor: -1,
+        };
+        let changes: Vec<_> = [&written_to, &never]
+            .iter()
+            .map(|t| (Scope::new(t, None, "\"o-17\""), Some(entry)))
+            .collect();
+        let mut batch = sled::Batch::default();
+        log.stage(&mut batch, created_ms, &changes);
+        log.apply(batch).unwrap();
+    }
+    let toml = format!(
+        "[[publish.topic]]\nname = \"{written_to}\"\n[[publish.topic]]\nname = \"{never}\"\n"
+    );
+    let m = Arc::new(Metrics::new());
+    let p = open(config(dir.path(), &toml), &brokers(), &db, &m).await;
+    let s = p.session(PublishContext::default());
+    // retried together: one batch of the writer, one read-back per topic
+    let (a, b) = tokio::join!(
+        s.publish(req(&written_to, "k", value.clone(), "o-17")),
+        s.publish(req(&never, "k", value.clone(), "o-17")),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.offset, a.duplicate), (written.offset, true));
+    assert!(
+        !b.duplicate,
+        "never written to its own topic: written now, {b:?}"
+    );
+    let records = read_to_end(&brokers(), &never, 1, Duration::from_secs(20));
+    assert_eq!(
+        records.len(),
+        1,
+        "the record is in the topic it was published to"
+    );
+    assert_eq!(
+        header(&records[0], "livetable.publish_id"),
+        Some("\"o-17\"")
+    );
+    p.close().await;
+}
+
 /// Publishes, retrying the same id while the answer is `unavailable` (as a client does).
 async fn publish_retrying(s: &livetable::publish::Session, r: PublishRequest) -> Ack {
     let until = Instant::now() + Duration::from_secs(30);

@@ -118,11 +118,14 @@ impl Writer {
                 JobKind::Produce => created,
                 JobKind::Recover(old) => {
                     let old = *old;
-                    let wanted = j
-                        .answer
-                        .id
-                        .as_ref()
-                        .map(|t| (t.id_json.clone(), t.principal.clone()));
+                    // an id is looked for in its own topic and partition (one id may be
+                    // pending on several topics)
+                    let wanted = j.answer.id.as_ref().map(|t| {
+                        (
+                            (j.topic.clone(), j.partition),
+                            (t.id_json.clone(), t.principal.clone()),
+                        )
+                    });
                     match wanted.and_then(|w| found.get(&w)) {
                         Some(Ok(offset)) => {
                             j.pending = Some(old);
@@ -265,10 +268,14 @@ fn send(producer: &PublishProducer, mut j: Job) {
     }
 }
 
+/// A topic and partition.
+type Place = (Arc<str>, i32);
+
 impl Writer {
-    /// Reads back the partitions of recovering ids, once per partition; per id: its offset, or
-    /// why its outcome is still unknown. Ids absent from the answer are not in their partition.
-    async fn recover(&self, jobs: &[Job]) -> HashMap<Wanted, Result<i64, String>> {
+    /// Reads back the partitions of recovering ids, once per partition; per (topic, partition)
+    /// and id: its offset, or why its outcome is still unknown. Ids absent from the answer are not
+    /// in their partition.
+    async fn recover(&self, jobs: &[Job]) -> HashMap<(Place, Wanted), Result<i64, String>> {
         let mut groups: HashMap<(Arc<str>, i32), (i64, HashSet<Wanted>)> = HashMap::new();
         for j in jobs {
             if let (JobKind::Recover(Entry::Pending { floor, .. }), Some(t)) =
@@ -297,7 +304,7 @@ impl Writer {
                             match found.get(&w) {
                                 Some(o) => {
                                     scans.with_label_values(&["found"]).inc();
-                                    out.insert(w, Ok(*o));
+                                    out.insert(((topic.clone(), partition), w), Ok(*o));
                                 }
                                 None => scans.with_label_values(&["not_found"]).inc(),
                             }
@@ -308,7 +315,7 @@ impl Writer {
                         for w in wanted {
                             scans.with_label_values(&["error"]).inc();
                             out.insert(
-                                w,
+                                ((topic.clone(), partition), w),
                                 Err(format!(
                                     "the outcome of an earlier publish of this id is unknown: {e}"
                                 )),
