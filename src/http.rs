@@ -209,9 +209,16 @@ async fn publish(
         )
         .into_response();
     };
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
-    let reply = match serde_json::from_slice::<HttpPublishBody>(&body) {
-        Ok(body) => {
+    let key = headers.get("idempotency-key").map(|v| v.to_str());
+    let reply = match (key, serde_json::from_slice::<HttpPublishBody>(&body)) {
+        // never published without the id its client sent: its retry would write it twice
+        (Some(Err(_)), _) => Reply::Nack(Nack::new(
+            None,
+            NackCode::BadRequest,
+            "the Idempotency-Key header must be visible ASCII",
+        )),
+        (key, Ok(body)) => {
+            let key = key.and_then(Result::ok);
             // one session per request: the process-wide in-flight bound applies; the
             // per-connection rate limit and in-flight bound are WebSocket's
             publisher
@@ -219,8 +226,9 @@ async fn publish(
                 .submit(PublishRequest::from_http(&topic, key, body))
                 .await
         }
-        Err(e) => Reply::Nack(Nack::new(
-            key.map(|k| serde_json::Value::String(k.to_string())),
+        (key, Err(e)) => Reply::Nack(Nack::new(
+            key.and_then(Result::ok)
+                .map(|k| serde_json::Value::String(k.to_string())),
             NackCode::BadRequest,
             format!("the body is not {{\"key\":K,\"value\":{{...}}}}: {e}"),
         )),

@@ -125,6 +125,32 @@ async fn websocket_and_http_publishes_are_acknowledged_once_across_a_restart() {
     assert_eq!(a["w-1"]["topic"], topic.as_str());
     assert_eq!(a["w-2"]["code"], "forbidden", "{:?}", a["w-2"]);
     assert_eq!(a["w-3"]["code"], "bad_request", "{:?}", a["w-3"]);
+    // no id: refused (its answer could not be matched, its retry would write it twice)
+    ws.send(Message::Text(
+        json!({"type": "publish", "topic": topic, "key": "g1", "value": {"stake": 1}})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let no_id = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("an answer")
+            .expect("the connection stays open")
+            .unwrap();
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if matches!(v["type"].as_str(), Some("ack" | "nack")) {
+                break v;
+            }
+        }
+    };
+    assert_eq!(
+        (&no_id["type"], &no_id["code"], &no_id["id"]),
+        (&json!("nack"), &json!("bad_request"), &Value::Null),
+        "{no_id}"
+    );
     publish(&mut ws, &topic, "g1", json!({"stake": 5}), "w-1").await;
     let again = answers(&mut ws, 1).await;
     assert_eq!(again["w-1"]["duplicate"], true, "{:?}", again["w-1"]);
@@ -151,6 +177,18 @@ async fn websocket_and_http_publishes_are_acknowledged_once_across_a_restart() {
     assert_eq!(bad.status().as_u16(), 400);
     let bad: Value = bad.json().await.unwrap();
     assert_eq!(bad["code"], "bad_request", "{bad}");
+    // an id that is not visible ASCII is refused, not published without it
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"bestellung-\xe4").unwrap();
+    let odd = http()
+        .post(&url)
+        .header("Idempotency-Key", latin1)
+        .json(&json!({"key": "g2", "value": {"stake": 9}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(odd.status().as_u16(), 400);
+    let odd: Value = odd.json().await.unwrap();
+    assert_eq!(odd["code"], "bad_request", "{odd}");
     let unlisted = http()
         .post(format!("{base}/api/topics/nope"))
         .json(&json!({"key": "k", "value": {}}))

@@ -428,14 +428,21 @@ impl Connection {
     ) -> Option<Result<ClientMessage, serde_json::Error>> {
         if let Ok(ClientMessage::Publish(req)) = parsed {
             // publishing has its own per-topic rate limits and in-flight bound
-            let refuse = |req: PublishRequest, why: &'static str| {
-                futures::future::ready(Reply::Nack(Nack::new(req.id, NackCode::Forbidden, why)))
-                    .boxed()
+            let answer_now = |req: PublishRequest, code: NackCode, why: &'static str| {
+                futures::future::ready(Reply::Nack(Nack::new(req.id, code, why))).boxed()
             };
+            let refuse = |req, why| answer_now(req, NackCode::Forbidden, why);
             let answer = match &self.publish {
                 None => refuse(
                     req,
                     "publishing is not enabled on this server (no [publish] topics)",
+                ),
+                // answers arrive in the broker's order: an answer without an id matches nothing,
+                // and a retry without one would write the record twice
+                Some(_) if req.id.is_none() => answer_now(
+                    req,
+                    NackCode::BadRequest,
+                    "a publish over WebSocket needs an id (its idempotency key)",
                 ),
                 // the connection ends at its deadline; a publish read before that turn of the
                 // loop must not pass on the expired token

@@ -303,18 +303,19 @@ async fn sweep(
             _ = tokio::time::sleep(every) => {}
         }
         let cutoff = now_ms().saturating_sub(window.as_millis() as u64);
-        let (expired, oldest, len) = {
-            let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
-            let mut expired = 0;
-            loop {
-                // bounded steps per lock hold, so publishes are not held up
+        let mut expired = 0;
+        let (oldest, len) = loop {
+            // bounded steps, one per lock hold, so publishes are not held up
+            let (n, oldest, len) = {
+                let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
                 let n = ids.index.expire(cutoff, max_entries, SWEEP_LIMIT);
-                expired += n;
-                if n < SWEEP_LIMIT {
-                    break;
-                }
+                (n, ids.index.oldest_ms(), ids.index.len())
+            };
+            expired += n;
+            if n < SWEEP_LIMIT {
+                break (oldest, len);
             }
-            (expired, ids.index.oldest_ms(), ids.index.len())
+            tokio::task::yield_now().await;
         };
         shared.metrics.publish.ids.set(len as i64);
         // records older than the oldest id remembered hold nothing remembered (the writer puts
