@@ -15,20 +15,22 @@
 //! `key` values (a NULL) is in no output row, and its movement starts again when it gets them.
 //!
 //! A result is a JSON number when both values were JSON numbers and it is exact as one, else a
-//! decimal string. The output is the whole state: rebuildable from it alone.
+//! decimal string. The output is the whole state (rebuildable from it alone), except over a table
+//! with `key` columns: there the state also keeps every input row with its own movement.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::config::DeltaSpec;
+use super::config::{DeltaSpec, InputKind};
 use super::value::group_key;
 use super::OutChange;
 use crate::cdc::decode::Row;
 use crate::filter::Decimal;
 
-/// The persisted state of a [`Delta`] (the same as its output).
+/// The persisted state of a [`Delta`]: its output, and over a table with `key` columns the input
+/// rows of each output key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeltaState {
     rows: HashMap<String, Row>,
@@ -48,10 +50,13 @@ struct Members {
 }
 
 impl Members {
-    /// The output row: the member changed last.
+    /// The output row: the member changed last (an order entry of a member changed since is
+    /// passed over).
     fn newest(&self) -> Option<&Row> {
-        let (_, key) = self.order.iter().next_back()?;
-        self.rows.get(key).map(|(_, r)| r)
+        self.order
+            .iter()
+            .rev()
+            .find_map(|(seq, key)| self.rows.get(key).filter(|(s, _)| s == seq).map(|(_, r)| r))
     }
 
     fn remove(&mut self, key: &str) -> Option<Row> {
@@ -65,19 +70,30 @@ impl Members {
 #[derive(Debug, Clone)]
 pub struct Delta {
     spec: DeltaSpec,
+    input: InputKind,
     state: DeltaState,
 }
 
 impl Delta {
-    pub fn new(spec: DeltaSpec) -> Self {
+    pub fn new(spec: DeltaSpec, input: InputKind) -> Self {
         Delta {
             spec,
+            input,
             state: DeltaState::default(),
         }
     }
 
-    pub(super) fn with_state(spec: DeltaSpec, state: DeltaState) -> Self {
-        Delta { spec, state }
+    /// `None` for a state that lacks what the operator needs: rows over a table with `key`
+    /// columns but no input rows (saved by a version that kept only the output).
+    pub(super) fn with_state(spec: DeltaSpec, input: InputKind, state: DeltaState) -> Option<Self> {
+        let d = Delta { spec, input, state };
+        let lacks_groups = d.grouped() && !d.state.rows.is_empty() && d.state.groups.is_empty();
+        (!lacks_groups).then_some(d)
+    }
+
+    /// Over a table with `key` columns: several input rows may share an output row.
+    fn grouped(&self) -> bool {
+        self.spec.key.is_some() && self.input == InputKind::Table
     }
 
     pub(super) fn state(&self) -> &DeltaState {
@@ -87,7 +103,7 @@ impl Delta {
     /// Whether its output alone is its whole state: not over a table with `key` columns, where
     /// the rows sharing an output key are kept apart.
     pub fn rebuildable_from_output(&self) -> bool {
-        self.spec.key.is_none()
+        !self.grouped()
     }
 
     fn key_of(&self, row: &Row, input_key: Option<&str>) -> Option<String> {
@@ -148,7 +164,7 @@ impl Delta {
         old: Option<&Row>,
         new: Option<&Row>,
     ) -> Vec<OutChange> {
-        if self.spec.key.is_some() {
+        if self.grouped() {
             return self.apply_keyed_change(key, old, new);
         }
         match new {
@@ -170,10 +186,17 @@ impl Delta {
         let old_out = old.and_then(|r| self.key_of(r, None));
         let new_out = new.and_then(|r| self.key_of(r, None));
         // the row's own last output row, wherever it was
-        let previous = old_out
+        let mut previous = old_out
             .as_ref()
             .and_then(|g| self.state.groups.get_mut(g))
             .and_then(|m| m.remove(key));
+        if previous.is_none() {
+            // fed as an insert although it is held (a replay): its entry goes, not doubled
+            previous = new_out
+                .as_ref()
+                .and_then(|g| self.state.groups.get_mut(g))
+                .and_then(|m| m.remove(key));
+        }
         let mut out = Vec::new();
         if let Some(g) = old_out.filter(|g| new_out.as_ref() != Some(g)) {
             out.extend(self.show(g));

@@ -88,7 +88,8 @@
 //!   insert (`Change { key, old: None, new: Some(row) }`) and drop the output (it equals the
 //!   restored changelog).
 //! - [`RestorePlan::PersistedState`]: `group_by` with `avg` over events (needs the sum and count,
-//!   which the output does not carry) or `latest` over a table (needs the order of changes): save
+//!   which the output does not carry), `latest` over a table (needs the order of changes), or
+//!   `delta` over a table with `key` columns (needs each input row's own movement): save
 //!   [`ViewOperator::save_state`] atomically with the view's rows and Kafka positions, load with
 //!   [`ViewOperator::load_state`]. Every operator supports save/load, so this plan always works.
 
@@ -141,6 +142,8 @@ pub enum RestorePlan {
 pub enum StateError {
     #[error("view state is not valid: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("view state lacks what this version keeps (saved by an older one)")]
+    Outdated,
     #[error("view state is for a {found} operator, the view is a {expected}")]
     WrongOperator {
         expected: &'static str,
@@ -198,7 +201,7 @@ impl ViewOperator {
                 Op::Extreme(extreme::Extreme::new(spec.clone(), def.input))
             }
             OperatorDef::History(spec) => Op::History(history::History::new(spec.clone())),
-            OperatorDef::Delta(spec) => Op::Delta(delta::Delta::new(spec.clone())),
+            OperatorDef::Delta(spec) => Op::Delta(delta::Delta::new(spec.clone(), def.input)),
         };
         ViewOperator { op }
     }
@@ -296,9 +299,9 @@ impl ViewOperator {
             (OperatorDef::History(spec), SavedState::History(s)) => {
                 Op::History(history::History::with_state(spec.clone(), s))
             }
-            (OperatorDef::Delta(spec), SavedState::Delta(s)) => {
-                Op::Delta(delta::Delta::with_state(spec.clone(), s))
-            }
+            (OperatorDef::Delta(spec), SavedState::Delta(s)) => Op::Delta(
+                delta::Delta::with_state(spec.clone(), def.input, s).ok_or(StateError::Outdated)?,
+            ),
             (_, other) => {
                 return Err(StateError::WrongOperator {
                     expected: expected.operator_name(),

@@ -806,6 +806,41 @@ fn state_of_another_operator_is_refused() {
     ));
 }
 
+/// A keyed delta over a table: a state saved with its output only (an older version) is refused
+/// (it is computed again); a key fed as an insert although it is held keeps the others' row.
+#[test]
+fn keyed_delta_refuses_an_output_only_state_and_survives_a_replayed_insert() {
+    let view = def(
+        InputKind::Table,
+        OperatorDef::Delta(DeltaSpec {
+            key: Some(vec!["g".into()]),
+            columns: vec!["v".into()],
+        }),
+    );
+    let old_format = br#"{"operator":"delta","state":{"rows":{"x":{"g":"x","v":1}}}}"#;
+    let loaded = ViewOperator::load_state(&view, old_format);
+    assert!(matches!(loaded, Err(StateError::Outdated)), "{loaded:?}");
+    let events = def(InputKind::Events, view.operator.clone());
+    assert!(
+        ViewOperator::load_state(&events, old_format).is_ok(),
+        "over events the output is the whole state"
+    );
+
+    let mut op = ViewOperator::new(&view);
+    let mut out = Table::new();
+    let r = |v: i64| row(json!({"g": "x", "v": v}));
+    apply_out(&mut out, op.apply_change("b", None, Some(&r(1))));
+    apply_out(&mut out, op.apply_change("a", None, Some(&r(2))));
+    // `a` again as an insert (a replay), then deleted: `b` still has the key
+    apply_out(&mut out, op.apply_change("a", None, Some(&r(3))));
+    apply_out(&mut out, op.apply_change("a", Some(&r(3)), None));
+    assert_eq!(
+        out.get("x").map(|r| r["v"].clone()),
+        Some(json!(1)),
+        "{out:?}"
+    );
+}
+
 // ---------- micro-benchmarks ----------
 
 /// CPU time of this thread, so a benchmark on a shared machine is not charged for the time other
