@@ -95,17 +95,16 @@ struct SavedView {
     rows: Vec<(String, Row)>,
     /// Views over events: the next offset per partition of the view's events input.
     events_next: Vec<(i32, i64)>,
+    /// Views over events: the input's declaration when saved (`None`: saved by a version that
+    /// did not keep it, taken as unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
 }
 
-/// What a saved state depends on: the input (an events input: its Kafka topic and key columns
-/// too, from `sources`) and the operator with its options (not the line).
-fn fingerprint(def: &ViewDef, sources: &HashMap<String, String>) -> String {
-    let mut f = format!("{}|{:?}|{:?}", def.from, def.input, def.operator);
-    if let Some(source) = sources.get(&def.from) {
-        f.push('|');
-        f.push_str(source);
-    }
-    f
+/// What a saved state depends on: the input and the operator with its options (not the line);
+/// an events input's declaration is kept apart ([`SavedView::source`]).
+fn fingerprint(def: &ViewDef) -> String {
+    format!("{}|{:?}|{:?}", def.from, def.input, def.operator)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,7 +210,13 @@ impl Views {
                 continue;
             };
             match serde_json::from_slice::<SavedView>(bytes) {
-                Ok(sv) if sv.def == fingerprint(&view.def, &self.sources) => {
+                Ok(sv)
+                    if sv.def == fingerprint(&view.def)
+                        && sv
+                            .source
+                            .as_ref()
+                            .is_none_or(|s| Some(s) == self.sources.get(&view.def.from)) =>
+                {
                     let current = match view.def.input {
                         InputKind::Table => self.input_mark(&view.def.from),
                         InputKind::Events => None,
@@ -378,11 +383,12 @@ impl Views {
                 .collect();
             events_next.sort_unstable();
             let saved = SavedView {
-                def: fingerprint(&view.def, &self.sources),
+                def: fingerprint(&view.def),
                 input,
                 state,
                 rows,
                 events_next,
+                source: self.sources.get(&view.def.from).cloned(),
             };
             if let Ok(bytes) = serde_json::to_vec(&saved) {
                 out.push((view.def.name.clone(), bytes));

@@ -512,4 +512,14 @@ fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
         (0, 0),
         "the topic's key changed: read again from the beginning"
     );
+    // saved by a version that did not keep the declaration: taken as unchanged
+    let legacy: HashMap<String, Vec<u8>> = saved
+        .iter()
+        .map(|(name, bytes)| {
+            let mut sv: Value = serde_json::from_slice(bytes).unwrap();
+            assert!(sv.as_object_mut().unwrap().remove("source").is_some());
+            (name.clone(), serde_json::to_vec(&sv).unwrap())
+        })
+        .collect();
+    assert_eq!(start(&legacy, "account"), (2, 1), "an older save resumes");
 }
