@@ -317,7 +317,6 @@ impl Checkpointer {
                 continue;
             };
             let next = cl_next.get(&(table.clone(), part)).copied().unwrap_or(0);
-            let mut meta = None;
             t.update_slices(|s| {
                 let slice = s.slice_mut(part);
                 if slice.mode == SliceMode::Absent {
@@ -330,13 +329,12 @@ impl Checkpointer {
                     slice.raise_acked(off);
                 }
                 slice.cl_next = slice.cl_next.max(next);
-                meta = Some(AckMeta::of(slice));
-            });
-            if let Some(meta) = meta {
-                if let Err(e) = self.store.put_acks(&table, part, &meta) {
+                // stored under the table's lock, so the store sees the slice's changes in their
+                // order (an input reset's lower offset is not overwritten by an older value)
+                if let Err(e) = self.store.put_acks(&table, part, &AckMeta::of(slice)) {
                     tracing::error!(error = %e, "recording the changelog acknowledgement failed; rows will be produced again");
                 }
-            }
+            });
         }
     }
 

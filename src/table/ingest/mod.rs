@@ -434,23 +434,20 @@ impl Ingest {
             let part = u32::try_from(tp.1).unwrap_or(0);
             for e in self.registry.tables_of(&tp.0) {
                 if let Some(t) = self.tables.get(&e.table) {
-                    let mut meta = None;
                     t.update_slices(|s| {
                         let slice = s.slice_mut(part);
                         slice.last_off = -1;
                         slice.acked = -1;
                         slice.tombs.clear();
                         slice.resets = slice.resets.wrapping_add(1);
-                        meta = Some(AckMeta::of(slice));
-                    });
-                    // stored before the first batch of the new offsets (whose flush makes it
-                    // durable too): after a kill -9 the old acknowledged offset must not make
-                    // the new records look applied
-                    if let Some(meta) = meta {
-                        if let Err(e) = self.store.put_acks(&e.table, part, &meta) {
-                            tracing::error!(error = %e, "recording the reset acknowledgement failed");
+                        // stored now, under the table's lock (as acknowledgements are), before
+                        // the first batch of the new offsets, whose flush makes it durable too:
+                        // after a kill -9 the old acknowledged offset must not make the new
+                        // records look applied
+                        if let Err(err) = self.store.put_acks(&e.table, part, &AckMeta::of(slice)) {
+                            tracing::error!(error = %err, "recording the reset acknowledgement failed");
                         }
-                    }
+                    });
                 }
             }
             let mut inner = self.partitions.lock();
