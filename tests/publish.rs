@@ -589,6 +589,51 @@ async fn concurrent_publishes_of_one_id_write_one_record() {
     p.close().await;
 }
 
+/// What a crash leaves behind a publish that reached the broker: its record, with its id in a
+/// header, written by a producer of the test (livetable never heard the acknowledgement).
+async fn written_with_id(
+    topic: &str,
+    partition: i32,
+    value: &Value,
+    id_json: &str,
+) -> rdkafka::producer::future_producer::Delivery {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let payload = serde_json::to_string(value).unwrap();
+    let rec: FutureRecord<'_, str, str> = FutureRecord::to(topic)
+        .partition(partition)
+        .key("k")
+        .payload(payload.as_str())
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "livetable.publish_id",
+            value: Some(id_json),
+        }));
+    producer().send(rec, Duration::from_secs(10)).await.unwrap()
+}
+
+/// What a crash leaves in the id log: each (topic, id JSON) pending on `partition`, read from
+/// the beginning.
+fn stage_pending(db: &sled::Db, pending: &[(&str, &str)], hash: u64, partition: i32) {
+    let (log, _) = IdLog::open(db.open_tree("publish").unwrap()).unwrap();
+    let created_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let entry = Entry::Pending {
+        created_ms,
+        hash,
+        partition,
+        floor: -1,
+    };
+    let changes: Vec<_> = pending
+        .iter()
+        .map(|(topic, id)| (Scope::new(topic, None, id), Some(entry)))
+        .collect();
+    let mut batch = sled::Batch::default();
+    log.stage(&mut batch, created_ms, &changes);
+    log.apply(batch).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_a_crash_left_pending_are_settled_by_reading_the_partition() {
     init_logs();
@@ -601,40 +646,13 @@ async fn ids_a_crash_left_pending_are_settled_by_reading_the_partition() {
     let value = json!({"bet": 1});
     let hash = livetable::publish::store::content_hash(Some("k"), &value);
     let partition = livetable::publish::partition::for_key(b"k", 2);
-    let written = {
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::FutureRecord;
-        let payload = serde_json::to_string(&value).unwrap();
-        let rec: FutureRecord<'_, str, str> = FutureRecord::to(&topic)
-            .partition(partition)
-            .key("k")
-            .payload(payload.as_str())
-            .headers(OwnedHeaders::new().insert(Header {
-                key: "livetable.publish_id",
-                value: Some("\"x1\""),
-            }));
-        producer().send(rec, Duration::from_secs(10)).await.unwrap()
-    };
-    {
-        let (log, _) = IdLog::open(db.open_tree("publish").unwrap()).unwrap();
-        let created_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let entry = Entry::Pending {
-            created_ms,
-            hash,
-            partition,
-            floor: -1,
-        };
-        let changes: Vec<_> = ["\"x1\"", "\"x2\""]
-            .iter()
-            .map(|id| (Scope::new(&topic, None, id), Some(entry)))
-            .collect();
-        let mut batch = sled::Batch::default();
-        log.stage(&mut batch, created_ms, &changes);
-        log.apply(batch).unwrap();
-    }
+    let written = written_with_id(&topic, partition, &value, "\"x1\"").await;
+    stage_pending(
+        &db,
+        &[(topic.as_str(), "\"x1\""), (topic.as_str(), "\"x2\"")],
+        hash,
+        partition,
+    );
     let toml = format!("[[publish.topic]]\nname = \"{topic}\"\n");
     let m = Arc::new(Metrics::new());
     let p = open(config(dir.path(), &toml), &brokers(), &db, &m).await;
@@ -687,40 +705,16 @@ async fn one_id_pending_on_two_topics_is_settled_per_topic() {
     let db = open_db(&dir.path().join("db"));
     let value = json!({"order": 17});
     let hash = livetable::publish::store::content_hash(Some("k"), &value);
-    let written = {
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::FutureRecord;
-        let payload = serde_json::to_string(&value).unwrap();
-        let rec: FutureRecord<'_, str, str> = FutureRecord::to(&written_to)
-            .partition(0)
-            .key("k")
-            .payload(payload.as_str())
-            .headers(OwnedHeaders::new().insert(Header {
-                key: "livetable.publish_id",
-                value: Some("\"o-17\""),
-            }));
-        producer().send(rec, Duration::from_secs(10)).await.unwrap()
-    };
-    {
-        let (log, _) = IdLog::open(db.open_tree("publish").unwrap()).unwrap();
-        let created_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let entry = Entry::Pending {
-            created_ms,
-            hash,
-            partition: 0,
-            floor: -1,
-        };
-        let changes: Vec<_> = [&written_to, &never]
-            .iter()
-            .map(|t| (Scope::new(t, None, "\"o-17\""), Some(entry)))
-            .collect();
-        let mut batch = sled::Batch::default();
-        log.stage(&mut batch, created_ms, &changes);
-        log.apply(batch).unwrap();
-    }
+    let written = written_with_id(&written_to, 0, &value, "\"o-17\"").await;
+    stage_pending(
+        &db,
+        &[
+            (written_to.as_str(), "\"o-17\""),
+            (never.as_str(), "\"o-17\""),
+        ],
+        hash,
+        0,
+    );
     let toml = format!(
         "[[publish.topic]]\nname = \"{written_to}\"\n[[publish.topic]]\nname = \"{never}\"\n"
     );
