@@ -337,11 +337,19 @@ impl Session {
         }
         let members = std::mem::take(&mut self.members);
         self.streams = StreamMap::new();
+        let mut unions = Vec::new();
         for m in members {
             let table = m.sub.table.clone();
             let format = m.sub.format;
             if format == Format::Rows {
                 self.close = Some(RowsResync::Grants);
+                continue;
+            }
+            if let Some(u) = &m.union {
+                // a union starts again as a whole (a new snapshot of it), once
+                if !unions.contains(u) {
+                    unions.push(u.clone());
+                }
                 continue;
             }
             let requested = m.requested();
@@ -350,6 +358,9 @@ impl Session {
                 .start(&table, requested, None, format, m.union.as_deref())
                 .await;
             self.queue(m.union.as_deref(), &table, o);
+        }
+        for u in unions {
+            self.restart_union(&u).await;
         }
         let waiting = match self.rare.as_mut() {
             Some(r) => std::mem::take(&mut r.waiting),
@@ -617,11 +628,14 @@ impl Session {
         }
     }
 
-    /// Stops a subscription (a table or a union); false when there was none.
+    /// Stops a subscription (a table or a union); false when there was none. A union's member
+    /// of the same table is not that table's subscription: it stays.
     pub fn unsubscribe(&mut self, table: &str) -> bool {
         let before = self.subscriptions();
-        self.members
-            .retain(|m| m.sub.table != table && m.union.as_deref() != Some(table));
+        self.members.retain(|m| match m.union.as_deref() {
+            Some(union) => union != table,
+            None => m.sub.table != table,
+        });
         if let Some(r) = self.rare.as_mut() {
             r.waiting.retain(|w| w.table != table);
             r.open_unions.retain(|(u, _)| u != table);
@@ -902,9 +916,28 @@ impl Session {
             .partition(|m| m.reads(key));
         self.members = rest;
         self.streams.remove(key);
+        // a union in patches starts again as a whole, once
+        let mut unions = HashSet::new();
         for m in mine {
+            if let (Format::Patch, Some(u)) = (m.sub.format, &m.union) {
+                if !unions.insert(u.clone()) {
+                    continue;
+                }
+            }
             self.restart(m).await;
         }
+    }
+
+    /// Starts union `u` (in patches) again as a whole: a new snapshot of the union replaces what
+    /// the client holds of it. A member's own new snapshot, sent as a patch of the union, would
+    /// leave on the client the member's rows deleted meanwhile and its columns gone.
+    async fn restart_union(&mut self, u: &str) {
+        let Some(def) = self.env.unions.iter().find(|d| d.name == u).cloned() else {
+            return;
+        };
+        self.unsubscribe(u);
+        let out = Box::pin(self.subscribe_union(&def, Format::Patch)).await;
+        self.queued.extend(out);
     }
 
     /// Starts member `m` again: it fell behind its feed, or its table's lineage changed.
@@ -925,6 +958,11 @@ impl Session {
 
     async fn restart_unboxed(&mut self, mut m: Member) {
         self.env.metrics.resnapshots.inc();
+        if let (Format::Patch, Some(u)) = (m.sub.format, m.union.clone()) {
+            drop(m);
+            self.restart_union(&u).await;
+            return;
+        }
         let table = m.sub.table.clone();
         let format = m.sub.format;
         let since = match format {

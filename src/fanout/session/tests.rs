@@ -93,12 +93,20 @@ impl Fixture {
 
     /// A session whose copies take places among `copies`.
     fn session_with(&self, copies: Arc<crate::fanout::copies::Copies>) -> Session {
+        self.session_of(copies, Vec::new())
+    }
+
+    fn session_of(
+        &self,
+        copies: Arc<crate::fanout::copies::Copies>,
+        unions: Vec<crate::config::UnionDef>,
+    ) -> Session {
         Session::new(
             Arc::new(SessionEnv {
                 hub: self.hub.clone(),
                 metrics: self.metrics.clone(),
                 resume_wait: Duration::from_secs(1),
-                unions: Arc::from(Vec::new()),
+                unions: Arc::from(unions),
                 copies,
             }),
             16,
@@ -497,4 +505,125 @@ fn only_error(out: &[Outgoing]) -> Option<crate::fanout::protocol::ErrorCode> {
         [Outgoing::Error { code, .. }] => Some(*code),
         _ => None,
     }
+}
+
+/// A table subscribed alone and through a union: unsubscribing (or subscribing again to) the table
+/// leaves the union's member, which keeps getting the table's changes.
+#[tokio::test]
+async fn a_plain_subscription_to_a_union_member_leaves_the_union_alone() {
+    let mut f = Fixture::new(64);
+    let union = crate::config::UnionDef {
+        name: "all".into(),
+        pattern: regex::Regex::new("^t$").unwrap(),
+    };
+    let mut s = f.session_of(
+        Arc::new(crate::fanout::copies::Copies::new(
+            0,
+            prometheus::IntGauge::new("g", "g").unwrap(),
+        )),
+        vec![union],
+    );
+    let u = s
+        .subscribe("all", Selector::default(), None, Format::Patch)
+        .await;
+    assert!(matches!(u[..], [Outgoing::Snapshot { .. }]), "{u:?}");
+    let _ = s
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    assert!(s.unsubscribe("t"));
+    let _ = s
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    assert!(s.unsubscribe("t"));
+    let _ = s.take();
+    f.commit(vec![("k3".into(), Some(7))]);
+    let mut sent = String::new();
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
+            Ok(event) => s.on_event(event).await,
+            Err(_) => break,
+        }
+        let (out, frames) = s.take();
+        sent.push_str(&format!("{out:?} {frames:?}"));
+    }
+    assert!(
+        sent.contains("t/k3"),
+        "the union's member got the change: {sent}"
+    );
+}
+
+/// What a union client holds after `out` (union keys `t/k` -> `n`): a union snapshot replaces it,
+/// a patch merges (`null` deletes).
+fn apply_union(state: &mut BTreeMap<String, i64>, out: Vec<Outgoing>) {
+    let merge = |state: &mut BTreeMap<String, i64>, m: &serde_json::Map<String, Value>| {
+        for (k, r) in m {
+            match r["n"].as_i64() {
+                Some(n) if !r.is_null() => {
+                    state.insert(k.clone(), n);
+                }
+                _ => {
+                    state.remove(k);
+                }
+            }
+        }
+    };
+    for o in out {
+        match o {
+            Outgoing::Snapshot { table, parts, .. } => {
+                assert_eq!(table, "all", "only the union's own snapshots: {parts:?}");
+                state.clear();
+                for p in parts.iter() {
+                    let v: Value = serde_json::from_str(p.as_str()).unwrap();
+                    let m = v.get("rows").or_else(|| v.get("patch"));
+                    merge(state, m.and_then(Value::as_object).unwrap());
+                }
+            }
+            Outgoing::Patch { table, patch, .. } => {
+                assert_eq!(table, "all");
+                merge(state, &patch);
+            }
+            other => panic!("a union client got {other:?}"),
+        }
+    }
+}
+
+/// A union member that falls behind its table's channel: the union starts again with a snapshot
+/// of itself, so the rows deleted meanwhile leave the client (a member's snapshot sent as a
+/// patch of the union left them).
+#[tokio::test]
+async fn a_union_member_that_fell_behind_leaves_the_client_exact() {
+    let mut f = Fixture::new(8);
+    let union = crate::config::UnionDef {
+        name: "all".into(),
+        pattern: regex::Regex::new("^t$").unwrap(),
+    };
+    let mut s = f.session_of(
+        Arc::new(crate::fanout::copies::Copies::new(
+            0,
+            prometheus::IntGauge::new("g", "g").unwrap(),
+        )),
+        vec![union],
+    );
+    let mut client = BTreeMap::new();
+    let first = s
+        .subscribe("all", Selector::default(), None, Format::Patch)
+        .await;
+    apply_union(&mut client, first);
+    assert_eq!(client.len(), 10);
+    f.burst();
+    for _ in 0..1000 {
+        match tokio::time::timeout(Duration::from_millis(200), s.next()).await {
+            Ok(event) => s.on_event(event).await,
+            Err(_) => break,
+        }
+        let (out, _) = s.take();
+        apply_union(&mut client, out);
+    }
+    assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
+    let want: BTreeMap<String, i64> = f
+        .table()
+        .into_iter()
+        .map(|(k, n)| (format!("t/{k}"), n))
+        .collect();
+    assert_eq!(client, want, "deleted rows k0..k4 gone, others current");
 }
