@@ -399,25 +399,33 @@ impl Hub {
         token: &Token,
         base: Option<Mark>,
     ) -> Result<Option<Vec<Outgoing>>, SubscribeError> {
-        let buf = lock(&channel.buffer);
-        if !buf.reaches(token) {
-            return Ok(None);
-        }
-        if base.is_none() && !buf.last.pos.covers(&token.pos) {
-            return Err(SubscribeError::Behind);
-        }
-        for u in buf.window() {
+        // the window's updates (shared) and where it ends, taken under the buffer's lock; the
+        // client's filters run on them after it is let go (the table's commits publish through
+        // that lock: a costly `where` must not hold them up)
+        let (window, last, epoch) = {
+            let buf = lock(&channel.buffer);
+            if !buf.reaches(token) {
+                return Ok(None);
+            }
+            if base.is_none() && !buf.last.pos.covers(&token.pos) {
+                return Err(SubscribeError::Behind);
+            }
+            let window: Vec<Arc<HubUpdate>> = buf.window().cloned().collect();
+            (window, buf.last.clone(), buf.epoch.clone())
+        };
+        for u in &window {
             for c in &u.update.changes {
                 if c.off > token.pos.get(c.part) {
                     sub.absorb_change(c);
                 }
             }
         }
+        drop(window);
         let mark = match base {
-            Some(b) if b.useq > buf.last.useq => b,
-            _ => buf.last.clone(),
+            Some(b) if b.useq > last.useq => b,
+            _ => last,
         };
-        sub.start_at(buf.epoch.clone(), mark.useq, mark.seq, mark.pos);
+        sub.start_at(epoch, mark.useq, mark.seq, mark.pos);
         let mut out = sub.take();
         if out.is_empty() && sub.format == Format::Patch {
             out.push(sub.confirmation());
