@@ -329,6 +329,20 @@ impl Connection {
             }
             tokio::select! {
                 biased;
+                // first: a client that keeps the socket busy (pings are not rate limited) must
+                // not starve its token's expiry or the shutdown
+                _ = self.state.shutdown.cancelled() => {
+                    Box::pin(say_bye(socket, close(1001, "server shutting down"))).await;
+                    return "shutdown";
+                }
+                _ = expiry(&mut self.expiry) => {
+                    self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
+                    let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
+                    let mut out = outbox(&self.state.metrics, Vec::new(), vec![bye]);
+                    out.push_back((close(4408, "token expired"), true));
+                    let _ = Box::pin(write_within(socket, out, WriteLimits::closing(), |_| ())).await;
+                    return "token_expired";
+                }
                 // unanswered publishes are bounded: past the bound the socket is not read until
                 // answers went out (the client is slowed down by TCP, nothing grows)
                 msg = socket.recv(), if self.unanswered() < MAX_UNANSWERED => {
@@ -361,21 +375,9 @@ impl Connection {
                         return reason;
                     }
                 }
-                _ = expiry(&mut self.expiry) => {
-                    self.state.auth.count(&crate::auth::Denied::expired("the token expired"));
-                    let bye = error(ErrorCode::TokenExpired, "the token expired; connect again with a new one (or send a refresh message before exp)".into());
-                    let mut out = outbox(&self.state.metrics, Vec::new(), vec![bye]);
-                    out.push_back((close(4408, "token expired"), true));
-                    let _ = Box::pin(write_within(socket, out, WriteLimits::closing(), |_| ())).await;
-                    return "token_expired";
-                }
                 event = self.session.next() => self.session.on_event(event).await,
                 Some(reply) = next_answer(&mut self.answers), if self.unanswered() > 0 => {
                     self.session.queued.push(Outgoing::Publish(reply));
-                }
-                _ = self.state.shutdown.cancelled() => {
-                    Box::pin(say_bye(socket, close(1001, "server shutting down"))).await;
-                    return "shutdown";
                 }
                 _ = ping.tick() => {
                     if last_seen.elapsed() > self.state.fanout.idle_timeout {
