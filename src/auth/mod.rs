@@ -119,8 +119,7 @@ impl Auth {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let left = Duration::from_secs(exp).saturating_sub(now) + leeway;
-        Some(tokio::time::Instant::now() + left)
+        Some(tokio::time::Instant::now() + time_left(exp, now, leeway))
     }
 
     /// Re-reads the key file when it changes, until `cancel`.
@@ -145,6 +144,16 @@ impl Auth {
             },
         );
     }
+}
+
+/// How long a token expiring at Unix second `exp` has left at `now`, with the leeway; at most
+/// ten years (an `exp` far in the future would overflow the deadline's instant).
+fn time_left(exp: u64, now: Duration, leeway: Duration) -> Duration {
+    const MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
+    Duration::from_secs(exp)
+        .saturating_sub(now)
+        .saturating_add(leeway)
+        .min(MAX)
 }
 
 /// The token a request presents (`None`: none).
@@ -314,4 +323,23 @@ pub fn log_refusal(access: &Access, table: &str, d: &Denied) {
         reason = %d.reason,
         "subscription refused"
     );
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[test]
+    fn a_far_exp_gives_a_deadline_that_does_not_overflow() {
+        let now = Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            time_left(1_800_000_060, now, Duration::from_secs(5)),
+            Duration::from_secs(65)
+        );
+        assert_eq!(time_left(1, now, Duration::ZERO), Duration::ZERO);
+        let far = time_left(u64::MAX, now, Duration::MAX);
+        assert_eq!(far, Duration::from_secs(10 * 365 * 86_400));
+        // the instant it makes exists
+        let _ = tokio::time::Instant::now() + far;
+    }
 }
