@@ -169,7 +169,13 @@ pub fn router(state: AppState) -> Router {
         app = app
             .merge(data)
             .route("/livetable.js", get(client_js))
-            .route("/api/topics/{topic}", post(publish));
+            .route(
+                "/api/topics/{topic}",
+                post(publish).route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    crate::auth::origin::guard,
+                )),
+            );
     } else {
         app = app.route(
             "/",

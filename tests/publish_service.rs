@@ -189,6 +189,19 @@ async fn websocket_and_http_publishes_are_acknowledged_once_across_a_restart() {
     assert_eq!(odd.status().as_u16(), 400);
     let odd: Value = odd.json().await.unwrap();
     assert_eq!(odd["code"], "bad_request", "{odd}");
+    // a page of another origin cannot publish through a visitor's browser (no preflight for a
+    // text/plain POST): refused like its WebSocket would be
+    let cross = http()
+        .post(&url)
+        .header("Origin", "http://evil.example")
+        .header("Content-Type", "text/plain")
+        .body(r#"{"key":"g2","value":{"stake":666}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status().as_u16(), 403);
+    let cross: Value = cross.json().await.unwrap();
+    assert_eq!(cross["code"], "origin_not_allowed", "{cross}");
     let unlisted = http()
         .post(format!("{base}/api/topics/nope"))
         .json(&json!({"key": "k", "value": {}}))

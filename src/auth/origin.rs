@@ -1,7 +1,7 @@
 //! Browser origins. CORS does not apply to WebSockets, and an `EventSource` or WebSocket opened by
 //! any page a visitor has open would otherwise read what the visitor's network position (an
-//! intranet) gives access to: WebSocket upgrades and SSE requests with an `Origin` header must
-//! come from the same origin or from `--allowed-origins` (403 otherwise). Requests without
+//! intranet) gives access to: WebSocket upgrades, SSE requests and publishes (POST) with an
+//! `Origin` header must come from the same origin or from `--allowed-origins` (403 otherwise). Requests without
 //! `Origin` (non-browser clients) are not browsers' and pass. The HTTP API answers cross-origin
 //! reads with CORS headers for the same list (a tower-http layer).
 
@@ -62,10 +62,12 @@ fn with_default_port(scheme: &str, authority: &str) -> String {
     }
 }
 
-/// Middleware of the live routes: WebSocket upgrades (on `/ws` and `/`) and `/sse` from an origin
-/// that is not allowed get 403.
+/// Middleware of the live routes and of publishing: WebSocket upgrades (on `/ws` and `/`), `/sse`
+/// and POSTs (a publish: a page could send one cross-site without a preflight, as `text/plain`)
+/// from an origin that is not allowed get 403.
 pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let live = req.uri().path() == "/sse"
+        || req.method() == Method::POST
         || req
             .headers()
             .get(header::UPGRADE)
