@@ -3,7 +3,7 @@
 //! wrapper, so an upgraded WebSocket keeps it).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 use crate::metrics::Metrics;
@@ -44,10 +44,17 @@ pub struct ConnGuard {
     ip: IpAddr,
 }
 
-/// `::ffff:1.2.3.4` counts as `1.2.3.4`.
+/// What one client is counted as: `::ffff:1.2.3.4` as `1.2.3.4`, an IPv6 address as its /64 (a
+/// host is commonly given a whole /64: one address each would let it take every slot).
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
         v4 => v4,
     }
 }
@@ -127,5 +134,19 @@ mod tests {
         assert_eq!(l.open(), 2);
         let _g4 = l.acquire(a).unwrap();
         assert_eq!(l.open(), 3);
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_as_its_64() {
+        let l = ConnLimiter::new(10, 2, Arc::new(Metrics::new()));
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let _a = l.acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _b = l.acquire(ip("2001:db8:1:2:ffff::7")).unwrap();
+        assert_eq!(
+            l.acquire(ip("2001:db8:1:2:dead:beef:0:1")).err(),
+            Some(Refusal::PerIp),
+            "another address of the same /64"
+        );
+        let _c = l.acquire(ip("2001:db8:1:3::1")).unwrap();
     }
 }
