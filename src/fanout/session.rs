@@ -471,7 +471,10 @@ impl Session {
                             }
                         }
                     }
-                    other => out.push(other),
+                    // what follows a member's snapshot (the changes since a shared snapshot,
+                    // rows in rows format) is the union's too: keys `table/key`, rows with
+                    // `__table`
+                    other => out.push(into_union(&u.name, &t, other)),
                 }
             }
         }

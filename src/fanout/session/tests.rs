@@ -627,3 +627,37 @@ async fn a_union_member_that_fell_behind_leaves_the_client_exact() {
         .collect();
     assert_eq!(client, want, "deleted rows k0..k4 gone, others current");
 }
+
+/// A union subscribed while its member's shared snapshot is a little behind: the changes since
+/// that snapshot reach the client as the union's (keys `t/k`), so its state is the table's.
+#[tokio::test]
+async fn a_union_built_from_a_shared_snapshot_gets_the_changes_since_as_its_own() {
+    let mut f = Fixture::new(64);
+    let mut plain = f.session();
+    let _ = plain
+        .subscribe("t", Selector::default(), None, Format::Patch)
+        .await;
+    f.commit(vec![("k1".into(), Some(5)), ("k2".into(), None)]);
+    let union = crate::config::UnionDef {
+        name: "all".into(),
+        pattern: regex::Regex::new("^t$").unwrap(),
+    };
+    let mut s = f.session_of(
+        Arc::new(crate::fanout::copies::Copies::new(
+            0,
+            prometheus::IntGauge::new("g", "g").unwrap(),
+        )),
+        vec![union],
+    );
+    let mut client = BTreeMap::new();
+    let first = s
+        .subscribe("all", Selector::default(), None, Format::Patch)
+        .await;
+    apply_union(&mut client, first);
+    let want: BTreeMap<String, i64> = f
+        .table()
+        .into_iter()
+        .map(|(k, n)| (format!("t/{k}"), n))
+        .collect();
+    assert_eq!(client, want);
+}
