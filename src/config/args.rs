@@ -224,9 +224,10 @@ pub struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
     /// Origins allowed to open WebSocket and SSE connections and to read the HTTP API from a
-    /// browser (CORS): comma-separated `scheme://host[:port]`, or `*` for any. Requests without an
-    /// `Origin` header (non-browser clients) and same-origin requests are always allowed
-    /// [default: same origin only].
+    /// browser (CORS): comma-separated `scheme://host[:port]`, or `*` for any. A publish (POST)
+    /// with an `Origin` of any other site is refused. Requests without an `Origin` header
+    /// (non-browser clients) and same-origin requests are always allowed [default: same origin
+    /// only].
     #[arg(long, env = "LIVETABLE_ALLOWED_ORIGINS", value_name = "ORIGINS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<String>,
@@ -244,7 +245,8 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_ADMIN_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<String>,
-    /// Most open connections from one IP address, of every kind; 0: no limit [default: 1000].
+    /// Most open connections from one IP address (an IPv6 client: its /64), of every kind; 0: no
+    /// limit [default: 1000].
     #[arg(long, env = "LIVETABLE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_ip: Option<usize>,
