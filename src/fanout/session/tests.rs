@@ -85,10 +85,24 @@ impl Fixture {
     }
 
     fn session(&self) -> Session {
-        self.session_with(Arc::new(crate::fanout::copies::Copies::new(
-            0,
-            prometheus::IntGauge::new("g", "g").unwrap(),
-        )))
+        self.session_with(no_copy_limit())
+    }
+
+    /// A session that knows union `all` of table `t`.
+    fn union_session(&self) -> Session {
+        let union = crate::config::UnionDef {
+            name: "all".into(),
+            pattern: regex::Regex::new("^t$").unwrap(),
+        };
+        self.session_of(no_copy_limit(), vec![union])
+    }
+
+    /// The table's rows as union `all` holds them: `t/key -> n`.
+    fn union_table(&self) -> BTreeMap<String, i64> {
+        self.table()
+            .into_iter()
+            .map(|(k, n)| (format!("t/{k}"), n))
+            .collect()
     }
 
     /// A session whose copies take places among `copies`.
@@ -138,6 +152,14 @@ impl Fixture {
             self.commit(vec![w]);
         }
     }
+}
+
+/// Copies without a bound on places.
+fn no_copy_limit() -> Arc<crate::fanout::copies::Copies> {
+    Arc::new(crate::fanout::copies::Copies::new(
+        0,
+        prometheus::IntGauge::new("g", "g").unwrap(),
+    ))
 }
 
 /// Applies `format=rows` messages to a client's state.
@@ -512,17 +534,7 @@ fn only_error(out: &[Outgoing]) -> Option<crate::fanout::protocol::ErrorCode> {
 #[tokio::test]
 async fn a_plain_subscription_to_a_union_member_leaves_the_union_alone() {
     let mut f = Fixture::new(64);
-    let union = crate::config::UnionDef {
-        name: "all".into(),
-        pattern: regex::Regex::new("^t$").unwrap(),
-    };
-    let mut s = f.session_of(
-        Arc::new(crate::fanout::copies::Copies::new(
-            0,
-            prometheus::IntGauge::new("g", "g").unwrap(),
-        )),
-        vec![union],
-    );
+    let mut s = f.union_session();
     let u = s
         .subscribe("all", Selector::default(), None, Format::Patch)
         .await;
@@ -593,17 +605,7 @@ fn apply_union(state: &mut BTreeMap<String, i64>, out: Vec<Outgoing>) {
 #[tokio::test]
 async fn a_union_member_that_fell_behind_leaves_the_client_exact() {
     let mut f = Fixture::new(8);
-    let union = crate::config::UnionDef {
-        name: "all".into(),
-        pattern: regex::Regex::new("^t$").unwrap(),
-    };
-    let mut s = f.session_of(
-        Arc::new(crate::fanout::copies::Copies::new(
-            0,
-            prometheus::IntGauge::new("g", "g").unwrap(),
-        )),
-        vec![union],
-    );
+    let mut s = f.union_session();
     let mut client = BTreeMap::new();
     let first = s
         .subscribe("all", Selector::default(), None, Format::Patch)
@@ -620,11 +622,7 @@ async fn a_union_member_that_fell_behind_leaves_the_client_exact() {
         apply_union(&mut client, out);
     }
     assert!(f.metrics.resnapshots.get() >= 1, "did not fall behind");
-    let want: BTreeMap<String, i64> = f
-        .table()
-        .into_iter()
-        .map(|(k, n)| (format!("t/{k}"), n))
-        .collect();
+    let want = f.union_table();
     assert_eq!(client, want, "deleted rows k0..k4 gone, others current");
 }
 
@@ -638,26 +636,12 @@ async fn a_union_built_from_a_shared_snapshot_gets_the_changes_since_as_its_own(
         .subscribe("t", Selector::default(), None, Format::Patch)
         .await;
     f.commit(vec![("k1".into(), Some(5)), ("k2".into(), None)]);
-    let union = crate::config::UnionDef {
-        name: "all".into(),
-        pattern: regex::Regex::new("^t$").unwrap(),
-    };
-    let mut s = f.session_of(
-        Arc::new(crate::fanout::copies::Copies::new(
-            0,
-            prometheus::IntGauge::new("g", "g").unwrap(),
-        )),
-        vec![union],
-    );
+    let mut s = f.union_session();
     let mut client = BTreeMap::new();
     let first = s
         .subscribe("all", Selector::default(), None, Format::Patch)
         .await;
     apply_union(&mut client, first);
-    let want: BTreeMap<String, i64> = f
-        .table()
-        .into_iter()
-        .map(|(k, n)| (format!("t/{k}"), n))
-        .collect();
+    let want = f.union_table();
     assert_eq!(client, want);
 }
