@@ -8,7 +8,7 @@ COPY web ./web
 COPY load ./load
 COPY vendor ./vendor
 # cdc-gen: the score feed of the demo's high-score board (compose service `scores`)
-RUN cargo build --release --locked --bin livetable -p livetable-load --bin cdc-gen
+RUN cargo build --release --locked -p livetable --bin livetable -p livetable-load --bin cdc-gen
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -131,6 +131,68 @@ fn the_dockerfile_copies_every_local_path_the_workspace_builds_from() {
     }
 }
 
+/// The Dockerfile's `cargo build` names each `--bin` in a package it selects: cargo looks a bin
+/// up in the selected packages only (`-p livetable-load --bin livetable` fails with "no bin
+/// target named `livetable`"), and no Docker engine runs here to find out.
+#[test]
+fn the_dockerfile_builds_each_bin_from_a_package_it_selects() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let line = dockerfile
+        .lines()
+        .find(|l| l.contains("cargo build"))
+        .expect("the Dockerfile runs cargo build");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |flags: &[&str]| -> Vec<String> {
+        words
+            .windows(2)
+            .filter(|w| flags.contains(&w[0]))
+            .map(|w| w[1].to_string())
+            .collect()
+    };
+    let packages = after(&["-p", "--package"]);
+    let bins = after(&["--bin"]);
+    assert!(!bins.is_empty(), "{line}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let owner = |bin: &str| -> Option<String> {
+        meta["packages"].as_array()?.iter().find_map(|p| {
+            p["targets"]
+                .as_array()?
+                .iter()
+                .any(|t| {
+                    t["name"] == bin
+                        && t["kind"]
+                            .as_array()
+                            .is_some_and(|k| k.contains(&Value::from("bin")))
+                })
+                .then(|| p["name"].as_str().unwrap_or_default().to_string())
+        })
+    };
+    for bin in &bins {
+        let pkg = owner(bin).unwrap_or_else(|| panic!("no package has a bin `{bin}`"));
+        assert!(
+            packages.is_empty() && pkg == "livetable" || packages.contains(&pkg),
+            "the Dockerfile builds --bin {bin} of package {pkg} but selects {packages:?}: {line}"
+        );
+    }
+}
+
 /// Starts livetable and drives every code path that creates a labelled series.
 async fn service_under_load() -> (livetable::Service, String, String) {
     init_logs();
