@@ -200,6 +200,9 @@ impl Verifier {
             v.set_issuer(&[iss]);
             required.push("iss");
         }
+        // without --jwt-audience the audience is not checked (jsonwebtoken's default refuses
+        // every token that carries `aud`, as most identity providers' tokens do)
+        v.validate_aud = self.config.audience.is_some();
         if let Some(aud) = &self.config.audience {
             v.set_audience(&[aud]);
             required.push("aud");
@@ -226,5 +229,56 @@ impl Verifier {
                 _ => Denied::unauthorized(format!("invalid token: {e}")),
             })?;
         Grant::from_claims(&data.claims, &self.config.claim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    fn verifier(audience: Option<&str>) -> Verifier {
+        let config = JwtConfig {
+            keys: KeySource::Secret("unused".into()),
+            issuer: None,
+            audience: audience.map(str::to_string),
+            claim: "livetable".into(),
+            leeway: std::time::Duration::from_secs(5),
+        };
+        let keys =
+            KeySet::parse(&config.keys, b"a-secret-of-the-test-of-32-bytes-at-least").unwrap();
+        Verifier::new(config, keys)
+    }
+
+    fn token(claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"a-secret-of-the-test-of-32-bytes-at-least"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_audience_is_checked_only_when_configured() {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let grants = json!({"tables": ["odds"]});
+        let with_aud = token(json!({"exp": exp, "aud": "my-api", "livetable": grants}));
+        let without = token(json!({"exp": exp, "livetable": grants}));
+        // not configured: a token from an identity provider (with `aud`) is accepted, as one
+        // without
+        verifier(None).verify(&with_aud).unwrap();
+        verifier(None).verify(&without).unwrap();
+        // configured: it must be there and match
+        verifier(Some("my-api")).verify(&with_aud).unwrap();
+        let e = verifier(Some("other")).verify(&with_aud).unwrap_err();
+        assert!(e.reason.contains("audience"), "{}", e.reason);
+        let e = verifier(Some("my-api")).verify(&without).unwrap_err();
+        assert!(e.reason.contains("`aud`"), "{}", e.reason);
     }
 }
