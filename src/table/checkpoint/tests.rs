@@ -92,12 +92,13 @@ async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outb
     store.apply(b).unwrap();
 
     let cancel = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
     let checkpointer = Checkpointer {
         store: store.clone(),
         tables: tables.clone(),
         changelog: Arc::new(Changelog::new(&config).unwrap()),
         consumer: None,
-        metrics: Arc::new(Metrics::new()),
+        metrics: metrics.clone(),
         cancel: cancel.clone(),
         progress: Arc::new(Progress::default()),
         repairs: Default::default(),
@@ -131,8 +132,16 @@ async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outb
     .unwrap();
     drop(tx);
     let run = tokio::spawn(checkpointer.run(rx));
-    // a few deliveries time out and are retried, then the node stops
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // deliveries time out and are retried (at least two failures seen), then the node stops
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while metrics.changelog_produce_errors.get() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery failed within 20 s"
+        );
+        assert!(!run.is_finished(), "ended while the broker is down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!run.is_finished(), "still retrying");
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(10), run)
