@@ -571,12 +571,15 @@ impl Session {
                 },
                 format,
             });
-            return (
-                vec![Outgoing::Waiting {
+            // `format=rows` has no envelope: every message is a row, so it is told nothing
+            // (its rows come when the table appears)
+            let told = match format {
+                Format::Rows => Vec::new(),
+                Format::Patch => vec![Outgoing::Waiting {
                     table: table.to_string(),
                 }],
-                None,
-            );
+            };
+            return (told, None);
         };
         // a snapshot of this client's own that may hold the whole table: under the session's
         // place (a client's subscribe waited for it, see `take_place`); one the session starts

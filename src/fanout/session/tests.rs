@@ -645,3 +645,58 @@ async fn a_union_built_from_a_shared_snapshot_gets_the_changes_since_as_its_own(
     let want = f.union_table();
     assert_eq!(client, want);
 }
+
+/// A subscription to a table that does not exist yet waits for it: a patch client is told so
+/// (`waiting`), a `format=rows` client gets no message (it has no envelope: a `waiting` would
+/// read as a row), and both get the table's rows once it appears.
+#[tokio::test]
+async fn a_rows_client_waiting_for_a_table_gets_no_envelope_only_its_rows() {
+    let f = Fixture::new(100);
+    let mut rows = f.session();
+    let out = rows
+        .subscribe("later", Selector::default(), None, Format::Rows)
+        .await;
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(rows.subscriptions(), 1, "the waiter is kept");
+    let mut patch = f.session();
+    let out = patch
+        .subscribe("later", Selector::default(), None, Format::Patch)
+        .await;
+    assert!(
+        matches!(out.as_slice(), [Outgoing::Waiting { table }] if table == "later"),
+        "{out:?}"
+    );
+    // the table appears with one row
+    let t = f.tables.ensure("later", "e1", "topic2", 1);
+    t.update_slices(|s| s.slice_mut(0).mode = SliceMode::Owned);
+    let mut d = Delta::new(t);
+    d.stage(RowWrite {
+        key: "a".into(),
+        row: Some(Arc::new(json!({"id": "a", "n": 7}).as_object().cloned().unwrap()).into()),
+        op: Op::Update,
+        part: 0,
+        off: 1,
+        ts_ms: None,
+        kafka_ts_ms: None,
+        polled: None,
+    });
+    f.tables.commit(d, &*f.hub);
+    // the hub announces it; each session takes its waiter up on that event
+    f.hub.open("later");
+    let mut got = BTreeMap::new();
+    drain(&mut rows, &mut got).await;
+    assert_eq!(got, BTreeMap::from([("a".to_string(), 7)]));
+    let event = tokio::time::timeout(Duration::from_secs(5), patch.next())
+        .await
+        .expect("the patch session hears of the table");
+    patch.on_event(event).await;
+    let (out, _) = patch.take();
+    let snapshots: Vec<usize> = out
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Snapshot { table, rows, .. } if table == "later" => Some(*rows),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(snapshots, vec![1], "{out:?}");
+}
