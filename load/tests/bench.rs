@@ -66,6 +66,10 @@ fn bench_quick_runs_every_scenario_with_nonzero_results() {
         ("snapshot", "storm: clients served"),
         ("recovery", "restart -> ready"),
         ("recovery", "empty data dir"),
+        (
+            "recovery",
+            "empty data dir -> restored from the changelog and ready, on every core",
+        ),
         ("fanout", "row updates/s delivered"),
         ("fanout", "server: patch messages"),
         ("light", "latency p50"),

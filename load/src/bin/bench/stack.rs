@@ -363,6 +363,15 @@ pub struct Livetable {
 }
 
 impl Livetable {
+    /// The CPU list it is pinned to at its next start (None: not pinned).
+    pub fn set_cpu(&mut self, cpu: Option<String>) {
+        self.cpu = cpu;
+    }
+
+    pub fn cpu(&self) -> Option<&str> {
+        self.cpu.as_deref()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
