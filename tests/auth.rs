@@ -494,7 +494,11 @@ async fn tokens_are_checked_and_exp_is_enforced_during_the_connection() {
     // no auth message within the handshake timeout: 4401
     let mut silent = ws_with(&env.base, "/ws?table=balances", &[]).await.unwrap();
     let e = next_msg(&mut silent, Duration::from_secs(10)).await;
-    assert_eq!(e["code"], "unauthorized", "{e}");
+    assert_eq!(
+        (e["code"].as_str(), e["fatal"].as_bool()),
+        (Some("unauthorized"), Some(true)),
+        "the connection closes: fatal {e}"
+    );
     assert_eq!(
         next_msg(&mut silent, Duration::from_secs(10)).await["close"],
         4401

@@ -5,7 +5,7 @@
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 
 use super::Access;
-use crate::fanout::protocol::{ClientMessage, ErrorCode, Outgoing};
+use crate::fanout::protocol::{ClientMessage, ErrorCode};
 use crate::http::AppState;
 
 /// Waits for the `auth` message; `Err(close reason)` after closing the socket with 4401.
@@ -38,14 +38,14 @@ pub async fn first_message(
     state
         .auth
         .count(&super::Denied::unauthorized(refusal.clone()));
-    let text = Outgoing::Error {
-        code: ErrorCode::Unauthorized,
-        message: refusal,
-    }
-    .frames();
-    for f in text {
-        let _ = socket.send(Message::Text(f)).await;
-    }
+    // fatal here (the connection closes), unlike a refused token refresh later on
+    let text = serde_json::json!({
+        "type": "error",
+        "code": ErrorCode::Unauthorized.as_str(),
+        "message": refusal,
+        "fatal": true,
+    });
+    let _ = socket.send(Message::Text(text.to_string().into())).await;
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code: 4401,
