@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 pub use crate::config::Format;
 
-/// The protocol version this server speaks (sent in `hello`).
+/// The protocol version this server speaks (stated in `docs/protocol.md`; no message carries it).
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a client receives.
