@@ -147,11 +147,13 @@ pub struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resume_wait_ms: Option<u64>,
     /// Most open connections on `--listen`, of every kind (HTTP, WebSocket, SSE); more are answered
-    /// 503 and closed [default: 10000].
+    /// 503 and closed (over TLS, or beyond 64 being refused at once: closed without an answer)
+    /// [default: 10000].
     #[arg(long, env = "LIVETABLE_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// Seconds a client may stay unable to take its pending patch before it is closed [default: 10].
+    /// Seconds a WebSocket client may stay unable to take its pending output before it is closed
+    /// with 1008 (a stalled SSE stream ends at `--idle-timeout-secs`) [default: 10].
     #[arg(long, env = "LIVETABLE_SLOW_CLIENT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_client_secs: Option<u64>,
@@ -159,8 +161,8 @@ pub struct Args {
     #[arg(long, env = "LIVETABLE_DEFAULT_FORMAT", value_name = "FORMAT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_format: Option<String>,
-    /// Tables a `format=rows` client on `/` without `?table=` receives: a regex over table names
-    /// [default: every table].
+    /// Tables a `format=rows` client without `?table=` receives (on `/`, and on `/ws` unless
+    /// livetable serves exactly one table): a regex over table names [default: every table].
     #[arg(long, env = "LIVETABLE_ROOT_TABLES", value_name = "REGEX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root_tables: Option<String>,
