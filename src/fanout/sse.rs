@@ -20,12 +20,17 @@ use super::{record_sent, ConnectionSlot};
 use crate::auth::{Credentials, Refused};
 use crate::http::AppState;
 
+mod events;
+
+use events::Pending;
+
 struct StreamState {
     state: AppState,
     session: Session,
     queue: VecDeque<Outgoing>,
-    /// Events of the message being sent (a snapshot may be several).
-    events: VecDeque<Event>,
+    /// Events of the message being sent (a snapshot may be several), written as the socket
+    /// takes them.
+    events: VecDeque<Pending>,
     /// When the token expires: the stream ends then with an `error` event.
     expires: Option<tokio::time::Instant>,
     /// The stream ends once the events queued are sent.
@@ -83,11 +88,10 @@ pub async fn handler(
             return Refused(d).into_response();
         }
     }
-    let since = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from)
-        .or(q.since.clone());
+    let since = events::resume_from(
+        headers.get("last-event-id").and_then(|v| v.to_str().ok()),
+        q.since.as_deref(),
+    );
     let Some(slot) = ConnectionSlot::acquire(
         &state.connections,
         state.fanout.max_connections,
@@ -147,8 +151,8 @@ pub async fn handler(
     let keep_alive = st.state.fanout.ping_interval;
     let stream = futures::stream::unfold(st, |mut st| async move {
         loop {
-            if let Some(event) = st.events.pop_front() {
-                return Some((Ok::<Event, Infallible>(event), st));
+            if let Some(pending) = st.events.pop_front() {
+                return Some((Ok::<Event, Infallible>(pending.event()), st));
             }
             if st.done {
                 return None;
@@ -156,19 +160,7 @@ pub async fn handler(
             if let Some(out) = st.queue.pop_front() {
                 let frames = out.frames();
                 record_sent(&st.state.metrics, &out, &frames);
-                let last = frames.len().saturating_sub(1);
-                for (i, f) in frames.into_iter().enumerate() {
-                    // a snapshot's further frames are patches; only the last frame carries the id,
-                    // so a browser that reconnects mid-snapshot does not resume from a partial state
-                    let name = if i == 0 { out.event_name() } else { "patch" };
-                    let mut event = Event::default().event(name).data(f.as_str());
-                    if i == last {
-                        if let Some(id) = out.event_id() {
-                            event = event.id(id);
-                        }
-                    }
-                    st.events.push_back(event);
-                }
+                st.events.extend(events::events_of(&out, frames));
                 continue;
             }
             // every event queued before was taken by the stream: the place held for them goes
@@ -188,11 +180,11 @@ pub async fn handler(
                         .with_label_values(&["patch"])
                         .inc_by(f.text.len() as u64);
                     super::record_latency(&st.state.metrics, f.ts_ms, f.kafka_ts_ms, f.polled);
-                    let event = Event::default()
-                        .event("patch")
-                        .data(f.text.as_str())
-                        .id(&*f.pos);
-                    st.events.push_back(event);
+                    st.events.push_back(Pending {
+                        name: "patch",
+                        data: f.text,
+                        id: Some(f.pos.to_string()),
+                    });
                 }
                 st.queue.extend(pending);
                 continue;
@@ -216,8 +208,11 @@ pub async fn handler(
                         code: ErrorCode::TokenExpired,
                         message: "the token expired; reconnect with a new one".into(),
                     };
-                    let data = bye.frames().pop().unwrap_or_default();
-                    st.events.push_back(Event::default().event("error").data(data.as_str()));
+                    st.events.push_back(Pending {
+                        name: "error",
+                        data: bye.frames().pop().unwrap_or_default(),
+                        id: None,
+                    });
                     st.queue.clear();
                     st.done = true;
                     continue;
