@@ -10,7 +10,7 @@
 //! A barrier (sent when partitions are revoked) is answered once every checkpoint before it is
 //! settled, with the revoked partitions' offsets committed synchronously.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -103,23 +103,17 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Errors a record can never overcome by being produced again (too large for the broker or the
-/// producer, not allowed, refused by a topic policy): such a record is dead-lettered, not retried
-/// forever.
+/// Errors a record can never overcome by being produced again, whatever the cluster's settings
+/// become (too large for the broker or the producer, a record the broker finds invalid): such a
+/// record is dead-lettered, not retried forever. A missing write permission, a topic policy or
+/// an acks setting the broker refuses are the cluster's state, mended by its operator (an ACL
+/// granted late, a rotated credential): they are retried like an outage, the checkpoint stays
+/// pending and readiness says so, and nothing is dropped from the changelog meanwhile.
 pub fn is_permanent(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
         e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidRecord
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::PolicyViolation
-                | C::InvalidTopic
-                | C::InvalidRequiredAcks
-        )
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::InvalidRecord)
     )
 }
 
@@ -200,11 +194,11 @@ impl Checkpointer {
             let mut positions = HashMap::new();
             let mut barriers = Vec::new();
             for cp in group {
-                let (cl_next, settled) = self.settle(cp.rows, cp.letters).await;
+                let (cl_next, dropped, settled) = self.settle(cp.rows, cp.letters).await;
                 whole &= settled;
                 if whole {
                     // checkpoints settle in order: everything up to this batch is in the changelog
-                    self.record_acks(cp.acked, cl_next);
+                    self.record_acks(cp.acked, cl_next, &dropped);
                     for (tp, next) in cp.positions {
                         let slot = positions.entry(tp).or_insert(next);
                         *slot = (*slot).max(next);
@@ -295,8 +289,16 @@ impl Checkpointer {
         }
     }
 
-    /// Raises each slice's acknowledged offset and changelog position, in memory and in the store.
-    fn record_acks(&self, acked: Vec<SliceAck>, cl_next: HashMap<(String, u32), i64>) {
+    /// Raises each slice's acknowledged offset and changelog position, in memory and in the store;
+    /// not the acknowledged offset of a slice in `dropped` (a record of it was not produced: the
+    /// slice was let go of while it waited, e.g. a revoke that timed out during an outage), whose
+    /// rows stay in the outbox and are produced again if this node takes the slice back.
+    fn record_acks(
+        &self,
+        acked: Vec<SliceAck>,
+        cl_next: HashMap<(String, u32), i64>,
+        dropped: &HashSet<(String, u32)>,
+    ) {
         let mut touched: HashMap<(String, u32), (i64, Option<u32>)> = HashMap::new();
         for a in acked {
             let slot = touched.entry((a.table, a.part)).or_insert((a.acked, None));
@@ -316,6 +318,7 @@ impl Checkpointer {
             let Some(t) = self.tables.get(&table) else {
                 continue;
             };
+            let kept = dropped.contains(&(table.clone(), part));
             let next = cl_next.get(&(table.clone(), part)).copied().unwrap_or(0);
             t.update_slices(|s| {
                 let slice = s.slice_mut(part);
@@ -325,7 +328,7 @@ impl Checkpointer {
                     // and a late record past a new owner's fence must not move it on
                     return;
                 }
-                if resets.is_none_or(|r| r == slice.resets) {
+                if !kept && resets.is_none_or(|r| r == slice.resets) {
                     slice.raise_acked(off);
                 }
                 slice.cl_next = slice.cl_next.max(next);
@@ -339,14 +342,16 @@ impl Checkpointer {
     }
 
     /// Waits for every delivery; re-produces what failed until the broker takes it; clears the
-    /// outbox. Returns the changelog position after the acknowledged records per slice.
-    /// `false` with it when a shutdown left a record unacknowledged (it stays in the outbox).
+    /// outbox. Returns the changelog position after the acknowledged records per slice, the
+    /// slices with a record not produced because they are no longer this node's (their outbox
+    /// stays), and `false` when a shutdown left a record unacknowledged (it stays in the outbox).
     async fn settle(
         &self,
         rows: Vec<PendingRow>,
         letters: Vec<PendingLetter>,
-    ) -> (HashMap<(String, u32), i64>, bool) {
+    ) -> (HashMap<(String, u32), i64>, HashSet<(String, u32)>, bool) {
         let mut cl_next: HashMap<(String, u32), i64> = HashMap::new();
+        let mut dropped: HashSet<(String, u32)> = HashSet::new();
         let mut whole = true;
         let mut rows: VecDeque<PendingRow> = rows.into();
         while let Some(mut row) = rows.pop_front() {
@@ -370,7 +375,12 @@ impl Checkpointer {
                     let slot = cl_next.entry((row.table.clone(), row.part)).or_insert(0);
                     *slot = (*slot).max(offset + 1);
                 }
-                Settled::Dropped => {}
+                Settled::Dropped => {
+                    // not produced: its outbox mark (a tombstone's) stays, and the slice's
+                    // acknowledged offset does not pass it
+                    dropped.insert((row.table.clone(), row.part));
+                    continue;
+                }
                 Settled::Cancelled => {
                     // its outbox mark (a tombstone's) stays: produced again after the restart
                     whole = false;
@@ -433,7 +443,7 @@ impl Checkpointer {
                 tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
             }
         }
-        (cl_next, whole)
+        (cl_next, dropped, whole)
     }
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks

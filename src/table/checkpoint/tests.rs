@@ -11,18 +11,30 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::cdc::decode::Op;
 use crate::config::{Config, TopicSelection};
-use crate::table::state::{Delta, NoSink, RowWrite};
+use crate::table::state::{Delta, NoSink, RowWrite, Table};
 use crate::table::store::{AckMeta, SliceMeta, TableMeta, WriteBatch};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outbox() {
+/// Slice 0 of table `t` owned with `acked` 2, row `k` applied at 5 and the delete of `gone` at 6
+/// in the outbox, a dead letter in the store, and a checkpointer against a broker that never
+/// answers (nothing listens on its port: every delivery times out after 300 ms, retriably).
+struct Setup {
+    _dir: tempfile::TempDir,
+    store: Store,
+    t: Arc<Table>,
+    letter: DeadLetter,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    checkpointer: Checkpointer,
+}
+
+fn setup(group: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     // a port nothing listens on: every delivery times out (after 300 ms), retriably
     let mut config = Config::for_tests(
         "127.0.0.1:1",
         TopicSelection::Names(vec!["in".into()]),
         dir.path(),
-        "cp-cancel",
+        group,
     );
     config
         .kafka_props
@@ -103,14 +115,39 @@ async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outb
         progress: Arc::new(Progress::default()),
         repairs: Default::default(),
     };
-    let row = |key: &str, off: i64, deleted: bool| PendingRow {
+    Setup {
+        _dir: dir,
+        store,
+        t,
+        letter,
+        metrics,
+        cancel,
+        checkpointer,
+    }
+}
+
+fn row(key: &str, off: i64, deleted: bool) -> PendingRow {
+    PendingRow {
         table: "t".into(),
         part: 0,
         key: key.into(),
         off,
         deleted,
         delivery: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outbox() {
+    let Setup {
+        _dir,
+        store,
+        t,
+        letter,
+        metrics,
+        cancel,
+        checkpointer,
+    } = setup("cp-cancel");
     let (tx, rx) = mpsc::channel(4);
     tx.send(Checkpoint {
         rows: vec![row("k", 5, false), row("gone", 6, true)],
@@ -172,4 +209,68 @@ async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outb
         Some(2),
         "the store keeps the acknowledged offset a restart replays from"
     );
+}
+
+/// A revoke that timed out during an outage made the slice a followed one while its records
+/// waited: they are not produced (not this node's any more), and the slice's acknowledged offset
+/// does not pass them, so if this node takes it back they are produced again (its outbox:
+/// rows above `acked`, the tombstone's mark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_not_produced_after_the_slice_was_let_go_stay_in_the_outbox() {
+    let Setup {
+        _dir,
+        store,
+        t,
+        checkpointer,
+        ..
+    } = setup("cp-let-go");
+    t.update_slices(|s| s.slice_mut(0).mode = SliceMode::Followed);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(Checkpoint {
+        rows: vec![row("k", 5, false), row("gone", 6, true)],
+        letters: Vec::new(),
+        positions: [(("in".to_string(), 0), 7)].into_iter().collect(),
+        acked: vec![SliceAck {
+            table: "t".into(),
+            part: 0,
+            acked: 6,
+            resets: 0,
+        }],
+        barrier: None,
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(20), checkpointer.run(rx))
+        .await
+        .expect("settles without a broker: the records are not this node's to produce")
+        .unwrap();
+    let slice = t.read().slice(0).cloned().expect("slice");
+    assert_eq!(slice.acked, 2, "not raised past the records not produced");
+    assert_eq!(slice.tombs.get("gone"), Some(&6), "the tombstone stays due");
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.deletes.len(), 1, "the tombstone's mark stays");
+    let keys = crate::table::repair::slice_keys(&t.read(), 0, false);
+    assert!(
+        keys.iter().any(|k| k.0 == "k") && keys.iter().any(|k| k.0 == "gone"),
+        "a take-back produces both again: {keys:?}"
+    );
+}
+
+#[test]
+fn only_what_no_cluster_setting_can_mend_is_refused_for_good() {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+    let produce = |c| KafkaError::MessageProduction(c);
+    assert!(is_permanent(&produce(C::MessageSizeTooLarge)));
+    assert!(is_permanent(&produce(C::InvalidRecord)));
+    for retried in [
+        C::TopicAuthorizationFailed,
+        C::ClusterAuthorizationFailed,
+        C::PolicyViolation,
+        C::InvalidTopic,
+        C::InvalidRequiredAcks,
+        C::RequestTimedOut,
+    ] {
+        assert!(!is_permanent(&produce(retried)), "{retried:?}");
+    }
 }
