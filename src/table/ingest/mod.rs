@@ -8,6 +8,7 @@
 //! so a node that restarts after kill -9 re-applies the same records to the same state and a
 //! client's resume token stays valid (see `table::position`).
 
+mod jobs;
 pub mod partitions;
 mod stage;
 
@@ -122,6 +123,7 @@ impl Ingest {
                     None => break,
                 }
             }
+            self.partitions.pump_jobs();
             while let Ok(done) = self.done_rx.try_recv() {
                 if let Some(cp) = self.partitions.finish(&consumer, done)? {
                     self.checkpoint_tx

@@ -8,7 +8,7 @@
 //! before the partition is let go; its slices go to the follower (all-in-one) or are dropped.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -90,7 +90,7 @@ pub struct Partitions {
     tables: Arc<Tables>,
     store: Store,
     restorer: Arc<Restorer>,
-    jobs_tx: SyncSender<Job>,
+    jobs: super::jobs::Jobs<Job>,
     /// Taken away at shutdown, so the durability task sees its queue close.
     checkpoint_tx: Mutex<Option<mpsc::Sender<Checkpoint>>>,
     follow: Option<Arc<dyn FollowControl>>,
@@ -163,7 +163,7 @@ impl Partitions {
             tables,
             store,
             restorer,
-            jobs_tx,
+            jobs: super::jobs::Jobs::new(jobs_tx),
             checkpoint_tx: Mutex::new(Some(checkpoint_tx)),
             follow,
             revoke_timeout,
@@ -185,19 +185,14 @@ impl Partitions {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a job (the queue is bounded; a full queue waits).
+    /// Queues a job; never waits (see [`super::jobs`]).
     fn submit(&self, job: Job) {
-        let mut job = job;
-        loop {
-            match self.jobs_tx.try_send(job) {
-                Ok(()) => return,
-                Err(TrySendError::Full(j)) => {
-                    job = j;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(TrySendError::Disconnected(_)) => return,
-            }
-        }
+        self.jobs.submit(job);
+    }
+
+    /// Hands queued jobs on to the workers as far as they take them (each turn of the ingest loop).
+    pub fn pump_jobs(&self) {
+        self.jobs.pump();
     }
 
     /// Pauses `tp` and creates the slice of `table` in it; the partition resumes at its position.
