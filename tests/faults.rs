@@ -505,7 +505,9 @@ async fn new_clients_after_kill9(gateway: bool) {
             &topic,
             dir,
             logs.path(),
-            &["--max-batch", "200"],
+            // shorter than the hold after a kill -9: an SSE client held must still get its
+            // stream (a 503 at the request timeout is the end of a browser's EventSource)
+            &["--max-batch", "200", "--request-timeout-secs", "2"],
         )
     };
     let mut node = spawn("node", if gateway { "gateway" } else { "all" }, dir.path());
@@ -566,6 +568,19 @@ async fn new_clients_after_kill9(gateway: bool) {
                 Err(e) => panic!("round {round}: the restarted node takes no connection: {e}"),
             }
         };
+        // and an SSE client: its response head comes at once, its snapshot after the hold
+        let sse = reqwest::Client::new()
+            .get(format!("{}/sse?table=t", node.base))
+            .send();
+        let mut sse = tokio::time::timeout(Duration::from_secs(30), sse)
+            .await
+            .expect("the SSE response head")
+            .unwrap();
+        assert_eq!(
+            sse.status(),
+            200,
+            "round {round}: SSE held past the request timeout"
+        );
         let snapshot = loop {
             let m = tokio::time::timeout(Duration::from_secs(90), ws.next())
                 .await
@@ -587,6 +602,33 @@ async fn new_clients_after_kill9(gateway: bool) {
             }
         }
         drop(ws);
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let data = loop {
+            if let Some(at) = text.find("event: snapshot\n") {
+                if let Some(end) = text[at..].find("\n\n") {
+                    let block = &text[at..at + end];
+                    break block
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data: "))
+                        .collect::<String>();
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, sse.chunk())
+                .await
+                .expect("an SSE snapshot")
+                .unwrap()
+                .expect("the SSE stream goes on");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        };
+        let sse_snapshot: serde_json::Value = serde_json::from_str(&data).unwrap();
+        for (k, old) in &before {
+            let new = sse_snapshot["rows"][k]["n"].as_i64().unwrap_or(-1);
+            if new < *old {
+                worst.push(format!("round {round} (SSE): {k} {old} -> {new}"));
+            }
+        }
+        drop(sse);
         prod.await.unwrap();
         node.wait_ready(Duration::from_secs(90)).await;
         // ready only once the hold ended: a load balancer sends no one to a node that holds

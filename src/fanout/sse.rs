@@ -37,7 +37,46 @@ struct StreamState {
     done: bool,
     /// The place of snapshots of its own whose events are queued (see `crate::fanout::copies`).
     held: Vec<crate::fanout::copies::Place>,
+    /// The subscription, while it waits for the node to recover from an unclean stop.
+    start: Option<Start>,
     _slot: ConnectionSlot,
+}
+
+/// What the stream subscribes to.
+struct Start {
+    table: String,
+    selector: super::selector::Selector,
+    since: Option<String>,
+}
+
+impl StreamState {
+    /// Subscribes; `Err(message)` when no place for a snapshot of its own came free in time.
+    async fn subscribe(&mut self, start: Start) -> Result<(), String> {
+        let mut initial = self
+            .session
+            .subscribe(
+                &start.table,
+                start.selector,
+                start.since.as_deref(),
+                Format::Patch,
+            )
+            .await;
+        if let Some(Outgoing::Error {
+            code: ErrorCode::Busy,
+            message,
+        }) = initial.first()
+        {
+            return Err(message.clone());
+        }
+        // the initial snapshot's place is kept until its events are taken
+        self.held = self.session.take_places();
+        initial.extend(
+            self.session
+                .watch_freshness(self.state.readiness.freshness()),
+        );
+        self.queue.extend(initial);
+        Ok(())
+    }
 }
 
 /// Opens an event stream for one table.
@@ -104,53 +143,86 @@ pub async fn handler(
         );
     };
     let expires = state.auth.deadline(&access);
-    let mut session = Session::new(state.sessions.clone(), 1).with_access(access);
-    // after an unclean stop, a snapshot could be older than what clients were sent before it
-    state
-        .readiness
-        .wait_recovered(crate::table::ingest::RECOVERY_LIMIT)
-        .await;
-    let mut initial = session
-        .subscribe(&table, selector, since.as_deref(), Format::Patch)
-        .await;
-    // no place for a snapshot of its own within the wait: refused before the stream starts
-    if let Some(Outgoing::Error {
-        code: ErrorCode::Busy,
-        message,
-    }) = initial.first()
-    {
-        let mut refused = bad(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Busy,
-            message.clone(),
-        );
-        refused.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-        return refused;
+    let session = Session::new(state.sessions.clone(), 1).with_access(access);
+    let start = Start {
+        table,
+        selector,
+        since,
+    };
+    let mut st = StreamState {
+        state,
+        session,
+        queue: VecDeque::new(),
+        events: VecDeque::new(),
+        expires,
+        done: false,
+        held: Vec::new(),
+        start: None,
+        _slot: slot,
+    };
+    if st.state.readiness.is_recovered() {
+        // no place for a snapshot of its own within the wait: refused before the stream starts
+        if let Err(message) = st.subscribe(start).await {
+            st.state
+                .metrics
+                .protocol_errors
+                .with_label_values(&[ErrorCode::Busy.as_str()])
+                .inc();
+            let mut refused = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": message})),
+            )
+                .into_response();
+            refused.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            return refused;
+        }
+    } else {
+        // after an unclean stop a snapshot could be older than what clients were sent before
+        // it: the subscription waits until the node recovered (at most RECOVERY_LIMIT), inside
+        // the stream, whose head goes out now (a request held longer than the request timeout
+        // was answered 503, which a browser's EventSource never retries)
+        st.start = Some(start);
     }
-    // the initial snapshot's place is kept until its events are taken
-    let held = session.take_places();
-    initial.extend(session.watch_freshness(state.readiness.freshness()));
-    state
+    st.state
         .metrics
         .connections_opened
         .with_label_values(&["sse"])
         .inc();
-    let st = StreamState {
-        state,
-        session,
-        queue: initial.into(),
-        events: VecDeque::new(),
-        expires,
-        done: false,
-        held,
-        _slot: slot,
-    };
     let keep_alive = st.state.fanout.ping_interval;
     let stream = futures::stream::unfold(st, |mut st| async move {
         loop {
+            if let Some(start) = st.start.take() {
+                tokio::select! {
+                    _ = st.state.readiness.wait_recovered(crate::table::ingest::RECOVERY_LIMIT) => {}
+                    _ = st.state.shutdown.cancelled() => {
+                        st.state
+                            .metrics
+                            .connections_closed
+                            .with_label_values(&["shutdown"])
+                            .inc();
+                        return None;
+                    }
+                }
+                if let Err(message) = st.subscribe(start).await {
+                    // busy: told, and the stream ends (the browser reconnects)
+                    st.events.push_back(Pending {
+                        name: "error",
+                        data: Outgoing::Error {
+                            code: ErrorCode::Busy,
+                            message,
+                        }
+                        .frames()
+                        .pop()
+                        .unwrap_or_default(),
+                        id: None,
+                    });
+                    st.done = true;
+                }
+                continue;
+            }
             if let Some(pending) = st.events.pop_front() {
                 return Some((Ok::<Event, Infallible>(pending.event()), st));
             }
