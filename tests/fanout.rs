@@ -363,6 +363,17 @@ async fn rows_format_on_the_root_path_like_the_seed_clients() {
     // --default-format is for `/` only: `/ws` (the live page's endpoint) still speaks patches
     let mut page = connect(&base, "/ws").await;
     assert_eq!(next_json(&mut page).await["type"], "snapshot");
+    // and so do its later subscriptions, after it held none (--default-format does not apply)
+    page.send(Message::text(
+        r#"{"type":"unsubscribe","table":"game_odds"}"#,
+    ))
+    .await
+    .unwrap();
+    page.send(Message::text(r#"{"type":"subscribe","table":"game_odds"}"#))
+        .await
+        .unwrap();
+    let m = next_json(&mut page).await;
+    assert_eq!(m["type"], "snapshot", "{m}");
     svc.shutdown();
     svc.wait().await.unwrap();
 }

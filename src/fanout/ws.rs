@@ -146,6 +146,9 @@ struct Connection {
     /// Client messages under `--max-messages-per-sec` (burst: twice that).
     limiter: MessageRate,
     violations: u32,
+    /// The format the upgrade asked for (`format=`, else patch on `/ws`, `--default-format` on
+    /// `/`): that of every later subscription.
+    format: Format,
     /// When the token expires (with the leeway): the connection ends then unless refreshed.
     /// Boxed: the loop's resting state holds a reference to it, not the 112-byte timer, and a
     /// connection without a token has none.
@@ -170,6 +173,7 @@ impl Connection {
             answers: None,
             limiter: MessageRate::default(),
             violations: 0,
+            format: Format::Patch,
             expiry: None,
         }
     }
@@ -230,6 +234,7 @@ impl Connection {
                 }
             },
         };
+        self.format = format;
         let table = q.table.clone().or_else(|| {
             let list = self.state.tables.list();
             (list.len() == 1 && !(root && format == Format::Rows)).then(|| list[0].name.clone())
@@ -486,10 +491,7 @@ impl Connection {
                 let keys = keys
                     .map(|k| k.into_iter().collect::<HashSet<_>>())
                     .filter(|k| !k.is_empty());
-                let format = self
-                    .session
-                    .format()
-                    .unwrap_or(self.state.fanout.default_format);
+                let format = self.session.format().unwrap_or(self.format);
                 let columns = columns.map(|c| c.spec());
                 self.state
                     .readiness
