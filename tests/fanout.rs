@@ -74,14 +74,16 @@ async fn next_json(ws: &mut Ws) -> Value {
 }
 
 /// Applies messages until the client's state is at `seq` (a snapshot in parts read to its last
-/// part); returns the state and the messages seen.
+/// part), checking that patches carry only changed columns; returns the state, the messages
+/// seen, and how many patch entries of rows it held it checked.
 async fn follow_to(
     ws: &mut Ws,
     mut state: Value,
     mut seq: u64,
     target: u64,
-) -> (Value, u64, usize) {
+) -> (Value, u64, usize, usize) {
     let mut n = 0;
+    let mut checked = 0;
     let mut more = false;
     let until = std::time::Instant::now() + Duration::from_secs(240);
     while seq < target || more {
@@ -93,13 +95,36 @@ async fn follow_to(
         n += 1;
         match m["type"].as_str().unwrap() {
             "snapshot" => state = m["rows"].clone(),
-            "patch" => merge(&mut state, &m["patch"]),
+            "patch" => {
+                checked += changed_columns_only(&state, &m["patch"]);
+                merge(&mut state, &m["patch"]);
+            }
             other => panic!("unexpected message {other}: {m}"),
         }
         seq = m["seq"].as_u64().unwrap();
         more = m["more"] == true;
     }
-    (state, seq, n)
+    (state, seq, n, checked)
+}
+
+/// Checks that each entry of `patch` for a row `state` holds carries only columns whose value
+/// differs from the held one; returns how many such entries it checked.
+fn changed_columns_only(state: &Value, patch: &Value) -> usize {
+    let mut checked = 0;
+    for (key, entry) in patch.as_object().expect("a patch is an object") {
+        let (Some(held), Some(cols)) = (state[key].as_object(), entry.as_object()) else {
+            continue;
+        };
+        for (col, v) in cols {
+            assert_ne!(
+                held.get(col),
+                Some(v),
+                "a patch of {key} carries its unchanged column {col}: {patch}"
+            );
+        }
+        checked += 1;
+    }
+    checked
 }
 
 /// The API's rows as a client sees them (NULL columns absent).
@@ -145,7 +170,8 @@ async fn snapshot_then_patches_equal_the_api_and_keys_filter() {
     let epoch = snap["epoch"].clone();
 
     produce(&producer(), &topic, &records[5..]).await;
-    let (state, seq, _) = follow_to(&mut all, snap["rows"].clone(), 5, 12).await;
+    let (state, seq, _, checked) = follow_to(&mut all, snap["rows"].clone(), 5, 12).await;
+    assert!(checked > 0, "updates of rows the client held were checked");
     assert_eq!(seq, 12);
     assert_eq!(
         state,
@@ -166,12 +192,13 @@ async fn snapshot_then_patches_equal_the_api_and_keys_filter() {
         for k in m["patch"].as_object().unwrap().keys() {
             assert!(k == "g1" || k == "g5", "unsubscribed key {k} in {m}");
         }
+        // a changed row carries only its changed columns
+        changed_columns_only(&fstate, &m["patch"]);
         merge(&mut fstate, &m["patch"]);
         if fstate == api_rows(&base, Some(&["g1", "g5"])).await.0 {
             break;
         }
     }
-    // a changed row carries only its changed columns
     svc.shutdown();
     svc.wait().await.unwrap();
 }
@@ -279,7 +306,7 @@ async fn bad_frames_get_errors_and_others_keep_being_served() {
     assert!(closed.is_ok(), "oversized frame closes the connection");
 
     produce(&producer(), &topic, &records[3..]).await;
-    let (state, _, _) = follow_to(&mut good, snap["rows"].clone(), 3, 12).await;
+    let (state, _, _, _) = follow_to(&mut good, snap["rows"].clone(), 3, 12).await;
     assert_eq!(state, api_rows(&base, None).await.0);
     // over SSE too, a table that does not exist yet is waited for
     let resp = reqwest::get(format!("{base}/sse?table=nope"))
@@ -448,8 +475,8 @@ async fn a_client_that_stops_reading_is_conflated_then_gets_the_final_state() {
     let fast_reader =
         tokio::spawn(async move { follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await });
     produce_big_ticks(&topic).await;
-    let (fstate, _, fast_msgs) = fast_reader.await.unwrap();
-    let (state, seq, slow_msgs) = follow_to(&mut slow, snap["rows"].clone(), 100, 10_100).await;
+    let (fstate, _, fast_msgs, _) = fast_reader.await.unwrap();
+    let (state, seq, slow_msgs, _) = follow_to(&mut slow, snap["rows"].clone(), 100, 10_100).await;
     let (api, api_seq) = {
         let (_, body) = get_json(&format!("{base}/api/tables/ticks")).await;
         (body["rows"].clone(), body["seq"].as_u64().unwrap())
@@ -485,7 +512,7 @@ async fn a_client_that_stops_reading_past_slow_client_is_closed_and_the_others_g
         tokio::spawn(async move { follow_to(&mut fast, fsnap["rows"].clone(), 100, 10_100).await });
     produce_big_ticks(&topic).await;
     // the reading client is not held back and gets everything
-    let (fstate, fseq, _) = fast_reader.await.unwrap();
+    let (fstate, fseq, _, _) = fast_reader.await.unwrap();
     let (_, body) = get_json(&format!("{base}/api/tables/ticks")).await;
     assert_eq!(fseq, 10_100);
     assert_eq!(fstate, body["rows"]);
@@ -619,7 +646,7 @@ async fn a_late_client_gets_the_shared_snapshot_plus_the_changes_since() {
         (snap["type"].as_str(), snap["seq"].as_u64()),
         (Some("snapshot"), Some(5))
     );
-    let (state, seq, n) = follow_to(&mut late, snap["rows"].clone(), 5, 12).await;
+    let (state, seq, n, _) = follow_to(&mut late, snap["rows"].clone(), 5, 12).await;
     assert_eq!((seq, n), (12, 1), "one catch-up patch");
     assert_eq!(state, api_rows(&base, None).await.0);
     svc.shutdown();

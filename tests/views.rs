@@ -379,7 +379,7 @@ async fn a_bad_views_file_stops_the_start_with_its_line() {
     let path = logs.path().join("views.toml");
     std::fs::write(
         &path,
-        "[views.a]\nfrom = \"scores\"\n\n[views.b]\nfrom = \"a\"\ntop_n = { order_by = [\"x sideways\"], limit = 3 }\n",
+        "[views.a]\nfrom = \"scores\"\ntop_n = { order_by = [\"s\"], limit = 1 }\n[views.b]\nfrom = \"a\"\ntop_n = { order_by = [\"x sideways\"], limit = 3 }\n",
     )
     .unwrap();
     let data = tempdir();
@@ -399,7 +399,11 @@ async fn a_bad_views_file_stops_the_start_with_its_line() {
     .await;
     assert!(!status.success());
     let log = node.log_text();
-    assert!(log.contains("line"), "the error names the line: {log}");
+    // view `a` is valid: the error is b's order_by, on line 6
+    assert!(
+        log.contains("views file line 6:") && log.contains("sideways"),
+        "the error names the line and the entry: {log}"
+    );
 }
 
 /// Two nodes of one deployment share the topic's partitions; each computes the views from the

@@ -296,8 +296,11 @@ where
 {
     let until = Instant::now() + deadline;
     loop {
-        if let Some(v) = f().await {
-            return v;
+        // the probe itself is bounded too: one that hangs fails the test at the deadline
+        match tokio::time::timeout_at(until.into(), f()).await {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(_) => panic!("timed out after {deadline:?} waiting for: {what} (the probe hung)"),
         }
         assert!(
             Instant::now() < until,
