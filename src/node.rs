@@ -119,6 +119,26 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Servic
     start(config, cancel).await?.wait().await
 }
 
+/// Runs a part of the pipeline on its thread: an error or a panic stops the whole service (the
+/// other parts are cancelled, and the pipeline reports it), never a node that goes on serving
+/// what the failed part froze.
+fn guarded(
+    name: &str,
+    stop: &CancellationToken,
+    part: impl FnOnce() -> Result<(), ServiceError>,
+) -> Result<(), ServiceError> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(part)).unwrap_or_else(|panic| {
+        Err(ServiceError::Task(format!(
+            "the {name} thread panicked: {}",
+            table::ingest::partitions::panic_message(&*panic)
+        )))
+    });
+    if r.is_err() {
+        stop.cancel();
+    }
+    r
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
@@ -495,11 +515,14 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             cancel: cancel.clone(),
             brokers: config.brokers.clone(),
         };
+        let stop = cancel.clone();
         let thread = std::thread::Builder::new()
             .name("livetable-events".into())
             .spawn(move || {
-                reader.run();
-                Ok(())
+                guarded("events", &stop, || {
+                    reader.run();
+                    Ok(())
+                })
             })
             .map_err(|e| ServiceError::Task(e.to_string()))?;
         threads.push(("events", thread));
@@ -652,13 +675,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         let stop = cancel.clone();
         let thread = std::thread::Builder::new()
             .name("livetable-ingest".into())
-            .spawn(move || {
-                let r = ingest.run().map_err(ServiceError::from);
-                if r.is_err() {
-                    stop.cancel();
-                }
-                r
-            })
+            .spawn(move || guarded("ingest", &stop, || ingest.run().map_err(ServiceError::from)))
             .map_err(|e| ServiceError::Task(e.to_string()))?;
         threads.push(("ingest", thread));
         consumer = Some(c);
@@ -827,4 +844,21 @@ fn now_micros() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_that_panics_stops_the_service_with_why() {
+        let stop = CancellationToken::new();
+        let r = guarded("ingest", &stop, || panic!("boom"));
+        assert!(stop.is_cancelled(), "the other parts are stopped");
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("ingest") && e.contains("boom"), "{e}");
+        let stop = CancellationToken::new();
+        guarded("events", &stop, || Ok(())).unwrap();
+        assert!(!stop.is_cancelled());
+    }
 }

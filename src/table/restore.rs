@@ -57,6 +57,8 @@ pub enum RestoreError {
     Fence(String, u32, String),
     #[error("{0}/{1} was fenced by a newer owner while this node took it over")]
     Superseded(String, u32),
+    #[error("a restore worker panicked: {0}")]
+    Panicked(String),
     #[error("table `{table}` is fed by topic {registered}, not {topic}: pass table names that differ (schema-qualified) or route the topics apart")]
     SourceConflict {
         table: String,
@@ -73,6 +75,8 @@ impl RestoreError {
             RestoreError::Registry(RegistryError::OtherDeployment { .. }) => true,
             // sled fails every write after an I/O error until it is opened again (a restart)
             RestoreError::Store(_) => true,
+            // a bug: retried, it would panic again; the node stops and says so
+            RestoreError::Panicked(_) => true,
             _ => false,
         }
     }

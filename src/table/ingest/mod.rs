@@ -281,6 +281,10 @@ impl Ingest {
         };
         for (tp, check) in checks {
             if let Some((lo, hi)) = source::cached_watermarks(&self.consumer, &tp.0, tp.1) {
+                if check.stale((lo, hi), Instant::now()) {
+                    // maybe an earlier fetch's: wait for one after the resume
+                    continue;
+                }
                 self.partitions.lock().check_start.remove(&tp);
                 if check.start < lo || check.start > hi {
                     self.check_reset(&tp, check, lo, hi);

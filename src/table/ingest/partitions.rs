@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use crate::cdc::source::{RebalanceListener, SourceContext};
+use crate::cdc::source::{self, RebalanceListener, SourceContext};
 use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow, SliceAck};
 use crate::table::restore::{RestoreError, Restorer};
 use crate::table::state::{SliceMode, Tables};
@@ -121,6 +121,23 @@ pub struct StartCheck {
     /// The group's committed offset when a take-over started below it ([`Taken::committed`]): a
     /// start removed by retention below it is not a loss this node can know of.
     pub covered: Option<i64>,
+    /// The client's cached watermarks of the partition when it resumed, and when. A process
+    /// that fetched the partition before (it owned it earlier) keeps that fetch's watermarks
+    /// until a new fetch answers: taken for the partition's, a start past that old end read as
+    /// a recreated topic, and the partition was applied again from its beginning.
+    pub cached: Option<(i64, i64)>,
+    pub since: std::time::Instant,
+}
+
+/// How long watermarks equal to those cached at the resume are taken for old ones; after it a
+/// fetch has answered (the client fetches continuously), so they are the partition's.
+pub const FRESH_WATERMARKS: Duration = Duration::from_secs(5);
+
+impl StartCheck {
+    /// Whether watermarks `now` (the client's cache) may be from before the resume.
+    pub fn stale(&self, now: (i64, i64), at: std::time::Instant) -> bool {
+        self.cached == Some(now) && at.duration_since(self.since) < FRESH_WATERMARKS
+    }
 }
 
 impl Partitions {
@@ -297,9 +314,16 @@ impl Partitions {
                     Some(_) => inner.check_start.get(&tp).and_then(|c| c.covered),
                     None => taken.committed,
                 };
-                inner
-                    .check_start
-                    .insert(tp.clone(), StartCheck { start: s, covered });
+                let cached = source::cached_watermarks(consumer, &tp.0, tp.1);
+                inner.check_start.insert(
+                    tp.clone(),
+                    StartCheck {
+                        start: s,
+                        covered,
+                        cached,
+                        since: std::time::Instant::now(),
+                    },
+                );
             }
             start
         };
@@ -622,11 +646,17 @@ pub fn spawn_workers(
                                 Err(e) => tracing::error!(error = %e, "cannot create a reader"),
                             }
                         }
-                        let Some(r) = reader.as_ref() else {
-                            continue;
-                        };
                         let cancelled = || cancel.is_cancelled();
-                        let done = run_job(&restorer, &consumer, r, job, &cancelled);
+                        let done = match reader.as_ref() {
+                            Some(r) => guarded_job(&restorer, &consumer, r, job, &cancelled),
+                            // answered, so the ingest retries it (a job dropped here left its
+                            // partition paused and restoring for good)
+                            None => job.failed(RestoreError::Kafka(
+                                rdkafka::error::KafkaError::ClientCreation(
+                                    "cannot create a changelog reader".into(),
+                                ),
+                            )),
+                        };
                         if done.result.is_err() && !cancel.is_cancelled() {
                             // a broker that is not there yet: do not spin
                             std::thread::sleep(Duration::from_millis(500));
@@ -639,6 +669,62 @@ pub fn spawn_workers(
                 .ok()
         })
         .collect()
+}
+
+/// [`run_job`], a panic in it answered as a fatal error: the node stops and says why (it left the
+/// partition restoring for good, the node serving it frozen).
+fn guarded_job(
+    restorer: &Restorer,
+    consumer: &BaseConsumer<SourceContext>,
+    reader: &crate::cdc::source::Reader,
+    job: Job,
+    cancelled: &dyn Fn() -> bool,
+) -> Done {
+    let ids = job.failed(RestoreError::Panicked(String::new()));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_job(restorer, consumer, reader, job, cancelled)
+    })) {
+        Ok(done) => done,
+        Err(panic) => Done {
+            result: Err(RestoreError::Panicked(panic_message(&*panic))),
+            ..ids
+        },
+    }
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+impl Job {
+    /// This job answered with `error`.
+    fn failed(&self, error: RestoreError) -> Done {
+        let (id, topic, partition) = match self {
+            Job::Take {
+                id,
+                topic,
+                partition,
+                ..
+            }
+            | Job::Slice {
+                id,
+                topic,
+                partition,
+                ..
+            } => (*id, topic.clone(), *partition),
+        };
+        Done {
+            id,
+            topic,
+            partition,
+            result: Err(error),
+        }
+    }
 }
 
 fn run_job(
@@ -825,7 +911,32 @@ fn resume(consumer: &BaseConsumer<SourceContext>, topic: &str, partition: i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::input_start;
+    use super::{input_start, StartCheck, FRESH_WATERMARKS};
+
+    #[test]
+    fn watermarks_cached_before_the_resume_are_not_taken_for_the_partitions() {
+        let t0 = std::time::Instant::now();
+        // this process fetched the partition long ago (its end was 1000); another owner took
+        // it to 5001 since: resumed at 5001, the unchanged cache is not a recreated topic
+        let check = StartCheck {
+            start: 5001,
+            covered: None,
+            cached: Some((0, 1000)),
+            since: t0,
+        };
+        assert!(check.stale((0, 1000), t0 + std::time::Duration::from_millis(300)));
+        // a fetch answered: the new watermarks are the partition's
+        assert!(!check.stale((0, 5001), t0 + std::time::Duration::from_millis(300)));
+        // unchanged after a while of fetching: they are the partition's (a recreated topic
+        // whose new end happens to equal the old cached one is still found)
+        assert!(!check.stale((0, 1000), t0 + FRESH_WATERMARKS));
+        // nothing cached at the resume: anything cached later comes from a fetch after it
+        let fresh = StartCheck {
+            cached: None,
+            ..check
+        };
+        assert!(!fresh.stale((0, 1000), t0));
+    }
 
     #[test]
     fn the_committed_offset_never_starts_a_partition_past_what_the_changelog_holds() {
