@@ -103,6 +103,9 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How long a shutdown waits for a delivery in flight before it leaves the record in the outbox.
+const SHUTDOWN_DELIVERY_WAIT: Duration = Duration::from_secs(3);
+
 /// Errors a record can never overcome by being produced again, whatever the cluster's settings
 /// become (too large for the broker or the producer, a record the broker finds invalid): such a
 /// record is dead-lettered, not retried forever. A missing write permission, a topic policy or
@@ -355,6 +358,11 @@ impl Checkpointer {
         let mut whole = true;
         let mut rows: VecDeque<PendingRow> = rows.into();
         while let Some(mut row) = rows.pop_front() {
+            if !whole {
+                // a shutdown gave up on an earlier record: the rest stay in the outbox too,
+                // without waiting for their deliveries one by one
+                continue;
+            }
             let delivery = row.delivery.take();
             let what = || format!("changelog record {}/{}/{}", row.table, row.part, row.key);
             let resend = || self.resend_row(&row.table, row.part, &row.key);
@@ -398,6 +406,9 @@ impl Checkpointer {
             }
         }
         for letter in letters {
+            if !whole {
+                continue;
+            }
             let what = || {
                 format!(
                     "dead letter {}/{}/{}",
@@ -467,7 +478,19 @@ impl Checkpointer {
         let mut sent_by: Option<u64> = None;
         loop {
             if let Some(d) = delivery.take() {
-                let failed = match d.await {
+                // a shutdown waits a moment for a delivery (a broker that answers settles it),
+                // not the whole message timeout of a broker that is down (30 s, past the grace)
+                let outcome = tokio::select! {
+                    r = d => Some(r),
+                    _ = async {
+                        self.cancel.cancelled().await;
+                        tokio::time::sleep(SHUTDOWN_DELIVERY_WAIT).await;
+                    } => None,
+                };
+                let Some(outcome) = outcome else {
+                    return Settled::Cancelled;
+                };
+                let failed = match outcome {
                     Ok(Ok(d)) => return Settled::Acknowledged(d.offset),
                     Ok(Err((e, _))) if is_permanent(&e) => return Settled::Rejected(e),
                     Ok(Err((e, _))) if repair::missing_topic(&e) => {

@@ -28,6 +28,11 @@ struct Setup {
 }
 
 fn setup(group: &str) -> Setup {
+    setup_with(group, 300)
+}
+
+/// [`setup`] with deliveries that time out after `timeout_ms`.
+fn setup_with(group: &str, timeout_ms: u32) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     // a port nothing listens on: every delivery times out (after 300 ms), retriably
     let mut config = Config::for_tests(
@@ -38,7 +43,7 @@ fn setup(group: &str) -> Setup {
     );
     config
         .kafka_props
-        .push(("message.timeout.ms".into(), "300".into()));
+        .push(("message.timeout.ms".into(), timeout_ms.to_string()));
     let store = Store::open(&dir.path().join("store")).unwrap();
     let tables = Arc::new(Tables::default());
     let t = tables.ensure("t", "e", "in", 1);
@@ -273,4 +278,57 @@ fn only_what_no_cluster_setting_can_mend_is_refused_for_good() {
     ] {
         assert!(!is_permanent(&produce(retried)), "{retried:?}");
     }
+}
+
+/// A shutdown while a delivery waits on a broker that is down leaves the record in the outbox
+/// within a few seconds, not after the message timeout (here 60 s; 30 s by default, past the
+/// shutdown grace, which made the stop an unclean one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_does_not_wait_out_a_delivery_to_a_broker_that_is_down() {
+    let Setup {
+        _dir,
+        store,
+        t,
+        cancel,
+        checkpointer,
+        ..
+    } = setup_with("cp-shutdown", 60_000);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(Checkpoint {
+        rows: vec![row("k", 5, false), row("gone", 6, true)],
+        letters: Vec::new(),
+        positions: [(("in".to_string(), 0), 7)].into_iter().collect(),
+        acked: vec![SliceAck {
+            table: "t".into(),
+            part: 0,
+            acked: 6,
+            resets: 0,
+        }],
+        barrier: None,
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let run = tokio::spawn(checkpointer.run(rx));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "waiting for the delivery");
+    let stopped = std::time::Instant::now();
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("ends within the shutdown's wait, not the message timeout")
+        .unwrap()
+        .unwrap();
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(
+        t.read().slice(0).map(|s| s.acked),
+        Some(2),
+        "nothing acknowledged"
+    );
+    assert_eq!(
+        store.load().unwrap().deletes.len(),
+        1,
+        "the tombstone's mark stays"
+    );
 }
