@@ -279,3 +279,71 @@ async fn the_page_shows_the_demo_views_live() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// livetable.js's `subscribe()`, as a React or Angular app calls it: switched while the socket is
+/// still connecting, the new table's snapshot comes (the URL named the former one); switched 70
+/// times on the open connection (more than --max-subscriptions), every switch gets its snapshot,
+/// no error, and the former table is unsubscribed (the server counts no subscription of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_switches_tables_without_leaking_subscriptions() {
+    init_logs();
+    let u = unique("switch");
+    let topic = format!("{u}.public.game_odds");
+    create_topic(&topic, 1).await;
+    produce(
+        &producer(),
+        &topic,
+        &load_fixture("pg_f_decimal_string.jsonl")[..5],
+    )
+    .await;
+    let dir = tempdir();
+    let views = dir.path().join("views.toml");
+    std::fs::write(
+        &views,
+        "[views.movers]\nfrom = \"game_odds\"\ndelta = { columns = [\"odd1\"] }\n",
+    )
+    .unwrap();
+    let from_file = Config::from_args(livetable::config::Args {
+        views: Some(views),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut c = test_config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    c.views = from_file.views;
+    let (svc, base) = start_service(c).await;
+    table_at_seq(&base, "game_odds", 5).await;
+    let mut d = Driver::start("switch.mjs", &[&base, "game_odds", "movers", "70"]);
+    let line = d.line(120, "switching").await;
+    eprintln!("browser: {line}");
+    assert_eq!(line, "OK switched 70");
+    let subscribed = |table: &str| {
+        let base = base.clone();
+        let name = format!("livetable_subscriptions{{table=\"{table}\"}}");
+        async move { metric_value(&metrics_text(&base).await, &name) }
+    };
+    // the server counts what the page unsubscribed a moment later
+    let mut former = subscribed("game_odds").await;
+    for _ in 0..100 {
+        if former == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        former = subscribed("game_odds").await;
+    }
+    let held = subscribed("movers").await;
+    writeln!(d.stdin, "DONE").unwrap();
+    let exited = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || d.child.wait()),
+    )
+    .await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+    assert_eq!(former, Some(0.0), "the former table is unsubscribed");
+    assert_eq!(held, Some(1.0), "the page holds movers");
+    assert!(exited
+        .expect("the browser script ends")
+        .unwrap()
+        .unwrap()
+        .success());
+}

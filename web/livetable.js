@@ -61,11 +61,13 @@ export class LiveTable extends EventTarget {
     this.backoff = this.minBackoff;
     this.ws = null;
     this.closedByUser = false;
+    this.awaitingSnapshot = false; // after subscribe(): patches of the former subscription are dropped
     this.pending = new Map(); // publish id -> {frame, resolve}
   }
 
   connect() {
     this.closedByUser = false;
+    this.awaitingSnapshot = false;
     const q = new URLSearchParams();
     if (this.table) q.set("table", this.table);
     if (this.keys && this.keys.length) q.set("keys", this.keys.join(","));
@@ -89,16 +91,28 @@ export class LiveTable extends EventTarget {
     };
   }
 
-  /** Changes the subscription (table and key filter) on the open connection. */
+  /** Changes the subscription (table and key filter). On an open connection the former table is
+   * unsubscribed and the new one subscribed; on one still connecting, the connection starts again
+   * with the new one; otherwise the next connect() uses it. */
   subscribe(table, keys = null) {
+    const former = this.table;
     this.table = table;
     this.keys = keys && keys.length ? keys : null;
     this.rows = {};
     this.epoch = this.seq = this.pos = null;
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+    const ws = this.ws;
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      if (former && former !== table) ws.send(JSON.stringify({ type: "unsubscribe", table: former }));
       const msg = { type: "subscribe", table };
       if (this.keys) msg.keys = this.keys;
-      this.ws.send(JSON.stringify(msg));
+      ws.send(JSON.stringify(msg));
+      // until its snapshot, patches of this table are the former subscription's (other keys)
+      this.awaitingSnapshot = true;
+    } else if (ws && ws.readyState === WebSocket.CONNECTING && !this.closedByUser) {
+      // its URL names the former subscription: start again with this one
+      this.ws = null;
+      ws.close();
+      this.connect();
     }
   }
 
@@ -129,6 +143,7 @@ export class LiveTable extends EventTarget {
     }
     if (m.type === "snapshot") {
       if (this.table && m.table !== this.table) return;
+      this.awaitingSnapshot = false;
       this.rows = mergePatch({}, m.rows);
       // a big snapshot continues in patch frames flagged `more`: resume only from a complete state
       this.epoch = m.epoch;
@@ -137,7 +152,7 @@ export class LiveTable extends EventTarget {
       this._emit("snapshot", { table: m.table, rows: this.rows, epoch: m.epoch, seq: m.seq, pos: m.pos });
       this._emit("change", { table: m.table, rows: this.rows, changed: new Set(Object.keys(m.rows)), patch: null, seq: m.seq, pos: m.pos, tsMs: null });
     } else if (m.type === "patch") {
-      if (this.table && m.table !== this.table) return;
+      if ((this.table && m.table !== this.table) || this.awaitingSnapshot) return;
       this.rows = mergePatch(this.rows, m.patch);
       this.epoch = m.epoch;
       this.seq = m.seq;
