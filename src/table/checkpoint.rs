@@ -197,6 +197,13 @@ impl Checkpointer {
             let mut positions = HashMap::new();
             let mut barriers = Vec::new();
             for cp in group {
+                if !whole {
+                    // a shutdown left a record unacknowledged: the later ones stay in the
+                    // outbox too, without a wait for their deliveries (one per checkpoint took
+                    // the stop past its grace with the broker down)
+                    barriers.extend(cp.barrier);
+                    continue;
+                }
                 let (cl_next, dropped, settled) = self.settle(cp.rows, cp.letters).await;
                 whole &= settled;
                 if whole {
@@ -331,7 +338,13 @@ impl Checkpointer {
                     // and a late record past a new owner's fence must not move it on
                     return;
                 }
-                if !kept && resets.is_none_or(|r| r == slice.resets) {
+                // only an owned slice's: once let go of (a revoke that timed out), what reaches
+                // its changelog is the follower's to fold, and a later checkpoint's
+                // acknowledgement must not pass a record an earlier one did not produce
+                if !kept
+                    && slice.mode == SliceMode::Owned
+                    && resets.is_none_or(|r| r == slice.resets)
+                {
                     slice.raise_acked(off);
                 }
                 slice.cl_next = slice.cl_next.max(next);
