@@ -195,8 +195,17 @@ pub async fn handler(
     let stream = futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(start) = st.start.take() {
+                let expires = st.expires;
                 tokio::select! {
                     _ = st.state.readiness.wait_recovered(crate::table::ingest::RECOVERY_LIMIT) => {}
+                    // the token expired during the hold: no snapshot; the loop ends the stream
+                    // with its error below
+                    _ = async {
+                        match expires {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    } => continue,
                     _ = st.state.shutdown.cancelled() => {
                         st.state
                             .metrics
