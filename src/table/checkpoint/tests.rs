@@ -131,6 +131,28 @@ fn setup_with(group: &str, timeout_ms: u32) -> Setup {
     }
 }
 
+/// A checkpoint of `rows` and `letters` of slice 0 of `t`, acknowledging it up to `acked`, with
+/// input partition `in`/0 next at `next`.
+fn checkpoint(
+    rows: Vec<PendingRow>,
+    letters: Vec<PendingLetter>,
+    next: i64,
+    acked: i64,
+) -> Checkpoint {
+    Checkpoint {
+        rows,
+        letters,
+        positions: [(("in".to_string(), 0), next)].into_iter().collect(),
+        acked: vec![SliceAck {
+            table: "t".into(),
+            part: 0,
+            acked,
+            resets: 0,
+        }],
+        barrier: None,
+    }
+}
+
 fn row(key: &str, off: i64, deleted: bool) -> PendingRow {
     PendingRow {
         table: "t".into(),
@@ -154,22 +176,16 @@ async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outb
         checkpointer,
     } = setup("cp-cancel");
     let (tx, rx) = mpsc::channel(4);
-    tx.send(Checkpoint {
-        rows: vec![row("k", 5, false), row("gone", 6, true)],
-        letters: vec![PendingLetter {
+    tx.send(checkpoint(
+        vec![row("k", 5, false), row("gone", 6, true)],
+        vec![PendingLetter {
             id: 1,
             letter: letter.clone(),
             delivery: None,
         }],
-        positions: [(("in".to_string(), 0), 7)].into_iter().collect(),
-        acked: vec![SliceAck {
-            table: "t".into(),
-            part: 0,
-            acked: 6,
-            resets: 0,
-        }],
-        barrier: None,
-    })
+        7,
+        6,
+    ))
     .await
     .unwrap();
     drop(tx);
@@ -231,36 +247,19 @@ async fn records_not_produced_after_the_slice_was_let_go_stay_in_the_outbox() {
     } = setup("cp-let-go");
     t.update_slices(|s| s.slice_mut(0).mode = SliceMode::Followed);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(Checkpoint {
-        rows: vec![row("k", 5, false), row("gone", 6, true)],
-        letters: Vec::new(),
-        positions: [(("in".to_string(), 0), 7)].into_iter().collect(),
-        acked: vec![SliceAck {
-            table: "t".into(),
-            part: 0,
-            acked: 6,
-            resets: 0,
-        }],
-        barrier: None,
-    })
+    tx.send(checkpoint(
+        vec![row("k", 5, false), row("gone", 6, true)],
+        Vec::new(),
+        7,
+        6,
+    ))
     .await
     .unwrap();
     // the next batch's checkpoint acknowledges the slice again, with no record of its own (an
     // unchanged write): it must not pass the records of the one before
-    tx.send(Checkpoint {
-        rows: Vec::new(),
-        letters: Vec::new(),
-        positions: [(("in".to_string(), 0), 9)].into_iter().collect(),
-        acked: vec![SliceAck {
-            table: "t".into(),
-            part: 0,
-            acked: 8,
-            resets: 0,
-        }],
-        barrier: None,
-    })
-    .await
-    .unwrap();
+    tx.send(checkpoint(Vec::new(), Vec::new(), 9, 8))
+        .await
+        .unwrap();
     drop(tx);
     tokio::time::timeout(Duration::from_secs(20), checkpointer.run(rx))
         .await
@@ -312,18 +311,12 @@ async fn a_shutdown_does_not_wait_out_a_delivery_to_a_broker_that_is_down() {
     let (tx, rx) = mpsc::channel(8);
     // several checkpoints queued: the stop waits once, not once per checkpoint
     for off in [5, 7, 9, 11] {
-        tx.send(Checkpoint {
-            rows: vec![row("k", off, false), row("gone", 6, true)],
-            letters: Vec::new(),
-            positions: [(("in".to_string(), 0), off + 2)].into_iter().collect(),
-            acked: vec![SliceAck {
-                table: "t".into(),
-                part: 0,
-                acked: off + 1,
-                resets: 0,
-            }],
-            barrier: None,
-        })
+        tx.send(checkpoint(
+            vec![row("k", off, false), row("gone", 6, true)],
+            Vec::new(),
+            off + 2,
+            off + 1,
+        ))
         .await
         .unwrap();
     }
