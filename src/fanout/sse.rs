@@ -49,7 +49,23 @@ struct Start {
     since: Option<String>,
 }
 
+/// Resolves at `at` (never without one).
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl StreamState {
+    /// Counts the stream's end for `reason` (`livetable_connections_closed_total`).
+    fn closed(&self, reason: &str) {
+        self.state
+            .metrics
+            .connections_closed
+            .with_label_values(&[reason])
+            .inc();
+    }
     /// Subscribes; `Err(message)` when no place for a snapshot of its own came free in time.
     async fn subscribe(&mut self, start: Start) -> Result<(), String> {
         let mut initial = self
@@ -195,39 +211,20 @@ pub async fn handler(
     let stream = futures::stream::unfold(st, |mut st| async move {
         loop {
             if let Some(start) = st.start.take() {
-                let expires = st.expires;
                 tokio::select! {
                     _ = st.state.readiness.wait_recovered(crate::table::ingest::RECOVERY_LIMIT) => {}
                     // the token expired during the hold: no snapshot; the loop ends the stream
                     // with its error below
-                    _ = async {
-                        match expires {
-                            Some(at) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
-                    } => continue,
+                    _ = until(st.expires) => continue,
                     _ = st.state.shutdown.cancelled() => {
-                        st.state
-                            .metrics
-                            .connections_closed
-                            .with_label_values(&["shutdown"])
-                            .inc();
+                        st.closed("shutdown");
                         return None;
                     }
                 }
                 if let Err(message) = st.subscribe(start).await {
                     // busy: told, and the stream ends (the browser reconnects)
-                    st.events.push_back(Pending {
-                        name: "error",
-                        data: Outgoing::Error {
-                            code: ErrorCode::Busy,
-                            message,
-                        }
-                        .frames()
-                        .pop()
-                        .unwrap_or_default(),
-                        id: None,
-                    });
+                    st.events
+                        .push_back(Pending::error(ErrorCode::Busy, message));
                     st.done = true;
                 }
                 continue;
@@ -272,38 +269,20 @@ pub async fn handler(
             }
             tokio::select! {
                 event = st.session.next() => st.session.on_event(event).await,
-                _ = async {
-                    match st.expires {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                _ = until(st.expires) => {
                     st.state.auth.count(&crate::auth::Denied::expired("the token expired"));
-                    st.state
-                        .metrics
-                        .connections_closed
-                        .with_label_values(&["token_expired"])
-                        .inc();
+                    st.closed("token_expired");
                     st.expires = None;
-                    let bye = Outgoing::Error {
-                        code: ErrorCode::TokenExpired,
-                        message: "the token expired; reconnect with a new one".into(),
-                    };
-                    st.events.push_back(Pending {
-                        name: "error",
-                        data: bye.frames().pop().unwrap_or_default(),
-                        id: None,
-                    });
+                    st.events.push_back(Pending::error(
+                        ErrorCode::TokenExpired,
+                        "the token expired; reconnect with a new one".into(),
+                    ));
                     st.queue.clear();
                     st.done = true;
                     continue;
                 }
                 _ = st.state.shutdown.cancelled() => {
-                    st.state
-                        .metrics
-                        .connections_closed
-                        .with_label_values(&["shutdown"])
-                        .inc();
+                    st.closed("shutdown");
                     return None;
                 }
             }

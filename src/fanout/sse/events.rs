@@ -28,6 +28,18 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// An `error` event.
+    pub fn error(code: crate::fanout::protocol::ErrorCode, message: String) -> Pending {
+        Pending {
+            name: "error",
+            data: Outgoing::Error { code, message }
+                .frames()
+                .pop()
+                .unwrap_or_default(),
+            id: None,
+        }
+    }
+
     /// The SSE event (its data copied into the event's buffer only now).
     pub fn event(&self) -> Event {
         let event = Event::default().event(self.name).data(self.data.as_str());
