@@ -505,6 +505,28 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         &'static str,
         std::thread::JoinHandle<Result<(), ServiceError>>,
     )> = Vec::new();
+    if let Some(views) = views.clone() {
+        // the views' changelog topics: this node writes those the group `<group-id>.views`
+        // assigns it
+        let (tx, rx) = std::sync::mpsc::sync_channel(table::viewlog::writer::QUEUE);
+        views.set_log(tx);
+        let writer = table::viewlog::writer::ViewLogWriter {
+            config: config.clone(),
+            views,
+            changelog: changelog.clone(),
+            readiness: readiness.clone(),
+            metrics: metrics.clone(),
+            rx,
+            cancel: cancel.clone(),
+            writer_id: config.instance_id.clone().unwrap_or_else(table::new_epoch),
+        };
+        let stop = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("livetable-viewlog".into())
+            .spawn(move || guarded("views writer", &stop, || Ok(writer.run()?)))
+            .map_err(|e| ServiceError::Task(e.to_string()))?;
+        threads.push(("views writer", thread));
+    }
     if let Some(views) = views.clone().filter(|_| !config.events.is_empty()) {
         let reader = EventsReader {
             reader: source::reader(&config)?,
@@ -514,6 +536,8 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             metrics: metrics.clone(),
             cancel: cancel.clone(),
             brokers: config.brokers.clone(),
+            view_topic_prefix: config.changelog_prefix.clone(),
+            restore_stall: config.restore_stall,
         };
         let stop = cancel.clone();
         let thread = std::thread::Builder::new()

@@ -752,3 +752,182 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     check_want(&base, &mut clients, &k.want(), "after more changes").await;
     node.stop();
 }
+
+/// The last record of each key of a view's changelog topic (tombstones drop the key).
+fn view_topic_rows(topic: &str) -> BTreeMap<String, Value> {
+    let mut rows = BTreeMap::new();
+    for r in read_to_end(&brokers(), topic, 1, Duration::from_secs(30)) {
+        let key = r.key.expect("a view record has a key");
+        assert!(
+            r.headers.iter().any(|(k, _)| k == "livetable.view.mark"),
+            "every record carries its mark: {:?}",
+            r.headers
+        );
+        match r.value {
+            Some(v) => rows.insert(key, serde_json::from_str(&v).unwrap()),
+            None => rows.remove(&key),
+        };
+    }
+    rows
+}
+
+/// How many records of `topic` the node read (`livetable_records_consumed_total`).
+async fn consumed(base: &str, topic: &str) -> f64 {
+    metrics_text(base)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("livetable_records_consumed_total{") && l.contains(topic))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Each view has its own compacted changelog topic, written by exactly one of the serving nodes;
+/// after every node was killed with kill -9, a node with an empty data directory restores the
+/// views over events from their topics and reads again only the events after them (not the
+/// whole events topic), and the views still equal the oracle, through more events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
+    let u = unique("vlog");
+    let topic = format!("{u}.scores");
+    create_topic(&topic, 3).await;
+    let p = producer();
+    let mut gen = Gen(0x1a9e);
+    let mut events: Vec<(String, i64)> = Vec::new();
+    let more = |gen: &mut Gen, events: &mut Vec<(String, i64)>, n: usize| {
+        (0..n)
+            .map(|_| {
+                let player = format!("p{:02}", gen.below(30));
+                let score = gen.below(10_000) as i64;
+                events.push((player.clone(), score));
+                score_event(&player, score, events.len() - 1)
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = more(&mut gen, &mut events, 400);
+    produce_keyed(&p, &topic, &first).await;
+    let logs = tempdir();
+    let path = logs.path().join("views.toml");
+    std::fs::write(
+        &path,
+        EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
+    )
+    .unwrap();
+    let group = format!("g-{u}");
+    let views = ["high_scores", "leaderboard", "totals"];
+    let (data_a, data_b, data_c) = (tempdir(), tempdir(), tempdir());
+    let args = ["--views", path.to_str().unwrap()];
+    let nothing = format!("{u}.nothing");
+    let mut a = Node::spawn(
+        "a",
+        "all",
+        &group,
+        &nothing,
+        data_a.path(),
+        logs.path(),
+        &args,
+    );
+    let mut b = Node::spawn(
+        "b",
+        "all",
+        &group,
+        &nothing,
+        data_b.path(),
+        logs.path(),
+        &args,
+    );
+    a.wait_ready(Duration::from_secs(60)).await;
+    b.wait_ready(Duration::from_secs(60)).await;
+    check_events(&a.base, &mut [], &events, "node a").await;
+    check_events(&b.base, &mut [], &events, "node b").await;
+    let batch = more(&mut gen, &mut events, 150);
+    produce_keyed(&p, &topic, &batch).await;
+    check_events(&a.base, &mut [], &events, "node a, more").await;
+    check_events(&b.base, &mut [], &events, "node b, more").await;
+    // exactly one of the two writes each view's topic
+    let (ba, bb) = (a.base.clone(), b.base.clone());
+    eventually("one writer per view", Duration::from_secs(60), || {
+        let (ba, bb) = (ba.clone(), bb.clone());
+        async move {
+            let (ma, mb) = (metrics_text(&ba).await, metrics_text(&bb).await);
+            views
+                .iter()
+                .all(|v| {
+                    let name = format!("livetable_view_log_writer{{view=\"{v}\"}}");
+                    let w = metric_value(&ma, &name).unwrap_or(0.0)
+                        + metric_value(&mb, &name).unwrap_or(0.0);
+                    w == 1.0
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    // each topic holds the view (read as a KTable: the last record per key)
+    let want = event_oracle(&events);
+    for v in views {
+        let vt = format!("{group}.table.__view.{v}");
+        let want = &want[v];
+        eventually(
+            &format!("{vt} holds the view"),
+            Duration::from_secs(60),
+            || {
+                let vt = vt.clone();
+                async move {
+                    let rows = tokio::task::spawn_blocking(move || view_topic_rows(&vt))
+                        .await
+                        .unwrap();
+                    (&rows == want).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    // every node killed; more events while none runs
+    a.kill9();
+    b.kill9();
+    let batch = more(&mut gen, &mut events, 60);
+    produce_keyed(&p, &topic, &batch).await;
+    let mut c = Node::spawn(
+        "c",
+        "all",
+        &group,
+        &nothing,
+        data_c.path(),
+        logs.path(),
+        &args,
+    );
+    c.wait_ready(Duration::from_secs(60)).await;
+    let mut clients = vec![
+        connect(&c.base, "leaderboard", None, None).await,
+        connect(&c.base, "high_scores", None, None).await,
+        connect(&c.base, "totals", None, None).await,
+    ];
+    check_events(
+        &c.base,
+        &mut clients,
+        &events,
+        "node c, empty data directory",
+    )
+    .await;
+    let m = metrics_text(&c.base).await;
+    for v in ["high_scores", "totals"] {
+        assert_eq!(
+            metric_value(
+                &m,
+                &format!("livetable_view_log_restores_total{{view=\"{v}\"}}")
+            ),
+            Some(1.0),
+            "{v} restored from its topic:\n{m}"
+        );
+    }
+    let read = consumed(&c.base, &topic).await;
+    assert!(
+        read < (events.len() / 2) as f64,
+        "only the events after the topics' floor are read again: {read} of {}",
+        events.len()
+    );
+    let batch = more(&mut gen, &mut events, 80);
+    produce_keyed(&p, &topic, &batch).await;
+    check_events(&c.base, &mut clients, &events, "node c, more events").await;
+    c.stop();
+}

@@ -78,6 +78,8 @@ struct TopicDef {
 const CHANGELOG_DEF: &str = include_str!("../../topics/changelog.toml");
 
 const DLQ_DEF: &str = include_str!("../../topics/dlq.toml");
+
+const VIEW_DEF: &str = include_str!("../../topics/view.toml");
 const REGISTRY_DEF: &str = include_str!("../../topics/registry.toml");
 
 /// Header names of changelog records.
@@ -229,6 +231,7 @@ pub struct Changelog {
     changelog_def: TopicDef,
     dlq_def: TopicDef,
     registry_def: TopicDef,
+    view_def: TopicDef,
     /// Topics known to exist, with their partition counts.
     known: Mutex<HashMap<String, usize>>,
     /// Held while a batch's records or a resend are produced: records of a key reach the broker
@@ -265,6 +268,14 @@ impl Changelog {
             },
             dlq_def: parse("topics/dlq.toml", DLQ_DEF)?,
             registry_def: parse("topics/registry.toml", REGISTRY_DEF)?,
+            view_def: {
+                let mut def: TopicDef = parse("topics/view.toml", VIEW_DEF)?;
+                def.config.insert(
+                    "delete.retention.ms".to_string(),
+                    config.changelog_tombstone_retention.as_millis().to_string(),
+                );
+                def
+            },
             known: Mutex::new(HashMap::new()),
             order: Mutex::new(()),
         })
@@ -377,6 +388,12 @@ impl Changelog {
     /// Creates the registry topic if missing.
     pub fn ensure_registry(&self) -> Result<(), ChangelogError> {
         self.ensure(&self.registry_topic.clone(), 1, &self.registry_def)
+            .map(|_| ())
+    }
+
+    /// Creates the changelog topic of a view (`topic`, one partition) if missing.
+    pub fn ensure_view(&self, topic: &str) -> Result<(), ChangelogError> {
+        self.ensure(topic, self.view_def.partitions.unwrap_or(1), &self.view_def)
             .map(|_| ())
     }
 
@@ -741,5 +758,9 @@ mod tests {
         assert_eq!(d.config["cleanup.policy"], "delete");
         let r: super::TopicDef = toml::from_str(super::REGISTRY_DEF).unwrap();
         assert_eq!(r.config["cleanup.policy"], "compact");
+        let v: super::TopicDef = toml::from_str(super::VIEW_DEF).unwrap();
+        assert_eq!(v.config["cleanup.policy"], "compact");
+        assert_eq!(v.partitions, Some(1));
+        assert_eq!(v.config["delete.retention.ms"], "86400000");
     }
 }

@@ -26,7 +26,8 @@
 //! views over events resume reading where they stopped. Any other case rebuilds.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,11 @@ use crate::metrics::Metrics;
 use crate::table::state::{
     Delta, RowWrite, SliceMode, Table, TableState, TableUpdate, Tables, UpdateSink,
 };
+use crate::table::viewlog::{Commit, LogFlags};
 use crate::views::{InputKind, OutChange, ViewDef, ViewOperator};
+
+mod log;
+pub use log::LogChange;
 
 /// One event of an events topic, for the views that read it.
 #[derive(Debug, Clone)]
@@ -46,6 +51,9 @@ pub struct Event {
     pub kafka_ts_ms: Option<i64>,
     /// When the events reader took the record.
     pub polled: Option<Instant>,
+    /// The record's partition and offset in the events topic.
+    pub part: i32,
+    pub offset: i64,
 }
 
 /// What the operator of a view was last fed.
@@ -60,6 +68,12 @@ struct ViewState {
     fed: Option<Fed>,
     /// The view table's position: its last output change in this process.
     off: i64,
+    /// Views over events: the next offset of each partition of the input whose events the
+    /// state holds (the mark of what it writes to its topic).
+    pos: HashMap<i32, i64>,
+    /// Restored from the view's topic: the events its rows already hold, skipped while the
+    /// input is read again.
+    skip: Option<log::Skip>,
 }
 
 /// One declared view and its table.
@@ -67,6 +81,8 @@ struct View {
     def: ViewDef,
     table: Arc<Table>,
     state: Mutex<ViewState>,
+    /// Whether this node writes the view's topic.
+    log: Arc<LogFlags>,
 }
 
 /// The views of a node, as an [`UpdateSink`] in front of the fan-out.
@@ -81,6 +97,8 @@ pub struct Views {
     /// Each events input's declaration (its Kafka topic and key columns), by name: a saved state
     /// depends on it.
     sources: HashMap<String, String>,
+    /// Where commits of the views this node writes go ([`Views::set_log`]).
+    log_tx: OnceLock<SyncSender<Commit>>,
 }
 
 /// What a clean stop keeps of one view.
@@ -140,6 +158,7 @@ impl Views {
             // every view's series exist from the start (alerts see their first increase)
             metrics.view_rebuilds.with_label_values(&[&def.name]);
             metrics.view_changes.with_label_values(&[&def.name]);
+            metrics.view_log_restores.with_label_values(&[&def.name]);
             let view = Arc::new(View {
                 def: def.clone(),
                 table,
@@ -147,7 +166,10 @@ impl Views {
                     op: ViewOperator::new(def),
                     fed: None,
                     off: -1,
+                    pos: HashMap::new(),
+                    skip: None,
                 }),
+                log: Arc::default(),
             });
             by_input
                 .entry(def.from.clone())
@@ -170,6 +192,7 @@ impl Views {
                     )
                 })
                 .collect(),
+            log_tx: OnceLock::new(),
         });
         views.load_saved(&all, saved);
         for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
@@ -296,6 +319,7 @@ impl Views {
     /// Loads `view` with `op` (read from `saved`); only a view over a table whose input is gone
     /// can fail.
     fn load(&self, view: &View, saved: SavedView, op: ViewOperator) -> Result<(), String> {
+        let pos: HashMap<i32, i64> = saved.events_next.iter().copied().collect();
         let fed = match view.def.input {
             InputKind::Table => {
                 let input = self
@@ -323,6 +347,7 @@ impl Views {
         let mut st = lock(&view.state);
         st.op = op;
         st.fed = fed;
+        st.pos = pos;
         let rows = saved.rows.into_iter().map(|(k, r)| (k, Some(r))).collect();
         self.commit(view, &mut st, rows, Default::default());
         Ok(())
@@ -336,6 +361,11 @@ impl Views {
         let mut out = Vec::new();
         for view in self.by_input.values().flatten() {
             let st = lock(&view.state);
+            if st.skip.is_some() {
+                // restored from its topic and still reading past events again: its rows are
+                // ahead of any one position (the next start restores it from the topic again)
+                continue;
+            }
             let input = match (&st.fed, view.def.input) {
                 (Some(f), InputKind::Table) => {
                     // the table last fed is still the input (not replaced by one the state was
@@ -400,9 +430,18 @@ impl Views {
     /// Where the events reader starts partition `p` of the events input `name` (0: its
     /// beginning).
     pub fn events_start(&self, name: &str, p: i32) -> i64 {
-        lock(&self.events_next)
-            .get(&(name.to_string(), p))
-            .copied()
+        if let Some(n) = lock(&self.events_next).get(&(name.to_string(), p)) {
+            return *n;
+        }
+        // views restored from their topics need it from the lowest of their marks; any other
+        // view, from the beginning
+        self.by_input
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|v| v.def.input == InputKind::Events)
+            .map(|v| Self::skip_start(&lock(&v.state), p).unwrap_or(0))
+            .min()
             .unwrap_or(0)
     }
 
@@ -415,6 +454,14 @@ impl Views {
             let mut st = lock(&view.state);
             let mut out: Vec<OutChange> = Vec::new();
             for e in events {
+                let next = st.pos.entry(e.part).or_insert(0);
+                *next = (*next).max(e.offset + 1);
+                if st.skip.is_some() {
+                    let key = st.op.event_key(e.key.as_deref(), &e.row);
+                    if Self::skipped(&st, key.as_ref(), e.part, e.offset) {
+                        continue;
+                    }
+                }
                 out.extend(st.op.apply_event(e.key.as_deref(), &e.row));
             }
             let ts = events.last().map(|e| (None, e.kafka_ts_ms, e.polled));
@@ -426,9 +473,31 @@ impl Views {
     /// name, partition)`) to the views, or skipped it: the positions the views' states include,
     /// kept by [`Views::save`].
     pub fn events_read(&self, next: impl Iterator<Item = ((String, i32), i64)>) {
-        let mut pos = lock(&self.events_next);
-        for (tp, off) in next {
-            pos.insert(tp, off);
+        let next: Vec<((String, i32), i64)> = next.collect();
+        {
+            let mut pos = lock(&self.events_next);
+            for (tp, off) in &next {
+                pos.insert(tp.clone(), *off);
+            }
+        }
+        // every record before these was fed to the views of its input (or skipped by all)
+        let mut inputs: Vec<&str> = next.iter().map(|((name, _), _)| name.as_str()).collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        for name in inputs {
+            for v in self.by_input.get(name).into_iter().flatten() {
+                if v.def.input != InputKind::Events {
+                    continue;
+                }
+                let mut st = lock(&v.state);
+                for ((n, p), off) in &next {
+                    if n == name {
+                        let e = st.pos.entry(*p).or_insert(*off);
+                        *e = (*e).max(*off);
+                    }
+                }
+            }
+            self.drop_passed_skips(name);
         }
     }
 
@@ -532,8 +601,12 @@ impl Views {
         if out.is_empty() {
             return;
         }
+        let out: Vec<(String, Option<Arc<Row>>)> = last_per_key(out)
+            .into_iter()
+            .map(|(k, r)| (k, r.map(Arc::new)))
+            .collect();
         let mut delta = Delta::new(view.table.clone());
-        for (key, row) in last_per_key(out) {
+        for (key, row) in out.iter().cloned() {
             let op = match (&row, delta.current(&key)) {
                 (None, _) => Op::Delete,
                 (Some(_), Some(_)) => Op::Update,
@@ -542,7 +615,7 @@ impl Views {
             st.off += 1;
             delta.stage(RowWrite {
                 key,
-                row: row.map(|r| Arc::new(r).into()),
+                row: row.map(Into::into),
                 op,
                 part: 0,
                 off: st.off,
@@ -558,6 +631,7 @@ impl Views {
         // a view's deletes need no tombstones: nothing older is ever re-applied to it
         delta.slice(0).acked = st.off;
         self.tables.commit(delta, self);
+        self.send_log(view, st, &out);
         let t = view.table.read();
         self.metrics
             .table_size(&view.def.name, t.rows.len(), t.seq());

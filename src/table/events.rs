@@ -25,6 +25,7 @@ use crate::cdc::source::{self, Reader};
 use crate::metrics::Metrics;
 use crate::table::derived::{Event, Views};
 use crate::table::readiness::Readiness;
+use crate::table::viewlog::{self, read::read_log};
 use crate::views::input::{decode_event, InputError};
 
 /// Most records fed to the views in one commit.
@@ -50,6 +51,9 @@ pub struct EventsReader {
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
     pub brokers: String,
+    /// The changelog prefix: the views' topics are `<prefix>__view.<name>`.
+    pub view_topic_prefix: String,
+    pub restore_stall: Duration,
 }
 
 /// Per assigned partition: the next offset to read, and the end to reach before the first
@@ -68,6 +72,9 @@ impl EventsReader {
         let mut caught_up = false;
         // every topic's metadata answered once (a topic that does not exist is empty: read)
         let mut known = false;
+        self.readiness
+            .set_events(false, "restoring views from their changelog topics");
+        self.restore_views();
         self.readiness
             .set_events(false, "reading the events topics from their beginning");
         while !self.cancel.is_cancelled() {
@@ -102,6 +109,49 @@ impl EventsReader {
             }
             if !caught_up && known {
                 caught_up = self.check_caught_up(&mut parts);
+            }
+        }
+    }
+
+    /// Restores the views over events that nothing saved from their changelog topics, before
+    /// the events are read (a view whose topic does not exist or cannot be used is computed from
+    /// the events the topic retains). A broker that does not answer is waited for: reading the
+    /// events from their beginning instead would lose what the topic no longer retains.
+    fn restore_views(&self) {
+        for name in self.views.restorable_from_logs() {
+            let topic = viewlog::topic(&self.view_topic_prefix, &name);
+            let mut backoff = Duration::from_millis(200);
+            let content = loop {
+                if self.cancel.is_cancelled() {
+                    return;
+                }
+                let cancel = self.cancel.clone();
+                match read_log(
+                    &self.reader,
+                    &topic,
+                    self.restore_stall,
+                    &self.brokers,
+                    &move || cancel.is_cancelled(),
+                ) {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::warn!(view = %name, topic, error = %e, "cannot read the view's changelog topic yet; retrying");
+                        self.readiness
+                            .set_events(false, &format!("restoring view {name} from {topic}: {e}"));
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            let Some(content) = content else {
+                tracing::info!(view = %name, topic, "the view has no changelog topic yet; it is computed from the events");
+                continue;
+            };
+            let (records, bad, rows) = (content.records, content.bad, content.rows.len());
+            if self.views.restore_from_log(&name, content) {
+                tracing::info!(view = %name, topic, records, rows, "view restored from its changelog topic");
+            } else if bad > 0 {
+                tracing::warn!(view = %name, topic, records, bad, "the view's changelog topic holds records that cannot be read; the view is computed from the events");
             }
         }
     }
@@ -185,6 +235,8 @@ impl EventsReader {
                         row: e.row,
                         kafka_ts_ms: m.timestamp().to_millis(),
                         polled: Some(std::time::Instant::now()),
+                        part: m.partition(),
+                        offset: m.offset(),
                     });
                     "applied"
                 }

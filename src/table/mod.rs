@@ -22,6 +22,7 @@ pub mod rows;
 pub mod state;
 pub mod store;
 pub mod stored_row;
+pub mod viewlog;
 
 /// A new lineage id for a table (12 hex digits).
 pub fn new_epoch() -> String {

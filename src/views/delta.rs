@@ -233,6 +233,11 @@ impl Delta {
     }
 
     /// One event; `key` is the event key (used when the view has no `key` columns).
+    /// The output row an event changes.
+    pub fn event_key(&self, key: Option<&str>, row: &Row) -> Option<String> {
+        self.key_of(row, key)
+    }
+
     pub fn apply_event(&mut self, key: Option<&str>, row: &Row) -> Vec<OutChange> {
         match self.key_of(row, key) {
             Some(out_key) => self.upsert(out_key, row),

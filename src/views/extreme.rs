@@ -141,6 +141,11 @@ impl Extreme {
     }
 
     /// One event; `key` is the event key (used when the view has no `key` columns).
+    /// The output row an event changes (its group).
+    pub fn event_key(&self, key: Option<&str>, row: &Row) -> Option<String> {
+        self.group_of(row, key)
+    }
+
     pub fn apply_event(&mut self, key: Option<&str>, row: &Row) -> Vec<OutChange> {
         let Some(group) = self.group_of(row, key) else {
             return Vec::new();

@@ -399,6 +399,11 @@ impl GroupBy {
     }
 
     /// One event (its key is not used: groups come from the `by` columns).
+    /// The output row an event changes (its group).
+    pub fn event_key(&self, row: &Row) -> Option<String> {
+        group_key(row, &self.spec.by)
+    }
+
     pub fn apply_event(&mut self, row: &Row) -> Vec<OutChange> {
         let Some(g) = group_key(row, &self.spec.by) else {
             return Vec::new();

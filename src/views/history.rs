@@ -139,6 +139,11 @@ impl History {
     }
 
     /// One event; `key` is the event key (used when the view has no `key` columns).
+    /// The output row an event changes (its series).
+    pub fn event_key(&self, key: Option<&str>, row: &Row) -> Option<String> {
+        self.key_of(row, key)
+    }
+
     pub fn apply_event(&mut self, key: Option<&str>, row: &Row) -> Vec<OutChange> {
         let Some(series_key) = self.key_of(row, key) else {
             return Vec::new();

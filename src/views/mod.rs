@@ -242,6 +242,18 @@ impl ViewOperator {
         }
     }
 
+    /// The one output row an event changes, if any (every operator over events changes at most
+    /// one row per event: its group, key or series).
+    pub fn event_key(&self, key: Option<&str>, row: &Row) -> Option<String> {
+        match &self.op {
+            Op::GroupBy(o) => o.event_key(row),
+            Op::TopN(_) => None,
+            Op::Extreme(o) => o.event_key(key, row),
+            Op::History(o) => o.event_key(key, row),
+            Op::Delta(o) => o.event_key(key, row),
+        }
+    }
+
     /// How this view is restored (see the module doc).
     pub fn restore_plan(&self) -> RestorePlan {
         match &self.op {

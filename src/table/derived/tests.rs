@@ -475,7 +475,7 @@ fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
     let views = run_events(&defs, &[topic("account")], &tables, &none)
         .unwrap()
         .views;
-    let event = |amount: i64| Event {
+    let event = |amount: i64, offset: i64| Event {
         key: None,
         row: json!({"account": "A", "amount": amount})
             .as_object()
@@ -483,8 +483,10 @@ fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
             .unwrap(),
         kafka_ts_ms: None,
         polled: None,
+        part: 0,
+        offset,
     };
-    views.feed_events("transfers", &[event(5), event(7)]);
+    views.feed_events("transfers", &[event(5, 0), event(7, 1)]);
     views.events_read([(("transfers".to_string(), 0), 2)].into_iter());
     let saved: HashMap<String, Vec<u8>> = views.save().into_iter().collect();
     let start = |saved: &HashMap<String, Vec<u8>>, key: &str| {
@@ -522,4 +524,201 @@ fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
         })
         .collect();
     assert_eq!(start(&legacy, "account"), (2, 1), "an older save resumes");
+}
+
+/// A view over events restored from its changelog topic, cut after any commit (a writer killed
+/// there), part-way through a commit, or compacted, then fed the events again from where the
+/// restore says: every event is counted exactly once (the rows equal a run that never stopped).
+#[test]
+fn views_over_events_restored_from_their_topic_take_every_event_once() {
+    use crate::table::viewlog::read::LogContent;
+    use crate::table::viewlog::Commit;
+    use std::sync::atomic::Ordering;
+
+    let defs = ViewsFile::parse(
+        "[topics.transfers]\nformat = \"events\"\n\n\
+         [views.balances]\nfrom = \"transfers\"\n\
+         group_by = { by = [\"account\"], aggregates = { total = \"sum(amount)\", n = \"count()\" } }\n\n\
+         [views.best]\nfrom = \"transfers\"\n\
+         max_by = { by = \"amount\", key = [\"account\"] }\n\n\
+         [views.recent]\nfrom = \"transfers\"\n\
+         history = { limit = 3, key = [\"account\"], columns = [\"amount\"] }\n",
+    )
+    .unwrap()
+    .views;
+    let topics = [EventsTopic {
+        topic: "bank.transfers".into(),
+        name: "transfers".into(),
+        key: None,
+    }];
+    // 80 events over 2 partitions; an account's events all go to one partition, in order
+    let mut rng = Rng(0x5eed_1234);
+    let mut next = [0i64; 2];
+    let all: Vec<Event> = (0..80)
+        .map(|_| {
+            let account = rng.below(6) as i32;
+            let part = account % 2;
+            let offset = next[part as usize];
+            next[part as usize] += 1;
+            Event {
+                key: None,
+                row: json!({"account": format!("a{account}"), "amount": rng.below(100)})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+                kafka_ts_ms: None,
+                polled: None,
+                part,
+                offset,
+            }
+        })
+        .collect();
+    let feed = |views: &Views, events: &[Event]| {
+        for batch in events.chunks(7) {
+            views.feed_events("transfers", batch);
+            let mut read: HashMap<(String, i32), i64> = HashMap::new();
+            for e in batch {
+                read.insert(("transfers".into(), e.part), e.offset + 1);
+            }
+            views.events_read(read.into_iter());
+        }
+    };
+    let names = ["balances", "best", "recent"];
+    // the oracle: one run over every event
+    let oracle_tables = Arc::new(Tables::default());
+    let oracle = run_events(&defs, &topics, &oracle_tables, &HashMap::new()).unwrap();
+    feed(&oracle.views, &all);
+
+    // the first run, writing every view's topic
+    let tables = Arc::new(Tables::default());
+    let first = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    first.views.set_log(tx);
+    for (_, flags) in first.views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    feed(&first.views, &all);
+    let commits: Vec<Commit> = rx.try_iter().collect();
+    assert!(commits.len() > 20, "{} commits", commits.len());
+    for name in names {
+        assert_eq!(
+            rows_of(&tables, name),
+            rows_of(&oracle_tables, name),
+            "{name}"
+        );
+    }
+
+    // records of one view as the topic holds them after `cut` commits (and half of the next one
+    // when `partial`); each record carries the floor of the commits acknowledged before it
+    let topic_of = |name: &str, cut: usize, partial: bool, compacted: bool| {
+        let mine: Vec<&Commit> = commits.iter().filter(|c| &*c.view == name).collect();
+        let mut records = Vec::new();
+        let mut floor: Option<String> = None;
+        for (i, c) in mine.iter().enumerate() {
+            let take = if i < cut {
+                c.changes.len()
+            } else if i == cut && partial {
+                c.changes.len() / 2
+            } else {
+                break;
+            };
+            for (k, r, m) in &c.changes[..take] {
+                let value = r.as_ref().map(|r| serde_json::to_vec(&**r).unwrap());
+                records.push((k.clone(), value, m.to_json(), floor.clone()));
+            }
+            floor = Some(c.base.to_json());
+        }
+        if compacted {
+            let mut last: HashMap<String, usize> = HashMap::new();
+            for (i, r) in records.iter().enumerate() {
+                last.insert(r.0.clone(), i);
+            }
+            let mut i = 0;
+            records.retain(|r| {
+                i += 1;
+                last[&r.0] == i - 1
+            });
+        }
+        let mut content = LogContent::default();
+        for (k, v, m, f) in &records {
+            content.push(
+                Some(k.as_bytes()),
+                v.as_deref(),
+                (Some(m.as_bytes()), f.as_ref().map(|f| f.as_bytes()), b"w1"),
+            );
+        }
+        content
+    };
+    let per_view = commits.iter().filter(|c| &*c.view == "balances").count();
+    let mut restored_some = 0;
+    for cut in 0..=per_view {
+        for (partial, compacted) in [(false, false), (true, false), (true, true)] {
+            let tables = Arc::new(Tables::default());
+            let r = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
+            let restorable = r.views.restorable_from_logs();
+            assert_eq!(restorable.len(), 3, "{restorable:?}");
+            for name in names {
+                if r.views
+                    .restore_from_log(name, topic_of(name, cut, partial, compacted))
+                {
+                    restored_some += 1;
+                }
+            }
+            let starts = [
+                r.views.events_start("transfers", 0),
+                r.views.events_start("transfers", 1),
+            ];
+            let again: Vec<Event> = all
+                .iter()
+                .filter(|e| e.offset >= starts[e.part as usize])
+                .cloned()
+                .collect();
+            // the events after the cut are read again, in another batching
+            for batch in again.chunks(5) {
+                r.views.feed_events("transfers", batch);
+                let mut read: HashMap<(String, i32), i64> = HashMap::new();
+                for e in batch {
+                    read.insert(("transfers".into(), e.part), e.offset + 1);
+                }
+                r.views.events_read(read.into_iter());
+            }
+            for name in names {
+                assert_eq!(
+                    rows_of(&tables, name),
+                    rows_of(&oracle_tables, name),
+                    "{name}: cut after {cut} commits, partial {partial}, compacted {compacted}"
+                );
+            }
+            if cut == per_view && !partial {
+                // a whole topic: only what the last commit of a view took is read again (its
+                // records carry the floor of the commit before)
+                for p in 0..2 {
+                    let floor = names
+                        .iter()
+                        .map(|name| {
+                            let mine: Vec<&Commit> =
+                                commits.iter().filter(|c| &*c.view == *name).collect();
+                            mine[mine.len() - 2].base.next(p)
+                        })
+                        .min()
+                        .unwrap();
+                    assert!(
+                        starts[p as usize] >= floor && floor > next[p as usize] / 2,
+                        "partition {p}: read again from {} (floor {floor}, end {})",
+                        starts[p as usize],
+                        next[p as usize]
+                    );
+                }
+            }
+        }
+    }
+    assert!(restored_some > 3 * per_view, "{restored_some}");
+    assert_eq!(
+        oracle
+            .metrics
+            .view_log_restores
+            .with_label_values(&["balances"])
+            .get(),
+        0
+    );
 }

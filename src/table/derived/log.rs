@@ -1,0 +1,262 @@
+//! The views' side of their changelog topics ([`crate::table::viewlog`]): what a commit sends to
+//! the writer, the whole view for a writer that takes it over, and the restore of views over
+//! events from their topics.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+
+use super::{lock, View, ViewState, Views};
+use crate::cdc::decode::Row;
+use crate::table::viewlog::read::LogContent;
+use crate::table::viewlog::{Commit, LogFlags, Mark};
+use crate::views::{InputKind, RestorePlan, ViewOperator};
+
+/// One row of a view for its topic: key, row (`None`: deleted) and mark.
+pub type LogChange = (String, Option<Arc<Row>>, Arc<Mark>);
+
+/// A view restored from its topic, while the events it already holds are read again.
+pub(super) struct Skip {
+    pub content: LogContent,
+    /// Past these positions nothing is skipped.
+    pub ends: HashMap<i32, i64>,
+}
+
+impl Skip {
+    /// The mark of a row of `key` written now at `base`: no lower than what its restored row
+    /// already held (the events between are skipped, not counted again).
+    fn mark(&self, key: &str, base: &Arc<Mark>) -> Arc<Mark> {
+        let Some((_, restored, _)) = self.content.rows.get(key) else {
+            return base.clone();
+        };
+        if restored.events.iter().all(|(p, n)| base.next(*p) >= *n) {
+            return base.clone();
+        }
+        let mut merged: HashMap<i32, i64> = base.events.iter().copied().collect();
+        for (p, n) in &restored.events {
+            let e = merged.entry(*p).or_insert(*n);
+            *e = (*e).max(*n);
+        }
+        let mut events: Vec<(i32, i64)> = merged.into_iter().collect();
+        events.sort_unstable();
+        Arc::new(Mark {
+            events,
+            input: base.input.clone(),
+        })
+    }
+
+    fn passed(&self, pos: &HashMap<i32, i64>) -> bool {
+        self.ends
+            .iter()
+            .all(|(p, end)| pos.get(p).is_some_and(|n| n >= end))
+    }
+}
+
+impl Views {
+    /// Connects the writer of the views' topics: commits of the views it writes go to `tx`.
+    pub fn set_log(&self, tx: SyncSender<Commit>) {
+        let _ = self.log_tx.set(tx);
+    }
+
+    /// Each view's name and its flags, for the writer.
+    pub fn log_views(&self) -> Vec<(String, Arc<LogFlags>)> {
+        self.by_input
+            .values()
+            .flatten()
+            .map(|v| (v.def.name.clone(), v.log.clone()))
+            .collect()
+    }
+
+    /// The mark of what `st` holds now (`None`: a view over a table not fed yet).
+    pub(super) fn mark_of(view: &View, st: &ViewState) -> Option<Arc<Mark>> {
+        match view.def.input {
+            InputKind::Events => {
+                let mut events: Vec<(i32, i64)> = st.pos.iter().map(|(p, n)| (*p, *n)).collect();
+                events.sort_unstable();
+                Some(Arc::new(Mark {
+                    events,
+                    input: None,
+                }))
+            }
+            InputKind::Table => st.fed.as_ref().map(|f| {
+                Arc::new(Mark {
+                    events: Vec::new(),
+                    input: Some(format!("{}#{}", f.epoch, f.useq)),
+                })
+            }),
+        }
+    }
+
+    /// Sends a commit of `view` to the writer when this node writes its topic; a commit that
+    /// cannot be queued (the writer is behind, or gone) makes the writer write the whole view
+    /// again instead of blocking the thread that commits.
+    pub(super) fn send_log(
+        &self,
+        view: &View,
+        st: &ViewState,
+        changes: &[(String, Option<Arc<Row>>)],
+    ) {
+        if !view.log.writes.load(Ordering::Acquire) {
+            return;
+        }
+        let (Some(tx), Some(base)) = (self.log_tx.get(), Self::mark_of(view, st)) else {
+            view.log.dirty.store(true, Ordering::Release);
+            return;
+        };
+        let commit = Commit {
+            view: view.def.name.as_str().into(),
+            off: st.off,
+            changes: changes
+                .iter()
+                .map(|(k, r)| {
+                    let mark = match &st.skip {
+                        Some(s) => s.mark(k, &base),
+                        None => base.clone(),
+                    };
+                    (k.clone(), r.clone(), mark)
+                })
+                .collect(),
+            base,
+        };
+        match tx.try_send(commit) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                view.log.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The whole of view `name` for its topic, with the view's position and the mark of the
+    /// input's position: what a writer that takes the view over writes first (`None`: no such view, or a view over a table not fed
+    /// yet).
+    pub fn log_snapshot(&self, name: &str) -> Option<(i64, Arc<Mark>, Vec<LogChange>)> {
+        let view = self
+            .by_input
+            .values()
+            .flatten()
+            .find(|v| v.def.name == name)?;
+        let st = lock(&view.state);
+        let base = Self::mark_of(view, &st)?;
+        let t = view.table.read();
+        let rows = t
+            .rows
+            .iter()
+            .map(|(k, e)| {
+                let mark = match &st.skip {
+                    Some(s) => s.mark(k, &base),
+                    None => base.clone(),
+                };
+                (k.clone(), Some(e.row.shared().clone()), mark)
+            })
+            .collect();
+        Some((st.off, base, rows))
+    }
+
+    /// The current row of `key` of view `name` (`None` in the change: no such row) with its
+    /// mark: what the writer sends again to carry a newer floor once the view is idle.
+    pub fn log_row(&self, name: &str, key: &str) -> Option<LogChange> {
+        let view = self
+            .by_input
+            .values()
+            .flatten()
+            .find(|v| v.def.name == name)?;
+        let st = lock(&view.state);
+        let base = Self::mark_of(view, &st)?;
+        let mark = match &st.skip {
+            Some(s) => s.mark(key, &base),
+            None => base,
+        };
+        let row = view
+            .table
+            .read()
+            .rows
+            .get(key)
+            .map(|e| e.row.shared().clone());
+        Some((key.to_string(), row, mark))
+    }
+
+    /// The views over events that can be restored from their topics, by events input: those of
+    /// an input none of whose views was loaded from a clean stop's save, whose plan is
+    /// [`RestorePlan::FromOutput`].
+    pub fn restorable_from_logs(&self) -> Vec<String> {
+        let loaded: Vec<String> = lock(&self.events_next)
+            .keys()
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.by_input
+            .iter()
+            .filter(|(input, _)| !loaded.contains(input))
+            .flat_map(|(_, views)| views.iter())
+            .filter(|v| v.def.input == InputKind::Events)
+            .filter(|v| ViewOperator::new(&v.def).restore_plan() == RestorePlan::FromOutput)
+            .map(|v| v.def.name.clone())
+            .collect()
+    }
+
+    /// Rebuilds view `name` from what its topic holds; the events reader then reads its input
+    /// from [`Views::events_start`] and skips what the rows already hold. False (nothing changed)
+    /// when the content is not usable: a record that could not be read, or nothing written.
+    pub fn restore_from_log(&self, name: &str, content: LogContent) -> bool {
+        let Some(view) = self
+            .by_input
+            .values()
+            .flatten()
+            .find(|v| v.def.name == name)
+        else {
+            return false;
+        };
+        if content.bad > 0 || content.records == 0 {
+            return false;
+        }
+        let mut op = ViewOperator::new(&view.def);
+        let mut rows: Vec<(String, Option<Row>)> = content
+            .live_rows()
+            .map(|(k, r)| (k.clone(), Some(r.clone())))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        for (k, r) in &rows {
+            if let Some(r) = r {
+                op.rebuild_from_output(k, r);
+            }
+        }
+        let ends = content.ends();
+        let mut st = lock(&view.state);
+        st.op = op;
+        st.pos.clear();
+        st.skip = Some(Skip { content, ends });
+        self.commit(view, &mut st, rows, Default::default());
+        self.metrics
+            .view_log_restores
+            .with_label_values(&[&view.def.name])
+            .inc();
+        true
+    }
+
+    /// Whether the event at `offset` of `part`, whose output row is `key`, is already in the
+    /// restored rows of the view `st` belongs to.
+    pub(super) fn skipped(st: &ViewState, key: Option<&String>, part: i32, offset: i64) -> bool {
+        match (&st.skip, key) {
+            (Some(s), Some(k)) => s.content.covers(k, part, offset),
+            _ => false,
+        }
+    }
+
+    /// Where a restored view needs partition `p` read from (`None`: not restored).
+    pub(super) fn skip_start(st: &ViewState, p: i32) -> Option<i64> {
+        st.skip.as_ref().map(|s| s.content.start(p))
+    }
+
+    /// Drops the skip of each view of events input `name` once the reader passed every mark.
+    pub(super) fn drop_passed_skips(&self, name: &str) {
+        let Some(views) = self.by_input.get(name) else {
+            return;
+        };
+        for v in views {
+            let mut st = lock(&v.state);
+            if st.skip.as_ref().is_some_and(|s| s.passed(&st.pos)) {
+                st.skip = None;
+            }
+        }
+    }
+}

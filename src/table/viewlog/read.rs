@@ -1,0 +1,276 @@
+//! Reading a view's topic to its end: the last record of each key with its mark, and the last
+//! floor ([`LogContent`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Headers, Message};
+
+use super::{Mark, HEADER_FLOOR, HEADER_MARK, HEADER_WRITER};
+use crate::cdc::decode::Row;
+use crate::cdc::source::Reader;
+use crate::table::reader::{read_spans, End, ReadError, Span};
+
+/// The last record of a key: its row (`None`: deleted), its mark and its writer.
+pub type LogRow = (Option<Row>, Arc<Mark>, Arc<str>);
+
+/// What a view's topic holds, last record per key.
+#[derive(Debug, Default)]
+pub struct LogContent {
+    /// Per key: its row (`None`: deleted), the mark it was written with and its writer.
+    pub rows: HashMap<String, LogRow>,
+    /// The floor of the last record (`None`: it had none), and that record's writer.
+    pub floor: Option<Mark>,
+    pub floor_writer: Option<Arc<str>>,
+    /// Records read, and records that could not be read (no key, a value that is not a JSON
+    /// object, no mark): one such record makes the content unusable for a restore.
+    pub records: u64,
+    pub bad: u64,
+    /// One `Arc` per distinct mark text (the records of a commit share theirs) and writer.
+    interned: HashMap<Vec<u8>, Arc<Mark>>,
+    writers: HashMap<Vec<u8>, Arc<str>>,
+}
+
+impl LogContent {
+    /// Takes one record, in the topic's order.
+    pub fn push(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        (mark, floor, writer): (Option<&[u8]>, Option<&[u8]>, &[u8]),
+    ) {
+        self.records += 1;
+        let writer = match self.writers.get(writer) {
+            Some(w) => w.clone(),
+            None => {
+                let w: Arc<str> = String::from_utf8_lossy(writer).into();
+                self.writers.insert(writer.to_vec(), w.clone());
+                w
+            }
+        };
+        self.floor = floor.and_then(|f| serde_json::from_slice(f).ok());
+        self.floor_writer = Some(writer.clone());
+        let key = key.and_then(|k| std::str::from_utf8(k).ok());
+        let mark = mark.and_then(|m| match self.interned.get(m) {
+            Some(a) => Some(a.clone()),
+            None => {
+                let parsed: Mark = serde_json::from_slice(m).ok()?;
+                let a = Arc::new(parsed);
+                self.interned.insert(m.to_vec(), a.clone());
+                Some(a)
+            }
+        });
+        let row = match value {
+            None => Some(None),
+            Some(v) => serde_json::from_slice::<Row>(v).ok().map(Some),
+        };
+        match (key, mark, row) {
+            (Some(k), Some(m), Some(r)) => {
+                self.rows.insert(k.to_string(), (r, m, writer));
+            }
+            _ => self.bad += 1,
+        }
+    }
+
+    /// The rows the topic holds (deleted keys left out).
+    pub fn live_rows(&self) -> impl Iterator<Item = (&String, &Row)> {
+        self.rows
+            .iter()
+            .filter_map(|(k, (r, _, _))| r.as_ref().map(|r| (k, r)))
+    }
+
+    /// How far a key's row holds the events of partition `p`: its mark, or the floor when the
+    /// floor's writer wrote the row (that writer had every commit before the floor acknowledged:
+    /// an event between the row's mark and the floor that changed the row would have written it
+    /// again, so such events changed nothing). A row of another writer (a hand-over) counts only
+    /// to its mark.
+    fn held(&self, mark: &Mark, writer: &Arc<str>, p: i32) -> i64 {
+        match (&self.floor, &self.floor_writer) {
+            (Some(f), Some(w)) if w == writer => mark.next(p).max(f.next(p)),
+            _ => mark.next(p),
+        }
+    }
+
+    /// Where events partition `p` must be read from again: the floor, or lower where a row
+    /// holds less (nothing below it is read again; no floor: from the beginning).
+    pub fn start(&self, p: i32) -> i64 {
+        let floor = self.floor.as_ref().map_or(0, |f| f.next(p));
+        self.rows
+            .values()
+            .map(|(_, m, w)| self.held(m, w, p))
+            .fold(floor, i64::min)
+    }
+
+    /// Whether the event at `offset` of partition `p`, whose output row is `key`, is already in
+    /// that row (or changed nothing of it).
+    pub fn covers(&self, key: &str, p: i32, offset: i64) -> bool {
+        self.rows
+            .get(key)
+            .is_some_and(|(_, m, w)| offset < self.held(m, w, p))
+    }
+
+    /// The highest position any mark names per partition: past it nothing is skipped.
+    pub fn ends(&self) -> HashMap<i32, i64> {
+        let mut ends: HashMap<i32, i64> = HashMap::new();
+        for m in self
+            .interned
+            .values()
+            .map(|m| &**m)
+            .chain(self.floor.as_ref())
+        {
+            for (p, n) in &m.events {
+                let e = ends.entry(*p).or_insert(*n);
+                *e = (*e).max(*n);
+            }
+        }
+        ends
+    }
+}
+
+/// Reads `topic` (partition 0) to its end with `reader`; `Ok(None)` when the topic does not
+/// exist.
+pub fn read_log(
+    reader: &Reader,
+    topic: &str,
+    stall: Duration,
+    brokers: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<LogContent>, ReadError> {
+    let md = reader.fetch_metadata(Some(topic), stall.min(Duration::from_secs(10)))?;
+    let exists = md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if !exists {
+        return Ok(None);
+    }
+    let mut content = LogContent::default();
+    let spans = [Span {
+        topic: topic.to_string(),
+        partition: 0,
+        from: None,
+        end: End::HighWatermark,
+    }];
+    read_spans(reader, &spans, stall, brokers, cancelled, |m| {
+        let header = |name: &str| {
+            m.headers().and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| x.value.map(<[u8]>::to_vec))
+            })
+        };
+        let (mark, floor) = (header(HEADER_MARK), header(HEADER_FLOOR));
+        let writer = header(HEADER_WRITER).unwrap_or_default();
+        content.push(
+            m.key(),
+            m.payload(),
+            (mark.as_deref(), floor.as_deref(), &writer),
+        );
+    })?;
+    Ok(Some(content))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(events: &[(i32, i64)]) -> Vec<u8> {
+        Mark {
+            events: events.to_vec(),
+            input: None,
+        }
+        .to_json()
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_last_record_of_a_key_wins_with_its_own_mark() {
+        let mut c = LogContent::default();
+        let (m1, m2) = (mark(&[(0, 3), (1, 2)]), mark(&[(0, 7), (1, 2)]));
+        c.push(Some(b"a"), Some(br#"{"n":1}"#), (Some(&m1), None, b"w1"));
+        c.push(Some(b"b"), Some(br#"{"n":5}"#), (Some(&m1), None, b"w1"));
+        c.push(
+            Some(b"a"),
+            Some(br#"{"n":2}"#),
+            (Some(&m2), Some(&m1), b"w1"),
+        );
+        c.push(Some(b"b"), None, (Some(&m2), Some(&m1), b"w1"));
+        assert_eq!((c.records, c.bad), (4, 0));
+        let live: Vec<_> = c
+            .live_rows()
+            .map(|(k, r)| (k.clone(), r["n"].clone()))
+            .collect();
+        assert_eq!(live, vec![("a".to_string(), serde_json::json!(2))]);
+        assert!(c.covers("a", 0, 6) && !c.covers("a", 0, 7));
+        assert!(c.covers("b", 0, 6), "a delete carries its mark too");
+        assert!(
+            !c.covers("c", 0, 0),
+            "a key the topic never held covers nothing"
+        );
+        assert!(!c.covers("a", 2, 0), "a partition the mark does not name");
+        // the lowest of the floor and every key's mark
+        assert_eq!((c.start(0), c.start(1), c.start(2)), (3, 2, 0));
+        assert_eq!(c.ends()[&0], 7);
+        // the two rows' marks are one Arc
+        assert!(Arc::ptr_eq(&c.rows["a"].1, &c.rows["b"].1));
+    }
+
+    #[test]
+    fn the_floor_covers_only_the_rows_of_its_own_writer() {
+        let mut c = LogContent::default();
+        let (low, high) = (mark(&[(0, 2)]), mark(&[(0, 9)]));
+        // w1 wrote `a` early, then acknowledged everything up to 9 (its floor on `b`)
+        c.push(Some(b"a"), Some(br#"{"n":1}"#), (Some(&low), None, b"w1"));
+        c.push(
+            Some(b"b"),
+            Some(br#"{"n":1}"#),
+            (Some(&high), Some(&high), b"w1"),
+        );
+        assert_eq!(c.start(0), 9, "a's events between 2 and 9 changed nothing");
+        assert!(c.covers("a", 0, 5));
+        // a row of another writer (a hand-over) holds only to its own mark
+        c.push(
+            Some(b"z"),
+            Some(br#"{"n":1}"#),
+            (Some(&low), Some(&high), b"w2"),
+        );
+        assert_eq!(c.floor_writer.as_deref(), Some("w2"));
+        assert_eq!(c.start(0), 2);
+        assert!(!c.covers("a", 0, 5) && c.covers("a", 0, 1));
+        assert_eq!(c.ends()[&0], 9);
+    }
+
+    #[test]
+    fn no_floor_reads_from_the_beginning_and_bad_records_are_counted() {
+        let mut c = LogContent::default();
+        c.push(
+            Some(b"a"),
+            Some(br#"{"n":1}"#),
+            (Some(&mark(&[(0, 3)])), None, b"w1"),
+        );
+        assert_eq!(
+            c.start(0),
+            0,
+            "nothing known to be whole: from the beginning"
+        );
+        c.push(
+            Some(b"x"),
+            Some(b"not json"),
+            (Some(&mark(&[(0, 4)])), None, b"w1"),
+        );
+        c.push(
+            None,
+            Some(br#"{"n":1}"#),
+            (Some(&mark(&[(0, 4)])), None, b"w1"),
+        );
+        c.push(Some(b"y"), Some(br#"{"n":1}"#), (None, None, b"w1"));
+        c.push(
+            Some(b"z"),
+            Some(br#"[1]"#),
+            (Some(&mark(&[(0, 4)])), None, b"w1"),
+        );
+        assert_eq!((c.records, c.bad), (5, 4));
+    }
+}
