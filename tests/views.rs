@@ -771,6 +771,29 @@ fn view_topic_rows(topic: &str) -> BTreeMap<String, Value> {
     rows
 }
 
+/// Waits until each event view's changelog topic holds the view the oracle computes.
+async fn topics_hold(group: &str, events: &[(String, i64)], what: &str) {
+    let want = event_oracle(events);
+    for v in ["high_scores", "leaderboard", "totals"] {
+        let vt = format!("{group}.table.__view.{v}");
+        let want = &want[v];
+        eventually(
+            &format!("{vt} holds the view ({what})"),
+            Duration::from_secs(60),
+            || {
+                let vt = vt.clone();
+                async move {
+                    let rows = tokio::task::spawn_blocking(move || view_topic_rows(&vt))
+                        .await
+                        .unwrap();
+                    (&rows == want).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
 /// How many records of `topic` the node read (`livetable_records_consumed_total`).
 async fn consumed(base: &str, topic: &str) -> f64 {
     metrics_text(base)
@@ -781,10 +804,12 @@ async fn consumed(base: &str, topic: &str) -> f64 {
         .sum()
 }
 
-/// Each view has its own compacted changelog topic, written by exactly one of the serving nodes;
-/// after every node was killed with kill -9, a node with an empty data directory restores the
-/// views over events from their topics and reads again only the events after them (not the
-/// whole events topic), and the views still equal the oracle, through more events.
+/// Each view has its own compacted changelog topic, written by exactly one of the serving nodes
+/// and holding the view; when that node is killed with kill -9 the other takes the view over and
+/// the topic follows the events on. After every node was killed, a node with an empty data
+/// directory restores the views over events from their topics and reads again only the events
+/// after them (not the whole events topic), and the views still equal the oracle, through more
+/// events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     let u = unique("vlog");
@@ -862,29 +887,35 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     })
     .await;
     // each topic holds the view (read as a KTable: the last record per key)
-    let want = event_oracle(&events);
-    for v in views {
-        let vt = format!("{group}.table.__view.{v}");
-        let want = &want[v];
-        eventually(
-            &format!("{vt} holds the view"),
-            Duration::from_secs(60),
-            || {
-                let vt = vt.clone();
-                async move {
-                    let rows = tokio::task::spawn_blocking(move || view_topic_rows(&vt))
-                        .await
-                        .unwrap();
-                    (&rows == want).then_some(())
-                }
-            },
-        )
-        .await;
-    }
+    topics_hold(&group, &events, "two nodes").await;
+
+    // the writer of `totals` killed: the other node takes the view over and writes on
+    let writes =
+        |m: &str| metric_value(m, "livetable_view_log_writer{view=\"totals\"}") == Some(1.0);
+    let a_writes = writes(&metrics_text(&a.base).await);
+    let (writer, other) = if a_writes {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    writer.kill9();
+    let batch = more(&mut gen, &mut events, 100);
+    produce_keyed(&p, &topic, &batch).await;
+    let ob = other.base.clone();
+    eventually(
+        "the other node writes totals",
+        Duration::from_secs(60),
+        || {
+            let ob = ob.clone();
+            async move { writes(&metrics_text(&ob).await).then_some(()) }
+        },
+    )
+    .await;
+    check_events(&other.base, &mut [], &events, "the node left").await;
+    topics_hold(&group, &events, "after the hand-over").await;
 
     // every node killed; more events while none runs
-    a.kill9();
-    b.kill9();
+    other.kill9();
     let batch = more(&mut gen, &mut events, 60);
     produce_keyed(&p, &topic, &batch).await;
     let mut c = Node::spawn(

@@ -23,7 +23,9 @@
 //! resume token (views over events: the events topics' positions), which the node keeps in its
 //! store. At the next start a view whose input table comes back at exactly that token (nothing
 //! changed it in between) is loaded instead of rebuilt, so a history survives a rolling restart;
-//! views over events resume reading where they stopped. Any other case rebuilds.
+//! views over events resume reading where they stopped. Any other case rebuilds, except views
+//! over events whose rows are their whole state: those are restored from their changelog topics
+//! ([`crate::table::viewlog`], `log.rs`), and the events they hold are skipped when read again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::SyncSender;
@@ -225,7 +227,8 @@ impl Views {
     ///   itself a view (whose lineage is new in each process);
     /// - views over events: every view of that events input has a usable saved state (its
     ///   operator state readable, the topic declared as it was) at the same positions, else none
-    ///   is loaded and the topic is read from its beginning for all.
+    ///   is loaded (they are then restored from their changelog topics where they can be, else
+    ///   the topic is read from its beginning).
     fn load_saved(&self, all: &[Arc<View>], saved: &HashMap<String, Vec<u8>>) {
         let mut usable: HashMap<&str, (SavedView, ViewOperator)> = HashMap::new();
         for view in all {

@@ -1,8 +1,10 @@
 //! The reader of `events` topics (views file `format = "events"`): every serving node reads every
 //! partition of each such topic, outside any consumer group, and feeds the events to the views
 //! that read the topic ([`Views::feed_events`]). It starts where the views' state saved by the
-//! last clean stop left off, else at the beginning: a view over events then covers the events the
-//! topic retains (keep such topics' retention as long as the view must remember). The order of
+//! last clean stop left off; else it first restores the views from their changelog topics
+//! ([`crate::table::viewlog`]) and starts where their rows say; else at the beginning: such a
+//! view then covers the events the topic retains (keep such topics' retention as long as the view
+//! must remember). The order of
 //! events across partitions is the order they are read in, which may differ between nodes and
 //! runs (`latest` and ties of `max_by`/`min_by` across partitions may differ; within a partition,
 //! hence for one key, the order is the topic's). Until every partition was read to the
