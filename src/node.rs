@@ -523,7 +523,12 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         let stop = cancel.clone();
         let thread = std::thread::Builder::new()
             .name("livetable-viewlog".into())
-            .spawn(move || guarded("views writer", &stop, || Ok(writer.run()?)))
+            .spawn(move || {
+                guarded("views writer", &stop, || {
+                    writer.run();
+                    Ok(())
+                })
+            })
             .map_err(|e| ServiceError::Task(e.to_string()))?;
         threads.push(("views writer", thread));
     }

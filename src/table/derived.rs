@@ -436,14 +436,14 @@ impl Views {
         if let Some(n) = lock(&self.events_next).get(&(name.to_string(), p)) {
             return *n;
         }
-        // views restored from their topics need it from the lowest of their marks; any other
-        // view, from the beginning
+        // views restored from their topics need it from where their rows say; any other view,
+        // from the beginning
         self.by_input
             .get(name)
             .into_iter()
             .flatten()
             .filter(|v| v.def.input == InputKind::Events)
-            .map(|v| Self::skip_start(&lock(&v.state), p).unwrap_or(0))
+            .map(|v| lock(&v.state).pos.get(&p).copied().unwrap_or(0))
             .min()
             .unwrap_or(0)
     }

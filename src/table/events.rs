@@ -107,7 +107,7 @@ impl EventsReader {
             if idle {
                 // after an idle poll nothing fetched waits: the fetch position is what was read
                 // (past transaction markers, which are not records)
-                self.raise_to_position(&mut parts);
+                self.raise_to_position(&mut parts, &by_topic);
             }
             if !caught_up && known {
                 caught_up = self.check_caught_up(&mut parts);
@@ -128,9 +128,11 @@ impl EventsReader {
                     return;
                 }
                 let cancel = self.cancel.clone();
+                let def = self.views.log_def(&name);
                 match read_log(
                     &self.reader,
                     &topic,
+                    def.as_deref(),
                     self.restore_stall,
                     &self.brokers,
                     &move || cancel.is_cancelled(),
@@ -140,7 +142,10 @@ impl EventsReader {
                         tracing::warn!(view = %name, topic, error = %e, "cannot read the view's changelog topic yet; retrying");
                         self.readiness
                             .set_events(false, &format!("restoring view {name} from {topic}: {e}"));
-                        std::thread::sleep(backoff);
+                        let until = Instant::now() + backoff;
+                        while Instant::now() < until && !self.cancel.is_cancelled() {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
@@ -150,10 +155,13 @@ impl EventsReader {
                 continue;
             };
             let (records, bad, rows) = (content.records, content.bad, content.rows.len());
+            let other_def = content.other_def.len();
             if self.views.restore_from_log(&name, content) {
                 tracing::info!(view = %name, topic, records, rows, "view restored from its changelog topic");
             } else if bad > 0 {
                 tracing::warn!(view = %name, topic, records, bad, "the view's changelog topic holds records that cannot be read; the view is computed from the events");
+            } else if other_def > 0 {
+                tracing::warn!(view = %name, topic, rows = other_def, "the view's changelog topic holds rows of another definition of the view; the view is computed from the events");
             }
         }
     }
@@ -279,17 +287,31 @@ impl EventsReader {
         self.views.events_read(touched.into_iter());
     }
 
-    fn raise_to_position(&self, parts: &mut HashMap<(String, i32), Part>) {
+    fn raise_to_position(
+        &self,
+        parts: &mut HashMap<(String, i32), Part>,
+        by_topic: &HashMap<&str, &EventsTopic>,
+    ) {
         let Ok(tpl) = self.reader.position() else {
             return;
         };
+        let mut raised: Vec<((String, i32), i64)> = Vec::new();
         for e in tpl.elements() {
             if let (Offset::Offset(o), Some(part)) = (
                 e.offset(),
                 parts.get_mut(&(e.topic().to_string(), e.partition())),
             ) {
-                part.next = part.next.max(o);
+                if o > part.next {
+                    part.next = o;
+                    if let Some(t) = by_topic.get(e.topic()) {
+                        raised.push(((t.name.clone(), e.partition()), o));
+                    }
+                }
             }
+        }
+        // nothing before these positions waits to be fed: the views hold everything before
+        if !raised.is_empty() {
+            self.views.events_read(raised.into_iter());
         }
     }
 

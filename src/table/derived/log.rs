@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 
-use super::{lock, View, ViewState, Views};
+use super::{fingerprint, lock, View, ViewState, Views};
 use crate::cdc::decode::Row;
 use crate::table::viewlog::read::LogContent;
-use crate::table::viewlog::{Commit, LogFlags, Mark};
+use crate::table::viewlog::{self, Commit, LogFlags, Mark};
 use crate::views::{InputKind, RestorePlan, ViewOperator};
 
 /// One row of a view for its topic: key, row (`None`: deleted) and mark.
@@ -59,13 +59,30 @@ impl Views {
         let _ = self.log_tx.set(tx);
     }
 
-    /// Each view's name and its flags, for the writer.
-    pub fn log_views(&self) -> Vec<(String, Arc<LogFlags>)> {
+    /// Each view's name, flags and definition id, for the writer.
+    pub fn log_views(&self) -> Vec<(String, Arc<LogFlags>, String)> {
         self.by_input
             .values()
             .flatten()
-            .map(|v| (v.def.name.clone(), v.log.clone()))
+            .map(|v| (v.def.name.clone(), v.log.clone(), self.def_id(v)))
             .collect()
+    }
+
+    /// The id of a view's definition in its topic's records (input, operator, options, and an
+    /// events input's declaration).
+    fn def_id(&self, view: &View) -> String {
+        let source = self.sources.get(&view.def.from).map_or("", String::as_str);
+        viewlog::def_id(&format!("{}|{source}", fingerprint(&view.def)))
+    }
+
+    /// The definition id of view `name` (`None`: no such view).
+    pub fn log_def(&self, name: &str) -> Option<String> {
+        let view = self
+            .by_input
+            .values()
+            .flatten()
+            .find(|v| v.def.name == name)?;
+        Some(self.def_id(view))
     }
 
     /// The mark of what `st` holds now (`None`: a view over a table not fed yet).
@@ -206,7 +223,7 @@ impl Views {
         else {
             return false;
         };
-        if content.bad > 0 || content.records == 0 {
+        if content.bad > 0 || content.records == 0 || !content.other_def.is_empty() {
             return false;
         }
         let mut op = ViewOperator::new(&view.def);
@@ -223,8 +240,19 @@ impl Views {
         let ends = content.ends();
         let mut st = lock(&view.state);
         st.op = op;
-        st.pos.clear();
-        st.skip = Some(Skip { content, ends });
+        // every event before a partition's start is in the rows: the view's position there
+        // (a partition without a later event is then passed at once)
+        st.pos = ends
+            .keys()
+            .map(|p| (*p, content.start(*p)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let passed = Skip {
+            content: LogContent::default(),
+            ends: ends.clone(),
+        }
+        .passed(&st.pos);
+        st.skip = (!passed).then_some(Skip { content, ends });
         self.commit(view, &mut st, rows, Default::default());
         self.metrics
             .view_log_restores
@@ -240,11 +268,6 @@ impl Views {
             (Some(s), Some(k)) => s.content.covers(k, part, offset),
             _ => false,
         }
-    }
-
-    /// Where a restored view needs partition `p` read from (`None`: not restored).
-    pub(super) fn skip_start(st: &ViewState, p: i32) -> Option<i64> {
-        st.skip.as_ref().map(|s| s.content.start(p))
     }
 
     /// Drops the skip of each view of events input `name` once the reader passed every mark.

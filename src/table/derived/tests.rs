@@ -542,7 +542,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
          [views.best]\nfrom = \"transfers\"\n\
          max_by = { by = \"amount\", key = [\"account\"] }\n\n\
          [views.recent]\nfrom = \"transfers\"\n\
-         history = { limit = 3, key = [\"account\"], columns = [\"amount\"] }\n",
+         history = { limit = 3, key = [\"desk\"], columns = [\"amount\"] }\n",
     )
     .unwrap()
     .views;
@@ -551,21 +551,24 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
         name: "transfers".into(),
         key: None,
     }];
-    // 80 events over 2 partitions; an account's events all go to one partition, in order
+    // 80 events over 2 partitions: an account's events spread over both (sums and maxima do
+    // not depend on the order across partitions; amounts are distinct, so maxima have no ties);
+    // a desk's events are in one partition (its history depends on their order)
     let mut rng = Rng(0x5eed_1234);
     let mut next = [0i64; 2];
     let all: Vec<Event> = (0..80)
-        .map(|_| {
+        .map(|i| {
             let account = rng.below(6) as i32;
-            let part = account % 2;
+            let part = rng.below(2) as i32;
             let offset = next[part as usize];
             next[part as usize] += 1;
             Event {
                 key: None,
-                row: json!({"account": format!("a{account}"), "amount": rng.below(100)})
-                    .as_object()
-                    .cloned()
-                    .unwrap(),
+                row: json!({"account": format!("a{account}"), "desk": format!("d{part}"),
+                            "amount": (i * 37) % 997})
+                .as_object()
+                .cloned()
+                .unwrap(),
                 kafka_ts_ms: None,
                 polled: None,
                 part,
@@ -594,7 +597,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
     let first = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
     let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
     first.views.set_log(tx);
-    for (_, flags) in first.views.log_views() {
+    for (_, flags, _) in first.views.log_views() {
         flags.writes.store(true, Ordering::Release);
     }
     feed(&first.views, &all);
@@ -608,60 +611,84 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
         );
     }
 
-    // records of one view as the topic holds them after `cut` commits (and half of the next one
-    // when `partial`); each record carries the floor of the commits acknowledged before it
-    let topic_of = |name: &str, cut: usize, partial: bool, compacted: bool| {
-        let mine: Vec<&Commit> = commits.iter().filter(|c| &*c.view == name).collect();
-        let mut records = Vec::new();
-        let mut floor: Option<String> = None;
-        for (i, c) in mine.iter().enumerate() {
-            let take = if i < cut {
-                c.changes.len()
-            } else if i == cut && partial {
-                c.changes.len() / 2
-            } else {
-                break;
-            };
-            for (k, r, m) in &c.changes[..take] {
-                let value = r.as_ref().map(|r| serde_json::to_vec(&**r).unwrap());
-                records.push((k.clone(), value, m.to_json(), floor.clone()));
+    // records of one view as the topic holds them after `cut` commits of `writer` (and half of
+    // the next one when `partial`); each record carries the floor of the commits acknowledged
+    // before it
+    type Rec = (
+        String,
+        Option<Vec<u8>>,
+        String,
+        Option<String>,
+        &'static str,
+    );
+    let records_of =
+        |commits: &[Commit], name: &str, writer: &'static str, cut: usize, partial: bool| {
+            let mine: Vec<&Commit> = commits.iter().filter(|c| &*c.view == name).collect();
+            let mut records: Vec<Rec> = Vec::new();
+            let mut floor: Option<String> = None;
+            for (i, c) in mine.iter().enumerate() {
+                let take = if i < cut {
+                    c.changes.len()
+                } else if i == cut && partial {
+                    c.changes.len() / 2
+                } else {
+                    break;
+                };
+                for (k, r, m) in &c.changes[..take] {
+                    let value = r.as_ref().map(|r| serde_json::to_vec(&**r).unwrap());
+                    records.push((k.clone(), value, m.to_json(), floor.clone(), writer));
+                }
+                floor = Some(c.base.to_json());
             }
-            floor = Some(c.base.to_json());
-        }
-        if compacted {
-            let mut last: HashMap<String, usize> = HashMap::new();
-            for (i, r) in records.iter().enumerate() {
-                last.insert(r.0.clone(), i);
+            records
+        };
+    let content_of =
+        |mut records: Vec<Rec>, compacted: bool, defs: (Option<&str>, Option<&str>)| {
+            let (def, expect) = defs;
+            if compacted {
+                let mut last: HashMap<String, usize> = HashMap::new();
+                for (i, r) in records.iter().enumerate() {
+                    last.insert(r.0.clone(), i);
+                }
+                let mut i = 0;
+                records.retain(|r| {
+                    i += 1;
+                    last[&r.0] == i - 1
+                });
             }
-            let mut i = 0;
-            records.retain(|r| {
-                i += 1;
-                last[&r.0] == i - 1
-            });
-        }
-        let mut content = LogContent::default();
-        for (k, v, m, f) in &records {
-            content.push(
-                Some(k.as_bytes()),
-                v.as_deref(),
-                (Some(m.as_bytes()), f.as_ref().map(|f| f.as_bytes()), b"w1"),
-            );
-        }
-        content
-    };
-    let per_view = commits.iter().filter(|c| &*c.view == "balances").count();
-    let mut restored_some = 0;
-    for cut in 0..=per_view {
-        for (partial, compacted) in [(false, false), (true, false), (true, true)] {
+            let mut content = LogContent::expecting(expect);
+            for (k, v, m, f, w) in &records {
+                content.push(
+                    Some(k.as_bytes()),
+                    v.as_deref(),
+                    (
+                        Some(m.as_bytes()),
+                        f.as_ref().map(|f| f.as_bytes()),
+                        w.as_bytes(),
+                        def.map(str::as_bytes),
+                    ),
+                );
+            }
+            content
+        };
+    // a node restored from `topic(name)`, fed the events from where it says (in another
+    // batching); returns its run and tables
+    let restore_and_feed =
+        |topic: &dyn Fn(&str) -> LogContent, log: Option<std::sync::mpsc::SyncSender<Commit>>| {
             let tables = Arc::new(Tables::default());
             let r = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
+            if let Some(tx) = log {
+                r.views.set_log(tx);
+                for (_, flags, _) in r.views.log_views() {
+                    flags.writes.store(true, Ordering::Release);
+                }
+            }
             let restorable = r.views.restorable_from_logs();
             assert_eq!(restorable.len(), 3, "{restorable:?}");
+            let mut restored = 0;
             for name in names {
-                if r.views
-                    .restore_from_log(name, topic_of(name, cut, partial, compacted))
-                {
-                    restored_some += 1;
+                if r.views.restore_from_log(name, topic(name)) {
+                    restored += 1;
                 }
             }
             let starts = [
@@ -673,7 +700,6 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
                 .filter(|e| e.offset >= starts[e.part as usize])
                 .cloned()
                 .collect();
-            // the events after the cut are read again, in another batching
             for batch in again.chunks(5) {
                 r.views.feed_events("transfers", batch);
                 let mut read: HashMap<(String, i32), i64> = HashMap::new();
@@ -682,6 +708,21 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
                 }
                 r.views.events_read(read.into_iter());
             }
+            (r, tables, restored, starts)
+        };
+    let per_view = commits.iter().filter(|c| &*c.view == "balances").count();
+    let mut restored_some = 0;
+    for cut in 0..=per_view {
+        for (partial, compacted) in [(false, false), (true, false), (true, true)] {
+            let topic = |name: &str| {
+                content_of(
+                    records_of(&commits, name, "w1", cut, partial),
+                    compacted,
+                    (None, None),
+                )
+            };
+            let (r, tables, restored, starts) = restore_and_feed(&topic, None);
+            restored_some += restored;
             for name in names {
                 assert_eq!(
                     rows_of(&tables, name),
@@ -689,6 +730,9 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
                     "{name}: cut after {cut} commits, partial {partial}, compacted {compacted}"
                 );
             }
+            // every event was read again: nothing is skipped any more, and a clean stop saves
+            // every view
+            assert_eq!(r.views.save().len(), 3, "cut {cut}: the skips are dropped");
             if cut == per_view && !partial {
                 // a whole topic: only what the last commit of a view took is read again (its
                 // records carry the floor of the commit before)
@@ -712,6 +756,57 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
             }
         }
     }
+    // a hand-over: a node restored from a topic cut part-way writes it on (a second writer,
+    // while it still skips what the rows held); a third node restored from both writers'
+    // records equals the oracle too
+    for cut in [1, per_view / 3, per_view / 2] {
+        let first = |name: &str| {
+            content_of(
+                records_of(&commits, name, "w1", cut, true),
+                false,
+                (None, None),
+            )
+        };
+        let (tx2, rx2) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+        let (_second, _, _, _) = restore_and_feed(&first, Some(tx2));
+        let second_commits: Vec<Commit> = rx2.try_iter().collect();
+        assert!(!second_commits.is_empty());
+        // the second writer's first commits (its floor still low) or all of them
+        for (cut2, compacted) in [
+            (1, false),
+            (2, false),
+            (3, true),
+            (usize::MAX, false),
+            (usize::MAX, true),
+        ] {
+            let both = |name: &str| {
+                let mut records = records_of(&commits, name, "w1", cut, true);
+                records.extend(records_of(&second_commits, name, "w2", cut2, false));
+                content_of(records, compacted, (None, None))
+            };
+            let (_, tables, restored, _) = restore_and_feed(&both, None);
+            assert_eq!(restored, 3);
+            for name in names {
+                assert_eq!(
+                    rows_of(&tables, name),
+                    rows_of(&oracle_tables, name),
+                    "{name}: hand-over after {cut} commits, then {cut2}, compacted {compacted}"
+                );
+            }
+        }
+    }
+    // rows of another definition of a view are not restored
+    let other = |name: &str| {
+        content_of(
+            records_of(&commits, name, "w1", per_view, false),
+            false,
+            (Some("old"), Some("new")),
+        )
+    };
+    let tables = Arc::new(Tables::default());
+    let r = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
+    assert!(!r.views.restore_from_log("balances", other("balances")));
+    assert_eq!(r.views.events_start("transfers", 0), 0);
     assert!(restored_some > 3 * per_view, "{restored_some}");
     assert_eq!(
         oracle

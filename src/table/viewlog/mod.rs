@@ -47,6 +47,9 @@ pub const HEADER_VIEW: &str = "livetable.view";
 pub const HEADER_MARK: &str = "livetable.view.mark";
 /// Header with the writer's floor when it sent the record ([`Mark`] JSON; absent: none yet).
 pub const HEADER_FLOOR: &str = "livetable.view.floor";
+/// Header naming the view's definition the row was computed by (a hash of its input, operator,
+/// options and its events topic's declaration): a restore refuses rows of another definition.
+pub const HEADER_DEF: &str = "livetable.view.def";
 /// Header naming the process that wrote the record.
 pub const HEADER_WRITER: &str = "livetable.view.writer";
 
@@ -63,6 +66,17 @@ pub fn topic(prefix: &str, name: &str) -> String {
     }));
     t.truncate(249);
     t
+}
+
+/// A short stable id of a view's definition text (FNV-1a, 64 bits, hex): the same on every node
+/// and version that computes the same text.
+pub fn def_id(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// Where a view's input stood when a row of it was computed.
@@ -127,6 +141,13 @@ mod tests {
             crate::table::changelog::topic_name("p.", "__view.x"),
             topic("p.", "x")
         );
+    }
+
+    #[test]
+    fn definition_ids_are_stable_and_tell_definitions_apart() {
+        assert_eq!(def_id(""), "cbf29ce484222325");
+        assert_eq!(def_id("a"), "af63dc4c8601ec8c");
+        assert_ne!(def_id("scores|Events|x"), def_id("scores|Events|y"));
     }
 
     #[test]

@@ -1,20 +1,29 @@
 //! Reading a view's topic to its end: the last record of each key with its mark, and the last
 //! floor ([`LogContent`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 
-use super::{Mark, HEADER_FLOOR, HEADER_MARK, HEADER_WRITER};
+use super::{Mark, HEADER_DEF, HEADER_FLOOR, HEADER_MARK, HEADER_WRITER};
 use crate::cdc::decode::Row;
 use crate::cdc::source::Reader;
 use crate::table::reader::{read_spans, End, ReadError, Span};
 
 /// The last record of a key: its row (`None`: deleted), its mark and its writer.
 pub type LogRow = (Option<Row>, Arc<Mark>, Arc<str>);
+
+/// The headers of a record that [`LogContent::push`] reads: mark, floor, writer, definition.
+pub type LogHeaders<'a> = (
+    Option<&'a [u8]>,
+    Option<&'a [u8]>,
+    &'a [u8],
+    Option<&'a [u8]>,
+);
 
 /// What a view's topic holds, last record per key.
 #[derive(Debug, Default)]
@@ -28,18 +37,30 @@ pub struct LogContent {
     /// object, no mark): one such record makes the content unusable for a restore.
     pub records: u64,
     pub bad: u64,
+    /// The definition the rows must have been computed by (`None`: any), and the keys whose
+    /// last record names another.
+    pub expect_def: Option<String>,
+    pub other_def: HashSet<String>,
     /// One `Arc` per distinct mark text (the records of a commit share theirs) and writer.
     interned: HashMap<Vec<u8>, Arc<Mark>>,
     writers: HashMap<Vec<u8>, Arc<str>>,
 }
 
 impl LogContent {
+    /// An empty content whose rows must name definition `def`.
+    pub fn expecting(def: Option<&str>) -> Self {
+        LogContent {
+            expect_def: def.map(str::to_string),
+            ..LogContent::default()
+        }
+    }
+
     /// Takes one record, in the topic's order.
     pub fn push(
         &mut self,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        (mark, floor, writer): (Option<&[u8]>, Option<&[u8]>, &[u8]),
+        (mark, floor, writer, def): LogHeaders<'_>,
     ) {
         self.records += 1;
         let writer = match self.writers.get(writer) {
@@ -68,6 +89,13 @@ impl LogContent {
         };
         match (key, mark, row) {
             (Some(k), Some(m), Some(r)) => {
+                if let Some(want) = &self.expect_def {
+                    if def != Some(want.as_bytes()) {
+                        self.other_def.insert(k.to_string());
+                    } else {
+                        self.other_def.remove(k);
+                    }
+                }
                 self.rows.insert(k.to_string(), (r, m, writer));
             }
             _ => self.bad += 1,
@@ -134,19 +162,22 @@ impl LogContent {
 pub fn read_log(
     reader: &Reader,
     topic: &str,
+    expect_def: Option<&str>,
     stall: Duration,
     brokers: &str,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Option<LogContent>, ReadError> {
     let md = reader.fetch_metadata(Some(topic), stall.min(Duration::from_secs(10)))?;
-    let exists = md
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-    if !exists {
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
         return Ok(None);
+    };
+    match t.error().map(RDKafkaErrorCode::from) {
+        None if !t.partitions().is_empty() => {}
+        None | Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(None),
+        // not authorised, no leader yet, ...: not "no topic" (the caller retries)
+        Some(code) => return Err(ReadError::Kafka(KafkaError::MetadataFetch(code))),
     }
-    let mut content = LogContent::default();
+    let mut content = LogContent::expecting(expect_def);
     let spans = [Span {
         topic: topic.to_string(),
         partition: 0,
@@ -163,10 +194,11 @@ pub fn read_log(
         };
         let (mark, floor) = (header(HEADER_MARK), header(HEADER_FLOOR));
         let writer = header(HEADER_WRITER).unwrap_or_default();
+        let def = header(HEADER_DEF);
         content.push(
             m.key(),
             m.payload(),
-            (mark.as_deref(), floor.as_deref(), &writer),
+            (mark.as_deref(), floor.as_deref(), &writer, def.as_deref()),
         );
     })?;
     Ok(Some(content))
@@ -189,14 +221,22 @@ mod tests {
     fn the_last_record_of_a_key_wins_with_its_own_mark() {
         let mut c = LogContent::default();
         let (m1, m2) = (mark(&[(0, 3), (1, 2)]), mark(&[(0, 7), (1, 2)]));
-        c.push(Some(b"a"), Some(br#"{"n":1}"#), (Some(&m1), None, b"w1"));
-        c.push(Some(b"b"), Some(br#"{"n":5}"#), (Some(&m1), None, b"w1"));
+        c.push(
+            Some(b"a"),
+            Some(br#"{"n":1}"#),
+            (Some(&m1), None, b"w1", None),
+        );
+        c.push(
+            Some(b"b"),
+            Some(br#"{"n":5}"#),
+            (Some(&m1), None, b"w1", None),
+        );
         c.push(
             Some(b"a"),
             Some(br#"{"n":2}"#),
-            (Some(&m2), Some(&m1), b"w1"),
+            (Some(&m2), Some(&m1), b"w1", None),
         );
-        c.push(Some(b"b"), None, (Some(&m2), Some(&m1), b"w1"));
+        c.push(Some(b"b"), None, (Some(&m2), Some(&m1), b"w1", None));
         assert_eq!((c.records, c.bad), (4, 0));
         let live: Vec<_> = c
             .live_rows()
@@ -222,11 +262,15 @@ mod tests {
         let mut c = LogContent::default();
         let (low, high) = (mark(&[(0, 2)]), mark(&[(0, 9)]));
         // w1 wrote `a` early, then acknowledged everything up to 9 (its floor on `b`)
-        c.push(Some(b"a"), Some(br#"{"n":1}"#), (Some(&low), None, b"w1"));
+        c.push(
+            Some(b"a"),
+            Some(br#"{"n":1}"#),
+            (Some(&low), None, b"w1", None),
+        );
         c.push(
             Some(b"b"),
             Some(br#"{"n":1}"#),
-            (Some(&high), Some(&high), b"w1"),
+            (Some(&high), Some(&high), b"w1", None),
         );
         assert_eq!(c.start(0), 9, "a's events between 2 and 9 changed nothing");
         assert!(c.covers("a", 0, 5));
@@ -234,7 +278,7 @@ mod tests {
         c.push(
             Some(b"z"),
             Some(br#"{"n":1}"#),
-            (Some(&low), Some(&high), b"w2"),
+            (Some(&low), Some(&high), b"w2", None),
         );
         assert_eq!(c.floor_writer.as_deref(), Some("w2"));
         assert_eq!(c.start(0), 2);
@@ -243,12 +287,39 @@ mod tests {
     }
 
     #[test]
+    fn rows_of_another_definition_are_told_apart_until_written_again() {
+        let mut c = LogContent::expecting(Some("new"));
+        let m = mark(&[(0, 1)]);
+        c.push(
+            Some(b"a"),
+            Some(br#"{"n":1}"#),
+            (Some(&m), None, b"w1", Some(b"old")),
+        );
+        c.push(
+            Some(b"b"),
+            Some(br#"{"n":1}"#),
+            (Some(&m), None, b"w1", None),
+        );
+        assert_eq!(c.other_def.len(), 2);
+        c.push(
+            Some(b"a"),
+            Some(br#"{"n":2}"#),
+            (Some(&m), None, b"w1", Some(b"new")),
+        );
+        c.push(Some(b"b"), None, (Some(&m), None, b"w1", Some(b"new")));
+        assert!(
+            c.other_def.is_empty(),
+            "both keys written again by the new definition"
+        );
+    }
+
+    #[test]
     fn no_floor_reads_from_the_beginning_and_bad_records_are_counted() {
         let mut c = LogContent::default();
         c.push(
             Some(b"a"),
             Some(br#"{"n":1}"#),
-            (Some(&mark(&[(0, 3)])), None, b"w1"),
+            (Some(&mark(&[(0, 3)])), None, b"w1", None),
         );
         assert_eq!(
             c.start(0),
@@ -258,18 +329,18 @@ mod tests {
         c.push(
             Some(b"x"),
             Some(b"not json"),
-            (Some(&mark(&[(0, 4)])), None, b"w1"),
+            (Some(&mark(&[(0, 4)])), None, b"w1", None),
         );
         c.push(
             None,
             Some(br#"{"n":1}"#),
-            (Some(&mark(&[(0, 4)])), None, b"w1"),
+            (Some(&mark(&[(0, 4)])), None, b"w1", None),
         );
-        c.push(Some(b"y"), Some(br#"{"n":1}"#), (None, None, b"w1"));
+        c.push(Some(b"y"), Some(br#"{"n":1}"#), (None, None, b"w1", None));
         c.push(
             Some(b"z"),
             Some(br#"[1]"#),
-            (Some(&mark(&[(0, 4)])), None, b"w1"),
+            (Some(&mark(&[(0, 4)])), None, b"w1", None),
         );
         assert_eq!((c.records, c.bad), (5, 4));
     }

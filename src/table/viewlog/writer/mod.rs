@@ -1,7 +1,11 @@
 //! The writer of the views' topics: one thread per serving node with views. It joins the group
-//! `<group-id>.views` (subscribed to every view's topic, one partition each, spread over the
-//! members round-robin), writes the views whose partition it is assigned and stops writing a
-//! view when the group takes it away (see the module doc of [`crate::table::viewlog`]).
+//! `<group-id>.views` (subscribed to every view's topic, one partition each), writes the views
+//! whose partition it is assigned and stops writing a view when the group takes it away (see the
+//! module doc of [`crate::table::viewlog`]). Nothing it does can stop the node: a view it cannot
+//! write is logged and counted, and the node serves on.
+
+mod acks;
+mod members;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -9,198 +13,53 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, TopicPartitionList};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::read::read_log;
-use super::{topic, Commit, LogFlags, Mark, HEADER_FLOOR, HEADER_MARK, HEADER_VIEW, HEADER_WRITER};
+use super::{
+    topic, Commit, Mark, HEADER_DEF, HEADER_FLOOR, HEADER_MARK, HEADER_VIEW, HEADER_WRITER,
+};
 use crate::cdc::decode::Row;
 use crate::cdc::source;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::table::changelog::Changelog;
+use crate::table::changelog::{Changelog, ChangelogError};
+use crate::table::checkpoint::is_permanent;
 use crate::table::derived::{LogChange, Views};
 use crate::table::readiness::Readiness;
+use acks::{lock, Ack, ProducerCtx, Shared};
+use members::MembersCtx;
 
 /// Commits waiting for the writer; a view whose commit finds it full is written whole again.
 pub const QUEUE: usize = 1024;
-/// How long a revoke waits for what was sent to be acknowledged.
-const REVOKE_FLUSH: Duration = Duration::from_secs(5);
 /// How long a record waits for room in the producer's queue before the view is marked for a
 /// rewrite.
 const QUEUE_FULL_WAIT: Duration = Duration::from_secs(5);
 /// How long a view's topic sees no record before its newest floor is written.
 const FLOOR_IDLE: Duration = Duration::from_millis(500);
-
-/// What the delivery callbacks know of each view.
-#[derive(Default)]
-struct Acked {
-    /// The mark of the last commit whose records were all acknowledged (records of a partition
-    /// are acknowledged in order), while nothing failed since the last whole rewrite.
-    floor: Option<Arc<Mark>>,
-    broken: bool,
-}
-
-struct Shared {
-    flags: HashMap<String, Arc<LogFlags>>,
-    acked: Mutex<HashMap<String, Acked>>,
-    metrics: Arc<Metrics>,
-    brokers: String,
-}
-
-impl Shared {
-    fn floor(&self, view: &str) -> Option<Arc<Mark>> {
-        lock(&self.acked).get(view).and_then(|a| a.floor.clone())
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The delivery report's opaque: the view, and on the last record of a commit its mark.
-struct Ack {
-    view: Arc<str>,
-    last: Option<Arc<Mark>>,
-    rewrite: bool,
-}
-
-struct ProducerCtx(Arc<Shared>);
-
-impl ClientContext for ProducerCtx {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        source::log_librdkafka(&self.0.brokers, level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        source::error_librdkafka(&self.0.brokers, error, reason);
-    }
-}
-
-impl ProducerContext for ProducerCtx {
-    type DeliveryOpaque = Box<Ack>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
-        let ok = result.is_ok();
-        self.0
-            .metrics
-            .view_log_records
-            .with_label_values(&[&*ack.view, if ok { "sent" } else { "failed" }])
-            .inc();
-        let mut all = lock(&self.0.acked);
-        let a = all.entry(ack.view.to_string()).or_default();
-        if !ok {
-            a.broken = true;
-            if let Some(f) = self.0.flags.get(&*ack.view) {
-                f.dirty.store(true, Ordering::Release);
-            }
-            if source::throttled("view-log-delivery", Duration::from_secs(10)) {
-                if let Err((e, _)) = result {
-                    tracing::warn!(view = %ack.view, error = %e, "a view's changelog record was not delivered; the view is written whole again");
-                }
-            }
-            return;
-        }
-        if let Some(mark) = &ack.last {
-            if ack.rewrite {
-                a.broken = false;
-            }
-            if !a.broken {
-                a.floor = Some(mark.clone());
-            }
-        }
-    }
-}
-
-struct MembersCtx {
-    shared: Arc<Shared>,
-    producer: Arc<BaseProducer<ProducerCtx>>,
-    /// View topics assigned since the writer last looked, by topic.
-    assigned: Mutex<Vec<String>>,
-    revoked: Mutex<Vec<String>>,
-    by_topic: HashMap<String, String>,
-}
-
-impl MembersCtx {
-    fn stop_writing(&self, topics: &[String]) {
-        for t in topics {
-            if let Some(view) = self.by_topic.get(t) {
-                if let Some(f) = self.shared.flags.get(view) {
-                    f.writes.store(false, Ordering::Release);
-                }
-                self.shared
-                    .metrics
-                    .view_log_writer
-                    .with_label_values(&[view])
-                    .set(0);
-            }
-        }
-        // what was sent reaches the broker before the next member writes
-        let _ = self.producer.flush(REVOKE_FLUSH);
-        lock(&self.revoked).extend(topics.iter().cloned());
-    }
-}
-
-impl ClientContext for MembersCtx {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        source::log_librdkafka(&self.shared.brokers, level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        source::error_librdkafka(&self.shared.brokers, error, reason);
-    }
-}
-
-impl ConsumerContext for MembersCtx {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let topics: Vec<String> = tpl
-            .elements()
-            .iter()
-            .map(|e| e.topic().to_string())
-            .collect();
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                if let Err(e) = consumer.assign(tpl) {
-                    tracing::error!(error = %e, "views writer: assignment failed");
-                    return;
-                }
-                // membership only: nothing is read
-                let _ = consumer.pause(tpl);
-                tracing::info!(topics = ?topics, "views writer: views assigned");
-                lock(&self.assigned).extend(topics);
-            }
-            _ => {
-                let all: Vec<String> = match err {
-                    RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => topics,
-                    _ => self.by_topic.keys().cloned().collect(),
-                };
-                tracing::info!(topics = ?all, "views writer: views revoked");
-                self.stop_writing(&all);
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
+/// A view is written whole at most this often (a view that keeps failing does not keep the
+/// writer busy).
+const REWRITE_EVERY: Duration = Duration::from_secs(1);
+/// A take-over that could not read the view's topic is tried again after this long.
+const TAKE_OVER_RETRY: Duration = Duration::from_secs(2);
+/// Attempts to create a view's topic that the broker refuses before the view is left unwritten.
+const CREATE_ATTEMPTS: u32 = 5;
 
 /// What the writer keeps of a view it writes.
 struct Writing {
     topic: String,
-    /// Keys the topic holds a row for (as far as this writer knows).
+    /// Keys the topic holds a row for (as far as this writer sent).
     present: HashSet<String>,
     /// Commits up to this view position are in the last whole rewrite.
     synced: i64,
+    /// The generation of this writing: a whole rewrite starts the next one ([`acks`]).
+    gen: u64,
+    last_rewrite: Option<Instant>,
     /// The floor the last record carried, the key it was for and when it was sent: once the
     /// view is idle and the floor moved on, that key's row is sent again with the new floor (a
     /// restore reads the floor of the topic's last record).
@@ -223,14 +82,26 @@ pub struct ViewLogWriter {
 }
 
 impl ViewLogWriter {
-    pub fn run(self) -> Result<(), KafkaError> {
+    /// Runs until cancelled; an error is logged (the views' topics are then not written by this
+    /// node) and never stops the node.
+    pub fn run(self) {
+        if let Err(e) = self.write() {
+            tracing::error!(error = %e, "views writer stopped: this node writes no view's changelog topic until it restarts");
+        }
+    }
+
+    fn write(&self) -> Result<(), KafkaError> {
         let views = self.views.log_views();
-        let by_topic: HashMap<String, String> = views
+        let defs: HashMap<String, String> = views
             .iter()
-            .map(|(name, _)| (topic(&self.config.changelog_prefix, name), name.clone()))
+            .map(|(name, _, def)| (name.clone(), def.clone()))
+            .collect();
+        let mut by_topic: HashMap<String, String> = views
+            .iter()
+            .map(|(name, _, _)| (topic(&self.config.changelog_prefix, name), name.clone()))
             .collect();
         let shared = Arc::new(Shared {
-            flags: views.into_iter().collect(),
+            flags: views.into_iter().map(|(n, f, _)| (n, f)).collect(),
             acked: Mutex::new(HashMap::new()),
             metrics: self.metrics.clone(),
             brokers: self.config.brokers.clone(),
@@ -252,7 +123,7 @@ impl ViewLogWriter {
                 .create_with_context(ProducerCtx(shared.clone()))?,
         );
         // the topics exist before anyone subscribes; a broker not there yet is retried
-        if !self.ensure_topics(by_topic.keys()) {
+        if !self.ensure_topics(&mut by_topic) {
             return Ok(());
         }
         // a node joins once it is ready: a writer that takes a view over writes it whole, and
@@ -274,31 +145,55 @@ impl ViewLogWriter {
         let topics: Vec<&str> = by_topic.keys().map(String::as_str).collect();
         members.subscribe(&topics)?;
         let mut writing: HashMap<String, Writing> = HashMap::new();
+        let mut retry: Vec<(String, Instant)> = Vec::new();
+        let mut gen: u64 = 0;
         while !self.cancel.is_cancelled() {
             let _ = members.poll(Duration::ZERO);
             producer.poll(Duration::ZERO);
             for t in std::mem::take(&mut *lock(&members.context().revoked)) {
+                retry.retain(|(r, _)| *r != t);
                 if let Some(view) = by_topic.get(&t) {
                     writing.remove(view);
                 }
             }
-            for t in std::mem::take(&mut *lock(&members.context().assigned)) {
+            let now = Instant::now();
+            let mut due: Vec<String> = std::mem::take(&mut *lock(&members.context().assigned));
+            retry.retain(|(t, at)| {
+                if *at <= now {
+                    due.push(t.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            for t in due {
                 let Some(view) = by_topic.get(&t) else {
                     continue;
                 };
-                if let Some(w) = self.take_over(view, &t, &shared) {
-                    writing.insert(view.clone(), w);
+                gen += 1;
+                match self.take_over(view, &t, &shared, gen) {
+                    Some(w) => {
+                        writing.insert(view.clone(), w);
+                    }
+                    None => retry.push((t, now + TAKE_OVER_RETRY)),
                 }
             }
             for (view, w) in writing.iter_mut() {
+                let def = defs.get(view).map_or("", String::as_str);
                 let dirty = shared
                     .flags
                     .get(view)
-                    .is_some_and(|f| f.dirty.swap(false, Ordering::AcqRel));
-                if dirty {
-                    self.rewrite(view, w, &producer, &shared);
-                } else {
-                    self.carry_floor(view, w, &producer, &shared);
+                    .is_some_and(|f| f.dirty.load(Ordering::Acquire));
+                let due = w.last_rewrite.is_none_or(|t| t.elapsed() >= REWRITE_EVERY);
+                if dirty && due {
+                    if let Some(f) = shared.flags.get(view) {
+                        f.dirty.store(false, Ordering::Release);
+                    }
+                    gen += 1;
+                    w.gen = gen;
+                    self.rewrite(view, def, w, &producer, &shared);
+                } else if !dirty {
+                    self.carry_floor(view, def, w, &producer, &shared);
                 }
             }
             match self.rx.recv_timeout(Duration::from_millis(50)) {
@@ -317,10 +212,11 @@ impl ViewLogWriter {
                         if c.off <= w.synced {
                             continue; // in the rewrite already
                         }
+                        let def = defs.get(&*c.view).map_or("", String::as_str);
                         let n = c.changes.len();
                         for (i, change) in c.changes.into_iter().enumerate() {
                             let end = (i + 1 == n).then(|| c.base.clone());
-                            if !self.send(&c.view, w, change, end, false, &producer, &shared) {
+                            if !self.send(&c.view, def, w, change, end, &producer, &shared) {
                                 break;
                             }
                         }
@@ -335,58 +231,82 @@ impl ViewLogWriter {
         for _ in 0..10 {
             let _ = members.poll(Duration::from_millis(20));
         }
-        let _ = producer.flush(Duration::from_secs(3));
+        let _ = producer.flush(Duration::from_secs(2));
         Ok(())
     }
 
     fn members_config(&self) -> ClientConfig {
         let mut c = source::client_config(&self.config);
+        // the group's own settings win over `--kafka-prop` (given for the input's consumer)
         c.set("group.id", format!("{}.views", self.config.group_id))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "latest")
             .set("enable.partition.eof", "false")
-            .set("partition.assignment.strategy", "roundrobin")
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
             .set("topic.metadata.refresh.interval.ms", "5000");
-        for (k, v) in &self.config.kafka_props {
-            c.set(k, v);
-        }
+        c.remove("group.instance.id");
         c
     }
 
-    /// Creates the views' topics, retrying until the broker answers; false when cancelled.
-    fn ensure_topics<'a>(&self, topics: impl Iterator<Item = &'a String> + Clone) -> bool {
+    /// Creates the views' topics, retrying until the broker answers; a topic the broker refuses
+    /// [`CREATE_ATTEMPTS`] times (a name that collides with another topic, no permission) is
+    /// dropped from `by_topic` with an error: its view is not written. False when cancelled.
+    fn ensure_topics(&self, by_topic: &mut HashMap<String, String>) -> bool {
         let mut backoff = Duration::from_millis(100);
-        loop {
-            let r: Result<(), _> = topics
-                .clone()
-                .try_for_each(|t| self.changelog.ensure_view(t));
-            match r {
-                Ok(()) => return true,
+        let mut refused: HashMap<String, u32> = HashMap::new();
+        let mut todo: Vec<String> = by_topic.keys().cloned().collect();
+        todo.sort();
+        while !todo.is_empty() {
+            todo.retain(|t| match self.changelog.ensure_view(t) {
+                Ok(()) => false,
                 Err(e) => {
-                    if source::throttled("view-topics", Duration::from_secs(10)) {
-                        tracing::warn!(error = %e, "cannot create the views' changelog topics; retrying");
+                    if matches!(e, ChangelogError::CreateTopic { .. }) {
+                        let n = refused.entry(t.clone()).or_default();
+                        *n += 1;
+                        if *n >= CREATE_ATTEMPTS {
+                            tracing::error!(topic = %t, error = %e, "the broker refuses to create a view's changelog topic; that view is not written (create the topic yourself: one partition, compacted)");
+                            by_topic.remove(t);
+                            return false;
+                        }
                     }
+                    if source::throttled("view-topics", Duration::from_secs(10)) {
+                        tracing::warn!(topic = %t, error = %e, "cannot create a view's changelog topic yet; retrying");
+                    }
+                    true
                 }
+            });
+            if todo.is_empty() {
+                break;
             }
-            let until = Instant::now() + backoff;
-            while Instant::now() < until {
-                if self.cancel.is_cancelled() {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if !self.pause(backoff) {
+                return false;
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+        !by_topic.is_empty()
     }
 
-    /// Reads what the topic holds and starts writing the view: whole first.
-    fn take_over(&self, view: &str, topic: &str, shared: &Shared) -> Option<Writing> {
+    /// Sleeps `d` unless cancelled first (false).
+    fn pause(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if self.cancel.is_cancelled() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
+    /// Reads what the topic holds and starts writing the view: whole first. `None` when the
+    /// topic could not be read (tried again shortly).
+    fn take_over(&self, view: &str, topic: &str, shared: &Shared, gen: u64) -> Option<Writing> {
         let reader = match source::reader(&self.config) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(view, error = %e, "views writer: no reader; the view is not written");
+                tracing::warn!(view, error = %e, "views writer: no reader; trying again");
                 return None;
             }
         };
@@ -394,26 +314,27 @@ impl ViewLogWriter {
         let content = match read_log(
             &reader,
             topic,
+            None,
             self.config.restore_stall,
             &self.config.brokers,
             &move || cancel.is_cancelled(),
         ) {
             Ok(c) => c.unwrap_or_default(),
             Err(e) => {
-                tracing::warn!(view, error = %e, "views writer: the view's topic could not be read; the view is not written until it is assigned again");
+                tracing::warn!(view, error = %e, "views writer: the view's topic could not be read; trying again");
                 return None;
             }
         };
         {
             let mut acked = lock(&shared.acked);
-            let a = acked.entry(view.to_string()).or_default();
             // this writer's own floor starts with its first acknowledged rewrite: a floor
             // names what its writer had acknowledged, and rows of another writer count only to
             // their own marks
-            a.floor = None;
-            a.broken = false;
+            acked.insert(view.to_string(), Default::default());
         }
-        let present = content.live_rows().map(|(k, _)| k.clone()).collect();
+        // tombstones included: a key the topic deleted is sent its tombstone again if a rewrite
+        // finds it gone (harmless), and a tombstone another writer had in flight is not lost
+        let present = content.rows.keys().cloned().collect();
         if let Some(f) = shared.flags.get(view) {
             // writes first, then the rewrite's snapshot: a commit between the two is in both
             // and dropped from the queue as older than the rewrite
@@ -434,6 +355,8 @@ impl ViewLogWriter {
             topic: topic.to_string(),
             present,
             synced: i64::MIN,
+            gen,
+            last_rewrite: None,
             floor_sent: None,
             last_key: None,
             last_sent: Instant::now(),
@@ -445,6 +368,7 @@ impl ViewLogWriter {
     fn carry_floor(
         &self,
         view: &str,
+        def: &str,
         w: &mut Writing,
         producer: &BaseProducer<ProducerCtx>,
         shared: &Shared,
@@ -463,18 +387,20 @@ impl ViewLogWriter {
             return;
         };
         let view: Arc<str> = view.into();
-        self.send(&view, w, change, None, false, producer, shared);
+        self.send(&view, def, w, change, None, producer, shared);
     }
 
-    /// Writes the whole view: every row, and a tombstone for each key the topic holds that the
-    /// view does not.
+    /// Writes the whole view: every row, and a tombstone for each key the topic holds (or whose
+    /// tombstone was not acknowledged) that the view does not.
     fn rewrite(
         &self,
         view: &str,
+        def: &str,
         w: &mut Writing,
         producer: &BaseProducer<ProducerCtx>,
         shared: &Shared,
     ) {
+        w.last_rewrite = Some(Instant::now());
         let Some((off, base, rows)) = self.views.log_snapshot(view) else {
             // a view over a table not fed yet: try again later
             if let Some(f) = shared.flags.get(view) {
@@ -483,10 +409,17 @@ impl ViewLogWriter {
             return;
         };
         let keys: HashSet<&String> = rows.iter().map(|(k, _, _)| k).collect();
+        let unacked: Vec<String> = lock(&shared.acked)
+            .get(view)
+            .map(|a| a.gone_unacked.iter().cloned().collect())
+            .unwrap_or_default();
         let mut gone: Vec<LogChange> = w
             .present
             .iter()
+            .chain(unacked.iter())
             .filter(|k| !keys.contains(k))
+            .collect::<HashSet<_>>()
+            .into_iter()
             .map(|k| (k.clone(), None, base.clone()))
             .collect();
         gone.sort_by(|a, b| a.0.cmp(&b.0));
@@ -504,8 +437,12 @@ impl ViewLogWriter {
         let view: Arc<str> = view.into();
         let mut ok = true;
         for (i, change) in all.into_iter().enumerate() {
+            if self.cancel.is_cancelled() {
+                ok = false;
+                break;
+            }
             let end = (i + 1 == n).then(|| base.clone());
-            if !self.send(&view, w, change, end, true, producer, shared) {
+            if !self.send(&view, def, w, change, end, producer, shared) {
                 ok = false;
                 break;
             }
@@ -515,16 +452,17 @@ impl ViewLogWriter {
         }
     }
 
-    /// Produces one record; false (and the view marked for a rewrite) when the producer's queue
-    /// stayed full.
+    /// Produces one record. False (and the view marked for a rewrite) when the producer's queue
+    /// stayed full or refused it for now; a record that can never be produced (too large) is
+    /// left out (counted, logged, the floor stops) and true is returned.
     #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
         view: &Arc<str>,
+        def: &str,
         w: &mut Writing,
         (key, row, mark): LogChange,
         last: Option<Arc<Mark>>,
-        rewrite: bool,
         producer: &BaseProducer<ProducerCtx>,
         shared: &Shared,
     ) -> bool {
@@ -544,6 +482,10 @@ impl ViewLogWriter {
                 value: Some(mark_json.as_bytes()),
             })
             .insert(Header {
+                key: HEADER_DEF,
+                value: Some(def.as_bytes()),
+            })
+            .insert(Header {
                 key: HEADER_WRITER,
                 value: Some(self.writer_id.as_bytes()),
             });
@@ -553,10 +495,19 @@ impl ViewLogWriter {
                 value: Some(f.as_bytes()),
             });
         }
+        let gone = value.is_none().then(|| key.clone());
+        if let Some(k) = &gone {
+            lock(&shared.acked)
+                .entry(view.to_string())
+                .or_default()
+                .gone_unacked
+                .insert(k.clone());
+        }
         let mut ack = Box::new(Ack {
             view: view.clone(),
+            gen: w.gen,
             last,
-            rewrite,
+            gone,
         });
         let started = Instant::now();
         loop {
@@ -576,15 +527,16 @@ impl ViewLogWriter {
                     producer.poll(Duration::from_millis(50));
                 }
                 Err((e, _)) => {
-                    tracing::warn!(view = %view, error = %e, "a view's changelog record could not be produced; the view is written whole again");
-                    if let Some(f) = shared.flags.get(&**view) {
-                        f.dirty.store(true, Ordering::Release);
+                    let permanent = is_permanent(&e);
+                    self.metrics
+                        .view_log_records
+                        .with_label_values(&[view, "failed"])
+                        .inc();
+                    shared.failed(view, w.gen, permanent);
+                    if source::throttled("view-log-produce", Duration::from_secs(10)) {
+                        tracing::warn!(view = %view, key, error = %e, permanent, "a view's changelog record could not be produced (a record too large is left out; otherwise the view is written whole again)");
                     }
-                    lock(&shared.acked)
-                        .entry(view.to_string())
-                        .or_default()
-                        .broken = true;
-                    return false;
+                    return permanent;
                 }
             }
         }

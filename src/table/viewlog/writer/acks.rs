@@ -1,0 +1,213 @@
+//! The producer side of the views writer: its delivery reports, which move each view's floor.
+//!
+//! Records of one partition are acknowledged in the order they were sent (an idempotent
+//! producer). Every record carries the generation of its view's writing: a whole rewrite starts a
+//! new one. The floor moves to a commit's (or rewrite's) base when its last record is
+//! acknowledged, unless a record of the same generation or a later one failed: a failure is
+//! mended only by the next whole rewrite (which writes every row again, and a tombstone for every
+//! key whose tombstone was not acknowledged), so the floor waits for that rewrite.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::ProducerContext;
+
+use crate::cdc::source;
+use crate::metrics::Metrics;
+use crate::table::checkpoint::is_permanent;
+use crate::table::viewlog::{LogFlags, Mark};
+
+/// What the delivery reports tell of one view.
+#[derive(Default)]
+pub struct Acked {
+    /// The base of the last commit or rewrite whose records were all acknowledged with nothing
+    /// failed in its generation (`None`: none yet in this tenure).
+    pub floor: Option<Arc<Mark>>,
+    /// The highest generation in which a record failed.
+    pub failed: Option<u64>,
+    /// Keys whose tombstone was sent and not yet acknowledged: a rewrite sends them again.
+    pub gone_unacked: HashSet<String>,
+}
+
+/// Shared by the writer loop, the delivery reports and the group callbacks.
+pub struct Shared {
+    pub flags: HashMap<String, Arc<LogFlags>>,
+    pub acked: Mutex<HashMap<String, Acked>>,
+    pub metrics: Arc<Metrics>,
+    pub brokers: String,
+}
+
+impl Shared {
+    pub fn floor(&self, view: &str) -> Option<Arc<Mark>> {
+        lock(&self.acked).get(view).and_then(|a| a.floor.clone())
+    }
+
+    /// A record of `view` in generation `gen` failed; unless `permanent` (it can never be
+    /// written: a rewrite would fail again), the view is written whole again.
+    pub fn failed(&self, view: &str, gen: u64, permanent: bool) {
+        let mut all = lock(&self.acked);
+        let a = all.entry(view.to_string()).or_default();
+        a.failed = Some(a.failed.map_or(gen, |f| f.max(gen)));
+        if !permanent {
+            if let Some(f) = self.flags.get(view) {
+                f.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// A record was acknowledged.
+    pub fn delivered(&self, ack: &Ack) {
+        let mut all = lock(&self.acked);
+        let a = all.entry(ack.view.to_string()).or_default();
+        if let Some(k) = &ack.gone {
+            a.gone_unacked.remove(k);
+        }
+        if let Some(mark) = &ack.last {
+            if a.failed.is_none_or(|f| f < ack.gen) {
+                a.floor = Some(mark.clone());
+            }
+        }
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The delivery report's opaque.
+pub struct Ack {
+    pub view: Arc<str>,
+    pub gen: u64,
+    /// On the last record of a commit or rewrite: its base (the floor once acknowledged).
+    pub last: Option<Arc<Mark>>,
+    /// A tombstone's key.
+    pub gone: Option<String>,
+}
+
+pub struct ProducerCtx(pub Arc<Shared>);
+
+impl ClientContext for ProducerCtx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        source::log_librdkafka(&self.0.brokers, level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        source::error_librdkafka(&self.0.brokers, error, reason);
+    }
+}
+
+impl ProducerContext for ProducerCtx {
+    type DeliveryOpaque = Box<Ack>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ack: Box<Ack>) {
+        let ok = result.is_ok();
+        self.0
+            .metrics
+            .view_log_records
+            .with_label_values(&[&*ack.view, if ok { "sent" } else { "failed" }])
+            .inc();
+        if let Err((e, _)) = result {
+            let permanent = is_permanent(e);
+            self.0.failed(&ack.view, ack.gen, permanent);
+            if source::throttled("view-log-delivery", Duration::from_secs(10)) {
+                tracing::warn!(view = %ack.view, error = %e, permanent, "a view's changelog record was not delivered (a record too large is left out; otherwise the view is written whole again)");
+            }
+            return;
+        }
+        self.0.delivered(&ack);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            flags: HashMap::from([("v".to_string(), Arc::new(LogFlags::default()))]),
+            acked: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new()),
+            brokers: "b".into(),
+        }
+    }
+
+    fn mark(n: i64) -> Arc<Mark> {
+        Arc::new(Mark {
+            events: vec![(0, n)],
+            input: None,
+        })
+    }
+
+    /// What `delivery` does with each outcome (a transient failure, or an acknowledgement).
+    fn deliver(s: &Shared, gen: u64, last: Option<i64>, ok: bool) {
+        if !ok {
+            s.failed("v", gen, false);
+            return;
+        }
+        s.delivered(&Ack {
+            view: "v".into(),
+            gen,
+            last: last.map(mark),
+            gone: None,
+        });
+    }
+
+    #[test]
+    fn a_failure_holds_the_floor_until_the_next_rewrite_is_acknowledged_whole() {
+        let s = shared();
+        deliver(&s, 1, Some(5), true);
+        assert_eq!(s.floor("v"), Some(mark(5)));
+        // rewrite 2: its first record fails, its last one is acknowledged
+        deliver(&s, 2, None, false);
+        assert!(
+            s.flags["v"].dirty.load(Ordering::Acquire),
+            "written whole again"
+        );
+        deliver(&s, 2, Some(9), true);
+        assert_eq!(s.floor("v"), Some(mark(5)), "the floor waits");
+        // a commit of the same generation does not move it either
+        deliver(&s, 2, Some(11), true);
+        assert_eq!(s.floor("v"), Some(mark(5)));
+        // rewrite 3 acknowledged whole; a late failure of generation 2 changes nothing
+        deliver(&s, 3, Some(12), true);
+        assert_eq!(s.floor("v"), Some(mark(12)));
+        deliver(&s, 2, None, false);
+        deliver(&s, 3, Some(13), true);
+        assert_eq!(s.floor("v"), Some(mark(13)));
+    }
+
+    #[test]
+    fn a_record_too_large_does_not_ask_for_a_rewrite() {
+        let s = shared();
+        s.failed("v", 1, true);
+        assert!(!s.flags["v"].dirty.load(Ordering::Acquire));
+        deliver(&s, 1, Some(4), true);
+        assert_eq!(s.floor("v"), None, "but the floor stays");
+    }
+
+    #[test]
+    fn an_acknowledged_tombstone_is_not_sent_again() {
+        let s = shared();
+        lock(&s.acked)
+            .entry("v".into())
+            .or_default()
+            .gone_unacked
+            .extend(["a".to_string(), "b".to_string()]);
+        s.delivered(&Ack {
+            view: "v".into(),
+            gen: 1,
+            last: None,
+            gone: Some("a".into()),
+        });
+        let all = lock(&s.acked);
+        assert_eq!(all["v"].gone_unacked, HashSet::from(["b".to_string()]));
+    }
+}
