@@ -898,9 +898,12 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     } else {
         (&mut b, &mut a)
     };
-    writer.kill9();
+    // killed while events flow (it may die between a commit's records)
     let batch = more(&mut gen, &mut events, 100);
-    produce_keyed(&p, &topic, &batch).await;
+    let flow = produce_paced(p.clone(), topic.clone(), batch);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    writer.kill9();
+    flow.await.unwrap();
     let ob = other.base.clone();
     eventually(
         "the other node writes totals",
@@ -915,9 +918,11 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     topics_hold(&group, &events, "after the hand-over").await;
 
     // every node killed; more events while none runs
-    other.kill9();
     let batch = more(&mut gen, &mut events, 60);
-    produce_keyed(&p, &topic, &batch).await;
+    let flow = produce_paced(p.clone(), topic.clone(), batch);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    other.kill9();
+    flow.await.unwrap();
     let mut c = Node::spawn(
         "c",
         "all",
@@ -960,5 +965,58 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     let batch = more(&mut gen, &mut events, 80);
     produce_keyed(&p, &topic, &batch).await;
     check_events(&c.base, &mut clients, &events, "node c, more events").await;
-    c.stop();
+    drop(clients);
+
+    // c (restored, then the writer of every view) killed while events flow; a fourth node
+    // restores from what c wrote on top of what a and b wrote
+    let ready = |m: &str| {
+        views.iter().all(|v| {
+            metric_value(m, &format!("livetable_view_log_writer{{view=\"{v}\"}}")) == Some(1.0)
+        })
+    };
+    let cb = c.base.clone();
+    eventually("c writes every view", Duration::from_secs(60), || {
+        let cb = cb.clone();
+        async move { ready(&metrics_text(&cb).await).then_some(()) }
+    })
+    .await;
+    let batch = more(&mut gen, &mut events, 60);
+    let flow = produce_paced(p.clone(), topic.clone(), batch);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.kill9();
+    flow.await.unwrap();
+    let data_d = tempdir();
+    let mut d = Node::spawn(
+        "d",
+        "all",
+        &group,
+        &nothing,
+        data_d.path(),
+        logs.path(),
+        &args,
+    );
+    d.wait_ready(Duration::from_secs(60)).await;
+    check_events(
+        &d.base,
+        &mut [],
+        &events,
+        "node d, restored from c's records",
+    )
+    .await;
+    d.stop();
+}
+
+/// Produces `records` in 10 slices, 30 ms apart (a kill lands while they flow).
+fn produce_paced(
+    p: rdkafka::producer::FutureProducer,
+    topic: String,
+    records: Vec<FixtureRecord>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let slice = records.len().div_ceil(10).max(1);
+        for chunk in records.chunks(slice) {
+            produce_keyed(&p, &topic, chunk).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    })
 }
