@@ -5,8 +5,11 @@
 //! declares the topic `events` and a `group_by` per player (count, sum, max) starts and reads them
 //! all: events/s = events / seconds from the spawn to `/readyz` 200 (which waits for the events
 //! topics to be read to their ends), start-up included. The view is then checked: one row per
-//! player, and the counts sum to the events. `view_runs` runs, a livetable and a topic per run,
-//! medians.
+//! player, and the counts sum to the events. Then, once the node wrote the view's changelog topic,
+//! it is killed (-9), its data directory removed, and it starts again empty: seconds from the
+//! spawn to ready (the view restored from its topic, the events after the topic's floor read
+//! again) and the events it read again; the view is checked again. `view_runs` runs, a livetable
+//! and a topic per run, medians.
 //!
 //! `views-top-n`: the cost of one update of a `top_n` (top 10, `order_by = score desc`) over N
 //! rows, N = `view_top_rows` (e.g. 10k, 100k, 1M), measured in this process on the operator
@@ -37,8 +40,31 @@ fn views_file(env: &Env, name: &str, topic: &str) -> anyhow::Result<std::path::P
     Ok(path)
 }
 
-/// One run: events/s, and the process's CPU seconds per million events.
-fn events_run(env: &Env, z: &Sizes, run: usize) -> anyhow::Result<(f64, f64)> {
+/// What one run measured.
+struct EventsRun {
+    rate: f64,
+    cpu_per_million: f64,
+    /// An empty node of the same deployment, restored from the view's changelog topic: seconds
+    /// from the spawn to ready, and the events it read again.
+    restore_secs: f64,
+    read_again: f64,
+}
+
+/// The view's games summed, and its row count, as `/api/tables/totals` says.
+fn view_counts(base: &str) -> anyhow::Result<(u64, usize)> {
+    let body = probe::client()
+        .get(format!("{base}/api/tables/totals"))
+        .send()?
+        .json::<Value>()?;
+    let rows = body["rows"].as_object().cloned().unwrap_or_default();
+    let games: u64 = rows.values().filter_map(|r| r["games"].as_u64()).sum();
+    Ok((games, rows.len()))
+}
+
+/// One run: events/s and the process's CPU seconds per million events; then the node is killed
+/// (-9) once its view's topic holds the view with its floor, its data directory removed, and the
+/// time an empty node takes to be ready again from the view's topic is measured.
+fn events_run(env: &Env, z: &Sizes, run: usize) -> anyhow::Result<EventsRun> {
     let name = format!("views-events-{run}");
     let topic = format!("{}.{name}.scores", env.run_id);
     env.tool(
@@ -64,34 +90,70 @@ fn events_run(env: &Env, z: &Sizes, run: usize) -> anyhow::Result<(f64, f64)> {
     )?;
     let secs = probe::time_to_ready(&lt.base, t0, Duration::from_secs(600))?;
     let cpu = lt.cpu_secs()?;
-    let body = probe::client()
-        .get(format!("{}/api/tables/totals", lt.base))
-        .send()?
-        .json::<Value>()?;
-    let rows = body["rows"].as_object().cloned().unwrap_or_default();
-    let games: u64 = rows.values().filter_map(|r| r["games"].as_u64()).sum();
+    let (games, rows) = view_counts(&lt.base)?;
     anyhow::ensure!(
-        games == z.view_events && rows.len() as u64 <= z.view_players && !rows.is_empty(),
-        "{name}: the view counts {games} events over {} players, want {} events over at most {} ({})",
-        rows.len(),
+        games == z.view_events && rows as u64 <= z.view_players && rows > 0,
+        "{name}: the view counts {games} events over {rows} players, want {} events over at most {} ({})",
         z.view_events,
         z.view_players,
         lt.log_tail()
     );
+    // the view's topic holds the whole view (this node writes it), and its floor went out
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = probe::metrics(&lt.base);
+        let sent = probe::metric_where(&m, "livetable_view_log_records_total", "outcome=\"sent\"");
+        if probe::metric(&m, "livetable_view_log_writer") == 1.0 && sent > rows as f64 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < until,
+            "{name}: the view's topic was not written within 120 s ({})",
+            lt.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    lt.kill9();
+    std::fs::remove_dir_all(&lt.data_dir)?;
+    let t1 = Instant::now();
+    env.start(&mut lt)?;
+    let restore_secs = probe::time_to_ready(&lt.base, t1, Duration::from_secs(600))?;
+    let m = probe::metrics(&lt.base);
+    // `+ 0.0`: the sum of no series is -0.0
+    let read_again = probe::metric(&m, "livetable_records_consumed_total") + 0.0;
+    let (games, again) = view_counts(&lt.base)?;
+    anyhow::ensure!(
+        games == z.view_events && again == rows,
+        "{name}: restored from the view's topic, the view counts {games} events over {again} players, want {} over {rows} ({})",
+        z.view_events,
+        lt.log_tail()
+    );
+    anyhow::ensure!(
+        probe::metric(&m, "livetable_view_log_restores_total") == 1.0,
+        "{name}: the empty node did not restore the view from its topic ({})",
+        lt.log_tail()
+    );
     lt.stop()?;
-    Ok((
-        z.view_events as f64 / secs,
-        cpu * 1e6 / z.view_events as f64,
-    ))
+    Ok(EventsRun {
+        rate: z.view_events as f64 / secs,
+        cpu_per_million: cpu * 1e6 / z.view_events as f64,
+        restore_secs,
+        read_again,
+    })
 }
 
 pub fn events(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
     let mut rates = Vec::new();
     let mut cpus = Vec::new();
+    let mut restores = Vec::new();
+    let mut again = Vec::new();
     for run in 0..z.view_runs {
-        let (rate, cpu) = events_run(env, z, run)?;
-        rates.push(rate);
-        cpus.push(cpu);
+        let r = events_run(env, z, run)?;
+        rates.push(r.rate);
+        cpus.push(r.cpu_per_million);
+        restores.push(r.restore_secs);
+        again.push(r.read_again);
     }
     sc.add(
         "group_by over events: events/s (spawn to ready)",
@@ -103,6 +165,18 @@ pub fn events(env: &Env, z: &Sizes, sc: &mut Scenario) -> anyhow::Result<()> {
         "process CPU per million events (start-up included)",
         median(cpus),
         "s",
+        None,
+    );
+    sc.add(
+        "empty node after kill -9, restored from the view's changelog topic: spawn to ready",
+        median(restores),
+        "s",
+        None,
+    );
+    sc.add(
+        "events read again by that node",
+        median(again),
+        "events",
         None,
     );
     Ok(())
