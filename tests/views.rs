@@ -1003,6 +1003,17 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
         "node d, restored from c's records",
     )
     .await;
+    let m = metrics_text(&d.base).await;
+    for v in ["high_scores", "totals"] {
+        assert_eq!(
+            metric_value(
+                &m,
+                &format!("livetable_view_log_restores_total{{view=\"{v}\"}}")
+            ),
+            Some(1.0),
+            "d restored {v} from its topic:\n{m}"
+        );
+    }
     d.stop();
 }
 

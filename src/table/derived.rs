@@ -409,11 +409,16 @@ impl Views {
                 .iter()
                 .map(|(k, e)| (k.clone(), (*e.row).clone()))
                 .collect();
-            let mut events_next: Vec<(i32, i64)> = next
-                .iter()
-                .filter(|((name, _), _)| *name == view.def.from)
-                .map(|((_, p), o)| (*p, *o))
-                .collect();
+            // what the reader passed, and what the view holds beyond it (a view restored from
+            // its topic holds a partition's events up to where its rows say, read or not)
+            let mut positions: HashMap<i32, i64> = st.pos.clone();
+            for ((name, p), o) in &next {
+                if *name == view.def.from {
+                    let e = positions.entry(*p).or_insert(*o);
+                    *e = (*e).max(*o);
+                }
+            }
+            let mut events_next: Vec<(i32, i64)> = positions.into_iter().collect();
             events_next.sort_unstable();
             let saved = SavedView {
                 def: fingerprint(&view.def),
@@ -458,7 +463,12 @@ impl Views {
             let mut out: Vec<OutChange> = Vec::new();
             for e in events {
                 let next = st.pos.entry(e.part).or_insert(0);
-                *next = (*next).max(e.offset + 1);
+                if e.offset < *next {
+                    // the view holds it already (restored from its topic while the reader
+                    // started lower for a sibling view)
+                    continue;
+                }
+                *next = e.offset + 1;
                 if st.skip.is_some() {
                     let key = st.op.event_key(e.key.as_deref(), &e.row);
                     if Self::skipped(&st, key.as_ref(), e.part, e.offset) {

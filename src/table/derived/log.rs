@@ -240,8 +240,8 @@ impl Views {
         let ends = content.ends();
         let mut st = lock(&view.state);
         st.op = op;
-        // every event before a partition's start is in the rows: the view's position there
-        // (a partition without a later event is then passed at once)
+        // every event before a partition's start is in the rows: the view's position there (an
+        // event below it is skipped; a partition without a later event is passed at once)
         st.pos = ends
             .keys()
             .map(|p| (*p, content.start(*p)))

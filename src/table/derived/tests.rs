@@ -642,6 +642,19 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
             }
             records
         };
+    // the same, then idle: the writer sent its last row again to carry the newest floor
+    let idle_records_of = |commits: &[Commit], name: &str| {
+        let mut records = records_of(commits, name, "w1", usize::MAX, false);
+        let last_base = commits
+            .iter()
+            .rfind(|c| &*c.view == name)
+            .map(|c| c.base.to_json());
+        if let Some(mut again) = records.last().cloned() {
+            again.3 = last_base;
+            records.push(again);
+        }
+        records
+    };
     let content_of =
         |mut records: Vec<Rec>, compacted: bool, defs: (Option<&str>, Option<&str>)| {
             let (def, expect) = defs;
@@ -673,10 +686,24 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
         };
     // a node restored from `topic(name)`, fed the events from where it says (in another
     // batching); returns its run and tables
+    // the same views and a sibling that cannot be restored from its topic (an `avg`): the reader
+    // then starts every partition at 0, below what the restored views hold
+    let mut with_avg = defs.clone();
+    with_avg.extend(
+        ViewsFile::parse(
+            "[topics.transfers]\nformat = \"events\"\n\n\
+             [views.mean]\nfrom = \"transfers\"\n\
+             group_by = { by = [\"account\"], aggregates = { m = \"avg(amount)\" } }\n",
+        )
+        .unwrap()
+        .views,
+    );
     let restore_and_feed =
-        |topic: &dyn Fn(&str) -> LogContent, log: Option<std::sync::mpsc::SyncSender<Commit>>| {
+        |defs: &[ViewDef],
+         topic: &dyn Fn(&str) -> LogContent,
+         log: Option<std::sync::mpsc::SyncSender<Commit>>| {
             let tables = Arc::new(Tables::default());
-            let r = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
+            let r = run_events(defs, &topics, &tables, &HashMap::new()).unwrap();
             if let Some(tx) = log {
                 r.views.set_log(tx);
                 for (_, flags, _) in r.views.log_views() {
@@ -713,15 +740,21 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
     let per_view = commits.iter().filter(|c| &*c.view == "balances").count();
     let mut restored_some = 0;
     for cut in 0..=per_view {
-        for (partial, compacted) in [(false, false), (true, false), (true, true)] {
+        for (partial, compacted, idle) in [
+            (false, false, false),
+            (true, false, false),
+            (true, true, false),
+            (false, false, cut == per_view),
+        ] {
             let topic = |name: &str| {
-                content_of(
-                    records_of(&commits, name, "w1", cut, partial),
-                    compacted,
-                    (None, None),
-                )
+                let records = if idle {
+                    idle_records_of(&commits, name)
+                } else {
+                    records_of(&commits, name, "w1", cut, partial)
+                };
+                content_of(records, compacted, (None, None))
             };
-            let (r, tables, restored, starts) = restore_and_feed(&topic, None);
+            let (r, tables, restored, starts) = restore_and_feed(&defs, &topic, None);
             restored_some += restored;
             for name in names {
                 assert_eq!(
@@ -732,7 +765,33 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
             }
             // every event was read again: nothing is skipped any more, and a clean stop saves
             // every view
-            assert_eq!(r.views.save().len(), 3, "cut {cut}: the skips are dropped");
+            let saved: HashMap<String, Vec<u8>> = r.views.save().into_iter().collect();
+            assert_eq!(saved.len(), 3, "cut {cut}: the skips are dropped");
+            // a clean stop now, and a start from what it saved: nothing is read twice (a
+            // partition with no event after the restore keeps its position too)
+            let again_tables = Arc::new(Tables::default());
+            let again = run_events(&defs, &topics, &again_tables, &saved).unwrap();
+            let resumed = [
+                again.views.events_start("transfers", 0),
+                again.views.events_start("transfers", 1),
+            ];
+            assert_eq!(resumed, next, "cut {cut}: resumed at the ends");
+            for name in names {
+                assert_eq!(rows_of(&again_tables, name), rows_of(&oracle_tables, name));
+            }
+            // with a sibling that is computed from the beginning, the restored views skip
+            // what they hold
+            if partial || idle {
+                let (_, tables, restored, starts) = restore_and_feed(&with_avg, &topic, None);
+                assert_eq!((restored, starts), (3, [0, 0]));
+                for name in names {
+                    assert_eq!(
+                        rows_of(&tables, name),
+                        rows_of(&oracle_tables, name),
+                        "{name} beside an avg: cut after {cut} commits, compacted {compacted}"
+                    );
+                }
+            }
             if cut == per_view && !partial {
                 // a whole topic: only what the last commit of a view took is read again (its
                 // records carry the floor of the commit before)
@@ -768,7 +827,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
             )
         };
         let (tx2, rx2) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-        let (_second, _, _, _) = restore_and_feed(&first, Some(tx2));
+        let (_second, _, _, _) = restore_and_feed(&defs, &first, Some(tx2));
         let second_commits: Vec<Commit> = rx2.try_iter().collect();
         assert!(!second_commits.is_empty());
         // the second writer's first commits (its floor still low) or all of them
@@ -784,7 +843,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
                 records.extend(records_of(&second_commits, name, "w2", cut2, false));
                 content_of(records, compacted, (None, None))
             };
-            let (_, tables, restored, _) = restore_and_feed(&both, None);
+            let (_, tables, restored, _) = restore_and_feed(&defs, &both, None);
             assert_eq!(restored, 3);
             for name in names {
                 assert_eq!(

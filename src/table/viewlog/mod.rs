@@ -9,8 +9,10 @@
 //! the views' topics) that is assigned the topic's partition ([`writer`]). A node that takes a
 //! view over first reads its topic, then writes the whole view (every row, and a tombstone for
 //! each key the topic holds that the view does not), then every change after it. A revoke stops
-//! the writer before the group's next member starts (the eager protocol), after it flushed what
-//! it sent.
+//! the writer, after it flushed what it sent (up to 3 s), before the group gives the view to
+//! another member (cooperative-sticky: a membership change moves only the views it must). Records
+//! a revoked writer still had in flight may land after the next writer's first ones; each row
+//! still carries its own mark, so a restore stays exact.
 //!
 //! # What a record says ([`Mark`])
 //! Every record carries, in header [`HEADER_MARK`], where the view's input stood when the row was
@@ -25,11 +27,15 @@
 //! # Restore ([`read`], `Views::restore_from_logs`)
 //! A node that starts without a usable saved state of the views over an events topic (a new or
 //! lost data directory, an unclean stop) reads their topics: each restorable view (plan
-//! `FromOutput`: its rows are its whole state) is rebuilt from its rows, and the events topic is
-//! read again from the lowest of the last floor and every row's mark; an event at or after that
-//! point whose output row's mark already covers it is skipped (each event of such a view changes
-//! exactly one output row). So no event is counted twice or lost, even when the events topic no
-//! longer holds its oldest events. Views over tables are computed from the table as before.
+//! `FromOutput`: its rows are its whole state; rows of another definition of the view are
+//! refused) is rebuilt from its rows. Its position on each partition starts at the lowest of the
+//! last floor and every row's mark (a row of the floor's own writer counts up to the floor), and
+//! an event at or after that point whose output row already holds it is skipped (each event of
+//! such a view changes exactly one output row); events below the view's position are skipped
+//! too (the reader starts at the lowest position any view of the topic needs: 0 when one of them
+//! is computed from the beginning). So no event is counted twice or lost, and events the topic
+//! no longer retains are not needed unless a view of the topic could not be restored. Views over
+//! tables are computed from the table as before.
 
 pub mod read;
 pub mod writer;

@@ -50,10 +50,15 @@ impl Shared {
 
     /// A record of `view` in generation `gen` failed; unless `permanent` (it can never be
     /// written: a rewrite would fail again), the view is written whole again.
-    pub fn failed(&self, view: &str, gen: u64, permanent: bool) {
+    pub fn failed(&self, view: &str, gen: u64, permanent: bool, gone: Option<&str>) {
         let mut all = lock(&self.acked);
         let a = all.entry(view.to_string()).or_default();
         a.failed = Some(a.failed.map_or(gen, |f| f.max(gen)));
+        // a failed tombstone is sent again by the next rewrite (an earlier tombstone of the key
+        // acknowledged meanwhile took it out of the set)
+        if let Some(k) = gone {
+            a.gone_unacked.insert(k.to_string());
+        }
         if !permanent {
             if let Some(f) = self.flags.get(view) {
                 f.dirty.store(true, Ordering::Release);
@@ -116,7 +121,8 @@ impl ProducerContext for ProducerCtx {
             .inc();
         if let Err((e, _)) = result {
             let permanent = is_permanent(e);
-            self.0.failed(&ack.view, ack.gen, permanent);
+            self.0
+                .failed(&ack.view, ack.gen, permanent, ack.gone.as_deref());
             if source::throttled("view-log-delivery", Duration::from_secs(10)) {
                 tracing::warn!(view = %ack.view, error = %e, permanent, "a view's changelog record was not delivered (a record too large is left out; otherwise the view is written whole again)");
             }
@@ -149,7 +155,7 @@ mod tests {
     /// What `delivery` does with each outcome (a transient failure, or an acknowledgement).
     fn deliver(s: &Shared, gen: u64, last: Option<i64>, ok: bool) {
         if !ok {
-            s.failed("v", gen, false);
+            s.failed("v", gen, false, None);
             return;
         }
         s.delivered(&Ack {
@@ -187,7 +193,7 @@ mod tests {
     #[test]
     fn a_record_too_large_does_not_ask_for_a_rewrite() {
         let s = shared();
-        s.failed("v", 1, true);
+        s.failed("v", 1, true, None);
         assert!(!s.flags["v"].dirty.load(Ordering::Acquire));
         deliver(&s, 1, Some(4), true);
         assert_eq!(s.floor("v"), None, "but the floor stays");
@@ -207,7 +213,12 @@ mod tests {
             last: None,
             gone: Some("a".into()),
         });
-        let all = lock(&s.acked);
-        assert_eq!(all["v"].gone_unacked, HashSet::from(["b".to_string()]));
+        assert_eq!(
+            lock(&s.acked)["v"].gone_unacked,
+            HashSet::from(["b".to_string()])
+        );
+        // a later tombstone of `a` fails after the earlier one was acknowledged: sent again
+        s.failed("v", 1, false, Some("a"));
+        assert!(lock(&s.acked)["v"].gone_unacked.contains("a"));
     }
 }

@@ -1,7 +1,7 @@
 //! The writer of the views' topics: one thread per serving node with views. It joins the group
 //! `<group-id>.views` (subscribed to every view's topic, one partition each), writes the views
 //! whose partition it is assigned and stops writing a view when the group takes it away (see the
-//! module doc of [`crate::table::viewlog`]). Nothing it does can stop the node: a view it cannot
+//! module doc of [`crate::table::viewlog`]). Its errors do not stop the node: a view it cannot
 //! write is logged and counted, and the node serves on.
 
 mod acks;
@@ -48,7 +48,7 @@ const REWRITE_EVERY: Duration = Duration::from_secs(1);
 /// A take-over that could not read the view's topic is tried again after this long.
 const TAKE_OVER_RETRY: Duration = Duration::from_secs(2);
 /// Attempts to create a view's topic that the broker refuses before the view is left unwritten.
-const CREATE_ATTEMPTS: u32 = 5;
+const CREATE_ATTEMPTS: u32 = 20;
 
 /// What the writer keeps of a view it writes.
 struct Writing {
@@ -66,6 +66,11 @@ struct Writing {
     floor_sent: Option<Arc<Mark>>,
     last_key: Option<String>,
     last_sent: Instant,
+}
+
+/// The tombstone key of a record, for [`Shared::failed`].
+fn ack_gone(key: &str, tombstone: bool) -> Option<&str> {
+    tombstone.then_some(key)
 }
 
 /// The writer thread.
@@ -329,8 +334,15 @@ impl ViewLogWriter {
             let mut acked = lock(&shared.acked);
             // this writer's own floor starts with its first acknowledged rewrite: a floor
             // names what its writer had acknowledged, and rows of another writer count only to
-            // their own marks
-            acked.insert(view.to_string(), Default::default());
+            // their own marks; a late acknowledgement of this node's earlier tenure (an older
+            // generation) moves nothing
+            acked.insert(
+                view.to_string(),
+                acks::Acked {
+                    failed: Some(gen),
+                    ..Default::default()
+                },
+            );
         }
         // tombstones included: a key the topic deleted is sent its tombstone again if a rewrite
         // finds it gone (harmless), and a tombstone another writer had in flight is not lost
@@ -532,7 +544,7 @@ impl ViewLogWriter {
                         .view_log_records
                         .with_label_values(&[view, "failed"])
                         .inc();
-                    shared.failed(view, w.gen, permanent);
+                    shared.failed(view, w.gen, permanent, ack_gone(&key, value.is_none()));
                     if source::throttled("view-log-produce", Duration::from_secs(10)) {
                         tracing::warn!(view = %view, key, error = %e, permanent, "a view's changelog record could not be produced (a record too large is left out; otherwise the view is written whole again)");
                     }
