@@ -226,9 +226,10 @@ impl Views {
     /// - a view over a table: its input is at exactly the saved token and change count, and is not
     ///   itself a view (whose lineage is new in each process);
     /// - views over events: every view of that events input has a usable saved state (its
-    ///   operator state readable, the topic declared as it was) at the same positions, else none
-    ///   is loaded (they are then restored from their changelog topics where they can be, else
-    ///   the topic is read from its beginning).
+    ///   operator state readable, the topic declared as it was), else none is loaded (they are
+    ///   then restored from their changelog topics where they can be, else the topic is read
+    ///   from its beginning); the reader resumes at the lowest of their positions and each view
+    ///   skips the events below its own.
     fn load_saved(&self, all: &[Arc<View>], saved: &HashMap<String, Vec<u8>>) {
         let mut usable: HashMap<&str, (SavedView, ViewOperator)> = HashMap::new();
         for view in all {
@@ -269,30 +270,50 @@ impl Views {
                 }
             }
         }
-        // an events input resumes only if all its views do, from the same positions
-        for views in self.by_input.values() {
+        // an events input resumes only if all its views do; the reader then starts each
+        // partition at the lowest of their positions (a view absent from a partition needs it
+        // from 0), and each view skips the events below its own
+        let mut starts: Vec<((String, i32), i64)> = Vec::new();
+        for (input, views) in &self.by_input {
             let events: Vec<&Arc<View>> = views
                 .iter()
                 .filter(|v| v.def.input == InputKind::Events)
                 .collect();
-            let Some(first) = events.first() else {
+            if events.is_empty() {
                 continue;
-            };
-            let positions = usable
-                .get(first.def.name.as_str())
-                .map(|(sv, _)| sv.events_next.clone());
-            let all_same = positions.is_some()
-                && events.iter().all(|v| {
-                    usable
-                        .get(v.def.name.as_str())
-                        .is_some_and(|(sv, _)| Some(&sv.events_next) == positions.as_ref())
-                });
-            if !all_same {
+            }
+            let all = events
+                .iter()
+                .all(|v| usable.contains_key(v.def.name.as_str()));
+            if !all {
                 for v in &events {
                     usable.remove(v.def.name.as_str());
                 }
+                continue;
+            }
+            let mut parts: Vec<i32> = events
+                .iter()
+                .filter_map(|v| usable.get(v.def.name.as_str()))
+                .flat_map(|(sv, _)| sv.events_next.iter().map(|(p, _)| *p))
+                .collect();
+            parts.sort_unstable();
+            parts.dedup();
+            for p in parts {
+                let lowest = events
+                    .iter()
+                    .filter_map(|v| usable.get(v.def.name.as_str()))
+                    .map(|(sv, _)| {
+                        sv.events_next
+                            .iter()
+                            .find(|(q, _)| *q == p)
+                            .map_or(0, |(_, n)| *n)
+                    })
+                    .min()
+                    .unwrap_or(0);
+                starts.push(((input.clone(), p), lowest));
             }
         }
+        lock(&self.events_next).extend(starts);
         for view in all {
             let Some((sv, op)) = usable.remove(view.def.name.as_str()) else {
                 continue;
@@ -339,13 +360,8 @@ impl Views {
                     useq,
                 })
             }
-            InputKind::Events => {
-                let mut next = lock(&self.events_next);
-                for (p, off) in saved.events_next {
-                    next.insert((view.def.from.clone(), p), off);
-                }
-                None
-            }
+            // the reader's start is set by `load_saved` (the lowest over the input's views)
+            InputKind::Events => None,
         };
         let mut st = lock(&view.state);
         st.op = op;

@@ -499,6 +499,32 @@ fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
     };
     assert_eq!(start(&saved, "account"), (2, 1), "all load: resumed at 2");
 
+    // views saved at different positions (one restored from its topic before the stop) still
+    // load together: the reader starts at the lowest (0 where a view names no position), and
+    // each view skips what it holds
+    let mut apart = saved.clone();
+    let mut sv: Value = serde_json::from_slice(&saved["counts"]).unwrap();
+    sv["events_next"] = json!([[0, 2], [1, 5]]);
+    apart.insert("counts".into(), serde_json::to_vec(&sv).unwrap());
+    let mut sv: Value = serde_json::from_slice(&saved["balances"]).unwrap();
+    sv["events_next"] = json!([[0, 1]]);
+    apart.insert("balances".into(), serde_json::to_vec(&sv).unwrap());
+    let tables = Arc::new(Tables::default());
+    let r = run_events(&defs, &[topic("account")], &tables, &apart).unwrap();
+    assert_eq!(
+        (
+            r.views.events_start("transfers", 0),
+            r.views.events_start("transfers", 1)
+        ),
+        (1, 0)
+    );
+    // offset 1 again: `counts` holds it (its position is 2), `balances` takes it
+    r.views.feed_events("transfers", &[event(7, 1)]);
+    let balances = rows_of(&tables, "balances");
+    let counts = rows_of(&tables, "counts");
+    assert_eq!(balances["A"]["total"], json!(19));
+    assert_eq!(counts["A"]["n"], json!(2));
+
     // one saved state unreadable (its operator state of another operator)
     let mut broken = saved.clone();
     let mut sv: Value = serde_json::from_slice(&saved["counts"]).unwrap();
