@@ -77,11 +77,7 @@ impl Views {
 
     /// The definition id of view `name` (`None`: no such view).
     pub fn log_def(&self, name: &str) -> Option<String> {
-        let view = self
-            .by_input
-            .values()
-            .flatten()
-            .find(|v| v.def.name == name)?;
+        let view = self.view_named(name)?;
         Some(self.def_id(view))
     }
 
@@ -102,6 +98,22 @@ impl Views {
                     input: Some(format!("{}#{}", f.epoch, f.useq)),
                 })
             }),
+        }
+    }
+
+    /// The view named `name`.
+    fn view_named(&self, name: &str) -> Option<&Arc<View>> {
+        self.by_input
+            .values()
+            .flatten()
+            .find(|v| v.def.name == name)
+    }
+
+    /// The mark of `key`'s row written now at `base` (a restored view's row keeps what it held).
+    fn mark_for(st: &ViewState, key: &str, base: &Arc<Mark>) -> Arc<Mark> {
+        match &st.skip {
+            Some(s) => s.mark(key, base),
+            None => base.clone(),
         }
     }
 
@@ -127,10 +139,7 @@ impl Views {
             changes: changes
                 .iter()
                 .map(|(k, r)| {
-                    let mark = match &st.skip {
-                        Some(s) => s.mark(k, &base),
-                        None => base.clone(),
-                    };
+                    let mark = Self::mark_for(st, k, &base);
                     (k.clone(), r.clone(), mark)
                 })
                 .collect(),
@@ -148,11 +157,7 @@ impl Views {
     /// input's position: what a writer that takes the view over writes first (`None`: no such view, or a view over a table not fed
     /// yet).
     pub fn log_snapshot(&self, name: &str) -> Option<(i64, Arc<Mark>, Vec<LogChange>)> {
-        let view = self
-            .by_input
-            .values()
-            .flatten()
-            .find(|v| v.def.name == name)?;
+        let view = self.view_named(name)?;
         let st = lock(&view.state);
         let base = Self::mark_of(view, &st)?;
         let t = view.table.read();
@@ -160,10 +165,7 @@ impl Views {
             .rows
             .iter()
             .map(|(k, e)| {
-                let mark = match &st.skip {
-                    Some(s) => s.mark(k, &base),
-                    None => base.clone(),
-                };
+                let mark = Self::mark_for(&st, k, &base);
                 (k.clone(), Some(e.row.shared().clone()), mark)
             })
             .collect();
@@ -173,17 +175,10 @@ impl Views {
     /// The current row of `key` of view `name` (`None` in the change: no such row) with its
     /// mark: what the writer sends again to carry a newer floor once the view is idle.
     pub fn log_row(&self, name: &str, key: &str) -> Option<LogChange> {
-        let view = self
-            .by_input
-            .values()
-            .flatten()
-            .find(|v| v.def.name == name)?;
+        let view = self.view_named(name)?;
         let st = lock(&view.state);
         let base = Self::mark_of(view, &st)?;
-        let mark = match &st.skip {
-            Some(s) => s.mark(key, &base),
-            None => base,
-        };
+        let mark = Self::mark_for(&st, key, &base);
         let row = view
             .table
             .read()
@@ -215,12 +210,7 @@ impl Views {
     /// from [`Views::events_start`] and skips what the rows already hold. False (nothing changed)
     /// when the content is not usable: a record that could not be read, or nothing written.
     pub fn restore_from_log(&self, name: &str, content: LogContent) -> bool {
-        let Some(view) = self
-            .by_input
-            .values()
-            .flatten()
-            .find(|v| v.def.name == name)
-        else {
+        let Some(view) = self.view_named(name) else {
             return false;
         };
         if content.bad > 0 || content.records == 0 || !content.other_def.is_empty() {

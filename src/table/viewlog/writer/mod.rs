@@ -68,11 +68,6 @@ struct Writing {
     last_sent: Instant,
 }
 
-/// The tombstone key of a record, for [`Shared::failed`].
-fn ack_gone(key: &str, tombstone: bool) -> Option<&str> {
-    tombstone.then_some(key)
-}
-
 /// The writer thread.
 pub struct ViewLogWriter {
     pub config: Config,
@@ -544,7 +539,12 @@ impl ViewLogWriter {
                         .view_log_records
                         .with_label_values(&[view, "failed"])
                         .inc();
-                    shared.failed(view, w.gen, permanent, ack_gone(&key, value.is_none()));
+                    shared.failed(
+                        view,
+                        w.gen,
+                        permanent,
+                        value.is_none().then_some(key.as_str()),
+                    );
                     if source::throttled("view-log-produce", Duration::from_secs(10)) {
                         tracing::warn!(view = %view, key, error = %e, permanent, "a view's changelog record could not be produced (a record too large is left out; otherwise the view is written whole again)");
                     }
