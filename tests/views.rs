@@ -480,7 +480,7 @@ top_n = { order_by = ["score desc", "player"], limit = 5 }
 from = "scores"
 [views.totals.group_by]
 by = ["player"]
-aggregates = { games = "count()", points = "sum(score)", last = "latest(score)" }
+aggregates = { games = "count()", points = "sum(score)", last = "latest(score)", mean = "avg(score)" }
 "#;
 
 /// `(player, score, seq)` events -> the three event views, by brute force.
@@ -518,9 +518,14 @@ fn event_oracle(events: &[(String, i64)]) -> BTreeMap<&'static str, BTreeMap<Str
     let totals = totals
         .iter()
         .map(|(p, (g, pts, last))| {
+            // the decimal arithmetic is livetable's own (unit-tested); what this checks is that
+            // a sum and count survive restores, not how a quotient is written
+            let mean = livetable::filter::Decimal::from_i64(*pts)
+                .div_count(*g as u64)
+                .map(|d| d.to_json(true));
             (
                 p.clone(),
-                json!({"player": p, "games": g, "points": pts, "last": last}),
+                json!({"player": p, "games": g, "points": pts, "last": last, "mean": mean}),
             )
         })
         .collect();
@@ -709,7 +714,8 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
             "[topics.\"{events_topic}\"]\nformat = \"events\"\nname = \"plays\"\nkey = [\"player\"]\n\n\
              [views.hist]\nfrom = \"scores\"\nhistory = {{ limit = 10, columns = [\"score\"] }}\n\n\
              [views.totals]\nfrom = \"plays\"\n[views.totals.group_by]\nby = [\"player\"]\n\
-             aggregates = {{ games = \"count()\", points = \"sum(score)\", last = \"latest(score)\" }}\n"
+             aggregates = {{ games = \"count()\", points = \"sum(score)\", last = \"latest(score)\", \
+             mean = \"avg(score)\" }}\n"
         ),
     )
     .unwrap();

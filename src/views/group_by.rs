@@ -67,6 +67,16 @@ enum Agg {
     },
 }
 
+/// An `avg` over events as [`GroupBy::row_state`] carries it (the sum as a plain decimal
+/// string, so that it stays exact through JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct AvgState {
+    sum: String,
+    n: u64,
+    strings: u64,
+    scale: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Group {
     rows: u64,
@@ -108,8 +118,49 @@ impl GroupBy {
 
     /// True when the output rows alone rebuild the state: events input and no `avg`.
     pub fn rebuildable_from_output(&self) -> bool {
-        self.input == InputKind::Events
-            && self.spec.aggregates.iter().all(|a| a.kind != AggKind::Avg)
+        self.input == InputKind::Events && !self.has_avg()
+    }
+
+    /// True when the output rows, each with its [`GroupBy::row_state`], rebuild the state:
+    /// events input with `avg` (an average shows neither its sum nor its count).
+    pub fn rebuildable_from_output_and_row_state(&self) -> bool {
+        self.input == InputKind::Events && self.has_avg()
+    }
+
+    fn has_avg(&self) -> bool {
+        self.spec.aggregates.iter().any(|a| a.kind == AggKind::Avg)
+    }
+
+    /// What group `key`'s output row does not show and a rebuild needs (only when
+    /// [`GroupBy::rebuildable_from_output_and_row_state`]; `None` otherwise or for no such
+    /// group): each `avg`'s exact sum, count, string count and scale, by aggregate name.
+    pub fn row_state(&self, key: &str) -> Option<Value> {
+        if !self.rebuildable_from_output_and_row_state() {
+            return None;
+        }
+        let group = self.state.groups.get(key)?;
+        let mut out = serde_json::Map::new();
+        for (spec, agg) in self.spec.aggregates.iter().zip(&group.aggs) {
+            if let (
+                AggKind::Avg,
+                Agg::Sum {
+                    sum,
+                    n,
+                    strings,
+                    scales,
+                },
+            ) = (spec.kind, agg)
+            {
+                let state = AvgState {
+                    sum: sum.to_plain_string(),
+                    n: *n,
+                    strings: *strings,
+                    scale: scales.last_key_value().map_or(0, |(s, _)| *s),
+                };
+                out.insert(spec.name.clone(), serde_json::to_value(state).ok()?);
+            }
+        }
+        Some(Value::Object(out))
     }
 
     /// True when replaying the input table's current rows as inserts rebuilds the state exactly:
@@ -416,14 +467,39 @@ impl GroupBy {
         }
     }
 
-    /// Rebuilds one group from its output row (only when [`GroupBy::rebuildable_from_output`]).
-    pub fn rebuild_from_output(&mut self, key: &str, row: &Row) {
+    /// Rebuilds one group from its output row and, for `avg`, its [`GroupBy::row_state`]
+    /// (only when [`GroupBy::rebuildable_from_output`] or
+    /// [`GroupBy::rebuildable_from_output_and_row_state`]). False, and nothing changed, when
+    /// an `avg` lacks a readable state.
+    pub fn rebuild_from_output(&mut self, key: &str, row: &Row, state: Option<&Value>) -> bool {
         let mut group = self.new_group(row);
         group.rows = 1;
         for (spec, agg) in self.spec.aggregates.iter().zip(group.aggs.iter_mut()) {
             let value = row.get(&spec.name).filter(|v| !v.is_null());
             match agg {
                 Agg::Count { n } => *n = value.and_then(Value::as_u64).unwrap_or(0),
+                Agg::Sum {
+                    sum,
+                    n,
+                    strings,
+                    scales,
+                } if spec.kind == AggKind::Avg => {
+                    let Some(s) = state
+                        .and_then(|s| s.get(&spec.name))
+                        .and_then(|s| AvgState::deserialize(s).ok())
+                    else {
+                        return false;
+                    };
+                    let Some(d) = Decimal::parse_plain(&s.sum) else {
+                        return false;
+                    };
+                    *sum = d;
+                    *n = s.n;
+                    *strings = s.strings;
+                    if s.n > 0 {
+                        scales.insert(s.scale, 1);
+                    }
+                }
                 Agg::Sum {
                     sum,
                     n,
@@ -445,6 +521,7 @@ impl GroupBy {
             }
         }
         self.state.groups.insert(key.to_string(), group);
+        true
     }
 
     /// Number of groups.

@@ -83,12 +83,15 @@
 //! - [`RestorePlan::FromOutput`]: `history`, `delta` (without `key` columns), `max_by`/`min_by` over events, `group_by`
 //!   over events without `avg`: the view's own rows (its changelog) are its whole state; call
 //!   [`ViewOperator::rebuild_from_output`] with each `(key, row)`.
+//! - [`RestorePlan::FromOutputAndRowState`]: `group_by` with `avg` over events: the rows and,
+//!   with each, what it does not show ([`ViewOperator::row_state`]: each average's exact sum and
+//!   count), which the view's topic carries beside the row; call
+//!   [`ViewOperator::rebuild_from_output_and_row_state`].
 //! - [`RestorePlan::ReplayInput`]: `top_n`, `max_by`/`min_by` over a table, `group_by` over a table
 //!   without `latest`: the state is a function of the input table's current rows; feed each as an
 //!   insert (`Change { key, old: None, new: Some(row) }`) and drop the output (it equals the
 //!   restored changelog).
-//! - [`RestorePlan::PersistedState`]: `group_by` with `avg` over events (needs the sum and count,
-//!   which the output does not carry), `latest` over a table (needs the order of changes), or
+//! - [`RestorePlan::PersistedState`]: `latest` over a table (needs the order of changes), or
 //!   `delta` over a table with `key` columns (needs each input row's own movement): save
 //!   [`ViewOperator::save_state`] atomically with the view's rows and Kafka positions, load with
 //!   [`ViewOperator::load_state`]. Every operator supports save/load, so this plan always works.
@@ -133,6 +136,7 @@ pub enum Input<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestorePlan {
     FromOutput,
+    FromOutputAndRowState,
     ReplayInput,
     PersistedState,
 }
@@ -263,6 +267,9 @@ impl ViewOperator {
             Op::Extreme(o) if o.rebuildable_from_output() => RestorePlan::FromOutput,
             Op::Extreme(_) | Op::TopN(_) => RestorePlan::ReplayInput,
             Op::GroupBy(o) if o.rebuildable_from_output() => RestorePlan::FromOutput,
+            Op::GroupBy(o) if o.rebuildable_from_output_and_row_state() => {
+                RestorePlan::FromOutputAndRowState
+            }
             Op::GroupBy(o) if o.rebuildable_from_input() => RestorePlan::ReplayInput,
             Op::GroupBy(_) => RestorePlan::PersistedState,
         }
@@ -270,16 +277,43 @@ impl ViewOperator {
 
     /// Feeds one output row back (plan [`RestorePlan::FromOutput`] only; otherwise ignored).
     pub fn rebuild_from_output(&mut self, key: &str, row: &Row) {
-        if self.restore_plan() != RestorePlan::FromOutput {
-            return;
+        if self.restore_plan() == RestorePlan::FromOutput {
+            self.rebuild_from_output_and_row_state(key, row, None);
+        }
+    }
+
+    /// What output row `key` does not show and a rebuild needs (plan
+    /// [`RestorePlan::FromOutputAndRowState`] only; `None` otherwise or for no such row). It
+    /// goes with the row wherever the row is kept (the view's topic).
+    pub fn row_state(&self, key: &str) -> Option<serde_json::Value> {
+        match &self.op {
+            Op::GroupBy(o) => o.row_state(key),
+            _ => None,
+        }
+    }
+
+    /// Feeds one output row back with its [`ViewOperator::row_state`] (plans
+    /// [`RestorePlan::FromOutput`], where `state` is not needed, and
+    /// [`RestorePlan::FromOutputAndRowState`]). False, and nothing changed, for another plan
+    /// or a state that is missing or unreadable.
+    pub fn rebuild_from_output_and_row_state(
+        &mut self,
+        key: &str,
+        row: &Row,
+        state: Option<&serde_json::Value>,
+    ) -> bool {
+        match self.restore_plan() {
+            RestorePlan::FromOutput | RestorePlan::FromOutputAndRowState => {}
+            RestorePlan::ReplayInput | RestorePlan::PersistedState => return false,
         }
         match &mut self.op {
-            Op::GroupBy(o) => o.rebuild_from_output(key, row),
+            Op::GroupBy(o) => return o.rebuild_from_output(key, row, state),
             Op::Extreme(o) => o.rebuild_from_output(key, row),
             Op::History(o) => o.rebuild_from_output(key, row),
             Op::Delta(o) => o.rebuild_from_output(key, row),
-            Op::TopN(_) => {}
+            Op::TopN(_) => return false,
         }
+        true
     }
 
     /// The whole state as JSON bytes (`{"operator": ..., "state": ...}`).

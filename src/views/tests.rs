@@ -144,10 +144,11 @@ fn check_restores(
 ) -> Result<(), TestCaseError> {
     let mut copies = vec![ViewOperator::load_state(view, &op.save_state().unwrap()).unwrap()];
     match op.restore_plan() {
-        RestorePlan::FromOutput => {
+        RestorePlan::FromOutput | RestorePlan::FromOutputAndRowState => {
             let mut fresh = ViewOperator::new(view);
             for (k, r) in out {
-                fresh.rebuild_from_output(k, r);
+                let state = op.row_state(k);
+                prop_assert!(fresh.rebuild_from_output_and_row_state(k, r, state.as_ref()));
             }
             copies.push(fresh);
         }
@@ -502,8 +503,19 @@ proptest! {
         let view = def(InputKind::Events, OperatorDef::GroupBy(group_by_spec()));
         let mut op = ViewOperator::new(&view);
         let out = run_events(&mut op, &events, oracle_group_by_events)?;
-        prop_assert_eq!(op.restore_plan(), RestorePlan::PersistedState);
+        prop_assert_eq!(op.restore_plan(), RestorePlan::FromOutputAndRowState);
         let restored = ViewOperator::load_state(&view, &op.save_state().unwrap()).unwrap();
+        // with avg: rebuilt from the output rows and each row's state
+        let mut with_state = ViewOperator::new(&view);
+        for (k, r) in &out {
+            let state = op.row_state(k);
+            prop_assert!(state.is_some(), "a row of a view with avg has a state");
+            prop_assert!(with_state.rebuild_from_output_and_row_state(k, r, state.as_ref()));
+        }
+        // ... and never from the rows alone
+        if let Some((k, r)) = out.iter().next() {
+            prop_assert!(!ViewOperator::new(&view).rebuild_from_output_and_row_state(k, r, None));
+        }
         // without avg: rebuilt from the output rows alone
         let mut spec = group_by_spec();
         spec.aggregates.retain(|a| a.kind != AggKind::Avg);
@@ -519,7 +531,12 @@ proptest! {
         for (k, r) in &out2 {
             rebuilt.rebuild_from_output(k, r);
         }
-        for (mut a, mut b, start) in [(op, restored, out), (op2, rebuilt, out2)] {
+        let copies = [
+            (op.clone(), restored, out.clone()),
+            (op, with_state, out),
+            (op2, rebuilt, out2),
+        ];
+        for (mut a, mut b, start) in copies {
             let (mut sa, mut sb) = (start.clone(), start);
             for (k, r) in &more {
                 let key = k.map(|k| format!("e{k}"));

@@ -43,6 +43,7 @@ impl Skip {
         Arc::new(Mark {
             events,
             input: base.input.clone(),
+            state: None,
         })
     }
 
@@ -90,12 +91,14 @@ impl Views {
                 Some(Arc::new(Mark {
                     events,
                     input: None,
+                    state: None,
                 }))
             }
             InputKind::Table => st.fed.as_ref().map(|f| {
                 Arc::new(Mark {
                     events: Vec::new(),
                     input: Some(format!("{}#{}", f.epoch, f.useq)),
+                    state: None,
                 })
             }),
         }
@@ -110,10 +113,18 @@ impl Views {
     }
 
     /// The mark of `key`'s row written now at `base` (a restored view's row keeps what it held).
+    /// With it goes what the row does not show and a restore needs (an `avg`'s sum and count).
     fn mark_for(st: &ViewState, key: &str, base: &Arc<Mark>) -> Arc<Mark> {
-        match &st.skip {
+        let mark = match &st.skip {
             Some(s) => s.mark(key, base),
             None => base.clone(),
+        };
+        match st.op.row_state(key) {
+            Some(state) => Arc::new(Mark {
+                state: Some(state),
+                ..(*mark).clone()
+            }),
+            None => mark,
         }
     }
 
@@ -190,7 +201,7 @@ impl Views {
 
     /// The views over events that can be restored from their topics, by events input: those of
     /// an input none of whose views was loaded from a clean stop's save, whose plan is
-    /// [`RestorePlan::FromOutput`].
+    /// [`RestorePlan::FromOutput`] or [`RestorePlan::FromOutputAndRowState`].
     pub fn restorable_from_logs(&self) -> Vec<String> {
         let loaded: Vec<String> = lock(&self.events_next)
             .keys()
@@ -201,7 +212,12 @@ impl Views {
             .filter(|(input, _)| !loaded.contains(input))
             .flat_map(|(_, views)| views.iter())
             .filter(|v| v.def.input == InputKind::Events)
-            .filter(|v| ViewOperator::new(&v.def).restore_plan() == RestorePlan::FromOutput)
+            .filter(|v| {
+                matches!(
+                    ViewOperator::new(&v.def).restore_plan(),
+                    RestorePlan::FromOutput | RestorePlan::FromOutputAndRowState
+                )
+            })
             .map(|v| v.def.name.clone())
             .collect()
     }
@@ -223,8 +239,16 @@ impl Views {
             .collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         for (k, r) in &rows {
-            if let Some(r) = r {
-                op.rebuild_from_output(k, r);
+            let Some(r) = r else { continue };
+            let state = content.rows.get(k).and_then(|(_, m, _)| m.state.as_ref());
+            if !op.rebuild_from_output_and_row_state(k, r, state) {
+                // a row without what its operator needs (written by an older version)
+                tracing::warn!(
+                    view = %view.def.name,
+                    key = %k,
+                    "view topic row lacks its operator state: view computed from its events"
+                );
+                return false;
             }
         }
         let ends = content.ends();

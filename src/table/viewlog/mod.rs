@@ -17,7 +17,9 @@
 //! # What a record says ([`Mark`])
 //! Every record carries, in header [`HEADER_MARK`], where the view's input stood when the row was
 //! computed: for a view over an events topic, the next offset of each partition of that topic;
-//! for a view over a table, the table's resume token and change count (informative only). Header
+//! for a view over a table, the table's resume token and change count (informative only); and
+//! for a row whose operator keeps more than the row shows (`avg`: the exact sum and count), that
+//! state, so that a restore goes on from it. Header
 //! [`HEADER_FLOOR`] carries the positions up to which the writer knew every output to be in the
 //! topic (acknowledged by the broker). A row and its mark always go together, whatever writer
 //! wrote them, so records from a writer that stopped part-way through a commit, or from two
@@ -27,7 +29,8 @@
 //! # Restore ([`read`], `Views::restore_from_logs`)
 //! A node that starts without a usable saved state of the views over an events topic (a new or
 //! lost data directory, an unclean stop) reads their topics: each restorable view (plan
-//! `FromOutput`: its rows are its whole state; rows of another definition of the view are
+//! `FromOutput`: its rows are its whole state, or `FromOutputAndRowState`: its rows with the
+//! state their marks carry; rows of another definition of the view, or lacking that state, are
 //! refused) is rebuilt from its rows. Its position on each partition starts at the lowest of the
 //! last floor and every row's mark (a row of the floor's own writer counts up to the floor), and
 //! an event at or after that point whose output row already holds it is skipped (each event of
@@ -94,6 +97,10 @@ pub struct Mark {
     /// Views over tables: the input table's resume token and change count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<String>,
+    /// What the row does not show and a restore needs, kept with the row
+    /// ([`crate::views::ViewOperator::row_state`]: an `avg`'s exact sum and count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<serde_json::Value>,
 }
 
 impl Mark {
@@ -161,6 +168,7 @@ mod tests {
         let m = Mark {
             events: vec![(0, 5), (2, 9)],
             input: None,
+            state: None,
         };
         let back: Mark = serde_json::from_str(&m.to_json()).unwrap();
         assert_eq!(back, m);

@@ -212,6 +212,7 @@ mod tests {
         Mark {
             events: events.to_vec(),
             input: None,
+            state: None,
         }
         .to_json()
         .into_bytes()

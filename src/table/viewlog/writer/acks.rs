@@ -149,6 +149,7 @@ mod tests {
         Arc::new(Mark {
             events: vec![(0, n)],
             input: None,
+            state: None,
         })
     }
 
