@@ -24,7 +24,8 @@
 //! store. At the next start a view whose input table comes back at exactly that token (nothing
 //! changed it in between) is loaded instead of rebuilt, so a history survives a rolling restart;
 //! views over events resume reading where they stopped. Any other case rebuilds, except views
-//! over events whose rows are their whole state: those are restored from their changelog topics
+//! over events whose rows are their whole state (or whose rows with the state their records
+//! carry are: `avg`): those are restored from their changelog topics
 //! ([`crate::table::viewlog`], `log.rs`), and the events they hold are skipped when read again.
 
 use std::collections::{BTreeMap, HashMap};

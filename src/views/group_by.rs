@@ -520,6 +520,21 @@ impl GroupBy {
                 Agg::Extreme { .. } | Agg::Latest { .. } => {}
             }
         }
+        // a state that does not give the row's averages (corrupt, or another computation's)
+        // would go on wrong for good: refused
+        let rendered = self.render(&group);
+        let agrees = self
+            .spec
+            .aggregates
+            .iter()
+            .filter(|a| a.kind == AggKind::Avg)
+            .all(|a| {
+                rendered.get(&a.name).unwrap_or(&Value::Null)
+                    == row.get(&a.name).unwrap_or(&Value::Null)
+            });
+        if !agrees {
+            return false;
+        }
         self.state.groups.insert(key.to_string(), group);
         true
     }

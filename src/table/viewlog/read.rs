@@ -41,8 +41,11 @@ pub struct LogContent {
     /// last record names another.
     pub expect_def: Option<String>,
     pub other_def: HashSet<String>,
-    /// One `Arc` per distinct mark text (the records of a commit share theirs) and writer.
+    /// One `Arc` per distinct mark text (the records of a commit share theirs, except marks
+    /// that carry a row's state, which are not interned) and writer.
     interned: HashMap<Vec<u8>, Arc<Mark>>,
+    /// The highest position any record's mark named, per partition.
+    marks_end: HashMap<i32, i64>,
     writers: HashMap<Vec<u8>, Arc<str>>,
 }
 
@@ -78,8 +81,16 @@ impl LogContent {
             Some(a) => Some(a.clone()),
             None => {
                 let parsed: Mark = serde_json::from_slice(m).ok()?;
+                for (p, n) in &parsed.events {
+                    let e = self.marks_end.entry(*p).or_insert(*n);
+                    *e = (*e).max(*n);
+                }
                 let a = Arc::new(parsed);
-                self.interned.insert(m.to_vec(), a.clone());
+                // a mark with a row's state is that record's own: kept only while its row is
+                // the key's last
+                if a.state.is_none() {
+                    self.interned.insert(m.to_vec(), a.clone());
+                }
                 Some(a)
             }
         });
@@ -141,17 +152,10 @@ impl LogContent {
 
     /// The highest position any mark names per partition: past it nothing is skipped.
     pub fn ends(&self) -> HashMap<i32, i64> {
-        let mut ends: HashMap<i32, i64> = HashMap::new();
-        for m in self
-            .interned
-            .values()
-            .map(|m| &**m)
-            .chain(self.floor.as_ref())
-        {
-            for (p, n) in &m.events {
-                let e = ends.entry(*p).or_insert(*n);
-                *e = (*e).max(*n);
-            }
+        let mut ends = self.marks_end.clone();
+        for (p, n) in self.floor.iter().flat_map(|f| &f.events) {
+            let e = ends.entry(*p).or_insert(*n);
+            *e = (*e).max(*n);
         }
         ends
     }
@@ -216,6 +220,42 @@ mod tests {
         }
         .to_json()
         .into_bytes()
+    }
+
+    #[test]
+    fn marks_with_a_row_state_are_kept_only_with_their_row() {
+        let mut c = LogContent::default();
+        let with_state = |n: u64| {
+            Mark {
+                events: vec![(0, 3 + n as i64)],
+                input: None,
+                state: Some(serde_json::json!({"m": {"n": n}})),
+            }
+            .to_json()
+            .into_bytes()
+        };
+        for i in (0..100).rev() {
+            let m = with_state(i);
+            c.push(
+                Some(b"a"),
+                Some(br#"{"m":1}"#),
+                (Some(&m), None, b"w", None),
+            );
+        }
+        assert!(c.interned.is_empty(), "{} interned", c.interned.len());
+        assert_eq!(
+            c.rows["a"].1.state,
+            Some(serde_json::json!({"m": {"n": 0}}))
+        );
+        // what superseded records named still ends the skip
+        assert_eq!(c.ends()[&0], 102);
+        let plain = mark(&[(0, 3)]);
+        c.push(
+            Some(b"b"),
+            Some(br#"{"m":1}"#),
+            (Some(&plain), None, b"w", None),
+        );
+        assert_eq!(c.interned.len(), 1);
     }
 
     #[test]
