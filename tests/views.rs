@@ -536,6 +536,18 @@ fn event_oracle(events: &[(String, i64)]) -> BTreeMap<&'static str, BTreeMap<Str
     ])
 }
 
+/// `n` more score events of 30 players, appended to `events` (the oracle's input).
+fn score_events(gen: &mut Gen, events: &mut Vec<(String, i64)>, n: usize) -> Vec<FixtureRecord> {
+    (0..n)
+        .map(|_| {
+            let player = format!("p{:02}", gen.below(30));
+            let score = gen.below(10_000) as i64;
+            events.push((player.clone(), score));
+            score_event(&player, score, events.len() - 1)
+        })
+        .collect()
+}
+
 fn score_event(player: &str, score: i64, n: usize) -> FixtureRecord {
     FixtureRecord {
         key: Some(player.to_string()),
@@ -559,16 +571,7 @@ async fn views_over_an_events_topic_equal_their_oracle_across_a_kill_9() {
     let p = producer();
     let mut gen = Gen(0xe7e_u64);
     let mut events: Vec<(String, i64)> = Vec::new();
-    let more = |gen: &mut Gen, events: &mut Vec<(String, i64)>, n: usize| {
-        (0..n)
-            .map(|_| {
-                let player = format!("p{:02}", gen.below(30));
-                let score = gen.below(10_000) as i64;
-                events.push((player.clone(), score));
-                score_event(&player, score, events.len() - 1)
-            })
-            .collect::<Vec<_>>()
-    };
+    let more = score_events;
     let first = more(&mut gen, &mut events, 300);
     // events of one player go to one partition (keyed): their order is the topic's
     produce_keyed(&p, &topic, &first).await;
@@ -824,16 +827,7 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     let p = producer();
     let mut gen = Gen(0x1a9e);
     let mut events: Vec<(String, i64)> = Vec::new();
-    let more = |gen: &mut Gen, events: &mut Vec<(String, i64)>, n: usize| {
-        (0..n)
-            .map(|_| {
-                let player = format!("p{:02}", gen.below(30));
-                let score = gen.below(10_000) as i64;
-                events.push((player.clone(), score));
-                score_event(&player, score, events.len() - 1)
-            })
-            .collect::<Vec<_>>()
-    };
+    let more = score_events;
     let first = more(&mut gen, &mut events, 400);
     produce_keyed(&p, &topic, &first).await;
     let logs = tempdir();
@@ -1036,4 +1030,85 @@ fn produce_paced(
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
     })
+}
+
+/// A view's changelog topic deleted while nodes run is created again and written whole: it holds
+/// the view again, and an empty node restores from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_view_topic_is_created_again_and_holds_the_view() {
+    let u = unique("vdel");
+    let topic = format!("{u}.scores");
+    create_topic(&topic, 2).await;
+    let p = producer();
+    let mut gen = Gen(0xde1e7e);
+    let mut events: Vec<(String, i64)> = Vec::new();
+    let batch = score_events(&mut gen, &mut events, 300);
+    produce_keyed(&p, &topic, &batch).await;
+    let logs = tempdir();
+    let path = logs.path().join("views.toml");
+    std::fs::write(
+        &path,
+        EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
+    )
+    .unwrap();
+    let group = format!("g-{u}");
+    let args = ["--views", path.to_str().unwrap()];
+    let nothing = format!("{u}.nothing");
+    let (data_a, data_b) = (tempdir(), tempdir());
+    let mut a = Node::spawn(
+        "a",
+        "all",
+        &group,
+        &nothing,
+        data_a.path(),
+        logs.path(),
+        &args,
+    );
+    a.wait_ready(Duration::from_secs(60)).await;
+    check_events(&a.base, &mut [], &events, "node a").await;
+    topics_hold(&group, &events, "before the deletion").await;
+
+    let totals = format!("{group}.table.__view.totals");
+    delete_topic(&totals).await;
+    // events while the topic is gone, and after
+    let batch = score_events(&mut gen, &mut events, 100);
+    produce_keyed(&p, &topic, &batch).await;
+    check_events(&a.base, &mut [], &events, "node a, topic deleted").await;
+    eventually(
+        "the deleted topic created again",
+        Duration::from_secs(90),
+        || async {
+            (a.metric("livetable_view_log_topic_recreated_total{view=\"totals\"}")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    let batch = score_events(&mut gen, &mut events, 50);
+    produce_keyed(&p, &topic, &batch).await;
+    check_events(&a.base, &mut [], &events, "node a, topic created again").await;
+    topics_hold(&group, &events, "after the topic was created again").await;
+
+    // an empty node restores `totals` from the new topic
+    a.kill9();
+    let mut b = Node::spawn(
+        "b",
+        "all",
+        &group,
+        &nothing,
+        data_b.path(),
+        logs.path(),
+        &args,
+    );
+    b.wait_ready(Duration::from_secs(60)).await;
+    check_events(&b.base, &mut [], &events, "node b, empty data directory").await;
+    assert_eq!(
+        b.metric("livetable_view_log_restores_total{view=\"totals\"}")
+            .await,
+        Some(1.0),
+        "totals restored from the topic created again"
+    );
+    b.stop();
 }

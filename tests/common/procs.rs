@@ -122,7 +122,9 @@ impl Node {
 
     /// The value of an unlabelled metric.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.base))
+        let text = super::http()
+            .get(format!("{}/metrics", self.base))
+            .send()
             .await
             .ok()?
             .text()
@@ -144,7 +146,7 @@ impl Drop for Node {
 
 /// `GET` that tolerates a process that is not listening yet.
 pub async fn get_json_quiet(url: &str) -> Option<(u16, Value)> {
-    let resp = reqwest::get(url).await.ok()?;
+    let resp = super::http().get(url).send().await.ok()?;
     let status = resp.status().as_u16();
     Some((status, resp.json().await.unwrap_or(Value::Null)))
 }

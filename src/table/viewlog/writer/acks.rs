@@ -8,13 +8,13 @@
 //! key whose tombstone was not acknowledged), so the floor waits for that rewrite.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::ProducerContext;
 
@@ -41,6 +41,12 @@ pub struct Shared {
     pub acked: Mutex<HashMap<String, Acked>>,
     pub metrics: Arc<Metrics>,
     pub brokers: String,
+    /// The generation of the producer in use (the writer replaces a fenced one).
+    pub producer_gen: AtomicU64,
+    /// A record of the producer in use was refused as fenced (Tansu fences an idempotent
+    /// producer that wrote to a topic deleted and created again): every later record would
+    /// fail, so the writer replaces it.
+    pub fenced: AtomicBool,
 }
 
 impl Shared {
@@ -95,6 +101,8 @@ pub struct Ack {
     pub last: Option<Arc<Mark>>,
     /// A tombstone's key.
     pub gone: Option<String>,
+    /// The generation of the producer that sent it.
+    pub producer_gen: u64,
 }
 
 pub struct ProducerCtx(pub Arc<Shared>);
@@ -120,6 +128,14 @@ impl ProducerContext for ProducerCtx {
             .with_label_values(&[&*ack.view, if ok { "sent" } else { "failed" }])
             .inc();
         if let Err((e, _)) = result {
+            let fenced = matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+            );
+            // a replaced producer's records keep failing for a while: they replace nothing
+            if fenced && ack.producer_gen == self.0.producer_gen.load(Ordering::Acquire) {
+                self.0.fenced.store(true, Ordering::Release);
+            }
             let permanent = is_permanent(e);
             self.0
                 .failed(&ack.view, ack.gen, permanent, ack.gone.as_deref());
@@ -142,6 +158,8 @@ mod tests {
             acked: Mutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::new()),
             brokers: "b".into(),
+            producer_gen: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
         }
     }
 
@@ -164,6 +182,7 @@ mod tests {
             gen,
             last: last.map(mark),
             gone: None,
+            producer_gen: 0,
         });
     }
 
@@ -213,6 +232,7 @@ mod tests {
             gen: 1,
             last: None,
             gone: Some("a".into()),
+            producer_gen: 0,
         });
         assert_eq!(
             lock(&s.acked)["v"].gone_unacked,

@@ -23,7 +23,8 @@ const REVOKE_FLUSH: Duration = Duration::from_secs(3);
 
 pub struct MembersCtx {
     pub shared: Arc<Shared>,
-    pub producer: Arc<BaseProducer<ProducerCtx>>,
+    /// The writer's producer (replaced when fenced).
+    pub producer: Mutex<Arc<BaseProducer<ProducerCtx>>>,
     /// View topics assigned or revoked since the writer last looked.
     pub assigned: Mutex<Vec<String>>,
     pub revoked: Mutex<Vec<String>>,
@@ -46,7 +47,8 @@ impl MembersCtx {
             }
         }
         // what was sent reaches the broker before the next member writes
-        let _ = self.producer.flush(REVOKE_FLUSH);
+        let producer = lock(&self.producer).clone();
+        let _ = producer.flush(REVOKE_FLUSH);
         lock(&self.revoked).extend(topics.iter().cloned());
     }
 }

@@ -8,7 +8,7 @@ mod acks;
 mod members;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,6 +49,8 @@ const REWRITE_EVERY: Duration = Duration::from_secs(1);
 const TAKE_OVER_RETRY: Duration = Duration::from_secs(2);
 /// Attempts to create a view's topic that the broker refuses before the view is left unwritten.
 const CREATE_ATTEMPTS: u32 = 20;
+/// How often the writer looks whether a view's topic was deleted (also after every revoke).
+const TOPICS_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// What the writer keeps of a view it writes.
 struct Writing {
@@ -105,6 +107,8 @@ impl ViewLogWriter {
             acked: Mutex::new(HashMap::new()),
             metrics: self.metrics.clone(),
             brokers: self.config.brokers.clone(),
+            producer_gen: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
         });
         for name in shared.flags.keys() {
             self.metrics
@@ -112,13 +116,14 @@ impl ViewLogWriter {
                 .with_label_values(&[name])
                 .set(0);
             self.metrics.view_log_rewrites.with_label_values(&[name]);
+            self.metrics.view_log_recreated.with_label_values(&[name]);
             for outcome in ["sent", "failed"] {
                 self.metrics
                     .view_log_records
                     .with_label_values(&[name, outcome]);
             }
         }
-        let producer: Arc<BaseProducer<ProducerCtx>> = Arc::new(
+        let mut producer: Arc<BaseProducer<ProducerCtx>> = Arc::new(
             source::producer_config(&self.config)
                 .create_with_context(ProducerCtx(shared.clone()))?,
         );
@@ -136,7 +141,7 @@ impl ViewLogWriter {
         }
         let ctx = MembersCtx {
             shared: shared.clone(),
-            producer: producer.clone(),
+            producer: Mutex::new(producer.clone()),
             assigned: Mutex::new(Vec::new()),
             revoked: Mutex::new(Vec::new()),
             by_topic: by_topic.clone(),
@@ -147,13 +152,36 @@ impl ViewLogWriter {
         let mut writing: HashMap<String, Writing> = HashMap::new();
         let mut retry: Vec<(String, Instant)> = Vec::new();
         let mut gen: u64 = 0;
+        let mut topics_checked = Instant::now();
         while !self.cancel.is_cancelled() {
             let _ = members.poll(Duration::ZERO);
             producer.poll(Duration::ZERO);
-            for t in std::mem::take(&mut *lock(&members.context().revoked)) {
-                retry.retain(|(r, _)| *r != t);
-                if let Some(view) = by_topic.get(&t) {
+            let revoked = std::mem::take(&mut *lock(&members.context().revoked));
+            for t in &revoked {
+                retry.retain(|(r, _)| r != t);
+                if let Some(view) = by_topic.get(t) {
                     writing.remove(view);
+                }
+            }
+            // a view's topic deleted under the group leaves its view unwritten: create it
+            // again, and the group gives it to a member, which writes the whole view
+            if !revoked.is_empty() || topics_checked.elapsed() >= TOPICS_CHECK_EVERY {
+                topics_checked = Instant::now();
+                self.recreate_deleted(&by_topic, &producer);
+            }
+            if shared.fenced.swap(false, Ordering::AcqRel)
+                || producer.client().fatal_error().is_some()
+            {
+                if let Some(p) = self.renew_producer(&shared) {
+                    producer = p;
+                    *lock(&members.context().producer) = producer.clone();
+                    // what the old one had not delivered is written again with each view
+                    for (view, w) in writing.iter_mut() {
+                        if let Some(f) = shared.flags.get(view) {
+                            f.dirty.store(true, Ordering::Release);
+                        }
+                        w.last_rewrite = None;
+                    }
                 }
             }
             let now = Instant::now();
@@ -286,6 +314,58 @@ impl ViewLogWriter {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         !by_topic.is_empty()
+    }
+
+    /// A new producer in place of one that failed for good (fenced, or a fatal error);
+    /// `None` (tried again at the next turn) when it cannot be created.
+    fn renew_producer(&self, shared: &Arc<Shared>) -> Option<Arc<BaseProducer<ProducerCtx>>> {
+        match source::producer_config(&self.config).create_with_context(ProducerCtx(shared.clone()))
+        {
+            Ok(p) => {
+                let gen = shared.producer_gen.fetch_add(1, Ordering::AcqRel) + 1;
+                tracing::warn!(generation = gen, "views writer: the producer was fenced or failed for good; replaced by a new one (the views it wrote are written whole again)");
+                Some(Arc::new(p))
+            }
+            Err(e) => {
+                shared.fenced.store(true, Ordering::Release);
+                tracing::error!(error = %e, "views writer: a new producer could not be created; retrying");
+                None
+            }
+        }
+    }
+
+    /// Creates again each view topic the broker's metadata (of all topics: asking for one
+    /// topic could make a broker auto-create it with the wrong settings) no longer lists.
+    fn recreate_deleted(
+        &self,
+        by_topic: &HashMap<String, String>,
+        producer: &BaseProducer<ProducerCtx>,
+    ) {
+        let Ok(md) = producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(5))
+        else {
+            return; // the broker does not answer now: looked at again later
+        };
+        let listed: HashSet<&str> = md.topics().iter().map(|t| t.name()).collect();
+        for (t, view) in by_topic {
+            if listed.contains(t.as_str()) {
+                continue;
+            }
+            self.changelog.forget(t);
+            match self.changelog.ensure_view(t) {
+                Ok(()) => {
+                    tracing::warn!(view = %view, topic = %t, "a view's changelog topic was deleted: created again (the member given it writes the whole view)");
+                    self.metrics
+                        .view_log_recreated
+                        .with_label_values(&[view])
+                        .inc();
+                }
+                Err(e) => {
+                    tracing::warn!(view = %view, topic = %t, error = %e, "a view's changelog topic was deleted and cannot be created yet; retrying");
+                }
+            }
+        }
     }
 
     /// Sleeps `d` unless cancelled first (false).
@@ -515,6 +595,7 @@ impl ViewLogWriter {
             gen: w.gen,
             last,
             gone,
+            producer_gen: shared.producer_gen.load(Ordering::Acquire),
         });
         let started = Instant::now();
         loop {
