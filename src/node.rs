@@ -335,7 +335,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             if !loaded.tables.is_empty() && loaded.unused_since(now, tombstone_retention / 2) {
                 let forgotten = table::alive::forget(&mut loaded, &s)?;
                 tracing::warn!(
-                    last_in_use_secs_ago = loaded.alive_ms.map(|ms| (now - ms) / 1000),
+                    last_in_use_secs_ago = loaded.alive_ms.map(|ms| now.saturating_sub(ms) / 1000),
                     slices = forgotten,
                     "the data directory was last in use half the changelog's tombstone retention ago or longer (or it is not known when): the deletes made since may be gone from the changelog, so its tables are read anew"
                 );

@@ -115,15 +115,17 @@ pub fn record_latency(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
+    // the timestamps come from the change events: any i64 (a hostile or broken producer), so
+    // the difference saturates instead of overflowing
     if let Some(ts) = ts_ms {
         metrics
             .freshness_seconds
-            .observe(((now - ts).max(0) as f64) / 1000.0);
+            .observe((now.saturating_sub(ts).max(0) as f64) / 1000.0);
     }
     if let Some(ts) = kafka_ts_ms {
         metrics
             .kafka_to_socket_seconds
-            .observe(((now - ts).max(0) as f64) / 1000.0);
+            .observe((now.saturating_sub(ts).max(0) as f64) / 1000.0);
     }
 }
 
@@ -164,4 +166,22 @@ pub fn record_sent(metrics: &Metrics, out: &Outgoing, frames: &[Utf8Bytes]) {
         .sent_bytes
         .with_label_values(&[kind])
         .inc_by(bytes as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_of_any_event_timestamp_are_observed_without_overflow() {
+        let m = Metrics::new();
+        for ts in [i64::MIN, -1, 0, i64::MAX] {
+            record_latency(&m, Some(ts), Some(ts), None);
+        }
+        assert_eq!(m.freshness_seconds.get_sample_count(), 4);
+        assert_eq!(m.kafka_to_socket_seconds.get_sample_count(), 4);
+        // a timestamp in the future counts as no delay; one at i64::MIN as the longest
+        let sum = m.freshness_seconds.get_sample_sum();
+        assert!(sum.is_finite() && sum > 9.0e15, "{sum}");
+    }
 }
