@@ -114,17 +114,22 @@ impl fmt::Display for Token {
 /// Most partitions a token may name (bounds what a client can make the server allocate).
 pub const MAX_TOKEN_PARTITIONS: usize = 4096;
 
+/// Whether `epoch` can name a lineage in a resume token (and in an SSE event id): 1 to 64
+/// ASCII letters, digits or `_`.
+pub fn valid_epoch(epoch: &str) -> bool {
+    !epoch.is_empty()
+        && epoch.len() <= 64
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 impl Token {
     /// Parses `<epoch>~<o0>.<o1>...`; `None` for anything else (including the tokens of protocol
     /// version 1, `EPOCH:SEQ`, which name a process-local counter and can never be honoured).
     pub fn parse(s: &str) -> Option<Token> {
         let (epoch, rest) = s.split_once('~')?;
-        if epoch.is_empty()
-            || epoch.len() > 64
-            || !epoch
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if !valid_epoch(epoch) {
             return None;
         }
         let mut pos = Vec::new();

@@ -114,6 +114,16 @@ impl Registry {
             );
             return Ok(None);
         };
+        if !crate::table::position::valid_epoch(&entry.epoch) {
+            // its tokens could never be resumed (and would break SSE event ids): as if it were
+            // not there, on every node alike, so the next valid record fixes the lineage
+            tracing::warn!(
+                offset,
+                table = %entry.table,
+                "registry: a table entry whose epoch is not 1-64 letters, digits or '_'; skipped"
+            );
+            return Ok(None);
+        }
         if entry.deployment != self.deployment {
             return Err(RegistryError::OtherDeployment {
                 table: entry.table,
@@ -224,5 +234,25 @@ mod tests {
         assert!(r.absorb(2, Some(b"junk")).unwrap().is_none());
         let err = r.absorb(3, Some(&entry("u", "e3", "other"))).unwrap_err();
         assert!(err.to_string().contains("deployment `other`"), "{err}");
+    }
+
+    #[test]
+    fn an_epoch_no_token_can_carry_is_skipped_and_the_next_valid_record_wins() {
+        let r = Registry::new("d", "d.table.__registry");
+        for (i, bad) in ["e\n1", "", "a~b", "a.b", &"x".repeat(65)]
+            .iter()
+            .enumerate()
+        {
+            assert!(r
+                .absorb(i as i64, Some(&entry("t", bad, "d")))
+                .unwrap()
+                .is_none());
+            assert!(r.get("t").is_none(), "{bad:?}");
+        }
+        assert!(r
+            .absorb(9, Some(&entry("t", "ok_1", "d")))
+            .unwrap()
+            .is_some());
+        assert_eq!(r.get("t").unwrap().epoch, "ok_1");
     }
 }

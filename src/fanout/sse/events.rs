@@ -44,8 +44,11 @@ impl Pending {
     pub fn event(&self) -> Event {
         let event = Event::default().event(self.name).data(self.data.as_str());
         match &self.id {
-            Some(id) => event.id(id),
-            None => event,
+            // an id axum would refuse (it panics) is left out: the client then cannot resume
+            // from this event, nothing else is lost (tokens carry only letters, digits, `_`,
+            // `~` and `.`)
+            Some(id) if !id.contains(['\n', '\r', '\0']) => event.id(id),
+            _ => event,
         }
     }
 }
