@@ -1091,6 +1091,16 @@ async fn a_deleted_view_topic_is_created_again_and_holds_the_view() {
     check_events(&a.base, &mut [], &events, "node a, topic created again").await;
     topics_hold(&group, &events, "after the topic was created again").await;
 
+    // deleted and at once created again by someone else, before the group can notice: the
+    // writer finds its records acknowledged from the start of a new partition (or its producer
+    // fenced) and writes the whole view again
+    delete_topic(&totals).await;
+    create_topic(&totals, 1).await;
+    let batch = score_events(&mut gen, &mut events, 50);
+    produce_keyed(&p, &topic, &batch).await;
+    check_events(&a.base, &mut [], &events, "node a, topic replaced").await;
+    topics_hold(&group, &events, "after the topic was replaced").await;
+
     // an empty node restores `totals` from the new topic
     a.kill9();
     let mut b = Node::spawn(

@@ -17,6 +17,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::ProducerContext;
+use rdkafka::Message;
 
 use crate::cdc::source;
 use crate::metrics::Metrics;
@@ -33,6 +34,14 @@ pub struct Acked {
     pub failed: Option<u64>,
     /// Keys whose tombstone was sent and not yet acknowledged: a rewrite sends them again.
     pub gone_unacked: HashSet<String>,
+    /// The writing generation this tenure started with (its take-over): only its records'
+    /// offsets are compared.
+    pub since_gen: u64,
+    /// The offset of the tenure's last acknowledged record.
+    pub last_offset: Option<i64>,
+    /// A record was acknowledged below the one before it: the topic was deleted and created
+    /// again (by any node) under this writer, which must take the view over again.
+    pub restarted: bool,
 }
 
 /// Shared by the writer loop, the delivery reports and the group callbacks.
@@ -74,10 +83,18 @@ impl Shared {
 }
 
 impl Shared {
-    /// A record was acknowledged.
-    pub fn delivered(&self, ack: &Ack) {
+    /// A record was acknowledged at `offset`.
+    pub fn delivered(&self, ack: &Ack, offset: i64) {
         let mut all = lock(&self.acked);
         let a = all.entry(ack.view.to_string()).or_default();
+        if ack.gen >= a.since_gen {
+            // records of one partition are acknowledged in order: one below the last is in a
+            // partition that started over
+            if a.last_offset.is_some_and(|last| offset < last) {
+                a.restarted = true;
+            }
+            a.last_offset = Some(offset);
+        }
         if let Some(k) = &ack.gone {
             a.gone_unacked.remove(k);
         }
@@ -144,7 +161,8 @@ impl ProducerContext for ProducerCtx {
             }
             return;
         }
-        self.0.delivered(&ack);
+        let offset = result.as_ref().map_or(-1, |m| m.offset());
+        self.0.delivered(&ack, offset);
     }
 }
 
@@ -177,13 +195,16 @@ mod tests {
             s.failed("v", gen, false, None);
             return;
         }
-        s.delivered(&Ack {
-            view: "v".into(),
-            gen,
-            last: last.map(mark),
-            gone: None,
-            producer_gen: 0,
-        });
+        s.delivered(
+            &Ack {
+                view: "v".into(),
+                gen,
+                last: last.map(mark),
+                gone: None,
+                producer_gen: 0,
+            },
+            0,
+        );
     }
 
     #[test]
@@ -227,13 +248,16 @@ mod tests {
             .or_default()
             .gone_unacked
             .extend(["a".to_string(), "b".to_string()]);
-        s.delivered(&Ack {
-            view: "v".into(),
-            gen: 1,
-            last: None,
-            gone: Some("a".into()),
-            producer_gen: 0,
-        });
+        s.delivered(
+            &Ack {
+                view: "v".into(),
+                gen: 1,
+                last: None,
+                gone: Some("a".into()),
+                producer_gen: 0,
+            },
+            0,
+        );
         assert_eq!(
             lock(&s.acked)["v"].gone_unacked,
             HashSet::from(["b".to_string()])
@@ -241,5 +265,33 @@ mod tests {
         // a later tombstone of `a` fails after the earlier one was acknowledged: sent again
         s.failed("v", 1, false, Some("a"));
         assert!(lock(&s.acked)["v"].gone_unacked.contains("a"));
+    }
+
+    #[test]
+    fn an_acknowledgement_below_the_last_says_the_topic_started_over() {
+        let s = shared();
+        let ack = |gen: u64| Ack {
+            view: "v".into(),
+            gen,
+            last: None,
+            gone: None,
+            producer_gen: 0,
+        };
+        lock(&s.acked).insert(
+            "v".into(),
+            Acked {
+                since_gen: 2,
+                ..Default::default()
+            },
+        );
+        // a late acknowledgement of an earlier tenure is not compared
+        s.delivered(&ack(1), 900);
+        s.delivered(&ack(2), 5);
+        s.delivered(&ack(3), 6);
+        assert!(!lock(&s.acked)["v"].restarted);
+        s.delivered(&ack(1), 1000);
+        assert!(!lock(&s.acked)["v"].restarted);
+        s.delivered(&ack(3), 0);
+        assert!(lock(&s.acked)["v"].restarted);
     }
 }

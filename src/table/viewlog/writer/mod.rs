@@ -51,6 +51,11 @@ const TAKE_OVER_RETRY: Duration = Duration::from_secs(2);
 const CREATE_ATTEMPTS: u32 = 20;
 /// How often the writer looks whether a view's topic was deleted (also after every revoke).
 const TOPICS_CHECK_EVERY: Duration = Duration::from_secs(30);
+/// Waits between replacements of a producer that keeps failing for good.
+const RENEW_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a producer being replaced may take to end its requests.
+const RENEW_FLUSH: Duration = Duration::from_secs(5);
 
 /// What the writer keeps of a view it writes.
 struct Writing {
@@ -153,6 +158,8 @@ impl ViewLogWriter {
         let mut retry: Vec<(String, Instant)> = Vec::new();
         let mut gen: u64 = 0;
         let mut topics_checked = Instant::now();
+        // when the producer may be replaced next, and the wait after that
+        let mut renew = (Instant::now(), RENEW_BACKOFF_MIN);
         while !self.cancel.is_cancelled() {
             let _ = members.poll(Duration::ZERO);
             producer.poll(Duration::ZERO);
@@ -164,24 +171,63 @@ impl ViewLogWriter {
                 }
             }
             // a view's topic deleted under the group leaves its view unwritten: create it
-            // again, and the group gives it to a member, which writes the whole view
+            // again, and the group gives it to a member, which writes the whole view. A view
+            // whose topic started over under this writer (deleted and created again, by this
+            // node or another, before the group noticed) is taken over again: its floor and
+            // keys were the old topic's
+            let mut again: Vec<String> = {
+                let acked = lock(&shared.acked);
+                writing
+                    .keys()
+                    .filter(|v| acked.get(*v).is_some_and(|a| a.restarted))
+                    .cloned()
+                    .collect()
+            };
             if !revoked.is_empty() || topics_checked.elapsed() >= TOPICS_CHECK_EVERY {
                 topics_checked = Instant::now();
-                self.recreate_deleted(&by_topic, &producer);
+                for t in self.recreate_deleted(&by_topic, &producer) {
+                    again.extend(by_topic.get(&t).cloned());
+                }
             }
-            if shared.fenced.swap(false, Ordering::AcqRel)
-                || producer.client().fatal_error().is_some()
-            {
-                if let Some(p) = self.renew_producer(&shared) {
-                    producer = p;
-                    *lock(&members.context().producer) = producer.clone();
-                    // what the old one had not delivered is written again with each view
-                    for (view, w) in writing.iter_mut() {
-                        if let Some(f) = shared.flags.get(view) {
-                            f.dirty.store(true, Ordering::Release);
+            let fenced = shared.fenced.swap(false, Ordering::AcqRel)
+                || producer.client().fatal_error().is_some();
+            if fenced && Instant::now() >= renew.0 {
+                // the old producer's requests end first (delivered or failed): two producers
+                // writing one partition at once is what some brokers refuse (Tansu)
+                let _ = producer.flush(RENEW_FLUSH);
+                match self.renew_producer(&shared) {
+                    Some(p) => {
+                        producer = p;
+                        *lock(&members.context().producer) = producer.clone();
+                        // what the old one had not delivered failed (a failure holds the
+                        // floor until a whole rewrite): every view it wrote is written whole
+                        // again; a topic that started over is taken over again (above)
+                        for (view, w) in writing.iter_mut() {
+                            if let Some(f) = shared.flags.get(view) {
+                                f.dirty.store(true, Ordering::Release);
+                            }
+                            w.last_rewrite = None;
                         }
-                        w.last_rewrite = None;
                     }
+                    None => shared.fenced.store(true, Ordering::Release),
+                }
+                // a producer that keeps failing is not replaced in a loop (the wait starts
+                // again from its least after ten quiet minutes)
+                if renew.0 + Duration::from_secs(600) < Instant::now() {
+                    renew.1 = RENEW_BACKOFF_MIN;
+                }
+                renew.0 = Instant::now() + renew.1;
+                renew.1 = (renew.1 * 2).min(RENEW_BACKOFF_MAX);
+            } else if fenced {
+                shared.fenced.store(true, Ordering::Release);
+            }
+            for view in again {
+                if let Some(w) = writing.remove(&view) {
+                    tracing::warn!(view = %view, topic = %w.topic, "views writer: the view's topic started over or its producer was replaced; taking the view over again");
+                    // not at once: a broker that misreports offsets must not make the writer
+                    // rewrite the view in a loop
+                    retry.retain(|(t, _)| *t != w.topic);
+                    retry.push((w.topic, Instant::now() + TAKE_OVER_RETRY));
                 }
             }
             let now = Instant::now();
@@ -327,27 +373,30 @@ impl ViewLogWriter {
                 Some(Arc::new(p))
             }
             Err(e) => {
-                shared.fenced.store(true, Ordering::Release);
-                tracing::error!(error = %e, "views writer: a new producer could not be created; retrying");
+                if source::throttled("view-log-producer", Duration::from_secs(30)) {
+                    tracing::error!(error = %e, "views writer: a new producer could not be created; retrying");
+                }
                 None
             }
         }
     }
 
     /// Creates again each view topic the broker's metadata (of all topics: asking for one
-    /// topic could make a broker auto-create it with the wrong settings) no longer lists.
+    /// topic could make a broker auto-create it with the wrong settings) no longer lists;
+    /// returns the topics created (or found created meanwhile by another node).
     fn recreate_deleted(
         &self,
         by_topic: &HashMap<String, String>,
         producer: &BaseProducer<ProducerCtx>,
-    ) {
+    ) -> Vec<String> {
         let Ok(md) = producer
             .client()
             .fetch_metadata(None, Duration::from_secs(5))
         else {
-            return; // the broker does not answer now: looked at again later
+            return Vec::new(); // the broker does not answer now: looked at again later
         };
         let listed: HashSet<&str> = md.topics().iter().map(|t| t.name()).collect();
+        let mut created = Vec::new();
         for (t, view) in by_topic {
             if listed.contains(t.as_str()) {
                 continue;
@@ -360,12 +409,16 @@ impl ViewLogWriter {
                         .view_log_recreated
                         .with_label_values(&[view])
                         .inc();
+                    created.push(t.clone());
                 }
                 Err(e) => {
-                    tracing::warn!(view = %view, topic = %t, error = %e, "a view's changelog topic was deleted and cannot be created yet; retrying");
+                    if source::throttled("view-topic-recreate", Duration::from_secs(30)) {
+                        tracing::warn!(view = %view, topic = %t, error = %e, "a view's changelog topic was deleted and cannot be created yet; retrying");
+                    }
                 }
             }
         }
+        created
     }
 
     /// Sleeps `d` unless cancelled first (false).
@@ -415,6 +468,7 @@ impl ViewLogWriter {
                 view.to_string(),
                 acks::Acked {
                     failed: Some(gen),
+                    since_gen: gen,
                     ..Default::default()
                 },
             );
