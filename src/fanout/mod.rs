@@ -116,13 +116,13 @@ pub fn record_latency(
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
     // the timestamps come from the change events: any i64 (a hostile or broken producer), so
-    // the difference saturates instead of overflowing
-    if let Some(ts) = ts_ms {
+    // one at or before 1970 is not a latency, and the difference saturates
+    if let Some(ts) = ts_ms.filter(|ts| *ts > 0) {
         metrics
             .freshness_seconds
             .observe((now.saturating_sub(ts).max(0) as f64) / 1000.0);
     }
-    if let Some(ts) = kafka_ts_ms {
+    if let Some(ts) = kafka_ts_ms.filter(|ts| *ts > 0) {
         metrics
             .kafka_to_socket_seconds
             .observe((now.saturating_sub(ts).max(0) as f64) / 1000.0);
@@ -175,13 +175,14 @@ mod tests {
     #[test]
     fn latencies_of_any_event_timestamp_are_observed_without_overflow() {
         let m = Metrics::new();
-        for ts in [i64::MIN, -1, 0, i64::MAX] {
+        for ts in [i64::MIN, -1, 0, i64::MAX, 1] {
             record_latency(&m, Some(ts), Some(ts), None);
         }
-        assert_eq!(m.freshness_seconds.get_sample_count(), 4);
-        assert_eq!(m.kafka_to_socket_seconds.get_sample_count(), 4);
-        // a timestamp in the future counts as no delay; one at i64::MIN as the longest
+        // one at or before 1970 is no latency; one in the future counts as no delay; 1 ms
+        // after 1970 as the ~56 years since
+        assert_eq!(m.freshness_seconds.get_sample_count(), 2);
+        assert_eq!(m.kafka_to_socket_seconds.get_sample_count(), 2);
         let sum = m.freshness_seconds.get_sample_sum();
-        assert!(sum.is_finite() && sum > 9.0e15, "{sum}");
+        assert!(sum > 1.7e9 && sum < 1.0e10, "{sum}");
     }
 }

@@ -114,6 +114,14 @@ impl Registry {
             );
             return Ok(None);
         };
+        if entry.deployment != self.deployment {
+            return Err(RegistryError::OtherDeployment {
+                table: entry.table,
+                topic: self.topic.clone(),
+                other: entry.deployment,
+                ours: self.deployment.clone(),
+            });
+        }
         if !crate::table::position::valid_epoch(&entry.epoch) {
             // its tokens could never be resumed (and would break SSE event ids): as if it were
             // not there, on every node alike, so the next valid record fixes the lineage
@@ -123,14 +131,6 @@ impl Registry {
                 "registry: a table entry whose epoch is not 1-64 letters, digits or '_'; skipped"
             );
             return Ok(None);
-        }
-        if entry.deployment != self.deployment {
-            return Err(RegistryError::OtherDeployment {
-                table: entry.table,
-                topic: self.topic.clone(),
-                other: entry.deployment,
-                ours: self.deployment.clone(),
-            });
         }
         if st.entries.contains_key(&entry.table) {
             // the first record of a table fixes its lineage

@@ -87,7 +87,8 @@ impl Shared {
     pub fn delivered(&self, ack: &Ack, offset: i64) {
         let mut all = lock(&self.acked);
         let a = all.entry(ack.view.to_string()).or_default();
-        if ack.gen >= a.since_gen {
+        // (a broker that reports no offset, -1, is not compared)
+        if ack.gen >= a.since_gen && offset >= 0 {
             // records of one partition are acknowledged in order: one below the last is in a
             // partition that started over
             if a.last_offset.is_some_and(|last| offset < last) {

@@ -199,6 +199,8 @@ impl ViewLogWriter {
                     Some(p) => {
                         producer = p;
                         *lock(&members.context().producer) = producer.clone();
+                        // fences the old producer reported while it was flushed are its own
+                        shared.fenced.store(false, Ordering::Release);
                         // what the old one had not delivered failed (a failure holds the
                         // floor until a whole rewrite): every view it wrote is written whole
                         // again; a topic that started over is taken over again (above)
