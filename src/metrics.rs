@@ -63,6 +63,7 @@ pub struct Metrics {
     pub freshness_seconds: Histogram,
     pub ingest_to_socket_seconds: Histogram,
     pub http_requests: IntCounterVec,
+    pub http_refused: IntCounterVec,
     pub http_seconds: HistogramVec,
     pub role: IntGaugeVec,
     pub fences_written: IntCounter,
@@ -283,6 +284,7 @@ impl Metrics {
             ingest_to_socket_seconds: histogram(&r, "livetable_ingest_to_socket_seconds", "Time from the ingest loop taking the record from the consumer to the patch being written to a socket: livetable's own share of the freshness (the rest is the source, the broker and the fetch).", delivery_buckets()),
             freshness_seconds: histogram(&r, "livetable_freshness_seconds", "Time from the database commit (source.ts_ms) to the patch being written to a socket.", delivery_buckets()),
             http_requests: counter_vec(&r, "livetable_http_requests_total", "HTTP requests by route and status.", &["route", "status"]),
+            http_refused: counter_vec(&r, "livetable_http_refused_total", "HTTP requests answered 503 before or instead of their route, by reason (server_busy: --max-concurrent-requests in flight; timeout: not answered within --request-timeout-secs); not in livetable_http_requests_total.", &["reason"]),
             http_seconds: {
                 let m = HistogramVec::new(HistogramOpts::new("livetable_http_request_seconds", "HTTP request durations by route.").buckets(latency_buckets()), &["route"])
                     .unwrap_or_else(|e| panic!("metric http: {e}"));
@@ -350,6 +352,7 @@ impl Metrics {
                 "forbidden",
             ],
         );
+        init(&m.http_refused, &["server_busy", "timeout"]);
         init(&m.connections_opened, &["ws", "sse"]);
         init(
             &m.connections_closed,

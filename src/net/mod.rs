@@ -270,9 +270,20 @@ async fn refuse(stream: TcpStream, message: &'static str) {
 /// A WebSocket upgrade or an SSE response counts until its response head only.
 /// Errors are JSON everywhere: a plain-text error of a framework extractor (a query string that
 /// does not parse, a method not allowed, ...) becomes `{"error": "..."}` with its status.
-pub fn http_layers(app: Router, timeout: Duration, max_concurrent: usize) -> Router {
+/// Those 503s are counted (`livetable_http_refused_total{reason}`: they never reach the routes'
+/// own request counter).
+pub fn http_layers(
+    app: Router,
+    timeout: Duration,
+    max_concurrent: usize,
+    metrics: Arc<Metrics>,
+) -> Router {
+    let refused = move |e: BoxError| {
+        let metrics = metrics.clone();
+        async move { overloaded(e, &metrics) }
+    };
     let layers = tower::ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(overloaded))
+        .layer(HandleErrorLayer::new(refused))
         .load_shed()
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             max_concurrent,
@@ -311,12 +322,13 @@ async fn json_errors(resp: Response) -> Response {
     out
 }
 
-async fn overloaded(e: BoxError) -> Response {
+fn overloaded(e: BoxError, metrics: &Metrics) -> Response {
     let (message, code) = if e.is::<tower::timeout::error::Elapsed>() {
         ("the request took too long", "timeout")
     } else {
         ("too many requests in flight; retry shortly", "server_busy")
     };
+    metrics.http_refused.with_label_values(&[code]).inc();
     let mut resp = (
         StatusCode::SERVICE_UNAVAILABLE,
         Json(json!({"error": message, "code": code})),
@@ -345,3 +357,6 @@ pub fn warn_if_exposed(listen: SocketAddr, auth: bool, tls: bool, admin_separate
         tracing::warn!(%listen, "/metrics, /healthz and /readyz are served on the public listener (table names and sizes included); set --admin-listen to move them to a private address");
     }
 }
+
+#[cfg(test)]
+mod tests;
