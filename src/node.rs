@@ -441,9 +441,14 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             tables.clone(),
             metrics.clone(),
         );
-        let v = blocking(move || Views::start(&defs, &events, t, sink, m, &saved))
-            .await?
-            .map_err(ServiceError::Views)?;
+        let reads = table::viewlog::read::StartReads::new(&config, cancel.clone());
+        let v = blocking(move || {
+            Views::start(&defs, &events, t, sink, m, &saved, &|name, def| {
+                reads.read(name, def)
+            })
+        })
+        .await?
+        .map_err(ServiceError::Views)?;
         // what was saved is used once: after an unclean stop nothing saved is left to load
         if was_saved {
             let t = tree.clone();

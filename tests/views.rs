@@ -735,6 +735,9 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     node.wait_ready(Duration::from_secs(60)).await;
     let base = node.base.clone();
     check_want(&base, &mut [], &k.want(), "before the stop").await;
+    let group = format!("g-{u}");
+    let hist_topic = format!("{group}.table.__view.hist");
+    topic_holds_rows(&hist_topic, &k.want()["hist"], "before the clean stop").await;
 
     assert!(node.stop().is_some_and(|s| s.success()), "a clean stop");
     assert!(
@@ -759,7 +762,75 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     produce_keyed(&p, &table_topic, &k.changes(&mut gen, 60)).await;
     produce_keyed(&p, &events_topic, &k.plays(&mut gen, 40)).await;
     check_want(&base, &mut clients, &k.want(), "after more changes").await;
+
+    // kill -9 once the history's topic holds it (nothing is saved): the restart restores the
+    // histories from the topic, then takes what the table holds beyond it, every entry once
+    topic_holds_rows(&hist_topic, &k.want()["hist"], "before kill -9").await;
+    node.kill9();
+    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 40)).await;
+    node.start();
+    node.wait_ready(Duration::from_secs(60)).await;
+    let mut clients = vec![connect(&base, "hist", None, None).await];
+    check_want(&base, &mut clients, &k.want(), "after kill -9").await;
+    assert_eq!(
+        node.metric("livetable_view_log_restores_total{view=\"hist\"}")
+            .await,
+        Some(1.0),
+        "the history came from its topic"
+    );
+    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 40)).await;
+    check_want(
+        &base,
+        &mut clients,
+        &k.want(),
+        "after kill -9 and more changes",
+    )
+    .await;
+
+    // a node with an empty data directory: the table from its changelog, the histories from
+    // their topic
+    topic_holds_rows(&hist_topic, &k.want()["hist"], "before the stop").await;
     node.stop();
+    let empty = tempdir();
+    let mut fresh = Node::spawn(
+        "keep-empty",
+        "all",
+        &group,
+        &table_topic,
+        empty.path(),
+        logs.path(),
+        &["--views", path.to_str().unwrap()],
+    );
+    fresh.wait_ready(Duration::from_secs(60)).await;
+    let mut clients = vec![connect(&fresh.base, "hist", None, None).await];
+    check_want(&fresh.base, &mut clients, &k.want(), "on an empty node").await;
+    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 40)).await;
+    check_want(
+        &fresh.base,
+        &mut clients,
+        &k.want(),
+        "on an empty node, more changes",
+    )
+    .await;
+    fresh.stop();
+}
+
+/// Waits until a view's changelog topic holds `want`.
+async fn topic_holds_rows(topic: &str, want: &BTreeMap<String, Value>, what: &str) {
+    eventually(
+        &format!("{topic} holds the view ({what})"),
+        Duration::from_secs(60),
+        || {
+            let topic = topic.to_string();
+            async move {
+                let rows = tokio::task::spawn_blocking(move || view_topic_rows(&topic))
+                    .await
+                    .unwrap();
+                (&rows == want).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 /// The last record of each key of a view's changelog topic (tombstones drop the key).

@@ -16,8 +16,9 @@
 //! handed over without an update), the view is rebuilt from the input's current rows, in key
 //! order, and the difference to its current rows is committed as one update. `top_n`,
 //! `max_by`/`min_by` and `group_by` without `latest` are a function of the input rows and come
-//! back exact; `history`, `delta` and `latest` restart from the current rows (their past is not
-//! kept across a rebuild).
+//! back exact; `history` and `delta` without `key` columns are brought up to the input's rows
+//! instead, keeping their past (`reconcile.rs`); `latest` and keyed `history`/`delta` restart
+//! from the current rows.
 //!
 //! Clean stops: [`Views::save`] gives each view's operator state and rows with the input's
 //! resume token (views over events: the events topics' positions), which the node keeps in its
@@ -26,7 +27,9 @@
 //! views over events resume reading where they stopped. Any other case rebuilds, except views
 //! over events whose rows are their whole state (or whose rows with the state their records
 //! carry are: `avg`): those are restored from their changelog topics
-//! ([`crate::table::viewlog`], `log.rs`), and the events they hold are skipped when read again.
+//! ([`crate::table::viewlog`], `log.rs`), and the events they hold are skipped when read again;
+//! and `history`/`delta` without `key` over a table, restored from their topics at start and
+//! brought up to their input (`reconcile.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::SyncSender;
@@ -44,6 +47,7 @@ use crate::table::viewlog::{Commit, LogFlags};
 use crate::views::{InputKind, OutChange, ViewDef, ViewOperator};
 
 mod log;
+mod reconcile;
 pub use log::LogChange;
 
 /// One event of an events topic, for the views that read it.
@@ -77,6 +81,16 @@ struct ViewState {
     /// Restored from the view's topic: the events its rows already hold, skipped while the
     /// input is read again.
     skip: Option<log::Skip>,
+    /// A view over a table whose rows are its input rows' ([`ViewOperator::output_per_input_row`]):
+    /// it keeps `seen` (`reconcile.rs`).
+    track: bool,
+    /// A tracked view deletes a key's row when the input row goes (`delta`; a `history` keeps
+    /// the row, with a `null` entry): its `seen` entry goes too.
+    forget_deleted: bool,
+    /// Per input key, the input change (partition, offset) its row last took, in the input's
+    /// lineage `seen_epoch`.
+    seen: HashMap<String, (u32, i64)>,
+    seen_epoch: Option<Arc<str>>,
 }
 
 /// One declared view and its table.
@@ -120,6 +134,9 @@ struct SavedView {
     /// did not keep it, taken as unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     source: Option<String>,
+    /// Views that track their input rows: [`ViewState`]'s `seen`, in the input's lineage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    seen: Vec<(String, u32, i64)>,
 }
 
 /// What a saved state depends on: the input and the operator with its options (not the line);
@@ -136,7 +153,9 @@ impl Views {
     /// Creates the views' tables (empty, each with a new lineage) in `tables` and computes each
     /// view from its input as it is now, or loads what the last clean stop saved (`saved`, by
     /// view name, from [`Views::save`]) where it still applies. `defs` in the views file's order
-    /// (inputs first); `events` the declared events topics.
+    /// (inputs first); `events` the declared events topics. A view over a table whose rows are its
+    /// input rows' that nothing saved is restored from what `logs(view name, definition id)`
+    /// reads of its topic (`None`: nothing usable), then takes what it lacks of the input.
     pub fn start(
         defs: &[ViewDef],
         events: &[crate::table::events::EventsTopic],
@@ -144,6 +163,7 @@ impl Views {
         inner: Arc<dyn UpdateSink>,
         metrics: Arc<Metrics>,
         saved: &HashMap<String, Vec<u8>>,
+        logs: &dyn Fn(&str, &str) -> Option<crate::table::viewlog::read::LogContent>,
     ) -> Result<Arc<Views>, String> {
         if let Some(def) = defs.iter().find(|d| tables.get(&d.name).is_some()) {
             return Err(format!(
@@ -162,15 +182,21 @@ impl Views {
             metrics.view_rebuilds.with_label_values(&[&def.name]);
             metrics.view_changes.with_label_values(&[&def.name]);
             metrics.view_log_restores.with_label_values(&[&def.name]);
+            let op = ViewOperator::new(def);
+            let track = def.input == InputKind::Table && op.output_per_input_row();
             let view = Arc::new(View {
                 def: def.clone(),
                 table,
                 state: Mutex::new(ViewState {
-                    op: ViewOperator::new(def),
+                    op,
                     fed: None,
                     off: -1,
                     pos: HashMap::new(),
                     skip: None,
+                    track,
+                    forget_deleted: matches!(def.operator, crate::views::OperatorDef::Delta(_)),
+                    seen: HashMap::new(),
+                    seen_epoch: None,
                 }),
                 log: Arc::default(),
             });
@@ -198,6 +224,14 @@ impl Views {
             log_tx: OnceLock::new(),
         });
         views.load_saved(&all, saved);
+        for view in &all {
+            let track = lock(&view.state).track;
+            if track && lock(&view.state).fed.is_none() {
+                if let Some(content) = logs(&view.def.name, &views.def_id(view)) {
+                    views.restore_tracked_from_log(view, content);
+                }
+            }
+        }
         for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
             if lock(&view.state).fed.is_some() {
                 continue;
@@ -366,6 +400,14 @@ impl Views {
         };
         let mut st = lock(&view.state);
         st.op = op;
+        if st.track {
+            st.seen_epoch = fed.as_ref().map(|f| f.epoch.clone());
+            st.seen = saved
+                .seen
+                .into_iter()
+                .map(|(k, p, o)| (k, (p, o)))
+                .collect();
+        }
         st.fed = fed;
         st.pos = pos;
         let rows = saved.rows.into_iter().map(|(k, r)| (k, Some(r))).collect();
@@ -444,6 +486,11 @@ impl Views {
                 rows,
                 events_next,
                 source: self.sources.get(&view.def.from).cloned(),
+                seen: st
+                    .seen
+                    .iter()
+                    .map(|(k, (p, o))| (k.clone(), *p, *o))
+                    .collect(),
             };
             if let Ok(bytes) = serde_json::to_vec(&saved) {
                 out.push((view.def.name.clone(), bytes));
@@ -555,6 +602,9 @@ impl Views {
         }
         let mut out: Vec<OutChange> = Vec::new();
         for c in &update.changes {
+            if st.track && !Self::take(&mut st, &update.epoch, c) {
+                continue;
+            }
             out.extend(
                 st.op
                     .apply_change(&c.key, c.before.as_deref(), c.row.as_deref()),
@@ -581,6 +631,10 @@ impl Views {
         input: &Arc<Table>,
         update: Option<&TableUpdate>,
     ) {
+        if st.track {
+            self.reconcile(view, st, input, update);
+            return;
+        }
         let mut op = ViewOperator::new(&view.def);
         let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
         let (epoch, useq) = {

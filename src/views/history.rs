@@ -50,6 +50,11 @@ impl History {
         History { spec, state }
     }
 
+    /// Whether `key` columns file entries (else each input key has its own series).
+    pub fn keyed(&self) -> bool {
+        self.spec.key.is_some()
+    }
+
     pub(super) fn state(&self) -> &HistoryState {
         &self.state
     }

@@ -82,7 +82,9 @@
 //!
 //! - [`RestorePlan::FromOutput`]: `history`, `delta` (without `key` columns), `max_by`/`min_by` over events, `group_by`
 //!   over events without `avg`: the view's own rows (its changelog) are its whole state; call
-//!   [`ViewOperator::rebuild_from_output`] with each `(key, row)`.
+//!   [`ViewOperator::rebuild_from_output`] with each `(key, row)`. Over a table, `history` and
+//!   `delta` without `key` ([`ViewOperator::output_per_input_row`]) then need only the input
+//!   changes their rows lack.
 //! - [`RestorePlan::FromOutputAndRowState`]: `group_by` with `avg` over events: the rows and,
 //!   with each, what it does not show ([`ViewOperator::row_state`]: each average's exact sum and
 //!   count), which the view's topic carries beside the row; call
@@ -272,6 +274,19 @@ impl ViewOperator {
             }
             Op::GroupBy(o) if o.rebuildable_from_input() => RestorePlan::ReplayInput,
             Op::GroupBy(_) => RestorePlan::PersistedState,
+        }
+    }
+
+    /// Over a table: whether each output row is the row of one input key and its rows are the
+    /// whole state (`history` and `delta` without `key` columns). Such a view knows, per input
+    /// key, which change its row last took, so that after a restore from its topic, or when the
+    /// input's updates do not follow on, it takes only what it lacks instead of starting again
+    /// from the current rows (`table::derived`).
+    pub fn output_per_input_row(&self) -> bool {
+        match &self.op {
+            Op::History(o) => !o.keyed(),
+            Op::Delta(o) => o.rebuildable_from_output(),
+            _ => false,
         }
     }
 

@@ -64,7 +64,11 @@ impl Node {
             .unwrap();
         let child = Command::new(livetable_bin())
             .args(&self.args)
-            .env("LIVETABLE_LOG", "info")
+            // LIVETABLE_TEST_LOG: another filter for the nodes' logs (e.g. to debug a test)
+            .env(
+                "LIVETABLE_LOG",
+                std::env::var("LIVETABLE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_LOG")
             .stdout(log.try_clone().unwrap())
             .stderr(log)

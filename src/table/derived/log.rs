@@ -44,6 +44,7 @@ impl Skip {
             events,
             input: base.input.clone(),
             state: None,
+            at: None,
         })
     }
 
@@ -71,7 +72,7 @@ impl Views {
 
     /// The id of a view's definition in its topic's records (input, operator, options, and an
     /// events input's declaration).
-    fn def_id(&self, view: &View) -> String {
+    pub(super) fn def_id(&self, view: &View) -> String {
         let source = self.sources.get(&view.def.from).map_or("", String::as_str);
         viewlog::def_id(&format!("{}|{source}", fingerprint(&view.def)))
     }
@@ -92,6 +93,7 @@ impl Views {
                     events,
                     input: None,
                     state: None,
+                    at: None,
                 }))
             }
             InputKind::Table => st.fed.as_ref().map(|f| {
@@ -99,6 +101,7 @@ impl Views {
                     events: Vec::new(),
                     input: Some(format!("{}#{}", f.epoch, f.useq)),
                     state: None,
+                    at: None,
                 })
             }),
         }
@@ -119,12 +122,19 @@ impl Views {
             Some(s) => s.mark(key, base),
             None => base.clone(),
         };
-        match st.op.row_state(key) {
-            Some(state) => Arc::new(Mark {
-                state: Some(state),
+        // a view over a table that tracks its input rows: the change the key's row holds
+        let at = if st.track {
+            st.seen.get(key).copied()
+        } else {
+            None
+        };
+        match (st.op.row_state(key), at) {
+            (None, None) => mark,
+            (state, at) => Arc::new(Mark {
+                state,
+                at,
                 ..(*mark).clone()
             }),
-            None => mark,
         }
     }
 

@@ -32,7 +32,7 @@ top_n = { order_by = ["total desc", "team"], limit = 1, rank = "" }
 type Held = HashMap<String, (u64, BTreeMap<String, Row>)>;
 
 #[derive(Default)]
-struct Client(Mutex<Held>);
+pub(super) struct Client(pub(super) Mutex<Held>);
 
 impl UpdateSink for Client {
     fn publish(&self, update: TableUpdate) {
@@ -58,10 +58,10 @@ impl UpdateSink for Client {
 }
 
 /// Views started on `tables`, with a collecting client and their own metrics.
-struct Run {
-    views: Arc<Views>,
-    client: Arc<Client>,
-    metrics: Arc<Metrics>,
+pub(super) struct Run {
+    pub(super) views: Arc<Views>,
+    pub(super) client: Arc<Client>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 fn try_run(
@@ -78,6 +78,17 @@ fn run_events(
     tables: &Arc<Tables>,
     saved: &HashMap<String, Vec<u8>>,
 ) -> Result<Run, String> {
+    run_with_logs(defs, events, tables, saved, &|_, _| None)
+}
+
+/// Views started with `logs` answering the reads of their topics at start.
+pub(super) fn run_with_logs(
+    defs: &[ViewDef],
+    events: &[EventsTopic],
+    tables: &Arc<Tables>,
+    saved: &HashMap<String, Vec<u8>>,
+    logs: &dyn Fn(&str, &str) -> Option<crate::table::viewlog::read::LogContent>,
+) -> Result<Run, String> {
     let client = Arc::new(Client::default());
     let metrics = Arc::new(Metrics::new());
     let views = Views::start(
@@ -87,6 +98,7 @@ fn run_events(
         client.clone(),
         metrics.clone(),
         saved,
+        logs,
     )?;
     Ok(Run {
         views,
@@ -99,9 +111,9 @@ fn run(defs: &[ViewDef], tables: &Arc<Tables>, saved: &HashMap<String, Vec<u8>>)
     try_run(defs, tables, saved).unwrap()
 }
 
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -109,11 +121,11 @@ impl Rng {
     }
 }
 
-fn row(v: Value) -> StoredRow {
+pub(super) fn row(v: Value) -> StoredRow {
     Arc::new(v.as_object().cloned().unwrap()).into()
 }
 
-fn rows_of(tables: &Tables, name: &str) -> BTreeMap<String, Row> {
+pub(super) fn rows_of(tables: &Tables, name: &str) -> BTreeMap<String, Row> {
     let t = tables.get(name).unwrap();
     let t = t.read();
     t.rows
@@ -323,12 +335,20 @@ fn a_table_created_after_the_views_started_is_taken_change_by_change() {
         json!([{"score": 1}, {"score": 2}, {"score": 3}]),
         "the first update's two changes are both in the history"
     );
-    // deleting the input table's lineage (a new epoch) rebuilds from the rows: history restarts
+    // a new lineage of the input table (a new epoch): the history keeps its past and takes the
+    // new lineage's rows as they come (its positions say nothing about the old ones)
     tables.ensure("scores", "e2", "game.scores", 2);
     write(&tables, &*views, &[("p1".into(), s(4))], &mut off);
     assert_eq!(
         rows_of(&tables, "hist")["p1"]["history"],
-        json!([{"score": 4}])
+        json!([{"score": 1}, {"score": 2}, {"score": 3}, {"score": 4}])
+    );
+    tables.ensure("scores", "e3", "game.scores", 2);
+    write(&tables, &*views, &[("p2".into(), s(5))], &mut off);
+    assert_eq!(
+        rows_of(&tables, "hist")["p1"]["history"],
+        json!([{"score": 1}, {"score": 2}, {"score": 3}, {"score": 4}, null]),
+        "a key the new lineage does not have is deleted"
     );
 }
 

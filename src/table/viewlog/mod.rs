@@ -37,8 +37,10 @@
 //! such a view changes exactly one output row); events below the view's position are skipped
 //! too (the reader starts at the lowest position any view of the topic needs: 0 when one of them
 //! is computed from the beginning). So no event is counted twice or lost, and events the topic
-//! no longer retains are not needed unless a view of the topic could not be restored. Views over
-//! tables are computed from the table as before.
+//! no longer retains are not needed unless a view of the topic could not be restored.
+//! `history` and `delta` without `key` over a table are read at start too (their marks name the
+//! input change each row holds: `table::derived`'s `reconcile.rs`); other views over tables are
+//! computed from the table.
 
 pub mod read;
 pub mod writer;
@@ -101,6 +103,11 @@ pub struct Mark {
     /// ([`crate::views::ViewOperator::row_state`]: an `avg`'s exact sum and count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<serde_json::Value>,
+    /// Views over a table whose rows are its input rows' (`history`, `delta` without `key`):
+    /// the input partition and offset of the change of the row's input key the row last took
+    /// (the lineage is `input`'s epoch). A restore skips what the row already holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<(u32, i64)>,
 }
 
 impl Mark {
@@ -110,6 +117,14 @@ impl Mark {
             .iter()
             .find(|(q, _)| *q == p)
             .map_or(0, |(_, n)| *n)
+    }
+
+    /// The input table's lineage named by `input` (views over tables).
+    pub fn input_epoch(&self) -> Option<&str> {
+        self.input
+            .as_deref()
+            .and_then(|i| i.split_once('#'))
+            .map(|(e, _)| e)
     }
 
     pub fn to_json(&self) -> String {
@@ -169,6 +184,7 @@ mod tests {
             events: vec![(0, 5), (2, 9)],
             input: None,
             state: None,
+            at: None,
         };
         let back: Mark = serde_json::from_str(&m.to_json()).unwrap();
         assert_eq!(back, m);

@@ -86,9 +86,9 @@ impl LogContent {
                     *e = (*e).max(*n);
                 }
                 let a = Arc::new(parsed);
-                // a mark with a row's state is that record's own: kept only while its row is
-                // the key's last
-                if a.state.is_none() {
+                // a mark with a row's state or input change is that record's own: kept only
+                // while its row is the key's last
+                if a.state.is_none() && a.at.is_none() {
                     self.interned.insert(m.to_vec(), a.clone());
                 }
                 Some(a)
@@ -208,6 +208,72 @@ pub fn read_log(
     Ok(Some(content))
 }
 
+/// The reads of views' topics a node makes at start for its views over tables
+/// (`Views::start`): one reader for all; once a read fails (the broker does not answer), the
+/// other views are not read (each would wait as long) and start from their input's rows.
+pub struct StartReads {
+    /// Created at the first read (most nodes have no such view).
+    reader: std::cell::OnceCell<Option<Reader>>,
+    config: crate::config::Config,
+    cancel: tokio_util::sync::CancellationToken,
+    failed: std::cell::Cell<bool>,
+}
+
+impl StartReads {
+    pub fn new(
+        config: &crate::config::Config,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        StartReads {
+            reader: std::cell::OnceCell::new(),
+            config: config.clone(),
+            cancel,
+            failed: std::cell::Cell::new(false),
+        }
+    }
+
+    /// What the topic of view `name` holds, its rows expected of definition `def` (`None`: no
+    /// topic, or it could not be read).
+    pub fn read(&self, name: &str, def: &str) -> Option<LogContent> {
+        if self.failed.get() {
+            return None;
+        }
+        let reader = self
+            .reader
+            .get_or_init(|| {
+                crate::cdc::source::reader(&self.config)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot create a reader for the views' topics"))
+                    .ok()
+            })
+            .as_ref()?;
+        let topic = super::topic(&self.config.changelog_prefix, name);
+        let cancel = self.cancel.clone();
+        match read_log(
+            reader,
+            &topic,
+            Some(def),
+            self.config.restore_stall,
+            &self.config.brokers,
+            &move || cancel.is_cancelled(),
+        ) {
+            Ok(None) => {
+                tracing::info!(
+                    view = name,
+                    topic,
+                    "the view has no changelog topic yet; it is computed from its input"
+                );
+                None
+            }
+            Ok(content) => content,
+            Err(e) => {
+                self.failed.set(true);
+                tracing::warn!(view = name, topic, error = %e, "cannot read the view's changelog topic; views over tables start from their input's rows");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +283,7 @@ mod tests {
             events: events.to_vec(),
             input: None,
             state: None,
+            at: None,
         }
         .to_json()
         .into_bytes()
@@ -230,6 +297,7 @@ mod tests {
                 events: vec![(0, 3 + n as i64)],
                 input: None,
                 state: Some(serde_json::json!({"m": {"n": n}})),
+                at: None,
             }
             .to_json()
             .into_bytes()

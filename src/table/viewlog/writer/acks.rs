@@ -187,6 +187,7 @@ mod tests {
             events: vec![(0, n)],
             input: None,
             state: None,
+            at: None,
         })
     }
 

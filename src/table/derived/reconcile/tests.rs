@@ -1,0 +1,309 @@
+//! Tracked views (`history`, `delta` over a table) restored from their topics and reconciled
+//! with an input that is at, behind or ahead of the topic, against views fed every change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::super::tests::{row, rows_of, run_with_logs, Rng, Run};
+use crate::cdc::decode::{Op, Row};
+use crate::table::state::{Delta, RowWrite, TableState, Tables, UpdateSink};
+use crate::table::stored_row::StoredRow;
+use crate::table::viewlog::read::LogContent;
+use crate::table::viewlog::Commit;
+use crate::views::{ViewDef, ViewsFile};
+
+const VIEWS: &str = r#"
+[views.hist]
+from = "scores"
+history = { limit = 50, columns = ["score"] }
+
+[views.moves]
+from = "scores"
+delta = { columns = ["score"] }
+"#;
+const NAMES: [&str; 2] = ["hist", "moves"];
+
+/// One input change: key, row (`None`: delete), partition, offset.
+type Change = (String, Option<StoredRow>, u32, i64);
+
+fn commit(tables: &Tables, sink: &dyn UpdateSink, batch: &[Change]) {
+    let mut d = Delta::new(tables.get("scores").unwrap());
+    for (key, r, part, off) in batch {
+        d.stage(RowWrite {
+            key: key.clone(),
+            row: r.clone(),
+            op: if r.is_some() { Op::Update } else { Op::Delete },
+            part: *part,
+            off: *off,
+            ts_ms: None,
+            kafka_ts_ms: None,
+            polled: None,
+        });
+    }
+    tables.commit(d, sink);
+}
+
+/// 60 batches of 1 to 3 changes over 6 keys (a key always in one of 2 partitions), with deletes
+/// and values that repeat.
+fn batches() -> Vec<Vec<Change>> {
+    let mut rng = Rng(0x7ac4_e2d1);
+    let mut off = 0;
+    (0..60)
+        .map(|_| {
+            (0..1 + rng.below(3))
+                .map(|_| {
+                    let k = rng.below(6);
+                    off += 1;
+                    let r = (rng.below(6) > 0).then(|| {
+                        row(json!({"player": format!("p{k}"), "score": rng.below(8) as i64}))
+                    });
+                    (format!("p{k}"), r, (k % 2) as u32, off)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn start(
+    defs: &[ViewDef],
+    input: Option<TableState>,
+    topic: Option<&LogContentFn<'_>>,
+) -> (Arc<Tables>, Run) {
+    let tables = Arc::new(Tables::default());
+    match input {
+        Some(state) => {
+            tables.insert(state);
+        }
+        None => {
+            tables.ensure("scores", "e1", "game.scores", 2);
+        }
+    }
+    let none = |_: &str, _: &str| None;
+    let logs: &LogContentFn<'_> = topic.unwrap_or(&none);
+    let run = run_with_logs(defs, &[], &tables, &HashMap::new(), logs).unwrap();
+    (tables, run)
+}
+
+type LogContentFn<'a> = dyn Fn(&str, &str) -> Option<LogContent> + 'a;
+
+/// What view `name`'s topic holds after the first `n` commits of the writer.
+fn content(commits: &[Commit], name: &str, n: usize) -> LogContent {
+    let mut c = LogContent::default();
+    for commit in commits.iter().filter(|c| &*c.view == name).take(n) {
+        for (k, r, m) in &commit.changes {
+            let value = r.as_ref().map(|r| serde_json::to_vec(&**r).unwrap());
+            c.push(
+                Some(k.as_bytes()),
+                value.as_deref(),
+                (Some(m.to_json().as_bytes()), None, b"w1", None),
+            );
+        }
+    }
+    c
+}
+
+fn views_of(tables: &Tables) -> BTreeMap<&'static str, BTreeMap<String, Row>> {
+    NAMES.iter().map(|n| (*n, rows_of(tables, n))).collect()
+}
+
+fn assert_sent(run: &Run, tables: &Tables, what: &str) {
+    let held = run.client.0.lock().unwrap();
+    for n in NAMES {
+        let sent = held.get(n).map(|(_, r)| r.clone()).unwrap_or_default();
+        assert_eq!(
+            sent,
+            rows_of(tables, n),
+            "{what}: clients of {n} hold the view"
+        );
+    }
+}
+
+#[test]
+fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let all = batches();
+    // the oracle: every change fed in order
+    let (oracle_tables, oracle) = start(&defs, None, None);
+    for b in &all {
+        commit(&oracle_tables, &*oracle.views, b);
+    }
+    let want = views_of(&oracle_tables);
+    assert!(want["hist"]
+        .values()
+        .any(|r| r["history"].as_array().unwrap().len() > 4));
+
+    // the writer: its commits (what the topics get), the input after each batch, and how many
+    // commits of each view there were by then
+    let (tables, w) = start(&defs, None, None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    w.views.set_log(tx);
+    for (_, flags, _) in w.views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    let mut inputs: Vec<TableState> = vec![tables.get("scores").unwrap().read().clone()];
+    let mut commits: Vec<Commit> = Vec::new();
+    let mut counts: Vec<HashMap<String, usize>> = vec![HashMap::new()];
+    for b in &all {
+        commit(&tables, &*w.views, b);
+        commits.extend(rx.try_iter());
+        inputs.push(tables.get("scores").unwrap().read().clone());
+        let mut n: HashMap<String, usize> = HashMap::new();
+        for c in &commits {
+            *n.entry(c.view.to_string()).or_default() += 1;
+        }
+        counts.push(n);
+    }
+    assert_eq!(views_of(&tables), want);
+    let at = |k: usize| {
+        let counts = counts[k].clone();
+        let commits = &commits;
+        move |name: &str, _: &str| {
+            Some(content(
+                commits,
+                name,
+                counts.get(name).copied().unwrap_or(0),
+            ))
+        }
+    };
+
+    // the topic holds what the input holds (an idle input, a clean hand-over), or more (the
+    // input lost its last changes and reads them again): exact
+    for (input_at, topic_at) in [(0, 0), (20, 20), (60, 60), (20, 35), (0, 60), (41, 42)] {
+        let logs = at(topic_at);
+        let (t, r) = start(&defs, Some(inputs[input_at].clone()), Some(&logs));
+        for b in &all[input_at..] {
+            commit(&t, &*r.views, b);
+        }
+        let what = format!("input at {input_at}, topic at {topic_at}");
+        assert_eq!(views_of(&t), want, "{what}");
+        assert_sent(&r, &t, &what);
+        if topic_at > 0 {
+            assert_eq!(
+                r.metrics
+                    .view_log_restores
+                    .with_label_values(&["hist"])
+                    .get(),
+                1
+            );
+        }
+    }
+
+    // the topic lacks the input's last changes (in flight when its writer died): each key's
+    // changes since its row arrive as one, then every change after
+    for (topic_at, input_at) in [(10, 30), (0, 25), (45, 60)] {
+        let logs = at(topic_at);
+        let (t, r) = start(&defs, Some(inputs[input_at].clone()), Some(&logs));
+        for b in &all[input_at..] {
+            commit(&t, &*r.views, b);
+        }
+        // the same, fed: the changes up to the topic, then per key changed since its row at
+        // the input's position, then the rest
+        let (et, e) = start(&defs, None, None);
+        for b in &all[..topic_at] {
+            commit(&et, &*e.views, b);
+        }
+        let mut last: BTreeMap<String, Change> = BTreeMap::new();
+        for c in all[topic_at..input_at].iter().flatten() {
+            last.insert(c.0.clone(), c.clone());
+        }
+        commit(&et, &*e.views, &last.into_values().collect::<Vec<_>>());
+        for b in &all[input_at..] {
+            commit(&et, &*e.views, b);
+        }
+        let what = format!("topic at {topic_at}, input at {input_at}");
+        assert_eq!(views_of(&t), views_of(&et), "{what}");
+        assert_sent(&r, &t, &what);
+    }
+}
+
+#[test]
+fn a_tracked_view_keeps_its_past_when_its_input_is_replaced() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let all = batches();
+    let (oracle_tables, oracle) = start(&defs, None, None);
+    let (tables, r) = start(&defs, None, None);
+    for (i, b) in all.iter().enumerate() {
+        commit(&oracle_tables, &*oracle.views, b);
+        if i % 15 == 7 {
+            // a restore or hand-over: the same rows, an update count that does not follow on
+            let mut state: TableState = tables.get("scores").unwrap().read().clone();
+            state.useq += 5;
+            tables.insert(state);
+        }
+        commit(&tables, &*r.views, b);
+    }
+    assert_eq!(views_of(&tables), views_of(&oracle_tables));
+    assert_sent(&r, &tables, "replaced inputs");
+    let rebuilds = r.metrics.view_rebuilds.with_label_values(&["hist"]).get();
+    assert_eq!(rebuilds, 5, "at start, then at each replacement");
+}
+
+#[test]
+fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let all = batches();
+    let (tables, w) = start(&defs, None, None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    w.views.set_log(tx);
+    for (_, flags, _) in w.views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    for b in &all[..30] {
+        commit(&tables, &*w.views, b);
+    }
+    let commits: Vec<Commit> = rx.try_iter().collect();
+    let written = views_of(&tables);
+    // the input in another lineage, empty: its changes are new to the view, not held
+    let logs = |name: &str, _: &str| Some(content(&commits, name, usize::MAX));
+    let other = TableState::new("scores", "e2", "game.scores", 2);
+    let (t, r) = start(&defs, Some(other), Some(&logs));
+    // restored, then reconciled with an empty input: every history ends with a delete, every
+    // delta row goes
+    let hist = rows_of(&t, "hist");
+    assert_eq!(hist.len(), written["hist"].len());
+    for (k, row) in &hist {
+        let entries = row["history"].as_array().unwrap();
+        assert_eq!(entries.last(), Some(&json!(null)), "{k}");
+    }
+    assert!(rows_of(&t, "moves").is_empty());
+    commit(&t, &*r.views, &all[0]);
+    for (key, r2, _, _) in &all[0] {
+        let entries = rows_of(&t, "hist")[key]["history"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let want = r2
+            .as_ref()
+            .map_or(json!(null), |r| json!({"score": r["score"]}));
+        assert_eq!(entries.last(), Some(&want), "{key}: taken, not skipped");
+    }
+
+    // rows of another definition: not restored at all
+    let mut c = content(&commits, "hist", usize::MAX);
+    c.other_def.insert("p1".into());
+    let cell = std::sync::Mutex::new(Some(c));
+    let logs = |name: &str, _: &str| {
+        (name == "hist")
+            .then(|| cell.lock().unwrap().take())
+            .flatten()
+    };
+    let (t, r) = start(
+        &defs,
+        Some(tables.get("scores").unwrap().read().clone()),
+        Some(&logs),
+    );
+    assert_eq!(
+        r.metrics
+            .view_log_restores
+            .with_label_values(&["hist"])
+            .get(),
+        0
+    );
+    let hist = rows_of(&t, "hist");
+    assert!(hist
+        .values()
+        .all(|r| r["history"].as_array().unwrap().len() == 1));
+}
