@@ -50,6 +50,11 @@ mod log;
 mod reconcile;
 pub use log::LogChange;
 
+/// Reads a view's topic at start: `(view name, definition id)` -> its content (`Ok(None)`: no
+/// topic; `Err`: it could not be read).
+pub type ReadLog<'a> =
+    dyn Fn(&str, &str) -> Result<Option<crate::table::viewlog::read::LogContent>, String> + 'a;
+
 /// One event of an events topic, for the views that read it.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -82,15 +87,8 @@ struct ViewState {
     /// input is read again.
     skip: Option<log::Skip>,
     /// A view over a table whose rows are its input rows' ([`ViewOperator::output_per_input_row`]):
-    /// it keeps `seen` (`reconcile.rs`).
-    track: bool,
-    /// A tracked view deletes a key's row when the input row goes (`delta`; a `history` keeps
-    /// the row, with a `null` entry): its `seen` entry goes too.
-    forget_deleted: bool,
-    /// Per input key, the input change (partition, offset) its row last took, in the input's
-    /// lineage `seen_epoch`.
-    seen: HashMap<String, (u32, i64)>,
-    seen_epoch: Option<Arc<str>>,
+    /// the input change each row holds (`reconcile.rs`).
+    track: Option<reconcile::Tracked>,
 }
 
 /// One declared view and its table.
@@ -155,7 +153,8 @@ impl Views {
     /// view name, from [`Views::save`]) where it still applies. `defs` in the views file's order
     /// (inputs first); `events` the declared events topics. A view over a table whose rows are its
     /// input rows' that nothing saved is restored from what `logs(view name, definition id)`
-    /// reads of its topic (`None`: nothing usable), then takes what it lacks of the input.
+    /// reads of its topic (`Ok(None)`: no topic; `Err`: not read, restored when this node takes
+    /// the topic over), then takes what it lacks of the input.
     pub fn start(
         defs: &[ViewDef],
         events: &[crate::table::events::EventsTopic],
@@ -163,7 +162,7 @@ impl Views {
         inner: Arc<dyn UpdateSink>,
         metrics: Arc<Metrics>,
         saved: &HashMap<String, Vec<u8>>,
-        logs: &dyn Fn(&str, &str) -> Option<crate::table::viewlog::read::LogContent>,
+        logs: &ReadLog<'_>,
     ) -> Result<Arc<Views>, String> {
         if let Some(def) = defs.iter().find(|d| tables.get(&d.name).is_some()) {
             return Err(format!(
@@ -183,7 +182,9 @@ impl Views {
             metrics.view_changes.with_label_values(&[&def.name]);
             metrics.view_log_restores.with_label_values(&[&def.name]);
             let op = ViewOperator::new(def);
-            let track = def.input == InputKind::Table && op.output_per_input_row();
+            let track = (def.input == InputKind::Table && op.output_per_input_row()).then(|| {
+                reconcile::Tracked::new(matches!(def.operator, crate::views::OperatorDef::Delta(_)))
+            });
             let view = Arc::new(View {
                 def: def.clone(),
                 table,
@@ -194,9 +195,6 @@ impl Views {
                     pos: HashMap::new(),
                     skip: None,
                     track,
-                    forget_deleted: matches!(def.operator, crate::views::OperatorDef::Delta(_)),
-                    seen: HashMap::new(),
-                    seen_epoch: None,
                 }),
                 log: Arc::default(),
             });
@@ -224,11 +222,26 @@ impl Views {
             log_tx: OnceLock::new(),
         });
         views.load_saved(&all, saved);
-        for view in &all {
-            let track = lock(&view.state).track;
-            if track && lock(&view.state).fed.is_none() {
-                if let Some(content) = logs(&view.def.name, &views.def_id(view)) {
-                    views.restore_tracked_from_log(view, content);
+        // outputs first: a view's restore is published to the views that read it, which must
+        // not take it before they are restored themselves
+        for view in all.iter().rev() {
+            let wanted = {
+                let st = lock(&view.state);
+                st.track.is_some() && st.fed.is_none()
+            };
+            if wanted {
+                match logs(&view.def.name, &views.def_id(view)) {
+                    Ok(Some(content)) => {
+                        views.restore_tracked_from_log(view, &content);
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        // not read: restored when this node takes its topic over, before it
+                        // writes the view there
+                        if let Some(tr) = lock(&view.state).track.as_mut() {
+                            tr.unread = true;
+                        }
+                    }
                 }
             }
         }
@@ -400,12 +413,14 @@ impl Views {
         };
         let mut st = lock(&view.state);
         st.op = op;
-        if st.track {
-            st.seen_epoch = fed.as_ref().map(|f| f.epoch.clone());
-            st.seen = saved
+        if let (Some(tr), Some(f)) = (st.track.as_mut(), fed.as_ref()) {
+            tr.seen = saved
                 .seen
                 .into_iter()
-                .map(|(k, p, o)| (k, (p, o)))
+                .map(|(k, part, off)| {
+                    let epoch = f.epoch.clone();
+                    (k, reconcile::Seen { epoch, part, off })
+                })
                 .collect();
         }
         st.fed = fed;
@@ -486,11 +501,15 @@ impl Views {
                 rows,
                 events_next,
                 source: self.sources.get(&view.def.from).cloned(),
-                seen: st
-                    .seen
-                    .iter()
-                    .map(|(k, (p, o))| (k.clone(), *p, *o))
-                    .collect(),
+                seen: match (&st.track, &st.fed) {
+                    (Some(tr), Some(f)) => tr
+                        .seen
+                        .iter()
+                        .filter(|(_, s)| s.epoch == f.epoch)
+                        .map(|(k, s)| (k.clone(), s.part, s.off))
+                        .collect(),
+                    _ => Vec::new(),
+                },
             };
             if let Ok(bytes) = serde_json::to_vec(&saved) {
                 out.push((view.def.name.clone(), bytes));
@@ -593,22 +612,24 @@ impl Views {
                     && f.useq + 1 == update.useq
             }
             // a table created after the views started: its first update is its whole past, so
-            // the operator (still empty) takes it change by change (a delta or history keeps it)
-            None => update.useq == 1,
+            // the operator (still empty) takes it change by change (a delta or history keeps it);
+            // a view restored from its topic reconciles with it instead
+            None => update.useq == 1 && !st.track.as_ref().is_some_and(|t| t.restored),
         };
         if !follows {
             self.rebuild(view, &mut st, &input, Some(update));
             return;
         }
         let mut out: Vec<OutChange> = Vec::new();
-        for c in &update.changes {
-            if st.track && !Self::take(&mut st, &update.epoch, c) {
-                continue;
+        if st.track.is_some() {
+            out = Self::feed_tracked(&mut st, &input, update);
+        } else {
+            for c in &update.changes {
+                out.extend(
+                    st.op
+                        .apply_change(&c.key, c.before.as_deref(), c.row.as_deref()),
+                );
             }
-            out.extend(
-                st.op
-                    .apply_change(&c.key, c.before.as_deref(), c.row.as_deref()),
-            );
         }
         st.fed = Some(Fed {
             table: input,
@@ -631,7 +652,7 @@ impl Views {
         input: &Arc<Table>,
         update: Option<&TableUpdate>,
     ) {
-        if st.track {
+        if st.track.is_some() {
             self.reconcile(view, st, input, update);
             return;
         }

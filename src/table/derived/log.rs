@@ -108,7 +108,7 @@ impl Views {
     }
 
     /// The view named `name`.
-    fn view_named(&self, name: &str) -> Option<&Arc<View>> {
+    pub(super) fn view_named(&self, name: &str) -> Option<&Arc<View>> {
         self.by_input
             .values()
             .flatten()
@@ -123,11 +123,10 @@ impl Views {
             None => base.clone(),
         };
         // a view over a table that tracks its input rows: the change the key's row holds
-        let at = if st.track {
-            st.seen.get(key).copied()
-        } else {
-            None
-        };
+        let at = st
+            .track
+            .as_ref()
+            .and_then(|tr| tr.at(key, mark.input_epoch()));
         match (st.op.row_state(key), at) {
             (None, None) => mark,
             (state, at) => Arc::new(Mark {

@@ -2,56 +2,186 @@
 //! columns; [`crate::views::ViewOperator::output_per_input_row`]): what they do instead of
 //! starting again from the input's current rows.
 //!
-//! Such a view keeps, per input key, the input change (partition, offset) its row last took,
-//! and writes it into each record's mark ([`crate::table::viewlog::Mark::at`]). Then:
+//! Such a view keeps, per input key, the input change (lineage, partition, offset) its row last
+//! took ([`Tracked`]), and writes it into each record's mark
+//! ([`crate::table::viewlog::Mark::at`], with the lineage in `input`). Then:
 //! - **Restore.** A node on which nothing saved the view (kill -9, a new or lost data
 //!   directory) reads the view's topic at start: the rows are the operator's whole state, and
 //!   the marks say which change of its input key each row holds.
-//! - **Reconcile** (at start, and whenever the input's updates do not follow on: the input was
-//!   restored, replaced or a slice handed over). For each input row: a view that already took
-//!   that change (same lineage, partition, offset at or past the row's) takes nothing; else it
-//!   takes the current row as a change (a history gets it as its next entry, a delta moves from
-//!   the value it last had). For each row of the view whose input key the input no longer has:
-//!   the view takes a delete, unless the change it holds is past the input's position there (the
-//!   input will read it again).
+//! - **Reconcile** (at start, at the first update of the input after a restore, and whenever the
+//!   input's updates do not follow on: the input was restored, replaced or a slice handed over).
+//!   For each input row: a view that already took that change (same lineage, partition, offset
+//!   at or past the row's) takes nothing; else it takes the current row as a change (a history
+//!   gets it as its next entry, a delta moves from the value it last had). For each row of the
+//!   view whose input key the input does not have: the view takes a delete, unless the change it
+//!   holds is past the input's position in that partition (the input reads it again, or has not
+//!   read that far): then the key waits until the input's position there reaches it, and is
+//!   deleted then if the input still lacks it. When an update triggers it, the keys that update
+//!   changed are brought up to their row before its first change of them, then take its
+//!   changes one by one.
+//! - **Unread.** A topic that could not be read at start is read when this node takes it over:
+//!   the view is restored and reconciled then, before the whole rewrite.
 //! - **Skip.** A change of the input at or before the one the key's row holds is skipped: after
 //!   a restore from a topic ahead of the input (another node wrote it, or the input lost its last
-//!   changes to kill -9 and reads them again), no entry is taken twice.
+//!   changes to kill -9 and reads them again), no entry is taken twice. A partition whose offsets
+//!   restarted (its topic was created again, seen by the input in this process) forgets what its
+//!   keys held.
 //!
 //! So a view comes back exactly when its topic holds every change the input holds (an idle
 //! input, a clean hand-over), and when it is ahead. Where the input holds changes the topic
 //! lacks (those in flight when a node died), each such key's changes since its row arrive as one
 //! (a history gets the current row once, not each value in between; a delta's movement spans
-//! them). A topic written in another lineage of the input gives rows without skip positions:
-//! each key then takes its current row unless it equals its last entry.
+//! them). Rows of another lineage of the input hold no position in this one: each such key takes
+//! its current row (a history adds nothing when it equals its last entry), and keys the input
+//! lacks at that moment are taken as deletes.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{lock, Fed, View, ViewState, Views};
 use crate::cdc::decode::Row;
-use crate::table::state::{AppliedChange, Entry, Table, TableUpdate};
+use crate::table::state::{AppliedChange, Entry, Table, TableState, TableUpdate};
 use crate::table::viewlog::read::LogContent;
 use crate::views::{OutChange, ViewOperator};
 
-impl Views {
-    /// Whether a tracked view takes input change `c` of lineage `epoch` (false: its row holds
-    /// it already); notes it as the key's last.
-    pub(super) fn take(st: &mut ViewState, epoch: &Arc<str>, c: &AppliedChange) -> bool {
-        if st.seen_epoch.as_deref() != Some(&**epoch) {
-            st.seen.clear();
-            st.seen_epoch = Some(epoch.clone());
+/// The input change a row holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Seen {
+    pub epoch: Arc<str>,
+    pub part: u32,
+    pub off: i64,
+}
+
+impl Seen {
+    /// Whether this row holds a change of `epoch` at `part`/`off`.
+    fn holds(&self, epoch: &str, part: u32, off: i64) -> bool {
+        &*self.epoch == epoch && self.part == part && self.off >= off
+    }
+}
+
+/// What a tracked view keeps besides its operator.
+#[derive(Debug, Default)]
+pub(super) struct Tracked {
+    /// The view deletes a key's row when the input row goes (`delta`; a `history` keeps the row,
+    /// with a `null` entry): its entry in `seen` goes too.
+    pub forget_deleted: bool,
+    /// Per input key, the change its row last took.
+    pub seen: HashMap<String, Seen>,
+    /// Keys the view holds ahead of the input's position, which the input does not have yet:
+    /// deleted once the input's position in their partition reaches them without them.
+    pub pending: HashMap<String, Seen>,
+    /// The input's offset restarts per partition last looked at.
+    pub resets: Vec<u32>,
+    /// Restored from the topic and not reconciled yet: the input's first update reconciles.
+    pub restored: bool,
+    /// Its topic could not be read at start: restored when this node takes the topic over
+    /// ([`Views::restore_unread`]), before it writes the view there.
+    pub unread: bool,
+}
+
+impl Tracked {
+    pub fn new(forget_deleted: bool) -> Self {
+        Tracked {
+            forget_deleted,
+            ..Tracked::default()
         }
-        if let Some(&(p, o)) = st.seen.get(&c.key) {
-            if p == c.part && o >= c.off {
-                return false;
+    }
+
+    /// The change `key`'s row holds, when of lineage `epoch` (what its mark carries).
+    pub fn at(&self, key: &str, epoch: Option<&str>) -> Option<(u32, i64)> {
+        let s = self.seen.get(key)?;
+        (Some(&*s.epoch) == epoch).then_some((s.part, s.off))
+    }
+
+    /// Forgets what the keys of a partition whose offsets restarted held.
+    fn note_resets(&mut self, t: &TableState) {
+        let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
+        if self.resets.len() == now.len() {
+            let restarted: HashSet<u32> = (0..now.len())
+                .filter(|p| now[*p] != self.resets[*p])
+                .map(|p| p as u32)
+                .collect();
+            if !restarted.is_empty() {
+                self.seen.retain(|_, s| !restarted.contains(&s.part));
+                self.pending.retain(|_, s| !restarted.contains(&s.part));
             }
         }
-        if c.row.is_none() && st.forget_deleted {
-            st.seen.remove(&c.key);
+        self.resets = now;
+    }
+
+    /// Whether the view takes input change `c` of lineage `epoch` (false: its row holds it
+    /// already); notes it as the key's last.
+    fn take(&mut self, epoch: &Arc<str>, c: &AppliedChange) -> bool {
+        if self
+            .seen
+            .get(&c.key)
+            .is_some_and(|s| s.holds(epoch, c.part, c.off))
+        {
+            return false;
+        }
+        self.pending.remove(&c.key);
+        if c.row.is_none() && self.forget_deleted {
+            self.seen.remove(&c.key);
         } else {
-            st.seen.insert(c.key.clone(), (c.part, c.off));
+            self.seen.insert(
+                c.key.clone(),
+                Seen {
+                    epoch: epoch.clone(),
+                    part: c.part,
+                    off: c.off,
+                },
+            );
         }
         true
+    }
+}
+
+impl Views {
+    /// The output of `update` for a tracked view that follows its input: the changes its rows
+    /// do not hold, then the deletes of waiting keys the input's position passed without them.
+    pub(super) fn feed_tracked(
+        st: &mut ViewState,
+        input: &Table,
+        update: &TableUpdate,
+    ) -> Vec<OutChange> {
+        let ViewState { op, track, .. } = st;
+        let Some(tr) = track.as_mut() else {
+            return Vec::new();
+        };
+        let t = input.read();
+        tr.note_resets(&t);
+        let mut out = Vec::new();
+        for c in &update.changes {
+            if tr.take(&update.epoch, c) {
+                out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
+            }
+        }
+        if !tr.pending.is_empty() {
+            let parts: HashSet<u32> = update.changes.iter().map(|c| c.part).collect();
+            let mut passed: Vec<String> = tr
+                .pending
+                .iter()
+                .filter(|(_, s)| {
+                    *s.epoch != *t.epoch
+                        || (parts.contains(&s.part)
+                            && t.slices
+                                .get(s.part as usize)
+                                .is_some_and(|sl| sl.last_off >= s.off))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            passed.sort_unstable();
+            for key in passed {
+                tr.pending.remove(&key);
+                if !t.rows.contains_key(&key) {
+                    out.extend(op.apply_change(&key, None, None));
+                    if tr.forget_deleted {
+                        tr.seen.remove(&key);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Brings a tracked view up to the input's current rows, taking only what it lacks (see the
@@ -65,45 +195,96 @@ impl Views {
     ) {
         let mut out: Vec<OutChange> = Vec::new();
         let (epoch, useq) = {
+            let ViewState { op, track, .. } = &mut *st;
+            let Some(tr) = track.as_mut() else {
+                return;
+            };
             let t = input.read();
-            if st.seen_epoch.as_deref() != Some(&*t.epoch) {
-                st.seen.clear();
-                st.seen_epoch = Some(t.epoch.clone());
+            tr.note_resets(&t);
+            tr.restored = false;
+            // the keys `update` changed: brought up to the row before its first change of them,
+            // then given the update's changes
+            let mut first: HashMap<&str, &AppliedChange> = HashMap::new();
+            for c in update.map_or(&[][..], |u| &u.changes[..]) {
+                first.entry(c.key.as_str()).or_insert(c);
             }
-            let mut rows: Vec<(&String, &Entry)> = t.rows.iter().collect();
+            let mut rows: Vec<(&String, &Entry)> = t
+                .rows
+                .iter()
+                .filter(|(k, _)| !first.contains_key(k.as_str()))
+                .collect();
             rows.sort_by(|a, b| a.0.cmp(b.0));
             for (key, e) in rows {
-                if st
+                if tr
                     .seen
                     .get(key)
-                    .is_some_and(|&(p, o)| p == e.part && o >= e.off)
+                    .is_some_and(|s| s.holds(&t.epoch, e.part, e.off))
                 {
                     continue;
                 }
                 let row: &Row = &e.row;
-                out.extend(st.op.apply_change(key, None, Some(row)));
-                st.seen.insert(key.clone(), (e.part, e.off));
+                out.extend(op.apply_change(key, None, Some(row)));
+                tr.pending.remove(key);
+                tr.seen.insert(
+                    key.clone(),
+                    Seen {
+                        epoch: t.epoch.clone(),
+                        part: e.part,
+                        off: e.off,
+                    },
+                );
             }
             let mut gone: Vec<String> = view
                 .table
                 .read()
                 .rows
                 .keys()
-                .filter(|k| !t.rows.contains_key(*k))
+                .filter(|k| !t.rows.contains_key(*k) && !first.contains_key(k.as_str()))
                 .cloned()
                 .collect();
             gone.sort_unstable();
             for key in gone {
-                if let Some(&(p, o)) = st.seen.get(&key) {
-                    let last = t.slices.get(p as usize).map_or(-1, |s| s.last_off);
-                    if o > last {
-                        // the input is behind the view here: it reads this key's changes again
+                if let Some(s) = tr.seen.get(&key) {
+                    let last = t.slices.get(s.part as usize).map_or(-1, |s| s.last_off);
+                    if *s.epoch == *t.epoch && s.off > last {
+                        // the input has not read that far here: wait for it
+                        tr.pending.insert(key, s.clone());
                         continue;
                     }
                 }
-                out.extend(st.op.apply_change(&key, None, None));
-                if st.forget_deleted {
-                    st.seen.remove(&key);
+                tr.pending.remove(&key);
+                out.extend(op.apply_change(&key, None, None));
+                if tr.forget_deleted {
+                    tr.seen.remove(&key);
+                }
+            }
+            if let Some(u) = update {
+                let mut keys: Vec<(&str, &AppliedChange)> = first.into_iter().collect();
+                keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (key, c) in keys {
+                    // a row that holds nothing of the key, or an older change of this lineage,
+                    // is brought up to the row before this change; a row of another lineage is
+                    // not (that lineage's first update is its whole past), and one that holds
+                    // this change skips what it holds
+                    let gap = match tr.seen.get(key) {
+                        None => true,
+                        Some(s) => *s.epoch == *u.epoch && !s.holds(&u.epoch, c.part, c.off),
+                    };
+                    if !gap {
+                        continue;
+                    }
+                    let has_row = view.table.read().rows.contains_key(key);
+                    match c.before.as_deref() {
+                        Some(before) => out.extend(op.apply_change(key, None, Some(before))),
+                        None if has_row => out.extend(op.apply_change(key, None, None)),
+                        None => {}
+                    }
+                    tr.pending.remove(key);
+                }
+                for c in &u.changes {
+                    if tr.take(&u.epoch, c) {
+                        out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
+                    }
                 }
             }
             (t.epoch.clone(), t.useq)
@@ -123,10 +304,11 @@ impl Views {
         self.commit(view, st, out, ts.unwrap_or_default());
     }
 
-    /// Restores a tracked view from what its topic holds (at start, before it is reconciled with
-    /// its input). False, and nothing changed, when the content is not usable: a record that
-    /// could not be read, a row of another definition of the view, or nothing written.
-    pub(super) fn restore_tracked_from_log(&self, view: &View, content: LogContent) -> bool {
+    /// Restores a tracked view from what its topic holds (at start, before any view commits:
+    /// it is reconciled with its input next). False, and nothing changed, when the content is
+    /// not usable: a record that could not be read, a row of another definition of the view, or
+    /// nothing written.
+    pub(super) fn restore_tracked_from_log(&self, view: &View, content: &LogContent) -> bool {
         if content.bad > 0 || content.records == 0 || !content.other_def.is_empty() {
             tracing::warn!(
                 view = %view.def.name,
@@ -137,36 +319,45 @@ impl Views {
             );
             return false;
         }
-        // the input's lineage most rows were computed in (one, unless the input was replaced)
-        let mut epochs: std::collections::HashMap<&str, usize> = Default::default();
-        for (_, m, _) in content.rows.values() {
-            if let Some(e) = m.input_epoch() {
-                *epochs.entry(e).or_default() += 1;
-            }
-        }
-        let epoch: Option<Arc<str>> = epochs
-            .into_iter()
-            .max_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)))
-            .map(|(e, _)| e.into());
         let mut op = ViewOperator::new(&view.def);
         let mut rows: Vec<(String, Option<Row>)> = Vec::new();
-        let mut seen = std::collections::HashMap::new();
+        let mut seen = HashMap::new();
+        // one `Arc` per lineage the marks name
+        let mut epochs: HashMap<String, Arc<str>> = HashMap::new();
         for (key, (row, mark, _)) in &content.rows {
             let Some(row) = row else { continue };
             op.rebuild_from_output(key, row);
             rows.push((key.clone(), Some(row.clone())));
-            if let (Some(at), Some(e)) = (mark.at, epoch.as_deref()) {
-                if mark.input_epoch() == Some(e) {
-                    seen.insert(key.clone(), at);
-                }
+            if let (Some((part, off)), Some(e)) = (mark.at, mark.input_epoch()) {
+                let epoch = epochs
+                    .entry(e.to_string())
+                    .or_insert_with(|| e.into())
+                    .clone();
+                seen.insert(key.clone(), Seen { epoch, part, off });
             }
         }
+        // rows the view holds that the topic does not (a restore after the view started) go
+        let stale: Vec<String> = {
+            let t = view.table.read();
+            t.rows
+                .keys()
+                .filter(|k| !content.rows.get(*k).is_some_and(|(r, _, _)| r.is_some()))
+                .cloned()
+                .collect()
+        };
+        rows.extend(stale.into_iter().map(|k| (k, None)));
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         let (n, held) = (rows.len(), seen.len());
         let mut st = lock(&view.state);
+        let Some(tr) = st.track.as_mut() else {
+            return false;
+        };
+        tr.seen = seen;
+        tr.pending.clear();
+        tr.restored = true;
+        tr.unread = false;
         st.op = op;
-        st.seen = seen;
-        st.seen_epoch = epoch;
+        st.fed = None;
         self.commit(view, &mut st, rows, Default::default());
         self.metrics
             .view_log_restores
@@ -174,6 +365,36 @@ impl Views {
             .inc();
         tracing::info!(view = %view.def.name, rows = n, with_positions = held, "view restored from its changelog topic");
         true
+    }
+}
+
+impl Views {
+    /// A view whose topic could not be read at start, now that this node takes the topic over
+    /// and read it (`content`): restored from it and brought up to its input, so that the whole
+    /// rewrite that follows does not replace the past the topic holds. Any other view: nothing.
+    pub fn restore_unread(&self, name: &str, content: &LogContent) {
+        let Some(view) = self.view_named(name) else {
+            return;
+        };
+        {
+            let mut st = lock(&view.state);
+            match st.track.as_mut() {
+                Some(tr) if tr.unread => tr.unread = false,
+                _ => return,
+            }
+        }
+        if content.records == 0 {
+            return;
+        }
+        let input = self.tables.get(&view.def.from);
+        // the input's order lock first, as on the publish path
+        let _order = input.as_ref().map(|t| t.order_guard());
+        if self.restore_tracked_from_log(view, content) {
+            if let Some(input) = &input {
+                let mut st = lock(&view.state);
+                self.reconcile(view, &mut st, input, None);
+            }
+        }
     }
 }
 

@@ -78,7 +78,7 @@ fn run_events(
     tables: &Arc<Tables>,
     saved: &HashMap<String, Vec<u8>>,
 ) -> Result<Run, String> {
-    run_with_logs(defs, events, tables, saved, &|_, _| None)
+    run_with_logs(defs, events, tables, saved, &|_, _| Ok(None))
 }
 
 /// Views started with `logs` answering the reads of their topics at start.
@@ -87,7 +87,7 @@ pub(super) fn run_with_logs(
     events: &[EventsTopic],
     tables: &Arc<Tables>,
     saved: &HashMap<String, Vec<u8>>,
-    logs: &dyn Fn(&str, &str) -> Option<crate::table::viewlog::read::LogContent>,
+    logs: &super::ReadLog<'_>,
 ) -> Result<Run, String> {
     let client = Arc::new(Client::default());
     let metrics = Arc::new(Metrics::new());

@@ -232,11 +232,11 @@ impl StartReads {
         }
     }
 
-    /// What the topic of view `name` holds, its rows expected of definition `def` (`None`: no
-    /// topic, or it could not be read).
-    pub fn read(&self, name: &str, def: &str) -> Option<LogContent> {
+    /// What the topic of view `name` holds, its rows expected of definition `def` (`Ok(None)`:
+    /// no topic; `Err`: it could not be read).
+    pub fn read(&self, name: &str, def: &str) -> Result<Option<LogContent>, String> {
         if self.failed.get() {
-            return None;
+            return Err("an earlier view's topic could not be read".into());
         }
         let reader = self
             .reader
@@ -245,7 +245,8 @@ impl StartReads {
                     .map_err(|e| tracing::warn!(error = %e, "cannot create a reader for the views' topics"))
                     .ok()
             })
-            .as_ref()?;
+            .as_ref()
+            .ok_or("no reader")?;
         let topic = super::topic(&self.config.changelog_prefix, name);
         let cancel = self.cancel.clone();
         match read_log(
@@ -262,13 +263,13 @@ impl StartReads {
                     topic,
                     "the view has no changelog topic yet; it is computed from its input"
                 );
-                None
+                Ok(None)
             }
-            Ok(content) => content,
+            Ok(content) => Ok(content),
             Err(e) => {
                 self.failed.set(true);
-                tracing::warn!(view = name, topic, error = %e, "cannot read the view's changelog topic; views over tables start from their input's rows");
-                None
+                tracing::warn!(view = name, topic, error = %e, "cannot read the view's changelog topic; the view starts from its input's rows and is restored from its topic when this node takes the topic over");
+                Err(e.to_string())
             }
         }
     }

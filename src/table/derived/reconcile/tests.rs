@@ -64,6 +64,12 @@ fn batches() -> Vec<Vec<Change>> {
                 })
                 .collect()
         })
+        .chain(std::iter::once(vec![(
+            "p7".to_string(),
+            Some(row(json!({"player": "p7", "score": 1}))),
+            1,
+            10_000,
+        )]))
         .collect()
 }
 
@@ -81,13 +87,20 @@ fn start(
             tables.ensure("scores", "e1", "game.scores", 2);
         }
     }
-    let none = |_: &str, _: &str| None;
+    let none = |_: &str, _: &str| Ok(None);
     let logs: &LogContentFn<'_> = topic.unwrap_or(&none);
     let run = run_with_logs(defs, &[], &tables, &HashMap::new(), logs).unwrap();
     (tables, run)
 }
 
-type LogContentFn<'a> = dyn Fn(&str, &str) -> Option<LogContent> + 'a;
+/// Views started while the node holds no input table yet.
+fn start_without_input(defs: &[ViewDef], logs: &LogContentFn<'_>) -> (Arc<Tables>, Run) {
+    let tables = Arc::new(Tables::default());
+    let run = run_with_logs(defs, &[], &tables, &HashMap::new(), logs).unwrap();
+    (tables, run)
+}
+
+type LogContentFn<'a> = dyn Fn(&str, &str) -> Result<Option<LogContent>, String> + 'a;
 
 /// What view `name`'s topic holds after the first `n` commits of the writer.
 fn content(commits: &[Commit], name: &str, n: usize) -> LogContent {
@@ -161,23 +174,31 @@ fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() 
         let counts = counts[k].clone();
         let commits = &commits;
         move |name: &str, _: &str| {
-            Some(content(
+            Ok(Some(content(
                 commits,
                 name,
                 counts.get(name).copied().unwrap_or(0),
-            ))
+            )))
         }
     };
 
     // the topic holds what the input holds (an idle input, a clean hand-over), or more (the
-    // input lost its last changes and reads them again): exact
-    for (input_at, topic_at) in [(0, 0), (20, 20), (60, 60), (20, 35), (0, 60), (41, 42)] {
+    // input lost its last changes and reads them again): exact; also when the input table
+    // arrives only after the views started (a node with an empty data directory)
+    let cases = [(0, 0), (20, 20), (60, 60), (20, 35), (0, 60), (41, 42)];
+    for ((input_at, topic_at), late) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let logs = at(topic_at);
-        let (t, r) = start(&defs, Some(inputs[input_at].clone()), Some(&logs));
+        let (t, r) = if late {
+            let (t, r) = start_without_input(&defs, &logs);
+            t.insert(inputs[input_at].clone());
+            (t, r)
+        } else {
+            start(&defs, Some(inputs[input_at].clone()), Some(&logs))
+        };
         for b in &all[input_at..] {
             commit(&t, &*r.views, b);
         }
-        let what = format!("input at {input_at}, topic at {topic_at}");
+        let what = format!("input at {input_at}, topic at {topic_at}, late {late}");
         assert_eq!(views_of(&t), want, "{what}");
         assert_sent(&r, &t, &what);
         if topic_at > 0 {
@@ -193,9 +214,16 @@ fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() 
 
     // the topic lacks the input's last changes (in flight when its writer died): each key's
     // changes since its row arrive as one, then every change after
-    for (topic_at, input_at) in [(10, 30), (0, 25), (45, 60)] {
+    let cases = [(10, 30), (0, 25), (45, 60)];
+    for ((topic_at, input_at), late) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let logs = at(topic_at);
-        let (t, r) = start(&defs, Some(inputs[input_at].clone()), Some(&logs));
+        let (t, r) = if late {
+            let (t, r) = start_without_input(&defs, &logs);
+            t.insert(inputs[input_at].clone());
+            (t, r)
+        } else {
+            start(&defs, Some(inputs[input_at].clone()), Some(&logs))
+        };
         for b in &all[input_at..] {
             commit(&t, &*r.views, b);
         }
@@ -213,7 +241,7 @@ fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() 
         for b in &all[input_at..] {
             commit(&et, &*e.views, b);
         }
-        let what = format!("topic at {topic_at}, input at {input_at}");
+        let what = format!("topic at {topic_at}, input at {input_at}, late {late}");
         assert_eq!(views_of(&t), views_of(&et), "{what}");
         assert_sent(&r, &t, &what);
     }
@@ -257,7 +285,7 @@ fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
     let commits: Vec<Commit> = rx.try_iter().collect();
     let written = views_of(&tables);
     // the input in another lineage, empty: its changes are new to the view, not held
-    let logs = |name: &str, _: &str| Some(content(&commits, name, usize::MAX));
+    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
     let other = TableState::new("scores", "e2", "game.scores", 2);
     let (t, r) = start(&defs, Some(other), Some(&logs));
     // restored, then reconciled with an empty input: every history ends with a delete, every
@@ -286,9 +314,9 @@ fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
     c.other_def.insert("p1".into());
     let cell = std::sync::Mutex::new(Some(c));
     let logs = |name: &str, _: &str| {
-        (name == "hist")
+        Ok((name == "hist")
             .then(|| cell.lock().unwrap().take())
-            .flatten()
+            .flatten())
     };
     let (t, r) = start(
         &defs,
@@ -306,4 +334,110 @@ fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
     assert!(hist
         .values()
         .all(|r| r["history"].as_array().unwrap().len() == 1));
+}
+
+#[test]
+fn a_partition_whose_offsets_restart_is_taken_again() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let (tables, r) = start(&defs, None, None);
+    let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
+    commit(&tables, &*r.views, &[("p1".into(), s(1), 0, 500)]);
+    commit(&tables, &*r.views, &[("p1".into(), s(2), 0, 501)]);
+    // the input topic was created again: its offsets start over
+    tables.get("scores").unwrap().update_slices(|t| {
+        let slice = t.slice_mut(0);
+        slice.last_off = -1;
+        slice.resets += 1;
+    });
+    commit(&tables, &*r.views, &[("p1".into(), s(3), 0, 4)]);
+    assert_eq!(
+        rows_of(&tables, "hist")["p1"]["history"],
+        json!([{"score": 1}, {"score": 2}, {"score": 3}]),
+        "the change at a lower offset after the restart is taken"
+    );
+    assert_eq!(rows_of(&tables, "moves")["p1"]["score_change"], json!(1));
+}
+
+#[test]
+fn a_tracked_view_of_a_tracked_view_is_restored_too() {
+    let defs = ViewsFile::parse(
+        "[views.moves]\nfrom = \"scores\"\ndelta = { columns = [\"score\"] }\n\n\
+         [views.moved]\nfrom = \"moves\"\nhistory = { limit = 9, columns = [\"score_move\"] }\n",
+    )
+    .unwrap()
+    .views;
+    let (tables, w) = start(&defs, None, None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    w.views.set_log(tx);
+    for (_, flags, _) in w.views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
+    for (i, n) in [3, 5, 4, 9].iter().enumerate() {
+        commit(&tables, &*w.views, &[("p1".into(), s(*n), 0, i as i64)]);
+    }
+    let want = rows_of(&tables, "moved");
+    assert_eq!(
+        want["p1"]["history"],
+        json!([{"score_move": null}, {"score_move": 2}, {"score_move": 1}, {"score_move": 5}])
+    );
+    let commits: Vec<Commit> = rx.try_iter().collect();
+    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let (t, r) = start(
+        &defs,
+        Some(tables.get("scores").unwrap().read().clone()),
+        Some(&logs),
+    );
+    assert_eq!(rows_of(&t, "moved"), want, "restored, not started again");
+    assert_eq!(
+        r.metrics
+            .view_log_restores
+            .with_label_values(&["moved"])
+            .get(),
+        1
+    );
+    commit(&t, &*r.views, &[("p1".into(), s(2), 0, 9)]);
+    assert_eq!(
+        rows_of(&t, "moved")["p1"]["history"],
+        json!([{"score_move": null}, {"score_move": 2}, {"score_move": 1}, {"score_move": 5}, {"score_move": 7}])
+    );
+}
+
+#[test]
+fn a_topic_not_read_at_start_is_restored_when_this_node_takes_it_over() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let all = batches();
+    let (tables, w) = start(&defs, None, None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    w.views.set_log(tx);
+    for (_, flags, _) in w.views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    for b in &all {
+        commit(&tables, &*w.views, b);
+    }
+    let commits: Vec<Commit> = rx.try_iter().collect();
+    let want = views_of(&tables);
+    let down = |_: &str, _: &str| Err("the broker does not answer".to_string());
+    let (t, r) = start(
+        &defs,
+        Some(tables.get("scores").unwrap().read().clone()),
+        Some(&down),
+    );
+    assert!(
+        rows_of(&t, "hist")
+            .values()
+            .all(|r| r["history"].as_array().unwrap().len() == 1),
+        "started from the current rows"
+    );
+    for n in NAMES {
+        r.views.restore_unread(n, &content(&commits, n, usize::MAX));
+    }
+    assert_eq!(views_of(&t), want, "restored at the take-over");
+    assert_sent(&r, &t, "restored at the take-over");
+    // once only: a later take-over's read changes nothing
+    r.views.restore_unread("hist", &LogContent::default());
+    r.views
+        .restore_unread("hist", &content(&commits, "hist", 3));
+    assert_eq!(views_of(&t), want);
 }

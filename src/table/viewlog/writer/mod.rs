@@ -446,10 +446,12 @@ impl ViewLogWriter {
             }
         };
         let cancel = self.cancel.clone();
+        // rows of another definition are told apart (a view restored here refuses them)
+        let def = self.views.log_def(view);
         let content = match read_log(
             &reader,
             topic,
-            None,
+            def.as_deref(),
             self.config.restore_stall,
             &self.config.brokers,
             &move || cancel.is_cancelled(),
@@ -475,6 +477,9 @@ impl ViewLogWriter {
                 },
             );
         }
+        // a view whose topic could not be read at start is restored from it now, before the
+        // whole rewrite below replaces what the topic holds
+        self.views.restore_unread(view, &content);
         // tombstones included: a key the topic deleted is sent its tombstone again if a rewrite
         // finds it gone (harmless), and a tombstone another writer had in flight is not lost
         let present = content.rows.keys().cloned().collect();
