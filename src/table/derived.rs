@@ -246,8 +246,14 @@ impl Views {
             }
         }
         for view in all.iter().filter(|v| v.def.input == InputKind::Table) {
-            if lock(&view.state).fed.is_some() {
-                continue;
+            {
+                let st = lock(&view.state);
+                let restored = st.track.as_ref().is_some_and(|t| t.restored);
+                // a view restored from its topic whose input is a view waits for that view's
+                // first commit (an input view not fed yet holds nothing)
+                if st.fed.is_some() || (restored && defs.iter().any(|d| d.name == view.def.from)) {
+                    continue;
+                }
             }
             if let Some(input) = views.tables.get(&view.def.from) {
                 // the input's order lock first, as on the publish path: no commit to it runs

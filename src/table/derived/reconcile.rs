@@ -93,9 +93,11 @@ impl Tracked {
         (Some(&*s.epoch) == epoch).then_some((s.part, s.off))
     }
 
-    /// Forgets what the keys of a partition whose offsets restarted held.
-    fn note_resets(&mut self, t: &TableState) {
+    /// Forgets what the keys of a partition whose offsets restarted held; returns the keys of
+    /// such a partition that were waiting for the input (the caller deletes those it lacks).
+    fn note_resets(&mut self, t: &TableState) -> Vec<String> {
         let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
+        let mut waiting = Vec::new();
         if self.resets.len() == now.len() {
             let restarted: HashSet<u32> = (0..now.len())
                 .filter(|p| now[*p] != self.resets[*p])
@@ -103,10 +105,36 @@ impl Tracked {
                 .collect();
             if !restarted.is_empty() {
                 self.seen.retain(|_, s| !restarted.contains(&s.part));
-                self.pending.retain(|_, s| !restarted.contains(&s.part));
+                self.pending.retain(|k, s| {
+                    let keep = !restarted.contains(&s.part);
+                    if !keep {
+                        waiting.push(k.clone());
+                    }
+                    keep
+                });
             }
         }
         self.resets = now;
+        waiting.sort_unstable();
+        waiting
+    }
+
+    /// Deletes the keys of `keys` the input `t` does not have.
+    fn delete_missing(
+        &mut self,
+        op: &mut ViewOperator,
+        t: &TableState,
+        keys: Vec<String>,
+        out: &mut Vec<OutChange>,
+    ) {
+        for key in keys {
+            if !t.rows.contains_key(&key) {
+                out.extend(op.apply_change(&key, None, None));
+                if self.forget_deleted {
+                    self.seen.remove(&key);
+                }
+            }
+        }
     }
 
     /// Whether the view takes input change `c` of lineage `epoch` (false: its row holds it
@@ -149,8 +177,9 @@ impl Views {
             return Vec::new();
         };
         let t = input.read();
-        tr.note_resets(&t);
+        let waiting = tr.note_resets(&t);
         let mut out = Vec::new();
+        tr.delete_missing(op, &t, waiting, &mut out);
         for c in &update.changes {
             if tr.take(&update.epoch, c) {
                 out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
@@ -200,7 +229,8 @@ impl Views {
                 return;
             };
             let t = input.read();
-            tr.note_resets(&t);
+            let waiting = tr.note_resets(&t);
+            tr.delete_missing(op, &t, waiting, &mut out);
             tr.restored = false;
             // the keys `update` changed: brought up to the row before its first change of them,
             // then given the update's changes
@@ -266,14 +296,19 @@ impl Views {
                     // is brought up to the row before this change; a row of another lineage is
                     // not (that lineage's first update is its whole past), and one that holds
                     // this change skips what it holds
-                    let gap = match tr.seen.get(key) {
-                        None => true,
-                        Some(s) => *s.epoch == *u.epoch && !s.holds(&u.epoch, c.part, c.off),
+                    let (gap, known) = match tr.seen.get(key) {
+                        None => (true, false),
+                        Some(s) => (
+                            *s.epoch == *u.epoch && !s.holds(&u.epoch, c.part, c.off),
+                            true,
+                        ),
                     };
                     if !gap {
                         continue;
                     }
-                    let has_row = view.table.read().rows.contains_key(key);
+                    // a row with no position (written before positions were kept) is not
+                    // deleted for a key new to the update: that may be the input's whole past
+                    let has_row = known && view.table.read().rows.contains_key(key);
                     match c.before.as_deref() {
                         Some(before) => out.extend(op.apply_change(key, None, Some(before))),
                         None if has_row => out.extend(op.apply_change(key, None, None)),
