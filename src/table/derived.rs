@@ -691,6 +691,18 @@ impl Views {
         };
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
+        self.commit_recomputed(view, st, out, update);
+    }
+
+    /// Commits the output of a recomputation from the input's rows (a rebuild or a reconcile),
+    /// counted in `livetable_view_rebuilds_total`, stamped with `update`'s last change.
+    fn commit_recomputed(
+        &self,
+        view: &View,
+        st: &mut ViewState,
+        out: Vec<OutChange>,
+        update: Option<&TableUpdate>,
+    ) {
         self.metrics
             .view_rebuilds
             .with_label_values(&[&view.def.name])

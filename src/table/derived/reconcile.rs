@@ -96,6 +96,14 @@ impl Tracked {
     /// Forgets what the keys of a partition whose offsets restarted held; returns the keys of
     /// such a partition that were waiting for the input (the caller deletes those it lacks).
     fn note_resets(&mut self, t: &TableState) -> Vec<String> {
+        if t.slices
+            .iter()
+            .map(|s| s.resets)
+            .eq(self.resets.iter().copied())
+        {
+            // the usual case, on every update: nothing restarted
+            return Vec::new();
+        }
         let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
         let mut waiting = Vec::new();
         if self.resets.len() == now.len() {
@@ -329,14 +337,7 @@ impl Views {
             epoch,
             useq,
         });
-        self.metrics
-            .view_rebuilds
-            .with_label_values(&[&view.def.name])
-            .inc();
-        let ts = update
-            .and_then(|u| u.changes.last())
-            .map(|c| (c.ts_ms, c.kafka_ts_ms, c.polled));
-        self.commit(view, st, out, ts.unwrap_or_default());
+        self.commit_recomputed(view, st, out, update);
     }
 
     /// Restores a tracked view from what its topic holds (at start, before any view commits:

@@ -93,6 +93,22 @@ fn start(
     (tables, run)
 }
 
+/// Views restored from `logs` over `input`, held at start or (`late`) only after the views
+/// started (a node with an empty data directory).
+fn start_at(
+    defs: &[ViewDef],
+    input: &TableState,
+    logs: &LogContentFn<'_>,
+    late: bool,
+) -> (Arc<Tables>, Run) {
+    if !late {
+        return start(defs, Some(input.clone()), Some(logs));
+    }
+    let (t, r) = start_without_input(defs, logs);
+    t.insert(input.clone());
+    (t, r)
+}
+
 /// Views started while the node holds no input table yet.
 fn start_without_input(defs: &[ViewDef], logs: &LogContentFn<'_>) -> (Arc<Tables>, Run) {
     let tables = Arc::new(Tables::default());
@@ -188,13 +204,7 @@ fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() 
     let cases = [(0, 0), (20, 20), (60, 60), (20, 35), (0, 60), (41, 42)];
     for ((input_at, topic_at), late) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let logs = at(topic_at);
-        let (t, r) = if late {
-            let (t, r) = start_without_input(&defs, &logs);
-            t.insert(inputs[input_at].clone());
-            (t, r)
-        } else {
-            start(&defs, Some(inputs[input_at].clone()), Some(&logs))
-        };
+        let (t, r) = start_at(&defs, &inputs[input_at], &logs, late);
         for b in &all[input_at..] {
             commit(&t, &*r.views, b);
         }
@@ -217,13 +227,7 @@ fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() 
     let cases = [(10, 30), (0, 25), (45, 60)];
     for ((topic_at, input_at), late) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let logs = at(topic_at);
-        let (t, r) = if late {
-            let (t, r) = start_without_input(&defs, &logs);
-            t.insert(inputs[input_at].clone());
-            (t, r)
-        } else {
-            start(&defs, Some(inputs[input_at].clone()), Some(&logs))
-        };
+        let (t, r) = start_at(&defs, &inputs[input_at], &logs, late);
         for b in &all[input_at..] {
             commit(&t, &*r.views, b);
         }
@@ -273,16 +277,7 @@ fn a_tracked_view_keeps_its_past_when_its_input_is_replaced() {
 fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
     let all = batches();
-    let (tables, w) = start(&defs, None, None);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-    w.views.set_log(tx);
-    for (_, flags, _) in w.views.log_views() {
-        flags.writes.store(true, Ordering::Release);
-    }
-    for b in &all[..30] {
-        commit(&tables, &*w.views, b);
-    }
-    let commits: Vec<Commit> = rx.try_iter().collect();
+    let (tables, commits) = written(&defs, &all[..30]);
     let written = views_of(&tables);
     // the input in another lineage, empty: its changes are new to the view, not held
     let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
@@ -366,22 +361,18 @@ fn a_tracked_view_of_a_tracked_view_is_restored_too() {
     )
     .unwrap()
     .views;
-    let (tables, w) = start(&defs, None, None);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-    w.views.set_log(tx);
-    for (_, flags, _) in w.views.log_views() {
-        flags.writes.store(true, Ordering::Release);
-    }
     let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
-    for (i, n) in [3, 5, 4, 9].iter().enumerate() {
-        commit(&tables, &*w.views, &[("p1".into(), s(*n), 0, i as i64)]);
-    }
+    let changes: Vec<Vec<Change>> = [3, 5, 4, 9]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| vec![("p1".to_string(), s(*n), 0, i as i64)])
+        .collect();
+    let (tables, commits) = written(&defs, &changes);
     let want = rows_of(&tables, "moved");
     assert_eq!(
         want["p1"]["history"],
         json!([{"score_move": null}, {"score_move": 2}, {"score_move": 1}, {"score_move": 5}])
     );
-    let commits: Vec<Commit> = rx.try_iter().collect();
     let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
     let (t, r) = start(
         &defs,
@@ -407,16 +398,7 @@ fn a_tracked_view_of_a_tracked_view_is_restored_too() {
 fn a_topic_not_read_at_start_is_restored_when_this_node_takes_it_over() {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
     let all = batches();
-    let (tables, w) = start(&defs, None, None);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-    w.views.set_log(tx);
-    for (_, flags, _) in w.views.log_views() {
-        flags.writes.store(true, Ordering::Release);
-    }
-    for b in &all {
-        commit(&tables, &*w.views, b);
-    }
-    let commits: Vec<Commit> = rx.try_iter().collect();
+    let (tables, commits) = written(&defs, &all);
     let want = views_of(&tables);
     let down = |_: &str, _: &str| Err("the broker does not answer".to_string());
     let (t, r) = start(
