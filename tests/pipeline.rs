@@ -329,3 +329,106 @@ async fn restart_mid_stream_and_restore_from_the_changelog() {
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+/// `%XX` for every byte of a path segment but ASCII letters and digits.
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_whose_names_kafka_does_not_accept_keep_changelogs_of_their_own() {
+    // each pair would share one changelog topic if characters were only replaced by `_`
+    let tables = ["a b", "a_b", "赔率", "比赛"];
+    let u = unique("names");
+    let producer = producer();
+    let mut topics = Vec::new();
+    for (i, table) in tables.iter().enumerate() {
+        let topic = format!("{u}.public.t{i}");
+        create_topic(&topic, 2).await;
+        let records: Vec<FixtureRecord> = (1..=3)
+            .map(|k| FixtureRecord {
+                key: Some(format!(r#"{{"id":"{k}"}}"#)),
+                value: Some(
+                    json!({"before": null, "after": {"id": k.to_string(), "of": table},
+                           "source": {"table": table, "ts_ms": 1}, "op": "c"})
+                    .to_string(),
+                ),
+                headers: vec![],
+            })
+            .collect();
+        produce_keyed(&producer, &topic, &records).await;
+        topics.push(topic);
+    }
+    let expected = |table: &str| {
+        json!({
+            "1": {"id": "1", "of": table},
+            "2": {"id": "2", "of": table},
+            "3": {"id": "3", "of": table},
+        })
+    };
+    let dir = tempdir();
+    let c = config(TopicSelection::Names(topics.clone()), dir.path(), &u);
+    let (svc, base) = start(c.clone()).await;
+    for table in tables {
+        let got = table_at_seq(&base, &path_segment(table), 3).await;
+        assert_eq!(got["rows"], expected(table), "table `{table}`");
+    }
+    // every table's changelog topic is its own and holds its rows only
+    let mut changelogs = std::collections::HashSet::new();
+    for table in tables {
+        let changelog = livetable::table::changelog::topic_name(&c.changelog_prefix, table);
+        assert!(
+            changelogs.insert(changelog.clone()),
+            "{changelog} is shared"
+        );
+        let expected = expected(table);
+        eventually(
+            &format!("{changelog} holds the rows of `{table}`"),
+            Duration::from_secs(30),
+            || {
+                let changelog = changelog.clone();
+                let expected = expected.clone();
+                async move {
+                    let records = tokio::task::spawn_blocking(move || {
+                        read_partitions(
+                            &changelog,
+                            &[0, 1],
+                            usize::MAX,
+                            Duration::from_millis(1500),
+                        )
+                    })
+                    .await
+                    .unwrap();
+                    (fold_changelog(&records) == expected).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    eventually("ready", Duration::from_secs(30), || async {
+        (get_json(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    svc.shutdown();
+    svc.wait().await.unwrap();
+
+    // an empty data directory: each table comes back from its own changelog
+    let empty = tempdir();
+    let mut c = c;
+    c.data_dir = empty.path().to_path_buf();
+    let (svc, base) = start(c).await;
+    for table in tables {
+        let got = table_at_seq(&base, &path_segment(table), 3).await;
+        assert_eq!(got["rows"], expected(table), "table `{table}` restored");
+    }
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

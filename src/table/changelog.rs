@@ -706,21 +706,34 @@ where
     }
 }
 
-/// `prefix + table`, with characters Kafka does not accept in topic names replaced by `_` (a
-/// table named like the registry gets a `t` in front, so the two never meet).
+/// The longest topic name Kafka accepts.
+const MAX_TOPIC_NAME: usize = 249;
+
+/// The changelog topic of `table`: `prefix + table` when that is a legal topic name (ASCII
+/// letters, digits, `.`, `_`, `-`; at most 249 characters) and the table's name does not start
+/// with `__` (the registry's). Any other name is written with `_` for each character Kafka does
+/// not accept (`t` in front of a leading `__`), shortened to fit, and followed by `-` and a hash
+/// of the whole name (FNV-1a, 64 bits, hex), so that two tables never share a changelog topic
+/// (`a b` and `a_b`, or `赔率` and `比赛`, would both be `__` otherwise, and compaction would keep
+/// one table's row of a key for both).
 pub fn topic_name(prefix: &str, table: &str) -> String {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !table.starts_with("__")
+        && table.chars().all(legal)
+        && prefix.len() + table.len() <= MAX_TOPIC_NAME
+    {
+        return format!("{prefix}{table}");
+    }
+    let suffix = format!("-{}", crate::table::viewlog::def_id(table));
     let mut name: String = prefix.to_string();
     if table.starts_with("__") {
         name.push('t');
     }
-    name.extend(table.chars().map(|c| {
-        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-            c
-        } else {
-            '_'
-        }
-    }));
-    name.truncate(249);
+    name.extend(table.chars().map(|c| if legal(c) { c } else { '_' }));
+    // every character is ASCII by now (the prefix is checked at start)
+    name.truncate(MAX_TOPIC_NAME.saturating_sub(suffix.len()));
+    name.push_str(&suffix);
+    name.truncate(MAX_TOPIC_NAME);
     name
 }
 
@@ -743,9 +756,59 @@ mod tests {
             super::topic_name("livetable.table.", "game_odds"),
             "livetable.table.game_odds"
         );
-        assert_eq!(super::topic_name("p.", "spiel äöü/1"), "p.spiel_____1");
-        assert_eq!(super::topic_name("p.", &"x".repeat(400)).len(), 249);
-        assert_eq!(super::topic_name("p.", "__registry"), "p.t__registry");
+        assert_eq!(super::topic_name("p.", "game-odds.v2"), "p.game-odds.v2");
+        let hash = |t: &str| crate::table::viewlog::def_id(t);
+        assert_eq!(
+            super::topic_name("p.", "spiel äöü/1"),
+            format!("p.spiel_____1-{}", hash("spiel äöü/1"))
+        );
+        assert_eq!(
+            super::topic_name("p.", "__registry"),
+            format!("p.t__registry-{}", hash("__registry"))
+        );
+        let long = "x".repeat(400);
+        assert_eq!(super::topic_name("p.", &long).len(), 249);
+        assert!(super::topic_name("p.", &long).ends_with(&hash(&long)));
+        // exactly as long as Kafka allows: kept as it is
+        let fits = "y".repeat(247);
+        assert_eq!(super::topic_name("p.", &fits), format!("p.{fits}"));
+    }
+
+    #[test]
+    fn tables_never_share_a_changelog_topic() {
+        use std::collections::HashMap;
+        let long = |c: &str| format!("{}{c}", "x".repeat(300));
+        let names = [
+            "a b".to_string(),
+            "a_b".to_string(),
+            "a/b".to_string(),
+            "赔率".to_string(),
+            "比赛".to_string(),
+            "__".to_string(),
+            "t__".to_string(),
+            "__registry".to_string(),
+            "t__registry".to_string(),
+            long("1"),
+            long("2"),
+            "x".repeat(247),
+            "x".repeat(248),
+        ];
+        let mut seen = HashMap::new();
+        for table in &names {
+            let topic = super::topic_name("p.", table);
+            assert!(topic.len() <= 249, "{topic}");
+            assert!(
+                topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+                "{topic}"
+            );
+            if let Some(other) = seen.insert(topic.clone(), table) {
+                panic!("`{table}` and `{other}` share {topic}");
+            }
+        }
+        // the registry's own topic is `<prefix>__registry`
+        assert!(!seen.contains_key("p.__registry"));
     }
 
     #[test]
