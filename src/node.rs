@@ -613,6 +613,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             cancel: cancel.clone(),
             progress: progress.clone(),
             repairs: Default::default(),
+            dead_letters_acked: Default::default(),
         };
         watch_checkpoints(
             progress,

@@ -432,3 +432,77 @@ async fn tables_whose_names_kafka_does_not_accept_keep_changelogs_of_their_own()
     svc.shutdown();
     svc.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_deleted_while_running_is_created_again() {
+    let u = unique("dlq-del");
+    let topic = format!("{u}.public.game_odds");
+    create_topic(&topic, 1).await;
+    let good = load_fixture("pg_f_decimal_string.jsonl");
+    let bad = |v: &str| FixtureRecord {
+        key: Some(r#"{"game_id":"gx"}"#.into()),
+        value: Some(v.into()),
+        headers: vec![],
+    };
+    let producer = producer();
+    produce(&producer, &topic, &[good[0].clone(), bad("{first")]).await;
+    let dir = tempdir();
+    let c = config(TopicSelection::Names(vec![topic.clone()]), dir.path(), &u);
+    let dlq = c.dlq_topic.clone();
+    let (svc, base) = start(c.clone()).await;
+    table_at_seq(&base, "game_odds", 1).await;
+    let letters = {
+        let dlq = dlq.clone();
+        tokio::task::spawn_blocking(move || read_topic(&dlq, 1, Duration::from_secs(20)))
+            .await
+            .unwrap()
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1.as_deref(), Some("{first"));
+
+    delete_topic(&dlq).await;
+    produce(&producer, &topic, &[bad("{second"), good[1].clone()]).await;
+    table_at_seq(&base, "game_odds", 2).await;
+    // the letter lands in the topic created again (a retry while the topic is created again may
+    // land it twice: dead letters are produced at least once), and the checkpoint behind it goes
+    // on: the input offsets are committed, so a restart applies and produces nothing again
+    let read_all = || {
+        let dlq = dlq.clone();
+        tokio::task::spawn_blocking(move || read_topic(&dlq, usize::MAX, Duration::from_secs(5)))
+    };
+    let letters = eventually(
+        "the dead-letter topic holds the new letter",
+        Duration::from_secs(30),
+        || async { Some(read_all().await.unwrap()).filter(|l| !l.is_empty()) },
+    )
+    .await;
+    assert!(
+        letters.iter().all(|l| l.1.as_deref() == Some("{second")),
+        "only the new letter: {letters:?}"
+    );
+    eventually("ready", Duration::from_secs(30), || async {
+        (get_json(&format!("{base}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    svc.shutdown();
+    tokio::time::timeout(Duration::from_secs(30), svc.wait())
+        .await
+        .expect("a clean stop: nothing waits for the dead-letter topic")
+        .unwrap();
+    let (svc, base) = start(c).await;
+    let body = table_at_seq(&base, "game_odds", 2).await;
+    assert_eq!(body["rows"].as_object().unwrap().len(), 2);
+    let again = read_all().await.unwrap();
+    assert_eq!(
+        again.len(),
+        letters.len(),
+        "no letter produced again after the restart"
+    );
+    let metrics = metrics_text(&base).await;
+    assert!(
+        !metrics.contains("livetable_dead_letters_dropped_total 1"),
+        "{metrics}"
+    );
+    svc.shutdown();
+    svc.wait().await.unwrap();
+}

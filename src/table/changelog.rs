@@ -385,6 +385,17 @@ impl Changelog {
         .map(|_| ())
     }
 
+    /// Creates the dead-letter topic again after a delivery found it missing (blocking).
+    pub fn recreate_dlq(&self) -> Result<(), ChangelogError> {
+        self.forget(&self.dlq_topic);
+        self.ensure_dlq()
+    }
+
+    /// The dead-letter topic.
+    pub fn dlq_topic(&self) -> &str {
+        &self.dlq_topic
+    }
+
     /// Creates the registry topic if missing.
     pub fn ensure_registry(&self) -> Result<(), ChangelogError> {
         self.ensure(&self.registry_topic.clone(), 1, &self.registry_def)

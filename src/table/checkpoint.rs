@@ -133,10 +133,24 @@ pub struct Checkpointer {
     pub progress: Arc<Progress>,
     /// When each table's changelog was last repaired (see [`crate::table::repair`]).
     pub repairs: Mutex<HashMap<String, Instant>>,
+    /// The highest offset the dead-letter topic acknowledged, per partition, since this process
+    /// started or last created the topic again: an acknowledgement at or below it means the topic
+    /// started over (deleted; a broker that takes records for a deleted topic, as Tansu does,
+    /// acknowledges them from offset 0 and they are lost).
+    pub dead_letters_acked: Mutex<HashMap<i32, i64>>,
 }
 
 /// A deleted changelog topic is looked at again at most this often per table.
 const REPAIR_EVERY: Duration = Duration::from_secs(5);
+
+/// What a delivery that failed for a missing topic creates again.
+enum OnMissing<'a> {
+    /// A changelog record of this table: the topic, and the slices that started over are written
+    /// again (their records go to the second field, to be waited for like the checkpoint's).
+    Changelog(&'a str, &'a mut Vec<PendingRow>),
+    /// A dead letter: the dead-letter topic.
+    DeadLetters,
+}
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -160,7 +174,10 @@ pub enum Resent {
 
 /// How waiting for a record ended.
 enum Settled {
-    Acknowledged(i64),
+    Acknowledged {
+        part: i32,
+        offset: i64,
+    },
     /// Not this node's to produce any more.
     Dropped,
     /// Shutdown while retrying: not acknowledged, so it stays in the outbox (produced again
@@ -381,12 +398,17 @@ impl Checkpointer {
             let resend = || self.resend_row(&row.table, row.part, &row.key);
             let mut refill = Vec::new();
             let settled = self
-                .until_acknowledged(delivery, what, resend, Some((&row.table, &mut refill)))
+                .until_acknowledged(
+                    delivery,
+                    what,
+                    resend,
+                    OnMissing::Changelog(&row.table, &mut refill),
+                )
                 .await;
             // a repair's records are waited for like the checkpoint's own
             rows.extend(refill);
             match settled {
-                Settled::Acknowledged(offset) => {
+                Settled::Acknowledged { offset, .. } => {
                     if offset < self.cl_position(&row.table, row.part) {
                         // below a record this node had acknowledged: the partition started over?
                         let mut refill = Vec::new();
@@ -442,7 +464,12 @@ impl Checkpointer {
             };
             let first = letter.letter.clone();
             let mut settled = self
-                .until_acknowledged(letter.delivery, &what, || resend(first.clone()), None)
+                .until_acknowledged(
+                    letter.delivery,
+                    &what,
+                    || resend(first.clone()),
+                    OnMissing::DeadLetters,
+                )
                 .await;
             if let Settled::Rejected(e) = settled {
                 // too large, or not allowed: a shorter copy once, else it is dropped loudly
@@ -450,13 +477,35 @@ impl Checkpointer {
                 short.value = short.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
                 short.truncated = true;
                 let again = self
-                    .until_acknowledged(None, &what, || resend(short.clone()), None)
+                    .until_acknowledged(
+                        None,
+                        &what,
+                        || resend(short.clone()),
+                        OnMissing::DeadLetters,
+                    )
                     .await;
                 if let Settled::Rejected(e2) = &again {
                     self.metrics.dead_letters_dropped.inc();
                     tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
                 }
                 settled = again;
+            }
+            if let Settled::Acknowledged { part, offset } = settled {
+                if self.dead_letters_went_back(part, offset) {
+                    tracing::warn!(what = %what(), partition = part, offset, "the dead-letter topic acknowledged at or below an offset it had acknowledged before: it started over (deleted?); creating it again and producing the letter again");
+                    self.recreate_dead_letters(false).await;
+                    settled = self
+                        .until_acknowledged(
+                            None,
+                            &what,
+                            || resend(first.clone()),
+                            OnMissing::DeadLetters,
+                        )
+                        .await;
+                    if let Settled::Acknowledged { part, offset } = settled {
+                        self.dead_letters_went_back(part, offset);
+                    }
+                }
             }
             if matches!(settled, Settled::Cancelled) {
                 // stays in the outbox: produced again at the next start
@@ -472,14 +521,13 @@ impl Checkpointer {
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
     /// `resend` for a new delivery (a retriable error is retried for as long as it takes, a
-    /// permanent one is handed back). For a changelog record (`changelog`: its table, and where
-    /// a repair's records go), a missing topic is repaired first.
+    /// permanent one is handed back). A missing topic is created again first (`on_missing`).
     async fn until_acknowledged<F, Fut>(
         &self,
         mut delivery: Option<DeliveryFuture>,
         what: impl Fn() -> String,
         mut resend: F,
-        mut changelog: Option<(&str, &mut Vec<PendingRow>)>,
+        mut on_missing: OnMissing<'_>,
     ) -> Settled
     where
         F: FnMut() -> Fut,
@@ -504,12 +552,15 @@ impl Checkpointer {
                     return Settled::Cancelled;
                 };
                 let failed = match outcome {
-                    Ok(Ok(d)) => return Settled::Acknowledged(d.offset),
+                    Ok(Ok(d)) => {
+                        return Settled::Acknowledged {
+                            part: d.partition,
+                            offset: d.offset,
+                        }
+                    }
                     Ok(Err((e, _))) if is_permanent(&e) => return Settled::Rejected(e),
                     Ok(Err((e, _))) if repair::missing_topic(&e) => {
-                        if let Some((table, refill)) = changelog.as_mut() {
-                            self.repair(table, refill).await;
-                        }
+                        self.missing_topic(&mut on_missing).await;
                         Some(e)
                     }
                     Ok(Err((e, _))) => {
@@ -543,9 +594,8 @@ impl Checkpointer {
                 Resent::NotOwned => return Settled::Dropped,
                 Resent::Rejected(e) => return Settled::Rejected(e),
                 Resent::MissingTopic | Resent::Failed => {
-                    if let (Resent::MissingTopic, Some((table, refill))) = (&r, changelog.as_mut())
-                    {
-                        self.repair(table, refill).await;
+                    if matches!(r, Resent::MissingTopic) {
+                        self.missing_topic(&mut on_missing).await;
                     }
                     self.renew_producer(None).await;
                     if self.sleep(backoff).await {
@@ -554,6 +604,59 @@ impl Checkpointer {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// A delivery failed because its topic is missing (deleted while the node runs).
+    async fn missing_topic(&self, on_missing: &mut OnMissing<'_>) {
+        match on_missing {
+            OnMissing::Changelog(table, refill) => self.repair(table, refill).await,
+            OnMissing::DeadLetters => self.recreate_dead_letters(true).await,
+        }
+    }
+
+    /// Whether the dead-letter topic acknowledged `offset` of `part` at or below one it had
+    /// acknowledged before; else notes it.
+    fn dead_letters_went_back(&self, part: i32, offset: i64) -> bool {
+        let mut acked = self
+            .dead_letters_acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let highest = acked.entry(part).or_insert(-1);
+        // one offset is one record: the same offset twice is a topic that started over too
+        if offset <= *highest {
+            return true;
+        }
+        *highest = offset;
+        false
+    }
+
+    /// Creates the dead-letter topic again (it was deleted while the node runs; nothing else
+    /// would, and every checkpoint with a dead letter would wait for it for ever); a delivery
+    /// that failed for a missing topic does so at most every [`REPAIR_EVERY`] (`throttled`).
+    async fn recreate_dead_letters(&self, throttled: bool) {
+        const KEY: &str = "\0dead-letters";
+        {
+            let mut last = self.repairs.lock().unwrap_or_else(|e| e.into_inner());
+            if throttled && last.get(KEY).is_some_and(|t| t.elapsed() < REPAIR_EVERY) {
+                return;
+            }
+            last.insert(KEY.to_string(), Instant::now());
+        }
+        self.dead_letters_acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let changelog = self.changelog.clone();
+        let done = tokio::task::spawn_blocking(move || changelog.recreate_dlq()).await;
+        match done {
+            Ok(Ok(())) => {
+                tracing::warn!(topic = %self.changelog.dlq_topic(), "the dead-letter topic was missing; created again");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "creating the dead-letter topic again failed; retrying");
+            }
+            Err(e) => tracing::error!(error = %e, "creating the dead-letter topic again panicked"),
         }
     }
 

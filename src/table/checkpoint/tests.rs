@@ -119,6 +119,7 @@ fn setup_with(group: &str, timeout_ms: u32) -> Setup {
         cancel: cancel.clone(),
         progress: Arc::new(Progress::default()),
         repairs: Default::default(),
+        dead_letters_acked: Default::default(),
     };
     Setup {
         _dir: dir,
