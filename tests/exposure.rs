@@ -79,6 +79,22 @@ async fn origins_are_checked_on_live_routes_and_cors_answers_the_listed_ones() {
         .0,
         200
     );
+    // every answer says its type is meant, leaks no URL (tokens) and is kept by nobody else
+    for path in [
+        "/api/tables",
+        "/api/tables/game_odds",
+        "/",
+        "/livetable.js",
+        "/nope",
+        "/metrics",
+    ] {
+        let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+        let h = r.headers();
+        let header = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("referrer-policy"), "no-referrer", "{path}");
+        assert_eq!(header("cache-control"), "no-store", "{path}");
+    }
     let m = metrics_text(&base).await;
     assert!(
         m.contains(r#"livetable_access_denied_total{reason="origin"} 2"#),
@@ -339,6 +355,13 @@ async fn the_admin_listener_takes_metrics_and_health_off_the_public_one() {
             r.status() == 200 || (path == "/readyz" && r.status() == 503),
             "{path} on the admin listener: {}",
             r.status()
+        );
+        assert_eq!(
+            r.headers()
+                .get("x-content-type-options")
+                .map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{path} on the admin listener"
         );
     }
     assert!(metrics_text(&admin)
