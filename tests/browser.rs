@@ -64,6 +64,33 @@ impl Driver {
             .unwrap_or_else(|_| panic!("{what}: nothing from the browser in {secs} s"))
             .unwrap_or_default()
     }
+
+    /// The script's exit status, within `secs` (else it is killed and the test fails: a browser
+    /// that hangs must not hold up the suite).
+    async fn exit(&mut self, secs: u64, what: &str) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the browser script's status") {
+                return status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{what}: the browser script did not end within {secs} s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Driver {
+    /// A test that failed half-way leaves no browser behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn artifacts() -> PathBuf {
@@ -95,7 +122,7 @@ async fn the_page_shows_a_change_within_two_seconds() {
     produce(&p, &topic, &records[4..5]).await;
     writeln!(d.stdin, "GO").unwrap();
     let result = d.line(30, "a result").await;
-    let status = d.child.wait().unwrap();
+    let status = d.exit(30, "the page script").await;
     eprintln!("browser: {result} (screenshot {})", shot.display());
     assert!(result.starts_with("OK "), "{result}");
     assert!(status.success());
@@ -169,7 +196,7 @@ async fn a_bet_placed_on_one_page_shows_on_another() {
         eprintln!("browser: {line}");
         assert!(line.starts_with(&format!("OK {step} ")), "{step}: {line}");
     }
-    assert!(d.child.wait().unwrap().success());
+    assert!(d.exit(30, "the browser script").await.success());
     // the table of bets (and so the topic) holds the two accepted bets, once each
     let rows = table_at_seq(&base, "bets", 2).await;
     let mut stakes: Vec<f64> = rows["rows"]
@@ -275,7 +302,7 @@ async fn the_page_shows_the_demo_views_live() {
         eprintln!("browser: {line}");
         assert!(line.starts_with(&format!("OK {step} ")), "{step}: {line}");
     }
-    assert!(d.child.wait().unwrap().success());
+    assert!(d.exit(30, "the browser script").await.success());
     svc.shutdown();
     svc.wait().await.unwrap();
 }
@@ -332,18 +359,10 @@ async fn the_client_library_switches_tables_without_leaking_subscriptions() {
     }
     let held = subscribed("movers").await;
     writeln!(d.stdin, "DONE").unwrap();
-    let exited = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || d.child.wait()),
-    )
-    .await;
+    let exited = d.exit(30, "the browser script").await;
     svc.shutdown();
     svc.wait().await.unwrap();
     assert_eq!(former, Some(0.0), "the former table is unsubscribed");
     assert_eq!(held, Some(1.0), "the page holds movers");
-    assert!(exited
-        .expect("the browser script ends")
-        .unwrap()
-        .unwrap()
-        .success());
+    assert!(exited.success());
 }
