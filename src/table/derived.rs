@@ -666,8 +666,7 @@ impl Views {
         let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
         let (epoch, useq) = {
             let t = input.read();
-            let mut keys: Vec<(&String, &Row)> = t.rows.iter().map(|(k, e)| (k, &*e.row)).collect();
-            keys.sort_by(|a, b| a.0.cmp(b.0));
+            let keys = Self::replay_order(&st.op, &t);
             for (key, row) in keys {
                 for (k, r) in op.apply_change(key, None, Some(row)) {
                     result.insert(k, r);
@@ -692,6 +691,37 @@ impl Views {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
         self.commit_recomputed(view, st, out, update);
+    }
+
+    /// The input's rows in the order a rebuild takes them: by key, unless the view's output
+    /// depends on the order of changes (`latest` over a table). Then the rows `held` (the
+    /// operator being replaced) holds as they are now come first, in the order it took them, so
+    /// every group's `latest` stays what it was; the others (new, changed since, or every row
+    /// after a start that saved nothing) follow by input offset, then partition: within a
+    /// partition the order in which they were applied, across partitions offsets that rise
+    /// at the same rate for an evenly spread input.
+    fn replay_order<'t>(held: &ViewOperator, t: &'t TableState) -> Vec<(&'t String, &'t Row)> {
+        if !held.replay_order_matters() {
+            let mut keys: Vec<(&String, &Row)> = t.rows.iter().map(|(k, e)| (k, &*e.row)).collect();
+            keys.sort_by(|a, b| a.0.cmp(b.0));
+            return keys;
+        }
+        // (held first, the order held, input offset, partition)
+        type Rank = (u8, u64, i64, u32);
+        let mut ranked: Vec<(Rank, &String, &Row)> = t
+            .rows
+            .iter()
+            .map(|(k, e)| {
+                let row: &Row = &e.row;
+                let rank = match held.replay_rank(k, row) {
+                    Some(r) => (0, r, 0, 0),
+                    None => (1, 0, e.off, e.part),
+                };
+                (rank, k, row)
+            })
+            .collect();
+        ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        ranked.into_iter().map(|(_, k, r)| (k, r)).collect()
     }
 
     /// Commits the output of a recomputation from the input's rows (a rebuild or a reconcile),

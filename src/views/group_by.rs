@@ -21,7 +21,8 @@
 //!   leaves the next one; over events only the extreme is kept.
 //! - `latest(col)`: over events, the value of the last event; over a table, the value of the
 //!   group's row changed most recently that has a value (deleting that row falls back to the one
-//!   changed before it).
+//!   changed before it). A recomputation from the table's rows keeps that order for the rows
+//!   it holds unchanged ([`GroupBy::replay_rank`]); the others are taken by input offset.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -172,6 +173,46 @@ impl GroupBy {
                 .aggregates
                 .iter()
                 .all(|a| a.kind != AggKind::Latest)
+    }
+
+    /// Over a table with `latest`: where the row of input key `key`, now `row`, stands in the
+    /// order in which this state took the rows' latest values (the change number it took it
+    /// with), when every `latest` column of `row` still has the value taken then; `None` for a
+    /// row this state does not hold, holds in another group, or holds with other values (it
+    /// changed since). A rebuild from the input's rows takes the rows in this order, so the
+    /// groups' `latest` stay what they were ([`crate::views::ViewOperator::replay_rank`]).
+    pub fn replay_rank(&self, key: &str, row: &Row) -> Option<u64> {
+        if self.input != InputKind::Table {
+            return None;
+        }
+        let group = self.state.groups.get(&group_key(row, &self.spec.by)?)?;
+        let mut rank = None;
+        for (spec, agg) in self.spec.aggregates.iter().zip(&group.aggs) {
+            let Agg::Latest { order, seq_of } = agg else {
+                continue;
+            };
+            let value = spec.column.as_ref().and_then(|c| row.get(c));
+            let value = value.filter(|v| !v.is_null());
+            match (seq_of.get(key), value) {
+                (Some(seq), Some(v)) if order.get(seq) == Some(v) => {
+                    rank = Some(rank.map_or(*seq, |r: u64| r.max(*seq)));
+                }
+                // no value then, none now: nothing to tell
+                (None, None) => {}
+                _ => return None,
+            }
+        }
+        rank
+    }
+
+    /// A `latest` over a table: the output depends on the order of the input's changes.
+    pub fn has_latest_over_table(&self) -> bool {
+        self.input == InputKind::Table
+            && self
+                .spec
+                .aggregates
+                .iter()
+                .any(|a| a.kind == AggKind::Latest)
     }
 
     fn new_group(&self, row: &Row) -> Group {

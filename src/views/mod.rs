@@ -277,6 +277,23 @@ impl ViewOperator {
         }
     }
 
+    /// Over a table: whether the output depends on the order in which the input's rows took
+    /// their values (`group_by` with `latest`), so that a rebuild from the input's current rows
+    /// must choose one ([`ViewOperator::replay_rank`]).
+    pub fn replay_order_matters(&self) -> bool {
+        matches!(&self.op, Op::GroupBy(o) if o.has_latest_over_table())
+    }
+
+    /// Where the input row of `key`, now `row`, stands in the order in which this operator took
+    /// the rows (lower first), when it still holds that row as it is now (`None`: it does not, or
+    /// the order does not matter). See [`group_by::GroupBy::replay_rank`].
+    pub fn replay_rank(&self, key: &str, row: &Row) -> Option<u64> {
+        match &self.op {
+            Op::GroupBy(o) => o.replay_rank(key, row),
+            _ => None,
+        }
+    }
+
     /// Over a table: whether each output row is the row of one input key and its rows are the
     /// whole state (`history` and `delta` without `key` columns). Such a view knows, per input
     /// key, which change its row last took, so that after a restore from its topic, or when the
