@@ -133,7 +133,6 @@ fn admin_routes() -> Router<AppState> {
 pub fn admin_router(state: AppState) -> Router {
     admin_routes()
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
-        .layer(middleware::map_response(safe_headers))
         .with_state(state)
 }
 
@@ -190,28 +189,7 @@ pub fn router(state: AppState) -> Router {
     }
     app.fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), track))
-        .layer(middleware::map_response(safe_headers))
         .with_state(state)
-}
-
-/// Headers on every response: browsers never guess a type other than the one sent (a row value
-/// that looks like HTML in a JSON answer stays JSON), never send this page's URL (which may
-/// hold `?access_token=`) to the sites it links to, and nothing but the client keeps a copy of
-/// the answers (rows may be behind a token) unless the route says otherwise.
-async fn safe_headers(mut res: Response) -> Response {
-    use axum::http::HeaderValue;
-    let h = res.headers_mut();
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.entry(header::CACHE_CONTROL)
-        .or_insert(HeaderValue::from_static("no-store"));
-    res
 }
 
 /// `POST /api/topics/{topic}`: publishes `{"key":K,"value":{...}}`; the `Idempotency-Key`

@@ -667,6 +667,8 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                 .map(|(id, letter)| PendingLetter {
                     id: *id,
                     letter: letter.clone(),
+                    // (fields are evaluated in this order: the generation before the send)
+                    generation: changelog.dlq_generation(),
                     delivery: changelog.send_dead_letter(letter).ok(),
                 })
                 .collect();

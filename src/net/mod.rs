@@ -253,7 +253,7 @@ async fn refuse(stream: TcpStream, message: &'static str) {
             .into_response();
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        Ok::<_, Infallible>(resp)
+        Ok::<_, Infallible>(safe_headers(resp).await)
     });
     let mut builder = http1::Builder::new();
     builder
@@ -291,6 +291,26 @@ pub fn http_layers(
         .timeout(timeout);
     app.layer(layers)
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::map_response(safe_headers))
+}
+
+/// Headers on every response: browsers never guess a type other than the one sent (a row value
+/// that looks like HTML in a JSON answer stays JSON), never send this page's URL (which may
+/// hold `?access_token=`) to the sites it links to, and nothing but the client keeps a copy of
+/// the answers (rows may be behind a token) unless the route says otherwise.
+async fn safe_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    res
 }
 
 async fn json_errors(resp: Response) -> Response {

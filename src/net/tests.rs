@@ -46,6 +46,8 @@ async fn requests_the_layers_refuse_are_counted_by_reason() {
     let shed = app.clone().oneshot(req("/hold")).await.unwrap();
     assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(shed.headers()["retry-after"], "1");
+    assert_eq!(shed.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(shed.headers()["cache-control"], "no-store");
     assert_eq!(refused(&metrics, "server_busy"), 1);
     release.notify_one();
     assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::OK);

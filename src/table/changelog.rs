@@ -112,6 +112,9 @@ pub struct RecordMeta {
 #[derive(Debug, Clone)]
 pub struct ChangelogRecord {
     pub table: String,
+    /// The record names its table (a header); else `table` is the topic's name without the
+    /// prefix.
+    pub named: bool,
     pub part: u32,
     /// The record's offset in the changelog partition.
     pub cl_offset: i64,
@@ -142,6 +145,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
                 .and_then(|v| std::str::from_utf8(v).ok())
         })
     };
+    let named = header(HEADER_TABLE).is_some();
     let table = header(HEADER_TABLE).map(String::from).unwrap_or_else(|| {
         m.topic()
             .strip_prefix(prefix)
@@ -162,6 +166,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
     if let Some(fence) = header(HEADER_FENCE) {
         return Ok(ChangelogRecord {
             table,
+            named,
             part,
             cl_offset: m.offset(),
             key: String::new(),
@@ -182,6 +187,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
     };
     Ok(ChangelogRecord {
         table,
+        named,
         part,
         cl_offset: m.offset(),
         key,
@@ -227,6 +233,8 @@ pub struct Changelog {
     admin: AdminClient<ReaderContext>,
     prefix: String,
     dlq_topic: String,
+    /// See [`Changelog::dlq_generation`].
+    dlq_generation: std::sync::atomic::AtomicU64,
     registry_topic: String,
     changelog_def: TopicDef,
     dlq_def: TopicDef,
@@ -256,6 +264,7 @@ impl Changelog {
                 .create_with_context(ReaderContext::new(&config.brokers))?,
             prefix: config.changelog_prefix.clone(),
             dlq_topic: config.dlq_topic.clone(),
+            dlq_generation: Default::default(),
             registry_topic: config.registry_topic(),
             changelog_def: {
                 let mut def: TopicDef = parse("topics/changelog.toml", CHANGELOG_DEF)?;
@@ -385,10 +394,20 @@ impl Changelog {
         .map(|_| ())
     }
 
-    /// Creates the dead-letter topic again after a delivery found it missing (blocking).
+    /// Creates the dead-letter topic again after a delivery found it missing or started over
+    /// (blocking); letters sent before then are produced again ([`Changelog::dlq_generation`]).
     pub fn recreate_dlq(&self) -> Result<(), ChangelogError> {
+        self.dlq_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.forget(&self.dlq_topic);
         self.ensure_dlq()
+    }
+
+    /// How many times this process created the dead-letter topic again: a letter sent before
+    /// the last time may have gone with the deleted topic.
+    pub fn dlq_generation(&self) -> u64 {
+        self.dlq_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The dead-letter topic.

@@ -45,6 +45,8 @@ pub struct PendingLetter {
     pub id: u64,
     pub letter: DeadLetter,
     pub delivery: Option<DeliveryFuture>,
+    /// [`Changelog::dlq_generation`] before `delivery` was sent.
+    pub generation: u64,
 }
 
 /// What one applied batch still needs before its offsets can be committed.
@@ -174,9 +176,11 @@ pub enum Resent {
 
 /// How waiting for a record ended.
 enum Settled {
+    /// `resent`: by a record produced again after the first failed.
     Acknowledged {
         part: i32,
         offset: i64,
+        resent: bool,
     },
     /// Not this node's to produce any more.
     Dropped,
@@ -444,79 +448,100 @@ impl Checkpointer {
             if !whole {
                 continue;
             }
-            let what = || {
-                format!(
-                    "dead letter {}/{}/{}",
-                    letter.letter.topic, letter.letter.partition, letter.letter.offset
-                )
-            };
-            let resend = |l: DeadLetter| {
-                let changelog = self.changelog.clone();
-                async move {
-                    match tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l)).await
-                    {
-                        Ok(Ok(d)) => Resent::Sent(d),
-                        Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
-                        Ok(Err(e)) if repair::missing_topic(&e) => Resent::MissingTopic,
-                        _ => Resent::Failed,
-                    }
-                }
-            };
-            let first = letter.letter.clone();
-            let mut settled = self
-                .until_acknowledged(
-                    letter.delivery,
-                    &what,
-                    || resend(first.clone()),
-                    OnMissing::DeadLetters,
-                )
-                .await;
-            if let Settled::Rejected(e) = settled {
-                // too large, or not allowed: a shorter copy once, else it is dropped loudly
-                let mut short = letter.letter.clone();
-                short.value = short.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
-                short.truncated = true;
-                let again = self
-                    .until_acknowledged(
-                        None,
-                        &what,
-                        || resend(short.clone()),
-                        OnMissing::DeadLetters,
-                    )
-                    .await;
-                if let Settled::Rejected(e2) = &again {
-                    self.metrics.dead_letters_dropped.inc();
-                    tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
-                }
-                settled = again;
-            }
-            if let Settled::Acknowledged { part, offset } = settled {
-                if self.dead_letters_went_back(part, offset) {
-                    tracing::warn!(what = %what(), partition = part, offset, "the dead-letter topic acknowledged at or below an offset it had acknowledged before: it started over (deleted?); creating it again and producing the letter again");
-                    self.recreate_dead_letters(false).await;
-                    settled = self
-                        .until_acknowledged(
-                            None,
-                            &what,
-                            || resend(first.clone()),
-                            OnMissing::DeadLetters,
-                        )
-                        .await;
-                    if let Settled::Acknowledged { part, offset } = settled {
-                        self.dead_letters_went_back(part, offset);
-                    }
-                }
-            }
+            let id = letter.id;
+            let settled = self.settle_letter(letter).await;
             if matches!(settled, Settled::Cancelled) {
                 // stays in the outbox: produced again at the next start
                 whole = false;
                 continue;
             }
-            if let Err(e) = self.store.clear_dead_letter(letter.id) {
+            if let Err(e) = self.store.clear_dead_letter(id) {
                 tracing::error!(error = %e, "clearing a dead letter from the outbox failed; it will be produced again");
             }
         }
         (cl_next, dropped, whole)
+    }
+
+    /// Produces one dead letter until the broker takes it: a shorter copy once when the whole
+    /// one is refused for good (refused too: dropped, counted); produced again when the topic was
+    /// created again after it was sent, or started over under it (see
+    /// [`Checkpointer::dead_letters_acked`]).
+    async fn settle_letter(&self, letter: PendingLetter) -> Settled {
+        let what = || {
+            format!(
+                "dead letter {}/{}/{}",
+                letter.letter.topic, letter.letter.partition, letter.letter.offset
+            )
+        };
+        let resend = |l: DeadLetter| {
+            let changelog = self.changelog.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l)).await {
+                    Ok(Ok(d)) => Resent::Sent(d),
+                    Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
+                    Ok(Err(e)) if repair::missing_topic(&e) => Resent::MissingTopic,
+                    _ => Resent::Failed,
+                }
+            }
+        };
+        let dropped = |e: &KafkaError, e2: &KafkaError| {
+            self.metrics.dead_letters_dropped.inc();
+            tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
+        };
+        let first = letter.letter.clone();
+        let mut settled = self
+            .until_acknowledged(
+                letter.delivery,
+                &what,
+                || resend(first.clone()),
+                OnMissing::DeadLetters,
+            )
+            .await;
+        // the copy the broker takes
+        let mut copy = first.clone();
+        if let Settled::Rejected(e) = settled {
+            // too large, or not allowed: a shorter copy once, else it is dropped loudly
+            copy.value = copy.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
+            copy.truncated = true;
+            settled = self
+                .until_acknowledged(None, &what, || resend(copy.clone()), OnMissing::DeadLetters)
+                .await;
+            if let Settled::Rejected(e2) = &settled {
+                dropped(&e, e2);
+            }
+        }
+        let Settled::Acknowledged {
+            part,
+            offset,
+            resent,
+        } = settled
+        else {
+            return settled;
+        };
+        // a letter produced again after a failure may land above letters sent before it: only
+        // first sends, which land in the order they were sent, are compared
+        let again = if resent {
+            false
+        } else if letter.generation < self.changelog.dlq_generation() {
+            tracing::warn!(what = %what(), "the dead-letter topic was created again after this letter was sent; producing it again");
+            true
+        } else if self.dead_letters_went_back(part, offset) {
+            tracing::warn!(what = %what(), partition = part, offset, "the dead-letter topic acknowledged at or below an offset it had acknowledged before: it started over (deleted?); creating it again and producing the letter again");
+            self.recreate_dead_letters(false).await;
+            true
+        } else {
+            false
+        };
+        if !again {
+            return settled;
+        }
+        let settled = self
+            .until_acknowledged(None, &what, || resend(copy.clone()), OnMissing::DeadLetters)
+            .await;
+        if let Settled::Rejected(e) = &settled {
+            dropped(e, e);
+        }
+        settled
     }
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks
@@ -556,6 +581,7 @@ impl Checkpointer {
                         return Settled::Acknowledged {
                             part: d.partition,
                             offset: d.offset,
+                            resent: sent_by.is_some(),
                         }
                     }
                     Ok(Err((e, _))) if is_permanent(&e) => return Settled::Rejected(e),

@@ -34,6 +34,9 @@ pub enum Folded {
     Unchanged,
     /// Older than what the slice reflects for its key.
     Stale,
+    /// A record of another table (a topic two tables shared before their topic names were
+    /// told apart): skipped.
+    OtherTable,
 }
 
 /// This node's own earlier tenure of a slice, as its local state reflects it.
@@ -42,6 +45,24 @@ pub struct Own {
     pub owner: Owner,
     /// The slice's input position in the local state: every change up to it is there.
     pub through: i64,
+}
+
+/// Folds one record of slice `rec.part` of `table`'s changelog into `delta` (a record that
+/// names another table is skipped: livetable before 2026-12-06 wrote tables whose names differ
+/// only in characters Kafka does not accept, `a b` and `a_b`, into one topic).
+pub fn fold_into(table: &str, delta: &mut Delta, rec: ChangelogRecord, own: Option<Own>) -> Folded {
+    if rec.named && rec.table != table {
+        let s = delta.slice(rec.part);
+        s.cl_next = s.cl_next.max(rec.cl_offset + 1);
+        if crate::cdc::source::throttled(
+            "changelog-other-table",
+            std::time::Duration::from_secs(60),
+        ) {
+            tracing::warn!(table, other = %rec.table, "a changelog record of another table in this table's topic (written by a livetable before 2026-12-06); skipped (repeated at most every 60 s)");
+        }
+        return Folded::OtherTable;
+    }
+    fold(delta, rec, own)
 }
 
 /// Folds one record of slice `rec.part` into `delta`.
@@ -109,6 +130,7 @@ mod tests {
     fn rec(key: &str, v: Option<i64>, off: i64, owner: (u32, i32), cl: i64) -> ChangelogRecord {
         ChangelogRecord {
             table: "t".into(),
+            named: true,
             part: 0,
             cl_offset: cl,
             key: key.into(),
@@ -133,6 +155,37 @@ mod tests {
             fence: true,
             ..rec("", None, -1, owner, cl)
         }
+    }
+
+    #[test]
+    fn a_record_of_another_table_is_skipped_and_read_past() {
+        let tables = Tables::default();
+        let t = tables.ensure("a_b", "e", "in", 1);
+        let mut d = Delta::new(t.clone());
+        let other = ChangelogRecord {
+            table: "a b".into(),
+            ..rec("k", Some(1), 10, (0, 1), 0)
+        };
+        assert_eq!(fold_into("a_b", &mut d, other, None), Folded::OtherTable);
+        assert_eq!(d.slice(0).cl_next, 1, "read past");
+        // a record without a table header is the topic's table
+        let unnamed = ChangelogRecord {
+            table: "whatever".into(),
+            named: false,
+            ..rec("k", Some(2), 11, (0, 1), 1)
+        };
+        assert_eq!(fold_into("a_b", &mut d, unnamed, None), Folded::Applied);
+        let mine = ChangelogRecord {
+            table: "a_b".into(),
+            ..rec("j", Some(3), 12, (0, 1), 2)
+        };
+        assert_eq!(fold_into("a_b", &mut d, mine, None), Folded::Applied);
+        tables.commit(d, &NoSink);
+        let keys: Vec<String> = t.read().rows.keys().cloned().collect();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, ["j", "k"]);
+        assert_eq!(t.read().rows.get("k").map(|e| e.off), Some(11));
     }
 
     #[test]

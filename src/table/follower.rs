@@ -22,7 +22,7 @@ use crate::cdc::source::{self, Reader};
 use crate::config::{Config, TopicSelection};
 use crate::metrics::Metrics;
 use crate::table::changelog::{parse_record, RegistryEntry};
-use crate::table::fold::{fold, Folded};
+use crate::table::fold::{fold_into, Folded};
 use crate::table::ingest::partitions::FollowControl;
 use crate::table::ingest::RECOVERY_LIMIT;
 use crate::table::readiness::Readiness;
@@ -278,7 +278,7 @@ impl Follower {
                         let delta = deltas
                             .entry(f.table.clone())
                             .or_insert_with(|| Delta::new(table));
-                        match fold(delta, rec, None) {
+                        match fold_into(&f.table, delta, rec, None) {
                             Folded::Fenced => self.metrics.fenced_records.inc(),
                             Folded::Restarted => restarted.push((key, m.offset())),
                             _ => {}

@@ -28,7 +28,7 @@ use crate::cdc::source;
 use crate::metrics::Metrics;
 use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
 use crate::table::checkpoint::PendingRow;
-use crate::table::fold::{fold, Folded, Own};
+use crate::table::fold::{fold_into, Folded, Own};
 use crate::table::position::Owner;
 use crate::table::reader::{self, End, ReadError, Span};
 use crate::table::registry::{Registry, RegistryError};
@@ -428,6 +428,7 @@ impl Restorer {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(i64, bool), RestoreError> {
         let prefix = self.changelog.topic_for("");
+        let name = table.read().name.clone();
         let span = Span {
             topic: topic.to_string(),
             partition: i32::try_from(part).unwrap_or(0),
@@ -453,7 +454,7 @@ impl Restorer {
                     }
                     self.metrics.restore_records.inc();
                     match changelog::parse_record(&prefix, m) {
-                        Ok(rec) => match fold(&mut delta, rec, own) {
+                        Ok(rec) => match fold_into(&name, &mut delta, rec, own) {
                             Folded::Fenced => self.metrics.fenced_records.inc(),
                             Folded::Restarted => restarted = true,
                             _ => {}

@@ -183,6 +183,7 @@ async fn a_shutdown_while_retrying_records_no_acknowledgement_and_keeps_the_outb
             id: 1,
             letter: letter.clone(),
             delivery: None,
+            generation: 0,
         }],
         7,
         6,

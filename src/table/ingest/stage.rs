@@ -510,6 +510,8 @@ impl BatchStage {
             .into_iter()
             .map(|(id, letter)| PendingLetter {
                 id,
+                // (fields are evaluated in this order: the generation before the send)
+                generation: ing.changelog.dlq_generation(),
                 delivery: ing.changelog.send_dead_letter(&letter).ok(),
                 letter,
             })
