@@ -397,10 +397,13 @@ impl Changelog {
     /// Creates the dead-letter topic again after a delivery found it missing or started over
     /// (blocking); letters sent before then are produced again ([`Changelog::dlq_generation`]).
     pub fn recreate_dlq(&self) -> Result<(), ChangelogError> {
+        self.forget(&self.dlq_topic);
+        self.ensure_dlq()?;
+        // only once the topic is there: a letter sent before (into the deleted topic, while this
+        // call waits) keeps the older generation and is produced again
         self.dlq_generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.forget(&self.dlq_topic);
-        self.ensure_dlq()
+        Ok(())
     }
 
     /// How many times this process created the dead-letter topic again: a letter sent before

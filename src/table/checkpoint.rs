@@ -462,8 +462,7 @@ impl Checkpointer {
         (cl_next, dropped, whole)
     }
 
-    /// Produces one dead letter until the broker takes it: a shorter copy once when the whole
-    /// one is refused for good (refused too: dropped, counted); produced again when the topic was
+    /// Produces one dead letter until the broker takes it; produced again when the topic was
     /// created again after it was sent, or started over under it (see
     /// [`Checkpointer::dead_letters_acked`]).
     async fn settle_letter(&self, letter: PendingLetter) -> Settled {
@@ -473,43 +472,9 @@ impl Checkpointer {
                 letter.letter.topic, letter.letter.partition, letter.letter.offset
             )
         };
-        let resend = |l: DeadLetter| {
-            let changelog = self.changelog.clone();
-            async move {
-                match tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l)).await {
-                    Ok(Ok(d)) => Resent::Sent(d),
-                    Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
-                    Ok(Err(e)) if repair::missing_topic(&e) => Resent::MissingTopic,
-                    _ => Resent::Failed,
-                }
-            }
-        };
-        let dropped = |e: &KafkaError, e2: &KafkaError| {
-            self.metrics.dead_letters_dropped.inc();
-            tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
-        };
-        let first = letter.letter.clone();
-        let mut settled = self
-            .until_acknowledged(
-                letter.delivery,
-                &what,
-                || resend(first.clone()),
-                OnMissing::DeadLetters,
-            )
+        let (settled, copy) = self
+            .until_letter_taken(letter.delivery, letter.letter.clone(), &what)
             .await;
-        // the copy the broker takes
-        let mut copy = first.clone();
-        if let Settled::Rejected(e) = settled {
-            // too large, or not allowed: a shorter copy once, else it is dropped loudly
-            copy.value = copy.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
-            copy.truncated = true;
-            settled = self
-                .until_acknowledged(None, &what, || resend(copy.clone()), OnMissing::DeadLetters)
-                .await;
-            if let Settled::Rejected(e2) = &settled {
-                dropped(&e, e2);
-            }
-        }
         let Settled::Acknowledged {
             part,
             offset,
@@ -535,13 +500,52 @@ impl Checkpointer {
         if !again {
             return settled;
         }
+        self.until_letter_taken(None, copy, &what).await.0
+    }
+
+    /// Waits until the broker takes `letter` (sent as `delivery`, else sent now): a shorter copy
+    /// once when the whole one is refused for good (refused too: dropped, counted). Returns the
+    /// outcome and the copy produced.
+    async fn until_letter_taken(
+        &self,
+        delivery: Option<DeliveryFuture>,
+        letter: DeadLetter,
+        what: &(dyn Fn() -> String + Sync),
+    ) -> (Settled, DeadLetter) {
+        let resend = |l: DeadLetter| {
+            let changelog = self.changelog.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || changelog.send_dead_letter(&l)).await {
+                    Ok(Ok(d)) => Resent::Sent(d),
+                    Ok(Err(e)) if is_permanent(&e) => Resent::Rejected(e),
+                    Ok(Err(e)) if repair::missing_topic(&e) => Resent::MissingTopic,
+                    _ => Resent::Failed,
+                }
+            }
+        };
         let settled = self
-            .until_acknowledged(None, &what, || resend(copy.clone()), OnMissing::DeadLetters)
+            .until_acknowledged(
+                delivery,
+                what,
+                || resend(letter.clone()),
+                OnMissing::DeadLetters,
+            )
             .await;
-        if let Settled::Rejected(e) = &settled {
-            dropped(e, e);
+        let Settled::Rejected(e) = settled else {
+            return (settled, letter);
+        };
+        // too large, or not allowed: a shorter copy once, else it is dropped loudly
+        let mut short = letter;
+        short.value = short.value.map(|v| v[..v.len().min(64 * 1024)].to_vec());
+        short.truncated = true;
+        let settled = self
+            .until_acknowledged(None, what, || resend(short.clone()), OnMissing::DeadLetters)
+            .await;
+        if let Settled::Rejected(e2) = &settled {
+            self.metrics.dead_letters_dropped.inc();
+            tracing::error!(what = %what(), error = %e, retry_error = %e2, "the dead-letter topic refuses this record; it is dropped (counted in livetable_dead_letters_dropped_total)");
         }
-        settled
+        (settled, short)
     }
 
     /// Waits until the broker acknowledges `delivery`; while it does not, backs off and asks

@@ -14,7 +14,8 @@
 //! Continuity: the operator keeps the input's lineage and update number. When an update does not
 //! follow the last one fed (the process started, the table was restored or replaced, a slice was
 //! handed over without an update), the view is rebuilt from the input's current rows, in key
-//! order, and the difference to its current rows is committed as one update. `top_n`,
+//! order (`latest` over a table: in the order it took them, `order.rs`), and the difference to
+//! its current rows is committed as one update. `top_n`,
 //! `max_by`/`min_by` and `group_by` without `latest` are a function of the input rows and come
 //! back exact; `history` and `delta` without `key` columns are brought up to the input's rows
 //! instead, keeping their past (`reconcile.rs`); `latest` and keyed `history`/`delta` restart
@@ -47,6 +48,7 @@ use crate::table::viewlog::{Commit, LogFlags};
 use crate::views::{InputKind, OutChange, ViewDef, ViewOperator};
 
 mod log;
+mod order;
 mod reconcile;
 pub use log::LogChange;
 
@@ -89,6 +91,9 @@ struct ViewState {
     /// A view over a table whose rows are its input rows' ([`ViewOperator::output_per_input_row`]):
     /// the input change each row holds (`reconcile.rs`).
     track: Option<reconcile::Tracked>,
+    /// A view over a table whose output depends on the order of its input's changes
+    /// ([`ViewOperator::replay_order_matters`]): when it took each input row (`order.rs`).
+    taken: Option<order::Taken>,
 }
 
 /// One declared view and its table.
@@ -185,6 +190,8 @@ impl Views {
             let track = (def.input == InputKind::Table && op.output_per_input_row()).then(|| {
                 reconcile::Tracked::new(matches!(def.operator, crate::views::OperatorDef::Delta(_)))
             });
+            let taken = (def.input == InputKind::Table && op.replay_order_matters())
+                .then(order::Taken::default);
             let view = Arc::new(View {
                 def: def.clone(),
                 table,
@@ -195,6 +202,7 @@ impl Views {
                     pos: HashMap::new(),
                     skip: None,
                     track,
+                    taken,
                 }),
                 log: Arc::default(),
             });
@@ -419,6 +427,17 @@ impl Views {
         };
         let mut st = lock(&view.state);
         st.op = op;
+        if let (
+            ViewState {
+                op,
+                taken: Some(taken),
+                ..
+            },
+            Some(f),
+        ) = (&mut *st, fed.as_ref())
+        {
+            taken.seed(op, &f.table.read());
+        }
         if let (Some(tr), Some(f)) = (st.track.as_mut(), fed.as_ref()) {
             tr.seen = saved
                 .seen
@@ -630,11 +649,12 @@ impl Views {
         if st.track.is_some() {
             out = Self::feed_tracked(&mut st, &input, update);
         } else {
+            let ViewState { op, taken, .. } = &mut *st;
             for c in &update.changes {
-                out.extend(
-                    st.op
-                        .apply_change(&c.key, c.before.as_deref(), c.row.as_deref()),
-                );
+                out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
+                if let Some(taken) = taken.as_mut() {
+                    taken.note(c);
+                }
             }
         }
         st.fed = Some(Fed {
@@ -666,7 +686,15 @@ impl Views {
         let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
         let (epoch, useq) = {
             let t = input.read();
-            let keys = Self::replay_order(&st.op, &t);
+            let keys = match st.taken.as_mut() {
+                Some(taken) => taken.replay(&t),
+                None => {
+                    let mut keys: Vec<(&String, &Row)> =
+                        t.rows.iter().map(|(k, e)| (k, &*e.row)).collect();
+                    keys.sort_by(|a, b| a.0.cmp(b.0));
+                    keys
+                }
+            };
             for (key, row) in keys {
                 for (k, r) in op.apply_change(key, None, Some(row)) {
                     result.insert(k, r);
@@ -691,37 +719,6 @@ impl Views {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
         self.commit_recomputed(view, st, out, update);
-    }
-
-    /// The input's rows in the order a rebuild takes them: by key, unless the view's output
-    /// depends on the order of changes (`latest` over a table). Then the rows `held` (the
-    /// operator being replaced) holds as they are now come first, in the order it took them, so
-    /// every group's `latest` stays what it was; the others (new, changed since, or every row
-    /// after a start that saved nothing) follow by input offset, then partition: within a
-    /// partition the order in which they were applied, across partitions offsets that rise
-    /// at the same rate for an evenly spread input.
-    fn replay_order<'t>(held: &ViewOperator, t: &'t TableState) -> Vec<(&'t String, &'t Row)> {
-        if !held.replay_order_matters() {
-            let mut keys: Vec<(&String, &Row)> = t.rows.iter().map(|(k, e)| (k, &*e.row)).collect();
-            keys.sort_by(|a, b| a.0.cmp(b.0));
-            return keys;
-        }
-        // (held first, the order held, input offset, partition)
-        type Rank = (u8, u64, i64, u32);
-        let mut ranked: Vec<(Rank, &String, &Row)> = t
-            .rows
-            .iter()
-            .map(|(k, e)| {
-                let row: &Row = &e.row;
-                let rank = match held.replay_rank(k, row) {
-                    Some(r) => (0, r, 0, 0),
-                    None => (1, 0, e.off, e.part),
-                };
-                (rank, k, row)
-            })
-            .collect();
-        ranked.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        ranked.into_iter().map(|(_, k, r)| (k, r)).collect()
     }
 
     /// Commits the output of a recomputation from the input's rows (a rebuild or a reconcile),

@@ -21,8 +21,8 @@
 //!   leaves the next one; over events only the extreme is kept.
 //! - `latest(col)`: over events, the value of the last event; over a table, the value of the
 //!   group's row changed most recently that has a value (deleting that row falls back to the one
-//!   changed before it). A recomputation from the table's rows keeps that order for the rows
-//!   it holds unchanged ([`GroupBy::replay_rank`]); the others are taken by input offset.
+//!   changed before it). A recomputation from the table's rows takes them in the order the
+//!   view took them (`table::derived`, `order.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -179,8 +179,8 @@ impl GroupBy {
     /// order in which this state took the rows' latest values (the change number it took it
     /// with), when every `latest` column of `row` still has the value taken then; `None` for a
     /// row this state does not hold, holds in another group, or holds with other values (it
-    /// changed since). A rebuild from the input's rows takes the rows in this order, so the
-    /// groups' `latest` stay what they were ([`crate::views::ViewOperator::replay_rank`]).
+    /// changed since). A view loaded from a clean stop's save starts its order from it
+    /// (`table::derived`, `order.rs`).
     pub fn replay_rank(&self, key: &str, row: &Row) -> Option<u64> {
         if self.input != InputKind::Table {
             return None;

@@ -279,14 +279,15 @@ impl ViewOperator {
 
     /// Over a table: whether the output depends on the order in which the input's rows took
     /// their values (`group_by` with `latest`), so that a rebuild from the input's current rows
-    /// must choose one ([`ViewOperator::replay_rank`]).
+    /// must choose one (`table::derived`, `order.rs`).
     pub fn replay_order_matters(&self) -> bool {
         matches!(&self.op, Op::GroupBy(o) if o.has_latest_over_table())
     }
 
     /// Where the input row of `key`, now `row`, stands in the order in which this operator took
-    /// the rows (lower first), when it still holds that row as it is now (`None`: it does not, or
-    /// the order does not matter). See [`group_by::GroupBy::replay_rank`].
+    /// the rows (lower first), when it holds the values that matter of that row as it is now
+    /// (`None`: it does not, or the order does not matter); what a view loaded from a clean
+    /// stop's save starts its order from. See [`group_by::GroupBy::replay_rank`].
     pub fn replay_rank(&self, key: &str, row: &Row) -> Option<u64> {
         match &self.op {
             Op::GroupBy(o) => o.replay_rank(key, row),
