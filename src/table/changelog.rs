@@ -31,7 +31,7 @@ use crate::table::stored_row::StoredRow;
 pub enum ChangelogError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("creating topic {topic}: {code}")]
+    #[error("creating topic {topic}: {code}{}", create_hint(*.code))]
     CreateTopic {
         topic: String,
         code: RDKafkaErrorCode,
@@ -54,6 +54,23 @@ pub enum ChangelogError {
         file: &'static str,
         source: toml::de::Error,
     },
+}
+
+/// What an operator can do about a topic the broker refuses to create.
+fn create_hint(code: RDKafkaErrorCode) -> &'static str {
+    match code {
+        RDKafkaErrorCode::InvalidTopic => {
+            " (is there a topic whose name differs from it only in `.` and `_`? Kafka refuses such \
+             a pair, so two tables whose names differ only that way cannot both have a \
+             changelog topic under one prefix)"
+        }
+        RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed => {
+            " (livetable creates its topics itself: allow it to create topics with its prefix, \
+             or create them by hand from topics/)"
+        }
+        _ => "",
+    }
 }
 
 impl ChangelogError {
@@ -842,6 +859,25 @@ mod tests {
         }
         // the registry's own topic is `<prefix>__registry`
         assert!(!seen.contains_key("p.__registry"));
+    }
+
+    #[test]
+    fn a_refused_topic_says_what_to_look_for() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let e = |code| {
+            super::ChangelogError::CreateTopic {
+                topic: "p.a_b".into(),
+                code,
+            }
+            .to_string()
+        };
+        assert!(
+            e(C::InvalidTopic).contains("only in `.` and `_`"),
+            "{}",
+            e(C::InvalidTopic)
+        );
+        assert!(e(C::TopicAuthorizationFailed).contains("create topics"));
+        assert!(e(C::RequestTimedOut).ends_with("Request timed out)"));
     }
 
     #[test]
