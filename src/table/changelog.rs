@@ -66,8 +66,8 @@ fn create_hint(code: RDKafkaErrorCode) -> &'static str {
         }
         RDKafkaErrorCode::TopicAuthorizationFailed
         | RDKafkaErrorCode::ClusterAuthorizationFailed => {
-            " (livetable creates its topics itself: allow it to create topics with its prefix, \
-             or create them by hand from topics/)"
+            " (and the topic does not exist: allow the principal to create topics with \
+             livetable's prefixes, or create it by hand from topics/)"
         }
         _ => "",
     }
@@ -486,6 +486,17 @@ impl Changelog {
                 Ok(_) => {}
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     count = self.partition_count(topic)?;
+                }
+                // Kafka checks the right to create before it looks whether the topic exists: a
+                // principal without it can still use a topic made by hand
+                Err((
+                    name,
+                    code @ (RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed),
+                )) => {
+                    count = self
+                        .partition_count(topic)
+                        .map_err(|_| ChangelogError::CreateTopic { topic: name, code })?;
                 }
                 Err((topic, code)) => return Err(ChangelogError::CreateTopic { topic, code }),
             }

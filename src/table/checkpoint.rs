@@ -492,7 +492,15 @@ impl Checkpointer {
             true
         } else if self.dead_letters_went_back(part, offset) {
             tracing::warn!(what = %what(), partition = part, offset, "the dead-letter topic acknowledged at or below an offset it had acknowledged before: it started over (deleted?); creating it again and producing the letter again");
-            self.recreate_dead_letters(false).await;
+            // produced again only once the topic is there again (else it would go where the
+            // first copy went); a shutdown meanwhile leaves it in the outbox
+            let mut backoff = Duration::from_millis(500);
+            while !self.recreate_dead_letters(false).await {
+                if self.sleep(backoff).await {
+                    return Settled::Cancelled;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
             true
         } else {
             false
@@ -641,7 +649,10 @@ impl Checkpointer {
     async fn missing_topic(&self, on_missing: &mut OnMissing<'_>) {
         match on_missing {
             OnMissing::Changelog(table, refill) => self.repair(table, refill).await,
-            OnMissing::DeadLetters => self.recreate_dead_letters(true).await,
+            OnMissing::DeadLetters => {
+                // (failed or throttled: the delivery's retry comes back here)
+                self.recreate_dead_letters(true).await;
+            }
         }
     }
 
@@ -664,29 +675,36 @@ impl Checkpointer {
     /// Creates the dead-letter topic again (it was deleted while the node runs; nothing else
     /// would, and every checkpoint with a dead letter would wait for it for ever); a delivery
     /// that failed for a missing topic does so at most every [`REPAIR_EVERY`] (`throttled`).
-    async fn recreate_dead_letters(&self, throttled: bool) {
+    /// Whether the topic is there again.
+    async fn recreate_dead_letters(&self, throttled: bool) -> bool {
         const KEY: &str = "\0dead-letters";
         {
             let mut last = self.repairs.lock().unwrap_or_else(|e| e.into_inner());
             if throttled && last.get(KEY).is_some_and(|t| t.elapsed() < REPAIR_EVERY) {
-                return;
+                return false;
             }
             last.insert(KEY.to_string(), Instant::now());
         }
-        self.dead_letters_acked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
         let changelog = self.changelog.clone();
         let done = tokio::task::spawn_blocking(move || changelog.recreate_dlq()).await;
         match done {
             Ok(Ok(())) => {
+                // what the deleted topic acknowledged says nothing of the new one
+                self.dead_letters_acked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
                 tracing::warn!(topic = %self.changelog.dlq_topic(), "the dead-letter topic was missing; created again");
+                true
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "creating the dead-letter topic again failed; retrying");
+                false
             }
-            Err(e) => tracing::error!(error = %e, "creating the dead-letter topic again panicked"),
+            Err(e) => {
+                tracing::error!(error = %e, "creating the dead-letter topic again panicked");
+                false
+            }
         }
     }
 
