@@ -188,15 +188,27 @@ fn write(
     changes: &[(String, Option<StoredRow>)],
     off: &mut i64,
 ) {
-    let t = tables.get("scores").unwrap();
-    let mut d = Delta::new(t);
-    for (key, r) in changes {
-        *off += 1;
+    let batch: Vec<Change> = changes
+        .iter()
+        .map(|(key, r)| {
+            *off += 1;
+            (key.clone(), r.clone(), (*off % 2) as u32, *off)
+        })
+        .collect();
+    commit(tables, sink, &batch);
+}
+
+/// One input change: key, row (`None`: delete), partition, offset.
+pub(super) type Change = (String, Option<StoredRow>, u32, i64);
+
+pub(super) fn commit(tables: &Tables, sink: &dyn UpdateSink, batch: &[Change]) {
+    let mut d = Delta::new(tables.get("scores").unwrap());
+    for (key, r, part, off) in batch {
         d.stage(RowWrite {
             key: key.clone(),
             row: r.clone(),
-            op: Op::Update,
-            part: (*off % 2) as u32,
+            op: if r.is_some() { Op::Update } else { Op::Delete },
+            part: *part,
             off: *off,
             ts_ms: None,
             kafka_ts_ms: None,
@@ -953,18 +965,7 @@ fn put_at(
     part: u32,
     off: i64,
 ) {
-    let mut d = Delta::new(tables.get("scores").unwrap());
-    d.stage(RowWrite {
-        key: key.to_string(),
-        row: r.map(row),
-        op: Op::Update,
-        part,
-        off,
-        ts_ms: None,
-        kafka_ts_ms: None,
-        polled: None,
-    });
-    tables.commit(d, sink);
+    commit(tables, sink, &[(key.to_string(), r.map(row), part, off)]);
 }
 
 #[test]

@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::super::tests::{row, rows_of, run_with_logs, Rng, Run};
-use crate::cdc::decode::{Op, Row};
-use crate::table::state::{Delta, RowWrite, TableState, Tables, UpdateSink};
-use crate::table::stored_row::StoredRow;
+use super::super::tests::{commit, row, rows_of, run_with_logs, Change, Rng, Run};
+use crate::cdc::decode::Row;
+use crate::table::state::{TableState, Tables};
 use crate::table::viewlog::read::LogContent;
 use crate::table::viewlog::Commit;
 use crate::views::{ViewDef, ViewsFile};
@@ -25,26 +24,6 @@ from = "scores"
 delta = { columns = ["score"] }
 "#;
 const NAMES: [&str; 2] = ["hist", "moves"];
-
-/// One input change: key, row (`None`: delete), partition, offset.
-type Change = (String, Option<StoredRow>, u32, i64);
-
-fn commit(tables: &Tables, sink: &dyn UpdateSink, batch: &[Change]) {
-    let mut d = Delta::new(tables.get("scores").unwrap());
-    for (key, r, part, off) in batch {
-        d.stage(RowWrite {
-            key: key.clone(),
-            row: r.clone(),
-            op: if r.is_some() { Op::Update } else { Op::Delete },
-            part: *part,
-            off: *off,
-            ts_ms: None,
-            kafka_ts_ms: None,
-            polled: None,
-        });
-    }
-    tables.commit(d, sink);
-}
 
 /// 60 batches of 1 to 3 changes over 6 keys (a key always in one of 2 partitions), with deletes
 /// and values that repeat.
