@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cdc;
 pub mod config;
+pub mod digest;
 pub mod fanout;
 pub mod filter;
 pub mod http;

@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::digest::Fnv1a as Fnv;
+
 /// Errors of the id log.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,7 +141,7 @@ pub type Change = (Scope, Option<Entry>);
 /// A stable 64-bit digest of a record's key and value (FNV-1a over a canonical form: object keys
 /// sorted), so a retry with the same content in another key order is still the same record.
 pub fn content_hash(key: Option<&str>, value: &Value) -> u64 {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = Fnv::default();
     match key {
         Some(k) => {
             h.write(b"k");
@@ -149,18 +151,7 @@ pub fn content_hash(key: Option<&str>, value: &Value) -> u64 {
     }
     h.write(&[0]);
     canonical(&mut h, value);
-    h.0
-}
-
-struct Fnv(u64);
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    h.finish()
 }
 
 fn canonical(h: &mut Fnv, v: &Value) {

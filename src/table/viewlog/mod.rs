@@ -82,12 +82,7 @@ pub fn topic(prefix: &str, name: &str) -> String {
 /// A short stable id of a view's definition text (FNV-1a, 64 bits, hex): the same on every node
 /// and version that computes the same text.
 pub fn def_id(text: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", crate::digest::Fnv1a::of(text.as_bytes()))
 }
 
 /// Where a view's input stood when a row of it was computed.
