@@ -369,6 +369,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
         .unwrap_or(0)
         .max(now_micros());
     let positions = loaded.positions.clone();
+    let last_records = std::mem::take(&mut loaded.last_records);
     let source_marks = std::mem::take(&mut loaded.source_marks);
     // after an unclean stop: the slices this node owned, whose clients may have seen changes the
     // store lost (new subscriptions wait until each is applied again here or taken over elsewhere)
@@ -654,6 +655,7 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             checkpoint_tx.clone(),
             follow,
             positions,
+            last_records,
             config.shutdown_grace,
         ));
         c.context().set_listener(parts.clone());

@@ -131,6 +131,113 @@ async fn a_position_that_no_longer_exists_is_detected_and_counted() {
     svc.wait().await.unwrap();
 }
 
+/// The input topic deleted and created again while the node was down, the new topic already past
+/// the stored positions (a connector reset that snapshots the database again): every position
+/// still exists, so the broker reports nothing, and the node used to go on from there, skipping
+/// the new topic's first records (here: every key's new value). It now reads again the record
+/// each position follows, finds another one there, counts and logs it, and reads the partitions
+/// from their beginning. A restart without a new topic reads the same records again and resets
+/// nothing. Two partitions, the livetable binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_past_the_stored_position_is_read_from_its_beginning() {
+    use common::procs::{until_api_state, Node};
+    use std::collections::BTreeMap;
+
+    let u = unique("again");
+    let topic = format!("{u}.public.t");
+    create_topic(&topic, 2).await;
+    let p = producer();
+    let keys = |prefix: &str, n: usize, value: usize| -> Vec<FixtureRecord> {
+        (0..n)
+            .map(|k| n_update("t", &format!("{prefix}{k}"), value, 1))
+            .collect()
+    };
+    let mut want = BTreeMap::new();
+    for round in 0..3 {
+        produce_keyed(&p, &topic, &keys("k", 20, round)).await;
+    }
+    for k in 0..20 {
+        want.insert(format!("k{k}"), 2);
+    }
+    let (logs, dir) = (tempdir(), tempdir());
+    let mut node = Node::spawn(
+        "node",
+        "all",
+        &format!("g-{u}"),
+        &topic,
+        dir.path(),
+        logs.path(),
+        &[],
+    );
+    let what = format!("the table (log {})", node.log.display());
+    node.wait_ready(Duration::from_secs(90)).await;
+    until_api_state(&node.base, "t", &want, Duration::from_secs(90), &what).await;
+    let sum = |text: &str, prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let resets = |text: String| sum(&text, "livetable_offset_resets_total{");
+
+    // the same topic: each partition's last applied record is read again and found the same
+    // (counted as a duplicate), nothing is reset
+    node.stop();
+    let before = node.log_text().len();
+    node.start();
+    node.wait_ready(Duration::from_secs(90)).await;
+    until_api_state(&node.base, "t", &want, Duration::from_secs(90), &what).await;
+    let text = eventually(
+        "both partitions' last records read again",
+        Duration::from_secs(30),
+        || async {
+            let text = metrics_text(&node.base).await;
+            let duplicates = sum(
+                &text,
+                "livetable_records_consumed_total{outcome=\"duplicate\"",
+            );
+            (duplicates >= 2.0).then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(resets(text), 0.0, "{what}");
+    let log = node.log_text();
+    assert_eq!(
+        log[before..].matches("reads_again=Some(").count(),
+        2,
+        "{what}"
+    );
+    node.stop();
+
+    // every key's new value first, then more records than the old topic had in each partition
+    delete_topic(&topic).await;
+    create_topic(&topic, 2).await;
+    produce_keyed(&p, &topic, &keys("k", 20, 100)).await;
+    produce_keyed(&p, &topic, &keys("f", 80, 7)).await;
+    for k in 0..20 {
+        want.insert(format!("k{k}"), 100);
+    }
+    for k in 0..80 {
+        want.insert(format!("f{k}"), 7);
+    }
+    node.start();
+    node.wait_ready(Duration::from_secs(90)).await;
+    until_api_state(&node.base, "t", &want, Duration::from_secs(90), &what).await;
+    assert_eq!(
+        resets(metrics_text(&node.base).await),
+        2.0,
+        "both partitions: {what}"
+    );
+    assert_eq!(
+        node.log_text()
+            .matches("is not the one applied there: the topic was deleted and created again")
+            .count(),
+        2,
+        "both partitions found by the record read again: {what}"
+    );
+    node.stop();
+}
+
 /// Issue 12 hole 8: shutdown ends within the grace period in every state: live WebSocket clients
 /// get the 1001 close, SSE streams end, and a broker that is gone does not hold anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

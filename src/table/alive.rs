@@ -32,6 +32,7 @@ pub fn forget(loaded: &mut Loaded, store: &Store) -> Result<usize, StoreError> {
     // alive mark is written after, so the next start forgets again)
     store.clear_input_positions()?;
     loaded.positions.clear();
+    loaded.last_records.clear();
     loaded.source_marks.clear();
     let mut forgotten = 0;
     for t in loaded.tables.iter_mut() {
@@ -80,7 +81,7 @@ pub fn spawn_marker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::position::Owner;
+    use crate::table::position::{LastApplied, Owner, RecordId};
     use crate::table::store::{AckMeta, SliceMeta, SourceMarks, TableMeta, WriteBatch};
 
     #[test]
@@ -111,6 +112,14 @@ mod tests {
         for part in 0..3u32 {
             b.put_row("t", &format!("k{part}"), part, 9, b"{}");
             b.set_position("cdc.t", part as i32, 120);
+            b.set_last_record(
+                "cdc.t",
+                part as i32,
+                LastApplied {
+                    record: RecordId::new(119, None, None, Some(b"{}")),
+                    owners: 1,
+                },
+            );
             let marks: SourceMarks = [("s".to_string(), (1, 2))].into_iter().collect();
             b.set_source_marks("cdc.t", part as i32, &marks);
         }
@@ -134,9 +143,10 @@ mod tests {
         }
         store.apply(b).unwrap();
         let mut loaded = store.load().unwrap();
-        assert_eq!(loaded.positions.len(), 3);
+        assert_eq!((loaded.positions.len(), loaded.last_records.len()), (3, 3));
         assert_eq!(forget(&mut loaded, &store).unwrap(), 2);
         assert!(loaded.positions.is_empty() && loaded.source_marks.is_empty());
+        assert!(loaded.last_records.is_empty());
         let t = &loaded.tables[0];
         for part in [0, 1] {
             let s = t.slice(part).unwrap();
@@ -153,6 +163,7 @@ mod tests {
         // and so it is read back at the next start
         let again = store.load().unwrap();
         assert!(again.positions.is_empty() && again.source_marks.is_empty());
+        assert!(again.last_records.is_empty());
         let t = &again.tables[0];
         assert!(t.slices.iter().all(|s| s.mode == SliceMode::Absent));
         assert_eq!(t.rows.keys().collect::<Vec<_>>(), vec!["k2"]);

@@ -88,6 +88,113 @@ impl Position {
     }
 }
 
+/// What tells an input record from any other at the same offset: a node keeps the one it applied
+/// last per partition (with the partition's position), and when it resumes there it reads that
+/// offset again: a different record means the topic was deleted and created again meanwhile, even
+/// when the new topic already holds more records than the position (its offsets exist, so the
+/// broker cannot tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordId {
+    pub offset: i64,
+    /// The record's timestamp (ms; -1 when it has none).
+    pub timestamp_ms: i64,
+    /// FNV-1a of the key's and the value's lengths and bytes (a missing one apart from an empty one).
+    pub digest: u64,
+}
+
+impl RecordId {
+    pub fn new(
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Self {
+        let mut h = crate::digest::Fnv1a::default();
+        for part in [key, value] {
+            match part {
+                Some(b) => {
+                    h.write(&(b.len() as u64).to_be_bytes());
+                    h.write(b);
+                }
+                None => h.write(&u64::MAX.to_be_bytes()),
+            }
+        }
+        RecordId {
+            offset,
+            timestamp_ms: timestamp_ms.unwrap_or(-1),
+            digest: h.finish(),
+        }
+    }
+
+    /// 24 bytes: offset, timestamp, digest (big-endian).
+    pub fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&self.offset.to_be_bytes());
+        b[8..16].copy_from_slice(&self.timestamp_ms.to_be_bytes());
+        b[16..].copy_from_slice(&self.digest.to_be_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let b: &[u8; 24] = b.try_into().ok()?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            w
+        };
+        Some(RecordId {
+            offset: i64::from_be_bytes(word(0)),
+            timestamp_ms: i64::from_be_bytes(word(8)),
+            digest: u64::from_be_bytes(word(16)),
+        })
+    }
+}
+
+/// The record an input partition's position follows, and whom this node wrote the partition's
+/// slices as then (a digest of their owners, [`owners_digest`]): a check at the next take-over
+/// is meaningful only if nobody wrote them since, when their owners are still those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastApplied {
+    pub record: RecordId,
+    pub owners: u64,
+}
+
+impl LastApplied {
+    /// 32 bytes: the record's 24, then the owners' digest (big-endian).
+    pub fn to_bytes(self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..24].copy_from_slice(&self.record.to_bytes());
+        b[24..].copy_from_slice(&self.owners.to_be_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != 32 {
+            return None;
+        }
+        let mut owners = [0u8; 8];
+        owners.copy_from_slice(&b[24..]);
+        Some(LastApplied {
+            record: RecordId::from_bytes(&b[..24])?,
+            owners: u64::from_be_bytes(owners),
+        })
+    }
+}
+
+/// A digest of the owners of an input partition's slices, by table (in any order).
+pub fn owners_digest<'a>(owners: impl IntoIterator<Item = (&'a str, Owner)>) -> u64 {
+    let mut list: Vec<(&str, Owner)> = owners.into_iter().collect();
+    list.sort();
+    let mut h = crate::digest::Fnv1a::default();
+    for (table, owner) in list {
+        h.write(&(table.len() as u64).to_be_bytes());
+        h.write(table.as_bytes());
+        h.write(&owner.epoch.to_be_bytes());
+        h.write(&owner.generation.to_be_bytes());
+    }
+    h.finish()
+}
+
 /// A position with the lineage it belongs to: what a client presents to resume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -211,6 +318,60 @@ mod tests {
         );
         assert_eq!(Owner::parse(&b.to_header()), Some(b));
         assert_eq!(Owner::parse("x"), None);
+    }
+
+    #[test]
+    fn record_ids_tell_records_apart_and_round_trip() {
+        let a = RecordId::new(41, Some(1_700_000_000_000), Some(b"k1"), Some(b"{\"v\":1}"));
+        assert_eq!(RecordId::from_bytes(&a.to_bytes()), Some(a));
+        assert_eq!(
+            a,
+            RecordId::new(41, Some(1_700_000_000_000), Some(b"k1"), Some(b"{\"v\":1}"))
+        );
+        // another value, key, time or offset: another record
+        for other in [
+            RecordId::new(41, Some(1_700_000_000_000), Some(b"k1"), Some(b"{\"v\":2}")),
+            RecordId::new(41, Some(1_700_000_000_000), Some(b"k2"), Some(b"{\"v\":1}")),
+            RecordId::new(41, Some(1_700_000_000_001), Some(b"k1"), Some(b"{\"v\":1}")),
+            RecordId::new(40, Some(1_700_000_000_000), Some(b"k1"), Some(b"{\"v\":1}")),
+        ] {
+            assert_ne!(a, other);
+        }
+        // the bytes move between key and value, or a part is missing rather than empty
+        assert_ne!(
+            RecordId::new(0, None, Some(b"ab"), Some(b"c")),
+            RecordId::new(0, None, Some(b"a"), Some(b"bc"))
+        );
+        assert_ne!(
+            RecordId::new(0, None, None, Some(b"")),
+            RecordId::new(0, None, Some(b""), Some(b""))
+        );
+        assert_eq!(RecordId::new(0, None, None, None).timestamp_ms, -1);
+        assert_eq!(RecordId::from_bytes(&[0u8; 8]), None, "an old 8-byte value");
+    }
+
+    #[test]
+    fn owner_digests_tell_owners_apart_in_any_order() {
+        let o = |epoch, generation| Owner { epoch, generation };
+        let last = LastApplied {
+            record: RecordId::new(9, Some(5), None, Some(b"v")),
+            owners: owners_digest([("a", o(0, 3)), ("b", o(1, 2))]),
+        };
+        assert_eq!(LastApplied::from_bytes(&last.to_bytes()), Some(last));
+        assert_eq!(LastApplied::from_bytes(&last.to_bytes()[..24]), None);
+        assert_eq!(
+            last.owners,
+            owners_digest([("b", o(1, 2)), ("a", o(0, 3))]),
+            "the order of the tables does not matter"
+        );
+        for other in [
+            owners_digest([("a", o(0, 4)), ("b", o(1, 2))]),
+            owners_digest([("a", o(0, 3)), ("b", o(2, 2))]),
+            owners_digest([("a", o(0, 3))]),
+            owners_digest([("a", o(0, 3)), ("c", o(1, 2))]),
+        ] {
+            assert_ne!(last.owners, other);
+        }
     }
 
     #[test]

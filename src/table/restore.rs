@@ -129,6 +129,12 @@ pub struct SliceTaken {
     /// an earlier run is then no promise: the changes up to it whose records never reached the
     /// changelog are gone with the outbox, and must be applied again from the input.
     pub rebuilt: bool,
+    /// The fence landed right where this node's reading of the changelog ended: nothing was
+    /// written to the slice since, and `before` is the owner of its last records.
+    pub quiet: bool,
+    /// The slice's owner before this take-over, and the one it writes as now.
+    pub before: Owner,
+    pub owner: Owner,
 }
 
 /// Everything a restore needs.
@@ -262,14 +268,12 @@ impl Restorer {
         // the fence first (with an owner above every one this node knows), then one read up to it;
         // an owner above it found on the way means a newer fence is due (bounded)
         let mut next = from;
-        let mut owner = Owner::next(
-            table
-                .read()
-                .slice(part)
-                .map(|s| s.owner)
-                .unwrap_or_default(),
-            generation,
-        );
+        let before = table
+            .read()
+            .slice(part)
+            .map(|s| s.owner)
+            .unwrap_or_default();
+        let mut owner = Owner::next(before, generation);
         let mut fence_off = -1;
         // a `restarted` fence read: the partition was written again by an owner after it started
         // over; what this node read before may lack records below it
@@ -410,6 +414,9 @@ impl Restorer {
             acked,
             replay,
             rebuilt: mode == SliceMode::Absent,
+            quiet: mode != SliceMode::Absent && !started_over && !rewritten && fence_off == from,
+            before,
+            owner,
         })
     }
 

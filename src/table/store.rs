@@ -28,6 +28,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
+use crate::table::position::LastApplied;
 use crate::table::state::{Slice, SliceMode, TableState};
 
 mod load;
@@ -131,6 +132,8 @@ pub struct Loaded {
     /// `Followed` for the others it held.
     pub tables: Vec<TableState>,
     pub positions: HashMap<(String, i32), i64>,
+    /// The record each position follows, where it was stored (not by versions before it).
+    pub last_records: HashMap<(String, i32), LastApplied>,
     pub deletes: Vec<PendingDelete>,
     pub dead_letters: Vec<(u64, DeadLetter)>,
     pub source_marks: HashMap<(String, i32), SourceMarks>,
@@ -234,6 +237,22 @@ impl WriteBatch {
     }
     pub fn remove_position(&mut self, topic: &str, partition: i32) {
         self.batch.remove(position_key(topic, partition));
+        self.batch.remove(meta_key(LAST_PREFIX, topic, partition));
+        self.len += 1;
+    }
+    /// An input partition whose offsets restarted goes on from `next_offset`, following no known
+    /// record and no source positions (a new topic is a new stream).
+    pub fn restart_position(&mut self, topic: &str, partition: i32, next_offset: i64) {
+        self.batch.remove(meta_key(LAST_PREFIX, topic, partition));
+        self.batch.remove(marks_key(topic, partition));
+        self.set_position(topic, partition, next_offset);
+    }
+    /// The record an input partition's position follows (the last one applied), stored with it.
+    pub fn set_last_record(&mut self, topic: &str, partition: i32, last: LastApplied) {
+        self.batch.insert(
+            meta_key(LAST_PREFIX, topic, partition),
+            last.to_bytes().to_vec(),
+        );
         self.len += 1;
     }
     /// The source positions reached in an input partition, stored with its position.
@@ -376,6 +395,7 @@ impl Store {
             .tree
             .scan_prefix(b"p")
             .chain(self.tree.scan_prefix(MARKS_PREFIX))
+            .chain(self.tree.scan_prefix(LAST_PREFIX))
         {
             b.remove(item?.0);
         }
@@ -453,10 +473,17 @@ fn position_key(topic: &str, partition: i32) -> Vec<u8> {
 }
 
 const MARKS_PREFIX: &[u8] = b"mseq";
+/// The record an input partition's position follows ([`RecordId`]). Under `m`, so that a version
+/// that does not know it skips it.
+const LAST_PREFIX: &[u8] = b"mlast";
 
 fn marks_key(topic: &str, partition: i32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(MARKS_PREFIX.len() + topic.len() + 5);
-    k.extend_from_slice(MARKS_PREFIX);
+    meta_key(MARKS_PREFIX, topic, partition)
+}
+
+fn meta_key(prefix: &[u8], topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + topic.len() + 5);
+    k.extend_from_slice(prefix);
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
     k.extend_from_slice(&partition.to_be_bytes());
@@ -529,6 +556,34 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_position_follows_no_record_and_no_source_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let last = LastApplied {
+            record: crate::table::position::RecordId::new(99, Some(1), None, Some(b"{}")),
+            owners: 3,
+        };
+        let marks: SourceMarks = [("s".to_string(), (1, 2))].into_iter().collect();
+        let mut b = WriteBatch::default();
+        for part in [0, 1] {
+            b.set_position("cdc.t", part, 100);
+            b.set_last_record("cdc.t", part, last);
+            b.set_source_marks("cdc.t", part, &marks);
+        }
+        store.apply(b).unwrap();
+        let mut b = WriteBatch::default();
+        b.restart_position("cdc.t", 1, 0);
+        store.apply(b).unwrap();
+        let l = store.load().unwrap();
+        let tp = |p: i32| ("cdc.t".to_string(), p);
+        assert_eq!((l.positions[&tp(0)], l.positions[&tp(1)]), (100, 0));
+        assert_eq!(l.last_records.get(&tp(0)), Some(&last));
+        assert!(l.source_marks.contains_key(&tp(0)));
+        assert_eq!(l.last_records.get(&tp(1)), None);
+        assert!(!l.source_marks.contains_key(&tp(1)));
+    }
+
+    #[test]
     fn batch_round_trips_with_slices_positions_and_outbox() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -575,6 +630,11 @@ mod tests {
             },
         );
         b.set_position("cdc.odds", 0, 42);
+        let last = LastApplied {
+            record: crate::table::position::RecordId::new(41, Some(1), Some(b"k"), Some(b"{}")),
+            owners: 7,
+        };
+        b.set_last_record("cdc.odds", 0, last);
         b.mark_deleted("odds", "g8", 0, 39);
         b.mark_deleted("odds", "g9", 0, 41);
         let letter = DeadLetter {
@@ -610,6 +670,7 @@ mod tests {
         assert_eq!((t.slices[0].count, t.slices[0].acked), (30, 40));
         assert_eq!(t.slices[0].tombs.get("g9"), Some(&41));
         assert_eq!(l.positions[&("cdc.odds".to_string(), 0)], 42);
+        assert_eq!(l.last_records[&("cdc.odds".to_string(), 0)], last);
         assert_eq!(l.deletes.len(), 1);
         assert_eq!(l.dead_letters, vec![(9, letter)]);
         store.clear_dead_letter(9).unwrap();

@@ -29,11 +29,12 @@ use crate::config::TopicSelection;
 use crate::metrics::Metrics;
 use crate::table::changelog::Changelog;
 use crate::table::checkpoint::Checkpoint;
+use crate::table::position::RecordId;
 use crate::table::readiness::Readiness;
 use crate::table::registry::Registry;
 use crate::table::restore::RestoreError;
 use crate::table::state::{SliceMode, Tables, UpdateSink};
-use crate::table::store::{AckMeta, SourceMarks, Store, StoreError};
+use crate::table::store::{AckMeta, SliceMeta, SourceMarks, Store, StoreError, WriteBatch};
 use partitions::{Done, PartState, Partitions, StartCheck};
 use stage::BatchStage;
 
@@ -94,6 +95,9 @@ pub struct Ingest {
 /// After an unclean stop, how long new subscriptions are held at most while the ingest re-applies
 /// the input.
 pub const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a partition resumed one record early waits for that record before it is not checked.
+const VERIFY_WAIT: Duration = Duration::from_secs(30);
 
 impl Ingest {
     /// Runs until cancelled. Returns an error only when the store, the durability task or a
@@ -166,19 +170,25 @@ impl Ingest {
         warned: &mut HashSet<(String, String)>,
     ) -> Result<(), IngestError> {
         let started = Instant::now();
-        self.detect_resets(batch);
-        let (states, positions, names) = {
-            let inner = self.partitions.lock();
+        let restarted = self.detect_resets(batch);
+        let (states, positions, names, owners) = {
+            let mut inner = self.partitions.lock();
+            for tp in inner.marks_forgotten.drain(..) {
+                self.source_marks.remove(&tp);
+            }
             (
                 inner.states.clone(),
                 inner.positions.clone(),
                 inner.names.clone(),
+                inner.owners.clone(),
             )
         };
         let mut st = BatchStage::new(positions, names, polled);
-        for m in batch {
-            st.record(self, m, &states, warned);
+        st.hold(restarted);
+        for (i, m) in batch.iter().enumerate() {
+            st.record(self, m, i, &states, warned);
         }
+        let last = st.note_last(batch, &owners);
         let (checkpoint, touched) = st.finish(self)?;
         {
             let mut inner = self.partitions.lock();
@@ -188,6 +198,12 @@ impl Ingest {
                 if inner.states.contains_key(tp) {
                     let slot = inner.positions.entry(tp.clone()).or_insert(*next);
                     *slot = (*slot).max(*next);
+                    if *slot == *next {
+                        match last.get(tp) {
+                            Some(l) => inner.last.insert(tp.clone(), *l),
+                            None => inner.last.remove(tp),
+                        };
+                    }
                 }
             }
         }
@@ -214,19 +230,57 @@ impl Ingest {
     }
 
     /// A partition just resumed at a known position that delivers a record below it was reset by
-    /// the client (the position was past the end: the topic was recreated). Handled before the
-    /// batch is staged, or its records would be taken for ones the slices already reflect.
-    fn detect_resets(&self, batch: &[BorrowedMessage<'_>]) {
+    /// the client (the position was past the end: the topic was recreated). A partition resumed
+    /// one record early ([`partitions::Inner::verify`]) whose first record is not the one its
+    /// position follows was created again too, with at least as many records as the position.
+    /// Handled before the batch is staged, or its records would be taken for ones the slices
+    /// already reflect. Returns the partitions read again from their beginning: their records in
+    /// this batch are not applied.
+    fn detect_resets(&self, batch: &[BorrowedMessage<'_>]) -> HashSet<(String, i32)> {
         let mut found: Vec<((String, i32), StartCheck, i64)> = Vec::new();
+        let mut replaced: Vec<((String, i32), RecordId, RecordId)> = Vec::new();
         {
             let mut inner = self.partitions.lock();
-            if inner.check_start.is_empty() {
-                return;
+            if inner.check_start.is_empty() && inner.verify.is_empty() {
+                return HashSet::new();
             }
+            // the few partitions watched: no key is built for the records of the others
+            let watched: Vec<(String, i32)> = inner
+                .verify
+                .keys()
+                .chain(inner.check_start.keys())
+                .cloned()
+                .collect();
             for m in batch {
+                if !watched
+                    .iter()
+                    .any(|(t, p)| *p == m.partition() && t == m.topic())
+                {
+                    continue;
+                }
                 let tp = (m.topic().to_string(), m.partition());
+                if let Some((last, _)) = inner.verify.remove(&tp) {
+                    if m.offset() == last.offset {
+                        let read = RecordId::new(
+                            m.offset(),
+                            m.timestamp().to_millis(),
+                            m.key(),
+                            m.payload(),
+                        );
+                        if read != last {
+                            inner.check_start.remove(&tp);
+                            replaced.push((tp, last, read));
+                        }
+                        // the record the position follows: the slices reflect it
+                        continue;
+                    }
+                    // above it: that record is gone (compaction, retention, a transaction's
+                    // marker), nothing to compare; below it: the client reset the partition
+                    // (checked next)
+                    tracing::debug!(topic = %tp.0, partition = tp.1, expected = last.offset, got = m.offset(), "the record an input position follows was not read again");
+                }
                 if let Some(&check) = inner.check_start.get(&tp) {
-                    if m.offset() < check.start {
+                    if m.offset() < check.start && Some(m.offset()) != check.early {
                         inner.check_start.remove(&tp);
                         found.push((tp, check, m.offset()));
                     }
@@ -239,6 +293,30 @@ impl Ingest {
                 .unwrap_or((offset, offset));
             self.check_reset(&tp, check, lo, hi);
         }
+        let mut restarted = HashSet::new();
+        for (tp, last, read) in replaced {
+            self.metrics
+                .offset_resets
+                .with_label_values(&[&tp.0, &tp.1.to_string()])
+                .inc();
+            tracing::error!(
+                topic = %tp.0,
+                partition = tp.1,
+                offset = last.offset,
+                applied_timestamp_ms = last.timestamp_ms,
+                found_timestamp_ms = read.timestamp_ms,
+                "the input record this partition's position follows is not the one applied there: the topic was deleted and created again; reading the partition from its beginning. Rows the new topic never mentions stay; see README, Operations, 'Input offsets out of range'"
+            );
+            self.restart_offsets(&tp, 0);
+            if let Err(e) =
+                self.consumer
+                    .seek(&tp.0, tp.1, Offset::Beginning, Duration::from_secs(5))
+            {
+                tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "seek failed");
+            }
+            restarted.insert(tp);
+        }
+        restarted
     }
 
     /// Updates lag gauges and readiness: every assigned partition restored and within
@@ -279,6 +357,7 @@ impl Ingest {
                 inner.check_start.clone(),
             )
         };
+        self.forget_unread_checks();
         for (tp, check) in checks {
             if let Some((lo, hi)) = source::cached_watermarks(&self.consumer, &tp.0, tp.1) {
                 if check.stale((lo, hi), Instant::now()) {
@@ -377,6 +456,26 @@ impl Ingest {
         self.readiness.set_ingest(ready, &why);
     }
 
+    /// A partition resumed one record early whose record does not come (gone by retention from a
+    /// partition with nothing newer, or a seek that failed) is not checked: once the partition
+    /// starts above it, or after [`VERIFY_WAIT`].
+    fn forget_unread_checks(&self) {
+        let mut inner = self.partitions.lock();
+        if inner.verify.is_empty() {
+            return;
+        }
+        let consumer = &self.consumer;
+        inner.verify.retain(|tp, (last, since)| {
+            let gone = source::cached_watermarks(consumer, &tp.0, tp.1)
+                .is_some_and(|(lo, _)| lo > last.offset);
+            let keep = !gone && since.elapsed() < VERIFY_WAIT;
+            if !keep {
+                tracing::info!(topic = %tp.0, partition = tp.1, offset = last.offset, "the record an input position follows was not read again: the topic is not checked");
+            }
+            keep
+        });
+    }
+
     /// After an unclean stop: the first slice owned before it that is neither assigned here again
     /// nor taken over by another member (a newer owner in its changelog), if any.
     fn slice_not_recovered(
@@ -436,29 +535,49 @@ impl Ingest {
             "input position no longer exists: {why}; consuming from the earliest offset. Changes in between are lost; see README, Operations, 'Input offsets out of range'"
         );
         if expected > hi {
-            // offsets restart: the slices must not take the new records for ones they reflect
-            let part = u32::try_from(tp.1).unwrap_or(0);
-            for e in self.registry.tables_of(&tp.0) {
-                if let Some(t) = self.tables.get(&e.table) {
-                    t.update_slices(|s| {
-                        let slice = s.slice_mut(part);
-                        slice.last_off = -1;
-                        slice.acked = -1;
-                        slice.tombs.clear();
-                        slice.resets = slice.resets.wrapping_add(1);
-                        // stored now, under the table's lock (as acknowledgements are), before
-                        // the first batch of the new offsets, whose flush makes it durable too:
-                        // after a kill -9 the old acknowledged offset must not make the new
-                        // records look applied
-                        if let Err(err) = self.store.put_acks(&e.table, part, &AckMeta::of(slice)) {
-                            tracing::error!(error = %err, "recording the reset acknowledgement failed");
-                        }
-                    });
-                }
-            }
-            let mut inner = self.partitions.lock();
-            inner.positions.insert(tp.clone(), lo);
+            self.restart_offsets(tp, lo);
         }
+    }
+
+    /// The offsets of an input partition restarted (its topic was created again): the slices
+    /// must not take the new records for ones they reflect, and the partition goes on from `lo`.
+    fn restart_offsets(&self, tp: &(String, i32), lo: i64) {
+        let part = u32::try_from(tp.1).unwrap_or(0);
+        for e in self.registry.tables_of(&tp.0) {
+            if let Some(t) = self.tables.get(&e.table) {
+                t.update_slices(|s| {
+                    let slice = s.slice_mut(part);
+                    slice.last_off = -1;
+                    slice.acked = -1;
+                    slice.tombs.clear();
+                    slice.resets = slice.resets.wrapping_add(1);
+                    // stored now, under the table's lock (as acknowledgements are), before
+                    // the first batch of the new offsets, whose flush makes it durable too:
+                    // after a kill -9 the old acknowledged and applied offsets must not make the
+                    // new records look applied (the position below is stored too)
+                    let mut b = WriteBatch::default();
+                    b.put_slice(&e.table, part, &SliceMeta::of(slice));
+                    b.put_acks(&e.table, part, &AckMeta::of(slice));
+                    if let Err(err) = self.store.apply(b) {
+                        tracing::error!(error = %err, "recording the reset slice failed");
+                    }
+                });
+            }
+        }
+        // stored after the acknowledgements (a crash between keeps the old position, checked
+        // again at the next start; the other order could start the new offsets past the old
+        // acknowledged one): a stop before the first batch of the new offsets must not find the
+        // old position and take the partition for one created again once more
+        let mut b = WriteBatch::default();
+        b.restart_position(&tp.0, tp.1, lo);
+        if let Err(err) = self.store.apply(b) {
+            tracing::error!(error = %err, "recording the restarted input position failed");
+        }
+        let mut inner = self.partitions.lock();
+        inner.positions.insert(tp.clone(), lo);
+        inner.marks_forgotten.push(tp.clone());
+        inner.last.remove(tp);
+        inner.verify.remove(tp);
     }
 
     /// Whether any topic matches the subscription (`None`: the broker did not answer).

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::cdc::source::{self, RebalanceListener, SourceContext};
 use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow, SliceAck};
+use crate::table::position::{owners_digest, LastApplied, RecordId};
 use crate::table::restore::{RestoreError, Restorer};
 use crate::table::state::{SliceMode, Tables};
 use crate::table::store::{AckMeta, SliceMeta, Store, WriteBatch};
@@ -82,6 +83,11 @@ pub struct Taken {
     pub named: Option<(String, String)>,
     /// Slices taken over, with their acknowledged offsets.
     pub slices: Vec<(String, u32, i64)>,
+    /// Nobody wrote any slice of the partition since this node read it
+    /// ([`crate::table::restore::SliceTaken::quiet`]), and `owners_before` are the owners of
+    /// their last records ([`crate::table::position::owners_digest`]; 0 for a `Job::Slice`).
+    pub quiet: bool,
+    pub owners_before: u64,
 }
 
 /// The partition set, shared by the rebalance callbacks and the ingest loop (same thread).
@@ -103,6 +109,17 @@ pub struct Inner {
     pub states: HashMap<(String, i32), PartState>,
     /// Next input offset to apply per owned partition (initially from the store).
     pub positions: HashMap<(String, i32), i64>,
+    /// The record each position follows (the last one applied), where known.
+    pub last: HashMap<(String, i32), LastApplied>,
+    /// Per owned partition, the digest of the owners this node writes its slices as.
+    pub owners: HashMap<(String, i32), u64>,
+    /// Partitions resumed one record early, to read the record their position follows again and
+    /// tell whether the topic is still the one they were applied from (see
+    /// [`crate::table::position::RecordId`]).
+    pub verify: HashMap<(String, i32), (RecordId, std::time::Instant)>,
+    /// Partitions whose offsets restarted: the source positions reached in them are forgotten
+    /// before the next batch is staged (a new topic is a new stream).
+    pub marks_forgotten: Vec<(String, i32)>,
     pub assigned_once: bool,
     /// Owned slices loaded from the store and not yet confirmed by an assignment.
     pub unconfirmed: HashSet<(String, u32)>,
@@ -127,6 +144,9 @@ pub struct StartCheck {
     /// a recreated topic, and the partition was applied again from its beginning.
     pub cached: Option<(i64, i64)>,
     pub since: std::time::Instant,
+    /// The offset read again before `start` ([`Inner::verify`]): that record, coming, is not a
+    /// reset (also once the check was given up).
+    pub early: Option<i64>,
 }
 
 /// How long watermarks equal to those cached at the resume are taken for old ones; after it a
@@ -150,6 +170,7 @@ impl Partitions {
         checkpoint_tx: mpsc::Sender<Checkpoint>,
         follow: Option<Arc<dyn FollowControl>>,
         positions: HashMap<(String, i32), i64>,
+        last_records: HashMap<(String, i32), LastApplied>,
         revoke_timeout: Duration,
     ) -> Self {
         // the slices of the last run, until the first assignment says which come back: those
@@ -171,6 +192,10 @@ impl Partitions {
             inner: Mutex::new(Inner {
                 states: HashMap::new(),
                 positions,
+                last: last_records,
+                owners: HashMap::new(),
+                verify: HashMap::new(),
+                marks_forgotten: Vec::new(),
                 assigned_once: false,
                 unconfirmed,
                 next_job: 1,
@@ -284,6 +309,9 @@ impl Partitions {
             }
             return Ok(None);
         }
+        // whom this node writes the partition's slices as now, stored with each record id (read
+        // before the partition set is locked: no table lock is taken under it)
+        let owners_now = self.owners_of(&tp);
         let start = {
             let mut inner = self.lock();
             if let Some((short, name)) = &taken.named {
@@ -308,6 +336,45 @@ impl Partitions {
                 }
                 None => inner.positions.get(&tp).copied(),
             };
+            // resumed one record early when that record is known: read again, it tells whether
+            // the topic is the one the position was reached in
+            // (only where every slice was this node's and nobody wrote it since: an id from before
+            // another owner's tenure, in which the topic may have been created again, proves
+            // nothing about the partition now)
+            let early = start
+                .filter(|s| *s > 0 && taken.quiet)
+                .and_then(|s| {
+                    inner
+                        .last
+                        .get(&tp)
+                        .copied()
+                        .filter(|l| l.record.offset == s - 1 && l.owners == taken.owners_before)
+                })
+                .map(|l| l.record);
+            match early {
+                Some(last) => {
+                    inner
+                        .verify
+                        .insert(tp.clone(), (last, std::time::Instant::now()));
+                    // the slices are written as the new owners from now: the id goes on naming
+                    // the record the position follows for the next take-over, even if no record
+                    // comes before it
+                    let moved = LastApplied {
+                        record: last,
+                        owners: owners_now,
+                    };
+                    inner.last.insert(tp.clone(), moved);
+                    let mut b = WriteBatch::default();
+                    b.set_last_record(&tp.0, tp.1, moved);
+                    if let Err(e) = self.store.apply(b) {
+                        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "storing the record an input position follows failed");
+                    }
+                }
+                None => {
+                    inner.verify.remove(&tp);
+                }
+            };
+            inner.owners.insert(tp.clone(), owners_now);
             if let Some(s) = start {
                 // a slice of a new table keeps what the partition's take-over found covered
                 let covered = match taken.named {
@@ -322,12 +389,17 @@ impl Partitions {
                         covered,
                         cached,
                         since: std::time::Instant::now(),
+                        early: early.map(|l| l.offset),
                     },
                 );
             }
-            start
+            (start, early)
         };
-        let offset = start.map_or(Offset::Beginning, Offset::Offset);
+        let (start, early) = start;
+        let offset = match early {
+            Some(last) => Offset::Offset(last.offset),
+            None => start.map_or(Offset::Beginning, Offset::Offset),
+        };
         // resumed first, then moved: librdkafka's broker thread is woken by the seek, not by the
         // resume, so a resume last could leave a paused decision standing until its next wakeup
         // (~0.9 s in some restarts). Nothing fetched between the two reaches this thread: the seek
@@ -336,7 +408,7 @@ impl Partitions {
         if let Err(e) = consumer.seek(&done.topic, done.partition, offset, Duration::from_secs(5)) {
             tracing::warn!(topic = %done.topic, partition = done.partition, error = %e, "seek failed");
         }
-        tracing::info!(topic = %done.topic, partition = done.partition, start = ?start, slices = taken.slices.len(), "partition active");
+        tracing::info!(topic = %done.topic, partition = done.partition, start = ?start, reads_again = ?early.map(|l| l.offset), slices = taken.slices.len(), "partition active");
         let acked = taken
             .slices
             .iter()
@@ -356,6 +428,26 @@ impl Partitions {
             acked,
             ..Default::default()
         }))
+    }
+
+    /// The digest of the owners of `tp`'s slices held here (every table of its topic).
+    fn owners_of(&self, tp: &(String, i32)) -> u64 {
+        let part = u32::try_from(tp.1).unwrap_or(0);
+        let owners: Vec<(String, crate::table::position::Owner)> = self
+            .restorer
+            .registry
+            .tables_of(&tp.0)
+            .into_iter()
+            .map(|e| {
+                let owner = self
+                    .tables
+                    .get(&e.table)
+                    .and_then(|t| t.read().slice(part).map(|s| s.owner))
+                    .unwrap_or_default();
+                (e.table, owner)
+            })
+            .collect();
+        owners_digest(owners.iter().map(|(t, o)| (t.as_str(), *o)))
     }
 
     fn retry(&self, _consumer: &BaseConsumer<SourceContext>, tp: &(String, i32)) {
@@ -546,6 +638,12 @@ impl RebalanceListener for Partitions {
     fn revoking(&self, _consumer: &BaseConsumer<SourceContext>, parts: &[(String, i32)]) {
         let commit: Vec<(String, i32)> = {
             let mut inner = self.lock();
+            // `last` stays: a take-over in this run checks it as at a restart (the owners it
+            // was written as tell whether another node wrote the slices since)
+            for tp in parts {
+                inner.verify.remove(tp);
+                inner.owners.remove(tp);
+            }
             parts
                 .iter()
                 .filter(|tp| matches!(inner.states.remove(*tp), Some(PartState::Active { .. })))
@@ -778,6 +876,9 @@ fn run_job(
                     replay: taken.replay,
                     named: Some((table.clone(), entry.table.clone())),
                     slices: vec![(entry.table, part, taken.acked)],
+                    // a partition paused in this run for a new table: nothing to check
+                    quiet: false,
+                    owners_before: 0,
                 })
             })();
             Done {
@@ -807,9 +908,13 @@ fn take_partition(
     let mut replay = Vec::new();
     let mut slices = Vec::new();
     let mut rebuilt = false;
+    let mut quiet = true;
+    let mut before = Vec::new();
     for entry in restorer.registry.tables_of(topic) {
         let taken = restorer.take_slice(reader, &entry, part, generation, cancelled)?;
         rebuilt |= taken.rebuilt;
+        quiet &= taken.quiet;
+        before.push((entry.table.clone(), taken.before));
         floor = Some(floor.map_or(taken.acked + 1, |f: i64| f.min(taken.acked + 1)));
         replay.extend(taken.replay);
         slices.push((entry.table, part, taken.acked));
@@ -839,6 +944,8 @@ fn take_partition(
         committed: committed.filter(|&c| start.is_some_and(|s| c > s)),
         replay,
         named: None,
+        quiet: quiet && !slices.is_empty() && !rebuilt,
+        owners_before: owners_digest(before.iter().map(|(t, o)| (t.as_str(), *o))),
         slices,
     })
 }
@@ -923,6 +1030,7 @@ mod tests {
             covered: None,
             cached: Some((0, 1000)),
             since: t0,
+            early: None,
         };
         assert!(check.stale((0, 1000), t0 + std::time::Duration::from_millis(300)));
         // a fetch answered: the new watermarks are the partition's

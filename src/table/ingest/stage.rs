@@ -12,6 +12,7 @@ use super::{Ingest, IngestError};
 use crate::cdc::decode::{self, Change, Decoded, Op, RawRecord};
 use crate::table::changelog::RecordMeta;
 use crate::table::checkpoint::{Checkpoint, PendingLetter, PendingRow, SliceAck};
+use crate::table::position::{LastApplied, RecordId};
 use crate::table::state::{Delta, RowWrite, SliceMode, Staged};
 use crate::table::store::{encode_row, DeadLetter, SliceMeta, WriteBatch};
 
@@ -29,12 +30,15 @@ pub struct BatchStage {
     positions: HashMap<Tp, i64>,
     names: HashMap<(String, String), String>,
     deltas: HashMap<String, Delta>,
-    /// Positions this batch moved.
-    advanced: HashMap<Tp, i64>,
+    /// Positions this batch moved, with the index in the batch of the record each follows.
+    advanced: HashMap<Tp, (i64, usize)>,
+    /// The record each moved position follows ([`BatchStage::note_last`]).
+    last: HashMap<Tp, LastApplied>,
     letters: Vec<(u64, DeadLetter)>,
     outcomes: HashMap<(String, &'static str), u64>,
     applied: HashMap<(String, &'static str), u64>,
-    /// Partitions paused in this batch (a slice is being created): their later records wait.
+    /// Partitions paused in this batch (a slice is being created), or read again from their
+    /// beginning (their topic was created again): their later records wait.
     paused: HashSet<Tp>,
     /// Partitions whose source marks moved in this batch (stored with their positions).
     marks_moved: HashSet<Tp>,
@@ -56,6 +60,7 @@ impl BatchStage {
             names,
             deltas: HashMap::new(),
             advanced: HashMap::new(),
+            last: HashMap::new(),
             letters: Vec::new(),
             outcomes: HashMap::new(),
             applied: HashMap::new(),
@@ -67,11 +72,17 @@ impl BatchStage {
         }
     }
 
-    /// Stages one record.
+    /// The partitions whose records in this batch must not be applied (they are read again).
+    pub fn hold(&mut self, tps: HashSet<Tp>) {
+        self.paused.extend(tps);
+    }
+
+    /// Stages one record, the batch's `index`th.
     pub fn record(
         &mut self,
         ing: &mut Ingest,
         m: &BorrowedMessage<'_>,
+        index: usize,
         states: &HashMap<Tp, PartState>,
         warned: &mut HashSet<(String, String)>,
     ) {
@@ -122,7 +133,7 @@ impl BatchStage {
         self.count(m.topic(), outcome);
         let next = m.offset() + 1;
         self.positions.insert(tp.clone(), next);
-        self.advanced.insert(tp, next);
+        self.advanced.insert(tp, (next, index));
     }
 
     fn count(&mut self, topic: &str, outcome: &'static str) {
@@ -393,6 +404,30 @@ impl BatchStage {
         self.letters.push((id, letter));
     }
 
+    /// Identifies, per partition whose position this batch moved, the record the new position
+    /// follows (one digest per partition and batch), with the owners this node writes the
+    /// partition's slices as (`owners`); stored with the position. Returns them.
+    pub fn note_last(
+        &mut self,
+        batch: &[BorrowedMessage<'_>],
+        owners: &HashMap<Tp, u64>,
+    ) -> HashMap<Tp, LastApplied> {
+        for (tp, (_, at)) in &self.advanced {
+            if let (Some(m), Some(owners)) = (batch.get(*at), owners.get(tp)) {
+                let record =
+                    RecordId::new(m.offset(), m.timestamp().to_millis(), m.key(), m.payload());
+                self.last.insert(
+                    tp.clone(),
+                    LastApplied {
+                        record,
+                        owners: *owners,
+                    },
+                );
+            }
+        }
+        self.last.clone()
+    }
+
     /// Commits the batch: memory (clients see it), then one sled batch, then the changelog
     /// records and dead letters. Returns the checkpoint and the tables touched.
     pub fn finish(self, ing: &Ingest) -> Result<(Checkpoint, Vec<String>), IngestError> {
@@ -452,8 +487,11 @@ impl BatchStage {
                 touched.push(name.clone());
             }
         }
-        for ((topic, partition), next) in &self.advanced {
+        for ((topic, partition), (next, _)) in &self.advanced {
             wb.set_position(topic, *partition, *next);
+            if let Some(last) = self.last.get(&(topic.clone(), *partition)) {
+                wb.set_last_record(topic, *partition, *last);
+            }
         }
         for tp in &self.marks_moved {
             if let Some(marks) = ing.source_marks.get(tp) {
@@ -532,7 +570,11 @@ impl BatchStage {
             Checkpoint {
                 rows,
                 letters,
-                positions: self.advanced,
+                positions: self
+                    .advanced
+                    .into_iter()
+                    .map(|(tp, (next, _))| (tp, next))
+                    .collect(),
                 acked,
                 barrier: None,
             },

@@ -12,9 +12,9 @@ use std::time::Instant;
 
 use super::{
     read_part_off, split_at_nul, split_topic_partition, split_two, utf8, Loaded, PendingDelete,
-    Store, StoreError, ALIVE_KEY, MARKS_PREFIX,
+    Store, StoreError, ALIVE_KEY, LAST_PREFIX, MARKS_PREFIX,
 };
-use crate::table::position::Owner;
+use crate::table::position::{LastApplied, Owner};
 use crate::table::state::{Entry, SliceMode, TableState};
 use crate::table::stored_row::StoredRow;
 
@@ -175,6 +175,19 @@ impl Store {
                     let marks =
                         serde_json::from_slice(&v).map_err(|_| corrupt("source marks json"))?;
                     out.source_marks.insert((topic, partition), marks);
+                }
+                Some(b'm') if k.starts_with(LAST_PREFIX) => {
+                    let (topic, partition) = split_topic_partition(&k[LAST_PREFIX.len()..])
+                        .ok_or_else(|| corrupt("last record key"))?;
+                    // only a hint: without it the position is not checked
+                    match LastApplied::from_bytes(&v) {
+                        Some(last) => {
+                            out.last_records.insert((topic, partition), last);
+                        }
+                        None => {
+                            tracing::warn!(%topic, partition, "ignoring a malformed record id stored with an input position")
+                        }
+                    }
                 }
                 Some(b'm') if k.as_ref() == ALIVE_KEY => {
                     let ms = v
