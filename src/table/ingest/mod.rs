@@ -359,6 +359,10 @@ impl Ingest {
         };
         self.forget_unread_checks();
         for (tp, check) in checks {
+            if !matches!(states.get(&tp), Some(PartState::Active { .. })) {
+                // paused for a new slice (checked once it resumes); a revoke drops the check
+                continue;
+            }
             if let Some((lo, hi)) = source::cached_watermarks(&self.consumer, &tp.0, tp.1) {
                 if check.stale((lo, hi), Instant::now()) {
                     // maybe an earlier fetch's: wait for one after the resume
@@ -542,6 +546,15 @@ impl Ingest {
     /// The offsets of an input partition restarted (its topic was created again): the slices
     /// must not take the new records for ones they reflect, and the partition goes on from `lo`.
     fn restart_offsets(&self, tp: &(String, i32), lo: i64) {
+        if !matches!(
+            self.partitions.lock().states.get(tp),
+            Some(PartState::Active { .. })
+        ) {
+            // a partition this node no longer applies: its slices are another's (or being taken
+            // over again, which reads where they stand)
+            tracing::debug!(topic = %tp.0, partition = tp.1, "input reset of a partition no longer active here: left to its owner");
+            return;
+        }
         let part = u32::try_from(tp.1).unwrap_or(0);
         for e in self.registry.tables_of(&tp.0) {
             if let Some(t) = self.tables.get(&e.table) {

@@ -643,6 +643,7 @@ impl RebalanceListener for Partitions {
             for tp in parts {
                 inner.verify.remove(tp);
                 inner.owners.remove(tp);
+                inner.check_start.remove(tp);
             }
             parts
                 .iter()
