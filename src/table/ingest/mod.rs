@@ -261,12 +261,7 @@ impl Ingest {
                 let tp = (m.topic().to_string(), m.partition());
                 if let Some((last, _)) = inner.verify.remove(&tp) {
                     if m.offset() == last.offset {
-                        let read = RecordId::new(
-                            m.offset(),
-                            m.timestamp().to_millis(),
-                            m.key(),
-                            m.payload(),
-                        );
+                        let read = record_id(m);
                         if read != last {
                             inner.check_start.remove(&tp);
                             replaced.push((tp, last, read));
@@ -295,10 +290,7 @@ impl Ingest {
         }
         let mut restarted = HashSet::new();
         for (tp, last, read) in replaced {
-            self.metrics
-                .offset_resets
-                .with_label_values(&[&tp.0, &tp.1.to_string()])
-                .inc();
+            self.count_reset(&tp);
             tracing::error!(
                 topic = %tp.0,
                 partition = tp.1,
@@ -525,10 +517,7 @@ impl Ingest {
             }
             Reset::Lost(lost, why) => (lost, why),
         };
-        self.metrics
-            .offset_resets
-            .with_label_values(&[&tp.0, &tp.1.to_string()])
-            .inc();
+        self.count_reset(tp);
         tracing::error!(
             topic = %tp.0,
             partition = tp.1,
@@ -541,6 +530,13 @@ impl Ingest {
         if expected > hi {
             self.restart_offsets(tp, lo);
         }
+    }
+
+    fn count_reset(&self, tp: &(String, i32)) {
+        self.metrics
+            .offset_resets
+            .with_label_values(&[&tp.0, &tp.1.to_string()])
+            .inc();
     }
 
     /// The offsets of an input partition restarted (its topic was created again): the slices
@@ -627,6 +623,11 @@ enum Reset {
     Covered(i64),
     /// Records lost, and why.
     Lost(i64, &'static str),
+}
+
+/// The id of an input record ([`RecordId`]).
+fn record_id(m: &BorrowedMessage<'_>) -> RecordId {
+    RecordId::new(m.offset(), m.timestamp().to_millis(), m.key(), m.payload())
 }
 
 fn classify_reset(expected: i64, lo: i64, hi: i64, covered: Option<i64>) -> Reset {

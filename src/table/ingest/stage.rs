@@ -12,7 +12,7 @@ use super::{Ingest, IngestError};
 use crate::cdc::decode::{self, Change, Decoded, Op, RawRecord};
 use crate::table::changelog::RecordMeta;
 use crate::table::checkpoint::{Checkpoint, PendingLetter, PendingRow, SliceAck};
-use crate::table::position::{LastApplied, RecordId};
+use crate::table::position::LastApplied;
 use crate::table::state::{Delta, RowWrite, SliceMode, Staged};
 use crate::table::store::{encode_row, DeadLetter, SliceMeta, WriteBatch};
 
@@ -414,8 +414,7 @@ impl BatchStage {
     ) -> HashMap<Tp, LastApplied> {
         for (tp, (_, at)) in &self.advanced {
             if let (Some(m), Some(owners)) = (batch.get(*at), owners.get(tp)) {
-                let record =
-                    RecordId::new(m.offset(), m.timestamp().to_millis(), m.key(), m.payload());
+                let record = super::record_id(m);
                 self.last.insert(
                     tp.clone(),
                     LastApplied {
