@@ -132,9 +132,8 @@ pub struct SliceTaken {
     /// The fence landed right where this node's reading of the changelog ended: nothing was
     /// written to the slice since, and `before` is the owner of its last records.
     pub quiet: bool,
-    /// The slice's owner before this take-over, and the one it writes as now.
+    /// The slice's owner before this take-over.
     pub before: Owner,
-    pub owner: Owner,
 }
 
 /// Everything a restore needs.
@@ -416,7 +415,6 @@ impl Restorer {
             rebuilt: mode == SliceMode::Absent,
             quiet: mode != SliceMode::Absent && !started_over && !rewritten && fence_off == from,
             before,
-            owner,
         })
     }
 

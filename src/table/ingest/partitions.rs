@@ -312,7 +312,7 @@ impl Partitions {
         // whom this node writes the partition's slices as now, stored with each record id (read
         // before the partition set is locked: no table lock is taken under it)
         let owners_now = self.owners_of(&tp);
-        let start = {
+        let (start, early) = {
             let mut inner = self.lock();
             if let Some((short, name)) = &taken.named {
                 inner
@@ -395,7 +395,6 @@ impl Partitions {
             }
             (start, early)
         };
-        let (start, early) = start;
         let offset = match early {
             Some(last) => Offset::Offset(last.offset),
             None => start.map_or(Offset::Beginning, Offset::Offset),
