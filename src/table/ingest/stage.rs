@@ -486,10 +486,10 @@ impl BatchStage {
                 touched.push(name.clone());
             }
         }
-        for ((topic, partition), (next, _)) in &self.advanced {
-            wb.set_position(topic, *partition, *next);
-            if let Some(last) = self.last.get(&(topic.clone(), *partition)) {
-                wb.set_last_record(topic, *partition, *last);
+        for (tp, (next, _)) in &self.advanced {
+            wb.set_position(&tp.0, tp.1, *next);
+            if let Some(last) = self.last.get(tp) {
+                wb.set_last_record(&tp.0, tp.1, *last);
             }
         }
         for tp in &self.marks_moved {
