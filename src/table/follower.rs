@@ -25,6 +25,7 @@ use crate::table::changelog::{parse_record, RegistryEntry};
 use crate::table::fold::{fold_into, Folded};
 use crate::table::ingest::partitions::FollowControl;
 use crate::table::ingest::RECOVERY_LIMIT;
+use crate::table::position::RecordId;
 use crate::table::readiness::Readiness;
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::restore::{delta_batch, SliceHandover};
@@ -106,6 +107,9 @@ pub struct Follower {
     pub scope: Scope,
 }
 
+/// A changelog topic and partition.
+type Tp = (String, i32);
+
 /// One followed changelog partition.
 struct Followed {
     table: String,
@@ -116,6 +120,32 @@ struct Followed {
     behind: Option<Instant>,
     /// The offset of the `restarted` fence this follower last read the partition again for.
     rewound_at: Option<i64>,
+    /// The record this node's store says it read last (at `next - 1`), until it is read again
+    /// and compared (see [`read_again`]).
+    check: Option<RecordId>,
+}
+
+/// What the first record a follower reads at or past the one it read last (`want`) tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadAgain {
+    /// The same record: the partition is the one this node read.
+    Same,
+    /// Another record at that offset: the topic was deleted and created again (its `restarted`
+    /// fence may lie below the position, and its end past it: neither tells).
+    Replaced,
+    /// Past it: the record is gone (compacted away); nothing to compare.
+    Gone,
+}
+
+/// Compares the record read at `offset` (its id made by `id` only when needed) with `want`.
+fn read_again(want: RecordId, offset: i64, id: impl FnOnce() -> RecordId) -> ReadAgain {
+    if offset > want.offset {
+        ReadAgain::Gone
+    } else if id() == want {
+        ReadAgain::Same
+    } else {
+        ReadAgain::Replaced
+    }
 }
 
 /// How long a partition's end must stay below a follower's position before it is read again from
@@ -225,7 +255,10 @@ impl Follower {
             let mut let_go: Vec<(String, i32)> = Vec::new();
             let mut writers: HashMap<(String, i32), Writer> = HashMap::new();
             let mut restarted: Vec<((String, i32), i64)> = Vec::new();
-            for m in &batch {
+            let mut replaced: Vec<((String, i32), i64)> = Vec::new();
+            // per partition, the last record folded (its id is stored with the position)
+            let mut last_read: HashMap<(String, i32), usize> = HashMap::new();
+            for (i, m) in batch.iter().enumerate() {
                 if m.topic() == registry_topic {
                     registry_next = registry_next.max(m.offset() + 1);
                     match self.registry.absorb(m.offset(), m.payload()) {
@@ -244,6 +277,24 @@ impl Follower {
                 let Some(f) = followed.get_mut(&key) else {
                     continue;
                 };
+                if let Some(want) = f.check.filter(|w| m.offset() >= w.offset) {
+                    f.check = None;
+                    // only where the follower writes the slice (a restore or the ingest reads it
+                    // from the slice's position itself)
+                    let follows = self.scope != Scope::NotOwned
+                        || self
+                            .tables
+                            .get(&f.table)
+                            .is_some_and(|t| writer(&t, m.partition()) == Writer::Follower);
+                    if follows
+                        && read_again(want, m.offset(), || RecordId::of(m)) == ReadAgain::Replaced
+                    {
+                        // the rest of the partition's batch waits for the read from the start
+                        f.next = i64::MAX;
+                        replaced.push((key, want.offset));
+                        continue;
+                    }
+                }
                 if m.offset() < f.next {
                     continue;
                 }
@@ -278,6 +329,7 @@ impl Follower {
                         let delta = deltas
                             .entry(f.table.clone())
                             .or_insert_with(|| Delta::new(table));
+                        last_read.insert(key.clone(), i);
                         match fold_into(&f.table, delta, rec, None) {
                             Folded::Fenced => self.metrics.fenced_records.inc(),
                             Folded::Restarted => restarted.push((key, m.offset())),
@@ -289,22 +341,24 @@ impl Follower {
                     }
                 }
             }
-            drop(batch);
-            for (key, at) in restarted {
-                if let Some(f) = followed.get_mut(&key) {
-                    if f.rewound_at.is_none_or(|o| at > o) {
-                        self.rewind(&key, f, at);
-                        assigned.clear();
-                    }
+            let mut read_ids: HashMap<String, Vec<(Tp, RecordId)>> = HashMap::new();
+            for (key, i) in last_read {
+                if let (Some(f), Some(m)) = (followed.get(&key), batch.get(i)) {
+                    let id = RecordId::of(m);
+                    read_ids.entry(f.table.clone()).or_default().push((key, id));
                 }
             }
+            drop(batch);
             for key in let_go {
                 if followed.remove(&key).is_some() {
                     tracing::error!(topic = %key.0, partition = key.1, "{SECOND_WRITER}; let go of it");
                 }
             }
             for (name, delta) in deltas {
-                let b = delta_batch(&name, &delta, false);
+                let mut b = delta_batch(&name, &delta, false);
+                for ((topic, p), id) in read_ids.remove(&name).unwrap_or_default() {
+                    b.set_changelog_read(&topic, p, id);
+                }
                 if let Err(e) = self.store.apply(b) {
                     tracing::error!(error = %e, "follower: writing the local cache failed");
                 }
@@ -312,6 +366,24 @@ impl Follower {
                 self.tables.commit(delta, &*self.sink);
                 let t = table.read();
                 self.metrics.table_size(&name, t.rows.len(), t.seq());
+            }
+            // after the commit: a delta of the batch must not raise the position again
+            for (key, at) in replaced {
+                if let Some(f) = followed.get_mut(&key) {
+                    tracing::warn!(topic = %key.0, partition = key.1, offset = at, "the changelog record this node read last is not the one there now (topic deleted and created again): reading the partition again from the beginning");
+                    // a `restarted` fence up to the end known now is read again with the rest
+                    let end = source::cached_watermarks(&reader, &key.0, key.1).map(|(_, hi)| hi);
+                    self.rewind(&key, f, end.map_or(at, |hi| (hi - 1).max(at)));
+                    assigned.clear();
+                }
+            }
+            for (key, at) in restarted {
+                if let Some(f) = followed.get_mut(&key) {
+                    if f.rewound_at.is_none_or(|o| at > o) {
+                        self.rewind(&key, f, at);
+                        assigned.clear();
+                    }
+                }
             }
             // (tables announced by records just read are followed from the next round on)
             if !registry_changed && last_check.elapsed() > Duration::from_millis(250) {
@@ -388,14 +460,21 @@ impl Follower {
         if let Some(next) = next {
             let topic =
                 crate::table::changelog::topic_name(&self.config.changelog_prefix, &entry.table);
+            let p = i32::try_from(part).unwrap_or(0);
+            // read again (from one record early) only where it is the record at `next - 1`
+            let check = (next > 0)
+                .then(|| self.store.changelog_read(&topic, p))
+                .flatten()
+                .filter(|r| r.offset == next - 1);
             followed.insert(
-                (topic, i32::try_from(part).unwrap_or(0)),
+                (topic, p),
                 Followed {
                     table: entry.table.clone(),
                     next,
                     since: Instant::now(),
                     behind: None,
                     rewound_at: None,
+                    check,
                 },
             );
         }
@@ -426,7 +505,9 @@ impl Follower {
             let offset = if topic == registry_topic {
                 registry_next
             } else {
-                followed.get(&(topic.clone(), *p)).map_or(0, |f| f.next)
+                followed
+                    .get(&(topic.clone(), *p))
+                    .map_or(0, |f| f.check.map_or(f.next, |c| c.offset))
             };
             if tpl
                 .add_partition_offset(topic, *p, Offset::Offset(offset))
@@ -518,7 +599,7 @@ impl Follower {
     fn rewind(&self, key: &(String, i32), f: &mut Followed, covered: i64) {
         tracing::info!(topic = %key.0, partition = key.1, covered, "changelog partition read again from the beginning");
         self.metrics.changelog_rewound.inc();
-        (f.next, f.behind, f.since) = (0, None, Instant::now());
+        (f.next, f.behind, f.since, f.check) = (0, None, Instant::now(), None);
         f.rewound_at = Some(covered);
         let Some(t) = self.tables.get(&f.table) else {
             return;
@@ -643,6 +724,21 @@ pub fn covered(topics: &TopicSelection, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_read_last_is_compared_only_where_it_is() {
+        let want = RecordId::new(41, Some(7), Some(b"k"), Some(b"{\"n\":1}"));
+        let same = || RecordId::new(41, Some(7), Some(b"k"), Some(b"{\"n\":1}"));
+        assert_eq!(read_again(want, 41, same), ReadAgain::Same);
+        // the same key and value written again (a refill): another time, another record
+        let refill = || RecordId::new(41, Some(9), Some(b"k"), Some(b"{\"n\":1}"));
+        assert_eq!(read_again(want, 41, refill), ReadAgain::Replaced);
+        let other = || RecordId::new(41, Some(7), Some(b"j"), Some(b"{\"n\":1}"));
+        assert_eq!(read_again(want, 41, other), ReadAgain::Replaced);
+        // compacted away: the first record read is past it, nothing to compare (not even read)
+        let unread = || -> RecordId { panic!("no id is made for a record past it") };
+        assert_eq!(read_again(want, 45, unread), ReadAgain::Gone);
+    }
 
     #[test]
     fn the_follower_never_takes_up_a_slice_being_taken_over_or_owned() {

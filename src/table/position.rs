@@ -126,6 +126,11 @@ impl RecordId {
         }
     }
 
+    /// The id of Kafka record `m`.
+    pub fn of<M: rdkafka::message::Message>(m: &M) -> Self {
+        RecordId::new(m.offset(), m.timestamp().to_millis(), m.key(), m.payload())
+    }
+
     /// 24 bytes: offset, timestamp, digest (big-endian).
     pub fn to_bytes(self) -> [u8; 24] {
         let mut b = [0u8; 24];

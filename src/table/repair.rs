@@ -11,8 +11,9 @@
 //!   only costs the fence);
 //! - a node taking a slice over whose fence lands below where it had read does the same (see
 //!   `restore::take_slice`);
-//! - a reader whose partition's high watermark falls below its position reads it again from the
-//!   beginning (see `follower`).
+//! - a reader whose partition's high watermark falls below its position, or whose record read
+//!   last (stored with its position) is not the one at that offset any more, reads it again from
+//!   the beginning (see `follower`).
 //!
 //! Records are folded only where newer, so a slice written twice, or read twice, never goes back.
 

@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
 use crate::table::checkpoint::PendingRow;
 use crate::table::fold::{fold_into, Folded, Own};
-use crate::table::position::Owner;
+use crate::table::position::{Owner, RecordId};
 use crate::table::reader::{self, End, ReadError, Span};
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::repair;
@@ -263,6 +263,16 @@ impl Restorer {
             self.store.clear_slice(&entry.table, part)?;
         }
         let topic = self.changelog.topic_for(&entry.table);
+        // a followed slice: the record its follower read last is read again and compared (the
+        // topic may have been deleted, refilled and written past `from` meanwhile: a fence below
+        // `from` and a `restarted` fence above it, the signs below, are then both missing)
+        let mut check = (mode == SliceMode::Followed && from > 0)
+            .then(|| {
+                self.store
+                    .changelog_read(&topic, i32::try_from(part).unwrap_or(0))
+            })
+            .flatten()
+            .filter(|r| r.offset == from - 1);
         let started = std::time::Instant::now();
         // the fence first (with an owner above every one this node knows), then one read up to it;
         // an owner above it found on the way means a newer fence is due (bounded)
@@ -297,6 +307,7 @@ impl Restorer {
                 next,
                 End::Through(fence_off),
                 own,
+                check.take(),
                 cancelled,
             )?;
             read_time += t.elapsed();
@@ -336,6 +347,7 @@ impl Restorer {
                 0,
                 End::Through(fence_off),
                 own,
+                None,
                 cancelled,
             )?;
         }
@@ -419,7 +431,9 @@ impl Restorer {
     }
 
     /// Reads changelog partition `part` of `topic` from `from` to `end`, folding into `table`;
-    /// returns the next changelog offset, and whether a `restarted` fence was read.
+    /// returns the next changelog offset, and whether a `restarted` fence was read or the
+    /// partition is not the one read before: `check`, the record read last (at `from - 1`), is
+    /// read first and compared.
     #[allow(clippy::too_many_arguments)]
     fn fold_span(
         &self,
@@ -430,6 +444,7 @@ impl Restorer {
         from: i64,
         end: End,
         own: Option<Own>,
+        check: Option<RecordId>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(i64, bool), RestoreError> {
         let prefix = self.changelog.topic_for("");
@@ -437,7 +452,7 @@ impl Restorer {
         let span = Span {
             topic: topic.to_string(),
             partition: i32::try_from(part).unwrap_or(0),
-            from: Some(from),
+            from: Some(check.map_or(from, |c| c.offset)),
             end,
         };
         writer::with_writer(&self.store, |chunks| {
@@ -455,6 +470,14 @@ impl Restorer {
                 &stop,
                 |m| {
                     if stopped.get() {
+                        return;
+                    }
+                    if let Some(want) = check.filter(|w| w.offset == rdkafka::Message::offset(m)) {
+                        // read already: compared, not folded again
+                        if RecordId::of(m) != want {
+                            tracing::warn!(topic, offset = want.offset, "the changelog record this node read last is not the one there now (topic deleted and created again)");
+                            restarted = true;
+                        }
                         return;
                     }
                     self.metrics.restore_records.inc();

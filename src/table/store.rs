@@ -28,7 +28,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
-use crate::table::position::LastApplied;
+use crate::table::position::{LastApplied, RecordId};
 use crate::table::state::{Slice, SliceMode, TableState};
 
 mod load;
@@ -255,6 +255,15 @@ impl WriteBatch {
         );
         self.len += 1;
     }
+    /// The changelog record a follower read last in `topic`/`partition` (at its position - 1),
+    /// stored with the slice's changelog position.
+    pub fn set_changelog_read(&mut self, topic: &str, partition: i32, record: RecordId) {
+        self.batch.insert(
+            meta_key(CL_READ_PREFIX, topic, partition),
+            record.to_bytes().to_vec(),
+        );
+        self.len += 1;
+    }
     /// The source positions reached in an input partition, stored with its position.
     pub fn set_source_marks(&mut self, topic: &str, partition: i32, marks: &SourceMarks) {
         self.batch.insert(
@@ -353,6 +362,16 @@ impl Store {
             serde_json::to_vec(meta).unwrap_or_default(),
         )?;
         Ok(())
+    }
+
+    /// The changelog record a follower read last in `topic`/`partition`, if one is stored
+    /// ([`WriteBatch::set_changelog_read`]); a malformed one reads as none.
+    pub fn changelog_read(&self, topic: &str, partition: i32) -> Option<RecordId> {
+        let v = self
+            .tree
+            .get(meta_key(CL_READ_PREFIX, topic, partition))
+            .ok()??;
+        RecordId::from_bytes(&v)
     }
 
     /// Removes an acknowledged dead letter from the outbox.
@@ -477,6 +496,9 @@ const MARKS_PREFIX: &[u8] = b"mseq";
 /// that does not know it skips it.
 const LAST_PREFIX: &[u8] = b"mlast";
 
+/// The changelog record a follower read last ([`RecordId`]), by changelog topic and partition.
+const CL_READ_PREFIX: &[u8] = b"mclread";
+
 fn marks_key(topic: &str, partition: i32) -> Vec<u8> {
     meta_key(MARKS_PREFIX, topic, partition)
 }
@@ -581,6 +603,26 @@ mod tests {
         assert!(l.source_marks.contains_key(&tp(0)));
         assert_eq!(l.last_records.get(&tp(1)), None);
         assert!(!l.source_marks.contains_key(&tp(1)));
+    }
+
+    #[test]
+    fn the_changelog_record_read_last_round_trips_by_topic_and_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = RecordId::new(12, Some(5), Some(b"k"), Some(b"{}"));
+        let mut b = WriteBatch::default();
+        b.set_changelog_read("g.table.t", 1, id);
+        store.apply(b).unwrap();
+        assert_eq!(store.changelog_read("g.table.t", 1), Some(id));
+        assert_eq!(store.changelog_read("g.table.t", 0), None);
+        assert_eq!(store.changelog_read("g.table.u", 1), None);
+        // a malformed value reads as none; a load skips the key
+        store
+            .tree
+            .insert(meta_key(CL_READ_PREFIX, "g.table.t", 0), &b"short"[..])
+            .unwrap();
+        assert_eq!(store.changelog_read("g.table.t", 0), None);
+        assert!(store.load().is_ok());
     }
 
     #[test]

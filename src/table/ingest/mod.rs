@@ -261,7 +261,7 @@ impl Ingest {
                 let tp = (m.topic().to_string(), m.partition());
                 if let Some((last, _)) = inner.verify.remove(&tp) {
                     if m.offset() == last.offset {
-                        let read = record_id(m);
+                        let read = RecordId::of(m);
                         if read != last {
                             inner.check_start.remove(&tp);
                             replaced.push((tp, last, read));
@@ -623,11 +623,6 @@ enum Reset {
     Covered(i64),
     /// Records lost, and why.
     Lost(i64, &'static str),
-}
-
-/// The id of an input record ([`RecordId`]).
-fn record_id(m: &BorrowedMessage<'_>) -> RecordId {
-    RecordId::new(m.offset(), m.timestamp().to_millis(), m.key(), m.payload())
 }
 
 fn classify_reset(expected: i64, lo: i64, hi: i64, covered: Option<i64>) -> Reset {

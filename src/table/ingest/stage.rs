@@ -414,7 +414,7 @@ impl BatchStage {
     ) -> HashMap<Tp, LastApplied> {
         for (tp, (_, at)) in &self.advanced {
             if let (Some(m), Some(owners)) = (batch.get(*at), owners.get(tp)) {
-                let record = super::record_id(m);
+                let record = crate::table::position::RecordId::of(m);
                 self.last.insert(
                     tp.clone(),
                     LastApplied {
