@@ -216,6 +216,44 @@ async fn an_owner_down_while_its_changelog_was_deleted_writes_every_row_again() 
     assert!(refilled >= KEYS as f64, "refilled {refilled}");
 }
 
+/// Writes half of the keys, round by round through `owner`, until the new changelog topic's end
+/// is past the old one's (`read`), and checks the layout the last two tests are about: each
+/// partition's `restarted` fence below the old end, its end past it.
+async fn write_past(
+    s: &Setup,
+    read: &[(i64, Option<i64>); 2],
+    owner: &Node,
+    want: &mut BTreeMap<String, i64>,
+) {
+    let read_layout = || {
+        let cl = s.changelog.clone();
+        async move {
+            tokio::task::spawn_blocking(move || layout(&cl))
+                .await
+                .unwrap()
+        }
+    };
+    let mut now = read_layout().await;
+    for round in 101..141 {
+        if now.iter().zip(read).all(|(n, r)| n.0 > r.0) {
+            break;
+        }
+        write(s, 0..KEYS / 2, round, want).await;
+        api_equals(owner, want, "owner writing the new topic").await;
+        now = read_layout().await;
+    }
+    for (p, (n, r)) in now.iter().zip(read).enumerate() {
+        let fence =
+            n.1.unwrap_or_else(|| panic!("partition {p}: no restarted fence: {now:?}"));
+        assert!(
+            fence < r.0 - 1 && n.0 > r.0,
+            "partition {p}: the layout this test is about (restarted fence below the old end {}, \
+             the new end past it): {now:?}",
+            r.0
+        );
+    }
+}
+
 /// Per partition of `changelog` (two): the offset after its last record, and the offset of its
 /// last `restarted` fence. Read from the beginning until nothing came for a second (at most 20 s).
 fn layout(changelog: &str) -> [(i64, Option<i64>); 2] {
@@ -292,33 +330,7 @@ async fn a_gateway_whose_position_the_new_changelog_passed_while_it_was_down_rea
     owner.wait_ready(Duration::from_secs(90)).await;
     changelog_refilled(&s, &want, "restarted owner").await;
     // the new topic is written past the gateway's old position (half of the keys only)
-    let read_layout = || {
-        let cl = s.changelog.clone();
-        async move {
-            tokio::task::spawn_blocking(move || layout(&cl))
-                .await
-                .unwrap()
-        }
-    };
-    let mut now = read_layout().await;
-    for round in 101..141 {
-        if now.iter().zip(&read).all(|(n, r)| n.0 > r.0) {
-            break;
-        }
-        write(&s, 0..KEYS / 2, round, &mut want).await;
-        api_equals(&owner, &want, "owner writing the new topic").await;
-        now = read_layout().await;
-    }
-    for (p, (n, r)) in now.iter().zip(&read).enumerate() {
-        let fence =
-            n.1.unwrap_or_else(|| panic!("partition {p}: no restarted fence: {now:?}"));
-        assert!(
-            fence < r.0 - 1 && n.0 > r.0,
-            "partition {p}: the layout this test is about (restarted fence below the gateway's \
-             position {}, end past it): {now:?}",
-            r.0
-        );
-    }
+    write_past(&s, &read, &owner, &mut want).await;
 
     gw.start();
     gw.wait_ready(Duration::from_secs(90)).await;
@@ -334,4 +346,67 @@ async fn a_gateway_whose_position_the_new_changelog_passed_while_it_was_down_rea
         "the gateway found the replaced record (log {})",
         gw.log.display()
     );
+}
+
+/// An owner down while the changelog was deleted, and another node meanwhile took its partitions,
+/// refilled the new topic and wrote it past the first owner's position: when the first takes its
+/// partitions back, its fence lands past its position and the `restarted` fence lies below it.
+/// The record at its position - 1, one of its own tenure in the old topic, is another owner's in
+/// the new one: it reads the partition from its beginning (else the other node's values in the
+/// refill, below its position, were never read). Stopped cleanly, the node let its slices go to
+/// its follower with a mark of its tenure; killed, it takes them over from its store.
+async fn owner_passed_while_down(prefix: &str, kill: bool) {
+    let s = setup(prefix);
+    create_topic(&s.topic, 2).await;
+    let (a_dir, b_dir) = (tempdir(), tempdir());
+    let mut a = s.node("a", "all", a_dir.path());
+    a.wait_ready(Duration::from_secs(90)).await;
+    let mut want = BTreeMap::new();
+    for round in 0..4 {
+        write(&s, 0..KEYS, round, &mut want).await;
+        api_equals(&a, &want, "first owner").await;
+    }
+    let cl = s.changelog.clone();
+    let read = tokio::task::spawn_blocking(move || layout(&cl))
+        .await
+        .unwrap();
+    if kill {
+        a.kill9();
+    } else {
+        a.stop();
+    }
+
+    // another node takes the partitions; the values it writes are, after the refill, only below
+    // the first owner's position
+    let mut b = s.node("b", "all", b_dir.path());
+    b.wait_ready(Duration::from_secs(90)).await;
+    write(&s, 0..KEYS, 50, &mut want).await;
+    api_equals(&b, &want, "second owner").await;
+    b.stop();
+    delete_topic(&s.changelog).await;
+    b.start();
+    b.wait_ready(Duration::from_secs(90)).await;
+    changelog_refilled(&s, &want, "second owner, restarted").await;
+    write_past(&s, &read, &b, &mut want).await;
+    b.stop();
+
+    a.start();
+    a.wait_ready(Duration::from_secs(90)).await;
+    api_equals(&a, &want, "first owner taking its partitions back").await;
+    let log = a.log_text();
+    assert!(
+        log.matches("is not the one there now").count() >= 2,
+        "the first owner found the replaced record in both partitions (log {})",
+        a.log.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_stopped_whose_position_the_new_changelog_passed_reads_it_again() {
+    owner_passed_while_down("cld4", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_killed_whose_position_the_new_changelog_passed_reads_it_again() {
+    owner_passed_while_down("cld5", true).await;
 }

@@ -26,6 +26,7 @@ use crate::table::fold::{fold_into, Folded};
 use crate::table::ingest::partitions::FollowControl;
 use crate::table::ingest::RECOVERY_LIMIT;
 use crate::table::position::RecordId;
+use crate::table::read_last::{ReadAgain, ReadLast};
 use crate::table::readiness::Readiness;
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::restore::{delta_batch, SliceHandover};
@@ -120,32 +121,9 @@ struct Followed {
     behind: Option<Instant>,
     /// The offset of the `restarted` fence this follower last read the partition again for.
     rewound_at: Option<i64>,
-    /// The record this node's store says it read last (at `next - 1`), until it is read again
-    /// and compared (see [`read_again`]).
-    check: Option<RecordId>,
-}
-
-/// What the first record a follower reads at or past the one it read last (`want`) tells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReadAgain {
-    /// The same record: the partition is the one this node read.
-    Same,
-    /// Another record at that offset: the topic was deleted and created again (its `restarted`
-    /// fence may lie below the position, and its end past it: neither tells).
-    Replaced,
-    /// Past it: the record is gone (compacted away); nothing to compare.
-    Gone,
-}
-
-/// Compares the record read at `offset` (its id made by `id` only when needed) with `want`.
-fn read_again(want: RecordId, offset: i64, id: impl FnOnce() -> RecordId) -> ReadAgain {
-    if offset > want.offset {
-        ReadAgain::Gone
-    } else if id() == want {
-        ReadAgain::Same
-    } else {
-        ReadAgain::Replaced
-    }
+    /// The record at `next - 1` as this node read or wrote it, until it is read again and
+    /// compared ([`crate::table::read_last`]).
+    check: Option<ReadLast>,
 }
 
 /// How long a partition's end must stay below a follower's position before it is read again from
@@ -277,7 +255,7 @@ impl Follower {
                 let Some(f) = followed.get_mut(&key) else {
                     continue;
                 };
-                if let Some(want) = f.check.filter(|w| m.offset() >= w.offset) {
+                if let Some(want) = f.check.filter(|w| m.offset() >= w.offset()) {
                     f.check = None;
                     // only where the follower writes the slice (a restore or the ingest reads it
                     // from the slice's position itself)
@@ -286,12 +264,10 @@ impl Follower {
                             .tables
                             .get(&f.table)
                             .is_some_and(|t| writer(&t, m.partition()) == Writer::Follower);
-                    if follows
-                        && read_again(want, m.offset(), || RecordId::of(m)) == ReadAgain::Replaced
-                    {
+                    if follows && want.read_again(m, &prefix) == ReadAgain::Replaced {
                         // the rest of the partition's batch waits for the read from the start
                         f.next = i64::MAX;
-                        replaced.push((key, want.offset));
+                        replaced.push((key, want.offset()));
                         continue;
                     }
                 }
@@ -357,7 +333,7 @@ impl Follower {
             for (name, delta) in deltas {
                 let mut b = delta_batch(&name, &delta, false);
                 for ((topic, p), id) in read_ids.remove(&name).unwrap_or_default() {
-                    b.set_changelog_read(&topic, p, id);
+                    b.set_changelog_read(&topic, p, ReadLast::Record(id));
                 }
                 if let Err(e) = self.store.apply(b) {
                     tracing::error!(error = %e, "follower: writing the local cache failed");
@@ -453,19 +429,25 @@ impl Follower {
         t.update_slices(|s| {
             let slice = s.slice_mut(part);
             if takes_up(slice, scope) {
+                // a slice this node owned: its position follows its own last record
+                let owned = (slice.mode == SliceMode::Owned).then_some(slice.owner);
                 slice.mode = SliceMode::Followed;
-                next = Some(slice.cl_next);
+                next = Some((slice.cl_next, owned));
             }
         });
-        if let Some(next) = next {
+        if let Some((next, owned)) = next {
             let topic =
                 crate::table::changelog::topic_name(&self.config.changelog_prefix, &entry.table);
             let p = i32::try_from(part).unwrap_or(0);
-            // read again (from one record early) only where it is the record at `next - 1`
+            // read again (from one record early): the record stored as read last, where it is the
+            // one at `next - 1`, else one of this node's tenure where it owned the slice
             let check = (next > 0)
-                .then(|| self.store.changelog_read(&topic, p))
-                .flatten()
-                .filter(|r| r.offset == next - 1);
+                .then(|| {
+                    let read = self.store.changelog_read(&topic, p);
+                    read.filter(|r| r.offset() == next - 1)
+                        .or(owned.map(|o| ReadLast::Owner(next - 1, o)))
+                })
+                .flatten();
             followed.insert(
                 (topic, p),
                 Followed {
@@ -507,7 +489,7 @@ impl Follower {
             } else {
                 followed
                     .get(&(topic.clone(), *p))
-                    .map_or(0, |f| f.check.map_or(f.next, |c| c.offset))
+                    .map_or(0, |f| f.check.map_or(f.next, |c| c.offset()))
             };
             if tpl
                 .add_partition_offset(topic, *p, Offset::Offset(offset))
@@ -724,21 +706,6 @@ pub fn covered(topics: &TopicSelection, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_record_read_last_is_compared_only_where_it_is() {
-        let want = RecordId::new(41, Some(7), Some(b"k"), Some(b"{\"n\":1}"));
-        let same = || RecordId::new(41, Some(7), Some(b"k"), Some(b"{\"n\":1}"));
-        assert_eq!(read_again(want, 41, same), ReadAgain::Same);
-        // the same key and value written again (a refill): another time, another record
-        let refill = || RecordId::new(41, Some(9), Some(b"k"), Some(b"{\"n\":1}"));
-        assert_eq!(read_again(want, 41, refill), ReadAgain::Replaced);
-        let other = || RecordId::new(41, Some(7), Some(b"j"), Some(b"{\"n\":1}"));
-        assert_eq!(read_again(want, 41, other), ReadAgain::Replaced);
-        // compacted away: the first record read is past it, nothing to compare (not even read)
-        let unread = || -> RecordId { panic!("no id is made for a record past it") };
-        assert_eq!(read_again(want, 45, unread), ReadAgain::Gone);
-    }
 
     #[test]
     fn the_follower_never_takes_up_a_slice_being_taken_over_or_owned() {

@@ -13,6 +13,7 @@ pub mod fold;
 pub mod follower;
 pub mod ingest;
 pub mod position;
+pub mod read_last;
 pub mod reader;
 pub mod readiness;
 pub mod registry;

@@ -29,7 +29,8 @@ use crate::metrics::Metrics;
 use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
 use crate::table::checkpoint::PendingRow;
 use crate::table::fold::{fold_into, Folded, Own};
-use crate::table::position::{Owner, RecordId};
+use crate::table::position::Owner;
+use crate::table::read_last::{ReadAgain, ReadLast};
 use crate::table::reader::{self, End, ReadError, Span};
 use crate::table::registry::{Registry, RegistryError};
 use crate::table::repair;
@@ -263,16 +264,19 @@ impl Restorer {
             self.store.clear_slice(&entry.table, part)?;
         }
         let topic = self.changelog.topic_for(&entry.table);
-        // a followed slice: the record its follower read last is read again and compared (the
-        // topic may have been deleted, refilled and written past `from` meanwhile: a fence below
-        // `from` and a `restarted` fence above it, the signs below, are then both missing)
-        let mut check = (mode == SliceMode::Followed && from > 0)
-            .then(|| {
-                self.store
-                    .changelog_read(&topic, i32::try_from(part).unwrap_or(0))
-            })
-            .flatten()
-            .filter(|r| r.offset == from - 1);
+        // the record at `from - 1` is read again and compared (the topic may have been deleted,
+        // refilled and written past `from` meanwhile: a fence below `from` and a `restarted`
+        // fence above it, the signs below, are then both missing): a followed slice's is the one
+        // its follower read last, an owned slice's one of this node's own tenure
+        let mut check = match (mode, own) {
+            _ if from <= 0 => None,
+            (SliceMode::Followed, _) => self
+                .store
+                .changelog_read(&topic, i32::try_from(part).unwrap_or(0))
+                .filter(|r| r.offset() == from - 1),
+            (SliceMode::Owned, Some(own)) => Some(ReadLast::Owner(from - 1, own.owner)),
+            _ => None,
+        };
         let started = std::time::Instant::now();
         // the fence first (with an owner above every one this node knows), then one read up to it;
         // an owner above it found on the way means a newer fence is due (bounded)
@@ -339,6 +343,10 @@ impl Restorer {
                 rewritten_by_another_owner = rewritten,
                 "changelog partition started over (topic deleted and created again?): reading it from the beginning (and producing every row of the slice again unless its previous owner did)"
             );
+            // read in the log's order, as a restore from nothing would: the owner this take-over's
+            // fence raised the slice to fenced out every record before that fence (another
+            // owner's refill of the new topic was ignored)
+            table.update_slices(|s| s.slice_mut(part).owner = Owner::default());
             self.fold_span(
                 reader,
                 &table,
@@ -444,7 +452,7 @@ impl Restorer {
         from: i64,
         end: End,
         own: Option<Own>,
-        check: Option<RecordId>,
+        check: Option<ReadLast>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(i64, bool), RestoreError> {
         let prefix = self.changelog.topic_for("");
@@ -452,11 +460,12 @@ impl Restorer {
         let span = Span {
             topic: topic.to_string(),
             partition: i32::try_from(part).unwrap_or(0),
-            from: Some(check.map_or(from, |c| c.offset)),
+            from: Some(check.map_or(from, |c| c.offset())),
             end,
         };
         writer::with_writer(&self.store, |chunks| {
             let mut restarted = false;
+            let mut pending = check;
             let mut delta = Delta::new(table.clone());
             let mut folded = 0usize;
             // the writer stopped on a store error (which `with_writer` returns): stop reading
@@ -472,13 +481,19 @@ impl Restorer {
                     if stopped.get() {
                         return;
                     }
-                    if let Some(want) = check.filter(|w| w.offset == rdkafka::Message::offset(m)) {
-                        // read already: compared, not folded again
-                        if RecordId::of(m) != want {
-                            tracing::warn!(topic, offset = want.offset, "the changelog record this node read last is not the one there now (topic deleted and created again)");
-                            restarted = true;
+                    let at = rdkafka::Message::offset(m);
+                    if let Some(want) = pending.filter(|w| at >= w.offset()) {
+                        pending = None;
+                        match want.read_again(m, &prefix) {
+                            // read already: not folded again
+                            ReadAgain::Same => return,
+                            ReadAgain::Replaced => {
+                                tracing::warn!(topic, offset = want.offset(), "the changelog record this node read last is not the one there now (topic deleted and created again)");
+                                restarted = true;
+                                return;
+                            }
+                            ReadAgain::Gone => {}
                         }
-                        return;
                     }
                     self.metrics.restore_records.inc();
                     match changelog::parse_record(&prefix, m) {

@@ -28,7 +28,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
-use crate::table::position::{LastApplied, RecordId};
+use crate::table::position::LastApplied;
+use crate::table::read_last::ReadLast;
 use crate::table::state::{Slice, SliceMode, TableState};
 
 mod load;
@@ -255,13 +256,11 @@ impl WriteBatch {
         );
         self.len += 1;
     }
-    /// The changelog record a follower read last in `topic`/`partition` (at its position - 1),
-    /// stored with the slice's changelog position.
-    pub fn set_changelog_read(&mut self, topic: &str, partition: i32, record: RecordId) {
-        self.batch.insert(
-            meta_key(CL_READ_PREFIX, topic, partition),
-            record.to_bytes().to_vec(),
-        );
+    /// The changelog record a slice's position in `topic`/`partition` follows (the one its
+    /// follower read last, or one its owner wrote), stored with that position.
+    pub fn set_changelog_read(&mut self, topic: &str, partition: i32, last: ReadLast) {
+        self.batch
+            .insert(meta_key(CL_READ_PREFIX, topic, partition), last.to_bytes());
         self.len += 1;
     }
     /// The source positions reached in an input partition, stored with its position.
@@ -364,14 +363,14 @@ impl Store {
         Ok(())
     }
 
-    /// The changelog record a follower read last in `topic`/`partition`, if one is stored
+    /// The changelog record a position in `topic`/`partition` follows, if one is stored
     /// ([`WriteBatch::set_changelog_read`]); a malformed one reads as none.
-    pub fn changelog_read(&self, topic: &str, partition: i32) -> Option<RecordId> {
+    pub fn changelog_read(&self, topic: &str, partition: i32) -> Option<ReadLast> {
         let v = self
             .tree
             .get(meta_key(CL_READ_PREFIX, topic, partition))
             .ok()??;
-        RecordId::from_bytes(&v)
+        ReadLast::from_bytes(&v)
     }
 
     /// Removes an acknowledged dead letter from the outbox.
@@ -496,7 +495,8 @@ const MARKS_PREFIX: &[u8] = b"mseq";
 /// that does not know it skips it.
 const LAST_PREFIX: &[u8] = b"mlast";
 
-/// The changelog record a follower read last ([`RecordId`]), by changelog topic and partition.
+/// The changelog record a slice's position follows ([`ReadLast`]), by changelog topic and
+/// partition.
 const CL_READ_PREFIX: &[u8] = b"mclread";
 
 fn marks_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -609,7 +609,12 @@ mod tests {
     fn the_changelog_record_read_last_round_trips_by_topic_and_partition() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let id = RecordId::new(12, Some(5), Some(b"k"), Some(b"{}"));
+        let id = ReadLast::Record(crate::table::position::RecordId::new(
+            12,
+            Some(5),
+            Some(b"k"),
+            Some(b"{}"),
+        ));
         let mut b = WriteBatch::default();
         b.set_changelog_read("g.table.t", 1, id);
         store.apply(b).unwrap();

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use crate::cdc::source::{self, RebalanceListener, SourceContext};
 use crate::table::checkpoint::{Barrier, Checkpoint, PendingRow, SliceAck};
 use crate::table::position::{owners_digest, LastApplied, RecordId};
+use crate::table::read_last::ReadLast;
 use crate::table::restore::{RestoreError, Restorer};
 use crate::table::state::{SliceMode, Tables};
 use crate::table::store::{AckMeta, SliceMeta, Store, WriteBatch};
@@ -481,12 +482,21 @@ impl Partitions {
         let Some(t) = self.tables.get(table) else {
             return;
         };
+        // the changelog position of a slice this node owned follows a record of its own tenure:
+        // stored with the slice, it is read again where the slice is followed or taken next
+        // (`crate::table::read_last`)
+        let written = |s: &crate::table::state::Slice| {
+            (s.mode == SliceMode::Owned && s.cl_next > 0)
+                .then_some(ReadLast::Owner(s.cl_next - 1, s.owner))
+        };
+        let cl_topic = self.restorer.changelog.topic_for(table);
         let mut meta = None;
         match &self.follow {
             Some(_) => t.update_slices(|s| {
                 let slice = s.slice_mut(part);
+                let last = written(slice);
                 slice.mode = SliceMode::Followed;
-                meta = Some(SliceMeta::of(slice));
+                meta = Some((SliceMeta::of(slice), last));
             }),
             None => {
                 // the rows leave memory. At a clean stop (everything of the slice settles before
@@ -504,14 +514,17 @@ impl Partitions {
                         let mut m = SliceMeta::of(s);
                         m.owned = false;
                         m.kept_ms = Some(crate::table::checkpoint::now_ms());
-                        (m, AckMeta::of(s))
+                        (m, AckMeta::of(s), written(s))
                     });
                 t.drop_slice(part);
                 let mut b = WriteBatch::default();
                 match kept {
-                    Some((m, a)) => {
+                    Some((m, a, last)) => {
                         b.put_slice(table, part, &m);
                         b.put_acks(table, part, &a);
+                        if let Some(last) = last {
+                            b.set_changelog_read(&cl_topic, i32::try_from(part).unwrap_or(0), last);
+                        }
                     }
                     None => {
                         if let Some(s) = t.read().slice(part) {
@@ -528,9 +541,12 @@ impl Partitions {
                     .table_size(table, t.rows.len(), t.seq());
             }
         }
-        if let Some(m) = meta {
+        if let Some((m, last)) = meta {
             let mut b = WriteBatch::default();
             b.put_slice(table, part, &m);
+            if let Some(last) = last {
+                b.set_changelog_read(&cl_topic, i32::try_from(part).unwrap_or(0), last);
+            }
             if let Err(e) = self.store.apply(b) {
                 tracing::error!(table, part, error = %e, "recording a released slice failed");
             }
