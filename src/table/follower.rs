@@ -439,13 +439,14 @@ impl Follower {
             let topic =
                 crate::table::changelog::topic_name(&self.config.changelog_prefix, &entry.table);
             let p = i32::try_from(part).unwrap_or(0);
-            // read again (from one record early): the record stored as read last, where it is the
-            // one at `next - 1`, else one of this node's tenure where it owned the slice
+            // read again (from one record early): where this node owned the slice, one of its own
+            // tenure; else the record stored as the one at `next - 1`, where it is
             let check = (next > 0)
                 .then(|| {
                     let read = self.store.changelog_read(&topic, p);
-                    read.filter(|r| r.offset() == next - 1)
-                        .or(owned.map(|o| ReadLast::Owner(next - 1, o)))
+                    owned
+                        .map(|o| ReadLast::Owner(next - 1, o))
+                        .or(read.filter(|r| r.offset() == next - 1))
                 })
                 .flatten();
             followed.insert(

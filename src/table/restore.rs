@@ -311,7 +311,7 @@ impl Restorer {
                 next,
                 End::Through(fence_off),
                 own,
-                check.take(),
+                Begin::Resume(check.take()),
                 cancelled,
             )?;
             read_time += t.elapsed();
@@ -343,10 +343,20 @@ impl Restorer {
                 rewritten_by_another_owner = rewritten,
                 "changelog partition started over (topic deleted and created again?): reading it from the beginning (and producing every row of the slice again unless its previous owner did)"
             );
-            // read in the log's order, as a restore from nothing would: the owner this take-over's
-            // fence raised the slice to fenced out every record before that fence (another
-            // owner's refill of the new topic was ignored)
-            table.update_slices(|s| s.slice_mut(part).owner = Owner::default());
+            // a stop before this read ends reads the partition from its beginning next time (the
+            // position stored by the read up to the fence is past what it must read again)
+            if let Some(s) = table.read().slice(part) {
+                let mut m = SliceMeta::of(s);
+                m.owner = Owner::default().to_header();
+                let a = AckMeta {
+                    acked: s.acked,
+                    cl_next: 0,
+                };
+                let mut b = WriteBatch::default();
+                b.put_slice(&entry.table, part, &m);
+                b.put_acks(&entry.table, part, &a);
+                self.store.apply(b)?;
+            }
             self.fold_span(
                 reader,
                 &table,
@@ -355,7 +365,7 @@ impl Restorer {
                 0,
                 End::Through(fence_off),
                 own,
-                None,
+                Begin::Scratch,
                 cancelled,
             )?;
         }
@@ -440,8 +450,7 @@ impl Restorer {
 
     /// Reads changelog partition `part` of `topic` from `from` to `end`, folding into `table`;
     /// returns the next changelog offset, and whether a `restarted` fence was read or the
-    /// partition is not the one read before: `check`, the record read last (at `from - 1`), is
-    /// read first and compared.
+    /// partition is not the one read before (see [`Begin`]).
     #[allow(clippy::too_many_arguments)]
     fn fold_span(
         &self,
@@ -452,9 +461,13 @@ impl Restorer {
         from: i64,
         end: End,
         own: Option<Own>,
-        check: Option<ReadLast>,
+        begin: Begin,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(i64, bool), RestoreError> {
+        let check = match begin {
+            Begin::Resume(check) => check,
+            Begin::Scratch => None,
+        };
         let prefix = self.changelog.topic_for("");
         let name = table.read().name.clone();
         let span = Span {
@@ -466,7 +479,18 @@ impl Restorer {
         writer::with_writer(&self.store, |chunks| {
             let mut restarted = false;
             let mut pending = check;
-            let mut delta = Delta::new(table.clone());
+            // read from scratch: the slice's owner and changelog position as the records read so
+            // far make them (the slice's own are past records this read must not fence out)
+            let mut scratch = matches!(begin, Begin::Scratch).then_some((Owner::default(), 0));
+            let fresh = |scratch: Option<(Owner, i64)>| {
+                let mut d = Delta::new(table.clone());
+                if let Some((owner, cl_next)) = scratch {
+                    let s = d.slice(part);
+                    (s.owner, s.cl_next) = (owner, cl_next);
+                }
+                d
+            };
+            let mut delta = fresh(scratch);
             let mut folded = 0usize;
             // the writer stopped on a store error (which `with_writer` returns): stop reading
             let stopped = std::cell::Cell::new(false);
@@ -508,7 +532,11 @@ impl Restorer {
                     }
                     folded += 1;
                     if folded.is_multiple_of(FOLD_CHUNK) {
-                        let full = std::mem::replace(&mut delta, Delta::new(table.clone()));
+                        if let Some(at) = scratch.as_mut() {
+                            let s = delta.slice(part);
+                            *at = (s.owner, s.cl_next);
+                        }
+                        let full = std::mem::replace(&mut delta, fresh(scratch));
                         if !self.commit(full, chunks) {
                             stopped.set(true);
                         }
@@ -607,6 +635,17 @@ fn slices_batch(table: &str, delta: &Delta, owned: bool) -> WriteBatch {
         }
     }
     b
+}
+
+/// How a span read begins.
+#[derive(Debug, Clone, Copy)]
+enum Begin {
+    /// Where this node's copy ends; the record before it, when known, is read first and compared
+    /// ([`ReadLast`]).
+    Resume(Option<ReadLast>),
+    /// From the partition's beginning, as a restore from nothing: records fold by the owners and
+    /// position they make, not by the slice's (which may be past them).
+    Scratch,
 }
 
 #[cfg(test)]
