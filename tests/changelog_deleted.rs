@@ -15,8 +15,7 @@ use std::time::Duration;
 use common::procs::{until_api_state, Node};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
 const TABLE: &str = "ticks";
 const KEYS: usize = 20;
@@ -216,6 +215,37 @@ async fn an_owner_down_while_its_changelog_was_deleted_writes_every_row_again() 
     assert!(refilled >= KEYS as f64, "refilled {refilled}");
 }
 
+/// Writes every key in four rounds, each applied by `owner` before the next (each key has several
+/// records in the old topic, one in a refill); returns the changelog's layout then.
+async fn rounds_then_layout(
+    s: &Setup,
+    owner: &Node,
+    want: &mut BTreeMap<String, i64>,
+) -> [(i64, Option<i64>); 2] {
+    for round in 0..4 {
+        write(s, 0..KEYS, round, want).await;
+        api_equals(owner, want, "owner before").await;
+    }
+    let cl = s.changelog.clone();
+    tokio::task::spawn_blocking(move || layout(&cl))
+        .await
+        .unwrap()
+}
+
+/// Writes every key once more through `owner`, then deletes the changelog while `owner` is down:
+/// restarted, it refills the new topic. (Deleted while the owner is down: Tansu takes records
+/// produced to a deleted topic and serves their offsets twice once it is created again, a
+/// broker's quirk, not these tests' case.)
+async fn refilled_while_down(s: &Setup, owner: &mut Node, want: &mut BTreeMap<String, i64>) {
+    write(s, 0..KEYS, 50, want).await;
+    api_equals(owner, want, "owner before the deletion").await;
+    owner.stop();
+    delete_topic(&s.changelog).await;
+    owner.start();
+    owner.wait_ready(Duration::from_secs(90)).await;
+    changelog_refilled(s, want, "owner restarted after the deletion").await;
+}
+
 /// Writes half of the keys, round by round through `owner`, until the new changelog topic's end
 /// is past the old one's (`read`), and checks the layout the last two tests are about: each
 /// partition's `restarted` fence below the old end, its end past it.
@@ -255,37 +285,17 @@ async fn write_past(
 }
 
 /// Per partition of `changelog` (two): the offset after its last record, and the offset of its
-/// last `restarted` fence. Read from the beginning until nothing came for a second (at most 20 s).
+/// last `restarted` fence. Read from the beginning to the end.
 fn layout(changelog: &str) -> [(i64, Option<i64>); 2] {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("layout-"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition_offset(changelog, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
     let mut out = [(0, None); 2];
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    let mut last = std::time::Instant::now();
-    while std::time::Instant::now() < until && last.elapsed() < Duration::from_secs(1) {
-        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        last = std::time::Instant::now();
-        let slot = &mut out[usize::try_from(m.partition()).unwrap()];
-        slot.0 = slot.0.max(m.offset() + 1);
-        let restarted = m.headers().is_some_and(|h| {
-            h.iter()
-                .any(|x| x.key == "livetable.fence" && x.value == Some(b"restarted".as_slice()))
-        });
-        if restarted {
-            slot.1 = Some(m.offset());
+    for r in read_to_end(&brokers(), changelog, 2, Duration::from_secs(20)) {
+        let slot = &mut out[usize::try_from(r.partition).unwrap()];
+        slot.0 = slot.0.max(r.offset + 1);
+        if r.headers
+            .iter()
+            .any(|(k, v)| k == "livetable.fence" && v == "restarted")
+        {
+            slot.1 = Some(r.offset);
         }
     }
     out
@@ -307,28 +317,12 @@ async fn a_gateway_whose_position_the_new_changelog_passed_while_it_was_down_rea
     owner.wait_ready(Duration::from_secs(90)).await;
     gw.wait_ready(Duration::from_secs(90)).await;
     let mut want = BTreeMap::new();
-    // round by round: each key has several records in the old topic, one in the refill
-    for round in 0..4 {
-        write(&s, 0..KEYS, round, &mut want).await;
-        api_equals(&owner, &want, "owner before").await;
-    }
+    let read = rounds_then_layout(&s, &owner, &mut want).await;
     api_equals(&gw, &want, "gateway before").await;
-    let cl = s.changelog.clone();
-    let read = tokio::task::spawn_blocking(move || layout(&cl))
-        .await
-        .unwrap();
     gw.stop();
 
     // values the gateway misses: after the refill, only below its old position
-    write(&s, 0..KEYS, 50, &mut want).await;
-    api_equals(&owner, &want, "owner while the gateway is down").await;
-    // deleted while the owner is down too: Tansu takes records produced to a deleted topic and
-    // serves their offsets twice once it is created again (a broker's quirk, not this test's case)
-    owner.stop();
-    delete_topic(&s.changelog).await;
-    owner.start();
-    owner.wait_ready(Duration::from_secs(90)).await;
-    changelog_refilled(&s, &want, "restarted owner").await;
+    refilled_while_down(&s, &mut owner, &mut want).await;
     // the new topic is written past the gateway's old position (half of the keys only)
     write_past(&s, &read, &owner, &mut want).await;
 
@@ -362,14 +356,7 @@ async fn owner_passed_while_down(prefix: &str, kill: bool) {
     let mut a = s.node("a", "all", a_dir.path());
     a.wait_ready(Duration::from_secs(90)).await;
     let mut want = BTreeMap::new();
-    for round in 0..4 {
-        write(&s, 0..KEYS, round, &mut want).await;
-        api_equals(&a, &want, "first owner").await;
-    }
-    let cl = s.changelog.clone();
-    let read = tokio::task::spawn_blocking(move || layout(&cl))
-        .await
-        .unwrap();
+    let read = rounds_then_layout(&s, &a, &mut want).await;
     if kill {
         a.kill9();
     } else {
@@ -380,13 +367,7 @@ async fn owner_passed_while_down(prefix: &str, kill: bool) {
     // the first owner's position
     let mut b = s.node("b", "all", b_dir.path());
     b.wait_ready(Duration::from_secs(90)).await;
-    write(&s, 0..KEYS, 50, &mut want).await;
-    api_equals(&b, &want, "second owner").await;
-    b.stop();
-    delete_topic(&s.changelog).await;
-    b.start();
-    b.wait_ready(Duration::from_secs(90)).await;
-    changelog_refilled(&s, &want, "second owner, restarted").await;
+    refilled_while_down(&s, &mut b, &mut want).await;
     write_past(&s, &read, &b, &mut want).await;
     b.stop();
 
