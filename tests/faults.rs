@@ -238,6 +238,100 @@ async fn a_topic_created_again_past_the_stored_position_is_read_from_its_beginni
     node.stop();
 }
 
+/// The input topic deleted and created again while its owner was down, with fewer records than
+/// the stored positions: the owner reads it from its beginning and applies the new records. Its
+/// changelog records of the new offsets used to be taken for older ones by every other node's copy
+/// of the slice (their rows carry the old, higher offsets), which kept the old values for good: a
+/// gateway served `2` where the owner served `100`. The owner now writes an `input-reset` fence
+/// before them; readers forget the slice's position as the owner did. Checked on a gateway that
+/// runs throughout, after its kill -9, and on a second node that takes a partition over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_copy_of_a_slice_takes_the_new_offsets_of_an_input_created_again() {
+    use common::procs::{until_api_state, Node};
+    use std::collections::BTreeMap;
+
+    let u = unique("reset");
+    let topic = format!("{u}.public.t");
+    let group = format!("g-{u}");
+    create_topic(&topic, 2).await;
+    let p = producer();
+    let mut want = BTreeMap::new();
+    let write = |keys: std::ops::Range<usize>, value: usize, want: &mut BTreeMap<String, i64>| {
+        for k in keys.clone() {
+            want.insert(format!("k{k}"), value as i64);
+        }
+        keys.map(|k| n_update("t", &format!("k{k}"), value, 1))
+            .collect::<Vec<FixtureRecord>>()
+    };
+    for round in 0..3 {
+        produce_keyed(&p, &topic, &write(0..20, round, &mut want)).await;
+    }
+    let (logs, owner_dir, gw_dir, b_dir) = (tempdir(), tempdir(), tempdir(), tempdir());
+    let node = |name: &str, role: &str, dir: &std::path::Path| {
+        Node::spawn(name, role, &group, &topic, dir, logs.path(), &[])
+    };
+    let mut owner = node("owner", "all", owner_dir.path());
+    let mut gw = node("gw", "gateway", gw_dir.path());
+    owner.wait_ready(Duration::from_secs(90)).await;
+    gw.wait_ready(Duration::from_secs(90)).await;
+    let converged = |n: &Node, want: &BTreeMap<String, i64>, what: &str| {
+        let what = format!("{what} on {} (log {})", n.name, n.log.display());
+        let (base, want) = (n.base.clone(), want.clone());
+        async move { until_api_state(&base, "t", &want, Duration::from_secs(90), &what).await }
+    };
+    converged(&owner, &want, "the first rows").await;
+    converged(&gw, &want, "the first rows").await;
+
+    // 30 records per partition, then a new topic of 10 per partition; the gateway runs on (it
+    // does not read the input topic, whose deletion under a consumer crashes Tansu's clients)
+    owner.stop();
+    delete_topic(&topic).await;
+    create_topic(&topic, 2).await;
+    produce_keyed(&p, &topic, &write(0..20, 100, &mut want)).await;
+    owner.start();
+    owner.wait_ready(Duration::from_secs(90)).await;
+    converged(&owner, &want, "the new topic's records").await;
+    converged(&gw, &want, "the new topic's records, followed").await;
+    assert_eq!(
+        gw.log_text()
+            .matches("says its input partition started over")
+            .count(),
+        2,
+        "both partitions' fences folded (log {})",
+        gw.log.display()
+    );
+    // the new offsets go on, older than the old rows' offsets still
+    produce_keyed(&p, &topic, &write(0..10, 101, &mut want)).await;
+    converged(&gw, &want, "later records of the new topic").await;
+
+    // the reset is stored with the rows: a kill -9 keeps them together
+    gw.kill9();
+    gw.start();
+    gw.wait_ready(Duration::from_secs(90)).await;
+    produce_keyed(&p, &topic, &write(10..20, 102, &mut want)).await;
+    converged(&gw, &want, "after its kill -9").await;
+
+    // a second node takes a partition over from the changelog (old offsets, the fence, new
+    // offsets) and goes on from the new offsets
+    let mut b = node("b", "all", b_dir.path());
+    b.wait_ready(Duration::from_secs(90)).await;
+    produce_keyed(&p, &topic, &write(0..20, 103, &mut want)).await;
+    for n in [&owner, &gw, &b] {
+        converged(n, &want, "after a take-over").await;
+    }
+    let log = b.log_text();
+    assert!(
+        log.contains("slice taken over")
+            && (log.contains("(an input-reset fence)")
+                || log.contains("says its input partition started over")),
+        "b took a partition over and read the fence, as its follower or its restore (log {})",
+        b.log.display()
+    );
+    for n in [&mut owner, &mut gw, &mut b] {
+        n.stop();
+    }
+}
+
 /// Issue 12 hole 8: shutdown ends within the grace period in every state: live WebSocket clients
 /// get the 1001 close, SSE streams end, and a broker that is gone does not hold anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

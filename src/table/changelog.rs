@@ -8,7 +8,9 @@
 //! changelog before this record), `livetable.owner` (who wrote it) and `livetable.ts_ms`. A fence
 //! record (header `livetable.fence`) opens an owner's tenure of a partition; one whose header value
 //! is `restarted` ends an owner's rewrite of a partition that started over (see
-//! [`crate::table::repair`]). Topic definitions live in `topics/`.
+//! [`crate::table::repair`]); one whose value is `input-reset` says that the owner's input
+//! partition started over (its topic was created again): the input offsets of the records after it
+//! are not comparable with those before it. Topic definitions live in `topics/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -109,8 +111,44 @@ pub const HEADER_TS: &str = "livetable.ts_ms";
 pub const HEADER_FENCE: &str = "livetable.fence";
 /// The value of the fence header of a fence that ends the rewrite of a partition that started over.
 pub const FENCE_RESTARTED: &str = "restarted";
+/// The value of the fence header of a fence that says the input partition's offsets started over.
+pub const FENCE_INPUT_RESET: &str = "input-reset";
 /// The key of fence records (never a row: readers recognise fences by their header).
 pub const FENCE_KEY: &str = "\u{0}livetable.fence";
+
+/// What a fence record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceKind {
+    /// It opens an owner's tenure of the partition.
+    Open,
+    /// It ends an owner's rewrite of a partition that started over: a reader that read the
+    /// partition before it started over reads it again from the beginning.
+    Restarted,
+    /// The owner's input partition started over (its topic was created again): the input offsets
+    /// of the records after it start again too, and a reader forgets the slice's input position,
+    /// acknowledged offset and deletes (as the owner did) instead of taking the new records for
+    /// older ones.
+    InputReset,
+}
+
+impl FenceKind {
+    fn header(self) -> &'static str {
+        match self {
+            FenceKind::Open => "1",
+            FenceKind::Restarted => FENCE_RESTARTED,
+            FenceKind::InputReset => FENCE_INPUT_RESET,
+        }
+    }
+
+    /// Any other value opens a tenure (what a livetable of before the value was written reads).
+    fn parse(value: &str) -> Self {
+        match value {
+            FENCE_RESTARTED => FenceKind::Restarted,
+            FENCE_INPUT_RESET => FenceKind::InputReset,
+            _ => FenceKind::Open,
+        }
+    }
+}
 
 /// What a changelog record says besides its row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,10 +177,8 @@ pub struct ChangelogRecord {
     /// `None`: a tombstone. Kept as the record's JSON (checked to be one object), parsed on use.
     pub row: Option<StoredRow>,
     pub meta: RecordMeta,
-    pub fence: bool,
-    /// A fence that ends the rewrite of a partition that started over: a reader that read the
-    /// partition before it started over reads it again from the beginning.
-    pub restarted: bool,
+    /// A fence record (no row), and what it says.
+    pub fence: Option<FenceKind>,
 }
 
 /// Why a changelog record could not be read.
@@ -189,8 +225,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
             key: String::new(),
             row: None,
             meta,
-            fence: true,
-            restarted: fence == FENCE_RESTARTED,
+            fence: Some(FenceKind::parse(fence)),
         });
     }
     let key = m
@@ -210,8 +245,7 @@ pub fn parse_record<M: Message>(prefix: &str, m: &M) -> Result<ChangelogRecord, 
         key,
         row,
         meta,
-        fence: false,
-        restarted: false,
+        fence: None,
     })
 }
 
@@ -531,11 +565,11 @@ impl Changelog {
         part: u32,
         owner: Owner,
         member: &str,
-        restarted: bool,
+        kind: FenceKind,
     ) -> Result<i64, String> {
         let generation = self.generation();
         let delivery = self
-            .send_fence(table, part, owner, member, restarted)
+            .send_fence(table, part, owner, member, kind)
             .map_err(|e| e.to_string())?;
         match futures::executor::block_on(delivery) {
             Ok(Ok(d)) => Ok(d.offset),
@@ -558,14 +592,14 @@ impl Changelog {
     }
 
     /// Produces a fence record: from here on, records of smaller owners are ignored by readers.
-    /// `restarted`: it ends the rewrite of a partition that started over.
+    /// `kind`: what else it says.
     pub fn send_fence(
         &self,
         table: &str,
         part: u32,
         owner: Owner,
         member: &str,
-        restarted: bool,
+        kind: FenceKind,
     ) -> Result<DeliveryFuture, KafkaError> {
         let topic = self.topic_for(table);
         let meta = RecordMeta {
@@ -580,7 +614,7 @@ impl Changelog {
             .key(FENCE_KEY)
             .payload(&value)
             .partition(i32::try_from(part).unwrap_or(0))
-            .headers(headers(table, &meta, Some(restarted)));
+            .headers(headers(table, &meta, Some(kind)));
         send_retrying_queue_full(&self.producer(), record)
     }
 
@@ -676,9 +710,9 @@ impl RowSender<'_> {
     }
 }
 
-/// The headers of a record; `fence`: of a fence (`Some(restarted)`). Numbers are formatted on
-/// the stack: librdkafka copies every header anyway.
-fn headers(table: &str, meta: &RecordMeta, fence: Option<bool>) -> OwnedHeaders {
+/// The headers of a record; `fence`: of a fence, and which. Numbers are formatted on the stack:
+/// librdkafka copies every header anyway.
+fn headers(table: &str, meta: &RecordMeta, fence: Option<FenceKind>) -> OwnedHeaders {
     let mut owner = OwnerText::default();
     let mut h = OwnedHeaders::new_with_capacity(6)
         .insert(Header {
@@ -689,10 +723,10 @@ fn headers(table: &str, meta: &RecordMeta, fence: Option<bool>) -> OwnedHeaders 
             key: HEADER_OWNER,
             value: Some(owner.format(meta.owner)),
         });
-    if let Some(restarted) = fence {
+    if let Some(kind) = fence {
         return h.insert(Header {
             key: HEADER_FENCE,
-            value: Some(if restarted { FENCE_RESTARTED } else { "1" }),
+            value: Some(kind.header()),
         });
     }
     let (mut off, mut count, mut acked) = (

@@ -12,9 +12,12 @@
 //!   past them since, so the input would never bring them back.
 //! - The slice's position and change count follow the record headers, so that a reader ends at the
 //!   same `seq` and position as the writer.
+//! - A fence that says the owner's input partition started over (`input-reset`) makes the reader
+//!   forget the slice's position, as the owner did: the next records' input offsets start from 0
+//!   again and must not be taken for older ones than the rows' (which keep their old offsets).
 
 use crate::cdc::decode::Op;
-use crate::table::changelog::ChangelogRecord;
+use crate::table::changelog::{ChangelogRecord, FenceKind};
 use crate::table::position::Owner;
 use crate::table::state::{Delta, RowWrite, Staged};
 
@@ -26,6 +29,9 @@ pub enum Folded {
     /// [`crate::table::repair`]): a reader that read the partition before it started over reads it
     /// again from its beginning.
     Restarted,
+    /// A fence of the slice's current owner that says its input partition started over: the
+    /// slice's position, acknowledged offset and deletes are forgotten ([`Delta::reset_input`]).
+    InputReset,
     /// A record of an owner older than the partition's latest fence: ignored.
     Fenced,
     /// A record of this node's own earlier tenure that its local state already reflects.
@@ -71,14 +77,21 @@ pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Own>) -> Folded
     {
         let s = delta.slice(part);
         s.cl_next = s.cl_next.max(rec.cl_offset + 1);
-        if rec.fence {
+        if let Some(kind) = rec.fence {
+            let current = rec.meta.owner >= s.owner;
             if rec.meta.owner > s.owner {
                 s.owner = rec.meta.owner;
             }
-            return if rec.restarted {
-                Folded::Restarted
-            } else {
-                Folded::Fence
+            return match kind {
+                FenceKind::Open => Folded::Fence,
+                FenceKind::Restarted => Folded::Restarted,
+                // a former owner's (it had not noticed its revoke): its input offsets are not
+                // the slice's
+                FenceKind::InputReset if !current => Folded::Fenced,
+                FenceKind::InputReset => {
+                    delta.reset_input(part);
+                    Folded::InputReset
+                }
             };
         }
         if rec.meta.owner < s.owner {
@@ -145,14 +158,13 @@ mod tests {
                 },
                 ts_ms: None,
             },
-            fence: false,
-            restarted: false,
+            fence: None,
         }
     }
 
     fn fence(owner: (u32, i32), cl: i64) -> ChangelogRecord {
         ChangelogRecord {
-            fence: true,
+            fence: Some(FenceKind::Open),
             ..rec("", None, -1, owner, cl)
         }
     }
@@ -205,7 +217,7 @@ mod tests {
             Folded::Stale
         );
         let end = ChangelogRecord {
-            restarted: true,
+            fence: Some(FenceKind::Restarted),
             ..fence((0, 1), 1)
         };
         assert_eq!(fold(&mut d, end, None), Folded::Restarted);
@@ -271,6 +283,70 @@ mod tests {
                 generation: 2
             }
         );
+    }
+
+    #[test]
+    fn an_input_reset_fence_makes_the_new_offsets_apply_over_the_old_rows() {
+        let tables = Tables::default();
+        let t = tables.ensure("t", "e", "in", 1);
+        let mut d = Delta::new(t.clone());
+        assert_eq!(fold(&mut d, fence((0, 1), 0), None), Folded::Fence);
+        for (i, key) in ["a", "b", "gone"].iter().enumerate() {
+            let off = 100 + i as i64;
+            assert_eq!(
+                fold(&mut d, rec(key, Some(1), off, (0, 1), off - 99), None),
+                Folded::Applied
+            );
+        }
+        assert_eq!(
+            fold(&mut d, rec("gone", None, 103, (0, 1), 4), None),
+            Folded::Applied
+        );
+        tables.commit(d, &NoSink);
+        assert_eq!(t.read().slices[0].tombs.get("gone"), Some(&103));
+        let mut d = Delta::new(t.clone());
+        // a former owner's late fence is not the slice's: nothing forgotten
+        let late = ChangelogRecord {
+            fence: Some(FenceKind::InputReset),
+            ..fence((0, 0), 5)
+        };
+        assert_eq!(fold(&mut d, late, None), Folded::Fenced);
+        assert_eq!(
+            fold(&mut d, rec("a", Some(2), 3, (0, 1), 6), None),
+            Folded::Stale,
+            "without the owner's fence, offset 3 is older than the row's 100"
+        );
+        let reset = ChangelogRecord {
+            fence: Some(FenceKind::InputReset),
+            ..fence((0, 1), 7)
+        };
+        assert_eq!(fold(&mut d, reset, None), Folded::InputReset);
+        assert_eq!(d.slice(0).last_off, -1);
+        for (key, off, cl) in [("a", 3, 8), ("gone", 4, 9)] {
+            assert_eq!(
+                fold(&mut d, rec(key, Some(2), off, (0, 1), cl), None),
+                Folded::Applied,
+                "{key}: a change of the new offsets"
+            );
+        }
+        // within the new offsets, order holds again
+        assert_eq!(
+            fold(&mut d, rec("a", Some(1), 2, (0, 1), 10), None),
+            Folded::Stale
+        );
+        tables.commit(d, &NoSink);
+        let s = t.read();
+        assert_eq!(s.rows["a"].row.get("v"), Some(&json!(2)));
+        assert_eq!(s.rows["gone"].row.get("v"), Some(&json!(2)));
+        assert_eq!(
+            s.rows["b"].off, 101,
+            "a row the new offsets never changed stays"
+        );
+        assert_eq!(s.slices[0].last_off, 4, "the position of the new offsets");
+        assert_eq!(s.slices[0].acked, 2, "the new offsets' acknowledgement");
+        assert!(s.slices[0].tombs.is_empty());
+        assert_eq!(s.slices[0].resets, 1);
+        assert_eq!(s.slices[0].cl_next, 11);
     }
 
     #[test]

@@ -309,6 +309,9 @@ impl Follower {
                         match fold_into(&f.table, delta, rec, None) {
                             Folded::Fenced => self.metrics.fenced_records.inc(),
                             Folded::Restarted => restarted.push((key, m.offset())),
+                            Folded::InputReset => {
+                                tracing::warn!(table = %f.table, partition = m.partition(), offset = m.offset(), "the slice's owner says its input partition started over (topic created again): forgetting the slice's input position")
+                            }
                             _ => {}
                         }
                     }

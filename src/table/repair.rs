@@ -19,7 +19,7 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::table::changelog::{Changelog, ChangelogError};
+use crate::table::changelog::{Changelog, ChangelogError, FenceKind};
 use crate::table::checkpoint::{resend_current, PendingRow};
 use crate::table::state::{SliceMode, TableState, Tables};
 use crate::table::store::{AckMeta, Store};
@@ -132,12 +132,12 @@ fn recreate_into(
         };
         // the fence is appended after every record this node had acknowledged, unless the
         // partition started over
-        let fence = |restarted| {
+        let fence = |kind| {
             changelog
-                .write_fence(table, part, owner, "repair", restarted)
+                .write_fence(table, part, owner, "repair", kind)
                 .map_err(|why| RepairError::Fence(table.into(), part, why))
         };
-        let probe = fence(false)?;
+        let probe = fence(FenceKind::Open)?;
         if probe >= cl_next {
             continue;
         }
@@ -151,7 +151,7 @@ fn recreate_into(
             "changelog partition started over (topic deleted and created again); producing every row of the slice again"
         );
         out.extend(produce_keys(tables, changelog, table, part, keys)?);
-        let end = fence(true)?;
+        let end = fence(FenceKind::Restarted)?;
         let mut meta = None;
         t.update_slices(|s| {
             let slice = s.slice_mut(part);

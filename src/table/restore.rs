@@ -26,7 +26,7 @@ use crate::cdc::source::Reader;
 
 use crate::cdc::source;
 use crate::metrics::Metrics;
-use crate::table::changelog::{self, Changelog, ChangelogError, RegistryEntry};
+use crate::table::changelog::{self, Changelog, ChangelogError, FenceKind, RegistryEntry};
 use crate::table::checkpoint::PendingRow;
 use crate::table::fold::{fold_into, Folded, Own};
 use crate::table::position::Owner;
@@ -299,7 +299,7 @@ impl Restorer {
             // a producer failed for good is replaced before the take-over is retried
             fence_off = self
                 .changelog
-                .write_fence(&entry.table, part, owner, &self.member, false)
+                .write_fence(&entry.table, part, owner, &self.member, FenceKind::Open)
                 .map_err(|why| RestoreError::Fence(entry.table.clone(), part, why))?;
             fence_wait += t.elapsed();
             let t = std::time::Instant::now();
@@ -417,9 +417,13 @@ impl Restorer {
             self.metrics.changelog_refilled.inc_by(replay.len() as u64);
             // after the rows: a reader that read the partition before it started over reads it
             // again from its beginning when it meets this fence
-            let end = self
-                .changelog
-                .write_fence(&entry.table, part, owner, &self.member, true);
+            let end = self.changelog.write_fence(
+                &entry.table,
+                part,
+                owner,
+                &self.member,
+                FenceKind::Restarted,
+            );
             if end.is_err() {
                 tracing::warn!(table = %entry.table, partition = part, "the fence that ends the rewrite was not acknowledged; readers find the restart by the partition's end");
             }
@@ -524,6 +528,9 @@ impl Restorer {
                         Ok(rec) => match fold_into(&name, &mut delta, rec, own) {
                             Folded::Fenced => self.metrics.fenced_records.inc(),
                             Folded::Restarted => restarted = true,
+                            Folded::InputReset => {
+                                tracing::info!(table = %name, partition = part, "restore: the input partition started over here (an input-reset fence): its position was forgotten")
+                            }
                             _ => {}
                         },
                         Err(e) => {

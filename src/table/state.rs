@@ -425,13 +425,24 @@ impl Tables {
                 // a delta's slice fields are its base (read when it was staged) plus its own
                 // changes: one staged before another writer's commit must not take the slice back
                 // (a follower folding this node's own changelog lost counts that way)
-                if s.last_off >= slice.last_off {
+                if s.input_reset {
+                    // the input's offsets started over (read from its owner's changelog): the
+                    // slice's position, acknowledged offset and deletes are those of the new
+                    // offsets, lower than before
                     slice.last_off = s.last_off;
                     slice.count = s.count;
+                    slice.acked = s.acked;
+                    slice.tombs = s.tombs;
+                    slice.resets = slice.resets.wrapping_add(1);
+                } else {
+                    if s.last_off >= slice.last_off {
+                        slice.last_off = s.last_off;
+                        slice.count = s.count;
+                    }
+                    slice.tombs.extend(s.tombs);
+                    slice.raise_acked(s.acked);
                 }
                 slice.owner = slice.owner.max(s.owner);
-                slice.tombs.extend(s.tombs);
-                slice.raise_acked(s.acked);
                 if s.cl_next > slice.cl_next {
                     slice.cl_next = s.cl_next;
                 }
@@ -466,6 +477,9 @@ pub struct SliceDelta {
     pub resets: u32,
     /// Deletes newer than `acked` in this delta.
     pub tombs: HashMap<String, i64>,
+    /// The input partition's offsets started over in this delta ([`Delta::reset_input`]): its
+    /// `last_off`, `acked` and `tombs` replace the slice's instead of raising them.
+    pub input_reset: bool,
 }
 
 /// Changes to one table, staged against its current state by one writer.
@@ -536,23 +550,52 @@ impl Delta {
                 cl_next: s.cl_next,
                 resets: s.resets,
                 tombs: HashMap::new(),
+                input_reset: false,
             }
         })
     }
 
+    /// The input partition of slice `part` started over (its topic was created again, the owner's
+    /// changelog says): what follows has input offsets from 0 again. The slice forgets its position,
+    /// acknowledged offset and deletes; rows keep their (old, higher) offsets, which
+    /// [`Delta::is_stale`] takes for older than any new change.
+    pub fn reset_input(&mut self, part: u32) {
+        let s = self.slice(part);
+        s.last_off = -1;
+        s.acked = -1;
+        s.tombs.clear();
+        s.input_reset = true;
+    }
+
     /// Whether a change of `key` from (`part`, `off`) is older than what the state reflects: the
-    /// row's last change (same partition) or its delete is at `off` or later.
-    pub fn is_stale(&mut self, key: &str, part: u32, off: i64) -> bool {
+    /// row's last change (same partition) or its delete is at `off` or later. A recorded offset
+    /// past the slice's position (every change moves the position to at least its own) is from
+    /// before the input's offsets started over ([`Delta::reset_input`], or the ingest's reset of
+    /// an owned slice): older than any change of the new offsets.
+    pub fn is_stale(&self, key: &str, part: u32, off: i64) -> bool {
+        // (read without staging the slice: a check must not add one to the delta)
+        let (last, reset) = match self.slices.get(&part) {
+            Some(s) => (s.last_off, s.input_reset),
+            None => (
+                self.table.read().slice(part).map_or(-1, |s| s.last_off),
+                false,
+            ),
+        };
+        let newer = |at: i64| at >= off && at <= last;
         if let Some(e) = self.current(key) {
-            return e.part == part && e.off >= off;
+            return e.part == part && newer(e.off);
         }
         if let Some(t) = self.slices.get(&part).and_then(|s| s.tombs.get(key)) {
-            return *t >= off;
+            return newer(*t);
+        }
+        if reset {
+            // the slice's deletes are of the old offsets
+            return false;
         }
         let t = self.table.read();
         t.slice(part)
             .and_then(|s| s.tombs.get(key))
-            .is_some_and(|t| *t >= off)
+            .is_some_and(|t| newer(*t))
     }
 
     /// Stages one row write. `count_change`: a change newer than the slice's last one is counted
@@ -706,6 +749,7 @@ mod tests {
         assert!(!d.is_stale("a", 1, 5), "another partition: not comparable");
         assert!(d.is_stale("gone", 0, 11), "deleted at 12");
         assert!(!d.is_stale("new", 0, 1));
+        assert!(d.slices.is_empty(), "a check stages no slice");
         // a gap filled after a restore: applied, not counted
         let before = t.read().seq();
         assert_eq!(

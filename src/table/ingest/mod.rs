@@ -27,9 +27,9 @@ use crate::cdc::decode::DecodeSettings;
 use crate::cdc::source::{self, SourceContext};
 use crate::config::TopicSelection;
 use crate::metrics::Metrics;
-use crate::table::changelog::Changelog;
+use crate::table::changelog::{Changelog, FenceKind};
 use crate::table::checkpoint::Checkpoint;
-use crate::table::position::RecordId;
+use crate::table::position::{Owner, RecordId};
 use crate::table::readiness::Readiness;
 use crate::table::registry::Registry;
 use crate::table::restore::RestoreError;
@@ -554,8 +554,10 @@ impl Ingest {
         let part = u32::try_from(tp.1).unwrap_or(0);
         for e in self.registry.tables_of(&tp.0) {
             if let Some(t) = self.tables.get(&e.table) {
+                let mut owner = None;
                 t.update_slices(|s| {
                     let slice = s.slice_mut(part);
+                    owner = Some(slice.owner);
                     slice.last_off = -1;
                     slice.acked = -1;
                     slice.tombs.clear();
@@ -571,6 +573,9 @@ impl Ingest {
                         tracing::error!(error = %err, "recording the reset slice failed");
                     }
                 });
+                if let Some(owner) = owner {
+                    self.announce_reset(&e.table, part, owner);
+                }
             }
         }
         // stored after the acknowledgements (a crash between keeps the old position, checked
@@ -587,6 +592,27 @@ impl Ingest {
         inner.marks_forgotten.push(tp.clone());
         inner.last.remove(tp);
         inner.verify.remove(tp);
+    }
+
+    /// Tells the readers of a slice's changelog that its input offsets started over (an
+    /// `input-reset` fence, before any record of the new offsets: the rows sent so far were queued
+    /// before it on the same producer), so that they forget its position as this node did instead
+    /// of taking the new records for older ones. Blocking (as the seek beside it), tried 3 times.
+    fn announce_reset(&self, table: &str, part: u32, owner: Owner) {
+        let mut failed = String::new();
+        for _ in 0..3 {
+            match self.changelog.write_fence(
+                table,
+                part,
+                owner,
+                "input-reset",
+                FenceKind::InputReset,
+            ) {
+                Ok(_) => return,
+                Err(why) => failed = why,
+            }
+        }
+        tracing::error!(table, partition = part, error = %failed, "the changelog did not take the fence that says the input's offsets started over: other nodes' copies of the slice may keep rows the new offsets change, until this slice is taken over or read again; see README, Operations, 'Input offsets out of range'");
     }
 
     /// Whether any topic matches the subscription (`None`: the broker did not answer).
