@@ -115,6 +115,9 @@ pub const FENCE_RESTARTED: &str = "restarted";
 pub const FENCE_INPUT_RESET: &str = "input-reset";
 /// The key of fence records (never a row: readers recognise fences by their header).
 pub const FENCE_KEY: &str = "\u{0}livetable.fence";
+/// The key of `input-reset` fences: a key of their own, so that compaction keeps the latest one
+/// (after every record of the offsets before it) when later fences replace the others.
+pub const INPUT_RESET_KEY: &str = "\u{0}livetable.input-reset";
 
 /// What a fence record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,7 +614,11 @@ impl Changelog {
         };
         let value = serde_json::json!({"owner": owner.to_header(), "member": member}).to_string();
         let record = FutureRecord::to(&topic)
-            .key(FENCE_KEY)
+            .key(if kind == FenceKind::InputReset {
+                INPUT_RESET_KEY
+            } else {
+                FENCE_KEY
+            })
             .payload(&value)
             .partition(i32::try_from(part).unwrap_or(0))
             .headers(headers(table, &meta, Some(kind)));

@@ -88,6 +88,11 @@ pub fn fold(delta: &mut Delta, rec: ChangelogRecord, own: Option<Own>) -> Folded
                 // a former owner's (it had not noticed its revoke): its input offsets are not
                 // the slice's
                 FenceKind::InputReset if !current => Folded::Fenced,
+                // this node's own: its store took the reset before the fence was written, and
+                // holds changes of the new offsets after it
+                FenceKind::InputReset if own.is_some_and(|o| o.owner == rec.meta.owner) => {
+                    Folded::Own
+                }
                 FenceKind::InputReset => {
                     delta.reset_input(part);
                     Folded::InputReset
@@ -339,14 +344,41 @@ mod tests {
         assert_eq!(s.rows["a"].row.get("v"), Some(&json!(2)));
         assert_eq!(s.rows["gone"].row.get("v"), Some(&json!(2)));
         assert_eq!(
-            s.rows["b"].off, 101,
-            "a row the new offsets never changed stays"
+            s.rows["b"].off, -1,
+            "a row the new offsets never changed stays, older than any of them"
         );
         assert_eq!(s.slices[0].last_off, 4, "the position of the new offsets");
         assert_eq!(s.slices[0].acked, 2, "the new offsets' acknowledgement");
         assert!(s.slices[0].tombs.is_empty());
         assert_eq!(s.slices[0].resets, 1);
         assert_eq!(s.slices[0].cl_next, 11);
+        drop(s);
+        // a re-sent row (offset -1) changes no position; a new change of `b` applies although
+        // its offset is below the row's old one
+        let mut d = Delta::new(t.clone());
+        assert_eq!(
+            fold(&mut d, rec("b", Some(1), -1, (0, 1), 11), None),
+            Folded::Unchanged
+        );
+        assert_eq!(d.slice(0).last_off, 4);
+        assert_eq!(
+            fold(&mut d, rec("b", Some(7), 5, (0, 1), 12), None),
+            Folded::Applied
+        );
+        // this node's own fence, read again by a take-over: its store took the reset already
+        let mine = Own {
+            owner: Owner {
+                epoch: 0,
+                generation: 1,
+            },
+            through: 5,
+        };
+        let again = ChangelogRecord {
+            fence: Some(FenceKind::InputReset),
+            ..fence((0, 1), 7)
+        };
+        assert_eq!(fold(&mut d, again, Some(mine)), Folded::Own);
+        assert_eq!(d.slice(0).last_off, 5, "not forgotten again");
     }
 
     #[test]

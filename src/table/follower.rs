@@ -260,10 +260,12 @@ impl Follower {
                     // only where the follower writes the slice (a restore or the ingest reads it
                     // from the slice's position itself)
                     let follows = self.scope != Scope::NotOwned
-                        || self
-                            .tables
-                            .get(&f.table)
-                            .is_some_and(|t| writer(&t, m.partition()) == Writer::Follower);
+                        || self.tables.get(&f.table).is_some_and(|t| {
+                            *writers
+                                .entry(key.clone())
+                                .or_insert_with(|| writer(&t, m.partition()))
+                                == Writer::Follower
+                        });
                     if follows && want.read_again(m, &prefix) == ReadAgain::Replaced {
                         // the rest of the partition's batch waits for the read from the start
                         f.next = i64::MAX;
@@ -281,14 +283,9 @@ impl Follower {
                 };
                 if self.scope == Scope::NotOwned {
                     // once per partition and round: the round commits after all its records
-                    let w = match writers.get(&key) {
-                        Some(w) => *w,
-                        None => {
-                            let w = writer(&table, m.partition());
-                            writers.insert(key.clone(), w);
-                            w
-                        }
-                    };
+                    let w = *writers
+                        .entry(key.clone())
+                        .or_insert_with(|| writer(&table, m.partition()));
                     match w {
                         Writer::Follower => {}
                         // its Release is on the way; the restore reads from the slice's position
@@ -446,10 +443,11 @@ impl Follower {
             // tenure; else the record stored as the one at `next - 1`, where it is
             let check = (next > 0)
                 .then(|| {
-                    let read = self.store.changelog_read(&topic, p);
-                    owned
-                        .map(|o| ReadLast::Owner(next - 1, o))
-                        .or(read.filter(|r| r.offset() == next - 1))
+                    owned.map(|o| ReadLast::Owner(next - 1, o)).or_else(|| {
+                        self.store
+                            .changelog_read(&topic, p)
+                            .filter(|r| r.offset() == next - 1)
+                    })
                 })
                 .flatten();
             followed.insert(

@@ -83,6 +83,19 @@ impl Rows {
         Some(e)
     }
 
+    /// Sets the input offset of every row of partition `part` to `off` (offsets are not indexed);
+    /// returns their keys.
+    pub fn set_offsets(&mut self, part: u32, off: i64) -> Vec<String> {
+        self.map
+            .iter_mut()
+            .filter(|(_, e)| e.part == part)
+            .map(|(k, e)| {
+                e.off = off;
+                k.clone()
+            })
+            .collect()
+    }
+
     /// Keeps the rows `f` accepts, keeping the indexes.
     pub fn retain(&mut self, mut f: impl FnMut(&String, &Entry) -> bool) {
         let gone: Vec<String> = self

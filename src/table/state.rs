@@ -557,21 +557,45 @@ impl Delta {
 
     /// The input partition of slice `part` started over (its topic was created again, the owner's
     /// changelog says): what follows has input offsets from 0 again. The slice forgets its position,
-    /// acknowledged offset and deletes; rows keep their (old, higher) offsets, which
-    /// [`Delta::is_stale`] takes for older than any new change.
+    /// acknowledged offset and deletes, and its rows take offset -1, older than any new change, as
+    /// the owner's did ([`Rows::set_offsets`]): staged here, so the store gets them with the delta
+    /// (no change is published: no value changed).
+    ///
+    /// [`Rows::set_offsets`]: crate::table::rows::Rows::set_offsets
     pub fn reset_input(&mut self, part: u32) {
         let s = self.slice(part);
         s.last_off = -1;
         s.acked = -1;
         s.tombs.clear();
         s.input_reset = true;
+        for e in self.rows.values_mut().flatten() {
+            if e.part == part {
+                e.off = -1;
+            }
+        }
+        let committed: Vec<(String, Entry)> = {
+            let t = self.table.read();
+            t.rows
+                .iter()
+                .filter(|(k, e)| e.part == part && !self.rows.contains_key(*k))
+                .map(|(k, e)| {
+                    let mut e = e.clone();
+                    e.off = -1;
+                    (k.clone(), e)
+                })
+                .collect()
+        };
+        for (k, e) in committed {
+            self.rows.insert(k, Some(e));
+        }
     }
 
     /// Whether a change of `key` from (`part`, `off`) is older than what the state reflects: the
     /// row's last change (same partition) or its delete is at `off` or later. A recorded offset
     /// past the slice's position (every change moves the position to at least its own) is from
-    /// before the input's offsets started over ([`Delta::reset_input`], or the ingest's reset of
-    /// an owned slice): older than any change of the new offsets.
+    /// before the input's offsets started over (a delete stored before the reset, read back at a
+    /// start; rows take offset -1 at a reset, [`Delta::reset_input`]): older than any change of
+    /// the new offsets.
     pub fn is_stale(&self, key: &str, part: u32, off: i64) -> bool {
         // (read without staging the slice: a check must not add one to the delta)
         let (last, reset) = match self.slices.get(&part) {

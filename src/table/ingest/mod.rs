@@ -99,6 +99,10 @@ pub const RECOVERY_LIMIT: Duration = Duration::from_secs(60);
 /// How long a partition resumed one record early waits for that record before it is not checked.
 const VERIFY_WAIT: Duration = Duration::from_secs(30);
 
+/// Tries of the `input-reset` fence ([`Ingest::announce_reset`]) before the ingest goes on
+/// without it.
+const RESET_FENCE_TRIES: u32 = 10;
+
 impl Ingest {
     /// Runs until cancelled. Returns an error only when the store, the durability task or a
     /// restore fails for good.
@@ -555,7 +559,21 @@ impl Ingest {
         for e in self.registry.tables_of(&tp.0) {
             if let Some(t) = self.tables.get(&e.table) {
                 let mut owner = None;
+                // no re-send of a row between the renumbering and the fence (it would carry an
+                // old offset past the fence, where readers take it for a new one)
+                let _order = self.changelog.ordered();
                 t.update_slices(|s| {
+                    // the rows take offset -1: older than any change of the new offsets, here and
+                    // (by the fence below) on every other copy; a row still to be re-sent to the
+                    // changelog goes with -1 too, not with an old offset readers would take for
+                    // one of the new offsets
+                    let keys = s.rows.set_offsets(part, -1);
+                    let mut b = WriteBatch::default();
+                    for key in keys {
+                        if let Some(r) = s.rows.get(&key) {
+                            b.put_row(&e.table, &key, part, -1, &r.row.encode());
+                        }
+                    }
                     let slice = s.slice_mut(part);
                     owner = Some(slice.owner);
                     slice.last_off = -1;
@@ -566,7 +584,6 @@ impl Ingest {
                     // the first batch of the new offsets, whose flush makes it durable too:
                     // after a kill -9 the old acknowledged and applied offsets must not make the
                     // new records look applied (the position below is stored too)
-                    let mut b = WriteBatch::default();
                     b.put_slice(&e.table, part, &SliceMeta::of(slice));
                     b.put_acks(&e.table, part, &AckMeta::of(slice));
                     if let Err(err) = self.store.apply(b) {
@@ -597,10 +614,15 @@ impl Ingest {
     /// Tells the readers of a slice's changelog that its input offsets started over (an
     /// `input-reset` fence, before any record of the new offsets: the rows sent so far were queued
     /// before it on the same producer), so that they forget its position as this node did instead
-    /// of taking the new records for older ones. Blocking (as the seek beside it), tried 3 times.
+    /// of taking the new records for older ones. Blocking (as the seek beside it): tried up to
+    /// [`RESET_FENCE_TRIES`] times (each within the producer's `message.timeout.ms`), as the
+    /// records of the new offsets must not reach the changelog without it.
     fn announce_reset(&self, table: &str, part: u32, owner: Owner) {
         let mut failed = String::new();
-        for _ in 0..3 {
+        for attempt in 0..RESET_FENCE_TRIES {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
             match self.changelog.write_fence(
                 table,
                 part,
@@ -612,7 +634,7 @@ impl Ingest {
                 Err(why) => failed = why,
             }
         }
-        tracing::error!(table, partition = part, error = %failed, "the changelog did not take the fence that says the input's offsets started over: other nodes' copies of the slice may keep rows the new offsets change, until this slice is taken over or read again; see README, Operations, 'Input offsets out of range'");
+        tracing::error!(table, partition = part, error = %failed, "the changelog did not take the fence that says the input's offsets started over: other nodes' copies of the slice may take the new offsets' records for old ones and keep old values (reset the table); see README, Operations, 'Input offsets out of range'");
     }
 
     /// Whether any topic matches the subscription (`None`: the broker did not answer).

@@ -490,6 +490,7 @@ impl Partitions {
                 .then_some(ReadLast::Owner(s.cl_next - 1, s.owner))
         };
         let cl_topic = self.restorer.changelog.topic_for(table);
+        let cl_part = i32::try_from(part).unwrap_or(0);
         let mut meta = None;
         match &self.follow {
             Some(_) => t.update_slices(|s| {
@@ -523,7 +524,7 @@ impl Partitions {
                         b.put_slice(table, part, &m);
                         b.put_acks(table, part, &a);
                         if let Some(last) = last {
-                            b.set_changelog_read(&cl_topic, i32::try_from(part).unwrap_or(0), last);
+                            b.set_changelog_read(&cl_topic, cl_part, last);
                         }
                     }
                     None => {
@@ -545,7 +546,7 @@ impl Partitions {
             let mut b = WriteBatch::default();
             b.put_slice(table, part, &m);
             if let Some(last) = last {
-                b.set_changelog_read(&cl_topic, i32::try_from(part).unwrap_or(0), last);
+                b.set_changelog_read(&cl_topic, cl_part, last);
             }
             if let Err(e) = self.store.apply(b) {
                 tracing::error!(table, part, error = %e, "recording a released slice failed");
