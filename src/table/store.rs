@@ -208,6 +208,11 @@ impl WriteBatch {
         self.batch.remove(two(b'r', table, key));
         self.len += 1;
     }
+    /// Forgets the pending delete of `key` (see [`WriteBatch::mark_deleted`]).
+    pub fn unmark_deleted(&mut self, table: &str, key: &str) {
+        self.batch.remove(two(b'o', table, key));
+        self.len += 1;
+    }
     pub fn put_table(&mut self, table: &str, meta: &TableMeta) {
         self.batch.insert(
             one(b't', table),

@@ -33,7 +33,7 @@ use crate::table::position::{Owner, RecordId};
 use crate::table::readiness::Readiness;
 use crate::table::registry::Registry;
 use crate::table::restore::RestoreError;
-use crate::table::state::{SliceMode, Tables, UpdateSink};
+use crate::table::state::{SliceMode, Table, Tables, UpdateSink};
 use crate::table::store::{AckMeta, SliceMeta, SourceMarks, Store, StoreError, WriteBatch};
 use partitions::{Done, PartState, Partitions, StartCheck};
 use stage::BatchStage;
@@ -101,7 +101,7 @@ const VERIFY_WAIT: Duration = Duration::from_secs(30);
 
 /// Tries of the `input-reset` fence ([`Ingest::announce_reset`]) before the ingest goes on
 /// without it.
-const RESET_FENCE_TRIES: u32 = 10;
+const RESET_FENCE_TRIES: u32 = 3;
 
 impl Ingest {
     /// Runs until cancelled. Returns an error only when the store, the durability task or a
@@ -578,6 +578,11 @@ impl Ingest {
                     owner = Some(slice.owner);
                     slice.last_off = -1;
                     slice.acked = -1;
+                    // and the stored deletes: read back at a start, their old offsets would make
+                    // new changes of their keys look stale (and re-send them with those offsets)
+                    for key in slice.tombs.keys() {
+                        b.unmark_deleted(&e.table, key);
+                    }
                     slice.tombs.clear();
                     slice.resets = slice.resets.wrapping_add(1);
                     // stored now, under the table's lock (as acknowledgements are), before
@@ -591,7 +596,7 @@ impl Ingest {
                     }
                 });
                 if let Some(owner) = owner {
-                    self.announce_reset(&e.table, part, owner);
+                    self.announce_reset(&t, part, owner);
                 }
             }
         }
@@ -615,9 +620,15 @@ impl Ingest {
     /// `input-reset` fence, before any record of the new offsets: the rows sent so far were queued
     /// before it on the same producer), so that they forget its position as this node did instead
     /// of taking the new records for older ones. Blocking (as the seek beside it): tried up to
-    /// [`RESET_FENCE_TRIES`] times (each within the producer's `message.timeout.ms`), as the
-    /// records of the new offsets must not reach the changelog without it.
-    fn announce_reset(&self, table: &str, part: u32, owner: Owner) {
+    /// [`RESET_FENCE_TRIES`] times (each within the producer's `message.timeout.ms`, together
+    /// below the consumer's `max.poll.interval.ms`), as the records of the new offsets must not
+    /// reach the changelog without it. The slice's changelog position moves past it once it is
+    /// there (every record sent before it is settled by then): a take-over after a kill -9, or
+    /// this node's follower after a revoke, must not read the records before it again, nor fold
+    /// the fence again over changes made since.
+    fn announce_reset(&self, t: &Table, part: u32, owner: Owner) {
+        let table = t.read().name.clone();
+        let table = table.as_ref();
         let mut failed = String::new();
         for attempt in 0..RESET_FENCE_TRIES {
             if attempt > 0 {
@@ -630,7 +641,20 @@ impl Ingest {
                 "input-reset",
                 FenceKind::InputReset,
             ) {
-                Ok(_) => return,
+                Ok(at) => {
+                    t.update_slices(|s| {
+                        let slice = s.slice_mut(part);
+                        if slice.cl_next <= at {
+                            slice.cl_next = at + 1;
+                            let mut b = WriteBatch::default();
+                            b.put_acks(table, part, &AckMeta::of(slice));
+                            if let Err(err) = self.store.apply(b) {
+                                tracing::error!(error = %err, "recording the changelog position past the input-reset fence failed");
+                            }
+                        }
+                    });
+                    return;
+                }
                 Err(why) => failed = why,
             }
         }
