@@ -13,8 +13,8 @@
 //! - The slice's position and change count follow the record headers, so that a reader ends at the
 //!   same `seq` and position as the writer.
 //! - A fence that says the owner's input partition started over (`input-reset`) makes the reader
-//!   forget the slice's position, as the owner did: the next records' input offsets start from 0
-//!   again and must not be taken for older ones than the rows' (which keep their old offsets).
+//!   forget the slice's position and give its rows offset -1, as the owner did: the next records'
+//!   input offsets start from 0 again and must not be taken for older ones than the rows'.
 
 use crate::cdc::decode::Op;
 use crate::table::changelog::{ChangelogRecord, FenceKind};
@@ -168,8 +168,12 @@ mod tests {
     }
 
     fn fence(owner: (u32, i32), cl: i64) -> ChangelogRecord {
+        fence_of(FenceKind::Open, owner, cl)
+    }
+
+    fn fence_of(kind: FenceKind, owner: (u32, i32), cl: i64) -> ChangelogRecord {
         ChangelogRecord {
-            fence: Some(FenceKind::Open),
+            fence: Some(kind),
             ..rec("", None, -1, owner, cl)
         }
     }
@@ -221,10 +225,7 @@ mod tests {
             fold(&mut d, rec("a", Some(5), 50, (0, 1), 0), None),
             Folded::Stale
         );
-        let end = ChangelogRecord {
-            fence: Some(FenceKind::Restarted),
-            ..fence((0, 1), 1)
-        };
+        let end = fence_of(FenceKind::Restarted, (0, 1), 1);
         assert_eq!(fold(&mut d, end, None), Folded::Restarted);
         // still the same owner's tenure: its next records apply
         assert_eq!(
@@ -311,20 +312,14 @@ mod tests {
         assert_eq!(t.read().slices[0].tombs.get("gone"), Some(&103));
         let mut d = Delta::new(t.clone());
         // a former owner's late fence is not the slice's: nothing forgotten
-        let late = ChangelogRecord {
-            fence: Some(FenceKind::InputReset),
-            ..fence((0, 0), 5)
-        };
+        let late = fence_of(FenceKind::InputReset, (0, 0), 5);
         assert_eq!(fold(&mut d, late, None), Folded::Fenced);
         assert_eq!(
             fold(&mut d, rec("a", Some(2), 3, (0, 1), 6), None),
             Folded::Stale,
             "without the owner's fence, offset 3 is older than the row's 100"
         );
-        let reset = ChangelogRecord {
-            fence: Some(FenceKind::InputReset),
-            ..fence((0, 1), 7)
-        };
+        let reset = fence_of(FenceKind::InputReset, (0, 1), 7);
         assert_eq!(fold(&mut d, reset, None), Folded::InputReset);
         assert_eq!(d.slice(0).last_off, -1);
         for (key, off, cl) in [("a", 3, 8), ("gone", 4, 9)] {
@@ -373,10 +368,7 @@ mod tests {
             },
             through: 5,
         };
-        let again = ChangelogRecord {
-            fence: Some(FenceKind::InputReset),
-            ..fence((0, 1), 7)
-        };
+        let again = fence_of(FenceKind::InputReset, (0, 1), 7);
         assert_eq!(fold(&mut d, again, Some(mine)), Folded::Own);
         assert_eq!(d.slice(0).last_off, 5, "not forgotten again");
     }

@@ -39,6 +39,8 @@ use crate::table::store::{AckMeta, SliceMeta, Store, StoreError, WriteBatch};
 
 mod writer;
 
+pub use writer::put_entry;
+
 /// Errors of a restore.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {

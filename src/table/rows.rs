@@ -83,17 +83,11 @@ impl Rows {
         Some(e)
     }
 
-    /// Sets the input offset of every row of partition `part` to `off` (offsets are not indexed);
-    /// returns their keys.
-    pub fn set_offsets(&mut self, part: u32, off: i64) -> Vec<String> {
-        self.map
-            .iter_mut()
-            .filter(|(_, e)| e.part == part)
-            .map(|(k, e)| {
-                e.off = off;
-                k.clone()
-            })
-            .collect()
+    /// Sets the input offset of every row of partition `part` to `off` (offsets are not indexed).
+    pub fn set_offsets(&mut self, part: u32, off: i64) {
+        for e in self.map.values_mut().filter(|e| e.part == part) {
+            e.off = off;
+        }
     }
 
     /// Keeps the rows `f` accepts, keeping the indexes.

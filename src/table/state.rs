@@ -591,35 +591,25 @@ impl Delta {
     }
 
     /// Whether a change of `key` from (`part`, `off`) is older than what the state reflects: the
-    /// row's last change (same partition) or its delete is at `off` or later. A recorded offset
-    /// past the slice's position (every change moves the position to at least its own) is from
-    /// before the input's offsets started over (a delete stored before the reset, read back at a
-    /// start; rows take offset -1 at a reset, [`Delta::reset_input`]): older than any change of
-    /// the new offsets.
+    /// row's last change (same partition) or its delete is at `off` or later. After the input's
+    /// offsets started over, rows are at offset -1 ([`Delta::reset_input`]), and the committed
+    /// slice's deletes (of the old offsets) no longer count. Reads the delta's slice without
+    /// staging one.
     pub fn is_stale(&self, key: &str, part: u32, off: i64) -> bool {
-        // (read without staging the slice: a check must not add one to the delta)
-        let (last, reset) = match self.slices.get(&part) {
-            Some(s) => (s.last_off, s.input_reset),
-            None => (
-                self.table.read().slice(part).map_or(-1, |s| s.last_off),
-                false,
-            ),
-        };
-        let newer = |at: i64| at >= off && at <= last;
         if let Some(e) = self.current(key) {
-            return e.part == part && newer(e.off);
+            return e.part == part && e.off >= off;
         }
-        if let Some(t) = self.slices.get(&part).and_then(|s| s.tombs.get(key)) {
-            return newer(*t);
+        let staged = self.slices.get(&part);
+        if let Some(t) = staged.and_then(|s| s.tombs.get(key)) {
+            return *t >= off;
         }
-        if reset {
-            // the slice's deletes are of the old offsets
+        if staged.is_some_and(|s| s.input_reset) {
             return false;
         }
         let t = self.table.read();
         t.slice(part)
             .and_then(|s| s.tombs.get(key))
-            .is_some_and(|t| newer(*t))
+            .is_some_and(|t| *t >= off)
     }
 
     /// Stages one row write. `count_change`: a change newer than the slice's last one is counted

@@ -567,12 +567,10 @@ impl Ingest {
                     // (by the fence below) on every other copy; a row still to be re-sent to the
                     // changelog goes with -1 too, not with an old offset readers would take for
                     // one of the new offsets
-                    let keys = s.rows.set_offsets(part, -1);
+                    s.rows.set_offsets(part, -1);
                     let mut b = WriteBatch::default();
-                    for key in keys {
-                        if let Some(r) = s.rows.get(&key) {
-                            b.put_row(&e.table, &key, part, -1, &r.row.encode());
-                        }
+                    for (key, row) in s.rows.iter().filter(|(_, r)| r.part == part) {
+                        crate::table::restore::put_entry(&mut b, &e.table, key, Some(row));
                     }
                     let slice = s.slice_mut(part);
                     owner = Some(slice.owner);
@@ -596,7 +594,7 @@ impl Ingest {
                     }
                 });
                 if let Some(owner) = owner {
-                    self.announce_reset(&t, part, owner);
+                    self.announce_reset(&t, &e.table, part, owner);
                 }
             }
         }
@@ -626,9 +624,7 @@ impl Ingest {
     /// there (every record sent before it is settled by then): a take-over after a kill -9, or
     /// this node's follower after a revoke, must not read the records before it again, nor fold
     /// the fence again over changes made since.
-    fn announce_reset(&self, t: &Table, part: u32, owner: Owner) {
-        let table = t.read().name.clone();
-        let table = table.as_ref();
+    fn announce_reset(&self, t: &Table, table: &str, part: u32, owner: Owner) {
         let mut failed = String::new();
         for attempt in 0..RESET_FENCE_TRIES {
             if attempt > 0 {
@@ -646,9 +642,8 @@ impl Ingest {
                         let slice = s.slice_mut(part);
                         if slice.cl_next <= at {
                             slice.cl_next = at + 1;
-                            let mut b = WriteBatch::default();
-                            b.put_acks(table, part, &AckMeta::of(slice));
-                            if let Err(err) = self.store.apply(b) {
+                            if let Err(err) = self.store.put_acks(table, part, &AckMeta::of(slice))
+                            {
                                 tracing::error!(error = %err, "recording the changelog position past the input-reset fence failed");
                             }
                         }
