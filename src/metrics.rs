@@ -302,7 +302,7 @@ impl Metrics {
             dead_letters_dropped,
             last_commit_unixtime,
             checkpoint_pending_seconds,
-            offset_resets: counter_vec(&r, "livetable_offset_resets_total", "Input partitions whose position no longer existed on the broker (retention passed, topic recreated): consumption went on from the earliest offset; changes in between were lost.", &["topic", "partition"]),
+            offset_resets: counter_vec(&r, "livetable_offset_resets_total", "Input partitions whose position no longer existed on the broker (retention passed, topic recreated): consumption went on from the earliest offset; changes in between were lost. Also events topics' partitions whose offsets started over.", &["topic", "partition"]),
             follower_lag: gauge_vec(&r, "livetable_follower_lag", "Largest changelog lag (records) of the partitions the follower reads, by table.", &["table"]),
             publish: PublishMetrics::register(&r),
             security: SecurityMetrics::register(&r),

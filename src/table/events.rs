@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cdc::source::{self, Reader};
 use crate::metrics::Metrics;
 use crate::table::derived::{Event, Views};
+use crate::table::ingest::partitions::FRESH_WATERMARKS;
 use crate::table::readiness::Readiness;
 use crate::table::viewlog::{self, read::read_log};
 use crate::views::input::{decode_event, InputError};
@@ -58,11 +59,30 @@ pub struct EventsReader {
     pub restore_stall: Duration,
 }
 
-/// Per assigned partition: the next offset to read, and the end to reach before the first
-/// readiness (the high watermark first seen; `None` until a fetch answered).
+/// How long a position past the partition's end must stay past it before the partition is
+/// taken to have started over (a new leader's high watermark can lag for a moment).
+const CONFIRM_PAST_END: Duration = Duration::from_secs(1);
+
+/// Per assigned partition: the next offset to read, the end to reach before the first
+/// readiness (the high watermark first seen; `None` until a fetch answered), and where it was
+/// assigned until the broker's watermarks say that position exists.
 struct Part {
     next: i64,
     target: Option<i64>,
+    check: Option<StartCheck>,
+}
+
+/// A partition assigned at `start`: some brokers answer a fetch past a partition's end with
+/// nothing rather than an out-of-range error, so a position past the end of a topic created
+/// again is found by comparing it with the watermarks of a fetch made after the assignment.
+#[derive(Debug, Clone, Copy)]
+struct StartCheck {
+    start: i64,
+    /// The client's cached watermarks at the assignment, and when.
+    cached: Option<(i64, i64)>,
+    since: Instant,
+    /// When fresh watermarks first put `start` past the end.
+    past_end: Option<Instant>,
 }
 
 impl EventsReader {
@@ -85,7 +105,7 @@ impl EventsReader {
                 let (added, answered) = self.discover(&mut parts);
                 known |= answered;
                 if added {
-                    self.assign(&parts);
+                    self.assign(&mut parts);
                 }
             }
             let mut batch: Vec<BorrowedMessage<'_>> = Vec::new();
@@ -109,6 +129,7 @@ impl EventsReader {
                 // (past transaction markers, which are not records)
                 self.raise_to_position(&mut parts, &by_topic);
             }
+            self.check_starts(&mut parts, &by_topic);
             if !caught_up && known {
                 caught_up = self.check_caught_up(&mut parts);
             }
@@ -199,6 +220,7 @@ impl EventsReader {
                         e.insert(Part {
                             next: self.views.events_start(&t.name, p.id()),
                             target: None,
+                            check: None,
                         });
                         added = true;
                     }
@@ -208,24 +230,35 @@ impl EventsReader {
         (added, answered)
     }
 
-    fn assign(&self, parts: &HashMap<(String, i32), Part>) {
+    fn assign(&self, parts: &mut HashMap<(String, i32), Part>) {
         let mut tpl = TopicPartitionList::new();
-        for ((topic, p), part) in parts {
+        for ((topic, p), part) in parts.iter_mut() {
             let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(part.next));
+            part.check = (part.next > 0).then(|| StartCheck {
+                start: part.next,
+                cached: source::cached_watermarks(&self.reader, topic, *p),
+                since: Instant::now(),
+                past_end: None,
+            });
         }
         if let Err(e) = self.reader.assign(&tpl) {
             tracing::warn!(error = %e, "events reader: assign failed");
         }
     }
 
+    /// Feeds `batch` to the views. A record below its partition's next offset means the
+    /// partition's offsets started over (the topic was deleted and created again, and the
+    /// reader's position lay past the new end): what was collected is fed first, then the views
+    /// take the partition's events anew from there ([`Self::reset`]).
     fn apply(
         &self,
         batch: &[BorrowedMessage<'_>],
         by_topic: &HashMap<&str, &EventsTopic>,
         parts: &mut HashMap<(String, i32), Part>,
     ) {
-        // per input name, its events in order
+        // per input name, its events in order; per (input name, partition), the next offset
         let mut events: HashMap<&str, Vec<Event>> = HashMap::new();
+        let mut touched: HashMap<(String, i32), i64> = HashMap::new();
         for m in batch {
             let Some(t) = by_topic.get(m.topic()) else {
                 continue;
@@ -235,9 +268,24 @@ impl EventsReader {
                 continue;
             };
             if m.offset() < part.next {
-                continue;
+                // the client went back to the earliest offset after the broker refused the
+                // position as out of range: the partition started over if its end (from the
+                // fetch that brought this record) lies below the position
+                let past_end = source::cached_watermarks(&self.reader, m.topic(), m.partition())
+                    .is_some_and(|(_, hi)| hi < part.next);
+                if !past_end {
+                    // delivered again below the position: the views hold it
+                    if source::throttled("events-behind", Duration::from_secs(10)) {
+                        tracing::warn!(topic = %m.topic(), partition = m.partition(), offset = m.offset(), position = part.next, "events topic: a record below the reader's position came again and is skipped (repeated at most every 10 s)");
+                    }
+                    continue;
+                }
+                self.feed(&mut events, &mut touched);
+                self.reset(t, m.partition(), part, m.offset());
             }
+            part.check = None;
             part.next = m.offset() + 1;
+            touched.insert((t.name.clone(), m.partition()), part.next);
             let outcome = match decode_event(m.key(), m.payload(), t.key.as_deref()) {
                 Ok(Some(e)) => {
                     events.entry(t.name.as_str()).or_default().push(Event {
@@ -271,20 +319,90 @@ impl EventsReader {
                 .with_label_values(&[m.topic(), outcome])
                 .inc();
         }
-        let mut touched: HashMap<(String, i32), i64> = HashMap::new();
-        for m in batch {
-            let (Some(t), Some(part)) = (
-                by_topic.get(m.topic()),
-                parts.get(&(m.topic().to_string(), m.partition())),
-            ) else {
-                continue;
-            };
-            touched.insert((t.name.clone(), m.partition()), part.next);
-        }
-        for (name, evs) in events {
+        self.feed(&mut events, &mut touched);
+    }
+
+    /// Feeds the events collected so far and the positions they reach to the views.
+    fn feed(
+        &self,
+        events: &mut HashMap<&str, Vec<Event>>,
+        touched: &mut HashMap<(String, i32), i64>,
+    ) {
+        for (name, evs) in events.drain() {
             self.views.feed_events(name, &evs);
         }
-        self.views.events_read(touched.into_iter());
+        if !touched.is_empty() {
+            self.views.events_read(touched.drain());
+        }
+    }
+
+    /// Compares the position of each partition assigned past its start with the watermarks of
+    /// fetches made since: a position that stays past the end for [`CONFIRM_PAST_END`] (the
+    /// topic was created again, and the broker answers such a fetch with nothing) is moved to
+    /// the partition's first offset, and the views start over there.
+    fn check_starts(
+        &self,
+        parts: &mut HashMap<(String, i32), Part>,
+        by_topic: &HashMap<&str, &EventsTopic>,
+    ) {
+        for ((topic, p), part) in parts.iter_mut() {
+            let Some(check) = part.check.as_mut() else {
+                continue;
+            };
+            let Some((lo, hi)) = source::cached_watermarks(&self.reader, topic, *p) else {
+                continue;
+            };
+            if check.cached == Some((lo, hi)) && check.since.elapsed() < FRESH_WATERMARKS {
+                // maybe an earlier fetch's: wait for one after the assignment
+                continue;
+            }
+            if check.start <= hi {
+                part.check = None;
+                continue;
+            }
+            if check.past_end.get_or_insert_with(Instant::now).elapsed() < CONFIRM_PAST_END {
+                continue;
+            }
+            let Some(t) = by_topic.get(topic.as_str()) else {
+                continue;
+            };
+            // moved first: the views start over only with the reader (a seek that failed is
+            // tried again at the next look)
+            if let Err(e) = self
+                .reader
+                .seek(topic, *p, Offset::Offset(lo), Duration::from_secs(5))
+            {
+                if source::throttled("events-seek", Duration::from_secs(10)) {
+                    tracing::warn!(topic = %topic, partition = p, error = %e, "events reader: seek to the start of a partition that started over failed; trying again (repeated at most every 10 s)");
+                }
+                continue;
+            }
+            part.check = None;
+            self.reset(t, *p, part, lo);
+        }
+    }
+
+    /// The offsets of partition `p` of `t` started over at `first` (the broker answered the
+    /// position as out of range and the reader went on from the earliest offset, or its
+    /// watermarks put the position past the end): every event of the old offsets is in the
+    /// views, so the new ones are all new to them. Counted in `livetable_offset_resets_total`
+    /// and logged for the operator. A topic created again that grew past the old position before
+    /// the reader fetched from it is not detected: its first events are then missing from the
+    /// views (README, Views).
+    fn reset(&self, t: &EventsTopic, p: i32, part: &mut Part, first: i64) {
+        self.metrics
+            .offset_resets
+            .with_label_values(&[&t.topic, &p.to_string()])
+            .inc();
+        tracing::error!(
+            topic = %t.topic,
+            partition = p,
+            position = part.next,
+            first_offset = first,
+            "events topic: the partition's offsets started over (the topic was deleted and created again); its views keep what they hold and take its events from the new beginning; see README, Views, 'Restarts and what a view remembers'"
+        );
+        part.next = first;
+        self.views.events_reset(&t.name, p, first);
     }
 
     fn raise_to_position(
@@ -325,7 +443,7 @@ impl EventsReader {
             // records before the low watermark are gone (retention): nothing to wait for
             let lo = source::cached_watermarks(&self.reader, topic, *p).map_or(0, |(lo, _)| lo);
             match part.target {
-                Some(end) if part.next.max(lo) >= end => {}
+                Some(end) if part.next.max(lo) >= end && part.check.is_none() => {}
                 _ => {
                     behind = Some(format!("{topic}[{p}] at {}", part.next));
                 }

@@ -2,7 +2,7 @@
 //! the writer, the whole view for a writer that takes it over, and the restore of views over
 //! events from their topics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
@@ -21,6 +21,9 @@ pub(super) struct Skip {
     pub content: LogContent,
     /// Past these positions nothing is skipped.
     pub ends: HashMap<i32, i64>,
+    /// Partitions whose offsets started over since the restore: the rows' marks say nothing
+    /// of their new events.
+    pub reset: HashSet<i32>,
 }
 
 impl Skip {
@@ -30,11 +33,19 @@ impl Skip {
         let Some((_, restored, _)) = self.content.rows.get(key) else {
             return base.clone();
         };
-        if restored.events.iter().all(|(p, n)| base.next(*p) >= *n) {
+        if restored
+            .events
+            .iter()
+            .all(|(p, n)| self.reset.contains(p) || base.next(*p) >= *n)
+        {
             return base.clone();
         }
         let mut merged: HashMap<i32, i64> = base.events.iter().copied().collect();
-        for (p, n) in &restored.events {
+        for (p, n) in restored
+            .events
+            .iter()
+            .filter(|(p, _)| !self.reset.contains(p))
+        {
             let e = merged.entry(*p).or_insert(*n);
             *e = (*e).max(*n);
         }
@@ -51,7 +62,17 @@ impl Skip {
     fn passed(&self, pos: &HashMap<i32, i64>) -> bool {
         self.ends
             .iter()
-            .all(|(p, end)| pos.get(p).is_some_and(|n| n >= end))
+            .all(|(p, end)| self.reset.contains(p) || pos.get(p).is_some_and(|n| n >= end))
+    }
+
+    /// The offsets of partition `p` started over: nothing of it is skipped any more.
+    pub fn start_over(&mut self, p: i32) {
+        self.reset.insert(p);
+    }
+
+    /// Whether the event at `offset` of `part`, whose output row is `key`, is in the rows.
+    fn covers(&self, key: &str, part: i32, offset: i64) -> bool {
+        !self.reset.contains(&part) && self.content.covers(key, part, offset)
     }
 }
 
@@ -273,9 +294,14 @@ impl Views {
         let passed = Skip {
             content: LogContent::default(),
             ends: ends.clone(),
+            reset: HashSet::new(),
         }
         .passed(&st.pos);
-        st.skip = (!passed).then_some(Skip { content, ends });
+        st.skip = (!passed).then_some(Skip {
+            content,
+            ends,
+            reset: HashSet::new(),
+        });
         self.commit(view, &mut st, rows, Default::default());
         self.metrics
             .view_log_restores
@@ -284,11 +310,37 @@ impl Views {
         true
     }
 
+    /// The offsets of partition `p` of events input `name` started over (its topic was deleted
+    /// and created again): the views hold every event of the old offsets and take the new
+    /// topic's from `next` on. Their positions there go back to `next`; a restored view no longer
+    /// skips that partition's events by its rows' old marks; and the views' topics are written
+    /// whole again, so that each row's mark names the new offsets (a restore from marks of the
+    /// old offsets would take the new events for ones its rows hold).
+    pub fn events_reset(&self, name: &str, p: i32, next: i64) {
+        lock(&self.events_next).insert((name.to_string(), p), next);
+        for v in self.by_input.get(name).into_iter().flatten() {
+            if v.def.input != InputKind::Events {
+                continue;
+            }
+            let mut st = lock(&v.state);
+            st.pos.insert(p, next);
+            if let Some(skip) = st.skip.as_mut() {
+                skip.start_over(p);
+            }
+            if v.log.writes.load(Ordering::Acquire) {
+                // the floor first: no commit of the new offsets carries the old one
+                v.log.input_reset.store(true, Ordering::Release);
+                v.log.dirty.store(true, Ordering::Release);
+            }
+        }
+        self.drop_passed_skips(name);
+    }
+
     /// Whether the event at `offset` of `part`, whose output row is `key`, is already in the
     /// restored rows of the view `st` belongs to.
     pub(super) fn skipped(st: &ViewState, key: Option<&String>, part: i32, offset: i64) -> bool {
         match (&st.skip, key) {
-            (Some(s), Some(k)) => s.content.covers(k, part, offset),
+            (Some(s), Some(k)) => s.covers(k, part, offset),
             _ => false,
         }
     }

@@ -1047,3 +1047,152 @@ fn a_recomputed_latest_takes_the_rows_in_the_order_it_took_them() {
     let _fresh = run(&defs, &t3, &HashMap::new());
     assert_eq!(last(&t3, "a"), json!(90));
 }
+
+/// An events partition whose offsets started over (its topic created again) below what a view
+/// restored from its topic holds: after [`Views::events_reset`] its new events are taken, not
+/// skipped as held by the rows' old marks; the other partition still skips what the rows hold;
+/// the view's topic is written whole again and each row's mark names the new offsets.
+#[test]
+fn an_events_partition_that_started_over_is_taken_anew() {
+    use crate::table::viewlog::read::LogContent;
+    use crate::table::viewlog::Commit;
+    use std::sync::atomic::Ordering;
+
+    let defs = ViewsFile::parse(
+        "[topics.transfers]\nformat = \"events\"\n\n\
+         [views.balances]\nfrom = \"transfers\"\n\
+         group_by = { by = [\"account\"], aggregates = { total = \"sum(amount)\" } }\n",
+    )
+    .unwrap()
+    .views;
+    let topics = [EventsTopic {
+        topic: "bank.transfers".into(),
+        name: "transfers".into(),
+        key: None,
+    }];
+    let event = |account: &str, amount: i64, part: i32, offset: i64| Event {
+        key: None,
+        row: json!({"account": account, "amount": amount})
+            .as_object()
+            .cloned()
+            .unwrap(),
+        kafka_ts_ms: None,
+        polled: None,
+        part,
+        offset,
+    };
+    let feed = |views: &Views, events: &[Event]| {
+        views.feed_events("transfers", events);
+        let mut read: HashMap<(String, i32), i64> = HashMap::new();
+        for e in events {
+            read.insert(("transfers".into(), e.part), e.offset + 1);
+        }
+        views.events_read(read.into_iter());
+    };
+    let total = |tables: &Tables, account: &str| -> Value {
+        rows_of(tables, "balances")
+            .get(account)
+            .map_or(Value::Null, |r| r["total"].clone())
+    };
+    let writing = |views: &Views| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(1_000);
+        views.set_log(tx);
+        let (_, flags, _) = views.log_views().pop().unwrap();
+        flags.writes.store(true, Ordering::Release);
+        (rx, flags)
+    };
+
+    // the writer: partitions 0 and 1 to 20 each over accounts a0..a3 (amount 1 each), then
+    // partition 0 to 40 for a0 and partition 1 to 26 for a3
+    let first_tables = Arc::new(Tables::default());
+    let first = run_events(&defs, &topics, &first_tables, &HashMap::new()).unwrap();
+    let _log = writing(&first.views);
+    let early: Vec<Event> = (0..80)
+        .map(|i| event(&format!("a{}", i % 4), 1, (i % 2) as i32, i / 2))
+        .filter(|e| e.offset < 20)
+        .collect();
+    feed(&first.views, &early);
+    let (_, base_then, rows_then) = first.views.log_snapshot("balances").unwrap();
+    let late: Vec<Event> = (20..40)
+        .map(|o| event("a0", 1, 0, o))
+        .chain((20..26).map(|o| event("a3", 1, 1, o)))
+        .collect();
+    feed(&first.views, &late);
+    let (_, _, rows_now) = first.views.log_snapshot("balances").unwrap();
+    assert_eq!(total(&first_tables, "a0"), json!(30));
+    assert_eq!(total(&first_tables, "a3"), json!(16));
+    // the topic: a1 and a2 as written first, a0 and a3 as written last, the floor of the first
+    let mut content = LogContent::expecting(None);
+    let floor = base_then.to_json();
+    let last = |k: &str| k == "a0" || k == "a3";
+    for (k, r, m) in rows_then
+        .iter()
+        .filter(|(k, _, _)| !last(k))
+        .chain(rows_now.iter().filter(|(k, _, _)| last(k)))
+    {
+        let value = r.as_ref().map(|r| serde_json::to_vec(&**r).unwrap());
+        content.push(
+            Some(k.as_bytes()),
+            value.as_deref(),
+            (
+                Some(m.to_json().as_bytes()),
+                Some(floor.as_bytes()),
+                b"w0",
+                None,
+            ),
+        );
+    }
+
+    let tables = Arc::new(Tables::default());
+    let r = run_events(&defs, &topics, &tables, &HashMap::new()).unwrap();
+    let (rx, flags) = writing(&r.views);
+    assert!(r.views.restore_from_log("balances", content));
+    assert_eq!(r.views.events_start("transfers", 0), 20);
+    assert_eq!(r.views.events_start("transfers", 1), 20);
+    // a0's row holds partition 0 to 40: without a reset, its event at 25 is held already
+    feed(&r.views, &[event("a0", 100, 0, 25)]);
+    assert_eq!(total(&tables, "a0"), json!(30));
+    rx.try_iter().for_each(drop);
+    flags.dirty.store(false, Ordering::Release);
+
+    // partition 0 started over: the new topic's events from offset 0 are all new
+    r.views.events_reset("transfers", 0, 0);
+    assert_eq!(r.views.events_start("transfers", 0), 0);
+    assert!(
+        flags.dirty.load(Ordering::Acquire),
+        "the view's topic is written whole again"
+    );
+    assert!(
+        flags.input_reset.load(Ordering::Acquire),
+        "the writer drops the floor of the old offsets"
+    );
+    let new: Vec<Event> = (0..6)
+        .map(|o| event(["a0", "a1", "a4"][o as usize % 3], 1000, 0, o))
+        .collect();
+    feed(&r.views, &new);
+    assert_eq!(total(&tables, "a0"), json!(2030));
+    assert_eq!(total(&tables, "a1"), json!(2010));
+    assert_eq!(total(&tables, "a4"), json!(2000));
+    // every row's mark names the new offsets of partition 0, none the old ones (a3's row still
+    // holds partition 1 to 26, the restored row's mark)
+    let (_, base, rows) = r.views.log_snapshot("balances").unwrap();
+    assert_eq!(base.next(0), 6);
+    for (k, _, m) in &rows {
+        assert_eq!(m.next(0), 6, "{k}: {m:?}");
+    }
+    let a3 = rows.iter().find(|(k, _, _)| k == "a3").unwrap();
+    assert_eq!(a3.2.next(1), 26);
+    // partition 1 did not start over: its events the rows hold are still skipped
+    feed(
+        &r.views,
+        &[event("a2", 100, 1, 20), event("a3", 100, 1, 21)],
+    );
+    assert_eq!(total(&tables, "a2"), json!(110));
+    assert_eq!(total(&tables, "a3"), json!(16));
+    feed(&r.views, &[event("a3", 100, 1, 26)]);
+    assert_eq!(total(&tables, "a3"), json!(116));
+    // and a clean stop saves the new positions
+    let saved: HashMap<String, Vec<u8>> = r.views.save().into_iter().collect();
+    let sv: Value = serde_json::from_slice(&saved["balances"]).unwrap();
+    assert_eq!(sv["events_next"], json!([[0, 6], [1, 27]]));
+}

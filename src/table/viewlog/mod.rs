@@ -148,6 +148,10 @@ pub struct LogFlags {
     /// The topic may lack some of the view's changes (a commit could not be queued or produced):
     /// the writer writes the whole view again.
     pub dirty: AtomicBool,
+    /// The view's events input started over (its topic was created again): the writer's floor
+    /// names the old offsets and is dropped before the next record, until a whole rewrite with
+    /// marks of the new offsets is acknowledged (set before any commit of the new offsets).
+    pub input_reset: AtomicBool,
 }
 
 #[cfg(test)]

@@ -83,6 +83,16 @@ impl Shared {
 }
 
 impl Shared {
+    /// The input of `view` started over (its events topic was created again): its floor names
+    /// the old offsets. No floor is sent until a record of a generation after `gen` (the
+    /// whole rewrite that follows) sets it again.
+    pub fn drop_floor(&self, view: &str, gen: u64) {
+        let mut all = lock(&self.acked);
+        let a = all.entry(view.to_string()).or_default();
+        a.floor = None;
+        a.failed = Some(a.failed.map_or(gen, |f| f.max(gen)));
+    }
+
     /// A record was acknowledged at `offset`.
     pub fn delivered(&self, ack: &Ack, offset: i64) {
         let mut all = lock(&self.acked);
@@ -231,6 +241,26 @@ mod tests {
         deliver(&s, 2, None, false);
         deliver(&s, 3, Some(13), true);
         assert_eq!(s.floor("v"), Some(mark(13)));
+    }
+
+    #[test]
+    fn an_input_that_started_over_drops_the_floor_until_the_next_rewrite() {
+        let s = shared();
+        deliver(&s, 1, Some(150), true);
+        assert_eq!(s.floor("v"), Some(mark(150)));
+        s.drop_floor("v", 1);
+        assert_eq!(
+            s.floor("v"),
+            None,
+            "no record carries the old offsets' floor"
+        );
+        // commits of the same generation, from before or after the reset, do not set it again
+        deliver(&s, 1, Some(151), true);
+        deliver(&s, 1, Some(6), true);
+        assert_eq!(s.floor("v"), None);
+        // the rewrite (a new generation) acknowledged: the floor of the new offsets
+        deliver(&s, 2, Some(7), true);
+        assert_eq!(s.floor("v"), Some(mark(7)));
     }
 
     #[test]

@@ -256,6 +256,7 @@ impl ViewLogWriter {
             }
             for (view, w) in writing.iter_mut() {
                 let def = defs.get(view).map_or("", String::as_str);
+                Self::take_input_reset(view, w, &shared);
                 let dirty = shared
                     .flags
                     .get(view)
@@ -285,6 +286,8 @@ impl ViewLogWriter {
                         let Some(w) = writing.get_mut(&*c.view) else {
                             continue; // not (or no longer) this node's
                         };
+                        // before any record of a commit made after the input started over
+                        Self::take_input_reset(&c.view, w, &shared);
                         if c.off <= w.synced {
                             continue; // in the rewrite already
                         }
@@ -597,6 +600,18 @@ impl ViewLogWriter {
         }
         if ok {
             w.synced = off;
+        }
+    }
+
+    /// Drops the floor of `view` when its input started over since the last look (the flag is
+    /// set before any commit of the new offsets is queued, so that commit finds it set).
+    fn take_input_reset(view: &str, w: &Writing, shared: &Shared) {
+        if shared
+            .flags
+            .get(view)
+            .is_some_and(|f| f.input_reset.swap(false, Ordering::AcqRel))
+        {
+            shared.drop_floor(view, w.gen);
         }
     }
 
