@@ -1211,6 +1211,41 @@ fn score_events_of(
         .collect()
 }
 
+/// Waits until the last record of every key of view topic `topic` has a mark whose events
+/// positions are all at most `limit` (the view was written whole with the new topic's offsets).
+async fn marks_within(topic: &str, limit: i64) {
+    eventually(
+        &format!("{topic}: every row marked with the new offsets"),
+        Duration::from_secs(60),
+        || {
+            let topic = topic.to_string();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut marks: BTreeMap<String, Value> = BTreeMap::new();
+                    for r in read_to_end(&brokers(), &topic, 1, Duration::from_secs(30)) {
+                        let mark = r
+                            .headers
+                            .iter()
+                            .find(|(k, _)| k == "livetable.view.mark")
+                            .map(|(_, v)| serde_json::from_str(v).unwrap())
+                            .unwrap_or(Value::Null);
+                        marks.insert(r.key.unwrap_or_default(), mark);
+                    }
+                    marks.values().all(|m| {
+                        m["events"].as_array().is_some_and(|ps| {
+                            ps.iter().all(|p| p[1].as_i64().is_some_and(|n| n <= limit))
+                        })
+                    })
+                })
+                .await
+                .unwrap()
+                .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 /// An events topic deleted and created again (its offsets start over, below the positions the
 /// views hold) is read from its new beginning: its events are added to the views, not skipped as
 /// already held. After a kill -9 (the views restored from their topics); then on an empty node
@@ -1287,6 +1322,9 @@ async fn an_events_topic_created_again_is_read_from_its_new_beginning() {
     drop(clients);
     // the views' topics say where the views stand in the new topic, players p10..p29 included
     topics_hold(&group, &events, "after the events topic was created again").await;
+    for v in ["high_scores", "totals"] {
+        marks_within(&format!("{group}.table.__view.{v}"), 60).await;
+    }
 
     // an empty node restores the views from their topics, then players p10..p29 change at
     // offsets below the marks their rows had before the topic was created again
@@ -1308,6 +1346,12 @@ async fn an_events_topic_created_again_is_read_from_its_new_beginning() {
             .await,
         Some(1.0),
         "totals restored from its topic"
+    );
+    let m = metrics_text(&b.base).await;
+    assert!(
+        !m.lines()
+            .any(|l| l.starts_with("livetable_offset_resets_total{") && l.contains(&topic)),
+        "a restore from marks of the new offsets finds no reset:\n{m}"
     );
     let batch = score_events_of(&mut gen, &mut events, 60, (10, 30));
     produce_keyed(&p, &topic, &batch).await;

@@ -60,8 +60,10 @@ pub struct EventsReader {
 }
 
 /// How long a position past the partition's end must stay past it before the partition is
-/// taken to have started over (a new leader's high watermark can lag for a moment).
-const CONFIRM_PAST_END: Duration = Duration::from_secs(1);
+/// taken to have started over: a new leader's high watermark (or a follower's, when fetching
+/// from one) can lag behind records already read for a while, and starting over re-feeds the
+/// whole partition.
+const CONFIRM_PAST_END: Duration = Duration::from_secs(10);
 
 /// Per assigned partition: the next offset to read, the end to reach before the first
 /// readiness (the high watermark first seen; `None` until a fetch answered), and where it was
@@ -70,6 +72,9 @@ struct Part {
     next: i64,
     target: Option<i64>,
     check: Option<StartCheck>,
+    /// Assigned to the reader once already (a later assignment of more partitions resumes it
+    /// where it is read up to: no check).
+    assigned: bool,
 }
 
 /// A partition assigned at `start`: some brokers answer a fetch past a partition's end with
@@ -83,6 +88,34 @@ struct StartCheck {
     since: Instant,
     /// When fresh watermarks first put `start` past the end.
     past_end: Option<Instant>,
+}
+
+/// What the watermarks say of a [`StartCheck`]'s position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Maybe from a fetch before the assignment, or past the end for too short a time.
+    Wait,
+    /// The position exists.
+    Exists,
+    /// Past the end for [`CONFIRM_PAST_END`]: the partition started over.
+    PastEnd,
+}
+
+impl StartCheck {
+    fn verdict(&mut self, (lo, hi): (i64, i64), now: Instant) -> Verdict {
+        if self.cached == Some((lo, hi)) && now.duration_since(self.since) < FRESH_WATERMARKS {
+            return Verdict::Wait;
+        }
+        if self.start <= hi {
+            return Verdict::Exists;
+        }
+        let first = *self.past_end.get_or_insert(now);
+        if now.duration_since(first) < CONFIRM_PAST_END {
+            Verdict::Wait
+        } else {
+            Verdict::PastEnd
+        }
+    }
 }
 
 impl EventsReader {
@@ -221,6 +254,7 @@ impl EventsReader {
                             next: self.views.events_start(&t.name, p.id()),
                             target: None,
                             check: None,
+                            assigned: false,
                         });
                         added = true;
                     }
@@ -234,12 +268,15 @@ impl EventsReader {
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), part) in parts.iter_mut() {
             let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(part.next));
-            part.check = (part.next > 0).then(|| StartCheck {
-                start: part.next,
-                cached: source::cached_watermarks(&self.reader, topic, *p),
-                since: Instant::now(),
-                past_end: None,
-            });
+            if !part.assigned && part.next > 0 {
+                part.check = Some(StartCheck {
+                    start: part.next,
+                    cached: source::cached_watermarks(&self.reader, topic, *p),
+                    since: Instant::now(),
+                    past_end: None,
+                });
+            }
+            part.assigned = true;
         }
         if let Err(e) = self.reader.assign(&tpl) {
             tracing::warn!(error = %e, "events reader: assign failed");
@@ -268,18 +305,9 @@ impl EventsReader {
                 continue;
             };
             if m.offset() < part.next {
-                // the client went back to the earliest offset after the broker refused the
-                // position as out of range: the partition started over if its end (from the
-                // fetch that brought this record) lies below the position
-                let past_end = source::cached_watermarks(&self.reader, m.topic(), m.partition())
-                    .is_some_and(|(_, hi)| hi < part.next);
-                if !past_end {
-                    // delivered again below the position: the views hold it
-                    if source::throttled("events-behind", Duration::from_secs(10)) {
-                        tracing::warn!(topic = %m.topic(), partition = m.partition(), offset = m.offset(), position = part.next, "events topic: a record below the reader's position came again and is skipped (repeated at most every 10 s)");
-                    }
-                    continue;
-                }
+                // the client delivers a partition's records in order from where it was
+                // assigned or moved to: one below the position comes only after it went back to
+                // the earliest offset because the broker refused the position as out of range
                 self.feed(&mut events, &mut touched);
                 self.reset(t, m.partition(), part, m.offset());
             }
@@ -337,9 +365,9 @@ impl EventsReader {
     }
 
     /// Compares the position of each partition assigned past its start with the watermarks of
-    /// fetches made since: a position that stays past the end for [`CONFIRM_PAST_END`] (the
-    /// topic was created again, and the broker answers such a fetch with nothing) is moved to
-    /// the partition's first offset, and the views start over there.
+    /// fetches made since ([`StartCheck::verdict`]): a position that stays past the end for
+    /// [`CONFIRM_PAST_END`] (the topic was created again, and the broker answers such a fetch
+    /// with nothing) is moved to the partition's first offset, and the views start over there.
     fn check_starts(
         &self,
         parts: &mut HashMap<(String, i32), Part>,
@@ -352,16 +380,13 @@ impl EventsReader {
             let Some((lo, hi)) = source::cached_watermarks(&self.reader, topic, *p) else {
                 continue;
             };
-            if check.cached == Some((lo, hi)) && check.since.elapsed() < FRESH_WATERMARKS {
-                // maybe an earlier fetch's: wait for one after the assignment
-                continue;
-            }
-            if check.start <= hi {
-                part.check = None;
-                continue;
-            }
-            if check.past_end.get_or_insert_with(Instant::now).elapsed() < CONFIRM_PAST_END {
-                continue;
+            match check.verdict((lo, hi), Instant::now()) {
+                Verdict::Wait => continue,
+                Verdict::Exists => {
+                    part.check = None;
+                    continue;
+                }
+                Verdict::PastEnd => {}
             }
             let Some(t) = by_topic.get(topic.as_str()) else {
                 continue;
@@ -460,5 +485,45 @@ impl EventsReader {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(start: i64, cached: Option<(i64, i64)>, since: Instant) -> StartCheck {
+        StartCheck {
+            start,
+            cached,
+            since,
+            past_end: None,
+        }
+    }
+
+    #[test]
+    fn a_position_past_the_end_is_a_restart_only_once_it_stays_there() {
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // watermarks equal to those at the assignment may be an earlier fetch's
+        let mut c = check(150, Some((0, 150)), t0);
+        assert_eq!(c.verdict((0, 150), at(1)), Verdict::Wait);
+        assert_eq!(c.verdict((0, 150), at(6)), Verdict::Exists);
+        let mut c = check(150, Some((0, 150)), t0);
+        assert_eq!(
+            c.verdict((0, 20), at(1)),
+            Verdict::Wait,
+            "just seen past the end"
+        );
+        assert_eq!(c.verdict((0, 20), at(10)), Verdict::Wait);
+        assert_eq!(c.verdict((0, 21), at(11)), Verdict::PastEnd);
+        // a lagging high watermark that catches up within the confirmation
+        let mut c = check(150, None, t0);
+        assert_eq!(c.verdict((0, 140), at(0)), Verdict::Wait);
+        assert_eq!(c.verdict((0, 140), at(9)), Verdict::Wait);
+        assert_eq!(c.verdict((0, 150), at(9)), Verdict::Exists);
+        // a position at the end exists (nothing written since)
+        let mut c = check(150, None, t0);
+        assert_eq!(c.verdict((100, 150), at(0)), Verdict::Exists);
     }
 }

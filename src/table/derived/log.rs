@@ -327,11 +327,10 @@ impl Views {
             if let Some(skip) = st.skip.as_mut() {
                 skip.start_over(p);
             }
-            if v.log.writes.load(Ordering::Acquire) {
-                // the floor first: no commit of the new offsets carries the old one
-                v.log.input_reset.store(true, Ordering::Release);
-                v.log.dirty.store(true, Ordering::Release);
-            }
+            // whether this node writes the view or takes it over later: the floor first (no
+            // record of the new offsets carries the old one), then the rewrite
+            v.log.input_reset.store(true, Ordering::Release);
+            v.log.dirty.store(true, Ordering::Release);
         }
         self.drop_passed_skips(name);
     }

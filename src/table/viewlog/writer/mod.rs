@@ -256,7 +256,6 @@ impl ViewLogWriter {
             }
             for (view, w) in writing.iter_mut() {
                 let def = defs.get(view).map_or("", String::as_str);
-                Self::take_input_reset(view, w, &shared);
                 let dirty = shared
                     .flags
                     .get(view)
@@ -286,8 +285,6 @@ impl ViewLogWriter {
                         let Some(w) = writing.get_mut(&*c.view) else {
                             continue; // not (or no longer) this node's
                         };
-                        // before any record of a commit made after the input started over
-                        Self::take_input_reset(&c.view, w, &shared);
                         if c.off <= w.synced {
                             continue; // in the rewrite already
                         }
@@ -603,15 +600,17 @@ impl ViewLogWriter {
         }
     }
 
-    /// Drops the floor of `view` when its input started over since the last look (the flag is
-    /// set before any commit of the new offsets is queued, so that commit finds it set).
+    /// Drops the floor of `view` when its input started over since the last record (the flag
+    /// is set, under the view's lock, before any mark of the new offsets exists: a record whose
+    /// mark names them finds it set), and asks for a rewrite in a later generation, whose
+    /// acknowledgement gives the floor of the new offsets.
     fn take_input_reset(view: &str, w: &Writing, shared: &Shared) {
-        if shared
-            .flags
-            .get(view)
-            .is_some_and(|f| f.input_reset.swap(false, Ordering::AcqRel))
-        {
+        let Some(flags) = shared.flags.get(view) else {
+            return;
+        };
+        if flags.input_reset.swap(false, Ordering::AcqRel) {
             shared.drop_floor(view, w.gen);
+            flags.dirty.store(true, Ordering::Release);
         }
     }
 
@@ -633,6 +632,7 @@ impl ViewLogWriter {
             .as_deref()
             .map(|r: &Row| serde_json::to_vec(r).unwrap_or_default());
         let mark_json = mark.to_json();
+        Self::take_input_reset(view, w, shared);
         let floor_mark = shared.floor(view);
         let floor = floor_mark.as_ref().map(|f| f.to_json());
         let mut headers = OwnedHeaders::new()
