@@ -538,14 +538,7 @@ fn event_oracle(events: &[(String, i64)]) -> BTreeMap<&'static str, BTreeMap<Str
 
 /// `n` more score events of 30 players, appended to `events` (the oracle's input).
 fn score_events(gen: &mut Gen, events: &mut Vec<(String, i64)>, n: usize) -> Vec<FixtureRecord> {
-    (0..n)
-        .map(|_| {
-            let player = format!("p{:02}", gen.below(30));
-            let score = gen.below(10_000) as i64;
-            events.push((player.clone(), score));
-            score_event(&player, score, events.len() - 1)
-        })
-        .collect()
+    score_events_of(gen, events, n, (0, 30))
 }
 
 fn score_event(player: &str, score: i64, n: usize) -> FixtureRecord {
@@ -1088,6 +1081,50 @@ async fn views_over_events_come_back_from_their_topics_on_an_empty_node() {
     d.stop();
 }
 
+/// The start the tests of one 2-partition events topic share: 300 score events in it, and a
+/// views file with the event views over it.
+struct EventsRig {
+    topic: String,
+    p: rdkafka::producer::FutureProducer,
+    gen: Gen,
+    events: Vec<(String, i64)>,
+    /// Holds the views file and the nodes' logs.
+    logs: tempfile::TempDir,
+    path: std::path::PathBuf,
+    group: String,
+    /// The nodes' `--topics` (no table).
+    nothing: String,
+}
+
+impl EventsRig {
+    async fn start(prefix: &str, mut gen: Gen) -> EventsRig {
+        let u = unique(prefix);
+        let topic = format!("{u}.scores");
+        create_topic(&topic, 2).await;
+        let p = producer();
+        let mut events: Vec<(String, i64)> = Vec::new();
+        let batch = score_events(&mut gen, &mut events, 300);
+        produce_keyed(&p, &topic, &batch).await;
+        let logs = tempdir();
+        let path = logs.path().join("views.toml");
+        std::fs::write(
+            &path,
+            EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
+        )
+        .unwrap();
+        EventsRig {
+            topic,
+            p,
+            gen,
+            events,
+            logs,
+            path,
+            group: format!("g-{u}"),
+            nothing: format!("{u}.nothing"),
+        }
+    }
+}
+
 /// Produces `records` in 10 slices, 30 ms apart (a kill lands while they flow).
 fn produce_paced(
     p: rdkafka::producer::FutureProducer,
@@ -1107,24 +1144,17 @@ fn produce_paced(
 /// the view again, and an empty node restores from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_view_topic_is_created_again_and_holds_the_view() {
-    let u = unique("vdel");
-    let topic = format!("{u}.scores");
-    create_topic(&topic, 2).await;
-    let p = producer();
-    let mut gen = Gen(0xde1e7e);
-    let mut events: Vec<(String, i64)> = Vec::new();
-    let batch = score_events(&mut gen, &mut events, 300);
-    produce_keyed(&p, &topic, &batch).await;
-    let logs = tempdir();
-    let path = logs.path().join("views.toml");
-    std::fs::write(
-        &path,
-        EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
-    )
-    .unwrap();
-    let group = format!("g-{u}");
+    let EventsRig {
+        topic,
+        p,
+        mut gen,
+        mut events,
+        logs,
+        path,
+        group,
+        nothing,
+    } = EventsRig::start("vdel", Gen(0xde1e7e)).await;
     let args = ["--views", path.to_str().unwrap()];
-    let nothing = format!("{u}.nothing");
     let (data_a, data_b) = (tempdir(), tempdir());
     let mut a = Node::spawn(
         "a",
@@ -1255,24 +1285,17 @@ async fn marks_within(topic: &str, limit: i64) {
 /// librdkafka on the local broker (RELIABILITY.md, BUG-3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_events_topic_created_again_is_read_from_its_new_beginning() {
-    let u = unique("erecreate");
-    let topic = format!("{u}.scores");
-    create_topic(&topic, 2).await;
-    let p = producer();
-    let mut gen = Gen(0x005e_ede7);
-    let mut events: Vec<(String, i64)> = Vec::new();
-    let batch = score_events(&mut gen, &mut events, 300);
-    produce_keyed(&p, &topic, &batch).await;
-    let logs = tempdir();
-    let path = logs.path().join("views.toml");
-    std::fs::write(
-        &path,
-        EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
-    )
-    .unwrap();
-    let group = format!("g-{u}");
+    let EventsRig {
+        topic,
+        p,
+        mut gen,
+        mut events,
+        logs,
+        path,
+        group,
+        nothing,
+    } = EventsRig::start("erecreate", Gen(0x005e_ede7)).await;
     let args = ["--views", path.to_str().unwrap()];
-    let nothing = format!("{u}.nothing");
     let (data_a, data_b) = (tempdir(), tempdir());
     let mut a = Node::spawn(
         "a",

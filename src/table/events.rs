@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cdc::source::{self, Reader};
 use crate::metrics::Metrics;
 use crate::table::derived::{Event, Views};
-use crate::table::ingest::partitions::FRESH_WATERMARKS;
+use crate::table::ingest::partitions::may_predate;
 use crate::table::readiness::Readiness;
 use crate::table::viewlog::{self, read::read_log};
 use crate::views::input::{decode_event, InputError};
@@ -103,7 +103,7 @@ enum Verdict {
 
 impl StartCheck {
     fn verdict(&mut self, (lo, hi): (i64, i64), now: Instant) -> Verdict {
-        if self.cached == Some((lo, hi)) && now.duration_since(self.since) < FRESH_WATERMARKS {
+        if may_predate(self.cached, self.since, (lo, hi), now) {
             return Verdict::Wait;
         }
         if self.start <= hi {

@@ -587,6 +587,19 @@ fn views_of_an_events_topic_resume_only_all_together_and_as_declared() {
 /// A view over events restored from its changelog topic, cut after any commit (a writer killed
 /// there), part-way through a commit, or compacted, then fed the events again from where the
 /// restore says: every event is counted exactly once (the rows equal a run that never stopped).
+/// Feeds `events` of the events input `transfers` to `views` in batches of `chunk`, each
+/// followed by the positions it read, as the events reader does.
+fn feed_transfers(views: &Views, events: &[Event], chunk: usize) {
+    for batch in events.chunks(chunk.max(1)) {
+        views.feed_events("transfers", batch);
+        let mut read: HashMap<(String, i32), i64> = HashMap::new();
+        for e in batch {
+            read.insert(("transfers".into(), e.part), e.offset + 1);
+        }
+        views.events_read(read.into_iter());
+    }
+}
+
 #[test]
 fn views_over_events_restored_from_their_topic_take_every_event_once() {
     use crate::table::viewlog::read::LogContent;
@@ -635,16 +648,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
             }
         })
         .collect();
-    let feed = |views: &Views, events: &[Event]| {
-        for batch in events.chunks(7) {
-            views.feed_events("transfers", batch);
-            let mut read: HashMap<(String, i32), i64> = HashMap::new();
-            for e in batch {
-                read.insert(("transfers".into(), e.part), e.offset + 1);
-            }
-            views.events_read(read.into_iter());
-        }
-    };
+    let feed = |views: &Views, events: &[Event]| feed_transfers(views, events, 7);
     let names = ["balances", "best", "recent"];
     // the oracle: one run over every event
     let oracle_tables = Arc::new(Tables::default());
@@ -786,14 +790,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
                 .filter(|e| e.offset >= starts[e.part as usize])
                 .cloned()
                 .collect();
-            for batch in again.chunks(5) {
-                r.views.feed_events("transfers", batch);
-                let mut read: HashMap<(String, i32), i64> = HashMap::new();
-                for e in batch {
-                    read.insert(("transfers".into(), e.part), e.offset + 1);
-                }
-                r.views.events_read(read.into_iter());
-            }
+            feed_transfers(&r.views, &again, 5);
             (r, tables, restored, starts)
         };
     let per_view = commits.iter().filter(|c| &*c.view == "balances").count();
@@ -1081,14 +1078,7 @@ fn an_events_partition_that_started_over_is_taken_anew() {
         part,
         offset,
     };
-    let feed = |views: &Views, events: &[Event]| {
-        views.feed_events("transfers", events);
-        let mut read: HashMap<(String, i32), i64> = HashMap::new();
-        for e in events {
-            read.insert(("transfers".into(), e.part), e.offset + 1);
-        }
-        views.events_read(read.into_iter());
-    };
+    let feed = |views: &Views, events: &[Event]| feed_transfers(views, events, events.len());
     let total = |tables: &Tables, account: &str| -> Value {
         rows_of(tables, "balances")
             .get(account)

@@ -157,8 +157,19 @@ pub const FRESH_WATERMARKS: Duration = Duration::from_secs(5);
 impl StartCheck {
     /// Whether watermarks `now` (the client's cache) may be from before the resume.
     pub fn stale(&self, now: (i64, i64), at: std::time::Instant) -> bool {
-        self.cached == Some(now) && at.duration_since(self.since) < FRESH_WATERMARKS
+        may_predate(self.cached, self.since, now, at)
     }
+}
+
+/// Whether watermarks `now` (a client's cache) at `at` may be those it had cached (`cached`) when
+/// a partition was resumed at `since`, from a fetch before the resume.
+pub fn may_predate(
+    cached: Option<(i64, i64)>,
+    since: std::time::Instant,
+    now: (i64, i64),
+    at: std::time::Instant,
+) -> bool {
+    cached == Some(now) && at.duration_since(since) < FRESH_WATERMARKS
 }
 
 impl Partitions {
