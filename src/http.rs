@@ -200,14 +200,14 @@ async fn publish(
     Path(topic): Path<String>,
     creds: Credentials,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     // with --auth jwt a publish needs a valid token, and goes only to the topics it allows
     let access = match creds.require(&state.auth) {
         Ok(a) => a,
         Err(d) => return Refused(d).into_response(),
     };
-    use crate::publish::{HttpPublishBody, Nack, NackCode, PublishRequest, Reply};
+    use crate::publish::{HttpPublishBody, Nack, NackCode, PublishRequest};
     let Some(publisher) = &state.publisher else {
         return ApiError(
             StatusCode::NOT_FOUND,
@@ -215,30 +215,63 @@ async fn publish(
         )
         .into_response();
     };
-    let key = headers.get("idempotency-key").map(|v| v.to_str());
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map_err(|_| ()));
+    let id = || {
+        key.and_then(Result::ok)
+            .map(|k| serde_json::Value::String(k.to_string()))
+    };
+    // a body the server would not read whole (over the 2 MiB request limit, far above any
+    // topic's `max_bytes`) is answered with a nack, as every other refused publish
+    // one session per request: the process-wide in-flight bound applies; the per-connection
+    // rate limit and in-flight bound are WebSocket's
+    let session = publisher.session(access.publish_context());
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let (code, why) = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                (
+                    NackCode::TooLarge,
+                    "the body is over the 2 MiB request limit",
+                )
+            } else {
+                (NackCode::BadRequest, "the body could not be read")
+            };
+            let nack = Nack::new(id(), code, format!("{why}: {e}"));
+            return reply_response(session.refuse(&topic, nack));
+        }
+    };
     let reply = match (key, serde_json::from_slice::<HttpPublishBody>(&body)) {
         // never published without the id its client sent: its retry would write it twice
-        (Some(Err(_)), _) => Reply::Nack(Nack::new(
-            None,
-            NackCode::BadRequest,
-            "the Idempotency-Key header must be visible ASCII",
-        )),
+        (Some(Err(_)), _) => session.refuse(
+            &topic,
+            Nack::new(
+                None,
+                NackCode::BadRequest,
+                "the Idempotency-Key header must be visible ASCII",
+            ),
+        ),
         (key, Ok(body)) => {
             let key = key.and_then(Result::ok);
-            // one session per request: the process-wide in-flight bound applies; the
-            // per-connection rate limit and in-flight bound are WebSocket's
-            publisher
-                .session(access.publish_context())
+            session
                 .submit(PublishRequest::from_http(&topic, key, body))
                 .await
         }
-        (key, Err(e)) => Reply::Nack(Nack::new(
-            key.and_then(Result::ok)
-                .map(|k| serde_json::Value::String(k.to_string())),
-            NackCode::BadRequest,
-            format!("the body is not {{\"key\":K,\"value\":{{...}}}}: {e}"),
-        )),
+        (_, Err(e)) => session.refuse(
+            &topic,
+            Nack::new(
+                id(),
+                NackCode::BadRequest,
+                format!("the body is not {{\"key\":K,\"value\":{{...}}}}: {e}"),
+            ),
+        ),
     };
+    reply_response(reply)
+}
+
+/// A publish's answer: the `ack`/`nack` JSON with the status of docs/publish.md.
+fn reply_response(reply: crate::publish::Reply) -> Response {
     (
         StatusCode::from_u16(reply.http_status()).unwrap_or(StatusCode::OK),
         [(header::CONTENT_TYPE, "application/json")],

@@ -478,6 +478,9 @@ async fn hostile_clients_are_bounded_while_a_good_client_keeps_its_freshness() {
         "/api/tables/hot/rows/k1/extra",
         "/ws?table=a&table=b",
         "/sse?table=a&table=b",
+        // a format an event stream would ignore is refused, not served as patches
+        "/sse?table=hot&format=rows",
+        "/sse?table=hot&format=csv",
     ] {
         let (status, head, body) = raw_http(
             addr,

@@ -177,6 +177,34 @@ async fn websocket_and_http_publishes_are_acknowledged_once_across_a_restart() {
     assert_eq!(bad.status().as_u16(), 400);
     let bad: Value = bad.json().await.unwrap();
     assert_eq!(bad["code"], "bad_request", "{bad}");
+    // a body over the request limit is a nack too (before: axum's plain-text 413), with its id
+    let huge = format!(
+        r#"{{"key":"g2","value":{{"note":"{}"}}}}"#,
+        "x".repeat(3 << 20)
+    );
+    let huge = http()
+        .post(&url)
+        .header("Idempotency-Key", "h-huge")
+        .header("Content-Type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+    let huge: Value = huge.json().await.unwrap();
+    assert_eq!(
+        (&huge["type"], &huge["code"], &huge["id"]),
+        (&json!("nack"), &json!("too_large"), &json!("h-huge")),
+        "{huge}"
+    );
+    let m = common::metrics_text(&base).await;
+    for outcome in ["too_large", "bad_request"] {
+        let name = format!("livetable_publishes_total{{outcome=\"{outcome}\",topic=\"{topic}\"}}");
+        assert!(
+            common::metric_value(&m, &name).unwrap_or(0.0) >= 1.0,
+            "{name} not counted"
+        );
+    }
     // an id that is not visible ASCII is refused, not published without it
     let latin1 = reqwest::header::HeaderValue::from_bytes(b"bestellung-\xe4").unwrap();
     let odd = http()

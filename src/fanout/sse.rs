@@ -136,6 +136,10 @@ pub async fn handler(
         Ok(s) => s,
         Err(e) => return bad(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
     };
+    // an event stream speaks snapshots and patches only: a `format` it would ignore is refused
+    if let Some(e) = sse_format_error(q.format.as_deref()) {
+        return bad(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e);
+    }
     // a subscription the token refuses is an HTTP 403 before the stream starts
     if !state.fanout.unions.iter().any(|u| u.name == table) {
         if let Err(d) = access.selector(&table, selector.clone()) {
@@ -291,4 +295,33 @@ pub async fn handler(
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(keep_alive))
         .into_response()
+}
+
+/// The error for a `format=` an event stream does not serve: `rows` is the seed system's
+/// WebSocket format (one bare row per message, no event type), so a stream would have to ignore
+/// it and send patches its client cannot read.
+fn sse_format_error(format: Option<&str>) -> Option<String> {
+    match format {
+        None | Some("patch") => None,
+        Some("rows") => Some(
+            "format=rows is served over WebSocket only (/ws or /); /sse sends snapshot and patch events"
+                .into(),
+        ),
+        Some(f) => Some(format!("unknown format `{f}`: /sse serves patch")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sse_format_error;
+
+    #[test]
+    fn only_the_patch_format_is_served() {
+        assert_eq!(sse_format_error(None), None);
+        assert_eq!(sse_format_error(Some("patch")), None);
+        let rows = sse_format_error(Some("rows")).unwrap_or_default();
+        assert!(rows.contains("WebSocket only"), "{rows}");
+        let other = sse_format_error(Some("csv")).unwrap_or_default();
+        assert!(other.contains("unknown format `csv`"), "{other}");
+    }
 }

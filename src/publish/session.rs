@@ -136,6 +136,18 @@ impl Session {
         }
     }
 
+    /// Answers a publish refused before it could be read (an HTTP body that is not a publish),
+    /// counted as the checks count theirs.
+    pub fn refuse(&self, topic: &str, nack: Nack) -> Reply {
+        let label = if self.inner.config.topics.contains_key(topic) {
+            topic
+        } else {
+            PUBLISH_UNLISTED_TOPIC
+        };
+        self.count(label, nack.code.as_str());
+        Reply::Nack(nack)
+    }
+
     fn count(&self, topic_label: &str, outcome: &str) {
         self.inner
             .shared
