@@ -274,7 +274,7 @@ impl Metrics {
             routed_subscriptions: int_gauge("livetable_routed_subscriptions", "Live subscriptions routed by their keys or an indexed where (sent only the updates that may concern them)."),
             view_rebuilds: counter_vec(&r, "livetable_view_rebuilds_total", "Declared views recomputed from their input's rows (at start, and when the input's updates did not follow on), by view.", &["view"]),
             view_changes: counter_vec(&r, "livetable_view_changes_total", "Output row changes of declared views, by view.", &["view"]),
-            view_log_restores: counter_vec(&r, "livetable_view_log_restores_total", "Views over events restored from their changelog topic at start (the events they held are then skipped), by view.", &["view"]),
+            view_log_restores: counter_vec(&r, "livetable_view_log_restores_total", "Views restored from their changelog topic at start (what their rows hold is then skipped: events, or input changes of a view over a table), by view.", &["view"]),
             view_log_records: counter_vec(&r, "livetable_view_log_records_total", "Records this node produced to views' changelog topics (it writes the views it is assigned), by view and outcome (sent, failed).", &["view", "outcome"]),
             view_log_rewrites: counter_vec(&r, "livetable_view_log_rewrites_total", "Whole views written to their changelog topic: on taking a view over, or after changes could not be queued or produced, by view.", &["view"]),
             view_log_recreated: counter_vec(&r, "livetable_view_log_topic_recreated_total", "Views' changelog topics this node created again after they were deleted (the member given the topic then writes the whole view), by view.", &["view"]),

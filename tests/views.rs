@@ -630,6 +630,9 @@ async fn views_over_an_events_topic_equal_their_oracle_across_a_kill_9() {
 #[derive(Default)]
 struct Keep {
     histories: BTreeMap<String, Vec<Value>>,
+    /// Per team, the entries of its players' changes (a team's players share a partition, so
+    /// their order is the order they were produced in).
+    teams: BTreeMap<String, Vec<Value>>,
     present: std::collections::BTreeSet<String>,
     seq: i64,
     plays: Vec<(String, i64)>,
@@ -637,28 +640,46 @@ struct Keep {
 
 impl Keep {
     /// `n` changes of 12 players' scores (each score new, so each change adds a history entry)
-    /// and deletes of present players.
-    fn changes(&mut self, gen: &mut Gen, n: usize) -> Vec<FixtureRecord> {
-        let mut out = Vec::new();
+    /// and deletes of present players, produced to `topic`: player `pNN` is in team `NN % 3`,
+    /// in that partition.
+    async fn change(
+        &mut self,
+        gen: &mut Gen,
+        n: usize,
+        p: &rdkafka::producer::FutureProducer,
+        topic: &str,
+    ) {
+        let mut out: [Vec<FixtureRecord>; 3] = Default::default();
         for _ in 0..n {
             self.seq += 1;
-            let player = format!("p{:02}", gen.below(12));
+            let i = gen.below(12);
+            let player = format!("p{i:02}");
+            let team = i % 3;
             let h = self.histories.entry(player.clone()).or_default();
-            if gen.below(6) == 0 && self.present.contains(&player) {
+            let entry = if gen.below(6) == 0 && self.present.contains(&player) {
                 self.present.remove(&player);
                 h.push(Value::Null);
-                out.push(change(&player, None));
+                out[team as usize].push(change(&player, None));
+                Value::Null
             } else {
                 self.present.insert(player.clone());
                 h.push(json!({"score": self.seq}));
                 let s = Score {
-                    team: 0,
+                    team,
                     score: self.seq,
                 };
-                out.push(change(&player, Some(&s)));
+                out[team as usize].push(change(&player, Some(&s)));
+                json!({"player": player, "score": self.seq})
+            };
+            // an entry equal to the last one (two deletes in a row) adds nothing
+            let t = self.teams.entry(format!("t{team}")).or_default();
+            if t.last() != Some(&entry) {
+                t.push(entry);
             }
         }
-        out
+        for (part, records) in out.iter().enumerate() {
+            produce_at(p, topic, part as i32, records).await;
+        }
     }
 
     fn plays(&mut self, gen: &mut Gen, n: usize) -> Vec<FixtureRecord> {
@@ -681,8 +702,17 @@ impl Keep {
                 (k.clone(), json!({ "history": last }))
             })
             .collect();
+        let teams = self
+            .teams
+            .iter()
+            .map(|(t, h)| {
+                // ~13 entries per team for 40 changes: the last 50 reach back past a restart
+                let last: Vec<Value> = h[h.len().saturating_sub(50)..].to_vec();
+                (t.clone(), json!({ "team": t, "history": last }))
+            })
+            .collect();
         let totals = event_oracle(&self.plays).remove("totals").unwrap();
-        BTreeMap::from([("hist", hist), ("totals", totals)])
+        BTreeMap::from([("hist", hist), ("team_hist", teams), ("totals", totals)])
     }
 }
 
@@ -700,7 +730,7 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     let p = producer();
     let mut gen = Gen(0x6ee9);
     let mut k = Keep::default();
-    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 150)).await;
+    k.change(&mut gen, 150, &p, &table_topic).await;
     produce_keyed(&p, &events_topic, &k.plays(&mut gen, 200)).await;
     let logs = tempdir();
     let path = logs.path().join("views.toml");
@@ -709,6 +739,8 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
         format!(
             "[topics.\"{events_topic}\"]\nformat = \"events\"\nname = \"plays\"\nkey = [\"player\"]\n\n\
              [views.hist]\nfrom = \"scores\"\nhistory = {{ limit = 10, columns = [\"score\"] }}\n\n\
+             [views.team_hist]\nfrom = \"scores\"\n\
+             history = {{ limit = 50, key = [\"team\"], columns = [\"player\", \"score\"] }}\n\n\
              [views.totals]\nfrom = \"plays\"\n[views.totals.group_by]\nby = [\"player\"]\n\
              aggregates = {{ games = \"count()\", points = \"sum(score)\", last = \"latest(score)\", \
              mean = \"avg(score)\" }}\n"
@@ -730,6 +762,7 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     check_want(&base, &mut [], &k.want(), "before the stop").await;
     let group = format!("g-{u}");
     let hist_topic = format!("{group}.table.__view.hist");
+    let team_topic = format!("{group}.table.__view.team_hist");
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before the clean stop").await;
 
     assert!(node.stop().is_some_and(|s| s.success()), "a clean stop");
@@ -752,26 +785,34 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
         .sum();
     assert_eq!(read_again, 0.0, "the events topic is not read again:\n{m}");
 
-    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 60)).await;
+    k.change(&mut gen, 60, &p, &table_topic).await;
     produce_keyed(&p, &events_topic, &k.plays(&mut gen, 40)).await;
     check_want(&base, &mut clients, &k.want(), "after more changes").await;
 
     // kill -9 once the history's topic holds it (nothing is saved): the restart restores the
     // histories from the topic, then takes what the table holds beyond it, every entry once
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before kill -9").await;
+    topic_holds_rows(&team_topic, &k.want()["team_hist"], "before kill -9").await;
     node.kill9();
-    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 40)).await;
+    k.change(&mut gen, 40, &p, &table_topic).await;
     node.start();
     node.wait_ready(Duration::from_secs(60)).await;
-    let mut clients = vec![connect(&base, "hist", None, None).await];
+    let mut clients = vec![
+        connect(&base, "hist", None, None).await,
+        connect(&base, "team_hist", None, None).await,
+    ];
     check_want(&base, &mut clients, &k.want(), "after kill -9").await;
-    assert_eq!(
-        node.metric("livetable_view_log_restores_total{view=\"hist\"}")
+    for view in ["hist", "team_hist"] {
+        assert_eq!(
+            node.metric(&format!(
+                "livetable_view_log_restores_total{{view=\"{view}\"}}"
+            ))
             .await,
-        Some(1.0),
-        "the history came from its topic"
-    );
-    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 40)).await;
+            Some(1.0),
+            "{view}: the history came from its topic"
+        );
+    }
+    k.change(&mut gen, 40, &p, &table_topic).await;
     check_want(
         &base,
         &mut clients,
@@ -783,6 +824,7 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     // a node with an empty data directory: the table from its changelog, the histories from
     // their topic
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before the stop").await;
+    topic_holds_rows(&team_topic, &k.want()["team_hist"], "before the stop").await;
     node.stop();
     let empty = tempdir();
     let mut fresh = Node::spawn(
@@ -795,9 +837,12 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
         &["--views", path.to_str().unwrap()],
     );
     fresh.wait_ready(Duration::from_secs(60)).await;
-    let mut clients = vec![connect(&fresh.base, "hist", None, None).await];
+    let mut clients = vec![
+        connect(&fresh.base, "hist", None, None).await,
+        connect(&fresh.base, "team_hist", None, None).await,
+    ];
     check_want(&fresh.base, &mut clients, &k.want(), "on an empty node").await;
-    produce_keyed(&p, &table_topic, &k.changes(&mut gen, 40)).await;
+    k.change(&mut gen, 40, &p, &table_topic).await;
     check_want(
         &fresh.base,
         &mut clients,

@@ -187,9 +187,14 @@ impl Views {
             metrics.view_changes.with_label_values(&[&def.name]);
             metrics.view_log_restores.with_label_values(&[&def.name]);
             let op = ViewOperator::new(def);
-            let track = (def.input == InputKind::Table && op.output_per_input_row()).then(|| {
-                reconcile::Tracked::new(matches!(def.operator, crate::views::OperatorDef::Delta(_)))
-            });
+            let keyed = op.keyed_history();
+            let track = (def.input == InputKind::Table && (op.output_per_input_row() || keyed))
+                .then(|| {
+                    reconcile::Tracked::new(
+                        matches!(def.operator, crate::views::OperatorDef::Delta(_)),
+                        keyed,
+                    )
+                });
             let taken = (def.input == InputKind::Table && op.replay_order_matters())
                 .then(order::Taken::default);
             let view = Arc::new(View {
@@ -439,6 +444,10 @@ impl Views {
             taken.seed(op, &f.table.read());
         }
         if let (Some(tr), Some(f)) = (st.track.as_mut(), fed.as_ref()) {
+            if tr.keyed {
+                // saved at exactly the input's rows: it took every change they hold
+                tr.pass_input(&f.table.read());
+            }
             tr.seen = saved
                 .seen
                 .into_iter()

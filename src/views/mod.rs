@@ -84,7 +84,8 @@
 //!   over events without `avg`: the view's own rows (its changelog) are its whole state; call
 //!   [`ViewOperator::rebuild_from_output`] with each `(key, row)`. Over a table, `history` and
 //!   `delta` without `key` ([`ViewOperator::output_per_input_row`]) then need only the input
-//!   changes their rows lack.
+//!   changes their rows lack, and `history` with `key` ([`ViewOperator::keyed_history`]) the
+//!   input rows changed past the positions its records carry.
 //! - [`RestorePlan::FromOutputAndRowState`]: `group_by` with `avg` over events: the rows and,
 //!   with each, what it does not show ([`ViewOperator::row_state`]: each average's exact sum and
 //!   count), which the view's topic carries beside the row; call
@@ -306,6 +307,14 @@ impl ViewOperator {
             Op::Delta(o) => o.rebuildable_from_output(),
             _ => false,
         }
+    }
+
+    /// Over a table: a `history` with `key` columns, whose rows are its whole state but gather
+    /// the changes of several input rows each. Such a view knows how far in each input
+    /// partition it took the changes, so that after a restore from its topic, or when the
+    /// input's updates do not follow on, it takes only the rows changed since (`table::derived`).
+    pub fn keyed_history(&self) -> bool {
+        matches!(&self.op, Op::History(o) if o.keyed())
     }
 
     /// Feeds one output row back (plan [`RestorePlan::FromOutput`] only; otherwise ignored).

@@ -182,6 +182,17 @@ pub async fn produce(producer: &FutureProducer, topic: &str, records: &[FixtureR
     produce_to(producer, topic, records, Some(0)).await
 }
 
+/// Produces records to partition `partition` of `topic` in order and waits for every
+/// acknowledgement.
+pub async fn produce_at(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    records: &[FixtureRecord],
+) {
+    produce_to(producer, topic, records, Some(partition)).await
+}
+
 /// Produces records to `topic`, each to the partition its key hashes to (as Debezium's producer
 /// does), and waits for every acknowledgement.
 pub async fn produce_keyed(producer: &FutureProducer, topic: &str, records: &[FixtureRecord]) {

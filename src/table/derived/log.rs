@@ -56,6 +56,7 @@ impl Skip {
             input: base.input.clone(),
             state: None,
             at: None,
+            upto: base.upto.clone(),
         })
     }
 
@@ -112,17 +113,19 @@ impl Views {
                 events.sort_unstable();
                 Some(Arc::new(Mark {
                     events,
-                    input: None,
-                    state: None,
-                    at: None,
+                    ..Mark::default()
                 }))
             }
             InputKind::Table => st.fed.as_ref().map(|f| {
                 Arc::new(Mark {
-                    events: Vec::new(),
                     input: Some(format!("{}#{}", f.epoch, f.useq)),
-                    state: None,
-                    at: None,
+                    // a keyed history: how far in each input partition it took the changes
+                    upto: st
+                        .track
+                        .as_ref()
+                        .map(|tr| tr.upto_of(&f.epoch))
+                        .unwrap_or_default(),
+                    ..Mark::default()
                 })
             }),
         }

@@ -1,6 +1,15 @@
 //! Views over a table whose rows are their input rows' (`history`, `delta` without `key`
-//! columns; [`crate::views::ViewOperator::output_per_input_row`]): what they do instead of
-//! starting again from the input's current rows.
+//! columns; [`crate::views::ViewOperator::output_per_input_row`]), and `history` with `key`
+//! columns ([`crate::views::ViewOperator::keyed_history`]): what they do instead of starting
+//! again from the input's current rows.
+//!
+//! A keyed history files the changes of several input rows into one row, so no row can name the
+//! change it holds: it keeps instead, per input partition, the offset up to which it took the
+//! changes ([`Tracked::upto`], in every record's mark as [`crate::table::viewlog::Mark::upto`]).
+//! A restore stands where the marks reach furthest; a reconcile takes each input row changed past
+//! that position in its partition as one change, oldest offset first (a row deleted meanwhile is
+//! not known: its group went with it), and a change at or below it is skipped. The rest of this
+//! doc is about the views whose rows are their input rows'.
 //!
 //! Such a view keeps, per input key, the input change (lineage, partition, offset) its row last
 //! took ([`Tracked`]), and writes it into each record's mark
@@ -65,6 +74,15 @@ pub(super) struct Tracked {
     /// The view deletes a key's row when the input row goes (`delta`; a `history` keeps the row,
     /// with a `null` entry): its entry in `seen` goes too.
     pub forget_deleted: bool,
+    /// A `history` with `key` columns: several input rows file into one output row, so no row
+    /// can name the change it holds. The view keeps instead how far it took each input
+    /// partition (`upto`, written into every mark) and compares each input row's change with
+    /// that (`seen` and `pending` stay empty).
+    pub keyed: bool,
+    /// Keyed: per input partition, the offset up to which the view took the changes, of
+    /// lineage `upto_epoch`.
+    pub upto: HashMap<u32, i64>,
+    pub upto_epoch: Option<Arc<str>>,
     /// Per input key, the change its row last took.
     pub seen: HashMap<String, Seen>,
     /// Keys the view holds ahead of the input's position, which the input does not have yet:
@@ -80,11 +98,82 @@ pub(super) struct Tracked {
 }
 
 impl Tracked {
-    pub fn new(forget_deleted: bool) -> Self {
+    pub fn new(forget_deleted: bool, keyed: bool) -> Self {
         Tracked {
             forget_deleted,
+            keyed,
             ..Tracked::default()
         }
+    }
+
+    /// Keyed: how far the view took each input partition, when of lineage `epoch` (what every
+    /// mark carries; empty otherwise).
+    pub fn upto_of(&self, epoch: &str) -> Vec<(u32, i64)> {
+        if !self.keyed || self.upto_epoch.as_deref() != Some(epoch) {
+            return Vec::new();
+        }
+        let mut v: Vec<(u32, i64)> = self.upto.iter().map(|(p, o)| (*p, *o)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Keyed: whether the view took the input's changes of lineage `epoch` up to `off` in
+    /// `part` already.
+    fn passed(&self, epoch: &str, part: u32, off: i64) -> bool {
+        self.upto_epoch.as_deref() == Some(epoch) && self.upto.get(&part).is_some_and(|u| *u >= off)
+    }
+
+    /// Keyed: notes that the view took the input's changes of lineage `epoch` up to `off` in
+    /// `part` (positions of another lineage are forgotten).
+    fn pass(&mut self, epoch: &Arc<str>, part: u32, off: i64) {
+        if self.upto_epoch.as_deref() != Some(&**epoch) {
+            self.upto.clear();
+            self.upto_epoch = Some(epoch.clone());
+        }
+        let u = self.upto.entry(part).or_insert(off);
+        *u = (*u).max(off);
+    }
+
+    /// Keyed: the view holds every change the input `t` holds (a clean stop's save at exactly
+    /// its rows, or a reconcile with it).
+    pub fn pass_input(&mut self, t: &TableState) {
+        for (p, s) in t.slices.iter().enumerate() {
+            if s.last_off >= 0 {
+                self.pass(&t.epoch, p as u32, s.last_off);
+            }
+        }
+    }
+
+    /// Keyed (see the module doc): takes each input row changed past the view's position in
+    /// its partition as one change, oldest offset first, then the changes of `update` it lacks
+    /// (the rows `update` changed are not brought up to their row before it: their position
+    /// is not known); the view then holds what the input holds.
+    fn reconcile_keyed(
+        &mut self,
+        op: &mut ViewOperator,
+        t: &TableState,
+        update: Option<&TableUpdate>,
+        out: &mut Vec<OutChange>,
+    ) {
+        let changes = update.map_or(&[][..], |u| &u.changes[..]);
+        let changed: HashSet<&str> = changes.iter().map(|c| c.key.as_str()).collect();
+        let mut rows: Vec<(&String, &Entry)> = t
+            .rows
+            .iter()
+            .filter(|(k, e)| !changed.contains(k.as_str()) && !self.passed(&t.epoch, e.part, e.off))
+            .collect();
+        rows.sort_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
+        for (key, e) in rows {
+            out.extend(op.apply_change(key, None, Some(&e.row)));
+        }
+        if let Some(u) = update {
+            for c in &u.changes {
+                if self.take(&u.epoch, c) {
+                    out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
+                }
+            }
+        }
+        self.pass_input(t);
     }
 
     /// The change `key`'s row holds, when of lineage `epoch` (what its mark carries).
@@ -112,6 +201,7 @@ impl Tracked {
                 .map(|p| p as u32)
                 .collect();
             if !restarted.is_empty() {
+                self.upto.retain(|p, _| !restarted.contains(p));
                 self.seen.retain(|_, s| !restarted.contains(&s.part));
                 self.pending.retain(|k, s| {
                     let keep = !restarted.contains(&s.part);
@@ -148,6 +238,13 @@ impl Tracked {
     /// Whether the view takes input change `c` of lineage `epoch` (false: its row holds it
     /// already); notes it as the key's last.
     fn take(&mut self, epoch: &Arc<str>, c: &AppliedChange) -> bool {
+        if self.keyed {
+            if self.passed(epoch, c.part, c.off) {
+                return false;
+            }
+            self.pass(epoch, c.part, c.off);
+            return true;
+        }
         if self
             .seen
             .get(&c.key)
@@ -231,7 +328,7 @@ impl Views {
         update: Option<&TableUpdate>,
     ) {
         let mut out: Vec<OutChange> = Vec::new();
-        let (epoch, useq) = {
+        let (epoch, useq) = 'fed: {
             let ViewState { op, track, .. } = &mut *st;
             let Some(tr) = track.as_mut() else {
                 return;
@@ -240,6 +337,10 @@ impl Views {
             let waiting = tr.note_resets(&t);
             tr.delete_missing(op, &t, waiting, &mut out);
             tr.restored = false;
+            if tr.keyed {
+                tr.reconcile_keyed(op, &t, update, &mut out);
+                break 'fed (t.epoch.clone(), t.useq);
+            }
             // the keys `update` changed: brought up to the row before its first change of them,
             // then given the update's changes
             let mut first: HashMap<&str, &AppliedChange> = HashMap::new();
@@ -357,6 +458,7 @@ impl Views {
         }
         let mut op = ViewOperator::new(&view.def);
         let mut rows: Vec<(String, Option<Row>)> = Vec::new();
+        let (upto, upto_epoch) = keyed_positions(content);
         let mut seen = HashMap::new();
         // one `Arc` per lineage the marks name
         let mut epochs: HashMap<String, Arc<str>> = HashMap::new();
@@ -388,6 +490,9 @@ impl Views {
         let Some(tr) = st.track.as_mut() else {
             return false;
         };
+        if tr.keyed {
+            (tr.upto, tr.upto_epoch) = (upto, upto_epoch);
+        }
         tr.seen = seen;
         tr.pending.clear();
         tr.restored = true;
@@ -402,6 +507,43 @@ impl Views {
         tracing::info!(view = %view.def.name, rows = n, with_positions = held, "view restored from its changelog topic");
         true
     }
+}
+
+/// Where a keyed history restored from its topic stands in its input: per partition, the
+/// furthest any record's mark names (the topic has one partition and one writer at a time, so
+/// the commits before its last record are in it), of the floor's lineage (else of the marks',
+/// when they name only one). Nothing: every input row is taken once.
+fn keyed_positions(content: &LogContent) -> (HashMap<u32, i64>, Option<Arc<str>>) {
+    let marks = content
+        .rows
+        .values()
+        .map(|(_, m, _)| &**m)
+        .chain(content.floor.as_ref())
+        .filter(|m| !m.upto.is_empty());
+    let epoch: Option<&str> = match content.floor.as_ref().and_then(|f| f.input_epoch()) {
+        Some(e) => Some(e),
+        None => {
+            let mut epochs: Vec<&str> = marks.clone().filter_map(|m| m.input_epoch()).collect();
+            epochs.sort_unstable();
+            epochs.dedup();
+            match epochs[..] {
+                [e] => Some(e),
+                _ => None,
+            }
+        }
+    };
+    let Some(epoch) = epoch else {
+        return (HashMap::new(), None);
+    };
+    let mut upto: HashMap<u32, i64> = HashMap::new();
+    for (p, off) in marks
+        .filter(|m| m.input_epoch() == Some(epoch))
+        .flat_map(|m| &m.upto)
+    {
+        let u = upto.entry(*p).or_insert(*off);
+        *u = (*u).max(*off);
+    }
+    (upto, Some(epoch.into()))
 }
 
 impl Views {

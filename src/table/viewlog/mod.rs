@@ -103,6 +103,12 @@ pub struct Mark {
     /// (the lineage is `input`'s epoch). A restore skips what the row already holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<(u32, i64)>,
+    /// Views over a table with several input rows per output row (`history` with `key`
+    /// columns): per input partition, the last offset up to which the view took the input's
+    /// changes (the lineage is `input`'s epoch). A restore takes from the input only the rows
+    /// changed past them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upto: Vec<(u32, i64)>,
 }
 
 impl Mark {
@@ -184,6 +190,7 @@ mod tests {
             input: None,
             state: None,
             at: None,
+            upto: vec![(1, 7)],
         };
         let back: Mark = serde_json::from_str(&m.to_json()).unwrap();
         assert_eq!(back, m);

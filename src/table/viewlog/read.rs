@@ -283,6 +283,7 @@ mod tests {
             input: None,
             state: None,
             at: None,
+            upto: Vec::new(),
         }
         .to_json()
         .into_bytes()
@@ -297,6 +298,7 @@ mod tests {
                 input: None,
                 state: Some(serde_json::json!({"m": {"n": n}})),
                 at: None,
+                upto: Vec::new(),
             }
             .to_json()
             .into_bytes()

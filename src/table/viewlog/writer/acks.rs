@@ -198,6 +198,7 @@ mod tests {
             input: None,
             state: None,
             at: None,
+            upto: Vec::new(),
         })
     }
 
