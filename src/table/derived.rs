@@ -187,7 +187,9 @@ impl Views {
             metrics.view_changes.with_label_values(&[&def.name]);
             metrics.view_log_restores.with_label_values(&[&def.name]);
             let op = ViewOperator::new(def);
-            let keyed = op.keyed_history();
+            // not over a view: its lineage is new in each process, so no position of a restored
+            // topic would hold in it and every row would be taken again as a new entry
+            let keyed = op.keyed_history() && !defs.iter().any(|d| d.name == def.from);
             let track = (def.input == InputKind::Table && (op.output_per_input_row() || keyed))
                 .then(|| {
                     reconcile::Tracked::new(

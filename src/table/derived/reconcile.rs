@@ -4,12 +4,14 @@
 //! again from the input's current rows.
 //!
 //! A keyed history files the changes of several input rows into one row, so no row can name the
-//! change it holds: it keeps instead, per input partition, the offset up to which it took the
-//! changes ([`Tracked::upto`], in every record's mark as [`crate::table::viewlog::Mark::upto`]).
-//! A restore stands where the marks reach furthest; a reconcile takes each input row changed past
-//! that position in its partition as one change, oldest offset first (a row deleted meanwhile is
-//! not known: its group went with it), and a change at or below it is skipped. The rest of this
-//! doc is about the views whose rows are their input rows'.
+//! change of each input row it holds. In memory it keeps `seen` per input key as the others
+//! do; every record's mark carries, per input partition, the offset up to which the view had
+//! taken the changes when it was written ([`Tracked::upto`], as
+//! [`crate::table::viewlog::Mark::upto`]). After a restore, an input key not seen since is held
+//! when the record of the output row its row files into holds its change ([`Tracked::groups`]);
+//! a reconcile takes each other row as one change, oldest offset first (a row deleted meanwhile
+//! is not known: its output row went with it). The rest of this doc is about the views whose rows
+//! are their input rows'.
 //!
 //! Such a view keeps, per input key, the input change (lineage, partition, offset) its row last
 //! took ([`Tracked`]), and writes it into each record's mark
@@ -75,14 +77,20 @@ pub(super) struct Tracked {
     /// with a `null` entry): its entry in `seen` goes too.
     pub forget_deleted: bool,
     /// A `history` with `key` columns: several input rows file into one output row, so no row
-    /// can name the change it holds. The view keeps instead how far it took each input
-    /// partition (`upto`, written into every mark) and compares each input row's change with
-    /// that (`seen` and `pending` stay empty).
+    /// can name the change of each input row it holds. In memory it keeps `seen` per input key
+    /// as the others do (`pending` stays empty: its rows are never deleted); in its topic every
+    /// record carries how far the view had taken each input partition when it was written
+    /// (`upto`), and a restore compares an input row's change with the record of the output
+    /// row that row files into (`groups`).
     pub keyed: bool,
     /// Keyed: per input partition, the offset up to which the view took the changes, of
-    /// lineage `upto_epoch`.
+    /// lineage `upto_epoch` (what every mark carries).
     pub upto: HashMap<u32, i64>,
     pub upto_epoch: Option<Arc<str>>,
+    /// Keyed, restored from the topic: each output row's mark, for the input keys not in
+    /// `seen`; the partitions whose offsets restarted since are left out (`group_reset`).
+    pub groups: HashMap<String, Arc<crate::table::viewlog::Mark>>,
+    pub group_reset: HashSet<u32>,
     /// Per input key, the change its row last took.
     pub seen: HashMap<String, Seen>,
     /// Keys the view holds ahead of the input's position, which the input does not have yet:
@@ -117,10 +125,44 @@ impl Tracked {
         v
     }
 
-    /// Keyed: whether the view took the input's changes of lineage `epoch` up to `off` in
-    /// `part` already.
-    fn passed(&self, epoch: &str, part: u32, off: i64) -> bool {
-        self.upto_epoch.as_deref() == Some(epoch) && self.upto.get(&part).is_some_and(|u| *u >= off)
+    /// Whether the view holds the change of lineage `epoch` at `part`/`off` of input key `key`,
+    /// whose row is then `row` (a delete: the row before): by the key's own last change, else
+    /// (keyed, restored) by the record of the output row that `row` files into, written when
+    /// the view had taken that partition up to the change or past it.
+    fn holds(
+        &self,
+        op: &ViewOperator,
+        key: &str,
+        row: Option<&Row>,
+        (epoch, part, off): (&str, u32, i64),
+    ) -> bool {
+        if let Some(s) = self.seen.get(key) {
+            return s.holds(epoch, part, off);
+        }
+        if !self.keyed || self.groups.is_empty() || self.group_reset.contains(&part) {
+            return false;
+        }
+        row.and_then(|r| op.event_key(Some(key), r))
+            .and_then(|g| self.groups.get(&g))
+            .is_some_and(|m| {
+                m.input_epoch() == Some(epoch)
+                    && m.upto.iter().any(|(p, u)| *p == part && *u >= off)
+            })
+    }
+
+    /// Notes that the view took input change `part`/`off` of lineage `epoch` of `key`.
+    fn note(&mut self, key: &str, epoch: &Arc<str>, part: u32, off: i64) {
+        self.seen.insert(
+            key.to_string(),
+            Seen {
+                epoch: epoch.clone(),
+                part,
+                off,
+            },
+        );
+        if self.keyed {
+            self.pass(epoch, part, off);
+        }
     }
 
     /// Keyed: notes that the view took the input's changes of lineage `epoch` up to `off` in
@@ -144,10 +186,11 @@ impl Tracked {
         }
     }
 
-    /// Keyed (see the module doc): takes each input row changed past the view's position in
-    /// its partition as one change, oldest offset first, then the changes of `update` it lacks
-    /// (the rows `update` changed are not brought up to their row before it: their position
-    /// is not known); the view then holds what the input holds.
+    /// Keyed (see the module doc): takes each input row whose change it does not hold as one
+    /// change, oldest offset first, then the changes of `update` it lacks (the rows `update`
+    /// changed are not brought up to their row before it: the group's last entry may be
+    /// another row's, so that row would be filed twice); the marks then name the input's
+    /// positions.
     fn reconcile_keyed(
         &mut self,
         op: &mut ViewOperator,
@@ -160,15 +203,19 @@ impl Tracked {
         let mut rows: Vec<(&String, &Entry)> = t
             .rows
             .iter()
-            .filter(|(k, e)| !changed.contains(k.as_str()) && !self.passed(&t.epoch, e.part, e.off))
+            .filter(|(k, e)| {
+                !changed.contains(k.as_str())
+                    && !self.holds(op, k, Some(&e.row), (&t.epoch, e.part, e.off))
+            })
             .collect();
         rows.sort_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
         for (key, e) in rows {
             out.extend(op.apply_change(key, None, Some(&e.row)));
+            self.note(key, &t.epoch, e.part, e.off);
         }
         if let Some(u) = update {
             for c in &u.changes {
-                if self.take(&u.epoch, c) {
+                if self.take(op, &u.epoch, c) {
                     out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
                 }
             }
@@ -176,8 +223,12 @@ impl Tracked {
         self.pass_input(t);
     }
 
-    /// The change `key`'s row holds, when of lineage `epoch` (what its mark carries).
+    /// The change `key`'s row holds, when of lineage `epoch` (what its mark carries; a keyed
+    /// history's rows are not input rows: none).
     pub fn at(&self, key: &str, epoch: Option<&str>) -> Option<(u32, i64)> {
+        if self.keyed {
+            return None;
+        }
         let s = self.seen.get(key)?;
         (Some(&*s.epoch) == epoch).then_some((s.part, s.off))
     }
@@ -202,6 +253,7 @@ impl Tracked {
                 .collect();
             if !restarted.is_empty() {
                 self.upto.retain(|p, _| !restarted.contains(p));
+                self.group_reset.extend(&restarted);
                 self.seen.retain(|_, s| !restarted.contains(&s.part));
                 self.pending.retain(|k, s| {
                     let keep = !restarted.contains(&s.part);
@@ -237,33 +289,16 @@ impl Tracked {
 
     /// Whether the view takes input change `c` of lineage `epoch` (false: its row holds it
     /// already); notes it as the key's last.
-    fn take(&mut self, epoch: &Arc<str>, c: &AppliedChange) -> bool {
-        if self.keyed {
-            if self.passed(epoch, c.part, c.off) {
-                return false;
-            }
-            self.pass(epoch, c.part, c.off);
-            return true;
-        }
-        if self
-            .seen
-            .get(&c.key)
-            .is_some_and(|s| s.holds(epoch, c.part, c.off))
-        {
+    fn take(&mut self, op: &ViewOperator, epoch: &Arc<str>, c: &AppliedChange) -> bool {
+        let row = c.row.as_deref().or(c.before.as_deref());
+        if self.holds(op, &c.key, row, (epoch, c.part, c.off)) {
             return false;
         }
         self.pending.remove(&c.key);
         if c.row.is_none() && self.forget_deleted {
             self.seen.remove(&c.key);
         } else {
-            self.seen.insert(
-                c.key.clone(),
-                Seen {
-                    epoch: epoch.clone(),
-                    part: c.part,
-                    off: c.off,
-                },
-            );
+            self.note(&c.key, epoch, c.part, c.off);
         }
         true
     }
@@ -286,7 +321,7 @@ impl Views {
         let mut out = Vec::new();
         tr.delete_missing(op, &t, waiting, &mut out);
         for c in &update.changes {
-            if tr.take(&update.epoch, c) {
+            if tr.take(op, &update.epoch, c) {
                 out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
             }
         }
@@ -426,7 +461,7 @@ impl Views {
                     tr.pending.remove(key);
                 }
                 for c in &u.changes {
-                    if tr.take(&u.epoch, c) {
+                    if tr.take(op, &u.epoch, c) {
                         out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
                     }
                 }
@@ -456,9 +491,19 @@ impl Views {
             );
             return false;
         }
+        let keyed = view.def.input == crate::views::InputKind::Table
+            && lock(&view.state).track.as_ref().is_some_and(|t| t.keyed);
+        if keyed && !content.rows.values().any(|(_, m, _)| !m.upto.is_empty()) {
+            tracing::warn!(
+                view = %view.def.name,
+                records = content.records,
+                "the view's changelog topic names no input positions (written by a livetable before 2026-12-07); the view starts from its input's rows"
+            );
+            return false;
+        }
         let mut op = ViewOperator::new(&view.def);
         let mut rows: Vec<(String, Option<Row>)> = Vec::new();
-        let (upto, upto_epoch) = keyed_positions(content);
+        let mut groups = HashMap::new();
         let mut seen = HashMap::new();
         // one `Arc` per lineage the marks name
         let mut epochs: HashMap<String, Arc<str>> = HashMap::new();
@@ -466,6 +511,10 @@ impl Views {
             let Some(row) = row else { continue };
             op.rebuild_from_output(key, row);
             rows.push((key.clone(), Some(row.clone())));
+            if keyed {
+                groups.insert(key.clone(), mark.clone());
+                continue;
+            }
             if let (Some((part, off)), Some(e)) = (mark.at, mark.input_epoch()) {
                 let epoch = epochs
                     .entry(e.to_string())
@@ -490,9 +539,8 @@ impl Views {
         let Some(tr) = st.track.as_mut() else {
             return false;
         };
-        if tr.keyed {
-            (tr.upto, tr.upto_epoch) = (upto, upto_epoch);
-        }
+        tr.groups = groups;
+        tr.group_reset.clear();
         tr.seen = seen;
         tr.pending.clear();
         tr.restored = true;
@@ -507,43 +555,6 @@ impl Views {
         tracing::info!(view = %view.def.name, rows = n, with_positions = held, "view restored from its changelog topic");
         true
     }
-}
-
-/// Where a keyed history restored from its topic stands in its input: per partition, the
-/// furthest any record's mark names (the topic has one partition and one writer at a time, so
-/// the commits before its last record are in it), of the floor's lineage (else of the marks',
-/// when they name only one). Nothing: every input row is taken once.
-fn keyed_positions(content: &LogContent) -> (HashMap<u32, i64>, Option<Arc<str>>) {
-    let marks = content
-        .rows
-        .values()
-        .map(|(_, m, _)| &**m)
-        .chain(content.floor.as_ref())
-        .filter(|m| !m.upto.is_empty());
-    let epoch: Option<&str> = match content.floor.as_ref().and_then(|f| f.input_epoch()) {
-        Some(e) => Some(e),
-        None => {
-            let mut epochs: Vec<&str> = marks.clone().filter_map(|m| m.input_epoch()).collect();
-            epochs.sort_unstable();
-            epochs.dedup();
-            match epochs[..] {
-                [e] => Some(e),
-                _ => None,
-            }
-        }
-    };
-    let Some(epoch) = epoch else {
-        return (HashMap::new(), None);
-    };
-    let mut upto: HashMap<u32, i64> = HashMap::new();
-    for (p, off) in marks
-        .filter(|m| m.input_epoch() == Some(epoch))
-        .flat_map(|m| &m.upto)
-    {
-        let u = upto.entry(*p).or_insert(*off);
-        *u = (*u).max(*off);
-    }
-    (upto, Some(epoch.into()))
 }
 
 impl Views {

@@ -564,3 +564,71 @@ fn a_keyed_history_takes_from_its_input_only_the_rows_changed_past_its_topic() {
         assert_eq!(rows_of(&t, "teams"), expect, "{what}");
     }
 }
+
+#[test]
+fn a_keyed_history_over_a_view_is_computed_again() {
+    // the view's lineage is new in each process: a position in it would not hold after a restart
+    let defs = ViewsFile::parse(
+        "[views.top]\nfrom = \"scores\"\ntop_n = { order_by = [\"score desc\", \"player\"], limit = 3 }\n\n\
+         [views.top_teams]\nfrom = \"top\"\nhistory = { limit = 9, key = [\"team\"], columns = [\"player\"] }\n",
+    )
+    .unwrap()
+    .views;
+    let all = batches();
+    let (tables, commits) = written(&defs, &all[..30]);
+    assert!(!rows_of(&tables, "top_teams").is_empty());
+    assert!(commits
+        .iter()
+        .filter(|c| &*c.view == "top_teams")
+        .all(|c| c.changes.iter().all(|(_, _, m)| m.upto.is_empty())));
+    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let (_, r) = start(&defs, Some(input_after(&defs, &all, 30)), Some(&logs));
+    let restores = r
+        .metrics
+        .view_log_restores
+        .with_label_values(&["top_teams"]);
+    assert_eq!(restores.get(), 0);
+}
+
+#[test]
+fn a_keyed_history_takes_a_change_below_its_partitions_position_and_refuses_old_topics() {
+    let defs = ViewsFile::parse(TEAMS).unwrap().views;
+    let all = batches();
+    // a change below the partition's last offset (a new owner filling the gap the former
+    // owner's changelog left) is taken: positions per input key, not one per partition
+    let mut more = all.clone();
+    more.push(vec![(
+        "p9".to_string(),
+        Some(row(json!({"player": "p9", "team": 0, "score": 5}))),
+        1,
+        7,
+    )]);
+    let (tables, commits) = written(&defs, &more);
+    let team0 = rows_of(&tables, "teams")["0"]["history"].clone();
+    let last = team0.as_array().and_then(|h| h.last()).cloned();
+    assert_eq!(last, Some(json!({"player": "p9", "score": 5})));
+    // restored from that topic and the same input: nothing taken again
+    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let input = tables.get("scores").unwrap().read().clone();
+    let (t, r) = start(&defs, Some(input.clone()), Some(&logs));
+    assert_eq!(rows_of(&t, "teams"), rows_of(&tables, "teams"));
+    let restores = r.metrics.view_log_restores.with_label_values(&["teams"]);
+    assert_eq!(restores.get(), 1);
+
+    // a topic whose records name no positions (written before they were kept) is not restored:
+    // every input row would be taken again on top of its histories
+    let mut old = Vec::new();
+    for mut c in commits {
+        for (_, _, m) in c.changes.iter_mut() {
+            *m = Arc::new(crate::table::viewlog::Mark {
+                upto: Vec::new(),
+                ..(**m).clone()
+            });
+        }
+        old.push(c);
+    }
+    let logs = |name: &str, _: &str| Ok(Some(content(&old, name, usize::MAX)));
+    let (_, r) = start(&defs, Some(input), Some(&logs));
+    let restores = r.metrics.view_log_restores.with_label_values(&["teams"]);
+    assert_eq!(restores.get(), 0);
+}
