@@ -17,9 +17,9 @@
 //! order (`latest` over a table: in the order it took them, `order.rs`), and the difference to
 //! its current rows is committed as one update. `top_n`,
 //! `max_by`/`min_by` and `group_by` without `latest` are a function of the input rows and come
-//! back exact; `history` and `delta` without `key` columns are brought up to the input's rows
-//! instead, keeping their past (`reconcile.rs`); `latest` and keyed `history`/`delta` restart
-//! from the current rows.
+//! back exact; `history` (also with `key` columns) and `delta` without `key` columns are brought
+//! up to the input's rows instead, keeping their past (`reconcile.rs`); `latest` and a `delta`
+//! with `key` columns restart from the current rows.
 //!
 //! Clean stops: [`Views::save`] gives each view's operator state and rows with the input's
 //! resume token (views over events: the events topics' positions), which the node keeps in its
@@ -29,7 +29,7 @@
 //! over events whose rows are their whole state (or whose rows with the state their records
 //! carry are: `avg`): those are restored from their changelog topics
 //! ([`crate::table::viewlog`], `log.rs`), and the events they hold are skipped when read again;
-//! and `history`/`delta` without `key` over a table, restored from their topics at start and
+//! and `history` and `delta` without `key` over a table, restored from their topics at start and
 //! brought up to their input (`reconcile.rs`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -88,8 +88,9 @@ struct ViewState {
     /// Restored from the view's topic: the events its rows already hold, skipped while the
     /// input is read again.
     skip: Option<log::Skip>,
-    /// A view over a table whose rows are its input rows' ([`ViewOperator::output_per_input_row`]):
-    /// the input change each row holds (`reconcile.rs`).
+    /// A view over a table whose rows are its input rows' ([`ViewOperator::output_per_input_row`])
+    /// or a keyed `history` ([`ViewOperator::keyed_history`]): the input change each input key
+    /// last gave it (`reconcile.rs`).
     track: Option<reconcile::Tracked>,
     /// A view over a table whose output depends on the order of its input's changes
     /// ([`ViewOperator::replay_order_matters`]): when it took each input row (`order.rs`).

@@ -151,11 +151,14 @@ impl Views {
             .track
             .as_ref()
             .and_then(|tr| tr.at(key, mark.input_epoch()));
-        match (st.op.row_state(key), at) {
-            (None, None) => mark,
-            (state, at) => Arc::new(Mark {
+        // a keyed history's row restored from a record that held more keeps naming it
+        let upto = st.track.as_ref().and_then(|tr| tr.upto_for(key, &mark));
+        match (st.op.row_state(key), at, upto) {
+            (None, None, None) => mark,
+            (state, at, upto) => Arc::new(Mark {
                 state,
                 at,
+                upto: upto.unwrap_or_else(|| mark.upto.clone()),
                 ..(*mark).clone()
             }),
         }

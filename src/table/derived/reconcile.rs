@@ -43,10 +43,11 @@
 //! lacks (those in flight when a node died), each such key's changes since its row arrive as one
 //! (a history gets the current row once, not each value in between; a delta's movement spans
 //! them). Rows of another lineage of the input hold no position in this one: each such key takes
-//! its current row (a history adds nothing when it equals its last entry), and keys the input
-//! lacks at that moment are taken as deletes.
+//! its current row (a history adds nothing when it equals its last entry; a keyed history's last
+//! entry is usually another row's, so it files the row again), and keys the input lacks at that
+//! moment are taken as deletes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{lock, Fed, View, ViewState, Views};
@@ -297,10 +298,46 @@ impl Tracked {
         self.pending.remove(&c.key);
         if c.row.is_none() && self.forget_deleted {
             self.seen.remove(&c.key);
+        } else if c.row.is_none() && self.keyed {
+            // a keyed history's rows are groups: what a deleted input key gave is in them, and
+            // `seen` stays as large as the input
+            self.seen.remove(&c.key);
+            self.pass(epoch, c.part, c.off);
         } else {
             self.note(&c.key, epoch, c.part, c.off);
         }
         true
+    }
+
+    /// Keyed, restored: the `upto` a record of output row `key` carries, when the record it was
+    /// restored from held more than `base` (the view's positions now) in some partition: a row
+    /// keeps naming what it holds (after a restore from a topic ahead of the input, the input's
+    /// positions are below it until the input reads those changes again).
+    pub fn upto_for(
+        &self,
+        key: &str,
+        base: &crate::table::viewlog::Mark,
+    ) -> Option<Vec<(u32, i64)>> {
+        if !self.keyed {
+            return None;
+        }
+        let restored = self.groups.get(key)?;
+        if base.input_epoch().is_none() || restored.input_epoch() != base.input_epoch() {
+            return None;
+        }
+        let mut merged: BTreeMap<u32, i64> = base.upto.iter().copied().collect();
+        let mut raised = false;
+        for (p, u) in &restored.upto {
+            if self.group_reset.contains(p) {
+                continue;
+            }
+            let e = merged.entry(*p).or_insert(i64::MIN);
+            if *u > *e {
+                *e = *u;
+                raised = true;
+            }
+        }
+        raised.then(|| merged.into_iter().collect())
     }
 }
 
@@ -534,7 +571,7 @@ impl Views {
         };
         rows.extend(stale.into_iter().map(|k| (k, None)));
         rows.sort_by(|a, b| a.0.cmp(&b.0));
-        let (n, held) = (rows.len(), seen.len());
+        let (n, held) = (rows.len(), seen.len() + groups.len());
         let mut st = lock(&view.state);
         let Some(tr) = st.track.as_mut() else {
             return false;

@@ -632,3 +632,35 @@ fn a_keyed_history_takes_a_change_below_its_partitions_position_and_refuses_old_
     let restores = r.metrics.view_log_restores.with_label_values(&["teams"]);
     assert_eq!(restores.get(), 0);
 }
+
+#[test]
+fn a_keyed_history_restored_twice_from_topics_ahead_of_its_input_files_nothing_twice() {
+    let defs = ViewsFile::parse(TEAMS).unwrap().views;
+    let all = batches();
+    let want = rows_of(&written(&defs, &all).0, "teams");
+    // node b: restored from a topic at 60 over an input at 45 (it lost its last changes and
+    // reads them again); the whole view it then writes is node c's topic, over the same input
+    let (_, commits) = written(&defs, &all[..60]);
+    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let input = input_after(&defs, &all, 45);
+    let (_, b) = start(&defs, Some(input.clone()), Some(&logs));
+    let (_, _, rewrite) = b.views.log_snapshot("teams").unwrap();
+    let mut again = LogContent::default();
+    for (k, r, m) in &rewrite {
+        let value = r.as_ref().map(|r| serde_json::to_vec(&**r).unwrap());
+        again.push(
+            Some(k.as_bytes()),
+            value.as_deref(),
+            (Some(m.to_json().as_bytes()), None, b"w2", None),
+        );
+    }
+    let again = std::sync::Mutex::new(Some(again));
+    let logs = |_: &str, _: &str| Ok(again.lock().unwrap().take());
+    let (t, c) = start(&defs, Some(input), Some(&logs));
+    for b in &all[45..] {
+        commit(&t, &*c.views, b);
+    }
+    assert_eq!(rows_of(&t, "teams"), want);
+    let restores = c.metrics.view_log_restores.with_label_values(&["teams"]);
+    assert_eq!(restores.get(), 1);
+}
