@@ -475,9 +475,10 @@ impl Views {
         let mut out = Vec::new();
         for view in self.by_input.values().flatten() {
             let st = lock(&view.state);
-            if st.skip.is_some() {
-                // restored from its topic and still reading past events again: its rows are
-                // ahead of any one position (the next start restores it from the topic again)
+            if st.skip.is_some() || st.track.as_ref().is_some_and(|t| !t.groups.is_empty()) {
+                // restored from its topic and still reading past events (or changes) again:
+                // its rows are ahead of any one position (the next start restores it from the
+                // topic again)
                 continue;
             }
             let input = match (&st.fed, view.def.input) {

@@ -4,14 +4,16 @@
 //! again from the input's current rows.
 //!
 //! A keyed history files the changes of several input rows into one row, so no row can name the
-//! change of each input row it holds. In memory it keeps `seen` per input key as the others
-//! do; every record's mark carries, per input partition, the offset up to which the view had
-//! taken the changes when it was written ([`Tracked::upto`], as
+//! change of each input row it holds. In memory it keeps `seen` per input key present, as the
+//! others do; every record's mark carries, per input partition, the offset up to which the view
+//! had taken the changes when it was written ([`Tracked::upto`], as
 //! [`crate::table::viewlog::Mark::upto`]). After a restore, an input key not seen since is held
 //! when the record of the output row its row files into holds its change ([`Tracked::groups`]);
 //! a reconcile takes each other row as one change, oldest offset first (a row deleted meanwhile
-//! is not known: its output row went with it). The rest of this doc is about the views whose rows
-//! are their input rows'.
+//! is not known: its output row went with it). Once the view's positions reach every offset the
+//! restored records name, the rows they held are held by their own change and the records are
+//! dropped; until then a clean stop does not save the view. The rest of this doc is about the
+//! views whose rows are their input rows'.
 //!
 //! Such a view keeps, per input key, the input change (lineage, partition, offset) its row last
 //! took ([`Tracked`]), and writes it into each record's mark
@@ -79,10 +81,10 @@ pub(super) struct Tracked {
     pub forget_deleted: bool,
     /// A `history` with `key` columns: several input rows file into one output row, so no row
     /// can name the change of each input row it holds. In memory it keeps `seen` per input key
-    /// as the others do (`pending` stays empty: its rows are never deleted); in its topic every
-    /// record carries how far the view had taken each input partition when it was written
-    /// (`upto`), and a restore compares an input row's change with the record of the output
-    /// row that row files into (`groups`).
+    /// present, as the others do (`pending` stays empty: its rows are never deleted); in its
+    /// topic every record carries how far the view had taken each input partition when it was
+    /// written (`upto`), and a restore compares an input row's change with the record of the
+    /// output row that row files into (`groups`).
     pub keyed: bool,
     /// Keyed: per input partition, the offset up to which the view took the changes, of
     /// lineage `upto_epoch` (what every mark carries).
@@ -92,6 +94,10 @@ pub(super) struct Tracked {
     /// `seen`; the partitions whose offsets restarted since are left out (`group_reset`).
     pub groups: HashMap<String, Arc<crate::table::viewlog::Mark>>,
     pub group_reset: HashSet<u32>,
+    /// Keyed, restored: per lineage, the furthest offset of each partition the restored
+    /// records name; once the view's own positions reach it, no record holds more than the
+    /// view and `groups` is dropped.
+    pub groups_reach: HashMap<String, HashMap<u32, i64>>,
     /// Per input key, the change its row last took.
     pub seen: HashMap<String, Seen>,
     /// Keys the view holds ahead of the input's position, which the input does not have yet:
@@ -201,14 +207,15 @@ impl Tracked {
     ) {
         let changes = update.map_or(&[][..], |u| &u.changes[..]);
         let changed: HashSet<&str> = changes.iter().map(|c| c.key.as_str()).collect();
-        let mut rows: Vec<(&String, &Entry)> = t
-            .rows
-            .iter()
-            .filter(|(k, e)| {
-                !changed.contains(k.as_str())
-                    && !self.holds(op, k, Some(&e.row), (&t.epoch, e.part, e.off))
-            })
-            .collect();
+        let mut rows: Vec<(&String, &Entry)> = Vec::new();
+        for (key, e) in &t.rows {
+            if changed.contains(key.as_str()) {
+                continue;
+            }
+            if !self.holds(op, key, Some(&e.row), (&t.epoch, e.part, e.off)) {
+                rows.push((key, e));
+            }
+        }
         rows.sort_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
         for (key, e) in rows {
             out.extend(op.apply_change(key, None, Some(&e.row)));
@@ -222,6 +229,46 @@ impl Tracked {
             }
         }
         self.pass_input(t);
+        self.drop_passed_groups(op, t);
+    }
+
+    /// Drops the restored records' marks once the view's positions reach every offset they
+    /// name (of the view's lineage; partitions that restarted left out): no row holds more
+    /// than the view then, and the input reads none of their changes again. The input's rows
+    /// `t` that the records held are from then on held by their own change (`seen`).
+    pub fn drop_passed_groups(&mut self, op: &ViewOperator, t: &TableState) {
+        if self.groups.is_empty() {
+            return;
+        }
+        // nothing taken yet (an empty input): the records may all be ahead of it
+        let Some(epoch) = self.upto_epoch.as_deref() else {
+            return;
+        };
+        let reach = self.groups_reach.get(epoch);
+        let passed = reach.is_none_or(|r| {
+            r.iter().all(|(p, u)| {
+                self.group_reset.contains(p) || self.upto.get(p).is_some_and(|v| v >= u)
+            })
+        });
+        if !passed {
+            return;
+        }
+        for (key, e) in &t.rows {
+            if !self.seen.contains_key(key)
+                && self.holds(op, key, Some(&e.row), (&t.epoch, e.part, e.off))
+            {
+                self.seen.insert(
+                    key.clone(),
+                    Seen {
+                        epoch: t.epoch.clone(),
+                        part: e.part,
+                        off: e.off,
+                    },
+                );
+            }
+        }
+        self.groups = HashMap::new();
+        self.groups_reach = HashMap::new();
     }
 
     /// The change `key`'s row holds, when of lineage `epoch` (what its mark carries; a keyed
@@ -293,6 +340,11 @@ impl Tracked {
     fn take(&mut self, op: &ViewOperator, epoch: &Arc<str>, c: &AppliedChange) -> bool {
         let row = c.row.as_deref().or(c.before.as_deref());
         if self.holds(op, &c.key, row, (epoch, c.part, c.off)) {
+            if self.keyed {
+                // held, so the view's position moves past it (the input reads a partition in
+                // order: every change below it was taken or held too)
+                self.pass(epoch, c.part, c.off);
+            }
             return false;
         }
         self.pending.remove(&c.key);
@@ -387,6 +439,7 @@ impl Views {
                 }
             }
         }
+        tr.drop_passed_groups(op, &t);
         out
     }
 
@@ -576,7 +629,18 @@ impl Views {
         let Some(tr) = st.track.as_mut() else {
             return false;
         };
+        let mut reach: HashMap<String, HashMap<u32, i64>> = HashMap::new();
+        for m in groups.values() {
+            if let Some(e) = m.input_epoch() {
+                let r = reach.entry(e.to_string()).or_default();
+                for (p, u) in &m.upto {
+                    let v = r.entry(*p).or_insert(*u);
+                    *v = (*v).max(*u);
+                }
+            }
+        }
         tr.groups = groups;
+        tr.groups_reach = reach;
         tr.group_reset.clear();
         tr.seen = seen;
         tr.pending.clear();
