@@ -235,7 +235,8 @@ impl Tracked {
     /// Drops the restored records' marks once the view's positions reach every offset they
     /// name (of the view's lineage; partitions that restarted left out): no row holds more
     /// than the view then, and the input reads none of their changes again. The input's rows
-    /// `t` that the records held are from then on held by their own change (`seen`).
+    /// `t` that the records held are from then on held by their own key (`seen`), up to where
+    /// their output row's record was written.
     pub fn drop_passed_groups(&mut self, op: &ViewOperator, t: &TableState) {
         if self.groups.is_empty() {
             return;
@@ -254,15 +255,26 @@ impl Tracked {
             return;
         }
         for (key, e) in &t.rows {
-            if !self.seen.contains_key(key)
-                && self.holds(op, key, Some(&e.row), (&t.epoch, e.part, e.off))
-            {
+            if self.seen.contains_key(key) {
+                continue;
+            }
+            // held up to where its output row's record was written: the input may still fill
+            // a gap below that (a change its former owner applied but its changelog lost)
+            let upto = op
+                .event_key(Some(key), &e.row)
+                .and_then(|g| self.groups.get(&g))
+                .filter(|m| {
+                    m.input_epoch() == Some(&*t.epoch) && !self.group_reset.contains(&e.part)
+                })
+                .and_then(|m| m.upto.iter().find(|(p, _)| *p == e.part).map(|(_, u)| *u))
+                .filter(|u| *u >= e.off);
+            if let Some(off) = upto {
                 self.seen.insert(
                     key.clone(),
                     Seen {
                         epoch: t.epoch.clone(),
                         part: e.part,
-                        off: e.off,
+                        off,
                     },
                 );
             }

@@ -690,3 +690,50 @@ fn a_keyed_history_restored_twice_from_topics_ahead_of_its_input_files_nothing_t
     let restores = c.metrics.view_log_restores.with_label_values(&["teams"]);
     assert_eq!(restores.get(), 1);
 }
+
+#[test]
+fn a_keyed_history_restored_skips_a_gap_its_records_hold_after_dropping_them() {
+    let defs = ViewsFile::parse(TEAMS).unwrap().views;
+    let all = batches();
+    let want = rows_of(&written(&defs, &all[..60]).0, "teams");
+    // the change the input lacks: an update of a key seen before, changed again neither in its
+    // batch nor after, not the last of its partition nor of its team
+    let (b, i) = (40..59)
+        .flat_map(|b| (0..all[b].len()).map(move |i| (b, i)))
+        .rfind(|(b, i)| {
+            let c = &all[*b][*i];
+            c.1.is_some()
+                && all[..*b]
+                    .iter()
+                    .flatten()
+                    .any(|e| e.0 == c.0 && e.1.is_some())
+                && !all[*b..60]
+                    .iter()
+                    .flatten()
+                    .any(|e| e.0 == c.0 && e.3 > c.3)
+                && all[*b + 1..60].iter().flatten().any(|e| e.2 == c.2)
+                // its team's last entry is another's: the view cannot tell it by that
+                && all[*b..60].iter().flatten().any(|e| {
+                    e.3 > c.3 && e.1.as_ref().is_some_and(|r| r["team"] == c.1.as_ref().unwrap()["team"])
+                })
+        })
+        .unwrap();
+    let gap = all[b][i].clone();
+    let mut lacking = all[..60].to_vec();
+    lacking[b].remove(i);
+    let input = written(&defs, &lacking)
+        .0
+        .get("scores")
+        .unwrap()
+        .read()
+        .clone();
+    let (_, commits) = written(&defs, &all[..60]);
+    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let (t, r) = start(&defs, Some(input), Some(&logs));
+    assert_eq!(rows_of(&t, "teams"), want);
+    // the positions reached the records': dropped, so a clean stop saves the view
+    assert!(r.views.save().iter().any(|(n, _)| n == "teams"));
+    // the new owner fills the gap: the view holds that change already
+    commit(&t, &*r.views, &[gap]);
+    assert_eq!(rows_of(&t, "teams"), want);
+}
