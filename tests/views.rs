@@ -558,29 +558,24 @@ async fn check_events(base: &str, clients: &mut [Client], events: &[(String, i64
 /// a kill -9 (the views are recomputed from the topic at the restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn views_over_an_events_topic_equal_their_oracle_across_a_kill_9() {
-    let u = unique("events");
-    let topic = format!("{u}.scores");
-    create_topic(&topic, 2).await;
-    let p = producer();
-    let mut gen = Gen(0xe7e_u64);
-    let mut events: Vec<(String, i64)> = Vec::new();
-    let more = score_events;
-    let first = more(&mut gen, &mut events, 300);
     // events of one player go to one partition (keyed): their order is the topic's
-    produce_keyed(&p, &topic, &first).await;
-    let logs = tempdir();
-    let path = logs.path().join("views.toml");
-    std::fs::write(
-        &path,
-        EVENT_VIEWS.replace("EVENTS", &format!("\"{topic}\"")),
-    )
-    .unwrap();
+    let EventsRig {
+        topic,
+        p,
+        mut gen,
+        mut events,
+        logs,
+        path,
+        group,
+        nothing,
+    } = EventsRig::start("events", Gen(0xe7e_u64)).await;
+    let more = score_events;
     let data = tempdir();
     let mut node = Node::spawn(
         "events",
         "all",
-        &format!("g-{u}"),
-        &format!("{u}.nothing"),
+        &group,
+        &nothing,
         data.path(),
         logs.path(),
         &["--views", path.to_str().unwrap()],

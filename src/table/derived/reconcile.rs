@@ -146,15 +146,46 @@ impl Tracked {
         if let Some(s) = self.seen.get(key) {
             return s.holds(epoch, part, off);
         }
+        row.and_then(|r| self.group_upto(op, key, r, epoch, part))
+            .is_some_and(|u| u >= off)
+    }
+
+    /// Keyed, restored: how far in `part` the record of the output row that input key `key`'s
+    /// row `row` files into had taken the input, when of lineage `epoch` and the partition's
+    /// offsets did not restart since.
+    fn group_upto(
+        &self,
+        op: &ViewOperator,
+        key: &str,
+        row: &Row,
+        epoch: &str,
+        part: u32,
+    ) -> Option<i64> {
         if !self.keyed || self.groups.is_empty() || self.group_reset.contains(&part) {
-            return false;
+            return None;
         }
-        row.and_then(|r| op.event_key(Some(key), r))
-            .and_then(|g| self.groups.get(&g))
-            .is_some_and(|m| {
-                m.input_epoch() == Some(epoch)
-                    && m.upto.iter().any(|(p, u)| *p == part && *u >= off)
-            })
+        let m = self.groups.get(&op.event_key(Some(key), row)?)?;
+        if m.input_epoch() != Some(epoch) {
+            return None;
+        }
+        m.upto.iter().find(|(p, _)| *p == part).map(|(_, u)| *u)
+    }
+
+    /// Keyed: takes the marks of the records a restore read (see [`Tracked::groups`]).
+    fn restore_groups(&mut self, groups: HashMap<String, Arc<crate::table::viewlog::Mark>>) {
+        let mut reach: HashMap<String, HashMap<u32, i64>> = HashMap::new();
+        for m in groups.values() {
+            if let Some(e) = m.input_epoch() {
+                let r = reach.entry(e.to_string()).or_default();
+                for (p, u) in &m.upto {
+                    let v = r.entry(*p).or_insert(*u);
+                    *v = (*v).max(*u);
+                }
+            }
+        }
+        self.groups = groups;
+        self.groups_reach = reach;
+        self.group_reset.clear();
     }
 
     /// Notes that the view took input change `part`/`off` of lineage `epoch` of `key`.
@@ -260,13 +291,8 @@ impl Tracked {
             }
             // held up to where its output row's record was written: the input may still fill
             // a gap below that (a change its former owner applied but its changelog lost)
-            let upto = op
-                .event_key(Some(key), &e.row)
-                .and_then(|g| self.groups.get(&g))
-                .filter(|m| {
-                    m.input_epoch() == Some(&*t.epoch) && !self.group_reset.contains(&e.part)
-                })
-                .and_then(|m| m.upto.iter().find(|(p, _)| *p == e.part).map(|(_, u)| *u))
+            let upto = self
+                .group_upto(op, key, &e.row, &t.epoch, e.part)
                 .filter(|u| *u >= e.off);
             if let Some(off) = upto {
                 self.seen.insert(
@@ -593,8 +619,7 @@ impl Views {
             );
             return false;
         }
-        let keyed = view.def.input == crate::views::InputKind::Table
-            && lock(&view.state).track.as_ref().is_some_and(|t| t.keyed);
+        let keyed = lock(&view.state).track.as_ref().is_some_and(|t| t.keyed);
         if keyed && !content.rows.values().any(|(_, m, _)| !m.upto.is_empty()) {
             tracing::warn!(
                 view = %view.def.name,
@@ -641,19 +666,7 @@ impl Views {
         let Some(tr) = st.track.as_mut() else {
             return false;
         };
-        let mut reach: HashMap<String, HashMap<u32, i64>> = HashMap::new();
-        for m in groups.values() {
-            if let Some(e) = m.input_epoch() {
-                let r = reach.entry(e.to_string()).or_default();
-                for (p, u) in &m.upto {
-                    let v = r.entry(*p).or_insert(*u);
-                    *v = (*v).max(*u);
-                }
-            }
-        }
-        tr.groups = groups;
-        tr.groups_reach = reach;
-        tr.group_reset.clear();
+        tr.restore_groups(groups);
         tr.seen = seen;
         tr.pending.clear();
         tr.restored = true;

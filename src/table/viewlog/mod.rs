@@ -105,8 +105,8 @@ pub struct Mark {
     pub at: Option<(u32, i64)>,
     /// Views over a table with several input rows per output row (`history` with `key`
     /// columns): per input partition, the last offset up to which the view took the input's
-    /// changes (the lineage is `input`'s epoch). A restore takes from the input only the rows
-    /// changed past them.
+    /// changes when the record was written (the lineage is `input`'s epoch). A restore holds an
+    /// input row whose change is at or below the position of its output row's record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upto: Vec<(u32, i64)>,
 }

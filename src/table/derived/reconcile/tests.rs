@@ -114,6 +114,18 @@ fn content(commits: &[Commit], name: &str, n: usize) -> LogContent {
     c
 }
 
+/// What each view's topic holds after every commit of `commits`.
+fn whole(commits: &[Commit]) -> impl Fn(&str, &str) -> Result<Option<LogContent>, String> + '_ {
+    |name: &str, _: &str| Ok(Some(content(commits, name, usize::MAX)))
+}
+
+/// A top 3 of the input by score, and `view` (a views file's text) over it.
+fn over_top(view: &str) -> Vec<ViewDef> {
+    let top = "[views.top]\nfrom = \"scores\"\n\
+               top_n = { order_by = [\"score desc\", \"player\"], limit = 3 }\n\n";
+    ViewsFile::parse(&format!("{top}{view}")).unwrap().views
+}
+
 fn views_of(tables: &Tables) -> BTreeMap<&'static str, BTreeMap<String, Row>> {
     NAMES.iter().map(|n| (*n, rows_of(tables, n))).collect()
 }
@@ -260,7 +272,7 @@ fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
     let (tables, commits) = written(&defs, &all[..30]);
     let written = views_of(&tables);
     // the input in another lineage, empty: its changes are new to the view, not held
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let other = TableState::new("scores", "e2", "game.scores", 2);
     let (t, r) = start(&defs, Some(other), Some(&logs));
     // restored, then reconciled with an empty input: every history ends with a delete, every
@@ -353,7 +365,7 @@ fn a_tracked_view_of_a_tracked_view_is_restored_too() {
         want["p1"]["history"],
         json!([{"score_move": null}, {"score_move": 2}, {"score_move": 1}, {"score_move": 5}])
     );
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let (t, r) = start(
         &defs,
         Some(tables.get("scores").unwrap().read().clone()),
@@ -421,18 +433,14 @@ fn written(defs: &[ViewDef], batches: &[Vec<Change>]) -> (Arc<Tables>, Vec<Commi
 
 #[test]
 fn a_restored_view_of_a_view_waits_for_that_view_to_be_fed() {
-    let defs = ViewsFile::parse(
-        "[views.top]\nfrom = \"scores\"\ntop_n = { order_by = [\"score desc\", \"player\"], limit = 3 }\n\n\
-         [views.tops]\nfrom = \"top\"\nhistory = { limit = 9, columns = [\"score\"] }\n",
-    )
-    .unwrap()
-    .views;
+    let defs =
+        over_top("[views.tops]\nfrom = \"top\"\nhistory = { limit = 9, columns = [\"score\"] }\n");
     let all = batches();
     let (tables, commits) = written(&defs, &all[..30]);
     let topic = rows_of(&tables, "tops");
     assert!(!topic.is_empty());
     // a node with an empty data directory: no input table yet, `top` holds nothing
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let (t, r) = start_without_input(&defs, &logs);
     assert_eq!(
         rows_of(&t, "tops"),
@@ -452,7 +460,7 @@ fn a_waiting_key_of_a_partition_whose_offsets_restart_is_deleted() {
     let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
     let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
     // the input has not read offset 50 of partition 0 yet: `pk` waits
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let mut input = TableState::new("scores", "e1", "game.scores", 2);
     input.slice_mut(0).last_off = 10;
     let (t, r) = start(&defs, Some(input), Some(&logs));
@@ -510,7 +518,7 @@ fn a_keyed_history_takes_from_its_input_only_the_rows_changed_past_its_topic() {
     let cases = [(20, 20), (60, 60), (35, 20), (60, 0), (61, 61)];
     for ((topic_at, input_at), late) in cases.iter().flat_map(|c| [(*c, false), (*c, true)]) {
         let (_, commits) = written(&defs, &all[..topic_at]);
-        let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+        let logs = whole(&commits);
         let (t, r) = start_at(&defs, &input_after(&defs, &all, input_at), &logs, late);
         for (i, b) in all[input_at..].iter().enumerate() {
             if i == 7 {
@@ -556,7 +564,7 @@ fn a_keyed_history_takes_from_its_input_only_the_rows_changed_past_its_topic() {
         let expect = fed(&expect);
         assert_ne!(expect, want, "the case loses something");
         let (_, commits) = written(&defs, &all[..topic_at]);
-        let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+        let logs = whole(&commits);
         let (t, r) = start_at(&defs, &input_after(&defs, &all, input_at), &logs, late);
         for b in &all[input_at..] {
             commit(&t, &*r.views, b);
@@ -569,12 +577,9 @@ fn a_keyed_history_takes_from_its_input_only_the_rows_changed_past_its_topic() {
 #[test]
 fn a_keyed_history_over_a_view_is_computed_again() {
     // the view's lineage is new in each process: a position in it would not hold after a restart
-    let defs = ViewsFile::parse(
-        "[views.top]\nfrom = \"scores\"\ntop_n = { order_by = [\"score desc\", \"player\"], limit = 3 }\n\n\
-         [views.top_teams]\nfrom = \"top\"\nhistory = { limit = 9, key = [\"team\"], columns = [\"player\"] }\n",
-    )
-    .unwrap()
-    .views;
+    let defs = over_top(
+        "[views.top_teams]\nfrom = \"top\"\nhistory = { limit = 9, key = [\"team\"], columns = [\"player\"] }\n",
+    );
     let all = batches();
     let (tables, commits) = written(&defs, &all[..30]);
     assert!(!rows_of(&tables, "top_teams").is_empty());
@@ -582,7 +587,7 @@ fn a_keyed_history_over_a_view_is_computed_again() {
         .iter()
         .filter(|c| &*c.view == "top_teams")
         .all(|c| c.changes.iter().all(|(_, _, m)| m.upto.is_empty())));
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let (_, r) = start(&defs, Some(input_after(&defs, &all, 30)), Some(&logs));
     let restores = r
         .metrics
@@ -609,7 +614,7 @@ fn a_keyed_history_takes_a_change_below_its_partitions_position_and_refuses_old_
     let last = team0.as_array().and_then(|h| h.last()).cloned();
     assert_eq!(last, Some(json!({"player": "p9", "score": 5})));
     // restored from that topic and the same input: nothing taken again
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let input = tables.get("scores").unwrap().read().clone();
     let (t, r) = start(&defs, Some(input.clone()), Some(&logs));
     assert_eq!(rows_of(&t, "teams"), rows_of(&tables, "teams"));
@@ -618,6 +623,7 @@ fn a_keyed_history_takes_a_change_below_its_partitions_position_and_refuses_old_
 
     // a topic whose records name no positions (written before they were kept) is not restored:
     // every input row would be taken again on top of its histories
+    drop(logs);
     let mut old = Vec::new();
     for mut c in commits {
         for (_, _, m) in c.changes.iter_mut() {
@@ -628,7 +634,7 @@ fn a_keyed_history_takes_a_change_below_its_partitions_position_and_refuses_old_
         }
         old.push(c);
     }
-    let logs = |name: &str, _: &str| Ok(Some(content(&old, name, usize::MAX)));
+    let logs = whole(&old);
     let (_, r) = start(&defs, Some(input), Some(&logs));
     let restores = r.metrics.view_log_restores.with_label_values(&["teams"]);
     assert_eq!(restores.get(), 0);
@@ -642,7 +648,7 @@ fn a_keyed_history_restored_twice_from_topics_ahead_of_its_input_files_nothing_t
     // node b: restored from a topic at 60 over an input at 45 (it lost its last changes and
     // reads them again); the whole view it then writes is node c's topic, over the same input
     let (_, commits) = written(&defs, &all[..60]);
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let input = input_after(&defs, &all, 45);
     let (_, b) = start(&defs, Some(input.clone()), Some(&logs));
     let (_, _, rewrite) = b.views.log_snapshot("teams").unwrap();
@@ -728,7 +734,7 @@ fn a_keyed_history_restored_skips_a_gap_its_records_hold_after_dropping_them() {
         .read()
         .clone();
     let (_, commits) = written(&defs, &all[..60]);
-    let logs = |name: &str, _: &str| Ok(Some(content(&commits, name, usize::MAX)));
+    let logs = whole(&commits);
     let (t, r) = start(&defs, Some(input), Some(&logs));
     assert_eq!(rows_of(&t, "teams"), want);
     // the positions reached the records': dropped, so a clean stop saves the view
