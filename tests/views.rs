@@ -631,6 +631,11 @@ struct Keep {
     present: std::collections::BTreeSet<String>,
     seq: i64,
     plays: Vec<(String, i64)>,
+    /// Records produced to each partition of the table's topic.
+    produced: [i64; 3],
+    /// The last change of a present player, when the order in which the node took the changes
+    /// is known ([`Keep::last_across_partitions`]): `last_change`'s oracle.
+    last: Option<(String, i64)>,
 }
 
 impl Keep {
@@ -646,35 +651,73 @@ impl Keep {
     ) {
         let mut out: [Vec<FixtureRecord>; 3] = Default::default();
         for _ in 0..n {
-            self.seq += 1;
             let i = gen.below(12);
-            let player = format!("p{i:02}");
-            let team = i % 3;
-            let h = self.histories.entry(player.clone()).or_default();
-            let entry = if gen.below(6) == 0 && self.present.contains(&player) {
-                self.present.remove(&player);
-                h.push(Value::Null);
-                out[team as usize].push(change(&player, None));
-                Value::Null
-            } else {
-                self.present.insert(player.clone());
-                h.push(json!({"score": self.seq}));
-                let s = Score {
-                    team,
-                    score: self.seq,
-                };
-                out[team as usize].push(change(&player, Some(&s)));
-                json!({"player": player, "score": self.seq})
-            };
-            // an entry equal to the last one (two deletes in a row) adds nothing
-            let t = self.teams.entry(format!("t{team}")).or_default();
-            if t.last() != Some(&entry) {
-                t.push(entry);
-            }
+            let delete = gen.below(6) == 0;
+            out[(i % 3) as usize].push(self.step(i, delete));
         }
         for (part, records) in out.iter().enumerate() {
             produce_at(p, topic, part as i32, records).await;
         }
+        // the node takes the partitions' records in an order the test does not know
+        self.last = None;
+    }
+
+    /// The record of one change of player `pI` (a delete when `delete` and the player is
+    /// present), noted in the oracle.
+    fn step(&mut self, i: u64, delete: bool) -> FixtureRecord {
+        self.seq += 1;
+        let player = format!("p{i:02}");
+        let team = i % 3;
+        self.produced[team as usize] += 1;
+        let h = self.histories.entry(player.clone()).or_default();
+        let (record, entry) = if delete && self.present.contains(&player) {
+            self.present.remove(&player);
+            h.push(Value::Null);
+            (change(&player, None), Value::Null)
+        } else {
+            self.present.insert(player.clone());
+            h.push(json!({"score": self.seq}));
+            let row = json!({"player": player, "team": format!("t{team}"), "score": self.seq, "league": "l"});
+            let record = debezium_change("scores", "player", &player, Some(row));
+            (record, json!({"player": player, "score": self.seq}))
+        };
+        // an entry equal to the last one (two deletes in a row) adds nothing
+        let t = self.teams.entry(format!("t{team}")).or_default();
+        if t.last() != Some(&entry) {
+            t.push(entry);
+        }
+        record
+    }
+
+    /// Makes the last change one whose input offset is below another partition's last: changes
+    /// of a player of the partition with the most records (each taken by the node before the
+    /// next), then one of a player of the partition with the fewest. A `latest` that took the
+    /// rows by offset would show the first player.
+    async fn last_across_partitions(
+        &mut self,
+        p: &rdkafka::producer::FutureProducer,
+        topic: &str,
+        base: &str,
+    ) {
+        let most = (0..3).max_by_key(|q| self.produced[*q]).unwrap();
+        let fewest = (0..3).min_by_key(|q| self.produced[*q]).unwrap();
+        let burst = self.produced[most] - self.produced[fewest] + 5;
+        for (part, n) in [(most, burst), (fewest, 1)] {
+            let i = part as u64 + 3;
+            for _ in 0..n {
+                let record = self.step(i, false);
+                produce_at(p, topic, part as i32, &[record]).await;
+            }
+            self.last = Some((format!("p{i:02}"), self.seq));
+            check_want(
+                base,
+                &mut [],
+                &self.want(),
+                "the last change across partitions",
+            )
+            .await;
+        }
+        assert!(self.produced[fewest] < self.produced[most]);
     }
 
     fn plays(&mut self, gen: &mut Gen, n: usize) -> Vec<FixtureRecord> {
@@ -707,7 +750,13 @@ impl Keep {
             })
             .collect();
         let totals = event_oracle(&self.plays).remove("totals").unwrap();
-        BTreeMap::from([("hist", hist), ("team_hist", teams), ("totals", totals)])
+        let mut want = BTreeMap::from([("hist", hist), ("team_hist", teams), ("totals", totals)]);
+        if let Some((player, score)) = &self.last {
+            let n = self.present.len();
+            let row = json!({"league": "l", "player": player, "score": score, "n": n});
+            want.insert("last_change", BTreeMap::from([("l".to_string(), row)]));
+        }
+        want
     }
 }
 
@@ -736,6 +785,8 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
              [views.hist]\nfrom = \"scores\"\nhistory = {{ limit = 10, columns = [\"score\"] }}\n\n\
              [views.team_hist]\nfrom = \"scores\"\n\
              history = {{ limit = 50, key = [\"team\"], columns = [\"player\", \"score\"] }}\n\n\
+             [views.last_change]\nfrom = \"scores\"\n[views.last_change.group_by]\nby = [\"league\"]\n\
+             aggregates = {{ player = \"latest(player)\", score = \"latest(score)\", n = \"count()\" }}\n\n\
              [views.totals]\nfrom = \"plays\"\n[views.totals.group_by]\nby = [\"player\"]\n\
              aggregates = {{ games = \"count()\", points = \"sum(score)\", last = \"latest(score)\", \
              mean = \"avg(score)\" }}\n"
@@ -816,10 +867,27 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     )
     .await;
 
+    // a `latest` across partitions whose last change has a lower offset than another's: after
+    // kill -9 the order comes from its topic, not from the offsets
+    k.last_across_partitions(&p, &table_topic, &base).await;
+    let last_topic = format!("{group}.table.__view.last_change");
+    topic_holds_rows(&last_topic, &k.want()["last_change"], "before kill -9").await;
+    node.kill9();
+    node.start();
+    node.wait_ready(Duration::from_secs(60)).await;
+    check_want(&base, &mut [], &k.want(), "after a kill -9, the latest").await;
+    assert_eq!(
+        node.metric("livetable_view_log_restores_total{view=\"last_change\"}")
+            .await,
+        Some(1.0),
+        "the order came from the view's topic"
+    );
+
     // a node with an empty data directory: the table from its changelog, the histories from
     // their topic
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before the stop").await;
     topic_holds_rows(&team_topic, &k.want()["team_hist"], "before the stop").await;
+    topic_holds_rows(&last_topic, &k.want()["last_change"], "before the stop").await;
     node.stop();
     let empty = tempdir();
     let mut fresh = Node::spawn(
@@ -837,6 +905,13 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
         connect(&fresh.base, "team_hist", None, None).await,
     ];
     check_want(&fresh.base, &mut clients, &k.want(), "on an empty node").await;
+    assert_eq!(
+        fresh
+            .metric("livetable_view_log_restores_total{view=\"last_change\"}")
+            .await,
+        Some(1.0),
+        "on an empty node too, the order came from the view's topic"
+    );
     k.change(&mut gen, 40, &p, &table_topic).await;
     check_want(
         &fresh.base,

@@ -93,7 +93,9 @@ struct ViewState {
     /// last gave it (`reconcile.rs`).
     track: Option<reconcile::Tracked>,
     /// A view over a table whose output depends on the order of its input's changes
-    /// ([`ViewOperator::replay_order_matters`]): when it took each input row (`order.rs`).
+    /// ([`ViewOperator::replay_order_matters`]): when it took each input row, how far it took
+    /// each input partition, and what its topic held at a start that saved nothing
+    /// (`order.rs`).
     taken: Option<order::Taken>,
 }
 
@@ -160,7 +162,8 @@ impl Views {
     /// (inputs first); `events` the declared events topics. A view over a table whose rows are its
     /// input rows' that nothing saved is restored from what `logs(view name, definition id)`
     /// reads of its topic (`Ok(None)`: no topic; `Err`: not read, restored when this node takes
-    /// the topic over), then takes what it lacks of the input.
+    /// the topic over), then takes what it lacks of the input; a `latest` over a table takes
+    /// the order of its input rows from what it reads there (`order.rs`).
     pub fn start(
         defs: &[ViewDef],
         events: &[crate::table::events::EventsTopic],
@@ -241,10 +244,18 @@ impl Views {
         // outputs first: a view's restore is published to the views that read it, which must
         // not take it before they are restored themselves
         for view in all.iter().rev() {
-            let wanted = {
+            let (wanted, ordered) = {
                 let st = lock(&view.state);
-                st.track.is_some() && st.fed.is_none()
+                // a `latest` over a view: its input's lineage is new in each process, so no
+                // record's position holds in it
+                let ordered = st.taken.is_some()
+                    && st.fed.is_none()
+                    && !defs.iter().any(|d| d.name == view.def.from);
+                (st.track.is_some() && st.fed.is_none(), ordered)
             };
+            if ordered {
+                views.order_from_log(view, logs(&view.def.name, &views.def_id(view)));
+            }
             if wanted {
                 match logs(&view.def.name, &views.def_id(view)) {
                     Ok(Some(content)) => {
@@ -652,9 +663,19 @@ impl Views {
             // a table created after the views started: its first update is its whole past, so
             // the operator (still empty) takes it change by change (a delta or history keeps it);
             // a view restored from its topic reconciles with it instead
-            None => update.useq == 1 && !st.track.as_ref().is_some_and(|t| t.restored),
+            None => {
+                update.useq == 1
+                    && !st.track.as_ref().is_some_and(|t| t.restored)
+                    && !st.taken.as_ref().is_some_and(order::Taken::has_records)
+            }
         };
-        if !follows {
+        // a `latest` restored from its topic: a change its records hold is not the latest of
+        // its group
+        let held = match &st.taken {
+            Some(taken) if taken.has_records() => taken.holds_any(&st.op, update),
+            _ => false,
+        };
+        if !follows || held {
             self.rebuild(view, &mut st, &input, Some(update));
             return;
         }
@@ -663,11 +684,17 @@ impl Views {
             out = Self::feed_tracked(&mut st, &input, update);
         } else {
             let ViewState { op, taken, .. } = &mut *st;
+            if let Some(taken) = taken.as_mut() {
+                taken.note_resets(&input.read());
+            }
             for c in &update.changes {
                 out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
                 if let Some(taken) = taken.as_mut() {
-                    taken.note(c);
+                    taken.note(&update.epoch, c);
                 }
+            }
+            if let Some(taken) = taken.as_mut() {
+                taken.drop_passed_records(&input.read());
             }
         }
         st.fed = Some(Fed {
@@ -700,7 +727,18 @@ impl Views {
         let (epoch, useq) = {
             let t = input.read();
             let keys = match st.taken.as_mut() {
-                Some(taken) => taken.replay(&t),
+                Some(taken) => {
+                    if taken.has_records() {
+                        let (groups, rows) = taken.seed_from_records(&op, &t);
+                        tracing::info!(
+                            view = %view.def.name,
+                            groups,
+                            rows,
+                            "the order of the input rows its topic's records hold taken from them"
+                        );
+                    }
+                    taken.replay(&t)
+                }
                 None => {
                     let mut keys: Vec<(&String, &Row)> =
                         t.rows.iter().map(|(k, e)| (k, &*e.row)).collect();

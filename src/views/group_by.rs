@@ -205,6 +205,16 @@ impl GroupBy {
         rank
     }
 
+    /// Each `latest` aggregate's input column and output column.
+    pub fn latest_columns(&self) -> Vec<(&str, &str)> {
+        self.spec
+            .aggregates
+            .iter()
+            .filter(|a| a.kind == AggKind::Latest)
+            .filter_map(|a| Some((a.column.as_deref()?, a.name.as_str())))
+            .collect()
+    }
+
     /// A `latest` over a table: the output depends on the order of the input's changes.
     pub fn has_latest_over_table(&self) -> bool {
         self.input == InputKind::Table

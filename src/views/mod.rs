@@ -285,6 +285,15 @@ impl ViewOperator {
         matches!(&self.op, Op::GroupBy(o) if o.has_latest_over_table())
     }
 
+    /// A `group_by`'s `latest` aggregates: (input column, output column) of each (none for
+    /// other operators).
+    pub fn latest_columns(&self) -> Vec<(&str, &str)> {
+        match &self.op {
+            Op::GroupBy(o) => o.latest_columns(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Where the input row of `key`, now `row`, stands in the order in which this operator took
     /// the rows (lower first), when it holds the values that matter of that row as it is now
     /// (`None`: it does not, or the order does not matter); what a view loaded from a clean

@@ -119,12 +119,13 @@ impl Views {
             InputKind::Table => st.fed.as_ref().map(|f| {
                 Arc::new(Mark {
                     input: Some(format!("{}#{}", f.epoch, f.useq)),
-                    // a keyed history: how far in each input partition it took the changes
-                    upto: st
-                        .track
-                        .as_ref()
-                        .map(|tr| tr.upto_of(&f.epoch))
-                        .unwrap_or_default(),
+                    // a keyed history, a `latest`: how far in each input partition it took
+                    // the changes
+                    upto: match (&st.track, &st.taken) {
+                        (Some(tr), _) => tr.upto_of(&f.epoch),
+                        (None, Some(taken)) => taken.upto_of(&f.epoch),
+                        (None, None) => Vec::new(),
+                    },
                     ..Mark::default()
                 })
             }),

@@ -9,11 +9,23 @@
 //! of a slice handed to this node, every row at a start that saved nothing) by input offset, then
 //! partition: within a partition the order they were applied in, across partitions offsets that
 //! rise at about the same rate for an evenly spread input.
+//!
+//! A start that saved nothing (kill -9, a new or empty data directory) reads the view's topic:
+//! every record's mark carries how far the view had taken each input partition when it was
+//! written ([`crate::table::viewlog::Mark::upto`]). An input row whose change is at or below the
+//! `upto` of its group's record was taken before that record; among those rows, the ones whose
+//! values the record's `latest` columns show were taken last ([`latest_order`]), so each group
+//! comes back with the `latest` it had, and the rows changed since (the changes in flight when
+//! the node died) are taken after them, by offset.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
+use super::{lock, View, Views};
 use crate::cdc::decode::Row;
-use crate::table::state::{AppliedChange, TableState};
+use crate::table::state::{AppliedChange, Entry, TableState, TableUpdate};
+use crate::table::viewlog::read::LogContent;
+use crate::table::viewlog::Mark;
 use crate::views::ViewOperator;
 
 /// See the module doc.
@@ -22,17 +34,124 @@ pub(super) struct Taken {
     next: u64,
     /// Input key -> (when taken, partition, offset).
     of: HashMap<String, (u64, u32, i64)>,
+    /// Per input partition, the offset up to which the view took the input's changes, of
+    /// lineage `upto_epoch` (what every record's mark carries).
+    upto: HashMap<u32, i64>,
+    upto_epoch: Option<Arc<str>>,
+    /// The input's offset restarts per partition last looked at.
+    resets: Vec<u32>,
+    /// Read from the view's topic at a start that saved nothing, until the input holds what
+    /// they do ([`Records`]).
+    records: Option<Records>,
+}
+
+/// A view's topic as read at a start that saved nothing: each output row and its mark, used by
+/// every recomputation ([`Taken::seed_from_records`]) until the input's positions reach every
+/// offset the marks name (an input still being restored, or reading again what the topic holds,
+/// is not complete before).
+#[derive(Debug, Default)]
+struct Records {
+    rows: HashMap<String, (Row, Arc<Mark>)>,
+    /// Per lineage, the furthest offset of each partition the marks name.
+    reach: HashMap<String, HashMap<u32, i64>>,
+    /// Partitions whose offsets restarted since: the marks say nothing of them.
+    reset: HashSet<u32>,
+}
+
+impl Records {
+    /// How far the record of output row `group` had taken partition `part` of lineage `epoch`.
+    fn upto(&self, group: &str, epoch: &str, part: u32) -> Option<i64> {
+        if self.reset.contains(&part) {
+            return None;
+        }
+        let (_, mark) = self.rows.get(group)?;
+        if mark.input_epoch() != Some(epoch) {
+            return None;
+        }
+        mark.upto.iter().find(|(p, _)| *p == part).map(|(_, u)| *u)
+    }
+
+    /// Whether the input `t` holds everything the marks name (or is of another lineage and
+    /// holds rows: no mark holds any of them).
+    fn passed(&self, t: &TableState) -> bool {
+        match self.reach.get(&*t.epoch) {
+            None => t.seq() > 0,
+            Some(reach) => reach.iter().all(|(p, u)| {
+                self.reset.contains(p)
+                    || t.slices.get(*p as usize).is_some_and(|s| s.last_off >= *u)
+            }),
+        }
+    }
 }
 
 impl Taken {
-    /// Notes that the view took input change `c`.
-    pub fn note(&mut self, c: &AppliedChange) {
+    /// Notes that the view took input change `c` of lineage `epoch`.
+    pub fn note(&mut self, epoch: &Arc<str>, c: &AppliedChange) {
         if c.row.is_some() {
             self.of.insert(c.key.clone(), (self.next, c.part, c.off));
             self.next += 1;
         } else {
             self.of.remove(&c.key);
         }
+        self.pass(epoch, c.part, c.off);
+    }
+
+    /// Notes that the view took the input's changes of lineage `epoch` up to `off` in `part`.
+    fn pass(&mut self, epoch: &Arc<str>, part: u32, off: i64) {
+        if self.upto_epoch.as_deref() != Some(&**epoch) {
+            self.upto.clear();
+            self.upto_epoch = Some(epoch.clone());
+        }
+        let u = self.upto.entry(part).or_insert(off);
+        *u = (*u).max(off);
+    }
+
+    /// The view holds exactly what the input `t` holds (a recomputation from its rows, a clean
+    /// stop's save at them).
+    fn pass_input(&mut self, t: &TableState) {
+        self.upto.clear();
+        self.upto_epoch = None;
+        for (p, s) in t.slices.iter().enumerate() {
+            if s.last_off >= 0 {
+                self.pass(&t.epoch, p as u32, s.last_off);
+            }
+        }
+        self.resets = t.slices.iter().map(|s| s.resets).collect();
+    }
+
+    /// Forgets how far the view took a partition of `t` whose offsets restarted (its topic was
+    /// created again): its new offsets are below the old ones.
+    pub fn note_resets(&mut self, t: &TableState) {
+        if t.slices
+            .iter()
+            .map(|s| s.resets)
+            .eq(self.resets.iter().copied())
+        {
+            return;
+        }
+        let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
+        if self.resets.len() == now.len() {
+            for (p, (a, b)) in now.iter().zip(&self.resets).enumerate() {
+                if a != b {
+                    self.upto.remove(&(p as u32));
+                    if let Some(r) = self.records.as_mut() {
+                        r.reset.insert(p as u32);
+                    }
+                }
+            }
+        }
+        self.resets = now;
+    }
+
+    /// How far the view took each input partition, when of lineage `epoch` (what every record's
+    /// mark carries; empty otherwise).
+    pub fn upto_of(&self, epoch: &str) -> Vec<(u32, i64)> {
+        if self.upto_epoch.as_deref() != Some(epoch) {
+            return Vec::new();
+        }
+        let mut v: Vec<(u32, i64)> = self.upto.iter().map(|(p, o)| (*p, *o)).collect();
+        v.sort_unstable();
+        v
     }
 
     /// Seeds the order from `op`, loaded from a clean stop's save at exactly the input's rows
@@ -48,6 +167,115 @@ impl Taken {
             })
             .collect();
         self.next = self.of.values().map(|(w, _, _)| w + 1).max().unwrap_or(0);
+        self.pass_input(t);
+        self.records = None;
+    }
+
+    /// Keeps what the view's topic holds (read at a start that saved nothing) for the next
+    /// recomputation; the number of rows it has.
+    pub fn keep_records(&mut self, content: &LogContent) -> usize {
+        let rows: HashMap<String, (Row, Arc<Mark>)> = content
+            .rows
+            .iter()
+            .filter_map(|(k, (row, mark, _))| Some((k.clone(), (row.clone()?, mark.clone()))))
+            .collect();
+        let mut reach: HashMap<String, HashMap<u32, i64>> = HashMap::new();
+        for (_, m) in rows.values() {
+            if let Some(e) = m.input_epoch() {
+                let r = reach.entry(e.to_string()).or_default();
+                for (p, u) in &m.upto {
+                    let v = r.entry(*p).or_insert(*u);
+                    *v = (*v).max(*u);
+                }
+            }
+        }
+        let n = rows.len();
+        self.records = Some(Records {
+            rows,
+            reach,
+            reset: HashSet::new(),
+        });
+        n
+    }
+
+    /// Whether a change of `update` is one the records kept hold (the input reads again, or is
+    /// restored with, what the view's topic holds): it is not the latest change of its group,
+    /// so the view is computed again instead of taking it.
+    pub fn holds_any(&self, op: &ViewOperator, update: &TableUpdate) -> bool {
+        let Some(r) = &self.records else {
+            return false;
+        };
+        update.changes.iter().any(|c| {
+            [c.row.as_deref(), c.before.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|row| op.event_key(Some(&c.key), row))
+                .any(|g| {
+                    r.upto(&g, &update.epoch, c.part)
+                        .is_some_and(|u| c.off <= u)
+                })
+        })
+    }
+
+    /// Drops the records kept once the input `t` holds everything they name.
+    pub fn drop_passed_records(&mut self, t: &TableState) {
+        if self.records.as_ref().is_some_and(|r| r.passed(t)) {
+            self.records = None;
+        }
+    }
+
+    /// Whether records read from the view's topic wait for the next recomputation.
+    pub fn has_records(&self) -> bool {
+        self.records.is_some()
+    }
+
+    /// Places the input rows of `t` that the records kept by [`Taken::keep_records`] hold, in
+    /// the order they say (see the module doc), ahead of the rows taken since (in the order
+    /// taken) and of the others, for the replay that follows; drops the records once `t` holds
+    /// everything they name. Returns (groups, rows) held.
+    pub fn seed_from_records(&mut self, op: &ViewOperator, t: &TableState) -> (usize, usize) {
+        self.note_resets(t);
+        let Some(records) = self.records.take() else {
+            return (0, 0);
+        };
+        let mut held: BTreeMap<&str, Vec<(&String, &Entry)>> = BTreeMap::new();
+        for (k, e) in t.rows.iter() {
+            let Some(group) = op.event_key(Some(k), &e.row) else {
+                continue;
+            };
+            let upto = records.upto(&group, &t.epoch, e.part);
+            if let (true, Some((group, _))) = (
+                upto.is_some_and(|u| e.off <= u),
+                records.rows.get_key_value(&group),
+            ) {
+                held.entry(group.as_str()).or_default().push((k, e));
+            }
+        }
+        let columns = op.latest_columns();
+        let mut of: HashMap<String, (u64, u32, i64)> = HashMap::new();
+        let (groups, mut n) = (held.len(), 0u64);
+        for (group, mut rows) in held {
+            let Some((record, _)) = records.rows.get(group) else {
+                continue;
+            };
+            rows.sort_unstable_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
+            let rows: Vec<((&String, &Entry), &Row)> =
+                rows.into_iter().map(|(k, e)| ((k, e), &*e.row)).collect();
+            for (k, e) in latest_order(&columns, record, rows) {
+                of.insert(k.clone(), (n, e.part, e.off));
+                n += 1;
+            }
+        }
+        // the rows taken since, after them in the order taken
+        for (k, (when, part, off)) in self.of.drain() {
+            of.entry(k).or_insert((n + when, part, off));
+        }
+        self.next += n;
+        self.of = of;
+        if !records.passed(t) {
+            self.records = Some(records);
+        }
+        (groups, n as usize)
     }
 
     /// The input's rows `t` in the order a recomputation takes them (see the module doc); the
@@ -76,6 +304,93 @@ impl Taken {
             .map(|(i, (_, k, _, (part, off)))| ((*k).clone(), (i as u64, *part, *off)))
             .collect();
         self.next = ranked.len() as u64;
+        self.pass_input(t);
         ranked.into_iter().map(|(_, k, r, _)| (k, r)).collect()
     }
 }
+
+impl Views {
+    /// A `latest` view on which nothing was saved, at start: keeps what its topic holds (`read`:
+    /// `Ok(None)` no topic, `Err` not read) for its first recomputation. A content with a record
+    /// that could not be read, or a row of another definition, is not used (the rows are then
+    /// taken by offset).
+    pub(super) fn order_from_log(&self, view: &View, read: Result<Option<LogContent>, String>) {
+        let content = match read {
+            Ok(Some(c)) if c.records > 0 => c,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(view = %view.def.name, error = %e, "the view's changelog topic could not be read; its rows are taken by input offset");
+                return;
+            }
+        };
+        if content.bad > 0 || !content.other_def.is_empty() {
+            tracing::warn!(
+                view = %view.def.name,
+                records = content.records,
+                bad = content.bad,
+                other_definition = content.other_def.len(),
+                "the view's changelog topic is not usable; its rows are taken by input offset"
+            );
+            return;
+        }
+        let mut st = lock(&view.state);
+        let Some(taken) = st.taken.as_mut() else {
+            return;
+        };
+        let rows = taken.keep_records(&content);
+        self.metrics
+            .view_log_restores
+            .with_label_values(&[&view.def.name])
+            .inc();
+        tracing::info!(view = %view.def.name, rows, "view's order read from its changelog topic");
+    }
+}
+
+/// The order (oldest first) in which one group's input `rows` (given oldest offset first) were
+/// taken, as far as the group's output row `record` tells: `columns` are its `latest`
+/// aggregates (input column, output column). From the newest down, each next row is the one of
+/// highest offset that could have given every output column not yet given whose input column
+/// it has a value in (NULL is skipped, as `latest` does), and gives at least one; the rows left
+/// come before them by offset.
+pub(super) fn latest_order<T>(
+    columns: &[(&str, &str)],
+    record: &Row,
+    rows: Vec<(T, &Row)>,
+) -> Vec<T> {
+    let value = |row: &Row, c: &str| row.get(c).filter(|v| !v.is_null()).cloned();
+    let mut open: Vec<(&str, serde_json::Value)> = columns
+        .iter()
+        .filter_map(|(input, output)| Some((*input, value(record, output)?)))
+        .collect();
+    let mut rest: Vec<Option<(T, &Row)>> = rows.into_iter().map(Some).collect();
+    let mut top: Vec<T> = Vec::new();
+    while !open.is_empty() {
+        let gives = |row: &Row| {
+            let mut any = false;
+            for (input, want) in &open {
+                match value(row, input) {
+                    Some(v) if v == *want => any = true,
+                    Some(_) => return false,
+                    None => {}
+                }
+            }
+            any
+        };
+        let pick = rest
+            .iter()
+            .rposition(|r| r.as_ref().is_some_and(|(_, row)| gives(row)));
+        let Some((t, row)) = pick.and_then(|i| rest[i].take()) else {
+            break;
+        };
+        open.retain(|(input, _)| value(row, input).is_none());
+        top.push(t);
+    }
+    rest.into_iter()
+        .flatten()
+        .map(|(t, _)| t)
+        .chain(top.into_iter().rev())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

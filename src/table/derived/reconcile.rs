@@ -714,4 +714,4 @@ impl Views {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -39,8 +39,10 @@
 //! is computed from the beginning). So no event is counted twice or lost, and events the topic
 //! no longer retains are not needed unless a view of the topic could not be restored.
 //! `history` and `delta` without `key` over a table are read at start too (their marks name the
-//! input change each row holds: `table::derived`'s `reconcile.rs`); other views over tables are
-//! computed from the table.
+//! input change each row holds: `table::derived`'s `reconcile.rs`), and so are a keyed `history`
+//! and a `group_by` with `latest` over a table (their marks name how far the view had taken each
+//! input partition: `reconcile.rs`, `order.rs`); other views over tables are computed from the
+//! table.
 
 pub mod read;
 pub mod writer;
@@ -103,10 +105,12 @@ pub struct Mark {
     /// (the lineage is `input`'s epoch). A restore skips what the row already holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<(u32, i64)>,
-    /// Views over a table with several input rows per output row (`history` with `key`
-    /// columns): per input partition, the last offset up to which the view took the input's
-    /// changes when the record was written (the lineage is `input`'s epoch). A restore holds an
-    /// input row whose change is at or below the position of its output row's record.
+    /// Views over a table with several input rows per output row whose output depends on the
+    /// order of their changes (`history` with `key` columns, `group_by` with `latest`): per
+    /// input partition, the last offset up to which the view took the input's changes when the
+    /// record was written (the lineage is `input`'s epoch). A restore holds an input row whose
+    /// change is at or below the position of its output row's record (a `latest` places it
+    /// before the rows changed since).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upto: Vec<(u32, i64)>,
 }

@@ -53,7 +53,7 @@ fn batches() -> Vec<Vec<Change>> {
         .collect()
 }
 
-fn start(
+pub(in crate::table::derived) fn start(
     defs: &[ViewDef],
     input: Option<TableState>,
     topic: Option<&LogContentFn<'_>>,
@@ -90,16 +90,20 @@ fn start_at(
 }
 
 /// Views started while the node holds no input table yet.
-fn start_without_input(defs: &[ViewDef], logs: &LogContentFn<'_>) -> (Arc<Tables>, Run) {
+pub(in crate::table::derived) fn start_without_input(
+    defs: &[ViewDef],
+    logs: &LogContentFn<'_>,
+) -> (Arc<Tables>, Run) {
     let tables = Arc::new(Tables::default());
     let run = run_with_logs(defs, &[], &tables, &HashMap::new(), logs).unwrap();
     (tables, run)
 }
 
-type LogContentFn<'a> = dyn Fn(&str, &str) -> Result<Option<LogContent>, String> + 'a;
+pub(in crate::table::derived) type LogContentFn<'a> =
+    dyn Fn(&str, &str) -> Result<Option<LogContent>, String> + 'a;
 
 /// What view `name`'s topic holds after the first `n` commits of the writer.
-fn content(commits: &[Commit], name: &str, n: usize) -> LogContent {
+pub(in crate::table::derived) fn content(commits: &[Commit], name: &str, n: usize) -> LogContent {
     let mut c = LogContent::default();
     for commit in commits.iter().filter(|c| &*c.view == name).take(n) {
         for (k, r, m) in &commit.changes {
@@ -115,7 +119,9 @@ fn content(commits: &[Commit], name: &str, n: usize) -> LogContent {
 }
 
 /// What each view's topic holds after every commit of `commits`.
-fn whole(commits: &[Commit]) -> impl Fn(&str, &str) -> Result<Option<LogContent>, String> + '_ {
+pub(in crate::table::derived) fn whole(
+    commits: &[Commit],
+) -> impl Fn(&str, &str) -> Result<Option<LogContent>, String> + '_ {
     |name: &str, _: &str| Ok(Some(content(commits, name, usize::MAX)))
 }
 
@@ -417,7 +423,10 @@ fn a_topic_not_read_at_start_is_restored_when_this_node_takes_it_over() {
 }
 
 /// A writer's commits of `defs` over `batches` of the input.
-fn written(defs: &[ViewDef], batches: &[Vec<Change>]) -> (Arc<Tables>, Vec<Commit>) {
+pub(in crate::table::derived) fn written(
+    defs: &[ViewDef],
+    batches: &[Vec<Change>],
+) -> (Arc<Tables>, Vec<Commit>) {
     let (tables, w) = start(defs, None, None);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
     w.views.set_log(tx);
@@ -488,7 +497,11 @@ history = { limit = 200, key = ["team"], columns = ["player", "score"] }
 "#;
 
 /// The input after the first `n` batches.
-fn input_after(defs: &[ViewDef], all: &[Vec<Change>], n: usize) -> TableState {
+pub(in crate::table::derived) fn input_after(
+    defs: &[ViewDef],
+    all: &[Vec<Change>],
+    n: usize,
+) -> TableState {
     let (tables, _) = written(defs, &all[..n]);
     let state = tables.get("scores").unwrap().read().clone();
     state

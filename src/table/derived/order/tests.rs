@@ -1,0 +1,187 @@
+//! A `latest` over a table on which nothing was saved, restored from its topic, against the view
+//! fed every change: the input's offsets do not follow the order of its changes across
+//! partitions, so taking the rows by offset alone gets groups wrong.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::super::reconcile::tests::{input_after, start, whole, written};
+use super::super::tests::{commit, row, rows_of, Change, Rng};
+use super::latest_order;
+use crate::cdc::decode::Row;
+use crate::views::{ViewDef, ViewsFile};
+
+const LATEST: &str = r#"
+[views.last]
+from = "scores"
+[views.last.group_by]
+by = ["team"]
+aggregates = { score = "latest(score)", note = "latest(note)", n = "count()" }
+"#;
+
+fn defs() -> Vec<ViewDef> {
+    ViewsFile::parse(LATEST).unwrap().views
+}
+
+/// `n` batches of 1 to 3 changes over 12 keys (key `pK` in partition `K % 3`), each partition
+/// counting its own offsets from its own base (partition 1 far ahead): rows move between two
+/// teams, `note` is NULL in a third, some changes are deletes.
+fn batches(seed: u64, n: usize) -> Vec<Vec<Change>> {
+    let mut rng = Rng(seed);
+    let mut next = [0i64, 500, 40];
+    (0..n)
+        .map(|_| {
+            (0..1 + rng.below(3))
+                .map(|_| {
+                    let k = rng.below(12);
+                    let part = (k % 3) as u32;
+                    let off = next[part as usize];
+                    next[part as usize] += 1;
+                    let r = (rng.below(6) > 0).then(|| {
+                        let team = if rng.below(3) == 0 { "b" } else { "a" };
+                        let note = match rng.below(3) {
+                            0 => Value::Null,
+                            _ => json!(format!("n{}", rng.below(50))),
+                        };
+                        row(json!({"team": team, "score": rng.below(20) as i64, "note": note}))
+                    });
+                    (format!("p{k}"), r, part, off)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn last(tables: &crate::table::state::Tables) -> BTreeMap<String, Row> {
+    rows_of(tables, "last")
+}
+
+#[test]
+fn a_latest_restored_from_its_topic_keeps_each_groups_latest() {
+    let defs = defs();
+    let mut by_offset_wrong = 0;
+    for seed in [0x1a7e_5eed_u64, 0x2b0c_91f3, 0x3c4d_77a1] {
+        let all = batches(seed, 90);
+        for cut in [15, 30, 45, 60, 75, 90] {
+            let (fed, commits) = written(&defs, &all[..cut]);
+            let want = last(&fed);
+            let input = input_after(&defs, &all, cut);
+            let logs = whole(&commits);
+            let (t, r) = start(&defs, Some(input.clone()), Some(&logs));
+            assert_eq!(last(&t), want, "seed {seed:#x}, after {cut} batches");
+            assert_eq!(
+                r.metrics
+                    .view_log_restores
+                    .with_label_values(&["last"])
+                    .get(),
+                1
+            );
+            // the same start without the topic takes the rows by offset
+            let (plain, _) = start(&defs, Some(input), None);
+            if last(&plain) != want {
+                by_offset_wrong += 1;
+            }
+        }
+    }
+    assert!(
+        by_offset_wrong >= 6,
+        "the inputs make offsets disagree with the order of changes ({by_offset_wrong} of 18)"
+    );
+}
+
+#[test]
+fn a_latest_behind_its_input_takes_the_changes_since_after_its_records() {
+    let defs = defs();
+    let mut by_offset_wrong = 0;
+    for seed in (1..=12u64).map(|i| i * 0x9e37_79b9) {
+        let all = batches(seed, 60);
+        // changes the topic lacks (in flight at a kill -9), all in partition 1 (their order is
+        // their offsets'), of keys new to the groups, NULL in `note`: each group's note still
+        // comes from a row the topic's records hold (a change of a group's latest row would
+        // leave the order behind it unknown: offsets)
+        let since: Vec<Change> = (0..6)
+            .map(|i| {
+                let team = if i % 2 == 0 { "a" } else { "b" };
+                let r = row(json!({"team": team, "score": 100 + i, "note": null}));
+                (format!("q{}", i % 4), Some(r), 1, 10_000 + i)
+            })
+            .collect();
+        let mut with_since = all.clone();
+        with_since.push(since);
+        let (fed, _) = written(&defs, &with_since);
+        let (_, commits) = written(&defs, &all);
+        let logs = whole(&commits);
+        let input = input_after(&defs, &with_since, with_since.len());
+        let (t, _) = start(&defs, Some(input.clone()), Some(&logs));
+        assert_eq!(last(&t), last(&fed), "seed {seed:#x}");
+        let (plain, _) = start(&defs, Some(input), None);
+        if last(&plain) != last(&fed) {
+            by_offset_wrong += 1;
+        }
+    }
+    assert!(by_offset_wrong >= 1, "offsets alone get a group wrong");
+}
+
+#[test]
+fn a_latest_restored_before_its_input_takes_the_input_as_it_comes() {
+    let defs = defs();
+    let all = batches(0x5e1f_3377, 70);
+    let (fed, commits) = written(&defs, &all);
+    let logs = whole(&commits);
+    // an input restored after the views started, as one update of its rows (an empty data
+    // directory: the table from its changelog)
+    let (t, r) = start(&defs, None, Some(&logs));
+    let input = input_after(&defs, &all, all.len());
+    let mut rows: Vec<Change> = input
+        .rows
+        .iter()
+        .map(|(k, e)| (k.clone(), Some(e.row.clone()), e.part, e.off))
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    commit(&t, &*r.views, &rows);
+    assert_eq!(last(&t), last(&fed), "restored with the input");
+    // the input ahead of the topic: the topic of the first 50 batches, the input reading again
+    // the 20 after them, one batch at a time
+    let (_, commits) = written(&defs, &all[..50]);
+    let logs = whole(&commits);
+    let (t, r) = start(&defs, Some(input_after(&defs, &all, 50)), Some(&logs));
+    for b in &all[50..] {
+        commit(&t, &*r.views, b);
+    }
+    assert_eq!(last(&t), last(&fed), "the input read again past the topic");
+    // a topic ahead of the input: the input then reads what the records hold again
+    let (t, r) = start(&defs, Some(input_after(&defs, &all, 40)), Some(&logs));
+    for b in &all[40..] {
+        commit(&t, &*r.views, b);
+    }
+    assert_eq!(last(&t), last(&fed), "a topic ahead of the input");
+}
+
+#[test]
+fn the_order_of_a_group_follows_what_its_latest_columns_show() {
+    let cols = [("score", "score"), ("note", "note")];
+    let r = |v: Value| v.as_object().cloned().unwrap();
+    let record = r(json!({"score": 5, "note": "x"}));
+    let (newest, note_giver, older, conflicting) = (
+        r(json!({"score": 5, "note": null})),
+        r(json!({"score": 2, "note": "x"})),
+        r(json!({"score": 1, "note": null})),
+        r(json!({"score": 9, "note": "y"})),
+    );
+    // given oldest offset first: offsets disagree with the order taken
+    let rows = vec![
+        ("newest", &newest),
+        ("conflicting", &conflicting),
+        ("note_giver", &note_giver),
+        ("older", &older),
+    ];
+    assert_eq!(
+        latest_order(&cols, &record, rows),
+        vec!["conflicting", "older", "note_giver", "newest"]
+    );
+    // a record with NULL in every `latest` column says nothing: offsets
+    let none = r(json!({"score": null, "note": null}));
+    let rows = vec![("a", &newest), ("b", &older)];
+    assert_eq!(latest_order(&cols, &none, rows), vec!["a", "b"]);
+}
