@@ -48,6 +48,7 @@ use crate::table::viewlog::{Commit, LogFlags};
 use crate::views::{InputKind, OutChange, ViewDef, ViewOperator};
 
 mod log;
+mod members;
 mod order;
 mod reconcile;
 pub use log::LogChange;
@@ -248,8 +249,10 @@ impl Views {
                 let st = lock(&view.state);
                 // a `latest` over a view: its input's lineage is new in each process, so no
                 // record's position holds in it
+                // (a keyed `delta` has no `latest` to place: `members.rs`)
                 let ordered = st.taken.is_some()
                     && st.fed.is_none()
+                    && !st.op.latest_columns().is_empty()
                     && !defs.iter().any(|d| d.name == view.def.from);
                 (st.track.is_some() && st.fed.is_none(), ordered)
             };
@@ -720,6 +723,9 @@ impl Views {
     ) {
         if st.track.is_some() {
             self.reconcile(view, st, input, update);
+            return;
+        }
+        if self.reconcile_members(view, st, input, update) {
             return;
         }
         let mut op = ViewOperator::new(&view.def);

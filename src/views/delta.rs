@@ -106,6 +106,22 @@ impl Delta {
         !self.grouped()
     }
 
+    /// Over a table with `key` columns: whether it keeps each input row apart with its own
+    /// movement.
+    pub fn keyed_over_table(&self) -> bool {
+        self.grouped()
+    }
+
+    /// Over a table with `key` columns: each input row it holds, with its own output row (its
+    /// values and its movement).
+    pub fn members(&self) -> HashMap<String, Row> {
+        self.state
+            .groups
+            .values()
+            .flat_map(|m| m.rows.iter().map(|(k, (_, r))| (k.clone(), r.clone())))
+            .collect()
+    }
+
     fn key_of(&self, row: &Row, input_key: Option<&str>) -> Option<String> {
         match &self.spec.key {
             Some(columns) => group_key(row, columns),

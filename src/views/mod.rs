@@ -115,6 +115,8 @@ pub use config::{
     ViewsFile, MAX_HISTORY_LIMIT, MAX_TOP_N_LIMIT, MAX_VIEWS, MAX_VIEWS_FILE_BYTES,
 };
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::cdc::decode::Row;
@@ -279,10 +281,24 @@ impl ViewOperator {
     }
 
     /// Over a table: whether the output depends on the order in which the input's rows took
-    /// their values (`group_by` with `latest`), so that a rebuild from the input's current rows
-    /// must choose one (`table::derived`, `order.rs`).
+    /// their values (`group_by` with `latest`, `delta` with `key` columns), so that a rebuild
+    /// from the input's current rows must choose one (`table::derived`, `order.rs`).
     pub fn replay_order_matters(&self) -> bool {
-        matches!(&self.op, Op::GroupBy(o) if o.has_latest_over_table())
+        match &self.op {
+            Op::GroupBy(o) => o.has_latest_over_table(),
+            Op::Delta(o) => o.keyed_over_table(),
+            _ => false,
+        }
+    }
+
+    /// A `delta` with `key` columns over a table: each input row it holds with its own output
+    /// row (`None` for other operators), so that a recomputation goes on from them instead of
+    /// starting again (`table::derived`, `members.rs`).
+    pub fn keyed_members(&self) -> Option<HashMap<String, Row>> {
+        match &self.op {
+            Op::Delta(o) if o.keyed_over_table() => Some(o.members()),
+            _ => None,
+        }
     }
 
     /// A `group_by`'s `latest` aggregates: (input column, output column) of each (none for

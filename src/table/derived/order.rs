@@ -278,6 +278,31 @@ impl Taken {
         (groups, n as usize)
     }
 
+    /// The input's rows `t` not taken as they are now (changed while the view did not follow,
+    /// or never taken), by input offset then partition; the view takes them in that order,
+    /// which is noted, and no longer holds the keys `t` lacks. Rows taken in another lineage of
+    /// the input count as not taken.
+    pub fn changed<'t>(&mut self, t: &'t TableState) -> Vec<(&'t String, &'t Row)> {
+        if self.upto_epoch.as_deref().is_some_and(|e| e != &*t.epoch) {
+            self.of.clear();
+        }
+        let mut rows: Vec<(&String, &Entry)> = t
+            .rows
+            .iter()
+            .filter(|(k, e)| {
+                !matches!(self.of.get(*k), Some((_, part, off)) if (*part, *off) == (e.part, e.off))
+            })
+            .collect();
+        rows.sort_unstable_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
+        self.of.retain(|k, _| t.rows.contains_key(k));
+        for (k, e) in &rows {
+            self.of.insert((*k).clone(), (self.next, e.part, e.off));
+            self.next += 1;
+        }
+        self.pass_input(t);
+        rows.into_iter().map(|(k, e)| (k, &*e.row)).collect()
+    }
+
     /// The input's rows `t` in the order a recomputation takes them (see the module doc); the
     /// view takes them in that order, which is noted.
     pub fn replay<'t>(&mut self, t: &'t TableState) -> Vec<(&'t String, &'t Row)> {

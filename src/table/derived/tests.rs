@@ -107,7 +107,7 @@ pub(super) fn run_with_logs(
     })
 }
 
-fn run(defs: &[ViewDef], tables: &Arc<Tables>, saved: &HashMap<String, Vec<u8>>) -> Run {
+pub(super) fn run(defs: &[ViewDef], tables: &Arc<Tables>, saved: &HashMap<String, Vec<u8>>) -> Run {
     try_run(defs, tables, saved).unwrap()
 }
 
@@ -954,7 +954,7 @@ fn views_over_events_restored_from_their_topic_take_every_event_once() {
 }
 
 /// Commits one change of `key` at input partition `part`, offset `off`.
-fn put_at(
+pub(super) fn put_at(
     tables: &Tables,
     sink: &dyn UpdateSink,
     key: &str,

@@ -1,0 +1,97 @@
+//! A keyed `delta` whose input's updates do not follow on, against the view fed every change.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::super::tests::{commit, row, rows_of, run, Change, Rng};
+use crate::table::state::{NoSink, TableState, Tables};
+use crate::views::ViewsFile;
+
+const MOVES: &str = r#"
+[views.mv]
+from = "scores"
+delta = { columns = ["score"], key = ["team"] }
+"#;
+
+/// Replaces the input table by a copy of itself with a later update number: its next update
+/// does not follow on (as after a restore or a slice handed over).
+fn replace(tables: &Tables) {
+    let mut state: TableState = tables.get("scores").unwrap().read().clone();
+    state.useq += 7;
+    tables.insert(state);
+}
+
+#[test]
+fn a_keyed_delta_keeps_each_rows_movement_when_its_input_does_not_follow_on() {
+    let defs = ViewsFile::parse(MOVES).unwrap().views;
+    let new_tables = || {
+        let t = Arc::new(Tables::default());
+        t.ensure("scores", "e1", "game.scores", 3);
+        t
+    };
+    let (fed_t, gap_t) = (new_tables(), new_tables());
+    let (fed, gapped) = (
+        run(&defs, &fed_t, &Default::default()),
+        run(&defs, &gap_t, &Default::default()),
+    );
+    let mut rng = Rng(0x0dd5_eed5);
+    let mut next = [0i64, 300, 40];
+    let mut change = |rng: &mut Rng, k: u64, delete: bool| -> Change {
+        let part = (k % 3) as u32;
+        let off = next[part as usize];
+        next[part as usize] += 1;
+        let team = ["a", "b", "c"][rng.below(3) as usize];
+        let r = (!delete).then(|| row(json!({"team": team, "score": rng.below(40) as i64})));
+        (format!("p{k:02}"), r, part, off)
+    };
+    let (mut gaps, mut kept) = (0, 0);
+    for round in 0..60 {
+        if rng.below(3) > 0 {
+            let batch: Vec<Change> = (0..1 + rng.below(3))
+                .map(|_| {
+                    let k = rng.below(12);
+                    let delete = rng.below(6) == 0;
+                    change(&mut rng, k, delete)
+                })
+                .collect();
+            commit(&fed_t, &*fed.views, &batch);
+            commit(&gap_t, &*gapped.views, &batch);
+        } else {
+            // changes the view does not see, in one partition, each key once (so their order is
+            // their offsets' and each movement is one step), then the input replaced and a change
+            // of another key of that partition
+            let part = rng.below(3);
+            let mut keys: Vec<u64> = (0..4).map(|i| part + 3 * i).collect();
+            let trigger = keys.remove(rng.below(4) as usize);
+            let keys: Vec<u64> = keys.into_iter().filter(|_| rng.below(3) > 0).collect();
+            for k in keys {
+                let delete = rng.below(5) == 0;
+                let c = change(&mut rng, k, delete);
+                commit(&fed_t, &*fed.views, std::slice::from_ref(&c));
+                commit(&gap_t, &NoSink, &[c]);
+            }
+            replace(&gap_t);
+            let c = change(&mut rng, trigger, false);
+            commit(&fed_t, &*fed.views, std::slice::from_ref(&c));
+            commit(&gap_t, &*gapped.views, &[c]);
+            gaps += 1;
+        }
+        let want = rows_of(&fed_t, "mv");
+        assert_eq!(rows_of(&gap_t, "mv"), want, "round {round}");
+        kept += want
+            .values()
+            .filter(|r| !r["score_change"].is_null())
+            .count();
+    }
+    let rebuilds = gapped
+        .metrics
+        .view_rebuilds
+        .with_label_values(&["mv"])
+        .get();
+    assert!(
+        gaps >= 10 && rebuilds > gaps,
+        "{gaps} gaps, {rebuilds} recomputations"
+    );
+    assert!(kept > 60, "movements were there to keep ({kept})");
+}
