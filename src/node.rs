@@ -509,6 +509,24 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
             }
         });
     }
+    if let Some(views) = views.clone() {
+        // a `latest` that read its topic at start places again by it the rows its input is
+        // restored with or reads again (`table::derived`, `order.rs`)
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let v = views.clone();
+                if tokio::task::spawn_blocking(move || v.tick()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let mut threads: Vec<(
         &'static str,
         std::thread::JoinHandle<Result<(), ServiceError>>,

@@ -489,7 +489,10 @@ impl Views {
         let mut out = Vec::new();
         for view in self.by_input.values().flatten() {
             let st = lock(&view.state);
-            if st.skip.is_some() || st.track.as_ref().is_some_and(|t| !t.groups.is_empty()) {
+            if st.skip.is_some()
+                || st.track.as_ref().is_some_and(|t| !t.groups.is_empty())
+                || st.taken.as_ref().is_some_and(order::Taken::has_records)
+            {
                 // restored from its topic and still reading past events (or changes) again:
                 // its rows are ahead of any one position (the next start restores it from the
                 // topic again)
@@ -672,13 +675,13 @@ impl Views {
                     && !st.taken.as_ref().is_some_and(order::Taken::has_records)
             }
         };
-        // a `latest` restored from its topic: a change its records hold is not the latest of
-        // its group
-        let held = match &st.taken {
-            Some(taken) if taken.has_records() => taken.holds_any(&st.op, update),
+        // a `latest` that read its topic at start, once its input holds everything the records
+        // name: computed again, each group's rows placed by them
+        let reached = match &st.taken {
+            Some(taken) if taken.has_records() => taken.records_reached(&input.read()),
             _ => false,
         };
-        if !follows || held {
+        if !follows || reached {
             self.rebuild(view, &mut st, &input, Some(update));
             return;
         }
@@ -697,7 +700,7 @@ impl Views {
                 }
             }
             if let Some(taken) = taken.as_mut() {
-                taken.drop_passed_records(&input.read());
+                taken.note_held(op, update);
             }
         }
         st.fed = Some(Fed {
@@ -735,13 +738,20 @@ impl Views {
             let keys = match st.taken.as_mut() {
                 Some(taken) => {
                     if taken.has_records() {
-                        let (groups, rows) = taken.seed_from_records(&op, &t);
+                        let (groups, rows, done) = taken.seed_from_records(&op, &t);
                         tracing::info!(
                             view = %view.def.name,
                             groups,
                             rows,
+                            done,
                             "the order of the input rows its topic's records hold taken from them"
                         );
+                        if done {
+                            // not written while they were kept: the whole view now
+                            view.log
+                                .dirty
+                                .store(true, std::sync::atomic::Ordering::Release);
+                        }
                     }
                     taken.replay(&t)
                 }

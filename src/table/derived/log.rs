@@ -105,8 +105,17 @@ impl Views {
         Some(self.def_id(view))
     }
 
-    /// The mark of what `st` holds now (`None`: a view over a table not fed yet).
+    /// The mark of what `st` holds now (`None`: a view over a table not fed yet, or a `latest`
+    /// still keeping the records it read at start: its rows are not written over them before
+    /// its input holds what they name).
     pub(super) fn mark_of(view: &View, st: &ViewState) -> Option<Arc<Mark>> {
+        if st
+            .taken
+            .as_ref()
+            .is_some_and(super::order::Taken::has_records)
+        {
+            return None;
+        }
         match view.def.input {
             InputKind::Events => {
                 let mut events: Vec<(i32, i64)> = st.pos.iter().map(|(p, n)| (*p, *n)).collect();

@@ -20,6 +20,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use std::sync::atomic::Ordering;
 
 use super::{lock, View, Views};
 use crate::cdc::decode::Row;
@@ -43,20 +46,31 @@ pub(super) struct Taken {
     /// Read from the view's topic at a start that saved nothing, until the input holds what
     /// they do ([`Records`]).
     records: Option<Records>,
+    /// A change the records hold was taken as the latest of its group (the input is restored,
+    /// or reads again, what they hold): the rows are placed by them again, at most about a
+    /// tenth of the time ([`Taken::due`]).
+    stale: bool,
+    /// When the rows were last placed by the records, and what that recomputation cost.
+    placed: Option<(Instant, Duration)>,
 }
 
 /// A view's topic as read at a start that saved nothing: each output row and its mark, used by
 /// every recomputation ([`Taken::seed_from_records`]) until the input's positions reach every
 /// offset the marks name (an input still being restored, or reading again what the topic holds,
 /// is not complete before).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Records {
     rows: HashMap<String, (Row, Arc<Mark>)>,
     /// Per lineage, the furthest offset of each partition the marks name.
     reach: HashMap<String, HashMap<u32, i64>>,
     /// Partitions whose offsets restarted since: the marks say nothing of them.
     reset: HashSet<u32>,
+    /// When they were read.
+    kept: Instant,
 }
+
+/// How long a view keeps the records read at start at most (see [`Taken::expire_records`]).
+pub(super) const RECORDS_KEPT_AT_MOST: Duration = Duration::from_secs(600);
 
 impl Records {
     /// How far the record of output row `group` had taken partition `part` of lineage `epoch`.
@@ -194,18 +208,23 @@ impl Taken {
             rows,
             reach,
             reset: HashSet::new(),
+            kept: Instant::now(),
         });
         n
     }
 
-    /// Whether a change of `update` is one the records kept hold (the input reads again, or is
-    /// restored with, what the view's topic holds): it is not the latest change of its group,
-    /// so the view is computed again instead of taking it.
-    pub fn holds_any(&self, op: &ViewOperator, update: &TableUpdate) -> bool {
+    /// Whether records read from the view's topic are kept.
+    pub fn has_records(&self) -> bool {
+        self.records.is_some()
+    }
+
+    /// Notes that the view took `update`: when one of its changes is one the records hold, the
+    /// rows are to be placed by them again.
+    pub fn note_held(&mut self, op: &ViewOperator, update: &TableUpdate) {
         let Some(r) = &self.records else {
-            return false;
+            return;
         };
-        update.changes.iter().any(|c| {
+        self.stale |= update.changes.iter().any(|c| {
             [c.row.as_deref(), c.before.as_deref()]
                 .into_iter()
                 .flatten()
@@ -214,30 +233,54 @@ impl Taken {
                     r.upto(&g, &update.epoch, c.part)
                         .is_some_and(|u| c.off <= u)
                 })
-        })
+        });
     }
 
-    /// Drops the records kept once the input `t` holds everything they name.
-    pub fn drop_passed_records(&mut self, t: &TableState) {
-        if self.records.as_ref().is_some_and(|r| r.passed(t)) {
+    /// Whether the view is to be computed again now (by [`super::Views::tick`]): it took
+    /// changes the records hold and its last placement is ten times its cost ago, or the records
+    /// expired.
+    pub fn due(&self) -> bool {
+        let Some(r) = &self.records else {
+            return false;
+        };
+        r.kept.elapsed() >= RECORDS_KEPT_AT_MOST
+            || (self.stale
+                && self
+                    .placed
+                    .is_none_or(|(at, cost)| at.elapsed() >= cost.saturating_mul(10)))
+    }
+
+    /// Whether the input `t` holds everything the records kept name: the next recomputation
+    /// places the rows by them for the last time and drops them.
+    pub fn records_reached(&self, t: &TableState) -> bool {
+        self.records.as_ref().is_some_and(|r| r.passed(t))
+    }
+
+    /// Drops the records kept once they are older than [`RECORDS_KEPT_AT_MOST`] (an input that
+    /// never reaches them: a partition whose offsets restarted while the node was down); true
+    /// when it dropped them.
+    pub fn expire_records(&mut self) -> bool {
+        if self
+            .records
+            .as_ref()
+            .is_some_and(|r| r.kept.elapsed() >= RECORDS_KEPT_AT_MOST)
+        {
             self.records = None;
+            return true;
         }
-    }
-
-    /// Whether records read from the view's topic wait for the next recomputation.
-    pub fn has_records(&self) -> bool {
-        self.records.is_some()
+        false
     }
 
     /// Places the input rows of `t` that the records kept by [`Taken::keep_records`] hold, in
     /// the order they say (see the module doc), ahead of the rows taken since (in the order
     /// taken) and of the others, for the replay that follows; drops the records once `t` holds
-    /// everything they name. Returns (groups, rows) held.
-    pub fn seed_from_records(&mut self, op: &ViewOperator, t: &TableState) -> (usize, usize) {
+    /// everything they name. Returns (groups, rows) held and whether it dropped them.
+    pub fn seed_from_records(&mut self, op: &ViewOperator, t: &TableState) -> (usize, usize, bool) {
         self.note_resets(t);
         let Some(records) = self.records.take() else {
-            return (0, 0);
+            return (0, 0, false);
         };
+        let began = Instant::now();
         let mut held: BTreeMap<&str, Vec<(&String, &Entry)>> = BTreeMap::new();
         for (k, e) in t.rows.iter() {
             let Some(group) = op.event_key(Some(k), &e.row) else {
@@ -272,10 +315,14 @@ impl Taken {
         }
         self.next += n;
         self.of = of;
-        if !records.passed(t) {
+        let passed = records.passed(t);
+        if !passed {
             self.records = Some(records);
         }
-        (groups, n as usize)
+        self.stale = false;
+        // the replay that follows costs about as much again
+        self.placed = Some((Instant::now(), began.elapsed().saturating_mul(2)));
+        (groups, n as usize, passed)
     }
 
     /// The input's rows `t` not taken as they are now (changed while the view did not follow,
@@ -335,6 +382,32 @@ impl Taken {
 }
 
 impl Views {
+    /// Places again the rows of each `latest` that took changes its records hold, when due
+    /// ([`Taken::due`]), and drops records kept too long (call it about once a second: an input
+    /// restored or read again in many updates costs a recomputation per tick at most, and one
+    /// that then stays idle is placed all the same).
+    pub fn tick(&self) {
+        for view in self.by_input.values().flatten() {
+            if !lock(&view.state).taken.as_ref().is_some_and(Taken::due) {
+                continue;
+            }
+            let Some(input) = self.tables.get(&view.def.from) else {
+                continue;
+            };
+            // the input's order lock first, as on the publish path
+            let _order = input.order_guard();
+            let mut st = lock(&view.state);
+            if st.taken.as_mut().is_some_and(Taken::expire_records) {
+                tracing::warn!(view = %view.def.name, "the input never reached what the view's topic holds (its offsets restarted?): the records read at start are dropped");
+                view.log.dirty.store(true, Ordering::Release);
+                continue;
+            }
+            if st.fed.is_some() && st.taken.as_ref().is_some_and(Taken::due) {
+                self.rebuild(view, &mut st, &input, None);
+            }
+        }
+    }
+
     /// A `latest` view on which nothing was saved, at start: keeps what its topic holds (`read`:
     /// `Ok(None)` no topic, `Err` not read) for its first recomputation. A content with a record
     /// that could not be read, or a row of another definition, is not used (the rows are then
@@ -355,6 +428,14 @@ impl Views {
                 bad = content.bad,
                 other_definition = content.other_def.len(),
                 "the view's changelog topic is not usable; its rows are taken by input offset"
+            );
+            return;
+        }
+        if content.rows.values().all(|(_, m, _)| m.upto.is_empty()) {
+            tracing::warn!(
+                view = %view.def.name,
+                records = content.records,
+                "the view's changelog topic names no input positions (written by a livetable before 2026-12-07); its rows are taken by input offset"
             );
             return;
         }

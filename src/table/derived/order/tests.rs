@@ -3,6 +3,9 @@
 //! partitions, so taking the rows by offset alone gets groups wrong.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -10,6 +13,8 @@ use super::super::reconcile::tests::{input_after, start, whole, written};
 use super::super::tests::{commit, row, rows_of, Change, Rng};
 use super::latest_order;
 use crate::cdc::decode::Row;
+use crate::table::derived::Views;
+use crate::table::viewlog::Commit;
 use crate::views::{ViewDef, ViewsFile};
 
 const LATEST: &str = r#"
@@ -96,15 +101,16 @@ fn a_latest_behind_its_input_takes_the_changes_since_after_its_records() {
     let mut by_offset_wrong = 0;
     for seed in (1..=12u64).map(|i| i * 0x9e37_79b9) {
         let all = batches(seed, 60);
-        // changes the topic lacks (in flight at a kill -9), all in partition 1 (their order is
-        // their offsets'), of keys new to the groups, NULL in `note`: each group's note still
+        // changes the topic lacks (in flight at a kill -9), all in partition 0 (their order is
+        // their offsets', below the other partitions'), of keys new to the groups, NULL in `note`: each group's note still
         // comes from a row the topic's records hold (a change of a group's latest row would
         // leave the order behind it unknown: offsets)
+        let p0 = all.iter().flatten().filter(|c| c.2 == 0).map(|c| c.3).max();
         let since: Vec<Change> = (0..6)
             .map(|i| {
                 let team = if i % 2 == 0 { "a" } else { "b" };
                 let r = row(json!({"team": team, "score": 100 + i, "note": null}));
-                (format!("q{}", i % 4), Some(r), 1, 10_000 + i)
+                (format!("q{}", i % 4), Some(r), 0, p0.unwrap() + 1 + i)
             })
             .collect();
         let mut with_since = all.clone();
@@ -123,15 +129,32 @@ fn a_latest_behind_its_input_takes_the_changes_since_after_its_records() {
     assert!(by_offset_wrong >= 1, "offsets alone get a group wrong");
 }
 
+/// Lets [`Views::tick`] find the view due (ten times its last placement's cost ago).
+fn tick(views: &Views) {
+    std::thread::sleep(Duration::from_millis(50));
+    views.tick();
+}
+
+/// Makes `views` write their topics to a queue; returns its receiving end.
+fn writing(views: &Views) -> Receiver<Commit> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    views.set_log(tx);
+    for (_, flags, _) in views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    rx
+}
+
 #[test]
-fn a_latest_restored_before_its_input_takes_the_input_as_it_comes() {
+fn a_latest_restored_before_its_input_places_the_rows_as_they_come() {
     let defs = defs();
     let all = batches(0x5e1f_3377, 70);
     let (fed, commits) = written(&defs, &all);
     let logs = whole(&commits);
-    // an input restored after the views started, as one update of its rows (an empty data
-    // directory: the table from its changelog)
+    // an input restored after the views started, in updates of 4 rows each (an empty data
+    // directory: the table from its changelog); then idle
     let (t, r) = start(&defs, None, Some(&logs));
+    let sent = writing(&r.views);
     let input = input_after(&defs, &all, all.len());
     let mut rows: Vec<Change> = input
         .rows
@@ -139,23 +162,64 @@ fn a_latest_restored_before_its_input_takes_the_input_as_it_comes() {
         .map(|(k, e)| (k.clone(), Some(e.row.clone()), e.part, e.off))
         .collect();
     rows.sort_by(|a, b| a.0.cmp(&b.0));
-    commit(&t, &*r.views, &rows);
+    for chunk in rows.chunks(4) {
+        commit(&t, &*r.views, chunk);
+    }
+    tick(&r.views);
     assert_eq!(last(&t), last(&fed), "restored with the input");
-    // the input ahead of the topic: the topic of the first 50 batches, the input reading again
-    // the 20 after them, one batch at a time
+    assert_eq!(
+        sent.try_iter().filter(|c| &*c.view == "last").count(),
+        0,
+        "not written over its records while it holds them"
+    );
+}
+
+#[test]
+fn a_latest_whose_input_reads_again_what_its_topic_holds_places_it_by_the_topic() {
+    let defs = defs();
+    let all = batches(0x6a2b_9e01, 70);
     let (_, commits) = written(&defs, &all[..50]);
     let logs = whole(&commits);
-    let (t, r) = start(&defs, Some(input_after(&defs, &all, 50)), Some(&logs));
-    for b in &all[50..] {
-        commit(&t, &*r.views, b);
-    }
-    assert_eq!(last(&t), last(&fed), "the input read again past the topic");
-    // a topic ahead of the input: the input then reads what the records hold again
+    let at = |n: usize| last(&written(&defs, &all[..n]).0);
+    // the input at 40 of the topic's 50 batches, reading them again one at a time: a clean stop
+    // meanwhile saves nothing of the view, and nothing is written to its topic
     let (t, r) = start(&defs, Some(input_after(&defs, &all, 40)), Some(&logs));
-    for b in &all[40..] {
+    let sent = writing(&r.views);
+    for b in &all[40..45] {
         commit(&t, &*r.views, b);
     }
-    assert_eq!(last(&t), last(&fed), "a topic ahead of the input");
+    let saved: Vec<String> = r.views.save().into_iter().map(|(n, _)| n).collect();
+    assert!(!saved.contains(&"last".to_string()), "{saved:?}");
+    assert_eq!(sent.try_iter().filter(|c| &*c.view == "last").count(), 0);
+    // a kill -9 there: the topic still holds what it did, and the next start goes on from it
+    let (t2, r2) = start(
+        &defs,
+        Some(t.get("scores").unwrap().read().clone()),
+        Some(&logs),
+    );
+    for (t, r) in [(&t, &r), (&t2, &r2)] {
+        for b in &all[45..50] {
+            commit(t, &*r.views, b);
+        }
+        assert_eq!(
+            last(t),
+            at(50),
+            "placed by the topic once the input reached it"
+        );
+        for b in &all[50..] {
+            commit(t, &*r.views, b);
+        }
+        assert_eq!(last(t), at(70), "then every change as it comes");
+    }
+    let flags = r.views.log_views();
+    assert!(
+        flags
+            .iter()
+            .any(|(n, f, _)| n == "last" && f.dirty.load(Ordering::Acquire)),
+        "written whole once it no longer holds the records"
+    );
+    let saved: Vec<String> = r.views.save().into_iter().map(|(n, _)| n).collect();
+    assert!(saved.contains(&"last".to_string()), "{saved:?}");
 }
 
 #[test]
