@@ -249,10 +249,8 @@ impl Views {
                 let st = lock(&view.state);
                 // a `latest` over a view: its input's lineage is new in each process, so no
                 // record's position holds in it
-                // (a keyed `delta` has no `latest` to place: `members.rs`)
                 let ordered = st.taken.is_some()
                     && st.fed.is_none()
-                    && !st.op.latest_columns().is_empty()
                     && !defs.iter().any(|d| d.name == view.def.from);
                 (st.track.is_some() && st.fed.is_none(), ordered)
             };
@@ -738,20 +736,8 @@ impl Views {
             let keys = match st.taken.as_mut() {
                 Some(taken) => {
                     if taken.has_records() {
-                        let (groups, rows, done) = taken.seed_from_records(&op, &t);
-                        tracing::info!(
-                            view = %view.def.name,
-                            groups,
-                            rows,
-                            done,
-                            "the order of the input rows its topic's records hold taken from them"
-                        );
-                        if done {
-                            // not written while they were kept: the whole view now
-                            view.log
-                                .dirty
-                                .store(true, std::sync::atomic::Ordering::Release);
-                        }
+                        let s = taken.seed_from_records(&op, &t);
+                        Self::seeded(view, &s);
                     }
                     taken.replay(&t)
                 }
@@ -786,6 +772,23 @@ impl Views {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
         self.commit_recomputed(view, st, out, update);
+    }
+
+    /// Logs what a recomputation took from the records a view read at start; once it dropped
+    /// them, the whole view is to be written (nothing was while they were kept).
+    fn seeded(view: &View, s: &order::Seeded) {
+        tracing::info!(
+            view = %view.def.name,
+            groups = s.groups,
+            rows = s.rows,
+            done = s.done,
+            "the order of the input rows its topic's records hold taken from them"
+        );
+        if s.done {
+            view.log
+                .dirty
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Commits the output of a recomputation from the input's rows (a rebuild or a reconcile),

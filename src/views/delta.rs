@@ -122,6 +122,19 @@ impl Delta {
             .collect()
     }
 
+    /// Over a table with `key` columns: makes `own` the own output row (values and movement)
+    /// of input row `key`, which it holds with the same values, in its place in the order; the
+    /// output change, if any.
+    pub fn set_own(&mut self, key: &str, own: &Row) -> Option<OutChange> {
+        let g = self.key_of(own, None)?;
+        let (_, row) = self.state.groups.get_mut(&g)?.rows.get_mut(key)?;
+        if *row == *own {
+            return None;
+        }
+        *row = own.clone();
+        self.show(g)
+    }
+
     fn key_of(&self, row: &Row, input_key: Option<&str>) -> Option<String> {
         match &self.spec.key {
             Some(columns) => group_key(row, columns),

@@ -310,6 +310,16 @@ impl ViewOperator {
         }
     }
 
+    /// A `delta` with `key` columns over a table: makes `own` input row `key`'s own output row
+    /// (its movement kept from before a recomputation, or read from the view's topic); the
+    /// output change, if any (nothing for other operators).
+    pub fn set_own_row(&mut self, key: &str, own: &Row) -> Option<OutChange> {
+        match &mut self.op {
+            Op::Delta(o) if o.keyed_over_table() => o.set_own(key, own),
+            _ => None,
+        }
+    }
+
     /// Where the input row of `key`, now `row`, stands in the order in which this operator took
     /// the rows (lower first), when it holds the values that matter of that row as it is now
     /// (`None`: it does not, or the order does not matter); what a view loaded from a clean

@@ -8,15 +8,21 @@
 //! movement spans the changes it did not see), by input offset then partition ([`Taken::changed`]),
 //! so it becomes its key's latest; a row the input no longer has leaves, handing its key to the
 //! row changed before it.
+//!
+//! A node on which nothing saved the view (kill -9, a new or empty data directory) reads its
+//! topic at start, as a `latest` does (`order.rs`): each record is the own row of the input row
+//! changed last among those with its key, so the input rows its record holds are placed first,
+//! the one whose values it shows last, which gets the record's movement back; the rows changed
+//! since come after them by offset, with no movement until they move again.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Fed, View, ViewState, Views};
-use crate::table::state::{Table, TableUpdate};
-use crate::views::OutChange;
-
-#[cfg(doc)]
 use super::order::Taken;
+use super::{Fed, View, ViewState, Views};
+use crate::cdc::decode::Row;
+use crate::table::state::{Table, TableUpdate};
+use crate::views::{OutChange, ViewOperator};
 
 impl Views {
     /// Brings a keyed `delta` up to the input's current rows (see the module doc); the caller
@@ -28,6 +34,9 @@ impl Views {
         input: &Arc<Table>,
         update: Option<&TableUpdate>,
     ) -> bool {
+        if st.taken.as_ref().is_some_and(Taken::has_records) {
+            return self.place_members(view, st, input, update);
+        }
         let mut out: Vec<OutChange> = Vec::new();
         let (epoch, useq) = {
             let ViewState { op, taken, .. } = &mut *st;
@@ -53,6 +62,67 @@ impl Views {
             epoch,
             useq,
         });
+        self.commit_recomputed(view, st, out, update);
+        true
+    }
+
+    /// A keyed `delta` that read its topic at start (kill -9, an empty data directory): computed
+    /// again from the input's rows in the order its records give ([`Taken::seed_from_records`]);
+    /// each row keeps the own row (values and movement) it had when its values are the same,
+    /// and the row a record shows gets the record's movement.
+    fn place_members(
+        &self,
+        view: &View,
+        st: &mut ViewState,
+        input: &Arc<Table>,
+        update: Option<&TableUpdate>,
+    ) -> bool {
+        let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
+        let (epoch, useq) = {
+            let ViewState { op, taken, .. } = &mut *st;
+            let (Some(taken), Some(members)) = (taken.as_mut(), op.keyed_members()) else {
+                return false;
+            };
+            let t = input.read();
+            let mut fresh = ViewOperator::new(&view.def);
+            let seeded = taken.seed_from_records(&fresh, &t);
+            Self::seeded(view, &seeded);
+            let mut outs: Vec<OutChange> = Vec::new();
+            for (key, row) in taken.replay(&t) {
+                outs.extend(fresh.apply_change(key, None, Some(row)));
+            }
+            let mut kept: Vec<(&String, &Row)> = members
+                .iter()
+                .filter(|(k, own)| {
+                    t.rows
+                        .get(k.as_str())
+                        .is_some_and(|e| e.row.iter().all(|(c, v)| own.get(c) == Some(v)))
+                })
+                .collect();
+            kept.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let tops = seeded.tops.iter().map(|(k, own)| (k, own));
+            for (key, own) in kept.into_iter().chain(tops) {
+                outs.extend(fresh.set_own_row(key, own));
+            }
+            result.extend(outs);
+            *op = fresh;
+            (t.epoch.clone(), t.useq)
+        };
+        st.fed = Some(Fed {
+            table: input.clone(),
+            epoch,
+            useq,
+        });
+        let mut out: Vec<OutChange> = {
+            let t = view.table.read();
+            t.rows
+                .keys()
+                .filter(|k| !matches!(result.get(*k), Some(Some(_))))
+                .map(|k| (k.clone(), None))
+                .collect()
+        };
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
         self.commit_recomputed(view, st, out, update);
         true
     }

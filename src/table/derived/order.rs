@@ -31,6 +31,19 @@ use crate::table::viewlog::read::LogContent;
 use crate::table::viewlog::Mark;
 use crate::views::ViewOperator;
 
+/// What [`Taken::seed_from_records`] did.
+#[derive(Debug, Default)]
+pub(super) struct Seeded {
+    /// Groups, and input rows, whose order the records gave.
+    pub groups: usize,
+    pub rows: usize,
+    /// The records were dropped: the input holds everything they name.
+    pub done: bool,
+    /// A keyed `delta`: the input rows whose own output row (values and movement) is their
+    /// group's record, with it.
+    pub tops: Vec<(String, Row)>,
+}
+
 /// See the module doc.
 #[derive(Debug, Default)]
 pub(super) struct Taken {
@@ -274,11 +287,12 @@ impl Taken {
     /// Places the input rows of `t` that the records kept by [`Taken::keep_records`] hold, in
     /// the order they say (see the module doc), ahead of the rows taken since (in the order
     /// taken) and of the others, for the replay that follows; drops the records once `t` holds
-    /// everything they name. Returns (groups, rows) held and whether it dropped them.
-    pub fn seed_from_records(&mut self, op: &ViewOperator, t: &TableState) -> (usize, usize, bool) {
+    /// everything they name.
+    pub fn seed_from_records(&mut self, op: &ViewOperator, t: &TableState) -> Seeded {
         self.note_resets(t);
+        let mut seeded = Seeded::default();
         let Some(records) = self.records.take() else {
-            return (0, 0, false);
+            return seeded;
         };
         let began = Instant::now();
         let mut held: BTreeMap<&str, Vec<(&String, &Entry)>> = BTreeMap::new();
@@ -296,7 +310,8 @@ impl Taken {
         }
         let columns = op.latest_columns();
         let mut of: HashMap<String, (u64, u32, i64)> = HashMap::new();
-        let (groups, mut n) = (held.len(), 0u64);
+        let mut n = 0u64;
+        seeded.groups = held.len();
         for (group, mut rows) in held {
             let Some((record, _)) = records.rows.get(group) else {
                 continue;
@@ -304,25 +319,36 @@ impl Taken {
             rows.sort_unstable_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
             let rows: Vec<((&String, &Entry), &Row)> =
                 rows.into_iter().map(|(k, e)| ((k, e), &*e.row)).collect();
-            for (k, e) in latest_order(&columns, record, rows) {
+            let order = if columns.is_empty() {
+                // a keyed `delta`: its record is the own row of the row changed last
+                let (order, top) = shown_last(record, rows);
+                seeded
+                    .tops
+                    .extend(top.map(|(k, _)| (k.clone(), record.clone())));
+                order
+            } else {
+                latest_order(&columns, record, rows)
+            };
+            for (k, e) in order {
                 of.insert(k.clone(), (n, e.part, e.off));
                 n += 1;
             }
         }
+        seeded.rows = n as usize;
         // the rows taken since, after them in the order taken
         for (k, (when, part, off)) in self.of.drain() {
             of.entry(k).or_insert((n + when, part, off));
         }
         self.next += n;
         self.of = of;
-        let passed = records.passed(t);
-        if !passed {
+        seeded.done = records.passed(t);
+        if !seeded.done {
             self.records = Some(records);
         }
         self.stale = false;
         // the replay that follows costs about as much again
         self.placed = Some((Instant::now(), began.elapsed().saturating_mul(2)));
-        (groups, n as usize, passed)
+        seeded
     }
 
     /// The input's rows `t` not taken as they are now (changed while the view did not follow,
@@ -452,6 +478,19 @@ impl Views {
     }
 }
 
+/// One group's input `rows` (given oldest offset first) with the one of highest offset whose
+/// every value `record` shows last (a keyed `delta`'s output row is the own row of the row
+/// changed last: its values plus its movement), and that one.
+fn shown_last<T: Copy>(record: &Row, rows: Vec<(T, &Row)>) -> (Vec<T>, Option<T>) {
+    let top = rows
+        .iter()
+        .rposition(|(_, row)| row.iter().all(|(c, v)| record.get(c) == Some(v)));
+    let mut order: Vec<T> = rows.iter().map(|(t, _)| *t).collect();
+    let top = top.map(|i| order.remove(i));
+    order.extend(top);
+    (order, top)
+}
+
 /// The order (oldest first) in which one group's input `rows` (given oldest offset first) were
 /// taken, as far as the group's output row `record` tells: `columns` are its `latest`
 /// aggregates (input column, output column). From the newest down, each next row is the one of
@@ -499,4 +538,4 @@ pub(super) fn latest_order<T>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::super::order::tests::{batches, tick};
+use super::super::reconcile::tests::{input_after, start, whole, written};
 use super::super::tests::{commit, row, rows_of, run, Change, Rng};
 use crate::table::state::{NoSink, TableState, Tables};
 use crate::views::ViewsFile;
@@ -94,4 +96,78 @@ fn a_keyed_delta_keeps_each_rows_movement_when_its_input_does_not_follow_on() {
         "{gaps} gaps, {rebuilds} recomputations"
     );
     assert!(kept > 60, "movements were there to keep ({kept})");
+}
+
+#[test]
+fn a_keyed_delta_restored_from_its_topic_shows_each_keys_row_and_movement() {
+    let defs = ViewsFile::parse(MOVES).unwrap().views;
+    let (mut plain_wrong, mut moving) = (0, 0);
+    for seed in [0x51de_0001_u64, 0x51de_0002, 0x51de_0003] {
+        let all = batches(seed, 60);
+        // changes the topic lacks (in flight at a kill -9): new keys, in one partition
+        let p0 = all.iter().flatten().filter(|c| c.2 == 0).map(|c| c.3).max();
+        let since: Vec<Change> = (0..3)
+            .map(|i| {
+                let team = ["a", "b", "a"][i as usize];
+                let r = row(json!({"team": team, "score": 100 + i}));
+                (format!("q{i}"), Some(r), 0, p0.unwrap() + 1 + i)
+            })
+            .collect();
+        for cut in [20, 40, 60] {
+            let (_, commits) = written(&defs, &all[..cut]);
+            let logs = whole(&commits);
+            for extra in [false, true] {
+                let mut input_batches = all[..cut].to_vec();
+                if extra {
+                    input_batches.push(since.clone());
+                }
+                let (fed, _) = written(&defs, &input_batches);
+                let want = rows_of(&fed, "mv");
+                moving += want
+                    .values()
+                    .filter(|r| !r["score_change"].is_null())
+                    .count();
+                let input = input_after(&defs, &input_batches, input_batches.len());
+                let (t, _) = start(&defs, Some(input.clone()), Some(&logs));
+                assert_eq!(
+                    rows_of(&t, "mv"),
+                    want,
+                    "seed {seed:#x}, {cut} batches, {extra}"
+                );
+                let (plain, _) = start(&defs, Some(input), None);
+                if rows_of(&plain, "mv") != want {
+                    plain_wrong += 1;
+                }
+            }
+        }
+    }
+    assert!(moving >= 12, "rows with a movement to keep ({moving})");
+    assert!(
+        plain_wrong >= 12,
+        "without the topic the movements go ({plain_wrong} of 18)"
+    );
+}
+
+#[test]
+fn a_keyed_delta_restored_before_its_input_places_its_rows_as_they_come() {
+    let defs = ViewsFile::parse(MOVES).unwrap().views;
+    let all = batches(0x51de_0777, 60);
+    let (fed, commits) = written(&defs, &all);
+    let logs = whole(&commits);
+    // an empty data directory: the input restored from its changelog in updates of 4 rows
+    let (t, r) = start(&defs, None, Some(&logs));
+    let input = input_after(&defs, &all, all.len());
+    let mut rows: Vec<Change> = input
+        .rows
+        .iter()
+        .map(|(k, e)| (k.clone(), Some(e.row.clone()), e.part, e.off))
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    for chunk in rows.chunks(4) {
+        commit(&t, &*r.views, chunk);
+    }
+    tick(&r.views);
+    let want = rows_of(&fed, "mv");
+    assert!(want.values().any(|r| !r["score_change"].is_null()));
+    assert_eq!(rows_of(&t, "mv"), want);
 }

@@ -32,7 +32,7 @@ fn defs() -> Vec<ViewDef> {
 /// `n` batches of 1 to 3 changes over 12 keys (key `pK` in partition `K % 3`), each partition
 /// counting its own offsets from its own base (partition 1 far ahead): rows move between two
 /// teams, `note` is NULL in a third, some changes are deletes.
-fn batches(seed: u64, n: usize) -> Vec<Vec<Change>> {
+pub(in crate::table::derived) fn batches(seed: u64, n: usize) -> Vec<Vec<Change>> {
     let mut rng = Rng(seed);
     let mut next = [0i64, 500, 40];
     (0..n)
@@ -130,7 +130,7 @@ fn a_latest_behind_its_input_takes_the_changes_since_after_its_records() {
 }
 
 /// Lets [`Views::tick`] find the view due (ten times its last placement's cost ago).
-fn tick(views: &Views) {
+pub(in crate::table::derived) fn tick(views: &Views) {
     std::thread::sleep(Duration::from_millis(50));
     views.tick();
 }
