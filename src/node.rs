@@ -521,8 +521,9 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
                     _ = tick.tick() => {}
                 }
                 let v = views.clone();
-                if tokio::task::spawn_blocking(move || v.tick()).await.is_err() {
-                    return;
+                if let Err(e) = tokio::task::spawn_blocking(move || v.tick()).await {
+                    // a panic in one tick: the next one runs all the same
+                    tracing::error!(error = %e, "placing views by their topics failed");
                 }
             }
         });

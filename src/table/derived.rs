@@ -18,8 +18,11 @@
 //! its current rows is committed as one update. `top_n`,
 //! `max_by`/`min_by` and `group_by` without `latest` are a function of the input rows and come
 //! back exact; `history` (also with `key` columns) and `delta` without `key` columns are brought
-//! up to the input's rows instead, keeping their past (`reconcile.rs`); `latest` and a `delta`
-//! with `key` columns restart from the current rows.
+//! up to the input's rows instead, keeping their past (`reconcile.rs`); a `delta` with `key`
+//! columns goes on from the input rows it holds (`members.rs`); `latest` takes the rows in the
+//! order it took them (`order.rs`). On a node where nothing saved them, `latest` and a keyed
+//! `delta` take the order of the rows, and a keyed `delta` the movement of each key's row, from
+//! their changelog topics (`order.rs`).
 //!
 //! Clean stops: [`Views::save`] gives each view's operator state and rows with the input's
 //! resume token (views over events: the events topics' positions), which the node keeps in its
@@ -777,18 +780,24 @@ impl Views {
     /// Logs what a recomputation took from the records a view read at start; once it dropped
     /// them, the whole view is to be written (nothing was while they were kept).
     fn seeded(view: &View, s: &order::Seeded) {
+        if !s.done {
+            tracing::debug!(
+                view = %view.def.name,
+                groups = s.groups,
+                rows = s.rows,
+                "the input rows its topic's records hold placed by them"
+            );
+            return;
+        }
         tracing::info!(
             view = %view.def.name,
             groups = s.groups,
             rows = s.rows,
-            done = s.done,
-            "the order of the input rows its topic's records hold taken from them"
+            "the input holds what the view's topic does: its rows placed by the records for the last time"
         );
-        if s.done {
-            view.log
-                .dirty
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
+        view.log
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Commits the output of a recomputation from the input's rows (a rebuild or a reconcile),

@@ -16,7 +16,17 @@
 //! `upto` of its group's record was taken before that record; among those rows, the ones whose
 //! values the record's `latest` columns show were taken last ([`latest_order`]), so each group
 //! comes back with the `latest` it had, and the rows changed since (the changes in flight when
-//! the node died) are taken after them, by offset.
+//! the node died) are taken after them, by offset. A `delta` with `key` columns reads its topic
+//! the same way: its record shows the own row (values and movement) of the row changed last,
+//! which is placed last and gets that movement back (`members.rs`).
+//!
+//! The records are kept until the input's positions reach every offset they name (an input
+//! still restored, or reading again what the topic holds, is not complete before): a change they
+//! hold is taken as it comes and marks the rows to be placed by them again, which
+//! [`Views::tick`] does at most about once per ten times a placement's cost, and once more when
+//! the input reaches them. Meanwhile the view is neither written to its topic (its records hold
+//! more) nor saved by a clean stop. Records of an input that does not move for
+//! [`RECORDS_KEPT_AT_MOST`] are dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -78,11 +88,12 @@ struct Records {
     reach: HashMap<String, HashMap<u32, i64>>,
     /// Partitions whose offsets restarted since: the marks say nothing of them.
     reset: HashSet<u32>,
-    /// When they were read.
-    kept: Instant,
+    /// When the input last moved while they were kept (their reading, at first).
+    progress: Instant,
 }
 
-/// How long a view keeps the records read at start at most (see [`Taken::expire_records`]).
+/// How long a view keeps the records read at start while its input does not move (see
+/// [`Taken::expired`]).
 pub(super) const RECORDS_KEPT_AT_MOST: Duration = Duration::from_secs(600);
 
 impl Records {
@@ -221,7 +232,7 @@ impl Taken {
             rows,
             reach,
             reset: HashSet::new(),
-            kept: Instant::now(),
+            progress: Instant::now(),
         });
         n
     }
@@ -234,9 +245,10 @@ impl Taken {
     /// Notes that the view took `update`: when one of its changes is one the records hold, the
     /// rows are to be placed by them again.
     pub fn note_held(&mut self, op: &ViewOperator, update: &TableUpdate) {
-        let Some(r) = &self.records else {
+        let Some(r) = self.records.as_mut() else {
             return;
         };
+        r.progress = Instant::now();
         self.stale |= update.changes.iter().any(|c| {
             [c.row.as_deref(), c.before.as_deref()]
                 .into_iter()
@@ -249,39 +261,40 @@ impl Taken {
         });
     }
 
-    /// Whether the view is to be computed again now (by [`super::Views::tick`]): it took
-    /// changes the records hold and its last placement is ten times its cost ago, or the records
-    /// expired.
+    /// Whether the rows are to be placed by the records again now (by [`Views::tick`]): the
+    /// view took changes they hold and its last placement is ten times its cost ago, or it took
+    /// some and the records expire.
     pub fn due(&self) -> bool {
-        let Some(r) = &self.records else {
-            return false;
-        };
-        r.kept.elapsed() >= RECORDS_KEPT_AT_MOST
-            || (self.stale
-                && self
+        self.records.is_some()
+            && self.stale
+            && (self.expired()
+                || self
                     .placed
                     .is_none_or(|(at, cost)| at.elapsed() >= cost.saturating_mul(10)))
+    }
+
+    /// Notes what a placement by the records cost (the whole recomputation and its commit).
+    pub fn placed_in(&mut self, cost: Duration) {
+        self.placed = Some((Instant::now(), cost));
+    }
+
+    /// Whether the input did not move for [`RECORDS_KEPT_AT_MOST`] while the records were kept
+    /// (a partition whose offsets restarted while the node was down never reaches them).
+    pub fn expired(&self) -> bool {
+        self.records
+            .as_ref()
+            .is_some_and(|r| r.progress.elapsed() >= RECORDS_KEPT_AT_MOST)
+    }
+
+    /// Drops the records kept; true when there were some.
+    pub fn drop_records(&mut self) -> bool {
+        self.records.take().is_some()
     }
 
     /// Whether the input `t` holds everything the records kept name: the next recomputation
     /// places the rows by them for the last time and drops them.
     pub fn records_reached(&self, t: &TableState) -> bool {
         self.records.as_ref().is_some_and(|r| r.passed(t))
-    }
-
-    /// Drops the records kept once they are older than [`RECORDS_KEPT_AT_MOST`] (an input that
-    /// never reaches them: a partition whose offsets restarted while the node was down); true
-    /// when it dropped them.
-    pub fn expire_records(&mut self) -> bool {
-        if self
-            .records
-            .as_ref()
-            .is_some_and(|r| r.kept.elapsed() >= RECORDS_KEPT_AT_MOST)
-        {
-            self.records = None;
-            return true;
-        }
-        false
     }
 
     /// Places the input rows of `t` that the records kept by [`Taken::keep_records`] hold, in
@@ -294,7 +307,6 @@ impl Taken {
         let Some(records) = self.records.take() else {
             return seeded;
         };
-        let began = Instant::now();
         let mut held: BTreeMap<&str, Vec<(&String, &Entry)>> = BTreeMap::new();
         for (k, e) in t.rows.iter() {
             let Some(group) = op.event_key(Some(k), &e.row) else {
@@ -346,8 +358,6 @@ impl Taken {
             self.records = Some(records);
         }
         self.stale = false;
-        // the replay that follows costs about as much again
-        self.placed = Some((Instant::now(), began.elapsed().saturating_mul(2)));
         seeded
     }
 
@@ -414,7 +424,11 @@ impl Views {
     /// that then stays idle is placed all the same).
     pub fn tick(&self) {
         for view in self.by_input.values().flatten() {
-            if !lock(&view.state).taken.as_ref().is_some_and(Taken::due) {
+            if !lock(&view.state)
+                .taken
+                .as_ref()
+                .is_some_and(Taken::has_records)
+            {
                 continue;
             }
             let Some(input) = self.tables.get(&view.def.from) else {
@@ -423,13 +437,23 @@ impl Views {
             // the input's order lock first, as on the publish path
             let _order = input.order_guard();
             let mut st = lock(&view.state);
-            if st.taken.as_mut().is_some_and(Taken::expire_records) {
-                tracing::warn!(view = %view.def.name, "the input never reached what the view's topic holds (its offsets restarted?): the records read at start are dropped");
-                view.log.dirty.store(true, Ordering::Release);
+            let Some(taken) = st.taken.as_ref() else {
                 continue;
-            }
-            if st.fed.is_some() && st.taken.as_ref().is_some_and(Taken::due) {
+            };
+            // the input may reach the records with writes that change no row (nothing is
+            // published then)
+            let reached = taken.records_reached(&input.read());
+            let expired = taken.expired();
+            if reached || taken.due() {
+                let began = Instant::now();
                 self.rebuild(view, &mut st, &input, None);
+                if let Some(taken) = st.taken.as_mut() {
+                    taken.placed_in(began.elapsed());
+                }
+            }
+            if expired && st.taken.as_mut().is_some_and(Taken::drop_records) {
+                tracing::warn!(view = %view.def.name, "the input did not move towards what the view's topic holds for 10 minutes (its offsets restarted while the node was down?): the records read at start are dropped");
+                view.log.dirty.store(true, Ordering::Release);
             }
         }
     }
