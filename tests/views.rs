@@ -636,6 +636,8 @@ struct Keep {
     /// The last change of a present player, when the order in which the node took the changes
     /// is known ([`Keep::last_across_partitions`]): `last_change`'s oracle.
     last: Option<(String, i64)>,
+    /// Per team, its players' changes in order (`None`: a delete): `team_moves`' oracle.
+    team_changes: BTreeMap<String, Vec<(String, Option<i64>)>>,
 }
 
 impl Keep {
@@ -681,6 +683,11 @@ impl Keep {
             let record = debezium_change("scores", "player", &player, Some(row));
             (record, json!({"player": player, "score": self.seq}))
         };
+        let score = self.present.contains(&player).then_some(self.seq);
+        self.team_changes
+            .entry(format!("t{team}"))
+            .or_default()
+            .push((player.clone(), score));
         // an entry equal to the last one (two deletes in a row) adds nothing
         let t = self.teams.entry(format!("t{team}")).or_default();
         if t.last() != Some(&entry) {
@@ -720,6 +727,35 @@ impl Keep {
         assert!(self.produced[fewest] < self.produced[most]);
     }
 
+    /// Per team, the row of its player changed last among those present, with the movement of
+    /// that player's score at its last change (none after a delete).
+    fn team_moves(&self) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        for (team, changes) in &self.team_changes {
+            // player -> (index of its last change, score, movement)
+            let mut rows: BTreeMap<&str, (usize, i64, Option<i64>)> = BTreeMap::new();
+            for (i, (player, score)) in changes.iter().enumerate() {
+                match score {
+                    Some(s) => {
+                        let moved = rows.get(player.as_str()).map(|(_, before, _)| s - before);
+                        rows.insert(player, (i, *s, moved));
+                    }
+                    None => {
+                        rows.remove(player.as_str());
+                    }
+                }
+            }
+            if let Some((player, (_, score, moved))) = rows.iter().max_by_key(|(_, r)| r.0) {
+                out.insert(
+                    team.clone(),
+                    json!({"player": player, "team": team, "score": score, "league": "l",
+                           "score_change": moved, "score_move": moved.map(i64::abs)}),
+                );
+            }
+        }
+        out
+    }
+
     fn plays(&mut self, gen: &mut Gen, n: usize) -> Vec<FixtureRecord> {
         (0..n)
             .map(|_| {
@@ -750,7 +786,12 @@ impl Keep {
             })
             .collect();
         let totals = event_oracle(&self.plays).remove("totals").unwrap();
-        let mut want = BTreeMap::from([("hist", hist), ("team_hist", teams), ("totals", totals)]);
+        let mut want = BTreeMap::from([
+            ("hist", hist),
+            ("team_hist", teams),
+            ("team_moves", self.team_moves()),
+            ("totals", totals),
+        ]);
         if let Some((player, score)) = &self.last {
             let n = self.present.len();
             let row = json!({"league": "l", "player": player, "score": score, "n": n});
@@ -785,6 +826,8 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
              [views.hist]\nfrom = \"scores\"\nhistory = {{ limit = 10, columns = [\"score\"] }}\n\n\
              [views.team_hist]\nfrom = \"scores\"\n\
              history = {{ limit = 50, key = [\"team\"], columns = [\"player\", \"score\"] }}\n\n\
+             [views.team_moves]\nfrom = \"scores\"\n\
+             delta = {{ columns = [\"score\"], key = [\"team\"] }}\n\n\
              [views.last_change]\nfrom = \"scores\"\n[views.last_change.group_by]\nby = [\"league\"]\n\
              aggregates = {{ player = \"latest(player)\", score = \"latest(score)\", n = \"count()\" }}\n\n\
              [views.totals]\nfrom = \"plays\"\n[views.totals.group_by]\nby = [\"player\"]\n\
@@ -809,6 +852,7 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     let group = format!("g-{u}");
     let hist_topic = format!("{group}.table.__view.hist");
     let team_topic = format!("{group}.table.__view.team_hist");
+    let moves_topic = format!("{group}.table.__view.team_moves");
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before the clean stop").await;
 
     assert!(node.stop().is_some_and(|s| s.success()), "a clean stop");
@@ -839,6 +883,7 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     // histories from the topic, then takes what the table holds beyond it, every entry once
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before kill -9").await;
     topic_holds_rows(&team_topic, &k.want()["team_hist"], "before kill -9").await;
+    topic_holds_rows(&moves_topic, &k.want()["team_moves"], "before kill -9").await;
     node.kill9();
     k.change(&mut gen, 40, &p, &table_topic).await;
     node.start();
@@ -868,7 +913,8 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     .await;
 
     // a `latest` across partitions whose last change has a lower offset than another's: after
-    // kill -9 the order comes from its topic, not from the offsets
+    // kill -9 the order comes from its topic, not from the offsets (and a keyed delta's
+    // movements, with nothing changed while it was down)
     k.last_across_partitions(&p, &table_topic, &base).await;
     let last_topic = format!("{group}.table.__view.last_change");
     topic_holds_rows(&last_topic, &k.want()["last_change"], "before kill -9").await;
@@ -882,11 +928,18 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
         Some(1.0),
         "the order came from the view's topic"
     );
+    assert_eq!(
+        node.metric("livetable_view_log_restores_total{view=\"team_moves\"}")
+            .await,
+        Some(1.0),
+        "the movements came from the view's topic"
+    );
 
     // a node with an empty data directory: the table from its changelog, the histories from
     // their topic
     topic_holds_rows(&hist_topic, &k.want()["hist"], "before the stop").await;
     topic_holds_rows(&team_topic, &k.want()["team_hist"], "before the stop").await;
+    topic_holds_rows(&moves_topic, &k.want()["team_moves"], "before the stop").await;
     topic_holds_rows(&last_topic, &k.want()["last_change"], "before the stop").await;
     node.stop();
     let empty = tempdir();
