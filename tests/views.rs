@@ -918,6 +918,7 @@ async fn a_clean_restart_keeps_histories_and_resumes_events() {
     k.last_across_partitions(&p, &table_topic, &base).await;
     let last_topic = format!("{group}.table.__view.last_change");
     topic_holds_rows(&last_topic, &k.want()["last_change"], "before kill -9").await;
+    topic_holds_rows(&moves_topic, &k.want()["team_moves"], "before kill -9").await;
     node.kill9();
     node.start();
     node.wait_ready(Duration::from_secs(60)).await;

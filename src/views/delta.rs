@@ -135,6 +135,22 @@ impl Delta {
         self.show(g)
     }
 
+    /// Whether own output row `own` holds exactly the values of input row `row` (besides its
+    /// movement columns).
+    pub fn same_values(&self, own: &Row, row: &Row) -> bool {
+        let moves = |c: &str| {
+            self.spec.columns.iter().any(|m| {
+                c.strip_prefix(m.as_str())
+                    .is_some_and(|s| s == "_change" || s == "_move")
+            })
+        };
+        row.iter().all(|(c, v)| own.get(c) == Some(v))
+            && own
+                .keys()
+                .filter(|c| !row.contains_key(c.as_str()))
+                .all(|c| moves(c))
+    }
+
     fn key_of(&self, row: &Row, input_key: Option<&str>) -> Option<String> {
         match &self.spec.key {
             Some(columns) => group_key(row, columns),

@@ -310,6 +310,15 @@ impl ViewOperator {
         }
     }
 
+    /// A `delta`: whether own output row `own` holds exactly the values of input row `row`
+    /// besides its movement columns (false for other operators).
+    pub fn same_values(&self, own: &Row, row: &Row) -> bool {
+        match &self.op {
+            Op::Delta(o) => o.same_values(own, row),
+            _ => false,
+        }
+    }
+
     /// A `delta` with `key` columns over a table: makes `own` input row `key`'s own output row
     /// (its movement kept from before a recomputation, or read from the view's topic); the
     /// output change, if any (nothing for other operators).

@@ -44,11 +44,12 @@ impl Views {
                 return false;
             };
             let t = input.read();
-            for (key, row) in taken.changed(&t) {
+            for (key, row, comparable) in taken.changed(&t) {
                 let held = members.get(key.as_str());
-                // at another position with the values it holds (its partition's offsets
-                // restarted, another lineage of the input): not a change
-                if held.is_some_and(|own| row.iter().all(|(c, v)| own.get(c) == Some(v))) {
+                // at a position that cannot be compared with the one it took (another lineage
+                // of the input, its partition's offsets restarted) with the values it holds:
+                // not a change
+                if !comparable && held.is_some_and(|own| op.same_values(own, row)) {
                     continue;
                 }
                 out.extend(op.apply_change(key, held, Some(row)));
@@ -102,7 +103,7 @@ impl Views {
                 .filter(|(k, own)| {
                     t.rows
                         .get(k.as_str())
-                        .is_some_and(|e| e.row.iter().all(|(c, v)| own.get(c) == Some(v)))
+                        .is_some_and(|e| fresh.same_values(own, &e.row))
                 })
                 .collect();
             kept.sort_unstable_by(|a, b| a.0.cmp(b.0));

@@ -25,8 +25,8 @@
 //! hold is taken as it comes and marks the rows to be placed by them again, which
 //! [`Views::tick`] does at most about once per ten times a placement's cost, and once more when
 //! the input reaches them. Meanwhile the view is neither written to its topic (its records hold
-//! more) nor saved by a clean stop. Records of an input that does not move for
-//! [`RECORDS_KEPT_AT_MOST`] are dropped.
+//! more) nor saved by a clean stop. Records are dropped once the input has not moved for
+//! [`RECORDS_KEPT_AT_MOST`], and after [`RECORDS_KEPT_AT_ALL`] in any case.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -88,13 +88,19 @@ struct Records {
     reach: HashMap<String, HashMap<u32, i64>>,
     /// Partitions whose offsets restarted since: the marks say nothing of them.
     reset: HashSet<u32>,
-    /// When the input last moved while they were kept (their reading, at first).
-    progress: Instant,
+    /// When they were read, and when the input last moved while they were kept (`None`: not
+    /// yet).
+    read: Instant,
+    progress: Option<Instant>,
 }
 
-/// How long a view keeps the records read at start while its input does not move (see
+/// How long a view keeps the records read at start once its input stops moving (see
 /// [`Taken::expired`]).
 pub(super) const RECORDS_KEPT_AT_MOST: Duration = Duration::from_secs(600);
+
+/// How long a view keeps the records read at start at most, however its input moves (a
+/// partition whose offsets restarted climbs towards them again as a slow restore does).
+pub(super) const RECORDS_KEPT_AT_ALL: Duration = Duration::from_secs(3600);
 
 impl Records {
     /// How far the record of output row `group` had taken partition `part` of lineage `epoch`.
@@ -232,7 +238,8 @@ impl Taken {
             rows,
             reach,
             reset: HashSet::new(),
-            progress: Instant::now(),
+            read: Instant::now(),
+            progress: None,
         });
         n
     }
@@ -248,7 +255,7 @@ impl Taken {
         let Some(r) = self.records.as_mut() else {
             return;
         };
-        r.progress = Instant::now();
+        r.progress = Some(Instant::now());
         self.stale |= update.changes.iter().any(|c| {
             [c.row.as_deref(), c.before.as_deref()]
                 .into_iter()
@@ -278,12 +285,15 @@ impl Taken {
         self.placed = Some((Instant::now(), cost));
     }
 
-    /// Whether the input did not move for [`RECORDS_KEPT_AT_MOST`] while the records were kept
-    /// (a partition whose offsets restarted while the node was down never reaches them).
+    /// Whether the records were kept for [`RECORDS_KEPT_AT_MOST`] since the input last moved,
+    /// or for [`RECORDS_KEPT_AT_ALL`] (a partition whose offsets restarted while the node was
+    /// down never reaches them).
     pub fn expired(&self) -> bool {
-        self.records
-            .as_ref()
-            .is_some_and(|r| r.progress.elapsed() >= RECORDS_KEPT_AT_MOST)
+        self.records.as_ref().is_some_and(|r| {
+            r.read.elapsed() >= RECORDS_KEPT_AT_ALL
+                || r.progress
+                    .is_some_and(|p| p.elapsed() >= RECORDS_KEPT_AT_MOST)
+        })
     }
 
     /// Drops the records kept; true when there were some.
@@ -332,11 +342,12 @@ impl Taken {
             let rows: Vec<((&String, &Entry), &Row)> =
                 rows.into_iter().map(|(k, e)| ((k, e), &*e.row)).collect();
             let order = if columns.is_empty() {
-                // a keyed `delta`: its record is the own row of the row changed last
-                let (order, top) = shown_last(record, rows);
+                // a keyed `delta`: its record is the own row of the row changed last (and of
+                // any other row with the same values: which of them it was is not known)
+                let (order, shown) = shown_last(record, rows, |own, row| op.same_values(own, row));
                 seeded
                     .tops
-                    .extend(top.map(|(k, _)| (k.clone(), record.clone())));
+                    .extend(shown.into_iter().map(|(k, _)| (k.clone(), record.clone())));
                 order
             } else {
                 latest_order(&columns, record, rows)
@@ -362,13 +373,23 @@ impl Taken {
     }
 
     /// The input's rows `t` not taken as they are now (changed while the view did not follow,
-    /// or never taken), by input offset then partition; the view takes them in that order,
-    /// which is noted, and no longer holds the keys `t` lacks. Rows taken in another lineage of
-    /// the input count as not taken.
-    pub fn changed<'t>(&mut self, t: &'t TableState) -> Vec<(&'t String, &'t Row)> {
-        if self.upto_epoch.as_deref().is_some_and(|e| e != &*t.epoch) {
+    /// or never taken), by input offset then partition, each with whether its position can be
+    /// compared with the one taken (not when the input is of another lineage, or the row's
+    /// partition restarted its offsets); the view takes them in that order, which is noted, and
+    /// no longer holds the keys `t` lacks.
+    pub fn changed<'t>(&mut self, t: &'t TableState) -> Vec<(&'t String, &'t Row, bool)> {
+        let lineage = self.upto_epoch.as_deref().is_none_or(|e| e == &*t.epoch);
+        if !lineage {
             self.of.clear();
         }
+        let restarted: HashSet<u32> = if self.resets.len() == t.slices.len() {
+            (0..t.slices.len())
+                .filter(|p| t.slices[*p].resets != self.resets[*p])
+                .map(|p| p as u32)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let mut rows: Vec<(&String, &Entry)> = t
             .rows
             .iter()
@@ -383,7 +404,12 @@ impl Taken {
             self.next += 1;
         }
         self.pass_input(t);
-        rows.into_iter().map(|(k, e)| (k, &*e.row)).collect()
+        rows.into_iter()
+            .map(|(k, e)| {
+                let comparable = lineage && e.off >= 0 && !restarted.contains(&e.part);
+                (k, &*e.row, comparable)
+            })
+            .collect()
     }
 
     /// The input's rows `t` in the order a recomputation takes them (see the module doc); the
@@ -503,16 +529,24 @@ impl Views {
 }
 
 /// One group's input `rows` (given oldest offset first) with the one of highest offset whose
-/// every value `record` shows last (a keyed `delta`'s output row is the own row of the row
-/// changed last: its values plus its movement), and that one.
-fn shown_last<T: Copy>(record: &Row, rows: Vec<(T, &Row)>) -> (Vec<T>, Option<T>) {
-    let top = rows
-        .iter()
-        .rposition(|(_, row)| row.iter().all(|(c, v)| record.get(c) == Some(v)));
+/// values `record` shows (`same(record, row)`) last (a keyed `delta`'s output row is the own
+/// row of the row changed last: its values plus its movement), and every row it shows.
+fn shown_last<T: Copy>(
+    record: &Row,
+    rows: Vec<(T, &Row)>,
+    same: impl Fn(&Row, &Row) -> bool,
+) -> (Vec<T>, Vec<T>) {
+    let shown: Vec<bool> = rows.iter().map(|(_, row)| same(record, row)).collect();
     let mut order: Vec<T> = rows.iter().map(|(t, _)| *t).collect();
-    let top = top.map(|i| order.remove(i));
+    let top = shown.iter().rposition(|s| *s).map(|i| order.remove(i));
     order.extend(top);
-    (order, top)
+    let all = rows
+        .iter()
+        .zip(&shown)
+        .filter(|(_, s)| **s)
+        .map(|((t, _), _)| *t)
+        .collect();
+    (order, all)
 }
 
 /// The order (oldest first) in which one group's input `rows` (given oldest offset first) were

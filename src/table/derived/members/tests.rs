@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::super::order::tests::{batches, tick};
 use super::super::reconcile::tests::{input_after, start, whole, written};
@@ -170,4 +170,52 @@ fn a_keyed_delta_restored_before_its_input_places_its_rows_as_they_come() {
     let want = rows_of(&fed, "mv");
     assert!(want.values().any(|r| !r["score_change"].is_null()));
     assert_eq!(rows_of(&t, "mv"), want);
+}
+
+#[test]
+fn a_row_deleted_and_put_back_with_its_values_while_not_followed_becomes_its_keys_latest() {
+    let defs = ViewsFile::parse(MOVES).unwrap().views;
+    let new_tables = || {
+        let t = Arc::new(Tables::default());
+        t.ensure("scores", "e1", "game.scores", 2);
+        t
+    };
+    let (fed_t, gap_t) = (new_tables(), new_tables());
+    let (fed, gapped) = (
+        run(&defs, &fed_t, &Default::default()),
+        run(&defs, &gap_t, &Default::default()),
+    );
+    let r = |team: &str, score: i64| Some(row(json!({"team": team, "score": score})));
+    let seen: Vec<Change> = vec![
+        ("p1".into(), r("a", 10), 0, 0),
+        ("p1".into(), r("a", 12), 0, 1),
+        ("p2".into(), r("a", 20), 1, 0),
+    ];
+    for c in &seen {
+        commit(&fed_t, &*fed.views, std::slice::from_ref(c));
+        commit(&gap_t, &*gapped.views, std::slice::from_ref(c));
+    }
+    assert_eq!(rows_of(&gap_t, "mv")["a"]["score"], json!(20));
+    // p1 deleted and put back with the values it had, past the view
+    for c in [("p1".into(), None, 0, 2), ("p1".into(), r("a", 12), 0, 3)] {
+        commit(&fed_t, &*fed.views, std::slice::from_ref(&c));
+        commit(&gap_t, &NoSink, &[c]);
+    }
+    replace(&gap_t);
+    let c: Change = ("p3".into(), r("b", 1), 0, 4);
+    commit(&fed_t, &*fed.views, std::slice::from_ref(&c));
+    commit(&gap_t, &*gapped.views, &[c]);
+    let want = rows_of(&fed_t, "mv");
+    assert_eq!(want["a"]["score"], json!(12), "p1 is team a's latest again");
+    let have = rows_of(&gap_t, "mv");
+    assert_eq!(
+        have["a"]["score"],
+        json!(12),
+        "not taken as unchanged: {have:?}"
+    );
+    assert_eq!(have["b"], want["b"]);
+    // the delete it did not see is not known: p1's movement spans the gap (12 -> 12 keeps the
+    // last one), where the view fed every change started it again
+    assert_eq!(have["a"]["score_change"], json!(2));
+    assert_eq!(want["a"]["score_change"], Value::Null);
 }
