@@ -144,7 +144,10 @@ impl Delta {
                     .is_some_and(|s| s == "_change" || s == "_move")
             })
         };
-        row.iter().all(|(c, v)| own.get(c) == Some(v))
+        // (an input column with a movement column's name is overwritten by the movement)
+        row.iter()
+            .filter(|(c, _)| !moves(c))
+            .all(|(c, v)| own.get(c) == Some(v))
             && own
                 .keys()
                 .filter(|c| !row.contains_key(c.as_str()))

@@ -997,3 +997,27 @@ fn bench_group_by() {
         events.len() as f64 / secs
     );
 }
+
+#[test]
+fn a_delta_compares_an_own_row_with_an_input_row_besides_its_movement() {
+    let defs = ViewsFile::parse(
+        "[views.mv]\nfrom = \"scores\"\ndelta = { columns = [\"score\"], key = [\"team\"] }\n",
+    )
+    .unwrap()
+    .views;
+    let op = ViewOperator::new(&defs[0]);
+    let r = |v: serde_json::Value| v.as_object().cloned().unwrap();
+    let own = r(json!({"team": "a", "score": 5, "score_change": 2, "score_move": 2}));
+    assert!(op.same_values(&own, &r(json!({"team": "a", "score": 5}))));
+    assert!(!op.same_values(&own, &r(json!({"team": "a", "score": 6}))));
+    // a column the input lost, or one it gained, is a change
+    assert!(!op.same_values(&own, &r(json!({"score": 5}))));
+    assert!(!op.same_values(&own, &r(json!({"team": "a", "score": 5, "x": 1}))));
+    let extra = r(json!({"team": "a", "score": 5, "score_change_x": 1, "score_change": 2}));
+    assert!(!op.same_values(&extra, &r(json!({"team": "a", "score": 5}))));
+    // an input column with a movement column's name is overwritten by the movement
+    assert!(op.same_values(
+        &own,
+        &r(json!({"team": "a", "score": 5, "score_change": 9}))
+    ));
+}

@@ -174,13 +174,19 @@ impl Taken {
             return;
         }
         let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
-        if self.resets.len() == now.len() {
-            for (p, (a, b)) in now.iter().zip(&self.resets).enumerate() {
-                if a != b {
-                    self.upto.remove(&(p as u32));
-                    if let Some(r) = self.records.as_mut() {
-                        r.reset.insert(p as u32);
-                    }
+        if !self.resets.is_empty() {
+            let restarted = restarted(&self.resets, t);
+            for p in &restarted {
+                self.upto.remove(p);
+                if let Some(r) = self.records.as_mut() {
+                    r.reset.insert(*p);
+                }
+            }
+            // the rows it took there hold no position in the new offsets (the input's own rows
+            // of such a partition are at -1 until they change)
+            for (_, part, off) in self.of.values_mut() {
+                if restarted.contains(part) {
+                    *off = -1;
                 }
             }
         }
@@ -382,19 +388,13 @@ impl Taken {
         if !lineage {
             self.of.clear();
         }
-        let restarted: HashSet<u32> = if self.resets.len() == t.slices.len() {
-            (0..t.slices.len())
-                .filter(|p| t.slices[*p].resets != self.resets[*p])
-                .map(|p| p as u32)
-                .collect()
-        } else {
-            HashSet::new()
-        };
+        let restarted = restarted(&self.resets, t);
         let mut rows: Vec<(&String, &Entry)> = t
             .rows
             .iter()
             .filter(|(k, e)| {
-                !matches!(self.of.get(*k), Some((_, part, off)) if (*part, *off) == (e.part, e.off))
+                restarted.contains(&e.part)
+                    || !matches!(self.of.get(*k), Some((_, part, off)) if (*part, *off) == (e.part, e.off))
             })
             .collect();
         rows.sort_unstable_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
@@ -478,7 +478,7 @@ impl Views {
                 }
             }
             if expired && st.taken.as_mut().is_some_and(Taken::drop_records) {
-                tracing::warn!(view = %view.def.name, "the input did not move towards what the view's topic holds for 10 minutes (its offsets restarted while the node was down?): the records read at start are dropped");
+                tracing::warn!(view = %view.def.name, "the input did not reach what the view's topic holds (stopped for 10 minutes, or an hour passed; its offsets restarted while the node was down?): the records read at start are dropped");
                 view.log.dirty.store(true, Ordering::Release);
             }
         }
@@ -526,6 +526,16 @@ impl Views {
             .inc();
         tracing::info!(view = %view.def.name, rows, "view's order read from its changelog topic");
     }
+}
+
+/// The partitions of `t` whose offsets restarted since `resets` was noted (none noted: none).
+fn restarted(resets: &[u32], t: &TableState) -> HashSet<u32> {
+    t.slices
+        .iter()
+        .enumerate()
+        .filter(|(p, s)| resets.get(*p).is_some_and(|r| *r != s.resets))
+        .map(|(p, _)| p as u32)
+        .collect()
 }
 
 /// One group's input `rows` (given oldest offset first) with the one of highest offset whose

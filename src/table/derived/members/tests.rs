@@ -219,3 +219,48 @@ fn a_row_deleted_and_put_back_with_its_values_while_not_followed_becomes_its_key
     assert_eq!(have["a"]["score_change"], json!(2));
     assert_eq!(want["a"]["score_change"], Value::Null);
 }
+
+#[test]
+fn a_row_changed_at_its_old_position_after_its_partition_restarted_is_taken() {
+    let defs = ViewsFile::parse(MOVES).unwrap().views;
+    let new_tables = || {
+        let t = Arc::new(Tables::default());
+        t.ensure("scores", "e1", "game.scores", 2);
+        t
+    };
+    let (fed_t, gap_t) = (new_tables(), new_tables());
+    let (fed, gapped) = (
+        run(&defs, &fed_t, &Default::default()),
+        run(&defs, &gap_t, &Default::default()),
+    );
+    let r = |team: &str, score: i64| Some(row(json!({"team": team, "score": score})));
+    let seen: Vec<Change> = vec![
+        ("p0".into(), r("a", 1), 0, 4),
+        ("p1".into(), r("a", 10), 0, 5),
+        ("p2".into(), r("a", 20), 1, 0),
+    ];
+    for c in &seen {
+        commit(&fed_t, &*fed.views, std::slice::from_ref(c));
+        commit(&gap_t, &*gapped.views, std::slice::from_ref(c));
+    }
+    // partition 0's topic created again while the view does not follow: its rows go to -1, and
+    // p1 changes at the offset it had in the old topic
+    let restart = |tables: &Tables| {
+        let mut state: TableState = tables.get("scores").unwrap().read().clone();
+        state.slice_mut(0).resets += 1;
+        state.rows.set_offsets(0, -1);
+        tables.insert(state);
+    };
+    restart(&fed_t);
+    restart(&gap_t);
+    let c: Change = ("p1".into(), r("a", 15), 0, 5);
+    commit(&fed_t, &*fed.views, std::slice::from_ref(&c));
+    commit(&gap_t, &NoSink, &[c]);
+    replace(&gap_t);
+    let c: Change = ("p3".into(), r("b", 1), 1, 1);
+    commit(&fed_t, &*fed.views, std::slice::from_ref(&c));
+    commit(&gap_t, &*gapped.views, &[c]);
+    let want = rows_of(&fed_t, "mv");
+    assert_eq!(want["a"]["score"], json!(15));
+    assert_eq!(rows_of(&gap_t, "mv"), want);
+}
