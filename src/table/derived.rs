@@ -764,6 +764,13 @@ impl Views {
             epoch,
             useq,
         });
+        let out = Self::recomputed(view, result);
+        self.commit_recomputed(view, st, out, update);
+    }
+
+    /// The output of a recomputation whose rows are `result` (by key, last change): a delete of
+    /// each row of the view it lacks, then its rows.
+    fn recomputed(view: &View, result: BTreeMap<String, Option<Row>>) -> Vec<OutChange> {
         let mut out: Vec<OutChange> = {
             let t = view.table.read();
             t.rows
@@ -774,7 +781,7 @@ impl Views {
         };
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
-        self.commit_recomputed(view, st, out, update);
+        out
     }
 
     /// Logs what a recomputation took from the records a view read at start; once it dropped

@@ -120,16 +120,7 @@ impl Views {
             epoch,
             useq,
         });
-        let mut out: Vec<OutChange> = {
-            let t = view.table.read();
-            t.rows
-                .keys()
-                .filter(|k| !matches!(result.get(*k), Some(Some(_))))
-                .map(|k| (k.clone(), None))
-                .collect()
-        };
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.extend(result.into_iter().filter(|(_, r)| r.is_some()));
+        let out = Self::recomputed(view, result);
         self.commit_recomputed(view, st, out, update);
         true
     }

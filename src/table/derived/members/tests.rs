@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::super::order::tests::{batches, tick};
+use super::super::order::tests::{batches, restore_in_chunks, tick};
 use super::super::reconcile::tests::{input_after, start, whole, written};
 use super::super::tests::{commit, row, rows_of, run, Change, Rng};
 use crate::table::state::{NoSink, TableState, Tables};
@@ -15,6 +15,17 @@ const MOVES: &str = r#"
 from = "scores"
 delta = { columns = ["score"], key = ["team"] }
 "#;
+
+/// Views `defs` over an input table of `parts` partitions.
+fn views_over(
+    parts: u32,
+    defs: &[crate::views::ViewDef],
+) -> (Arc<Tables>, super::super::tests::Run) {
+    let t = Arc::new(Tables::default());
+    t.ensure("scores", "e1", "game.scores", parts);
+    let r = run(defs, &t, &Default::default());
+    (t, r)
+}
 
 /// Replaces the input table by a copy of itself with a later update number: its next update
 /// does not follow on (as after a restore or a slice handed over).
@@ -27,16 +38,7 @@ fn replace(tables: &Tables) {
 #[test]
 fn a_keyed_delta_keeps_each_rows_movement_when_its_input_does_not_follow_on() {
     let defs = ViewsFile::parse(MOVES).unwrap().views;
-    let new_tables = || {
-        let t = Arc::new(Tables::default());
-        t.ensure("scores", "e1", "game.scores", 3);
-        t
-    };
-    let (fed_t, gap_t) = (new_tables(), new_tables());
-    let (fed, gapped) = (
-        run(&defs, &fed_t, &Default::default()),
-        run(&defs, &gap_t, &Default::default()),
-    );
+    let ((fed_t, fed), (gap_t, gapped)) = (views_over(3, &defs), views_over(3, &defs));
     let mut rng = Rng(0x0dd5_eed5);
     let mut next = [0i64, 300, 40];
     let mut change = |rng: &mut Rng, k: u64, delete: bool| -> Change {
@@ -156,16 +158,7 @@ fn a_keyed_delta_restored_before_its_input_places_its_rows_as_they_come() {
     let logs = whole(&commits);
     // an empty data directory: the input restored from its changelog in updates of 4 rows
     let (t, r) = start(&defs, None, Some(&logs));
-    let input = input_after(&defs, &all, all.len());
-    let mut rows: Vec<Change> = input
-        .rows
-        .iter()
-        .map(|(k, e)| (k.clone(), Some(e.row.clone()), e.part, e.off))
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    for chunk in rows.chunks(4) {
-        commit(&t, &*r.views, chunk);
-    }
+    restore_in_chunks(&t, &r.views, &input_after(&defs, &all, all.len()));
     tick(&r.views);
     let want = rows_of(&fed, "mv");
     assert!(want.values().any(|r| !r["score_change"].is_null()));
@@ -175,16 +168,7 @@ fn a_keyed_delta_restored_before_its_input_places_its_rows_as_they_come() {
 #[test]
 fn a_row_deleted_and_put_back_with_its_values_while_not_followed_becomes_its_keys_latest() {
     let defs = ViewsFile::parse(MOVES).unwrap().views;
-    let new_tables = || {
-        let t = Arc::new(Tables::default());
-        t.ensure("scores", "e1", "game.scores", 2);
-        t
-    };
-    let (fed_t, gap_t) = (new_tables(), new_tables());
-    let (fed, gapped) = (
-        run(&defs, &fed_t, &Default::default()),
-        run(&defs, &gap_t, &Default::default()),
-    );
+    let ((fed_t, fed), (gap_t, gapped)) = (views_over(2, &defs), views_over(2, &defs));
     let r = |team: &str, score: i64| Some(row(json!({"team": team, "score": score})));
     let seen: Vec<Change> = vec![
         ("p1".into(), r("a", 10), 0, 0),
@@ -223,16 +207,7 @@ fn a_row_deleted_and_put_back_with_its_values_while_not_followed_becomes_its_key
 #[test]
 fn a_row_changed_at_its_old_position_after_its_partition_restarted_is_taken() {
     let defs = ViewsFile::parse(MOVES).unwrap().views;
-    let new_tables = || {
-        let t = Arc::new(Tables::default());
-        t.ensure("scores", "e1", "game.scores", 2);
-        t
-    };
-    let (fed_t, gap_t) = (new_tables(), new_tables());
-    let (fed, gapped) = (
-        run(&defs, &fed_t, &Default::default()),
-        run(&defs, &gap_t, &Default::default()),
-    );
+    let ((fed_t, fed), (gap_t, gapped)) = (views_over(2, &defs), views_over(2, &defs));
     let r = |team: &str, score: i64| Some(row(json!({"team": team, "score": score})));
     let seen: Vec<Change> = vec![
         ("p0".into(), r("a", 1), 0, 4),

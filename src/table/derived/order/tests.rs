@@ -14,6 +14,7 @@ use super::super::tests::{commit, row, rows_of, Change, Rng};
 use super::latest_order;
 use crate::cdc::decode::Row;
 use crate::table::derived::Views;
+use crate::table::state::{TableState, Tables};
 use crate::table::viewlog::Commit;
 use crate::views::{ViewDef, ViewsFile};
 
@@ -136,6 +137,24 @@ pub(in crate::table::derived) fn tick(views: &Views) {
     views.tick();
 }
 
+/// Commits `input`'s rows to the input table of `tables` in updates of 4 rows, by key (an empty
+/// node restoring the table from its changelog while the views run).
+pub(in crate::table::derived) fn restore_in_chunks(
+    tables: &Tables,
+    views: &Views,
+    input: &TableState,
+) {
+    let mut rows: Vec<Change> = input
+        .rows
+        .iter()
+        .map(|(k, e)| (k.clone(), Some(e.row.clone()), e.part, e.off))
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    for chunk in rows.chunks(4) {
+        commit(tables, views, chunk);
+    }
+}
+
 /// Makes `views` write their topics to a queue; returns its receiving end.
 fn writing(views: &Views) -> Receiver<Commit> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
@@ -156,16 +175,7 @@ fn a_latest_restored_before_its_input_places_the_rows_as_they_come() {
     // directory: the table from its changelog); then idle
     let (t, r) = start(&defs, None, Some(&logs));
     let sent = writing(&r.views);
-    let input = input_after(&defs, &all, all.len());
-    let mut rows: Vec<Change> = input
-        .rows
-        .iter()
-        .map(|(k, e)| (k.clone(), Some(e.row.clone()), e.part, e.off))
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    for chunk in rows.chunks(4) {
-        commit(&t, &*r.views, chunk);
-    }
+    restore_in_chunks(&t, &r.views, &input_after(&defs, &all, all.len()));
     tick(&r.views);
     assert_eq!(last(&t), last(&fed), "restored with the input");
     assert_eq!(
