@@ -141,6 +141,23 @@ impl Views {
         }
     }
 
+    /// Whether `content` of `view`'s topic can restore it over a table: some records, none that
+    /// could not be read, none of another definition; when not, a warning that says what the
+    /// view does `instead`.
+    pub(super) fn usable_log(view: &View, content: &LogContent, instead: &str) -> bool {
+        if content.bad == 0 && content.records > 0 && content.other_def.is_empty() {
+            return true;
+        }
+        tracing::warn!(
+            view = %view.def.name,
+            records = content.records,
+            bad = content.bad,
+            other_definition = content.other_def.len(),
+            "the view's changelog topic is not usable; {instead}"
+        );
+        false
+    }
+
     /// The view named `name`.
     pub(super) fn view_named(&self, name: &str) -> Option<&Arc<View>> {
         self.by_input

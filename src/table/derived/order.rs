@@ -276,14 +276,14 @@ impl Taken {
 
     /// Whether the rows are to be placed by the records again now (by [`Views::tick`]): the
     /// view took changes they hold and its last placement is ten times its cost ago, or it took
-    /// some and the records expire.
-    pub fn due(&self) -> bool {
+    /// some and the records expire (at `now`).
+    pub fn due(&self, now: Instant) -> bool {
         self.records.is_some()
             && self.stale
-            && (self.expired()
-                || self
-                    .placed
-                    .is_none_or(|(at, cost)| at.elapsed() >= cost.saturating_mul(10)))
+            && (self.expired(now)
+                || self.placed.is_none_or(|(at, cost)| {
+                    now.saturating_duration_since(at) >= cost.saturating_mul(10)
+                }))
     }
 
     /// Notes what a placement by the records cost (the whole recomputation and its commit).
@@ -293,12 +293,12 @@ impl Taken {
 
     /// Whether the records were kept for [`RECORDS_KEPT_AT_MOST`] since the input last moved,
     /// or for [`RECORDS_KEPT_AT_ALL`] (a partition whose offsets restarted while the node was
-    /// down never reaches them).
-    pub fn expired(&self) -> bool {
+    /// down never reaches them), at `now`.
+    pub fn expired(&self, now: Instant) -> bool {
         self.records.as_ref().is_some_and(|r| {
-            r.read.elapsed() >= RECORDS_KEPT_AT_ALL
+            now.saturating_duration_since(r.read) >= RECORDS_KEPT_AT_ALL
                 || r.progress
-                    .is_some_and(|p| p.elapsed() >= RECORDS_KEPT_AT_MOST)
+                    .is_some_and(|p| now.saturating_duration_since(p) >= RECORDS_KEPT_AT_MOST)
         })
     }
 
@@ -449,6 +449,11 @@ impl Views {
     /// restored or read again in many updates costs a recomputation per tick at most, and one
     /// that then stays idle is placed all the same).
     pub fn tick(&self) {
+        self.tick_at(Instant::now());
+    }
+
+    /// [`Views::tick`] with the clock at `now`.
+    pub fn tick_at(&self, now: Instant) {
         for view in self.by_input.values().flatten() {
             if !lock(&view.state)
                 .taken
@@ -469,8 +474,8 @@ impl Views {
             // the input may reach the records with writes that change no row (nothing is
             // published then)
             let reached = taken.records_reached(&input.read());
-            let expired = taken.expired();
-            if reached || taken.due() {
+            let expired = taken.expired(now);
+            if reached || taken.due(now) {
                 let began = Instant::now();
                 self.rebuild(view, &mut st, &input, None);
                 if let Some(taken) = st.taken.as_mut() {
@@ -497,14 +502,7 @@ impl Views {
                 return;
             }
         };
-        if content.bad > 0 || !content.other_def.is_empty() {
-            tracing::warn!(
-                view = %view.def.name,
-                records = content.records,
-                bad = content.bad,
-                other_definition = content.other_def.len(),
-                "the view's changelog topic is not usable; its rows are taken by input offset"
-            );
+        if !Self::usable_log(view, &content, "its rows are taken by input offset") {
             return;
         }
         if content.rows.values().all(|(_, m, _)| m.upto.is_empty()) {

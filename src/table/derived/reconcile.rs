@@ -609,14 +609,7 @@ impl Views {
     /// not usable: a record that could not be read, a row of another definition of the view, or
     /// nothing written.
     pub(super) fn restore_tracked_from_log(&self, view: &View, content: &LogContent) -> bool {
-        if content.bad > 0 || content.records == 0 || !content.other_def.is_empty() {
-            tracing::warn!(
-                view = %view.def.name,
-                records = content.records,
-                bad = content.bad,
-                other_definition = content.other_def.len(),
-                "the view's changelog topic is not usable; the view starts from its input's rows"
-            );
+        if !Self::usable_log(view, content, "the view starts from its input's rows") {
             return false;
         }
         let keyed = lock(&view.state).track.as_ref().is_some_and(|t| t.keyed);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -130,11 +130,10 @@ fn a_latest_behind_its_input_takes_the_changes_since_after_its_records() {
     assert!(by_offset_wrong >= 1, "offsets alone get a group wrong");
 }
 
-/// Lets [`Views::tick`] find the view due (ten times its last placement's cost ago, well under
-/// 200 ms for these few rows).
+/// A [`Views::tick`] a minute from now: past the throttle of a placement of these few rows
+/// (ten times its cost), before the records expire.
 pub(in crate::table::derived) fn tick(views: &Views) {
-    std::thread::sleep(Duration::from_millis(200));
-    views.tick();
+    views.tick_at(Instant::now() + Duration::from_secs(60));
 }
 
 /// Commits `input`'s rows to the input table of `tables` in updates of 4 rows, by key (an empty
