@@ -53,6 +53,7 @@ use crate::views::{InputKind, OutChange, ViewDef, ViewOperator};
 mod log;
 mod members;
 mod order;
+mod positions;
 mod reconcile;
 pub use log::LogChange;
 
@@ -464,7 +465,7 @@ impl Views {
         if let (Some(tr), Some(f)) = (st.track.as_mut(), fed.as_ref()) {
             if tr.keyed {
                 // saved at exactly the input's rows: it took every change they hold
-                tr.pass_input(&f.table.read());
+                tr.upto.pass_input(&f.table.read());
             }
             tr.seen = saved
                 .seen

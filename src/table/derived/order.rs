@@ -23,23 +23,21 @@
 //! The records are kept until the input's positions reach every offset they name (an input
 //! still restored, or reading again what the topic holds, is not complete before): a change they
 //! hold is taken as it comes and marks the rows to be placed by them again, which
-//! [`Views::tick`] does at most about once per ten times a placement's cost, and once more when
+//! [`super::Views::tick`] does at most about once per ten times a placement's cost, and once more when
 //! the input reaches them. Meanwhile the view is neither written to its topic (its records hold
 //! more) nor saved by a clean stop. Records are dropped once the input has not moved for
 //! [`RECORDS_KEPT_AT_MOST`], and after [`RECORDS_KEPT_AT_ALL`] in any case.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::Ordering;
-
-use super::{lock, View, Views};
+use super::positions::{HeldMarks, Resets, Upto};
 use crate::cdc::decode::Row;
 use crate::table::state::{AppliedChange, Entry, TableState, TableUpdate};
 use crate::table::viewlog::read::LogContent;
-use crate::table::viewlog::Mark;
 use crate::views::ViewOperator;
+use place::{latest_order, shown_last};
 
 /// What [`Taken::seed_from_records`] did.
 #[derive(Debug, Default)]
@@ -60,12 +58,9 @@ pub(super) struct Taken {
     next: u64,
     /// Input key -> (when taken, partition, offset).
     of: HashMap<String, (u64, u32, i64)>,
-    /// Per input partition, the offset up to which the view took the input's changes, of
-    /// lineage `upto_epoch` (what every record's mark carries).
-    upto: HashMap<u32, i64>,
-    upto_epoch: Option<Arc<str>>,
-    /// The input's offset restarts per partition last looked at.
-    resets: Vec<u32>,
+    /// How far the view took the input's changes (what every record's mark carries).
+    upto: Upto,
+    resets: Resets,
     /// Read from the view's topic at a start that saved nothing, until the input holds what
     /// they do ([`Records`]).
     records: Option<Records>,
@@ -83,11 +78,8 @@ pub(super) struct Taken {
 /// is not complete before).
 #[derive(Debug)]
 struct Records {
-    rows: HashMap<String, (Row, Arc<Mark>)>,
-    /// Per lineage, the furthest offset of each partition the marks name.
-    reach: HashMap<String, HashMap<u32, i64>>,
-    /// Partitions whose offsets restarted since: the marks say nothing of them.
-    reset: HashSet<u32>,
+    rows: HashMap<String, Row>,
+    marks: HeldMarks,
     /// When they were read, and when the input last moved while they were kept (`None`: not
     /// yet).
     read: Instant,
@@ -103,28 +95,12 @@ pub(super) const RECORDS_KEPT_AT_MOST: Duration = Duration::from_secs(600);
 pub(super) const RECORDS_KEPT_AT_ALL: Duration = Duration::from_secs(3600);
 
 impl Records {
-    /// How far the record of output row `group` had taken partition `part` of lineage `epoch`.
-    fn upto(&self, group: &str, epoch: &str, part: u32) -> Option<i64> {
-        if self.reset.contains(&part) {
-            return None;
-        }
-        let (_, mark) = self.rows.get(group)?;
-        if mark.input_epoch() != Some(epoch) {
-            return None;
-        }
-        mark.upto.iter().find(|(p, _)| *p == part).map(|(_, u)| *u)
-    }
-
     /// Whether the input `t` holds everything the marks name (or is of another lineage and
     /// holds rows: no mark holds any of them).
     fn passed(&self, t: &TableState) -> bool {
-        match self.reach.get(&*t.epoch) {
-            None => t.seq() > 0,
-            Some(reach) => reach.iter().all(|(p, u)| {
-                self.reset.contains(p)
-                    || t.slices.get(*p as usize).is_some_and(|s| s.last_off >= *u)
-            }),
-        }
+        self.marks
+            .reached(&t.epoch, |p| t.slices.get(p as usize).map(|s| s.last_off))
+            .unwrap_or(t.seq() > 0)
     }
 }
 
@@ -137,71 +113,40 @@ impl Taken {
         } else {
             self.of.remove(&c.key);
         }
-        self.pass(epoch, c.part, c.off);
-    }
-
-    /// Notes that the view took the input's changes of lineage `epoch` up to `off` in `part`.
-    fn pass(&mut self, epoch: &Arc<str>, part: u32, off: i64) {
-        if self.upto_epoch.as_deref() != Some(&**epoch) {
-            self.upto.clear();
-            self.upto_epoch = Some(epoch.clone());
-        }
-        let u = self.upto.entry(part).or_insert(off);
-        *u = (*u).max(off);
+        self.upto.pass(epoch, c.part, c.off);
     }
 
     /// The view holds exactly what the input `t` holds (a recomputation from its rows, a clean
     /// stop's save at them).
     fn pass_input(&mut self, t: &TableState) {
-        self.upto.clear();
-        self.upto_epoch = None;
-        for (p, s) in t.slices.iter().enumerate() {
-            if s.last_off >= 0 {
-                self.pass(&t.epoch, p as u32, s.last_off);
-            }
-        }
-        self.resets = t.slices.iter().map(|s| s.resets).collect();
+        self.upto.set_to_input(t);
+        self.resets.note(t);
     }
 
     /// Forgets how far the view took a partition of `t` whose offsets restarted (its topic was
     /// created again): its new offsets are below the old ones.
     pub fn note_resets(&mut self, t: &TableState) {
-        if t.slices
-            .iter()
-            .map(|s| s.resets)
-            .eq(self.resets.iter().copied())
-        {
+        let restarted = self.resets.look(t);
+        if restarted.is_empty() {
             return;
         }
-        let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
-        if !self.resets.is_empty() {
-            let restarted = restarted(&self.resets, t);
-            for p in &restarted {
-                self.upto.remove(p);
-                if let Some(r) = self.records.as_mut() {
-                    r.reset.insert(*p);
-                }
-            }
-            // the rows it took there hold no position in the new offsets (the input's own rows
-            // of such a partition are at -1 until they change)
-            for (_, part, off) in self.of.values_mut() {
-                if restarted.contains(part) {
-                    *off = -1;
-                }
+        self.upto.forget(&restarted);
+        if let Some(r) = self.records.as_mut() {
+            r.marks.restarted(&restarted);
+        }
+        // the rows it took there hold no position in the new offsets (the input's own rows of
+        // such a partition are at -1 until they change)
+        for (_, part, off) in self.of.values_mut() {
+            if restarted.contains(part) {
+                *off = -1;
             }
         }
-        self.resets = now;
     }
 
     /// How far the view took each input partition, when of lineage `epoch` (what every record's
     /// mark carries; empty otherwise).
     pub fn upto_of(&self, epoch: &str) -> Vec<(u32, i64)> {
-        if self.upto_epoch.as_deref() != Some(epoch) {
-            return Vec::new();
-        }
-        let mut v: Vec<(u32, i64)> = self.upto.iter().map(|(p, o)| (*p, *o)).collect();
-        v.sort_unstable();
-        v
+        self.upto.of(epoch)
     }
 
     /// Seeds the order from `op`, loaded from a clean stop's save at exactly the input's rows
@@ -224,26 +169,18 @@ impl Taken {
     /// Keeps what the view's topic holds (read at a start that saved nothing) for the next
     /// recomputation; the number of rows it has.
     pub fn keep_records(&mut self, content: &LogContent) -> usize {
-        let rows: HashMap<String, (Row, Arc<Mark>)> = content
-            .rows
-            .iter()
-            .filter_map(|(k, (row, mark, _))| Some((k.clone(), (row.clone()?, mark.clone()))))
-            .collect();
-        let mut reach: HashMap<String, HashMap<u32, i64>> = HashMap::new();
-        for (_, m) in rows.values() {
-            if let Some(e) = m.input_epoch() {
-                let r = reach.entry(e.to_string()).or_default();
-                for (p, u) in &m.upto {
-                    let v = r.entry(*p).or_insert(*u);
-                    *v = (*v).max(*u);
-                }
+        let mut rows = HashMap::new();
+        let mut marks = HashMap::new();
+        for (k, (row, mark, _)) in &content.rows {
+            if let Some(row) = row {
+                rows.insert(k.clone(), row.clone());
+                marks.insert(k.clone(), mark.clone());
             }
         }
         let n = rows.len();
         self.records = Some(Records {
             rows,
-            reach,
-            reset: HashSet::new(),
+            marks: HeldMarks::new(marks),
             read: Instant::now(),
             progress: None,
         });
@@ -268,13 +205,14 @@ impl Taken {
                 .flatten()
                 .filter_map(|row| op.event_key(Some(&c.key), row))
                 .any(|g| {
-                    r.upto(&g, &update.epoch, c.part)
+                    r.marks
+                        .upto(&g, &update.epoch, c.part)
                         .is_some_and(|u| c.off <= u)
                 })
         });
     }
 
-    /// Whether the rows are to be placed by the records again now (by [`Views::tick`]): the
+    /// Whether the rows are to be placed by the records again now (by [`super::Views::tick`]): the
     /// view took changes they hold and its last placement is ten times its cost ago, or it took
     /// some and the records expire (at `now`).
     pub fn due(&self, now: Instant) -> bool {
@@ -328,7 +266,7 @@ impl Taken {
             let Some(group) = op.event_key(Some(k), &e.row) else {
                 continue;
             };
-            let upto = records.upto(&group, &t.epoch, e.part);
+            let upto = records.marks.upto(&group, &t.epoch, e.part);
             if let (true, Some((group, _))) = (
                 upto.is_some_and(|u| e.off <= u),
                 records.rows.get_key_value(&group),
@@ -341,7 +279,7 @@ impl Taken {
         let mut n = 0u64;
         seeded.groups = held.len();
         for (group, mut rows) in held {
-            let Some((record, _)) = records.rows.get(group) else {
+            let Some(record) = records.rows.get(group) else {
                 continue;
             };
             rows.sort_unstable_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));
@@ -384,11 +322,11 @@ impl Taken {
     /// partition restarted its offsets); the view takes them in that order, which is noted, and
     /// no longer holds the keys `t` lacks.
     pub fn changed<'t>(&mut self, t: &'t TableState) -> Vec<(&'t String, &'t Row, bool)> {
-        let lineage = self.upto_epoch.as_deref().is_none_or(|e| e == &*t.epoch);
+        let lineage = self.upto.epoch().is_none_or(|e| e == &*t.epoch);
         if !lineage {
             self.of.clear();
         }
-        let restarted = restarted(&self.resets, t);
+        let restarted = self.resets.since(t);
         let mut rows: Vec<(&String, &Entry)> = t
             .rows
             .iter()
@@ -443,165 +381,8 @@ impl Taken {
     }
 }
 
-impl Views {
-    /// Places again the rows of each `latest` that took changes its records hold, when due
-    /// ([`Taken::due`]), and drops records kept too long (call it about once a second: an input
-    /// restored or read again in many updates costs a recomputation per tick at most, and one
-    /// that then stays idle is placed all the same).
-    pub fn tick(&self) {
-        self.tick_at(Instant::now());
-    }
-
-    /// [`Views::tick`] with the clock at `now`.
-    pub fn tick_at(&self, now: Instant) {
-        for view in self.by_input.values().flatten() {
-            if !lock(&view.state)
-                .taken
-                .as_ref()
-                .is_some_and(Taken::has_records)
-            {
-                continue;
-            }
-            let Some(input) = self.tables.get(&view.def.from) else {
-                continue;
-            };
-            // the input's order lock first, as on the publish path
-            let _order = input.order_guard();
-            let mut st = lock(&view.state);
-            let Some(taken) = st.taken.as_ref() else {
-                continue;
-            };
-            // the input may reach the records with writes that change no row (nothing is
-            // published then)
-            let reached = taken.records_reached(&input.read());
-            let expired = taken.expired(now);
-            if reached || taken.due(now) {
-                let began = Instant::now();
-                self.rebuild(view, &mut st, &input, None);
-                if let Some(taken) = st.taken.as_mut() {
-                    taken.placed_in(began.elapsed());
-                }
-            }
-            if expired && st.taken.as_mut().is_some_and(Taken::drop_records) {
-                tracing::warn!(view = %view.def.name, "the input did not reach what the view's topic holds (stopped for 10 minutes, or an hour passed; its offsets restarted while the node was down?): the records read at start are dropped");
-                view.log.dirty.store(true, Ordering::Release);
-            }
-        }
-    }
-
-    /// A `latest` view on which nothing was saved, at start: keeps what its topic holds (`read`:
-    /// `Ok(None)` no topic, `Err` not read) for its first recomputation. A content with a record
-    /// that could not be read, or a row of another definition, is not used (the rows are then
-    /// taken by offset).
-    pub(super) fn order_from_log(&self, view: &View, read: Result<Option<LogContent>, String>) {
-        let content = match read {
-            Ok(Some(c)) if c.records > 0 => c,
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(view = %view.def.name, error = %e, "the view's changelog topic could not be read; its rows are taken by input offset");
-                return;
-            }
-        };
-        if !Self::usable_log(view, &content, "its rows are taken by input offset") {
-            return;
-        }
-        if content.rows.values().all(|(_, m, _)| m.upto.is_empty()) {
-            tracing::warn!(
-                view = %view.def.name,
-                records = content.records,
-                "the view's changelog topic names no input positions (written by a livetable before 2026-12-07); its rows are taken by input offset"
-            );
-            return;
-        }
-        let mut st = lock(&view.state);
-        let Some(taken) = st.taken.as_mut() else {
-            return;
-        };
-        let rows = taken.keep_records(&content);
-        self.metrics
-            .view_log_restores
-            .with_label_values(&[&view.def.name])
-            .inc();
-        tracing::info!(view = %view.def.name, rows, "view's order read from its changelog topic");
-    }
-}
-
-/// The partitions of `t` whose offsets restarted since `resets` was noted (none noted: none).
-fn restarted(resets: &[u32], t: &TableState) -> HashSet<u32> {
-    t.slices
-        .iter()
-        .enumerate()
-        .filter(|(p, s)| resets.get(*p).is_some_and(|r| *r != s.resets))
-        .map(|(p, _)| p as u32)
-        .collect()
-}
-
-/// One group's input `rows` (given oldest offset first) with the one of highest offset whose
-/// values `record` shows (`same(record, row)`) last (a keyed `delta`'s output row is the own
-/// row of the row changed last: its values plus its movement), and every row it shows.
-fn shown_last<T: Copy>(
-    record: &Row,
-    rows: Vec<(T, &Row)>,
-    same: impl Fn(&Row, &Row) -> bool,
-) -> (Vec<T>, Vec<T>) {
-    let shown: Vec<bool> = rows.iter().map(|(_, row)| same(record, row)).collect();
-    let mut order: Vec<T> = rows.iter().map(|(t, _)| *t).collect();
-    let top = shown.iter().rposition(|s| *s).map(|i| order.remove(i));
-    order.extend(top);
-    let all = rows
-        .iter()
-        .zip(&shown)
-        .filter(|(_, s)| **s)
-        .map(|((t, _), _)| *t)
-        .collect();
-    (order, all)
-}
-
-/// The order (oldest first) in which one group's input `rows` (given oldest offset first) were
-/// taken, as far as the group's output row `record` tells: `columns` are its `latest`
-/// aggregates (input column, output column). From the newest down, each next row is the one of
-/// highest offset that could have given every output column not yet given whose input column
-/// it has a value in (NULL is skipped, as `latest` does), and gives at least one; the rows left
-/// come before them by offset.
-pub(super) fn latest_order<T>(
-    columns: &[(&str, &str)],
-    record: &Row,
-    rows: Vec<(T, &Row)>,
-) -> Vec<T> {
-    let value = |row: &Row, c: &str| row.get(c).filter(|v| !v.is_null()).cloned();
-    let mut open: Vec<(&str, serde_json::Value)> = columns
-        .iter()
-        .filter_map(|(input, output)| Some((*input, value(record, output)?)))
-        .collect();
-    let mut rest: Vec<Option<(T, &Row)>> = rows.into_iter().map(Some).collect();
-    let mut top: Vec<T> = Vec::new();
-    while !open.is_empty() {
-        let gives = |row: &Row| {
-            let mut any = false;
-            for (input, want) in &open {
-                match value(row, input) {
-                    Some(v) if v == *want => any = true,
-                    Some(_) => return false,
-                    None => {}
-                }
-            }
-            any
-        };
-        let pick = rest
-            .iter()
-            .rposition(|r| r.as_ref().is_some_and(|(_, row)| gives(row)));
-        let Some((t, row)) = pick.and_then(|i| rest[i].take()) else {
-            break;
-        };
-        open.retain(|(input, _)| value(row, input).is_none());
-        top.push(t);
-    }
-    rest.into_iter()
-        .flatten()
-        .map(|(t, _)| t)
-        .chain(top.into_iter().rev())
-        .collect()
-}
+mod place;
+mod tick;
 
 #[cfg(test)]
 pub(super) mod tests;

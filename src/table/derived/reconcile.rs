@@ -52,6 +52,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use super::positions::{HeldMarks, Resets, Upto};
 use super::{lock, Fed, View, ViewState, Views};
 use crate::cdc::decode::Row;
 use crate::table::state::{AppliedChange, Entry, Table, TableState, TableUpdate};
@@ -86,25 +87,18 @@ pub(super) struct Tracked {
     /// written (`upto`), and a restore compares an input row's change with the record of the
     /// output row that row files into (`groups`).
     pub keyed: bool,
-    /// Keyed: per input partition, the offset up to which the view took the changes, of
-    /// lineage `upto_epoch` (what every mark carries).
-    pub upto: HashMap<u32, i64>,
-    pub upto_epoch: Option<Arc<str>>,
+    /// Keyed: how far the view took the input's changes (what every mark carries).
+    pub upto: Upto,
     /// Keyed, restored from the topic: each output row's mark, for the input keys not in
-    /// `seen`; the partitions whose offsets restarted since are left out (`group_reset`).
-    pub groups: HashMap<String, Arc<crate::table::viewlog::Mark>>,
-    pub group_reset: HashSet<u32>,
-    /// Keyed, restored: per lineage, the furthest offset of each partition the restored
-    /// records name; once the view's own positions reach it, no record holds more than the
-    /// view and `groups` is dropped.
-    pub groups_reach: HashMap<String, HashMap<u32, i64>>,
+    /// `seen`; once the view's own positions reach every offset they name, no record holds
+    /// more than the view and they are dropped.
+    pub groups: HeldMarks,
     /// Per input key, the change its row last took.
     pub seen: HashMap<String, Seen>,
     /// Keys the view holds ahead of the input's position, which the input does not have yet:
     /// deleted once the input's position in their partition reaches them without them.
     pub pending: HashMap<String, Seen>,
-    /// The input's offset restarts per partition last looked at.
-    pub resets: Vec<u32>,
+    pub resets: Resets,
     /// Restored from the topic and not reconciled yet: the input's first update reconciles.
     pub restored: bool,
     /// Its topic could not be read at start: restored when this node takes the topic over
@@ -124,12 +118,10 @@ impl Tracked {
     /// Keyed: how far the view took each input partition, when of lineage `epoch` (what every
     /// mark carries; empty otherwise).
     pub fn upto_of(&self, epoch: &str) -> Vec<(u32, i64)> {
-        if !self.keyed || self.upto_epoch.as_deref() != Some(epoch) {
+        if !self.keyed {
             return Vec::new();
         }
-        let mut v: Vec<(u32, i64)> = self.upto.iter().map(|(p, o)| (*p, *o)).collect();
-        v.sort_unstable();
-        v
+        self.upto.of(epoch)
     }
 
     /// Whether the view holds the change of lineage `epoch` at `part`/`off` of input key `key`,
@@ -161,31 +153,11 @@ impl Tracked {
         epoch: &str,
         part: u32,
     ) -> Option<i64> {
-        if !self.keyed || self.groups.is_empty() || self.group_reset.contains(&part) {
+        if !self.keyed || self.groups.is_empty() {
             return None;
         }
-        let m = self.groups.get(&op.event_key(Some(key), row)?)?;
-        if m.input_epoch() != Some(epoch) {
-            return None;
-        }
-        m.upto.iter().find(|(p, _)| *p == part).map(|(_, u)| *u)
-    }
-
-    /// Keyed: takes the marks of the records a restore read (see [`Tracked::groups`]).
-    fn restore_groups(&mut self, groups: HashMap<String, Arc<crate::table::viewlog::Mark>>) {
-        let mut reach: HashMap<String, HashMap<u32, i64>> = HashMap::new();
-        for m in groups.values() {
-            if let Some(e) = m.input_epoch() {
-                let r = reach.entry(e.to_string()).or_default();
-                for (p, u) in &m.upto {
-                    let v = r.entry(*p).or_insert(*u);
-                    *v = (*v).max(*u);
-                }
-            }
-        }
-        self.groups = groups;
-        self.groups_reach = reach;
-        self.group_reset.clear();
+        self.groups
+            .upto(&op.event_key(Some(key), row)?, epoch, part)
     }
 
     /// Notes that the view took input change `part`/`off` of lineage `epoch` of `key`.
@@ -199,28 +171,7 @@ impl Tracked {
             },
         );
         if self.keyed {
-            self.pass(epoch, part, off);
-        }
-    }
-
-    /// Keyed: notes that the view took the input's changes of lineage `epoch` up to `off` in
-    /// `part` (positions of another lineage are forgotten).
-    fn pass(&mut self, epoch: &Arc<str>, part: u32, off: i64) {
-        if self.upto_epoch.as_deref() != Some(&**epoch) {
-            self.upto.clear();
-            self.upto_epoch = Some(epoch.clone());
-        }
-        let u = self.upto.entry(part).or_insert(off);
-        *u = (*u).max(off);
-    }
-
-    /// Keyed: the view holds every change the input `t` holds (a clean stop's save at exactly
-    /// its rows, or a reconcile with it).
-    pub fn pass_input(&mut self, t: &TableState) {
-        for (p, s) in t.slices.iter().enumerate() {
-            if s.last_off >= 0 {
-                self.pass(&t.epoch, p as u32, s.last_off);
-            }
+            self.upto.pass(epoch, part, off);
         }
     }
 
@@ -259,7 +210,8 @@ impl Tracked {
                 }
             }
         }
-        self.pass_input(t);
+        // the view holds every change the input holds
+        self.upto.pass_input(t);
         self.drop_passed_groups(op, t);
     }
 
@@ -273,16 +225,11 @@ impl Tracked {
             return;
         }
         // nothing taken yet (an empty input): the records may all be ahead of it
-        let Some(epoch) = self.upto_epoch.as_deref() else {
+        let Some(epoch) = self.upto.epoch() else {
             return;
         };
-        let reach = self.groups_reach.get(epoch);
-        let passed = reach.is_none_or(|r| {
-            r.iter().all(|(p, u)| {
-                self.group_reset.contains(p) || self.upto.get(p).is_some_and(|v| v >= u)
-            })
-        });
-        if !passed {
+        let passed = self.groups.reached(epoch, |p| self.upto.get(p));
+        if passed == Some(false) {
             return;
         }
         for (key, e) in &t.rows {
@@ -305,8 +252,7 @@ impl Tracked {
                 );
             }
         }
-        self.groups = HashMap::new();
-        self.groups_reach = HashMap::new();
+        self.groups = HeldMarks::default();
     }
 
     /// The change `key`'s row holds, when of lineage `epoch` (what its mark carries; a keyed
@@ -322,35 +268,21 @@ impl Tracked {
     /// Forgets what the keys of a partition whose offsets restarted held; returns the keys of
     /// such a partition that were waiting for the input (the caller deletes those it lacks).
     fn note_resets(&mut self, t: &TableState) -> Vec<String> {
-        if t.slices
-            .iter()
-            .map(|s| s.resets)
-            .eq(self.resets.iter().copied())
-        {
-            // the usual case, on every update: nothing restarted
+        let restarted = self.resets.look(t);
+        if restarted.is_empty() {
             return Vec::new();
         }
-        let now: Vec<u32> = t.slices.iter().map(|s| s.resets).collect();
+        self.upto.forget(&restarted);
+        self.groups.restarted(&restarted);
+        self.seen.retain(|_, s| !restarted.contains(&s.part));
         let mut waiting = Vec::new();
-        if self.resets.len() == now.len() {
-            let restarted: HashSet<u32> = (0..now.len())
-                .filter(|p| now[*p] != self.resets[*p])
-                .map(|p| p as u32)
-                .collect();
-            if !restarted.is_empty() {
-                self.upto.retain(|p, _| !restarted.contains(p));
-                self.group_reset.extend(&restarted);
-                self.seen.retain(|_, s| !restarted.contains(&s.part));
-                self.pending.retain(|k, s| {
-                    let keep = !restarted.contains(&s.part);
-                    if !keep {
-                        waiting.push(k.clone());
-                    }
-                    keep
-                });
+        self.pending.retain(|k, s| {
+            let keep = !restarted.contains(&s.part);
+            if !keep {
+                waiting.push(k.clone());
             }
-        }
-        self.resets = now;
+            keep
+        });
         waiting.sort_unstable();
         waiting
     }
@@ -381,7 +313,7 @@ impl Tracked {
             if self.keyed {
                 // held, so the view's position moves past it (the input reads a partition in
                 // order: every change below it was taken or held too)
-                self.pass(epoch, c.part, c.off);
+                self.upto.pass(epoch, c.part, c.off);
             }
             return false;
         }
@@ -392,7 +324,7 @@ impl Tracked {
             // a keyed history's rows are groups: what a deleted input key gave is in them, and
             // `seen` stays as large as the input
             self.seen.remove(&c.key);
-            self.pass(epoch, c.part, c.off);
+            self.upto.pass(epoch, c.part, c.off);
         } else {
             self.note(&c.key, epoch, c.part, c.off);
         }
@@ -418,7 +350,7 @@ impl Tracked {
         let mut merged: BTreeMap<u32, i64> = base.upto.iter().copied().collect();
         let mut raised = false;
         for (p, u) in &restored.upto {
-            if self.group_reset.contains(p) {
+            if self.groups.is_reset(*p) {
                 continue;
             }
             let e = merged.entry(*p).or_insert(i64::MIN);
@@ -659,7 +591,7 @@ impl Views {
         let Some(tr) = st.track.as_mut() else {
             return false;
         };
-        tr.restore_groups(groups);
+        tr.groups = HeldMarks::new(groups);
         tr.seen = seen;
         tr.pending.clear();
         tr.restored = true;

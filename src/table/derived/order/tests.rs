@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::super::reconcile::tests::{input_after, start, whole, written};
 use super::super::tests::{commit, row, rows_of, Change, Rng};
-use super::latest_order;
+use super::place::latest_order;
 use crate::cdc::decode::Row;
 use crate::table::derived::Views;
 use crate::table::state::{TableState, Tables};
