@@ -304,3 +304,54 @@ fn a_latest_whose_input_reaches_its_records_without_an_update_drops_them_at_the_
         .any(|(n, f, _)| n == "last" && f.dirty.load(Ordering::Acquire)));
     drop(sent);
 }
+
+#[test]
+fn records_kept_are_dropped_once_the_input_stops_moving_or_after_an_hour() {
+    let defs = defs();
+    let all = batches(0x0e8f_1c2d, 40);
+    let (_, commits) = written(&defs, &all);
+    let logs = whole(&commits);
+    let input = input_after(&defs, &all, all.len());
+    // every partition one below what the records name: they are kept
+    let mut behind = input.clone();
+    for s in behind.slices.iter_mut() {
+        s.last_off -= 1;
+    }
+    let kept = |views: &Views| views.save().iter().all(|(n, _)| n != "last");
+    let dirty = |views: &Views| {
+        views
+            .log_views()
+            .iter()
+            .any(|(n, f, _)| n == "last" && f.dirty.load(Ordering::Acquire))
+    };
+    let min = |m: u64| Duration::from_secs(60 * m);
+
+    // an input that never moves: the no-move clock has not started, the hour has
+    let (_, r) = start(&defs, Some(behind.clone()), Some(&logs));
+    let read = Instant::now();
+    r.views.tick_at(read + min(11));
+    assert!(
+        kept(&r.views),
+        "the no-move clock starts at the input's first update"
+    );
+    r.views.tick_at(read + min(59));
+    assert!(kept(&r.views) && !dirty(&r.views));
+    r.views.tick_at(read + min(61));
+    assert!(!kept(&r.views), "dropped an hour after the read");
+    assert!(dirty(&r.views), "written whole once dropped");
+
+    // an input that moves once, short of the records, then stops
+    let (t, r) = start(&defs, Some(behind), Some(&logs));
+    let p0 = input.slices[0].last_off;
+    let one = row(json!({"team": "a", "score": 3, "note": null}));
+    commit(&t, &*r.views, &[("p0".into(), Some(one), 0, p0)]);
+    let moved = Instant::now();
+    r.views.tick_at(moved + min(9));
+    assert!(kept(&r.views), "the input moved 9 minutes ago");
+    r.views.tick_at(moved + min(11));
+    assert!(
+        !kept(&r.views),
+        "dropped 10 minutes after the input last moved"
+    );
+    assert!(dirty(&r.views));
+}
