@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -261,19 +262,25 @@ fn the_order_of_a_group_follows_what_its_latest_columns_show() {
     assert_eq!(latest_order(&cols, &none, rows), vec!["a", "b"]);
 }
 
-#[test]
-fn a_latest_whose_input_reaches_its_records_without_an_update_drops_them_at_the_next_tick() {
-    let defs = defs();
-    let all = batches(0x7b3c_0a11, 40);
-    let (fed, commits) = written(&defs, &all);
-    let logs = whole(&commits);
-    let input = input_after(&defs, &all, all.len());
-    // the input's rows as they are, its positions one below the records' (a last write that
-    // changed no row, e.g. the tombstone after a delete, is still to come)
+/// The view fed `batches(seed, 40)`: its rows, its topic, the input, and the input's rows as
+/// they are with its positions one below the records' (a last write that changed no row, e.g.
+/// the tombstone after a delete, is still to come: a start from it keeps the records).
+fn one_below(seed: u64) -> (Arc<Tables>, Vec<Commit>, TableState, TableState) {
+    let all = batches(seed, 40);
+    let (fed, commits) = written(&defs(), &all);
+    let input = input_after(&defs(), &all, all.len());
     let mut behind = input.clone();
     for s in behind.slices.iter_mut() {
         s.last_off -= 1;
     }
+    (fed, commits, input, behind)
+}
+
+#[test]
+fn a_latest_whose_input_reaches_its_records_without_an_update_drops_them_at_the_next_tick() {
+    let defs = defs();
+    let (fed, commits, input, behind) = one_below(0x7b3c_0a11);
+    let logs = whole(&commits);
     let (t, r) = start(&defs, Some(behind), Some(&logs));
     let sent = writing(&r.views);
     assert_eq!(last(&t), last(&fed));
@@ -308,15 +315,8 @@ fn a_latest_whose_input_reaches_its_records_without_an_update_drops_them_at_the_
 #[test]
 fn records_kept_are_dropped_once_the_input_stops_moving_or_after_an_hour() {
     let defs = defs();
-    let all = batches(0x0e8f_1c2d, 40);
-    let (_, commits) = written(&defs, &all);
+    let (_, commits, input, behind) = one_below(0x0e8f_1c2d);
     let logs = whole(&commits);
-    let input = input_after(&defs, &all, all.len());
-    // every partition one below what the records name: they are kept
-    let mut behind = input.clone();
-    for s in behind.slices.iter_mut() {
-        s.last_off -= 1;
-    }
     let kept = |views: &Views| views.save().iter().all(|(n, _)| n != "last");
     let dirty = |views: &Views| {
         views

@@ -332,47 +332,30 @@ fn a_topic_of_another_lineage_or_definition_is_not_skipped_through() {
 #[test]
 fn a_partition_whose_offsets_restart_is_taken_again() {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let (tables, r) = start(&defs, None, None);
-    let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
-    commit(&tables, &*r.views, &[("p1".into(), s(1), 0, 500)]);
-    commit(&tables, &*r.views, &[("p1".into(), s(2), 0, 501)]);
-    // the input topic was created again: its offsets start over
-    tables.get("scores").unwrap().update_slices(|t| {
-        let slice = t.slice_mut(0);
-        slice.last_off = -1;
-        slice.resets += 1;
-    });
-    commit(&tables, &*r.views, &[("p1".into(), s(3), 0, 4)]);
-    assert_eq!(
-        rows_of(&tables, "hist")["p1"]["history"],
-        json!([{"score": 1}, {"score": 2}, {"score": 3}]),
-        "the change at a lower offset after the restart is taken"
-    );
-    assert_eq!(rows_of(&tables, "moves")["p1"]["score_change"], json!(1));
-}
-
-#[test]
-fn a_partition_whose_offsets_restart_as_partitions_are_added_is_taken_again() {
-    let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let (tables, r) = start(&defs, None, None);
-    let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
-    commit(&tables, &*r.views, &[("p1".into(), s(1), 0, 500)]);
-    commit(&tables, &*r.views, &[("p1".into(), s(2), 0, 501)]);
-    // the input topic was created again with one more partition: its offsets start over
-    tables.get("scores").unwrap().update_slices(|t| {
-        let parts = t.slices.len() as u32;
-        t.slice_mut(parts);
-        let slice = t.slice_mut(0);
-        slice.last_off = -1;
-        slice.resets += 1;
-    });
-    commit(&tables, &*r.views, &[("p1".into(), s(3), 0, 4)]);
-    assert_eq!(
-        rows_of(&tables, "hist")["p1"]["history"],
-        json!([{"score": 1}, {"score": 2}, {"score": 3}]),
-        "the change at a lower offset after the restart is taken"
-    );
-    assert_eq!(rows_of(&tables, "moves")["p1"]["score_change"], json!(1));
+    // the input topic created again, with as many partitions or with one more
+    for added in [false, true] {
+        let (tables, r) = start(&defs, None, None);
+        let s = |n: i64| Some(row(json!({"player": "p1", "score": n})));
+        commit(&tables, &*r.views, &[("p1".into(), s(1), 0, 500)]);
+        commit(&tables, &*r.views, &[("p1".into(), s(2), 0, 501)]);
+        // its offsets start over
+        tables.get("scores").unwrap().update_slices(|t| {
+            if added {
+                let parts = t.slices.len() as u32;
+                t.slice_mut(parts);
+            }
+            let slice = t.slice_mut(0);
+            slice.last_off = -1;
+            slice.resets += 1;
+        });
+        commit(&tables, &*r.views, &[("p1".into(), s(3), 0, 4)]);
+        assert_eq!(
+            rows_of(&tables, "hist")["p1"]["history"],
+            json!([{"score": 1}, {"score": 2}, {"score": 3}]),
+            "the change at a lower offset after the restart is taken (partition added: {added})"
+        );
+        assert_eq!(rows_of(&tables, "moves")["p1"]["score_change"], json!(1));
+    }
 }
 
 #[test]
