@@ -512,21 +512,15 @@ pub async fn start(config: Config, cancel: CancellationToken) -> Result<Service,
     if let Some(views) = views.clone() {
         // a `latest` that read its topic at start places again by it the rows its input is
         // restored with or reads again (`table::derived`, `order.rs`)
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let v = views.clone();
+        tokio::spawn(every_second(cancel.clone(), move || {
+            let v = views.clone();
+            async move {
                 if let Err(e) = tokio::task::spawn_blocking(move || v.tick()).await {
                     // a panic in one tick: the next one runs all the same
                     tracing::error!(error = %e, "placing views by their topics failed");
                 }
             }
-        });
+        }));
     }
     let mut threads: Vec<(
         &'static str,
@@ -867,33 +861,42 @@ fn watch_checkpoints(
     fatal: Duration,
     cancel: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let waiting = progress.pending_for();
-            metrics
-                .checkpoint_pending_seconds
-                .set(waiting.as_secs_f64());
-            readiness.set_checkpoint(
-                waiting < stuck,
-                &format!(
-                    "the changelog has not acknowledged a checkpoint for {} s",
-                    waiting.as_secs()
-                ),
+    tokio::spawn(every_second(cancel, move || {
+        let waiting = progress.pending_for();
+        metrics
+            .checkpoint_pending_seconds
+            .set(waiting.as_secs_f64());
+        readiness.set_checkpoint(
+            waiting < stuck,
+            &format!(
+                "the changelog has not acknowledged a checkpoint for {} s",
+                waiting.as_secs()
+            ),
+        );
+        if waiting >= fatal && readiness.is_healthy() {
+            tracing::error!(
+                waiting_secs = waiting.as_secs(),
+                "the changelog has not acknowledged a checkpoint for too long: unhealthy"
             );
-            if waiting >= fatal && readiness.is_healthy() {
-                tracing::error!(
-                    waiting_secs = waiting.as_secs(),
-                    "the changelog has not acknowledged a checkpoint for too long: unhealthy"
-                );
-                readiness.healthy.store(false, Ordering::Release);
-            }
+            readiness.healthy.store(false, Ordering::Release);
         }
-    });
+        std::future::ready(())
+    }));
+}
+
+/// Runs `f` about once a second (the first at once) until `cancel`.
+async fn every_second<F: std::future::Future<Output = ()>>(
+    cancel: CancellationToken,
+    mut f: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        f().await;
+    }
 }
 
 /// How often certificate and key files are looked at for changes.

@@ -82,6 +82,17 @@ struct Fed {
     useq: u64,
 }
 
+impl Fed {
+    /// The input `table` as it is now (`t`: its state, read).
+    fn at(table: &Arc<Table>, t: &TableState) -> Fed {
+        Fed {
+            table: table.clone(),
+            epoch: t.epoch.clone(),
+            useq: t.useq,
+        }
+    }
+}
+
 struct ViewState {
     op: ViewOperator,
     fed: Option<Fed>,
@@ -436,15 +447,8 @@ impl Views {
                     .tables
                     .get(&view.def.from)
                     .ok_or("the input table is gone")?;
-                let (epoch, useq) = {
-                    let t = input.read();
-                    (t.epoch.clone(), t.useq)
-                };
-                Some(Fed {
-                    table: input,
-                    epoch,
-                    useq,
-                })
+                let fed = Fed::at(&input, &input.read());
+                Some(fed)
             }
             // the reader's start is set by `load_saved` (the lowest over the input's views)
             InputKind::Events => None,
@@ -735,7 +739,7 @@ impl Views {
         }
         let mut op = ViewOperator::new(&view.def);
         let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
-        let (epoch, useq) = {
+        let fed = {
             let t = input.read();
             let keys = match st.taken.as_mut() {
                 Some(taken) => {
@@ -757,14 +761,10 @@ impl Views {
                     result.insert(k, r);
                 }
             }
-            (t.epoch.clone(), t.useq)
+            Fed::at(input, &t)
         };
         st.op = op;
-        st.fed = Some(Fed {
-            table: input.clone(),
-            epoch,
-            useq,
-        });
+        st.fed = Some(fed);
         let out = Self::recomputed(view, result);
         self.commit_recomputed(view, st, out, update);
     }

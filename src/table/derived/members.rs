@@ -38,7 +38,7 @@ impl Views {
             return self.place_members(view, st, input, update);
         }
         let mut out: Vec<OutChange> = Vec::new();
-        let (epoch, useq) = {
+        let fed = {
             let ViewState { op, taken, .. } = &mut *st;
             let (Some(taken), Some(members)) = (taken.as_mut(), op.keyed_members()) else {
                 return false;
@@ -62,13 +62,9 @@ impl Views {
             for key in gone {
                 out.extend(op.apply_change(key, members.get(key.as_str()), None));
             }
-            (t.epoch.clone(), t.useq)
+            Fed::at(input, &t)
         };
-        st.fed = Some(Fed {
-            table: input.clone(),
-            epoch,
-            useq,
-        });
+        st.fed = Some(fed);
         self.commit_recomputed(view, st, out, update);
         true
     }
@@ -85,7 +81,7 @@ impl Views {
         update: Option<&TableUpdate>,
     ) -> bool {
         let mut result: BTreeMap<String, Option<Row>> = BTreeMap::new();
-        let (epoch, useq) = {
+        let fed = {
             let ViewState { op, taken, .. } = &mut *st;
             let (Some(taken), Some(members)) = (taken.as_mut(), op.keyed_members()) else {
                 return false;
@@ -113,13 +109,9 @@ impl Views {
             }
             result.extend(outs);
             *op = fresh;
-            (t.epoch.clone(), t.useq)
+            Fed::at(input, &t)
         };
-        st.fed = Some(Fed {
-            table: input.clone(),
-            epoch,
-            useq,
-        });
+        st.fed = Some(fed);
         let out = Self::recomputed(view, result);
         self.commit_recomputed(view, st, out, update);
         true

@@ -423,7 +423,7 @@ impl Views {
         update: Option<&TableUpdate>,
     ) {
         let mut out: Vec<OutChange> = Vec::new();
-        let (epoch, useq) = 'fed: {
+        let fed = 'fed: {
             let ViewState { op, track, .. } = &mut *st;
             let Some(tr) = track.as_mut() else {
                 return;
@@ -434,7 +434,7 @@ impl Views {
             tr.restored = false;
             if tr.keyed {
                 tr.reconcile_keyed(op, &t, update, &mut out);
-                break 'fed (t.epoch.clone(), t.useq);
+                break 'fed Fed::at(input, &t);
             }
             // the keys `update` changed: brought up to the row before its first change of them,
             // then given the update's changes
@@ -526,13 +526,9 @@ impl Views {
                     }
                 }
             }
-            (t.epoch.clone(), t.useq)
+            Fed::at(input, &t)
         };
-        st.fed = Some(Fed {
-            table: input.clone(),
-            epoch,
-            useq,
-        });
+        st.fed = Some(fed);
         self.commit_recomputed(view, st, out, update);
     }
 
