@@ -36,9 +36,11 @@
 //!   the view is restored and reconciled then, before the whole rewrite.
 //! - **Skip.** A change of the input at or before the one the key's row holds is skipped: after
 //!   a restore from a topic ahead of the input (another node wrote it, or the input lost its last
-//!   changes to kill -9 and reads them again), no entry is taken twice. A partition whose offsets
-//!   restarted (its topic was created again, seen by the input in this process) forgets what its
-//!   keys held.
+//!   changes to kill -9 and reads them again), no entry is taken twice. A delta's tombstone names
+//!   the change its key went with ([`Tracked::gone`]): the input's changes of that key up to it
+//!   are skipped too, so a deleted key does not come back for a while (the tombstones of a whole
+//!   rewrite name no change). A partition whose offsets restarted (its topic was created again,
+//!   seen by the input in this process) forgets what its keys held.
 //!
 //! So a view comes back exactly when its topic holds every change the input holds (an idle
 //! input, a clean hand-over), and when it is ahead. Where the input holds changes the topic
@@ -95,6 +97,12 @@ pub(super) struct Tracked {
     pub groups: HeldMarks,
     /// Per input key, the change its row last took.
     pub seen: HashMap<String, Seen>,
+    /// A `delta` (`forget_deleted`): keys whose row went with a change of their input key, with
+    /// that change. It is written into the tombstone's mark (`at`) and read back from the
+    /// tombstones at a restore, so that an input reading again a change of such a key at or
+    /// below its delete (it lost its last changes to a kill -9, or another node wrote the
+    /// topic) does not bring the key back. Dropped once the input's position passes it.
+    pub gone: HashMap<String, Seen>,
     /// Keys the view holds ahead of the input's position, which the input does not have yet:
     /// deleted once the input's position in their partition reaches them without them.
     pub pending: HashMap<String, Seen>,
@@ -138,8 +146,33 @@ impl Tracked {
         if let Some(s) = self.seen.get(key) {
             return s.holds(epoch, part, off);
         }
+        if self.gone_holds(key, epoch, part, off) {
+            return true;
+        }
         row.and_then(|r| self.group_upto(op, key, r, epoch, part))
             .is_some_and(|u| u >= off)
+    }
+
+    /// Whether `key` went with a change of lineage `epoch` at or past `part`/`off` (see
+    /// [`Tracked::gone`]).
+    fn gone_holds(&self, key: &str, epoch: &str, part: u32, off: i64) -> bool {
+        self.gone
+            .get(key)
+            .is_some_and(|g| g.holds(epoch, part, off))
+    }
+
+    /// Drops the deletes of [`Tracked::gone`] that the input `t` read (it reads none of their
+    /// changes again), and those of another lineage.
+    fn drop_passed_gone(&mut self, t: &TableState) {
+        if self.gone.is_empty() {
+            return;
+        }
+        self.gone.retain(|_, g| {
+            *g.epoch == *t.epoch
+                && t.slices
+                    .get(g.part as usize)
+                    .is_none_or(|s| s.last_off < g.off)
+        });
     }
 
     /// Keyed, restored: how far in `part` the record of the output row that input key `key`'s
@@ -170,6 +203,7 @@ impl Tracked {
                 off,
             },
         );
+        self.gone.remove(key);
         if self.keyed {
             self.upto.pass(epoch, part, off);
         }
@@ -261,7 +295,8 @@ impl Tracked {
         if self.keyed {
             return None;
         }
-        let s = self.seen.get(key)?;
+        // a deleted key's tombstone names the change it went with
+        let s = self.seen.get(key).or_else(|| self.gone.get(key))?;
         (Some(&*s.epoch) == epoch).then_some((s.part, s.off))
     }
 
@@ -275,6 +310,7 @@ impl Tracked {
         self.upto.forget(&restarted);
         self.groups.restarted(&restarted);
         self.seen.retain(|_, s| !restarted.contains(&s.part));
+        self.gone.retain(|_, s| !restarted.contains(&s.part));
         let mut waiting = Vec::new();
         self.pending.retain(|k, s| {
             let keep = !restarted.contains(&s.part);
@@ -320,6 +356,8 @@ impl Tracked {
         self.pending.remove(&c.key);
         if c.row.is_none() && self.forget_deleted {
             self.seen.remove(&c.key);
+            let (epoch, part, off) = (epoch.clone(), c.part, c.off);
+            self.gone.insert(c.key.clone(), Seen { epoch, part, off });
         } else if c.row.is_none() && self.keyed {
             // a keyed history's rows are groups: what a deleted input key gave is in them, and
             // `seen` stays as large as the input
@@ -377,6 +415,7 @@ impl Views {
         };
         let t = input.read();
         let waiting = tr.note_resets(&t);
+        tr.drop_passed_gone(&t);
         let mut out = Vec::new();
         tr.delete_missing(op, &t, waiting, &mut out);
         for c in &update.changes {
@@ -430,6 +469,7 @@ impl Views {
             };
             let t = input.read();
             let waiting = tr.note_resets(&t);
+            tr.drop_passed_gone(&t);
             tr.delete_missing(op, &t, waiting, &mut out);
             tr.restored = false;
             if tr.keyed {
@@ -449,16 +489,17 @@ impl Views {
                 .collect();
             rows.sort_by(|a, b| a.0.cmp(b.0));
             for (key, e) in rows {
-                if tr
-                    .seen
-                    .get(key)
-                    .is_some_and(|s| s.holds(&t.epoch, e.part, e.off))
-                {
+                let held = match tr.seen.get(key) {
+                    Some(s) => s.holds(&t.epoch, e.part, e.off),
+                    None => tr.gone_holds(key, &t.epoch, e.part, e.off),
+                };
+                if held {
                     continue;
                 }
                 let row: &Row = &e.row;
                 out.extend(op.apply_change(key, None, Some(row)));
                 tr.pending.remove(key);
+                tr.gone.remove(key);
                 tr.seen.insert(
                     key.clone(),
                     Seen {
@@ -501,6 +542,9 @@ impl Views {
                     // not (that lineage's first update is its whole past), and one that holds
                     // this change skips what it holds
                     let (gap, known) = match tr.seen.get(key) {
+                        // deleted with a change at or past this one: the update's changes of
+                        // it are read again, and skipped
+                        None if tr.gone_holds(key, &u.epoch, c.part, c.off) => (false, false),
                         None => (true, false),
                         Some(s) => (
                             *s.epoch == *u.epoch && !s.holds(&u.epoch, c.part, c.off),
@@ -540,7 +584,10 @@ impl Views {
         if !Self::usable_log(view, content, "the view starts from its input's rows") {
             return false;
         }
-        let keyed = lock(&view.state).track.as_ref().is_some_and(|t| t.keyed);
+        let (keyed, forget_deleted) = lock(&view.state)
+            .track
+            .as_ref()
+            .map_or((false, false), |t| (t.keyed, t.forget_deleted));
         if keyed && !content.rows.values().any(|(_, m, _)| !m.upto.is_empty()) {
             tracing::warn!(
                 view = %view.def.name,
@@ -553,10 +600,26 @@ impl Views {
         let mut rows: Vec<(String, Option<Row>)> = Vec::new();
         let mut groups = HashMap::new();
         let mut seen = HashMap::new();
+        let mut gone = HashMap::new();
         // one `Arc` per lineage the marks name
         let mut epochs: HashMap<String, Arc<str>> = HashMap::new();
+        let mut lineage = |e: &str| -> Arc<str> {
+            epochs
+                .entry(e.to_string())
+                .or_insert_with(|| e.into())
+                .clone()
+        };
         for (key, (row, mark, _)) in &content.rows {
-            let Some(row) = row else { continue };
+            let Some(row) = row else {
+                // a delta's tombstone: the change its key went with
+                if let (true, Some((part, off)), Some(e)) =
+                    (forget_deleted, mark.at, mark.input_epoch())
+                {
+                    let epoch = lineage(e);
+                    gone.insert(key.clone(), Seen { epoch, part, off });
+                }
+                continue;
+            };
             op.rebuild_from_output(key, row);
             rows.push((key.clone(), Some(row.clone())));
             if keyed {
@@ -564,10 +627,7 @@ impl Views {
                 continue;
             }
             if let (Some((part, off)), Some(e)) = (mark.at, mark.input_epoch()) {
-                let epoch = epochs
-                    .entry(e.to_string())
-                    .or_insert_with(|| e.into())
-                    .clone();
+                let epoch = lineage(e);
                 seen.insert(key.clone(), Seen { epoch, part, off });
             }
         }
@@ -589,6 +649,7 @@ impl Views {
         };
         tr.groups = HeldMarks::new(groups);
         tr.seen = seen;
+        tr.gone = gone;
         tr.pending.clear();
         tr.restored = true;
         tr.unread = false;

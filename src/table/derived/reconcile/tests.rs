@@ -359,6 +359,39 @@ fn a_partition_whose_offsets_restart_is_taken_again() {
 }
 
 #[test]
+fn a_delta_restored_ahead_of_its_input_does_not_bring_back_a_deleted_key() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
+    let all: Vec<Vec<Change>> = vec![
+        vec![("pa".into(), s("pa", 1), 0, 1)],
+        vec![("pk".into(), s("pk", 5), 0, 2)],
+        vec![("pk".into(), s("pk", 7), 0, 3)],
+        vec![("pk".into(), None, 0, 4)],
+        vec![("pa".into(), s("pa", 2), 0, 5)],
+    ];
+    let (fed, commits) = written(&defs, &all);
+    let logs = whole(&commits);
+    // the input lost its last changes (kill -9) and reads them again: the topic holds the
+    // delete of `pk`, so its re-read changes are not taken again
+    for behind in 1..4 {
+        let (t, r) = start(&defs, Some(input_after(&defs, &all, behind)), Some(&logs));
+        let none = |when: &str| {
+            assert!(
+                !rows_of(&t, "moves").contains_key("pk"),
+                "input at {behind}: `pk` came back {when}"
+            );
+        };
+        none("at start");
+        for (i, b) in all[behind..].iter().enumerate() {
+            commit(&t, &*r.views, b);
+            none(&format!("after batch {}", behind + i));
+        }
+        assert_eq!(views_of(&t), views_of(&fed), "input at {behind}");
+        assert_sent(&r, &t, &format!("input at {behind}"));
+    }
+}
+
+#[test]
 fn a_tracked_view_of_a_tracked_view_is_restored_too() {
     let defs = ViewsFile::parse(
         "[views.moves]\nfrom = \"scores\"\ndelta = { columns = [\"score\"] }\n\n\
