@@ -159,6 +159,10 @@ struct SavedView {
     /// Views that track their input rows: [`ViewState`]'s `seen`, in the input's lineage.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     seen: Vec<(String, u32, i64)>,
+    /// A `delta`: the keys deleted that the input may read again (`reconcile::Tracked::gone`),
+    /// in the input's lineage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gone: Vec<(String, u32, i64)>,
 }
 
 /// What a saved state depends on: the input and the operator with its options (not the line);
@@ -471,14 +475,8 @@ impl Views {
                 // saved at exactly the input's rows: it took every change they hold
                 tr.upto.pass_input(&f.table.read());
             }
-            tr.seen = saved
-                .seen
-                .into_iter()
-                .map(|(k, part, off)| {
-                    let epoch = f.epoch.clone();
-                    (k, reconcile::Seen { epoch, part, off })
-                })
-                .collect();
+            tr.seen = reconcile::Seen::lineage(saved.seen, &f.epoch);
+            tr.gone = reconcile::Seen::lineage(saved.gone, &f.epoch);
         }
         st.fed = fed;
         st.pos = pos;
@@ -563,12 +561,11 @@ impl Views {
                 events_next,
                 source: self.sources.get(&view.def.from).cloned(),
                 seen: match (&st.track, &st.fed) {
-                    (Some(tr), Some(f)) => tr
-                        .seen
-                        .iter()
-                        .filter(|(_, s)| s.epoch == f.epoch)
-                        .map(|(k, s)| (k.clone(), s.part, s.off))
-                        .collect(),
+                    (Some(tr), Some(f)) => reconcile::Seen::of_lineage(&tr.seen, &f.epoch),
+                    _ => Vec::new(),
+                },
+                gone: match (&st.track, &st.fed) {
+                    (Some(tr), Some(f)) => reconcile::Seen::of_lineage(&tr.gone, &f.epoch),
                     _ => Vec::new(),
                 },
             };

@@ -228,14 +228,15 @@ impl Views {
     }
 
     /// The whole of view `name` for its topic, with the view's position and the mark of the
-    /// input's position: what a writer that takes the view over writes first (`None`: no such view, or a view over a table not fed
-    /// yet).
+    /// input's position: what a writer that takes the view over writes first, a delta's keys
+    /// deleted that its input may read again as tombstones that name their change (`None`: no
+    /// such view, or a view over a table not fed yet).
     pub fn log_snapshot(&self, name: &str) -> Option<(i64, Arc<Mark>, Vec<LogChange>)> {
         let view = self.view_named(name)?;
         let st = lock(&view.state);
         let base = Self::mark_of(view, &st)?;
         let t = view.table.read();
-        let rows = t
+        let mut rows: Vec<LogChange> = t
             .rows
             .iter()
             .map(|(k, e)| {
@@ -243,6 +244,15 @@ impl Views {
                 (k.clone(), Some(e.row.shared().clone()), mark)
             })
             .collect();
+        // a delta's keys deleted that its input may read again: their tombstones name the
+        // change they went with (a restore from the rewrite skips it)
+        let gone = st.track.as_ref().map(|tr| &tr.gone).into_iter().flatten();
+        let mut gone: Vec<LogChange> = gone
+            .filter(|(k, _)| !t.rows.contains_key(*k))
+            .map(|(k, _)| (k.clone(), None, Self::mark_for(&st, k, &base)))
+            .collect();
+        gone.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.extend(gone);
         Some((st.off, base, rows))
     }
 

@@ -23,8 +23,8 @@
 //! The records are kept until the input's positions reach every offset they name (an input
 //! still restored, or reading again what the topic holds, is not complete before): a change they
 //! hold is taken as it comes and marks the rows to be placed by them again, which
-//! [`super::Views::tick`] does at most about once per ten times a placement's cost, and once more when
-//! the input reaches them. Meanwhile the view is neither written to its topic (its records hold
+//! [`super::Views::tick`] does at most about once per ten times a placement's cost, and once
+//! more when the input reaches them. Meanwhile the view is neither written to its topic (its records hold
 //! more) nor saved by a clean stop. Records are dropped once the input has not moved for
 //! [`RECORDS_KEPT_AT_MOST`], and after [`RECORDS_KEPT_AT_ALL`] in any case.
 
@@ -60,6 +60,7 @@ pub(super) struct Taken {
     of: HashMap<String, (u64, u32, i64)>,
     /// How far the view took the input's changes (what every record's mark carries).
     upto: Upto,
+    /// The input's offset restarts per partition last looked at.
     resets: Resets,
     /// Read from the view's topic at a start that saved nothing, until the input holds what
     /// they do ([`Records`]).
@@ -70,6 +71,9 @@ pub(super) struct Taken {
     stale: bool,
     /// When the rows were last placed by the records, and what that recomputation cost.
     placed: Option<(Instant, Duration)>,
+    /// Its topic could not be read at start: read when this node takes the topic over
+    /// ([`super::Views::restore_unread`]), before it writes the view there.
+    unread: bool,
 }
 
 /// A view's topic as read at a start that saved nothing: each output row and its mark, used by
@@ -185,6 +189,17 @@ impl Taken {
             progress: None,
         });
         n
+    }
+
+    /// Notes that the view's topic could not be read at start.
+    pub fn set_unread(&mut self) {
+        self.unread = true;
+    }
+
+    /// Whether the view's topic could not be read at start and was not since (then it is from
+    /// now on).
+    pub fn take_unread(&mut self) -> bool {
+        std::mem::take(&mut self.unread)
     }
 
     /// Whether records read from the view's topic are kept.
@@ -331,8 +346,8 @@ impl Taken {
             .rows
             .iter()
             .filter(|(k, e)| {
-                restarted.contains(&e.part)
-                    || !matches!(self.of.get(*k), Some((_, part, off)) if (*part, *off) == (e.part, e.off))
+                let same = |(_, part, off): &(u64, u32, i64)| (*part, *off) == (e.part, e.off);
+                restarted.contains(&e.part) || !self.of.get(*k).is_some_and(same)
             })
             .collect();
         rows.sort_unstable_by(|a, b| (a.1.off, a.1.part, a.0).cmp(&(b.1.off, b.1.part, b.0)));

@@ -38,9 +38,9 @@
 //!   a restore from a topic ahead of the input (another node wrote it, or the input lost its last
 //!   changes to kill -9 and reads them again), no entry is taken twice. A delta's tombstone names
 //!   the change its key went with ([`Tracked::gone`]): the input's changes of that key up to it
-//!   are skipped too, so a deleted key does not come back for a while (the tombstones of a whole
-//!   rewrite name no change). A partition whose offsets restarted (its topic was created again,
-//!   seen by the input in this process) forgets what its keys held.
+//!   are skipped too, so a deleted key is not shown again while the input reads them. A
+//!   partition whose offsets restarted (its topic was created again, seen by the input in this
+//!   process) forgets what its keys held.
 //!
 //! So a view comes back exactly when its topic holds every change the input holds (an idle
 //! input, a clean hand-over), and when it is ahead. Where the input holds changes the topic
@@ -74,6 +74,26 @@ impl Seen {
     fn holds(&self, epoch: &str, part: u32, off: i64) -> bool {
         &*self.epoch == epoch && self.part == part && self.off >= off
     }
+
+    /// The positions of `by_key` of lineage `epoch`, as a clean stop saves them.
+    pub fn of_lineage(by_key: &HashMap<String, Seen>, epoch: &str) -> Vec<(String, u32, i64)> {
+        by_key
+            .iter()
+            .filter(|(_, s)| &*s.epoch == epoch)
+            .map(|(k, s)| (k.clone(), s.part, s.off))
+            .collect()
+    }
+
+    /// Saved positions (of lineage `epoch`) back by key.
+    pub fn lineage(saved: Vec<(String, u32, i64)>, epoch: &Arc<str>) -> HashMap<String, Seen> {
+        saved
+            .into_iter()
+            .map(|(k, part, off)| {
+                let epoch = epoch.clone();
+                (k, Seen { epoch, part, off })
+            })
+            .collect()
+    }
 }
 
 /// What a tracked view keeps besides its operator.
@@ -97,15 +117,17 @@ pub(super) struct Tracked {
     pub groups: HeldMarks,
     /// Per input key, the change its row last took.
     pub seen: HashMap<String, Seen>,
-    /// A `delta` (`forget_deleted`): keys whose row went with a change of their input key, with
-    /// that change. It is written into the tombstone's mark (`at`) and read back from the
-    /// tombstones at a restore, so that an input reading again a change of such a key at or
-    /// below its delete (it lost its last changes to a kill -9, or another node wrote the
-    /// topic) does not bring the key back. Dropped once the input's position passes it.
+    /// A `delta` (`forget_deleted`): keys whose row went, with the change that deleted it (or
+    /// the last change the row held, when the input lacked the key). It is written into the
+    /// tombstone's mark (`at`), saved by a clean stop and read back from the tombstones at a
+    /// restore, so that an input reading again a change of such a key at or below it (it lost
+    /// its last changes to a kill -9, or another node wrote the topic) does not bring the key
+    /// back. Dropped at the first update once the input had read past it before that update.
     pub gone: HashMap<String, Seen>,
     /// Keys the view holds ahead of the input's position, which the input does not have yet:
     /// deleted once the input's position in their partition reaches them without them.
     pub pending: HashMap<String, Seen>,
+    /// The input's offset restarts per partition last looked at.
     pub resets: Resets,
     /// Restored from the topic and not reconciled yet: the input's first update reconciles.
     pub restored: bool,
@@ -161,18 +183,38 @@ impl Tracked {
             .is_some_and(|g| g.holds(epoch, part, off))
     }
 
-    /// Drops the deletes of [`Tracked::gone`] that the input `t` read (it reads none of their
-    /// changes again), and those of another lineage.
-    fn drop_passed_gone(&mut self, t: &TableState) {
+    /// Drops the deletes of [`Tracked::gone`] that the input `t` had read before `update` (its
+    /// changes up to them are not read again), and those of another lineage. Those `update`
+    /// reads again are kept for it, and a delete it brings is written with its change before
+    /// the next update drops it.
+    fn drop_passed_gone(&mut self, t: &TableState, update: Option<&TableUpdate>) {
         if self.gone.is_empty() {
             return;
         }
+        // per partition, where the input was before `update`
+        let mut before: HashMap<u32, i64> = HashMap::new();
+        for c in update.map_or(&[][..], |u| &u.changes[..]) {
+            let b = before.entry(c.part).or_insert(c.off - 1);
+            *b = (*b).min(c.off - 1);
+        }
         self.gone.retain(|_, g| {
-            *g.epoch == *t.epoch
-                && t.slices
-                    .get(g.part as usize)
-                    .is_none_or(|s| s.last_off < g.off)
+            let read = before
+                .get(&g.part)
+                .copied()
+                .or_else(|| t.slices.get(g.part as usize).map(|s| s.last_off));
+            *g.epoch == *t.epoch && read.is_none_or(|r| r < g.off)
         });
+    }
+
+    /// A `delta`'s key whose row goes without an input change of it (the input lacks the key):
+    /// its tombstone names the last change the row held.
+    fn forget(&mut self, key: &str) {
+        if !self.forget_deleted {
+            return;
+        }
+        if let Some(s) = self.seen.remove(key) {
+            self.gone.insert(key.to_string(), s);
+        }
     }
 
     /// Keyed, restored: how far in `part` the record of the output row that input key `key`'s
@@ -334,9 +376,7 @@ impl Tracked {
         for key in keys {
             if !t.rows.contains_key(&key) {
                 out.extend(op.apply_change(&key, None, None));
-                if self.forget_deleted {
-                    self.seen.remove(&key);
-                }
+                self.forget(&key);
             }
         }
     }
@@ -415,7 +455,7 @@ impl Views {
         };
         let t = input.read();
         let waiting = tr.note_resets(&t);
-        tr.drop_passed_gone(&t);
+        tr.drop_passed_gone(&t, Some(update));
         let mut out = Vec::new();
         tr.delete_missing(op, &t, waiting, &mut out);
         for c in &update.changes {
@@ -442,9 +482,7 @@ impl Views {
                 tr.pending.remove(&key);
                 if !t.rows.contains_key(&key) {
                     out.extend(op.apply_change(&key, None, None));
-                    if tr.forget_deleted {
-                        tr.seen.remove(&key);
-                    }
+                    tr.forget(&key);
                 }
             }
         }
@@ -469,7 +507,7 @@ impl Views {
             };
             let t = input.read();
             let waiting = tr.note_resets(&t);
-            tr.drop_passed_gone(&t);
+            tr.drop_passed_gone(&t, update);
             tr.delete_missing(op, &t, waiting, &mut out);
             tr.restored = false;
             if tr.keyed {
@@ -509,7 +547,7 @@ impl Views {
                     },
                 );
             }
-            let mut gone: Vec<String> = view
+            let mut missing: Vec<String> = view
                 .table
                 .read()
                 .rows
@@ -517,8 +555,8 @@ impl Views {
                 .filter(|k| !t.rows.contains_key(*k) && !first.contains_key(k.as_str()))
                 .cloned()
                 .collect();
-            gone.sort_unstable();
-            for key in gone {
+            missing.sort_unstable();
+            for key in missing {
                 if let Some(s) = tr.seen.get(&key) {
                     let last = t.slices.get(s.part as usize).map_or(-1, |s| s.last_off);
                     if *s.epoch == *t.epoch && s.off > last {
@@ -529,9 +567,7 @@ impl Views {
                 }
                 tr.pending.remove(&key);
                 out.extend(op.apply_change(&key, None, None));
-                if tr.forget_deleted {
-                    tr.seen.remove(&key);
-                }
+                tr.forget(&key);
             }
             if let Some(u) = update {
                 let mut keys: Vec<(&str, &AppliedChange)> = first.into_iter().collect();
@@ -642,7 +678,7 @@ impl Views {
         };
         rows.extend(stale.into_iter().map(|k| (k, None)));
         rows.sort_by(|a, b| a.0.cmp(&b.0));
-        let (n, held) = (rows.len(), seen.len() + groups.len());
+        let (n, held, deleted) = (rows.len(), seen.len() + groups.len(), gone.len());
         let mut st = lock(&view.state);
         let Some(tr) = st.track.as_mut() else {
             return false;
@@ -660,36 +696,50 @@ impl Views {
             .view_log_restores
             .with_label_values(&[&view.def.name])
             .inc();
-        tracing::info!(view = %view.def.name, rows = n, with_positions = held, "view restored from its changelog topic");
+        tracing::info!(view = %view.def.name, rows = n, with_positions = held, deleted, "view restored from its changelog topic");
         true
     }
 }
 
 impl Views {
     /// A view whose topic could not be read at start, now that this node takes the topic over
-    /// and read it (`content`): restored from it and brought up to its input, so that the whole
-    /// rewrite that follows does not replace the past the topic holds. Any other view: nothing.
+    /// and read it (`content`), so that the whole rewrite that follows does not replace the
+    /// past the topic holds: a tracked view is restored from it and brought up to its input; a
+    /// `latest` (or keyed `delta`) computed again with its rows placed by the records
+    /// (`order.rs`). Any other view: nothing.
     pub fn restore_unread(&self, name: &str, content: &LogContent) {
         let Some(view) = self.view_named(name) else {
             return;
         };
-        {
+        let (tracked, ordered) = {
             let mut st = lock(&view.state);
-            match st.track.as_mut() {
-                Some(tr) if tr.unread => tr.unread = false,
-                _ => return,
-            }
-        }
-        if content.records == 0 {
+            let ordered = st
+                .taken
+                .as_mut()
+                .is_some_and(super::order::Taken::take_unread);
+            let tracked = st
+                .track
+                .as_mut()
+                .is_some_and(|tr| std::mem::take(&mut tr.unread));
+            (tracked, ordered)
+        };
+        if !(tracked || ordered) || content.records == 0 {
             return;
         }
         let input = self.tables.get(&view.def.from);
         // the input's order lock first, as on the publish path
         let _order = input.as_ref().map(|t| t.order_guard());
-        if self.restore_tracked_from_log(view, content) {
-            if let Some(input) = &input {
-                let mut st = lock(&view.state);
+        let restored = if tracked {
+            self.restore_tracked_from_log(view, content)
+        } else {
+            self.keep_order(view, content)
+        };
+        if let (true, Some(input)) = (restored, &input) {
+            let mut st = lock(&view.state);
+            if tracked {
                 self.reconcile(view, &mut st, input, None);
+            } else {
+                self.rebuild(view, &mut st, input, None);
             }
         }
     }

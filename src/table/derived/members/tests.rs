@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::super::order::tests::{batches, restore_in_chunks, tick};
-use super::super::reconcile::tests::{input_after, start, whole, written};
+use super::super::reconcile::tests::{content, input_after, start, whole, written};
 use super::super::tests::{commit, row, rows_of, run, Change, Rng};
 use crate::table::state::{NoSink, TableState, Tables};
 use crate::views::ViewsFile;
@@ -238,4 +238,33 @@ fn a_row_changed_at_its_old_position_after_its_partition_restarted_is_taken() {
     let want = rows_of(&fed_t, "mv");
     assert_eq!(want["a"]["score"], json!(15));
     assert_eq!(rows_of(&gap_t, "mv"), want);
+}
+
+#[test]
+fn a_keyed_delta_whose_topic_was_not_read_at_start_gets_its_movements_at_the_take_over() {
+    let defs = ViewsFile::parse(MOVES).unwrap().views;
+    let all = batches(0x4d2e_61b7, 60);
+    let (fed, commits) = written(&defs, &all);
+    let down = |_: &str, _: &str| Err("the broker does not answer".to_string());
+    let (t, r) = start(
+        &defs,
+        Some(input_after(&defs, &all, all.len())),
+        Some(&down),
+    );
+    let moves = |t: &Tables| rows_of(t, "mv");
+    assert!(
+        fed_has_movements(&moves(&fed)) && moves(&t) != moves(&fed),
+        "started from the current rows: no movement"
+    );
+    r.views
+        .restore_unread("mv", &content(&commits, "mv", usize::MAX));
+    assert_eq!(
+        moves(&t),
+        moves(&fed),
+        "placed by its topic at the take-over"
+    );
+}
+
+fn fed_has_movements(rows: &std::collections::BTreeMap<String, crate::cdc::decode::Row>) -> bool {
+    rows.values().any(|r| !r["score_change"].is_null())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::super::reconcile::tests::{input_after, start, whole, written};
+use super::super::reconcile::tests::{content, input_after, start, whole, written};
 use super::super::tests::{commit, row, rows_of, Change, Rng};
 use super::place::latest_order;
 use crate::cdc::decode::Row;
@@ -104,8 +104,8 @@ fn a_latest_behind_its_input_takes_the_changes_since_after_its_records() {
     for seed in (1..=12u64).map(|i| i * 0x9e37_79b9) {
         let all = batches(seed, 60);
         // changes the topic lacks (in flight at a kill -9), all in partition 0 (their order is
-        // their offsets', below the other partitions'), of keys new to the groups, NULL in `note`: each group's note still
-        // comes from a row the topic's records hold (a change of a group's latest row would
+        // their offsets', below the other partitions'), of keys new to the groups, NULL in
+        // `note`: each group's note still comes from a row the topic's records hold (a change of a group's latest row would
         // leave the order behind it unknown: offsets)
         let p0 = all.iter().flatten().filter(|c| c.2 == 0).map(|c| c.3).max();
         let since: Vec<Change> = (0..6)
@@ -354,4 +354,34 @@ fn records_kept_are_dropped_once_the_input_stops_moving_or_after_an_hour() {
         "dropped 10 minutes after the input last moved"
     );
     assert!(dirty(&r.views));
+}
+
+#[test]
+fn a_latest_whose_topic_was_not_read_at_start_is_placed_by_it_at_the_take_over() {
+    let defs = defs();
+    let down = |_: &str, _: &str| Err("the broker does not answer".to_string());
+    let mut by_offset_wrong = 0;
+    for seed in [0x1a7e_5eed_u64, 0x2b0c_91f3, 0x3c4d_77a1] {
+        let all = batches(seed, 60);
+        let (fed, commits) = written(&defs, &all);
+        let (t, r) = start(
+            &defs,
+            Some(input_after(&defs, &all, all.len())),
+            Some(&down),
+        );
+        if last(&t) != last(&fed) {
+            by_offset_wrong += 1;
+        }
+        // this node takes the topic over and reads it, before its whole rewrite
+        r.views
+            .restore_unread("last", &content(&commits, "last", usize::MAX));
+        assert_eq!(last(&t), last(&fed), "seed {seed:#x}");
+        let restores = r.metrics.view_log_restores.with_label_values(&["last"]);
+        assert_eq!(restores.get(), 1);
+        // once only: a later take-over's read changes nothing
+        r.views
+            .restore_unread("last", &content(&commits, "last", 3));
+        assert_eq!((last(&t), restores.get()), (last(&fed), 1));
+    }
+    assert!(by_offset_wrong >= 1, "offsets alone get a group wrong");
 }

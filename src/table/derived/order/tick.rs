@@ -55,24 +55,37 @@ impl Views {
     }
 
     /// A `latest` view on which nothing was saved, at start: keeps what its topic holds (`read`:
-    /// `Ok(None)` no topic, `Err` not read) for its first recomputation. A content with a record
-    /// that could not be read, or a row of another definition, is not used (the rows are then
-    /// taken by offset).
+    /// `Ok(None)` no topic, `Err` not read: read when this node takes the topic over) for its
+    /// first recomputation.
     pub(in crate::table::derived) fn order_from_log(
         &self,
         view: &View,
         read: Result<Option<LogContent>, String>,
     ) {
-        let content = match read {
-            Ok(Some(c)) if c.records > 0 => c,
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(view = %view.def.name, error = %e, "the view's changelog topic could not be read; its rows are taken by input offset");
-                return;
+        match read {
+            Ok(Some(content)) => {
+                self.keep_order(view, &content);
             }
-        };
-        if !Self::usable_log(view, &content, "its rows are taken by input offset") {
-            return;
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(view = %view.def.name, error = %e, "the view's changelog topic could not be read; its rows are taken by input offset until this node takes the topic over");
+                if let Some(taken) = lock(&view.state).taken.as_mut() {
+                    taken.set_unread();
+                }
+            }
+        }
+    }
+
+    /// Keeps what `view`'s topic holds for its next recomputation ([`Taken::keep_records`]);
+    /// false when there is nothing to keep. A content with a record that could not be read, a
+    /// row of another definition, or no input positions, is not used (the rows are then taken
+    /// by offset).
+    pub(in crate::table::derived) fn keep_order(&self, view: &View, content: &LogContent) -> bool {
+        if content.records == 0 {
+            return false;
+        }
+        if !Self::usable_log(view, content, "its rows are taken by input offset") {
+            return false;
         }
         if content.rows.values().all(|(_, m, _)| m.upto.is_empty()) {
             tracing::warn!(
@@ -80,17 +93,18 @@ impl Views {
                 records = content.records,
                 "the view's changelog topic names no input positions (written by a livetable before 2026-12-07); its rows are taken by input offset"
             );
-            return;
+            return false;
         }
         let mut st = lock(&view.state);
         let Some(taken) = st.taken.as_mut() else {
-            return;
+            return false;
         };
-        let rows = taken.keep_records(&content);
+        let rows = taken.keep_records(content);
         self.metrics
             .view_log_restores
             .with_label_values(&[&view.def.name])
             .inc();
         tracing::info!(view = %view.def.name, rows, "view's order read from its changelog topic");
+        true
     }
 }

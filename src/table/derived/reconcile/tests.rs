@@ -358,6 +358,16 @@ fn a_partition_whose_offsets_restart_is_taken_again() {
     }
 }
 
+/// Makes `views` write their topics to a queue; returns its receiving end.
+fn writing(views: &Views) -> std::sync::mpsc::Receiver<Commit> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
+    views.set_log(tx);
+    for (_, flags, _) in views.log_views() {
+        flags.writes.store(true, Ordering::Release);
+    }
+    rx
+}
+
 #[test]
 fn a_delta_restored_ahead_of_its_input_does_not_bring_back_a_deleted_key() {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
@@ -369,26 +379,77 @@ fn a_delta_restored_ahead_of_its_input_does_not_bring_back_a_deleted_key() {
         vec![("pk".into(), None, 0, 4)],
         vec![("pa".into(), s("pa", 2), 0, 5)],
     ];
+    let (_, commits) = written(&defs, &all);
+    let logs = whole(&commits);
+    // then `pk` is created again, and must show
+    let again = vec![("pk".into(), s("pk", 9), 0, 6)];
+    let (fed, _) = written(&defs, &[all.clone(), vec![again.clone()]].concat());
+    let pk_in = |t: &Tables| rows_of(t, "moves").contains_key("pk");
+    // the input lost its last changes (kill -9) and reads them again, one at a time or in one
+    // update: the topic holds the delete of `pk`, so its re-read changes are not taken again
+    for (behind, whole_update) in [(1, false), (2, false), (3, false), (1, true), (2, true)] {
+        let what = format!("input at {behind}, in one update {whole_update}");
+        let (t, r) = start(&defs, Some(input_after(&defs, &all, behind)), Some(&logs));
+        let sent = writing(&r.views);
+        assert!(!pk_in(&t), "{what}: `pk` came back at start");
+        let rest: Vec<Vec<Change>> = if whole_update {
+            vec![all[behind..].concat()]
+        } else {
+            all[behind..].to_vec()
+        };
+        for (i, b) in rest.iter().enumerate() {
+            commit(&t, &*r.views, b);
+            assert!(!pk_in(&t), "{what}: `pk` came back after update {i}");
+        }
+        let pk_sent = sent
+            .try_iter()
+            .filter(|c| &*c.view == "moves")
+            .flat_map(|c| c.changes)
+            .filter(|(k, _, _)| k == "pk")
+            .count();
+        assert_eq!(pk_sent, 0, "{what}: nothing of `pk` was written");
+        commit(&t, &*r.views, &again);
+        assert_eq!(views_of(&t), views_of(&fed), "{what}");
+        assert_sent(&r, &t, &what);
+    }
+}
+
+#[test]
+fn a_deleted_key_the_input_may_read_again_is_kept_by_a_clean_stop_and_a_rewrite() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
+    let all: Vec<Vec<Change>> = vec![
+        vec![("pa".into(), s("pa", 1), 0, 1)],
+        vec![("pk".into(), s("pk", 5), 0, 2)],
+        vec![("pk".into(), s("pk", 7), 0, 3)],
+        vec![("pk".into(), None, 0, 4)],
+        vec![("pa".into(), s("pa", 2), 0, 5)],
+    ];
     let (fed, commits) = written(&defs, &all);
     let logs = whole(&commits);
-    // the input lost its last changes (kill -9) and reads them again: the topic holds the
-    // delete of `pk`, so its re-read changes are not taken again
-    for behind in 1..4 {
-        let (t, r) = start(&defs, Some(input_after(&defs, &all, behind)), Some(&logs));
-        let none = |when: &str| {
-            assert!(
-                !rows_of(&t, "moves").contains_key("pk"),
-                "input at {behind}: `pk` came back {when}"
-            );
-        };
-        none("at start");
-        for (i, b) in all[behind..].iter().enumerate() {
-            commit(&t, &*r.views, b);
-            none(&format!("after batch {}", behind + i));
-        }
-        assert_eq!(views_of(&t), views_of(&fed), "input at {behind}");
-        assert_sent(&r, &t, &format!("input at {behind}"));
+    let (t, r) = start(&defs, Some(input_after(&defs, &all, 1)), Some(&logs));
+    commit(&t, &*r.views, &all[1]);
+    // a clean stop there, and a start from what it saved
+    let saved: HashMap<String, Vec<u8>> = r.views.save().into_iter().collect();
+    assert!(saved.contains_key("moves"));
+    let t2 = Arc::new(Tables::default());
+    t2.insert(t.get("scores").unwrap().read().clone());
+    let r2 = super::super::tests::run(&defs, &t2, &saved);
+    // its whole rewrite, read back by a node that restores from it
+    let (_, _, rewrite) = r2.views.log_snapshot("moves").unwrap();
+    let pk = rewrite.iter().find(|(k, _, _)| k == "pk");
+    assert!(
+        pk.is_some_and(|(_, row, mark)| row.is_none() && mark.at == Some((0, 4))),
+        "the rewrite's tombstone names the delete: {pk:?}"
+    );
+    for b in &all[2..] {
+        commit(&t2, &*r2.views, b);
+        assert!(
+            !rows_of(&t2, "moves").contains_key("pk"),
+            "after a clean stop"
+        );
     }
+    assert_eq!(views_of(&t2), views_of(&fed));
 }
 
 #[test]
