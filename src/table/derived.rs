@@ -163,6 +163,10 @@ struct SavedView {
     /// in the input's lineage.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     gone: Vec<(String, u32, i64)>,
+    /// Views that track their input rows: the keys held ahead of the input that it lacks
+    /// (`reconcile::Tracked::pending`), in the input's lineage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending: Vec<(String, u32, i64)>,
 }
 
 /// What a saved state depends on: the input and the operator with its options (not the line);
@@ -477,6 +481,7 @@ impl Views {
             }
             tr.seen = reconcile::Seen::lineage(saved.seen, &f.epoch);
             tr.gone = reconcile::Seen::lineage(saved.gone, &f.epoch);
+            tr.pending = reconcile::Seen::lineage(saved.pending, &f.epoch);
         }
         st.fed = fed;
         st.pos = pos;
@@ -553,6 +558,13 @@ impl Views {
             }
             let mut events_next: Vec<(i32, i64)> = positions.into_iter().collect();
             events_next.sort_unstable();
+            // a tracked view's positions of the input's lineage
+            let tracked = |of: fn(&reconcile::Tracked) -> &HashMap<String, reconcile::Seen>| match (
+                &st.track, &st.fed,
+            ) {
+                (Some(tr), Some(f)) => reconcile::Seen::of_lineage(of(tr), &f.epoch),
+                _ => Vec::new(),
+            };
             let saved = SavedView {
                 def: fingerprint(&view.def),
                 input,
@@ -560,14 +572,9 @@ impl Views {
                 rows,
                 events_next,
                 source: self.sources.get(&view.def.from).cloned(),
-                seen: match (&st.track, &st.fed) {
-                    (Some(tr), Some(f)) => reconcile::Seen::of_lineage(&tr.seen, &f.epoch),
-                    _ => Vec::new(),
-                },
-                gone: match (&st.track, &st.fed) {
-                    (Some(tr), Some(f)) => reconcile::Seen::of_lineage(&tr.gone, &f.epoch),
-                    _ => Vec::new(),
-                },
+                seen: tracked(|tr| &tr.seen),
+                gone: tracked(|tr| &tr.gone),
+                pending: tracked(|tr| &tr.pending),
             };
             if let Ok(bytes) = serde_json::to_vec(&saved) {
                 out.push((view.def.name.clone(), bytes));

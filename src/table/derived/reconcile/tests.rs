@@ -591,6 +591,34 @@ fn a_waiting_key_of_a_partition_whose_offsets_restart_is_deleted() {
     assert!(!rows_of(&t, "moves").contains_key("pk"));
 }
 
+#[test]
+fn a_waiting_key_waits_on_through_a_clean_stop() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
+    let j = |n: i64| Some(row(json!({"player": "pj", "score": n})));
+    let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
+    // the input has not read offset 50 of partition 0 yet: `pk` waits
+    let logs = whole(&commits);
+    let mut input = TableState::new("scores", "e1", "game.scores", 2);
+    input.slice_mut(0).last_off = 10;
+    let (t, r) = start(&defs, Some(input), Some(&logs));
+    commit(&t, &*r.views, &[("pj".into(), j(1), 0, 11)]);
+    // a clean stop there, and a start from what it saved
+    let saved: HashMap<String, Vec<u8>> = r.views.save().into_iter().collect();
+    assert!(saved.contains_key("moves"));
+    let t2 = Arc::new(Tables::default());
+    t2.insert(t.get("scores").unwrap().read().clone());
+    let r2 = super::super::tests::run(&defs, &t2, &saved);
+    assert!(rows_of(&t2, "moves").contains_key("pk"));
+    // the input passes offset 50 without `pk`: it goes
+    commit(&t2, &*r2.views, &[("pj".into(), j(2), 0, 60)]);
+    assert!(!rows_of(&t2, "moves").contains_key("pk"));
+    assert_eq!(
+        rows_of(&t2, "hist")["pk"]["history"],
+        json!([{"score": 5}, null])
+    );
+}
+
 const TEAMS: &str = r#"
 [views.teams]
 from = "scores"
