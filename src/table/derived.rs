@@ -499,12 +499,18 @@ impl Views {
         for view in self.by_input.values().flatten() {
             let st = lock(&view.state);
             if st.skip.is_some()
-                || st.track.as_ref().is_some_and(|t| !t.groups.is_empty())
-                || st.taken.as_ref().is_some_and(order::Taken::has_records)
+                || st
+                    .track
+                    .as_ref()
+                    .is_some_and(|t| !t.groups.is_empty() || t.unread)
+                || st
+                    .taken
+                    .as_ref()
+                    .is_some_and(|t| t.has_records() || t.is_unread())
             {
                 // restored from its topic and still reading past events (or changes) again:
-                // its rows are ahead of any one position (the next start restores it from the
-                // topic again)
+                // its rows are ahead of any one position; or its topic not read yet, so its
+                // rows lack what the topic holds (the next start reads the topic again)
                 continue;
             }
             let input = match (&st.fed, view.def.input) {

@@ -202,6 +202,19 @@ impl Taken {
         std::mem::take(&mut self.unread)
     }
 
+    /// Whether the view's topic could not be read at start and was not since.
+    pub fn is_unread(&self) -> bool {
+        self.unread
+    }
+
+    /// Starts the no-move clock of the records kept now (read at a take-over: the input has
+    /// been running, so it does not wait for the input's next update).
+    pub fn records_clock_from_now(&mut self) {
+        if let Some(r) = self.records.as_mut() {
+            r.progress = Some(Instant::now());
+        }
+    }
+
     /// Whether records read from the view's topic are kept.
     pub fn has_records(&self) -> bool {
         self.records.is_some()

@@ -206,14 +206,23 @@ impl Tracked {
         });
     }
 
-    /// A `delta`'s key whose row goes without an input change of it (the input lacks the key):
-    /// its tombstone names the last change the row held.
-    fn forget(&mut self, key: &str) {
-        if !self.forget_deleted {
+    /// A key taken as deleted without an input change of it (the input `t` lacks the key): its
+    /// row holds the input's position in its partition (every change of the key up to there
+    /// is followed by its delete, which the input reads again after it), or the last change
+    /// it held when that is further (or of another lineage). A `delta`'s row goes: its
+    /// tombstone names it ([`Tracked::gone`]).
+    fn forget(&mut self, key: &str, t: &TableState) {
+        let Some(s) = self.seen.get_mut(key) else {
             return;
+        };
+        if *s.epoch == *t.epoch {
+            let read = t.slices.get(s.part as usize).map_or(-1, |sl| sl.last_off);
+            s.off = s.off.max(read);
         }
-        if let Some(s) = self.seen.remove(key) {
-            self.gone.insert(key.to_string(), s);
+        if self.forget_deleted {
+            if let Some(s) = self.seen.remove(key) {
+                self.gone.insert(key.to_string(), s);
+            }
         }
     }
 
@@ -376,7 +385,7 @@ impl Tracked {
         for key in keys {
             if !t.rows.contains_key(&key) {
                 out.extend(op.apply_change(&key, None, None));
-                self.forget(&key);
+                self.forget(&key, t);
             }
         }
     }
@@ -482,7 +491,7 @@ impl Views {
                 tr.pending.remove(&key);
                 if !t.rows.contains_key(&key) {
                     out.extend(op.apply_change(&key, None, None));
-                    tr.forget(&key);
+                    tr.forget(&key, &t);
                 }
             }
         }
@@ -567,7 +576,7 @@ impl Views {
                 }
                 tr.pending.remove(&key);
                 out.extend(op.apply_change(&key, None, None));
-                tr.forget(&key);
+                tr.forget(&key, &t);
             }
             if let Some(u) = update {
                 let mut keys: Vec<(&str, &AppliedChange)> = first.into_iter().collect();
@@ -739,6 +748,9 @@ impl Views {
             if tracked {
                 self.reconcile(view, &mut st, input, None);
             } else {
+                if let Some(taken) = st.taken.as_mut() {
+                    taken.records_clock_from_now();
+                }
                 self.rebuild(view, &mut st, input, None);
             }
         }

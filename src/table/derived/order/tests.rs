@@ -372,10 +372,16 @@ fn a_latest_whose_topic_was_not_read_at_start_is_placed_by_it_at_the_take_over()
         if last(&t) != last(&fed) {
             by_offset_wrong += 1;
         }
+        let saved = |views: &Views| views.save().iter().any(|(n, _)| n == "last");
+        assert!(
+            !saved(&r.views),
+            "a clean stop saves nothing the topic would not give"
+        );
         // this node takes the topic over and reads it, before its whole rewrite
         r.views
             .restore_unread("last", &content(&commits, "last", usize::MAX));
         assert_eq!(last(&t), last(&fed), "seed {seed:#x}");
+        assert!(saved(&r.views) && r.views.log_snapshot("last").is_some());
         let restores = r.metrics.view_log_restores.with_label_values(&["last"]);
         assert_eq!(restores.get(), 1);
         // once only: a later take-over's read changes nothing

@@ -62,6 +62,10 @@ struct Writing {
     topic: String,
     /// Keys the topic holds a row for (as far as this writer sent).
     present: HashSet<String>,
+    /// Tombstones read at the take-over whose mark names the change their key went with (a
+    /// delta's, `table::derived`'s `reconcile.rs`): a whole rewrite sends them again with that
+    /// mark, not the view's (until this writer sends the key again).
+    tombs: HashMap<String, Arc<Mark>>,
     /// Commits up to this view position are in the last whole rewrite.
     synced: i64,
     /// The generation of this writing: a whole rewrite starts the next one ([`acks`]).
@@ -72,6 +76,8 @@ struct Writing {
     /// restore reads the floor of the topic's last record).
     floor_sent: Option<Arc<Mark>>,
     last_key: Option<String>,
+    /// The mark of that record (a tombstone is sent again with it).
+    last_mark: Option<Arc<Mark>>,
     last_sent: Instant,
 }
 
@@ -483,6 +489,12 @@ impl ViewLogWriter {
         // tombstones included: a key the topic deleted is sent its tombstone again if a rewrite
         // finds it gone (harmless), and a tombstone another writer had in flight is not lost
         let present = content.rows.keys().cloned().collect();
+        let tombs = content
+            .rows
+            .iter()
+            .filter(|(_, (row, mark, _))| row.is_none() && mark.at.is_some())
+            .map(|(k, (_, mark, _))| (k.clone(), mark.clone()))
+            .collect();
         if let Some(f) = shared.flags.get(view) {
             // writes first, then the rewrite's snapshot: a commit between the two is in both
             // and dropped from the queue as older than the rewrite
@@ -502,11 +514,13 @@ impl ViewLogWriter {
         Some(Writing {
             topic: topic.to_string(),
             present,
+            tombs,
             synced: i64::MIN,
             gen,
             last_rewrite: None,
             floor_sent: None,
             last_key: None,
+            last_mark: None,
             last_sent: Instant::now(),
         })
     }
@@ -531,9 +545,16 @@ impl ViewLogWriter {
         if floor.as_deref() == w.floor_sent.as_deref() {
             return;
         }
-        let Some(change) = self.views.log_row(view, &key) else {
+        let Some(mut change) = self.views.log_row(view, &key) else {
             return;
         };
+        if change.1.is_none() {
+            // a tombstone: with the mark it was sent with (a delta's names the change its key
+            // went with, which the view may have forgotten since)
+            if let Some(m) = &w.last_mark {
+                change.2 = m.clone();
+            }
+        }
         let view: Arc<str> = view.into();
         self.send(&view, def, w, change, None, producer, shared);
     }
@@ -556,21 +577,11 @@ impl ViewLogWriter {
             }
             return;
         };
-        let keys: HashSet<&String> = rows.iter().map(|(k, _, _)| k).collect();
         let unacked: Vec<String> = lock(&shared.acked)
             .get(view)
             .map(|a| a.gone_unacked.iter().cloned().collect())
             .unwrap_or_default();
-        let mut gone: Vec<LogChange> = w
-            .present
-            .iter()
-            .chain(unacked.iter())
-            .filter(|k| !keys.contains(k))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .map(|k| (k.clone(), None, base.clone()))
-            .collect();
-        gone.sort_by(|a, b| a.0.cmp(&b.0));
+        let gone = tombstones(&rows, w, &unacked, &base);
         let mut all = rows;
         all.extend(gone);
         if all.is_empty() {
@@ -714,9 +725,41 @@ impl ViewLogWriter {
         } else {
             w.present.remove(&key);
         }
+        w.tombs.remove(&key);
         w.floor_sent = floor_mark;
+        w.last_mark = Some(mark);
         w.last_key = Some(key);
         w.last_sent = Instant::now();
         true
     }
 }
+
+/// The tombstones of a whole rewrite whose rows are `rows`: one for each key the topic holds (as
+/// far as `w` knows) or whose tombstone was not acknowledged (`unacked`) that `rows` lacks, with
+/// the view's mark `base`, or the mark a tombstone read at the take-over had when it names the
+/// change its key went with.
+fn tombstones(
+    rows: &[LogChange],
+    w: &Writing,
+    unacked: &[String],
+    base: &Arc<Mark>,
+) -> Vec<LogChange> {
+    let keys: HashSet<&String> = rows.iter().map(|(k, _, _)| k).collect();
+    let mut gone: Vec<LogChange> = w
+        .present
+        .iter()
+        .chain(unacked.iter())
+        .filter(|k| !keys.contains(k))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .map(|k| {
+            let mark = w.tombs.get(k).unwrap_or(base).clone();
+            (k.clone(), None, mark)
+        })
+        .collect();
+    gone.sort_by(|a, b| a.0.cmp(&b.0));
+    gone
+}
+
+#[cfg(test)]
+mod tests;
