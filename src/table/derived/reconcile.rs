@@ -207,16 +207,23 @@ impl Tracked {
     }
 
     /// A key taken as deleted without an input change of it (the input `t` lacks the key): its
-    /// row holds the input's position in its partition (every change of the key up to there
-    /// is followed by its delete, which the input reads again after it), or the last change
-    /// it held when that is further (or of another lineage). A `delta`'s row goes: its
-    /// tombstone names it ([`Tracked::gone`]).
+    /// row holds the input's delete of it when the input's slice names it (a delete newer than
+    /// what its changelog acknowledged), else the slice's acknowledged position (every change
+    /// up to there is in the input's changelog, so a new owner fills no gap below it: the
+    /// changes of the key up to there are followed by its delete), or the last change it held
+    /// when that is further (or of another lineage). A `delta`'s row goes: its tombstone names
+    /// it ([`Tracked::gone`]).
     fn forget(&mut self, key: &str, t: &TableState) {
         let Some(s) = self.seen.get_mut(key) else {
             return;
         };
         if *s.epoch == *t.epoch {
-            let read = t.slices.get(s.part as usize).map_or(-1, |sl| sl.last_off);
+            let read = t.slices.get(s.part as usize).map_or(-1, |sl| {
+                sl.tombs
+                    .get(key)
+                    .copied()
+                    .unwrap_or(sl.acked.min(sl.last_off))
+            });
             s.off = s.off.max(read);
         }
         if self.forget_deleted {

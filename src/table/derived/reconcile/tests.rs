@@ -516,6 +516,39 @@ fn a_key_deleted_because_the_input_lacks_it_names_how_far_the_input_had_read() {
 }
 
 #[test]
+fn a_key_deleted_because_the_input_lacks_it_takes_a_change_a_new_owner_fills_in() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
+    let all: Vec<Vec<Change>> = vec![
+        vec![("pk".into(), s("pk", 5), 0, 5)],
+        vec![("pk".into(), None, 0, 7)],
+        vec![("pk".into(), s("pk", 9), 0, 9)],
+        vec![("pl".into(), s("pl", 1), 0, 10)],
+    ];
+    let (fed, _) = written(&defs, &all);
+    // the topic holds `pk` at 5; the input was handed over with its changelog acknowledged up
+    // to 6: it holds the delete at 7 and `pl` at 10, not `pk`'s change at 9 (its former owner
+    // applied it, its changelog lost it), which it fills in later
+    let (_, commits) = written(&defs, &all[..1]);
+    let mut input = input_after(&defs, &[&all[..2], &all[3..]].concat(), 3);
+    let slice = input.slice_mut(0);
+    slice.acked = 6;
+    slice.tombs = HashMap::from([("pk".to_string(), 7)]);
+    let (t, r) = start(&defs, Some(input), Some(&whole(&commits)));
+    assert!(!rows_of(&t, "moves").contains_key("pk"));
+    commit(&t, &*r.views, &all[2]);
+    assert_eq!(
+        rows_of(&t, "moves").get("pk"),
+        rows_of(&fed, "moves").get("pk"),
+        "the change filled in below the input's position is taken"
+    );
+    assert_eq!(
+        rows_of(&t, "hist")["pk"]["history"],
+        json!([{"score": 5}, null, {"score": 9}])
+    );
+}
+
+#[test]
 fn a_tracked_view_of_a_tracked_view_is_restored_too() {
     let defs = ViewsFile::parse(
         "[views.moves]\nfrom = \"scores\"\ndelta = { columns = [\"score\"] }\n\n\

@@ -7,7 +7,7 @@
 //! mended only by the next whole rewrite (which writes every row again, and a tombstone for every
 //! key whose tombstone was not acknowledged), so the floor waits for that rewrite.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,8 +32,9 @@ pub struct Acked {
     pub floor: Option<Arc<Mark>>,
     /// The highest generation in which a record failed.
     pub failed: Option<u64>,
-    /// Keys whose tombstone was sent and not yet acknowledged: a rewrite sends them again.
-    pub gone_unacked: HashSet<String>,
+    /// Keys whose tombstone was sent and not yet acknowledged, with its mark: a rewrite sends
+    /// them again (with it: a delta's names the change its key went with).
+    pub gone_unacked: HashMap<String, Arc<Mark>>,
     /// The writing generation this tenure started with (its take-over): only its records'
     /// offsets are compared.
     pub since_gen: u64,
@@ -65,14 +66,14 @@ impl Shared {
 
     /// A record of `view` in generation `gen` failed; unless `permanent` (it can never be
     /// written: a rewrite would fail again), the view is written whole again.
-    pub fn failed(&self, view: &str, gen: u64, permanent: bool, gone: Option<&str>) {
+    pub fn failed(&self, view: &str, gen: u64, permanent: bool, gone: Option<(&str, &Arc<Mark>)>) {
         let mut all = lock(&self.acked);
         let a = all.entry(view.to_string()).or_default();
         a.failed = Some(a.failed.map_or(gen, |f| f.max(gen)));
         // a failed tombstone is sent again by the next rewrite (an earlier tombstone of the key
         // acknowledged meanwhile took it out of the set)
-        if let Some(k) = gone {
-            a.gone_unacked.insert(k.to_string());
+        if let Some((k, mark)) = gone {
+            a.gone_unacked.insert(k.to_string(), mark.clone());
         }
         if !permanent {
             if let Some(f) = self.flags.get(view) {
@@ -106,7 +107,7 @@ impl Shared {
             }
             a.last_offset = Some(offset);
         }
-        if let Some(k) = &ack.gone {
+        if let Some((k, _)) = &ack.gone {
             a.gone_unacked.remove(k);
         }
         if let Some(mark) = &ack.last {
@@ -127,8 +128,8 @@ pub struct Ack {
     pub gen: u64,
     /// On the last record of a commit or rewrite: its base (the floor once acknowledged).
     pub last: Option<Arc<Mark>>,
-    /// A tombstone's key.
-    pub gone: Option<String>,
+    /// A tombstone's key, with its mark.
+    pub gone: Option<(String, Arc<Mark>)>,
     /// The generation of the producer that sent it.
     pub producer_gen: u64,
 }
@@ -165,8 +166,12 @@ impl ProducerContext for ProducerCtx {
                 self.0.fenced.store(true, Ordering::Release);
             }
             let permanent = is_permanent(e);
-            self.0
-                .failed(&ack.view, ack.gen, permanent, ack.gone.as_deref());
+            self.0.failed(
+                &ack.view,
+                ack.gen,
+                permanent,
+                ack.gone.as_ref().map(|(k, m)| (k.as_str(), m)),
+            );
             if source::throttled("view-log-delivery", Duration::from_secs(10)) {
                 tracing::warn!(view = %ack.view, error = %e, permanent, "a view's changelog record was not delivered (a record too large is left out; otherwise the view is written whole again)");
             }
@@ -276,28 +281,39 @@ mod tests {
     #[test]
     fn an_acknowledged_tombstone_is_not_sent_again() {
         let s = shared();
+        let mark = Arc::new(Mark {
+            at: Some((0, 4)),
+            ..Mark::default()
+        });
         lock(&s.acked)
             .entry("v".into())
             .or_default()
             .gone_unacked
-            .extend(["a".to_string(), "b".to_string()]);
+            .extend([
+                ("a".to_string(), mark.clone()),
+                ("b".to_string(), mark.clone()),
+            ]);
         s.delivered(
             &Ack {
                 view: "v".into(),
                 gen: 1,
                 last: None,
-                gone: Some("a".into()),
+                gone: Some(("a".into(), mark.clone())),
                 producer_gen: 0,
             },
             0,
         );
-        assert_eq!(
-            lock(&s.acked)["v"].gone_unacked,
-            HashSet::from(["b".to_string()])
-        );
-        // a later tombstone of `a` fails after the earlier one was acknowledged: sent again
-        s.failed("v", 1, false, Some("a"));
-        assert!(lock(&s.acked)["v"].gone_unacked.contains("a"));
+        let unacked = |s: &Shared| {
+            let mut keys: Vec<String> = lock(&s.acked)["v"].gone_unacked.keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(unacked(&s), ["b"]);
+        // a later tombstone of `a` fails after the earlier one was acknowledged: sent again,
+        // with its mark
+        s.failed("v", 1, false, Some(("a", &mark)));
+        assert_eq!(unacked(&s), ["a", "b"]);
+        assert_eq!(lock(&s.acked)["v"].gone_unacked["a"].at, Some((0, 4)));
     }
 
     #[test]

@@ -76,8 +76,8 @@ struct Writing {
     /// restore reads the floor of the topic's last record).
     floor_sent: Option<Arc<Mark>>,
     last_key: Option<String>,
-    /// The mark of that record (a tombstone is sent again with it).
-    last_mark: Option<Arc<Mark>>,
+    /// When that record was a tombstone, its mark (it is sent again with it).
+    last_tomb: Option<Arc<Mark>>,
     last_sent: Instant,
 }
 
@@ -492,7 +492,9 @@ impl ViewLogWriter {
         let tombs = content
             .rows
             .iter()
-            .filter(|(_, (row, mark, _))| row.is_none() && mark.at.is_some())
+            .filter(|(k, (row, mark, _))| {
+                row.is_none() && mark.at.is_some() && !content.other_def.contains(*k)
+            })
             .map(|(k, (_, mark, _))| (k.clone(), mark.clone()))
             .collect();
         if let Some(f) = shared.flags.get(view) {
@@ -520,7 +522,7 @@ impl ViewLogWriter {
             last_rewrite: None,
             floor_sent: None,
             last_key: None,
-            last_mark: None,
+            last_tomb: None,
             last_sent: Instant::now(),
         })
     }
@@ -548,12 +550,10 @@ impl ViewLogWriter {
         let Some(mut change) = self.views.log_row(view, &key) else {
             return;
         };
-        if change.1.is_none() {
-            // a tombstone: with the mark it was sent with (a delta's names the change its key
-            // went with, which the view may have forgotten since)
-            if let Some(m) = &w.last_mark {
-                change.2 = m.clone();
-            }
+        if let (None, Some(m)) = (&change.1, &w.last_tomb) {
+            // a tombstone again: with the mark it was sent with (a delta's names the change
+            // its key went with, which the view may have forgotten since)
+            change.2 = m.clone();
         }
         let view: Arc<str> = view.into();
         self.send(&view, def, w, change, None, producer, shared);
@@ -577,9 +577,9 @@ impl ViewLogWriter {
             }
             return;
         };
-        let unacked: Vec<String> = lock(&shared.acked)
+        let unacked: HashMap<String, Arc<Mark>> = lock(&shared.acked)
             .get(view)
-            .map(|a| a.gone_unacked.iter().cloned().collect())
+            .map(|a| a.gone_unacked.clone())
             .unwrap_or_default();
         let gone = tombstones(&rows, w, &unacked, &base);
         let mut all = rows;
@@ -669,13 +669,13 @@ impl ViewLogWriter {
                 value: Some(f.as_bytes()),
             });
         }
-        let gone = value.is_none().then(|| key.clone());
-        if let Some(k) = &gone {
+        let gone = value.is_none().then(|| (key.clone(), mark.clone()));
+        if let Some((k, m)) = &gone {
             lock(&shared.acked)
                 .entry(view.to_string())
                 .or_default()
                 .gone_unacked
-                .insert(k.clone());
+                .insert(k.clone(), m.clone());
         }
         let mut ack = Box::new(Ack {
             view: view.clone(),
@@ -711,7 +711,7 @@ impl ViewLogWriter {
                         view,
                         w.gen,
                         permanent,
-                        value.is_none().then_some(key.as_str()),
+                        value.is_none().then_some((key.as_str(), &mark)),
                     );
                     if source::throttled("view-log-produce", Duration::from_secs(10)) {
                         tracing::warn!(view = %view, key, error = %e, permanent, "a view's changelog record could not be produced (a record too large is left out; otherwise the view is written whole again)");
@@ -727,7 +727,7 @@ impl ViewLogWriter {
         }
         w.tombs.remove(&key);
         w.floor_sent = floor_mark;
-        w.last_mark = Some(mark);
+        w.last_tomb = value.is_none().then_some(mark);
         w.last_key = Some(key);
         w.last_sent = Instant::now();
         true
@@ -735,27 +735,26 @@ impl ViewLogWriter {
 }
 
 /// The tombstones of a whole rewrite whose rows are `rows`: one for each key the topic holds (as
-/// far as `w` knows) or whose tombstone was not acknowledged (`unacked`) that `rows` lacks, with
-/// the view's mark `base`, or the mark a tombstone read at the take-over had when it names the
-/// change its key went with.
+/// far as `w` knows) or whose tombstone was not acknowledged (`unacked`, with the mark it was
+/// sent with) that `rows` lacks. Each has the mark its last tombstone had when known (sent, or
+/// read at the take-over naming the change its key went with), else the view's mark `base`.
 fn tombstones(
     rows: &[LogChange],
     w: &Writing,
-    unacked: &[String],
+    unacked: &HashMap<String, Arc<Mark>>,
     base: &Arc<Mark>,
 ) -> Vec<LogChange> {
     let keys: HashSet<&String> = rows.iter().map(|(k, _, _)| k).collect();
-    let mut gone: Vec<LogChange> = w
-        .present
-        .iter()
-        .chain(unacked.iter())
-        .filter(|k| !keys.contains(k))
-        .collect::<HashSet<_>>()
+    let mut marks: HashMap<&String, &Arc<Mark>> = HashMap::new();
+    for k in w.present.iter().filter(|k| !keys.contains(k)) {
+        marks.insert(k, w.tombs.get(k).unwrap_or(base));
+    }
+    for (k, m) in unacked.iter().filter(|(k, _)| !keys.contains(k)) {
+        marks.insert(k, m);
+    }
+    let mut gone: Vec<LogChange> = marks
         .into_iter()
-        .map(|k| {
-            let mark = w.tombs.get(k).unwrap_or(base).clone();
-            (k.clone(), None, mark)
-        })
+        .map(|(k, m)| (k.clone(), None, m.clone()))
         .collect();
     gone.sort_by(|a, b| a.0.cmp(&b.0));
     gone
