@@ -550,9 +550,9 @@ impl ViewLogWriter {
         let Some(mut change) = self.views.log_row(view, &key) else {
             return;
         };
-        if let (None, Some(m)) = (&change.1, &w.last_tomb) {
-            // a tombstone again: with the mark it was sent with (a delta's names the change
-            // its key went with, which the view may have forgotten since)
+        if let (None, None, Some(m)) = (&change.1, change.2.at, &w.last_tomb) {
+            // a tombstone again: with the mark it was sent with when the view no longer names
+            // the change its key went with (a delta's, forgotten once the input passed it)
             change.2 = m.clone();
         }
         let view: Arc<str> = view.into();
