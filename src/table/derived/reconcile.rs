@@ -26,11 +26,10 @@
 //!   For each input row: a view that already took that change (same lineage, partition, offset
 //!   at or past the row's) takes nothing; else it takes the current row as a change (a history
 //!   gets it as its next entry, a delta moves from the value it last had). For each row of the
-//!   view whose input key the input does not have: the view takes a delete, unless the input has
-//!   not provably passed the change it holds (it did not delete the key at or after it, and its
-//!   changelog is not acknowledged up to it: the input reads it again, has not read that far,
-//!   or a new owner fills it in below its position; [`passed_without`]): then the key waits
-//!   until it has, and is deleted then if the input still lacks it. When an update triggers it, the keys that update
+//!   view whose input key the input does not have: the view takes a delete, unless the change it
+//!   holds is past the input's position in that partition (the input reads it again, or has not
+//!   read that far): then the key waits until the input's position there reaches it, and is
+//!   deleted then if the input still lacks it. When an update triggers it, the keys that update
 //!   changed are brought up to their row before its first change of them, then take its
 //!   changes one by one.
 //! - **Unread.** A topic that could not be read at start is read when this node takes it over:
@@ -207,16 +206,25 @@ impl Tracked {
         });
     }
 
-    /// A key taken as deleted without an input change of it (the input `t` lacks the key, see
-    /// [`passed_without`]): its row holds how far the input provably passed it, or the last
-    /// change it held when that is further (or of another lineage). A `delta`'s row goes: its
-    /// tombstone names it ([`Tracked::gone`]).
+    /// A key taken as deleted without an input change of it (the input `t` lacks the key): its
+    /// row holds the input's delete of it when the input's slice names it (a delete newer than
+    /// what its changelog acknowledged), else the slice's acknowledged position (every change
+    /// up to there is in the input's changelog, so a new owner fills no gap below it: the
+    /// changes of the key up to there are followed by its delete), or the last change it held
+    /// when that is further (or of another lineage). A `delta`'s row goes: its tombstone names
+    /// it ([`Tracked::gone`]).
     fn forget(&mut self, key: &str, t: &TableState) {
         let Some(s) = self.seen.get_mut(key) else {
             return;
         };
         if *s.epoch == *t.epoch {
-            s.off = s.off.max(passed_to(t, key, s.part));
+            let read = t.slices.get(s.part as usize).map_or(-1, |sl| {
+                sl.tombs
+                    .get(key)
+                    .copied()
+                    .unwrap_or(sl.acked.min(sl.last_off))
+            });
+            s.off = s.off.max(read);
         }
         if self.forget_deleted {
             if let Some(s) = self.seen.remove(key) {
@@ -449,26 +457,6 @@ impl Tracked {
     }
 }
 
-/// How far the input `t` provably passed input key `key` in partition `part` without keeping
-/// it: its delete of the key when its slice names it (a delete newer than what its changelog
-/// acknowledged), else the slice's acknowledged position (every change up to there is in the
-/// input's changelog, so no gap a new owner fills lies below it).
-fn passed_to(t: &TableState, key: &str, part: u32) -> i64 {
-    t.slices.get(part as usize).map_or(-1, |sl| {
-        sl.tombs
-            .get(key)
-            .copied()
-            .unwrap_or(sl.acked.min(sl.last_off))
-    })
-}
-
-/// Whether the input `t`, which lacks `key`, passed the change `s` of it (then the view takes
-/// the key as deleted; else the input has not read that far, or a new owner fills that change
-/// in below its position, and the key waits).
-fn passed_without(t: &TableState, key: &str, s: &Seen) -> bool {
-    passed_to(t, key, s.part) >= s.off
-}
-
 impl Views {
     /// The output of `update` for a tracked view that follows its input: the changes its rows
     /// do not hold, then the deletes of waiting keys the input's position passed without them.
@@ -496,9 +484,12 @@ impl Views {
             let mut passed: Vec<String> = tr
                 .pending
                 .iter()
-                .filter(|(k, s)| {
+                .filter(|(_, s)| {
                     *s.epoch != *t.epoch
-                        || (parts.contains(&s.part) && passed_without(&t, k.as_str(), s))
+                        || (parts.contains(&s.part)
+                            && t.slices
+                                .get(s.part as usize)
+                                .is_some_and(|sl| sl.last_off >= s.off))
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
@@ -583,9 +574,9 @@ impl Views {
             missing.sort_unstable();
             for key in missing {
                 if let Some(s) = tr.seen.get(&key) {
-                    if *s.epoch == *t.epoch && !passed_without(&t, &key, s) {
-                        // the input has not read that far here, or a new owner fills that
-                        // change in below its position: wait for it
+                    let last = t.slices.get(s.part as usize).map_or(-1, |s| s.last_off);
+                    if *s.epoch == *t.epoch && s.off > last {
+                        // the input has not read that far here: wait for it
                         tr.pending.insert(key, s.clone());
                         continue;
                     }

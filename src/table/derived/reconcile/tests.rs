@@ -549,33 +549,6 @@ fn a_key_deleted_because_the_input_lacks_it_takes_a_change_a_new_owner_fills_in(
 }
 
 #[test]
-fn a_key_whose_change_a_new_owner_fills_in_waits_for_it() {
-    let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
-    let all: Vec<Vec<Change>> = vec![
-        vec![("pk".into(), s("pk", 5), 0, 5)],
-        vec![("pk".into(), None, 0, 7)],
-        vec![("pk".into(), s("pk", 9), 0, 9)],
-        vec![("pl".into(), s("pl", 1), 0, 10)],
-    ];
-    let (fed, commits) = written(&defs, &all);
-    // the topic holds `pk` at 9; the input was handed over with its changelog acknowledged up
-    // to 6: it holds the delete at 7 and `pl` at 10, not `pk`'s change at 9, which it fills in
-    let mut input = input_after(&defs, &[&all[..2], &all[3..]].concat(), 3);
-    let slice = input.slice_mut(0);
-    slice.acked = 6;
-    slice.tombs = HashMap::from([("pk".to_string(), 7)]);
-    let (t, r) = start(&defs, Some(input), Some(&whole(&commits)));
-    assert!(
-        rows_of(&t, "moves").contains_key("pk"),
-        "waits for the change filled in"
-    );
-    commit(&t, &*r.views, &all[2]);
-    assert_eq!(views_of(&t), views_of(&fed));
-    assert_sent(&r, &t, "filled in");
-}
-
-#[test]
 fn a_tracked_view_of_a_tracked_view_is_restored_too() {
     let defs = ViewsFile::parse(
         "[views.moves]\nfrom = \"scores\"\ndelta = { columns = [\"score\"] }\n\n\
@@ -733,11 +706,7 @@ fn a_waiting_key_waits_on_through_a_clean_stop() {
     t2.insert(t.get("scores").unwrap().read().clone());
     let r2 = super::super::tests::run(&defs, &t2, &saved);
     assert!(rows_of(&t2, "moves").contains_key("pk"));
-    // the input passes offset 50 without `pk`, its changelog acknowledged past it (no gap a
-    // new owner fills in is below): it goes
-    t2.get("scores")
-        .unwrap()
-        .update_slices(|s| s.slice_mut(0).raise_acked(59));
+    // the input passes offset 50 without `pk`: it goes
     commit(&t2, &*r2.views, &[("pj".into(), j(2), 0, 60)]);
     assert!(!rows_of(&t2, "moves").contains_key("pk"));
     assert_eq!(
