@@ -156,7 +156,7 @@ pub(in crate::table::derived) fn restore_in_chunks(
 }
 
 /// Makes `views` write their topics to a queue; returns its receiving end.
-fn writing(views: &Views) -> Receiver<Commit> {
+pub(in crate::table::derived) fn writing(views: &Views) -> Receiver<Commit> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
     views.set_log(tx);
     for (_, flags, _) in views.log_views() {

@@ -2,11 +2,11 @@
 //! with an input that is at, behind or ahead of the topic, against views fed every change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde_json::json;
 
+use super::super::order::tests::writing;
 use super::super::tests::{commit, row, rows_of, run_with_logs, Change, Rng, Run};
 use crate::cdc::decode::Row;
 use crate::table::derived::Views;
@@ -165,11 +165,7 @@ fn tracked_views_come_back_from_their_topic_at_behind_or_ahead_of_their_input() 
     // the writer: its commits (what the topics get), the input after each batch, and how many
     // commits of each view there were by then
     let (tables, w) = start(&defs, None, None);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-    w.views.set_log(tx);
-    for (_, flags, _) in w.views.log_views() {
-        flags.writes.store(true, Ordering::Release);
-    }
+    let rx = writing(&w.views);
     let mut inputs: Vec<TableState> = vec![tables.get("scores").unwrap().read().clone()];
     let mut commits: Vec<Commit> = Vec::new();
     let mut counts: Vec<HashMap<String, usize>> = vec![HashMap::new()];
@@ -358,31 +354,38 @@ fn a_partition_whose_offsets_restart_is_taken_again() {
     }
 }
 
-/// Makes `views` write their topics to a queue; returns its receiving end.
-fn writing(views: &Views) -> std::sync::mpsc::Receiver<Commit> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-    views.set_log(tx);
-    for (_, flags, _) in views.log_views() {
-        flags.writes.store(true, Ordering::Release);
-    }
-    rx
-}
-
-#[test]
-fn a_delta_restored_ahead_of_its_input_does_not_bring_back_a_deleted_key() {
-    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+/// `pa` at 1, then `pk` created at 2, changed at 3, deleted at 4, then `pa` at 5 (partition 0).
+fn pk_deleted() -> Vec<Vec<Change>> {
     let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
-    let all: Vec<Vec<Change>> = vec![
+    vec![
         vec![("pa".into(), s("pa", 1), 0, 1)],
         vec![("pk".into(), s("pk", 5), 0, 2)],
         vec![("pk".into(), s("pk", 7), 0, 3)],
         vec![("pk".into(), None, 0, 4)],
         vec![("pa".into(), s("pa", 2), 0, 5)],
-    ];
+    ]
+}
+
+/// A clean stop of `run` over `tables`, and a start from what it saved, over a copy of its
+/// input.
+fn restarted_clean(defs: &[ViewDef], tables: &Tables, run: &Run) -> (Arc<Tables>, Run) {
+    let saved: HashMap<String, Vec<u8>> = run.views.save().into_iter().collect();
+    assert!(saved.contains_key("moves"));
+    let t2 = Arc::new(Tables::default());
+    t2.insert(tables.get("scores").unwrap().read().clone());
+    let r2 = super::super::tests::run(defs, &t2, &saved);
+    (t2, r2)
+}
+
+#[test]
+fn a_delta_restored_ahead_of_its_input_does_not_bring_back_a_deleted_key() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let all = pk_deleted();
     let (_, commits) = written(&defs, &all);
     let logs = whole(&commits);
     // then `pk` is created again, and must show
-    let again = vec![("pk".into(), s("pk", 9), 0, 6)];
+    let pk9 = Some(row(json!({"player": "pk", "score": 9})));
+    let again = vec![("pk".into(), pk9, 0, 6)];
     let (fed, _) = written(&defs, &[all.clone(), vec![again.clone()]].concat());
     let pk_in = |t: &Tables| rows_of(t, "moves").contains_key("pk");
     // the input lost its last changes (kill -9) and reads them again, one at a time or in one
@@ -417,24 +420,13 @@ fn a_delta_restored_ahead_of_its_input_does_not_bring_back_a_deleted_key() {
 #[test]
 fn a_deleted_key_the_input_may_read_again_is_kept_by_a_clean_stop_and_a_rewrite() {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
-    let all: Vec<Vec<Change>> = vec![
-        vec![("pa".into(), s("pa", 1), 0, 1)],
-        vec![("pk".into(), s("pk", 5), 0, 2)],
-        vec![("pk".into(), s("pk", 7), 0, 3)],
-        vec![("pk".into(), None, 0, 4)],
-        vec![("pa".into(), s("pa", 2), 0, 5)],
-    ];
+    let all = pk_deleted();
     let (fed, commits) = written(&defs, &all);
     let logs = whole(&commits);
     let (t, r) = start(&defs, Some(input_after(&defs, &all, 1)), Some(&logs));
     commit(&t, &*r.views, &all[1]);
     // a clean stop there, and a start from what it saved
-    let saved: HashMap<String, Vec<u8>> = r.views.save().into_iter().collect();
-    assert!(saved.contains_key("moves"));
-    let t2 = Arc::new(Tables::default());
-    t2.insert(t.get("scores").unwrap().read().clone());
-    let r2 = super::super::tests::run(&defs, &t2, &saved);
+    let (t2, r2) = restarted_clean(&defs, &t, &r);
     // its whole rewrite, read back by a node that restores from it
     let (_, _, rewrite) = r2.views.log_snapshot("moves").unwrap();
     let pk = rewrite.iter().find(|(k, _, _)| k == "pk");
@@ -473,14 +465,7 @@ fn rewritten(views: &Views) -> Vec<Commit> {
 #[test]
 fn a_key_deleted_because_the_input_lacks_it_names_how_far_the_input_had_read() {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let s = |k: &str, n: i64| Some(row(json!({"player": k, "score": n})));
-    let all: Vec<Vec<Change>> = vec![
-        vec![("pa".into(), s("pa", 1), 0, 1)],
-        vec![("pk".into(), s("pk", 5), 0, 2)],
-        vec![("pk".into(), s("pk", 7), 0, 3)],
-        vec![("pk".into(), None, 0, 4)],
-        vec![("pa".into(), s("pa", 2), 0, 5)],
-    ];
+    let all = pk_deleted();
     let (fed, _) = written(&defs, &all);
     // the topic lacks the last three changes (in flight at a kill -9); the input has them: the
     // restore deletes `pk`, which the input lacks
@@ -625,11 +610,7 @@ pub(in crate::table::derived) fn written(
     batches: &[Vec<Change>],
 ) -> (Arc<Tables>, Vec<Commit>) {
     let (tables, w) = start(defs, None, None);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Commit>(100_000);
-    w.views.set_log(tx);
-    for (_, flags, _) in w.views.log_views() {
-        flags.writes.store(true, Ordering::Release);
-    }
+    let rx = writing(&w.views);
     for b in batches {
         commit(&tables, &*w.views, b);
     }
@@ -700,11 +681,7 @@ fn a_waiting_key_waits_on_through_a_clean_stop() {
     let (t, r) = start(&defs, Some(input), Some(&logs));
     commit(&t, &*r.views, &[("pj".into(), j(1), 0, 11)]);
     // a clean stop there, and a start from what it saved
-    let saved: HashMap<String, Vec<u8>> = r.views.save().into_iter().collect();
-    assert!(saved.contains_key("moves"));
-    let t2 = Arc::new(Tables::default());
-    t2.insert(t.get("scores").unwrap().read().clone());
-    let r2 = super::super::tests::run(&defs, &t2, &saved);
+    let (t2, r2) = restarted_clean(&defs, &t, &r);
     assert!(rows_of(&t2, "moves").contains_key("pk"));
     // the input passes offset 50 without `pk`: it goes
     commit(&t2, &*r2.views, &[("pj".into(), j(2), 0, 60)]);
