@@ -142,9 +142,14 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
     let bug1 = |f: &str| {
         f.contains("after the changelog was deleted") || f.contains("] ChangelogDeleted on ")
     };
+    // VIEWS-GROUP-1: a view's topic left unwritten because no serving node was given the views
+    // since it last started (the local broker held the group `<group>.views` after a kill -9;
+    // RELIABILITY.md). Only when no node logged an assignment: a topic that differs although
+    // a node was given it fails the run.
+    let views_group1 = |f: &str| f.contains("VIEWS-GROUP-1: no serving node was assigned");
     // BUG-2 (a restarted node serving an older state than it had sent) is fixed (RELIABILITY.md):
     // values going back after a kill -9 fail the run like any other check
-    let known = bug1;
+    let known = |f: &str| bug1(f) || views_group1(f);
     let unexpected: Vec<&String> = failures.iter().filter(|f| !known(f)).collect();
     assert!(
         unexpected.is_empty(),

@@ -10,7 +10,7 @@
 //! of the broker, a TCP proxy that cuts, blackholes or delays the broker's traffic, a full data
 //! filesystem, kill -9 of Kafka Connect, the changelog topic deleted. After each fault the time
 //! until the serving node shows new probe values is measured. At the end every client == oracle
-//! == HTTP API == changelog folded.
+//! == HTTP API == changelog folded, and so are the declared views over the table (`views.rs`).
 //!
 //! Progress on stderr; the JSON report on stdout; a markdown report in a file. Exit status 1 when
 //! a check failed.
@@ -21,6 +21,7 @@ mod proxy;
 mod report;
 mod rng;
 mod stack;
+mod views;
 mod workload;
 
 use std::path::PathBuf;
@@ -295,6 +296,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         memory: Arc::default(),
         debezium,
         verbose_nodes: args.verbose_nodes,
+        views: views::write_file(&work)?,
     };
     let stop_mem = Arc::new(AtomicBool::new(false));
     let mem_task = phase::sample_memory(&ctx, stop_mem.clone());

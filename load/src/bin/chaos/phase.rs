@@ -14,6 +14,7 @@ use crate::clients::{Client, Kind};
 use crate::proxy::{Mode, Proxy};
 use crate::rng::Rng;
 use crate::stack::{self, log, Broker, Debezium, Proc, SmallFs};
+use crate::views;
 use crate::workload::{self, PgWriter, State, Workload};
 
 /// What is shared by the phases of a run.
@@ -30,6 +31,8 @@ pub struct Ctx {
     pub memory: Arc<Mutex<BTreeMap<String, MemStat>>>,
     pub debezium: Option<Debezium>,
     pub verbose_nodes: bool,
+    /// The views file every node gets (`views.rs`).
+    pub views: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -129,6 +132,8 @@ impl Node {
             "session.timeout.ms=6000",
             "--shutdown-grace-secs",
             "10",
+            "--views",
+            &ctx.views.display().to_string(),
             "--log",
             if ctx.verbose_nodes {
                 "info,livetable=debug"
@@ -267,6 +272,9 @@ pub struct TableCheck {
     /// Keys whose value on the API differs from the oracle at the end (missing, extra or other n).
     pub api_lost: usize,
     pub changelog_lost: usize,
+    /// A view's topic differing when no serving node was given the views to write since it
+    /// last started (VIEWS-GROUP-1, counted apart from `changelog_lost`).
+    pub view_topic_unwritten: usize,
     /// Keys whose last value in the input topic itself (read back whole after the run) differs
     /// from the oracle: acknowledged writes the broker does not serve. livetable cannot show what
     /// its input lacks, so where this is not 0 the other counts are not livetable's alone.
@@ -508,6 +516,19 @@ pub async fn run(
             kind,
             &gw.base,
             "ticks",
+            keys,
+            stop_clients.clone(),
+        ));
+    }
+    // clients of a view (`views.rs`): its rows carry the input's `n`
+    for (kind, filtered) in [(Kind::WsPatch, false), (Kind::Sse, true)] {
+        let name = format!("{kind:?}{}", if filtered { "-keys" } else { "" }).to_lowercase();
+        let keys = filtered.then(|| some_keys.clone());
+        clients.push(Client::start(
+            &name,
+            kind,
+            &gw.base,
+            views::WATCHED,
             keys,
             stop_clients.clone(),
         ));
@@ -810,6 +831,11 @@ pub async fn run(
         check_tables(ctx, &nodes, &serving, &clients, &tables, plan, &group, "").await?;
     rep.tables.extend(checks);
     rep.clients.extend(reports);
+    let ticks = &tables[0].1;
+    let (checks, reports) =
+        views::check(ctx, &nodes, &serving, &clients, ticks, plan.settle, &group).await?;
+    rep.tables.extend(checks);
+    rep.clients.extend(reports);
     if delete_changelog {
         changelog_deleted(
             ctx, &mut nodes, &serving, &clients, &wl, plan, rng, &group, &mut rep,
@@ -937,65 +963,81 @@ async fn check_tables(
                 &diff(want, &have),
             );
         }
-        // every client of the table (one deadline for all of them; short when the API did not
-        // converge: the clients cannot either)
+        // every client of the table (short when the API did not converge: the clients cannot
+        // either)
         let wait = if tc.api_lost == 0 { 30 } else { 5 };
-        let until = Instant::now() + Duration::from_secs(wait);
-        for c in clients.iter().filter(|c| &c.table == table) {
-            let w = c.want(want);
-            let seen = c.seen.clone();
-            let left = until.saturating_duration_since(Instant::now());
-            wait_until(left, || {
-                let seen = seen.clone();
-                let w = w.clone();
-                async move { seen.lock().unwrap_or_else(|e| e.into_inner()).ns() == w }
-            })
-            .await;
-            let s = c.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let d = diff(&w, &s.ns());
-            tc.clients_lost += d.len();
-            // the first examples, and the first of each kind among the others
-            let mut examples: Vec<String> = s.examples.iter().take(10).cloned().collect();
-            for tag in [
-                "reordered-visible",
-                "replay-after-stale",
-                "stale-after-recovery",
-            ] {
-                if !examples.iter().any(|e| e.contains(tag)) {
-                    examples.extend(s.examples.iter().find(|e| e.contains(tag)).cloned());
-                }
-            }
-            if !d.is_empty() {
-                examples.push(format!(
-                    "final state: {} keys differ, e.g. {:?}",
-                    d.len(),
-                    &d[..d.len().min(5)]
-                ));
-            }
-            reports.push(ClientReport {
-                name: format!("{}:{}", c.name, table),
-                kind: Some(c.kind),
-                table: table.clone(),
-                keys: c.keys.as_ref().map(|k| k.len()),
-                connects: s.connects,
-                resumes: s.resumes,
-                snapshots: s.snapshots,
-                rows_resyncs: s.rows_resyncs,
-                messages: s.messages,
-                values_checked: s.values_checked,
-                reordered_visible: s.reordered_visible,
-                stale_after_recovery: s.stale_after_recovery,
-                stale_behind_position: s.stale_behind_position,
-                replay_after_stale: s.replay_after_stale,
-                final_equal: d.is_empty(),
-                lost: d.len(),
-                examples,
-                errors: s.errors.iter().take(5).cloned().collect(),
-            });
-        }
+        let (lost, r) = check_clients(clients, table, want, Duration::from_secs(wait)).await;
+        tc.clients_lost += lost;
+        reports.extend(r);
         checks.push(tc);
     }
     Ok((checks, if tag.is_empty() { reports } else { Vec::new() }))
+}
+
+/// Every client of `table` against the oracle `want` (one deadline, `wait`, for all of them):
+/// the keys that differ at the end, and a report per client.
+pub async fn check_clients(
+    clients: &[Client],
+    table: &str,
+    want: &State,
+    wait: Duration,
+) -> (usize, Vec<ClientReport>) {
+    let until = Instant::now() + wait;
+    let mut lost = 0;
+    let mut reports = Vec::new();
+    for c in clients.iter().filter(|c| c.table == table) {
+        let w = c.want(want);
+        let seen = c.seen.clone();
+        let left = until.saturating_duration_since(Instant::now());
+        wait_until(left, || {
+            let seen = seen.clone();
+            let w = w.clone();
+            async move { seen.lock().unwrap_or_else(|e| e.into_inner()).ns() == w }
+        })
+        .await;
+        let s = c.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let d = diff(&w, &s.ns());
+        lost += d.len();
+        // the first examples, and the first of each kind among the others
+        let mut examples: Vec<String> = s.examples.iter().take(10).cloned().collect();
+        for tag in [
+            "reordered-visible",
+            "replay-after-stale",
+            "stale-after-recovery",
+        ] {
+            if !examples.iter().any(|e| e.contains(tag)) {
+                examples.extend(s.examples.iter().find(|e| e.contains(tag)).cloned());
+            }
+        }
+        if !d.is_empty() {
+            examples.push(format!(
+                "final state: {} keys differ, e.g. {:?}",
+                d.len(),
+                &d[..d.len().min(5)]
+            ));
+        }
+        reports.push(ClientReport {
+            name: format!("{}:{}", c.name, table),
+            kind: Some(c.kind),
+            table: table.to_string(),
+            keys: c.keys.as_ref().map(|k| k.len()),
+            connects: s.connects,
+            resumes: s.resumes,
+            snapshots: s.snapshots,
+            rows_resyncs: s.rows_resyncs,
+            messages: s.messages,
+            values_checked: s.values_checked,
+            reordered_visible: s.reordered_visible,
+            stale_after_recovery: s.stale_after_recovery,
+            stale_behind_position: s.stale_behind_position,
+            replay_after_stale: s.replay_after_stale,
+            final_equal: d.is_empty(),
+            lost: d.len(),
+            examples,
+            errors: s.errors.iter().take(5).cloned().collect(),
+        });
+    }
+    (lost, reports)
 }
 
 /// The changelog topic deleted while the workload runs (after the main checks, so that what it
@@ -1091,7 +1133,7 @@ async fn pg_exec(w: &PgWriter, q: &str) -> anyhow::Result<()> {
 
 /// Keys whose value differs: `key: want -> have` (`-` for absent).
 /// Records the keys that differ (`d`, from [`diff`]) of `what` in `details`; returns how many.
-fn differing(details: &mut Vec<String>, what: &str, d: &[String]) -> usize {
+pub fn differing(details: &mut Vec<String>, what: &str, d: &[String]) -> usize {
     if !d.is_empty() {
         details.push(format!(
             "{what}: {} keys differ, e.g. {:?}",
@@ -1102,7 +1144,10 @@ fn differing(details: &mut Vec<String>, what: &str, d: &[String]) -> usize {
     d.len()
 }
 
-pub fn diff(want: &State, have: &State) -> Vec<String> {
+pub fn diff<V: PartialEq + std::fmt::Display>(
+    want: &BTreeMap<String, V>,
+    have: &BTreeMap<String, V>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (k, w) in want {
         match have.get(k) {
@@ -1258,11 +1303,11 @@ pub fn fold_changelog(brokers: &str, topic: &str) -> anyhow::Result<State> {
 
 /// Reads `topic` whole (every partition from its beginning, until 3 s pass with nothing new, at
 /// most 60 s) and folds each record into a state.
-fn fold_topic_msgs(
+pub fn fold_topic_msgs<V>(
     brokers: &str,
     topic: &str,
-    mut f: impl FnMut(&mut State, &rdkafka::message::BorrowedMessage<'_>),
-) -> anyhow::Result<State> {
+    mut f: impl FnMut(&mut BTreeMap<String, V>, &rdkafka::message::BorrowedMessage<'_>),
+) -> anyhow::Result<BTreeMap<String, V>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
@@ -1283,7 +1328,7 @@ fn fold_topic_msgs(
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let mut m = State::new();
+    let mut m = BTreeMap::new();
     let mut last = Instant::now();
     let until = Instant::now() + Duration::from_secs(60);
     while last.elapsed() < Duration::from_secs(3) && Instant::now() < until {

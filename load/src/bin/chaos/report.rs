@@ -83,6 +83,7 @@ impl Report {
         let (mut lost, mut reordered, mut stale) = (0usize, 0u64, 0u64);
         let (mut stale_behind, mut replay_after_stale) = (0u64, 0u64);
         let mut lost_after_cl_deleted = 0usize;
+        let mut view_topics_unwritten = 0usize;
         let (mut changes, mut clients, mut values) = (0u64, 0usize, 0u64);
         let mut crashes = Vec::new();
         for p in i.phases {
@@ -167,6 +168,7 @@ impl Report {
                 } else {
                     lost += l;
                 }
+                view_topics_unwritten += tc.view_topic_unwritten;
                 for d in &tc.details {
                     failures.push(format!("[{t}] table {}: {d}", tc.table));
                 }
@@ -219,6 +221,7 @@ impl Report {
                 "values_checked": values,
                 "lost": lost,
                 "lost_after_changelog_deleted": lost_after_cl_deleted,
+                "view_topics_unwritten": view_topics_unwritten,
                 "reordered_visible": reordered,
                 "stale_after_recovery": stale,
                 "stale_behind_position": stale_behind,
@@ -268,6 +271,7 @@ impl Report {
             "values_checked",
             "lost",
             "lost_after_changelog_deleted",
+            "view_topics_unwritten",
             "reordered_visible",
             "stale_after_recovery",
             "stale_behind_position",

@@ -148,6 +148,16 @@ impl Proc {
         Some(st)
     }
 
+    /// What the process logged since it was last started (its log after the last line
+    /// containing `start_line`).
+    pub fn log_since(&self, start_line: &str) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        match text.rfind(start_line) {
+            Some(i) => text[i..].to_string(),
+            None => text,
+        }
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();

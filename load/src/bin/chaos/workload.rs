@@ -90,12 +90,24 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The row of `key` at value `n` (`g` and `price` follow from `n`: the views' oracle,
+/// `views.rs`, computes them the same way).
 fn row(key: &str, n: i64) -> String {
     format!(
-        r#"{{"id":"{key}","n":{n},"price":"{}.{:03}"}}"#,
-        n % 89,
-        n % 1000
+        r#"{{"id":"{key}","n":{n},"g":"{}","price":"{}"}}"#,
+        group_of(n),
+        price_of(n)
     )
+}
+
+/// The group column of a row at value `n`.
+pub fn group_of(n: i64) -> String {
+    format!("g{}", n.rem_euclid(5))
+}
+
+/// The price column of a row at value `n` (a decimal string with 3 digits after the point).
+pub fn price_of(n: i64) -> String {
+    format!("{}.{:03}", n.rem_euclid(89), n.rem_euclid(1000))
 }
 
 fn envelope(table: &str, op: &str, before: Option<String>, after: Option<String>) -> String {
