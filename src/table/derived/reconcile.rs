@@ -381,6 +381,38 @@ impl Tracked {
         waiting
     }
 
+    /// Deletes the waiting keys ([`Tracked::pending`]) the input `t` passed without them: its
+    /// position in their partition reached them, or it is of another lineage.
+    fn delete_passed_pending(
+        &mut self,
+        op: &mut ViewOperator,
+        t: &TableState,
+        out: &mut Vec<OutChange>,
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut passed: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, s)| {
+                *s.epoch != *t.epoch
+                    || t.slices
+                        .get(s.part as usize)
+                        .is_some_and(|sl| sl.last_off >= s.off)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        passed.sort_unstable();
+        for key in passed {
+            self.pending.remove(&key);
+            if !t.rows.contains_key(&key) {
+                out.extend(op.apply_change(&key, None, None));
+                self.forget(&key, t);
+            }
+        }
+    }
+
     /// Deletes the keys of `keys` the input `t` does not have.
     fn delete_missing(
         &mut self,
@@ -479,31 +511,41 @@ impl Views {
                 out.extend(op.apply_change(&c.key, c.before.as_deref(), c.row.as_deref()));
             }
         }
-        if !tr.pending.is_empty() {
-            let parts: HashSet<u32> = update.changes.iter().map(|c| c.part).collect();
-            let mut passed: Vec<String> = tr
-                .pending
-                .iter()
-                .filter(|(_, s)| {
-                    *s.epoch != *t.epoch
-                        || (parts.contains(&s.part)
-                            && t.slices
-                                .get(s.part as usize)
-                                .is_some_and(|sl| sl.last_off >= s.off))
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            passed.sort_unstable();
-            for key in passed {
-                tr.pending.remove(&key);
-                if !t.rows.contains_key(&key) {
-                    out.extend(op.apply_change(&key, None, None));
-                    tr.forget(&key, &t);
-                }
-            }
-        }
+        tr.delete_passed_pending(op, &t, &mut out);
         tr.drop_passed_groups(op, &t);
         out
+    }
+
+    /// The deletes of a tracked view's waiting keys its input passed without them, when no
+    /// update said so (the input's position moved with writes that changed no row, or the keys
+    /// were saved by a clean stop): called about once a second ([`Views::tick`]).
+    pub(super) fn tick_pending(&self) {
+        for view in self.by_input.values().flatten() {
+            if lock(&view.state)
+                .track
+                .as_ref()
+                .is_none_or(|tr| tr.pending.is_empty())
+            {
+                continue;
+            }
+            let Some(input) = self.tables.get(&view.def.from) else {
+                continue;
+            };
+            // the input's order lock first, as on the publish path
+            let _order = input.order_guard();
+            let mut st = lock(&view.state);
+            let mut out = Vec::new();
+            {
+                let ViewState { op, track, .. } = &mut *st;
+                let Some(tr) = track.as_mut() else {
+                    continue;
+                };
+                tr.delete_passed_pending(op, &input.read(), &mut out);
+            }
+            if !out.is_empty() {
+                self.commit_recomputed(view, &mut st, out, None);
+            }
+        }
     }
 
     /// Brings a tracked view up to the input's current rows, taking only what it lacks (see the

@@ -12,9 +12,11 @@ impl Views {
     /// Places again the rows of each `latest` that took changes its records hold, when due
     /// ([`Taken::due`]), and drops records kept too long (call it about once a second: an input
     /// restored or read again in many updates costs a recomputation per tick at most, and one
-    /// that then stays idle is placed all the same).
+    /// that then stays idle is placed all the same); deletes the waiting keys of a `history` or
+    /// `delta` its input passed without them ([`Views::tick_pending`]).
     pub fn tick(&self) {
         self.tick_at(Instant::now());
+        self.tick_pending();
     }
 
     /// [`Views::tick`] with the clock at `now`.

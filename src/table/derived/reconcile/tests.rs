@@ -692,6 +692,40 @@ fn a_waiting_key_waits_on_through_a_clean_stop() {
     );
 }
 
+#[test]
+fn a_waiting_key_the_input_passes_without_an_update_goes_at_the_next_tick() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
+    let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
+    // the input has not read offset 50 of partition 0 yet: `pk` waits
+    let logs = whole(&commits);
+    let mut input = TableState::new("scores", "e1", "game.scores", 2);
+    input.slice_mut(0).last_off = 10;
+    let (t, r) = start(&defs, Some(input), Some(&logs));
+    r.views.tick();
+    assert!(rows_of(&t, "moves").contains_key("pk"), "still waiting");
+    // the input reads past offset 50 with writes that change no row: no update is published
+    t.get("scores")
+        .unwrap()
+        .update_slices(|s| s.slice_mut(0).last_off = 60);
+    assert!(rows_of(&t, "moves").contains_key("pk"));
+    r.views.tick();
+    assert!(
+        !rows_of(&t, "moves").contains_key("pk"),
+        "the input passed pk's change without it"
+    );
+    assert_eq!(
+        rows_of(&t, "hist")["pk"]["history"],
+        json!([{"score": 5}, null])
+    );
+    // once: the next tick writes nothing more
+    r.views.tick();
+    assert_eq!(
+        rows_of(&t, "hist")["pk"]["history"],
+        json!([{"score": 5}, null])
+    );
+}
+
 const TEAMS: &str = r#"
 [views.teams]
 from = "scores"
