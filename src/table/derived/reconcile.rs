@@ -534,17 +534,24 @@ impl Views {
             // the input's order lock first, as on the publish path
             let _order = input.order_guard();
             let mut st = lock(&view.state);
+            let t = input.read();
+            // only against the input the view was last fed: one replaced since (another
+            // lineage, a table created again) is reconciled by its first update
+            let follows = st
+                .fed
+                .as_ref()
+                .is_some_and(|f| Arc::ptr_eq(&f.table, &input) && f.epoch == t.epoch);
             let mut out = Vec::new();
             {
                 let ViewState { op, track, .. } = &mut *st;
-                let Some(tr) = track.as_mut() else {
+                let Some(tr) = track.as_mut().filter(|tr| follows && !tr.restored) else {
                     continue;
                 };
-                tr.delete_passed_pending(op, &input.read(), &mut out);
+                tr.delete_passed_pending(op, &t, &mut out);
             }
-            if !out.is_empty() {
-                self.commit_recomputed(view, &mut st, out, None);
-            }
+            drop(t);
+            // not a recomputation: `livetable_view_rebuilds_total` does not count it
+            self.commit(view, &mut st, out, Default::default());
         }
     }
 

@@ -726,6 +726,25 @@ fn a_waiting_key_the_input_passes_without_an_update_goes_at_the_next_tick() {
     );
 }
 
+#[test]
+fn a_tick_deletes_no_waiting_key_against_an_input_the_view_was_not_fed() {
+    let defs = ViewsFile::parse(VIEWS).unwrap().views;
+    let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
+    let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
+    let logs = whole(&commits);
+    let mut input = TableState::new("scores", "e1", "game.scores", 2);
+    input.slice_mut(0).last_off = 10;
+    let (t, r) = start(&defs, Some(input), Some(&logs));
+    // the input table replaced (another lineage, nothing fed to the views yet)
+    t.insert(TableState::new("scores", "e2", "game.scores", 2));
+    r.views.tick();
+    assert!(
+        rows_of(&t, "moves").contains_key("pk"),
+        "deleted against an input the view was not fed"
+    );
+    assert_eq!(rows_of(&t, "hist")["pk"]["history"], json!([{"score": 5}]));
+}
+
 const TEAMS: &str = r#"
 [views.teams]
 from = "scores"
