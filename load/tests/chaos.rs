@@ -177,5 +177,21 @@ fn faults_at_random_moments_lose_nothing_and_never_go_back() {
         .collect();
     assert!(unexpected_crashes.is_empty(), "{unexpected_crashes:?}");
     assert_eq!(t["lost"].as_u64(), Some(0), "{t}");
+    // VIEWS-GROUP-1 is tolerated in a phase, not in all of them: the views' topics are checked
+    let phases = report["phases"].as_array().cloned().unwrap_or_default();
+    let unwritten = phases
+        .iter()
+        .filter(|p| {
+            p["tables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|t| t["view_topic_unwritten"].as_u64().unwrap_or(0) > 0)
+        })
+        .count();
+    assert!(
+        unwritten < phases.len(),
+        "seed {seed}: no phase's view topics were written (VIEWS-GROUP-1 in each): {t}"
+    );
     assert_eq!(t["reordered_visible"].as_u64(), Some(0), "{t}");
 }
