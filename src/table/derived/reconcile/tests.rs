@@ -641,16 +641,23 @@ fn a_restored_view_of_a_view_waits_for_that_view_to_be_fed() {
     assert_eq!(rows_of(&t, "tops"), rows_of(&oracle, "tops"));
 }
 
-#[test]
-fn a_waiting_key_of_a_partition_whose_offsets_restart_is_deleted() {
+/// Views over an input that has not read offset 50 of partition 0 yet (it is at 10), restored
+/// from a topic whose `pk` holds that change (score 5): `pk` waits for the input.
+fn pk_waiting() -> (Vec<ViewDef>, Arc<Tables>, Run) {
     let defs = ViewsFile::parse(VIEWS).unwrap().views;
     let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
     let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
-    // the input has not read offset 50 of partition 0 yet: `pk` waits
     let logs = whole(&commits);
     let mut input = TableState::new("scores", "e1", "game.scores", 2);
     input.slice_mut(0).last_off = 10;
     let (t, r) = start(&defs, Some(input), Some(&logs));
+    (defs, t, r)
+}
+
+#[test]
+fn a_waiting_key_of_a_partition_whose_offsets_restart_is_deleted() {
+    // the input has not read offset 50 of partition 0 yet: `pk` waits
+    let (_, t, r) = pk_waiting();
     assert_eq!(rows_of(&t, "hist")["pk"]["history"], json!([{"score": 5}]));
     assert!(rows_of(&t, "moves").contains_key("pk"));
     // its offsets restart: offset 50 will never come; the input lacks `pk`, so it goes
@@ -670,15 +677,9 @@ fn a_waiting_key_of_a_partition_whose_offsets_restart_is_deleted() {
 
 #[test]
 fn a_waiting_key_waits_on_through_a_clean_stop() {
-    let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
     let j = |n: i64| Some(row(json!({"player": "pj", "score": n})));
-    let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
     // the input has not read offset 50 of partition 0 yet: `pk` waits
-    let logs = whole(&commits);
-    let mut input = TableState::new("scores", "e1", "game.scores", 2);
-    input.slice_mut(0).last_off = 10;
-    let (t, r) = start(&defs, Some(input), Some(&logs));
+    let (defs, t, r) = pk_waiting();
     commit(&t, &*r.views, &[("pj".into(), j(1), 0, 11)]);
     // a clean stop there, and a start from what it saved
     let (t2, r2) = restarted_clean(&defs, &t, &r);
@@ -694,14 +695,8 @@ fn a_waiting_key_waits_on_through_a_clean_stop() {
 
 #[test]
 fn a_waiting_key_the_input_passes_without_an_update_goes_at_the_next_tick() {
-    let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
-    let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
     // the input has not read offset 50 of partition 0 yet: `pk` waits
-    let logs = whole(&commits);
-    let mut input = TableState::new("scores", "e1", "game.scores", 2);
-    input.slice_mut(0).last_off = 10;
-    let (t, r) = start(&defs, Some(input), Some(&logs));
+    let (_, t, r) = pk_waiting();
     r.views.tick();
     assert!(rows_of(&t, "moves").contains_key("pk"), "still waiting");
     // the input reads past offset 50 with writes that change no row: no update is published
@@ -728,13 +723,7 @@ fn a_waiting_key_the_input_passes_without_an_update_goes_at_the_next_tick() {
 
 #[test]
 fn a_tick_deletes_no_waiting_key_against_an_input_the_view_was_not_fed() {
-    let defs = ViewsFile::parse(VIEWS).unwrap().views;
-    let k = |n: i64| Some(row(json!({"player": "pk", "score": n})));
-    let (_, commits) = written(&defs, &[vec![("pk".into(), k(5), 0, 50)]]);
-    let logs = whole(&commits);
-    let mut input = TableState::new("scores", "e1", "game.scores", 2);
-    input.slice_mut(0).last_off = 10;
-    let (t, r) = start(&defs, Some(input), Some(&logs));
+    let (_, t, r) = pk_waiting();
     // the input table replaced (another lineage, nothing fed to the views yet)
     t.insert(TableState::new("scores", "e2", "game.scores", 2));
     r.views.tick();
