@@ -192,6 +192,16 @@ impl Node {
 
     /// `{key: n}` of a table on this node's API.
     pub async fn api(&self, table: &str) -> Option<State> {
+        self.rows(table, |v| v["n"].as_i64()).await
+    }
+
+    /// The rows of a table (or view) on this node's API, each reduced by `f` (a row it gives
+    /// `None` for is left out); `None` when the API does not answer 200.
+    pub async fn rows<V>(
+        &self,
+        table: &str,
+        f: impl Fn(&Value) -> Option<V>,
+    ) -> Option<BTreeMap<String, V>> {
         let (st, body) = self.status(&format!("/api/tables/{table}")).await?;
         if st != 200 {
             return None;
@@ -200,7 +210,7 @@ impl Node {
             body["rows"]
                 .as_object()?
                 .iter()
-                .filter_map(|(k, v)| v["n"].as_i64().map(|n| (k.clone(), n)))
+                .filter_map(|(k, v)| f(v).map(|r| (k.clone(), r)))
                 .collect(),
         )
     }
@@ -501,13 +511,16 @@ pub async fn run(
         k.dedup();
         k
     };
-    for (kind, filtered) in [
-        (Kind::WsPatch, false),
-        (Kind::WsPatch, true),
-        (Kind::WsRows, false),
-        (Kind::WsRows, true),
-        (Kind::Sse, false),
-        (Kind::Sse, true),
+    // the table's clients, and those of a view (`views.rs`: its rows carry the input's `n`)
+    for (table, kind, filtered) in [
+        ("ticks", Kind::WsPatch, false),
+        ("ticks", Kind::WsPatch, true),
+        ("ticks", Kind::WsRows, false),
+        ("ticks", Kind::WsRows, true),
+        ("ticks", Kind::Sse, false),
+        ("ticks", Kind::Sse, true),
+        (views::WATCHED, Kind::WsPatch, false),
+        (views::WATCHED, Kind::Sse, true),
     ] {
         let name = format!("{kind:?}{}", if filtered { "-keys" } else { "" }).to_lowercase();
         let keys = filtered.then(|| some_keys.clone());
@@ -515,20 +528,7 @@ pub async fn run(
             &name,
             kind,
             &gw.base,
-            "ticks",
-            keys,
-            stop_clients.clone(),
-        ));
-    }
-    // clients of a view (`views.rs`): its rows carry the input's `n`
-    for (kind, filtered) in [(Kind::WsPatch, false), (Kind::Sse, true)] {
-        let name = format!("{kind:?}{}", if filtered { "-keys" } else { "" }).to_lowercase();
-        let keys = filtered.then(|| some_keys.clone());
-        clients.push(Client::start(
-            &name,
-            kind,
-            &gw.base,
-            views::WATCHED,
+            table,
             keys,
             stop_clients.clone(),
         ));
@@ -915,14 +915,10 @@ async fn check_tables(
         // the API of every serving node
         for i in serving {
             let n = &nodes[*i];
-            let until = Instant::now() + plan.settle;
-            let have = loop {
-                let have = n.api(table).await;
-                if have.as_ref() == Some(want) || Instant::now() > until {
-                    break have.unwrap_or_default();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
+            let have = settled(plan.settle, Duration::from_millis(200), want, || async {
+                Ok(n.api(table).await.unwrap_or_default())
+            })
+            .await?;
             tc.api_lost += differing(
                 &mut tc.details,
                 &format!("API of {}", n.name),
@@ -931,19 +927,15 @@ async fn check_tables(
         }
         // the changelog, folded: last record per key, fences left out
         let cl = format!("{group}.table.{table}");
-        let mut have;
         let brokers = ctx.brokers.clone();
-        let until = Instant::now() + plan.settle.min(Duration::from_secs(60));
-        loop {
+        let within = plan.settle.min(Duration::from_secs(60));
+        let have = settled(within, Duration::from_secs(2), want, || async {
             let (b, c) = (brokers.clone(), cl.clone());
-            have = tokio::task::spawn_blocking(move || fold_changelog(&b, &c))
+            Ok(tokio::task::spawn_blocking(move || fold_changelog(&b, &c))
                 .await?
-                .unwrap_or_default();
-            if have == *want || Instant::now() > until {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
+                .unwrap_or_default())
+        })
+        .await?;
         tc.changelog_lost = differing(
             &mut tc.details,
             &format!("changelog {cl}"),
@@ -1162,6 +1154,29 @@ pub fn diff<V: PartialEq + std::fmt::Display>(
         }
     }
     out
+}
+
+/// What `get` gives, asked every `every` until it equals `want` or `within` passed (the last
+/// answer then).
+pub async fn settled<V, F, Fut>(
+    within: Duration,
+    every: Duration,
+    want: &V,
+    mut get: F,
+) -> anyhow::Result<V>
+where
+    V: PartialEq,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<V>>,
+{
+    let until = Instant::now() + within;
+    loop {
+        let have = get().await?;
+        if have == *want || Instant::now() > until {
+            return Ok(have);
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Polls `f` until it is true or `deadline` passed; whether it became true.

@@ -9,13 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::clients::Client;
 use crate::phase::{
-    check_clients, diff, differing, fold_topic_msgs, ClientReport, Ctx, Node, TableCheck,
+    check_clients, diff, differing, fold_topic_msgs, settled, ClientReport, Ctx, Node, TableCheck,
 };
 use crate::workload::{group_of, price_of, State};
 
@@ -167,17 +167,7 @@ fn thousandths(s: &str) -> Option<i128> {
 
 /// `view` on `node`'s API, reduced; `None` when it does not answer 200.
 async fn api(node: &Node, view: &str) -> Option<Rows> {
-    let (st, body) = node.status(&format!("/api/tables/{view}")).await?;
-    if st != 200 {
-        return None;
-    }
-    Some(
-        body["rows"]
-            .as_object()?
-            .iter()
-            .map(|(k, v)| (k.clone(), canonical(view, v)))
-            .collect(),
-    )
+    node.rows(view, |v| Some(canonical(view, v))).await
 }
 
 /// The view's changelog topic folded: the last record per key, a tombstone removing it.
@@ -224,14 +214,10 @@ pub async fn check(
         };
         for i in serving {
             let n = &nodes[*i];
-            let until = Instant::now() + settle;
-            let have = loop {
-                let have = api(n, view).await;
-                if have.as_ref() == Some(&want) || Instant::now() > until {
-                    break have.unwrap_or_default();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
+            let have = settled(settle, Duration::from_millis(200), &want, || async {
+                Ok(api(n, view).await.unwrap_or_default())
+            })
+            .await?;
             tc.api_lost += differing(
                 &mut tc.details,
                 &format!("API of {}", n.name),
@@ -240,17 +226,16 @@ pub async fn check(
         }
         // one serving node writes the topic, about a second behind the view
         let topic = format!("{group}.table.__view.{view}");
-        let until = Instant::now() + settle.min(Duration::from_secs(60));
-        let have = loop {
+        let within = settle.min(Duration::from_secs(60));
+        let have = settled(within, Duration::from_secs(2), &want, || async {
             let (b, t) = (ctx.brokers.clone(), topic.clone());
-            let have = tokio::task::spawn_blocking(move || fold_view_topic(&b, &t, view))
-                .await?
-                .unwrap_or_default();
-            if have == want || Instant::now() > until {
-                break have;
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        };
+            Ok(
+                tokio::task::spawn_blocking(move || fold_view_topic(&b, &t, view))
+                    .await?
+                    .unwrap_or_default(),
+            )
+        })
+        .await?;
         let d = diff(&want, &have);
         if d.is_empty() || serving.len() != 1 || writer_assigned(nodes, serving) {
             tc.changelog_lost = differing(&mut tc.details, &format!("view topic {topic}"), &d);
