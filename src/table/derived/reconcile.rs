@@ -404,13 +404,10 @@ impl Tracked {
             .map(|(k, _)| k.clone())
             .collect();
         passed.sort_unstable();
-        for key in passed {
-            self.pending.remove(&key);
-            if !t.rows.contains_key(&key) {
-                out.extend(op.apply_change(&key, None, None));
-                self.forget(&key, t);
-            }
+        for key in &passed {
+            self.pending.remove(key);
         }
+        self.delete_missing(op, t, passed, out);
     }
 
     /// Deletes the keys of `keys` the input `t` does not have.
