@@ -20,6 +20,12 @@ use serde_json::{Number, Value};
 
 /// Longest text accepted as a decimal (a longer string is not a number, it is a string).
 pub const MAX_DECIMAL_CHARS: usize = 1024;
+/// Longest text of a decimal livetable itself wrote (a view's `sum` or `avg`, read back at a
+/// restore): a sum of accepted values can print longer than one of them (`"9…9" + "1"`, or a
+/// 1,000-digit integer plus a 1,000-digit fraction). Terms of at most [`MAX_DECIMAL_CHARS`]
+/// (or floats, within ~330 digits) and at most `u64::MAX` of them print within about 2,100
+/// characters; this leaves room.
+pub const MAX_STORED_DECIMAL_CHARS: usize = 4 * MAX_DECIMAL_CHARS;
 /// Largest exponent magnitude accepted in a JSON number or a filter literal (`1e1024`).
 pub const MAX_EXPONENT: i64 = 1024;
 /// Extra fractional digits an average keeps beyond its sum's scale before rounding half-even.
@@ -54,17 +60,34 @@ impl Decimal {
     /// and of numeric columns printed by databases). No exponent, no `+`, no spaces: a string such
     /// as `"1e5"` or `" 7"` is a string, not a number.
     pub fn parse_plain(s: &str) -> Option<Self> {
-        Self::parse_inner(s, false)
+        Self::parse_inner(s, false, MAX_DECIMAL_CHARS)
+    }
+
+    /// Parses a decimal livetable wrote itself in plain notation (a view's sum or average read
+    /// back from its changelog topic), which may be longer than an input value
+    /// ([`MAX_STORED_DECIMAL_CHARS`]).
+    pub fn parse_stored(s: &str) -> Option<Self> {
+        Self::parse_inner(s, false, MAX_STORED_DECIMAL_CHARS)
+    }
+
+    /// A value livetable wrote itself ([`Decimal::to_json`]): a JSON number, or a plain decimal
+    /// string of up to [`MAX_STORED_DECIMAL_CHARS`].
+    pub fn from_stored_json(value: &Value) -> Option<Self> {
+        match value {
+            Value::Number(n) => Self::from_json_number(n),
+            Value::String(s) => Self::parse_stored(s),
+            _ => None,
+        }
     }
 
     /// Parses JSON/SQL number notation: plain notation plus an optional leading `+`, a leading or
     /// trailing point (`.5`, `5.`) and an exponent (`1.5e-3`, `1E20`).
     pub fn parse_number(s: &str) -> Option<Self> {
-        Self::parse_inner(s, true)
+        Self::parse_inner(s, true, MAX_DECIMAL_CHARS)
     }
 
-    fn parse_inner(s: &str, extended: bool) -> Option<Self> {
-        if s.is_empty() || s.len() > MAX_DECIMAL_CHARS {
+    fn parse_inner(s: &str, extended: bool, max_chars: usize) -> Option<Self> {
+        if s.is_empty() || s.len() > max_chars {
             return None;
         }
         let bytes = s.as_bytes();

@@ -541,7 +541,7 @@ impl GroupBy {
                     else {
                         return false;
                     };
-                    let Some(d) = Decimal::parse_plain(&s.sum) else {
+                    let Some(d) = Decimal::parse_stored(&s.sum) else {
                         return false;
                     };
                     *sum = d;
@@ -557,11 +557,16 @@ impl GroupBy {
                     strings,
                     scales,
                 } => {
-                    if let Some(d) = value.and_then(Decimal::from_json) {
+                    if let Some(v) = value {
+                        // a sum livetable wrote may print longer than an input value; one
+                        // that cannot be read is refused, not taken as no sum
+                        let Some(d) = Decimal::from_stored_json(v) else {
+                            return false;
+                        };
                         scales.insert(d.scale(), 1);
                         *sum = d;
                         *n = 1;
-                        *strings = u64::from(value.is_some_and(Value::is_string));
+                        *strings = u64::from(v.is_string());
                     }
                 }
                 Agg::ExtremeOfEvents { best } => {

@@ -736,6 +736,37 @@ fn decimal_sums_are_exact_through_retraction() {
 }
 
 #[test]
+fn a_sum_longer_than_an_input_value_comes_back_from_the_output() {
+    // over events: restored from the output rows and each row's state; two 1,024-character
+    // values sum to 1,025 characters, longer than an input value may be
+    let mut view = sum_view(&[("balance", "sum(amount)"), ("mean", "avg(amount)")]);
+    view.input = InputKind::Events;
+    let mut op = ViewOperator::new(&view);
+    let nines = "9".repeat(crate::filter::decimal::MAX_DECIMAL_CHARS);
+    let mut out = Table::new();
+    for _ in 0..2 {
+        let e = row(json!({"account": "A", "amount": nines}));
+        apply_out(&mut out, op.apply_event(Some("e"), &e));
+    }
+    let balance = out["A"]["balance"].as_str().unwrap_or_default().to_string();
+    assert_eq!(balance.len(), crate::filter::decimal::MAX_DECIMAL_CHARS + 1);
+    let mut rebuilt = ViewOperator::new(&view);
+    assert!(rebuilt.rebuild_from_output_and_row_state("A", &out["A"], op.row_state("A").as_ref()));
+    // the next event adds to the restored sum, as it does to the original's
+    let e = row(json!({"account": "A", "amount": "1"}));
+    let mut a = out.clone();
+    apply_out(&mut a, op.apply_event(Some("e"), &e));
+    apply_out(&mut out, rebuilt.apply_event(Some("e"), &e));
+    assert_eq!(out, a);
+    // a sum that cannot be read is refused (the view is then computed from its events), not
+    // taken as no sum
+    let mut bad = out["A"].clone();
+    bad.insert("balance".into(), json!("12x"));
+    let mut refused = ViewOperator::new(&view);
+    assert!(!refused.rebuild_from_output_and_row_state("A", &bad, op.row_state("A").as_ref()));
+}
+
+#[test]
 fn top_n_lets_the_next_row_in_when_the_first_is_deleted() {
     let spec = TopNSpec {
         order_by: vec![SortColumn {
