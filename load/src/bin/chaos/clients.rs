@@ -10,6 +10,9 @@
 //!   replaced by one older than what the client had shown.
 //!
 //! Both must stay 0. The client's final state is compared with the oracle at the end.
+//!
+//! A row's `n` is its column `n`, or for a `history` view's row (`{"history": [...]}`) the `n`
+//! of its last entry: a history whose last entry is a delete (`null`) shows its key deleted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +38,9 @@ pub enum Kind {
 #[derive(Debug, Default)]
 pub struct Seen {
     pub state: BTreeMap<String, Value>,
+    /// Keys of `state` shown deleted although their row stays (a history whose last entry is a
+    /// delete).
+    hidden: std::collections::HashSet<String>,
     max_n: HashMap<String, i64>,
     /// The largest `n` a key had when the client saw it deleted.
     deleted_at: HashMap<String, i64>,
@@ -61,6 +67,10 @@ pub struct Seen {
     pub replay_after_stale: u64,
     /// Whether the snapshot being applied is behind the client's position (see above).
     snapshot_behind: bool,
+    /// The keys of the snapshot being applied so far: a big snapshot comes in frames (a
+    /// `snapshot` with `"more":true`, then patches adding the rest), and the keys none of its
+    /// frames carries are gone once the last one arrived.
+    snapshot_keys: std::collections::HashSet<String>,
     /// Whether the patch being applied is behind the highest position the client was shown.
     replaying: bool,
     /// The highest position the client was shown: its epoch and, per partition, the largest
@@ -71,21 +81,53 @@ pub struct Seen {
     pub values_checked: u64,
 }
 
+/// The `n` a row shows: its column `n`, or a history's last entry's (see the module doc);
+/// `None` for a history whose last entry is a delete.
+fn shown_n(row: &Value) -> Option<i64> {
+    match row["history"].as_array() {
+        Some(entries) => match entries.last() {
+            Some(Value::Null) | None => None,
+            Some(e) => Some(e["n"].as_i64().unwrap_or(-1)),
+        },
+        None => Some(row["n"].as_i64().unwrap_or(-1)),
+    }
+}
+
 impl Seen {
     /// Applies one key's new row (`None`: deleted); `replacing` when it comes from a snapshot.
     fn apply(&mut self, key: &str, row: Option<Value>, replacing: bool, at: &str) {
+        // a history showing its key deleted: kept (the next patch adds to it), checked as a
+        // delete
+        let row = match row {
+            Some(r) if shown_n(&r).is_none() => {
+                // its last value must not be older than one the client showed
+                let last = r["history"]
+                    .as_array()
+                    .and_then(|e| e.iter().rev().find_map(|e| e["n"].as_i64()));
+                let max = self.max_n.get(key).copied().unwrap_or(i64::MIN);
+                if let Some(n) = last.filter(|n| *n < max) {
+                    self.went_back(format!("{key}: n {max} -> {n}, deleted ({at})"), replacing);
+                }
+                self.apply(key, None, replacing, at);
+                self.state.insert(key.to_string(), r);
+                self.hidden.insert(key.to_string());
+                return;
+            }
+            row => row,
+        };
         match row {
             None => {
-                if let Some(r) = self.state.remove(key) {
-                    let n = r["n"].as_i64().unwrap_or(-1);
+                let hidden = self.hidden.remove(key);
+                if let Some(r) = self.state.remove(key).filter(|_| !hidden) {
+                    let n = shown_n(&r).unwrap_or(-1);
                     let d = self.deleted_at.entry(key.to_string()).or_insert(n);
                     *d = (*d).max(n);
                 }
             }
             Some(r) => {
-                let n = r["n"].as_i64().unwrap_or(-1);
+                let n = shown_n(&r).unwrap_or(-1);
                 self.values_checked += 1;
-                let was_absent = !self.state.contains_key(key);
+                let was_absent = self.hidden.remove(key) || !self.state.contains_key(key);
                 let max = self.max_n.get(key).copied().unwrap_or(i64::MIN);
                 let back = if n < max {
                     Some(format!("{key}: n {max} -> {n} ({at})"))
@@ -97,40 +139,47 @@ impl Seen {
                 } else {
                     None
                 };
-                if let Some(mut b) = back {
-                    b.push_str(&format!(
-                        " [client at {} before, {} connects, at {} UTC]",
-                        self.pos.as_deref().unwrap_or("-"),
-                        self.connects,
-                        time_of_day()
-                    ));
-                    if replacing {
-                        self.stale_after_recovery += 1;
-                        if self.snapshot_behind {
-                            self.stale_behind_position += 1;
-                            b.push_str(" behind-position");
-                        }
-                        b.push_str(" stale-after-recovery");
-                    } else {
-                        self.reordered_visible += 1;
-                        if self.replaying {
-                            self.replay_after_stale += 1;
-                            b.push_str(" replay-after-stale");
-                        }
-                        b.push_str(" reordered-visible");
-                    }
-                    let kind = if b.contains("reordered-visible") {
-                        "reordered-visible"
-                    } else {
-                        "stale-after-recovery"
-                    };
-                    if self.examples.iter().filter(|e| e.contains(kind)).count() < 20 {
-                        self.examples.push(b);
-                    }
+                if let Some(b) = back {
+                    self.went_back(b, replacing);
                 }
                 self.max_n.insert(key.to_string(), n.max(max));
                 self.state.insert(key.to_string(), r);
             }
+        }
+    }
+
+    /// Counts a value older than one the client showed (`what`), carried by a snapshot
+    /// (`replacing`) or live, and keeps it as an example.
+    fn went_back(&mut self, what: String, replacing: bool) {
+        let mut b = what;
+        b.push_str(&format!(
+            " [client at {} before, {} connects, at {} UTC]",
+            self.pos.as_deref().unwrap_or("-"),
+            self.connects,
+            time_of_day()
+        ));
+        if replacing {
+            self.stale_after_recovery += 1;
+            if self.snapshot_behind {
+                self.stale_behind_position += 1;
+                b.push_str(" behind-position");
+            }
+            b.push_str(" stale-after-recovery");
+        } else {
+            self.reordered_visible += 1;
+            if self.replaying {
+                self.replay_after_stale += 1;
+                b.push_str(" replay-after-stale");
+            }
+            b.push_str(" reordered-visible");
+        }
+        let kind = if b.contains("reordered-visible") {
+            "reordered-visible"
+        } else {
+            "stale-after-recovery"
+        };
+        if self.examples.iter().filter(|e| e.contains(kind)).count() < 20 {
+            self.examples.push(b);
         }
     }
 
@@ -169,11 +218,19 @@ impl Seen {
         }
     }
 
-    /// `{key: n}` of the client's state.
+    /// The last frame of a snapshot arrived: the keys none of its frames carried are gone (a
+    /// replacing state).
+    fn snapshot_done(&mut self, at: &str) {
+        let keys = std::mem::take(&mut self.snapshot_keys);
+        self.forget_absent(|k| keys.contains(k), at);
+    }
+
+    /// `{key: n}` of the client's state (a key shown deleted is absent).
     pub fn ns(&self) -> State {
         self.state
             .iter()
-            .filter_map(|(k, v)| v["n"].as_i64().map(|n| (k.clone(), n)))
+            .filter(|(k, _)| !self.hidden.contains(*k))
+            .filter_map(|(k, v)| shown_n(v).map(|n| (k.clone(), n)))
             .collect()
     }
 
@@ -186,13 +243,17 @@ impl Seen {
                 *resumed = false;
                 self.snapshot_behind = self.behind_high(m);
                 let rows = m["rows"].as_object().cloned().unwrap_or_default();
-                // keys the snapshot does not carry are gone from the client's state
-                self.forget_absent(|k| rows.contains_key(k), &at);
+                self.snapshot_keys = rows.keys().cloned().collect();
                 for (k, v) in rows {
                     self.apply(&k, Some(v), true, &at);
                 }
                 *in_snapshot = m["more"] == Value::Bool(true);
-                if !*in_snapshot {
+                if *in_snapshot {
+                    // a connection lost before the last frame holds a state half replaced: the
+                    // next one asks for a whole snapshot, not the patches since the old position
+                    self.pos = None;
+                } else {
+                    self.snapshot_done(&at);
                     self.pos = m["pos"].as_str().map(String::from);
                 }
             }
@@ -204,15 +265,24 @@ impl Seen {
                 }
                 let replacing = *in_snapshot;
                 for (k, v) in m["patch"].as_object().cloned().unwrap_or_default() {
+                    // a frame of a snapshot carries whole rows: merged onto nothing
+                    let whole = replacing && self.snapshot_keys.insert(k.clone());
                     if v.is_null() {
                         self.apply(&k, None, replacing, &at);
                     } else {
-                        let mut row = self.state.get(&k).cloned().unwrap_or(Value::Null);
+                        let mut row = if whole {
+                            Value::Null
+                        } else {
+                            self.state.get(&k).cloned().unwrap_or(Value::Null)
+                        };
                         livetable::patch::merge(&mut row, &v);
                         self.apply(&k, Some(row), replacing, &at);
                     }
                 }
                 *in_snapshot = m["more"] == Value::Bool(true);
+                if replacing && !*in_snapshot {
+                    self.snapshot_done(&at);
+                }
                 if !*in_snapshot {
                     self.pos = m["pos"].as_str().map(String::from);
                 }
@@ -500,7 +570,90 @@ async fn sse_session(
 
 #[cfg(test)]
 mod tests {
-    use super::behind;
+    use super::{behind, Seen};
+    use serde_json::json;
+
+    #[test]
+    fn a_snapshot_in_frames_replaces_the_state_once_its_last_frame_arrived() {
+        let mut s = Seen::default();
+        let (mut snap, mut resumed) = (false, false);
+        let live = json!({"type": "patch", "pos": "e~1", "patch": {"a": {"n": 5}, "b": {"n": 6, "x": 1}, "c": {"n": 7}}});
+        s.envelope(&live, &mut snap, &mut resumed);
+        // a snapshot in three frames: b arrives in the second, c in none
+        let frames = [
+            json!({"type": "snapshot", "pos": "e~2", "rows": {"a": {"n": 5}}, "more": true}),
+            json!({"type": "patch", "pos": "e~2", "patch": {"b": {"n": 6}}, "more": true}),
+            json!({"type": "patch", "pos": "e~2", "patch": {}, "more": false}),
+        ];
+        for f in &frames[..2] {
+            s.envelope(f, &mut snap, &mut resumed);
+        }
+        assert_eq!(s.ns().len(), 3, "nothing is gone before the last frame");
+        assert_eq!(
+            s.pos, None,
+            "a connection lost now asks for a whole snapshot"
+        );
+        s.envelope(&frames[2], &mut snap, &mut resumed);
+        assert_eq!(s.ns().keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(s.pos.as_deref(), Some("e~2"));
+        assert_eq!(s.state["b"], json!({"n": 6}), "a frame's row is whole");
+        assert_eq!(
+            s.stale_after_recovery + s.reordered_visible,
+            0,
+            "{:?}",
+            s.examples
+        );
+        // c back with a larger n: fine; with an older one: a value going back
+        let back = |n: i64| json!({"type": "patch", "pos": "e~3", "patch": {"c": {"n": n}}});
+        s.envelope(&back(7), &mut snap, &mut resumed);
+        assert_eq!(s.reordered_visible, 1);
+    }
+
+    #[test]
+    fn a_history_row_shows_its_last_entry_and_a_last_delete_hides_its_key() {
+        let mut s = Seen::default();
+        let (mut snap, mut resumed) = (false, false);
+        let mut patch = |s: &mut Seen, p: serde_json::Value| {
+            s.envelope(
+                &json!({"type": "patch", "pos": "e~1", "patch": p}),
+                &mut snap,
+                &mut resumed,
+            )
+        };
+        patch(&mut s, json!({"a": {"history": [{"n": 3}, {"n": 7}]}}));
+        assert_eq!(s.ns().get("a"), Some(&7));
+        // deleted: the row stays, the key is not shown
+        patch(
+            &mut s,
+            json!({"a": {"history": [{"n": 3}, {"n": 7}, null]}}),
+        );
+        assert!(s.ns().is_empty());
+        assert_eq!(s.state.len(), 1);
+        // back with a larger n: fine; then an older history: a value going back
+        patch(
+            &mut s,
+            json!({"a": {"history": [{"n": 7}, null, {"n": 9}]}}),
+        );
+        assert_eq!(s.ns().get("a"), Some(&9));
+        assert_eq!(s.reordered_visible, 0);
+        patch(&mut s, json!({"a": {"history": [{"n": 3}, {"n": 7}]}}));
+        assert_eq!(s.reordered_visible, 1);
+        // back after a delete with an n not larger than before it
+        patch(&mut s, json!({"b": {"history": [{"n": 5}]}}));
+        patch(&mut s, json!({"b": {"history": [{"n": 5}, null]}}));
+        patch(&mut s, json!({"b": {"history": [{"n": 4}]}}));
+        assert_eq!(s.reordered_visible, 2, "{:?}", s.examples);
+        // a deleted history whose last value is older than one shown
+        patch(
+            &mut s,
+            json!({"a": {"history": [{"n": 7}, null, {"n": 9}, {"n": 11}]}}),
+        );
+        patch(
+            &mut s,
+            json!({"a": {"history": [{"n": 7}, null, {"n": 9}, null]}}),
+        );
+        assert_eq!(s.reordered_visible, 3, "{:?}", s.examples);
+    }
 
     #[test]
     fn a_snapshot_is_behind_when_one_partition_is_behind_in_the_same_epoch() {
