@@ -84,6 +84,7 @@ impl Report {
         let (mut stale_behind, mut replay_after_stale) = (0u64, 0u64);
         let mut lost_after_cl_deleted = 0usize;
         let mut view_topics_unwritten = 0usize;
+        let (mut history_merged, mut history_skipped) = (0usize, 0usize);
         let (mut changes, mut clients, mut values) = (0u64, 0usize, 0u64);
         let mut crashes = Vec::new();
         for p in i.phases {
@@ -169,6 +170,8 @@ impl Report {
                     lost += l;
                 }
                 view_topics_unwritten += tc.view_topic_unwritten;
+                history_merged += tc.history_merged;
+                history_skipped += tc.history_skipped;
                 for d in &tc.details {
                     failures.push(format!("[{t}] table {}: {d}", tc.table));
                 }
@@ -222,6 +225,8 @@ impl Report {
                 "lost": lost,
                 "lost_after_changelog_deleted": lost_after_cl_deleted,
                 "view_topics_unwritten": view_topics_unwritten,
+                "history_keys_merged": history_merged,
+                "history_changes_skipped": history_skipped,
                 "reordered_visible": reordered,
                 "stale_after_recovery": stale,
                 "stale_behind_position": stale_behind,
@@ -272,6 +277,8 @@ impl Report {
             "lost",
             "lost_after_changelog_deleted",
             "view_topics_unwritten",
+            "history_keys_merged",
+            "history_changes_skipped",
             "reordered_visible",
             "stale_after_recovery",
             "stale_behind_position",

@@ -29,10 +29,16 @@ use crate::rng::Rng;
 /// `{key: n}`: a deleted key is absent.
 pub type State = BTreeMap<String, i64>;
 
+/// `{key: [change]}`: every value (`Some(n)`) and delete (`None`) of each key, oldest first.
+pub type Changes = BTreeMap<String, Vec<Option<i64>>>;
+
 #[derive(Default)]
 pub struct Oracle {
     /// The last value of every key ever written: `Some(n)`, or `None` once deleted.
     pub last: BTreeMap<String, Option<i64>>,
+    /// Every change of every key, in the order produced (`None`: a delete). A failed delivery
+    /// stays in it: it may or may not be in the topic, and a key's later changes follow it.
+    pub changes: Changes,
     pub sent: u64,
     pub deletes: u64,
     pub recreates: u64,
@@ -247,6 +253,7 @@ impl Workload {
         {
             let mut o = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
             o.last.insert(key.to_string(), next);
+            o.changes.entry(key.to_string()).or_default().push(next);
             o.sent += 1;
             if next.is_none() {
                 o.deletes += 1;
