@@ -317,6 +317,9 @@ pub struct ClientReport {
     pub stale_after_recovery: u64,
     pub stale_behind_position: u64,
     pub replay_after_stale: u64,
+    /// A history shown deleted behind a value the client had shown (`clients.rs`, the
+    /// documented gap): reported, not failed.
+    pub deleted_behind: u64,
     pub final_equal: bool,
     pub lost: usize,
     pub examples: Vec<String>,
@@ -1021,6 +1024,7 @@ pub async fn check_clients(
             "reordered-visible",
             "replay-after-stale",
             "stale-after-recovery",
+            "deleted-behind",
         ] {
             if !examples.iter().any(|e| e.contains(tag)) {
                 examples.extend(s.examples.iter().find(|e| e.contains(tag)).cloned());
@@ -1048,6 +1052,7 @@ pub async fn check_clients(
             stale_after_recovery: s.stale_after_recovery,
             stale_behind_position: s.stale_behind_position,
             replay_after_stale: s.replay_after_stale,
+            deleted_behind: s.deleted_behind,
             final_equal: d.is_empty(),
             lost: d.len(),
             examples,

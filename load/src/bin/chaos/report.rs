@@ -85,6 +85,7 @@ impl Report {
         let mut lost_after_cl_deleted = 0usize;
         let mut view_topics_unwritten = 0usize;
         let (mut history_merged, mut history_skipped) = (0usize, 0usize);
+        let mut deleted_behind = 0u64;
         let (mut changes, mut clients, mut values) = (0u64, 0usize, 0u64);
         let mut crashes = Vec::new();
         for p in i.phases {
@@ -110,6 +111,7 @@ impl Report {
                 stale += c.stale_after_recovery;
                 stale_behind += c.stale_behind_position;
                 replay_after_stale += c.replay_after_stale;
+                deleted_behind += c.deleted_behind;
                 let replay = c.replay_after_stale;
                 if replay > 0 {
                     failures.push(format!(
@@ -227,6 +229,7 @@ impl Report {
                 "view_topics_unwritten": view_topics_unwritten,
                 "history_keys_merged": history_merged,
                 "history_changes_skipped": history_skipped,
+                "history_deleted_behind": deleted_behind,
                 "reordered_visible": reordered,
                 "stale_after_recovery": stale,
                 "stale_behind_position": stale_behind,
@@ -279,6 +282,7 @@ impl Report {
             "view_topics_unwritten",
             "history_keys_merged",
             "history_changes_skipped",
+            "history_deleted_behind",
             "reordered_visible",
             "stale_after_recovery",
             "stale_behind_position",
