@@ -38,9 +38,6 @@ pub enum Kind {
 #[derive(Debug, Default)]
 pub struct Seen {
     pub state: BTreeMap<String, Value>,
-    /// Keys of `state` shown deleted although their row stays (a history whose last entry is a
-    /// delete).
-    hidden: std::collections::HashSet<String>,
     max_n: HashMap<String, i64>,
     /// The largest `n` a key had when the client saw it deleted.
     deleted_at: HashMap<String, i64>,
@@ -112,32 +109,24 @@ impl Seen {
                 let max = self.max_n.get(key).copied().unwrap_or(i64::MIN);
                 if let Some(n) = last.filter(|n| *n < max) {
                     self.deleted_behind += 1;
-                    if self
-                        .examples
-                        .iter()
-                        .filter(|e| e.contains("deleted-behind"))
-                        .count()
-                        < 20
-                    {
-                        self.examples.push(format!(
-                            "{key}: n {max} -> {n}, deleted ({at}) [{} connects, at {} UTC] deleted-behind",
-                            self.connects,
-                            time_of_day()
-                        ));
-                    }
+                    let e = format!(
+                        "{key}: n {max} -> {n}, deleted ({at}) [{} connects, at {} UTC] deleted-behind",
+                        self.connects,
+                        time_of_day()
+                    );
+                    self.keep_example("deleted-behind", e);
                 }
+                // shown deleted: the row stays, its key absent from what the client shows
                 self.apply(key, None, replacing, at);
                 self.state.insert(key.to_string(), r);
-                self.hidden.insert(key.to_string());
                 return;
             }
             row => row,
         };
         match row {
             None => {
-                let hidden = self.hidden.remove(key);
-                if let Some(r) = self.state.remove(key).filter(|_| !hidden) {
-                    let n = shown_n(&r).unwrap_or(-1);
+                // a row already shown deleted is not deleted again
+                if let Some(n) = self.state.remove(key).and_then(|r| shown_n(&r)) {
                     let d = self.deleted_at.entry(key.to_string()).or_insert(n);
                     *d = (*d).max(n);
                 }
@@ -145,7 +134,7 @@ impl Seen {
             Some(r) => {
                 let n = shown_n(&r).unwrap_or(-1);
                 self.values_checked += 1;
-                let was_absent = self.hidden.remove(key) || !self.state.contains_key(key);
+                let was_absent = self.state.get(key).is_none_or(|r| shown_n(r).is_none());
                 let max = self.max_n.get(key).copied().unwrap_or(i64::MIN);
                 let back = if n < max {
                     Some(format!("{key}: n {max} -> {n} ({at})"))
@@ -176,28 +165,30 @@ impl Seen {
             self.connects,
             time_of_day()
         ));
-        if replacing {
+        let kind = if replacing {
             self.stale_after_recovery += 1;
             if self.snapshot_behind {
                 self.stale_behind_position += 1;
                 b.push_str(" behind-position");
             }
-            b.push_str(" stale-after-recovery");
+            "stale-after-recovery"
         } else {
             self.reordered_visible += 1;
             if self.replaying {
                 self.replay_after_stale += 1;
                 b.push_str(" replay-after-stale");
             }
-            b.push_str(" reordered-visible");
-        }
-        let kind = if b.contains("reordered-visible") {
             "reordered-visible"
-        } else {
-            "stale-after-recovery"
         };
+        b.push(' ');
+        b.push_str(kind);
+        self.keep_example(kind, b);
+    }
+
+    /// Keeps `example` (tagged `kind`) while fewer than 20 of that kind are kept.
+    fn keep_example(&mut self, kind: &str, example: String) {
         if self.examples.iter().filter(|e| e.contains(kind)).count() < 20 {
-            self.examples.push(b);
+            self.examples.push(example);
         }
     }
 
@@ -247,7 +238,6 @@ impl Seen {
     pub fn ns(&self) -> State {
         self.state
             .iter()
-            .filter(|(k, _)| !self.hidden.contains(*k))
             .filter_map(|(k, v)| shown_n(v).map(|n| (k.clone(), n)))
             .collect()
     }
