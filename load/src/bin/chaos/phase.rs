@@ -801,10 +801,7 @@ pub async fn run(
     if let Err(e) = wl.drain(Duration::from_secs(180)).await {
         rep.failures.push(format!("workload: {e}"));
     }
-    let mut tables: Vec<(String, State)> = vec![(
-        "ticks".into(),
-        wl.oracle.lock().unwrap_or_else(|e| e.into_inner()).state(),
-    )];
+    let mut tables: Vec<(String, State)> = vec![("ticks".into(), wl.oracle().state())];
     if let Some(p) = pg.as_mut() {
         p.stop.store(true, Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut p.task).await;
@@ -816,7 +813,7 @@ pub async fn run(
         }
     }
     {
-        let o = wl.oracle.lock().unwrap_or_else(|e| e.into_inner());
+        let o = wl.oracle();
         rep.changes = o.sent;
         rep.deletes = o.deletes;
         rep.recreates = o.recreates;
@@ -844,12 +841,7 @@ pub async fn run(
     rep.tables.extend(checks);
     rep.clients.extend(reports);
     let ticks = &tables[0].1;
-    let changes = wl
-        .oracle
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .changes
-        .clone();
+    let changes = wl.oracle().changes.clone();
     let (checks, reports) = views::check(
         ctx,
         &nodes,
@@ -869,7 +861,7 @@ pub async fn run(
             ctx, &mut nodes, &serving, &clients, &wl, plan, rng, &group, &mut rep,
         )
         .await?;
-        let o = wl.oracle.lock().unwrap_or_else(|e| e.into_inner());
+        let o = wl.oracle();
         rep.changes = o.sent;
         rep.deletes = o.deletes;
         rep.recreates = o.recreates;
@@ -1126,7 +1118,7 @@ async fn changelog_deleted(
     }
     rep.faults.push(fault);
     let (want, changes) = {
-        let o = wl.oracle.lock().unwrap_or_else(|e| e.into_inner());
+        let o = wl.oracle();
         (o.state(), o.changes.clone())
     };
     let tag = " (after the changelog was deleted)";
@@ -1238,16 +1230,17 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let until = Instant::now() + deadline;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() > until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let every = Duration::from_millis(100);
+    let got = settled_when(
+        deadline,
+        every,
+        |ok| *ok,
+        || {
+            let fut = f();
+            async move { Ok(fut.await) }
+        },
+    );
+    got.await.unwrap_or(false)
 }
 
 /// [`fresh_everywhere`], restarting (as a supervisor would, and reported in `crashes`) any

@@ -318,6 +318,11 @@ fn fold_view_topic(brokers: &str, topic: &str, view: &str) -> anyhow::Result<Row
     })
 }
 
+/// Whether a view's rows had nothing wrong (`(rows, what is wrong)`).
+fn right(got: &(Rows, Vec<String>)) -> bool {
+    got.1.is_empty()
+}
+
 /// The final checks of the views when the table's oracle is `table` and every change produced
 /// was `changes`: every serving node's API (polled until right or `settle` passed), each view's
 /// topic folded, and the clients of the [`WATCHED`] views. `tag` names a later check (client reports only
@@ -352,12 +357,15 @@ pub async fn check(
         };
         for i in serving {
             let n = &nodes[*i];
-            let right = |h: &Rows| faults(h, true).is_empty();
-            let have = settled_when(settle, Duration::from_millis(200), right, || async {
-                Ok(api(n, view).await.unwrap_or_default())
-            })
-            .await?;
-            let wrong = faults(&have, true);
+            // the rows, and what is wrong with them: asked until nothing is
+            let f = &faults;
+            let (have, wrong) =
+                settled_when(settle, Duration::from_millis(200), right, || async move {
+                    let have = api(n, view).await.unwrap_or_default();
+                    let wrong = f(&have, true);
+                    Ok((have, wrong))
+                })
+                .await?;
             tc.api_lost += differing(&mut tc.details, &format!("API of {}", n.name), &wrong);
             // counted once per phase (the later check would count the same histories again)
             if view == HISTORY && tag.is_empty() {
@@ -369,17 +377,18 @@ pub async fn check(
         // one serving node writes the topic, about a second behind the view
         let topic = format!("{group}.table.__view.{view}");
         let within = settle.min(Duration::from_secs(60));
-        let right = |h: &Rows| faults(h, true).is_empty();
-        let have = settled_when(within, Duration::from_secs(2), right, || async {
+        let f = &faults;
+        let (have, wrong) = settled_when(within, Duration::from_secs(2), right, || {
             let (b, t) = (ctx.brokers.clone(), topic.clone());
-            Ok(
-                tokio::task::spawn_blocking(move || fold_view_topic(&b, &t, view))
+            async move {
+                let have = tokio::task::spawn_blocking(move || fold_view_topic(&b, &t, view))
                     .await?
-                    .unwrap_or_default(),
-            )
+                    .unwrap_or_default();
+                let wrong = f(&have, true);
+                Ok((have, wrong))
+            }
         })
         .await?;
-        let wrong = faults(&have, true);
         if wrong.is_empty() || serving.len() != 1 || writer_assigned(nodes, serving) {
             tc.changelog_lost = differing(&mut tc.details, &format!("view topic {topic}"), &wrong);
         } else {

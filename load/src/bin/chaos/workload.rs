@@ -141,6 +141,11 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The oracle (a panic elsewhere while it was held leaves it as it was).
+    pub fn oracle(&self) -> std::sync::MutexGuard<'_, Oracle> {
+        self.oracle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn new(
         brokers: &str,
         topic: &str,
@@ -225,13 +230,13 @@ impl Workload {
     async fn change(&self, key: &str, partition: Option<i32>, rng: &mut Rng, delete_pct: u64) {
         let n = self.take_n();
         let prev = {
-            let o = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
+            let o = self.oracle();
             o.last.get(key).copied().flatten()
         };
         let tombstone;
         let (value, next) = match prev {
             None => {
-                let mut o = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut o = self.oracle();
                 if o.last.contains_key(key) {
                     o.recreates += 1;
                 }
@@ -251,7 +256,7 @@ impl Workload {
             }
         };
         {
-            let mut o = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut o = self.oracle();
             o.last.insert(key.to_string(), next);
             o.changes.entry(key.to_string()).or_default().push(next);
             o.sent += 1;
@@ -299,7 +304,7 @@ impl Workload {
         for p in 0..self.partitions {
             let key = Self::probe_key(p);
             self.change(&key, Some(p), rng, 0).await;
-            let o = self.oracle.lock().unwrap_or_else(|e| e.into_inner());
+            let o = self.oracle();
             if let Some(Some(n)) = o.last.get(&key) {
                 out.insert(key, *n);
             }
