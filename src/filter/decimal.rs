@@ -73,11 +73,7 @@ impl Decimal {
     /// A value livetable wrote itself ([`Decimal::to_json`]): a JSON number, or a plain decimal
     /// string of up to [`MAX_STORED_DECIMAL_CHARS`].
     pub fn from_stored_json(value: &Value) -> Option<Self> {
-        match value {
-            Value::Number(n) => Self::from_json_number(n),
-            Value::String(s) => Self::parse_stored(s),
-            _ => None,
-        }
+        Self::from_json_within(value, MAX_STORED_DECIMAL_CHARS)
     }
 
     /// Parses JSON/SQL number notation: plain notation plus an optional leading `+`, a leading or
@@ -171,9 +167,14 @@ impl Decimal {
 
     /// A JSON number or a plain decimal string as a decimal; anything else is `None`.
     pub fn from_json(value: &Value) -> Option<Self> {
+        Self::from_json_within(value, MAX_DECIMAL_CHARS)
+    }
+
+    /// A JSON number, or a plain decimal string of at most `max_chars`.
+    fn from_json_within(value: &Value, max_chars: usize) -> Option<Self> {
         match value {
             Value::Number(n) => Self::from_json_number(n),
-            Value::String(s) => Self::parse_plain(s),
+            Value::String(s) => Self::parse_inner(s, false, max_chars),
             _ => None,
         }
     }
